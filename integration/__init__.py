@@ -1,0 +1,4 @@
+"""The PACS boundary: DICOM SCP/SCU, pixel conversion, SR writer, conformance.
+
+Never loads a model and never imports ``node``.
+"""

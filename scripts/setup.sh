@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up everything the node needs on a fresh machine (idempotent, safe to re-run).
+#   scripts/setup.sh            Python venv (.venv) with the node and its runtime extras
+#   scripts/setup.sh --peers    also the Debian DICOM peers the tests use
+#                               (dcmtk, orthanc, dicom3tools, gdcm) and the dev tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_peers=0
+[ "${1:-}" = "--peers" ] && want_peers=1
+
+if [ "$want_peers" = 1 ]; then
+  need=()
+  command -v storescu >/dev/null || need+=(dcmtk)
+  command -v Orthanc >/dev/null || need+=(orthanc orthanc-dicomweb orthanc-python)
+  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+  command -v dciodvfy >/dev/null || need+=(dicom3tools)
+  command -v gdcminfo >/dev/null || need+=(libgdcm-tools)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "setup: installing Debian packages: ${need[*]}"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+      echo "setup: not root, cannot install ${need[*]}; tests that need them will skip" >&2
+    fi
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+extras="postgres,api"
+[ "$want_peers" = 1 ] && extras="$extras,dev"
+stamp=".venv/.setup-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
+if [ ! -e "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  # The CPU build of torch lies on this machine's disk; install it before anything
+  # that depends on torch so that no multi-GB CUDA build is pulled.
+  python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[$extras]"
+  touch "$stamp"
+fi
