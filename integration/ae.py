@@ -1,0 +1,312 @@
+"""The one place that builds the node's Application Entity (pynetdicom).
+
+:func:`build_storage_ae` returns an AE that
+
+- accepts the Verification SOP Class and every storage SOP Class with every transfer
+  syntax (the tables in :mod:`integration.conformance`);
+- refuses an association whose Called AE Title is not the node's (A-ASSOCIATE-RJ
+  rejected-permanent / service-user / called-AE-title-not-recognised, PS3.8 9.3.4);
+- when an allow-list is configured, refuses a calling AE title that is not on it or that
+  comes from another source address (rejected-permanent / service-user /
+  calling-AE-title-not-recognised), from an ``EVT_REQUESTED`` handler that the AE binds
+  itself on every :meth:`NodeAE.start_server`, so a caller cannot forget it;
+- receives C-STORE data sets in chunks straight to a file
+  (``pynetdicom._config.STORE_RECV_CHUNKED_DATASET``), which the handler renames into the
+  spool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from integration.conformance import STORAGE_SCP, VERIFICATION_SCP
+
+__all__ = [
+    "AccessPolicy",
+    "AllowedCaller",
+    "CallerRule",
+    "NodeAE",
+    "build_storage_ae",
+    "enable_chunked_receive",
+]
+
+LOG = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ parameters (PS3.8 Table 9-21).
+RJ_PERMANENT = 0x01
+RJ_SOURCE_SERVICE_USER = 0x01
+RJ_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+@runtime_checkable
+class AllowedCaller(Protocol):
+    """Anything with an AE title and an optional source host (e.g. node settings' AllowedAE)."""
+
+    @property
+    def ae_title(self) -> str: ...
+
+    @property
+    def host(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallerRule:
+    """One allowed calling AE: a title and, optionally, the addresses it may come from.
+
+    Parameters
+    ----------
+    ae_title
+        Calling AE Title (PS3.5 VR AE, at most 16 characters; compared without padding).
+    networks
+        Source networks allowed for this title; empty means any address.
+    """
+
+    ae_title: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        title = self.ae_title.strip()
+        if not title or len(title) > 16 or "\\" in title:
+            raise ValueError(f"Calling AE Title {self.ae_title!r} is not a valid AE title (VR AE)")
+        object.__setattr__(self, "ae_title", title)
+
+    @classmethod
+    def parse(cls, spec: str | AllowedCaller) -> CallerRule:
+        """Build a rule from ``"AET"``, ``"AET@host"`` (IP, CIDR or host name) or an object.
+
+        A host name is resolved once, here; an IP address or network is used as given.
+        """
+        if isinstance(spec, str):
+            title, sep, host = spec.strip().partition("@")
+            host_or_none: str | None = host if sep and host else None
+        else:
+            title, host_or_none = spec.ae_title, spec.host
+        if not host_or_none:
+            return cls(ae_title=title)
+        return cls(ae_title=title, networks=_networks(host_or_none))
+
+    def matches_address(self, address: str) -> bool:
+        """Whether ``address`` (the peer's IP) is allowed for this title."""
+        if not self.networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+
+def _networks(host: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    host = host.strip().strip("[]")
+    try:
+        return (ipaddress.ip_network(host, strict=False),)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise ValueError(f"allowed calling AE host {host!r} does not resolve: {exc}") from exc
+    addresses = dict.fromkeys(str(info[4][0]) for info in infos)
+    return tuple(ipaddress.ip_network(a) for a in addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Which callers may associate (PS3.8 9.3.4 A-ASSOCIATE-RJ when not).
+
+    Parameters
+    ----------
+    rules
+        Allowed calling AEs; empty means any calling AE title from any address.
+    """
+
+    rules: tuple[CallerRule, ...] = ()
+
+    def refusal(self, calling_ae: str, address: str) -> str | None:
+        """Why ``calling_ae`` at ``address`` is refused, or ``None`` when it is allowed."""
+        if not self.rules:
+            return None
+        title = calling_ae.strip()
+        same_title = [r for r in self.rules if r.ae_title == title]
+        if not same_title:
+            return "calling AE title not on the allow-list"
+        if not any(r.matches_address(address) for r in same_title):
+            return "calling AE title not allowed from this source address"
+        return None
+
+
+def _check_requestor(event: Event, policy: AccessPolicy) -> None:
+    """``EVT_REQUESTED`` handler: send A-ASSOCIATE-RJ to callers the policy refuses."""
+    assoc = event.assoc
+    try:
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
+        address = str(assoc.requestor.address)
+        reason = policy.refusal(calling, address)
+        if reason is None:
+            return
+        LOG.warning(
+            "association refused: %s (calling AE %r from %s:%s, called AE %r)",
+            reason,
+            calling,
+            address,
+            assoc.requestor.port,
+            str(primitive.called_ae_title if primitive is not None else "").strip(),
+        )
+        assoc.acse.send_reject(RJ_PERMANENT, RJ_SOURCE_SERVICE_USER, RJ_CALLING_AE_NOT_RECOGNISED)
+        # As pynetdicom does for its own rejections: wait for the peer to close, then stop.
+        assoc.kill()
+    except Exception:  # never let a handler raise into pynetdicom's reactor
+        LOG.exception("association access check failed; aborting the association")
+        assoc.abort()
+
+
+def _no_delay(event: Event) -> None:
+    """``EVT_CONN_OPEN`` handler: disable Nagle so small C-STORE responses go out at once."""
+    try:
+        sock = event.assoc.dul.socket
+        raw = getattr(sock, "socket", None)
+        if raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not fatal: only latency
+        LOG.debug("could not set TCP_NODELAY", exc_info=True)
+
+
+class NodeAE(AE):
+    """An :class:`~pynetdicom.ae.ApplicationEntity` that enforces its :class:`AccessPolicy`.
+
+    :meth:`start_server` binds the policy's ``EVT_REQUESTED`` handler before any handler the
+    caller passes, so every server this AE starts refuses unknown callers.
+    """
+
+    def __init__(
+        self, ae_title: str, *, policy: AccessPolicy, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        super().__init__(ae_title=ae_title)
+        self.policy = policy
+        self.ssl_context = ssl_context
+
+    def start_server(  # type: ignore[override]
+        self,
+        address: tuple[str, int] | tuple[str, int, int, int],
+        block: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        ae_title: str | None = None,
+        contexts: list[Any] | None = None,
+    ) -> ThreadedAssociationServer | None:
+        """Start the SCP with the access check bound (see pynetdicom ``AE.start_server``).
+
+        ``ssl_context`` defaults to the one given to :func:`build_storage_ae`.
+        """
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, _no_delay),
+            (evt.EVT_REQUESTED, _check_requestor, [self.policy]),
+        ]
+        handlers += list(evt_handlers or [])
+        return super().start_server(
+            address,
+            block=block,
+            ssl_context=ssl_context if ssl_context is not None else self.ssl_context,
+            evt_handlers=handlers,
+            ae_title=ae_title,
+            contexts=contexts,
+        )
+
+
+def enable_chunked_receive() -> None:
+    """Make pynetdicom write each received C-STORE data set to a file (``dataset_path``).
+
+    A process-wide pynetdicom setting; the node's receive path needs it for speed and
+    memory: a 14 MB instance never sits in memory as a whole.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def build_storage_ae(
+    *,
+    ae_title: str,
+    allowed_aes: Iterable[str | AllowedCaller] = (),
+    max_associations: int = 10,
+    acse_timeout: float = 30.0,
+    dimse_timeout: float = 30.0,
+    network_timeout: float = 60.0,
+    maximum_pdu_size: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> NodeAE:
+    """Build the node's Verification + Storage SCP Application Entity.
+
+    Parameters
+    ----------
+    ae_title
+        The node's AE title; the Called AE Title of every association must equal it
+        (PS3.8 7.1.1.4).
+    allowed_aes
+        Allowed calling AEs: ``"AET"``, ``"AET@host"`` (IP, CIDR or host name) or objects
+        with ``ae_title`` and ``host``. Empty allows any caller.
+    max_associations
+        Concurrent associations; more are refused transiently (local-limit-exceeded).
+    acse_timeout, dimse_timeout, network_timeout
+        Seconds (PS3.8 ARTIM / DIMSE / idle network timeouts).
+    maximum_pdu_size
+        Maximum PDU the node receives; 0 means unlimited (fastest).
+    ssl_context
+        Used by every ``start_server`` of the AE (DICOM TLS, PS3.15 B.1); ``None`` for
+        plain TCP.
+
+    Returns
+    -------
+    NodeAE
+        The AE, not yet started: call ``ae.start_server((host, port), block=False,
+        evt_handlers=integration.scp.handlers(sink))``.
+
+    Raises
+    ------
+    ValueError
+        On an invalid AE title, allow-list entry or limit.
+    """
+    title = ae_title.strip()
+    if not title or len(title) > 16 or "\\" in title:
+        raise ValueError(f"AE title {ae_title!r} is not a valid AE title (PS3.5 VR AE)")
+    if max_associations < 1:
+        raise ValueError(f"maximum associations must be at least 1, got {max_associations}")
+    for name, value in (
+        ("ACSE timeout", acse_timeout),
+        ("DIMSE timeout", dimse_timeout),
+        ("network timeout", network_timeout),
+    ):
+        if not value > 0:
+            raise ValueError(f"{name} must be greater than 0 seconds, got {value}")
+    if maximum_pdu_size < 0:
+        raise ValueError(f"maximum PDU size must be >= 0 (0 = unlimited), got {maximum_pdu_size}")
+
+    policy = AccessPolicy(rules=tuple(CallerRule.parse(a) for a in allowed_aes))
+    ae = NodeAE(title, policy=policy, ssl_context=ssl_context)
+    ae.require_called_aet = True
+    ae.require_calling_aet = []  # checked by the policy, which also knows addresses
+    ae.maximum_associations = max_associations
+    ae.acse_timeout = acse_timeout
+    ae.dimse_timeout = dimse_timeout
+    ae.network_timeout = network_timeout
+    ae.maximum_pdu_size = maximum_pdu_size
+    for role in (VERIFICATION_SCP, STORAGE_SCP):
+        _add_supported(ae, role.sop_classes, role.transfer_syntaxes)
+    enable_chunked_receive()
+    return ae
+
+
+def _add_supported(ae: AE, sop_classes: Sequence[str], syntaxes: Sequence[str]) -> None:
+    for uid in sop_classes:
+        ae.add_supported_context(uid, list(syntaxes))

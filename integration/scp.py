@@ -1,0 +1,229 @@
+"""Verification and Storage SCP handlers (PS3.4 Annex A and B) as plain functions.
+
+Each handler has the shape ``(event, deps) -> status``; it never raises (an unexpected error
+becomes :attr:`~integration.status.StoreStatus.INTERNAL_ERROR` with a logged traceback) and
+never runs inference. The C-STORE handler hands the received file to an
+:class:`InstanceSink` (the node's spool + SQL) and answers with whatever status the sink
+returns; the sink must make the instance durable before it returns success, because the
+response goes out only after this handler returns.
+
+Use::
+
+    ae = build_storage_ae(...)
+    server = ae.start_server((host, port), block=False, evt_handlers=handlers(sink))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from integration.status import StoreStatus
+
+__all__ = [
+    "InstanceSink",
+    "ReceivedMeta",
+    "StoreResult",
+    "handle_echo",
+    "handle_store",
+    "handlers",
+]
+
+LOG = logging.getLogger(__name__)
+
+_ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMeta:
+    """What the association and the C-STORE request say about a received instance.
+
+    Parameters
+    ----------
+    calling_ae
+        Calling AE Title of the association (the sender).
+    peer_address, peer_port
+        The sender's IP address and TCP port.
+    transfer_syntax
+        Transfer Syntax UID of the accepted presentation context (the data set's encoding).
+    sop_class_uid
+        Affected SOP Class UID (0000,0002) of the C-STORE-RQ.
+    sop_instance_uid
+        Affected SOP Instance UID (0000,1000) of the C-STORE-RQ.
+    called_ae
+        Called AE Title (the node's own).
+    """
+
+    calling_ae: str
+    peer_address: str
+    peer_port: int
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    called_ae: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.transfer_syntax:
+            raise ValueError("ReceivedMeta needs the presentation context's Transfer Syntax UID")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """The sink's answer for one C-STORE.
+
+    Parameters
+    ----------
+    status
+        DIMSE status to send (see :mod:`integration.status`).
+    reason
+        Why, for the log and the Error Comment of a failure; never patient data.
+    outcome
+        For success, what happened (e.g. ``"new"``, ``"duplicate_identical"``).
+    """
+
+    status: int
+    reason: str = ""
+    outcome: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.status) <= 0xFFFF:
+            raise ValueError(f"DIMSE Status must be 0x0000..0xFFFF, got {self.status!r}")
+
+    @property
+    def ok(self) -> bool:
+        """Whether the instance is stored (status 0x0000)."""
+        return int(self.status) == 0
+
+
+@runtime_checkable
+class InstanceSink(Protocol):
+    """Where received instances go (the node's spool + SQL implements it)."""
+
+    def accept(self, path: Path, meta: ReceivedMeta) -> StoreResult:
+        """Make the instance at ``path`` durable, or say why not.
+
+        ``path`` is a Part 10 file (file meta + the data set bytes exactly as received) that
+        pynetdicom deletes after the handler returns; the sink may rename it away.
+        Must not raise and must not return success before the instance is durable.
+        """
+        ...
+
+
+def _meta(event: Event) -> ReceivedMeta:
+    req = event.request
+    requestor = event.assoc.requestor
+    return ReceivedMeta(
+        calling_ae=str(requestor.ae_title).strip(),
+        peer_address=str(requestor.address),
+        peer_port=int(requestor.port),
+        transfer_syntax=str(event.context.transfer_syntax),
+        sop_class_uid=str(getattr(req, "AffectedSOPClassUID", "") or ""),
+        sop_instance_uid=str(getattr(req, "AffectedSOPInstanceUID", "") or ""),
+        called_ae=str(event.assoc.acceptor.ae_title).strip(),
+    )
+
+
+def _response(result: StoreResult) -> int | Dataset:
+    status = int(result.status)
+    if status == 0 or not result.reason:
+        return status
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = result.reason[:_ERROR_COMMENT_MAX]
+    return rsp
+
+
+def _received_file(event: Event) -> tuple[Path, bool]:
+    """The received data set as a Part 10 file, and whether this function created it."""
+    try:
+        return Path(event.dataset_path), False
+    except AttributeError:
+        # Chunked receive is off (enable_chunked_receive() not called): write one.
+        fd, name = tempfile.mkstemp(suffix=".dcm")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(event.encoded_dataset(include_meta=True))
+        return Path(name), True
+
+
+def handle_store(event: Event, sink: InstanceSink) -> int | Dataset:
+    """``EVT_C_STORE`` handler: pass the received file to ``sink`` (PS3.4 B.2.2).
+
+    Parameters
+    ----------
+    event
+        pynetdicom's C-STORE event.
+    sink
+        The :class:`InstanceSink` that spools and records the instance.
+
+    Returns
+    -------
+    int or pydicom.dataset.Dataset
+        The status (a Dataset with Status and Error Comment for a failure).
+    """
+    started = time.perf_counter()
+    meta: ReceivedMeta | None = None
+    created = False
+    path: Path | None = None
+    try:
+        meta = _meta(event)
+        path, created = _received_file(event)
+        result = sink.accept(path, meta)
+    except Exception:
+        LOG.exception(
+            "C-STORE internal error (calling AE %r, SOP Instance %s)",
+            meta.calling_ae if meta else "?",
+            meta.sop_instance_uid if meta else "?",
+        )
+        result = StoreResult(status=StoreStatus.INTERNAL_ERROR, reason="internal error")
+    finally:
+        if created and path is not None:
+            path.unlink(missing_ok=True)
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    if result.ok:
+        LOG.info(
+            "C-STORE 0x0000 %s from %r@%s sop=%s ts=%s (%.1f ms)",
+            result.outcome or "stored",
+            meta.calling_ae if meta else "?",
+            meta.peer_address if meta else "?",
+            meta.sop_instance_uid if meta else "?",
+            meta.transfer_syntax if meta else "?",
+            elapsed_ms,
+        )
+    else:
+        LOG.warning(
+            "C-STORE 0x%04X refused from %r@%s sop=%s: %s (%.1f ms)",
+            int(result.status),
+            meta.calling_ae if meta else "?",
+            meta.peer_address if meta else "?",
+            meta.sop_instance_uid if meta else "?",
+            result.reason,
+            elapsed_ms,
+        )
+    return _response(result)
+
+
+def handle_echo(event: Event, sink: object = None) -> int:
+    """``EVT_C_ECHO`` handler: answer Success (PS3.4 A.4) and log the caller."""
+    try:
+        requestor = event.assoc.requestor
+        LOG.info("C-ECHO from %r@%s", str(requestor.ae_title).strip(), requestor.address)
+    except Exception:  # logging must never fail the echo
+        LOG.exception("C-ECHO logging failed")
+    return 0x0000
+
+
+def handlers(sink: InstanceSink) -> list[Any]:
+    """The ``evt_handlers`` list for ``ae.start_server``: C-ECHO and C-STORE bound to ``sink``."""
+    return [
+        (evt.EVT_C_ECHO, handle_echo, [sink]),
+        (evt.EVT_C_STORE, handle_store, [sink]),
+    ]

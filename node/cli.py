@@ -1,0 +1,241 @@
+"""``cxr-node``: the node's command line (typer + rich).
+
+Commands: ``serve``, ``status [--json]``, ``db upgrade``, ``echo AET@host:port``,
+``jobs list [--json] [--state]``, and ``models ...`` (model bundles). Configuration comes from
+``--config`` / ``CXR_NODE_CONFIG`` and ``CXR_NODE_*`` variables (``docs/configuration.md``).
+Exit codes: 0 success, 1 operation failed, 2 configuration refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import inspect
+
+from node.cli_models import app as models_app
+from node.db import repository as repo
+from node.db.engine import make_engine, make_session_factory
+from node.db.migrate import current_revision, head_revision, upgrade
+from node.db.models import JobState
+from node.logging_setup import configure_logging
+from node.settings import ConfigError, Settings, load_settings, parse_ae_address
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="cxr-node",
+    help="On-premises LLM-CXR inference node: DICOM in, draft SR out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database: create and migrate.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs: list the queue.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+
+_state: dict[str, Path | None] = {"config": None}
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML configuration file (default: $CXR_NODE_CONFIG).",
+            dir_okay=False,
+        ),
+    ] = None,
+) -> None:
+    _state["config"] = config
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings(_state["config"])
+    except ConfigError as exc:
+        err.print(f"[red]configuration refused:[/red] {exc}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+
+
+def _require_schema(settings: Settings) -> None:
+    engine = make_engine(settings.database_url)
+    try:
+        if not inspect(engine).has_table("jobs"):
+            err.print(
+                "database has no node schema yet: run `cxr-node db upgrade` (or `cxr-node serve`)"
+            )
+            raise typer.Exit(1)
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def serve() -> None:
+    """Run the node in the foreground (SCP, chores) until SIGTERM/SIGINT."""
+    settings = _settings()
+    configure_logging(settings.log_level)
+    from node.service import run_node
+
+    try:
+        code = run_node(settings)
+    except ConfigError as exc:
+        err.print(f"configuration refused: {exc}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        logging.getLogger("node").error("cannot serve: %s", exc)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database to the newest schema, then exit."""
+    settings = _settings()
+    configure_logging(settings.log_level)
+    revision = upgrade(settings.database_url)
+    typer.echo(f"database at revision {revision} (head {head_revision()})")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Counts of instances, studies, jobs and deliveries by state, and spool size."""
+    settings = _settings()
+    _require_schema(settings)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine, read_only=True)() as session:
+            c = repo.counts(session)
+        revision = current_revision(engine)
+    finally:
+        engine.dispose()
+    data = c.to_dict()
+    free = shutil.disk_usage(settings.spool_dir).free if settings.spool_dir.exists() else None
+    data.update(
+        {
+            "spool_dir": str(settings.spool_dir),
+            "spool_free_bytes": free,
+            "database": settings.public_summary()["database_url"],
+            "schema_revision": revision,
+            "ae_title": settings.ae_title,
+        }
+    )
+    if as_json:
+        typer.echo(json.dumps(data, sort_keys=True))
+        return
+    console = Console()
+    head = Table(title=f"cxr-node {settings.ae_title}", show_header=False)
+    head.add_row("database", str(data["database"]))
+    head.add_row("schema revision", str(revision))
+    head.add_row("instances", str(c.instances))
+    head.add_row("series", str(c.series))
+    head.add_row("spool", f"{c.spool_bytes / 1e6:.1f} MB in {settings.spool_dir}")
+    if free is not None:
+        head.add_row("spool free", f"{free / 1e9:.1f} GB")
+    console.print(head)
+    for title, mapping in (
+        ("studies", c.studies_by_state),
+        ("jobs", c.jobs),
+        ("deliveries", c.deliveries),
+    ):
+        t = Table(title=title)
+        t.add_column("state")
+        t.add_column("count", justify="right")
+        for k, v in mapping.items():
+            t.add_row(k, str(v))
+        console.print(t)
+
+
+@app.command()
+def echo(
+    peer: Annotated[str, typer.Argument(help="The peer as AET@host:port.")],
+    calling_ae: Annotated[
+        str | None, typer.Option("--calling-ae", help="Calling AE title (default: ae_title).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Connection and ACSE timeout, seconds.")] = 10.0,
+) -> None:
+    """C-ECHO a DICOM peer (Verification SOP Class, PS3.4 Annex A); exit 1 on failure."""
+    from integration.scu import DicomDestination
+    from integration.scu import echo as c_echo
+
+    try:
+        parsed = parse_ae_address(peer)
+    except ValueError as exc:
+        err.print(f"echo: {exc}", markup=False)
+        raise typer.Exit(2) from None
+    if calling_ae is None:
+        calling_ae = _settings().ae_title
+    configure_logging("WARNING")
+    dest = DicomDestination(ae_title=parsed.ae_title, host=parsed.host, port=parsed.port)
+    ok = c_echo(
+        dest,
+        calling_ae,
+        acse_timeout=timeout,
+        dimse_timeout=timeout,
+        network_timeout=timeout,
+        connection_timeout=timeout,
+    )
+    if ok:
+        typer.echo(f"C-ECHO {dest}: success (0x0000)")
+        return
+    err.print(f"C-ECHO {dest}: failed (no association or non-success status)", markup=False)
+    raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list on stdout.")] = False,
+    state: Annotated[
+        JobState | None, typer.Option("--state", help="Only jobs in this state.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+) -> None:
+    """List jobs, newest first."""
+    settings = _settings()
+    _require_schema(settings)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine, read_only=True)() as session:
+            rows = repo.list_jobs(session, state=state, limit=limit)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows]))
+        return
+    t = Table(title=f"jobs ({len(rows)})")
+    for col in ("id", "state", "study UID", "attempts", "prio", "SR UID", "updated", "last error"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            str(r.id),
+            r.state,
+            r.study_uid,
+            f"{r.attempts}/{r.max_attempts}",
+            str(r.priority),
+            r.sr_uid or "",
+            r.updated_at,
+            (r.last_error or "")[:60],
+        )
+    Console().print(t)
+
+
+def main() -> None:
+    """Console-script entry point (``cxr-node``)."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,303 @@
+"""SQLAlchemy 2.0 typed models of the node's database.
+
+The tables hold no patient names, IDs or birth dates: the spooled DICOM files carry those.
+What is kept is what the node needs to route, assemble and audit: DICOM UIDs, modality, body
+part, descriptions (for the chest rule), file locations and checksums, job and delivery state.
+Every change here needs an Alembic revision in ``node/db/migrations/versions``; a test checks
+that the migrations produce exactly this metadata.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "AuditLog",
+    "Base",
+    "Delivery",
+    "DeliveryKind",
+    "DeliveryState",
+    "Draft",
+    "Instance",
+    "Job",
+    "JobState",
+    "Series",
+    "Study",
+    "StudyState",
+    "UTCDateTime",
+    "utcnow",
+]
+
+UID_LEN = 64  # PS3.5 §9.1: a UID is at most 64 characters
+AE_LEN = 16  # PS3.5 §6.2 VR AE
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the only kind of time stored)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always read back timezone-aware.
+
+    SQLite has no time zone type: values are stored as naive UTC there, so that string
+    comparison in SQL orders them correctly.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StudyState(enum.StrEnum):
+    """Where a study stands in assembly."""
+
+    receiving = "receiving"
+    complete = "complete"
+    skipped = "skipped"
+
+
+class JobState(enum.StrEnum):
+    """Job life cycle: received -> queued -> running -> done | failed | cancelled."""
+
+    received = "received"
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class DeliveryKind(enum.StrEnum):
+    """How an SR is delivered: DIMSE C-STORE (PS3.4 Annex B) or STOW-RS (PS3.18 §10.5)."""
+
+    dimse = "dimse"
+    stow = "stow"
+
+
+class DeliveryState(enum.StrEnum):
+    """Delivery of one SR to one destination."""
+
+    pending = "pending"
+    sent = "sent"
+    failed = "failed"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention (stable constraint names for Alembic)."""
+
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+    }
+
+
+class Study(Base):
+    """A study (Study Instance UID 0020,000D) as assembled from received instances."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    state: Mapped[StudyState] = mapped_column(
+        _enum(StudyState, "study_state"), default=StudyState.receiving
+    )
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(AE_LEN))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    series_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime]
+    # start of the current receiving period (reset when a late instance reopens the study);
+    # forced completion counts from here
+    receiving_since: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+    forced_completion: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", passive_deletes=True)
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", passive_deletes=True)
+
+    __table_args__ = (Index(None, "state", "last_received_at"),)
+
+
+class Series(Base):
+    """A series (Series Instance UID 0020,000E) of a study."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime]
+
+    study: Mapped[Study] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """A received SOP instance and where its file lies in the spool."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    spool_path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime]
+    calling_ae: Mapped[str | None] = mapped_column(String(AE_LEN))
+    late: Mapped[bool] = mapped_column(Boolean, default=False)
+    replaced_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Job(Base):
+    """One inference run for a study; rows are the queue (see ``node.db.repository``)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.received)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    selected_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    drafts: Mapped[list[Draft]] = relationship(back_populates="job", passive_deletes=True)
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", passive_deletes=True)
+
+    __table_args__ = (Index(None, "state", "priority", "queued_at"),)
+
+
+class Draft(Base):
+    """A report drafted by the model for a job (report text: never logged)."""
+
+    __tablename__ = "drafts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    task: Mapped[str] = mapped_column(String(32), default="report")
+    findings: Mapped[str | None] = mapped_column(Text)
+    impression: Mapped[str | None] = mapped_column(Text)
+    full_text: Mapped[str] = mapped_column(Text)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    prompt: Mapped[str | None] = mapped_column(Text)
+    generation_settings: Mapped[dict[str, Any] | None]
+    timings: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime]
+
+    job: Mapped[Job] = relationship(back_populates="drafts")
+
+
+class Delivery(Base):
+    """Delivery of a job's SR to one destination, with retries."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(512))
+    kind: Mapped[DeliveryKind] = mapped_column(_enum(DeliveryKind, "delivery_kind"))
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState, "delivery_state"), default=DeliveryState.pending
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+    sr_path: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime]
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")
+
+    __table_args__ = (Index(None, "state", "next_attempt_at"),)
+
+
+class AuditLog(Base):
+    """An admin or system action worth keeping (who, what, on which target)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(256))
+    detail: Mapped[dict[str, Any] | None]

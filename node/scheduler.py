@@ -1,0 +1,169 @@
+"""Periodic chores of a node process (APScheduler 3 ``BackgroundScheduler``, in memory).
+
+- study completion sweep (every quarter of the quiet period, 0.2-5 s): completes quiet
+  studies and queues their jobs (:func:`node.db.repository.complete_quiet_studies`);
+- lease expiry (every quarter of the lease, 1-15 s): requeues jobs of dead workers;
+- retention (hourly): deletes studies older than ``retention_days`` and their spool files.
+
+The schedule is never shared through the database: every node process runs its own chores,
+and the repository functions are safe to run concurrently (row locks / ``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db import repository as repo
+from node.db.models import utcnow
+from node.settings import Settings
+
+__all__ = ["Chores", "NodeScheduler"]
+
+log = logging.getLogger(__name__)
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return max(lo, min(hi, x))
+
+
+class Chores:
+    """The chores themselves, callable directly (tests) or from :class:`NodeScheduler`.
+
+    Parameters
+    ----------
+    settings
+        Node settings (quiet period, max wait, chest rule, retention, spool directory).
+    session_factory
+        Write-session factory.
+    clock
+        Returns the current UTC time (tests pass a fake clock).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.clock = clock
+
+    def sweep_studies(self) -> list[repo.CompletionResult]:
+        """Complete quiet (or overdue) studies; queue jobs for chest studies."""
+        s = self.settings
+        with self.session_factory() as session:
+            return repo.complete_quiet_studies(
+                session,
+                quiet_seconds=s.study_quiet_seconds,
+                max_wait_seconds=s.study_max_wait_seconds,
+                now=self.clock(),
+                rule=s.chest_rule,
+                job_max_attempts=s.job_max_attempts,
+            )
+
+    def expire_leases(self) -> int:
+        """Requeue or fail running jobs whose lease has passed."""
+        with self.session_factory() as session:
+            return repo.expire_leases(session, self.clock())
+
+    def apply_retention(self) -> int:
+        """Delete studies older than ``retention_days`` (0 disables) and their spool files.
+
+        Returns the number of spool files removed.
+        """
+        days = self.settings.retention_days
+        if days <= 0:
+            return 0
+        cutoff = self.clock() - timedelta(days=days)
+        with self.session_factory() as session:
+            paths = repo.purge_expired_studies(session, older_than=cutoff)
+        root = self.settings.spool_dir.resolve()
+        removed = 0
+        for rel in paths:
+            path = (root / rel).resolve()
+            if not path.is_relative_to(root):
+                log.error("retention: spool path %s lies outside the spool; not removed", rel)
+                continue
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("retention: cannot remove %s: %s", rel, exc.strerror)
+                continue
+            _remove_empty_parents(path.parent, root)
+        if paths:
+            log.info("retention: removed %d spool files older than %d days", removed, days)
+        return removed
+
+
+def _remove_empty_parents(directory: Path, root: Path) -> None:
+    while directory != root and directory.is_relative_to(root):
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent
+
+
+def _guarded(name: str, fn: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            fn()
+        except Exception as exc:  # a chore failing (database down) must not stop the others
+            log.warning("chore %s failed: %s: %s", name, type(exc).__name__, exc)
+
+    return run
+
+
+class NodeScheduler:
+    """The node's chores on a ``BackgroundScheduler``; a component with ``start``/``stop``."""
+
+    def __init__(self, chores: Chores) -> None:
+        self.chores = chores
+        self.scheduler = BackgroundScheduler(
+            timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
+        )
+        s = chores.settings
+        sweep_every = _clamp(s.study_quiet_seconds / 4, 0.2, 5.0)
+        lease_every = _clamp(s.lease_seconds / 4, 1.0, 15.0)
+        now = utcnow()
+        self.scheduler.add_job(
+            _guarded("study sweep", chores.sweep_studies),
+            "interval",
+            seconds=sweep_every,
+            id="study-sweep",
+            next_run_time=now,
+        )
+        self.scheduler.add_job(
+            _guarded("lease expiry", chores.expire_leases),
+            "interval",
+            seconds=lease_every,
+            id="lease-expiry",
+            next_run_time=now,
+        )
+        self.scheduler.add_job(
+            _guarded("retention", chores.apply_retention),
+            "interval",
+            hours=1,
+            id="retention",
+            next_run_time=now + timedelta(seconds=60),
+        )
+
+    def start(self) -> None:
+        """Start running the chores in background threads."""
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        """Stop scheduling and wait for running chores to finish."""
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)

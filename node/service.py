@@ -1,0 +1,223 @@
+"""The ``cxr-node serve`` process: database, storage SCP, chores and pluggable components.
+
+Start-up: log the effective configuration once, check the spool, create or migrate the
+database, start the storage SCP (``integration.ae`` + ``integration.scp`` + ``node.ingest``),
+start the chores (:mod:`node.scheduler`) and any extra components (worker, HTTP API), then
+log ``node ready``. Shutdown on SIGTERM/SIGINT or ``stop_event``: stop accepting
+associations, let in-flight ones finish (up to a grace period; a second signal cuts it
+short), stop the components and chores, release this process's job leases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol, runtime_checkable
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from integration.ae import build_storage_ae
+from integration.scp import handlers as scp_handlers
+from node.db import repository as repo
+from node.db.engine import make_engine, make_session_factory
+from node.db.migrate import upgrade
+from node.ingest import IngestSink
+from node.scheduler import Chores, NodeScheduler
+from node.settings import Settings
+from node.spool import Spool
+
+__all__ = ["Component", "NodeContext", "node_owner_id", "run_node"]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Component(Protocol):
+    """Something the node starts after the SCP and stops before releasing leases."""
+
+    def start(self) -> None:
+        """Start (non-blocking)."""
+
+    def stop(self) -> None:
+        """Stop and wait until stopped."""
+
+
+@dataclass
+class NodeContext:
+    """What a component factory receives: the node's shared resources."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    owner: str
+    stop_event: threading.Event
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+ComponentOrFactory = Component | Callable[[NodeContext], Component]
+
+
+def node_owner_id() -> str:
+    """A lease owner id unique to this process: ``host:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _build_scp(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
+    """Build the storage AE and its handlers (INGEST's API); return ``(ae, handlers)``."""
+    spool = Spool(settings.spool_dir)
+    sink = IngestSink(settings=settings, session_factory=session_factory, spool=spool)
+    ae = build_storage_ae(
+        ae_title=settings.ae_title,
+        allowed_aes=settings.allowed_aes,
+        max_associations=settings.max_associations,
+        acse_timeout=settings.acse_timeout,
+        dimse_timeout=settings.dimse_timeout,
+        network_timeout=settings.network_timeout,
+    )
+    return ae, scp_handlers(sink)
+
+
+def _install_signals(
+    stop_event: threading.Event, force_event: threading.Event
+) -> Callable[[], None]:
+    """Route SIGTERM/SIGINT to the events (main thread only); return a restore function."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop_event.is_set():
+            force_event.set()
+            log.warning("second %s: aborting in-flight associations", signal.Signals(signum).name)
+        else:
+            log.info("%s received: shutting down", signal.Signals(signum).name)
+            stop_event.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _drain(server: Any, *, grace_seconds: float, force_event: threading.Event) -> int:
+    """Wait for in-flight associations to end; abort what is left after the grace period."""
+    deadline = time.monotonic() + grace_seconds
+    active = []
+    for assoc in server.active_associations:
+        if assoc.is_established:
+            active.append(assoc)
+        else:
+            # a bare TCP connection (a port probe) or a negotiation not yet accepted: nothing
+            # in flight to finish; it would otherwise linger until the ACSE timeout
+            assoc.abort()
+    if active:
+        log.info("waiting up to %.0f s for %d in-flight associations", grace_seconds, len(active))
+    while active and time.monotonic() < deadline and not force_event.is_set():
+        time.sleep(0.05)
+        active = [a for a in active if a.is_alive()]
+    for assoc in active:
+        log.warning("aborting association with %s", getattr(assoc.requestor, "ae_title", "?"))
+        assoc.abort()
+    return len(active)
+
+
+def run_node(
+    settings: Settings,
+    *,
+    stop_event: threading.Event | None = None,
+    extra_components: Iterable[ComponentOrFactory] = (),
+    shutdown_grace_seconds: float | None = None,
+) -> int:
+    """Run the node in the foreground until ``stop_event`` is set or SIGTERM/SIGINT arrives.
+
+    Parameters
+    ----------
+    settings
+        Validated settings.
+    stop_event
+        Set it to stop the node (tests, embedding); signals set it too when running in the
+        main thread.
+    extra_components
+        Components (``start()``/``stop()``), or factories called with a
+        :class:`NodeContext` that return one; started in order after the SCP and chores,
+        stopped in reverse order.
+    shutdown_grace_seconds
+        How long in-flight associations may take to finish; defaults to the DIMSE timeout.
+
+    Returns
+    -------
+    int
+        Process exit code (0 after a clean shutdown).
+    """
+    stop_event = stop_event or threading.Event()
+    force_event = threading.Event()
+    restore_signals = _install_signals(stop_event, force_event)
+    grace = settings.dimse_timeout if shutdown_grace_seconds is None else shutdown_grace_seconds
+    log.info("effective configuration: %s", settings.public_summary())
+    started: list[Component] = []
+    server: Any = None
+    ae: Any = None
+    scheduler: NodeScheduler | None = None
+    owner = node_owner_id()
+    settings.prepare_runtime()
+    revision = upgrade(settings.database_url)
+    log.info("database at revision %s (%s)", revision, settings.database_backend)
+    engine = make_engine(settings.database_url)
+    session_factory = make_session_factory(engine)
+    try:
+        ae, handlers = _build_scp(settings, session_factory)
+        server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
+        scheduler = NodeScheduler(Chores(settings, session_factory))
+        scheduler.start()
+        ctx = NodeContext(settings, engine, session_factory, owner, stop_event)
+        for item in extra_components:
+            component = item if isinstance(item, Component) else item(ctx)
+            component.start()
+            started.append(component)
+        log.info(
+            "node ready: AE title %s listening on %s:%d (owner %s)",
+            settings.ae_title,
+            settings.host,
+            settings.port,
+            owner,
+        )
+        # a short timeout: a signal delivered to another thread only runs its Python handler
+        # once the main thread wakes up, and a bare wait() may never wake
+        while not stop_event.wait(0.2):
+            pass
+        return 0
+    finally:
+        log.info("node stopping")
+        if server is not None:
+            server.shutdown()  # stop accepting; the listening socket is closed
+            _drain(server, grace_seconds=grace, force_event=force_event)
+        for component in reversed(started):
+            try:
+                component.stop()
+            except Exception:
+                log.exception("component %s failed to stop", type(component).__name__)
+        if scheduler is not None:
+            scheduler.stop()
+        try:
+            with session_factory() as session:
+                n = repo.release_leases(session, owner)
+            if n:
+                log.info("released %d job leases", n)
+        except Exception as exc:
+            log.warning("could not release job leases: %s", exc)
+        if ae is not None:
+            ae.shutdown()
+        engine.dispose()
+        restore_signals()
+        log.info("node stopped")

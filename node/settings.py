@@ -1,0 +1,590 @@
+"""Typed settings of the node: a TOML file plus ``CXR_NODE_*`` environment variables.
+
+Precedence (highest first): keyword overrides given to :func:`load_settings`, environment
+variables ``CXR_NODE_<FIELD>``, the TOML file named by ``CXR_NODE_CONFIG`` (or the
+``config_file`` argument), then the defaults below. Unsafe or inconsistent values are refused
+when the object is built, with a message that names the setting; checks that touch the
+filesystem (spool directory writable, free disk) run in :meth:`Settings.prepare_runtime`, which
+``cxr-node serve`` calls at start-up. ``docs/configuration.md`` is the reference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import tempfile
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+__all__ = [
+    "AllowedAE",
+    "ChestRule",
+    "ConfigError",
+    "Destination",
+    "DicomDestination",
+    "Settings",
+    "StowDestination",
+    "load_settings",
+    "parse_ae_address",
+    "validate_ae_title",
+]
+
+CONFIG_ENV = "CXR_NODE_CONFIG"
+ENV_PREFIX = "CXR_NODE_"
+
+# PS3.5 §6.2 (VR AE): at most 16 characters of the default repertoire, no backslash, no
+# control characters; leading and trailing spaces are not significant.
+_AE_ALLOWED = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+class ConfigError(ValueError):
+    """The configuration is unsafe or inconsistent; the message names the setting."""
+
+
+def validate_ae_title(value: str, *, setting: str = "ae_title") -> str:
+    """Return a valid Application Entity title (PS3.5 §6.2, VR AE) or raise.
+
+    Parameters
+    ----------
+    value
+        The AE title; surrounding spaces are removed.
+    setting
+        Name of the setting, used in the error message.
+
+    Raises
+    ------
+    ValueError
+        Empty, longer than 16 characters, or with a backslash or control character.
+    """
+    title = str(value).strip()
+    if not title:
+        raise ValueError(f"{setting}: AE title must not be empty (PS3.5 VR AE)")
+    if len(title) > 16:
+        raise ValueError(f"{setting}: AE title {title!r} is longer than 16 characters (VR AE)")
+    if not _AE_ALLOWED.match(title):
+        raise ValueError(
+            f"{setting}: AE title {title!r} has a backslash or a non-printable/non-ASCII "
+            "character (VR AE)"
+        )
+    return title
+
+
+def _validate_host(value: str, *, setting: str) -> str:
+    host = str(value).strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"{setting}: {value!r} is neither an IP address nor a host name")
+    return host
+
+
+def _validate_port(value: int, *, setting: str) -> int:
+    if not 1 <= int(value) <= 65535:
+        raise ValueError(f"{setting}: port {value} is outside 1..65535")
+    return int(value)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names the loopback interface only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AllowedAE(BaseModel):
+    """A calling AE allowed to associate: an AE title, optionally pinned to a source host.
+
+    ``host`` is an IP address, a network in CIDR notation, or a host name.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ae_title: str
+    host: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _title(cls, v: str) -> str:
+        return validate_ae_title(v, setting="allowed_aes")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        text = str(v).strip()
+        if "/" in text:  # a network in CIDR notation
+            try:
+                return str(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ValueError(f"allowed_aes: {v!r} is not a network (CIDR)") from None
+        return _validate_host(text, setting="allowed_aes")
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedAE:
+        """Parse ``"AET"`` or ``"AET@host"``."""
+        title, sep, host = text.strip().partition("@")
+        return cls(ae_title=title, host=host if sep else None)
+
+    def __str__(self) -> str:
+        return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
+
+
+class DicomDestination(BaseModel):
+    """A DIMSE C-STORE destination (PS3.4 Annex B): ``AET@host:port``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["dimse"] = "dimse"
+    ae_title: str
+    host: str
+    port: int
+
+    @field_validator("ae_title")
+    @classmethod
+    def _title(cls, v: str) -> str:
+        return validate_ae_title(v, setting="destinations")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _validate_host(v, setting="destinations")
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        return _validate_port(v, setting="destinations")
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class StowDestination(BaseModel):
+    """A DICOMweb STOW-RS destination (PS3.18 §10.5): the studies endpoint URL."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["stow"] = "stow"
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"destinations: {v!r} is not an http(s) STOW-RS URL")
+        if parts.password:
+            raise ValueError("destinations: put no credentials in a STOW-RS URL")
+        return v.strip()
+
+    def __str__(self) -> str:
+        return self.url
+
+
+Destination = Annotated[DicomDestination | StowDestination, Field(discriminator="kind")]
+
+
+def parse_ae_address(text: str) -> DicomDestination:
+    """Parse ``AET@host:port`` (IPv6 hosts in brackets) into a :class:`DicomDestination`.
+
+    Raises
+    ------
+    ValueError
+        When the text does not have that shape or a part is invalid.
+    """
+    title, sep, rest = text.strip().partition("@")
+    host, colon, port = rest.rpartition(":")
+    if not sep or not colon or not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not of the form AET@host:port")
+    return DicomDestination(ae_title=title, host=host, port=int(port))
+
+
+def _destination_from_text(text: str) -> DicomDestination | StowDestination:
+    if text.strip().lower().startswith(("http://", "https://")):
+        return StowDestination(url=text)
+    return parse_ae_address(text)
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    return value
+
+
+class ChestRule(BaseModel):
+    """Which studies are chest radiographs and become jobs (see ``docs/policies.md``).
+
+    A study qualifies when one of its series has a modality in ``modalities`` and (unless
+    ``require_keyword`` is false) its Body Part Examined (0018,0015), or, when
+    ``match_descriptions``, its Series or Study Description, contains one of ``keywords``
+    (case-insensitive).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    keywords: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG", "CXR", "TORAX"])
+    match_descriptions: bool = True
+    require_keyword: bool = True
+
+    @field_validator("modalities", "keywords", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return _split_commas(v)
+
+    @field_validator("modalities", "keywords")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for item in v:
+            s = item.strip().upper()
+            if s and s not in out:
+                out.append(s)
+        return out
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> ChestRule:
+        if not self.modalities:
+            raise ValueError("chest_rule.modalities must list at least one modality")
+        if self.require_keyword and not self.keywords:
+            raise ValueError("chest_rule.keywords must not be empty when require_keyword is true")
+        return self
+
+
+_FROM_ENV = Path("\0from-env")  # sentinel: Settings() built directly reads $CXR_NODE_CONFIG
+_config_file: ContextVar[Path | None] = ContextVar("cxr_node_config_file", default=_FROM_ENV)
+
+
+class Settings(BaseSettings):
+    """Every setting of the node; see ``docs/configuration.md`` for the reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    # DICOM receiving
+    ae_title: str = "LLMCXR"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_aes: Annotated[list[AllowedAE], NoDecode] = Field(default_factory=list)
+    max_associations: int = 10
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 30.0
+    network_timeout: float = 60.0
+    # storage
+    spool_dir: Path = Path("var/spool")
+    database_url: str = "sqlite:///var/cxr-node.sqlite3"
+    min_free_disk_mb: int = 512
+    retention_days: int = 30
+    # study assembly
+    study_quiet_seconds: float = 10.0
+    study_max_wait_seconds: float = 600.0
+    chest_rule: ChestRule = Field(default_factory=ChestRule)
+    # model and worker
+    model_dir: Path | None = None
+    backend: str = "transformers"
+    backend_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backend_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
+    backend_threads: int | None = None
+    backend_device: str = "cpu"
+    worker_concurrency: int = 1
+    worker_batch_size: int = 1
+    worker_batch_memory_mb: int = 0
+    lease_seconds: float = 60.0
+    job_max_attempts: int = 3
+    generation_greedy: bool = True
+    generation_seed: int | None = None
+    generation_max_new_tokens: int = 128
+    # delivery
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    delivery_max_attempts: int = 8
+    delivery_backoff_seconds: float = 5.0
+    delivery_max_backoff_seconds: float = 600.0
+    # DICOM TLS (PS3.15 Annex B.1, TLS secure transport) for the SCP and the SCU
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_require_client_cert: bool = True
+    tls_destinations: bool = False
+    # admin API and logging
+    api_enabled: bool = True
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Overrides, then environment, then the TOML file (no .env, no secrets dir)."""
+        path = _config_file.get()
+        if path == _FROM_ENV:
+            path = Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # --- field checks -------------------------------------------------------------------
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        return validate_ae_title(v, setting="ae_title")
+
+    @field_validator("host", "api_host")
+    @classmethod
+    def _hosts(cls, v: str, info: Any) -> str:
+        return _validate_host(v, setting=info.field_name)
+
+    @field_validator("port", "api_port")
+    @classmethod
+    def _ports(cls, v: int, info: Any) -> int:
+        return _validate_port(v, setting=info.field_name)
+
+    @field_validator("allowed_aes", mode="before")
+    @classmethod
+    def _allowed_aes(cls, v: Any) -> Any:
+        items = _split_commas(v)
+        if isinstance(items, list):
+            return [AllowedAE.parse(i) if isinstance(i, str) else i for i in items]
+        return items
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, v: Any) -> Any:
+        items = _split_commas(v)
+        if isinstance(items, list):
+            return [_destination_from_text(i) if isinstance(i, str) else i for i in items]
+        return items
+
+    @field_validator("max_associations")
+    @classmethod
+    def _max_assoc(cls, v: int) -> int:
+        if not 1 <= v <= 1000:
+            raise ValueError(f"max_associations: {v} is outside 1..1000")
+        return v
+
+    @field_validator(
+        "acse_timeout",
+        "dimse_timeout",
+        "network_timeout",
+        "study_quiet_seconds",
+        "study_max_wait_seconds",
+        "lease_seconds",
+        "delivery_backoff_seconds",
+        "delivery_max_backoff_seconds",
+    )
+    @classmethod
+    def _positive(cls, v: float, info: Any) -> float:
+        if not v > 0:
+            raise ValueError(f"{info.field_name}: must be greater than 0 seconds, got {v}")
+        return v
+
+    @field_validator(
+        "worker_concurrency",
+        "worker_batch_size",
+        "job_max_attempts",
+        "delivery_max_attempts",
+        "generation_max_new_tokens",
+    )
+    @classmethod
+    def _at_least_one(cls, v: int, info: Any) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name}: must be at least 1, got {v}")
+        return v
+
+    @field_validator("retention_days", "min_free_disk_mb", "worker_batch_memory_mb")
+    @classmethod
+    def _non_negative(cls, v: int, info: Any) -> int:
+        if v < 0:
+            raise ValueError(f"{info.field_name}: must not be negative, got {v}")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, v: str) -> str:
+        try:
+            url = make_url(v)
+        except ArgumentError as exc:
+            raise ValueError(f"database_url: not an SQLAlchemy URL ({exc})") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"database_url: backend {url.get_backend_name()!r} is not supported "
+                "(sqlite or postgresql)"
+            )
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        name = v.strip().lower()
+        if not re.fullmatch(r"[a-z0-9_.-]+", name):
+            raise ValueError(f"backend: {v!r} is not a backend name")
+        return name
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        level = v.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level: {v!r} is not DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.study_max_wait_seconds < self.study_quiet_seconds:
+            raise ValueError(
+                f"study_max_wait_seconds ({self.study_max_wait_seconds}) must not be shorter "
+                f"than study_quiet_seconds ({self.study_quiet_seconds})"
+            )
+        if not is_loopback(self.host) and not self.allowed_aes:
+            raise ValueError(
+                f"allowed_aes: empty while host={self.host!r} is not loopback; the storage SCP "
+                "would accept any calling AE from the network. List the PACS AE titles "
+                "(AET or AET@host) or bind to 127.0.0.1"
+            )
+        if self.host == self.api_host and self.port == self.api_port:
+            raise ValueError(f"api_port: {self.api_port} is the DICOM port as well")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "tls_cert_file: DICOM TLS needs both tls_cert_file and tls_key_file (or neither)"
+            )
+        if self.tls_destinations and self.tls_ca_file is None:
+            raise ValueError(
+                "tls_ca_file: tls_destinations is on but no CA file is set to verify the PACS"
+            )
+        if self.backend not in ("transformers", "llamacpp"):
+            raise ValueError(f"backend: {self.backend!r} is not 'transformers' or 'llamacpp'")
+        if self.backend_threads is not None and self.backend_threads < 1:
+            raise ValueError(f"backend_threads: must be at least 1, got {self.backend_threads}")
+        return self
+
+    # --- helpers ------------------------------------------------------------------------
+
+    @property
+    def database_backend(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return make_url(self.database_url).get_backend_name()
+
+    def public_summary(self) -> dict[str, Any]:
+        """The effective configuration without secrets (the database password is masked)."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        data["allowed_aes"] = [str(a) for a in self.allowed_aes]
+        data["destinations"] = [_public_destination(d) for d in self.destinations]
+        return data
+
+    def prepare_runtime(self) -> None:
+        """Create and check the spool directory (writable, enough free disk) before serving.
+
+        Raises
+        ------
+        ConfigError
+            Naming ``spool_dir`` or ``min_free_disk_mb``.
+        """
+        spool = self.spool_dir
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"spool_dir: cannot create {spool}: {exc.strerror}") from None
+        try:
+            with tempfile.NamedTemporaryFile(dir=spool, prefix=".probe-") as fh:
+                fh.write(b"x")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise ConfigError(f"spool_dir: {spool} is not writable: {exc.strerror}") from None
+        free_mb = shutil.disk_usage(spool).free // (1024 * 1024)
+        if free_mb < self.min_free_disk_mb:
+            raise ConfigError(
+                f"min_free_disk_mb: only {free_mb} MB free under spool_dir {spool}, "
+                f"below {self.min_free_disk_mb} MB"
+            )
+
+
+def _public_destination(d: DicomDestination | StowDestination) -> str:
+    if isinstance(d, StowDestination):
+        parts = urlsplit(d.url)
+        return parts._replace(query="", fragment="").geturl()
+    return str(d)
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        # messages from our validators already start with the setting's name
+        if loc and not msg.startswith(loc.split(".")[0]):
+            msg = f"{loc}: {msg}"
+        lines.append(msg)
+    return "; ".join(lines)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings from overrides, ``CXR_NODE_*`` variables and the TOML file.
+
+    Parameters
+    ----------
+    config_file
+        TOML file; defaults to ``$CXR_NODE_CONFIG`` when set. A named file that does not
+        exist is an error.
+    **overrides
+        Field values that win over everything else (used by tests and the CLI).
+
+    Raises
+    ------
+    ConfigError
+        With one message per refused value, each naming its setting.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = os.environ[CONFIG_ENV]
+    path = Path(config_file) if config_file is not None else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"{CONFIG_ENV}: configuration file {path} does not exist")
+    token = _config_file.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    except ValueError as exc:  # e.g. TOML syntax errors
+        raise ConfigError(f"{CONFIG_ENV}: {exc}") from None
+    finally:
+        _config_file.reset(token)

@@ -1,0 +1,323 @@
+"""The durable spool: received DICOM files, fsync'd before the C-STORE success goes out.
+
+Layout: ``<spool>/<Study Instance UID>/<Series Instance UID>/<SOP Instance UID>.<h>.dcm``
+where ``<h>`` is the first 16 hex digits of the file's SHA-256. UIDs are digits and dots
+(PS3.5 9.1; the node refuses other UIDs), so they are safe path names as they are.
+
+Why the content hash in the name: a duplicate SOP Instance UID with *different* content is
+written to its own file, never over the file the committed SQL row points to; only after the
+row is committed does the old file become obsolete and get deleted. An identical duplicate
+lands on the same name and the existing file is left untouched. A crash at any point leaves
+either the old state or the new state plus, at worst, an unreferenced file.
+
+Write protocol (POSIX): stage in ``<spool>/.incoming/`` (same filesystem), ``fsync`` the
+file, ``os.replace`` it into place (atomic), ``fsync`` the directory (and any directory
+created on the way), so the name survives power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from integration.status import StoreStatus
+
+__all__ = [
+    "Spool",
+    "SpoolError",
+    "SpoolFullError",
+    "SpoolIOError",
+    "SpooledFile",
+    "spool_relative_path",
+]
+
+LOG = logging.getLogger(__name__)
+
+INCOMING = ".incoming"
+_CHUNK = 1 << 20
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+class SpoolError(OSError):
+    """Writing the spool failed; carries the C-STORE status to answer (PS3.4 B.2-1)."""
+
+    status: StoreStatus = StoreStatus.OUT_OF_RESOURCES_SPOOL_IO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SpoolFullError(SpoolError):
+    """Free space below the floor or the disk is full: 0xA700, transient."""
+
+    status = StoreStatus.OUT_OF_RESOURCES_DISK
+
+
+class SpoolIOError(SpoolError):
+    """Another operating-system error writing the spool: 0xA702, transient."""
+
+    status = StoreStatus.OUT_OF_RESOURCES_SPOOL_IO
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledFile:
+    """A file durably in the spool.
+
+    Parameters
+    ----------
+    path
+        Absolute path.
+    relative
+        Path relative to the spool root (POSIX separators), as recorded in SQL.
+    size_bytes
+        File size.
+    sha256
+        Hex SHA-256 of the whole file.
+    already_present
+        ``True`` when an identical file was already there (nothing was written).
+    """
+
+    path: Path
+    relative: str
+    size_bytes: int
+    sha256: str
+    already_present: bool
+
+
+def spool_relative_path(
+    *, study_uid: str, series_uid: str, sop_instance_uid: str, sha256: str
+) -> PurePosixPath:
+    """The spool-relative path of an instance (see the module docstring for the layout)."""
+    for concept, uid in (
+        ("Study Instance UID", study_uid),
+        ("Series Instance UID", series_uid),
+        ("SOP Instance UID", sop_instance_uid),
+    ):
+        if not uid or len(uid) > 64 or uid.strip("0123456789.") or uid.startswith("."):
+            raise ValueError(f"{concept} {uid!r} is not a valid UID (PS3.5 9.1)")
+    if len(sha256) != 64:
+        raise ValueError("sha256 must be 64 hex digits")
+    return PurePosixPath(study_uid, series_uid, f"{sop_instance_uid}.{sha256[:16]}.dcm")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _wrap(exc: OSError, what: str) -> SpoolError:
+    if exc.errno in _FULL_ERRNOS:
+        return SpoolFullError(f"spool disk full while {what} ({errno.errorcode[exc.errno]})")
+    name = errno.errorcode.get(exc.errno or 0, "?")
+    return SpoolIOError(f"spool I/O error while {what} ({name})")
+
+
+class Spool:
+    """The spool directory.
+
+    Parameters
+    ----------
+    root
+        Spool directory; created if missing.
+    min_free_bytes
+        Refuse (0xA700, transient) an instance that would leave less free space than this on
+        the spool's filesystem; ``None`` lets the caller supply the floor per call.
+    fsync
+        Whether to fsync files and directories (leave ``True`` outside benchmarks).
+    """
+
+    def __init__(
+        self, root: Path | str, *, min_free_bytes: int | None = None, fsync: bool = True
+    ) -> None:
+        if min_free_bytes is not None and min_free_bytes < 0:
+            raise ValueError(f"spool free-space floor must be >= 0 bytes, got {min_free_bytes}")
+        self.root = Path(root).absolute()
+        self.min_free_bytes = min_free_bytes
+        self.fsync = fsync
+        self.incoming = self.root / INCOMING
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    # --- space ------------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        """Bytes available to this process on the spool's filesystem (``statvfs``)."""
+        st = os.statvfs(self.root)
+        return int(st.f_bavail * st.f_frsize)
+
+    def check_free(self, incoming_bytes: int, *, floor_bytes: int | None = None) -> None:
+        """Raise :class:`SpoolFullError` when storing ``incoming_bytes`` breaks the floor."""
+        floor = self.min_free_bytes if floor_bytes is None else floor_bytes
+        floor = floor or 0
+        free = self.free_bytes()
+        if free - incoming_bytes < floor:
+            raise SpoolFullError(
+                f"spool free space {free // (1 << 20)} MiB minus this instance is below "
+                f"the floor of {floor // (1 << 20)} MiB"
+            )
+
+    # --- writing ----------------------------------------------------------------------
+
+    def _stage(self, src: Path) -> tuple[Path, int, str]:
+        """Move (or copy) ``src`` into ``.incoming``; return (path, size, sha256)."""
+        stage = self.incoming / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        try:
+            os.replace(src, stage)
+            moved = True
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise _wrap(exc, "moving the received file") from exc
+            moved = False
+        try:
+            if moved:
+                with open(stage, "rb") as fh:
+                    while chunk := fh.read(_CHUNK):
+                        digest.update(chunk)
+                    size = fh.tell()
+                if self.fsync:
+                    _fsync_file(stage)
+            else:
+                size = 0
+                with open(src, "rb") as fin, open(stage, "wb") as fout:
+                    while chunk := fin.read(_CHUNK):
+                        digest.update(chunk)
+                        fout.write(chunk)
+                        size += len(chunk)
+                    fout.flush()
+                    if self.fsync:
+                        os.fsync(fout.fileno())
+        except OSError as exc:
+            stage.unlink(missing_ok=True)
+            raise _wrap(exc, "writing the staged file") from exc
+        return stage, size, digest.hexdigest()
+
+    def _makedirs(self, directory: Path) -> None:
+        """Create ``directory`` and fsync each parent whose entries changed."""
+        missing: list[Path] = []
+        d = directory
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                d.mkdir()
+            if self.fsync:
+                _fsync_dir(d.parent)
+
+    def store(
+        self,
+        src: Path,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        floor_bytes: int | None = None,
+    ) -> SpooledFile:
+        """Durably place the file ``src`` (consumed: moved or copied) in the spool.
+
+        Parameters
+        ----------
+        src
+            The received Part 10 file.
+        study_uid, series_uid, sop_instance_uid
+            (0020,000D), (0020,000E), (0008,0018) of the data set (valid UIDs).
+        floor_bytes
+            Free-space floor for this call (default: the spool's ``min_free_bytes``).
+
+        Returns
+        -------
+        SpooledFile
+
+        Raises
+        ------
+        SpoolFullError
+            Below the free-space floor, or ENOSPC/EDQUOT (status 0xA700).
+        SpoolIOError
+            Any other OS error (status 0xA702).
+        """
+        size = src.stat().st_size
+        self.check_free(size, floor_bytes=floor_bytes)
+        stage, size, sha = self._stage(src)
+        rel = spool_relative_path(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_instance_uid=sop_instance_uid,
+            sha256=sha,
+        )
+        final = self.root / rel
+        try:
+            self._makedirs(final.parent)
+            if final.exists() and final.stat().st_size == size:
+                # Same name = same SHA-256 prefix and size: an identical duplicate.
+                stage.unlink()
+                return SpooledFile(final, str(rel), size, sha, already_present=True)
+            os.replace(stage, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            stage.unlink(missing_ok=True)
+            raise _wrap(exc, "renaming into the spool") from exc
+        return SpooledFile(final, str(rel), size, sha, already_present=False)
+
+    def discard(self, spooled: SpooledFile) -> None:
+        """Undo :meth:`store` when the instance could not be recorded.
+
+        A file that was already present (an identical duplicate, referenced by SQL) is kept.
+        """
+        if spooled.already_present:
+            return
+        self.remove(spooled.relative)
+
+    def remove(self, relative: str) -> None:
+        """Delete a spool file (relative path) and fsync its directory; missing is fine."""
+        path = self.root / relative
+        if ".." in PurePosixPath(relative).parts or PurePosixPath(relative).is_absolute():
+            raise ValueError(f"spool path {relative!r} must stay inside the spool")
+        try:
+            path.unlink(missing_ok=True)
+            if self.fsync and path.parent.exists():
+                _fsync_dir(path.parent)
+        except OSError:
+            LOG.warning("could not delete spool file %s", relative, exc_info=True)
+
+    def clean_incoming(self) -> int:
+        """Delete staged files left by a crash (never acknowledged); return how many."""
+        n = 0
+        for p in self.incoming.glob("*.part"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
+        return n
+
+    def used_bytes(self) -> int:
+        """Total size of the spooled ``.dcm`` files (walks the tree)."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for f in files:
+                if f.endswith(".dcm"):
+                    with contextlib.suppress(OSError):
+                        total += os.stat(os.path.join(dirpath, f)).st_size
+        return total
+
+    def disk_usage(self) -> shutil._ntuple_diskusage:
+        """``shutil.disk_usage`` of the spool's filesystem."""
+        return shutil.disk_usage(self.root)

@@ -1,0 +1,55 @@
+"""Builders of test records (synthetic UIDs, no patient data)."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from itertools import count
+
+from node.db.repository import InstanceRecord
+
+_n = count(1)
+ROOT = "1.2.826.0.1.3680043.10.1234"
+
+
+def uid() -> str:
+    """A fresh synthetic UID."""
+    return f"{ROOT}.{next(_n)}"
+
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def record(
+    *,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    modality: str = "CR",
+    body_part: str | None = "CHEST",
+    study_description: str | None = None,
+    series_description: str | None = None,
+    content: bytes = b"pixels",
+    at: datetime = T0,
+    spool_path: str | None = None,
+) -> InstanceRecord:
+    """An :class:`InstanceRecord` with sensible defaults (a chest CR)."""
+    sop = sop or uid()
+    series = series or f"{study}.1"
+    return InstanceRecord(
+        study_uid=study,
+        series_uid=series,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality=modality,
+        body_part_examined=body_part,
+        study_description=study_description,
+        series_description=series_description,
+        view_position="PA",
+        spool_path=spool_path or f"{study}/{series}/{sop}.dcm",
+        size_bytes=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        calling_ae="PACS",
+        received_at=at,
+    )
