@@ -1,0 +1,228 @@
+"""Draft SR writer (integration.sr): validated with dciodvfy, dsrdump and highdicom."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from integration.errors import SRBuildError
+from integration.sr import AI_DRAFT_NOTE, DEMO_NOTE, build_draft_sr, requested_procedures_from
+from integration.uids import device_uid, sr_instance_uid, sr_series_uid
+from tests.dicom.conftest import dcmtk_binary, which_or_skip
+
+FINDINGS_DE = "Kein Pleuraerguss. Herzgröße normal – Zwerchfell glatt begrenzt."
+IMPRESSION_JA = "急性の心肺異常なし。No acute cardiopulmonary process."
+MODEL, VERSION = "LLM-CXR", "1.0.0-demo"
+
+
+def build(
+    source: Dataset, /, *, demo: bool = True, version: str = VERSION, **kw: object
+) -> hd.sr.ComprehensiveSR:
+    study = source.StudyInstanceUID
+    args: dict[str, object] = {
+        "evidence": [source],
+        "findings": FINDINGS_DE,
+        "impression": IMPRESSION_JA,
+        "algorithm_name": MODEL,
+        "algorithm_version": version,
+        "manufacturer": "llm-cxr-node",
+        "demo": demo,
+        "sop_instance_uid": sr_instance_uid(study, MODEL, version),
+        "series_instance_uid": sr_series_uid(study, MODEL, version),
+        "series_number": 9901,
+        "instance_number": 1,
+    }
+    args.update(kw)
+    return build_draft_sr(**args)  # type: ignore[arg-type]
+
+
+def walk(items: Iterator[Dataset] | list[Dataset]) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        yield from walk(item.get("ContentSequence", []))
+
+
+def texts(ds: Dataset) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in walk(ds.ContentSequence):
+        if item.ValueType in ("TEXT", "UIDREF"):
+            name = item.ConceptNameCodeSequence[0].CodeMeaning
+            out.setdefault(name, []).append(str(item.get("TextValue", item.get("UID", ""))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def latin1_source(tmp_path_factory: pytest.TempPathFactory, rg1_header: Dataset) -> Dataset:
+    """RG1 (ISO_IR 100) with a Latin-1 patient name, written and read back from disk."""
+    ds = copy.deepcopy(rg1_header)
+    ds.PatientName = "Müller^Jürgen"
+    path = tmp_path_factory.mktemp("src") / "latin1.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    assert "Müller".encode("latin-1") in raw  # really stored as ISO 8859-1
+    return pydicom.dcmread(path)
+
+
+@pytest.fixture(scope="module")
+def japanese_source(tmp_path_factory: pytest.TempPathFactory, rg1_header: Dataset) -> Dataset:
+    ds = copy.deepcopy(rg1_header)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "山田^太郎=やまだ^たろう"
+    path = tmp_path_factory.mktemp("src") / "utf8.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def write(sr: Dataset, path: Path) -> Path:
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+def check_dciodvfy(path: Path) -> str:
+    tool = which_or_skip("dciodvfy")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if "Error" in line]
+    assert not errors, output
+    return output
+
+
+def check_dsrdump(path: Path) -> str:
+    tool = dcmtk_binary("dsrdump")
+    proc = subprocess.run([tool, "+Pl", "+U8", str(path)], capture_output=True, timeout=60)
+    output = proc.stdout.decode("utf-8", errors="replace")
+    errors = proc.stderr.decode("utf-8", errors="replace")
+    assert proc.returncode == 0, output + errors
+    assert not [line for line in errors.splitlines() if line.startswith(("E:", "F:"))], errors
+    return output
+
+
+@pytest.mark.parametrize("source_name", ["rg1_header", "latin1_source", "japanese_source"])
+def test_sr_valid_and_round_trips(
+    source_name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    source: Dataset = request.getfixturevalue(source_name)
+    sr = build(source)
+    path = write(sr, tmp_path / "sr.dcm")
+    check_dciodvfy(path)
+    dump = check_dsrdump(path)
+    assert FINDINGS_DE in dump and IMPRESSION_JA in dump and DEMO_NOTE in dump
+    for section in ("Findings", "Impressions", "Diagnostic imaging study", "Device Observer UID"):
+        assert section in dump
+    assert "PRELIMINARY" in dump and "PARTIAL" in dump and "UNVERIFIED" in dump
+
+    back = hd.sr.srread(path)
+    assert isinstance(back, hd.sr.ComprehensiveSR)
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert (back.CompletionFlag, back.VerificationFlag, back.PreliminaryFlag) == (
+        "PARTIAL",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert str(back.PatientName) == str(source.PatientName)
+    assert back.PatientID == source.PatientID
+    assert back.AccessionNumber == source.AccessionNumber
+    assert back.SOPInstanceUID == sr_instance_uid(source.StudyInstanceUID, MODEL, VERSION)
+    assert back.SeriesInstanceUID == sr_series_uid(source.StudyInstanceUID, MODEL, VERSION)
+    assert len(back.SeriesDescription) <= 64 and "NOT VERIFIED" in back.SeriesDescription
+    assert "DEMO" in back.SeriesDescription
+
+    evidence = back.CurrentRequestedProcedureEvidenceSequence
+    assert len(evidence) == 1 and evidence[0].StudyInstanceUID == source.StudyInstanceUID
+    series = evidence[0].ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == source.SeriesInstanceUID
+    ref = series.ReferencedSOPSequence[0]
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        source.SOPClassUID,
+        source.SOPInstanceUID,
+    )
+
+    root = back.ContentSequence
+    assert back.ConceptNameCodeSequence[0].CodeValue == "18748-4"
+    assert back.ContentTemplateSequence[0].TemplateIdentifier == "2000"
+    found = texts(back)
+    assert found["Finding"] == [FINDINGS_DE]
+    assert found["Impression"] == [IMPRESSION_JA]
+    assert AI_DRAFT_NOTE.format(algorithm=MODEL, version=VERSION) in found["Comment"]
+    assert DEMO_NOTE in found["Comment"]
+    assert found["Device Observer UID"] == [device_uid(MODEL, VERSION)]
+    assert found["Device Observer Name"] == [MODEL]
+    observer_type = next(i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "121005")
+    assert observer_type.ConceptCodeSequence[0].CodeValue == "121007"  # Device
+
+    equipment = [
+        e
+        for e in back.ContributingEquipmentSequence
+        if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        and e.ManufacturerModelName == MODEL
+    ]
+    assert len(equipment) == 1 and equipment[0].SoftwareVersions == VERSION
+
+
+def test_non_demo_has_no_demo_note(rg1_header: Dataset, tmp_path: Path) -> None:
+    sr = build(rg1_header, demo=False)
+    found = texts(sr)
+    assert DEMO_NOTE not in found["Comment"]
+    assert "DEMO" not in sr.SeriesDescription and "NOT VERIFIED" in sr.SeriesDescription
+    check_dciodvfy(write(sr, tmp_path / "sr.dcm"))
+
+
+def test_without_findings(rg1_header: Dataset, tmp_path: Path) -> None:
+    sr = build(rg1_header, findings=None)
+    assert "Finding" not in texts(sr)
+    path = write(sr, tmp_path / "sr.dcm")
+    check_dciodvfy(path)
+    assert "Impressions" in check_dsrdump(path)
+
+
+def test_uid_deterministic_per_model_version(rg1_header: Dataset) -> None:
+    a, b = build(rg1_header), build(rg1_header)
+    c = build(rg1_header, version="1.0.1")
+    assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
+    assert a.SeriesInstanceUID != c.SeriesInstanceUID
+
+
+def test_predecessor_link(rg1_header: Dataset, tmp_path: Path) -> None:
+    first = build(rg1_header)
+    second = build(rg1_header, version="1.0.1", previous_versions=[first])
+    pred = second.PredecessorDocumentsSequence[0]
+    assert pred.StudyInstanceUID == rg1_header.StudyInstanceUID
+    ref = pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    check_dciodvfy(write(second, tmp_path / "sr2.dcm"))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_validation_errors(rg1_header: Dataset) -> None:
+    with pytest.raises(SRBuildError, match="impression"):
+        build(rg1_header, impression="  ")
+    with pytest.raises(SRBuildError, match="evidence"):
+        build(rg1_header, evidence=[])
+    other = copy.deepcopy(rg1_header)
+    other.StudyInstanceUID = "1.2.3.4"
+    with pytest.raises(SRBuildError, match="one study"):
+        build(rg1_header, evidence=[rg1_header, other])
+    with pytest.raises(SRBuildError, match="SOP Instance UID"):
+        build(rg1_header, sop_instance_uid="1.02.x")
+
+
+def test_requested_procedure_from_accession(rg1_header: Dataset, tmp_path: Path) -> None:
+    requests = requested_procedures_from(rg1_header)
+    assert len(requests) == 1 and requests[0].AccessionNumber == rg1_header.AccessionNumber
+    sr = build(rg1_header, requested_procedures=requests)
+    ref = sr.ReferencedRequestSequence[0]
+    assert ref.AccessionNumber == rg1_header.AccessionNumber
+    assert ref.StudyInstanceUID == rg1_header.StudyInstanceUID
+    check_dciodvfy(write(sr, tmp_path / "sr.dcm"))
+    bare = copy.deepcopy(rg1_header)
+    del bare.AccessionNumber
+    assert requested_procedures_from(bare) == []
