@@ -1,0 +1,137 @@
+"""The generation backend interface shared by transformers, llama.cpp and vLLM backends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from models.layout import CODES_PER_IMAGE, VOCAB
+
+Mode = Literal["text", "image"]
+StopReason = Literal["end", "eos", "max_new_tokens", "image_complete", "error"]
+IMAGE_MODE_NEW_TOKENS = CODES_PER_IMAGE + 2
+"""Image mode generates ``<`` + 256 image ids + ``>`` (``<`` is skipped if the prompt ends
+with it)."""
+
+
+class GenerationError(RuntimeError):
+    """A generation request is invalid or the backend failed to run it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest:
+    """One generation request.
+
+    Parameters
+    ----------
+    prompt_ids
+        Prompt token ids (text ids and, for CXR tasks, 256 image ids), each < 51305.
+    max_new_tokens
+        Upper bound of generated tokens in ``"text"`` mode (>= 1). In ``"image"`` mode the
+        backend always generates ``<`` + exactly 256 image ids + ``>``; the value is ignored.
+    mode
+        ``"text"``: free text until ``### End`` (image ids are masked out);
+        ``"image"``: constrained decoding of exactly 256 image ids (50281..51304).
+    greedy
+        Greedy decoding; otherwise sampling with ``temperature``/``top_p``/``top_k`` and
+        ``seed`` (the original LLM-CXR defaults: 1.0 / 0.92 / 0).
+    """
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    mode: Mode = "text"
+    greedy: bool = True
+    seed: int | None = None
+    temperature: float = 1.0
+    top_p: float = 0.92
+    top_k: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`GenerationError` naming the first bad field."""
+        if not self.prompt_ids:
+            raise GenerationError("prompt_ids is empty")
+        bad = [i for i in self.prompt_ids if not 0 <= int(i) < VOCAB]
+        if bad:
+            raise GenerationError(f"prompt_ids has {len(bad)} id(s) outside 0..{VOCAB - 1}")
+        if self.mode not in ("text", "image"):
+            raise GenerationError(f"mode must be 'text' or 'image', got {self.mode!r}")
+        if self.mode == "text" and self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy:
+            if not self.temperature > 0:
+                raise GenerationError(f"temperature must be > 0, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+
+    def settings(self) -> dict[str, Any]:
+        """The generation settings (without the prompt) for provenance records."""
+        return {
+            "mode": self.mode,
+            "max_new_tokens": self.max_new_tokens,
+            "greedy": self.greedy,
+            "seed": self.seed,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    """The outcome of one request.
+
+    ``token_ids`` are the generated ids only (not the prompt), up to and excluding the stop
+    token. ``text`` is their decoded text (``"text"`` mode); ``image_codes`` the 256 codes
+    (``"image"`` mode). ``stop_reason``: ``"end"`` (``### End``), ``"eos"``,
+    ``"max_new_tokens"``, ``"image_complete"`` or ``"error"`` (then ``error`` says why and
+    the other requests of the batch are unaffected).
+    """
+
+    token_ids: list[int]
+    text: str | None
+    image_codes: list[int] | None
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    stop_reason: str
+    error: str | None = None
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What every backend implements (transformers, llama.cpp, vLLM)."""
+
+    def load(self) -> None:
+        """Load weights and check the token layout; idempotent."""
+        ...
+
+    def warmup(self) -> None:
+        """Run a tiny generation so that the first real request is not slow."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """A JSON-able status: loaded, device, dtype, model path, counters."""
+        ...
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run the requests (as one batch where possible); one result per request, in order."""
+        ...
+
+
+def error_result(request: GenerationRequest, message: str) -> GenerationResult:
+    """The result for a request that failed validation."""
+    return GenerationResult(
+        token_ids=[],
+        text=None,
+        image_codes=None,
+        prompt_tokens=len(request.prompt_ids),
+        new_tokens=0,
+        prefill_s=0.0,
+        decode_s=0.0,
+        stop_reason="error",
+        error=message,
+    )

@@ -1,0 +1,421 @@
+"""High-level LLM-CXR tasks: CXR -> report, CXR-VQA, report -> CXR.
+
+``LLMCXR`` ties a :class:`~models.bundle.ModelBundle`, a generation backend and the ONNX
+image tokenizer together: the image goes through the VQ-GAN encoder, its 256 codes are
+injected into the prompt in place of ``<image>``, the backend generates, and the response is
+returned with provenance (model name and version, demo flag, prompt, settings, timings).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from models.backends.base import (
+    GenerationBackend,
+    GenerationRequest,
+    GenerationResult,
+)
+from models.bundle import ModelBundle
+from models.layout import CODES_PER_IMAGE, IMAGE_SIZE, TokenLayoutError
+from models.prompts import (
+    extract_response,
+    report_prompt,
+    report_to_image_prompt,
+    vqa_prompt,
+)
+from models.text import LLMCXRTokenizer
+
+_SECTION = re.compile(r"\b(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
+
+
+class ImageTokenizer(Protocol):
+    """What :class:`LLMCXR` needs from the image tokenizer (``OnnxImageTokenizer``)."""
+
+    def encode(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+        """Images ``[B,3,256,256]`` in [-1, 1] -> codes ``[B,256]``."""
+        ...
+
+    def decode(self, codes: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
+        """Codes ``[B,256]`` -> images ``[B,3,256,256]``."""
+        ...
+
+
+class ModelInputError(ValueError):
+    """The image or text given to the model is invalid (HTTP 422)."""
+
+    http_status = 422
+
+
+class InferenceError(RuntimeError):
+    """The backend failed to produce a result (HTTP 500)."""
+
+    http_status = 500
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportDraft:
+    """A generated report with its provenance.
+
+    ``findings`` is ``None`` when the text has no ``FINDINGS:`` section; without any
+    section heading the whole text is the ``impression``. ``timings`` has ``encode_s``,
+    ``prefill_s``, ``decode_s``, ``prompt_tokens`` and ``tokens`` (generated tokens).
+    """
+
+    text: str
+    findings: str | None
+    impression: str
+    model_name: str
+    model_version: str
+    demo: bool
+    prompt: str
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    stop_reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Answer:
+    """A CXR-VQA answer with its provenance."""
+
+    question: str
+    text: str
+    model_name: str
+    model_version: str
+    demo: bool
+    prompt: str
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    stop_reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratedImage:
+    """A report -> CXR result: 256 codes, the 8-bit 256x256 grey image, provenance."""
+
+    codes: npt.NDArray[np.int64]
+    image: npt.NDArray[np.uint8]
+    model_name: str
+    model_version: str
+    demo: bool
+    prompt: str
+    settings: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def split_sections(text: str) -> tuple[str | None, str]:
+    """Split a report into (findings, impression) at ``FINDINGS:`` / ``IMPRESSION:``.
+
+    Without headings, everything is the impression (LLM-CXR's stage-2 reports are
+    impressions only). Text before the first heading joins the findings.
+    """
+    text = text.strip()
+    marks = list(_SECTION.finditer(text))
+    if not marks:
+        return None, text
+    findings: str | None = None
+    impression = ""
+    preamble = text[: marks[0].start()].strip()
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
+        body = text[m.end() : end].strip()
+        if m.group(1).upper() == "FINDINGS":
+            findings = body if findings is None else f"{findings} {body}".strip()
+        else:
+            impression = body if not impression else f"{impression} {body}"
+    if preamble:
+        findings = f"{preamble} {findings or ''}".strip()
+    return findings, impression
+
+
+def check_model_input(image_in: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Validate one model input ``float32[3,256,256]`` in [-1, 1] (see models.preprocess)."""
+    if not isinstance(image_in, np.ndarray):
+        raise ModelInputError(f"model input must be a numpy array, got {type(image_in).__name__}")
+    if image_in.dtype != np.float32 or image_in.shape != (3, IMAGE_SIZE, IMAGE_SIZE):
+        raise ModelInputError(
+            f"model input must be float32 [3, {IMAGE_SIZE}, {IMAGE_SIZE}], "
+            f"got {image_in.dtype} {list(image_in.shape)}"
+        )
+    if not np.all(np.isfinite(image_in)) or image_in.min() < -1.001 or image_in.max() > 1.001:
+        raise ModelInputError("model input must be finite and scaled to [-1, 1]")
+    return image_in
+
+
+class LLMCXR:
+    """The LLM-CXR model: VQ-GAN encoder (ONNX) + LLM backend + prompts.
+
+    Parameters
+    ----------
+    bundle
+        The opened model bundle (name, version, demo flag, generation defaults).
+    backend
+        A loaded or loadable :class:`~models.backends.base.GenerationBackend`.
+    image_tokenizer
+        ``OnnxImageTokenizer`` of the bundle (or anything with ``encode``/``decode``).
+    tokenizer
+        The text tokenizer; default: read from ``bundle.llm_dir``.
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        backend: GenerationBackend,
+        image_tokenizer: ImageTokenizer,
+        *,
+        tokenizer: LLMCXRTokenizer | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.image_tokenizer = image_tokenizer
+        self.tokenizer = tokenizer or LLMCXRTokenizer.from_dir(bundle.llm_dir)
+        self.defaults = dict(bundle.generation)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: ModelBundle | Path | str,
+        *,
+        backend: str = "transformers",
+        backend_options: dict[str, Any] | None = None,
+        providers: Sequence[str] | None = None,
+        load: bool = True,
+    ) -> LLMCXR:
+        """Open a bundle, build its backend and ONNX tokenizer, optionally load the LLM."""
+        from models.backends import make_backend
+        from models.image_tokenizer import OnnxImageTokenizer
+
+        b = bundle if isinstance(bundle, ModelBundle) else ModelBundle.open(Path(bundle))
+        be = make_backend(backend, b.llm_dir, **(backend_options or {}))
+        if load:
+            be.load()
+        itok = OnnxImageTokenizer(b.encoder_path, b.decoder_path, providers=providers)
+        return cls(b, be, itok)
+
+    @property
+    def model_name(self) -> str:
+        """The bundle's model name."""
+        return self.bundle.model_name
+
+    @property
+    def model_version(self) -> str:
+        """The bundle's model version."""
+        return self.bundle.model_version
+
+    def _request(
+        self,
+        ids: list[int],
+        *,
+        mode: str,
+        max_new_tokens: int | None,
+        default_key: str,
+        greedy: bool | None,
+        seed: int | None,
+    ) -> GenerationRequest:
+        d = self.defaults
+        return GenerationRequest(
+            prompt_ids=ids,
+            max_new_tokens=int(max_new_tokens or d.get(default_key, 128)),
+            mode="image" if mode == "image" else "text",
+            greedy=bool(d.get("greedy", True) if greedy is None else greedy),
+            seed=d.get("seed") if seed is None else seed,
+            temperature=float(d.get("temperature", 1.0)),
+            top_p=float(d.get("top_p", 0.92)),
+            top_k=int(d.get("top_k", 0)),
+        )
+
+    def encode_images(self, images: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.int64]:
+        """VQ-GAN codes ``[B, 256]`` of model inputs ``[3,256,256]`` (validated)."""
+        batch = np.stack([check_model_input(x) for x in images])
+        codes = self.image_tokenizer.encode(batch)
+        if codes.shape != (len(images), CODES_PER_IMAGE):
+            raise InferenceError(f"image tokenizer returned codes of shape {codes.shape}")
+        return codes
+
+    def _generate_one(self, req: GenerationRequest) -> GenerationResult:
+        res = self.backend.generate([req])[0]
+        if res.error is not None or res.stop_reason == "error":
+            raise InferenceError(f"generation failed: {res.error}")
+        return res
+
+    def _settings(self, req: GenerationRequest) -> dict[str, Any]:
+        return {
+            **req.settings(),
+            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+        }
+
+    @staticmethod
+    def _timings(encode_s: float, res: GenerationResult) -> dict[str, float]:
+        return {
+            "encode_s": encode_s,
+            "prefill_s": res.prefill_s,
+            "decode_s": res.decode_s,
+            "prompt_tokens": float(res.prompt_tokens),
+            "tokens": float(res.new_tokens),
+        }
+
+    def _text(self, res: GenerationResult) -> str:
+        text = res.text if res.text is not None else self.tokenizer.decode(res.token_ids)
+        return extract_response(text)
+
+    def report(
+        self,
+        image_in: npt.NDArray[np.float32],
+        *,
+        greedy: bool | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> ReportDraft:
+        """Draft a report for one model input (``models.preprocess.to_model_input`` output)."""
+        return self.report_batch(
+            [image_in], greedy=greedy, seed=seed, max_new_tokens=max_new_tokens
+        )[0]
+
+    def report_batch(
+        self,
+        images: Sequence[npt.NDArray[np.float32]],
+        *,
+        greedy: bool | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[ReportDraft]:
+        """Draft reports for several inputs in one backend batch (all inputs validated first)."""
+        t0 = time.perf_counter()
+        codes = self.encode_images(images)
+        encode_s = (time.perf_counter() - t0) / max(1, len(images))
+        prompt = report_prompt()
+        reqs = [
+            self._request(
+                self.tokenizer.encode_with_image(prompt, [int(c) for c in row]),
+                mode="text",
+                max_new_tokens=max_new_tokens,
+                default_key="report_max_new_tokens",
+                greedy=greedy,
+                seed=seed,
+            )
+            for row in codes
+        ]
+        results = self.backend.generate(reqs)
+        drafts = []
+        for req, res in zip(reqs, results, strict=True):
+            if res.error is not None or res.stop_reason == "error":
+                raise InferenceError(f"generation failed: {res.error}")
+            text = self._text(res)
+            findings, impression = split_sections(text)
+            drafts.append(
+                ReportDraft(
+                    text=text,
+                    findings=findings,
+                    impression=impression,
+                    model_name=self.model_name,
+                    model_version=self.model_version,
+                    demo=self.bundle.demo,
+                    prompt=prompt,
+                    settings=self._settings(req),
+                    timings=self._timings(encode_s, res),
+                    stop_reason=res.stop_reason,
+                )
+            )
+        return drafts
+
+    def vqa(
+        self,
+        image_in: npt.NDArray[np.float32],
+        question: str,
+        *,
+        greedy: bool | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Answer:
+        """Answer ``question`` about one CXR (the question is the instruction)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ModelInputError("the question is empty")
+        try:
+            prompt = vqa_prompt(question)
+        except ValueError as exc:
+            raise ModelInputError(str(exc)) from exc
+        t0 = time.perf_counter()
+        codes = self.encode_images([image_in])[0]
+        encode_s = time.perf_counter() - t0
+        req = self._request(
+            self.tokenizer.encode_with_image(prompt, [int(c) for c in codes]),
+            mode="text",
+            max_new_tokens=max_new_tokens,
+            default_key="vqa_max_new_tokens",
+            greedy=greedy,
+            seed=seed,
+        )
+        res = self._generate_one(req)
+        return Answer(
+            question=question,
+            text=self._text(res),
+            model_name=self.model_name,
+            model_version=self.model_version,
+            demo=self.bundle.demo,
+            prompt=prompt,
+            settings=self._settings(req),
+            timings=self._timings(encode_s, res),
+            stop_reason=res.stop_reason,
+        )
+
+    def generate_image(
+        self, text: str, *, greedy: bool | None = None, seed: int | None = None
+    ) -> GeneratedImage:
+        """Report -> CXR with constrained decoding (always exactly 256 codes), decoded (ONNX)."""
+        try:
+            prompt = report_to_image_prompt(text)
+        except ValueError as exc:
+            raise ModelInputError(str(exc)) from exc
+        req = self._request(
+            self.tokenizer.encode(prompt),
+            mode="image",
+            max_new_tokens=CODES_PER_IMAGE + 2,
+            default_key="image_max_new_tokens",
+            greedy=greedy,
+            seed=seed,
+        )
+        res = self._generate_one(req)
+        codes_list = res.image_codes or []
+        if len(codes_list) != CODES_PER_IMAGE:
+            raise TokenLayoutError(f"backend returned {len(codes_list)} image codes")
+        codes = np.asarray(codes_list, dtype=np.int64)
+        from models.preprocess import to_uint8_image
+
+        t0 = time.perf_counter()
+        decoded = self.image_tokenizer.decode(codes[None])[0]
+        decode_img_s = time.perf_counter() - t0
+        timings = self._timings(0.0, res)
+        timings["image_decode_s"] = decode_img_s
+        return GeneratedImage(
+            codes=codes,
+            image=to_uint8_image(decoded),
+            model_name=self.model_name,
+            model_version=self.model_version,
+            demo=self.bundle.demo,
+            prompt=prompt,
+            settings=self._settings(req),
+            timings=timings,
+        )
+
+    def report_to_image(
+        self, text: str, *, greedy: bool | None = None, seed: int | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        """Report -> CXR: ``(codes int64[256], image uint8[256, 256])``."""
+        out = self.generate_image(text, greedy=greedy, seed=seed)
+        return out.codes, out.image
+
+    def health(self) -> dict[str, Any]:
+        """Model identity plus the backend's health."""
+        return {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "demo": self.bundle.demo,
+            "backend": self.backend.health(),
+        }
