@@ -1,0 +1,609 @@
+"""The CPU engine: llama.cpp (through llama-cpp-python's C API) on a converted GGUF file.
+
+Prompts go in as token ids (so the 256 image ids enter exactly), several requests decode
+together as parallel llama.cpp sequences (one weight pass per step for the whole batch), and
+the next token is chosen in numpy from each sequence's logits: greedy or seeded sampling,
+image ids masked in text mode, and in image mode only image ids (50281..51304) for 256
+steps, then ``>``: the same rules as the transformers backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.backends.base import (
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    error_result,
+)
+from models.layout import (
+    CODES_PER_IMAGE,
+    END_ID,
+    EOS_ID,
+    IMAGE_TOKEN_OFFSET,
+    VOCAB,
+    TokenLayoutError,
+    id_to_code,
+)
+
+log = logging.getLogger(__name__)
+
+QUANT_PREFERENCE: tuple[str, ...] = ("q8_0", "f16", "bf16", "q4_k_m", "f32")
+"""Which converted file a bundle uses when no quantisation is asked for."""
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+STOP_IDS = (END_ID, EOS_ID)
+
+_LOG_CALLBACK: Any = None  # keeps the ctypes callback alive for the process
+_BACKEND_READY = False
+_INIT_LOCK = threading.Lock()
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise GenerationError(
+            "llama-cpp-python is not installed: pip install 'llm-cxr-node[llamacpp]'"
+        ) from exc
+    return llama_cpp
+
+
+def _init_llama(llama_cpp: Any) -> None:
+    """Initialise llama.cpp once and route its log to Python logging (warnings and up)."""
+    global _LOG_CALLBACK, _BACKEND_READY
+    with _INIT_LOCK:
+        if _BACKEND_READY:
+            return
+
+        def _log(level: int, text: bytes | None, _user: Any) -> None:
+            # ggml levels: 3 = warn (to debug), 4 = error (to warning); the rest is dropped
+            if text and level in (3, 4):
+                msg = text.decode("utf-8", "replace").rstrip()
+                log.log(logging.WARNING if level == 4 else logging.DEBUG, "llama.cpp: %s", msg)
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(_log)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+
+
+def _meta_str(llama_cpp: Any, model: Any, key: str) -> str | None:
+    """A GGUF key/value of a loaded model as text (``None`` if absent)."""
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode("utf-8"), buf, 256)
+    return None if n < 0 else buf.value.decode("utf-8", "replace")
+
+
+def resolve_gguf(model_path: Path, quant: str | None = None) -> tuple[Path, str | None]:
+    """Find the GGUF file to load.
+
+    ``model_path`` is a ``.gguf`` file, a bundle root or a bundle's ``llm/`` folder; a bundle's
+    manifest lists its converted files under ``engines.llamacpp``. Without ``quant`` the first
+    of :data:`QUANT_PREFERENCE` present is used.
+
+    Returns
+    -------
+    (path, quant)
+        ``quant`` is ``None`` for a bare file.
+    """
+    model_path = Path(model_path)
+    if model_path.is_file():
+        return model_path, quant
+    for root in (model_path, model_path.parent):
+        manifest = root / "manifest.json"
+        if not manifest.is_file():
+            continue
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise GenerationError(f"{manifest}: unreadable manifest: {exc}") from exc
+        entries = data.get("engines", {}).get("llamacpp", {})
+        if not entries:
+            raise GenerationError(
+                f"bundle {root} has no llama.cpp model: run "
+                "'cxr-node models convert BUNDLE --engine llamacpp --quant q8_0'"
+            )
+        if quant is not None:
+            if quant not in entries:
+                raise GenerationError(
+                    f"bundle {root} has no llama.cpp {quant} model (has {', '.join(entries)})"
+                )
+            chosen = quant
+        else:
+            chosen = next((q for q in QUANT_PREFERENCE if q in entries), next(iter(entries)))
+        return root / str(entries[chosen]["path"]), chosen
+    raise GenerationError(f"{model_path} is neither a .gguf file nor a model bundle")
+
+
+def _find_tokenizer_dir(model_path: Path) -> Path | None:
+    """The bundle's ``llm/`` folder holding ``tokenizer.json``, if any."""
+    cands = [model_path, model_path / "llm", model_path.parent / "llm", model_path.parent]
+    if model_path.is_file():
+        cands = [model_path.parent, model_path.parent.parent / "llm", model_path.parents[2] / "llm"]
+    return next((c for c in cands if (c / "tokenizer.json").is_file()), None)
+
+
+def sample_next(
+    logits: np.ndarray,
+    *,
+    greedy: bool,
+    rng: np.random.Generator | None,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+) -> int:
+    """Pick the next id from (already masked) logits: argmax, or temperature/top-k/top-p."""
+    if greedy or rng is None:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    finite = np.isfinite(z)
+    idx = np.flatnonzero(finite)
+    z = z[idx]
+    if top_k > 0 and top_k < z.size:
+        keep = np.argpartition(-z, top_k - 1)[:top_k]
+        idx, z = idx[keep], z[keep]
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        n = int(np.searchsorted(cum, top_p) + 1)
+        order = order[:n]
+        idx, p = idx[order], p[order] / p[order].sum()
+    return int(idx[rng.choice(p.size, p=p)])
+
+
+@dataclass
+class _Seq:
+    """Decoding state of one request (one llama.cpp sequence)."""
+
+    index: int
+    req: GenerationRequest
+    prompt: list[int]
+    rng: np.random.Generator | None
+    max_new: int
+    out: list[int] = field(default_factory=list)
+    logits: np.ndarray | None = None
+    stop: str | None = None
+
+
+class LlamaCppBackend:
+    """Generation with llama.cpp on a GGUF file made by :mod:`models.gguf_convert`.
+
+    Parameters
+    ----------
+    model_dir
+        A bundle root, its ``llm/`` folder (the converted files are found through the
+        manifest's ``engines.llamacpp``) or a ``.gguf`` file.
+    quant
+        Which converted file to use (``"q8_0"``, ``"f16"``, ...); default: see
+        :data:`QUANT_PREFERENCE`.
+    threads
+        CPU threads for decode and prefill (default: all cores).
+    n_ctx
+        Context per sequence (prompt + new tokens), at most the model's 2048 positions.
+    n_batch
+        Most tokens per ``llama_decode`` call (prefill chunk).
+    max_batch
+        Most requests decoded together (llama.cpp parallel sequences).
+    kv_type
+        KV-cache precision: ``"f16"`` (default), ``"f32"`` (exact agreement checks) or
+        ``"q8_0"``.
+    flash_attn
+        Use llama.cpp's flash attention (needs an F16 KV cache).
+    device
+        ``"cpu"``, or ``"cuda"``/``"gpu"`` to offload every layer when llama-cpp-python was
+        built with a GPU backend.
+    dtype
+        Ignored (the precision is the GGUF file's); accepted so the node can pass the same
+        options to every backend.
+    """
+
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        quant: str | None = None,
+        threads: int | None = None,
+        n_ctx: int = 1024,
+        n_batch: int = 512,
+        max_batch: int = 4,
+        kv_type: str = "f16",
+        flash_attn: bool = False,
+        device: str = "cpu",
+        dtype: str | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if not 16 <= n_ctx <= 32768:
+            raise ValueError(f"n_ctx must be in 16..32768, got {n_ctx}")
+        if n_batch < 1:
+            raise ValueError("n_batch must be >= 1")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if device not in ("cpu", "cuda", "gpu") and not device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}")
+        self.model_dir = Path(model_dir)
+        self.quant = quant
+        self.threads = int(threads or os.cpu_count() or 1)
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.max_batch = max_batch
+        self.kv_type = kv_type
+        self.flash_attn = flash_attn
+        self.device = device
+        self.gguf_path: Path | None = None
+        self._llama: Any = None
+        self._model: Any = None
+        self._ctx: Any = None
+        self._batch: Any = None
+        self._vocab: Any = None
+        self._tokenizer: Any = None
+        self._open_id: int | None = None
+        self._close_id: int | None = None
+        self._max_pos = 2048
+        self._lock = threading.Lock()
+        self._counters = {"requests": 0, "errors": 0, "new_tokens": 0}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the GGUF file, check its vocabulary layout, create the context; idempotent."""
+        if self._ctx is not None:
+            return
+        from models.gguf_convert import LAYOUT_KEYS, check_layout_metadata
+
+        llama_cpp = _import_llama_cpp()
+        _init_llama(llama_cpp)
+        path, quant = resolve_gguf(self.model_dir, self.quant)
+        if not path.is_file():
+            raise GenerationError(f"llama.cpp model file {path} is missing")
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0 if self.device == "cpu" else -1
+        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        if not model:
+            raise GenerationError(f"llama.cpp could not load {path}")
+        try:
+            keys = [*LAYOUT_KEYS, "gptneox.context_length", "llmcxr.quant"]
+            meta = {k: _meta_str(llama_cpp, model, k) for k in keys}
+            check_layout_metadata(meta, where=str(path))
+            self._max_pos = int(meta["gptneox.context_length"] or 2048)
+            vocab = llama_cpp.llama_model_get_vocab(model)
+            n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+            if n_vocab != VOCAB:
+                raise TokenLayoutError(
+                    f"{path}: GGUF vocabulary has {n_vocab} entries, need {VOCAB}"
+                )
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = self.n_ctx * self.max_batch
+            cparams.n_batch = self.n_batch
+            cparams.n_ubatch = self.n_batch
+            cparams.n_seq_max = self.max_batch
+            cparams.kv_unified = False
+            cparams.n_threads = self.threads
+            cparams.n_threads_batch = self.threads
+            cparams.type_k = KV_TYPES[self.kv_type]
+            cparams.type_v = KV_TYPES[self.kv_type]
+            cparams.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if self.flash_attn
+                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+            cparams.no_perf = True
+            cparams.offload_kqv = self.device != "cpu"
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise GenerationError(f"llama.cpp could not create a context for {path}")
+        except BaseException:
+            llama_cpp.llama_model_free(model)
+            raise
+        self._llama, self._model, self._ctx, self._vocab = llama_cpp, model, ctx, vocab
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.gguf_path, self.quant = path, quant or meta.get("llmcxr.quant")
+        tok_dir = _find_tokenizer_dir(self.model_dir)
+        if tok_dir is not None:
+            from models.text import LLMCXRTokenizer
+
+            self._tokenizer = LLMCXRTokenizer.from_dir(tok_dir)
+            self._open_id = self._tokenizer.image_open_id
+            self._close_id = self._tokenizer.image_close_id
+        else:
+            self._open_id = self._single_token("<")
+            self._close_id = self._single_token(">")
+        log.info(
+            "llama.cpp backend loaded (%s, quant=%s, threads=%d, max_batch=%d)",
+            path.name,
+            self.quant,
+            self.threads,
+            self.max_batch,
+        )
+
+    def close(self) -> None:
+        """Free the context, the batch and the model."""
+        if self._llama is None:
+            return
+        if self._batch is not None:
+            self._llama.llama_batch_free(self._batch)
+        if self._ctx:
+            self._llama.llama_free(self._ctx)
+        if self._model:
+            self._llama.llama_model_free(self._model)
+        self._batch = self._ctx = self._model = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def warmup(self) -> None:
+        """One tiny greedy generation."""
+        self.load()
+        self.generate([GenerationRequest(prompt_ids=[EOS_ID, END_ID], max_new_tokens=2)])
+
+    def health(self) -> dict[str, Any]:
+        """Loaded flag, model file, quantisation, threads and counters."""
+        out: dict[str, Any] = {
+            "backend": self.name,
+            "loaded": self._ctx is not None,
+            "device": self.device,
+            "model_path": str(self.gguf_path or self.model_dir),
+            "quant": self.quant,
+            "threads": self.threads,
+            "n_ctx": self.n_ctx,
+            "max_batch": self.max_batch,
+            "kv_type": self.kv_type,
+            **self._counters,
+        }
+        if self._model is not None:
+            out["model_bytes"] = int(self._llama.llama_model_size(self._model))
+            out["parameters"] = int(self._llama.llama_model_n_params(self._model))
+        return out
+
+    # -- text helpers -----------------------------------------------------------------------
+
+    def _single_token(self, text: str) -> int:
+        buf = (self._llama.llama_token * 8)()
+        data = text.encode("utf-8")
+        n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, 8, False, False)
+        if n != 1:
+            raise TokenLayoutError(f"{text!r} is not a single token in the GGUF vocabulary")
+        return int(buf[0])
+
+    def vocab_entry(self, token_id: int) -> tuple[str, str]:
+        """``(text, kind)`` of a GGUF vocabulary entry as llama.cpp sees it; ``kind`` is
+        ``"control"``, ``"user_defined"``, ``"normal"`` or ``"other"``."""
+        self.load()
+        raw = self._llama.llama_vocab_get_text(self._vocab, int(token_id))
+        attr = int(self._llama.llama_vocab_get_attr(self._vocab, int(token_id)))
+        kinds = (
+            (self._llama.LLAMA_TOKEN_ATTR_CONTROL, "control"),
+            (self._llama.LLAMA_TOKEN_ATTR_USER_DEFINED, "user_defined"),
+            (self._llama.LLAMA_TOKEN_ATTR_NORMAL, "normal"),
+        )
+        kind = next((name for bit, name in kinds if attr & bit), "other")
+        return (raw or b"").decode("utf-8", "replace"), kind
+
+    def tokenize(self, text: str, *, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` with llama.cpp's tokenizer (the GGUF vocabulary)."""
+        self.load()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (self._llama.llama_token * cap)()
+        n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, cap, False, parse_special)
+        if n < 0:
+            raise GenerationError(f"llama.cpp tokenization needs {-n} tokens")
+        return [int(buf[i]) for i in range(n)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` from the GGUF vocabulary (control tokens and image ids dropped)."""
+        self.load()
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for i in ids:
+            if IMAGE_TOKEN_OFFSET <= int(i) < VOCAB:
+                continue
+            n = self._llama.llama_token_to_piece(self._vocab, int(i), buf, 256, 0, False)
+            out += buf.raw[: max(n, 0)]
+        return out.decode("utf-8", "replace")
+
+    def _decode_text(self, ids: list[int]) -> str:
+        if self._tokenizer is not None:
+            return str(self._tokenizer.decode(ids, skip_special_tokens=True)).strip()
+        return self.detokenize(ids).strip()
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _validate(self, req: GenerationRequest) -> str | None:
+        try:
+            req.validate()
+        except GenerationError as exc:
+            return str(exc)
+        new = CODES_PER_IMAGE + 2 if req.mode == "image" else req.max_new_tokens
+        limit = min(self.n_ctx, self._max_pos)
+        if len(req.prompt_ids) + new > limit:
+            return f"prompt ({len(req.prompt_ids)}) + new tokens ({new}) exceed {limit} positions"
+        return None
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run requests, up to ``max_batch`` at a time as parallel sequences.
+
+        Invalid requests get a ``stop_reason="error"`` result; a failing batch fails only its
+        own requests. Greedy results do not depend on what else is in the batch (up to
+        floating-point summation order of batched matrix products).
+        """
+        self.load()
+        results: list[GenerationResult | None] = [None] * len(requests)
+        with self._lock:
+            runnable: list[int] = []
+            for i, req in enumerate(requests):
+                self._counters["requests"] += 1
+                err = self._validate(req)
+                if err is not None:
+                    self._counters["errors"] += 1
+                    results[i] = error_result(req, err)
+                else:
+                    runnable.append(i)
+            for k in range(0, len(runnable), self.max_batch):
+                chunk = runnable[k : k + self.max_batch]
+                try:
+                    outs = self._run([(j, requests[j]) for j in chunk])
+                except (GenerationError, RuntimeError, ValueError) as exc:
+                    log.exception("llama.cpp generation failed")
+                    outs = [error_result(requests[j], f"generation failed: {exc}") for j in chunk]
+                    self._counters["errors"] += len(chunk)
+                for j, res in zip(chunk, outs, strict=True):
+                    results[j] = res
+                    self._counters["new_tokens"] += res.new_tokens
+        return [r for r in results if r is not None]
+
+    def _decode_batch(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode``: items are (token, position, sequence, wants_logits)."""
+        b = self._batch
+        for n, (tok, pos, seq, want) in enumerate(items):
+            b.token[n] = tok
+            b.pos[n] = pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = seq
+            b.logits[n] = 1 if want else 0
+        b.n_tokens = len(items)
+        rc = self._llama.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise GenerationError(f"llama_decode failed with code {rc}")
+
+    def _logits_row(self, index: int) -> np.ndarray:
+        ptr = self._llama.llama_get_logits_ith(self._ctx, index)
+        if not ptr:
+            raise GenerationError(f"llama.cpp returned no logits for batch row {index}")
+        return np.ctypeslib.as_array(ptr, shape=(VOCAB,)).copy()
+
+    def _next_token(self, s: _Seq) -> int:
+        assert s.logits is not None
+        logits = s.logits
+        if s.req.mode == "image":
+            masked = np.full_like(logits, -np.inf)
+            masked[IMAGE_TOKEN_OFFSET:VOCAB] = logits[IMAGE_TOKEN_OFFSET:VOCAB]
+        else:
+            masked = logits
+            masked[IMAGE_TOKEN_OFFSET:] = -np.inf
+        r = s.req
+        return sample_next(
+            masked,
+            greedy=r.greedy,
+            rng=s.rng,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+        )
+
+    def _run(self, batch: list[tuple[int, GenerationRequest]]) -> list[GenerationResult]:
+        llama = self._llama
+        llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
+        seqs: list[_Seq] = []
+        for n, (_, req) in enumerate(batch):
+            prompt = [int(t) for t in req.prompt_ids]
+            if req.mode == "image" and prompt[-1] != self._open_id:
+                assert self._open_id is not None
+                prompt.append(self._open_id)
+            rng = None if req.greedy else np.random.default_rng(req.seed)
+            max_new = CODES_PER_IMAGE + 1 if req.mode == "image" else req.max_new_tokens
+            seqs.append(_Seq(index=n, req=req, prompt=prompt, rng=rng, max_new=max_new))
+
+        t0 = time.perf_counter()
+        # prefill: pack the prompts of all sequences into n_batch-token decode calls
+        pending = [
+            (t, p, s.index, p == len(s.prompt) - 1) for s in seqs for p, t in enumerate(s.prompt)
+        ]
+        for lo in range(0, len(pending), self.n_batch):
+            items = pending[lo : lo + self.n_batch]
+            self._decode_batch(items)
+            for row, (_, _, seq, want) in enumerate(items):
+                if want:
+                    seqs[seq].logits = self._logits_row(row)
+        t1 = time.perf_counter()
+
+        active = list(seqs)
+        while active:
+            step: list[tuple[int, int, int, bool]] = []
+            still: list[_Seq] = []
+            for s in active:
+                tok = self._next_token(s)
+                if s.req.mode == "text" and tok in STOP_IDS:
+                    s.stop = "end" if tok == END_ID else "eos"
+                    continue
+                s.out.append(tok)
+                if s.req.mode == "image" and len(s.out) == CODES_PER_IMAGE:
+                    assert self._close_id is not None
+                    s.out.append(self._close_id)  # forced: no need to run the model for it
+                if len(s.out) >= s.max_new:
+                    s.stop = "image_complete" if s.req.mode == "image" else "max_new_tokens"
+                    continue
+                step.append((tok, len(s.prompt) + len(s.out) - 1, s.index, True))
+                still.append(s)
+            if step:
+                self._decode_batch(step)
+                for row, s in enumerate(still):
+                    s.logits = self._logits_row(row)
+            active = still
+        t2 = time.perf_counter()
+        return [self._result(s, t1 - t0, t2 - t1) for s in seqs]
+
+    def _result(self, s: _Seq, prefill: float, decode: float) -> GenerationResult:
+        if s.req.mode == "image":
+            codes = s.out[:CODES_PER_IMAGE]
+            if len(codes) != CODES_PER_IMAGE or not all(
+                IMAGE_TOKEN_OFFSET <= t < VOCAB for t in codes
+            ):
+                raise GenerationError(f"constrained decoding produced {len(codes)} image ids")
+            return GenerationResult(
+                token_ids=list(s.out),
+                text=None,
+                image_codes=[id_to_code(t) for t in codes],
+                prompt_tokens=len(s.prompt),
+                new_tokens=len(s.out),
+                prefill_s=prefill,
+                decode_s=decode,
+                stop_reason="image_complete",
+            )
+        return GenerationResult(
+            token_ids=list(s.out),
+            text=self._decode_text(s.out),
+            image_codes=None,
+            prompt_tokens=len(s.prompt),
+            new_tokens=len(s.out),
+            prefill_s=prefill,
+            decode_s=decode,
+            stop_reason=s.stop or "max_new_tokens",
+        )
+
+    def next_token_logits(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Logits (float32 [51305]) of the token after ``prompt_ids`` (for agreement checks)."""
+        self.load()
+        ids = [int(t) for t in prompt_ids]
+        if not ids or len(ids) > min(self.n_ctx, self._max_pos):
+            raise GenerationError(f"prompt length {len(ids)} outside 1..{self.n_ctx}")
+        with self._lock:
+            llama = self._llama
+            llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
+            logits: np.ndarray | None = None
+            for lo in range(0, len(ids), self.n_batch):
+                chunk = ids[lo : lo + self.n_batch]
+                items = [(t, lo + p, 0, lo + p == len(ids) - 1) for p, t in enumerate(chunk)]
+                self._decode_batch(items)
+                if items[-1][3]:
+                    logits = self._logits_row(len(items) - 1)
+        assert logits is not None
+        return logits

@@ -1,0 +1,240 @@
+"""The llama.cpp backend agrees with the transformers fp32 reference on a tiny LLM-CXR LLM."""
+
+from __future__ import annotations
+
+from .conftest import require_engine
+
+require_engine()
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from models.backends.base import GenerationBackend, GenerationRequest  # noqa: E402
+from models.backends.llamacpp_backend import LlamaCppBackend, sample_next  # noqa: E402
+from models.backends.transformers_backend import TransformersBackend  # noqa: E402
+from models.gguf_convert import ConversionResult, convert_bundle_llm  # noqa: E402
+from models.layout import CODES_PER_IMAGE, IMAGE_TOKEN_OFFSET, VOCAB  # noqa: E402
+from models.prompts import report_prompt, report_to_image_prompt  # noqa: E402
+
+from .conftest import THREADS, hf_next_logits, make_tiny_llm, task_prompts  # noqa: E402
+
+N_AGREE = 32
+Q8_PROMPTS = 64
+Q8_FLOOR = 0.85
+
+
+def _greedy(backend: GenerationBackend, ids: list[int]) -> list[int]:
+    res = backend.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=N_AGREE)])[0]
+    assert res.error is None
+    return res.token_ids
+
+
+def _report_ids(hf: TransformersBackend, seed: int) -> list[int]:
+    codes = np.random.default_rng(seed).integers(0, 1024, CODES_PER_IMAGE).tolist()
+    return hf.tokenizer.encode_with_image(report_prompt(), codes)
+
+
+def test_backend_implements_protocol(engines: dict[str, LlamaCppBackend]) -> None:
+    engine = engines["f16"]
+    assert isinstance(engine, GenerationBackend)
+    engine.warmup()
+    health = engine.health()
+    assert health["loaded"] and health["backend"] == "llamacpp" and health["quant"] == "f16"
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16"])
+def test_greedy_first_32_tokens_match_transformers_fp32(
+    quant: str, engines: dict[str, LlamaCppBackend], hf: TransformersBackend
+) -> None:
+    prompts = [
+        _report_ids(hf, 7),
+        _report_ids(hf, 8),
+        hf.tokenizer.encode(report_to_image_prompt("Clear lungs.")),
+    ]
+    for ids in prompts:
+        ref = _greedy(hf, ids)
+        got = _greedy(engines[quant], ids)
+        assert len(ref) == N_AGREE
+        prefix = next((i for i, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b), None)
+        assert got == ref, f"{quant}: first mismatch at generated token {prefix}"
+
+
+@pytest.mark.slow
+def test_q8_0_top1_next_token_agreement(
+    engines: dict[str, LlamaCppBackend], hf: TransformersBackend
+) -> None:
+    prompts = task_prompts(hf, Q8_PROMPTS)
+    agree = {q: 0 for q in engines}
+    for ids in prompts:
+        ref = int(np.argmax(hf_next_logits(hf, ids)[:IMAGE_TOKEN_OFFSET]))
+        for q, engine in engines.items():
+            agree[q] += int(np.argmax(engine.next_token_logits(ids)[:IMAGE_TOKEN_OFFSET])) == ref
+    rates = {q: n / len(prompts) for q, n in agree.items()}
+    print(
+        f"\ntop-1 next-token agreement with transformers fp32 over {len(prompts)} prompts: {rates}"
+    )
+    assert rates["f32"] == 1.0
+    assert rates["f16"] >= 0.95
+    assert rates["q8_0"] >= Q8_FLOOR
+
+
+def test_image_ids_enter_exactly(
+    engines: dict[str, LlamaCppBackend], hf: TransformersBackend
+) -> None:
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 1024, CODES_PER_IMAGE).tolist()
+    ids = hf.tokenizer.encode_with_image(report_prompt(), codes)
+    open_at = ids.index(hf.tokenizer.image_open_id)
+    assert ids[open_at + 1 : open_at + 1 + CODES_PER_IMAGE] == [
+        IMAGE_TOKEN_OFFSET + c for c in codes
+    ]
+    ref = hf_next_logits(hf, ids)
+    got = engines["f32"].next_token_logits(ids)
+    assert got.shape == (VOCAB,)
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
+    # other codes give other logits: image ids are distinct embeddings, not one placeholder
+    codes2 = [(c + 1) % 1024 for c in codes]
+    other = engines["f32"].next_token_logits(
+        hf.tokenizer.encode_with_image(report_prompt(), codes2)
+    )
+    np.testing.assert_allclose(
+        other,
+        hf_next_logits(hf, hf.tokenizer.encode_with_image(report_prompt(), codes2)),
+        atol=2e-3,
+        rtol=0,
+    )
+    assert np.abs(other - got).max() > 1e-2
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_constrained_report_to_cxr_gives_256_codes(
+    quant: str, engines: dict[str, LlamaCppBackend], hf: TransformersBackend
+) -> None:
+    ids = hf.tokenizer.encode(report_to_image_prompt("No acute cardiopulmonary process."))
+    req = GenerationRequest(prompt_ids=ids, max_new_tokens=1, mode="image")
+    res = engines[quant].generate([req])[0]
+    assert res.stop_reason == "image_complete" and res.error is None
+    assert res.image_codes is not None and len(res.image_codes) == CODES_PER_IMAGE
+    assert all(0 <= c < 1024 for c in res.image_codes)
+    assert res.token_ids[:CODES_PER_IMAGE] == [IMAGE_TOKEN_OFFSET + c for c in res.image_codes]
+    assert (
+        res.token_ids[-1] == hf.tokenizer.image_close_id and res.new_tokens == CODES_PER_IMAGE + 1
+    )
+    assert res.prompt_tokens == len(ids) + 1  # '<' appended
+    assert res.prefill_s > 0 and res.decode_s > 0
+    # sampled image decoding is constrained too
+    sampled = engines[quant].generate(
+        [GenerationRequest(prompt_ids=ids, max_new_tokens=1, mode="image", greedy=False, seed=5)]
+    )[0]
+    assert sampled.image_codes is not None and len(sampled.image_codes) == CODES_PER_IMAGE
+
+
+@pytest.mark.slow
+def test_constrained_codes_match_transformers_f32(
+    engines: dict[str, LlamaCppBackend], hf: TransformersBackend
+) -> None:
+    ids = hf.tokenizer.encode(report_to_image_prompt("Small right pleural effusion."))
+    req = GenerationRequest(prompt_ids=ids, max_new_tokens=1, mode="image")
+    got, ref = engines["f32"].generate([req])[0], hf.generate([req])[0]
+    assert got.image_codes == ref.image_codes
+    assert got.token_ids == ref.token_ids
+
+
+def test_batched_equals_unbatched(
+    engines: dict[str, LlamaCppBackend], hf: TransformersBackend
+) -> None:
+    engine = engines["f16"]
+    reqs = [
+        GenerationRequest(prompt_ids=_report_ids(hf, 11), max_new_tokens=20),
+        GenerationRequest(
+            prompt_ids=hf.tokenizer.encode("### Instruction:\nSay hi\n\n### Response:\n"),
+            max_new_tokens=12,
+        ),
+        GenerationRequest(
+            prompt_ids=hf.tokenizer.encode(report_to_image_prompt("Cardiomegaly.")),
+            max_new_tokens=1,
+            mode="image",
+        ),
+        GenerationRequest(prompt_ids=_report_ids(hf, 12), max_new_tokens=5),
+        GenerationRequest(prompt_ids=_report_ids(hf, 13), max_new_tokens=7),  # 5th: a second round
+    ]
+    together = engine.generate(reqs)
+    alone = [engine.generate([r])[0] for r in reqs]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.new_tokens for r in together] == [20, 12, CODES_PER_IMAGE + 1, 5, 7]
+
+
+def test_invalid_requests_fail_alone(engines: dict[str, LlamaCppBackend]) -> None:
+    engine = engines["q8_0"]
+    reqs = [
+        GenerationRequest(prompt_ids=[1, 2, 3], max_new_tokens=2),
+        GenerationRequest(prompt_ids=[VOCAB], max_new_tokens=2),
+        GenerationRequest(prompt_ids=[5] * 1020, max_new_tokens=10),  # beyond n_ctx 1024
+        GenerationRequest(prompt_ids=[], max_new_tokens=2),
+    ]
+    out = engine.generate(reqs)
+    assert [r.stop_reason for r in out] == ["max_new_tokens", "error", "error", "error"]
+    assert "outside" in (out[1].error or "") and "exceed" in (out[2].error or "")
+    assert out[0].new_tokens == 2 and all(t < IMAGE_TOKEN_OFFSET for t in out[0].token_ids)
+
+
+def test_seeded_sampling_is_reproducible(engines: dict[str, LlamaCppBackend]) -> None:
+    engine = engines["f16"]
+
+    def run(seed: int) -> list[int]:
+        req = GenerationRequest(
+            prompt_ids=[100, 200, 300], max_new_tokens=16, greedy=False, seed=seed
+        )
+        return engine.generate([req])[0].token_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    logits = np.zeros(10, dtype=np.float32)
+    logits[3], logits[7] = 5.0, 4.0
+    rng = np.random.default_rng(0)
+    picks = {
+        sample_next(logits, greedy=False, rng=rng, temperature=1.0, top_p=1.0, top_k=2)
+        for _ in range(200)
+    }
+    assert picks == {3, 7}
+    picks = {
+        sample_next(logits, greedy=False, rng=rng, temperature=1.0, top_p=0.5, top_k=0)
+        for _ in range(50)
+    }
+    assert picks == {3}
+
+
+def test_stops_at_end_marker(tmp_path: Path) -> None:
+    llm = make_tiny_llm(tmp_path / "llm", always_end=True)
+    gguf_file: ConversionResult = convert_bundle_llm(llm, tmp_path / "end.gguf", quant="f16")
+    engine = LlamaCppBackend(gguf_file.path, threads=THREADS, max_batch=2)
+    hf = TransformersBackend(llm, dtype="float32")
+    req = GenerationRequest(prompt_ids=[10, 11, 12], max_new_tokens=8)
+    got, ref = engine.generate([req])[0], hf.generate([req])[0]
+    assert got.stop_reason == ref.stop_reason == "end"
+    assert got.token_ids == ref.token_ids == [] and got.text == ""
+    # image mode ignores the stop tokens: still 256 codes
+    img = engine.generate([GenerationRequest(prompt_ids=[10, 11], max_new_tokens=1, mode="image")])[
+        0
+    ]
+    assert img.image_codes is not None and len(img.image_codes) == CODES_PER_IMAGE
+    engine.close()
+
+
+def test_bf16_file_runs_and_agrees_on_top1(
+    tiny_llm: Path, hf: TransformersBackend, tmp_path: Path
+) -> None:
+    res = convert_bundle_llm(tiny_llm, tmp_path / "bf16.gguf", quant="bf16")
+    assert res.tensor_types == {"BF16": 10, "F32": 18}
+    engine = LlamaCppBackend(res.path, threads=THREADS, max_batch=1)
+    prompts = task_prompts(hf, 16, seed=99)
+    agree = sum(
+        int(np.argmax(engine.next_token_logits(p)[:IMAGE_TOKEN_OFFSET]))
+        == int(np.argmax(hf_next_logits(hf, p)[:IMAGE_TOKEN_OFFSET]))
+        for p in prompts
+    )
+    print(f"\nBF16 top-1 agreement: {agree}/{len(prompts)}")
+    assert agree / len(prompts) >= 0.9
+    engine.close()
