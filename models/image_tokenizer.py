@@ -86,6 +86,15 @@ class OnnxImageTokenizer:
         provs = list(providers) if providers is not None else default_providers()
         self._enc = ort.InferenceSession(str(self.encoder_path), sess_options=opts, providers=provs)
         self._dec = ort.InferenceSession(str(self.decoder_path), sess_options=opts, providers=provs)
+        if "CUDAExecutionProvider" in provs and (
+            "CUDAExecutionProvider" not in self._enc.get_providers()
+        ):
+            # onnxruntime falls back to CPU when the CUDA/cuDNN libraries fail to load
+            log.warning(
+                "CUDAExecutionProvider was requested but the VQ-GAN runs on %s "
+                "(CUDA 12 / cuDNN 9 libraries not found?)",
+                self._enc.get_providers(),
+            )
         self._enc_in = self._enc.get_inputs()
         self._dec_in = self._dec.get_inputs()
         if len(self._enc_in) != 1 or self._enc_in[0].name != ENCODER_INPUT:

@@ -232,6 +232,28 @@ def jobs_list(
     Console().print(t)
 
 
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path, typer.Option(help="Where the demo keeps its bundle, database and spool.")
+    ] = Path("var/demo"),
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            help="Chest X-ray DICOM file to send (default: RG1 from pydicom-data).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the SR.")] = 900.0,
+) -> None:
+    """Main job on embedded defaults: receive a real CXR over DICOM, return a draft SR."""
+    configure_logging("WARNING")
+    from node.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir=workdir, image=image, timeout=timeout))
+
+
 def main() -> None:
     """Console-script entry point (``cxr-node``)."""
     app()

@@ -1,4 +1,4 @@
-"""``cxr-node models ...``: create, import, verify and inspect model bundles."""
+"""``cxr-node models ...``: create, import, convert, verify, inspect and run model bundles."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Annotated, Any
 import typer
 
 app = typer.Typer(
-    help="Model bundles: create-demo, import-llmcxr, verify, info.", no_args_is_help=True
+    help="Model bundles: create-demo, import-llmcxr, convert, verify, info, generate.",
+    no_args_is_help=True,
 )
 
 BundleDir = Annotated[Path, typer.Argument(help="Model bundle directory (holds manifest.json).")]
@@ -88,6 +89,52 @@ def import_cmd(
     typer.echo(f"bundle written to {bundle.root} ({bundle.model_name}, {bundle.model_version})")
 
 
+@app.command("convert")
+def convert(
+    bundle_dir: BundleDir,
+    engine: Annotated[str, typer.Option("--engine", help="Target engine: llamacpp.")] = "llamacpp",
+    quant: Annotated[str, typer.Option("--quant", help="f32, f16, bf16, q8_0 or q4_k_m.")] = "q8_0",
+    threads: Annotated[
+        int | None, typer.Option(help="Threads for llama.cpp's quantiser (q4_k_m).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Convert the bundle's LLM for a CPU engine (GGUF) and record it in the manifest."""
+    from models.bundle import BundleError, ModelBundle
+    from models.gguf_convert import QUANTS, ConversionError, convert_bundle
+    from models.layout import TokenLayoutError
+
+    if engine != "llamacpp":
+        _fail(f"--engine must be llamacpp, got {engine!r}", 2)
+    if quant not in QUANTS:
+        _fail(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}", 2)
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be >= 1, got {threads}", 2)
+    try:
+        ModelBundle.open(bundle_dir)  # a structurally valid bundle before writing into it
+        result = convert_bundle(bundle_dir, quant=quant, threads=threads)  # type: ignore[arg-type]
+    except (BundleError, ConversionError, TokenLayoutError, OSError) as exc:
+        _fail(str(exc))
+        return
+    rel = result.path.relative_to(Path(bundle_dir)).as_posix()
+    out = {
+        "engine": engine,
+        "quant": result.quant,
+        "path": rel,
+        "sha256": result.sha256,
+        "size": result.size,
+        "seconds": round(result.seconds, 2),
+        "tensor_types": result.tensor_types,
+    }
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    else:
+        typer.echo(
+            f"{engine} {result.quant} model written to {rel} ({result.size} bytes, "
+            f"sha256 {result.sha256[:16]}..., {result.seconds:.1f} s); manifest updated"
+        )
+
+
 @app.command("verify")
 def verify(
     bundle_dir: BundleDir,
@@ -153,11 +200,35 @@ def info(
     Console().print(table)
 
 
+def _is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file (``DICM`` after the 128-byte preamble, PS3.10 7.1) or ``.dcm``."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
 def _load_input(path: Path) -> Any:
+    """Model input ``float32[3,256,256]`` from a DICOM image, a PNG/JPEG or a ``.npy``.
+
+    DICOM pixel data goes through :func:`integration.pixels.to_gray8` (Modality and VOI LUT,
+    PS3.3 C.11.1/C.11.2; MONOCHROME1 inverted; histogram equalisation), then
+    :func:`models.preprocess.to_model_input`.
+    """
     import numpy as np
 
     from models.preprocess import to_model_input
 
+    if _is_dicom(path):
+        from pydicom import dcmread
+
+        from integration.pixels import to_gray8
+
+        return to_model_input(to_gray8(dcmread(path)))
     if path.suffix.lower() == ".npy":
         arr = np.load(path, allow_pickle=False)
         if arr.dtype == np.float32 and arr.shape == (3, 256, 256):
@@ -178,7 +249,9 @@ def _load_input(path: Path) -> Any:
 @app.command("generate")
 def generate(
     bundle_dir: BundleDir,
-    image: Annotated[Path | None, typer.Option("--image", help="PNG/JPEG or .npy input.")] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="DICOM image, PNG/JPEG or .npy input.")
+    ] = None,
     question: Annotated[str | None, typer.Option(help="Ask this question (VQA).")] = None,
     report_text: Annotated[
         str | None, typer.Option("--report-text", help="Report -> CXR from this text.")
@@ -189,22 +262,85 @@ def generate(
     greedy: Annotated[bool, typer.Option("--greedy/--sample", help="Greedy or sampling.")] = True,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Bound of generated tokens.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
+    backend: Annotated[
+        str, typer.Option("--backend", help="transformers or llamacpp.")
+    ] = "transformers",
+    quant: Annotated[
+        str | None,
+        typer.Option(help="llamacpp: which converted file (f32, f16, bf16, q8_0, q4_k_m)."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="transformers: auto, float32 or bfloat16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Run a bundle on one image (report, or VQA with --question) or on a report text."""
-    from dataclasses import asdict
+    """Run a bundle on one image (report, or VQA with --question) or on a report text.
 
+    ``--image`` takes a DICOM CR/DX/SC image (converted as the node does), a PNG/JPEG or a
+    ``.npy``; ``--backend llamacpp`` needs ``cxr-node models convert`` first.
+    """
+    from models.backends.base import GenerationError
     from models.bundle import BundleError
-    from models.runtime import LLMCXR
+    from models.layout import TokenLayoutError
+    from models.runtime import LLMCXR, InferenceError, ModelInputError
 
     if (image is None) == (report_text is None):
         _fail("give either --image (report / VQA) or --report-text (report -> CXR)", 2)
+    if backend not in ("transformers", "llamacpp"):
+        _fail(f"--backend must be transformers or llamacpp, got {backend!r}", 2)
+    x: Any = None
+    if image is not None:  # read the image before loading a model
+        try:
+            x = _load_input(image)
+        except Exception as exc:  # pixel-data, image-format and file errors alike
+            _fail(f"cannot read {image}: {type(exc).__name__}: {exc}")
+            return
+    options = {"dtype": dtype, "quant": quant, "device": device, "threads": threads}
     try:
-        model = LLMCXR.from_bundle(bundle_dir, backend_options={"dtype": dtype})
-    except (BundleError, ValueError) as exc:
+        model = LLMCXR.from_bundle(bundle_dir, backend=backend, backend_options=options)
+    except (BundleError, GenerationError, TokenLayoutError, ValueError) as exc:
         _fail(str(exc))
         return
+    try:
+        result = _run_generate(
+            model,
+            x,
+            question=question,
+            report_text=report_text,
+            out_image=out_image,
+            greedy=greedy,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+        )
+    except (InferenceError, ModelInputError, TokenLayoutError) as exc:
+        _fail(str(exc))
+        return
+    result["backend"] = model.backend.health()
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        if result.get("demo"):
+            typer.echo("DEMO model (random weights): output is not a report.", err=True)
+        for key in ("text", "findings", "impression", "image", "timings"):
+            if key in result:
+                typer.echo(f"{key}: {result[key]}")
+    sys.stdout.flush()
+
+
+def _run_generate(
+    model: Any,
+    x: Any,
+    *,
+    question: str | None,
+    report_text: str | None,
+    out_image: Path | None,
+    greedy: bool,
+    seed: int | None,
+    max_new_tokens: int | None,
+) -> dict[str, Any]:
+    """Run one task of ``generate`` and return its JSON-able result."""
+    from dataclasses import asdict
+
     result: dict[str, Any]
     if report_text is not None:
         gen = model.generate_image(report_text, greedy=greedy, seed=seed)
@@ -220,27 +356,10 @@ def generate(
 
             Image.fromarray(gen.image, mode="L").save(out_image)
             result["image"] = str(out_image)
+    elif question:
+        result = asdict(
+            model.vqa(x, question, greedy=greedy, seed=seed, max_new_tokens=max_new_tokens)
+        )
     else:
-        assert image is not None
-        try:
-            x = _load_input(image)
-        except (OSError, ValueError, TypeError) as exc:
-            _fail(f"cannot read {image}: {exc}")
-            return
-        if question:
-            result = asdict(
-                model.vqa(x, question, greedy=greedy, seed=seed, max_new_tokens=max_new_tokens)
-            )
-        else:
-            result = asdict(
-                model.report(x, greedy=greedy, seed=seed, max_new_tokens=max_new_tokens)
-            )
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        if result.get("demo"):
-            typer.echo("DEMO model (random weights): output is not a report.", err=True)
-        for key in ("text", "findings", "impression", "image", "timings"):
-            if key in result:
-                typer.echo(f"{key}: {result[key]}")
-    sys.stdout.flush()
+        result = asdict(model.report(x, greedy=greedy, seed=seed, max_new_tokens=max_new_tokens))
+    return result

@@ -15,6 +15,7 @@ if [ "$want_peers" = 1 ]; then
   [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
   command -v dciodvfy >/dev/null || need+=(dicom3tools)
   command -v gdcminfo >/dev/null || need+=(libgdcm-tools)
+  command -v chromium >/dev/null || need+=(chromium)   # web console tests (headless)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       echo "setup: installing Debian packages: ${need[*]}"

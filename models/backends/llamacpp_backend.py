@@ -200,8 +200,9 @@ class LlamaCppBackend:
     max_batch
         Most requests decoded together (llama.cpp parallel sequences).
     kv_type
-        KV-cache precision: ``"f16"`` (default), ``"f32"`` (exact agreement checks) or
-        ``"q8_0"``.
+        KV-cache precision: ``"f16"``, ``"f32"`` (exact agreement checks), ``"q8_0"``, or
+        ``"auto"`` (default): F32 for an F32 file (so ``--quant f32`` reproduces the
+        transformers fp32 reference), else F16.
     flash_attn
         Use llama.cpp's flash attention (needs an F16 KV cache).
     device
@@ -223,7 +224,7 @@ class LlamaCppBackend:
         n_ctx: int = 1024,
         n_batch: int = 512,
         max_batch: int = 4,
-        kv_type: str = "f16",
+        kv_type: str = "auto",
         flash_attn: bool = False,
         device: str = "cpu",
         dtype: str | None = None,
@@ -234,8 +235,8 @@ class LlamaCppBackend:
             raise ValueError(f"n_ctx must be in 16..32768, got {n_ctx}")
         if n_batch < 1:
             raise ValueError("n_batch must be >= 1")
-        if kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if kv_type != "auto" and kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be auto or one of {sorted(KV_TYPES)}, got {kv_type!r}")
         if device not in ("cpu", "cuda", "gpu") and not device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         self.model_dir = Path(model_dir)
@@ -297,6 +298,9 @@ class LlamaCppBackend:
             cparams.kv_unified = False
             cparams.n_threads = self.threads
             cparams.n_threads_batch = self.threads
+            file_quant = quant or meta.get("llmcxr.quant")
+            if self.kv_type == "auto":
+                self.kv_type = "f32" if file_quant == "f32" else "f16"
             cparams.type_k = KV_TYPES[self.kv_type]
             cparams.type_v = KV_TYPES[self.kv_type]
             cparams.flash_attn_type = (

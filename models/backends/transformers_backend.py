@@ -1,4 +1,11 @@
-"""The default backend: in-process transformers ``GPTNeoXForCausalLM`` with KV cache."""
+"""The default backend: in-process transformers ``GPTNeoXForCausalLM`` with KV cache.
+
+On CPU it decodes with transformers' dynamic KV cache. On CUDA (``device="cuda"``, bf16 by
+default) it uses a static KV cache (``cache_implementation="static"``: preallocated, fixed
+shapes) and ``torch.compile`` of the decode step (transformers compiles the single-token
+forward; prefill stays eager), with CUDA graphs (``compile_mode="reduce-overhead"``) so that a
+decode step is one graph launch. Both choices are options and run on CPU too (tests).
+"""
 
 from __future__ import annotations
 
@@ -33,6 +40,13 @@ from models.text import LLMCXRTokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger(__name__)
 
+CACHES = ("auto", "dynamic", "static")
+STATIC_CACHE_BUCKET = 256
+"""Static caches are sized up to a multiple of this, so that prompts of nearby lengths reuse
+one cache shape (and one compiled graph)."""
+
+WARMUP_PROMPT_TOKENS = 302  # a CXR->report prompt: instruction text + < 256 codes >
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -65,6 +79,15 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}") from None
 
 
+def static_cache_len(needed: int, max_positions: int) -> int:
+    """Static-cache length for ``needed`` positions: rounded up to :data:`STATIC_CACHE_BUCKET`,
+    at most ``max_positions``."""
+    if needed < 1:
+        raise ValueError(f"needed must be >= 1, got {needed}")
+    bucketed = -(-needed // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+    return max(needed, min(bucketed, max_positions))
+
+
 def check_model_layout(model: Any) -> None:
     """Raise :class:`TokenLayoutError` unless input and output embeddings have 51305 rows
     and are untied (the LLM-CXR layout on dolly-v2-3b)."""
@@ -83,6 +106,19 @@ def check_model_layout(model: Any) -> None:
         raise TokenLayoutError("input and output embeddings are tied; LLM-CXR's are untied")
 
 
+class _SyncedTimer(FirstStepTimer):
+    """:class:`FirstStepTimer` that waits for the GPU first (CUDA kernels run asynchronously)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.FloatTensor:  # type: ignore[override]
+        if self.first is None:  # pragma: no cover - CUDA only (tests marked gpu)
+            torch.cuda.synchronize(self.device)
+        return super().__call__(input_ids, scores)
+
+
 class TransformersBackend:
     """Generation with ``transformers`` (greedy or seeded sampling, batched, left padding).
 
@@ -99,6 +135,19 @@ class TransformersBackend:
         ``torch.set_num_threads`` value, or ``None`` to leave it.
     max_batch
         Largest batch given to one ``generate`` call.
+    cache
+        KV cache: ``"dynamic"`` (grows per token), ``"static"`` (preallocated to the prompt
+        plus new tokens, rounded up to :data:`STATIC_CACHE_BUCKET`; fixed shapes for
+        ``torch.compile``) or ``"auto"`` (static on CUDA, dynamic on CPU).
+    compile
+        ``torch.compile`` the decode step (needs the static cache). ``None``: on CUDA with a
+        static cache, else off. On CPU this is for tests (inductor needs a C++ compiler and
+        compiles for minutes at full size).
+    compile_mode
+        ``torch.compile`` mode; ``None``: ``"reduce-overhead"`` (CUDA graphs) on CUDA,
+        ``"default"`` on CPU.
+    compile_backend
+        ``torch.compile`` backend (``"inductor"``; ``"eager"`` traces without code generation).
     """
 
     name = "transformers"
@@ -111,14 +160,29 @@ class TransformersBackend:
         device: str = "cpu",
         threads: int | None = None,
         max_batch: int = 8,
+        cache: str = "auto",
+        compile: bool | None = None,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         self.model_dir = Path(model_dir)
+        if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         self.device = device
         self.dtype = resolve_dtype(dtype, device)
         self.threads = threads
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.max_batch = max_batch
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
+        on_cuda = device.startswith("cuda")
+        self.cache = ("static" if on_cuda else "dynamic") if cache == "auto" else cache
+        self.compile = (on_cuda and self.cache == "static") if compile is None else bool(compile)
+        if self.compile and self.cache != "static":
+            raise ValueError("compile=True needs cache='static' (fixed shapes for torch.compile)")
+        self.compile_mode = compile_mode or ("reduce-overhead" if on_cuda else "default")
+        self.compile_backend = compile_backend
         self._model: Any = None
         self._tokenizer: LLMCXRTokenizer | None = None
         self._lock = threading.Lock()
@@ -126,13 +190,29 @@ class TransformersBackend:
 
     @classmethod
     def from_model(
-        cls, model: Any, tokenizer: LLMCXRTokenizer, *, device: str = "cpu", max_batch: int = 8
+        cls,
+        model: Any,
+        tokenizer: LLMCXRTokenizer,
+        *,
+        device: str = "cpu",
+        max_batch: int = 8,
+        **options: Any,
     ) -> TransformersBackend:
-        """Wrap an already built ``GPTNeoXForCausalLM`` (benchmarks, tests); layout checked."""
+        """Wrap an already built ``GPTNeoXForCausalLM`` (benchmarks, tests); layout checked.
+
+        ``options``: ``cache``, ``compile``, ``compile_mode``, ``compile_backend`` as in the
+        constructor.
+        """
         check_model_layout(model)
         names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
         dtype = next(model.parameters()).dtype
-        backend = cls(Path("<in-memory>"), dtype=names[dtype], device=device, max_batch=max_batch)
+        backend = cls(
+            Path("<in-memory>"),
+            dtype=names[dtype],
+            device=device,
+            max_batch=max_batch,
+            **options,
+        )
         backend._model = model.to(device).eval()
         backend._tokenizer = tokenizer
         return backend
@@ -171,12 +251,24 @@ class TransformersBackend:
         model.eval()
         self._tokenizer = tokenizer
         self._model = model
-        log.info("transformers backend loaded (dtype=%s, device=%s)", self.dtype, self.device)
+        log.info(
+            "transformers backend loaded (dtype=%s, device=%s, cache=%s, compile=%s)",
+            self.dtype,
+            self.device,
+            self.cache,
+            self.compile,
+        )
 
     def warmup(self) -> None:
-        """One tiny greedy generation."""
+        """One tiny greedy generation.
+
+        With a static cache the prompt is report-sized (~300 tokens), so that the cache shape
+        (and, with ``compile``, the compiled decode graph) is the one reports use.
+        """
         ids = self.tokenizer.encode("### Instruction:\nHello\n\n### Response:\n")
-        self.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=2)])
+        if self.cache == "static":
+            ids = (ids * (WARMUP_PROMPT_TOKENS // len(ids) + 1))[-WARMUP_PROMPT_TOKENS:]
+        self.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=4)])
 
     def health(self) -> dict[str, Any]:
         """Loaded flag, device, dtype, model folder and counters."""
@@ -185,6 +277,8 @@ class TransformersBackend:
             "loaded": self._model is not None,
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "cache": self.cache,
+            "compile": self.compile,
             "model_dir": str(self.model_dir),
             **self._counters,
         }
@@ -254,7 +348,7 @@ class TransformersBackend:
         for row, p in enumerate(prompts):
             input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention[row, width - len(p) :] = 1
-        timer = FirstStepTimer()
+        timer = _SyncedTimer(self.device) if self.device.startswith("cuda") else FirstStepTimer()
         processors = LogitsProcessorList()
         if image:
             processors.append(ImageCodeConstraint(prompt_len=width, close_id=close_id))
@@ -263,7 +357,23 @@ class TransformersBackend:
             processors.append(TextOnlyConstraint())
             max_new = max(r.max_new_tokens for r in batch)
         processors.append(timer)
+        cache_kw: dict[str, Any] = {"disable_compile": not self.compile}
+        if self.cache == "static":
+            from transformers import CompileConfig
+
+            max_pos = int(getattr(self.model.config, "max_position_embeddings", 2048))
+            cache_kw["cache_implementation"] = "static"
+            cache_kw["max_cache_len"] = static_cache_len(width + max_new, max_pos)
+            if self.compile:
+                compile_cfg = CompileConfig(
+                    fullgraph=False, backend=self.compile_backend, mode=self.compile_mode
+                )
+                if not self.device.startswith("cuda"):
+                    # transformers auto-compiles on CUDA only; this flag allows CPU (tests)
+                    compile_cfg._compile_all_devices = True  # type: ignore[assignment]
+                cache_kw["compile_config"] = compile_cfg
         cfg = GenerationConfig(
+            **cache_kw,
             max_new_tokens=max_new,
             do_sample=not first.greedy,
             temperature=first.temperature if not first.greedy else None,
@@ -286,6 +396,8 @@ class TransformersBackend:
                     generation_config=cfg,
                     logits_processor=processors,
                 )
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)
         finally:
             if generator_state is not None:
                 torch.random.set_rng_state(generator_state)

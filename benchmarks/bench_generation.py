@@ -1,0 +1,606 @@
+"""Generation speed of every engine, one table, one run: the issue-6 benchmark.
+
+For the full dolly-v2-3b shape (hidden 2560, 32 layers, 32 heads, intermediate 10240, rotary
+0.25, untied, LLM-CXR vocabulary 51305) with random weights, on this machine, in this order
+(one model in memory at a time, freed between rows):
+
+- llama.cpp F16 and Q8_0 (``--quants``): GGUF files written from random tensors by
+  ``benchmarks/bench_cpu_engine.py``'s ``write_random_gguf`` (about 9 GB of ``--out-dir``
+  in turn; each is deleted after its row unless ``--keep``);
+- transformers bf16 and fp32 (``--hf-dtypes``): ``benchmarks/bench_llm.py``'s
+  ``build_model`` (fp32 needs about 11 GB of RAM; a row is skipped, with the reason in the
+  table, when ``MemAvailable`` is short).
+
+Every row is measured the same way through the ``GenerationBackend`` interface (what the
+node runs): prefill tokens/s for a ``--prompt-tokens`` (300) CXR->report prompt (text + 256
+image ids), decode tokens/s (greedy, ``--decode-tokens``), seconds per report
+(``--report-tokens`` 150 new tokens: prefill + decode), decode as a fraction of the memory
+bandwidth limit (read bandwidth measured in this run / weight bytes read per token), and
+throughput at batch 1 and ``--batch`` (4): generated tokens per wall second. End-to-end
+seconds per study add the ONNX VQ-GAN encode of one image (published size, random weights,
+``--vqgan tiny`` for smoke runs) to the seconds per report. Ratios are against transformers
+bf16 of the same run; the issue's targets are checked at the end.
+
+With a CUDA GPU (and not ``--no-gpu``), a second table: transformers fp32 and bf16 on the GPU
+(static KV cache and compiled decoding, see ``models/backends/transformers_backend.py``),
+llama.cpp rows offloaded when llama-cpp-python was built with CUDA, the VQ-GAN on the CUDA
+execution provider (``onnxruntime-gpu``), the GPU's read bandwidth, and tokens/s at batch
+``--gpu-batches`` (1, 8, 32).
+
+Not a test. Usage::
+
+    python benchmarks/bench_generation.py --layers 2 --decode-tokens 8 --report-tokens 16 \\
+        --quants q8_0 --hf-dtypes bf16 --vqgan tiny --repeats 1        # smoke run
+    python benchmarks/bench_generation.py --json-out gen.json         # the full table
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models.backends.base import GenerationBackend, GenerationRequest  # noqa: E402
+from models.layout import VOCAB  # noqa: E402
+
+
+def _load(name: str) -> ModuleType:
+    """A sibling benchmark script as a module (its functions are reused, not copied)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench_llm = _load("bench_llm")
+bench_cpu_engine = _load("bench_cpu_engine")
+bench_vqgan = _load("bench_vqgan")
+
+
+# --- memory hygiene ---------------------------------------------------------------------------
+
+
+def mem_available() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (a large number where unreadable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50
+
+
+def release_memory() -> None:
+    """Collect garbage, return freed heap to the OS, empty the CUDA cache."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def hf_param_bytes(layers: int, dtype: str) -> int:
+    """Weight bytes of the transformers model (without building it)."""
+    h, f, v = 2560, 10240, VOCAB
+    per_layer = 3 * h * h + 3 * h + h * h + h + h * f + f + f * h + h + 4 * h
+    params = 2 * v * h + layers * per_layer + 2 * h
+    return params * (4 if dtype == "fp32" else 2)
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def gpu_read_bandwidth(gib: float = 2.0, repeats: int = 10) -> float:
+    """Best of ``repeats`` sums over a ``gib`` GiB fp32 CUDA tensor: bytes read per second."""
+    n = int(gib * (1 << 30) // 4)
+    x = torch.ones(n, dtype=torch.float32, device="cuda")
+    x.sum()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x.sum()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del x
+    torch.cuda.empty_cache()
+    return n * 4 / best
+
+
+def vqgan_encode_s(config: str, out_dir: Path, providers: Sequence[str], threads: int) -> float:
+    """Median seconds to encode one image (batch 1) with the exported ONNX VQ-GAN encoder."""
+    import onnxruntime as ort
+
+    from models.onnx_export import export_encoder
+    from models.vqgan import VQModel
+
+    path = out_dir / f"vqgan-{config}-encoder.onnx"
+    if not path.is_file():
+        torch.manual_seed(0)
+        model = VQModel(bench_vqgan.CONFIGS[config]).eval()
+        export_encoder(model, path)
+        del model
+        release_memory()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    x = bench_vqgan._inputs(1, 256)
+    name = sess.get_inputs()[0].name
+    times = bench_vqgan._time(lambda: sess.run(None, {name: x}), warmup=2, repeats=5)
+    return float(np.median(times))
+
+
+def _requests(ids: list[int], n: int, new: int) -> list[GenerationRequest]:
+    """``n`` distinct prompts of equal length (the last text id varied)."""
+    return [
+        GenerationRequest(prompt_ids=[*ids[:-1], (ids[-1] + k) % 50000], max_new_tokens=new)
+        for k in range(n)
+    ]
+
+
+def _run(backend: GenerationBackend, reqs: list[GenerationRequest]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = backend.generate(reqs)
+    wall = time.perf_counter() - t0
+    errors = [r.error for r in out if r.error]
+    if errors:
+        raise RuntimeError(errors[0])
+    return out, wall
+
+
+def measure(
+    backend: GenerationBackend,
+    ids: list[int],
+    *,
+    decode_tokens: int,
+    report_tokens: int,
+    batches: Sequence[int],
+    repeats: int,
+) -> dict[str, Any]:
+    """Time one loaded backend: prefill, decode, one report, and throughput per batch size.
+
+    Decode tokens/s is ``(new - 1) / decode_s`` (the first new token comes from prefill).
+    When random weights stop a report early (``### End`` or EOS), its seconds are scaled to
+    ``report_tokens`` at the measured decode rate and the row says so.
+    """
+    _run(backend, _requests(ids[:32], 1, 4))  # page weights in, compile, allocate caches
+    prefill, decode = 0.0, 0.0
+    for _ in range(repeats):
+        res = _run(backend, _requests(ids, 1, decode_tokens))[0][0]
+        prefill = max(prefill, len(ids) / res.prefill_s)
+        if res.new_tokens > 1:
+            decode = max(decode, (res.new_tokens - 1) / res.decode_s)
+    rep = _run(backend, _requests(ids, 1, report_tokens))[0][0]
+    early = rep.new_tokens < report_tokens
+    dec_s = rep.decode_s
+    if early and rep.new_tokens > 1:
+        dec_s = rep.decode_s * (report_tokens - 1) / (rep.new_tokens - 1)
+    row: dict[str, Any] = {
+        "prompt_tokens": len(ids),
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "report_tokens": rep.new_tokens,
+        "s_per_report": rep.prefill_s + dec_s,
+        "report_extrapolated": early,
+        "throughput": {},
+    }
+    for b in batches:
+        if b == 1:
+            row["throughput"]["1"] = {
+                "tok_s": report_tokens / row["s_per_report"],
+                "decode_tok_s": decode,
+                "s_per_report": row["s_per_report"],
+            }
+            continue
+        _run(backend, _requests(ids, b, 4))  # this batch shape once (CUDA graphs, caches)
+        out, wall = _run(backend, _requests(ids, b, report_tokens))
+        new = sum(r.new_tokens for r in out)
+        row["throughput"][str(b)] = {
+            "tok_s": new / wall,
+            "decode_tok_s": (new - b) / max(out[0].decode_s, 1e-9),
+            "s_per_report": wall / b,
+        }
+    return row
+
+
+# --- rows -------------------------------------------------------------------------------------
+
+
+def engine_row(
+    quant: str,
+    ids: list[int],
+    args: argparse.Namespace,
+    *,
+    vocab: Any,
+    out_dir: Path,
+    threads: int,
+    device: str,
+    batches: Sequence[int],
+) -> dict[str, Any]:
+    """One llama.cpp row: write the random GGUF (or re-use it), load, measure, free."""
+    from models.backends.llamacpp_backend import LlamaCppBackend
+
+    shape = bench_cpu_engine.dolly_shape(args.layers)
+    path = out_dir / f"dolly-{args.layers}l-{quant}.gguf"
+    need = int(hf_param_bytes(args.layers, "bf16") * (0.55 if quant == "q8_0" else 1.05))
+    if not path.is_file() and shutil.disk_usage(out_dir).free < need:
+        return {"skipped": f"{need / 1e9:.1f} GB of disk needed in {out_dir}"}
+    write_s, per_token = bench_cpu_engine.write_random_gguf(
+        path, shape, quant, vocab, threads=threads
+    )
+    n_ctx = len(ids) + max(args.report_tokens, args.decode_tokens) + 16
+    backend = LlamaCppBackend(
+        path, threads=threads, n_ctx=n_ctx, max_batch=max(batches), device=device
+    )
+    try:
+        t0 = time.perf_counter()
+        backend.load()
+        load_s = time.perf_counter() - t0
+        row = measure(
+            backend,
+            ids,
+            decode_tokens=args.decode_tokens,
+            report_tokens=args.report_tokens,
+            batches=batches,
+            repeats=args.repeats,
+        )
+    finally:
+        backend.close()
+        del backend
+        if not args.keep:
+            path.unlink(missing_ok=True)
+        release_memory()
+    row.update(load_s=load_s, write_s=write_s, weight_bytes_per_token=per_token, threads=threads)
+    return row
+
+
+def hf_row(
+    dtype: str,
+    ids: list[int],
+    args: argparse.Namespace,
+    *,
+    tok: Any,
+    device: str,
+    batches: Sequence[int],
+) -> dict[str, Any]:
+    """One transformers row (model built in ``dtype``, moved to ``device``), then freed."""
+    from models.backends.transformers_backend import TransformersBackend
+
+    need = hf_param_bytes(args.layers, dtype)
+    if device == "cpu" and mem_available() < need * 1.15 + (1 << 30):
+        return {
+            "skipped": f"needs ~{need * 1.15 / 1e9:.1f} GB RAM, "
+            f"{mem_available() / 1e9:.1f} GB available"
+        }
+    t0 = time.perf_counter()
+    model = bench_llm.build_model(args.layers, bench_llm.DTYPES[dtype])
+    build_s = time.perf_counter() - t0
+    per_token = bench_llm.weight_bytes_per_token(model)
+    opts: dict[str, Any] = {}
+    if device.startswith("cuda"):
+        opts = {"cache": "static", "compile": not args.no_compile}
+    backend = TransformersBackend.from_model(
+        model, tok, device=device, max_batch=max(batches), **opts
+    )
+    del model
+    try:
+        row = measure(
+            backend,
+            ids,
+            decode_tokens=args.decode_tokens,
+            report_tokens=args.report_tokens,
+            batches=batches,
+            repeats=args.repeats,
+        )
+        row["cache"], row["compile"] = backend.cache, backend.compile
+    finally:
+        del backend
+        release_memory()
+    row.update(build_s=build_s, weight_bytes_per_token=per_token, threads=torch.get_num_threads())
+    return row
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def finish_rows(rows: list[dict[str, Any]], bw: float, encode_s: float, batch: int) -> None:
+    """Add limit, fraction, end-to-end seconds and the ratios against transformers bf16."""
+    done = [r for r in rows if "skipped" not in r]
+    for r in done:
+        r["bandwidth_limit_tok_s"] = bw / r["weight_bytes_per_token"]
+        r["fraction_of_limit"] = r["decode_tok_s"] / r["bandwidth_limit_tok_s"]
+        r["encode_s"] = encode_s
+        r["e2e_s_per_study"] = encode_s + r["s_per_report"]
+    ref = next((r for r in done if r["engine"] == "transformers bf16"), None)
+    if ref is None:
+        return
+    bkey = str(batch)
+    for r in done:
+        r["decode_x_bf16"] = r["decode_tok_s"] / ref["decode_tok_s"]
+        r["e2e_x_bf16"] = ref["e2e_s_per_study"] / r["e2e_s_per_study"]
+        if bkey in r["throughput"] and bkey in ref["throughput"]:
+            ours, theirs = r["throughput"][bkey]["tok_s"], ref["throughput"][bkey]["tok_s"]
+            r[f"b{batch}_x_bf16"] = ours / theirs
+
+
+def print_table(title: str, rows: list[dict[str, Any]], batches: Sequence[int]) -> None:
+    """One fixed-width table (``-`` where a value does not apply)."""
+
+    def f(v: Any, spec: str, width: int) -> str:
+        return f"{v:>{width}{spec}}" if isinstance(v, int | float) else f"{'-':>{width}}"
+
+    print(title)
+    cols = (
+        f"{'engine':<20}{'GB/tok':>7}{'prefill t/s':>12}{'decode t/s':>11}{'limit t/s':>10}"
+        f"{'frac':>6}{'s/report':>9}{'s/study':>8}"
+        + "".join(f"{f'b{b} t/s':>9}" for b in batches)
+        + f"{'dec x bf16':>11}{'e2e x bf16':>11}"
+    )
+    print(cols)
+    print("-" * len(cols))
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['engine']:<20}skipped: {r['skipped']}")
+            continue
+        tp = r["throughput"]
+        star = "*" if r.get("report_extrapolated") else " "
+        print(
+            f"{r['engine']:<20}{r['weight_bytes_per_token'] / 1e9:>7.2f}"
+            f"{f(r['prefill_tok_s'], '.1f', 12)}{f(r['decode_tok_s'], '.2f', 11)}"
+            f"{f(r['bandwidth_limit_tok_s'], '.2f', 10)}{f(r['fraction_of_limit'], '.2f', 6)}"
+            f"{f(r['s_per_report'], '.1f', 8)}{star}{f(r['e2e_s_per_study'], '.1f', 8)}"
+            + "".join(f(tp.get(str(b), {}).get("tok_s"), ".1f", 9) for b in batches)
+            + f"{f(r.get('decode_x_bf16'), '.2f', 11)}{f(r.get('e2e_x_bf16'), '.2f', 11)}"
+        )
+    if any(r.get("report_extrapolated") for r in rows):
+        print("* the report stopped early (random weights): seconds scaled at the decode rate")
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's CPU targets, evaluated on this run's rows."""
+    out: list[dict[str, Any]] = []
+    by = {r["engine"]: r for r in rows if "skipped" not in r}
+    for name, r in by.items():
+        if not name.startswith("llama.cpp"):
+            continue
+        out.append(
+            {
+                "target": f"{name} decode >= 0.75 of its bandwidth limit",
+                "value": r["fraction_of_limit"],
+                "met": r["fraction_of_limit"] >= 0.75,
+            }
+        )
+        if "decode_x_bf16" in r:
+            out.append(
+                {
+                    "target": f"{name} decode >= 3x transformers bf16",
+                    "value": r["decode_x_bf16"],
+                    "met": r["decode_x_bf16"] >= 3.0,
+                }
+            )
+    q8 = by.get("llama.cpp q8_0")
+    if q8 is not None and "e2e_x_bf16" in q8:
+        out.append(
+            {
+                "target": "end-to-end s/study Q8_0 >= 3x lower than transformers bf16",
+                "value": q8["e2e_x_bf16"],
+                "met": q8["e2e_x_bf16"] >= 3.0,
+            }
+        )
+    return out
+
+
+def _run_rows(
+    specs: list[tuple[str, Callable[[], dict[str, Any]]]],
+) -> list[dict[str, Any]]:
+    rows = []
+    for name, fn in specs:
+        print(f"... {name}", file=sys.stderr, flush=True)
+        try:
+            row = fn()
+        except (RuntimeError, ValueError, OSError, MemoryError) as exc:  # keep the other rows
+            row = {"skipped": f"{type(exc).__name__}: {exc}"}
+        rows.append({"engine": name, **row})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every row, print the table(s) and the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32, help="transformer layers (32 = dolly-v2-3b)")
+    ap.add_argument("--quants", default="f16,q8_0", help="llama.cpp rows: f32,f16,q8_0,q4_k_m")
+    ap.add_argument("--hf-dtypes", default="bf16,fp32", help="transformers rows, or 'none'")
+    ap.add_argument("--prompt-tokens", type=int, default=300)
+    ap.add_argument("--decode-tokens", type=int, default=32, help="new tokens for decode tok/s")
+    ap.add_argument("--report-tokens", type=int, default=150, help="new tokens of one report")
+    ap.add_argument("--batch", type=int, default=4, help="CPU batch for throughput (and 1)")
+    ap.add_argument("--gpu-batches", default="1,8,32", help="GPU throughput batch sizes")
+    ap.add_argument("--repeats", type=int, default=2, help="prefill/decode runs (best kept)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    ap.add_argument("--vqgan", choices=sorted(bench_vqgan.CONFIGS), default="published")
+    ap.add_argument("--out-dir", type=Path, default=None, help="GGUF/ONNX files (default: tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the GGUF files in --out-dir")
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0)
+    ap.add_argument("--no-gpu", action="store_true", help="skip the GPU table")
+    ap.add_argument("--no-compile", action="store_true", help="GPU: static cache, no compile")
+    ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    if min(args.decode_tokens, args.report_tokens) < 2 or args.repeats < 1 or args.batch < 1:
+        ap.error("--decode-tokens and --report-tokens must be >= 2, --repeats and --batch >= 1")
+    threads = int(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from models.gguf_convert import build_gguf_vocab
+    from models.image_tokenizer import default_providers
+    from models.text import LLMCXRTokenizer
+
+    own_dir = args.out_dir is None
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-generation-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = bench_cpu_engine.tokenizer_dir(out_dir / "tokenizer")
+    vocab = build_gguf_vocab(tok_dir / "tokenizer.json")
+    tok = LLMCXRTokenizer.from_dir(tok_dir)
+    ids = bench_cpu_engine.prompt_ids(tok, args.prompt_tokens)
+    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    dtypes = [d.strip() for d in args.hf_dtypes.split(",") if d.strip() and d.strip() != "none"]
+    cpu_batches = sorted({1, args.batch})
+
+    result: dict[str, Any] = {
+        "machine": {
+            "cpu": bench_vqgan._cpu_name(),
+            "logical_cpus": os.cpu_count(),
+            "threads": threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    try:
+        import llama_cpp
+
+        result["machine"]["llama_cpp_python"] = llama_cpp.__version__
+        gpu_llama = bool(llama_cpp.llama_supports_gpu_offload())
+    except ImportError:
+        quants, gpu_llama = [], False
+        print("llama-cpp-python is not installed: no llama.cpp rows", file=sys.stderr)
+
+    # CPU table
+    bw = bench_llm.read_bandwidth(args.bandwidth_gib)
+    encode_s = vqgan_encode_s(args.vqgan, out_dir, ["CPUExecutionProvider"], threads)
+    specs: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    for q in quants:
+        specs.append(
+            (
+                f"llama.cpp {q}",
+                partial(
+                    engine_row,
+                    q,
+                    ids,
+                    args,
+                    vocab=vocab,
+                    out_dir=out_dir,
+                    threads=threads,
+                    device="cpu",
+                    batches=cpu_batches,
+                ),
+            )
+        )
+    for d in dtypes:  # bf16 before fp32: the largest model last, alone in memory
+        specs.append(
+            (
+                f"transformers {d}",
+                partial(hf_row, d, ids, args, tok=tok, device="cpu", batches=cpu_batches),
+            )
+        )
+    rows = _run_rows(specs)
+    bw = max(bw, bench_llm.read_bandwidth(args.bandwidth_gib))
+    finish_rows(rows, bw, encode_s, args.batch)
+    result["cpu"] = {
+        "read_bandwidth_bytes_s": bw,
+        "vqgan": args.vqgan,
+        "encode_s": encode_s,
+        "rows": rows,
+        "targets": check_targets(rows),
+    }
+    print(
+        f"\nmachine: {result['machine']['cpu']}, {os.cpu_count()} logical CPUs, threads {threads}, "
+        f"RAM {result['machine']['mem_total_bytes'] / 2**30:.0f} GiB; torch {torch.__version__}"
+        f"; llama-cpp-python {result['machine'].get('llama_cpp_python', '-')}"
+    )
+    print(
+        f"model: dolly-v2-3b shape, {args.layers} layers, vocab {VOCAB}, random weights; prompt "
+        f"{len(ids)} tokens, report {args.report_tokens} new tokens; read bandwidth "
+        f"{bw / 1e9:.1f} GB/s (same run); VQ-GAN encode ({args.vqgan}, ONNX CPU) "
+        f"{encode_s * 1e3:.0f} ms/image"
+    )
+    print_table("CPU", rows, cpu_batches)
+    for t in result["cpu"]["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']:.2f}")
+
+    # GPU table
+    if torch.cuda.is_available() and not args.no_gpu:  # pragma: no cover - needs a GPU
+        gpu_batches = sorted({int(b) for b in args.gpu_batches.split(",") if b.strip()})
+        gbw = gpu_read_bandwidth()
+        prov = [p for p in default_providers() if p == "CUDAExecutionProvider"]
+        g_encode = vqgan_encode_s(args.vqgan, out_dir, prov or ["CPUExecutionProvider"], threads)
+        gspecs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            (
+                f"transformers {d}",
+                partial(hf_row, d, ids, args, tok=tok, device="cuda", batches=gpu_batches),
+            )
+            for d in dtypes
+        ]
+        if gpu_llama:
+            gspecs += [
+                (
+                    f"llama.cpp {q}",
+                    partial(
+                        engine_row,
+                        q,
+                        ids,
+                        args,
+                        vocab=vocab,
+                        out_dir=out_dir,
+                        threads=threads,
+                        device="cuda",
+                        batches=gpu_batches,
+                    ),
+                )
+                for q in quants
+            ]
+        grows = _run_rows(gspecs)
+        finish_rows(grows, gbw, g_encode, gpu_batches[-1])
+        result["gpu"] = {
+            "device": torch.cuda.get_device_name(),
+            "read_bandwidth_bytes_s": gbw,
+            "vqgan_providers": prov or ["CPUExecutionProvider"],
+            "encode_s": g_encode,
+            "rows": grows,
+        }
+        print(
+            f"\nGPU: {result['gpu']['device']}, read bandwidth {gbw / 1e9:.0f} GB/s; VQ-GAN "
+            f"encode on {result['gpu']['vqgan_providers'][0]} {g_encode * 1e3:.1f} ms/image"
+        )
+        print_table("GPU (target: bf16 decode >= 0.50 of the limit at batch 1)", grows, gpu_batches)
+
+    if own_dir and not args.keep:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    text = json.dumps(result, indent=2, default=float)
+    if args.json_out:
+        args.json_out.write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

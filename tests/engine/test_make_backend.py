@@ -1,0 +1,124 @@
+"""``make_backend`` / ``LLMCXR.from_bundle`` take the node's setting names for both backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.backends import OPTION_ALIASES, backend_options, make_backend
+from models.backends.llamacpp_backend import LlamaCppBackend
+from models.backends.transformers_backend import TransformersBackend
+from models.bundle import ModelBundle
+from node.settings import Settings
+
+SETTING_NAMES = ("backend_dtype", "backend_quant", "backend_threads", "backend_device")
+
+
+def _from_settings(settings: Settings) -> dict[str, object]:
+    """What the model host passes: the settings' backend fields, as named there."""
+    return {name: getattr(settings, name) for name in SETTING_NAMES}
+
+
+def test_aliases_cover_the_settings_fields() -> None:
+    for name in SETTING_NAMES:
+        assert name in Settings.model_fields
+        assert name in OPTION_ALIASES
+
+
+def test_backend_options_mapping() -> None:
+    opts = {
+        "backend_dtype": "bfloat16",
+        "backend_quant": "q8_0",
+        "backend_threads": 3,
+        "backend_device": "cpu",
+        "worker_batch_size": 4,
+        "cache": "static",
+    }
+    assert backend_options("transformers", opts) == {
+        "dtype": "bfloat16",
+        "threads": 3,
+        "device": "cpu",
+        "max_batch": 4,
+        "cache": "static",
+    }
+    assert backend_options("llamacpp", {**opts, "cache": None, "kv_type": "f16"}) == {
+        "quant": "q8_0",
+        "threads": 3,
+        "device": "cpu",
+        "max_batch": 4,
+        "kv_type": "f16",
+    }
+    # None means "the backend's default"; both spellings of one option must agree
+    assert backend_options("llamacpp", {"backend_quant": None, "threads": None}) == {}
+    assert backend_options("transformers", {"dtype": "float32", "backend_dtype": "float32"}) == {
+        "dtype": "float32"
+    }
+    with pytest.raises(ValueError, match="given twice"):
+        backend_options("transformers", {"dtype": "float32", "backend_dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        backend_options("vllm", {})
+
+
+def test_make_backend_transformers_from_settings(demo_bundle: ModelBundle) -> None:
+    settings = Settings(
+        backend="transformers", backend_dtype="float32", backend_quant="q8_0", backend_threads=1
+    )
+    backend = make_backend(settings.backend, demo_bundle.llm_dir, **_from_settings(settings))
+    assert isinstance(backend, TransformersBackend)
+    assert backend.health()["dtype"] == "float32"
+    assert (backend.threads, backend.device, backend.cache) == (1, "cpu", "dynamic")
+
+
+def test_make_backend_rejects_unknown_options(demo_bundle: ModelBundle) -> None:
+    with pytest.raises(ValueError, match="transformers"):
+        make_backend("transformers", demo_bundle.llm_dir, kv_type="f16")
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        make_backend("vllm", demo_bundle.llm_dir)
+    with pytest.raises(ValueError, match="dtype must be"):
+        make_backend("transformers", demo_bundle.llm_dir, backend_dtype="int4")
+
+
+def test_make_backend_llamacpp_from_settings(converted_bundle: Path) -> None:
+    bundle = ModelBundle.open(converted_bundle)
+    settings = Settings(backend="llamacpp", backend_quant="f32", backend_threads=1)
+    assert settings.backend_dtype == "auto"  # a transformers option: dropped for llama.cpp
+    backend = make_backend(settings.backend, bundle.llm_dir, **_from_settings(settings))
+    assert isinstance(backend, LlamaCppBackend)
+    backend.load()
+    try:
+        health = backend.health()
+        assert health["quant"] == "f32" and health["threads"] == 1 and health["kv_type"] == "f32"
+        assert health["model_path"].endswith("engines/llamacpp/llm-f32.gguf")
+    finally:
+        backend.close()
+    # without a quantisation the bundle's preferred file (q8_0) is chosen
+    default = make_backend("llamacpp", bundle.llm_dir, backend_quant=None, backend_threads=1)
+    default.load()
+    try:
+        assert default.health()["quant"] == "q8_0"
+        assert default.health()["kv_type"] == "f16"
+    finally:
+        default.close()  # type: ignore[attr-defined]
+
+
+def test_from_bundle_with_setting_names_runs_both_backends(converted_bundle: Path) -> None:
+    """What the model host does: same bundle, both backends, options named as in settings."""
+    import numpy as np
+
+    from models.runtime import LLMCXR
+
+    x = np.zeros((3, 256, 256), dtype=np.float32)
+    texts = {}
+    for name, quant in (("transformers", None), ("llamacpp", "f32")):
+        settings = Settings(
+            backend=name, backend_dtype="float32", backend_quant=quant, backend_threads=1
+        )
+        model = LLMCXR.from_bundle(
+            converted_bundle, backend=settings.backend, backend_options=_from_settings(settings)
+        )
+        draft = model.report(x, greedy=True, max_new_tokens=16)
+        assert draft.settings["backend"] == name
+        assert draft.timings["tokens"] == 16
+        texts[name] = draft.text
+    assert texts["llamacpp"] == texts["transformers"]
