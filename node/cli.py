@@ -1,8 +1,10 @@
 """``cxr-node``: the node's command line (typer + rich).
 
 Commands: ``serve``, ``status [--json]``, ``db upgrade``, ``echo AET@host:port``,
-``jobs list [--json] [--state]``, and ``models ...`` (model bundles). Configuration comes from
-``--config`` / ``CXR_NODE_CONFIG`` and ``CXR_NODE_*`` variables (``docs/configuration.md``).
+``jobs list|show|retry|cancel|resend|priority``, ``tokens create|revoke|list``, ``ask``,
+``generate-image`` (``node.cli_admin``), and ``models ...`` (model bundles). Configuration
+comes from ``--config`` / ``CXR_NODE_CONFIG`` and ``CXR_NODE_*`` variables
+(``docs/configuration.md``).
 Exit codes: 0 success, 1 operation failed, 2 configuration refused.
 """
 
@@ -20,6 +22,7 @@ from rich.table import Table
 from sqlalchemy import inspect
 
 from node.cli_models import app as models_app
+from node.cli_worker import command as worker_command
 from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import current_revision, head_revision, upgrade
@@ -41,6 +44,7 @@ jobs_app = typer.Typer(help="Jobs: list the queue.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
+app.command("worker")(worker_command)
 
 _state: dict[str, Path | None] = {"config": None}
 err = Console(stderr=True)
@@ -86,10 +90,11 @@ def serve() -> None:
     """Run the node in the foreground (SCP, chores) until SIGTERM/SIGINT."""
     settings = _settings()
     configure_logging(settings.log_level)
+    from node.components import default_components
     from node.service import run_node
 
     try:
-        code = run_node(settings)
+        code = run_node(settings, extra_components=default_components(settings))
     except ConfigError as exc:
         err.print(f"configuration refused: {exc}", highlight=False, markup=False)
         raise typer.Exit(2) from None
@@ -252,6 +257,12 @@ def demo(
     from node.demo import run_demo
 
     raise typer.Exit(run_demo(workdir=workdir, image=image, timeout=timeout))
+
+
+# admin commands (jobs show/retry/cancel/resend/priority, tokens, ask, generate-image)
+from node.cli_admin import register as _register_admin  # noqa: E402
+
+_register_admin(app, jobs_app, _settings)
 
 
 def main() -> None:

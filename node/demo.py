@@ -36,7 +36,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from integration.conformance import STORAGE_SCU
-from integration.scu import DicomDestination, send_dataset
+from integration.scu import VERIFICATION, DicomDestination, send_dataset
 from node.settings import Settings, load_settings
 
 __all__ = ["DemoPacs", "run_demo", "sr_text_items"]
@@ -86,11 +86,12 @@ class DemoPacs:
         return 0x0000
 
     def start(self) -> None:
-        """Listen on 127.0.0.1:``port`` for the SR and SC storage classes."""
+        """Listen on 127.0.0.1:``port`` for the SR and SC storage classes and C-ECHO."""
         self.inbox.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
         for uid in STORAGE_SCU.sop_classes:
             ae.add_supported_context(uid, list(STORAGE_SCU.transfer_syntaxes))
+        ae.add_supported_context(VERIFICATION)
         self._server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
@@ -341,8 +342,9 @@ def _print_sr(con: Console, path: Path, settings: Settings, *, elapsed: float) -
     if draft is not None:
         table.add_row("Model", f"{draft['model']}" + (" (DEMO)" if draft["demo"] else ""))
         timings = ", ".join(
-            f"{k} {v:.2f}s" if isinstance(v, float) else f"{k} {v}"
+            f"{k[:-2]} {v:.2f} s" if k.endswith("_s") else f"{k} {v:g}"
             for k, v in draft["timings"].items()
+            if isinstance(v, int | float)
         )
         table.add_row("Stage timings", timings)
     table.add_row("Sent -> SR received", f"{elapsed:.1f} s")

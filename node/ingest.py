@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from integration.scp import ReceivedMeta, StoreResult
 from integration.status import StoreStatus
+from node.api import metrics
 from node.spool import Spool, SpooledFile, SpoolError
 
 if TYPE_CHECKING:
@@ -393,6 +394,7 @@ class IngestSink:
             raise
         if obsolete:
             self.spool.remove(obsolete)
+        metrics.count_instance()
         return StoreResult(status=StoreStatus.SUCCESS, outcome=outcome)
 
     def _record(

@@ -34,6 +34,7 @@ from node.ingest import IngestSink
 from node.scheduler import Chores, NodeScheduler
 from node.settings import Settings
 from node.spool import Spool
+from node.tls import server_context
 
 __all__ = ["Component", "NodeContext", "node_owner_id", "run_node"]
 
@@ -72,7 +73,10 @@ def node_owner_id() -> str:
 
 
 def _build_scp(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
-    """Build the storage AE and its handlers (INGEST's API); return ``(ae, handlers)``."""
+    """Build the storage AE and its handlers (INGEST's API); return ``(ae, handlers)``.
+
+    With ``tls_cert_file`` set, the AE serves DICOM TLS only (:func:`node.tls.server_context`).
+    """
     spool = Spool(settings.spool_dir)
     sink = IngestSink(settings=settings, session_factory=session_factory, spool=spool)
     ae = build_storage_ae(
@@ -82,6 +86,7 @@ def _build_scp(settings: Settings, session_factory: sessionmaker[Session]) -> tu
         acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,
+        ssl_context=server_context(settings),
     )
     return ae, scp_handlers(sink)
 

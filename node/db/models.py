@@ -27,10 +27,14 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "ApiRole",
+    "ApiSession",
+    "ApiToken",
     "AuditLog",
     "Base",
     "Delivery",
@@ -287,7 +291,11 @@ class Delivery(Base):
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
-    __table_args__ = (Index(None, "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index(None, "state", "next_attempt_at"),
+        # one delivery per (job, destination): enqueueing is idempotent
+        UniqueConstraint("job_id", "destination"),
+    )
 
 
 class AuditLog(Base):
@@ -301,3 +309,46 @@ class AuditLog(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str | None] = mapped_column(String(256))
     detail: Mapped[dict[str, Any] | None]
+
+
+class ApiRole(enum.StrEnum):
+    """Roles of API tokens, weakest first: viewer < operator < admin."""
+
+    viewer = "viewer"
+    operator = "operator"
+    admin = "admin"
+
+    @property
+    def rank(self) -> int:
+        """0 for viewer, 1 for operator, 2 for admin."""
+        return list(ApiRole).index(self)
+
+
+class ApiToken(Base):
+    """A bearer token of the admin API; only the SHA-256 of the token is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[ApiRole] = mapped_column(_enum(ApiRole, "api_role"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class ApiSession(Base):
+    """A web-console session opened with a token (cookie auth); ids stored hashed."""
+
+    __tablename__ = "api_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[int] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True
+    )
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    csrf_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]

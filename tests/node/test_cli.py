@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from node.cli import app
 from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
+from node.db.migrate import head_revision
 from node.settings import ChestRule
 from tests.node.factories import T0, record, uid
 
@@ -58,7 +59,7 @@ def test_status_requires_schema_then_reports(env: dict[str, str]) -> None:
     assert "db upgrade" in res.output
     res = runner.invoke(app, ["db", "upgrade"], env=env)
     assert res.exit_code == 0, res.output
-    assert "revision 0001" in res.output
+    assert f"revision {head_revision()}" in res.output
     _populate(env["CXR_NODE_DATABASE_URL"])
     res = runner.invoke(app, ["status", "--json"], env=env)
     assert res.exit_code == 0, res.output

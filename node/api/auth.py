@@ -1,0 +1,188 @@
+"""Authentication and roles of the admin API and the web console.
+
+**Tokens.** A token is ``cxr_`` + 43 URL-safe characters (32 random bytes from
+:mod:`secrets`). Only its SHA-256 is stored (``api_tokens.token_hash``, unique). A fast
+hash is enough here, unlike for passwords: a 256-bit random secret cannot be guessed or
+brute-forced from its hash, so a slow KDF (bcrypt, argon2) would add cost and no safety,
+and a plain digest allows an indexed lookup. Tokens are sent as
+``Authorization: Bearer <token>``. Roles are ordered ``viewer < operator < admin``.
+
+**Web sessions.** ``POST /api/session`` with a token sets two cookies: ``cxr_session``
+(``HttpOnly``, ``SameSite=Strict``, ``Secure`` over https) holding a fresh 256-bit
+random session id, and ``cxr_csrf`` (readable by the page's JavaScript) holding a CSRF
+token also returned in the JSON body. The server keeps only SHA-256 hashes of both
+(``api_sessions``), so the cookie value cannot be forged: an unguessable server-side id
+needs no signature. Sessions expire after :data:`SESSION_LIFETIME`, end on logout, and die
+with their token's revocation.
+
+**CSRF.** A request authenticated by the cookie with an unsafe method (anything but GET,
+HEAD, OPTIONS) must carry ``X-CSRF-Token`` equal to the session's CSRF token (checked
+against the stored hash, so it is the double-submit pattern bound to the session) or it
+is refused with 403. Bearer requests are immune: browsers never add the header by
+themselves. ``SameSite=Strict`` is the second line of defence.
+
+Audit rows name the caller as ``token:<id>:<name>`` (:attr:`Principal.actor`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from node.api.context import ApiContext, api_context
+from node.api.errors import ApiError
+from node.db import repo_api
+from node.db.models import ApiRole, utcnow
+
+__all__ = [
+    "CSRF_COOKIE",
+    "CSRF_HEADER",
+    "SESSION_COOKIE",
+    "SESSION_LIFETIME",
+    "Principal",
+    "authenticate",
+    "bearer_scheme",
+    "hash_secret",
+    "new_token",
+    "require_role",
+]
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "cxr_"
+SESSION_COOKIE = "cxr_session"
+CSRF_COOKIE = "cxr_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_LIFETIME = timedelta(hours=12)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_MAX_SECRET = 256
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    description="An API token: `Authorization: Bearer cxr_...` (`cxr-node tokens create`).",
+)
+
+
+def new_token() -> str:
+    """A new random API token (``cxr_`` + 32 random bytes, URL-safe base64)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_secret() -> str:
+    """A random 256-bit secret (session id, CSRF token)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 (hex) of a token or session secret, as stored in the database."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token, its role, and how it authenticated."""
+
+    token_id: int
+    name: str
+    role: ApiRole
+    via: str  # "bearer" or "cookie"
+
+    @property
+    def actor(self) -> str:
+        """The audit-log ``actor``: ``token:<id>:<name>``."""
+        return f"token:{self.token_id}:{self.name}"[:128]
+
+    def has(self, role: ApiRole | str) -> bool:
+        """Whether this principal's role is ``role`` or stronger."""
+        return self.role.rank >= ApiRole(role).rank
+
+
+def _unauthorized(reason: str) -> ApiError:
+    return ApiError(401, reason, headers={"WWW-Authenticate": 'Bearer realm="cxr-node"'})
+
+
+def token_principal(ctx: ApiContext, token: str, *, via: str = "bearer") -> Principal:
+    """Look up an API token; raise 401 when it is unknown or revoked."""
+    if not token or len(token) > _MAX_SECRET:
+        raise _unauthorized("invalid or revoked API token")
+    with ctx.read_sessions() as session:
+        row = repo_api.token_by_hash(session, hash_secret(token))
+    if row is None:
+        raise _unauthorized("invalid or revoked API token")
+    _touch(ctx, row)
+    return Principal(row.id, row.name, ApiRole(row.role), via)
+
+
+def _touch(ctx: ApiContext, row: repo_api.TokenRow) -> None:
+    now = utcnow()
+    if row.last_used_at is not None and now - row.last_used_at < timedelta(seconds=60):
+        return
+    try:
+        with ctx.write_sessions() as session:
+            repo_api.touch_token(session, row.id, now=now)
+    except Exception as exc:  # bookkeeping only: never fail the request for it
+        log.warning("could not record use of API token %s: %s", row.id, type(exc).__name__)
+
+
+def authenticate(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+    ctx: ApiContext = Depends(api_context),
+) -> Principal:
+    """FastAPI dependency: the caller, from the bearer token or the session cookie.
+
+    Raises
+    ------
+    ApiError
+        401 without valid credentials; 403 for a cookie-authenticated unsafe request whose
+        ``X-CSRF-Token`` header is missing or wrong.
+    """
+    if request.headers.get("authorization") is not None:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise _unauthorized("Authorization header must be 'Bearer <token>'")
+        return token_principal(ctx, credentials.credentials)
+    sid = request.cookies.get(SESSION_COOKIE)
+    if not sid:
+        raise _unauthorized("authentication required: send 'Authorization: Bearer <token>'")
+    if len(sid) > _MAX_SECRET:
+        raise _unauthorized("session expired or ended: log in again")
+    with ctx.read_sessions() as session:
+        found = repo_api.active_session(session, hash_secret(sid))
+    if found is None:
+        raise _unauthorized("session expired or ended: log in again")
+    row, csrf_hash = found
+    if request.method.upper() not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if (
+            not sent
+            or len(sent) > _MAX_SECRET
+            or not hmac.compare_digest(hash_secret(sent), csrf_hash)
+        ):
+            raise ApiError(403, f"CSRF check failed: send the {CSRF_HEADER} header of the session")
+    return Principal(row.id, row.name, ApiRole(row.role), "cookie")
+
+
+def require_role(role: ApiRole | str) -> Callable[..., Principal]:
+    """A FastAPI dependency admitting callers with ``role`` or a stronger one (else 403).
+
+    Use as ``principal: Principal = Depends(require_role("operator"))``.
+    """
+    needed = ApiRole(role)
+
+    def dependency(principal: Principal = Depends(authenticate)) -> Principal:
+        if not principal.has(needed):
+            raise ApiError(
+                403, f"role {needed.value} required; this token has role {principal.role.value}"
+            )
+        return principal
+
+    dependency.__name__ = f"require_{needed.value}"
+    return dependency

@@ -1,0 +1,136 @@
+"""The one place that maps errors to HTTP statuses, each answer with a reason.
+
+Order of precedence: an explicit ``http_status`` attribute on the exception (models' and
+integration errors carry one, as do :class:`ApiError` and the model host's ``ModelNotReady``),
+then the repository's errors (:data:`STATUS_BY_TYPE`), then ``ValueError`` (a value refused by
+a constructor: 422). Anything else is a 500 whose body names no internals; it is logged with
+its traceback (no patient data: messages in this code base never carry any).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from integration.errors import IntegrationError
+from node.db.repository import IllegalTransition, JobNotFound, LeaseLost
+
+__all__ = ["STATUS_BY_TYPE", "ApiError", "error_body", "install_error_handlers", "status_for"]
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_TYPE: dict[type[BaseException], int] = {
+    IllegalTransition: 409,
+    JobNotFound: 404,
+    LeaseLost: 409,
+}
+# Matched by name so that this module need not import the worker's model host.
+STATUS_BY_NAME: dict[str, int] = {
+    "ModelNotReady": 503,
+    "InvalidDicomError": 422,
+    # a PACS or DICOMweb peer refused or failed (integration.errors.DeliveryError)
+    "DeliveryError": 502,
+}
+
+
+class ApiError(Exception):
+    """An error raised by the API's own code, with its HTTP status.
+
+    Parameters
+    ----------
+    http_status
+        The status to answer (4xx or 5xx).
+    message
+        The reason given to the client (no patient data).
+    headers
+        Extra response headers (e.g. ``WWW-Authenticate`` on 401).
+    """
+
+    def __init__(
+        self, http_status: int, message: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        if not 400 <= http_status <= 599:
+            raise ValueError(f"http_status must be an error status, got {http_status}")
+        super().__init__(message)
+        self.http_status = http_status
+        self.message = message
+        self.headers = headers or {}
+
+
+def status_for(exc: BaseException) -> int | None:
+    """The HTTP status ``exc`` maps to, or ``None`` for an unexpected error (500)."""
+    status = getattr(exc, "http_status", None)
+    if isinstance(status, int) and 400 <= status <= 599:
+        return status
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_TYPE:
+            return STATUS_BY_TYPE[cls]
+        if cls.__name__ in STATUS_BY_NAME:
+            return STATUS_BY_NAME[cls.__name__]
+    if isinstance(exc, ValueError):
+        return 422
+    return None
+
+
+def error_body(status: int, reason: str, error: str) -> dict[str, Any]:
+    """The JSON body of every error answer: ``{"detail", "error", "status"}``."""
+    return {"detail": reason, "error": error, "status": status}
+
+
+def _reason(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    return str(message if isinstance(message, str) and message else exc) or type(exc).__name__
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    status = status_for(exc)
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status is None:
+        log.error(
+            "%s %s failed: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc
+        )
+        return JSONResponse(
+            error_body(500, "internal error (see the node's log)", "InternalError"), status_code=500
+        )
+    if status >= 500:
+        log.warning("%s %s: %s %s", request.method, request.url.path, status, _reason(exc))
+    return JSONResponse(
+        error_body(status, _reason(exc), type(exc).__name__), status_code=status, headers=headers
+    )
+
+
+async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(
+        error_body(exc.status_code, str(exc.detail), "HTTPException"),
+        status_code=exc.status_code,
+        headers=dict(exc.headers or {}),
+    )
+
+
+# Handled by Starlette's ExceptionMiddleware (looked up along the exception's MRO); a
+# handler for bare ``Exception`` would run in the outer error middleware, which re-raises.
+_HANDLED: tuple[type[Exception], ...] = (
+    ApiError,
+    IntegrationError,
+    LookupError,
+    ValueError,
+    RuntimeError,
+    OSError,
+    TypeError,
+)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on ``app`` (request validation stays FastAPI's 422).
+
+    Unexpected errors of other kinds become the generic 500 answer of :func:`_handle`.
+    """
+    app.add_exception_handler(StarletteHTTPException, _handle_http)
+    for cls in _HANDLED:
+        app.add_exception_handler(cls, _handle)
+    app.add_exception_handler(Exception, _handle)

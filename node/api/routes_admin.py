@@ -1,0 +1,199 @@
+"""Admin routes: tokens, configuration summary, audit log, counts, web-console sessions."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+
+from node.api import services
+from node.api.auth import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    SESSION_LIFETIME,
+    Principal,
+    authenticate,
+    hash_secret,
+    new_secret,
+    require_role,
+    token_principal,
+)
+from node.api.context import ApiContext, api_context
+from node.api.schemas import (
+    AuditOut,
+    AuditPage,
+    ErrorOut,
+    SessionIn,
+    SessionOut,
+    TokenCreatedOut,
+    TokenCreateIn,
+    TokenOut,
+)
+from node.db import repo_api
+from node.db import repository as repo
+
+__all__ = ["router"]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "no or invalid token"},
+    403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
+}
+router = APIRouter(prefix="/api", responses=_ERRORS)
+Viewer = Annotated[Principal, Depends(require_role("viewer"))]
+Admin = Annotated[Principal, Depends(require_role("admin"))]
+Ctx = Annotated[ApiContext, Depends(api_context)]
+TokenId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Token id.")]
+
+
+@router.get("/tokens", response_model=list[TokenOut], tags=["tokens"], summary="List tokens")
+def list_tokens(ctx: Ctx, _p: Admin) -> list[TokenOut]:
+    """Every token (never the secret), oldest first (admin)."""
+    with ctx.read_sessions() as session:
+        return [TokenOut(**asdict(t)) for t in repo_api.list_tokens(session)]
+
+
+@router.post(
+    "/tokens",
+    response_model=TokenCreatedOut,
+    status_code=201,
+    tags=["tokens"],
+    summary="Create a token (admin)",
+)
+def create_token(body: TokenCreateIn, ctx: Ctx, p: Admin) -> TokenCreatedOut:
+    """Create a token; the secret is in this answer only (stored as its SHA-256). Audited."""
+    row, secret = services.create_token(ctx, name=body.name, role=body.role, actor=p.actor)
+    return TokenCreatedOut(**asdict(row), token=secret)
+
+
+@router.delete(
+    "/tokens/{token_id}",
+    response_model=TokenOut,
+    tags=["tokens"],
+    responses={404: {"model": ErrorOut, "description": "no such token"}},
+    summary="Revoke a token (admin)",
+)
+def revoke_token(token_id: TokenId, ctx: Ctx, p: Admin) -> TokenOut:
+    """Revoke a token and end its web sessions (idempotent). Audited."""
+    return TokenOut(**asdict(services.revoke_token(ctx, token_id, actor=p.actor)))
+
+
+@router.get("/config", tags=["node"], summary="Effective configuration, no secrets (admin)")
+def config(ctx: Ctx, _p: Admin) -> dict[str, Any]:
+    """``Settings.public_summary()``: the database password and STOW query strings masked."""
+    return ctx.settings.public_summary()
+
+
+@router.get("/status", tags=["node"], summary="Counts by state (viewer)")
+def status(ctx: Ctx, _p: Viewer) -> dict[str, Any]:
+    """Instances, studies, jobs and deliveries by state, spool bytes."""
+    with ctx.read_sessions() as session:
+        return repo.counts(session).to_dict()
+
+
+@router.get("/audit", response_model=AuditPage, tags=["audit"], summary="Audit log (viewer)")
+def audit(
+    ctx: Ctx,
+    _p: Viewer,
+    actor: Annotated[str | None, Query(max_length=128)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    target: Annotated[str | None, Query(max_length=256)] = None,
+    since: Annotated[datetime | None, Query(description="At or after (UTC).")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> AuditPage:
+    """Every admin action (who, what, when, target), newest first."""
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    with ctx.read_sessions() as session:
+        rows, total = repo_api.audit_entries(
+            session,
+            actor=actor,
+            action=action,
+            target=target,
+            since=since,
+            limit=limit,
+            offset=offset,
+        )
+    return AuditPage(
+        total=total,
+        limit=limit,
+        offset=offset,
+        items=[AuditOut(**asdict(a)) for a in rows],
+    )
+
+
+# --- web-console sessions --------------------------------------------------------------------
+
+
+@router.post(
+    "/session",
+    response_model=SessionOut,
+    tags=["session"],
+    summary="Log in to the web console with a token (sets the session cookies)",
+)
+def login(body: SessionIn, request: Request, response: Response, ctx: Ctx) -> SessionOut:
+    """Open a session: ``cxr_session`` (HttpOnly, SameSite=Strict) and ``cxr_csrf`` cookies.
+
+    Unsafe requests authenticated by the cookie must send ``X-CSRF-Token: <csrf_token>``.
+    """
+    p = token_principal(ctx, body.token, via="cookie")
+    sid, csrf = new_secret(), new_secret()
+    with ctx.write_sessions() as session:
+        expires = repo_api.create_session(
+            session,
+            token_id=p.token_id,
+            session_hash=hash_secret(sid),
+            csrf_hash=hash_secret(csrf),
+            lifetime=SESSION_LIFETIME,
+            actor=p.actor,
+        )
+    secure = request.url.scheme == "https"
+    max_age = int(SESSION_LIFETIME.total_seconds())
+    response.set_cookie(
+        SESSION_COOKIE,
+        sid,
+        max_age=max_age,
+        httponly=True,
+        samesite="strict",
+        secure=secure,
+        path="/",
+    )
+    response.set_cookie(
+        CSRF_COOKIE, csrf, max_age=max_age, httponly=False, samesite="strict", secure=secure
+    )
+    return SessionOut(
+        csrf_token=csrf,
+        token_id=p.token_id,
+        name=p.name,
+        role=p.role.value,
+        via="cookie",
+        expires_at=expires,
+    )
+
+
+@router.get("/session", response_model=SessionOut, tags=["session"], summary="Who am I")
+def whoami(p: Annotated[Principal, Depends(authenticate)]) -> SessionOut:
+    """The caller's token id, name and role."""
+    return SessionOut(
+        csrf_token=None,
+        token_id=p.token_id,
+        name=p.name,
+        role=p.role.value,
+        via=p.via,
+        expires_at=None,
+    )
+
+
+@router.delete("/session", status_code=204, tags=["session"], summary="Log out")
+def logout(request: Request, ctx: Ctx, p: Annotated[Principal, Depends(authenticate)]) -> Response:
+    """End the cookie session (CSRF header required) and clear the cookies."""
+    sid = request.cookies.get(SESSION_COOKIE)
+    if sid and p.via == "cookie":
+        with ctx.write_sessions() as session:
+            repo_api.end_session(session, hash_secret(sid), actor=p.actor)
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    response.delete_cookie(CSRF_COOKIE)
+    return response

@@ -1,0 +1,56 @@
+"""``/health`` (live, no auth), ``/ready`` and ``/metrics`` (viewer token).
+
+``/ready`` and ``/metrics`` need a viewer token, like everything but ``/health``: the
+readiness answer names the model and the spool, and metrics reveal workload. Prometheus
+sends the token with ``authorization: {credentials: ...}`` in its scrape config; a
+Kubernetes readiness probe can use an ``exec`` probe with ``curl -H`` or ``/health``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+
+from node.api import metrics, services
+from node.api.auth import Principal, require_role
+from node.api.context import ApiContext, api_context
+from node.api.schemas import ErrorOut
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["health"])
+Viewer = Annotated[Principal, Depends(require_role("viewer"))]
+Ctx = Annotated[ApiContext, Depends(api_context)]
+_AUTH: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "no or invalid token"},
+}
+
+
+@router.get("/health", summary="Liveness (no authentication)")
+def health() -> dict[str, str]:
+    """The process answers HTTP. Says nothing else."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/ready",
+    summary="Readiness: model warmed up, database and spool reachable (viewer)",
+    responses={**_AUTH, 503: {"description": "not ready; the reasons are in the body"}},
+)
+def ready(ctx: Ctx, _p: Viewer) -> JSONResponse:
+    """200 when ready, else 503 with a reason per failing check."""
+    ok, checks = services.readiness(ctx)
+    return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (viewer)",
+    response_class=Response,
+    responses={**_AUTH, 200: {"content": {"text/plain": {}}}},
+)
+def metrics_endpoint(ctx: Ctx, _p: Viewer) -> Response:
+    """Exposition text: process metrics and database gauges (see ``node.api.metrics``)."""
+    return Response(metrics.render(ctx.read_sessions), media_type=metrics.CONTENT_TYPE)

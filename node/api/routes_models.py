@@ -1,0 +1,126 @@
+"""Interactive model tasks: VQA on a stored study, report on demand, report -> CXR."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, File, Path, Query, UploadFile
+from fastapi.responses import Response
+
+from node.api import services
+from node.api.auth import Principal, require_role
+from node.api.context import ApiContext, api_context
+from node.api.schemas import ErrorOut, GenerateImageIn, ReportOut, VqaIn, VqaOut
+
+__all__ = ["router"]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "no or invalid token"},
+    403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
+    422: {"model": ErrorOut, "description": "input the model cannot take"},
+    503: {"model": ErrorOut, "description": "model not loaded (yet) or busy"},
+}
+router = APIRouter(prefix="/api", tags=["model"], responses=_ERRORS)
+Operator = Annotated[Principal, Depends(require_role("operator"))]
+Ctx = Annotated[ApiContext, Depends(api_context)]
+UID = Annotated[str, Path(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
+
+
+@router.post(
+    "/studies/{study_uid}/vqa",
+    response_model=VqaOut,
+    responses={404: {"model": ErrorOut, "description": "no such study or instance"}},
+    summary="Ask a question about a stored study's image (CXR-VQA, operator)",
+)
+def vqa(study_uid: UID, body: VqaIn, ctx: Ctx, p: Operator) -> VqaOut:
+    """Answer about the study's frontal image (the one its job used, or chosen now), or the
+    instance named by ``sop_instance_uid``. AI generated, unverified. Audited."""
+    answer, img = services.vqa_for_study(
+        ctx, study_uid, body.question, sop_instance_uid=body.sop_instance_uid, principal=p
+    )
+    return VqaOut(
+        study_uid=study_uid,
+        sop_instance_uid=img.sop_instance_uid,
+        image_choice=img.how,
+        question=body.question,
+        answer=answer.text,
+        model_name=answer.model_name,
+        model_version=answer.model_version,
+        demo=answer.demo,
+        timings=answer.timings,
+    )
+
+
+@router.post(
+    "/report",
+    response_model=ReportOut,
+    responses={413: {"model": ErrorOut, "description": "upload too large"}},
+    summary="Draft a report for an uploaded DICOM image (operator; nothing sent)",
+)
+def report(file: Annotated[UploadFile, File()], ctx: Ctx, p: Operator) -> ReportOut:
+    """Upload a DICOM Part 10 image (or PNG) as multipart field ``file``; get the draft
+    text back. Nothing is stored, nothing goes to PACS. AI generated, unverified."""
+    data = file.file.read(services.MAX_UPLOAD_BYTES + 1)
+    draft, sop = services.report_for_upload(ctx, data, principal=p)
+    return ReportOut(
+        text=draft.text,
+        findings=draft.findings,
+        impression=draft.impression,
+        model_name=draft.model_name,
+        model_version=draft.model_version,
+        demo=draft.demo,
+        timings=draft.timings,
+        sop_instance_uid=sop,
+    )
+
+
+@router.post(
+    "/generate-image",
+    responses={
+        200: {
+            "content": {"image/png": {}, "application/dicom": {}},
+            "description": "PNG (256x256 grey) or DICOM Secondary Capture (synthetic)",
+        },
+        502: {"model": ErrorOut, "description": "the destination refused the image"},
+    },
+    response_class=Response,
+    summary="Generate a synthetic CXR from report text (operator)",
+)
+def generate_image(
+    body: GenerateImageIn,
+    ctx: Ctx,
+    p: Operator,
+    format: Annotated[Literal["png", "dicom"], Query()] = "png",
+) -> Response:
+    """Report -> CXR: exactly 256 VQ-GAN codes decoded to a 256x256 image. ``format=dicom``
+    returns a Secondary Capture marked synthetic (Image Type DERIVED\\SECONDARY, Conversion
+    Type SYN). Sent to PACS only with ``send=true`` and a configured ``destination``.
+    Headers: ``X-Image-Codes`` (the 256 codes), ``X-Model-Name``, ``X-Model-Version``,
+    ``X-Demo``, ``X-SOP-Instance-UID`` (DICOM), ``X-Sent-To``. Audited."""
+    res = services.make_image(
+        ctx,
+        body.report,
+        principal=p,
+        as_dicom=format == "dicom",
+        seed=body.seed,
+        greedy=body.greedy,
+        study_uid=body.study_uid,
+        send=body.send,
+        destination=body.destination,
+    )
+    g = res.generated
+    headers = {
+        "X-Image-Codes": ",".join(str(int(c)) for c in g.codes),
+        "X-Model-Name": g.model_name,
+        "X-Model-Version": g.model_version,
+        "X-Demo": "true" if g.demo else "false",
+        "Cache-Control": "no-store",
+    }
+    if res.sent_to:
+        headers["X-Sent-To"] = res.sent_to
+    if format == "dicom" and res.sc is not None:
+        from integration.sc import to_part10_bytes
+
+        headers["X-SOP-Instance-UID"] = str(res.sc.SOPInstanceUID)
+        return Response(to_part10_bytes(res.sc), media_type="application/dicom", headers=headers)
+    return Response(res.png, media_type="image/png", headers=headers)

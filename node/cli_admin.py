@@ -1,0 +1,351 @@
+"""Admin commands of ``cxr-node`` mirroring the API: jobs, tokens, and the model's tasks.
+
+Registered by :func:`register` on the main typer app (``node.cli``):
+
+- ``jobs show ID [--json]``, ``jobs retry ID``, ``jobs cancel ID [--reason]``,
+  ``jobs resend ID``, ``jobs priority ID N``;
+- ``tokens create --role admin|operator|viewer [--name]`` (the token alone on the last line),
+  ``tokens revoke ID``, ``tokens list [--json]``;
+- ``ask FILE --question TEXT`` (CXR-VQA on a DICOM or PNG file with the in-process model of
+  ``model_dir`` / ``CXR_NODE_MODEL_DIR``);
+- ``generate-image --report TEXT --out FILE.png [--dicom FILE.dcm]`` (report -> CXR; the
+  DICOM is a Secondary Capture marked synthetic; nothing is sent anywhere).
+
+Admin actions are audited with the actor ``cli:<user>``. Exit codes: 0 success, 1 operation
+failed (unknown job, illegal transition, bad input), 2 configuration refused.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.models import ApiRole
+from node.settings import Settings
+
+if TYPE_CHECKING:
+    from models.runtime import LLMCXR
+
+__all__ = ["register", "tokens_app"]
+
+err = Console(stderr=True)
+tokens_app = typer.Typer(help="API tokens: create, revoke, list.", no_args_is_help=True)
+_loader: dict[str, Callable[[], Settings]] = {}
+
+
+def _settings() -> Settings:
+    return _loader["settings"]()
+
+
+def actor() -> str:
+    """The audit actor of CLI actions: ``cli:<login name>``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}"[:128]
+
+
+@contextmanager
+def _sessions(read_only: bool = False) -> Iterator[sessionmaker[Session]]:
+    from sqlalchemy import inspect
+
+    from node.db.engine import make_engine, make_session_factory
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        if not inspect(engine).has_table("api_tokens"):
+            err.print("database schema is not current: run `cxr-node db upgrade`")
+            raise typer.Exit(1)
+        yield make_session_factory(engine, read_only=read_only)
+    finally:
+        engine.dispose()
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    err.print(f"{type(exc).__name__}: {exc}", markup=False, highlight=False)
+    return typer.Exit(1)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+
+def jobs_show(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Show one job: state, timings, draft text, SR UID, deliveries, audit trail."""
+    from node.db import repo_api
+    from node.db.repository import JobNotFound
+
+    with _sessions(read_only=True) as factory, factory() as session:
+        try:
+            d = repo_api.job_detail(session, job_id)
+        except JobNotFound as exc:
+            raise _fail(exc) from None
+    data = _jsonable(asdict(d))
+    if as_json:
+        typer.echo(json.dumps(data, sort_keys=True))
+        return
+    j = d.job
+    out = Console()
+    out.print(f"job {j.id}  state {j.state}  study {j.study_uid}", highlight=False)
+    out.print(
+        f"attempts {j.attempts}/{j.max_attempts}  priority {j.priority}  SR {j.sr_uid or '-'}",
+        highlight=False,
+    )
+    for name, at in (
+        ("created", j.created_at),
+        ("queued", j.queued_at),
+        ("started", j.started_at),
+        ("finished", j.finished_at),
+    ):
+        out.print(f"  {name:<9} {at.isoformat() if at else '-'}", highlight=False)
+    if j.last_error:
+        out.print(f"last error: {j.last_error}", markup=False, highlight=False)
+    if d.drafts:
+        draft = d.drafts[0]
+        out.print(
+            f"draft ({draft.model_name} {draft.model_version}"
+            f"{', DEMO' if draft.demo else ''}; AI generated, unverified):",
+            markup=False,
+        )
+        out.print(draft.text, markup=False, highlight=False)
+    for dl in d.deliveries:
+        out.print(
+            f"delivery {dl.id} -> {dl.destination} [{dl.kind}] {dl.state} "
+            f"attempts {dl.attempts}{' error: ' + dl.last_error if dl.last_error else ''}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def jobs_retry(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Queue a failed or cancelled job again (audited)."""
+    from node.db import repository as repo
+
+    with _sessions() as factory, factory() as session:
+        try:
+            job = repo.requeue_job(session, job_id, actor=actor())
+        except (LookupError, ValueError) as exc:
+            raise _fail(exc) from None
+        typer.echo(f"job {job.id}: {job.state.value}")
+
+
+def jobs_cancel(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    reason: Annotated[str | None, typer.Option(help="Why (no patient data).")] = None,
+) -> None:
+    """Cancel a job that has not finished (audited)."""
+    from node.db import repository as repo
+
+    with _sessions() as factory, factory() as session:
+        try:
+            job = repo.cancel_job(session, job_id, actor=actor(), reason=reason)
+        except (LookupError, ValueError) as exc:
+            raise _fail(exc) from None
+        typer.echo(f"job {job.id}: {job.state.value}")
+
+
+def jobs_resend(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Send the job's SR again to its destinations (audited)."""
+    from node.db.repo_delivery import resend
+
+    with _sessions() as factory, factory() as session:
+        try:
+            ids = resend(session, job_id, actor=actor())
+        except (LookupError, ValueError) as exc:
+            raise _fail(exc) from None
+    typer.echo(f"job {job_id}: {len(ids)} deliveries queued again")
+
+
+def jobs_priority(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    priority: Annotated[int, typer.Argument(help="New priority (higher first).")],
+) -> None:
+    """Re-prioritise a job (audited)."""
+    from node.db import repo_api
+
+    with _sessions() as factory, factory() as session:
+        try:
+            row = repo_api.set_priority(session, job_id, priority, actor=actor())
+        except (LookupError, ValueError) as exc:
+            raise _fail(exc) from None
+    typer.echo(f"job {row.id}: priority {row.priority}")
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[ApiRole, typer.Option("--role", help="viewer, operator or admin.")],
+    name: Annotated[str | None, typer.Option("--name", help="A label for the token.")] = None,
+) -> None:
+    """Create an API token; the token is printed alone on the last line (shown once)."""
+    from node.api.auth import hash_secret, new_token
+    from node.db import repo_api
+
+    secret = new_token()
+    label = name or f"{role.value}-token"
+    with _sessions() as factory, factory() as session:
+        try:
+            row = repo_api.create_token(
+                session, name=label, role=role, token_hash=hash_secret(secret), actor=actor()
+            )
+        except ValueError as exc:
+            raise _fail(exc) from None
+    err.print(f"token {row.id} ({row.name}, role {row.role}); store it now, it is shown once:")
+    typer.echo(secret)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: Annotated[int, typer.Argument(help="Token id.")]) -> None:
+    """Revoke a token (its web sessions end too)."""
+    from node.db import repo_api
+
+    with _sessions() as factory, factory() as session:
+        try:
+            row = repo_api.revoke_token(session, token_id, actor=actor())
+        except LookupError as exc:
+            raise _fail(exc) from None
+    typer.echo(f"token {row.id} ({row.name}) revoked")
+
+
+@tokens_app.command("list")
+def tokens_list(
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list on stdout.")] = False,
+) -> None:
+    """List tokens (never their secrets)."""
+    from node.db import repo_api
+
+    with _sessions(read_only=True) as factory, factory() as session:
+        rows = repo_api.list_tokens(session)
+    if as_json:
+        typer.echo(json.dumps(_jsonable([asdict(r) for r in rows])))
+        return
+    for r in rows:
+        state = f"revoked {r.revoked_at.isoformat()}" if r.revoked_at else "active"
+        typer.echo(f"{r.id}\t{r.role}\t{r.name}\t{state}")
+
+
+# --- model tasks -----------------------------------------------------------------------------
+
+
+def _runtime(settings: Settings) -> LLMCXR:
+    from models.runtime import LLMCXR
+    from node.modelhost import backend_options
+
+    if settings.model_dir is None or not Path(settings.model_dir).is_dir():
+        err.print("no model: set model_dir (CXR_NODE_MODEL_DIR) to a model bundle directory")
+        raise typer.Exit(2)
+    return LLMCXR.from_bundle(
+        Path(settings.model_dir),
+        backend=settings.backend,
+        backend_options=backend_options(settings),
+    )
+
+
+def ask(
+    file: Annotated[
+        Path, typer.Argument(help="A DICOM image or PNG.", exists=True, dir_okay=False)
+    ],
+    question: Annotated[str, typer.Option("--question", "-q", help="The question.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Ask the model a question about a chest X-ray (CXR-VQA; AI generated, unverified)."""
+    from node.api import services
+
+    settings = _settings()
+    try:
+        gray8, _ds = services.gray8_from_file(file)
+        answer = services.answer_question(_runtime(settings), gray8, question)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if getattr(exc, "http_status", None) is None and not isinstance(exc, ValueError):
+            raise
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "question": question,
+                    "answer": answer.text,
+                    "model_name": answer.model_name,
+                    "model_version": answer.model_version,
+                    "demo": answer.demo,
+                    "timings": answer.timings,
+                }
+            )
+        )
+        return
+    demo = " DEMO model," if answer.demo else ""
+    err.print(f"({answer.model_name} {answer.model_version},{demo} AI generated, unverified)")
+    typer.echo(answer.text)
+
+
+def generate_image(
+    report: Annotated[str, typer.Option("--report", help="Report text.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.", dir_okay=False)],
+    dicom: Annotated[
+        Path | None,
+        typer.Option("--dicom", help="Also write a synthetic Secondary Capture.", dir_okay=False),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: greedy).")] = None,
+) -> None:
+    """Generate a synthetic chest X-ray from report text (256 codes -> 256x256 PNG)."""
+    from integration.sc import build_synthetic_sc, to_part10_bytes
+    from node.api.services import png_bytes
+
+    settings = _settings()
+    runtime = _runtime(settings)
+    try:
+        g = runtime.generate_image(report, seed=seed, greedy=None if seed is None else False)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    out.write_bytes(png_bytes(g.image))
+    typer.echo(f"wrote {out} ({g.image.shape[1]}x{g.image.shape[0]}, {g.codes.size} codes)")
+    if dicom is not None:
+        ds = build_synthetic_sc(
+            g.image, model_name=g.model_name, model_version=g.model_version, demo=g.demo
+        )
+        dicom.write_bytes(to_part10_bytes(ds))
+        typer.echo(f"wrote {dicom} (Secondary Capture {ds.SOPInstanceUID}, synthetic)")
+
+
+def register(app: typer.Typer, jobs_app: typer.Typer, settings: Callable[[], Settings]) -> None:
+    """Add the admin commands to ``cxr-node``.
+
+    Parameters
+    ----------
+    app
+        The root typer app (gets ``tokens``, ``ask``, ``generate-image``).
+    jobs_app
+        The ``jobs`` group (gets ``show``, ``retry``, ``cancel``, ``resend``, ``priority``).
+    settings
+        Loads the settings the way the rest of the CLI does (``--config``, environment).
+    """
+    _loader["settings"] = settings
+    jobs_app.command("show")(jobs_show)
+    jobs_app.command("retry")(jobs_retry)
+    jobs_app.command("cancel")(jobs_cancel)
+    jobs_app.command("resend")(jobs_resend)
+    jobs_app.command("priority")(jobs_priority)
+    app.add_typer(tokens_app, name="tokens")
+    app.command("ask")(ask)
+    app.command("generate-image")(generate_image)

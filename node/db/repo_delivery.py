@@ -1,0 +1,492 @@
+"""Queries of SR delivery: one ``deliveries`` row per (job, destination), retried until sent.
+
+Life of a row: ``pending`` -> ``sent`` | ``failed``; an admin re-send (or a re-run of the job)
+brings it back to ``pending``. A sender *claims* due rows (``next_attempt_at <= now``): the
+claim increments ``attempts`` and moves ``next_attempt_at`` forward by a short lease, so no
+other sender takes the row while it is being sent (PostgreSQL: ``SELECT ... FOR UPDATE SKIP
+LOCKED``; SQLite: the ``BEGIN IMMEDIATE`` transaction serializes claims). The lease end is
+also the claim's fencing token: :func:`mark_sent`, :func:`mark_retry` and :func:`mark_failed`
+given ``claimed_until`` change the row only while it still carries that value, so the result
+of a send that outlived its lease, or of a row re-queued meanwhile, is ignored instead of
+overwriting newer state. If a sender dies, the lease passes and the row is sent again.
+
+Every function that changes state commits its own transaction (as in
+:mod:`node.db.repository`). Error texts stored here name destinations and UIDs only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
+from node.db.repository import JobNotFound
+from node.settings import DicomDestination, StowDestination, parse_ae_address
+
+__all__ = [
+    "DeliverySummary",
+    "DestinationLike",
+    "claim_due_deliveries",
+    "delivery_counts",
+    "destination_kind",
+    "enqueue_deliveries",
+    "list_deliveries",
+    "mark_failed",
+    "mark_retry",
+    "mark_sent",
+    "release_claim",
+    "resend",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DestinationLike = DicomDestination | StowDestination | str
+_MAX_ERROR = 2000  # keep stored error texts bounded
+
+
+def _in_transaction(session: Session, fn: Callable[[], T]) -> T:
+    try:
+        result = fn()
+        session.commit()
+        return result
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def _normalise(dest: DestinationLike) -> tuple[str, DeliveryKind]:
+    """The canonical destination string and its kind (DIMSE ``AET@host:port`` or STOW URL)."""
+    if isinstance(dest, str):
+        text = dest.strip()
+        if text.lower().startswith(("http://", "https://")):
+            dest = StowDestination(url=text)
+        else:
+            dest = parse_ae_address(text)
+    if isinstance(dest, StowDestination):
+        return str(dest), DeliveryKind.stow
+    if isinstance(dest, DicomDestination):
+        return str(dest), DeliveryKind.dimse
+    raise TypeError(f"not a delivery destination: {type(dest).__name__}")
+
+
+def destination_kind(dest: DestinationLike) -> DeliveryKind:
+    """Whether ``dest`` is a DIMSE C-STORE (PS3.4 Annex B) or STOW-RS (PS3.18 §10.5) target."""
+    return _normalise(dest)[1]
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
+
+
+def enqueue_deliveries(
+    session: Session,
+    *,
+    job_id: int,
+    sr_path: str,
+    destinations: Sequence[DestinationLike],
+    now: datetime | None = None,
+) -> list[int]:
+    """Queue the job's SR for every destination: one ``pending`` row per destination.
+
+    Idempotent per (job, destination string): a re-run of the same job resets the existing
+    row to ``pending`` (fresh attempts, due now, new ``sr_path``) instead of adding one, so a
+    re-sent SR replaces rather than duplicates. The job row is locked first, so concurrent
+    calls for one job never add two rows for a destination. Commits.
+
+    Parameters
+    ----------
+    session
+        A write session.
+    job_id
+        The job whose SR is delivered.
+    sr_path
+        The SR Part 10 file: absolute, or relative to the node's spool directory.
+    destinations
+        Settings destinations (:class:`~node.settings.DicomDestination`,
+        :class:`~node.settings.StowDestination`) or their text (``AET@host:port``, URL).
+    now
+        The current time (tests).
+
+    Returns
+    -------
+    list[int]
+        The delivery ids, in the order of ``destinations`` (duplicates collapsed).
+
+    Raises
+    ------
+    JobNotFound
+        No job with that id.
+    ValueError
+        A destination text that is neither ``AET@host:port`` nor an http(s) URL.
+    """
+    if not sr_path:
+        raise ValueError("sr_path: the SR file path must not be empty")
+    wanted: dict[str, DeliveryKind] = {}
+    for dest in destinations:
+        text, kind = _normalise(dest)
+        wanted.setdefault(text, kind)
+    now = now or utcnow()
+
+    def work() -> list[int]:
+        job = session.scalars(select(Job.id).where(Job.id == job_id).with_for_update()).first()
+        if job is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        existing = {
+            d.destination: d
+            for d in session.scalars(
+                select(Delivery)
+                .where(Delivery.job_id == job_id)
+                .order_by(Delivery.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        }
+        ids: list[int] = []
+        for text, kind in wanted.items():
+            row = existing.get(text)
+            if row is None:
+                row = Delivery(
+                    job_id=job_id,
+                    destination=text,
+                    kind=kind,
+                    state=DeliveryState.pending,
+                    attempts=0,
+                    next_attempt_at=now,
+                    sr_path=sr_path,
+                    created_at=now,
+                )
+                session.add(row)
+                session.flush()
+            else:
+                row.state = DeliveryState.pending
+                row.kind = kind
+                row.attempts = 0
+                row.next_attempt_at = now
+                row.last_error = None
+                row.sent_at = None
+                row.sr_path = sr_path
+            ids.append(row.id)
+        return ids
+
+    ids = _in_transaction(session, work)
+    log.info("job %s: SR queued for %d destination(s): %s", job_id, len(ids), ", ".join(wanted))
+    return ids
+
+
+def claim_due_deliveries(
+    session: Session,
+    *,
+    now: datetime | None = None,
+    limit: int = 8,
+    lease_seconds: float = 120.0,
+    owner: str | None = None,
+) -> list[Delivery]:
+    """Claim up to ``limit`` pending deliveries that are due, oldest first.
+
+    Each claimed row gets ``attempts + 1`` and ``next_attempt_at = now + lease_seconds``
+    (the lease: no other sender claims it before then; it is also the fencing token to pass
+    as ``claimed_until`` to :func:`mark_sent` / :func:`mark_retry` / :func:`mark_failed`).
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so concurrent senders get different rows;
+    SQLite: the ``BEGIN IMMEDIATE`` transaction serializes claims. Commits.
+
+    Parameters
+    ----------
+    session
+        A write session.
+    now
+        The current time.
+    limit
+        At most this many rows.
+    lease_seconds
+        How long the claim holds; longer than the slowest send (connect + ACSE + DIMSE).
+    owner
+        The claiming sender, for the log only.
+
+    Returns
+    -------
+    list[Delivery]
+        Detached rows as claimed (``next_attempt_at`` is the lease end).
+    """
+    if limit < 1:
+        return []
+    if not lease_seconds > 0:
+        raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+    now = now or utcnow()
+    lease_until = now + timedelta(seconds=lease_seconds)
+
+    def work() -> list[Delivery]:
+        rows = list(
+            session.scalars(
+                select(Delivery)
+                .where(
+                    Delivery.state == DeliveryState.pending,
+                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                )
+                .order_by(Delivery.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+                .execution_options(populate_existing=True)
+            )
+        )
+        for row in rows:
+            row.attempts += 1
+            row.next_attempt_at = lease_until
+        return rows
+
+    rows = _in_transaction(session, work)
+    if rows:
+        log.debug("%s claimed deliveries %s", owner or "sender", [r.id for r in rows])
+    return rows
+
+
+def _fenced_update(
+    session: Session,
+    delivery_id: int,
+    claimed_until: datetime | None,
+    values: dict[str, Any],
+) -> bool:
+    conditions = [Delivery.id == delivery_id, Delivery.state == DeliveryState.pending]
+    if claimed_until is not None:
+        conditions.append(Delivery.next_attempt_at == claimed_until)
+
+    def work() -> bool:
+        res = session.execute(
+            update(Delivery)
+            .where(*conditions)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(res, "rowcount", 0))
+
+    changed = _in_transaction(session, work)
+    if not changed:
+        log.warning(
+            "delivery %s: claim no longer held (re-queued or lease passed); result not recorded",
+            delivery_id,
+        )
+    return changed
+
+
+def mark_sent(
+    session: Session,
+    delivery_id: int,
+    *,
+    claimed_until: datetime | None = None,
+    note: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Record a successful store: ``sent`` with ``sent_at``. Commits.
+
+    Parameters
+    ----------
+    session
+        A write session.
+    delivery_id
+        The row.
+    claimed_until
+        The lease end from :func:`claim_due_deliveries`; when given, the row changes only
+        if it still carries it.
+    note
+        Kept in ``last_error`` (e.g. a C-STORE warning status such as 0xB000); ``None``
+        clears it.
+    now
+        The time recorded as ``sent_at``.
+
+    Returns
+    -------
+    bool
+        Whether the row changed (``False``: the claim was lost).
+    """
+    now = now or utcnow()
+    return _fenced_update(
+        session,
+        delivery_id,
+        claimed_until,
+        {
+            "state": DeliveryState.sent,
+            "sent_at": now,
+            "next_attempt_at": None,
+            "last_error": _clip(note) if note else None,
+        },
+    )
+
+
+def mark_retry(
+    session: Session,
+    delivery_id: int,
+    *,
+    error: str,
+    next_attempt_at: datetime,
+    claimed_until: datetime | None = None,
+) -> bool:
+    """Record a transient failure: stay ``pending``, due again at ``next_attempt_at``. Commits.
+
+    ``error`` must hold no patient data. Returns whether the row changed.
+    """
+    return _fenced_update(
+        session,
+        delivery_id,
+        claimed_until,
+        {"next_attempt_at": next_attempt_at, "last_error": _clip(error)},
+    )
+
+
+def mark_failed(
+    session: Session,
+    delivery_id: int,
+    *,
+    error: str,
+    claimed_until: datetime | None = None,
+) -> bool:
+    """Record a final failure: ``failed`` with the reason (no patient data). Commits.
+
+    Returns whether the row changed.
+    """
+    return _fenced_update(
+        session,
+        delivery_id,
+        claimed_until,
+        {"state": DeliveryState.failed, "next_attempt_at": None, "last_error": _clip(error)},
+    )
+
+
+def release_claim(
+    session: Session,
+    delivery_id: int,
+    *,
+    claimed_until: datetime | None,
+    now: datetime | None = None,
+) -> bool:
+    """Give back a claimed row that was not sent (shutdown): due now, attempt not counted."""
+    now = now or utcnow()
+    return _fenced_update(
+        session,
+        delivery_id,
+        claimed_until,
+        {
+            "next_attempt_at": now,
+            "attempts": case((Delivery.attempts > 0, Delivery.attempts - 1), else_=0),
+        },
+    )
+
+
+def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:
+    """Re-send a job's SR to all its destinations (admin action, audited). Commits.
+
+    Every delivery row of the job goes back to ``pending``, due now, with fresh attempts;
+    the SR file recorded for each row is sent again (same SOP Instance UID: the PACS
+    replaces it).
+
+    Returns
+    -------
+    list[int]
+        The delivery ids re-queued (empty when the job never had an SR queued).
+
+    Raises
+    ------
+    JobNotFound
+        No job with that id.
+    """
+    now = now or utcnow()
+
+    def work() -> list[int]:
+        if (
+            session.scalars(select(Job.id).where(Job.id == job_id).with_for_update()).first()
+            is None
+        ):
+            raise JobNotFound(f"job {job_id} does not exist")
+        rows = list(
+            session.scalars(
+                select(Delivery)
+                .where(Delivery.job_id == job_id)
+                .order_by(Delivery.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        )
+        before = {str(r.id): r.state.value for r in rows}
+        for row in rows:
+            row.state = DeliveryState.pending
+            row.attempts = 0
+            row.next_attempt_at = now
+            row.last_error = None
+            row.sent_at = None
+        session.add(
+            AuditLog(
+                at=now,
+                actor=actor,
+                action="job.resend",
+                target=f"job:{job_id}",
+                detail={"deliveries": before},
+            )
+        )
+        return [r.id for r in rows]
+
+    return _in_transaction(session, work)
+
+
+@dataclass(frozen=True)
+class DeliverySummary:
+    """One delivery as shown by the API and the CLI."""
+
+    id: int
+    job_id: int
+    destination: str
+    kind: str
+    state: str
+    attempts: int
+    next_attempt_at: str | None
+    sent_at: str | None
+    last_error: str | None
+    sr_path: str | None
+    created_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+
+def list_deliveries(
+    session: Session,
+    *,
+    job_id: int | None = None,
+    state: DeliveryState | str | None = None,
+    limit: int = 100,
+) -> list[DeliverySummary]:
+    """Deliveries, newest first, optionally of one job and/or in one state."""
+    stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+    if job_id is not None:
+        stmt = stmt.where(Delivery.job_id == job_id)
+    if state is not None:
+        stmt = stmt.where(Delivery.state == DeliveryState(state))
+    return [
+        DeliverySummary(
+            id=d.id,
+            job_id=d.job_id,
+            destination=d.destination,
+            kind=d.kind.value,
+            state=d.state.value,
+            attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+            sent_at=d.sent_at.isoformat() if d.sent_at else None,
+            last_error=d.last_error,
+            sr_path=d.sr_path,
+            created_at=d.created_at.isoformat(),
+        )
+        for d in session.scalars(stmt)
+    ]
+
+
+def delivery_counts(session: Session) -> dict[str, int]:
+    """Deliveries by state, every state present (zero included)."""
+    out = {s.value: 0 for s in DeliveryState}
+    for state, n in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
+        out[DeliveryState(state).value] = int(n)
+    return out

@@ -1,0 +1,412 @@
+"""The SR sender: delivers queued draft SRs to the configured destinations, with retries.
+
+The worker calls :func:`enqueue_deliveries` once the SR file is written: one ``pending``
+row per destination (:mod:`node.db.repo_delivery`). :class:`DeliveryComponent` is a loop
+(one thread, plus a small pool for parallel sends) that every ``poll_seconds`` (and at once
+when woken by an enqueue in this process) claims the due rows and sends each one:
+
+- DIMSE destinations (``AET@host:port``) with C-STORE (PS3.4 Annex B) through
+  :func:`integration.scu.send_dataset` (calling AE = ``ae_title``, the node's ACSE / DIMSE /
+  network timeouts, DICOM TLS per PS3.15 B.1 when ``tls_destinations`` is on);
+- STOW-RS destinations (http(s) URLs) through :func:`integration.stow.stow` (PS3.18 §10.5).
+
+Outcomes: stored (success or warning status) -> ``sent`` with ``sent_at``; a transient
+failure (:attr:`integration.errors.DeliveryError.transient`: connection refused, association
+rejected-transient or aborted, timeout, 0xA7xx out of resources, HTTP 5xx/408/429) -> stays
+``pending``, due again after ``delivery_backoff_seconds * 2**(attempts-1)`` (capped at
+``delivery_max_backoff_seconds``, with up to 10 % jitter); a permanent failure (0xA9xx,
+0xCxxx, no presentation context, rejected-permanent, HTTP 4xx), a missing SR file, or a
+transient failure on attempt ``delivery_max_attempts`` -> ``failed`` with the reason. So a
+PACS that is down when the SR is ready gets it when it comes back, within the attempts.
+
+Logs name the delivery, the job, the destination, the SR's SOP Instance UID and the outcome;
+never report text or patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+from sqlalchemy.orm import Session
+
+from integration.errors import DeliveryError
+from integration.scu import DicomDestination as ScuDestination
+from integration.scu import SendResult, send_dataset
+from integration.stow import StowDestination as StowTarget
+from integration.stow import stow
+from node.api import metrics
+from node.db import repo_delivery as repo
+from node.db.models import Delivery, DeliveryKind, utcnow
+from node.db.repo_delivery import DestinationLike
+from node.service import NodeContext
+from node.settings import Settings, parse_ae_address
+from node.tls import build_client_context, client_context
+
+__all__ = [
+    "DeliveryComponent",
+    "DeliveryOutcome",
+    "backoff_seconds",
+    "enqueue_deliveries",
+    "make_delivery",
+    "wake_senders",
+]
+
+log = logging.getLogger(__name__)
+
+# live senders of this process, woken by enqueue_deliveries
+_SENDERS: weakref.WeakSet[DeliveryComponent] = weakref.WeakSet()
+_SENDERS_LOCK = threading.Lock()
+
+
+def wake_senders() -> None:
+    """Wake every running :class:`DeliveryComponent` of this process (new work is due)."""
+    with _SENDERS_LOCK:
+        senders = list(_SENDERS)
+    for sender in senders:
+        sender.wake()
+
+
+def enqueue_deliveries(
+    session: Session,
+    *,
+    job_id: int,
+    sr_path: str | Path,
+    destinations: Sequence[DestinationLike],
+) -> list[int]:
+    """Queue the job's SR for each destination and wake the senders of this process.
+
+    See :func:`node.db.repo_delivery.enqueue_deliveries` (idempotent per job and
+    destination; commits).
+
+    Parameters
+    ----------
+    session
+        A write session.
+    job_id
+        The job whose SR is delivered.
+    sr_path
+        The SR Part 10 file: absolute, or relative to ``spool_dir``.
+    destinations
+        Usually ``settings.destinations``.
+
+    Returns
+    -------
+    list[int]
+        The delivery ids.
+    """
+    ids = repo.enqueue_deliveries(
+        session, job_id=job_id, sr_path=str(sr_path), destinations=destinations
+    )
+    wake_senders()
+    return ids
+
+
+def backoff_seconds(
+    attempts: int, *, base: float, cap: float, jitter: float = 0.1, rng: random.Random | None = None
+) -> float:
+    """Delay before the next attempt after ``attempts`` failed ones (exponential, capped).
+
+    ``base * 2**(attempts - 1)``, multiplied by a random factor in ``[1 - jitter, 1 + jitter]``
+    (so that many deliveries failing together do not retry in lock-step), never above ``cap``.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    raw = base * 2.0 ** min(attempts - 1, 62)
+    factor = 1.0 + (rng or random).uniform(-jitter, jitter)
+    return float(min(min(raw, cap) * factor, cap))
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one send of one delivery came to (for logs and tests)."""
+
+    delivery_id: int
+    destination: str
+    state: str  # "sent", "retry", "failed" or "lost" (claim no longer held)
+    message: str
+    sr_uid: str | None = None
+
+
+class DeliveryComponent:
+    """The node's SR sender (a :class:`~node.service.Component`).
+
+    Parameters
+    ----------
+    ctx
+        The node context (settings, session factory, owner id, stop event).
+    poll_seconds
+        How often due deliveries are looked for when not woken.
+    max_parallel
+        Sends in flight at once (one association or HTTP request each).
+    lease_seconds
+        How long a claim holds a row; by default longer than the slowest possible send
+        (connect + ACSE + DIMSE + network timeouts, plus a margin).
+    """
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        *,
+        poll_seconds: float = 1.0,
+        max_parallel: int = 4,
+        lease_seconds: float | None = None,
+    ) -> None:
+        if not poll_seconds > 0:
+            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
+        if max_parallel < 1:
+            raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
+        s = ctx.settings
+        self.ctx = ctx
+        self.settings: Settings = s
+        self.poll_seconds = poll_seconds
+        self.max_parallel = max_parallel
+        self.connection_timeout = min(10.0, s.acse_timeout)
+        self.lease_seconds = lease_seconds or (
+            self.connection_timeout + s.acse_timeout + 2 * s.dimse_timeout + s.network_timeout + 30
+        )
+        # built once, at construction: a TLS misconfiguration fails start-up, not each send
+        self._ssl = client_context(s)
+        # STOW-RS over https: verify against tls_ca_file when set (else the system CAs)
+        self._stow_verify: bool | ssl.SSLContext = True
+        if s.tls_ca_file is not None:
+            self._stow_verify = build_client_context(
+                ca_file=s.tls_ca_file, cert_file=s.tls_cert_file, key_file=s.tls_key_file
+            )
+        self._http = httpx.Client(verify=self._stow_verify, timeout=s.network_timeout)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: set[Future[DeliveryOutcome]] = set()
+        self._lock = threading.Lock()
+        self.outcomes: list[DeliveryOutcome] = []  # the most recent outcomes (bounded)
+
+    # --- Component ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sender thread (non-blocking)."""
+        if self._thread is not None:
+            return
+        self._pool = ThreadPoolExecutor(self.max_parallel, thread_name_prefix="cxr-delivery")
+        self._thread = threading.Thread(target=self._run, name="cxr-delivery", daemon=True)
+        with _SENDERS_LOCK:
+            _SENDERS.add(self)
+        self._thread.start()
+        log.info(
+            "delivery sender started: %d destination(s), max %d attempts, TLS %s",
+            len(self.settings.destinations),
+            self.settings.delivery_max_attempts,
+            "on" if self._ssl is not None else "off",
+        )
+
+    def stop(self) -> None:
+        """Stop claiming, wait for the sends in flight (bounded by their timeouts)."""
+        self._stopping.set()
+        self._wake.set()
+        with _SENDERS_LOCK:
+            _SENDERS.discard(self)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._http.close()
+
+    def wake(self) -> None:
+        """Look for due deliveries now instead of at the next poll."""
+        self._wake.set()
+
+    # --- loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set() and not self.ctx.stop_event.is_set():
+            self._wake.clear()
+            claimed = 0
+            try:
+                claimed = self._dispatch()
+            except Exception:  # the database may be briefly unreachable: try again later
+                log.exception("delivery sender: claiming due deliveries failed")
+            if claimed == 0 or self._free_slots() == 0:
+                self._wake.wait(self.poll_seconds)
+
+    def _free_slots(self) -> int:
+        with self._lock:
+            self._inflight = {f for f in self._inflight if not f.done()}
+            return self.max_parallel - len(self._inflight)
+
+    def _dispatch(self) -> int:
+        free = self._free_slots()
+        if free <= 0 or self._pool is None:
+            return 0
+        with self.ctx.session_factory() as session:
+            rows = repo.claim_due_deliveries(
+                session, limit=free, lease_seconds=self.lease_seconds, owner=self.ctx.owner
+            )
+        for row in rows:
+            future = self._pool.submit(self.deliver, row)
+            future.add_done_callback(lambda _f: self._wake.set())
+            with self._lock:
+                self._inflight.add(future)
+        return len(rows)
+
+    def run_once(self) -> list[DeliveryOutcome]:
+        """Claim the due deliveries and send them in this thread (tools and tests)."""
+        with self.ctx.session_factory() as session:
+            rows = repo.claim_due_deliveries(
+                session,
+                limit=self.max_parallel,
+                lease_seconds=self.lease_seconds,
+                owner=self.ctx.owner,
+            )
+        return [self.deliver(row) for row in rows]
+
+    # --- one send ---------------------------------------------------------------------------
+
+    def _sr_file(self, row: Delivery) -> Path | None:
+        if not row.sr_path:
+            return None
+        path = Path(row.sr_path)
+        return path if path.is_absolute() else self.settings.spool_dir / path
+
+    def deliver(self, row: Delivery) -> DeliveryOutcome:
+        """Send one claimed delivery and record the outcome (never raises)."""
+        try:
+            outcome = self._deliver(row)
+        except Exception as exc:  # a bug or the database: the lease passes, the row returns
+            log.exception("delivery %s to %s: unexpected error", row.id, row.destination)
+            outcome = DeliveryOutcome(row.id, row.destination, "lost", type(exc).__name__)
+        with self._lock:
+            self.outcomes.append(outcome)
+            del self.outcomes[:-1000]
+        return outcome
+
+    def _deliver(self, row: Delivery) -> DeliveryOutcome:
+        claimed_until = row.next_attempt_at
+        path = self._sr_file(row)
+        if path is None or not path.is_file():
+            reason = f"SR file missing: {path or '(no path recorded)'} no longer exists"
+            metrics.count_delivery_failure(row.kind.value, transient=False)
+            return self._record_failed(row, claimed_until, reason, None)
+        sr_uid: str | None = None
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            sr_uid = str(header.get("SOPInstanceUID", "")) or None
+        except Exception:  # send_dataset / stow report an unreadable file with the reason
+            pass
+        try:
+            result = self._send(row, path)
+        except DeliveryError as exc:
+            return self._record_error(row, claimed_until, str(exc), exc.transient, sr_uid)
+        except Exception as exc:  # unknown: assume transient, bounded by max attempts
+            return self._record_error(
+                row, claimed_until, f"{type(exc).__name__}: {exc}", True, sr_uid
+            )
+        sr_uid = result.sop_instance_uid or sr_uid
+        note = result.message if result.warning else None
+        with self.ctx.session_factory() as session:
+            ok = repo.mark_sent(session, row.id, claimed_until=claimed_until, note=note)
+        state = "sent" if ok else "lost"
+        log.info(
+            "delivery %s (job %s): SR %s to %s: %s (status %s, attempt %d)",
+            row.id,
+            row.job_id,
+            sr_uid,
+            row.destination,
+            state,
+            f"0x{result.status:04X}" if row.kind is DeliveryKind.dimse else f"HTTP {result.status}",
+            row.attempts,
+        )
+        return DeliveryOutcome(row.id, row.destination, state, result.message, sr_uid)
+
+    def _send(self, row: Delivery, path: Path) -> SendResult:
+        s = self.settings
+        if row.kind is DeliveryKind.stow:
+            target = StowTarget(url=row.destination, timeout=s.network_timeout)
+            return stow(path, target, client=self._http)
+        parsed = parse_ae_address(row.destination)
+        dest = ScuDestination(ae_title=parsed.ae_title, host=parsed.host, port=parsed.port)
+        return send_dataset(
+            path,
+            dest,
+            calling_ae=s.ae_title,
+            acse_timeout=s.acse_timeout,
+            dimse_timeout=s.dimse_timeout,
+            network_timeout=s.network_timeout,
+            connection_timeout=self.connection_timeout,
+            ssl_context=self._ssl,
+        )
+
+    def _record_error(
+        self,
+        row: Delivery,
+        claimed_until: datetime | None,
+        error: str,
+        transient: bool,
+        sr_uid: str | None,
+    ) -> DeliveryOutcome:
+        s = self.settings
+        metrics.count_delivery_failure(row.kind.value, transient=transient)
+        if not transient:
+            return self._record_failed(row, claimed_until, f"permanent failure: {error}", sr_uid)
+        if row.attempts >= s.delivery_max_attempts:
+            reason = f"gave up after {row.attempts} attempts; last error: {error}"
+            return self._record_failed(row, claimed_until, reason, sr_uid)
+        delay = backoff_seconds(
+            row.attempts, base=s.delivery_backoff_seconds, cap=s.delivery_max_backoff_seconds
+        )
+        due = utcnow() + timedelta(seconds=delay)
+        message = f"attempt {row.attempts}/{s.delivery_max_attempts} failed: {error}"
+        with self.ctx.session_factory() as session:
+            ok = repo.mark_retry(
+                session, row.id, error=message, next_attempt_at=due, claimed_until=claimed_until
+            )
+        log.warning(
+            "delivery %s (job %s): SR %s to %s: retry in %.1f s (attempt %d/%d): %s",
+            row.id,
+            row.job_id,
+            sr_uid,
+            row.destination,
+            delay,
+            row.attempts,
+            s.delivery_max_attempts,
+            error,
+        )
+        return DeliveryOutcome(row.id, row.destination, "retry" if ok else "lost", message, sr_uid)
+
+    def _record_failed(
+        self, row: Delivery, claimed_until: datetime | None, reason: str, sr_uid: str | None
+    ) -> DeliveryOutcome:
+        with self.ctx.session_factory() as session:
+            ok = repo.mark_failed(session, row.id, error=reason, claimed_until=claimed_until)
+        log.error(
+            "delivery %s (job %s): SR %s to %s: failed (attempt %d): %s",
+            row.id,
+            row.job_id,
+            sr_uid,
+            row.destination,
+            row.attempts,
+            reason,
+        )
+        return DeliveryOutcome(row.id, row.destination, "failed" if ok else "lost", reason, sr_uid)
+
+
+def make_delivery(ctx: NodeContext) -> DeliveryComponent:
+    """Component factory for ``cxr-node serve`` (see :mod:`node.components`).
+
+    The sender is put in ``ctx.extras["delivery"]`` (the API may wake it after a re-send).
+    """
+    component = DeliveryComponent(ctx)
+    ctx.extras["delivery"] = component
+    return component

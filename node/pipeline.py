@@ -1,0 +1,615 @@
+"""The per-job work of the worker, as plain functions, each stage timed.
+
+For one claimed job (or a batch of them):
+
+1. **load** the study's instances (SQL rows + spool files) and read their headers with
+   pydicom (``stop_before_pixels``);
+2. **select** the frontal image (:func:`integration.selection.select_frontal`); none is a
+   permanent failure with the reason (no retry);
+3. **convert** its pixel data (:func:`integration.pixels.to_gray8` ->
+   :func:`models.preprocess.to_model_input`); bad pixel data is a permanent failure;
+4. **encode + generate** under the model host's lock (:meth:`models.runtime.LLMCXR.report_batch`
+   with ``generation_*`` settings): several jobs' images in one batch;
+5. **store** the draft (:func:`node.db.repo_outputs.save_draft`, replacing an earlier draft of
+   the same job, under the lease);
+6. **build the SR** (:func:`integration.sr.build_draft_sr`; SOP Instance and Series UIDs
+   derived from study + model name + version, :mod:`integration.uids`) and write it durably to
+   ``<spool>/outputs/<SR SOP Instance UID>.dcm`` (temporary file, fsync, rename, fsync dir);
+7. **enqueue** one delivery per configured destination
+   (:func:`node.db.repo_delivery.enqueue_deliveries`, idempotent per job and destination);
+8. **finish** the job (:func:`node.db.repository.finish_job`).
+
+A re-run of a job (lease expiry, retry, a late instance) produces the same SR UID and
+replaces the file; delivery rows are not duplicated. When the lease is lost on the way the
+job's outputs are abandoned (the new holder writes them). Logs carry job ids, UIDs and
+timings only, never report text or patient data.
+
+Test hook: ``CXR_NODE_TEST_STAGE_DELAY="<stage>:<seconds>[,<stage>:<seconds>...]"`` sleeps
+before a stage (``load``, ``convert``, ``generate``, ``sr``, ``enqueue``). It exists so that
+tests can kill a worker *during* generation deterministically; leave it unset in production
+(it is logged as a warning when set).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.orm import Session, sessionmaker
+
+from integration.errors import IntegrationError, NoFrontalImageError, PixelDataError
+from integration.pixels import to_gray8
+from integration.selection import select_frontal
+from integration.sr import build_draft_sr, requested_procedures_from
+from integration.uids import sr_instance_uid, sr_series_uid
+from node.api import metrics
+from node.db import repo_outputs
+from node.db import repository as repo
+from node.db.repository import LeaseLost
+from node.settings import Settings
+
+if TYPE_CHECKING:
+    from models.runtime import LLMCXR, ReportDraft
+    from node.modelhost import ModelHost
+
+__all__ = [
+    "MANUFACTURER",
+    "OUTPUTS_DIR",
+    "SR_INSTANCE_NUMBER",
+    "SR_SERIES_NUMBER",
+    "STAGE_DELAY_ENV",
+    "JobFailure",
+    "JobOutcome",
+    "PipelineDeps",
+    "PreparedJob",
+    "SelectedImage",
+    "StudyHeaders",
+    "build_sr",
+    "complete_job",
+    "convert_image",
+    "generate_reports",
+    "load_study",
+    "prepare_job",
+    "run_batch",
+    "select_image",
+    "stage_delay",
+    "write_sr",
+]
+
+log = logging.getLogger(__name__)
+
+OUTPUTS_DIR = "outputs"
+MANUFACTURER = "llm-cxr-node"
+SR_SERIES_NUMBER = 9901
+SR_INSTANCE_NUMBER = 1
+STAGE_DELAY_ENV = "CXR_NODE_TEST_STAGE_DELAY"
+_STAGES = ("load", "convert", "generate", "sr", "enqueue")
+
+
+class JobFailure(Exception):
+    """A job attempt failed; ``permanent`` failures are not retried.
+
+    Parameters
+    ----------
+    message
+        The reason recorded as the job's ``last_error`` (UIDs and terms only, no patient data).
+    permanent
+        ``True`` when a retry would fail the same way (no frontal image, bad pixel data).
+    stage
+        The stage that failed.
+    """
+
+    def __init__(self, message: str, *, permanent: bool, stage: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+        self.stage = stage
+
+
+# --- test hook ----------------------------------------------------------------------------
+
+
+def _parse_delays(text: str) -> dict[str, float]:
+    delays: dict[str, float] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        stage, sep, seconds = part.partition(":")
+        stage = stage.strip().lower()
+        if not sep or stage not in _STAGES:
+            raise ValueError(f"{STAGE_DELAY_ENV}: {part!r} is not <stage>:<seconds> ({_STAGES})")
+        delays[stage] = float(seconds)
+    return delays
+
+
+def stage_delay(stage: str) -> float:
+    """Sleep before ``stage`` as ``CXR_NODE_TEST_STAGE_DELAY`` asks (tests only); return it."""
+    text = os.environ.get(STAGE_DELAY_ENV, "")
+    if not text:
+        return 0.0
+    seconds = _parse_delays(text).get(stage, 0.0)
+    if seconds > 0:
+        log.warning(
+            "%s: sleeping %.1f s before stage %s (test hook)", STAGE_DELAY_ENV, seconds, stage
+        )
+        time.sleep(seconds)
+    return seconds
+
+
+# --- dependencies and records --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineDeps:
+    """What the pipeline needs: settings, a write-session factory, the spool root."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    spool_root: Path
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, session_factory: sessionmaker[Session]
+    ) -> PipelineDeps:
+        """Dependencies for ``settings`` (spool root = ``settings.spool_dir``)."""
+        return cls(settings, session_factory, Path(settings.spool_dir).absolute())
+
+    @property
+    def outputs_dir(self) -> Path:
+        """``<spool>/outputs``: where SRs are written before delivery."""
+        return self.spool_root / OUTPUTS_DIR
+
+
+@dataclass
+class StudyHeaders:
+    """A job's study: its UID and the headers of its readable instances."""
+
+    job_id: int
+    study_uid: str
+    headers: list[Dataset]
+    paths: list[Path]
+    unreadable: int = 0
+
+
+@dataclass(frozen=True)
+class SelectedImage:
+    """The frontal image chosen for a job: header, file and the selection reason."""
+
+    header: Dataset
+    path: Path
+    sop_instance_uid: str
+    reason: str
+
+
+@dataclass
+class PreparedJob:
+    """A job ready for generation: its selected image as model input, and stage timings."""
+
+    job_id: int
+    study_uid: str
+    image: SelectedImage
+    model_input: npt.NDArray[np.float32]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class JobOutcome:
+    """What became of one job: ``done``, ``failed`` (permanent), ``retry`` or ``abandoned``."""
+
+    job_id: int
+    status: str
+    sr_uid: str | None = None
+    sr_path: Path | None = None
+    draft_id: int | None = None
+    delivery_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], key: str) -> None:
+        self.timings = timings
+        self.key = key
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.t0
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+def load_study(deps: PipelineDeps, job_id: int) -> StudyHeaders:
+    """Read the headers (no pixel data) of the job's study's instances from the spool.
+
+    Raises
+    ------
+    JobFailure
+        Permanent when the study has no readable instance.
+    """
+    stage_delay("load")
+    with deps.session_factory() as session:
+        info = repo_outputs.job_study(session, job_id)
+    headers: list[Dataset] = []
+    paths: list[Path] = []
+    unreadable = 0
+    for inst in info.instances:
+        path = deps.spool_root / inst.spool_path
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+            paths.append(path)
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            unreadable += 1
+            log.warning(
+                "job %s: SOP instance %s unreadable in the spool (%s)",
+                job_id,
+                inst.sop_instance_uid,
+                type(exc).__name__,
+            )
+    if not headers:
+        raise JobFailure(
+            f"study {info.study_uid}: none of its {len(info.instances)} instances is readable "
+            "in the spool",
+            permanent=True,
+            stage="load",
+        )
+    return StudyHeaders(job_id, info.study_uid, headers, paths, unreadable)
+
+
+def select_image(study: StudyHeaders) -> SelectedImage:
+    """Choose the frontal image (PS3.3 C.8.11.5 View Position and fall-backs).
+
+    Raises
+    ------
+    JobFailure
+        Permanent, with the selection's reason, when no instance is frontal.
+    """
+    try:
+        sel = select_frontal(study.headers)
+    except NoFrontalImageError as exc:
+        raise JobFailure(str(exc.message), permanent=True, stage="select") from exc
+    return SelectedImage(
+        header=sel.dataset,
+        path=study.paths[sel.index],
+        sop_instance_uid=str(sel.dataset.SOPInstanceUID),
+        reason=sel.reason,
+    )
+
+
+def convert_image(image: SelectedImage) -> npt.NDArray[np.float32]:
+    """Decode the image's pixel data to the model input ``float32[3, 256, 256]`` in [-1, 1].
+
+    Raises
+    ------
+    JobFailure
+        Permanent for undecodable or invalid pixel data (PS3.3 C.7.6.3), naming the attribute.
+    """
+    from models.preprocess import to_model_input
+
+    stage_delay("convert")
+    try:
+        ds = pydicom.dcmread(image.path)
+        gray = to_gray8(ds)
+        return to_model_input(gray)
+    except PixelDataError as exc:
+        raise JobFailure(
+            f"SOP instance {image.sop_instance_uid}: {exc.message}", permanent=True, stage="convert"
+        ) from exc
+    except (InvalidDicomError, ValueError, TypeError, NotImplementedError) as exc:
+        raise JobFailure(
+            f"SOP instance {image.sop_instance_uid}: pixel data cannot be converted "
+            f"({type(exc).__name__})",
+            permanent=True,
+            stage="convert",
+        ) from exc
+
+
+def prepare_job(deps: PipelineDeps, job_id: int) -> PreparedJob:
+    """Load, select and convert one job's image (timed: ``load_s``, ``convert_s``)."""
+    timings: dict[str, float] = {}
+    with _Timer(timings, "load_s"):
+        study = load_study(deps, job_id)
+        image = select_image(study)
+    with _Timer(timings, "convert_s"):
+        model_input = convert_image(image)
+    return PreparedJob(job_id, study.study_uid, image, model_input, timings)
+
+
+def generate_reports(
+    runtime: LLMCXR, inputs: Sequence[npt.NDArray[np.float32]], settings: Settings
+) -> list[ReportDraft]:
+    """Encode and generate reports for several model inputs in one batch.
+
+    Uses ``generation_greedy``, ``generation_seed`` and ``generation_max_new_tokens``.
+    """
+    stage_delay("generate")
+    return runtime.report_batch(
+        list(inputs),
+        greedy=settings.generation_greedy,
+        seed=settings.generation_seed,
+        max_new_tokens=settings.generation_max_new_tokens,
+    )
+
+
+def build_sr(image: SelectedImage, draft: ReportDraft) -> Dataset:
+    """The draft report SR (Comprehensive SR, TID 2000-style; see :mod:`integration.sr`).
+
+    SOP Instance and Series Instance UIDs are derived from the study and the model's name
+    and version, so a re-run replaces the earlier SR.
+    """
+    study_uid = str(image.header.StudyInstanceUID)
+    impression = draft.impression.strip() or draft.text.strip() or "(no text generated)"
+    return build_draft_sr(
+        evidence=[image.header],
+        findings=draft.findings,
+        impression=impression,
+        algorithm_name=draft.model_name,
+        algorithm_version=draft.model_version,
+        manufacturer=MANUFACTURER,
+        demo=draft.demo,
+        sop_instance_uid=sr_instance_uid(study_uid, draft.model_name, draft.model_version),
+        series_instance_uid=sr_series_uid(study_uid, draft.model_name, draft.model_version),
+        series_number=SR_SERIES_NUMBER,
+        instance_number=SR_INSTANCE_NUMBER,
+        requested_procedures=requested_procedures_from(image.header) or None,
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_sr(
+    sr: Dataset, outputs_dir: Path, *, before_rename: Callable[[], None] | None = None
+) -> Path:
+    """Write ``sr`` durably to ``<outputs_dir>/<SOP Instance UID>.dcm`` (replacing).
+
+    Temporary file in the same directory, ``fsync``, ``before_rename()`` (e.g. a lease
+    check that raises), atomic ``os.replace``, ``fsync`` of the directory.
+    """
+    outputs_dir.mkdir(parents=True, exist_ok=True)
+    final = outputs_dir / f"{sr.SOPInstanceUID}.dcm"
+    tmp = outputs_dir / f".{sr.SOPInstanceUID}.{uuid.uuid4().hex[:8]}.part"
+    try:
+        with open(tmp, "wb") as fh:
+            sr.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, final)
+        _fsync_dir(outputs_dir)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def _draft_record(draft: ReportDraft, timings: dict[str, float]) -> repo_outputs.DraftRecord:
+    return repo_outputs.DraftRecord(
+        task="report",
+        full_text=draft.text,
+        findings=draft.findings,
+        impression=draft.impression,
+        model_name=draft.model_name,
+        model_version=draft.model_version,
+        demo=draft.demo,
+        prompt=draft.prompt,
+        generation_settings=dict(draft.settings),
+        timings=dict(timings),
+    )
+
+
+def _check_lease(deps: PipelineDeps, job_id: int, owner: str) -> None:
+    with deps.session_factory() as session:
+        if not repo_outputs.lease_held(session, job_id, owner):
+            raise LeaseLost(f"job {job_id}: lease of {owner} lost")
+
+
+def complete_job(
+    deps: PipelineDeps,
+    prepared: PreparedJob,
+    draft: ReportDraft,
+    *,
+    owner: str,
+    lease_lost: Callable[[], bool] | None = None,
+) -> JobOutcome:
+    """Store the draft, write the SR, enqueue deliveries and finish the job.
+
+    Raises
+    ------
+    LeaseLost
+        When ``owner`` lost the job's lease on the way (outputs abandoned).
+    JobFailure
+        Permanent when the SR cannot be built from the draft (SR build error).
+    """
+    job_id = prepared.job_id
+    timings = prepared.timings
+    for key in ("encode_s", "prefill_s", "decode_s", "prompt_tokens", "tokens"):
+        if key in draft.timings:
+            timings[key] = float(draft.timings[key])
+
+    def check() -> None:
+        if lease_lost is not None and lease_lost():
+            raise LeaseLost(f"job {job_id}: heartbeat reported the lease of {owner} lost")
+        _check_lease(deps, job_id, owner)
+
+    check()
+    with deps.session_factory() as session:
+        draft_id = repo_outputs.save_draft(
+            session, job_id, owner=owner, draft=_draft_record(draft, timings)
+        )
+    stage_delay("sr")
+    with _Timer(timings, "sr_s"):
+        try:
+            sr = build_sr(prepared.image, draft)
+        except IntegrationError as exc:
+            raise JobFailure(f"SR not built: {exc}", permanent=True, stage="sr") from exc
+        path = write_sr(sr, deps.outputs_dir, before_rename=check)
+    sr_uid = str(sr.SOPInstanceUID)
+    stage_delay("enqueue")
+    delivery_ids: list[int] = []
+    destinations = list(deps.settings.destinations)
+    if destinations:
+        from node.delivery import enqueue_deliveries  # also wakes this process's senders
+
+        check()
+        with _Timer(timings, "enqueue_s"), deps.session_factory() as session:
+            delivery_ids = enqueue_deliveries(
+                session,
+                job_id=job_id,
+                sr_path=f"{OUTPUTS_DIR}/{path.name}",
+                destinations=destinations,
+            )
+    with deps.session_factory() as session:
+        repo_outputs.update_draft_timings(session, draft_id, timings)
+        repo.finish_job(
+            session,
+            job_id,
+            owner=owner,
+            sr_sop_instance_uid=sr_uid,
+            selected_sop_instance_uid=prepared.image.sop_instance_uid,
+        )
+    for key, value in timings.items():
+        if key.endswith("_s"):
+            metrics.observe_stage(key.removesuffix("_s"), value)
+    if timings.get("decode_s"):
+        metrics.observe_generation("report", timings.get("tokens", 0.0), timings["decode_s"])
+    return JobOutcome(
+        job_id=job_id,
+        status="done",
+        sr_uid=sr_uid,
+        sr_path=path,
+        draft_id=draft_id,
+        delivery_ids=delivery_ids,
+        timings=dict(timings),
+    )
+
+
+# --- a batch of jobs --------------------------------------------------------------------
+
+
+def _fail(deps: PipelineDeps, job_id: int, owner: str, exc: BaseException) -> JobOutcome:
+    """Record a failed attempt; a lost lease is abandoned silently."""
+    if isinstance(exc, LeaseLost):
+        log.warning("job %s: lease lost, outputs abandoned (%s)", job_id, exc)
+        return JobOutcome(job_id, "abandoned", error=str(exc))
+    if isinstance(exc, JobFailure):
+        message, permanent = f"{exc.stage}: {exc.message}", exc.permanent
+    else:
+        # the model's own errors carry no patient data; keep the class and message short
+        message, permanent = f"{type(exc).__name__}: {str(exc)[:500]}", False
+    try:
+        with deps.session_factory() as session:
+            job = repo.fail_job(session, job_id, owner=owner, error=message, retry=not permanent)
+        status = "retry" if job.state.value == "queued" else "failed"
+    except LeaseLost:
+        log.warning("job %s: lease lost before the failure could be recorded", job_id)
+        return JobOutcome(job_id, "abandoned", error=message)
+    log.log(
+        logging.WARNING if status == "retry" else logging.ERROR,
+        "job %s %s: %s",
+        job_id,
+        "will be retried" if status == "retry" else "failed permanently",
+        message,
+    )
+    return JobOutcome(job_id, status, error=message)
+
+
+def _generate_isolated(
+    model_host: ModelHost, prepared: Sequence[PreparedJob], settings: Settings
+) -> list[ReportDraft | BaseException]:
+    """Generate for the batch; if the batch fails, run each job alone to isolate the culprit."""
+    with model_host.use() as runtime:
+        try:
+            return list(generate_reports(runtime, [p.model_input for p in prepared], settings))
+        except Exception as exc:
+            if len(prepared) == 1:
+                return [exc]
+            log.warning("batch of %d failed (%s); running its jobs one by one", len(prepared), exc)
+        out: list[ReportDraft | BaseException] = []
+        for p in prepared:
+            try:
+                out.append(generate_reports(runtime, [p.model_input], settings)[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+
+def run_batch(
+    deps: PipelineDeps,
+    job_ids: Sequence[int],
+    model_host: ModelHost,
+    *,
+    owner: str,
+    lease_lost: Callable[[int], bool] | None = None,
+) -> list[JobOutcome]:
+    """Run claimed jobs (held by ``owner``) through the whole pipeline; never raises for a job.
+
+    Jobs whose load/select/convert fails are failed alone and dropped from the batch; the
+    others are generated together and completed one by one. Returns one outcome per job,
+    in the order of ``job_ids``.
+    """
+    outcomes: dict[int, JobOutcome] = {}
+    prepared: list[PreparedJob] = []
+    for job_id in job_ids:
+        try:
+            prepared.append(prepare_job(deps, job_id))
+        except Exception as exc:
+            outcomes[job_id] = _fail(deps, job_id, owner, exc)
+    live: list[PreparedJob] = []
+    for p in prepared:
+        if lease_lost is not None and lease_lost(p.job_id):
+            outcomes[p.job_id] = _fail(deps, p.job_id, owner, LeaseLost("lost before generation"))
+        else:
+            live.append(p)
+    if live:
+        t0 = time.perf_counter()
+        for p in live:
+            log.info("job %s: generating (study %s, batch of %d)", p.job_id, p.study_uid, len(live))
+        results = _generate_isolated(model_host, live, deps.settings)
+        wall = time.perf_counter() - t0
+        for p, res in zip(live, results, strict=True):
+            if isinstance(res, BaseException):
+                outcomes[p.job_id] = _fail(deps, p.job_id, owner, res)
+                continue
+            p.timings["generate_wall_s"] = wall
+            p.timings["batch_size"] = float(len(live))
+            lost = (lambda j=p.job_id: lease_lost(j)) if lease_lost is not None else None
+            try:
+                outcome = complete_job(deps, p, res, owner=owner, lease_lost=lost)
+            except Exception as exc:
+                outcomes[p.job_id] = _fail(deps, p.job_id, owner, exc)
+                continue
+            outcomes[p.job_id] = outcome
+            log.info(
+                "job %s done: study %s, SR %s, %d deliveries queued; timings %s",
+                p.job_id,
+                p.study_uid,
+                outcome.sr_uid,
+                len(outcome.delivery_ids),
+                _fmt_timings(outcome.timings),
+            )
+    return [outcomes[j] for j in job_ids]
+
+
+def _fmt_timings(timings: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(timings.items())
+    )

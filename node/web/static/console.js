@@ -1,0 +1,260 @@
+// cxr-node web console: a little JavaScript, no build step, no external resources.
+// Every state-changing request sends the CSRF token (double-submit: cookie + header).
+"use strict";
+
+(function () {
+  function meta(name) {
+    var m = document.querySelector('meta[name="' + name + '"]');
+    return m ? m.getAttribute("content") : "";
+  }
+
+  function cookie(name) {
+    var parts = document.cookie ? document.cookie.split("; ") : [];
+    for (var i = 0; i < parts.length; i++) {
+      var eq = parts[i].indexOf("=");
+      if (parts[i].slice(0, eq) === name) return decodeURIComponent(parts[i].slice(eq + 1));
+    }
+    return "";
+  }
+
+  function csrfToken() {
+    // the cookie is the truth (it may have been rotated since the page was rendered)
+    return cookie(meta("csrf-cookie")) || meta("csrf-token");
+  }
+
+  // fetch JSON (or a blob) with the session cookie; POSTs carry the CSRF header
+  function api(method, url, body, opts) {
+    var headers = { Accept: (opts && opts.accept) || "application/json" };
+    if (method !== "GET" && method !== "HEAD") headers[meta("csrf-header")] = csrfToken();
+    if (body !== undefined && body !== null) headers["Content-Type"] = "application/json";
+    return fetch(url, {
+      method: method,
+      headers: headers,
+      credentials: "same-origin",
+      body: body === undefined || body === null ? undefined : JSON.stringify(body),
+    }).then(function (resp) {
+      if (resp.status === 401 && !(opts && opts.noRedirect)) {
+        window.location.assign("/login?next=" + encodeURIComponent(window.location.pathname));
+      }
+      return resp;
+    });
+  }
+
+  function errorText(resp) {
+    return resp.text().then(function (t) {
+      try {
+        var j = JSON.parse(t);
+        var d = j.detail !== undefined ? j.detail : j.error || j.message || t;
+        return resp.status + ": " + (typeof d === "string" ? d : JSON.stringify(d));
+      } catch (e) {
+        return resp.status + ": " + (t || resp.statusText);
+      }
+    });
+  }
+
+  function el(tag, attrs, text) {
+    var e = document.createElement(tag);
+    if (attrs) for (var k in attrs) e.setAttribute(k, attrs[k]);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+
+  window.cxrConsole = { api: api, csrfToken: csrfToken, errorText: errorText, el: el };
+
+  // --- every page: log out -------------------------------------------------------------
+  function setupLogout() {
+    var b = document.getElementById("logout");
+    if (!b) return;
+    b.addEventListener("click", function () {
+      api("DELETE", "/api/session", null, { noRedirect: true }).finally(function () {
+        window.location.assign("/login");
+      });
+    });
+  }
+
+  // --- login -------------------------------------------------------------------------------
+  function setupLogin() {
+    var form = document.getElementById("login-form");
+    if (!form) return;
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var out = document.getElementById("login-error");
+      out.hidden = true;
+      var token = document.getElementById("token").value.trim();
+      fetch("/api/session", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify({ token: token }),
+      }).then(function (resp) {
+        if (resp.ok) {
+          var next = new URLSearchParams(window.location.search).get("next") || "/";
+          // only same-site paths: never an open redirect
+          if (next.charAt(0) !== "/" || next.charAt(1) === "/") next = "/";
+          window.location.assign(next);
+          return;
+        }
+        errorText(resp).then(function (t) {
+          out.textContent = "Login refused (" + t + ")";
+          out.hidden = false;
+        });
+      });
+    });
+  }
+
+  // --- queue -------------------------------------------------------------------------------
+  function jobRow(j) {
+    var tr = el("tr", { "data-job-id": j.id, "data-state": j.state });
+    var td = el("td");
+    td.appendChild(el("a", { href: "/jobs/" + encodeURIComponent(j.id) }, j.id));
+    tr.appendChild(td);
+    tr.appendChild(el("td", { class: "uid" }, j.study_uid));
+    var st = el("td");
+    st.appendChild(el("span", { class: "badge state-" + j.state }, j.state));
+    tr.appendChild(st);
+    tr.appendChild(el("td", null, j.priority));
+    tr.appendChild(el("td", null, j.attempts + "/" + j.max_attempts));
+    tr.appendChild(el("td", null, String(j.updated_at || "").replace("T", " ").slice(0, 19)));
+    tr.appendChild(el("td", { class: "uid" }, j.sr_uid || j.sr_sop_instance_uid || ""));
+    return tr;
+  }
+
+  function setupQueue() {
+    var table = document.getElementById("jobs-table");
+    if (!table) return;
+    var body = document.getElementById("jobs-body");
+    var filter = document.getElementById("state-filter");
+    var stamp = document.getElementById("refreshed");
+    function refresh() {
+      var url = table.getAttribute("data-api");
+      if (filter.value) url += (url.indexOf("?") < 0 ? "?" : "&") + "state=" + encodeURIComponent(filter.value);
+      api("GET", url).then(function (resp) {
+        if (!resp.ok) return;
+        return resp.json().then(function (data) {
+          var jobs = Array.isArray(data) ? data : data.jobs || data.items || [];
+          body.replaceChildren.apply(body, jobs.map(jobRow));
+          document.getElementById("jobs-empty").hidden = jobs.length > 0;
+          stamp.textContent = "updated " + new Date().toLocaleTimeString();
+        });
+      }).catch(function () { stamp.textContent = "node unreachable"; });
+      api("GET", "/ui/summary").then(function (resp) {
+        if (!resp.ok) return;
+        return resp.json().then(function (s) {
+          var counts = s.counts || {};
+          for (var k in counts) {
+            var c = document.querySelector('.count[data-state="' + k + '"] b');
+            if (c) c.textContent = counts[k];
+          }
+          updateModel(s.model || {});
+        });
+      }).catch(function () {});
+    }
+    filter.addEventListener("change", function () {
+      var u = new URL(window.location.href);
+      if (filter.value) u.searchParams.set("state", filter.value); else u.searchParams.delete("state");
+      window.history.replaceState(null, "", u.toString());
+      refresh();
+    });
+    refresh();
+    window.setInterval(refresh, 2000);
+  }
+
+  function updateModel(m) {
+    var s = document.getElementById("model-state");
+    if (s && m.state) {
+      s.textContent = m.state;
+      s.className = "badge model-" + m.state;
+    }
+    if (m.demo && !document.getElementById("demo-banner")) window.location.reload();
+  }
+
+  // --- job detail: retry / cancel / re-send ------------------------------------------------
+  function setupJob() {
+    var box = document.getElementById("actions");
+    if (!box) return;
+    var out = document.getElementById("action-result");
+    box.querySelectorAll("button.action").forEach(function (b) {
+      b.addEventListener("click", function () {
+        var name = b.getAttribute("data-action");
+        if (name === "cancel" && !window.confirm("Cancel this job?")) return;
+        b.disabled = true;
+        out.textContent = name + "…";
+        api("POST", b.getAttribute("data-url"), {}).then(function (resp) {
+          if (resp.ok) {
+            out.textContent = name + ": done";
+            window.setTimeout(function () { window.location.reload(); }, 300);
+          } else {
+            errorText(resp).then(function (t) { out.textContent = name + " refused (" + t + ")"; b.disabled = false; });
+          }
+        });
+      });
+    });
+  }
+
+  // --- destinations: C-ECHO ----------------------------------------------------------------
+  function setupDestinations() {
+    document.querySelectorAll("button.echo").forEach(function (b) {
+      var out = b.parentElement.querySelector(".echo-result");
+      b.addEventListener("click", function () {
+        b.disabled = true;
+        out.textContent = "C-ECHO…";
+        out.className = "echo-result";
+        api("POST", b.getAttribute("data-url"), {}).then(function (resp) {
+          b.disabled = false;
+          if (!resp.ok) return errorText(resp).then(function (t) { out.textContent = t; out.className = "echo-result error"; });
+          return resp.json().then(function (r) {
+            out.textContent = r.ok ? "success" : "failed" + (r.error ? ": " + r.error : "");
+            out.className = "echo-result " + (r.ok ? "ok" : "error");
+          });
+        });
+      });
+    });
+  }
+
+  // --- try: VQA and report -> CXR ----------------------------------------------------------
+  function setupTry() {
+    var vqa = document.getElementById("vqa-form");
+    if (vqa) {
+      vqa.addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        var out = document.getElementById("vqa-answer");
+        out.textContent = "asking…";
+        out.classList.remove("error");
+        var uid = document.getElementById("vqa-study").value;
+        var url = vqa.getAttribute("data-url").replace("{study_uid}", encodeURIComponent(uid));
+        api("POST", url, { question: document.getElementById("vqa-question").value }).then(function (resp) {
+          if (!resp.ok) return errorText(resp).then(function (t) { out.textContent = t; out.classList.add("error"); });
+          return resp.json().then(function (a) { out.textContent = a.answer || a.text || ""; });
+        });
+      });
+    }
+    var gen = document.getElementById("gen-form");
+    if (gen) {
+      gen.addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        var err = document.getElementById("gen-error");
+        var fig = document.getElementById("gen-figure");
+        err.hidden = true;
+        api("POST", gen.getAttribute("data-url"), { report: document.getElementById("gen-text").value },
+            { accept: "image/png" }).then(function (resp) {
+          if (!resp.ok) return errorText(resp).then(function (t) { err.textContent = t; err.hidden = false; });
+          return resp.blob().then(function (blob) {
+            var img = document.getElementById("gen-image");
+            if (img.src && img.src.indexOf("blob:") === 0) URL.revokeObjectURL(img.src);
+            img.src = URL.createObjectURL(blob);
+            fig.hidden = false;
+          });
+        });
+      });
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    setupLogout();
+    setupLogin();
+    setupQueue();
+    setupJob();
+    setupDestinations();
+    setupTry();
+  });
+})();

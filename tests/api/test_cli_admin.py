@@ -1,0 +1,106 @@
+"""``cxr-node`` admin commands (jobs, tokens, ask, generate-image) on a real database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from typer.testing import CliRunner
+
+from node.cli import app
+from node.db.models import JobState
+from tests.api.conftest import EnvFactory
+from tests.helpers import NIH_PNGS, rg1_file
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.delenv("CXR_NODE_CONFIG", raising=False)
+    return CliRunner()
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, env_settings: object, **extra: str) -> None:
+    monkeypatch.setenv("CXR_NODE_DATABASE_URL", env_settings.database_url)  # type: ignore[attr-defined]
+    monkeypatch.setenv("CXR_NODE_SPOOL_DIR", str(env_settings.spool_dir))  # type: ignore[attr-defined]
+    for k, v in extra.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_tokens_and_jobs(
+    make_env: EnvFactory, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env(model=False)
+    _env(monkeypatch, env.settings)
+    r = runner.invoke(app, ["tokens", "create", "--role", "operator", "--name", "cli-op"])
+    assert r.exit_code == 0, r.output
+    token = r.stdout.strip().splitlines()[-1]
+    assert token.startswith("cxr_")
+    with httpx.Client(base_url=env.base, headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.get("/api/session").json()["name"] == "cli-op"
+    listed = json.loads(runner.invoke(app, ["tokens", "list", "--json"]).stdout)
+    tid = next(t["id"] for t in listed if t["name"] == "cli-op")
+    assert runner.invoke(app, ["tokens", "create", "--role", "root"]).exit_code == 2
+    r = runner.invoke(app, ["tokens", "revoke", str(tid)])
+    assert r.exit_code == 0 and "revoked" in r.stdout
+    with httpx.Client(base_url=env.base, headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.get("/api/session").status_code == 401
+    assert runner.invoke(app, ["tokens", "revoke", "99999"]).exit_code == 1
+
+    failed = env.seed("failed")
+    done = env.seed("done", draft="Normal heart size.", destination="PACS@h:104")
+    r = runner.invoke(app, ["jobs", "show", str(done.job_id), "--json"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.stdout)
+    assert shown["job"]["state"] == "done" and shown["drafts"][0]["text"] == "Normal heart size."
+    r = runner.invoke(app, ["jobs", "show", str(done.job_id)])
+    assert "Normal heart size." in r.stdout and "PACS@h:104" in r.stdout
+    assert runner.invoke(app, ["jobs", "show", "99999"]).exit_code == 1
+    r = runner.invoke(app, ["jobs", "retry", str(failed.job_id)])
+    assert r.exit_code == 0 and "queued" in r.stdout
+    assert env.job(failed.job_id).state is JobState.queued
+    assert runner.invoke(app, ["jobs", "retry", str(failed.job_id)]).exit_code == 1
+    r = runner.invoke(app, ["jobs", "priority", str(failed.job_id), "9"])
+    assert r.exit_code == 0 and env.job(failed.job_id).priority == 9
+    r = runner.invoke(app, ["jobs", "cancel", str(failed.job_id), "--reason", "wrong patient"])
+    assert r.exit_code == 0 and env.job(failed.job_id).state is JobState.cancelled
+    assert runner.invoke(app, ["jobs", "cancel", str(done.job_id)]).exit_code == 1
+    r = runner.invoke(app, ["jobs", "resend", str(done.job_id)])
+    assert r.exit_code == 0, r.output
+    assert "1 deliveries" in r.stdout
+    for action in ("job.requeue", "job.cancel", "job.priority", "token.create", "token.revoke"):
+        rows = env.audit(action)
+        assert rows and rows[-1].actor.startswith("cli:"), action
+
+
+@pytest.mark.slow
+def test_ask_and_generate_image(
+    demo_bundle: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CXR_NODE_MODEL_DIR", str(demo_bundle))
+    monkeypatch.setenv("CXR_NODE_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    r = runner.invoke(app, ["ask", str(rg1_file()), "--question", "Is there effusion?", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["demo"] is True and isinstance(out["answer"], str)
+    if NIH_PNGS:
+        r = runner.invoke(app, ["ask", str(NIH_PNGS[0]), "-q", "Heart size?"])
+        assert r.exit_code == 0, r.output
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"garbage")
+    assert runner.invoke(app, ["ask", str(bad), "-q", "Heart?"]).exit_code == 1
+    png, dcm = tmp_path / "cxr.png", tmp_path / "cxr.dcm"
+    r = runner.invoke(
+        app, ["generate-image", "--report", "Normal chest.", "--out", str(png), "--dicom", str(dcm)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "256 codes" in r.stdout
+    assert Image.open(png).size == (256, 256)
+    assert dcmread(dcm).ConversionType == "SYN"
+    monkeypatch.delenv("CXR_NODE_MODEL_DIR")
+    assert runner.invoke(app, ["generate-image", "--report", "x", "--out", str(png)]).exit_code == 2

@@ -1,0 +1,144 @@
+"""Job routes on a running API with a real SQLite database: every action, audited."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.api.conftest import ApiEnv
+
+pytestmark = pytest.mark.integration
+
+
+def test_list_and_filter(env: ApiEnv) -> None:
+    queued = env.seed("queued")
+    failed = env.seed("failed")
+    done = env.seed("done", destination="PACS@10.0.0.5:104")
+    with env.client("viewer") as c:
+        page = c.get("/api/jobs").json()
+        assert page["total"] == 3
+        assert [j["id"] for j in page["items"]] == [done.job_id, failed.job_id, queued.job_id]
+        assert [
+            j["id"] for j in c.get("/api/jobs", params={"state": "failed"}).json()["items"]
+        ] == [failed.job_id]
+        both = c.get("/api/jobs", params=[("state", "failed"), ("state", "queued")]).json()
+        assert {j["id"] for j in both["items"]} == {failed.job_id, queued.job_id}
+        by_study = c.get("/api/jobs", params={"study_uid": queued.study_uid}).json()
+        assert [j["study_uid"] for j in by_study["items"]] == [queued.study_uid]
+        by_dest = c.get("/api/jobs", params={"destination": "PACS@10.0.0.5:104"}).json()
+        assert [j["id"] for j in by_dest["items"]] == [done.job_id]
+        assert c.get("/api/jobs", params={"destination": "OTHER@h:1"}).json()["total"] == 0
+        future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        assert c.get("/api/jobs", params={"since": future}).json()["total"] == 0
+        assert c.get("/api/jobs", params={"since": past, "until": future}).json()["total"] == 3
+        assert c.get("/api/jobs", params={"until": past}).json()["total"] == 0
+        paged = c.get("/api/jobs", params={"limit": 1, "offset": 1}).json()
+        assert paged["total"] == 3 and [j["id"] for j in paged["items"]] == [failed.job_id]
+        assert c.get("/api/jobs", params={"state": "bogus"}).status_code == 422
+        assert c.get("/api/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_job_detail(env: ApiEnv) -> None:
+    done = env.seed("done", draft="No acute cardiopulmonary process.", destination="PACS@h:104")
+    with env.client("viewer") as c:
+        d = c.get(f"/api/jobs/{done.job_id}").json()
+        assert d["job"]["state"] == "done"
+        assert d["job"]["sr_uid"] == env.job(done.job_id).sr_sop_instance_uid
+        assert d["job"]["sr_uid"]
+        assert d["selected_sop_instance_uid"] == done.sop_uid
+        assert d["draft"]["text"] == "No acute cardiopulmonary process."
+        assert d["draft"]["demo"] is True
+        assert d["timings"]["decode_s"] == 0.5
+        names = [s["name"] for s in d["stages"]]
+        assert names[:4] == ["received", "queued", "started", "finished"]
+        assert all(s["at"] for s in d["stages"][:4])
+        assert d["stages"][0]["seconds"] is not None and d["stages"][0]["seconds"] >= 0
+        assert d["deliveries"][0]["destination"] == "PACS@h:104"
+        assert d["deliveries"][0]["attempts"] == 8
+        assert d["deliveries"][0]["last_error"] == "association rejected"
+        r = c.get("/api/jobs/424242")
+        assert r.status_code == 404 and "424242" in r.json()["detail"]
+
+
+def test_retry(env: ApiEnv) -> None:
+    failed = env.seed("failed")
+    queued = env.seed("queued")
+    with env.client("operator") as c:
+        r = c.post(f"/api/jobs/{failed.job_id}/retry")
+        assert r.status_code == 200
+        assert r.json()["state"] == "queued" and r.json()["attempts"] == 0
+        r = c.post(f"/api/jobs/{queued.job_id}/retry")
+        assert r.status_code == 409
+        assert "illegal state transition queued -> queued" in r.json()["detail"]
+        assert c.post("/api/jobs/999999/retry").status_code == 404
+    audit = env.audit("job.requeue")
+    assert len(audit) == 1
+    assert audit[0].actor == env.actor("operator")
+    assert audit[0].target == f"job:{failed.job_id}"
+    assert audit[0].detail is not None and audit[0].detail["from"] == "failed"
+    assert audit[0].at is not None
+    with env.client("viewer") as c:
+        trail = c.get(f"/api/jobs/{failed.job_id}").json()["audit"]
+        assert [a["action"] for a in trail] == ["job.requeue"]
+        listed = c.get("/api/audit", params={"action": "job.requeue"}).json()
+        assert listed["total"] == 1 and listed["items"][0]["actor"] == env.actor("operator")
+
+
+def test_cancel(env: ApiEnv) -> None:
+    queued = env.seed("queued")
+    done = env.seed("done")
+    with env.client("operator") as c:
+        r = c.post(f"/api/jobs/{queued.job_id}/cancel", json={"reason": "duplicate order"})
+        assert r.status_code == 200 and r.json()["state"] == "cancelled"
+        assert r.json()["last_error"] == "duplicate order"
+        r = c.post(f"/api/jobs/{done.job_id}/cancel")
+        assert r.status_code == 409
+        r = c.post(f"/api/jobs/{queued.job_id}/cancel", json={"reason": "x" * 501})
+        assert r.status_code == 422
+    assert env.job(done.job_id).state.value == "done"
+    audit = env.audit("job.cancel")
+    assert [(a.target, a.actor) for a in audit] == [(f"job:{queued.job_id}", env.actor("operator"))]
+    assert audit[0].detail == {"from": "queued", "to": "cancelled", "reason": "duplicate order"}
+
+
+def test_reprioritise(env: ApiEnv) -> None:
+    queued = env.seed("queued")
+    with env.client("operator") as c:
+        r = c.post(f"/api/jobs/{queued.job_id}/priority", json={"priority": 7})
+        assert r.status_code == 200 and r.json()["priority"] == 7
+        assert c.post(f"/api/jobs/{queued.job_id}/priority", json={}).status_code == 422
+        r = c.post(f"/api/jobs/{queued.job_id}/priority", json={"priority": 10**6})
+        assert r.status_code == 422
+        assert c.post("/api/jobs/999999/priority", json={"priority": 1}).status_code == 404
+    assert env.job(queued.job_id).priority == 7
+    audit = env.audit("job.priority")
+    assert len(audit) == 1 and audit[0].detail == {"from": 0, "to": 7}
+    assert audit[0].actor == env.actor("operator")
+
+
+def test_resend(env: ApiEnv) -> None:
+    pytest.importorskip("node.db.repo_delivery", reason="DELIVERY's repository not present")
+    done = env.seed("done", destination="PACS@h:104")
+    with env.client("operator") as c:
+        r = c.post(f"/api/jobs/{done.job_id}/resend")
+        assert r.status_code == 200, r.text
+        assert r.json()["job_id"] == done.job_id
+        assert len(r.json()["requeued_deliveries"]) == 1
+        assert c.post("/api/jobs/999999/resend").status_code == 404
+    with env.client("viewer") as c:
+        d = c.get(f"/api/jobs/{done.job_id}").json()
+        assert d["deliveries"][0]["state"] == "pending"
+    audit = env.audit("job.resend")
+    assert audit and audit[-1].actor == env.actor("operator")
+    assert audit[-1].target == f"job:{done.job_id}"
+
+
+def test_config_summary_has_no_secrets(make_env) -> None:  # type: ignore[no-untyped-def]
+    env = make_env(model=False)
+    with env.client("admin") as c:
+        cfg = c.get("/api/config").json()
+    assert cfg["api_host"] == "127.0.0.1"
+    assert cfg["database_url"].startswith("sqlite:///")
+    assert "token" not in str(cfg).lower() or "cxr_" not in str(cfg)

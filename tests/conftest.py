@@ -1,0 +1,14 @@
+"""Suite-wide setup.
+
+Node processes that tests start (``cxr-node serve`` subprocesses, ``run_node`` threads) run
+without the admin API unless a test turns it on with its own free port: the API's default
+port (8080) would otherwise be shared by every node the suite starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CXR_NODE_API_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

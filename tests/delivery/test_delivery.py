@@ -1,0 +1,227 @@
+"""The SR sender (node.delivery) against real peers: a pynetdicom storage SCP that is down
+and comes back, one that never comes back, one that rejects the data set, Orthanc over
+STOW-RS, and two senders sharing one PostgreSQL database."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from node.cli import app
+from node.db import repo_delivery as rd
+from node.db.engine import make_engine, make_session_factory
+from node.db.migrate import upgrade
+from node.db.models import Delivery, DeliveryState
+from node.delivery import DeliveryComponent, enqueue_deliveries, make_delivery
+from tests.delivery.conftest import (
+    NodeDB,
+    PacsSCP,
+    SRFactory,
+    delivery_settings,
+    make_job,
+    node_context,
+)
+from tests.dicom.orthanc import OrthancServer
+from tests.helpers import free_port, wait_for
+
+
+def _row(db: NodeDB, delivery_id: int) -> Delivery:
+    with db.factory() as s:
+        return s.get_one(Delivery, delivery_id)
+
+
+@pytest.fixture
+def senders() -> Iterator[list[DeliveryComponent]]:
+    """Delivery components started by a test; stopped at teardown."""
+    started: list[DeliveryComponent] = []
+    yield started
+    for c in started:
+        c.stop()
+
+
+def _start(
+    senders: list[DeliveryComponent], db: NodeDB, tmp_path: Path, **overrides: object
+) -> DeliveryComponent:
+    settings = delivery_settings(db, tmp_path, **overrides)
+    ctx = node_context(db, settings)
+    component = make_delivery(ctx)
+    assert ctx.extras["delivery"] is component
+    component.poll_seconds = 0.1
+    component.start()
+    senders.append(component)
+    return component
+
+
+@pytest.mark.integration
+def test_pacs_down_then_back_gets_the_sr_exactly_once(
+    node_db: NodeDB,
+    tmp_path: Path,
+    make_sr: SRFactory,
+    pacs_factory: Callable[..., PacsSCP],
+    senders: list[DeliveryComponent],
+) -> None:
+    port = free_port()
+    dest = f"PACS@127.0.0.1:{port}"
+    sr_path, sr_uid = make_sr("down-then-back")
+    _start(senders, node_db, tmp_path, destinations=dest)
+    job = make_job(node_db.factory)
+    with node_db.factory() as s:
+        (did,) = enqueue_deliveries(s, job_id=job, sr_path=sr_path, destinations=[dest])
+
+    # the PACS is down: the sender retries with backoff, the row stays pending
+    wait_for(lambda: _row(node_db, did).attempts >= 3, timeout=60)
+    row = _row(node_db, did)
+    assert row.state is DeliveryState.pending
+    assert "cannot connect" in (row.last_error or "") and row.sent_at is None
+
+    pacs = pacs_factory(port)  # back on the same port
+    wait_for(lambda: _row(node_db, did).state is DeliveryState.sent, timeout=60)
+    senders[0].stop()  # no further send can happen after this
+    row = _row(node_db, did)
+    assert row.sent_at is not None and row.last_error is None
+    assert pacs.received == [sr_uid]
+    assert pacs.calling == ["LLMCXR"]  # calling AE = settings.ae_title
+
+
+@pytest.mark.integration
+def test_destination_that_never_returns_ends_failed_with_reason(
+    node_db: NodeDB,
+    tmp_path: Path,
+    make_sr: SRFactory,
+    senders: list[DeliveryComponent],
+) -> None:
+    port = free_port()
+    dest = f"PACS@127.0.0.1:{port}"
+    sr_path, _ = make_sr("never-returns")
+    _start(senders, node_db, tmp_path, destinations=dest, delivery_max_attempts=3)
+    job = make_job(node_db.factory)
+    with node_db.factory() as s:
+        (did,) = enqueue_deliveries(s, job_id=job, sr_path=sr_path, destinations=[dest])
+    wait_for(lambda: _row(node_db, did).state is DeliveryState.failed, timeout=60)
+    row = _row(node_db, did)
+    assert row.attempts == 3
+    assert "gave up after 3 attempts" in (row.last_error or "")
+    assert f"cannot connect to {dest}" in (row.last_error or "")
+
+    # visible in `cxr-node status --json`
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_NODE_")}
+    env.update(
+        {
+            "CXR_NODE_DATABASE_URL": node_db.url,
+            "CXR_NODE_SPOOL_DIR": str(tmp_path / "spool"),
+            "CXR_NODE_API_PORT": str(free_port()),
+        }
+    )
+    result = CliRunner().invoke(app, ["status", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["deliveries"] == {"pending": 0, "sent": 0, "failed": 1}
+
+
+@pytest.mark.integration
+def test_permanent_rejection_fails_without_retrying(
+    node_db: NodeDB,
+    tmp_path: Path,
+    make_sr: SRFactory,
+    pacs_factory: Callable[..., PacsSCP],
+) -> None:
+    pacs = pacs_factory(status=0xA900)  # Error: Data Set does not match SOP Class
+    good = pacs_factory()
+    sr_path, sr_uid = make_sr("rejected")
+    settings = delivery_settings(node_db, tmp_path, destinations=[pacs.address, good.address])
+    component = DeliveryComponent(node_context(node_db, settings))
+    job = make_job(node_db.factory)
+    missing_job = make_job(node_db.factory)
+    with node_db.factory() as s:
+        bad_id, good_id = enqueue_deliveries(
+            s, job_id=job, sr_path=sr_path, destinations=settings.destinations
+        )
+        (missing_id,) = enqueue_deliveries(
+            s, job_id=missing_job, sr_path=tmp_path / "gone.dcm", destinations=[good.address]
+        )
+    outcomes = {o.delivery_id: o for o in component.run_once()}
+    try:
+        assert set(outcomes) == {bad_id, good_id, missing_id}
+        assert outcomes[bad_id].state == "failed" and outcomes[good_id].state == "sent"
+        assert outcomes[good_id].sr_uid == sr_uid
+        bad = _row(node_db, bad_id)
+        assert bad.state is DeliveryState.failed and bad.attempts == 1
+        assert "0xA900" in (bad.last_error or "") and "permanent" in (bad.last_error or "")
+        assert pacs.received == [sr_uid]  # one attempt only
+        assert good.received == [sr_uid]
+        missing = _row(node_db, missing_id)
+        assert missing.state is DeliveryState.failed
+        assert "SR file missing" in (missing.last_error or "")
+        assert "gone.dcm" in (missing.last_error or "")
+        assert component.run_once() == []  # nothing left due
+    finally:
+        component.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_stow_rs_to_orthanc(
+    node_db: NodeDB,
+    tmp_path: Path,
+    make_sr: SRFactory,
+    senders: list[DeliveryComponent],
+) -> None:
+    sr_path, sr_uid = make_sr("stow")
+    with OrthancServer(tmp_path / "orthanc") as orthanc:
+        dest = orthanc.dicomweb_url
+        _start(senders, node_db, tmp_path, destinations=dest)
+        job = make_job(node_db.factory)
+        with node_db.factory() as s:
+            (did,) = enqueue_deliveries(s, job_id=job, sr_path=sr_path, destinations=[dest])
+        wait_for(lambda: _row(node_db, did).state is DeliveryState.sent, timeout=60)
+        instance = orthanc.find_instance(sr_uid)
+        assert instance is not None
+        tags = orthanc.simplified_tags(instance)
+        assert tags["SOPInstanceUID"] == sr_uid
+        assert tags["VerificationFlag"] == "UNVERIFIED"
+        assert len(orthanc.instances()) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_two_senders_on_postgres_never_send_a_row_twice(
+    pg_schema_url: str,
+    tmp_path: Path,
+    make_sr: SRFactory,
+    pacs_factory: Callable[..., PacsSCP],
+    senders: list[DeliveryComponent],
+) -> None:
+    upgrade(pg_schema_url)
+    engine = make_engine(pg_schema_url)
+    db = NodeDB(pg_schema_url, engine, make_session_factory(engine))
+    pacs = pacs_factory(delay=0.02)
+    n = 20
+    files = [make_sr(f"pair-{i}") for i in range(n)]
+    try:
+        a = _start(senders, db, tmp_path, destinations=pacs.address)
+        b = _start(senders, db, tmp_path, destinations=pacs.address)
+        ids = []
+        for path, _ in files:
+            job = make_job(db.factory)
+            with db.factory() as s:
+                ids += enqueue_deliveries(s, job_id=job, sr_path=path, destinations=[pacs.address])
+        wait_for(lambda: len(pacs.received) >= n, timeout=120)
+        wait_for(lambda: all(_row(db, i).state is DeliveryState.sent for i in ids), timeout=60)
+        a.stop()
+        b.stop()
+        assert sorted(pacs.received) == sorted(uid for _, uid in files)  # each exactly once
+        with db.factory() as s:
+            rows = list(s.scalars(select(Delivery)))
+            assert rd.delivery_counts(s) == {"pending": 0, "sent": n, "failed": 0}
+        assert all(r.attempts == 1 for r in rows)  # no row was claimed twice
+        # both senders took part
+        sent_by = [{o.delivery_id for o in c.outcomes if o.state == "sent"} for c in (a, b)]
+        assert sent_by[0] and sent_by[1] and not (sent_by[0] & sent_by[1])
+        assert sent_by[0] | sent_by[1] == set(ids)
+    finally:
+        engine.dispose()

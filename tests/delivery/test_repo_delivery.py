@@ -1,0 +1,151 @@
+"""Delivery queries (node.db.repo_delivery) on SQLite and PostgreSQL: idempotent enqueue,
+claim leases and fencing, retry / failed / sent records, admin re-send with audit."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from node.db import repo_delivery as rd
+from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, utcnow
+from node.db.repository import JobNotFound, counts
+from node.delivery import backoff_seconds
+from node.settings import DicomDestination, StowDestination
+from tests.delivery.conftest import NodeDB, make_job
+
+DESTS: list[DicomDestination | StowDestination] = [
+    DicomDestination(ae_title="PACS", host="127.0.0.1", port=104),
+    StowDestination(url="http://127.0.0.1:8042/dicom-web"),
+]
+
+
+def _rows(db: NodeDB, job_id: int) -> list[Delivery]:
+    with db.factory() as s:
+        return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by("id")))
+
+
+def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
+    job = make_job(node_db.factory)
+    with node_db.factory() as s:
+        ids = rd.enqueue_deliveries(s, job_id=job, sr_path="/sr/a.dcm", destinations=DESTS)
+    assert len(ids) == 2
+    rows = _rows(node_db, job)
+    assert [r.kind for r in rows] == [DeliveryKind.dimse, DeliveryKind.stow]
+    assert [r.destination for r in rows] == [
+        "PACS@127.0.0.1:104",
+        "http://127.0.0.1:8042/dicom-web",
+    ]
+    assert all(r.state is DeliveryState.pending and r.attempts == 0 for r in rows)
+
+    # the first one is sent, the second fails; then the job is re-run with a new SR file
+    with node_db.factory() as s:
+        claimed = rd.claim_due_deliveries(s, limit=10)
+        assert {c.id for c in claimed} == set(ids)
+        assert rd.mark_sent(s, ids[0], claimed_until=claimed[0].next_attempt_at)
+        assert rd.mark_failed(
+            s, ids[1], error="permanent", claimed_until=claimed[1].next_attempt_at
+        )
+    with node_db.factory() as s:
+        # text destinations are the same destinations; duplicates collapse
+        again = rd.enqueue_deliveries(
+            s,
+            job_id=job,
+            sr_path="/sr/b.dcm",
+            destinations=["PACS@127.0.0.1:104", "http://127.0.0.1:8042/dicom-web", DESTS[0]],
+        )
+    assert again == ids
+    rows = _rows(node_db, job)
+    assert len(rows) == 2
+    for r in rows:
+        assert r.state is DeliveryState.pending and r.attempts == 0
+        assert r.sr_path == "/sr/b.dcm" and r.sent_at is None and r.last_error is None
+    with node_db.factory() as s:
+        assert rd.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 0}
+        with pytest.raises(JobNotFound):
+            rd.enqueue_deliveries(s, job_id=job + 999, sr_path="/x", destinations=DESTS)
+        with pytest.raises(ValueError):
+            rd.enqueue_deliveries(s, job_id=job, sr_path="/x", destinations=["no-port"])
+
+
+def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
+    job = make_job(node_db.factory)
+    t0 = utcnow()
+    with node_db.factory() as s:
+        (did,) = rd.enqueue_deliveries(
+            s, job_id=job, sr_path="/sr.dcm", destinations=DESTS[:1], now=t0
+        )
+        first = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
+        assert [d.id for d in first] == [did] and first[0].attempts == 1
+        lease1 = first[0].next_attempt_at
+        assert lease1 == t0 + timedelta(seconds=60)
+        # while the lease holds, nobody else gets the row
+        assert rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=59)) == []
+        # the first sender died: after the lease the row is claimed again (attempt 2)
+        second = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=61), lease_seconds=60)
+        assert [d.id for d in second] == [did] and second[0].attempts == 2
+        lease2 = second[0].next_attempt_at
+        # the late result of the first claim is ignored
+        assert not rd.mark_sent(s, did, claimed_until=lease1)
+        assert rd.mark_retry(
+            s,
+            did,
+            error="cannot connect",
+            next_attempt_at=t0 + timedelta(seconds=100),
+            claimed_until=lease2,
+        )
+        assert rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=99)) == []
+        third = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=100), lease_seconds=5)
+        assert [d.attempts for d in third] == [3]
+        # shutdown: the claim is given back, the attempt not counted
+        assert rd.release_claim(
+            s, did, claimed_until=third[0].next_attempt_at, now=t0 + timedelta(seconds=101)
+        )
+        fourth = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=101))
+        assert [d.attempts for d in fourth] == [3]
+        assert rd.mark_sent(s, did, claimed_until=fourth[0].next_attempt_at, note="warning 0xB000")
+        assert not rd.mark_failed(s, did, error="late")  # sent is final for the sender
+    (row,) = _rows(node_db, job)
+    assert row.state is DeliveryState.sent and row.sent_at is not None
+    assert row.last_error == "warning 0xB000" and row.next_attempt_at is None
+
+
+def test_resend_requeues_and_audits(node_db: NodeDB) -> None:
+    job = make_job(node_db.factory)
+    other = make_job(node_db.factory)
+    with node_db.factory() as s:
+        ids = rd.enqueue_deliveries(s, job_id=job, sr_path="/sr.dcm", destinations=DESTS)
+        rd.enqueue_deliveries(s, job_id=other, sr_path="/o.dcm", destinations=DESTS[:1])
+        for d in rd.claim_due_deliveries(s, limit=10):
+            if d.job_id == job:
+                rd.mark_sent(s, d.id, claimed_until=d.next_attempt_at)
+            else:
+                rd.mark_failed(s, d.id, error="gave up", claimed_until=d.next_attempt_at)
+        assert rd.delivery_counts(s) == {"pending": 0, "sent": 2, "failed": 1}
+        assert counts(s).deliveries == rd.delivery_counts(s)
+        assert rd.resend(s, job, actor="admin:alice") == ids
+        assert rd.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 1}
+        entry = s.scalars(select(AuditLog).where(AuditLog.action == "job.resend")).one()
+        assert entry.actor == "admin:alice" and entry.target == f"job:{job}"
+        assert entry.detail == {"deliveries": {str(i): "sent" for i in ids}}
+        with pytest.raises(JobNotFound):
+            rd.resend(s, job + 999, actor="admin:alice")
+        assert s.scalar(select(func.count(AuditLog.id))) == 1
+        listed = rd.list_deliveries(s, state="failed")
+        assert [(x.job_id, x.last_error) for x in listed] == [(other, "gave up")]
+        assert {x.id for x in rd.list_deliveries(s, job_id=job)} == set(ids)
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    values = [backoff_seconds(n, base=5, cap=600, rng=rng) for n in range(1, 12)]
+    for n, v in enumerate(values, start=1):
+        nominal = min(5 * 2 ** (n - 1), 600)
+        assert 0.9 * nominal <= v <= min(1.1 * nominal, 600)
+    assert values[-1] <= 600 and values[0] < values[3] < values[6]
+    assert len({round(v, 6) for v in values[:6]}) == 6  # jitter: not lock-step
+    assert backoff_seconds(10_000, base=1, cap=30, jitter=0) == 30
+    with pytest.raises(ValueError):
+        backoff_seconds(0, base=1, cap=2)

@@ -1,0 +1,115 @@
+"""Fixtures for end-to-end tests: a demo model bundle (built once per session) and the real
+node started as ``python -m node.cli serve`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import REPO, free_port, port_open, wait_for
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo bundle (random weights, LLM-CXR layout) in a session temp dir."""
+    from models.demo import create_demo_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "demo"
+    create_demo_bundle(out)
+    return out
+
+
+@dataclass
+class NodeProcess:
+    """A running ``cxr-node serve`` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    env: dict[str, str]
+    workdir: Path
+    log_path: Path
+
+    def cli(self, *args: str) -> str:
+        """Run ``cxr-node ARGS`` with the node's environment; return stdout (exit 0 required)."""
+        out = subprocess.run(
+            [sys.executable, "-m", "node.cli", *args],
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, f"cxr-node {' '.join(args)}: {out.stderr}"
+        return out.stdout
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """``cxr-node jobs list --json``."""
+        return list(json.loads(self.cli("jobs", "list", "--json")))
+
+    def log_tail(self, n: int = 4000) -> str:
+        """The last ``n`` characters of the node's log."""
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start ``python -m node.cli serve`` with ``CXR_NODE_*`` settings; killed at teardown."""
+    started: list[NodeProcess] = []
+
+    def start(settings: Mapping[str, str], *, port: int | None = None) -> NodeProcess:
+        port = port or free_port()
+        workdir = tmp_path / f"node-{len(started)}"
+        workdir.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_NODE_")}
+        env.update(
+            {
+                "PYTHONPATH": str(REPO),
+                "CXR_NODE_PORT": str(port),
+                "CXR_NODE_DATABASE_URL": f"sqlite:///{workdir / 'node.sqlite3'}",
+                "CXR_NODE_SPOOL_DIR": str(workdir / "spool"),
+                "CXR_NODE_MIN_FREE_DISK_MB": "0",
+                "CXR_NODE_API_PORT": str(free_port()),
+            }
+        )
+        env.update(settings)
+        log_path = workdir / "serve.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "serve"],
+                cwd=workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        node = NodeProcess(proc, port, env, workdir, log_path)
+        started.append(node)
+        wait_for(lambda: port_open(port) or proc.poll() is not None, timeout=120)
+        if proc.poll() is not None:
+            pytest.fail(f"cxr-node serve exited early:\n{node.log_tail()}")
+        return node
+
+    yield start
+    for node in started:
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait()

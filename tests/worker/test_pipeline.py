@@ -1,0 +1,238 @@
+"""The pipeline on real studies, real databases and the demo model: draft row + SR file."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from integration.sr import DEMO_NOTE
+from integration.uids import sr_instance_uid, sr_series_uid
+from node.db import repo_outputs
+from node.db import repository as repo
+from node.db.models import JobState, utcnow
+from node.db.repo_delivery import enqueue_deliveries
+from node.modelhost import ModelHost
+from node.pipeline import (
+    OUTPUTS_DIR,
+    build_sr,
+    generate_reports,
+    prepare_job,
+    run_batch,
+    write_sr,
+)
+from tests.helpers import require_binary
+from tests.worker.conftest import MAX_NEW_TOKENS, NodeEnv, make_env
+
+OWNER = "test-host:1:abcd/w0"
+
+
+def claim(env: NodeEnv, owner: str = OWNER) -> int:
+    with env.session_factory() as s:
+        job = repo.claim_next_job(s, owner=owner, lease_seconds=60)
+    assert job is not None
+    return job.id
+
+
+def content_texts(ds: pydicom.Dataset) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+
+    def walk(items: list[pydicom.Dataset]) -> None:
+        for item in items:
+            if item.ValueType == "TEXT":
+                name = item.ConceptNameCodeSequence[0].CodeMeaning
+                out.setdefault(name, []).append(str(item.TextValue))
+            walk(list(item.get("ContentSequence", [])))
+
+    walk(list(ds.ContentSequence))
+    return out
+
+
+def test_pipeline_end_to_end(env: NodeEnv, model_host: ModelHost) -> None:
+    study = env.add_study(view="PA")  # the real RG1 chest CR (MONOCHROME1, 15 bit)
+    [job_id] = env.queue_all()
+    assert claim(env) == job_id
+
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+
+    assert outcome.status == "done", outcome.error
+    runtime = model_host.runtime
+    expected_uid = sr_instance_uid(study, runtime.model_name, runtime.model_version)
+    assert outcome.sr_uid == expected_uid
+    job = env.job(job_id)
+    assert job.state is JobState.done and job.lease_owner is None
+    assert job.sr_sop_instance_uid == expected_uid
+    assert job.selected_sop_instance_uid is not None
+
+    [draft] = env.drafts(job_id)
+    assert draft.task == "report" and draft.demo is True
+    assert draft.model_name == runtime.model_name
+    assert draft.model_version == runtime.model_version
+    assert draft.full_text and draft.prompt and "<image>" in draft.prompt
+    assert draft.generation_settings is not None
+    assert draft.generation_settings["max_new_tokens"] == MAX_NEW_TOKENS
+    assert draft.generation_settings["greedy"] is True
+    timings = draft.timings or {}
+    for key in ("load_s", "convert_s", "encode_s", "prefill_s", "decode_s", "sr_s"):
+        assert timings[key] >= 0.0, key
+    assert timings["tokens"] <= MAX_NEW_TOKENS and timings["prompt_tokens"] > 256
+
+    path = env.settings.spool_dir.absolute() / OUTPUTS_DIR / f"{expected_uid}.dcm"
+    assert outcome.sr_path == path and path.is_file()
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.ComprehensiveSR)
+    assert sr.StudyInstanceUID == study
+    assert sr.SeriesInstanceUID == sr_series_uid(study, runtime.model_name, runtime.model_version)
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
+        "PARTIAL",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    ref = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == job.selected_sop_instance_uid
+    texts = content_texts(sr)
+    assert DEMO_NOTE in texts["Comment"]
+    assert texts["Impression"] == [draft.impression or draft.full_text]
+    assert env.deliveries() == []  # no destinations configured: the SR stays in outputs
+
+    tool = require_binary("dciodvfy")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert not [line for line in output.splitlines() if "Error" in line], output
+
+
+def test_lateral_only_study_fails_without_retry(env: NodeEnv, model_host: ModelHost) -> None:
+    env.add_study(view="LL")
+    [job_id] = env.queue_all()
+    claim(env)
+
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+
+    assert outcome.status == "failed"
+    job = env.job(job_id)
+    assert job.state is JobState.failed
+    assert job.attempts == 1 < job.max_attempts  # permanent: not retried
+    assert job.last_error is not None
+    assert "no frontal" in job.last_error and "LL" in job.last_error
+    assert env.drafts(job_id) == []
+    assert not (env.settings.spool_dir / OUTPUTS_DIR).exists() or not list(
+        (env.settings.spool_dir / OUTPUTS_DIR).glob("*.dcm")
+    )
+
+
+def test_frontal_is_chosen_over_lateral(env: NodeEnv, model_host: ModelHost) -> None:
+    from pydicom.uid import generate_uid
+
+    from tests.worker.conftest import nih_pixels
+
+    study = generate_uid()
+    env.add_study(study_uid=study, view="LL", pixels=nih_pixels(1))
+    env.add_study(study_uid=study, view="PA", pixels=nih_pixels(0))
+    [job_id] = env.queue_all()
+    claim(env)
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+    assert outcome.status == "done", outcome.error
+    assert outcome.sr_path is not None
+    sr = pydicom.dcmread(outcome.sr_path)
+    ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    selected = ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    with env.session_factory() as s:
+        info = repo_outputs.job_study(s, job_id)
+    views = {i.sop_instance_uid: i.view_position for i in info.instances}
+    assert views[selected] == "PA" and len(views) == 2
+
+
+def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
+    db_url: str, tmp_path: Path, demo_bundle: Path, model_host: ModelHost
+) -> None:
+    dests = "PACS@127.0.0.1:11113,ARCHIVE@127.0.0.1:11114"
+    env = make_env(db_url, tmp_path, demo_bundle, destinations=dests)
+    try:
+        study = env.add_study(view="PA")
+        [job_id] = env.queue_all()
+        # worker 1 gets as far as queueing the deliveries, then dies before finishing
+        dead = "dead-host:7:dead/w0"
+        claim(env, dead)
+        prepared = prepare_job(env.deps, job_id)
+        with model_host.use() as runtime:
+            [draft] = generate_reports(runtime, [prepared.model_input], env.settings)
+        first = write_sr(build_sr(prepared.image, draft), env.deps.outputs_dir)
+        with env.session_factory() as s:
+            repo_outputs.save_draft(
+                s,
+                job_id,
+                owner=dead,
+                draft=repo_outputs.DraftRecord(
+                    task="report",
+                    full_text=draft.text,
+                    findings=draft.findings,
+                    impression=draft.impression,
+                    model_name=draft.model_name,
+                    model_version=draft.model_version,
+                    demo=draft.demo,
+                    prompt=draft.prompt,
+                    generation_settings=draft.settings,
+                    timings={},
+                ),
+            )
+        with env.session_factory() as s:
+            first_ids = enqueue_deliveries(
+                s,
+                job_id=job_id,
+                sr_path=f"{OUTPUTS_DIR}/{first.name}",
+                destinations=dests.split(","),
+            )
+        assert len(first_ids) == 2
+        first_texts = content_texts(pydicom.dcmread(first))
+        first_inode = first.stat().st_ino
+        # its lease expires; the job runs again on another worker
+        with env.session_factory() as s:
+            assert repo.expire_leases(s, utcnow() + timedelta(seconds=120)) == 1
+        claim(env)
+        [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+
+        assert outcome.status == "done", outcome.error
+        assert outcome.sr_path == first  # same deterministic UID, file replaced
+        assert outcome.sr_uid == sr_instance_uid(study, draft.model_name, draft.model_version)
+        assert sorted(outcome.delivery_ids) == sorted(first_ids)
+        assert first.stat().st_ino != first_inode  # a new file was renamed into place
+        assert content_texts(pydicom.dcmread(first)) == first_texts  # greedy: same report
+        job = env.job(job_id)
+        assert job.state is JobState.done and job.attempts == 2
+        assert len(env.drafts(job_id)) == 1
+        rows = env.deliveries(job_id)
+        assert sorted(d.destination for d in rows) == sorted(dests.split(","))
+        # the dead worker's late finish is refused
+        with env.session_factory() as s, pytest.raises(repo.LeaseLost):
+            repo.finish_job(s, job_id, owner=dead)
+        # a late instance makes a new job for the study: same SR UID, its own deliveries
+        env.add_study(study_uid=study, view="AP")
+        [job2] = env.queue_all()
+        assert job2 != job_id
+        claim(env)
+        [again] = run_batch(env.deps, [job2], model_host, owner=OWNER)
+        assert again.status == "done" and again.sr_uid == outcome.sr_uid
+        assert len(env.deliveries(job2)) == 2 and len(env.deliveries()) == 4
+        assert len(list(env.deps.outputs_dir.glob("*.dcm"))) == 1
+    finally:
+        env.engine.dispose()
+
+
+def test_lost_lease_abandons_outputs(sqlite_env: NodeEnv, model_host: ModelHost) -> None:
+    env = sqlite_env
+    env.add_study(view="PA")
+    [job_id] = env.queue_all()
+    claim(env)
+    with env.session_factory() as s:  # another worker took the job over
+        repo.expire_leases(s, utcnow() + timedelta(seconds=120))
+    claim(env, "other-host:2:beef/w0")
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+    assert outcome.status == "abandoned"
+    assert env.drafts(job_id) == []
+    job = env.job(job_id)
+    assert job.state is JobState.running and job.lease_owner == "other-host:2:beef/w0"
