@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Draft, Instance, Job, JobState, Study, utcnow
-from node.db.repository import JobNotFound, LeaseLost
+from node.db.repository import JobNotFound, owned_running
 
 __all__ = [
     "DraftRecord",
@@ -101,20 +101,6 @@ def job_study(session: Session, job_id: int) -> JobStudy:
     return JobStudy(row.id, row.study_id, row.study_instance_uid, row.attempts, instances)
 
 
-def _lock_owned(session: Session, job_id: int, owner: str) -> Job:
-    job = session.scalars(
-        select(Job)
-        .where(Job.id == job_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).first()
-    if job is None:
-        raise JobNotFound(f"job {job_id} does not exist")
-    if job.state is not JobState.running or job.lease_owner != owner:
-        raise LeaseLost(f"job {job_id}: {owner} does not hold its lease (state {job.state.value})")
-    return job
-
-
 def lease_held(session: Session, job_id: int, owner: str) -> bool:
     """Whether ``owner`` still holds the lease of running job ``job_id`` (read only)."""
     found = session.scalar(
@@ -146,7 +132,7 @@ def save_draft(
         When the job does not exist.
     """
     try:
-        _lock_owned(session, job_id, owner)
+        owned_running(session, job_id, owner)
         session.execute(delete(Draft).where(Draft.job_id == job_id, Draft.task == draft.task))
         row = Draft(
             job_id=job_id,

@@ -63,6 +63,7 @@ __all__ = [
     "finish_job",
     "heartbeat",
     "list_jobs",
+    "owned_running",
     "purge_expired_studies",
     "record_instance",
     "record_instance_detailed",
@@ -735,7 +736,8 @@ def release_leases(session: Session, owner: str, *, now: datetime | None = None)
     return _in_transaction(session, work)
 
 
-def _owned_running(session: Session, job_id: int, owner: str) -> Job:
+def owned_running(session: Session, job_id: int, owner: str) -> Job:
+    """Lock running job ``job_id``; raise :class:`LeaseLost` unless ``owner`` holds it."""
     job = session.scalars(
         select(Job)
         .where(Job.id == job_id)
@@ -767,7 +769,7 @@ def finish_job(
     """
 
     def work() -> Job:
-        job = _owned_running(session, job_id, owner)
+        job = owned_running(session, job_id, owner)
         if sr_sop_instance_uid is not None:
             job.sr_sop_instance_uid = sr_sop_instance_uid
         if selected_sop_instance_uid is not None:
@@ -794,7 +796,7 @@ def fail_job(
     """
 
     def work() -> Job:
-        job = _owned_running(session, job_id, owner)
+        job = owned_running(session, job_id, owner)
         if retry and job.attempts < job.max_attempts:
             transition(job, JobState.queued, now=now)
         else:

@@ -28,10 +28,10 @@ from node.api.context import ApiContext
 from node.db import repo_api
 from node.db import repository as repo
 from node.db.models import JobState
+from node.db.repo_web import destination_health, recent_studies
 from node.db.repository import JobNotFound
 from node.settings import DicomDestination, StowDestination
 from node.web import auth
-from node.web.queries import destination_health, recent_studies
 
 __all__ = ["CSP", "ModelStatus", "model_status", "router"]
 

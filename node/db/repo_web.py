@@ -1,7 +1,6 @@
 """Read-only queries behind the web console's pages: destination health, stored studies.
 
-These belong with the repository modules (``node/db/repo_web.py`` once the lead moves them);
-they only read, through a read-only session, and never log report text.
+They only read, through a read-only session, and never log report text.
 """
 
 from __future__ import annotations
