@@ -23,6 +23,7 @@ from sqlalchemy import inspect
 
 from node.cli_models import app as models_app
 from node.cli_worker import command as worker_command
+from node.db import repo_api
 from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import current_revision, head_revision, upgrade
@@ -214,7 +215,9 @@ def jobs_list(
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine, read_only=True)() as session:
-            rows = repo.list_jobs(session, state=state, limit=limit)
+            rows, _ = repo_api.filter_jobs(
+                session, repo_api.JobFilter(states=[state] if state else [], limit=limit)
+            )
     finally:
         engine.dispose()
     if as_json:
@@ -231,7 +234,7 @@ def jobs_list(
             f"{r.attempts}/{r.max_attempts}",
             str(r.priority),
             r.sr_uid or "",
-            r.updated_at,
+            r.updated_at.isoformat(timespec="seconds"),
             (r.last_error or "")[:60],
         )
     Console().print(t)

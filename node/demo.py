@@ -190,13 +190,14 @@ def _node_running(settings: Settings) -> Iterator[threading.Event]:
 
 
 def _job_rows(settings: Settings) -> list[dict[str, Any]]:
-    from node.db import repository as repo
+    from node.db import repo_api
     from node.db.engine import make_engine, make_session_factory
 
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine, read_only=True)() as session:
-            return [j.to_dict() for j in repo.list_jobs(session, limit=20)]
+            rows, _ = repo_api.filter_jobs(session, repo_api.JobFilter(limit=20))
+            return [j.to_dict() for j in rows]
     finally:
         engine.dispose()
 

@@ -8,7 +8,7 @@ module: callers pass their SHA-256 (see :mod:`node.api.auth`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -312,6 +312,10 @@ class JobRow:
     sr_uid: str | None
     lease_owner: str | None
     last_error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (datetimes as ISO 8601); ``cxr-node jobs list --json``."""
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
 
 
 def _row(job: Job, uid: str) -> JobRow:

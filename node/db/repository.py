@@ -48,7 +48,6 @@ __all__ = [
     "IllegalTransition",
     "InstanceRecord",
     "JobNotFound",
-    "JobSummary",
     "LeaseLost",
     "RecordOutcome",
     "RecordResult",
@@ -62,7 +61,6 @@ __all__ = [
     "fail_job",
     "finish_job",
     "heartbeat",
-    "list_jobs",
     "owned_running",
     "purge_expired_studies",
     "record_instance",
@@ -883,57 +881,6 @@ def audit(
 
 
 # --- queries --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JobSummary:
-    """A job as listed by ``cxr-node jobs list``."""
-
-    id: int
-    study_uid: str
-    state: str
-    priority: int
-    attempts: int
-    max_attempts: int
-    sr_uid: str | None
-    lease_owner: str | None
-    created_at: str
-    updated_at: str
-    last_error: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return asdict(self)
-
-
-def list_jobs(
-    session: Session, *, state: JobState | str | None = None, limit: int = 100
-) -> list[JobSummary]:
-    """The newest jobs first, optionally only those in ``state``."""
-    stmt = (
-        select(Job, Study.study_instance_uid)
-        .join(Study, Study.id == Job.study_id)
-        .order_by(Job.id.desc())
-        .limit(limit)
-    )
-    if state is not None:
-        stmt = stmt.where(Job.state == JobState(state))
-    return [
-        JobSummary(
-            id=job.id,
-            study_uid=uid,
-            state=job.state.value,
-            priority=job.priority,
-            attempts=job.attempts,
-            max_attempts=job.max_attempts,
-            sr_uid=job.sr_sop_instance_uid,
-            lease_owner=job.lease_owner,
-            created_at=job.created_at.isoformat(),
-            updated_at=job.updated_at.isoformat(),
-            last_error=job.last_error,
-        )
-        for job, uid in session.execute(stmt).all()
-    ]
 
 
 @dataclass
