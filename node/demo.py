@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -264,9 +265,14 @@ def run_demo(
         + (" [bold red](DEMO)[/bold red]" if bundle.demo else "")
     )
 
+    # Each run starts from an empty database, spool and inbox (the bundle is kept): the same
+    # RG1 study sent again to a node that already finished it would be an identical duplicate
+    # (docs/policies.md) and produce no new job, so a second run would wait for nothing.
+    for name in ("node.sqlite3", "node.sqlite3-wal", "node.sqlite3-shm"):
+        (workdir / name).unlink(missing_ok=True)
+    for sub in ("spool", "pacs-inbox"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
     pacs = DemoPacs(workdir / "pacs-inbox")
-    for old in pacs.inbox.glob("*.dcm") if pacs.inbox.exists() else []:
-        old.unlink()
     pacs.start()
     settings = load_settings(
         None,
