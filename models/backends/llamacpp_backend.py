@@ -170,7 +170,6 @@ def sample_next(
 class _Seq:
     """Decoding state of one request (one llama.cpp sequence)."""
 
-    index: int
     req: GenerationRequest
     prompt: list[int]
     rng: np.random.Generator | None
@@ -178,6 +177,18 @@ class _Seq:
     out: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None
     stop: str | None = None
+    slot: int = 0
+    reused: int = 0
+    fed: list[int] = field(default_factory=list)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class LlamaCppBackend:
@@ -205,6 +216,11 @@ class LlamaCppBackend:
         transformers fp32 reference), else F16.
     flash_attn
         Use llama.cpp's flash attention (needs an F16 KV cache).
+    prefix_cache
+        Keep each sequence's K/V after a call and, when the next prompt given to that
+        sequence starts with the same ids, prefill only the rest (default on). Report
+        prompts share about 40 template ids before the image; the results are the same
+        either way, since cached K/V are exactly what prefilling those ids again computes.
     device
         ``"cpu"``, or ``"cuda"``/``"gpu"`` to offload every layer when llama-cpp-python was
         built with a GPU backend.
@@ -226,6 +242,7 @@ class LlamaCppBackend:
         max_batch: int = 4,
         kv_type: str = "auto",
         flash_attn: bool = False,
+        prefix_cache: bool = True,
         device: str = "cpu",
         dtype: str | None = None,
     ) -> None:
@@ -247,6 +264,7 @@ class LlamaCppBackend:
         self.max_batch = max_batch
         self.kv_type = kv_type
         self.flash_attn = flash_attn
+        self.prefix_cache = prefix_cache
         self.device = device
         self.gguf_path: Path | None = None
         self._llama: Any = None
@@ -259,7 +277,17 @@ class LlamaCppBackend:
         self._close_id: int | None = None
         self._max_pos = 2048
         self._lock = threading.Lock()
-        self._counters = {"requests": 0, "errors": 0, "new_tokens": 0}
+        self._counters = {
+            "requests": 0,
+            "errors": 0,
+            "new_tokens": 0,
+            "prompt_tokens": 0,
+            "prompt_tokens_reused": 0,
+        }
+        # Token ids whose K/V each llama.cpp sequence (slot) holds from the previous call:
+        # a new prompt sharing a prefix with them (every report prompt shares the template,
+        # the instruction and "Input:\n<") prefills only what differs.
+        self._slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -370,6 +398,7 @@ class LlamaCppBackend:
             "n_ctx": self.n_ctx,
             "max_batch": self.max_batch,
             "kv_type": self.kv_type,
+            "prefix_cache": self.prefix_cache,
             **self._counters,
         }
         if self._model is not None:
@@ -513,30 +542,77 @@ class LlamaCppBackend:
             top_k=r.top_k,
         )
 
-    def _run(self, batch: list[tuple[int, GenerationRequest]]) -> list[GenerationResult]:
+    def clear_cache(self) -> None:
+        """Forget every sequence's cached K/V: the next prompts are prefilled in full."""
+        if self._ctx is None:
+            return
+        with self._lock:
+            self._clear_cache()
+
+    def _clear_cache(self) -> None:
+        self._llama.llama_memory_clear(self._llama.llama_get_memory(self._ctx), True)
+        self._slot_tokens = [[] for _ in range(self.max_batch)]
+
+    def _assign_slots(self, seqs: list[_Seq]) -> None:
+        """Give each sequence the free slot whose cached tokens share its longest prefix,
+        and drop from that slot's KV cache everything after the shared prefix."""
         llama = self._llama
-        llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
+        mem = llama.llama_get_memory(self._ctx)
+        free = list(range(self.max_batch))
+        for s in seqs:
+            # at least the last prompt token is evaluated again: its logits start decoding
+            scored = [
+                (min(common_prefix(self._slot_tokens[k], s.prompt), len(s.prompt) - 1), k)
+                for k in free
+            ]
+            keep, slot = max(scored, key=lambda x: (x[0], -x[1]))
+            free.remove(slot)
+            if not llama.llama_memory_seq_rm(mem, slot, keep, -1):
+                llama.llama_memory_seq_rm(mem, slot, -1, -1)
+                keep = 0
+            s.slot, s.reused = slot, keep
+            self._slot_tokens[slot] = s.prompt[:keep]
+            self._counters["prompt_tokens"] += len(s.prompt)
+            self._counters["prompt_tokens_reused"] += keep
+
+    def _run(self, batch: list[tuple[int, GenerationRequest]]) -> list[GenerationResult]:
         seqs: list[_Seq] = []
-        for n, (_, req) in enumerate(batch):
+        for _, req in batch:
             prompt = [int(t) for t in req.prompt_ids]
             if req.mode == "image" and prompt[-1] != self._open_id:
                 assert self._open_id is not None
                 prompt.append(self._open_id)
             rng = None if req.greedy else np.random.default_rng(req.seed)
             max_new = CODES_PER_IMAGE + 1 if req.mode == "image" else req.max_new_tokens
-            seqs.append(_Seq(index=n, req=req, prompt=prompt, rng=rng, max_new=max_new))
+            seqs.append(_Seq(req=req, prompt=prompt, rng=rng, max_new=max_new))
+        try:
+            return self._run_seqs(seqs)
+        except BaseException:
+            # a failed llama_decode leaves the cache in an unknown state: start clean
+            self._clear_cache()
+            raise
 
+    def _run_seqs(self, seqs: list[_Seq]) -> list[GenerationResult]:
+        if not self.prefix_cache:
+            self._clear_cache()
+        self._assign_slots(seqs)
         t0 = time.perf_counter()
-        # prefill: pack the prompts of all sequences into n_batch-token decode calls
+        # prefill what is not cached: pack the prompts' remaining tokens of all sequences
+        # into n_batch-token decode calls
         pending = [
-            (t, p, s.index, p == len(s.prompt) - 1) for s in seqs for p, t in enumerate(s.prompt)
+            (s.prompt[p], p, s.slot, p == len(s.prompt) - 1)
+            for s in seqs
+            for p in range(s.reused, len(s.prompt))
         ]
+        by_slot = {s.slot: s for s in seqs}
         for lo in range(0, len(pending), self.n_batch):
             items = pending[lo : lo + self.n_batch]
             self._decode_batch(items)
-            for row, (_, _, seq, want) in enumerate(items):
+            for row, (_, _, slot, want) in enumerate(items):
                 if want:
-                    seqs[seq].logits = self._logits_row(row)
+                    by_slot[slot].logits = self._logits_row(row)
+        for s in seqs:
+            self._slot_tokens[s.slot] = list(s.prompt)
         t1 = time.perf_counter()
 
         active = list(seqs)
@@ -555,12 +631,13 @@ class LlamaCppBackend:
                 if len(s.out) >= s.max_new:
                     s.stop = "image_complete" if s.req.mode == "image" else "max_new_tokens"
                     continue
-                step.append((tok, len(s.prompt) + len(s.out) - 1, s.index, True))
+                step.append((tok, len(s.prompt) + len(s.out) - 1, s.slot, True))
                 still.append(s)
             if step:
                 self._decode_batch(step)
                 for row, s in enumerate(still):
                     s.logits = self._logits_row(row)
+                    self._slot_tokens[s.slot].append(s.out[-1])
             active = still
         t2 = time.perf_counter()
         return [self._result(s, t1 - t0, t2 - t1) for s in seqs]
@@ -600,8 +677,7 @@ class LlamaCppBackend:
         if not ids or len(ids) > min(self.n_ctx, self._max_pos):
             raise GenerationError(f"prompt length {len(ids)} outside 1..{self.n_ctx}")
         with self._lock:
-            llama = self._llama
-            llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
+            self._clear_cache()
             logits: np.ndarray | None = None
             for lo in range(0, len(ids), self.n_batch):
                 chunk = ids[lo : lo + self.n_batch]

@@ -238,3 +238,55 @@ def test_bf16_file_runs_and_agrees_on_top1(
     print(f"\nBF16 top-1 agreement: {agree}/{len(prompts)}")
     assert agree / len(prompts) >= 0.9
     engine.close()
+
+
+def test_prefix_cache_reuses_template_and_changes_nothing(
+    ggufs: dict[str, ConversionResult], hf: TransformersBackend
+) -> None:
+    """Report prompts for different studies share the template before the image: the second
+    study prefills only from the first differing id, and every result (F32, exact) equals
+    what a backend without the cache gives, in batches and with a prompt that is a prefix
+    of the cached tokens."""
+    cached = LlamaCppBackend(ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2)
+    plain = LlamaCppBackend(
+        ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2, prefix_cache=False
+    )
+    a, b, c = _report_ids(hf, 21), _report_ids(hf, 22), _report_ids(hf, 23)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert 20 < shared < len(a) - CODES_PER_IMAGE  # the template, up to and including "<"
+    rounds = [
+        [GenerationRequest(prompt_ids=a, max_new_tokens=12)],
+        [GenerationRequest(prompt_ids=b, max_new_tokens=12)],  # reuses a's template
+        [  # b: whole prompt cached in slot 0; a: into the empty slot 1
+            GenerationRequest(prompt_ids=b, max_new_tokens=6),
+            GenerationRequest(prompt_ids=a, max_new_tokens=5),
+        ],
+        [  # slots chosen by longest shared prefix: a's start finds slot 1
+            GenerationRequest(prompt_ids=c, max_new_tokens=9),
+            GenerationRequest(prompt_ids=a[: shared + 5], max_new_tokens=4),
+        ],
+        [GenerationRequest(prompt_ids=b[:shared], max_new_tokens=3)],  # shorter than cached
+    ]
+    try:
+        reused = []
+        for reqs in rounds:
+            before = cached.health()["prompt_tokens_reused"]
+            got = cached.generate(reqs)
+            ref = plain.generate(reqs)
+            assert all(r.error is None for r in got)
+            assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+            reused.append(cached.health()["prompt_tokens_reused"] - before)
+        assert reused[0] == 0
+        assert reused[1] == shared
+        assert reused[2] == len(b) - 1  # the last prompt id runs again for its logits
+        assert reused[3] == shared + shared + 4
+        assert reused[4] == shared - 1
+        assert plain.health()["prompt_tokens_reused"] == 0
+        # a direct logits query clears the cache; the next call starts from nothing
+        cached.next_token_logits(a)
+        before = cached.health()["prompt_tokens_reused"]
+        cached.generate([GenerationRequest(prompt_ids=a, max_new_tokens=2)])
+        assert cached.health()["prompt_tokens_reused"] == before
+    finally:
+        cached.close()
+        plain.close()
