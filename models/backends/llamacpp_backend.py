@@ -179,7 +179,6 @@ class _Seq:
     stop: str | None = None
     slot: int = 0
     reused: int = 0
-    fed: list[int] = field(default_factory=list)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -637,7 +636,7 @@ class LlamaCppBackend:
                 self._decode_batch(step)
                 for row, s in enumerate(still):
                     s.logits = self._logits_row(row)
-                    self._slot_tokens[s.slot].append(s.out[-1])
+                    self._slot_tokens[s.slot].append(step[row][0])  # now in its K/V
             active = still
         t2 = time.perf_counter()
         return [self._result(s, t1 - t0, t2 - t1) for s in seqs]
