@@ -1,7 +1,8 @@
 """End-to-end latency of one study: 'study complete' -> 'SR written' -> 'SR stored'.
 
 What the node does for a study, measured stage by stage, on this machine: the real RG1 chest
-CR (pydicom-data) is put through the node's ingest (spool + SQLite), its study is completed
+CR (pydicom-data; from the second run on, shifted sideways so that every study has new image
+codes) is put through the node's ingest (spool + SQLite), its study is completed
 (job queued: the clock starts), a worker claims the job and runs the pipeline (load +
 select, convert, VQ-GAN encode, prefill, decode, SR build + durable write, delivery queued),
 and, with a destination, the SR is sent with the node's C-STORE SCU (``integration.scu``)
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    import numpy as np
     import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
@@ -229,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         rows: list[dict[str, float]] = []
         for run in range(args.runs):
             ds = copy.deepcopy(rg1)
+            if run:  # a different image for every study: new image codes, as in a hospital
+                # (an identical prompt would come whole from the llama.cpp prefix cache)
+                ds.PixelData = np.roll(rg1.pixel_array, 17 * run, axis=1).tobytes()
             ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             src = work / f"in-{run}.dcm"
@@ -260,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
             if outcome.status != "done":
                 raise SystemExit(f"job failed: {outcome.error}")
             row = {k: float(outcome.timings.get(k, 0.0)) for k in STAGES}
+            # prompt ids that came from the llama.cpp prefix cache (the template), in total
+            row["prompt_reused_total"] = float(
+                host.runtime.backend.health().get("prompt_tokens_reused", 0)
+            )
             row["tokens"] = float(outcome.timings.get("tokens", 0.0))
             row["to_sr_written_s"] = t_written - t_queued
             if dest is not None and outcome.sr_path is not None:
