@@ -207,7 +207,10 @@ def run_engine(
     from models.backends.llamacpp_backend import LlamaCppBackend
 
     n_ctx = len(ids) + max(args.report_tokens, args.decode_tokens) + 16
-    engine = LlamaCppBackend(path, threads=threads, n_ctx=n_ctx, max_batch=args.batch)
+    # the same prompt runs several times: without the prefix cache every run computes it all
+    engine = LlamaCppBackend(
+        path, threads=threads, n_ctx=n_ctx, max_batch=args.batch, prefix_cache=False
+    )
     t0 = time.perf_counter()
     engine.load()
     load_s = time.perf_counter() - t0
