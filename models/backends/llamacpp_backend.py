@@ -570,7 +570,6 @@ class LlamaCppBackend:
                 llama.llama_memory_seq_rm(mem, slot, -1, -1)
                 keep = 0
             s.slot, s.reused = slot, keep
-            self._slot_tokens[slot] = s.prompt[:keep]
             self._counters["prompt_tokens"] += len(s.prompt)
             self._counters["prompt_tokens_reused"] += keep
 
