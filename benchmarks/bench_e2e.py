@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         rg1 = pydicom.dcmread(str(get_testdata_file("RG1_UNCR.dcm")))
         deps = PipelineDeps.from_settings(settings, sf)
         rows: list[dict[str, float]] = []
+        reused_before = float(host.runtime.backend.health().get("prompt_tokens_reused", 0))
         for run in range(args.runs):
             ds = copy.deepcopy(rg1)
             if run:  # a different image for every study: new image codes, as in a hospital
@@ -265,10 +266,10 @@ def main(argv: list[str] | None = None) -> None:
             if outcome.status != "done":
                 raise SystemExit(f"job failed: {outcome.error}")
             row = {k: float(outcome.timings.get(k, 0.0)) for k in STAGES}
-            # prompt ids that came from the llama.cpp prefix cache (the template), in total
-            row["prompt_reused_total"] = float(
-                host.runtime.backend.health().get("prompt_tokens_reused", 0)
-            )
+            # prompt ids of this study that came from the llama.cpp prefix cache (the template)
+            reused_total = float(host.runtime.backend.health().get("prompt_tokens_reused", 0))
+            row["prompt_ids_reused"] = reused_total - reused_before
+            reused_before = reused_total
             row["tokens"] = float(outcome.timings.get("tokens", 0.0))
             row["to_sr_written_s"] = t_written - t_queued
             if dest is not None and outcome.sr_path is not None:
