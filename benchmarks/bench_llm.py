@@ -52,16 +52,17 @@ def dolly_config(layers: int) -> Any:
     )
 
 
-def build_model(layers: int, dtype: torch.dtype, seed: int = 0) -> Any:
-    """Random-weight model allocated once in ``dtype`` (no fp32 copy for bf16)."""
+def build_model(layers: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> Any:
+    """Random-weight model allocated once in ``dtype`` on ``device`` (no fp32 copy for bf16,
+    no trip through host memory for a GPU)."""
     from transformers import GPTNeoXForCausalLM
 
     cfg = dolly_config(layers)
     model_cls: Any = GPTNeoXForCausalLM
     with torch.device("meta"):
         model = model_cls(cfg)
-    model = model.to(dtype=dtype).to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -70,11 +71,11 @@ def build_model(layers: int, dtype: torch.dtype, seed: int = 0) -> Any:
                 p.fill_(1.0)
             else:
                 p.uniform_(-0.03, 0.03, generator=gen)
-    # non-persistent buffers (rotary inv_freq) were on meta: rebuild them on CPU in fp32,
-    # as from_pretrained keeps them
+    # non-persistent buffers (rotary inv_freq) were on meta: rebuild them in fp32, as
+    # from_pretrained keeps them
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
-            fresh = type(module)(config=cfg)
+            fresh = type(module)(config=cfg).to(device)
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], fresh)
     return model.eval()
