@@ -317,10 +317,12 @@ def hf_row(
     device: str,
     batches: Sequence[int],
     compile: bool = True,
+    decode_loop: str = "auto",
 ) -> dict[str, Any]:
     """One transformers row (model built in ``dtype`` on ``device``), then freed.
 
-    On CUDA the KV cache is static, and ``compile`` compiles the decode step (CUDA graphs).
+    On CUDA the KV cache is static, ``compile`` compiles the decode step (CUDA graphs) and
+    ``decode_loop`` picks the backend's own loop (``graph``) or transformers' ``generate``.
     """
     from models.backends.transformers_backend import TransformersBackend
 
@@ -336,7 +338,7 @@ def hf_row(
     per_token = bench_llm.weight_bytes_per_token(model)
     opts: dict[str, Any] = {}
     if device.startswith("cuda"):
-        opts = {"cache": "static", "compile": compile}
+        opts = {"cache": "static", "compile": compile, "decode_loop": decode_loop}
     backend = TransformersBackend.from_model(
         model, tok, device=device, max_batch=max(batches), **opts
     )
@@ -351,6 +353,7 @@ def hf_row(
             repeats=args.repeats,
         )
         row["cache"], row["compile"] = backend.cache, backend.compile
+        row["decode_loop"] = backend.decode_loop
     finally:
         del backend
         release_memory()
@@ -397,7 +400,7 @@ def print_table(title: str, rows: list[dict[str, Any]], batches: Sequence[int]) 
 
     print(title)
     cols = (
-        f"{'engine':<24}{'GB/tok':>7}{'prefill t/s':>12}{'decode t/s':>11}{'limit t/s':>10}"
+        f"{'engine':<27}{'GB/tok':>7}{'prefill t/s':>12}{'decode t/s':>11}{'limit t/s':>10}"
         f"{'frac':>6}{'s/report':>9}{'s/study':>8}"
         + "".join(f"{f'b{b} t/s':>9}" for b in batches)
         + f"{'dec x ref':>11}{'e2e x ref':>11}"
@@ -406,12 +409,12 @@ def print_table(title: str, rows: list[dict[str, Any]], batches: Sequence[int]) 
     print("-" * len(cols))
     for r in rows:
         if "skipped" in r:
-            print(f"{r['engine']:<24}skipped: {r['skipped']}")
+            print(f"{r['engine']:<27}skipped: {r['skipped']}")
             continue
         tp = r["throughput"]
         star = "*" if r.get("report_extrapolated") else " "
         print(
-            f"{r['engine']:<24}{r['weight_bytes_per_token'] / 1e9:>7.2f}"
+            f"{r['engine']:<27}{r['weight_bytes_per_token'] / 1e9:>7.2f}"
             f"{f(r['prefill_tok_s'], '.1f', 12)}{f(r['decode_tok_s'], '.2f', 11)}"
             f"{f(r['bandwidth_limit_tok_s'], '.2f', 10)}{f(r['fraction_of_limit'], '.2f', 6)}"
             f"{f(r['s_per_report'], '.1f', 8)}{star}{f(r['e2e_s_per_study'], '.1f', 8)}"
@@ -491,17 +494,27 @@ def _run_rows(
     return rows
 
 
-def gpu_row_specs(text: str) -> list[tuple[str, str, bool]]:
-    """``--gpu-rows`` (``bf16,bf16:eager,fp32``) as (row name, dtype, compile) triples."""
+GPU_MODES = {
+    "": (True, "graph"),  # what the node runs: own loop, compiled step, CUDA graphs
+    "generate": (True, "generate"),  # transformers' generate, compiled step, CUDA graphs
+    "eager": (False, "generate"),  # transformers' generate, no compile: PyTorch eager
+}
+
+
+def gpu_row_specs(text: str) -> list[tuple[str, str, bool, str]]:
+    """``--gpu-rows`` (``bf16,bf16:generate,bf16:eager,fp32:eager``) as (row name, dtype,
+    compile, decode loop)."""
     out = []
     for item in (t.strip() for t in text.split(",")):
         if not item or item == "none":
             continue
         dtype, _, mode = item.partition(":")
-        if dtype not in bench_llm.DTYPES or mode not in ("", "eager"):
-            raise ValueError(f"--gpu-rows: {item!r} is not DTYPE or DTYPE:eager (bf16, fp32)")
-        name = f"transformers {dtype}" + (" eager" if mode else "")
-        out.append((name, dtype, not mode))
+        if dtype not in bench_llm.DTYPES or mode not in GPU_MODES:
+            raise ValueError(
+                f"--gpu-rows: {item!r} is not DTYPE[:generate|:eager] with DTYPE bf16 or fp32"
+            )
+        name = f"transformers {dtype}" + (f" {mode}" if mode else "")
+        out.append((name, dtype, *GPU_MODES[mode]))
     return out
 
 
@@ -554,9 +567,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu-only", action="store_true", help="skip the CPU table")
     ap.add_argument(
         "--gpu-rows",
-        default="bf16,bf16:eager,fp32",
-        help="GPU transformers rows: DTYPE (compiled decode) or DTYPE:eager; the first "
-        "eager bf16 row is the reference of the ratios",
+        default="bf16,bf16:generate,bf16:eager,fp32:eager",
+        help="GPU transformers rows: DTYPE (own loop, compiled step), DTYPE:generate "
+        "(transformers generate, compiled step) or DTYPE:eager (generate, no compile: the "
+        "reference of the ratios when bf16)",
     )
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument(
@@ -728,9 +742,19 @@ def gpu_table(  # pragma: no cover - needs a GPU
     gspecs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         (
             name,
-            partial(hf_row, d, ids, args, tok=tok, device="cuda", batches=gpu_batches, compile=c),
+            partial(
+                hf_row,
+                d,
+                ids,
+                args,
+                tok=tok,
+                device="cuda",
+                batches=gpu_batches,
+                compile=c,
+                decode_loop=loop,
+            ),
         )
-        for name, d, c in gpu_row_specs(args.gpu_rows)
+        for name, d, c, loop in gpu_row_specs(args.gpu_rows)
     ]
     if gpu_llama:
         gspecs += [

@@ -34,7 +34,7 @@ echo "pytest rc=$? after $(($(date +%s) - t0)) s"
 grep -E "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed" "$out/pytest.log" | tail -12
 
 timeout "${GPU_BENCH_S:-330}" python3 benchmarks/bench_generation.py --gpu-only \
-    --gpu-rows "${GPU_ROWS:-bf16:eager,bf16,fp32:eager}" \
+    --gpu-rows "${GPU_ROWS:-bf16:eager,bf16,bf16:generate,fp32:eager}" \
     --gpu-batches "${GPU_BATCHES:-1,8,32}" --deadline-s "${GPU_DEADLINE_S:-240}" \
     --out-dir /tmp/bench-gpu --json-out "$out/gpu.json" >"$out/bench.log" 2>&1
 echo "bench rc=$? after $(($(date +%s) - t0)) s"
