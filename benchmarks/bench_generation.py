@@ -43,6 +43,7 @@ import gc
 import importlib.util
 import itertools
 import json
+import logging
 import os
 import platform
 import shutil
@@ -634,6 +635,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.gpu_only:
         cpu_table(args, ids, tok, vocab, out_dir, threads, quants, dtypes, result, save, deadline)
     if torch.cuda.is_available() and not args.no_gpu:  # pragma: no cover - needs a GPU
+        # the own decode loop's debug line (steps, decode seconds, seconds the host waited)
+        loop_log = logging.getLogger("models.backends.transformers_backend")
+        loop_log.setLevel(logging.DEBUG)
+        loop_log.addHandler(logging.StreamHandler(sys.stderr))
         gpu_table(
             args, ids, tok, vocab, out_dir, threads, quants, gpu_llama, result, save, deadline
         )

@@ -557,9 +557,13 @@ class TransformersBackend:
             if on_cuda:
                 torch.cuda.synchronize(dev)
             t1 = time.perf_counter()
-            tok = out[:, :1].clone()
-            pos = positions[:, -1:] + 1
-            done = 1
+            # fresh contiguous (B, 1) tensors: a slice's strides would differ with the prompt
+            # width or max_new_tokens, and torch.compile would recompile for each
+            tok = torch.empty((bsz, 1), dtype=torch.long, device=dev)
+            tok.copy_(out[:, :1])
+            pos = torch.empty((bsz, 1), dtype=torch.long, device=dev)
+            pos.copy_(positions[:, -1:] + 1)
+            done, waited = 1, 0.0
             for i in range(1, max_new):
                 if self.compile:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -569,14 +573,23 @@ class TransformersBackend:
                 tok.copy_(nxt[:, None])
                 pos += 1
                 done = i + 1
-                if (
-                    not image
-                    and done % STOP_CHECK_EVERY == 0
-                    and bool(torch.isin(out[:, :done], stop_ids).any(dim=-1).all())
-                ):
-                    break
+                if not image and done % STOP_CHECK_EVERY == 0:
+                    tw = time.perf_counter()
+                    ended = bool(torch.isin(out[:, :done], stop_ids).any(dim=-1).all())
+                    waited += time.perf_counter() - tw
+                    if ended:
+                        break
+            tw = time.perf_counter()
             generated = out[:, :done].tolist()  # waits for the GPU
         t2 = time.perf_counter()
+        # where the decode time goes: a host that mostly waits means the GPU is the limit
+        log.debug(
+            "graph loop: batch %d, %d steps, decode %.4f s, host waited for the GPU %.4f s",
+            bsz,
+            done - 1,
+            t2 - t1,
+            waited + t2 - tw,
+        )
         close_id = self.tokenizer.image_close_id
         return [
             self._result(req, generated[row], len(prompts[row]), t1 - t0, t2 - t1, close_id)

@@ -214,6 +214,16 @@ def test_graph_loop_compiled_on_cpu(demo_bundle: ModelBundle, dynamic: Transform
     assert _tokens(compiled.generate(reqs)) == _tokens(dynamic.generate(reqs))
     step = compiled._step_fn
     assert step is not None and hasattr(step, "_torchdynamo_orig_callable")  # torch.compile's
+    # other prompt widths and lengths in the same cache shape reuse the compiled step (a
+    # recompile costs tens of seconds at full size on a GPU)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    for n, p in zip((5, 31, 17), _prompts(dynamic)[2:5], strict=True):
+        req = [GenerationRequest(prompt_ids=p, max_new_tokens=n)]
+        assert _tokens(compiled.generate(req)) == _tokens(dynamic.generate(req))
+    graphs_b1 = counters["stats"]["unique_graphs"]
+    assert graphs_b1 - graphs == 1  # batch 1 once; then widths 40 and 130, lengths 31 and 17
 
 
 def test_graph_loop_stops_within_one_check_interval(demo_bundle: ModelBundle) -> None:
