@@ -21,17 +21,21 @@ seconds per study add the ONNX VQ-GAN encode of one image (published size, rando
 ``--vqgan tiny`` for smoke runs) to the seconds per report. Ratios are against transformers
 bf16 of the same run; the issue's targets are checked at the end.
 
-With a CUDA GPU (and not ``--no-gpu``), a second table: transformers fp32 and bf16 on the GPU
-(static KV cache and compiled decoding, see ``models/backends/transformers_backend.py``),
-llama.cpp rows offloaded when llama-cpp-python was built with CUDA, the VQ-GAN on the CUDA
-execution provider (``onnxruntime-gpu``), the GPU's read bandwidth, and tokens/s at batch
-``--gpu-batches`` (1, 8, 32).
+With a CUDA GPU (and not ``--no-gpu``), a second table (``--gpu-only``: that one alone):
+the ``--gpu-rows`` of transformers on the GPU (static KV cache; the backend's own decode loop
+with a compiled step, transformers' ``generate`` with a compiled step, or PyTorch eager, see
+``models/backends/transformers_backend.py``), llama.cpp rows offloaded when llama-cpp-python
+was built with CUDA, the VQ-GAN (ONNX on the CUDA execution provider with
+``onnxruntime-gpu``, else on the CPU; and the PyTorch encoder on CUDA), the GPU's read
+bandwidth, and tokens/s at batch ``--gpu-batches`` (1, 8, 32). ``benchmarks/gpu_checks.sh``
+runs it, after the ``gpu`` tests, on a lent GPU machine.
 
 Not a test. Usage::
 
     python benchmarks/bench_generation.py --layers 2 --decode-tokens 8 --report-tokens 16 \\
         --quants q8_0 --hf-dtypes bf16 --vqgan tiny --repeats 1        # smoke run
     python benchmarks/bench_generation.py --json-out gen.json         # the full table
+    python benchmarks/bench_generation.py --gpu-only --json-out gpu.json   # GPU table only
 """
 
 from __future__ import annotations
