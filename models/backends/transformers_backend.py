@@ -53,7 +53,7 @@ DECODE_LOOPS = ("auto", "generate", "graph")
 STOP_CHECK_EVERY = 16
 """The own decode loop looks for ``### End``/EOS in every row once per this many steps (the
 only times it waits for the GPU); up to this many - 1 extra steps run after the last row ends."""
-MAX_STATIC_CACHES = 4
+MAX_STATIC_CACHES = 8
 """Static caches kept for reuse, one per (batch, length) shape: the same tensors on every call
 keep compiled graphs and CUDA graphs valid."""
 STATIC_CACHE_BUCKET = 256
@@ -101,6 +101,13 @@ def static_cache_len(needed: int, max_positions: int) -> int:
         raise ValueError(f"needed must be >= 1, got {needed}")
     bucketed = -(-needed // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
     return max(needed, min(bucketed, max_positions))
+
+
+def batch_bucket(n: int) -> int:
+    """The smallest power of two >= ``n``: the batch size the own decode loop runs ``n`` at."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return 1 << (n - 1).bit_length()
 
 
 def takes_cache_kwarg(model: Any) -> bool:
@@ -306,7 +313,8 @@ class TransformersBackend:
         )
 
     def warmup(self) -> None:
-        """One tiny greedy generation.
+        """One tiny greedy generation (per batch-size bucket up to ``max_batch`` when the own
+        loop runs a compiled step).
 
         With a static cache the prompt is report-sized (~300 tokens), so that the cache shape
         (and, with ``compile``, the compiled decode graph) is the one reports use.
@@ -314,7 +322,13 @@ class TransformersBackend:
         ids = self.tokenizer.encode("### Instruction:\nHello\n\n### Response:\n")
         if self.cache == "static":
             ids = (ids * (WARMUP_PROMPT_TOKENS // len(ids) + 1))[-WARMUP_PROMPT_TOKENS:]
-        self.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=4)])
+        sizes = [1]
+        if self.decode_loop == "graph" and self.compile:
+            # every batch-size bucket the worker can send, compiled now rather than on a
+            # study's time (about 20 s each on an H200 machine)
+            sizes = sorted({batch_bucket(n) for n in range(1, self.max_batch + 1)})
+        for n in sizes:
+            self.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=4)] * n)
 
     def health(self) -> dict[str, Any]:
         """Loaded flag, device, dtype, model folder and counters."""
@@ -531,7 +545,15 @@ class TransformersBackend:
         image = batch[0].mode == "image"
         dev = self.device
         on_cuda = dev.startswith("cuda")
-        bsz, width = input_ids.shape
+        real, width = input_ids.shape
+        # batch sizes go up to powers of two with copies of the first row (their tokens are
+        # dropped): one compiled step and CUDA graph per bucket instead of per batch size, so
+        # a worker batching up to N jobs compiles log2(N) + 1 times and never reaches Dynamo's
+        # recompile limit (8), after which the step would run eagerly
+        bsz = batch_bucket(real)
+        if bsz > real:
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(bsz - real, -1)])
+            attention = torch.cat([attention, attention[:1].expand(bsz - real, -1)])
         max_new = CODES_PER_IMAGE + 1 if image else max(r.max_new_tokens for r in batch)
         max_pos = int(getattr(model.config, "max_position_embeddings", 2048))
         length = static_cache_len(width + max_new, max_pos)
@@ -575,7 +597,7 @@ class TransformersBackend:
                 done = i + 1
                 if not image and done % STOP_CHECK_EVERY == 0:
                     tw = time.perf_counter()
-                    ended = bool(torch.isin(out[:, :done], stop_ids).any(dim=-1).all())
+                    ended = bool(torch.isin(out[:real, :done], stop_ids).any(dim=-1).all())
                     waited += time.perf_counter() - tw
                     if ended:
                         break

@@ -11,6 +11,7 @@ import torch
 
 from models.backends.base import GenerationRequest, GenerationResult
 from models.backends.transformers_backend import (
+    MAX_STATIC_CACHES,
     STATIC_CACHE_BUCKET,
     TransformersBackend,
     static_cache_len,
@@ -184,7 +185,7 @@ def test_graph_loop_equals_generate_one_by_one(
     for n, p in enumerate([*_prompts(dynamic)[::-1], _prompts(dynamic)[0]]):
         req = [GenerationRequest(prompt_ids=p, max_new_tokens=12 + n)]
         assert _tokens(graph.generate(req)) == _tokens(dynamic.generate(req))
-    assert len(graph._caches) <= 4
+    assert len(graph._caches) <= MAX_STATIC_CACHES
 
 
 def test_graph_loop_constrained_image_decoding(
@@ -224,6 +225,44 @@ def test_graph_loop_compiled_on_cpu(demo_bundle: ModelBundle, dynamic: Transform
         assert _tokens(compiled.generate(req)) == _tokens(dynamic.generate(req))
     graphs_b1 = counters["stats"]["unique_graphs"]
     assert graphs_b1 - graphs == 1  # batch 1 once; then widths 40 and 130, lengths 31 and 17
+
+
+def test_batch_bucket() -> None:
+    from models.backends.transformers_backend import batch_bucket
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 32)] == [1, 2, 4, 4, 8, 8, 16, 32]
+    with pytest.raises(ValueError):
+        batch_bucket(0)
+
+
+def test_graph_loop_batch_buckets_share_one_compiled_step(
+    demo_bundle: ModelBundle, dynamic: TransformersBackend
+) -> None:
+    """Batches of 3 and 4 run at 4 (the 3 padded with a copy of its first row), through one
+    compiled step; warmup compiles every bucket up to max_batch; results equal generate's."""
+    from torch._dynamo.utils import counters
+
+    compiled = TransformersBackend(
+        demo_bundle.llm_dir,
+        dtype="float32",
+        cache="static",
+        compile=True,
+        compile_backend="eager",
+        decode_loop="graph",
+        max_batch=5,
+    )
+    compiled.load()
+    compiled.warmup()  # buckets 1, 2, 4 and 8 (Dynamo may reuse graphs that earlier tests'
+    # backends compiled: the step is one function, the parameters are its inputs)
+    assert {b for b, _ in compiled._caches} == {1, 2, 4, 8}
+    after_warmup = counters["stats"]["unique_graphs"]
+    prompts = _prompts(dynamic)
+    for n in (3, 4, 5):
+        reqs = [GenerationRequest(prompt_ids=p, max_new_tokens=18) for p in prompts[:n]]
+        got = compiled.generate(reqs)
+        assert len(got) == n
+        assert _tokens(got) == _tokens(dynamic.generate(reqs))
+    assert counters["stats"]["unique_graphs"] == after_warmup  # no compile after warmup
 
 
 def test_graph_loop_stops_within_one_check_interval(demo_bundle: ModelBundle) -> None:
