@@ -656,6 +656,36 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result, indent=2, default=float))
 
 
+def engine_specs(
+    quants: list[str],
+    ids: list[int],
+    args: argparse.Namespace,
+    vocab: Any,
+    out_dir: Path,
+    threads: int,
+    device: str,
+    batches: Sequence[int],
+) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    """One llama.cpp row per quantisation, on ``device``."""
+    return [
+        (
+            f"llama.cpp {q}",
+            partial(
+                engine_row,
+                q,
+                ids,
+                args,
+                vocab=vocab,
+                out_dir=out_dir,
+                threads=threads,
+                device=device,
+                batches=batches,
+            ),
+        )
+        for q in quants
+    ]
+
+
 def cpu_table(
     args: argparse.Namespace,
     ids: list[int],
@@ -673,24 +703,7 @@ def cpu_table(
     cpu_batches = sorted({1, args.batch})
     bw = bench_llm.read_bandwidth(args.bandwidth_gib)
     encode_s = vqgan_encode_s(args.vqgan, out_dir, ["CPUExecutionProvider"], threads)
-    specs: list[tuple[str, Callable[[], dict[str, Any]]]] = []
-    for q in quants:
-        specs.append(
-            (
-                f"llama.cpp {q}",
-                partial(
-                    engine_row,
-                    q,
-                    ids,
-                    args,
-                    vocab=vocab,
-                    out_dir=out_dir,
-                    threads=threads,
-                    device="cpu",
-                    batches=cpu_batches,
-                ),
-            )
-        )
+    specs = engine_specs(quants, ids, args, vocab, out_dir, threads, "cpu", cpu_batches)
     for d in dtypes:  # bf16 before fp32: the largest model last, alone in memory
         specs.append(
             (
@@ -766,23 +779,7 @@ def gpu_table(  # pragma: no cover - needs a GPU
         for name, d, c, loop in gpu_row_specs(args.gpu_rows)
     ]
     if gpu_llama:
-        gspecs += [
-            (
-                f"llama.cpp {q}",
-                partial(
-                    engine_row,
-                    q,
-                    ids,
-                    args,
-                    vocab=vocab,
-                    out_dir=out_dir,
-                    threads=threads,
-                    device="cuda",
-                    batches=gpu_batches,
-                ),
-            )
-            for q in quants
-        ]
+        gspecs += engine_specs(quants, ids, args, vocab, out_dir, threads, "cuda", gpu_batches)
     grows = _run_rows(gspecs, gpu["rows"], save, deadline)
     # the VQ-GAN after the LLM rows: those are what a short GPU lease is for
     prov = [p for p in default_providers() if p == "CUDAExecutionProvider"]

@@ -200,17 +200,25 @@ def test_graph_loop_constrained_image_decoding(
         assert g.image_codes == r.image_codes
 
 
-def test_graph_loop_compiled_on_cpu(demo_bundle: ModelBundle, dynamic: TransformersBackend) -> None:
-    """The loop's step compiled (Dynamo traces it; ``eager`` backend, no C++ build)."""
-    compiled = TransformersBackend(
-        demo_bundle.llm_dir,
+def _compiled_graph_backend(bundle: ModelBundle, max_batch: int = 8) -> TransformersBackend:
+    """fp32, static cache, the own loop with its step compiled by ``torch.compile`` with the
+    ``eager`` backend (Dynamo traces the step; no C++ build on CPU), loaded."""
+    backend = TransformersBackend(
+        bundle.llm_dir,
         dtype="float32",
         cache="static",
         compile=True,
         compile_backend="eager",
         decode_loop="graph",
+        max_batch=max_batch,
     )
-    compiled.load()
+    backend.load()
+    return backend
+
+
+def test_graph_loop_compiled_on_cpu(demo_bundle: ModelBundle, dynamic: TransformersBackend) -> None:
+    """The loop's step compiled (Dynamo traces it; ``eager`` backend, no C++ build)."""
+    compiled = _compiled_graph_backend(demo_bundle)
     reqs = [GenerationRequest(prompt_ids=p, max_new_tokens=20) for p in _prompts(dynamic)[:3]]
     assert _tokens(compiled.generate(reqs)) == _tokens(dynamic.generate(reqs))
     step = compiled._step_fn
@@ -242,16 +250,7 @@ def test_graph_loop_batch_buckets_share_one_compiled_step(
     compiled step; warmup compiles every bucket up to max_batch; results equal generate's."""
     from torch._dynamo.utils import counters
 
-    compiled = TransformersBackend(
-        demo_bundle.llm_dir,
-        dtype="float32",
-        cache="static",
-        compile=True,
-        compile_backend="eager",
-        decode_loop="graph",
-        max_batch=5,
-    )
-    compiled.load()
+    compiled = _compiled_graph_backend(demo_bundle, max_batch=5)
     compiled.warmup()  # buckets 1, 2, 4 and 8 (Dynamo may reuse graphs that earlier tests'
     # backends compiled: the step is one function, the parameters are its inputs)
     assert {b for b, _ in compiled._caches} == {1, 2, 4, 8}
