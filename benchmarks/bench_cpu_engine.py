@@ -136,6 +136,13 @@ def random_plans(shape: NeoXShape, quant: str, seed: int = 0) -> list[TensorPlan
                 q = rng.integers(-127, 128, size=(blocks, 32), dtype=np.int8).view(np.uint8)
                 out[lo : lo + n] = np.concatenate([d, q], axis=1).reshape(n, -1)
             return out
+        if qtype == t.BF16:  # the upper 16 bits of each float32 (truncated: random data)
+            out = np.empty((rows, cols), dtype=np.uint16)
+            for lo in range(0, rows, CHUNK_ROWS):
+                n = min(CHUNK_ROWS, rows - lo)
+                x = rng.standard_normal((n, cols), dtype=np.float32) * 0.02
+                out[lo : lo + n] = (x.view(np.uint32) >> 16).astype(np.uint16)
+            return out
         dtype = np.float16 if qtype == t.F16 else np.float32
         out = np.empty((rows, cols), dtype=dtype)
         for lo in range(0, rows, CHUNK_ROWS):
