@@ -68,9 +68,10 @@ class ModelNotReady(RuntimeError):
 def backend_options(settings: Settings) -> dict[str, Any]:
     """Keyword options of the configured backend's constructor (``models.backends``).
 
-    transformers: ``dtype``, ``device``, ``threads``, ``max_batch``; llama.cpp: ``quant``,
-    ``device``, ``threads``, ``max_batch``. ``max_batch`` is at least the worker's batch
-    size so that one worker batch is one backend batch.
+    transformers: ``dtype``, ``device``, ``threads``, ``max_batch``, ``warmup_batch`` (the
+    worker batch size); llama.cpp: ``quant``, ``device``, ``threads``, ``max_batch``.
+    ``max_batch`` is at least the worker's batch size so that one worker batch is one
+    backend batch.
     """
     name = settings.backend
     max_batch = max(settings.worker_batch_size, _DEFAULT_MAX_BATCH.get(name, 1))
@@ -79,6 +80,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
         opts["threads"] = settings.backend_threads
     if name == "transformers":
         opts["dtype"] = settings.backend_dtype
+        # what warmup compiles on a GPU (one compiled shape per power-of-two batch bucket)
+        opts["warmup_batch"] = settings.worker_batch_size
     elif name == "llamacpp" and settings.backend_quant is not None:
         opts["quant"] = settings.backend_quant
     return opts

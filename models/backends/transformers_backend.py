@@ -181,6 +181,10 @@ class TransformersBackend:
         see the module docstring; needs the static cache and transformers' ``cache=`` model
         API, 5.2x). ``"auto"``: ``"graph"`` on CUDA where it can run, else ``"generate"``.
         Sampling always uses ``generate``.
+    warmup_batch
+        The largest batch ``warmup`` prepares: with the own loop and a compiled step, it
+        compiles every power-of-two batch bucket up to this (the node passes its worker batch
+        size), so that no study waits for a compile. Larger batches compile on first use.
     """
 
     name = "transformers"
@@ -198,6 +202,7 @@ class TransformersBackend:
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
         decode_loop: str = "auto",
+        warmup_batch: int = 1,
     ) -> None:
         self.model_dir = Path(model_dir)
         if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
@@ -222,6 +227,9 @@ class TransformersBackend:
         if decode_loop == "graph" and self.cache != "static":
             raise ValueError("decode_loop='graph' needs cache='static'")
         self._decode_loop_option = decode_loop
+        if warmup_batch < 1:
+            raise ValueError("warmup_batch must be >= 1")
+        self.warmup_batch = min(warmup_batch, max_batch)
         self._caches: dict[tuple[int, int], Any] = {}
         self._step_fn: Any = None
         self._model: Any = None
@@ -242,7 +250,7 @@ class TransformersBackend:
         """Wrap an already built ``GPTNeoXForCausalLM`` (benchmarks, tests); layout checked.
 
         ``options``: ``cache``, ``compile``, ``compile_mode``, ``compile_backend``,
-        ``decode_loop`` as in the constructor.
+        ``decode_loop``, ``warmup_batch`` as in the constructor.
         """
         check_model_layout(model)
         names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -313,8 +321,8 @@ class TransformersBackend:
         )
 
     def warmup(self) -> None:
-        """One tiny greedy generation (per batch-size bucket up to ``max_batch`` when the own
-        loop runs a compiled step).
+        """One tiny greedy generation (per batch-size bucket up to ``warmup_batch`` when the
+        own loop runs a compiled step).
 
         With a static cache the prompt is report-sized (~300 tokens), so that the cache shape
         (and, with ``compile``, the compiled decode graph) is the one reports use.
@@ -326,7 +334,7 @@ class TransformersBackend:
         if self.decode_loop == "graph" and self.compile:
             # every batch-size bucket the worker can send, compiled now rather than on a
             # study's time (about 20 s each on an H200 machine)
-            sizes = sorted({batch_bucket(n) for n in range(1, self.max_batch + 1)})
+            sizes = sorted({batch_bucket(n) for n in range(1, self.warmup_batch + 1)})
         for n in sizes:
             self.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=4)] * n)
 

@@ -70,6 +70,19 @@ def test_make_backend_transformers_from_settings(demo_bundle: ModelBundle) -> No
     assert (backend.threads, backend.device, backend.cache) == (1, "cpu", "dynamic")
 
 
+def test_node_backend_options_pass_the_worker_batch_as_warmup_batch(
+    demo_bundle: ModelBundle,
+) -> None:
+    """The node warms up (compiles, on a GPU) the batch buckets its worker will send."""
+    from node.modelhost import backend_options as node_backend_options
+
+    opts = node_backend_options(Settings(backend="transformers", worker_batch_size=3))
+    assert (opts["max_batch"], opts["warmup_batch"]) == (8, 3)
+    backend = make_backend("transformers", demo_bundle.llm_dir, **opts)
+    assert isinstance(backend, TransformersBackend) and backend.warmup_batch == 3
+    assert "warmup_batch" not in node_backend_options(Settings(backend="llamacpp"))
+
+
 def test_make_backend_rejects_unknown_options(demo_bundle: ModelBundle) -> None:
     with pytest.raises(ValueError, match="transformers"):
         make_backend("transformers", demo_bundle.llm_dir, kv_type="f16")

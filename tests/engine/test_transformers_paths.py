@@ -200,7 +200,9 @@ def test_graph_loop_constrained_image_decoding(
         assert g.image_codes == r.image_codes
 
 
-def _compiled_graph_backend(bundle: ModelBundle, max_batch: int = 8) -> TransformersBackend:
+def _compiled_graph_backend(
+    bundle: ModelBundle, max_batch: int = 8, warmup_batch: int = 1
+) -> TransformersBackend:
     """fp32, static cache, the own loop with its step compiled by ``torch.compile`` with the
     ``eager`` backend (Dynamo traces the step; no C++ build on CPU), loaded."""
     backend = TransformersBackend(
@@ -211,9 +213,19 @@ def _compiled_graph_backend(bundle: ModelBundle, max_batch: int = 8) -> Transfor
         compile_backend="eager",
         decode_loop="graph",
         max_batch=max_batch,
+        warmup_batch=warmup_batch,
     )
     backend.load()
     return backend
+
+
+def test_warmup_prepares_batch_one_unless_told(demo_bundle: ModelBundle) -> None:
+    backend = _compiled_graph_backend(demo_bundle)
+    backend.warmup()
+    assert {b for b, _ in backend._caches} == {1}
+    assert TransformersBackend(demo_bundle.llm_dir, max_batch=2, warmup_batch=6).warmup_batch == 2
+    with pytest.raises(ValueError, match="warmup_batch"):
+        TransformersBackend(demo_bundle.llm_dir, warmup_batch=0)
 
 
 def test_graph_loop_compiled_on_cpu(demo_bundle: ModelBundle, dynamic: TransformersBackend) -> None:
@@ -247,10 +259,11 @@ def test_graph_loop_batch_buckets_share_one_compiled_step(
     demo_bundle: ModelBundle, dynamic: TransformersBackend
 ) -> None:
     """Batches of 3 and 4 run at 4 (the 3 padded with a copy of its first row), through one
-    compiled step; warmup compiles every bucket up to max_batch; results equal generate's."""
+    compiled step; warmup compiles every bucket up to warmup_batch (the worker's batch size);
+    results equal generate's."""
     from torch._dynamo.utils import counters
 
-    compiled = _compiled_graph_backend(demo_bundle, max_batch=5)
+    compiled = _compiled_graph_backend(demo_bundle, max_batch=8, warmup_batch=5)
     compiled.warmup()  # buckets 1, 2, 4 and 8 (Dynamo may reuse graphs that earlier tests'
     # backends compiled: the step is one function, the parameters are its inputs)
     assert {b for b, _ in compiled._caches} == {1, 2, 4, 8}
