@@ -232,6 +232,7 @@ class TransformersBackend:
         self.warmup_batch = min(warmup_batch, max_batch)
         self._caches: dict[tuple[int, int], Any] = {}
         self._step_fn: Any = None
+        self._takes_cache = False  # the loaded model's forward takes cache= (set with it)
         self._model: Any = None
         self._tokenizer: LLMCXRTokenizer | None = None
         self._lock = threading.Lock()
@@ -263,6 +264,7 @@ class TransformersBackend:
             **options,
         )
         backend._model = model.to(device).eval()
+        backend._takes_cache = takes_cache_kwarg(model)
         backend._tokenizer = tokenizer
         return backend
 
@@ -276,7 +278,7 @@ class TransformersBackend:
             return "generate"
         if self._model is None:
             return "auto"
-        return "graph" if takes_cache_kwarg(self._model) else "generate"
+        return "graph" if self._takes_cache else "generate"
 
     @property
     def tokenizer(self) -> LLMCXRTokenizer:
@@ -312,6 +314,7 @@ class TransformersBackend:
         model.eval()
         self._tokenizer = tokenizer
         self._model = model
+        self._takes_cache = takes_cache_kwarg(model)
         log.info(
             "transformers backend loaded (dtype=%s, device=%s, cache=%s, compile=%s)",
             self.dtype,
@@ -545,7 +548,7 @@ class TransformersBackend:
         the cache's own position, hides what is not written yet), so its shape never changes.
         """
         model = self.model
-        if not takes_cache_kwarg(model):
+        if not self._takes_cache:
             raise ValueError(
                 "decode_loop='graph' needs a transformers whose models take cache= (5.2x); "
                 "use decode_loop='generate'"
