@@ -9,6 +9,9 @@
 # fallback BPE (same special ids and vocabulary size) unless LLMCXR_BASE_TOKENIZER is set.
 # Knobs: GPU_TESTS_S, GPU_BENCH_S (timeouts), GPU_DEADLINE_S (start no row after),
 # GPU_ROWS (bench_generation --gpu-rows), GPU_BATCHES (--gpu-batches).
+# Inductor's max-autotune on the node's own loop, not yet measured, within one lease:
+#   GPU_ROWS=bf16,bf16:autotune GPU_BATCHES=1 GPU_BENCH_S=480 bash benchmarks/gpu_checks.sh
+# (autotuning compiles for minutes; batch 1 alone is what the target is about).
 set -u
 out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out"

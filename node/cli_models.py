@@ -269,6 +269,10 @@ def generate(
         str | None,
         typer.Option(help="llamacpp: which converted file (f32, f16, bf16, q8_0, q4_k_m)."),
     ] = None,
+    prefill_quant: Annotated[
+        str | None,
+        typer.Option(help="llamacpp: another converted file that computes the prompt."),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="transformers: auto, float32 or bfloat16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all).")] = None,
@@ -295,7 +299,13 @@ def generate(
         except Exception as exc:  # pixel-data, image-format and file errors alike
             _fail(f"cannot read {image}: {type(exc).__name__}: {exc}")
             return
-    options = {"dtype": dtype, "quant": quant, "device": device, "threads": threads}
+    options = {
+        "dtype": dtype,
+        "quant": quant,
+        "prefill_quant": prefill_quant,
+        "device": device,
+        "threads": threads,
+    }
     try:
         model = LLMCXR.from_bundle(bundle_dir, backend=backend, backend_options=options)
     except (BundleError, GenerationError, TokenLayoutError, ValueError) as exc:

@@ -69,7 +69,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
     """Keyword options of the configured backend's constructor (``models.backends``).
 
     transformers: ``dtype``, ``device``, ``threads``, ``max_batch``, ``warmup_batch`` (the
-    worker batch size); llama.cpp: ``quant``, ``device``, ``threads``, ``max_batch``.
+    worker batch size); llama.cpp: ``quant``, ``prefill_quant``, ``device``, ``threads``,
+    ``max_batch``.
     ``max_batch`` is at least the worker's batch size so that one worker batch is one
     backend batch.
     """
@@ -82,8 +83,11 @@ def backend_options(settings: Settings) -> dict[str, Any]:
         opts["dtype"] = settings.backend_dtype
         # what warmup compiles on a GPU (one compiled shape per power-of-two batch bucket)
         opts["warmup_batch"] = settings.worker_batch_size
-    elif name == "llamacpp" and settings.backend_quant is not None:
-        opts["quant"] = settings.backend_quant
+    elif name == "llamacpp":
+        if settings.backend_quant is not None:
+            opts["quant"] = settings.backend_quant
+        if settings.backend_prefill_quant is not None:
+            opts["prefill_quant"] = settings.backend_prefill_quant
     return opts
 
 
@@ -244,6 +248,7 @@ class ModelHost:
             "backend": self.settings.backend,
             "dtype": self.settings.backend_dtype,
             "quant": self.settings.backend_quant,
+            "prefill_quant": self.settings.backend_prefill_quant,
             "device": self.settings.backend_device,
             "model_name": None,
             "model_version": None,

@@ -316,6 +316,7 @@ class Settings(BaseSettings):
     backend: str = "transformers"
     backend_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
+    backend_prefill_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
     backend_threads: int | None = None
     backend_device: str = "cpu"
     worker_concurrency: int = 1

@@ -5,6 +5,11 @@ together as parallel llama.cpp sequences (one weight pass per step for the whole
 the next token is chosen in numpy from each sequence's logits: greedy or seeded sampling,
 image ids masked in text mode, and in image mode only image ids (50281..51304) for 256
 steps, then ``>``: the same rules as the transformers backend.
+
+Optionally a second converted file of the same bundle computes the prompts
+(``prefill_quant``): its K/V are copied into the decoding file's context, so prefill runs on
+the format whose matrix kernels are fastest for many tokens at once and decode on the one
+that reads the fewest bytes per token.
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ log = logging.getLogger(__name__)
 QUANT_PREFERENCE: tuple[str, ...] = ("q8_0", "f16", "bf16", "q4_k_m", "f32")
 """Which converted file a bundle uses when no quantisation is asked for."""
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+SHAPE_KEYS = (
+    "gptneox.context_length",
+    "gptneox.embedding_length",
+    "gptneox.block_count",
+    "gptneox.attention.head_count",
+    "gptneox.rope.dimension_count",
+)
+"""GGUF keys on which a prefill file and the decode file must agree."""
 STOP_IDS = (END_ID, EOS_ID)
 
 _LOG_CALLBACK: Any = None  # keeps the ctypes callback alive for the process
@@ -223,6 +236,14 @@ class LlamaCppBackend:
     device
         ``"cpu"``, or ``"cuda"``/``"gpu"`` to offload every layer when llama-cpp-python was
         built with a GPU backend.
+    prefill_quant
+        Another converted file of the bundle (``"f16"``, ``"bf16"``, ...) that computes the
+        prompts; each sequence's K/V are then copied into the ``quant`` file's context
+        (``llama_state_seq_get_data``/``set_data``) and decoding continues there. Prefill is
+        compute-bound, and ggml's F16/BF16 matrix kernels beat its Q8_0 ones there on many
+        CPUs, while decode reads every weight per token and favours the smaller file. Costs
+        the memory of both files; the first new token comes from the prefill file's
+        logits. Default: one file does both.
     dtype
         Ignored (the precision is the GGUF file's); accepted so the node can pass the same
         options to every backend.
@@ -243,6 +264,7 @@ class LlamaCppBackend:
         flash_attn: bool = False,
         prefix_cache: bool = True,
         device: str = "cpu",
+        prefill_quant: str | None = None,
         dtype: str | None = None,
     ) -> None:
         if max_batch < 1:
@@ -265,10 +287,16 @@ class LlamaCppBackend:
         self.flash_attn = flash_attn
         self.prefix_cache = prefix_cache
         self.device = device
+        self.prefill_quant = prefill_quant
         self.gguf_path: Path | None = None
+        self.prefill_path: Path | None = None
         self._llama: Any = None
         self._model: Any = None
         self._ctx: Any = None
+        # the prefill file's model and context (None: self._model/_ctx prefill too)
+        self._pmodel: Any = None
+        self._pctx: Any = None
+        self._state_buf = np.empty(0, dtype=np.uint8)
         self._batch: Any = None
         self._vocab: Any = None
         self._tokenizer: Any = None
@@ -283,7 +311,8 @@ class LlamaCppBackend:
             "prompt_tokens": 0,
             "prompt_tokens_reused": 0,
         }
-        # Token ids whose K/V each llama.cpp sequence (slot) holds from the previous call:
+        # Token ids whose K/V each llama.cpp sequence (slot) of the prefilling context
+        # holds from the previous call:
         # a new prompt sharing a prefix with them (every report prompt shares the template,
         # the instruction and "Input:\n<") prefills only what differs.
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]
@@ -291,14 +320,73 @@ class LlamaCppBackend:
     # -- lifecycle --------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the GGUF file, check its vocabulary layout, create the context; idempotent."""
+        """Load the GGUF file(s), check the vocabulary layout, create the context(s);
+        idempotent."""
         if self._ctx is not None:
             return
-        from models.gguf_convert import LAYOUT_KEYS, check_layout_metadata
-
         llama_cpp = _import_llama_cpp()
         _init_llama(llama_cpp)
+        self._llama = llama_cpp
         path, quant = resolve_gguf(self.model_dir, self.quant)
+        ppath: Path | None = None
+        if self.prefill_quant is not None:
+            if self.model_dir.is_file():
+                raise GenerationError(
+                    "prefill_quant needs a model bundle holding both converted files, "
+                    f"not the single file {self.model_dir}"
+                )
+            ppath, _ = resolve_gguf(self.model_dir, self.prefill_quant)
+            if ppath == path:
+                raise GenerationError(f"prefill_quant {self.prefill_quant!r} is the decode file")
+        model, ctx, meta = self._open(path, kv_type=self.kv_type, quant=quant)
+        self._model, self._ctx = model, ctx
+        self._max_pos = int(meta["gptneox.context_length"] or 2048)
+        self.gguf_path, self.quant = path, quant or meta.get("llmcxr.quant")
+        if ppath is not None:
+            try:
+                pmodel, pctx, pmeta = self._open(ppath, kv_type=self.kv_type, quant=None)
+            except BaseException:
+                self.close()
+                raise
+            self._pmodel, self._pctx, self.prefill_path = pmodel, pctx, ppath
+            for key in SHAPE_KEYS:
+                if pmeta.get(key) != meta.get(key):
+                    self.close()
+                    raise GenerationError(
+                        f"{ppath.name} and {path.name} are not the same model: {key} is "
+                        f"{pmeta.get(key)!r} against {meta.get(key)!r}"
+                    )
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        tok_dir = _find_tokenizer_dir(self.model_dir)
+        if tok_dir is not None:
+            from models.text import LLMCXRTokenizer
+
+            self._tokenizer = LLMCXRTokenizer.from_dir(tok_dir)
+            self._open_id = self._tokenizer.image_open_id
+            self._close_id = self._tokenizer.image_close_id
+        else:
+            self._open_id = self._single_token("<")
+            self._close_id = self._single_token(">")
+        log.info(
+            "llama.cpp backend loaded (%s, quant=%s, prefill=%s, threads=%d, max_batch=%d)",
+            path.name,
+            self.quant,
+            ppath.name if ppath else "same file",
+            self.threads,
+            self.max_batch,
+        )
+
+    def _open(
+        self, path: Path, *, kv_type: str, quant: str | None
+    ) -> tuple[Any, Any, dict[str, str | None]]:
+        """Load one GGUF file and create its context; returns (model, context, metadata).
+
+        ``kv_type="auto"`` is resolved here (and stored) from the file's quantisation.
+        """
+        from models.gguf_convert import LAYOUT_KEYS, check_layout_metadata
+
+        llama_cpp = self._llama
         if not path.is_file():
             raise GenerationError(f"llama.cpp model file {path} is missing")
         mparams = llama_cpp.llama_model_default_params()
@@ -307,10 +395,9 @@ class LlamaCppBackend:
         if not model:
             raise GenerationError(f"llama.cpp could not load {path}")
         try:
-            keys = [*LAYOUT_KEYS, "gptneox.context_length", "llmcxr.quant"]
+            keys = [*LAYOUT_KEYS, *SHAPE_KEYS, "llmcxr.quant"]
             meta = {k: _meta_str(llama_cpp, model, k) for k in keys}
             check_layout_metadata(meta, where=str(path))
-            self._max_pos = int(meta["gptneox.context_length"] or 2048)
             vocab = llama_cpp.llama_model_get_vocab(model)
             n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
             if n_vocab != VOCAB:
@@ -325,11 +412,11 @@ class LlamaCppBackend:
             cparams.kv_unified = False
             cparams.n_threads = self.threads
             cparams.n_threads_batch = self.threads
-            file_quant = quant or meta.get("llmcxr.quant")
-            if self.kv_type == "auto":
-                self.kv_type = "f32" if file_quant == "f32" else "f16"
-            cparams.type_k = KV_TYPES[self.kv_type]
-            cparams.type_v = KV_TYPES[self.kv_type]
+            if kv_type == "auto":
+                file_quant = quant or meta.get("llmcxr.quant")
+                self.kv_type = kv_type = "f32" if file_quant == "f32" else "f16"
+            cparams.type_k = KV_TYPES[kv_type]
+            cparams.type_v = KV_TYPES[kv_type]
             cparams.flash_attn_type = (
                 llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
                 if self.flash_attn
@@ -343,26 +430,7 @@ class LlamaCppBackend:
         except BaseException:
             llama_cpp.llama_model_free(model)
             raise
-        self._llama, self._model, self._ctx, self._vocab = llama_cpp, model, ctx, vocab
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self.gguf_path, self.quant = path, quant or meta.get("llmcxr.quant")
-        tok_dir = _find_tokenizer_dir(self.model_dir)
-        if tok_dir is not None:
-            from models.text import LLMCXRTokenizer
-
-            self._tokenizer = LLMCXRTokenizer.from_dir(tok_dir)
-            self._open_id = self._tokenizer.image_open_id
-            self._close_id = self._tokenizer.image_close_id
-        else:
-            self._open_id = self._single_token("<")
-            self._close_id = self._single_token(">")
-        log.info(
-            "llama.cpp backend loaded (%s, quant=%s, threads=%d, max_batch=%d)",
-            path.name,
-            self.quant,
-            self.threads,
-            self.max_batch,
-        )
+        return model, ctx, meta
 
     def close(self) -> None:
         """Free the context, the batch and the model."""
@@ -370,11 +438,13 @@ class LlamaCppBackend:
             return
         if self._batch is not None:
             self._llama.llama_batch_free(self._batch)
-        if self._ctx:
-            self._llama.llama_free(self._ctx)
-        if self._model:
-            self._llama.llama_model_free(self._model)
-        self._batch = self._ctx = self._model = None
+        for ctx in (self._ctx, self._pctx):
+            if ctx:
+                self._llama.llama_free(ctx)
+        for model in (self._model, self._pmodel):
+            if model:
+                self._llama.llama_model_free(model)
+        self._batch = self._ctx = self._model = self._pctx = self._pmodel = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         with contextlib.suppress(Exception):
@@ -398,6 +468,8 @@ class LlamaCppBackend:
             "max_batch": self.max_batch,
             "kv_type": self.kv_type,
             "prefix_cache": self.prefix_cache,
+            "prefill_quant": self.prefill_quant,
+            "prefill_model_path": str(self.prefill_path) if self.prefill_path else None,
             **self._counters,
         }
         if self._model is not None:
@@ -502,8 +574,9 @@ class LlamaCppBackend:
                     self._counters["new_tokens"] += res.new_tokens
         return [r for r in results if r is not None]
 
-    def _decode_batch(self, items: list[tuple[int, int, int, bool]]) -> None:
-        """One ``llama_decode``: items are (token, position, sequence, wants_logits)."""
+    def _decode_batch(self, items: list[tuple[int, int, int, bool]], ctx: Any = None) -> None:
+        """One ``llama_decode`` on ``ctx`` (default: the decoding context): items are
+        (token, position, sequence, wants_logits)."""
         b = self._batch
         for n, (tok, pos, seq, want) in enumerate(items):
             b.token[n] = tok
@@ -512,12 +585,12 @@ class LlamaCppBackend:
             b.seq_id[n][0] = seq
             b.logits[n] = 1 if want else 0
         b.n_tokens = len(items)
-        rc = self._llama.llama_decode(self._ctx, b)
+        rc = self._llama.llama_decode(ctx or self._ctx, b)
         if rc != 0:
             raise GenerationError(f"llama_decode failed with code {rc}")
 
-    def _logits_row(self, index: int) -> np.ndarray:
-        ptr = self._llama.llama_get_logits_ith(self._ctx, index)
+    def _logits_row(self, index: int, ctx: Any = None) -> np.ndarray:
+        ptr = self._llama.llama_get_logits_ith(ctx or self._ctx, index)
         if not ptr:
             raise GenerationError(f"llama.cpp returned no logits for batch row {index}")
         return np.ctypeslib.as_array(ptr, shape=(VOCAB,)).copy()
@@ -549,14 +622,30 @@ class LlamaCppBackend:
             self._clear_cache()
 
     def _clear_cache(self) -> None:
-        self._llama.llama_memory_clear(self._llama.llama_get_memory(self._ctx), True)
+        for ctx in (self._ctx, self._pctx):
+            if ctx:
+                self._llama.llama_memory_clear(self._llama.llama_get_memory(ctx), True)
         self._slot_tokens = [[] for _ in range(self.max_batch)]
+
+    def _copy_sequence(self, slot: int) -> None:
+        """Move sequence ``slot``'s K/V from the prefill context to the decoding one."""
+        llama = self._llama
+        size = int(llama.llama_state_seq_get_size(self._pctx, slot))
+        if self._state_buf.size < size:
+            self._state_buf = np.empty(size, dtype=np.uint8)
+        ptr = self._state_buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        written = int(llama.llama_state_seq_get_data(self._pctx, ptr, size, slot))
+        # set_data replaces the sequence in this llama.cpp; emptying it first does not
+        # depend on that
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), slot, -1, -1)
+        if written == 0 or int(llama.llama_state_seq_set_data(self._ctx, ptr, written, slot)) == 0:
+            raise GenerationError(f"copying sequence {slot}'s K/V to the decoding context failed")
 
     def _assign_slots(self, seqs: list[_Seq]) -> None:
         """Give each sequence the free slot whose cached tokens share its longest prefix,
         and drop from that slot's KV cache everything after the shared prefix."""
         llama = self._llama
-        mem = llama.llama_get_memory(self._ctx)
+        mem = llama.llama_get_memory(self._pctx or self._ctx)
         free = list(range(self.max_batch))
         for s in seqs:
             # at least the last prompt token is evaluated again: its logits start decoding
@@ -603,14 +692,17 @@ class LlamaCppBackend:
             for p in range(s.reused, len(s.prompt))
         ]
         by_slot = {s.slot: s for s in seqs}
+        pctx = self._pctx or self._ctx
         for lo in range(0, len(pending), self.n_batch):
             items = pending[lo : lo + self.n_batch]
-            self._decode_batch(items)
+            self._decode_batch(items, pctx)
             for row, (_, _, slot, want) in enumerate(items):
                 if want:
-                    by_slot[slot].logits = self._logits_row(row)
+                    by_slot[slot].logits = self._logits_row(row, pctx)
         for s in seqs:
             self._slot_tokens[s.slot] = list(s.prompt)
+            if self._pctx is not None:
+                self._copy_sequence(s.slot)
         t1 = time.perf_counter()
 
         active = list(seqs)
@@ -635,7 +727,8 @@ class LlamaCppBackend:
                 self._decode_batch(step)
                 for row, s in enumerate(still):
                     s.logits = self._logits_row(row)
-                    self._slot_tokens[s.slot].append(step[row][0])  # now in its K/V
+                    if self._pctx is None:
+                        self._slot_tokens[s.slot].append(step[row][0])  # now in its K/V
             active = still
         t2 = time.perf_counter()
         return [self._result(s, t1 - t0, t2 - t1) for s in seqs]
@@ -669,7 +762,8 @@ class LlamaCppBackend:
         )
 
     def next_token_logits(self, prompt_ids: Sequence[int]) -> np.ndarray:
-        """Logits (float32 [51305]) of the token after ``prompt_ids`` (for agreement checks)."""
+        """Logits (float32 [51305]) of the token after ``prompt_ids`` (for agreement checks),
+        from the ``quant`` file (not the prefill file)."""
         self.load()
         ids = [int(t) for t in prompt_ids]
         if not ids or len(ids) > min(self.n_ctx, self._max_pos):

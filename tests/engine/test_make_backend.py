@@ -7,12 +7,19 @@ from pathlib import Path
 import pytest
 
 from models.backends import OPTION_ALIASES, backend_options, make_backend
+from models.backends.base import GenerationRequest
 from models.backends.llamacpp_backend import LlamaCppBackend
 from models.backends.transformers_backend import TransformersBackend
 from models.bundle import ModelBundle
 from node.settings import Settings
 
-SETTING_NAMES = ("backend_dtype", "backend_quant", "backend_threads", "backend_device")
+SETTING_NAMES = (
+    "backend_dtype",
+    "backend_quant",
+    "backend_prefill_quant",
+    "backend_threads",
+    "backend_device",
+)
 
 
 def _from_settings(settings: Settings) -> dict[str, object]:
@@ -30,6 +37,7 @@ def test_backend_options_mapping() -> None:
     opts = {
         "backend_dtype": "bfloat16",
         "backend_quant": "q8_0",
+        "backend_prefill_quant": "f16",
         "backend_threads": 3,
         "backend_device": "cpu",
         "worker_batch_size": 4,
@@ -44,6 +52,7 @@ def test_backend_options_mapping() -> None:
     }
     assert backend_options("llamacpp", {**opts, "cache": None, "kv_type": "f16"}) == {
         "quant": "q8_0",
+        "prefill_quant": "f16",
         "threads": 3,
         "device": "cpu",
         "max_batch": 4,
@@ -113,6 +122,33 @@ def test_make_backend_llamacpp_from_settings(converted_bundle: Path) -> None:
         assert default.health()["kv_type"] == "f16"
     finally:
         default.close()  # type: ignore[attr-defined]
+
+
+def test_node_settings_select_a_prefill_file(converted_bundle: Path) -> None:
+    """CXR_NODE_BACKEND_PREFILL_QUANT: the node prefills with one converted file and
+    decodes with another; a transformers node ignores the setting."""
+    from node.modelhost import backend_options as node_backend_options
+
+    settings = Settings(
+        backend="llamacpp", backend_quant="q8_0", backend_prefill_quant="f32", backend_threads=1
+    )
+    opts = node_backend_options(settings)
+    assert (opts["quant"], opts["prefill_quant"]) == ("q8_0", "f32")
+    backend = make_backend("llamacpp", ModelBundle.open(converted_bundle).llm_dir, **opts)
+    assert isinstance(backend, LlamaCppBackend)
+    backend.load()
+    try:
+        health = backend.health()
+        assert health["prefill_model_path"].endswith("engines/llamacpp/llm-f32.gguf")
+        assert health["model_path"].endswith("engines/llamacpp/llm-q8_0.gguf")
+        res = backend.generate([GenerationRequest(prompt_ids=[5, 6, 7], max_new_tokens=4)])[0]
+        assert res.error is None and res.new_tokens >= 1
+    finally:
+        backend.close()
+    hf_opts = node_backend_options(
+        Settings(backend="transformers", backend_prefill_quant="f32", backend_threads=1)
+    )
+    assert "prefill_quant" not in hf_opts
 
 
 def test_from_bundle_with_setting_names_runs_both_backends(converted_bundle: Path) -> None:

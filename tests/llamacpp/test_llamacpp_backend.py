@@ -240,17 +240,9 @@ def test_bf16_file_runs_and_agrees_on_top1(
     engine.close()
 
 
-def test_prefix_cache_reuses_template_and_changes_nothing(
-    ggufs: dict[str, ConversionResult], hf: TransformersBackend
-) -> None:
-    """Report prompts for different studies share the template before the image: the second
-    study prefills only from the first differing id, and every result (F32, exact) equals
-    what a backend without the cache gives, in batches and with a prompt that is a prefix
-    of the cached tokens."""
-    cached = LlamaCppBackend(ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2)
-    plain = LlamaCppBackend(
-        ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2, prefix_cache=False
-    )
+def _cache_rounds(hf: TransformersBackend) -> tuple[list[list[GenerationRequest]], list[int]]:
+    """Five rounds of report requests that exercise the prefix cache, and the number of
+    prompt ids each round should take from it."""
     a, b, c = _report_ids(hf, 21), _report_ids(hf, 22), _report_ids(hf, 23)
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     assert 20 < shared < len(a) - CODES_PER_IMAGE  # the template, up to and including "<"
@@ -267,6 +259,23 @@ def test_prefix_cache_reuses_template_and_changes_nothing(
         ],
         [GenerationRequest(prompt_ids=b[:shared], max_new_tokens=3)],  # shorter than cached
     ]
+    # round 3 re-runs the last prompt id for its logits
+    return rounds, [0, shared, len(b) - 1, shared + shared + 4, shared - 1]
+
+
+def test_prefix_cache_reuses_template_and_changes_nothing(
+    ggufs: dict[str, ConversionResult], hf: TransformersBackend
+) -> None:
+    """Report prompts for different studies share the template before the image: the second
+    study prefills only from the first differing id, and every result (F32, exact) equals
+    what a backend without the cache gives, in batches and with a prompt that is a prefix
+    of the cached tokens."""
+    cached = LlamaCppBackend(ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2)
+    plain = LlamaCppBackend(
+        ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2, prefix_cache=False
+    )
+    rounds, expected_reuse = _cache_rounds(hf)
+    a = rounds[0][0].prompt_ids
     try:
         reused = []
         for reqs in rounds:
@@ -276,11 +285,7 @@ def test_prefix_cache_reuses_template_and_changes_nothing(
             assert all(r.error is None for r in got)
             assert [r.token_ids for r in got] == [r.token_ids for r in ref]
             reused.append(cached.health()["prompt_tokens_reused"] - before)
-        assert reused[0] == 0
-        assert reused[1] == shared
-        assert reused[2] == len(b) - 1  # the last prompt id runs again for its logits
-        assert reused[3] == shared + shared + 4
-        assert reused[4] == shared - 1
+        assert reused == expected_reuse
         assert plain.health()["prompt_tokens_reused"] == 0
         # a direct logits query clears the cache; the next call starts from nothing
         cached.next_token_logits(a)
@@ -290,3 +295,126 @@ def test_prefix_cache_reuses_template_and_changes_nothing(
     finally:
         cached.close()
         plain.close()
+
+
+def _two_file_bundle(root: Path, files: dict[str, Path]) -> Path:
+    """A folder whose manifest lists converted files by quantisation, as a bundle's does."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    engines = {q: {"path": str(p)} for q, p in files.items()}
+    (root / "manifest.json").write_text(json.dumps({"engines": {"llamacpp": engines}}))
+    return root
+
+
+def test_prefill_file_hands_its_kv_to_the_decode_file(
+    ggufs: dict[str, ConversionResult], hf: TransformersBackend, tmp_path: Path
+) -> None:
+    """With the same F32 weights in both contexts, prefilling in one and decoding in the
+    other gives exactly what one context gives, through the prefix-cache rounds: the K/V
+    arrive whole, the cache lives in the prefill context, and a decode slot's earlier
+    content never leaks into the next request."""
+    import shutil
+
+    twin = tmp_path / "twin-f32.gguf"  # the same weights under a second name
+    shutil.copyfile(ggufs["f32"].path, twin)
+    root = _two_file_bundle(tmp_path / "bundle", {"f32": ggufs["f32"].path, "f16": twin})
+    hybrid = LlamaCppBackend(
+        root, quant="f32", prefill_quant="f16", threads=THREADS, kv_type="f32", max_batch=2
+    )
+    plain = LlamaCppBackend(
+        ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2, prefix_cache=False
+    )
+    rounds, expected_reuse = _cache_rounds(hf)
+    image_req = GenerationRequest(
+        prompt_ids=hf.tokenizer.encode(report_to_image_prompt("Cardiomegaly.")),
+        max_new_tokens=1,
+        mode="image",
+    )
+    try:
+        reused = []
+        for reqs in [*rounds, [image_req, *rounds[1]]]:
+            before = hybrid.health()["prompt_tokens_reused"]
+            got = hybrid.generate(reqs)
+            ref = plain.generate(reqs)
+            assert all(r.error is None for r in got)
+            assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+            reused.append(hybrid.health()["prompt_tokens_reused"] - before)
+        assert reused[:5] == expected_reuse
+        health = hybrid.health()
+        assert health["prefill_quant"] == "f16" and health["prefill_model_path"] == str(twin)
+        assert health["quant"] == "f32"
+    finally:
+        hybrid.close()
+        plain.close()
+
+
+def test_f32_prefill_q8_0_decode(
+    ggufs: dict[str, ConversionResult],
+    engines: dict[str, LlamaCppBackend],
+    hf: TransformersBackend,
+    tmp_path: Path,
+) -> None:
+    """The hybrid the option is for (a wider prefill file, a smaller decode file): the first
+    new token is the prefill file's greedy choice, every token after it is the decode
+    file's, batches give what single requests give, and image mode still yields 256 codes."""
+    root = _two_file_bundle(
+        tmp_path / "bundle", {"q8_0": ggufs["q8_0"].path, "f32": ggufs["f32"].path}
+    )
+    hybrid = LlamaCppBackend(root, quant="q8_0", prefill_quant="f32", threads=THREADS, max_batch=4)
+    prompts = [_report_ids(hf, 40 + k) for k in range(4)]
+    try:
+        hybrid.load()
+        assert hybrid.kv_type == "f16"  # the decode file's KV type, shared by both contexts
+        reqs = [GenerationRequest(prompt_ids=p, max_new_tokens=10) for p in prompts]
+        together = hybrid.generate(reqs)
+        alone = [hybrid.generate([r])[0] for r in reqs]
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+        for p, r in zip(prompts, together, strict=True):
+            assert r.error is None and r.prompt_tokens == len(p)
+            first = engines["f32"].generate([GenerationRequest(prompt_ids=p, max_new_tokens=1)])
+            assert r.token_ids[0] == first[0].token_ids[0]
+        # the decode file continues from the prefill file's K/V: the q8_0 file's own next
+        # logits after prompt + first token pick the second token
+        p, r = prompts[0], together[0]
+        if r.new_tokens > 1:
+            nxt = engines["q8_0"].next_token_logits([*p, r.token_ids[0]])
+            nxt[IMAGE_TOKEN_OFFSET:] = -np.inf
+            assert int(np.argmax(nxt)) == r.token_ids[1] or np.isclose(
+                np.sort(nxt)[-1], np.sort(nxt)[-2], rtol=0, atol=1e-2
+            )
+        img = hybrid.generate(
+            [
+                GenerationRequest(
+                    prompt_ids=hf.tokenizer.encode(report_to_image_prompt("Effusion.")),
+                    max_new_tokens=1,
+                    mode="image",
+                )
+            ]
+        )[0]
+        assert img.image_codes is not None and len(img.image_codes) == CODES_PER_IMAGE
+    finally:
+        hybrid.close()
+
+
+def test_prefill_file_errors(ggufs: dict[str, ConversionResult], tmp_path: Path) -> None:
+    from models.backends.base import GenerationError
+
+    with pytest.raises(GenerationError, match="needs a model bundle"):
+        LlamaCppBackend(ggufs["q8_0"].path, prefill_quant="f32", threads=THREADS).load()
+    root = _two_file_bundle(tmp_path / "b1", {"q8_0": ggufs["q8_0"].path})
+    with pytest.raises(GenerationError, match=r"no llama\.cpp f32 model"):
+        LlamaCppBackend(root, quant="q8_0", prefill_quant="f32", threads=THREADS).load()
+    root = _two_file_bundle(
+        tmp_path / "b2", {"q8_0": ggufs["q8_0"].path, "f16": ggufs["q8_0"].path}
+    )
+    with pytest.raises(GenerationError, match="is the decode file"):
+        LlamaCppBackend(root, quant="q8_0", prefill_quant="f16", threads=THREADS).load()
+    narrow = convert_bundle_llm(
+        make_tiny_llm(tmp_path / "llm32", hidden=32), tmp_path / "narrow.gguf", quant="f32"
+    )
+    root = _two_file_bundle(tmp_path / "b3", {"q8_0": ggufs["q8_0"].path, "f32": narrow.path})
+    engine = LlamaCppBackend(root, quant="q8_0", prefill_quant="f32", threads=THREADS)
+    with pytest.raises(GenerationError, match=r"not the same model: gptneox\.embedding_length"):
+        engine.load()
+    assert engine.health()["loaded"] is False
