@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", choices=("transformers", "llamacpp"), default="transformers")
     ap.add_argument("--dtype", default="auto", help="transformers dtype (auto/float32/bfloat16)")
     ap.add_argument("--quant", default=None, help="llama.cpp quantisation (f16, q8_0, ...)")
+    ap.add_argument(
+        "--prefill-quant", default=None, help="llama.cpp: the converted file that prefills"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-new-tokens", type=int, default=150)
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             backend=args.backend,
             backend_dtype=args.dtype,
             backend_quant=args.quant,
+            backend_prefill_quant=args.prefill_quant,
             backend_threads=args.threads,
             backend_device=args.device,
             generation_max_new_tokens=args.max_new_tokens,
@@ -288,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(
             f"bundle: {label} {info['model_name']} {info['model_version']} | backend "
-            f"{info['backend']} dtype={info['dtype']} quant={info['quant']} device="
+            f"{info['backend']} dtype={info['dtype']} quant={info['quant']} prefill="
+            f"{info['prefill_quant']} device="
             f"{info['device']} | max_new_tokens {args.max_new_tokens} | load+warmup "
             f"{load_s:.1f} s | {args.runs} runs, median"
         )

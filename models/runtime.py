@@ -246,10 +246,18 @@ class LLMCXR:
         return res
 
     def _settings(self, req: GenerationRequest) -> dict[str, Any]:
-        return {
+        """The request's settings and what computed it: the backend and its precision
+        (transformers ``dtype``; llama.cpp ``quant`` and, when set, ``prefill_quant``), since
+        the greedy text depends on them."""
+        out: dict[str, Any] = {
             **req.settings(),
             "backend": getattr(self.backend, "name", type(self.backend).__name__),
         }
+        for key in ("dtype", "quant", "prefill_quant"):
+            value = getattr(self.backend, key, None)
+            if value is not None:
+                out[key] = str(value).removeprefix("torch.")
+        return out
 
     @staticmethod
     def _timings(encode_s: float, res: GenerationResult) -> dict[str, float]:

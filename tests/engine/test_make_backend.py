@@ -168,6 +168,11 @@ def test_from_bundle_with_setting_names_runs_both_backends(converted_bundle: Pat
         )
         draft = model.report(x, greedy=True, max_new_tokens=16)
         assert draft.settings["backend"] == name
+        # the draft records the precision that produced it
+        if name == "llamacpp":
+            assert draft.settings["quant"] == "f32" and "prefill_quant" not in draft.settings
+        else:
+            assert draft.settings["dtype"] == "float32" and "quant" not in draft.settings
         assert draft.timings["tokens"] == 16
         texts[name] = draft.text
     assert texts["llamacpp"] == texts["transformers"]
