@@ -263,6 +263,22 @@ def _cache_rounds(hf: TransformersBackend) -> tuple[list[list[GenerationRequest]
     return rounds, [0, shared, len(b) - 1, shared + shared + 4, shared - 1]
 
 
+def _same_results_and_reuse(
+    engine: LlamaCppBackend, plain: LlamaCppBackend, rounds: list[list[GenerationRequest]]
+) -> list[int]:
+    """Run each round on both engines, require identical tokens, and return how many prompt
+    ids ``engine`` took from its prefix cache per round."""
+    reused = []
+    for reqs in rounds:
+        before = engine.health()["prompt_tokens_reused"]
+        got = engine.generate(reqs)
+        ref = plain.generate(reqs)
+        assert all(r.error is None for r in got)
+        assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+        reused.append(engine.health()["prompt_tokens_reused"] - before)
+    return reused
+
+
 def test_prefix_cache_reuses_template_and_changes_nothing(
     ggufs: dict[str, ConversionResult], hf: TransformersBackend
 ) -> None:
@@ -277,15 +293,7 @@ def test_prefix_cache_reuses_template_and_changes_nothing(
     rounds, expected_reuse = _cache_rounds(hf)
     a = rounds[0][0].prompt_ids
     try:
-        reused = []
-        for reqs in rounds:
-            before = cached.health()["prompt_tokens_reused"]
-            got = cached.generate(reqs)
-            ref = plain.generate(reqs)
-            assert all(r.error is None for r in got)
-            assert [r.token_ids for r in got] == [r.token_ids for r in ref]
-            reused.append(cached.health()["prompt_tokens_reused"] - before)
-        assert reused == expected_reuse
+        assert _same_results_and_reuse(cached, plain, rounds) == expected_reuse
         assert plain.health()["prompt_tokens_reused"] == 0
         # a direct logits query clears the cache; the next call starts from nothing
         cached.next_token_logits(a)
@@ -332,14 +340,7 @@ def test_prefill_file_hands_its_kv_to_the_decode_file(
         mode="image",
     )
     try:
-        reused = []
-        for reqs in [*rounds, [image_req, *rounds[1]]]:
-            before = hybrid.health()["prompt_tokens_reused"]
-            got = hybrid.generate(reqs)
-            ref = plain.generate(reqs)
-            assert all(r.error is None for r in got)
-            assert [r.token_ids for r in got] == [r.token_ids for r in ref]
-            reused.append(hybrid.health()["prompt_tokens_reused"] - before)
+        reused = _same_results_and_reuse(hybrid, plain, [*rounds, [image_req, *rounds[1]]])
         assert reused[:5] == expected_reuse
         health = hybrid.health()
         assert health["prefill_quant"] == "f16" and health["prefill_model_path"] == str(twin)
