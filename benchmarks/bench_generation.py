@@ -559,12 +559,17 @@ def gpu_row_specs(text: str) -> list[tuple[str, str, bool, str, str | None]]:
 
 
 def check_gpu_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's GPU target: bf16 decode at batch 1 >= 0.50 of the bandwidth limit."""
-    r = next((r for r in rows if r["engine"] == "transformers bf16" and "skipped" not in r), None)
-    if r is None:
-        return []
-    frac = r["fraction_of_limit"]
-    return [{"target": "GPU bf16 decode >= 0.50 of its limit", "value": frac, "met": frac >= 0.5}]
+    """The issue's GPU target, bf16 decode at batch 1 >= 0.50 of the bandwidth limit, for
+    the node's own loop in its default compile mode and with ``max-autotune``."""
+    out = []
+    for r in rows:
+        if r["engine"] in ("transformers bf16", "transformers bf16 autotune") and (
+            "skipped" not in r
+        ):
+            frac = r["fraction_of_limit"]
+            target = f"GPU {r['engine'].removeprefix('transformers ')} decode >= 0.50 of its limit"
+            out.append({"target": target, "value": frac, "met": frac >= 0.5})
+    return out
 
 
 def torch_encode_s(config: str, dtype: torch.dtype, device: str = "cuda") -> float:
