@@ -250,6 +250,7 @@ class ModelHost:
             "quant": self.settings.backend_quant,
             "prefill_quant": self.settings.backend_prefill_quant,
             "device": self.settings.backend_device,
+            "engine_version": None,
             "model_name": None,
             "model_version": None,
             "demo": None,
@@ -265,6 +266,7 @@ class ModelHost:
             out["dtype"] = health.get("dtype", out["dtype"])
             out["quant"] = health.get("quant", out["quant"])
             out["device"] = health.get("device", out["device"])
+            out["engine_version"] = health.get("engine_version")
         return out
 
     # --- batch memory estimate ------------------------------------------------------------

@@ -34,19 +34,22 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 extras="postgres,api"
-# The test suite also covers the llama.cpp engine; llama-cpp-python builds from source
-# (about 8 min on 2 cores the first time, then from pip's wheel cache). Portable x86-64
-# flags so the build runs on any AVX2 machine, not only the one that built it.
+# The test suite also covers the llama.cpp engine; llama-cpp-python builds from source,
+# patched (scripts/build-llama-cpp.sh: about 8 min on 2 cores the first time, then from its
+# wheel cache). Portable x86-64 flags so the build runs on any AVX2 machine, not only the
+# one that built it.
 [ "$want_peers" = 1 ] && extras="$extras,dev,llamacpp"
 if [ "$(uname -m)" = x86_64 ]; then
   export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
 fi
-stamp=".venv/.setup-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
+stamp=".venv/.setup-$(cat pyproject.toml scripts/patches/*.patch | sha256sum | cut -c1-16)-$extras"
 if [ ! -e "$stamp" ]; then
   python -m pip install -q --upgrade pip
   # The CPU build of torch lies on this machine's disk; install it before anything
   # that depends on torch so that no multi-GB CUDA build is pulled.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+  # llama-cpp-python with the node's decode patch, before pip would build the stock one
+  if [ "$want_peers" = 1 ]; then bash scripts/build-llama-cpp.sh; fi
   python -m pip install -q -e ".[$extras]"
   touch "$stamp"
 fi

@@ -456,7 +456,7 @@ class LlamaCppBackend:
         self.generate([GenerationRequest(prompt_ids=[EOS_ID, END_ID], max_new_tokens=2)])
 
     def health(self) -> dict[str, Any]:
-        """Loaded flag, model file, quantisation, threads and counters."""
+        """Loaded flag, model file, quantisation, threads, llama-cpp-python version, counters."""
         out: dict[str, Any] = {
             "backend": self.name,
             "loaded": self._ctx is not None,
@@ -470,6 +470,10 @@ class LlamaCppBackend:
             "prefix_cache": self.prefix_cache,
             "prefill_quant": self.prefill_quant,
             "prefill_model_path": str(self.prefill_path) if self.prefill_path else None,
+            # "+cxrnode.N": built with the node's decode patch (scripts/build-llama-cpp.sh)
+            "engine_version": f"llama-cpp-python {getattr(self._llama, '__version__', '?')}"
+            if self._llama is not None
+            else None,
             **self._counters,
         }
         if self._model is not None:

@@ -342,9 +342,12 @@ class TransformersBackend:
             self.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=4)] * n)
 
     def health(self) -> dict[str, Any]:
-        """Loaded flag, device, dtype, model folder and counters."""
+        """Loaded flag, device, dtype, model folder, library versions and counters."""
+        import transformers
+
         out: dict[str, Any] = {
             "backend": self.name,
+            "engine_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
             "loaded": self._model is not None,
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),

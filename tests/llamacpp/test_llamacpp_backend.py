@@ -6,8 +6,10 @@ from .conftest import require_engine
 
 require_engine()
 
+import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -42,6 +44,19 @@ def test_backend_implements_protocol(engines: dict[str, LlamaCppBackend]) -> Non
     engine.warmup()
     health = engine.health()
     assert health["loaded"] and health["backend"] == "llamacpp" and health["quant"] == "f16"
+    assert health["engine_version"] == f"llama-cpp-python {llama_cpp.__version__}"
+
+
+def test_installed_engine_is_the_patched_build() -> None:
+    """setup.sh installs llama-cpp-python through scripts/build-llama-cpp.sh, with the decode
+    patch; a stock build would still pass every other test, only slower."""
+    patch = Path(__file__).resolve().parents[2] / "scripts/patches/llama-cpp-python-0.3.36.patch"
+    want = re.search(r'^\+__version__ = "(.+)"$', patch.read_text(), re.M)
+    assert want is not None
+    assert llama_cpp.__version__ == want.group(1), (
+        f"llama-cpp-python {llama_cpp.__version__} is not the node's patched build "
+        f"{want.group(1)}: run scripts/build-llama-cpp.sh"
+    )
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])

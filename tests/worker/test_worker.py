@@ -109,6 +109,7 @@ def test_model_host_info_and_shared_use(model_host: ModelHost) -> None:
     assert info["ready"] is True and info["demo"] is True
     assert info["model_name"] == model_host.runtime.model_name
     assert info["backend"] == "transformers" and info["dtype"] == "float32"
+    assert info["engine_version"].startswith("transformers ")
     assert info["loaded_at"] is not None
     entered = threading.Event()
     release = threading.Event()

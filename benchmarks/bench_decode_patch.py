@@ -1,0 +1,204 @@
+"""Two llama-cpp-python builds against each other on one GGUF file: the decode patch's A/B.
+
+``scripts/build-llama-cpp.sh`` installs llama-cpp-python with the node's patch (a software
+prefetch in ggml's AVX2 Q8_0 dot product, ``scripts/patches/``). This benchmark measures what
+the patch buys and checks that it changes no arithmetic. It writes one random GGUF of the
+full dolly-v2-3b shape (``bench_cpu_engine.write_random_gguf``; ``--gguf`` re-uses a file),
+then runs each build in its own subprocess (``--stock DIR`` and ``--patched DIR``, each a
+``pip install --target`` directory put first on ``PYTHONPATH``; ``--patched`` defaults to
+this interpreter's own install), alternating ``--rounds`` times, because the noise of a
+shared 2-core machine drifts over minutes. Each run measures, with the node's
+:class:`~models.backends.llamacpp_backend.LlamaCppBackend` at batch 1, prefill tokens/s of a
+``--prompt-tokens`` (300) prompt and decode tokens/s over ``--decode-tokens`` (best of two),
+and records the greedy tokens and the prompt's next-token logits.
+
+The table gives medians over the rounds, decode as a fraction of the memory-bandwidth limit
+(read bandwidth measured in this run / weight bytes read per token), the ratio to the stock
+build, and whether the patched build's tokens and logits are bit-identical to the stock
+build's. Not a test. A stock build to compare with::
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \\
+        pip install --no-deps --target /tmp/lcpp-stock llama-cpp-python==0.3.36
+    python benchmarks/bench_decode_patch.py --stock /tmp/lcpp-stock
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_cpu_engine  # noqa: E402
+
+
+def child(gguf: Path, tok_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One build's run (in its own process): rates, tokens and a digest of the logits."""
+    import llama_cpp
+
+    from models.backends.base import GenerationRequest
+    from models.backends.llamacpp_backend import LlamaCppBackend
+    from models.text import LLMCXRTokenizer
+
+    ids = bench_cpu_engine.prompt_ids(LLMCXRTokenizer.from_dir(tok_dir), args.prompt_tokens)
+    engine = LlamaCppBackend(
+        gguf,
+        threads=args.threads,
+        n_ctx=len(ids) + args.decode_tokens + 16,
+        max_batch=1,
+        prefix_cache=False,
+    )
+    engine.load()
+    engine.generate([GenerationRequest(prompt_ids=ids[:32], max_new_tokens=4)])  # page in
+    logits = engine.next_token_logits(ids)
+    prefill, decode, tokens = [], [], []
+    for _ in range(2):
+        r = engine.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=args.decode_tokens)])[
+            0
+        ]
+        if r.error or r.new_tokens < 2:
+            raise RuntimeError(r.error or f"only {r.new_tokens} token(s) generated")
+        prefill.append(len(ids) / r.prefill_s)
+        decode.append((r.new_tokens - 1) / r.decode_s)
+        tokens = r.token_ids
+    engine.close()
+    return {
+        "version": llama_cpp.__version__,
+        "prefill_tok_s": max(prefill),
+        "decode_tok_s": max(decode),
+        "tokens": tokens,
+        "logits_sha256": hashlib.sha256(logits.astype("float32").tobytes()).hexdigest(),
+    }
+
+
+def run_build(site: Path | None, gguf: Path, tok_dir: Path, args: argparse.Namespace) -> dict:
+    """Run :func:`child` under one build (``site`` first on ``PYTHONPATH``, or none)."""
+    env = dict(os.environ)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(gguf),
+        str(tok_dir),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--decode-tokens",
+        str(args.decode_tokens),
+        "--threads",
+        str(args.threads),
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write (or re-use) the GGUF, alternate the builds, print one table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--stock", type=Path, help="site directory of the stock build")
+    ap.add_argument("--patched", type=Path, default=None, help="default: this interpreter's")
+    ap.add_argument("--quant", default="q8_0", choices=["q8_0", "f16"])
+    ap.add_argument("--layers", type=int, default=32, help="transformer layers (32 = dolly-v2-3b)")
+    ap.add_argument("--gguf", type=Path, default=None, help="re-use this file (same --quant)")
+    ap.add_argument("--out-dir", type=Path, default=None, help="GGUF file (default: a tmp dir)")
+    ap.add_argument("--prompt-tokens", type=int, default=300)
+    ap.add_argument("--decode-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0)
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args)))
+        return
+    if args.stock is None:
+        ap.error("--stock DIR is required (a pip --target install of the stock build)")
+
+    from models.gguf_convert import build_gguf_vocab
+
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-decode-patch-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = bench_cpu_engine.tokenizer_dir(out_dir / "tokenizer")
+    shape = bench_cpu_engine.dolly_shape(args.layers)
+    gguf = args.gguf or out_dir / f"dolly-{args.layers}l-{args.quant}.gguf"
+    vocab = build_gguf_vocab(tok_dir / "tokenizer.json")
+    # an existing file is re-used; the call still returns the weight bytes read per token
+    _, per_token = bench_cpu_engine.write_random_gguf(
+        gguf, shape, args.quant, vocab, threads=args.threads
+    )
+    bench_llm = bench_cpu_engine._bench_llm()
+    bw = bench_llm.read_bandwidth(args.bandwidth_gib)
+    builds = {"stock": args.stock, "patched": args.patched}
+    runs: dict[str, list[dict]] = {name: [] for name in builds}
+    for k in range(args.rounds):
+        for name, site in builds.items():
+            r = run_build(site, gguf, tok_dir, args)
+            runs[name].append(r)
+            print(
+                f"round {k + 1} {name:8s} {r['version']:20s} prefill {r['prefill_tok_s']:6.2f} "
+                f"decode {r['decode_tok_s']:6.3f} tok/s",
+                flush=True,
+            )
+    bw = max(bw, bench_llm.read_bandwidth(args.bandwidth_gib))
+    limit = bw / per_token
+    ref = runs["stock"][0]
+    med = {n: statistics.median(r["decode_tok_s"] for r in rs) for n, rs in runs.items()}
+    print(
+        f"\n{args.quant} GGUF, {args.layers} layers, {per_token / 1e9:.2f} GB read per token; "
+        f"read bandwidth {bw / 1e9:.1f} GB/s, limit {limit:.2f} tok/s; threads {args.threads}; "
+        f"{args.rounds} rounds, medians\n"
+    )
+    print(
+        "| build | llama-cpp-python | prefill t/s | decode t/s (min-max) | frac | x stock "
+        "| tokens, logits = stock |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for name, rs in runs.items():
+        dec = [r["decode_tok_s"] for r in rs]
+        same = all(
+            r["tokens"] == ref["tokens"] and r["logits_sha256"] == ref["logits_sha256"] for r in rs
+        )
+        row = {
+            "build": name,
+            "version": rs[0]["version"],
+            "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
+            "decode_tok_s": med[name],
+            "decode_min": min(dec),
+            "decode_max": max(dec),
+            "fraction_of_limit": med[name] / limit,
+            "x_stock": med[name] / med["stock"],
+            "identical_to_stock": same,
+        }
+        rows.append(row)
+        print(
+            f"| {name} | {row['version']} | {row['prefill_tok_s']:.1f} | {med[name]:.2f} "
+            f"({min(dec):.2f}-{max(dec):.2f}) | {row['fraction_of_limit']:.2f} | "
+            f"{row['x_stock']:.2f} | {'yes' if same else 'NO'} |"
+        )
+    if args.json_out:
+        args.json_out.write_text(
+            json.dumps(
+                {"read_bandwidth_bytes_s": bw, "weight_bytes_per_token": per_token, "rows": rows},
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Build llama-cpp-python from its PyPI source distribution with the node's patch to the
+# llama.cpp it vendors, and install it into the active Python environment.
+#
+#   scripts/build-llama-cpp.sh        (setup.sh --peers runs it; CMAKE_ARGS as in setup.sh)
+#
+# The patch (scripts/patches/llama-cpp-python-$VER.patch) adds a software prefetch to ggml's
+# AVX2 Q8_0 dot product, the kernel of Q8_0 decoding on x86; it changes no arithmetic, so the
+# results are bit-identical to the stock build's. It marks the version "$VER+cxrnode.N",
+# which llama_cpp.__version__ and the backend's health() show. Why, and the measurements:
+# docs/cpu-engine.md, "The decode patch". A stock llama-cpp-python works too, slower.
+#
+# The wheel is kept in ${CXR_NODE_WHEEL_CACHE:-~/.cache/llm-cxr-node/wheels}, keyed by the
+# patch, CMAKE_ARGS and the Python tag, so a re-run (or a second venv) installs it in seconds.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+VER=0.3.36
+patch_file="$here/patches/llama-cpp-python-$VER.patch"
+want=$(sed -n 's/^+__version__ = "\(.*\)"$/\1/p' "$patch_file")
+[ -n "$want" ] || { echo "build-llama-cpp: $patch_file sets no version" >&2; exit 1; }
+
+have=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' \
+  2>/dev/null || true)
+if [ "$have" = "$want" ]; then
+  exit 0
+fi
+
+key=$( (cat "$patch_file"; echo "${CMAKE_ARGS:-}"; python -c 'import sys; print(sys.implementation.cache_tag)') \
+  | sha256sum | cut -c1-16)
+cache_root="${CXR_NODE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-cxr-node/wheels}"
+cache="$cache_root/llama-cpp-python-$want-$key"
+if ! compgen -G "$cache/*.whl" >/dev/null; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  echo "build-llama-cpp: building llama-cpp-python $want (several minutes on 2 cores)"
+  python -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-python==$VER"
+  tar xzf "$work/llama_cpp_python-$VER.tar.gz" -C "$work"
+  patch -d "$work/llama_cpp_python-$VER" -p1 --forward --quiet <"$patch_file"
+  mkdir -p "$cache_root"
+  rm -rf "$cache.part"
+  python -m pip wheel -q --no-deps --no-cache-dir -w "$cache.part" "$work/llama_cpp_python-$VER"
+  rm -rf "$cache"
+  mv "$cache.part" "$cache"
+fi
+python -m pip install -q --no-deps --force-reinstall "$cache"/*.whl
+echo "build-llama-cpp: installed llama-cpp-python $want"
