@@ -16,6 +16,7 @@ if [ "$want_peers" = 1 ]; then
   command -v dciodvfy >/dev/null || need+=(dicom3tools)
   command -v gdcminfo >/dev/null || need+=(libgdcm-tools)
   command -v chromium >/dev/null || need+=(chromium)   # web console tests (headless)
+  command -v patch >/dev/null || need+=(patch)         # scripts/build-llama-cpp.sh
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       echo "setup: installing Debian packages: ${need[*]}"
