@@ -206,6 +206,23 @@ def prompt_ids(tok: Any, n: int) -> list[int]:
     return ids[-n:]
 
 
+def best_rates(engine: Any, ids: list[int], decode_tokens: int, repeats: int) -> tuple[dict, Any]:
+    """Best prefill and decode tokens/s of ``repeats`` greedy runs of ``ids`` on a loaded
+    backend; returns them and the last run's result."""
+    from models.backends.base import GenerationRequest
+
+    best: dict[str, float] = {}
+    r = None
+    for _ in range(repeats):
+        r = engine.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=decode_tokens)])[0]
+        if r.error:
+            raise RuntimeError(r.error)
+        rate = (r.new_tokens - 1) / r.decode_s if r.new_tokens > 1 else float("nan")
+        best["prefill_tok_s"] = max(best.get("prefill_tok_s", 0.0), len(ids) / r.prefill_s)
+        best["decode_tok_s"] = max(best.get("decode_tok_s", 0.0), rate)
+    return best, r
+
+
 def run_engine(
     path: Path, quant: str, ids: list[int], args: argparse.Namespace, threads: int
 ) -> dict[str, Any]:
@@ -222,16 +239,7 @@ def run_engine(
     engine.load()
     load_s = time.perf_counter() - t0
     engine.generate([GenerationRequest(prompt_ids=ids[:32], max_new_tokens=4)])  # page in
-    best: dict[str, float] = {}
-    for _ in range(args.repeats):
-        r = engine.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=args.decode_tokens)])[
-            0
-        ]
-        if r.error:
-            raise RuntimeError(r.error)
-        rate = (r.new_tokens - 1) / r.decode_s if r.new_tokens > 1 else float("nan")
-        best["prefill_tok_s"] = max(best.get("prefill_tok_s", 0.0), len(ids) / r.prefill_s)
-        best["decode_tok_s"] = max(best.get("decode_tok_s", 0.0), rate)
+    best, _ = best_rates(engine, ids, args.decode_tokens, args.repeats)
     rep = engine.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=args.report_tokens)])[0]
     reqs = [
         GenerationRequest(prompt_ids=[*ids[:-1], ids[-1] + k], max_new_tokens=args.report_tokens)

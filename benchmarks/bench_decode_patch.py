@@ -62,22 +62,12 @@ def child(gguf: Path, tok_dir: Path, args: argparse.Namespace) -> dict[str, Any]
     engine.load()
     engine.generate([GenerationRequest(prompt_ids=ids[:32], max_new_tokens=4)])  # page in
     logits = engine.next_token_logits(ids)
-    prefill, decode, tokens = [], [], []
-    for _ in range(2):
-        r = engine.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=args.decode_tokens)])[
-            0
-        ]
-        if r.error or r.new_tokens < 2:
-            raise RuntimeError(r.error or f"only {r.new_tokens} token(s) generated")
-        prefill.append(len(ids) / r.prefill_s)
-        decode.append((r.new_tokens - 1) / r.decode_s)
-        tokens = r.token_ids
+    best, last = bench_cpu_engine.best_rates(engine, ids, args.decode_tokens, 2)
     engine.close()
     return {
         "version": llama_cpp.__version__,
-        "prefill_tok_s": max(prefill),
-        "decode_tok_s": max(decode),
-        "tokens": tokens,
+        **best,
+        "tokens": last.token_ids,
         "logits_sha256": hashlib.sha256(logits.astype("float32").tobytes()).hexdigest(),
     }
 
