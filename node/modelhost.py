@@ -251,6 +251,7 @@ class ModelHost:
             "prefill_quant": self.settings.backend_prefill_quant,
             "device": self.settings.backend_device,
             "engine_version": None,
+            "cpu_features": None,
             "model_name": None,
             "model_version": None,
             "demo": None,
@@ -267,6 +268,8 @@ class ModelHost:
             out["quant"] = health.get("quant", out["quant"])
             out["device"] = health.get("device", out["device"])
             out["engine_version"] = health.get("engine_version")
+            # llama.cpp: the instruction sets of the CPU kernels in use (None for transformers)
+            out["cpu_features"] = health.get("cpu_features")
         return out
 
     # --- batch memory estimate ------------------------------------------------------------

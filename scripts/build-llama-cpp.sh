@@ -2,13 +2,17 @@
 # Build llama-cpp-python from its PyPI source distribution with the node's patch to the
 # llama.cpp it vendors, and install it into the active Python environment.
 #
-#   scripts/build-llama-cpp.sh        (setup.sh --peers runs it; CMAKE_ARGS as in setup.sh)
+#   scripts/build-llama-cpp.sh        (setup.sh --peers runs it)
 #
 # The patch (scripts/patches/llama-cpp-python-$VER.patch) adds a software prefetch to ggml's
-# AVX2 Q8_0 dot product, the kernel of Q8_0 decoding on x86; it changes no arithmetic, so the
-# results are bit-identical to the stock build's. It marks the version "$VER+cxrnode.N",
-# which llama_cpp.__version__ and the backend's health() show. Why, and the measurements:
-# docs/cpu-engine.md, "The decode patch". A stock llama-cpp-python works too, slower.
+# AVX2 Q8_0 dot product, the kernel of Q8_0 decoding on x86 (no arithmetic changes), and lets
+# ggml find CPU backends next to libggml. On x86-64 the default CMAKE_ARGS build every CPU
+# variant ggml has (x64, SSE4.2, AVX, AVX2, AVX-512, VNNI, BF16, AMX) as loadable modules, and
+# the best one for the CPU that runs the node is loaded at start: one wheel, portable and
+# tuned. Set CMAKE_ARGS to build otherwise (e.g. -DGGML_NATIVE=ON for the build machine only).
+# The patch marks the version "$VER+cxrnode.N", which llama_cpp.__version__ and the backend's
+# health() show. Why, and the measurements: docs/cpu-engine.md, "The decode patch" and "One
+# build for every x86 CPU". A stock llama-cpp-python works too, slower.
 #
 # The wheel is kept in ${CXR_NODE_WHEEL_CACHE:-~/.cache/llm-cxr-node/wheels}, keyed by the
 # patch, CMAKE_ARGS and the Python tag, so a re-run (or a second venv) installs it in seconds.
@@ -18,6 +22,11 @@ VER=0.3.36
 patch_file="$here/patches/llama-cpp-python-$VER.patch"
 want=$(sed -n 's/^+__version__ = "\(.*\)"$/\1/p' "$patch_file")
 [ -n "$want" ] || { echo "build-llama-cpp: $patch_file sets no version" >&2; exit 1; }
+
+if [ -z "${CMAKE_ARGS:-}" ] && [ "$(uname -m)" = x86_64 ]; then
+  # the variants are modules beside libggml (CMAKE_INSTALL_BINDIR: ggml installs them there)
+  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
+fi
 
 have=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' \
   2>/dev/null || true)

@@ -36,13 +36,9 @@ fi
 . .venv/bin/activate
 extras="postgres,api"
 # The test suite also covers the llama.cpp engine; llama-cpp-python builds from source,
-# patched (scripts/build-llama-cpp.sh: about 8 min on 2 cores the first time, then from its
-# wheel cache). Portable x86-64 flags so the build runs on any AVX2 machine, not only the
-# one that built it.
+# patched, with every x86 CPU variant (scripts/build-llama-cpp.sh: about 7 min on 2 cores
+# the first time, then from its wheel cache).
 [ "$want_peers" = 1 ] && extras="$extras,dev,llamacpp"
-if [ "$(uname -m)" = x86_64 ]; then
-  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
-fi
 stamp=".venv/.setup-$(cat pyproject.toml scripts/patches/*.patch | sha256sum | cut -c1-16)-$extras"
 if [ ! -e "$stamp" ]; then
   python -m pip install -q --upgrade pip

@@ -61,6 +61,7 @@ STOP_IDS = (END_ID, EOS_ID)
 
 _LOG_CALLBACK: Any = None  # keeps the ctypes callback alive for the process
 _BACKEND_READY = False
+_CPU_FEATURES: list[str] = []
 _INIT_LOCK = threading.Lock()
 
 
@@ -90,7 +91,46 @@ def _init_llama(llama_cpp: Any) -> None:
         _LOG_CALLBACK = llama_cpp.llama_log_callback(_log)
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
+        features = cpu_features(llama_cpp.llama_print_system_info())
+        if not features:
+            # a GGML_BACKEND_DL build whose CPU backends were not found next to libggml
+            raise GenerationError(
+                f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')} loaded no CPU "
+                "backend; rebuild it with scripts/build-llama-cpp.sh"
+            )
+        _CPU_FEATURES[:] = features
         _BACKEND_READY = True
+
+
+def cpu_features(system_info: bytes | str) -> list[str]:
+    """The features of ggml's CPU backend, from ``llama_print_system_info()``.
+
+    With the node's build (``scripts/build-llama-cpp.sh``: every x86 CPU variant, the best
+    one for this CPU loaded at start) they name the instruction sets in use, e.g. ``AVX2`` on
+    a Haswell-class server or ``AVX512``, ``AVX512_VNNI`` and ``AVX512_BF16`` on a newer one.
+
+    Parameters
+    ----------
+    system_info
+        The text, e.g. ``"CPU : SSE3 = 1 | AVX2 = 1 | LLAMAFILE = 1 | "``.
+
+    Returns
+    -------
+    list of str
+        The names set to 1 in the ``CPU`` section, in order; empty when there is none.
+    """
+    text = system_info.decode("utf-8", "replace") if isinstance(system_info, bytes) else system_info
+    _, sep, rest = text.partition("CPU :")
+    if not sep:
+        return []
+    feats: list[str] = []
+    for item in rest.split("|"):
+        name, eq, value = item.partition("=")
+        if not eq or ":" in name:
+            break  # the end, or the next backend's "NAME : FEATURE = ..." section
+        if value.strip() == "1":
+            feats.append(name.strip())
+    return feats
 
 
 def _meta_str(llama_cpp: Any, model: Any, key: str) -> str | None:
@@ -474,6 +514,8 @@ class LlamaCppBackend:
             "engine_version": f"llama-cpp-python {getattr(self._llama, '__version__', '?')}"
             if self._llama is not None
             else None,
+            # the instruction sets of the ggml CPU backend in use (one of the build's variants)
+            "cpu_features": list(_CPU_FEATURES) if self._llama is not None else None,
             **self._counters,
         }
         if self._model is not None:

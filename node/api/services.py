@@ -110,7 +110,9 @@ def readiness(ctx: ApiContext) -> tuple[bool, dict[str, Any]]:
     -------
     tuple
         ``(ready, checks)`` where ``checks`` maps ``model``, ``database`` and ``spool`` to
-        ``{"ok": bool, "reason": str | None, ...}``.
+        ``{"ok": bool, "reason": str | None, ...}``; the model's also names the model, the
+        backend, its quantisation, the engine's version and (llama.cpp) the CPU features of
+        its kernels.
     """
     checks: dict[str, Any] = {}
     host = ctx.host()
@@ -127,6 +129,10 @@ def readiness(ctx: ApiContext) -> tuple[bool, dict[str, Any]]:
             "model_name": info.get("model_name"),
             "model_version": info.get("model_version"),
             "demo": info.get("demo"),
+            "backend": info.get("backend"),
+            "quant": info.get("quant"),
+            "engine_version": info.get("engine_version"),
+            "cpu_features": info.get("cpu_features"),
         }
     try:
         from sqlalchemy import text

@@ -201,7 +201,9 @@ def test_ready_and_spool_check(env: ApiEnv) -> None:
     with env.client("viewer") as c:
         r = c.get("/ready")
         assert r.status_code == 200, r.text
-        assert r.json()["checks"]["model"]["demo"] is True
+        model = r.json()["checks"]["model"]
+        assert model["demo"] is True and model["backend"] == "transformers"
+        assert model["engine_version"].startswith("transformers ")
         shutil.rmtree(env.settings.spool_dir)
         r = c.get("/ready")
         assert r.status_code == 503

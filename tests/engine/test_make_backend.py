@@ -176,3 +176,34 @@ def test_from_bundle_with_setting_names_runs_both_backends(converted_bundle: Pat
         assert draft.timings["tokens"] == 16
         texts[name] = draft.text
     assert texts["llamacpp"] == texts["transformers"]
+
+
+def test_model_host_reports_the_llamacpp_build(converted_bundle: Path, tmp_path: Path) -> None:
+    """``/ready`` (``ModelHost.info``) names the engine build and the CPU kernels in use."""
+    import llama_cpp
+
+    from node.modelhost import ModelHost
+    from node.settings import load_settings
+
+    settings = load_settings(
+        None,
+        database_url=f"sqlite:///{tmp_path / 'x.sqlite3'}",
+        spool_dir=tmp_path,
+        model_dir=converted_bundle,
+        backend="llamacpp",
+        backend_quant="q8_0",
+        backend_threads=1,
+        min_free_disk_mb=0,
+        api_enabled=False,
+    )
+    host = ModelHost(settings)
+    host.start()
+    try:
+        assert host.wait_ready(60), host.error
+        info = host.info()
+        assert info["backend"] == "llamacpp" and info["quant"] == "q8_0"
+        assert info["engine_version"] == f"llama-cpp-python {llama_cpp.__version__}"
+        assert info["cpu_features"] and "LLAMAFILE" in info["cpu_features"]
+        assert info["cpu_features"] == host.runtime.backend.health()["cpu_features"]
+    finally:
+        host.stop()

@@ -14,7 +14,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from models.backends.base import GenerationBackend, GenerationRequest  # noqa: E402
-from models.backends.llamacpp_backend import LlamaCppBackend, sample_next  # noqa: E402
+from models.backends.llamacpp_backend import (  # noqa: E402
+    LlamaCppBackend,
+    cpu_features,
+    sample_next,
+)
 from models.backends.transformers_backend import TransformersBackend  # noqa: E402
 from models.gguf_convert import ConversionResult, convert_bundle_llm  # noqa: E402
 from models.layout import CODES_PER_IMAGE, IMAGE_TOKEN_OFFSET, VOCAB  # noqa: E402
@@ -45,6 +49,35 @@ def test_backend_implements_protocol(engines: dict[str, LlamaCppBackend]) -> Non
     health = engine.health()
     assert health["loaded"] and health["backend"] == "llamacpp" and health["quant"] == "f16"
     assert health["engine_version"] == f"llama-cpp-python {llama_cpp.__version__}"
+    assert health["cpu_features"] == cpu_features(llama_cpp.llama_print_system_info())
+    assert "LLAMAFILE" in health["cpu_features"]
+
+
+def test_cpu_features_reads_only_the_cpu_section() -> None:
+    text = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | CUDA : ARCHS = 890 | USE_GRAPHS = 1 | "
+    assert cpu_features(text.encode()) == ["SSE3", "AVX2"]
+    assert cpu_features(b"") == []
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    pytest.skip("no x86 flags in /proc/cpuinfo")
+
+
+def test_engine_runs_the_cpu_variant_for_this_cpu(engines: dict[str, LlamaCppBackend]) -> None:
+    """The node's build holds every x86 CPU variant of ggml and loads the best for this CPU
+    (docs/cpu-engine.md, "One build for every x86 CPU"): its kernels use AVX2 exactly when the
+    CPU has it, AVX-512 when it has the AVX-512 set ggml's Skylake-X variant needs, and the
+    AVX-512 BF16 dot products when it also has VNNI and BF16. A build fixed at AVX2 fails here
+    on an AVX-512 machine."""
+    flags = _cpu_flags()
+    feats = set(engines["f16"].health()["cpu_features"])
+    avx512 = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"} <= flags
+    assert ("AVX2" in feats) == ({"avx2", "fma", "f16c", "bmi2"} <= flags)
+    assert ("AVX512" in feats) == avx512
+    assert ("AVX512_BF16" in feats) == (avx512 and {"avx512_vnni", "avx512_bf16"} <= flags)
 
 
 def test_installed_engine_is_the_patched_build() -> None:

@@ -110,6 +110,7 @@ def test_model_host_info_and_shared_use(model_host: ModelHost) -> None:
     assert info["model_name"] == model_host.runtime.model_name
     assert info["backend"] == "transformers" and info["dtype"] == "float32"
     assert info["engine_version"].startswith("transformers ")
+    assert info["cpu_features"] is None  # a llama.cpp backend's only
     assert info["loaded_at"] is not None
     entered = threading.Event()
     release = threading.Event()
