@@ -81,19 +81,24 @@ def build_model(layers: int, dtype: torch.dtype, seed: int = 0, device: str = "c
     return model.eval()
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Best of ``repeats`` sums over a ``gib`` GiB fp32 tensor: bytes read per second."""
+def read_bandwidth_samples(gib: float = 1.0, repeats: int = 5) -> list[float]:
+    """``repeats`` sums over a ``gib`` GiB fp32 tensor: bytes read per second, each."""
     n = int(gib * (1 << 30) // 4)
     x = torch.ones(n, dtype=torch.float32)
     x.sum()  # touch once
-    best = float("inf")
+    rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - t0)
+        rates.append(n * 4 / (time.perf_counter() - t0))
     del x
     gc.collect()
-    return n * 4 / best
+    return rates
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best of ``repeats`` sums over a ``gib`` GiB fp32 tensor: bytes read per second."""
+    return max(read_bandwidth_samples(gib, repeats))
 
 
 def weight_bytes_per_token(model: Any) -> int:
