@@ -6,7 +6,11 @@ from .conftest import require_engine
 
 require_engine()
 
+import os  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import llama_cpp  # noqa: E402
@@ -64,6 +68,63 @@ def _cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     pytest.skip("no x86 flags in /proc/cpuinfo")
+
+
+_INIT_SNIPPET = """
+import llama_cpp
+from models.backends.base import GenerationError
+from models.backends.llamacpp_backend import _init_llama, _CPU_FEATURES
+try:
+    _init_llama(llama_cpp)
+    print("FEATURES", " ".join(_CPU_FEATURES))
+except GenerationError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def _init_in(site: Path, cwd: Path) -> str:
+    """Start the backend's llama.cpp in a fresh process, importing llama_cpp from ``site``."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo)])}
+    out = subprocess.run(
+        [sys.executable, "-c", _INIT_SNIPPET],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stdout
+
+
+def test_cpu_backends_load_only_from_beside_libggml(
+    tmp_path: Path, engines: dict[str, LlamaCppBackend]
+) -> None:
+    """The patch's registry change: ggml loads its CPU variants from the directory of
+    libggml and from nowhere else. Without them the backend refuses to start, with the fix in
+    the message, even when the working directory holds files named like them (upstream ggml
+    would load those)."""
+    pkg = Path(llama_cpp.__file__).resolve().parent
+    variants = sorted((pkg / "lib").glob("libggml-cpu-*.so"))
+    if not variants:
+        pytest.skip("llama-cpp-python is not built with GGML_BACKEND_DL (one fixed CPU backend)")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for v in variants:  # decoys where upstream ggml looks
+        shutil.copy2(v, cwd / v.name)
+    bare = tmp_path / "bare"
+    shutil.copytree(
+        pkg, bare / "llama_cpp", ignore=shutil.ignore_patterns("libggml-cpu-*", "__pycache__")
+    )
+    out = _init_in(bare, cwd)
+    assert out.startswith("REFUSED") and "loaded no CPU backend" in out, out
+    assert "scripts/build-llama-cpp.sh" in out
+    # the same copy with its variants beside libggml starts, with this CPU's features
+    for v in variants:
+        shutil.copy2(v, bare / "llama_cpp" / "lib" / v.name)
+    out = _init_in(bare, cwd)
+    assert out.split() == ["FEATURES", *engines["f16"].health()["cpu_features"]], out
 
 
 def test_engine_runs_the_cpu_variant_for_this_cpu(engines: dict[str, LlamaCppBackend]) -> None:
