@@ -39,13 +39,13 @@ extras="postgres,api"
 # patched, with every x86 CPU variant (scripts/build-llama-cpp.sh: about 7 min on 2 cores
 # the first time, then from its wheel cache).
 [ "$want_peers" = 1 ] && extras="$extras,dev,llamacpp"
-stamp=".venv/.setup-$(cat pyproject.toml scripts/patches/*.patch | sha256sum | cut -c1-16)-$extras"
+stamp=".venv/.setup-$(cat pyproject.toml scripts/build-llama-cpp.sh scripts/patches/*.patch | sha256sum | cut -c1-16)-$extras"
 if [ ! -e "$stamp" ]; then
   python -m pip install -q --upgrade pip
   # The CPU build of torch lies on this machine's disk; install it before anything
   # that depends on torch so that no multi-GB CUDA build is pulled.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-  # llama-cpp-python with the node's decode patch, before pip would build the stock one
+  # llama-cpp-python with the node's patch, before pip would build the stock one
   if [ "$want_peers" = 1 ]; then bash scripts/build-llama-cpp.sh; fi
   python -m pip install -q -e ".[$extras]"
   touch "$stamp"

@@ -510,7 +510,7 @@ class LlamaCppBackend:
             "prefix_cache": self.prefix_cache,
             "prefill_quant": self.prefill_quant,
             "prefill_model_path": str(self.prefill_path) if self.prefill_path else None,
-            # "+cxrnode.N": built with the node's decode patch (scripts/build-llama-cpp.sh)
+            # "+cxrnode.N": built with the node's patch (scripts/build-llama-cpp.sh)
             "engine_version": f"llama-cpp-python {getattr(self._llama, '__version__', '?')}"
             if self._llama is not None
             else None,
