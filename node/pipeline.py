@@ -58,6 +58,7 @@ from node.db import repo_outputs
 from node.db import repository as repo
 from node.db.repository import LeaseLost
 from node.settings import Settings
+from node.spool import OUTPUTS_DIR
 
 if TYPE_CHECKING:
     from models.runtime import LLMCXR, ReportDraft
@@ -89,7 +90,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OUTPUTS_DIR = "outputs"
 MANUFACTURER = "llm-cxr-node"
 SR_SERIES_NUMBER = 9901
 SR_INSTANCE_NUMBER = 1

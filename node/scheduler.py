@@ -3,7 +3,8 @@
 - study completion sweep (every quarter of the quiet period, 0.2-5 s): completes quiet
   studies and queues their jobs (:func:`node.db.repository.complete_quiet_studies`);
 - lease expiry (every quarter of the lease, 1-15 s): requeues jobs of dead workers;
-- retention (hourly): deletes studies older than ``retention_days`` and their spool files.
+- retention (hourly): deletes studies older than ``retention_days`` and their spool files
+  (instances and SRs), and SR files a crashed worker left half-written.
 
 The schedule is never shared through the database: every node process runs its own chores,
 and the repository functions are safe to run concurrently (row locks / ``BEGIN IMMEDIATE``).
@@ -22,10 +23,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import repository as repo
 from node.db.models import utcnow
 from node.settings import Settings
+from node.spool import OUTPUTS_DIR
 
-__all__ = ["Chores", "NodeScheduler"]
+__all__ = ["STALE_PART_SECONDS", "Chores", "NodeScheduler"]
 
 log = logging.getLogger(__name__)
+
+#: An unfinished SR file (``outputs/.<uid>.<hex>.part``) older than this is a crashed write.
+STALE_PART_SECONDS = 3600.0
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -77,8 +82,14 @@ class Chores:
     def apply_retention(self) -> int:
         """Delete studies older than ``retention_days`` (0 disables) and their spool files.
 
-        Returns the number of spool files removed.
+        The files are the instances and the SRs written for the studies' jobs. Whatever
+        ``retention_days`` says, unfinished SR files (``outputs/.*.part``) older than
+        :data:`STALE_PART_SECONDS` are deleted too: a worker that died while writing left them
+        (an SR takes milliseconds to write).
+
+        Returns the number of spool files removed (unfinished ones not counted).
         """
+        self._remove_stale_parts()
         days = self.settings.retention_days
         if days <= 0:
             return 0
@@ -103,6 +114,21 @@ class Chores:
             _remove_empty_parents(path.parent, root)
         if paths:
             log.info("retention: removed %d spool files older than %d days", removed, days)
+        return removed
+
+    def _remove_stale_parts(self) -> int:
+        outputs = self.settings.spool_dir / OUTPUTS_DIR
+        cutoff = self.clock().timestamp() - STALE_PART_SECONDS
+        removed = 0
+        for part in outputs.glob(".*.part"):
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    removed += 1
+            except OSError:
+                continue  # gone meanwhile, or not ours to delete: the next run retries
+        if removed:
+            log.info("retention: removed %d unfinished SR files", removed)
         return removed
 
 

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from integration.status import StoreStatus
 
 __all__ = [
+    "OUTPUTS_DIR",
     "Spool",
     "SpoolError",
     "SpoolFullError",
@@ -41,6 +42,8 @@ __all__ = [
 LOG = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+#: Where the worker writes SRs before delivery (``<SOP Instance UID>.dcm``), under the root.
+OUTPUTS_DIR = "outputs"
 _CHUNK = 1 << 20
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 

@@ -39,6 +39,7 @@ from node.db.models import (
     utcnow,
 )
 from node.settings import ChestRule
+from node.spool import OUTPUTS_DIR
 
 __all__ = [
     "ACTIVE_JOB_STATES",
@@ -931,7 +932,10 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
     """Delete studies last received before ``older_than`` that have no active or running job.
 
     Their series, instances, jobs, drafts and deliveries go with them (cascade); the audit
-    log stays. Commits; returns the spool paths (relative) that the caller should delete.
+    log stays. Commits; returns the spool paths (relative) that the caller should delete:
+    the instances' files and the jobs' SRs (``outputs/<SR SOP Instance UID>.dcm``, and any
+    other path a delivery row names). The SR UID derives from the Study Instance UID, which
+    is unique, so no surviving study shares these SR files.
     """
 
     def work() -> list[str]:
@@ -952,8 +956,23 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
         if not ids:
             return []
         paths = list(session.scalars(select(Instance.spool_path).where(Instance.study_id.in_(ids))))
-        # explicit deletes, children first (no reliance on ON DELETE CASCADE being enforced)
         job_ids = select(Job.id).where(Job.study_id.in_(ids))
+        srs = {
+            f"{OUTPUTS_DIR}/{sr_uid}.dcm"
+            for sr_uid in session.scalars(
+                select(Job.sr_sop_instance_uid).where(
+                    Job.study_id.in_(ids), Job.sr_sop_instance_uid.is_not(None)
+                )
+            )
+        }
+        srs.update(
+            session.scalars(
+                select(Delivery.sr_path).where(
+                    Delivery.job_id.in_(job_ids), Delivery.sr_path.is_not(None)
+                )
+            )
+        )
+        # explicit deletes, children first (no reliance on ON DELETE CASCADE being enforced)
         session.execute(delete(Draft).where(Draft.job_id.in_(job_ids)))
         session.execute(delete(Delivery).where(Delivery.job_id.in_(job_ids)))
         session.execute(delete(Job).where(Job.study_id.in_(ids)))
@@ -968,9 +987,10 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
             detail={
                 "studies": len(ids),
                 "instances": len(paths),
+                "srs": len(srs),
                 "older_than": older_than.astimezone(UTC).isoformat(),
             },
         )
-        return paths
+        return paths + sorted(srs)
 
     return _in_transaction(session, work)

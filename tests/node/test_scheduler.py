@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -9,9 +10,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import repository as repo
-from node.db.models import AuditLog, Instance, Job, JobState, Study
-from node.scheduler import Chores, NodeScheduler
+from node.db.models import AuditLog, Delivery, Instance, Job, JobState, Study
+from node.db.repo_delivery import enqueue_deliveries
+from node.scheduler import STALE_PART_SECONDS, Chores, NodeScheduler
 from node.settings import load_settings
+from node.spool import OUTPUTS_DIR
 from tests.helpers import wait_for
 from tests.node.factories import T0, record, uid
 
@@ -85,3 +88,72 @@ def test_scheduler_runs_the_sweep(session_factory: sessionmaker[Session], tmp_pa
     finally:
         sched.stop()
     assert not sched.scheduler.running
+
+
+def test_retention_removes_the_srs_of_purged_studies(
+    session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """SRs in ``outputs/`` go with their study; others stay; stale half-written SRs go."""
+    spool = tmp_path / "spool"
+    settings = load_settings(spool_dir=spool, study_quiet_seconds=5, retention_days=7)
+    clock = Clock(T0)
+    chores = Chores(settings, session_factory, clock=clock)
+    outputs = spool / OUTPUTS_DIR
+    outputs.mkdir(parents=True)
+    srs: dict[str, str] = {}
+    for study, at in ((uid(), T0), (uid(), T0 + timedelta(days=9))):
+        rec = record(study=study, at=at)
+        (spool / rec.spool_path).parent.mkdir(parents=True)
+        (spool / rec.spool_path).write_bytes(b"pixels")
+        with session_factory() as s:
+            repo.record_instance(s, rec)
+        clock.now = at + timedelta(seconds=6)
+        (done,) = chores.sweep_studies()
+        srs[study] = uid()
+        (outputs / f"{srs[study]}.dcm").write_bytes(b"sr")
+        with session_factory() as s:
+            job = repo.claim_next_job(s, owner="w", lease_seconds=10, now=clock.now)
+            assert job is not None and job.id == done.job_id
+            # a delivery row may name the SR under another name (an older node's layout)
+            moved = f"{OUTPUTS_DIR}/moved-{srs[study]}.dcm"
+            (spool / moved).write_bytes(b"sr")
+            enqueue_deliveries(s, job_id=job.id, sr_path=moved, destinations=["PACS@h:104"])
+            repo.finish_job(s, job.id, owner="w", sr_sop_instance_uid=srs[study], now=clock.now)
+    old, recent = srs
+    # a half-written SR of a crashed worker, and one being written now
+    stale, fresh = outputs / f".{uid()}.0badc0de.part", outputs / f".{uid()}.600dc0de.part"
+    for part in (stale, fresh):
+        part.write_bytes(b"partial")
+    clock.now = T0 + timedelta(days=10)
+    hour = clock.now.timestamp() - STALE_PART_SECONDS
+    os.utime(stale, (hour - 1, hour - 1))
+    os.utime(fresh, (hour + 60, hour + 60))
+
+    assert chores.apply_retention() == 3  # the old study's instance, its SR and the moved copy
+    left = sorted(p.name for p in outputs.iterdir())
+    assert left == sorted([f"{srs[recent]}.dcm", f"moved-{srs[recent]}.dcm", fresh.name])
+    with session_factory() as s:
+        (entry,) = s.scalars(select(AuditLog).where(AuditLog.action == "retention.purge"))
+        assert entry.detail is not None
+        counts = [entry.detail[k] for k in ("studies", "instances", "srs")]
+        assert counts == [1, 1, 2]
+        assert s.scalar(select(func.count(Delivery.id))) == 1
+    assert not (spool / old).exists() and (spool / recent).exists()
+
+
+def test_stale_sr_parts_go_even_without_retention(
+    session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    settings = load_settings(spool_dir=spool, retention_days=0)
+    chores = Chores(settings, session_factory, clock=Clock(T0))
+    part = spool / OUTPUTS_DIR / f".{uid()}.0badc0de.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"partial")
+    old = T0.timestamp() - STALE_PART_SECONDS - 1
+    os.utime(part, (old, old))
+    keep = spool / OUTPUTS_DIR / f"{uid()}.dcm"
+    keep.write_bytes(b"sr")
+    os.utime(keep, (old, old))
+    assert chores.apply_retention() == 0
+    assert not part.exists() and keep.exists()
