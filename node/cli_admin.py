@@ -128,7 +128,9 @@ def jobs_show(
     for dl in d.deliveries:
         out.print(
             f"delivery {dl.id} -> {dl.destination} [{dl.kind}] {dl.state} "
-            f"attempts {dl.attempts}{' error: ' + dl.last_error if dl.last_error else ''}",
+            f"attempts {dl.attempts}"
+            f"{' last ' + dl.last_attempt_at.isoformat() if dl.last_attempt_at else ''}"
+            f"{' error: ' + dl.last_error if dl.last_error else ''}",
             markup=False,
             highlight=False,
         )

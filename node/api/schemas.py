@@ -93,6 +93,7 @@ class DeliveryOut(BaseModel):
     state: str
     attempts: int
     next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
     sent_at: datetime | None
     last_error: str | None
     created_at: datetime

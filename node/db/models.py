@@ -284,6 +284,8 @@ class Delivery(Base):
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]
+    # when the latest attempt started (its claim); kept through retries and re-sends
+    last_attempt_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None]
     sr_path: Mapped[str | None] = mapped_column(String(1024))

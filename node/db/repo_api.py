@@ -389,6 +389,7 @@ class DeliveryRow:
     state: str
     attempts: int
     next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
     sent_at: datetime | None
     last_error: str | None
     created_at: datetime
@@ -464,6 +465,7 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
             d.state.value,
             d.attempts,
             d.next_attempt_at,
+            d.last_attempt_at,
             d.sent_at,
             d.last_error,
             d.created_at,

@@ -190,7 +190,8 @@ def claim_due_deliveries(
 ) -> list[Delivery]:
     """Claim up to ``limit`` pending deliveries that are due, oldest first.
 
-    Each claimed row gets ``attempts + 1`` and ``next_attempt_at = now + lease_seconds``
+    Each claimed row gets ``attempts + 1``, ``last_attempt_at = now`` and
+    ``next_attempt_at = now + lease_seconds``
     (the lease: no other sender claims it before then; it is also the fencing token to pass
     as ``claimed_until`` to :func:`mark_sent` / :func:`mark_retry` / :func:`mark_failed`).
     PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so concurrent senders get different rows;
@@ -237,6 +238,7 @@ def claim_due_deliveries(
         )
         for row in rows:
             row.attempts += 1
+            row.last_attempt_at = now
             row.next_attempt_at = lease_until
         return rows
 
@@ -443,6 +445,7 @@ class DeliverySummary:
     state: str
     attempts: int
     next_attempt_at: str | None
+    last_attempt_at: str | None
     sent_at: str | None
     last_error: str | None
     sr_path: str | None
@@ -475,6 +478,7 @@ def list_deliveries(
             state=d.state.value,
             attempts=d.attempts,
             next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+            last_attempt_at=d.last_attempt_at.isoformat() if d.last_attempt_at else None,
             sent_at=d.sent_at.isoformat() if d.sent_at else None,
             last_error=d.last_error,
             sr_path=d.sr_path,

@@ -9,7 +9,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)
 
 ROLES = ("viewer", "operator", "admin")
 UID_ROOT = "1.2.826.0.1.3680043.10.4242"
+#: ``last_attempt_at`` of a seeded delivery
+LAST_ATTEMPT = datetime(2026, 11, 29, 4, 5, 6, tzinfo=UTC)
 _counter = iter(range(1, 10**9))
 
 
@@ -230,6 +232,7 @@ class ApiEnv:
                             kind=DeliveryKind.dimse,
                             state=DeliveryState.failed,
                             attempts=8,
+                            last_attempt_at=LAST_ATTEMPT,
                             last_error="association rejected",
                             created_at=utcnow(),
                         )

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.api.conftest import ApiEnv
+from tests.api.conftest import LAST_ATTEMPT, ApiEnv
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,7 @@ def test_job_detail(env: ApiEnv) -> None:
         assert d["deliveries"][0]["destination"] == "PACS@h:104"
         assert d["deliveries"][0]["attempts"] == 8
         assert d["deliveries"][0]["last_error"] == "association rejected"
+        assert datetime.fromisoformat(d["deliveries"][0]["last_attempt_at"]) == LAST_ATTEMPT
         r = c.get("/api/jobs/424242")
         assert r.status_code == 404 and "424242" in r.json()["detail"]
 

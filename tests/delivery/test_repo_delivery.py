@@ -77,8 +77,10 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
         (did,) = rd.enqueue_deliveries(
             s, job_id=job, sr_path="/sr.dcm", destinations=DESTS[:1], now=t0
         )
+        assert rd.list_deliveries(s, job_id=job)[0].last_attempt_at is None
         first = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
         assert [d.id for d in first] == [did] and first[0].attempts == 1
+        assert first[0].last_attempt_at == t0
         lease1 = first[0].next_attempt_at
         assert lease1 == t0 + timedelta(seconds=60)
         # while the lease holds, nobody else gets the row
@@ -96,9 +98,14 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
             next_attempt_at=t0 + timedelta(seconds=100),
             claimed_until=lease2,
         )
+        # the retry keeps when its attempt started (the second claim)
+        listed = rd.list_deliveries(s, job_id=job)[0]
+        assert listed.last_attempt_at == (t0 + timedelta(seconds=61)).isoformat()
         assert rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=99)) == []
         third = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=100), lease_seconds=5)
         assert [d.attempts for d in third] == [3]
+        listed = rd.list_deliveries(s, job_id=job)[0]
+        assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
         # shutdown: the claim is given back, the attempt not counted
         assert rd.release_claim(
             s, did, claimed_until=third[0].next_attempt_at, now=t0 + timedelta(seconds=101)
@@ -110,6 +117,7 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
     (row,) = _rows(node_db, job)
     assert row.state is DeliveryState.sent and row.sent_at is not None
     assert row.last_error == "warning 0xB000" and row.next_attempt_at is None
+    assert row.last_attempt_at == t0 + timedelta(seconds=101)
 
 
 def test_resend_requeues_and_audits(node_db: NodeDB) -> None:

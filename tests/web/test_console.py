@@ -154,6 +154,7 @@ def test_login_queue_job_and_retry(
         assert page.inner_text("#sr-uid").strip() == done_job.sr_sop_instance_uid
         assert page.inner_text("#study-uid").strip() == done_uid
         assert node.pacs.ae_title in page.inner_text("#deliveries")
+        assert "Last attempt" in page.inner_text("#deliveries thead")
         assert "finished" in page.inner_text("#stages")
         assert page.locator("#demo-banner").is_visible()
         assert page.locator("#resend").is_enabled()
