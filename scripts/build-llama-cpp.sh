@@ -16,6 +16,8 @@
 #
 # The wheel is kept in ${CXR_NODE_WHEEL_CACHE:-~/.cache/llm-cxr-node/wheels}, keyed by the
 # patch, CMAKE_ARGS and the Python tag, so a re-run (or a second venv) installs it in seconds.
+# The key is also written beside the installed package (llama_cpp/.cxrnode-build): a re-run
+# with other CMAKE_ARGS installs that build instead of keeping the one in place.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 VER=0.3.36
@@ -28,14 +30,17 @@ if [ -z "${CMAKE_ARGS:-}" ] && [ "$(uname -m)" = x86_64 ]; then
   export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
 fi
 
+key=$( (cat "$patch_file"; echo "${CMAKE_ARGS:-}"; python -c 'import sys; print(sys.implementation.cache_tag)') \
+  | sha256sum | cut -c1-16)
+# the installed build is this one when its version and its key (patch, CMAKE_ARGS) both match
 have=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' \
   2>/dev/null || true)
-if [ "$have" = "$want" ]; then
+pkg=$(python -c 'import importlib.util as u, os; s = u.find_spec("llama_cpp"); print(os.path.dirname(s.origin) if s and s.origin else "")' \
+  2>/dev/null || true)
+if [ "$have" = "$want" ] && [ -n "$pkg" ] && [ "$(cat "$pkg/.cxrnode-build" 2>/dev/null)" = "$key" ]; then
   exit 0
 fi
 
-key=$( (cat "$patch_file"; echo "${CMAKE_ARGS:-}"; python -c 'import sys; print(sys.implementation.cache_tag)') \
-  | sha256sum | cut -c1-16)
 cache_root="${CXR_NODE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-cxr-node/wheels}"
 cache="$cache_root/llama-cpp-python-$want-$key"
 if ! compgen -G "$cache/*.whl" >/dev/null; then
@@ -52,4 +57,6 @@ if ! compgen -G "$cache/*.whl" >/dev/null; then
   mv "$cache.part" "$cache"
 fi
 python -m pip install -q --no-deps --force-reinstall "$cache"/*.whl
-echo "build-llama-cpp: installed llama-cpp-python $want"
+pkg=$(python -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("llama_cpp").origin))')
+echo "$key" >"$pkg/.cxrnode-build"
+echo "build-llama-cpp: installed llama-cpp-python $want (build $key)"

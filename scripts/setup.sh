@@ -39,7 +39,7 @@ extras="postgres,api"
 # patched, with every x86 CPU variant (scripts/build-llama-cpp.sh: about 7 min on 2 cores
 # the first time, then from its wheel cache).
 [ "$want_peers" = 1 ] && extras="$extras,dev,llamacpp"
-stamp=".venv/.setup-$(cat pyproject.toml scripts/build-llama-cpp.sh scripts/patches/*.patch | sha256sum | cut -c1-16)-$extras"
+stamp=".venv/.setup-$( (cat pyproject.toml scripts/build-llama-cpp.sh scripts/patches/*.patch; echo "${CMAKE_ARGS:-}") | sha256sum | cut -c1-16)-$extras"
 if [ ! -e "$stamp" ]; then
   python -m pip install -q --upgrade pip
   # The CPU build of torch lies on this machine's disk; install it before anything

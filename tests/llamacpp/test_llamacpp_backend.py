@@ -151,6 +151,9 @@ def test_installed_engine_is_the_patched_build() -> None:
         f"llama-cpp-python {llama_cpp.__version__} is not the node's patched build "
         f"{want.group(1)}: run scripts/build-llama-cpp.sh"
     )
+    # the build's key (patch, CMAKE_ARGS, Python), which lets a re-run tell builds apart
+    marker = Path(llama_cpp.__file__).parent / ".cxrnode-build"
+    assert re.fullmatch(r"[0-9a-f]{16}", marker.read_text().strip()), marker
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])
