@@ -27,21 +27,33 @@ class Clock:
         return self.now
 
 
-def test_chores_sweep_expire_and_retention(
-    session_factory: sessionmaker[Session], tmp_path: Path
+def _spool_instance(
+    spool: Path, session_factory: sessionmaker[Session], study: str, at: datetime
 ) -> None:
+    """One instance of ``study`` received at ``at``: its file in the spool, its row recorded."""
+    rec = record(study=study, at=at)
+    path = spool / rec.spool_path
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"pixels")
+    with session_factory() as s:
+        repo.record_instance(s, rec)
+
+
+def _chores(tmp_path: Path, session_factory: sessionmaker[Session]) -> tuple[Path, Clock, Chores]:
+    """Chores on a spool under ``tmp_path``: 5 s quiet period, 7 days' retention, clock at T0."""
     spool = tmp_path / "spool"
     settings = load_settings(spool_dir=spool, study_quiet_seconds=5, retention_days=7)
     clock = Clock(T0)
-    chores = Chores(settings, session_factory, clock=clock)
+    return spool, clock, Chores(settings, session_factory, clock=clock)
+
+
+def test_chores_sweep_expire_and_retention(
+    session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    spool, clock, chores = _chores(tmp_path, session_factory)
     old, recent = uid(), uid()
     for study, at in ((old, T0), (recent, T0 + timedelta(days=9))):
-        rec = record(study=study, at=at)
-        path = spool / rec.spool_path
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"pixels")
-        with session_factory() as s:
-            repo.record_instance(s, rec)
+        _spool_instance(spool, session_factory, study, at)
     clock.now = T0 + timedelta(seconds=3)
     assert chores.sweep_studies() == []
     clock.now = T0 + timedelta(seconds=6)
@@ -94,19 +106,12 @@ def test_retention_removes_the_srs_of_purged_studies(
     session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """SRs in ``outputs/`` go with their study; others stay; stale half-written SRs go."""
-    spool = tmp_path / "spool"
-    settings = load_settings(spool_dir=spool, study_quiet_seconds=5, retention_days=7)
-    clock = Clock(T0)
-    chores = Chores(settings, session_factory, clock=clock)
+    spool, clock, chores = _chores(tmp_path, session_factory)
     outputs = spool / OUTPUTS_DIR
     outputs.mkdir(parents=True)
     srs: dict[str, str] = {}
     for study, at in ((uid(), T0), (uid(), T0 + timedelta(days=9))):
-        rec = record(study=study, at=at)
-        (spool / rec.spool_path).parent.mkdir(parents=True)
-        (spool / rec.spool_path).write_bytes(b"pixels")
-        with session_factory() as s:
-            repo.record_instance(s, rec)
+        _spool_instance(spool, session_factory, study, at)
         clock.now = at + timedelta(seconds=6)
         (done,) = chores.sweep_studies()
         srs[study] = uid()
