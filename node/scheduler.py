@@ -97,6 +97,7 @@ class Chores:
         with self.session_factory() as session:
             paths = repo.purge_expired_studies(session, older_than=cutoff)
         root = self.settings.spool_dir.resolve()
+        outputs = root / OUTPUTS_DIR
         removed = 0
         for rel in paths:
             path = (root / rel).resolve()
@@ -111,7 +112,8 @@ class Chores:
             except OSError as exc:
                 log.warning("retention: cannot remove %s: %s", rel, exc.strerror)
                 continue
-            _remove_empty_parents(path.parent, root)
+            if path.parent != outputs:  # SRs lie flat in outputs/, which workers write to
+                _remove_empty_parents(path.parent, root)
         if paths:
             log.info("retention: removed %d spool files older than %d days", removed, days)
         return removed

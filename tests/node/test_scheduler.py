@@ -144,6 +144,10 @@ def test_retention_removes_the_srs_of_purged_studies(
         assert counts == [1, 1, 2]
         assert s.scalar(select(func.count(Delivery.id))) == 1
     assert not (spool / old).exists() and (spool / recent).exists()
+    # later the other study goes too; outputs/ stays, empty, for the workers that write there
+    clock.now = T0 + timedelta(days=20)
+    assert chores.apply_retention() == 3
+    assert outputs.is_dir() and not any(outputs.iterdir())
 
 
 def test_stale_sr_parts_go_even_without_retention(
