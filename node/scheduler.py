@@ -89,15 +89,15 @@ class Chores:
 
         Returns the number of spool files removed (unfinished ones not counted).
         """
-        self._remove_stale_parts()
+        root = self.settings.spool_dir.resolve()
+        outputs = root / OUTPUTS_DIR
+        self._remove_stale_parts(outputs)
         days = self.settings.retention_days
         if days <= 0:
             return 0
         cutoff = self.clock() - timedelta(days=days)
         with self.session_factory() as session:
             paths = repo.purge_expired_studies(session, older_than=cutoff)
-        root = self.settings.spool_dir.resolve()
-        outputs = root / OUTPUTS_DIR
         removed = 0
         for rel in paths:
             path = (root / rel).resolve()
@@ -118,8 +118,7 @@ class Chores:
             log.info("retention: removed %d spool files older than %d days", removed, days)
         return removed
 
-    def _remove_stale_parts(self) -> int:
-        outputs = self.settings.spool_dir / OUTPUTS_DIR
+    def _remove_stale_parts(self, outputs: Path) -> None:
         cutoff = self.clock().timestamp() - STALE_PART_SECONDS
         removed = 0
         for part in outputs.glob(".*.part"):
@@ -131,7 +130,6 @@ class Chores:
                 continue  # gone meanwhile, or not ours to delete: the next run retries
         if removed:
             log.info("retention: removed %d unfinished SR files", removed)
-        return removed
 
 
 def _remove_empty_parents(directory: Path, root: Path) -> None:

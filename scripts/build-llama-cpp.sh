@@ -35,8 +35,12 @@ key=$( (cat "$patch_file"; echo "${CMAKE_ARGS:-}"; python -c 'import sys; print(
 # the installed build is this one when its version and its key (patch, CMAKE_ARGS) both match
 have=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' \
   2>/dev/null || true)
-pkg=$(python -c 'import importlib.util as u, os; s = u.find_spec("llama_cpp"); print(os.path.dirname(s.origin) if s and s.origin else "")' \
-  2>/dev/null || true)
+# the installed llama_cpp package's directory, empty when there is none
+pkg_dir() {
+  python -c 'import importlib.util as u, os; s = u.find_spec("llama_cpp"); print(os.path.dirname(s.origin) if s and s.origin else "")' \
+    2>/dev/null || true
+}
+pkg=$(pkg_dir)
 if [ "$have" = "$want" ] && [ -n "$pkg" ] && [ "$(cat "$pkg/.cxrnode-build" 2>/dev/null)" = "$key" ]; then
   exit 0
 fi
@@ -57,6 +61,7 @@ if ! compgen -G "$cache/*.whl" >/dev/null; then
   mv "$cache.part" "$cache"
 fi
 python -m pip install -q --no-deps --force-reinstall "$cache"/*.whl
-pkg=$(python -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("llama_cpp").origin))')
+pkg=$(pkg_dir)
+[ -n "$pkg" ] || { echo "build-llama-cpp: llama_cpp is not importable after the install" >&2; exit 1; }
 echo "$key" >"$pkg/.cxrnode-build"
 echo "build-llama-cpp: installed llama-cpp-python $want (build $key)"

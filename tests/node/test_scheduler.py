@@ -119,7 +119,7 @@ def test_retention_removes_the_srs_of_purged_studies(
         with session_factory() as s:
             job = repo.claim_next_job(s, owner="w", lease_seconds=10, now=clock.now)
             assert job is not None and job.id == done.job_id
-            # a delivery row may name the SR under another name (an older node's layout)
+            # a delivery row names its own SR path, which need not be outputs/<SR UID>.dcm
             moved = f"{OUTPUTS_DIR}/moved-{srs[study]}.dcm"
             (spool / moved).write_bytes(b"sr")
             enqueue_deliveries(s, job_id=job.id, sr_path=moved, destinations=["PACS@h:104"])
