@@ -78,7 +78,7 @@ def dolly_shape(layers: int) -> NeoXShape:
     )
 
 
-def _bench_llm() -> Any:
+def bench_llm_module() -> Any:
     """``benchmarks/bench_llm.py`` as a module (the transformers rows, bandwidth)."""
     spec = importlib.util.spec_from_file_location("bench_llm", REPO / "benchmarks" / "bench_llm.py")
     assert spec is not None and spec.loader is not None
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = ap.parse_args(argv)
     threads = int(args.threads or os.cpu_count() or 1)
-    bench_llm = _bench_llm()
+    bench_llm = bench_llm_module()
     import torch
 
     torch.set_num_threads(threads)

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     _, per_token = bench_cpu_engine.write_random_gguf(
         gguf, shape, args.quant, vocab, threads=args.threads
     )
-    bench_llm = bench_cpu_engine._bench_llm()
+    bench_llm = bench_cpu_engine.bench_llm_module()
     bw = bench_llm.read_bandwidth(args.bandwidth_gib)
     builds = {"stock": args.stock, "patched": args.patched}
     runs: dict[str, list[dict]] = {name: [] for name in builds}
