@@ -19,7 +19,8 @@ rejected-transient or aborted, timeout, 0xA7xx out of resources, HTTP 5xx/408/42
 transient failure on attempt ``delivery_max_attempts`` -> ``failed`` with the reason. So a
 PACS that is down when the SR is ready gets it when it comes back, within the attempts.
 Each claim records when its attempt started (``last_attempt_at``, shown with ``attempts`` and
-``last_error`` by the API, the console and ``cxr-node jobs show``).
+``last_error`` by the API, the console and ``cxr-node jobs show``). A claim given back unsent
+at shutdown is not counted; if it was the first, ``last_attempt_at`` goes back to empty.
 
 Logs name the delivery, the job, the destination, the SR's SOP Instance UID and the outcome;
 never report text or patient data.

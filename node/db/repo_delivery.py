@@ -366,7 +366,12 @@ def release_claim(
     claimed_until: datetime | None,
     now: datetime | None = None,
 ) -> bool:
-    """Give back a claimed row that was not sent (shutdown): due now, attempt not counted."""
+    """Give back a claimed row that was not sent (shutdown): due now, attempt not counted.
+
+    ``last_attempt_at`` is cleared when the released claim was the row's first (no attempt
+    remains to date); after earlier attempts it keeps the released claim's start, since the
+    row does not hold the previous attempt's.
+    """
     now = now or utcnow()
     return _fenced_update(
         session,
@@ -375,6 +380,8 @@ def release_claim(
         {
             "next_attempt_at": now,
             "attempts": case((Delivery.attempts > 0, Delivery.attempts - 1), else_=0),
+            # SET expressions see the row's values before the update (SQLite, PostgreSQL)
+            "last_attempt_at": case((Delivery.attempts > 1, Delivery.last_attempt_at), else_=None),
         },
     )
 

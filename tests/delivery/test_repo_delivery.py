@@ -106,10 +106,15 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
         assert [d.attempts for d in third] == [3]
         listed = rd.list_deliveries(s, job_id=job)[0]
         assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
-        # shutdown: the claim is given back, the attempt not counted
+        # shutdown: the claim is given back, the attempt not counted; after earlier attempts
+        # the row keeps the released claim's start
         assert rd.release_claim(
             s, did, claimed_until=third[0].next_attempt_at, now=t0 + timedelta(seconds=101)
         )
+        with node_db.factory() as fresh:  # the fenced update bypasses this session's objects
+            listed = rd.list_deliveries(fresh, job_id=job)[0]
+        assert listed.attempts == 2
+        assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
         fourth = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=101))
         assert [d.attempts for d in fourth] == [3]
         assert rd.mark_sent(s, did, claimed_until=fourth[0].next_attempt_at, note="warning 0xB000")
@@ -118,6 +123,26 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
     assert row.state is DeliveryState.sent and row.sent_at is not None
     assert row.last_error == "warning 0xB000" and row.next_attempt_at is None
     assert row.last_attempt_at == t0 + timedelta(seconds=101)
+
+
+def test_released_first_claim_leaves_no_attempt(node_db: NodeDB) -> None:
+    job = make_job(node_db.factory)
+    t0 = utcnow()
+    with node_db.factory() as s:
+        (did,) = rd.enqueue_deliveries(
+            s, job_id=job, sr_path="/sr.dcm", destinations=DESTS[:1], now=t0
+        )
+        (claim,) = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
+        assert rd.list_deliveries(s, job_id=job)[0].last_attempt_at == t0.isoformat()
+        # shut down before sending: nothing was attempted, and the row says so
+        assert rd.release_claim(
+            s, did, claimed_until=claim.next_attempt_at, now=t0 + timedelta(seconds=1)
+        )
+        with node_db.factory() as fresh:  # the fenced update bypasses this session's objects
+            listed = rd.list_deliveries(fresh, job_id=job)[0]
+        assert listed.attempts == 0 and listed.last_attempt_at is None
+        (again,) = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=1))
+        assert again.attempts == 1 and again.last_attempt_at == t0 + timedelta(seconds=1)
 
 
 def test_resend_requeues_and_audits(node_db: NodeDB) -> None:
