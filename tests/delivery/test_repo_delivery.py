@@ -4,7 +4,7 @@ claim leases and fencing, retry / failed / sent records, admin re-send with audi
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -25,6 +25,17 @@ DESTS: list[DicomDestination | StowDestination] = [
 def _rows(db: NodeDB, job_id: int) -> list[Delivery]:
     with db.factory() as s:
         return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by("id")))
+
+
+def _one_pending(db: NodeDB) -> tuple[int, int, datetime]:
+    """A new job with one DIMSE delivery queued now: (job id, delivery id, now)."""
+    job = make_job(db.factory)
+    t0 = utcnow()
+    with db.factory() as s:
+        (did,) = rd.enqueue_deliveries(
+            s, job_id=job, sr_path="/sr.dcm", destinations=DESTS[:1], now=t0
+        )
+    return job, did, t0
 
 
 def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
@@ -71,12 +82,8 @@ def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
 
 
 def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
-    job = make_job(node_db.factory)
-    t0 = utcnow()
+    job, did, t0 = _one_pending(node_db)
     with node_db.factory() as s:
-        (did,) = rd.enqueue_deliveries(
-            s, job_id=job, sr_path="/sr.dcm", destinations=DESTS[:1], now=t0
-        )
         assert rd.list_deliveries(s, job_id=job)[0].last_attempt_at is None
         first = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
         assert [d.id for d in first] == [did] and first[0].attempts == 1
@@ -126,12 +133,8 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
 
 
 def test_released_first_claim_leaves_no_attempt(node_db: NodeDB) -> None:
-    job = make_job(node_db.factory)
-    t0 = utcnow()
+    job, did, t0 = _one_pending(node_db)
     with node_db.factory() as s:
-        (did,) = rd.enqueue_deliveries(
-            s, job_id=job, sr_path="/sr.dcm", destinations=DESTS[:1], now=t0
-        )
         (claim,) = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
         assert rd.list_deliveries(s, job_id=job)[0].last_attempt_at == t0.isoformat()
         # shut down before sending: nothing was attempted, and the row says so
