@@ -27,6 +27,13 @@ def _rows(db: NodeDB, job_id: int) -> list[Delivery]:
         return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by("id")))
 
 
+def _listed(db: NodeDB, job_id: int) -> rd.DeliverySummary:
+    """The job's first delivery as listed, read through a new session: the fenced updates
+    (mark_*, release_claim) bypass an open session's objects."""
+    with db.factory() as s:
+        return rd.list_deliveries(s, job_id=job_id)[0]
+
+
 def _one_pending(db: NodeDB) -> tuple[int, int, datetime]:
     """A new job with one DIMSE delivery queued now: (job id, delivery id, now)."""
     job = make_job(db.factory)
@@ -84,7 +91,7 @@ def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
 def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
     job, did, t0 = _one_pending(node_db)
     with node_db.factory() as s:
-        assert rd.list_deliveries(s, job_id=job)[0].last_attempt_at is None
+        assert _listed(node_db, job).last_attempt_at is None
         first = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
         assert [d.id for d in first] == [did] and first[0].attempts == 1
         assert first[0].last_attempt_at == t0
@@ -106,20 +113,19 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
             claimed_until=lease2,
         )
         # the retry keeps when its attempt started (the second claim)
-        listed = rd.list_deliveries(s, job_id=job)[0]
+        listed = _listed(node_db, job)
         assert listed.last_attempt_at == (t0 + timedelta(seconds=61)).isoformat()
         assert rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=99)) == []
         third = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=100), lease_seconds=5)
         assert [d.attempts for d in third] == [3]
-        listed = rd.list_deliveries(s, job_id=job)[0]
+        listed = _listed(node_db, job)
         assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
         # shutdown: the claim is given back, the attempt not counted; after earlier attempts
         # the row keeps the released claim's start
         assert rd.release_claim(
             s, did, claimed_until=third[0].next_attempt_at, now=t0 + timedelta(seconds=101)
         )
-        with node_db.factory() as fresh:  # the fenced update bypasses this session's objects
-            listed = rd.list_deliveries(fresh, job_id=job)[0]
+        listed = _listed(node_db, job)
         assert listed.attempts == 2
         assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
         fourth = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=101))
@@ -136,13 +142,12 @@ def test_released_first_claim_leaves_no_attempt(node_db: NodeDB) -> None:
     job, did, t0 = _one_pending(node_db)
     with node_db.factory() as s:
         (claim,) = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
-        assert rd.list_deliveries(s, job_id=job)[0].last_attempt_at == t0.isoformat()
+        assert _listed(node_db, job).last_attempt_at == t0.isoformat()
         # shut down before sending: nothing was attempted, and the row says so
         assert rd.release_claim(
             s, did, claimed_until=claim.next_attempt_at, now=t0 + timedelta(seconds=1)
         )
-        with node_db.factory() as fresh:  # the fenced update bypasses this session's objects
-            listed = rd.list_deliveries(fresh, job_id=job)[0]
+        listed = _listed(node_db, job)
         assert listed.attempts == 0 and listed.last_attempt_at is None
         (again,) = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=1))
         assert again.attempts == 1 and again.last_attempt_at == t0 + timedelta(seconds=1)
