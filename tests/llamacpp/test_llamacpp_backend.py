@@ -6,6 +6,7 @@ from .conftest import require_engine
 
 require_engine()
 
+import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -61,6 +62,10 @@ def test_cpu_features_reads_only_the_cpu_section() -> None:
     text = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | CUDA : ARCHS = 890 | USE_GRAPHS = 1 | "
     assert cpu_features(text.encode()) == ["SSE3", "AVX2"]
     assert cpu_features(b"") == []
+
+
+# the AVX-512 set of ggml's Skylake-X variant, which the later x86 variants build on
+_AVX512 = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
 
 
 def _cpu_flags() -> set[str]:
@@ -135,7 +140,7 @@ def test_engine_runs_the_cpu_variant_for_this_cpu(engines: dict[str, LlamaCppBac
     on an AVX-512 machine."""
     flags = _cpu_flags()
     feats = set(engines["f16"].health()["cpu_features"])
-    avx512 = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"} <= flags
+    avx512 = flags >= _AVX512
     assert ("AVX2" in feats) == ({"avx2", "fma", "f16c", "bmi2"} <= flags)
     assert ("AVX512" in feats) == avx512
     assert ("AVX512_BF16" in feats) == (avx512 and {"avx512_vnni", "avx512_bf16"} <= flags)
@@ -154,6 +159,65 @@ def test_installed_engine_is_the_patched_build() -> None:
     # the build's key (patch, CMAKE_ARGS, Python), which lets a re-run tell builds apart
     marker = Path(llama_cpp.__file__).parent / ".cxrnode-build"
     assert re.fullmatch(r"[0-9a-f]{16}", marker.read_text().strip()), marker
+
+
+_AMX_SNIPPET = """
+import ctypes, json, sys
+import llama_cpp
+import torch
+from models.backends import llamacpp_backend as lb
+from models.backends.base import GenerationRequest
+
+lb._init_llama(llama_cpp)
+lines = []
+def _keep(level, text, _user):
+    lines.append((text or b"").decode("utf-8", "replace"))
+keep = llama_cpp.llama_log_callback(_keep)
+llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))  # see where the weights went
+engine = lb.LlamaCppBackend(sys.argv[1], threads=2, max_batch=1, prefix_cache=False)
+engine.load()
+ids = json.loads(sys.argv[2])
+a = torch.randn(256, 512, dtype=torch.bfloat16)
+b = torch.randn(512, 512, dtype=torch.bfloat16)
+rounds = []
+for _ in range(3):
+    res = engine.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=8)])[0]
+    rounds.append(res.token_ids)
+    float((a @ b).float().sum())  # oneDNN on the same threads (AMX where the CPU has it)
+print(json.dumps({"rounds": rounds, "amx": any("AMX model buffer" in t for t in lines)}))
+"""
+
+
+def test_q8_0_runs_between_torch_matmuls_on_the_same_threads(
+    ggufs: dict[str, ConversionResult], engines: dict[str, LlamaCppBackend], tmp_path: Path
+) -> None:
+    """A worker process holds PyTorch and llama.cpp, which share one OpenMP pool. On CPUs with
+    AMX, ggml keeps Q8_0 weights in its AMX layout and prefills with tile instructions, as
+    oneDNN does for torch's bf16 matmuls. The stock build crashed there (SIGILL at its first
+    tile load, from a tile configuration GCC 12 compiled away), and with that mended, again
+    once torch had used the tiles on the same threads (docs/cpu-engine.md, "AMX"). Run in a
+    child process, so that a crash fails this test only."""
+    ids = list(range(100, 164))  # 64 prompt ids: prefill takes the tile kernels, not the GEMV
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", _AMX_SNIPPET, str(ggufs["q8_0"].path), repr(ids)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, f"child exited {out.returncode}: {out.stderr[-2000:]}"
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = engines["q8_0"].generate([GenerationRequest(prompt_ids=ids, max_new_tokens=8)])[0]
+    assert got["rounds"] == [want.token_ids] * 3
+    # ggml's sapphirerapids variant, the one with AMX, loads exactly where the CPU has its set
+    flags = _cpu_flags()
+    amx_variant = "AMX_INT8" in engines["q8_0"].health()["cpu_features"]
+    sapphire = {"avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"}
+    assert amx_variant == (flags >= _AVX512 | sapphire)
+    # and its tile kernels ran, unless the kernel refused the AMX state (ggml says so)
+    assert got["amx"] == amx_variant or "AMX is not ready" in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])
