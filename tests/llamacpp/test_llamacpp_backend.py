@@ -87,19 +87,27 @@ except GenerationError as exc:
 """
 
 
-def _init_in(site: Path, cwd: Path) -> str:
-    """Start the backend's llama.cpp in a fresh process, importing llama_cpp from ``site``."""
+def _run_child(
+    code: str, *args: str, cwd: Path, site: Path | None = None, timeout: int = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh Python with the repository (after ``site``, if given, from
+    which llama_cpp is then imported) on ``PYTHONPATH``."""
     repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo)])}
-    out = subprocess.run(
-        [sys.executable, "-c", _INIT_SNIPPET],
+    path = [str(site), str(repo)] if site is not None else [str(repo)]
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         cwd=cwd,
-        env=env,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
         capture_output=True,
         text=True,
-        timeout=120,
-        check=True,
+        timeout=timeout,
     )
+
+
+def _init_in(site: Path, cwd: Path) -> str:
+    """Start the backend's llama.cpp in a fresh process, importing llama_cpp from ``site``."""
+    out = _run_child(_INIT_SNIPPET, cwd=cwd, site=site)
+    out.check_returncode()
     return out.stdout
 
 
@@ -198,15 +206,7 @@ def test_q8_0_runs_between_torch_matmuls_on_the_same_threads(
     once torch had used the tiles on the same threads (docs/cpu-engine.md, "AMX"). Run in a
     child process, so that a crash fails this test only."""
     ids = list(range(100, 164))  # 64 prompt ids: prefill takes the tile kernels, not the GEMV
-    repo = Path(__file__).resolve().parents[2]
-    out = subprocess.run(
-        [sys.executable, "-c", _AMX_SNIPPET, str(ggufs["q8_0"].path), repr(ids)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _run_child(_AMX_SNIPPET, str(ggufs["q8_0"].path), repr(ids), cwd=tmp_path, timeout=300)
     assert out.returncode == 0, f"child exited {out.returncode}: {out.stderr[-2000:]}"
     got = json.loads(out.stdout.strip().splitlines()[-1])
     want = engines["q8_0"].generate([GenerationRequest(prompt_ids=ids, max_new_tokens=8)])[0]
