@@ -69,8 +69,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
     """Keyword options of the configured backend's constructor (``models.backends``).
 
     transformers: ``dtype``, ``device``, ``threads``, ``max_batch``, ``warmup_batch`` (the
-    worker batch size); llama.cpp: ``quant``, ``prefill_quant``, ``device``, ``threads``,
-    ``max_batch``.
+    worker batch size); llama.cpp: ``quant``, ``prefill_quant``, ``speculative``, ``device``,
+    ``threads``, ``max_batch``.
     ``max_batch`` is at least the worker's batch size so that one worker batch is one
     backend batch.
     """
@@ -88,6 +88,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
             opts["quant"] = settings.backend_quant
         if settings.backend_prefill_quant is not None:
             opts["prefill_quant"] = settings.backend_prefill_quant
+        if settings.backend_speculative:
+            opts["speculative"] = settings.backend_speculative
     return opts
 
 
@@ -249,6 +251,7 @@ class ModelHost:
             "dtype": self.settings.backend_dtype,
             "quant": self.settings.backend_quant,
             "prefill_quant": self.settings.backend_prefill_quant,
+            "speculative": self.settings.backend_speculative,
             "device": self.settings.backend_device,
             "engine_version": None,
             "cpu_features": None,
@@ -270,6 +273,10 @@ class ModelHost:
             out["engine_version"] = health.get("engine_version")
             # llama.cpp: the instruction sets of the CPU kernels in use (None for transformers)
             out["cpu_features"] = health.get("cpu_features")
+            # llama.cpp speculation: proposals checked and kept so far, this site's acceptance
+            if health.get("speculative"):
+                out["draft_tokens"] = health.get("draft_tokens")
+                out["draft_tokens_accepted"] = health.get("draft_tokens_accepted")
         return out
 
     # --- batch memory estimate ------------------------------------------------------------

@@ -317,6 +317,7 @@ class Settings(BaseSettings):
     backend_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
     backend_prefill_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
+    backend_speculative: int = 0
     backend_threads: int | None = None
     backend_device: str = "cpu"
     worker_concurrency: int = 1
@@ -493,6 +494,10 @@ class Settings(BaseSettings):
             )
         if self.backend not in ("transformers", "llamacpp"):
             raise ValueError(f"backend: {self.backend!r} is not 'transformers' or 'llamacpp'")
+        if not 0 <= self.backend_speculative <= 16:
+            raise ValueError(
+                f"backend_speculative: must be in 0..16, got {self.backend_speculative}"
+            )
         if self.backend_threads is not None and self.backend_threads < 1:
             raise ValueError(f"backend_threads: must be at least 1, got {self.backend_threads}")
         return self

@@ -33,6 +33,7 @@ OPTION_ALIASES: dict[str, str] = {
     "backend_dtype": "dtype",
     "backend_quant": "quant",
     "backend_prefill_quant": "prefill_quant",
+    "backend_speculative": "speculative",
     "backend_threads": "threads",
     "backend_device": "device",
     "worker_batch_size": "max_batch",
@@ -41,7 +42,8 @@ OPTION_ALIASES: dict[str, str] = {
 
 # Options every backend is offered; a backend that has no use for one drops it here.
 _NOT_USED: dict[str, frozenset[str]] = {
-    "transformers": frozenset({"quant", "prefill_quant"}),  # precision is ``dtype``
+    # precision is ``dtype``; speculation is llama.cpp's
+    "transformers": frozenset({"quant", "prefill_quant", "speculative"}),
     "llamacpp": frozenset({"dtype"}),  # precision is the GGUF file's (``quant``)
 }
 
@@ -50,11 +52,12 @@ def backend_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Normalise options for backend ``name``.
 
     Setting names (``backend_dtype``, ``backend_quant``, ``backend_prefill_quant``,
-    ``backend_threads``, ``backend_device``, ``worker_batch_size``) are mapped to the backend
-    keywords (``dtype``, ``quant``, ``prefill_quant``, ``threads``, ``device``,
-    ``max_batch``); ``None`` values are dropped (the backend's default applies); options the
-    backend has no use for (``quant`` and ``prefill_quant`` for transformers, ``dtype`` for
-    llama.cpp) are dropped. Other keywords pass through unchanged.
+    ``backend_speculative``, ``backend_threads``, ``backend_device``, ``worker_batch_size``)
+    are mapped to the backend keywords (``dtype``, ``quant``, ``prefill_quant``,
+    ``speculative``, ``threads``, ``device``, ``max_batch``); ``None`` values are dropped (the
+    backend's default applies); options the backend has no use for (``quant``,
+    ``prefill_quant`` and ``speculative`` for transformers, ``dtype`` for llama.cpp) are
+    dropped. Other keywords pass through unchanged.
 
     Raises
     ------

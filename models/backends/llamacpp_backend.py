@@ -10,6 +10,10 @@ Optionally a second converted file of the same bundle computes the prompts
 (``prefill_quant``): its K/V are copied into the decoding file's context, so prefill runs on
 the format whose matrix kernels are fastest for many tokens at once and decode on the one
 that reads the fewest bytes per token.
+
+Optionally greedy text generation is speculative (``speculative``): each decode step also
+checks up to *k* tokens proposed by n-gram lookup (:mod:`models.backends.speculative`) and
+keeps those the model agrees with, several tokens for about one weight pass.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from models.backends.base import (
     GenerationResult,
     error_result,
 )
+from models.backends.speculative import NgramDrafter, SequenceIndex
 from models.layout import (
     CODES_PER_IMAGE,
     END_ID,
@@ -232,6 +237,8 @@ class _Seq:
     stop: str | None = None
     slot: int = 0
     reused: int = 0
+    # the n-gram index of prompt + output, for greedy text with speculation on
+    index: SequenceIndex | None = None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -284,6 +291,16 @@ class LlamaCppBackend:
         CPUs, while decode reads every weight per token and favours the smaller file. Costs
         the memory of both files; the first new token comes from the prefill file's
         logits. Default: one file does both.
+    speculative
+        Greedy text generation checks up to this many proposed tokens per decode step
+        (0: off, the default). Proposals come from n-gram lookup in the sequence and in the
+        last ``speculative_memory`` reports this backend generated
+        (:class:`~models.backends.speculative.NgramDrafter`); a proposal is kept only where
+        it is the model's own argmax, so the answer is greedy decoding's (up to the
+        summation order of a several-token matrix product against a one-token one).
+        Sampling and image generation decode one token per step.
+    speculative_memory
+        Reports remembered for the lookups (token ids, in memory only).
     dtype
         Ignored (the precision is the GGUF file's); accepted so the node can pass the same
         options to every backend.
@@ -305,6 +322,8 @@ class LlamaCppBackend:
         prefix_cache: bool = True,
         device: str = "cpu",
         prefill_quant: str | None = None,
+        speculative: int = 0,
+        speculative_memory: int = 256,
         dtype: str | None = None,
     ) -> None:
         if max_batch < 1:
@@ -313,6 +332,13 @@ class LlamaCppBackend:
             raise ValueError(f"n_ctx must be in 16..32768, got {n_ctx}")
         if n_batch < 1:
             raise ValueError("n_batch must be >= 1")
+        if not 0 <= speculative <= 16:
+            raise ValueError(f"speculative must be in 0..16, got {speculative}")
+        if max_batch * (speculative + 1) > n_batch:
+            raise ValueError(
+                f"n_batch ({n_batch}) must hold max_batch x (speculative + 1) = "
+                f"{max_batch * (speculative + 1)} tokens"
+            )
         if kv_type != "auto" and kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be auto or one of {sorted(KV_TYPES)}, got {kv_type!r}")
         if device not in ("cpu", "cuda", "gpu") and not device.startswith("cuda:"):
@@ -328,6 +354,10 @@ class LlamaCppBackend:
         self.prefix_cache = prefix_cache
         self.device = device
         self.prefill_quant = prefill_quant
+        self.speculative = speculative
+        self._drafter = (
+            NgramDrafter(max_tokens=speculative, memory=speculative_memory) if speculative else None
+        )
         self.gguf_path: Path | None = None
         self.prefill_path: Path | None = None
         self._llama: Any = None
@@ -350,6 +380,10 @@ class LlamaCppBackend:
             "new_tokens": 0,
             "prompt_tokens": 0,
             "prompt_tokens_reused": 0,
+            # llama_decode calls after the prompts, and speculation's proposals
+            "decode_steps": 0,
+            "draft_tokens": 0,
+            "draft_tokens_accepted": 0,
         }
         # Token ids whose K/V each llama.cpp sequence (slot) of the prefilling context
         # holds from the previous call:
@@ -510,6 +544,7 @@ class LlamaCppBackend:
             "prefix_cache": self.prefix_cache,
             "prefill_quant": self.prefill_quant,
             "prefill_model_path": str(self.prefill_path) if self.prefill_path else None,
+            "speculative": self.speculative,
             # "+cxrnode.N": built with the node's patch (scripts/build-llama-cpp.sh)
             "engine_version": f"llama-cpp-python {getattr(self._llama, '__version__', '?')}"
             if self._llama is not None
@@ -717,7 +752,10 @@ class LlamaCppBackend:
                 prompt.append(self._open_id)
             rng = None if req.greedy else np.random.default_rng(req.seed)
             max_new = CODES_PER_IMAGE + 1 if req.mode == "image" else req.max_new_tokens
-            seqs.append(_Seq(req=req, prompt=prompt, rng=rng, max_new=max_new))
+            s = _Seq(req=req, prompt=prompt, rng=rng, max_new=max_new)
+            if self._drafter is not None and req.greedy and req.mode == "text":
+                s.index = self._drafter.sequence(prompt)
+            seqs.append(s)
         try:
             return self._run_seqs(seqs)
         except BaseException:
@@ -754,7 +792,8 @@ class LlamaCppBackend:
         active = list(seqs)
         while active:
             step: list[tuple[int, int, int, bool]] = []
-            still: list[_Seq] = []
+            # per sequence still running: its first row in the step and its proposals
+            plan: list[tuple[_Seq, int, list[int]]] = []
             for s in active:
                 tok = self._next_token(s)
                 if s.req.mode == "text" and tok in STOP_IDS:
@@ -767,17 +806,70 @@ class LlamaCppBackend:
                 if len(s.out) >= s.max_new:
                     s.stop = "image_complete" if s.req.mode == "image" else "max_new_tokens"
                     continue
-                step.append((tok, len(s.prompt) + len(s.out) - 1, s.slot, True))
-                still.append(s)
+                pos = len(s.prompt) + len(s.out) - 1
+                drafts = self._propose(s, tok)
+                plan.append((s, len(step), drafts))
+                step.append((tok, pos, s.slot, True))
+                step += [(d, pos + 1 + i, s.slot, True) for i, d in enumerate(drafts)]
+            active = []
             if step:
                 self._decode_batch(step)
-                for row, s in enumerate(still):
-                    s.logits = self._logits_row(row)
-                    if self._pctx is None:
-                        self._slot_tokens[s.slot].append(step[row][0])  # now in its K/V
-            active = still
+                self._counters["decode_steps"] += 1
+                for s, row, drafts in plan:
+                    if self._verify(s, row, step[row], drafts):
+                        active.append(s)
         t2 = time.perf_counter()
+        if self._drafter is not None:
+            for s in seqs:
+                if s.index is not None:
+                    stop = {"end": [END_ID], "eos": [EOS_ID]}.get(s.stop or "", [])
+                    self._drafter.remember(s.prompt, s.out + stop)
         return [self._result(s, t1 - t0, t2 - t1) for s in seqs]
+
+    def _propose(self, s: _Seq, tok: int) -> list[int]:
+        """Speculation's proposals to check after ``tok`` (empty when off or no match)."""
+        if s.index is None or self._drafter is None:
+            return []
+        s.index.extend([tok])
+        # never past max_new (positions stay inside the validated context)
+        drafts = self._drafter.propose(s.index, s.max_new - len(s.out))
+        # text mode never emits image ids: a proposal holding one could not be accepted
+        cut = next((i for i, d in enumerate(drafts) if d >= IMAGE_TOKEN_OFFSET), len(drafts))
+        self._counters["draft_tokens"] += cut
+        return drafts[:cut]
+
+    def _verify(
+        self, s: _Seq, row: int, first: tuple[int, int, int, bool], drafts: list[int]
+    ) -> bool:
+        """Take sequence ``s``'s logits from the step's rows from ``row`` on; keep the
+        proposals the model's argmax agrees with, drop the others' K/V. Returns whether
+        ``s`` goes on."""
+        tok, pos = first[0], first[1]
+        kept = [tok]
+        s.logits = self._logits_row(row)
+        for i, d in enumerate(drafts):
+            if self._next_token(s) != d:
+                break
+            if d in STOP_IDS:  # the model ends here, as it would have one step later
+                s.stop = "end" if d == END_ID else "eos"
+                break
+            s.out.append(d)
+            kept.append(d)
+            assert s.index is not None
+            s.index.extend([d])
+            s.logits = self._logits_row(row + 1 + i)
+            if len(s.out) >= s.max_new:
+                s.stop = "max_new_tokens"
+                break
+        self._counters["draft_tokens_accepted"] += len(kept) - 1
+        if len(kept) <= len(drafts):
+            # the rejected proposals' K/V: the next step writes those positions again
+            mem = self._llama.llama_get_memory(self._ctx)
+            if not self._llama.llama_memory_seq_rm(mem, s.slot, pos + len(kept), -1):
+                raise GenerationError(f"could not drop rejected tokens of sequence {s.slot}")
+        if self._pctx is None:
+            self._slot_tokens[s.slot] += kept  # now in its K/V
+        return s.stop is None
 
     def _result(self, s: _Seq, prefill: float, decode: float) -> GenerationResult:
         if s.req.mode == "image":

@@ -17,6 +17,7 @@ SETTING_NAMES = (
     "backend_dtype",
     "backend_quant",
     "backend_prefill_quant",
+    "backend_speculative",
     "backend_threads",
     "backend_device",
 )
@@ -38,6 +39,7 @@ def test_backend_options_mapping() -> None:
         "backend_dtype": "bfloat16",
         "backend_quant": "q8_0",
         "backend_prefill_quant": "f16",
+        "backend_speculative": 4,
         "backend_threads": 3,
         "backend_device": "cpu",
         "worker_batch_size": 4,
@@ -53,6 +55,7 @@ def test_backend_options_mapping() -> None:
     assert backend_options("llamacpp", {**opts, "cache": None, "kv_type": "f16"}) == {
         "quant": "q8_0",
         "prefill_quant": "f16",
+        "speculative": 4,
         "threads": 3,
         "device": "cpu",
         "max_batch": 4,
@@ -205,5 +208,49 @@ def test_model_host_reports_the_llamacpp_build(converted_bundle: Path, tmp_path:
         assert info["engine_version"] == f"llama-cpp-python {llama_cpp.__version__}"
         assert info["cpu_features"] and "LLAMAFILE" in info["cpu_features"]
         assert info["cpu_features"] == host.runtime.backend.health()["cpu_features"]
+    finally:
+        host.stop()
+
+
+def test_node_setting_turns_on_speculation_for_llamacpp_only() -> None:
+    """CXR_NODE_BACKEND_SPECULATIVE reaches the llama.cpp backend; transformers drops it;
+    the node refuses a value outside 0..16 at start-up."""
+    from node.modelhost import backend_options as node_backend_options
+
+    opts = node_backend_options(Settings(backend="llamacpp", backend_speculative=4))
+    assert opts["speculative"] == 4
+    assert "speculative" not in node_backend_options(Settings(backend="llamacpp"))
+    hf = backend_options("transformers", {"backend_speculative": 4})
+    assert "speculative" not in hf
+    with pytest.raises(ValueError, match="backend_speculative"):
+        Settings(backend="llamacpp", backend_speculative=17)
+
+
+def test_model_host_shows_speculation_counters(converted_bundle: Path) -> None:
+    """A llama.cpp node with CXR_NODE_BACKEND_SPECULATIVE: the host's info (``/ready``,
+    ``cxr-node status``) counts the proposals checked and kept, so a site can read its own
+    acceptance; the drafts record that speculation was on."""
+    import numpy as np
+
+    from node.modelhost import ModelHost
+
+    settings = Settings(
+        model_dir=converted_bundle,
+        backend="llamacpp",
+        backend_quant="f32",
+        backend_speculative=4,
+        backend_threads=1,
+    )
+    host = ModelHost(settings, warmup=False)
+    host.start()
+    try:
+        assert host.wait_ready(120), host.error
+        x = np.zeros((3, 256, 256), dtype=np.float32)
+        with host.use() as rt:
+            first = rt.report(x, greedy=True, max_new_tokens=16)
+            again = rt.report(x, greedy=True, max_new_tokens=16)  # the same study: remembered
+        info = host.info()
+        assert info["draft_tokens"] >= info["draft_tokens_accepted"] > 0
+        assert first.settings["speculative"] == again.settings["speculative"] == 4
     finally:
         host.stop()

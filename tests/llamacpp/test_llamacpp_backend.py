@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 from models.backends.base import GenerationBackend, GenerationRequest  # noqa: E402
 from models.backends.llamacpp_backend import (  # noqa: E402
     LlamaCppBackend,
+    common_prefix,
     cpu_features,
     sample_next,
 )
@@ -598,3 +599,95 @@ def test_prefill_file_errors(ggufs: dict[str, ConversionResult], tmp_path: Path)
     with pytest.raises(GenerationError, match=r"not the same model: gptneox\.embedding_length"):
         engine.load()
     assert engine.health()["loaded"] is False
+
+
+def _same_up_to_a_near_tie(
+    plain: LlamaCppBackend, prompt: list[int], got: list[int], ref: list[int]
+) -> None:
+    """``got`` is ``ref``, or both are the same up to a position where the two tokens'
+    logits differ by less than 1e-4. A step of several tokens sums its matrix products in
+    another order than a one-token step (F32 weights: differences near 1e-5; on this tiny
+    model one of 1,440 speculative tokens met such a tie), so a greedy choice between two
+    almost equal logits may go either way."""
+    if got == ref:
+        return
+    i = common_prefix(got, ref)
+    assert i < min(len(got), len(ref)), "one output is a prefix of the other"
+    logits = plain.next_token_logits([*prompt, *ref[:i]])
+    assert abs(float(logits[got[i]]) - float(logits[ref[i]])) < 1e-4, (i, got[i], ref[i])
+
+
+def test_speculative_greedy_gives_plain_greedy_tokens_in_fewer_steps(
+    ggufs: dict[str, ConversionResult], hf: TransformersBackend
+) -> None:
+    """Speculation (n-gram proposals checked in the decode step) changes no greedy token
+    (F32 weights and K/V; up to a near tie), in batches, after rejections (their K/V dropped) and
+    through the prefix cache; a study whose report was seen before decodes it in far fewer
+    steps; ``max_new_tokens`` still bounds the output; sampling and image mode are left
+    alone."""
+    spec = LlamaCppBackend(
+        ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2, speculative=4
+    )
+    plain = LlamaCppBackend(ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2)
+    a, b, c = _report_ids(hf, 61), _report_ids(hf, 62), _report_ids(hf, 63)
+    new = 24
+
+    def both(reqs: list[GenerationRequest]) -> tuple[list[list[int]], int, int, int]:
+        h0 = spec.health()
+        got = spec.generate(reqs)
+        ref = plain.generate(reqs)
+        assert all(r.error is None for r in got)
+        for req, g, r in zip(reqs, got, ref, strict=True):
+            _same_up_to_a_near_tie(plain, req.prompt_ids, g.token_ids, r.token_ids)
+        h1 = spec.health()
+        return (
+            [r.token_ids for r in got],
+            h1["decode_steps"] - h0["decode_steps"],
+            h1["draft_tokens"] - h0["draft_tokens"],
+            h1["draft_tokens_accepted"] - h0["draft_tokens_accepted"],
+        )
+
+    try:
+        (out_a, _), _, _, _ = both(
+            [GenerationRequest(prompt_ids=p, max_new_tokens=new) for p in (a, b)]
+        )
+        assert len(out_a) == new
+        # the same study again: its report is remembered, so the proposals are right
+        _, steps, drafted, accepted = both([GenerationRequest(prompt_ids=a, max_new_tokens=new)])
+        assert accepted >= new // 2 and steps <= new // 2
+        # the prefix cache after speculation: a prompt continuing a's report reuses a's K/V
+        # and the generated tokens' (rejected proposals' dropped); still plain greedy's
+        cont = [*a, *out_a[:10]]
+        before = spec.health()["prompt_tokens_reused"]
+        both([GenerationRequest(prompt_ids=cont, max_new_tokens=new)])
+        assert spec.health()["prompt_tokens_reused"] - before == len(cont) - 1
+        # another study: proposals from the earlier reports, some rejected, same tokens
+        _, _, drafted, accepted = both([GenerationRequest(prompt_ids=c, max_new_tokens=new)])
+        assert drafted > accepted
+        # never more than max_new_tokens, even with a longer remembered continuation
+        (short,), _, _, _ = both([GenerationRequest(prompt_ids=a, max_new_tokens=3)])
+        assert len(short) == 3
+        # sampling and image mode: no proposals
+        h0 = spec.health()["draft_tokens"]
+        spec.generate(
+            [
+                GenerationRequest(prompt_ids=a, max_new_tokens=8, greedy=False, seed=1),
+                GenerationRequest(
+                    prompt_ids=hf.tokenizer.encode(report_to_image_prompt("Effusion.")),
+                    max_new_tokens=1,
+                    mode="image",
+                ),
+            ]
+        )
+        assert spec.health()["draft_tokens"] == h0
+        assert spec.health()["speculative"] == 4 and plain.health()["speculative"] == 0
+    finally:
+        spec.close()
+        plain.close()
+
+
+def test_speculative_settings_are_checked(ggufs: dict[str, ConversionResult]) -> None:
+    with pytest.raises(ValueError, match=r"speculative must be in 0\.\.16"):
+        LlamaCppBackend(ggufs["f32"].path, speculative=17)
+    with pytest.raises(ValueError, match="must hold max_batch"):
+        LlamaCppBackend(ggufs["f32"].path, speculative=8, max_batch=8, n_batch=64)

@@ -1,0 +1,300 @@
+"""Speculative greedy decoding on the CPU engine: what checking proposals costs, what it buys.
+
+The llama.cpp backend's ``speculative=k`` checks up to *k* n-gram proposals per decode step
+(``models.backends.speculative``). Its gain depends on how often the model agrees with the
+proposals, which random weights cannot tell: a trained LLM-CXR writes templated reports,
+random weights write noise. So this benchmark separates what holds for any weights from
+what does not. On one random GGUF of the full dolly-v2-3b shape
+(``bench_cpu_engine.write_random_gguf``; ``--gguf`` re-uses a file), in one run:
+
+1. **The cost of a step of k+1 tokens** (one ``llama_decode``, logits for every row, after a
+   ``--prompt-tokens`` prompt), median over ``--rounds``, against one token: T(k+1)/T(1).
+   Speed does not depend on the weights' values, so this holds for the trained model. From
+   it, for a per-token acceptance *a* (each proposal right with probability *a*, the first
+   wrong one ends the step), the expected tokens per step (1 - a^(k+1)) / (1 - a) and the
+   decode speed-up over plain decoding.
+2. **Whole reports** (``--report-tokens`` new tokens, greedy) with the node's backend, plain
+   and speculative, each on a new study (shifted image ids, the template from the prefix
+   cache) and on the same study again (every proposal right: the upper bound). The table
+   gives prefill and decode seconds, tokens per step, the acceptance, whether the tokens
+   equal plain greedy's, and the ratio of decode rates against plain decoding measured in
+   this run. The new-study figures are those of random weights and say nothing about a
+   trained model's acceptance.
+3. With ``--hf-bf16``, one transformers bf16 report of a new study, the end-to-end reference
+   of the issue's targets (seconds per report, prefill + decode, without the VQ-GAN
+   encode, which is the same for both).
+
+Not a test::
+
+    python benchmarks/bench_speculative.py --speculative 2,4,6 --hf-bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_cpu_engine  # noqa: E402
+
+from models.backends.base import GenerationRequest  # noqa: E402
+from models.backends.llamacpp_backend import LlamaCppBackend, common_prefix  # noqa: E402
+from models.layout import IMAGE_TOKEN_OFFSET, VOCAB  # noqa: E402
+
+ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
+
+
+def step_costs(
+    engine: LlamaCppBackend, ids: list[int], sizes: list[int], rounds: int
+) -> dict[int, float]:
+    """Median seconds of one ``llama_decode`` of ``n`` tokens (every row's logits read) after
+    the prompt ``ids``, per ``n`` in ``sizes``; the sizes alternate within each round."""
+    engine.load()
+    engine.clear_cache()
+    llama = engine._llama
+    n = len(ids)
+    for lo in range(0, n, engine.n_batch):
+        chunk = ids[lo : lo + engine.n_batch]
+        engine._decode_batch([(t, lo + p, 0, lo + p == n - 1) for p, t in enumerate(chunk)])
+    mem = llama.llama_get_memory(engine._ctx)
+    rng = np.random.default_rng(0)
+    times: dict[int, list[float]] = {k: [] for k in sizes}
+    for _ in range(rounds + 1):  # the first round warms up
+        for k in sizes:
+            toks = [int(t) for t in rng.integers(0, IMAGE_TOKEN_OFFSET, k)]
+            t0 = time.perf_counter()
+            engine._decode_batch([(t, n + i, 0, True) for i, t in enumerate(toks)])
+            for i in range(k):
+                engine._logits_row(i)
+            times[k].append(time.perf_counter() - t0)
+            if not llama.llama_memory_seq_rm(mem, 0, n, -1):
+                raise RuntimeError("could not drop the step's K/V")
+    engine.clear_cache()
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens per step with ``k`` proposals, each right with probability ``a``."""
+    return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+
+
+def study(ids: list[int], shift: int) -> list[int]:
+    """``ids`` with the image ids shifted: another study with the same template."""
+    return [
+        IMAGE_TOKEN_OFFSET + (t - IMAGE_TOKEN_OFFSET + shift) % 1024
+        if IMAGE_TOKEN_OFFSET <= t < VOCAB
+        else t
+        for t in ids
+    ]
+
+
+def report(engine: LlamaCppBackend, ids: list[int], new: int) -> dict[str, Any]:
+    """One greedy report: seconds, tokens, steps and proposals from the engine's counters."""
+    h0 = engine.health()
+    res = engine.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=new)])[0]
+    if res.error:
+        raise RuntimeError(res.error)
+    h1 = engine.health()
+
+    def d(key: str) -> int:
+        return int(h1[key]) - int(h0[key])
+
+    return {
+        "tokens": res.token_ids,
+        "new_tokens": res.new_tokens,
+        "prefill_s": res.prefill_s,
+        "decode_s": res.decode_s,
+        # the first new token comes from prefill
+        "decode_tok_s": (res.new_tokens - 1) / res.decode_s if res.new_tokens > 1 else 0.0,
+        "steps": d("decode_steps"),
+        "drafted": d("draft_tokens"),
+        "accepted": d("draft_tokens_accepted"),
+        "reused": d("prompt_tokens_reused"),
+    }
+
+
+def report_rows(
+    gguf: Path, ids: list[int], args: argparse.Namespace, specs: list[int]
+) -> list[dict[str, Any]]:
+    """Reports per setting: ``rounds`` new studies and, after each, the same study again."""
+    rows: list[dict[str, Any]] = []
+    plain_tokens: dict[int, list[int]] = {}
+    for k in [0, *specs]:
+        engine = LlamaCppBackend(gguf, threads=args.threads, max_batch=1, speculative=k)
+        engine.load()
+        report(engine, study(ids, 7), 8)  # page the weights in
+        new_runs, again_runs = [], []
+        for r in range(args.report_rounds):
+            shift = 131 * (r + 1)
+            new_runs.append(report(engine, study(ids, shift), args.report_tokens))
+            again_runs.append(report(engine, study(ids, shift), args.report_tokens))
+            if k == 0:
+                plain_tokens[shift] = new_runs[-1]["tokens"]
+        engine.close()
+        for case, runs in (("new study", new_runs), ("same study again", again_runs)):
+            same = [
+                common_prefix(run["tokens"], plain_tokens[131 * (r + 1)])
+                for r, run in enumerate(runs)
+            ]
+            rows.append(
+                {
+                    "speculative": k,
+                    "case": case,
+                    "prefill_s": statistics.median(x["prefill_s"] for x in runs),
+                    "decode_s": statistics.median(x["decode_s"] for x in runs),
+                    "decode_tok_s": statistics.median(x["decode_tok_s"] for x in runs),
+                    "new_tokens": statistics.median(x["new_tokens"] for x in runs),
+                    "tokens_per_step": statistics.median(
+                        (x["new_tokens"] - 1) / max(x["steps"], 1) for x in runs
+                    ),
+                    "acceptance": sum(x["accepted"] for x in runs)
+                    / max(sum(x["drafted"] for x in runs), 1),
+                    "same_as_plain": min(
+                        s / max(len(run["tokens"]), 1) for s, run in zip(same, runs, strict=True)
+                    ),
+                    "reused": statistics.median(x["reused"] for x in runs),
+                }
+            )
+    return rows
+
+
+def hf_bf16_report(args: argparse.Namespace, ids: list[int], tok: Any) -> dict[str, float]:
+    """One transformers bf16 report of a new study (after a short warm-up run)."""
+    import bench_generation
+
+    bench_llm = bench_cpu_engine.bench_llm_module()
+    from models.backends.transformers_backend import TransformersBackend
+
+    model = bench_llm.build_model(args.layers, bench_llm.DTYPES["bf16"], device="cpu")
+    backend = TransformersBackend.from_model(model, tok, device="cpu", max_batch=1)
+    del model
+    try:
+        backend.generate([GenerationRequest(prompt_ids=study(ids, 7)[:32], max_new_tokens=4)])
+        res = backend.generate(
+            [GenerationRequest(prompt_ids=study(ids, 131), max_new_tokens=args.report_tokens)]
+        )[0]
+        if res.error:
+            raise RuntimeError(res.error)
+        dec_s = res.decode_s
+        if 1 < res.new_tokens < args.report_tokens:  # random weights stopped early
+            dec_s *= (args.report_tokens - 1) / (res.new_tokens - 1)
+        return {"prefill_s": res.prefill_s, "decode_s": dec_s, "new_tokens": res.new_tokens}
+    finally:
+        del backend
+        bench_generation.release_memory()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--quant", default="q8_0")
+    ap.add_argument("--gguf", type=Path, default=None, help="re-use this file (same --quant)")
+    ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=300)
+    ap.add_argument("--report-tokens", type=int, default=150)
+    ap.add_argument("--speculative", default="4", help="proposal counts to run, e.g. 2,4,6")
+    ap.add_argument("--rounds", type=int, default=5, help="step-cost rounds")
+    ap.add_argument("--report-rounds", type=int, default=2, help="reports per case")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--hf-bf16", action="store_true", help="add the transformers bf16 report")
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    specs = sorted({int(x) for x in args.speculative.split(",") if x.strip()})
+    if not specs or min(specs) < 1 or max(specs) > 16:
+        ap.error("--speculative: proposal counts in 1..16")
+
+    from models.gguf_convert import build_gguf_vocab
+    from models.text import LLMCXRTokenizer
+
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-speculative-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = bench_cpu_engine.tokenizer_dir(out_dir / "tokenizer")
+    tok = LLMCXRTokenizer.from_dir(tok_dir)
+    gguf = args.gguf or out_dir / f"dolly-{args.layers}l-{args.quant}.gguf"
+    vocab = build_gguf_vocab(tok_dir / "tokenizer.json")
+    bench_cpu_engine.write_random_gguf(
+        gguf, bench_cpu_engine.dolly_shape(args.layers), args.quant, vocab, threads=args.threads
+    )
+    ids = bench_cpu_engine.prompt_ids(tok, args.prompt_tokens)
+
+    sizes = list(range(1, max(specs) + 2))
+    costs = step_costs(
+        LlamaCppBackend(gguf, threads=args.threads, max_batch=1), ids, sizes, args.rounds
+    )
+    rows = report_rows(gguf, ids, args, specs)
+    hf = hf_bf16_report(args, ids, tok) if args.hf_bf16 else None
+
+    t1 = costs[1]
+    print(
+        f"\nmodel: dolly-v2-3b shape, {args.layers} layers, {args.quant}, random weights; "
+        f"prompt {len(ids)} tokens; threads {args.threads}; llama-cpp-python "
+        f"{__import__('llama_cpp').__version__}"
+    )
+    print(
+        "\n1. One decode step of n tokens (logits for each) after the prompt, median of "
+        f"{args.rounds}"
+    )
+    head = "".join(f"  a={a:.1f}" for a in ACCEPTANCE)
+    print("   (columns a=: decode speed-up with n-1 proposals at that per-token acceptance)")
+    print(f"{'n':>3} {'ms':>8} {'x n=1':>6}{head}")
+    for n in sizes:
+        gains = "".join(f"  {expected_tokens(a, n - 1) * t1 / costs[n]:5.2f}" for a in ACCEPTANCE)
+        print(f"{n:>3} {costs[n] * 1e3:8.1f} {costs[n] / t1:6.2f}{gains}")
+
+    print(
+        f"\n2. Reports of {args.report_tokens} new tokens, greedy, medians of "
+        f"{args.report_rounds} (ratios against plain decoding in this run)"
+    )
+    print(
+        f"{'proposals':>9} {'case':17} {'prefill s':>9} {'decode s':>8} {'dec t/s':>8} "
+        f"{'tok/step':>8} {'accept':>6} {'=plain':>6} {'dec x plain':>11} {'report s':>8}"
+        + ("  x hf bf16" if hf else "")
+    )
+    base = {r["case"]: r for r in rows if r["speculative"] == 0}
+    for r in rows:
+        rep_s = r["prefill_s"] + r["decode_s"]
+        line = (
+            f"{r['speculative']:>9} {r['case']:17} {r['prefill_s']:9.2f} {r['decode_s']:8.2f} "
+            f"{r['decode_tok_s']:8.2f} {r['tokens_per_step']:8.2f} {r['acceptance']:6.2f} "
+            f"{r['same_as_plain']:6.2f} {r['decode_tok_s'] / base[r['case']]['decode_tok_s']:11.2f}"
+            f" {rep_s:8.2f}"
+        )
+        if hf:
+            line += f"  {(hf['prefill_s'] + hf['decode_s']) / rep_s:9.2f}"
+        print(line)
+    if hf:
+        print(
+            f"transformers bf16, new study: prefill {hf['prefill_s']:.2f} s, decode "
+            f"{hf['decode_s']:.2f} s, report {hf['prefill_s'] + hf['decode_s']:.2f} s"
+        )
+    print(
+        "'=plain': share of each report's tokens, from the first, equal to plain greedy's "
+        "(the least over the runs). 'accept' and the new-study rows are random weights' "
+        "figures, not a trained model's."
+    )
+    if args.json_out:
+        for r in rows:
+            r.pop("tokens", None)
+        args.json_out.write_text(
+            json.dumps(
+                {"step_s": costs, "reports": rows, "hf_bf16": hf, "prompt_tokens": len(ids)},
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
