@@ -319,10 +319,13 @@ def test_constrained_codes_match_transformers_f32(
     assert got.token_ids == ref.token_ids
 
 
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_batched_equals_unbatched(
-    engines: dict[str, LlamaCppBackend], hf: TransformersBackend
+    engines: dict[str, LlamaCppBackend], hf: TransformersBackend, quant: str
 ) -> None:
-    engine = engines["f16"]
+    """A batch's greedy tokens are each request's alone. Q8_0 steps of 2-8 rows go through
+    the patch's several-row kernel, whose per-row arithmetic is the one-row kernel's."""
+    engine = engines[quant]
     reqs = [
         GenerationRequest(prompt_ids=_report_ids(hf, 11), max_new_tokens=20),
         GenerationRequest(
@@ -681,6 +684,25 @@ def test_speculative_greedy_gives_plain_greedy_tokens_in_fewer_steps(
         )
         assert spec.health()["draft_tokens"] == h0
         assert spec.health()["speculative"] == 4 and plain.health()["speculative"] == 0
+    finally:
+        spec.close()
+        plain.close()
+
+
+def test_speculative_q8_0_gives_plain_greedy_tokens(
+    ggufs: dict[str, ConversionResult], hf: TransformersBackend
+) -> None:
+    """The same with the Q8_0 file, whose steps of 2-5 rows run the patch's several-row
+    kernel: every report equals plain greedy decoding's, up to a near tie."""
+    spec = LlamaCppBackend(ggufs["q8_0"].path, threads=THREADS, max_batch=2, speculative=4)
+    plain = LlamaCppBackend(ggufs["q8_0"].path, threads=THREADS, max_batch=2)
+    try:
+        for seed in range(70, 76):
+            req = GenerationRequest(prompt_ids=_report_ids(hf, seed), max_new_tokens=32)
+            got, ref = spec.generate([req])[0], plain.generate([req])[0]
+            _same_up_to_a_near_tie(plain, req.prompt_ids, got.token_ids, ref.token_ids)
+        h = spec.health()
+        assert h["draft_tokens_accepted"] > 0 and h["decode_steps"] < 6 * 31
     finally:
         spec.close()
         plain.close()
