@@ -273,10 +273,11 @@ class ModelHost:
             out["engine_version"] = health.get("engine_version")
             # llama.cpp: the instruction sets of the CPU kernels in use (None for transformers)
             out["cpu_features"] = health.get("cpu_features")
-            # llama.cpp speculation: proposals checked and kept so far, this site's acceptance
+            # llama.cpp speculation: proposals checked and kept, and tokens per decode step
+            # (new_tokens / decode_steps), this site's own figures
             if health.get("speculative"):
-                out["draft_tokens"] = health.get("draft_tokens")
-                out["draft_tokens_accepted"] = health.get("draft_tokens_accepted")
+                for key in ("draft_tokens", "draft_tokens_accepted", "decode_steps", "new_tokens"):
+                    out[key] = health.get(key)
         return out
 
     # --- batch memory estimate ------------------------------------------------------------

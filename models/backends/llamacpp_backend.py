@@ -13,7 +13,7 @@ that reads the fewest bytes per token.
 
 Optionally greedy text generation is speculative (``speculative``): each decode step also
 checks up to *k* tokens proposed by n-gram lookup (:mod:`models.backends.speculative`) and
-keeps those the model agrees with, several tokens for about one weight pass.
+keeps those the model agrees with: several tokens for one pass over the weights.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Draft tokens for speculative greedy decoding by n-gram lookup (no draft model).
 
-Decoding one token reads every weight of the model; on a CPU that read, not the
-arithmetic, sets the speed. Checking *k* proposed tokens in one forward pass reads the
-weights once, so every proposal the model agrees with is a token gained for little more
-than the cost of one. A greedy answer is unchanged by speculation: a proposal is kept only
+Decoding one token reads every weight of the model, and on a CPU that read sets most of
+the speed. Checking *k* proposed tokens in one forward pass reads the weights once, so
+every proposal the model agrees with is a token gained for less than the cost of a step
+(how much less depends on the cores' arithmetic: docs/cpu-engine.md, "Decode steps of
+several tokens"). A greedy answer is unchanged by speculation: a proposal is kept only
 where it equals the model's own argmax, and the first disagreement is replaced by that
 argmax (Leviathan et al., "Fast Inference from Transformers via Speculative Decoding",
 ICML 2023; the draft-free n-gram variant is "prompt lookup decoding", Saxena 2023).

@@ -251,6 +251,8 @@ def test_model_host_shows_speculation_counters(converted_bundle: Path) -> None:
             again = rt.report(x, greedy=True, max_new_tokens=16)  # the same study: remembered
         info = host.info()
         assert info["draft_tokens"] >= info["draft_tokens_accepted"] > 0
+        # the same study's second report needed fewer steps than tokens
+        assert info["decode_steps"] < info["new_tokens"] - 2
         assert first.settings["speculative"] == again.settings["speculative"] == 4
     finally:
         host.stop()
