@@ -15,18 +15,20 @@ what does not. On one random GGUF of the full dolly-v2-3b shape
    decode speed-up over plain decoding.
 2. **Whole reports** (``--report-tokens`` new tokens, greedy) with the node's backend, plain
    and speculative, each on a new study (shifted image ids, the template from the prefix
-   cache) and on the same study again (every proposal right: the upper bound). The table
-   gives prefill and decode seconds, tokens per step, the acceptance, whether the tokens
-   equal plain greedy's, and the ratio of decode rates against plain decoding measured in
-   this run. The new-study figures are those of random weights and say nothing about a
-   trained model's acceptance.
+   cache) and on the same study again (its whole prompt cached, its earlier report
+   remembered: a trained model would repeat that report, random weights at this size
+   diverge from it at the first near tie that another summation order flips). The table
+   gives prefill and decode seconds, tokens per step, the share of proposals kept, how much
+   of each report equals plain greedy's from the first token, and the ratio of decode
+   rates against plain decoding measured in this run. These are random weights' figures
+   and say nothing about a trained model's acceptance.
 3. With ``--hf-bf16``, one transformers bf16 report of a new study, the end-to-end reference
    of the issue's targets (seconds per report, prefill + decode, without the VQ-GAN
    encode, which is the same for both).
 
 Not a test::
 
-    python benchmarks/bench_speculative.py --speculative 2,4,6 --hf-bf16
+    python benchmarks/bench_speculative.py --speculative 1,2,3,4,8 --hf-bf16
 """
 
 from __future__ import annotations
