@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--prefill-quant", default=None, help="llama.cpp: the converted file that prefills"
     )
+    ap.add_argument(
+        "--speculative", type=int, default=0, help="llama.cpp: proposals per greedy step"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-new-tokens", type=int, default=150)
@@ -212,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             backend_dtype=args.dtype,
             backend_quant=args.quant,
             backend_prefill_quant=args.prefill_quant,
+            backend_speculative=args.speculative,
             backend_threads=args.threads,
             backend_device=args.device,
             generation_max_new_tokens=args.max_new_tokens,
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         deps = PipelineDeps.from_settings(settings, sf)
         rows: list[dict[str, float]] = []
         reused_before = float(host.runtime.backend.health().get("prompt_tokens_reused", 0))
+        steps_before = float(host.runtime.backend.health().get("decode_steps", 0))
         for run in range(args.runs):
             ds = copy.deepcopy(rg1)
             if run:  # a different image for every study: new image codes, as in a hospital
@@ -275,6 +280,10 @@ def main(argv: list[str] | None = None) -> None:
             row["prompt_ids_reused"] = reused_total - reused_before
             reused_before = reused_total
             row["tokens"] = float(outcome.timings.get("tokens", 0.0))
+            # llama.cpp: decode steps of this study (fewer than tokens with speculation)
+            steps_total = float(host.runtime.backend.health().get("decode_steps", 0))
+            row["decode_steps"] = steps_total - steps_before
+            steps_before = steps_total
             row["to_sr_written_s"] = t_written - t_queued
             if dest is not None and outcome.sr_path is not None:
                 t_send = time.perf_counter()
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"bundle: {label} {info['model_name']} {info['model_version']} | backend "
             f"{info['backend']} dtype={info['dtype']} quant={info['quant']} prefill="
-            f"{info['prefill_quant']} device="
+            f"{info['prefill_quant']} speculative={info['speculative']} device="
             f"{info['device']} | max_new_tokens {args.max_new_tokens} | load+warmup "
             f"{load_s:.1f} s | {args.runs} runs, median"
         )
@@ -314,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             if key in med:
                 print(f"{name:<28}{med[key]:>10.3f}")
         print(f"{'generated tokens':<28}{med['tokens']:>10.0f}")
+        if med["decode_steps"]:
+            print(f"{'decode steps':<28}{med['decode_steps']:>10.0f}")
         if args.json_out:
             args.json_out.write_text(
                 json.dumps(
