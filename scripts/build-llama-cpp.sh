@@ -5,14 +5,15 @@
 #   scripts/build-llama-cpp.sh        (setup.sh --peers runs it)
 #
 # The patch (scripts/patches/llama-cpp-python-$VER.patch) adds a software prefetch to ggml's
-# AVX2 Q8_0 dot product, the kernel of Q8_0 decoding on x86 (no arithmetic changes), and lets
-# ggml find CPU backends next to libggml. On x86-64 the default CMAKE_ARGS build every CPU
+# AVX2 Q8_0 dot product, the kernel of Q8_0 decoding on x86 (no arithmetic changes), a Q8_0
+# kernel for decode steps of 2-8 tokens, fixes to decode attention and the AMX kernels, and
+# lets ggml find CPU backends next to libggml (its header lists them all). On x86-64 the default CMAKE_ARGS build every CPU
 # variant ggml has (x64, SSE4.2, AVX, AVX2, AVX-512, VNNI, BF16, AMX) as loadable modules, and
 # the best one for the CPU that runs the node is loaded at start: one wheel, portable and
 # tuned. Set CMAKE_ARGS to build otherwise (e.g. -DGGML_NATIVE=ON for the build machine only).
 # The patch marks the version "$VER+cxrnode.N", which llama_cpp.__version__ and the backend's
-# health() show. Why, and the measurements: docs/cpu-engine.md, "The decode patch" and "One
-# build for every x86 CPU". A stock llama-cpp-python works too, slower.
+# health() show. Why, and the measurements: docs/cpu-engine.md, "The decode patch" and the
+# sections after it. A stock llama-cpp-python works too, slower.
 #
 # The wheel is kept in ${CXR_NODE_WHEEL_CACHE:-~/.cache/llm-cxr-node/wheels}, keyed by the
 # patch, CMAKE_ARGS and the Python tag, so a re-run (or a second venv) installs it in seconds.
