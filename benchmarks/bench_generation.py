@@ -169,20 +169,23 @@ def vqgan_encode_s(config: str, out_dir: Path, providers: Sequence[str], threads
 _STUDIES = itertools.count(1)
 
 
+def shifted_study(ids: list[int], shift: int) -> list[int]:
+    """``ids`` with every image id moved by ``shift`` codes: another study, same template."""
+    return [
+        IMAGE_TOKEN_OFFSET + (t - IMAGE_TOKEN_OFFSET + shift) % 1024
+        if IMAGE_TOKEN_OFFSET <= t < VOCAB
+        else t
+        for t in ids
+    ]
+
+
 def _requests(ids: list[int], n: int, new: int) -> list[GenerationRequest]:
     """``n`` prompts for ``n`` new studies: the same template, different image ids in every
     prompt of every call (as in the node, where only the template can come from a cache)."""
-    out = []
-    for _ in range(n):
-        shift = 131 * next(_STUDIES)
-        study = [
-            IMAGE_TOKEN_OFFSET + (t - IMAGE_TOKEN_OFFSET + shift) % 1024
-            if IMAGE_TOKEN_OFFSET <= t < VOCAB
-            else t
-            for t in ids
-        ]
-        out.append(GenerationRequest(prompt_ids=study, max_new_tokens=new))
-    return out
+    return [
+        GenerationRequest(prompt_ids=shifted_study(ids, 131 * next(_STUDIES)), max_new_tokens=new)
+        for _ in range(n)
+    ]
 
 
 def _reused(backend: GenerationBackend) -> int:

@@ -51,10 +51,12 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_cpu_engine  # noqa: E402
+import bench_generation  # noqa: E402
+from bench_generation import shifted_study  # noqa: E402
 
 from models.backends.base import GenerationRequest  # noqa: E402
 from models.backends.llamacpp_backend import LlamaCppBackend, common_prefix  # noqa: E402
-from models.layout import IMAGE_TOKEN_OFFSET, VOCAB  # noqa: E402
+from models.layout import IMAGE_TOKEN_OFFSET  # noqa: E402
 
 ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
 
@@ -93,16 +95,6 @@ def expected_tokens(a: float, k: int) -> float:
     return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
 
 
-def study(ids: list[int], shift: int) -> list[int]:
-    """``ids`` with the image ids shifted: another study with the same template."""
-    return [
-        IMAGE_TOKEN_OFFSET + (t - IMAGE_TOKEN_OFFSET + shift) % 1024
-        if IMAGE_TOKEN_OFFSET <= t < VOCAB
-        else t
-        for t in ids
-    ]
-
-
 def report(engine: LlamaCppBackend, ids: list[int], new: int) -> dict[str, Any]:
     """One greedy report: seconds, tokens, steps and proposals from the engine's counters."""
     h0 = engine.health()
@@ -137,12 +129,12 @@ def report_rows(
     for k in [0, *specs]:
         engine = LlamaCppBackend(gguf, threads=args.threads, max_batch=1, speculative=k)
         engine.load()
-        report(engine, study(ids, 7), 8)  # page the weights in
+        report(engine, shifted_study(ids, 7), 8)  # page the weights in
         new_runs, again_runs = [], []
         for r in range(args.report_rounds):
             shift = 131 * (r + 1)
-            new_runs.append(report(engine, study(ids, shift), args.report_tokens))
-            again_runs.append(report(engine, study(ids, shift), args.report_tokens))
+            new_runs.append(report(engine, shifted_study(ids, shift), args.report_tokens))
+            again_runs.append(report(engine, shifted_study(ids, shift), args.report_tokens))
             if k == 0:
                 plain_tokens[shift] = new_runs[-1]["tokens"]
         engine.close()
@@ -175,8 +167,6 @@ def report_rows(
 
 def hf_bf16_report(args: argparse.Namespace, ids: list[int], tok: Any) -> dict[str, float]:
     """One transformers bf16 report of a new study (after a short warm-up run)."""
-    import bench_generation
-
     bench_llm = bench_cpu_engine.bench_llm_module()
     from models.backends.transformers_backend import TransformersBackend
 
@@ -184,10 +174,12 @@ def hf_bf16_report(args: argparse.Namespace, ids: list[int], tok: Any) -> dict[s
     backend = TransformersBackend.from_model(model, tok, device="cpu", max_batch=1)
     del model
     try:
-        backend.generate([GenerationRequest(prompt_ids=study(ids, 7)[:32], max_new_tokens=4)])
-        res = backend.generate(
-            [GenerationRequest(prompt_ids=study(ids, 131), max_new_tokens=args.report_tokens)]
-        )[0]
+        warm = GenerationRequest(prompt_ids=shifted_study(ids, 7)[:32], max_new_tokens=4)
+        backend.generate([warm])
+        req = GenerationRequest(
+            prompt_ids=shifted_study(ids, 131), max_new_tokens=args.report_tokens
+        )
+        res = backend.generate([req])[0]
         if res.error:
             raise RuntimeError(res.error)
         dec_s = res.decode_s
