@@ -270,6 +270,8 @@ class ModelHost:
             out["dtype"] = health.get("dtype", out["dtype"])
             out["quant"] = health.get("quant", out["quant"])
             out["device"] = health.get("device", out["device"])
+            # what the backend runs: transformers ignores the setting (0)
+            out["speculative"] = int(health.get("speculative", 0) or 0)
             out["engine_version"] = health.get("engine_version")
             # llama.cpp: the instruction sets of the CPU kernels in use (None for transformers)
             out["cpu_features"] = health.get("cpu_features")

@@ -250,9 +250,30 @@ def test_model_host_shows_speculation_counters(converted_bundle: Path) -> None:
             first = rt.report(x, greedy=True, max_new_tokens=16)
             again = rt.report(x, greedy=True, max_new_tokens=16)  # the same study: remembered
         info = host.info()
+        assert info["speculative"] == 4
         assert info["draft_tokens"] >= info["draft_tokens_accepted"] > 0
         # the same study's second report needed fewer steps than tokens
         assert info["decode_steps"] < info["new_tokens"] - 2
         assert first.settings["speculative"] == again.settings["speculative"] == 4
+    finally:
+        host.stop()
+
+
+def test_model_host_shows_what_the_backend_runs(converted_bundle: Path) -> None:
+    """A transformers node ignores CXR_NODE_BACKEND_SPECULATIVE, and its info says 0."""
+    from node.modelhost import ModelHost
+
+    settings = Settings(
+        model_dir=converted_bundle,
+        backend="transformers",
+        backend_dtype="float32",
+        backend_speculative=4,
+        backend_threads=1,
+    )
+    host = ModelHost(settings, warmup=False)
+    host.start()
+    try:
+        assert host.wait_ready(120), host.error
+        assert host.info()["speculative"] == 0
     finally:
         host.stop()
