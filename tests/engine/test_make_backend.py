@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +14,7 @@ from models.backends.base import GenerationRequest
 from models.backends.llamacpp_backend import LlamaCppBackend
 from models.backends.transformers_backend import TransformersBackend
 from models.bundle import ModelBundle
+from node.modelhost import ModelHost
 from node.settings import Settings
 
 SETTING_NAMES = (
@@ -226,54 +230,42 @@ def test_node_setting_turns_on_speculation_for_llamacpp_only() -> None:
         Settings(backend="llamacpp", backend_speculative=17)
 
 
+@contextmanager
+def _ready_host(bundle: Path, **settings: Any) -> Iterator[ModelHost]:
+    """A model host on ``bundle`` (one thread, no warm-up), loaded, stopped afterwards."""
+    host = ModelHost(Settings(model_dir=bundle, backend_threads=1, **settings), warmup=False)
+    host.start()
+    try:
+        assert host.wait_ready(120), host.error
+        yield host
+    finally:
+        host.stop()
+
+
 def test_model_host_shows_speculation_counters(converted_bundle: Path) -> None:
     """A llama.cpp node with CXR_NODE_BACKEND_SPECULATIVE: the host's info (``/ready``,
     ``cxr-node status``) counts the proposals checked and kept, so a site can read its own
     acceptance; the drafts record that speculation was on."""
     import numpy as np
 
-    from node.modelhost import ModelHost
-
-    settings = Settings(
-        model_dir=converted_bundle,
-        backend="llamacpp",
-        backend_quant="f32",
-        backend_speculative=4,
-        backend_threads=1,
-    )
-    host = ModelHost(settings, warmup=False)
-    host.start()
-    try:
-        assert host.wait_ready(120), host.error
+    with _ready_host(
+        converted_bundle, backend="llamacpp", backend_quant="f32", backend_speculative=4
+    ) as host:
         x = np.zeros((3, 256, 256), dtype=np.float32)
         with host.use() as rt:
             first = rt.report(x, greedy=True, max_new_tokens=16)
             again = rt.report(x, greedy=True, max_new_tokens=16)  # the same study: remembered
         info = host.info()
-        assert info["speculative"] == 4
-        assert info["draft_tokens"] >= info["draft_tokens_accepted"] > 0
-        # the same study's second report needed fewer steps than tokens
-        assert info["decode_steps"] < info["new_tokens"] - 2
-        assert first.settings["speculative"] == again.settings["speculative"] == 4
-    finally:
-        host.stop()
+    assert info["speculative"] == 4
+    assert info["draft_tokens"] >= info["draft_tokens_accepted"] > 0
+    # the same study's second report needed fewer steps than tokens
+    assert info["decode_steps"] < info["new_tokens"] - 2
+    assert first.settings["speculative"] == again.settings["speculative"] == 4
 
 
 def test_model_host_shows_what_the_backend_runs(converted_bundle: Path) -> None:
     """A transformers node ignores CXR_NODE_BACKEND_SPECULATIVE, and its info says 0."""
-    from node.modelhost import ModelHost
-
-    settings = Settings(
-        model_dir=converted_bundle,
-        backend="transformers",
-        backend_dtype="float32",
-        backend_speculative=4,
-        backend_threads=1,
-    )
-    host = ModelHost(settings, warmup=False)
-    host.start()
-    try:
-        assert host.wait_ready(120), host.error
+    with _ready_host(
+        converted_bundle, backend="transformers", backend_dtype="float32", backend_speculative=4
+    ) as host:
         assert host.info()["speculative"] == 0
-    finally:
-        host.stop()
