@@ -25,15 +25,27 @@ what does not. On one random GGUF of the full dolly-v2-3b shape
 3. With ``--hf-bf16``, one transformers bf16 report of a new study, the end-to-end reference
    of the issue's targets (seconds per report, prefill + decode, without the VQ-GAN
    encode, which is the same for both).
+4. With ``--reports FILE``, what speculation would do for outputs that are not random: the
+   reports in FILE, in order, are taken as a model's greedy outputs (each after a report
+   prompt with its own image ids) and replayed through the drafter
+   (``speculative.replay``, which counts the engine's steps exactly for a known output),
+   with the node's memory of earlier reports. It prints the share of proposals kept, tokens
+   per step, and the decode speed-up that the step costs of part 1 give for those steps.
+   A site can run it on its own drafts; public report corpora (e.g. Open-i's Indiana
+   University chest X-ray reports, ``findings``/``impression`` columns) stand in for a
+   trained LLM-CXR's outputs, which no machine here has. ``--replay-only`` runs this part
+   alone, without building the model (no speed-up column).
 
 Not a test::
 
     python benchmarks/bench_speculative.py --speculative 1,2,3,4,8 --hf-bf16
+    python benchmarks/bench_speculative.py --speculative 2,3,4 --reports reports.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -56,7 +68,9 @@ from bench_generation import shifted_study  # noqa: E402
 
 from models.backends.base import GenerationRequest  # noqa: E402
 from models.backends.llamacpp_backend import LlamaCppBackend, common_prefix  # noqa: E402
-from models.layout import IMAGE_TOKEN_OFFSET  # noqa: E402
+from models.backends.speculative import NgramDrafter, Replay, replay  # noqa: E402
+from models.layout import CODES_PER_IMAGE, END_ID, EOS_ID, IMAGE_TOKEN_OFFSET  # noqa: E402
+from models.prompts import report_prompt  # noqa: E402
 
 ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
 
@@ -191,6 +205,57 @@ def hf_bf16_report(args: argparse.Namespace, ids: list[int], tok: Any) -> dict[s
         bench_generation.release_memory()
 
 
+def load_reports(path: Path, fields: list[str]) -> list[str]:
+    """Report texts from ``path``: JSON Lines or CSV whose ``fields`` columns are joined
+    (empty ones left out; rows with none skipped), or plain text with one report a line."""
+    if path.suffix in (".jsonl", ".csv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            rows: list[dict[str, Any]] = (
+                [json.loads(line) for line in f if line.strip()]
+                if path.suffix == ".jsonl"
+                else list(csv.DictReader(f))
+            )
+        texts = [" ".join(str(r.get(k) or "").strip() for k in fields).strip() for r in rows]
+    else:
+        texts = path.read_text(encoding="utf-8").splitlines()
+    return [" ".join(t.split()) for t in texts if t.strip()]
+
+
+def replay_reports(
+    tok: Any, reports: list[str], k: int, *, max_new: int, memory: int
+) -> list[Replay]:
+    """Each report, in order, as the greedy output of a report prompt with its own image
+    ids, replayed with ``k`` proposals per step and the node's memory of earlier reports.
+    The output ids are laid out as in training (``prompts.training_text``): the report,
+    ``\\n\\n``, ``### End``."""
+    drafter = NgramDrafter(max_tokens=k, memory=memory, max_id=IMAGE_TOKEN_OFFSET)
+    rng = np.random.default_rng(0)
+    template = report_prompt()
+    out = []
+    for text in reports:
+        prompt = tok.encode_with_image(template, rng.integers(0, 1024, CODES_PER_IMAGE).tolist())
+        gen = [*tok.encode(text + "\n\n"), END_ID]
+        out.append(replay(drafter, prompt, gen, stop_ids={END_ID, EOS_ID}, max_new=max_new))
+    return out
+
+
+def replay_summary(reps: list[Replay], costs: dict[int, float] | None) -> dict[str, float]:
+    """Tokens per step (plain steps over speculative ones), share of proposals kept, and
+    the decode speed-up from measured step costs (seconds per step of n tokens)."""
+    steps = sum(r.steps for r in reps)
+    plain = sum(r.plain_steps for r in reps)
+    out = {
+        "reports": len(reps),
+        "new_tokens": sum(r.new_tokens for r in reps) / max(len(reps), 1),
+        "tokens_per_step": plain / max(steps, 1),
+        "acceptance": sum(r.accepted for r in reps) / max(sum(r.proposed for r in reps), 1),
+    }
+    if costs is not None:
+        spec_s = sum(costs[n] for r in reps for n in r.step_tokens)
+        out["decode_x_plain"] = plain * costs[1] / spec_s if spec_s else 1.0
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -204,11 +269,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report-rounds", type=int, default=2, help="reports per case")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--hf-bf16", action="store_true", help="add the transformers bf16 report")
+    ap.add_argument(
+        "--reports",
+        type=Path,
+        default=None,
+        help="replay these reports (JSON Lines or CSV with --fields columns, or one a line)",
+    )
+    ap.add_argument("--fields", default="findings,impression", help="columns joined into a report")
+    ap.add_argument("--memory", type=int, default=256, help="reports the drafter remembers")
+    ap.add_argument("--warm", type=int, default=32, help="reports before the 'later' figures")
+    ap.add_argument("--replay-only", action="store_true", help="part 4 alone, no model")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
     specs = sorted({int(x) for x in args.speculative.split(",") if x.strip()})
     if not specs or min(specs) < 1 or max(specs) > 16:
         ap.error("--speculative: proposal counts in 1..16")
+    if args.replay_only and args.reports is None:
+        ap.error("--replay-only needs --reports")
+    reports = (
+        load_reports(args.reports, [f.strip() for f in args.fields.split(",") if f.strip()])
+        if args.reports
+        else []
+    )
+    if args.reports and not reports:
+        ap.error(f"--reports: no report text in {args.reports}")
 
     from models.gguf_convert import build_gguf_vocab
     from models.text import LLMCXRTokenizer
@@ -217,6 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = bench_cpu_engine.tokenizer_dir(out_dir / "tokenizer")
     tok = LLMCXRTokenizer.from_dir(tok_dir)
+    replays = {
+        k: replay_reports(tok, reports, k, max_new=args.report_tokens, memory=args.memory)
+        for k in (specs if reports else [])
+    }
+    if args.replay_only:
+        print_replays(args, replays, None, None, None)
+        return
     gguf = args.gguf or out_dir / f"dolly-{args.layers}l-{args.quant}.gguf"
     vocab = build_gguf_vocab(tok_dir / "tokenizer.json")
     bench_cpu_engine.write_random_gguf(
@@ -279,15 +370,82 @@ def main(argv: list[str] | None = None) -> None:
         "(the least over the runs). 'accept' and the new-study rows are random weights' "
         "figures, not a trained model's."
     )
+    plain_new = next(r for r in rows if r["speculative"] == 0 and r["case"] == "new study")
+    summaries = print_replays(args, replays, costs, plain_new, hf)
     if args.json_out:
         for r in rows:
             r.pop("tokens", None)
         args.json_out.write_text(
             json.dumps(
-                {"step_s": costs, "reports": rows, "hf_bf16": hf, "prompt_tokens": len(ids)},
+                {
+                    "step_s": costs,
+                    "reports": rows,
+                    "hf_bf16": hf,
+                    "prompt_tokens": len(ids),
+                    "replay": summaries,
+                },
                 indent=1,
             )
         )
+
+
+def print_replays(
+    args: argparse.Namespace,
+    replays: dict[int, list[Replay]],
+    costs: dict[int, float] | None,
+    plain: dict[str, Any] | None,
+    hf: dict[str, float] | None,
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Part 4's table; with step costs, the decode speed-up they give for the replayed
+    steps, and (with part 2's plain row) the report seconds at that speed-up."""
+    if not replays:
+        return {}
+    n = len(next(iter(replays.values())))
+    print(
+        f"\n4. {n} reports of {args.reports} ({args.fields}) replayed as greedy outputs "
+        f"(max_new {args.report_tokens}, memory {args.memory} reports), in order; "
+        f"'later': after the first {args.warm}"
+    )
+    head = f"{'proposals':>9} {'reports':>7} {'tok/report':>10} {'tok/step':>8} {'accept':>6}"
+    if costs:
+        head += f" {'dec x plain':>11}"
+    head += f" {'later tok/step':>14} {'later accept':>12}"
+    if costs:
+        head += f" {'later dec x':>11}"
+    if costs and plain:
+        head += f" {'report s':>8}" + (f" {'x hf bf16':>9}" if hf else "")
+    print(head)
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for k, reps in replays.items():
+        every, later = replay_summary(reps, costs), replay_summary(reps[args.warm :], costs)
+        out[k] = {"all": every, "later": later}
+        line = (
+            f"{k:>9} {every['reports']:>7} {every['new_tokens']:10.1f} "
+            f"{every['tokens_per_step']:8.2f} {every['acceptance']:6.2f}"
+        )
+        if costs:
+            line += f" {every['decode_x_plain']:11.2f}"
+        line += f" {later['tokens_per_step']:14.2f} {later['acceptance']:12.2f}"
+        if costs:
+            line += f" {later['decode_x_plain']:11.2f}"
+        if costs and plain:
+            # a report of --report-tokens at plain decoding's measured rate, sped up
+            rep_s = plain["prefill_s"] + plain["decode_s"] / every["decode_x_plain"]
+            line += f" {rep_s:8.2f}"
+            if hf:
+                line += f" {(hf['prefill_s'] + hf['decode_s']) / rep_s:9.2f}"
+        print(line)
+    if costs:
+        print(
+            "'dec x plain': plain steps x T(1) over the replayed steps' summed T(n), with T "
+            "from part 1; 'report s': part 2's plain new-study prefill plus its decode "
+            "divided by that speed-up."
+        )
+    print(
+        "These are the steps for these texts as outputs: a model that writes them (greedy) "
+        "would take them; a model that writes otherwise keeps a different share."
+    )
+    return out
 
 
 if __name__ == "__main__":

@@ -355,8 +355,13 @@ class LlamaCppBackend:
         self.device = device
         self.prefill_quant = prefill_quant
         self.speculative = speculative
+        # text mode never emits image ids: proposals stop before one
         self._drafter = (
-            NgramDrafter(max_tokens=speculative, memory=speculative_memory) if speculative else None
+            NgramDrafter(
+                max_tokens=speculative, memory=speculative_memory, max_id=IMAGE_TOKEN_OFFSET
+            )
+            if speculative
+            else None
         )
         self.gguf_path: Path | None = None
         self.prefill_path: Path | None = None
@@ -827,16 +832,17 @@ class LlamaCppBackend:
         return [self._result(s, t1 - t0, t2 - t1) for s in seqs]
 
     def _propose(self, s: _Seq, tok: int) -> list[int]:
-        """Speculation's proposals to check after ``tok`` (empty when off or no match)."""
+        """Speculation's proposals to check after ``tok`` (empty when off or no match).
+
+        :func:`models.backends.speculative.replay` walks this loop (here, :meth:`_verify`
+        and :meth:`_run_seqs`) without the model: keep the two in step."""
         if s.index is None or self._drafter is None:
             return []
         s.index.extend([tok])
         # never past max_new (positions stay inside the validated context)
         drafts = self._drafter.propose(s.index, s.max_new - len(s.out))
-        # text mode never emits image ids: a proposal holding one could not be accepted
-        cut = next((i for i, d in enumerate(drafts) if d >= IMAGE_TOKEN_OFFSET), len(drafts))
-        self._counters["draft_tokens"] += cut
-        return drafts[:cut]
+        self._counters["draft_tokens"] += len(drafts)
+        return drafts
 
     def _verify(
         self, s: _Seq, row: int, first: tuple[int, int, int, bool], drafts: list[int]

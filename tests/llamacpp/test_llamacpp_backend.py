@@ -25,9 +25,16 @@ from models.backends.llamacpp_backend import (  # noqa: E402
     cpu_features,
     sample_next,
 )
+from models.backends.speculative import NgramDrafter, replay  # noqa: E402
 from models.backends.transformers_backend import TransformersBackend  # noqa: E402
 from models.gguf_convert import ConversionResult, convert_bundle_llm  # noqa: E402
-from models.layout import CODES_PER_IMAGE, IMAGE_TOKEN_OFFSET, VOCAB  # noqa: E402
+from models.layout import (  # noqa: E402
+    CODES_PER_IMAGE,
+    END_ID,
+    EOS_ID,
+    IMAGE_TOKEN_OFFSET,
+    VOCAB,
+)
 from models.prompts import report_prompt, report_to_image_prompt  # noqa: E402
 
 from .conftest import THREADS, hf_next_logits, make_tiny_llm, task_prompts  # noqa: E402
@@ -706,6 +713,40 @@ def test_speculative_q8_0_gives_plain_greedy_tokens(
     finally:
         spec.close()
         plain.close()
+
+
+def test_replay_counts_the_steps_the_engine_takes(
+    ggufs: dict[str, ConversionResult], hf: TransformersBackend
+) -> None:
+    """``speculative.replay`` walks the decode loop without the model: given each report the
+    engine wrote, in order, it counts the engine's own decode steps, proposals and kept
+    proposals exactly (new studies, a study seen before, a ``max_new_tokens`` bound)."""
+    spec = LlamaCppBackend(ggufs["q8_0"].path, threads=THREADS, max_batch=1, speculative=3)
+    drafter = NgramDrafter(max_tokens=3, max_id=IMAGE_TOKEN_OFFSET)
+    stop_ids = {END_ID, EOS_ID}
+    try:
+        for seed, new in ((80, 32), (81, 32), (82, 32), (80, 32), (83, 5), (81, 40), (80, 7)):
+            req = GenerationRequest(prompt_ids=_report_ids(hf, seed), max_new_tokens=new)
+            h0 = spec.health()
+            res = spec.generate([req])[0]
+            h1 = spec.health()
+            stop = {"end": [END_ID], "eos": [EOS_ID]}.get(res.stop_reason or "", [])
+            rep = replay(
+                drafter, req.prompt_ids, [*res.token_ids, *stop], stop_ids=stop_ids, max_new=new
+            )
+            got = {
+                k: h1[k] - h0[k] for k in ("decode_steps", "draft_tokens", "draft_tokens_accepted")
+            }
+            assert got == {
+                "decode_steps": rep.steps,
+                "draft_tokens": rep.proposed,
+                "draft_tokens_accepted": rep.accepted,
+            }, seed
+            assert rep.new_tokens == res.new_tokens
+            assert sum(rep.step_tokens) == rep.steps + rep.proposed
+        assert h1["draft_tokens_accepted"] > 0  # the check saw kept proposals
+    finally:
+        spec.close()
 
 
 def test_speculative_settings_are_checked(ggufs: dict[str, ConversionResult]) -> None:
