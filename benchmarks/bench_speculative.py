@@ -8,7 +8,8 @@ what does not. On one random GGUF of the full dolly-v2-3b shape
 (``bench_cpu_engine.write_random_gguf``; ``--gguf`` re-uses a file), in one run:
 
 1. **The cost of a step of k+1 tokens** (one ``llama_decode``, logits for every row, after a
-   ``--prompt-tokens`` prompt), median over ``--rounds``, against one token: T(k+1)/T(1).
+   ``--prompt-tokens`` prompt), least of ``--rounds`` (one-token steps timed after two
+   others, as in plain decoding), against one token: T(k+1)/T(1).
    Speed does not depend on the weights' values, so this holds for the trained model. From
    it, for a per-token acceptance *a* (each proposal right with probability *a*, the first
    wrong one ends the step), the expected tokens per step (1 - a^(k+1)) / (1 - a) and the
@@ -29,12 +30,16 @@ what does not. On one random GGUF of the full dolly-v2-3b shape
    reports in FILE, in order, are taken as a model's greedy outputs (each after a report
    prompt with its own image ids) and replayed through the drafter
    (``speculative.replay``, which counts the engine's steps exactly for a known output),
-   with the node's memory of earlier reports. It prints the share of proposals kept, tokens
-   per step, and the decode speed-up that the step costs of part 1 give for those steps.
+   with the node's memory of earlier reports, proposals as long as n-grams match and sized
+   by part 1's step costs as the backend does. It prints the share of proposals kept,
+   tokens per step, the decode speed-up that the step costs of part 1 give for those steps,
+   and for ``--timed`` reports the speed-up measured by running their replayed steps on the
+   full-size engine (each step's tokens fed, every row's logits read, the rejected ones'
+   K/V dropped: the work the backend does for that output).
    A site can run it on its own drafts; public report corpora (e.g. Open-i's Indiana
    University chest X-ray reports, ``findings``/``impression`` columns) stand in for a
    trained LLM-CXR's outputs, which no machine here has. ``--replay-only`` runs this part
-   alone, without building the model (no speed-up column).
+   alone, without building the model (a speed-up column only with ``--step-costs``).
 
 Not a test::
 
@@ -78,30 +83,15 @@ ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
 def step_costs(
     engine: LlamaCppBackend, ids: list[int], sizes: list[int], rounds: int
 ) -> dict[int, float]:
-    """Median seconds of one ``llama_decode`` of ``n`` tokens (every row's logits read) after
-    the prompt ``ids``, per ``n`` in ``sizes``; the sizes alternate within each round."""
+    """Seconds of one decode step of ``n`` tokens (every row's logits read) after the prompt
+    ``ids``, per ``n`` in ``sizes`` (``LlamaCppBackend.step_seconds``: the least of
+    ``rounds``, the sizes taking turns, one-token steps after two others as in plain
+    decoding)."""
     engine.load()
-    engine.clear_cache()
-    llama = engine._llama
-    n = len(ids)
-    for lo in range(0, n, engine.n_batch):
-        chunk = ids[lo : lo + engine.n_batch]
-        engine._decode_batch([(t, lo + p, 0, lo + p == n - 1) for p, t in enumerate(chunk)])
-    mem = llama.llama_get_memory(engine._ctx)
-    rng = np.random.default_rng(0)
-    times: dict[int, list[float]] = {k: [] for k in sizes}
-    for _ in range(rounds + 1):  # the first round warms up
-        for k in sizes:
-            toks = [int(t) for t in rng.integers(0, IMAGE_TOKEN_OFFSET, k)]
-            t0 = time.perf_counter()
-            engine._decode_batch([(t, n + i, 0, True) for i, t in enumerate(toks)])
-            for i in range(k):
-                engine._logits_row(i)
-            times[k].append(time.perf_counter() - t0)
-            if not llama.llama_memory_seq_rm(mem, 0, n, -1):
-                raise RuntimeError("could not drop the step's K/V")
-    engine.clear_cache()
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    try:
+        return engine.step_seconds(sizes, rounds=rounds, prompt=ids)
+    finally:
+        engine.close()
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -222,21 +212,97 @@ def load_reports(path: Path, fields: list[str]) -> list[str]:
 
 
 def replay_reports(
-    tok: Any, reports: list[str], k: int, *, max_new: int, memory: int
+    tok: Any,
+    reports: list[str],
+    k: int,
+    *,
+    max_new: int,
+    memory: int,
+    step_costs: list[float] | None,
 ) -> list[Replay]:
     """Each report, in order, as the greedy output of a report prompt with its own image
-    ids, replayed with ``k`` proposals per step and the node's memory of earlier reports.
-    The output ids are laid out as in training (``prompts.training_text``): the report,
-    ``\\n\\n``, ``### End``."""
-    drafter = NgramDrafter(max_tokens=k, memory=memory, max_id=IMAGE_TOKEN_OFFSET)
-    rng = np.random.default_rng(0)
-    template = report_prompt()
+    ids, replayed with up to ``k`` proposals per step (sized by ``step_costs``, or as many
+    as match with ``None``) and the node's memory of earlier reports. The output ids are
+    laid out as in training (``prompts.training_text``): the report, ``\\n\\n``,
+    ``### End``."""
+    drafter = NgramDrafter(
+        max_tokens=k, memory=memory, max_id=IMAGE_TOKEN_OFFSET, step_costs=step_costs
+    )
     out = []
-    for text in reports:
-        prompt = tok.encode_with_image(template, rng.integers(0, 1024, CODES_PER_IMAGE).tolist())
-        gen = [*tok.encode(text + "\n\n"), END_ID]
+    for prompt, gen in report_items(tok, reports):
         out.append(replay(drafter, prompt, gen, stop_ids={END_ID, EOS_ID}, max_new=max_new))
     return out
+
+
+def report_items(tok: Any, reports: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, output ids) per report: a report prompt with its own image ids (seeded),
+    and the report laid out as in training (``prompts.training_text``): the text,
+    ``\\n\\n``, ``### End``."""
+    rng = np.random.default_rng(0)
+    template = report_prompt()
+    return [
+        (
+            tok.encode_with_image(template, rng.integers(0, 1024, CODES_PER_IMAGE).tolist()),
+            [*tok.encode(text + "\n\n"), END_ID],
+        )
+        for text in reports
+    ]
+
+
+def timed_steps(engine: LlamaCppBackend, start: int, gen: list[int], rep: Replay) -> float:
+    """Seconds of the decode steps ``rep`` lists, run on ``engine`` after a prompt of
+    ``start`` tokens in sequence 0: each step feeds its tokens (the output's own ids; speed
+    does not depend on them) with logits read for every row, keeps 1 + its accepted ones
+    and drops the rest's K/V, as the backend's loop does. Leaves the prompt's K/V."""
+    llama = engine._llama
+    mem = llama.llama_get_memory(engine._ctx)
+    pos = start
+    t0 = time.perf_counter()
+    for size, kept in zip(rep.step_tokens, rep.step_accepted, strict=True):
+        toks = [gen[min(pos - start + i, len(gen) - 1)] for i in range(size)]
+        engine._decode_batch([(t, pos + i, 0, True) for i, t in enumerate(toks)])
+        for i in range(size):
+            engine._logits_row(i)
+        pos += 1 + kept
+        if kept + 1 < size and not llama.llama_memory_seq_rm(mem, 0, pos, -1):
+            raise RuntimeError("could not drop the rejected tokens' K/V")
+    dt = time.perf_counter() - t0
+    if not llama.llama_memory_seq_rm(mem, 0, start, -1):
+        raise RuntimeError("could not drop the report's K/V")
+    return dt
+
+
+def timed_replays(
+    gguf: Path,
+    items: list[tuple[list[int], list[int]]],
+    replays: dict[tuple[int, str], list[Replay]],
+    args: argparse.Namespace,
+) -> dict[tuple[int, str], float]:
+    """Decode seconds of ``--timed`` replayed reports (from the ``--warm``-th on), summed,
+    per setting and for plain decoding (key ``(0, "plain")``), each report's prompt
+    prefilled once and its settings run in turn on the full-size engine."""
+    engine = LlamaCppBackend(gguf, threads=args.threads, max_batch=1)
+    engine.load()
+    picked = range(args.warm, min(args.warm + args.timed, len(items)))
+    total: dict[tuple[int, str], float] = {(0, "plain"): 0.0, **{key: 0.0 for key in replays}}
+    try:
+        for j in picked:
+            prompt, gen = items[j]
+            engine.clear_cache()
+            n = len(prompt)
+            for lo in range(0, n, engine.n_batch):
+                chunk = prompt[lo : lo + engine.n_batch]
+                engine._decode_batch([(t, lo + i, 0, lo + i == n - 1) for i, t in enumerate(chunk)])
+            any_rep = next(iter(replays.values()))[j]
+            plain = Replay(
+                step_tokens=[1] * any_rep.plain_steps, step_accepted=[0] * any_rep.plain_steps
+            )
+            total[(0, "plain")] += timed_steps(engine, n, gen, plain)
+            for key, reps in replays.items():
+                total[key] += timed_steps(engine, n, gen, reps[j])
+    finally:
+        engine.close()
+    return total
 
 
 def replay_summary(reps: list[Replay], costs: dict[int, float] | None) -> dict[str, float]:
@@ -266,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report-tokens", type=int, default=150)
     ap.add_argument("--speculative", default="4", help="proposal counts to run, e.g. 2,4,6")
     ap.add_argument("--rounds", type=int, default=5, help="step-cost rounds")
-    ap.add_argument("--report-rounds", type=int, default=2, help="reports per case")
+    ap.add_argument(
+        "--report-rounds", type=int, default=2, help="reports per case (0: skip part 2)"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--hf-bf16", action="store_true", help="add the transformers bf16 report")
     ap.add_argument(
@@ -279,6 +347,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory", type=int, default=256, help="reports the drafter remembers")
     ap.add_argument("--warm", type=int, default=32, help="reports before the 'later' figures")
     ap.add_argument("--replay-only", action="store_true", help="part 4 alone, no model")
+    ap.add_argument(
+        "--timed", type=int, default=4, help="replayed reports also decoded on the engine"
+    )
+    ap.add_argument(
+        "--step-costs",
+        default=None,
+        help="with --replay-only: relative cost of a step of 1, 2, ... tokens, e.g. 1,1.3,1.65",
+    )
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
     specs = sorted({int(x) for x in args.speculative.split(",") if x.strip()})
@@ -301,12 +377,12 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = bench_cpu_engine.tokenizer_dir(out_dir / "tokenizer")
     tok = LLMCXRTokenizer.from_dir(tok_dir)
-    replays = {
-        k: replay_reports(tok, reports, k, max_new=args.report_tokens, memory=args.memory)
-        for k in (specs if reports else [])
-    }
     if args.replay_only:
-        print_replays(args, replays, None, None, None)
+        rel = [float(x) for x in args.step_costs.split(",")] if args.step_costs else None
+        replays = replay_all(tok, reports, specs, args, rel)
+        print_replays(
+            args, replays, None if rel is None else dict(enumerate(rel, 1)), None, None, {}
+        )
         return
     gguf = args.gguf or out_dir / f"dolly-{args.layers}l-{args.quant}.gguf"
     vocab = build_gguf_vocab(tok_dir / "tokenizer.json")
@@ -319,8 +395,15 @@ def main(argv: list[str] | None = None) -> None:
     costs = step_costs(
         LlamaCppBackend(gguf, threads=args.threads, max_batch=1), ids, sizes, args.rounds
     )
-    rows = report_rows(gguf, ids, args, specs)
+    rows = report_rows(gguf, ids, args, specs) if args.report_rounds else []
     hf = hf_bf16_report(args, ids, tok) if args.hf_bf16 else None
+    rel = [costs[n] / costs[1] for n in sizes]
+    replays = replay_all(tok, reports, specs, args, rel) if reports else {}
+    timed = (
+        timed_replays(gguf, report_items(tok, reports), replays, args)
+        if replays and args.timed
+        else {}
+    )
 
     t1 = costs[1]
     print(
@@ -329,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{__import__('llama_cpp').__version__}"
     )
     print(
-        "\n1. One decode step of n tokens (logits for each) after the prompt, median of "
+        "\n1. One decode step of n tokens (logits for each) after the prompt, least of "
         f"{args.rounds}"
     )
     head = "".join(f"  a={a:.1f}" for a in ACCEPTANCE)
@@ -339,39 +422,40 @@ def main(argv: list[str] | None = None) -> None:
         gains = "".join(f"  {expected_tokens(a, n - 1) * t1 / costs[n]:5.2f}" for a in ACCEPTANCE)
         print(f"{n:>3} {costs[n] * 1e3:8.1f} {costs[n] / t1:6.2f}{gains}")
 
-    print(
-        f"\n2. Reports of {args.report_tokens} new tokens, greedy, medians of "
-        f"{args.report_rounds} (ratios against plain decoding in this run)"
-    )
-    print(
-        f"{'proposals':>9} {'case':17} {'prefill s':>9} {'decode s':>8} {'dec t/s':>8} "
-        f"{'tok/step':>8} {'accept':>6} {'=plain':>6} {'dec x plain':>11} {'report s':>8}"
-        + ("  x hf bf16" if hf else "")
-    )
-    base = {r["case"]: r for r in rows if r["speculative"] == 0}
-    for r in rows:
-        rep_s = r["prefill_s"] + r["decode_s"]
-        line = (
-            f"{r['speculative']:>9} {r['case']:17} {r['prefill_s']:9.2f} {r['decode_s']:8.2f} "
-            f"{r['decode_tok_s']:8.2f} {r['tokens_per_step']:8.2f} {r['acceptance']:6.2f} "
-            f"{r['same_as_plain']:6.2f} {r['decode_tok_s'] / base[r['case']]['decode_tok_s']:11.2f}"
-            f" {rep_s:8.2f}"
-        )
-        if hf:
-            line += f"  {(hf['prefill_s'] + hf['decode_s']) / rep_s:9.2f}"
-        print(line)
-    if hf:
+    if rows:
         print(
-            f"transformers bf16, new study: prefill {hf['prefill_s']:.2f} s, decode "
-            f"{hf['decode_s']:.2f} s, report {hf['prefill_s'] + hf['decode_s']:.2f} s"
+            f"\n2. Reports of {args.report_tokens} new tokens, greedy, medians of "
+            f"{args.report_rounds} (ratios against plain decoding in this run)"
         )
-    print(
-        "'=plain': share of each report's tokens, from the first, equal to plain greedy's "
-        "(the least over the runs). 'accept' and the new-study rows are random weights' "
-        "figures, not a trained model's."
-    )
-    plain_new = next(r for r in rows if r["speculative"] == 0 and r["case"] == "new study")
-    summaries = print_replays(args, replays, costs, plain_new, hf)
+        print(
+            f"{'proposals':>9} {'case':17} {'prefill s':>9} {'decode s':>8} {'dec t/s':>8} "
+            f"{'tok/step':>8} {'accept':>6} {'=plain':>6} {'dec x plain':>11} {'report s':>8}"
+            + ("  x hf bf16" if hf else "")
+        )
+        base = {r["case"]: r for r in rows if r["speculative"] == 0}
+        for r in rows:
+            rep_s = r["prefill_s"] + r["decode_s"]
+            gain = r["decode_tok_s"] / base[r["case"]]["decode_tok_s"]
+            line = (
+                f"{r['speculative']:>9} {r['case']:17} {r['prefill_s']:9.2f} {r['decode_s']:8.2f} "
+                f"{r['decode_tok_s']:8.2f} {r['tokens_per_step']:8.2f} {r['acceptance']:6.2f} "
+                f"{r['same_as_plain']:6.2f} {gain:11.2f} {rep_s:8.2f}"
+            )
+            if hf:
+                line += f"  {(hf['prefill_s'] + hf['decode_s']) / rep_s:9.2f}"
+            print(line)
+        if hf:
+            print(
+                f"transformers bf16, new study: prefill {hf['prefill_s']:.2f} s, decode "
+                f"{hf['decode_s']:.2f} s, report {hf['prefill_s'] + hf['decode_s']:.2f} s"
+            )
+        print(
+            "'=plain': share of each report's tokens, from the first, equal to plain greedy's "
+            "(the least over the runs). 'accept' and the new-study rows are random weights' "
+            "figures, not a trained model's."
+        )
+    plain_new = next((r for r in rows if r["speculative"] == 0 and r["case"] == "new study"), None)
+    summaries = print_replays(args, replays, costs, plain_new, hf, timed)
     if args.json_out:
         for r in rows:
             r.pop("tokens", None)
@@ -389,13 +473,34 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
+def replay_all(
+    tok: Any,
+    reports: list[str],
+    specs: list[int],
+    args: argparse.Namespace,
+    rel: list[float] | None,
+) -> dict[tuple[int, str], list[Replay]]:
+    """Part 4's replays per proposal count: proposals as long as n-grams match ("fixed")
+    and, given relative step costs, sized by them ("costs", what the backend does)."""
+    out: dict[tuple[int, str], list[Replay]] = {}
+    for k in specs:
+        for sizing, sc in (("fixed", None), ("costs", rel)):
+            if sizing == "costs" and rel is None:
+                continue
+            out[(k, sizing)] = replay_reports(
+                tok, reports, k, max_new=args.report_tokens, memory=args.memory, step_costs=sc
+            )
+    return out
+
+
 def print_replays(
     args: argparse.Namespace,
-    replays: dict[int, list[Replay]],
+    replays: dict[tuple[int, str], list[Replay]],
     costs: dict[int, float] | None,
     plain: dict[str, Any] | None,
     hf: dict[str, float] | None,
-) -> dict[int, dict[str, dict[str, float]]]:
+    timed: dict[tuple[int, str], float],
+) -> dict[str, dict[str, dict[str, float]]]:
     """Part 4's table; with step costs, the decode speed-up they give for the replayed
     steps, and (with part 2's plain row) the report seconds at that speed-up."""
     if not replays:
@@ -406,7 +511,10 @@ def print_replays(
         f"(max_new {args.report_tokens}, memory {args.memory} reports), in order; "
         f"'later': after the first {args.warm}"
     )
-    head = f"{'proposals':>9} {'reports':>7} {'tok/report':>10} {'tok/step':>8} {'accept':>6}"
+    head = (
+        f"{'proposals':>9} {'sizing':>6} {'reports':>7} {'tok/report':>10} {'tok/step':>8} "
+        f"{'accept':>6}"
+    )
     if costs:
         head += f" {'dec x plain':>11}"
     head += f" {'later tok/step':>14} {'later accept':>12}"
@@ -414,13 +522,15 @@ def print_replays(
         head += f" {'later dec x':>11}"
     if costs and plain:
         head += f" {'report s':>8}" + (f" {'x hf bf16':>9}" if hf else "")
+    if timed:
+        head += f" {'timed dec x':>11}"
     print(head)
-    out: dict[int, dict[str, dict[str, float]]] = {}
-    for k, reps in replays.items():
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (k, sizing), reps in replays.items():
         every, later = replay_summary(reps, costs), replay_summary(reps[args.warm :], costs)
-        out[k] = {"all": every, "later": later}
+        out[f"{k} {sizing}"] = {"all": every, "later": later}
         line = (
-            f"{k:>9} {every['reports']:>7} {every['new_tokens']:10.1f} "
+            f"{k:>9} {sizing:>6} {every['reports']:>7} {every['new_tokens']:10.1f} "
             f"{every['tokens_per_step']:8.2f} {every['acceptance']:6.2f}"
         )
         if costs:
@@ -434,12 +544,25 @@ def print_replays(
             line += f" {rep_s:8.2f}"
             if hf:
                 line += f" {(hf['prefill_s'] + hf['decode_s']) / rep_s:9.2f}"
+        if timed:
+            out[f"{k} {sizing}"]["timed"] = {"decode_s": timed[(k, sizing)]}
+            line += f" {timed[(0, 'plain')] / timed[(k, sizing)]:11.2f}"
         print(line)
+    print(
+        "'sizing': fixed, proposals as long as n-grams match; costs, as long as the step "
+        "costs make pay (the backend's way, with the costs it measures when it loads)."
+    )
     if costs:
         print(
             "'dec x plain': plain steps x T(1) over the replayed steps' summed T(n), with T "
-            "from part 1; 'report s': part 2's plain new-study prefill plus its decode "
-            "divided by that speed-up."
+            "from part 1 (or --step-costs); 'report s': part 2's plain new-study prefill "
+            "plus its decode divided by that speed-up."
+        )
+    if timed:
+        print(
+            f"'timed dec x': reports {args.warm}-{args.warm + args.timed - 1} decoded on the "
+            "full-size engine step by step as replayed (plain: "
+            f"{timed[(0, 'plain')]:.2f} s), plain seconds over the setting's."
         )
     print(
         "These are the steps for these texts as outputs: a model that writes them (greedy) "

@@ -275,7 +275,7 @@ def generate(
     ] = None,
     speculative: Annotated[
         int | None,
-        typer.Option(help="llamacpp: proposals checked per greedy decode step (0-16)."),
+        typer.Option(help="llamacpp: most proposals checked per greedy decode step (0-16)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="transformers: auto, float32 or bfloat16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",

@@ -276,9 +276,16 @@ class ModelHost:
             # llama.cpp: the instruction sets of the CPU kernels in use (None for transformers)
             out["cpu_features"] = health.get("cpu_features")
             # llama.cpp speculation: proposals checked and kept, and tokens per decode step
-            # (new_tokens / decode_steps), this site's own figures
+            # (new_tokens / decode_steps), this site's own figures; the step costs measured
+            # at load, which size the proposals
             if health.get("speculative"):
-                for key in ("draft_tokens", "draft_tokens_accepted", "decode_steps", "new_tokens"):
+                for key in (
+                    "draft_tokens",
+                    "draft_tokens_accepted",
+                    "decode_steps",
+                    "new_tokens",
+                    "speculative_step_costs",
+                ):
                     out[key] = health.get(key)
         return out
 

@@ -12,8 +12,9 @@ the format whose matrix kernels are fastest for many tokens at once and decode o
 that reads the fewest bytes per token.
 
 Optionally greedy text generation is speculative (``speculative``): each decode step also
-checks up to *k* tokens proposed by n-gram lookup (:mod:`models.backends.speculative`) and
-keeps those the model agrees with: several tokens for one pass over the weights.
+checks up to *k* tokens proposed from n-gram counts (:mod:`models.backends.speculative`),
+as many as the measured cost of a longer step makes pay, and keeps those the model agrees
+with: several tokens for one pass over the weights.
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ class LlamaCppBackend:
         logits. Default: one file does both.
     speculative
         Greedy text generation checks up to this many proposed tokens per decode step
-        (0: off, the default). Proposals come from n-gram lookup in the sequence and in the
+        (0: off, the default). Proposals come from n-gram counts in the sequence and in the
         last ``speculative_memory`` reports this backend generated
         (:class:`~models.backends.speculative.NgramDrafter`); a proposal is kept only where
         it is the model's own argmax, so the answer is greedy decoding's (up to the
@@ -301,6 +302,12 @@ class LlamaCppBackend:
         Sampling and image generation decode one token per step.
     speculative_memory
         Reports remembered for the lookups (token ids, in memory only).
+    speculative_step_costs
+        Relative seconds of a decode step of 1, 2, ... tokens, from which the drafter sizes
+        its proposals (as many as lower the expected seconds per token). Default: measured
+        by :meth:`load` on this machine (:meth:`measure_step_costs`, a few seconds at full
+        size); ``[1.0]`` treats longer steps as free and always proposes up to
+        ``speculative`` tokens.
     dtype
         Ignored (the precision is the GGUF file's); accepted so the node can pass the same
         options to every backend.
@@ -324,6 +331,7 @@ class LlamaCppBackend:
         prefill_quant: str | None = None,
         speculative: int = 0,
         speculative_memory: int = 256,
+        speculative_step_costs: Sequence[float] | None = None,
         dtype: str | None = None,
     ) -> None:
         if max_batch < 1:
@@ -358,7 +366,10 @@ class LlamaCppBackend:
         # text mode never emits image ids: proposals stop before one
         self._drafter = (
             NgramDrafter(
-                max_tokens=speculative, memory=speculative_memory, max_id=IMAGE_TOKEN_OFFSET
+                max_tokens=speculative,
+                memory=speculative_memory,
+                max_id=IMAGE_TOKEN_OFFSET,
+                step_costs=speculative_step_costs,
             )
             if speculative
             else None
@@ -447,6 +458,8 @@ class LlamaCppBackend:
         else:
             self._open_id = self._single_token("<")
             self._close_id = self._single_token(">")
+        if self._drafter is not None and self._drafter.step_costs is None:
+            self._drafter.step_costs = self.measure_step_costs()
         log.info(
             "llama.cpp backend loaded (%s, quant=%s, prefill=%s, threads=%d, max_batch=%d)",
             path.name,
@@ -550,6 +563,9 @@ class LlamaCppBackend:
             "prefill_quant": self.prefill_quant,
             "prefill_model_path": str(self.prefill_path) if self.prefill_path else None,
             "speculative": self.speculative,
+            "speculative_step_costs": (
+                self._drafter.step_costs if self._drafter is not None else None
+            ),
             # "+cxrnode.N": built with the node's patch (scripts/build-llama-cpp.sh)
             "engine_version": f"llama-cpp-python {getattr(self._llama, '__version__', '?')}"
             if self._llama is not None
@@ -699,6 +715,72 @@ class LlamaCppBackend:
             top_p=r.top_p,
             top_k=r.top_k,
         )
+
+    def step_seconds(
+        self, sizes: Sequence[int], *, rounds: int = 3, prompt: Sequence[int] | None = None
+    ) -> dict[int, float]:
+        """Seconds of one decode step of each of ``sizes`` tokens after ``prompt`` (default:
+        64 random text ids), logits of every row read as a speculative step does: the least
+        of ``rounds`` (other work on the machine only adds time), the sizes taking turns. A
+        one-token step is timed as the third of three in a row, as in plain decoding, where
+        llama.cpp reuses the previous step's graph and caches are warm. Clears the cache.
+        """
+        if self._ctx is None:
+            raise GenerationError("load() the model first")
+        if not sizes or min(sizes) < 1 or max(sizes) > self.n_batch:
+            raise ValueError(f"step sizes must be in 1..n_batch ({self.n_batch}): {sizes}")
+        if prompt is None:
+            n = max(1, min(64, self.n_ctx - max(sizes) - 1))
+            prompt = [int(t) for t in np.random.default_rng(0).integers(1, IMAGE_TOKEN_OFFSET, n)]
+        ids = [int(t) for t in prompt]
+        start = len(ids)
+        if start + max(sizes) > self.n_ctx:
+            raise ValueError(f"prompt ({start}) + step ({max(sizes)}) > n_ctx ({self.n_ctx})")
+        mem = self._llama.llama_get_memory(self._ctx)
+        times: dict[int, list[float]] = {int(n): [] for n in sizes}
+
+        def step(n: int) -> float:
+            t0 = time.perf_counter()
+            self._decode_batch([(ids[i % start], start + i, 0, True) for i in range(n)])
+            for i in range(n):
+                self._logits_row(i)
+            dt = time.perf_counter() - t0
+            if not self._llama.llama_memory_seq_rm(mem, 0, start, -1):
+                raise GenerationError("could not drop the measured step's K/V")
+            return dt
+
+        try:
+            self._clear_cache()
+            for lo in range(0, start, self.n_batch):
+                chunk = ids[lo : lo + self.n_batch]
+                self._decode_batch([(t, lo + i, 0, False) for i, t in enumerate(chunk)])
+            for r in range(rounds + 1):  # the first round warms up
+                for n in times:
+                    if n == 1:
+                        step(1)
+                        step(1)
+                    dt = step(n)
+                    if r:
+                        times[n].append(dt)
+        finally:
+            self._clear_cache()
+        return {n: min(v) for n, v in times.items()}
+
+    def measure_step_costs(self, *, rounds: int = 3) -> list[float]:
+        """Seconds of a decode step of 1 to ``speculative + 1`` tokens relative to one token
+        (:meth:`step_seconds`), made non-decreasing: what the drafter sizes proposals by.
+
+        Speed does not depend on the weights' values, so these are the trained model's
+        costs on this machine too.
+        """
+        n_max = max(self.speculative, 1) + 1
+        secs = self.step_seconds(range(1, n_max + 1), rounds=rounds)
+        costs, running = [1.0], 1.0
+        for n in range(2, n_max + 1):
+            running = max(running, secs[n] / secs[1])
+            costs.append(round(running, 3))
+        log.info("speculation: step costs of 1..%d tokens %s", n_max, costs)
+        return costs
 
     def clear_cache(self) -> None:
         """Forget every sequence's cached K/V: the next prompts are prefilled in full."""

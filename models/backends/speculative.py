@@ -1,4 +1,4 @@
-"""Draft tokens for speculative greedy decoding by n-gram lookup (no draft model).
+"""Draft tokens for speculative greedy decoding by n-gram counts (no draft model).
 
 Decoding one token reads every weight of the model, and on a CPU that read sets most of
 the speed. Checking *k* proposed tokens in one forward pass reads the weights once, so
@@ -11,10 +11,18 @@ ICML 2023; the draft-free n-gram variant is "prompt lookup decoding", Saxena 202
 
 Where the proposals come from: radiology reports repeat their phrasing, within a report
 and from one study to the next ("No pleural effusion or pneumothorax. The cardiomediastinal
-silhouette is normal."). :class:`NgramDrafter` looks up the last few tokens of the text so
-far in the sequence itself and in the token ids of the reports it generated last, and
-proposes what followed them there. The remembered reports are token ids in memory only,
-never written or logged.
+silhouette is normal."). :class:`NgramDrafter` counts which token followed each n-gram
+(1 to 6 tokens) in the sequence itself and in the token ids of the reports it generated
+last, and proposes, token by token, the most frequent follower of the longest n-gram of the
+text so far that it has seen (the latest at equal counts). The share of that follower
+among all seen is its estimated chance to be right; with the measured cost of a step of
+*n* tokens (``step_costs``) the drafter proposes only as many tokens as lower the expected
+time per token (SuffixDecoding, Oliaro et al. 2024, chooses its speculation length
+likewise). The remembered reports are token ids in memory only, never written or logged.
+
+:func:`replay` counts the steps of a greedy output already known (a stored draft, a report
+text), which measures a drafter on real report text without a model
+(``benchmarks/bench_speculative.py --reports``).
 """
 
 from __future__ import annotations
@@ -25,55 +33,68 @@ from dataclasses import dataclass, field
 
 __all__ = ["NgramDrafter", "Replay", "SequenceIndex", "replay"]
 
+# key (the n ids before a position) -> follower id -> [count, latest serial]
+_Counts = dict[tuple[int, ...], dict[int, list[int]]]
+# the sequence's own occurrences are newer than any remembered report's
+_OWN = 1 << 62
 
-def _add_ngrams(
-    index: dict[tuple[int, ...], tuple[int, int]],
-    tokens: Sequence[int],
-    end: int,
-    doc: int,
-    sizes: range,
-) -> None:
-    """Index the n-grams ending just before ``tokens[end]``: each maps to (doc, end)."""
+
+def _count(counts: _Counts, tokens: Sequence[int], end: int, sizes: range, serial: int) -> None:
+    """Count ``tokens[end]`` as the follower of each n-gram ending just before it."""
+    t = tokens[end]
     for n in sizes:
         if end - n < 0:
             break
-        index[tuple(tokens[end - n : end])] = (doc, end)
+        nxt = counts.setdefault(tuple(tokens[end - n : end]), {})
+        e = nxt.get(t)
+        if e is None:
+            nxt[t] = [1, serial]
+        else:
+            e[0] += 1
+            e[1] = serial
+
+
+def _uncount(counts: _Counts, tokens: Sequence[int], end: int, sizes: range) -> None:
+    """Undo :func:`_count` (the latest serial stays: it only breaks ties)."""
+    t = tokens[end]
+    for n in sizes:
+        if end - n < 0:
+            break
+        key = tuple(tokens[end - n : end])
+        nxt = counts[key]
+        nxt[t][0] -= 1
+        if nxt[t][0] == 0:
+            del nxt[t]
+            if not nxt:
+                del counts[key]
 
 
 class SequenceIndex:
-    """The n-grams of one growing token list (a prompt and the tokens generated after it).
-
-    Each n-gram maps to the position after its latest occurrence whose follower is known,
-    so a lookup of the list's own tail finds an earlier occurrence, never itself.
-    """
+    """The n-gram counts of one growing token list (a prompt and the tokens after it)."""
 
     def __init__(self, tokens: Sequence[int], sizes: range) -> None:
         self.tokens: list[int] = []
         self._sizes = sizes
-        self._index: dict[tuple[int, ...], tuple[int, int]] = {}
+        self.counts: _Counts = {}
         self.extend(tokens)
 
     def extend(self, tokens: Sequence[int]) -> None:
-        """Append ``tokens`` and index the n-grams they complete."""
+        """Append ``tokens`` and count them as followers of the n-grams before them."""
         for t in tokens:
             self.tokens.append(int(t))
-            _add_ngrams(self._index, self.tokens, len(self.tokens) - 1, 0, self._sizes)
-
-    def follower(self, key: tuple[int, ...]) -> int | None:
-        """Where the tokens after the latest earlier occurrence of ``key`` start."""
-        hit = self._index.get(key)
-        return None if hit is None else hit[1]
+            end = len(self.tokens) - 1
+            _count(self.counts, self.tokens, end, self._sizes, _OWN + end)
 
 
 class NgramDrafter:
-    """Proposes the next tokens of a greedy text generation by n-gram lookup.
+    """Proposes the next tokens of a greedy text generation from n-gram counts.
 
     Parameters
     ----------
     max_tokens
         Most tokens proposed per step.
     ngram
-        ``(shortest, longest)`` n-gram looked up; the longest match wins.
+        ``(shortest, longest)`` n-gram counted; the longest one seen decides each token.
     memory
         How many finished generations are remembered (oldest forgotten first).
     context
@@ -82,32 +103,57 @@ class NgramDrafter:
     max_id
         Proposals end before the first id at or above this (``None``: no bound). Text
         generation never emits an image id, so a proposal holding one could not be kept.
+    step_costs
+        Relative seconds of a decode step of 1, 2, ... tokens (the first 1.0; the last
+        applies to longer steps). With them a proposal is as long as minimises the expected
+        seconds per token; ``None`` proposes up to ``max_tokens`` while n-grams match.
+    smoothing
+        The chance of the most frequent follower of an n-gram is estimated as its count
+        over (all followers' count + ``smoothing`` / n): a follower seen once after a
+        short n-gram is trusted less than one seen once after a long one.
     """
 
     def __init__(
         self,
         *,
         max_tokens: int = 4,
-        ngram: tuple[int, int] = (2, 4),
+        ngram: tuple[int, int] = (1, 6),
         memory: int = 256,
         context: int = 8,
         max_id: int | None = None,
+        step_costs: Sequence[float] | None = None,
+        smoothing: float = 3.0,
     ) -> None:
         lo, hi = ngram
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not 1 <= lo <= hi:
             raise ValueError(f"ngram must be 1 <= shortest <= longest, got {ngram}")
-        if memory < 0 or context < 0:
-            raise ValueError("memory and context must be >= 0")
+        if memory < 0 or context < 0 or smoothing < 0:
+            raise ValueError("memory, context and smoothing must be >= 0")
         self.max_tokens = max_tokens
         self.sizes = range(lo, hi + 1)
         self.memory = memory
         self.context = context
         self.max_id = max_id
+        self.smoothing = smoothing
+        self.step_costs = step_costs
         self._docs: OrderedDict[int, list[int]] = OrderedDict()
-        self._next_doc = 0
-        self._index: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._serial = 0
+        self._counts: _Counts = {}
+
+    @property
+    def step_costs(self) -> list[float] | None:
+        """Relative cost of a step of 1, 2, ... tokens (``None``: not used)."""
+        return self._step_costs
+
+    @step_costs.setter
+    def step_costs(self, costs: Sequence[float] | None) -> None:
+        if costs is not None:
+            costs = [float(c) for c in costs]
+            if not costs or costs[0] != 1.0 or any(c <= 0 for c in costs):
+                raise ValueError(f"step_costs must start with 1.0 and be positive: {costs}")
+        self._step_costs = costs
 
     def __len__(self) -> int:
         return len(self._docs)
@@ -122,52 +168,69 @@ class NgramDrafter:
             return
         doc = [int(t) for t in prompt[len(prompt) - min(self.context, len(prompt)) :]]
         doc += [int(t) for t in generated]
-        self._docs[self._next_doc] = doc
+        self._docs[self._serial] = doc
         for end in range(1, len(doc)):
-            _add_ngrams(self._index, doc, end, self._next_doc, self.sizes)
-        self._next_doc += 1
-        if len(self._docs) > self.memory:
-            # forget the oldest quarter at once and rebuild: newer entries win again
-            for _ in range(max(1, len(self._docs) - self.memory * 3 // 4)):
-                self._docs.popitem(last=False)
-            self._index = {}
-            for d, toks in self._docs.items():
-                for end in range(1, len(toks)):
-                    _add_ngrams(self._index, toks, end, d, self.sizes)
+            _count(self._counts, doc, end, self.sizes, self._serial)
+        self._serial += 1
+        while len(self._docs) > self.memory:
+            _, old = self._docs.popitem(last=False)
+            for end in range(1, len(old)):
+                _uncount(self._counts, old, end, self.sizes)
 
     def forget(self) -> None:
         """Drop every remembered generation."""
         self._docs.clear()
-        self._index = {}
+        self._counts = {}
+
+    def _follower(self, seq: SequenceIndex, ctx: list[int]) -> tuple[int | None, float]:
+        """The most frequent follower of the longest n-gram ending ``ctx`` that was seen
+        (in the sequence or the memory; the latest at equal counts) and its estimated
+        chance."""
+        for n in reversed(self.sizes):
+            if n > len(ctx):
+                continue
+            key = tuple(ctx[-n:])
+            own, mem = seq.counts.get(key), self._counts.get(key)
+            if not own and not mem:
+                continue
+            merged: dict[int, list[int]] = {t: list(e) for t, e in (mem or {}).items()}
+            for t, (c, last) in (own or {}).items():
+                e = merged.setdefault(t, [0, last])
+                e[0] += c
+                e[1] = max(e[1], last)
+            t, (c, _) = max(merged.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+            total = sum(e[0] for e in merged.values())
+            return t, c / (total + self.smoothing / n)
+        return None, 0.0
 
     def propose(self, seq: SequenceIndex, limit: int | None = None) -> list[int]:
         """Up to ``limit`` (default ``max_tokens``) ids likely to follow ``seq.tokens``.
 
-        The longest n-gram of the sequence's tail found wins; at equal length the sequence's
-        own earlier text before the remembered generations. Empty when nothing matches.
+        Each id is the most likely follower of the text so far with the ids before it;
+        the proposal ends where nothing was seen, at an id of ``max_id`` or above, or
+        (with ``step_costs``) where a longer step would cost more per expected token.
         """
         k = self.max_tokens if limit is None else min(limit, self.max_tokens)
-        toks = seq.tokens
-        if k < 1:
-            return []
-        for n in reversed(self.sizes):
-            if n > len(toks):
+        ctx = seq.tokens[-self.sizes.stop :]
+        out: list[int] = []
+        costs = self._step_costs
+        chance, expected = 1.0, 1.0  # chance all so far are kept; expected tokens per step
+        best, best_rate = 0, 1.0
+        for _ in range(max(k, 0)):
+            t, p = self._follower(seq, ctx)
+            if t is None or (self.max_id is not None and t >= self.max_id):
+                break
+            out.append(t)
+            ctx.append(t)
+            if costs is None:
+                best = len(out)
                 continue
-            key = tuple(toks[-n:])
-            pos = seq.follower(key)
-            if pos is not None:
-                return self._bounded(toks[pos : pos + k])
-            hit = self._index.get(key)
-            if hit is not None:
-                doc = self._docs.get(hit[0])
-                if doc is not None:
-                    return self._bounded(doc[hit[1] : hit[1] + k])
-        return []
-
-    def _bounded(self, ids: list[int]) -> list[int]:
-        if self.max_id is None:
-            return ids
-        return ids[: next((i for i, t in enumerate(ids) if t >= self.max_id), len(ids))]
+            chance *= p
+            expected += chance
+            rate = costs[min(len(out), len(costs) - 1)] / expected
+            if rate < best_rate:
+                best, best_rate = len(out), rate
+        return out[:best]
 
 
 @dataclass
@@ -183,6 +246,8 @@ class Replay:
         as ``new_tokens`` when the output ended on a stop id, one fewer at ``max_new``.
     step_tokens
         Tokens fed to each decode step: the latest token and the proposals checked with it.
+    step_accepted
+        Proposals kept in each step (the sequence advances by 1 + this).
     proposed, accepted
         Proposals checked, and those equal to the model's own choice (kept).
     """
@@ -190,6 +255,7 @@ class Replay:
     new_tokens: int = 0
     plain_steps: int = 0
     step_tokens: list[int] = field(default_factory=list)
+    step_accepted: list[int] = field(default_factory=list)
     proposed: int = 0
     accepted: int = 0
 
@@ -271,17 +337,19 @@ def replay(
         drafts = drafter.propose(seq, limit - i)
         rep.step_tokens.append(1 + len(drafts))
         rep.proposed += len(drafts)
-        ended = False
+        kept, ended = 0, False
         for d in drafts:
             if gen[i] != d or d in stop_ids:
                 ended = d in stop_ids and gen[i] == d
                 break
             i += 1
-            rep.accepted += 1
+            kept += 1
             seq.extend([d])
             if i >= limit:
                 ended = True
                 break
+        rep.accepted += kept
+        rep.step_accepted.append(kept)
         if ended:
             break
     rep.new_tokens = min(end, limit)

@@ -635,8 +635,14 @@ def test_speculative_greedy_gives_plain_greedy_tokens_in_fewer_steps(
     through the prefix cache; a study whose report was seen before decodes it in far fewer
     steps; ``max_new_tokens`` still bounds the output; sampling and image mode are left
     alone."""
+    # step costs of [1.0]: proposals as long as n-grams match (no sizing by measured costs)
     spec = LlamaCppBackend(
-        ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2, speculative=4
+        ggufs["f32"].path,
+        threads=THREADS,
+        kv_type="f32",
+        max_batch=2,
+        speculative=4,
+        speculative_step_costs=[1.0],
     )
     plain = LlamaCppBackend(ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2)
     a, b, c = _report_ids(hf, 61), _report_ids(hf, 62), _report_ids(hf, 63)
@@ -701,7 +707,13 @@ def test_speculative_q8_0_gives_plain_greedy_tokens(
 ) -> None:
     """The same with the Q8_0 file, whose steps of 2-5 rows run the patch's several-row
     kernel: every report equals plain greedy decoding's, up to a near tie."""
-    spec = LlamaCppBackend(ggufs["q8_0"].path, threads=THREADS, max_batch=2, speculative=4)
+    spec = LlamaCppBackend(
+        ggufs["q8_0"].path,
+        threads=THREADS,
+        max_batch=2,
+        speculative=4,
+        speculative_step_costs=[1.0],
+    )
     plain = LlamaCppBackend(ggufs["q8_0"].path, threads=THREADS, max_batch=2)
     try:
         for seed in range(70, 76):
@@ -720,9 +732,17 @@ def test_replay_counts_the_steps_the_engine_takes(
 ) -> None:
     """``speculative.replay`` walks the decode loop without the model: given each report the
     engine wrote, in order, it counts the engine's own decode steps, proposals and kept
-    proposals exactly (new studies, a study seen before, a ``max_new_tokens`` bound)."""
+    proposals exactly (new studies, a study seen before, a ``max_new_tokens`` bound), with
+    the step costs the engine measured when it loaded (which size the proposals)."""
     spec = LlamaCppBackend(ggufs["q8_0"].path, threads=THREADS, max_batch=1, speculative=3)
-    drafter = NgramDrafter(max_tokens=3, max_id=IMAGE_TOKEN_OFFSET)
+    spec.load()
+    costs = spec.health()["speculative_step_costs"]
+    assert len(costs) == 4 and costs[0] == 1.0 and costs == sorted(costs)
+    secs = spec.step_seconds([1, 4], rounds=1)
+    assert set(secs) == {1, 4} and all(v > 0 for v in secs.values())
+    with pytest.raises(ValueError, match="step sizes"):
+        spec.step_seconds([0])
+    drafter = NgramDrafter(max_tokens=3, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
     stop_ids = {END_ID, EOS_ID}
     try:
         for seed, new in ((80, 32), (81, 32), (82, 32), (80, 32), (83, 5), (81, 40), (80, 7)):
@@ -744,6 +764,7 @@ def test_replay_counts_the_steps_the_engine_takes(
             }, seed
             assert rep.new_tokens == res.new_tokens
             assert sum(rep.step_tokens) == rep.steps + rep.proposed
+            assert sum(rep.step_accepted) == rep.accepted
         assert h1["draft_tokens_accepted"] > 0  # the check saw kept proposals
     finally:
         spec.close()

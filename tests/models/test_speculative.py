@@ -107,7 +107,7 @@ def test_replay_counts_the_steps_of_a_known_output() -> None:
     assert len(d) == 1
     again = replay(d, [90, 91], out, stop_ids={END})
     # "91 1" proposes "2 3 1" from memory (all kept), then "1 2" proposes "3 1" (3 kept)
-    assert again.step_tokens == [4, 3]
+    assert again.step_tokens == [4, 3] and again.step_accepted == [3, 1]
     assert (again.steps, again.proposed, again.accepted) == (2, 5, 4)
     assert len(d) == 2
     # not remembered on request
