@@ -60,8 +60,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -73,9 +71,14 @@ from bench_generation import shifted_study  # noqa: E402
 
 from models.backends.base import GenerationRequest  # noqa: E402
 from models.backends.llamacpp_backend import LlamaCppBackend, common_prefix  # noqa: E402
-from models.backends.speculative import NgramDrafter, Replay, replay  # noqa: E402
-from models.layout import CODES_PER_IMAGE, END_ID, EOS_ID, IMAGE_TOKEN_OFFSET  # noqa: E402
-from models.prompts import report_prompt  # noqa: E402
+from models.backends.speculative import (  # noqa: E402
+    NgramDrafter,
+    Replay,
+    replay_reports,
+    replay_summary,
+    report_outputs,
+)
+from models.layout import IMAGE_TOKEN_OFFSET  # noqa: E402
 
 ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
 
@@ -211,42 +214,21 @@ def load_reports(path: Path, fields: list[str]) -> list[str]:
     return [" ".join(t.split()) for t in texts if t.strip()]
 
 
-def replay_reports(
-    tok: Any,
-    reports: list[str],
+def replay_corpus(
+    items: list[tuple[list[int], list[int]]],
     k: int,
     *,
     max_new: int,
     memory: int,
     step_costs: list[float] | None,
 ) -> list[Replay]:
-    """Each report, in order, as the greedy output of a report prompt with its own image
-    ids, replayed with up to ``k`` proposals per step (sized by ``step_costs``, or as many
-    as match with ``None``) and the node's memory of earlier reports. The output ids are
-    laid out as in training (``prompts.training_text``): the report, ``\\n\\n``,
-    ``### End``."""
+    """The reports, in order, replayed with up to ``k`` proposals per step (sized by
+    ``step_costs``, or as many as match with ``None``) and the node's memory of earlier
+    reports (``speculative.replay_reports``)."""
     drafter = NgramDrafter(
         max_tokens=k, memory=memory, max_id=IMAGE_TOKEN_OFFSET, step_costs=step_costs
     )
-    out = []
-    for prompt, gen in report_items(tok, reports):
-        out.append(replay(drafter, prompt, gen, stop_ids={END_ID, EOS_ID}, max_new=max_new))
-    return out
-
-
-def report_items(tok: Any, reports: list[str]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, output ids) per report: a report prompt with its own image ids (seeded),
-    and the report laid out as in training (``prompts.training_text``): the text,
-    ``\\n\\n``, ``### End``."""
-    rng = np.random.default_rng(0)
-    template = report_prompt()
-    return [
-        (
-            tok.encode_with_image(template, rng.integers(0, 1024, CODES_PER_IMAGE).tolist()),
-            [*tok.encode(text + "\n\n"), END_ID],
-        )
-        for text in reports
-    ]
+    return replay_reports(drafter, items, max_new=max_new)
 
 
 def timed_steps(engine: LlamaCppBackend, start: int, gen: list[int], rep: Replay) -> float:
@@ -303,23 +285,6 @@ def timed_replays(
     finally:
         engine.close()
     return total
-
-
-def replay_summary(reps: list[Replay], costs: dict[int, float] | None) -> dict[str, float]:
-    """Tokens per step (plain steps over speculative ones), share of proposals kept, and
-    the decode speed-up from measured step costs (seconds per step of n tokens)."""
-    steps = sum(r.steps for r in reps)
-    plain = sum(r.plain_steps for r in reps)
-    out = {
-        "reports": len(reps),
-        "new_tokens": sum(r.new_tokens for r in reps) / max(len(reps), 1),
-        "tokens_per_step": plain / max(steps, 1),
-        "acceptance": sum(r.accepted for r in reps) / max(sum(r.proposed for r in reps), 1),
-    }
-    if costs is not None:
-        spec_s = sum(costs[n] for r in reps for n in r.step_tokens)
-        out["decode_x_plain"] = plain * costs[1] / spec_s if spec_s else 1.0
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -379,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = LLMCXRTokenizer.from_dir(tok_dir)
     if args.replay_only:
         rel = [float(x) for x in args.step_costs.split(",")] if args.step_costs else None
-        replays = replay_all(tok, reports, specs, args, rel)
+        replays = replay_all(report_outputs(tok, reports), specs, args, rel)
         print_replays(
             args, replays, None if rel is None else dict(enumerate(rel, 1)), None, None, {}
         )
@@ -398,12 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = report_rows(gguf, ids, args, specs) if args.report_rounds else []
     hf = hf_bf16_report(args, ids, tok) if args.hf_bf16 else None
     rel = [costs[n] / costs[1] for n in sizes]
-    replays = replay_all(tok, reports, specs, args, rel) if reports else {}
-    timed = (
-        timed_replays(gguf, report_items(tok, reports), replays, args)
-        if replays and args.timed
-        else {}
-    )
+    items = report_outputs(tok, reports)
+    replays = replay_all(items, specs, args, rel) if reports else {}
+    timed = timed_replays(gguf, items, replays, args) if replays and args.timed else {}
 
     t1 = costs[1]
     print(
@@ -474,8 +436,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def replay_all(
-    tok: Any,
-    reports: list[str],
+    items: list[tuple[list[int], list[int]]],
     specs: list[int],
     args: argparse.Namespace,
     rel: list[float] | None,
@@ -487,8 +448,8 @@ def replay_all(
         for sizing, sc in (("fixed", None), ("costs", rel)):
             if sizing == "costs" and rel is None:
                 continue
-            out[(k, sizing)] = replay_reports(
-                tok, reports, k, max_new=args.report_tokens, memory=args.memory, step_costs=sc
+            out[(k, sizing)] = replay_corpus(
+                items, k, max_new=args.report_tokens, memory=args.memory, step_costs=sc
             )
     return out
 
@@ -530,7 +491,7 @@ def print_replays(
         every, later = replay_summary(reps, costs), replay_summary(reps[args.warm :], costs)
         out[f"{k} {sizing}"] = {"all": every, "later": later}
         line = (
-            f"{k:>9} {sizing:>6} {every['reports']:>7} {every['new_tokens']:10.1f} "
+            f"{k:>9} {sizing:>6} {int(every['reports']):>7} {every['new_tokens']:10.1f} "
             f"{every['tokens_per_step']:8.2f} {every['acceptance']:6.2f}"
         )
         if costs:

@@ -28,10 +28,27 @@ text), which measures a drafter on real report text without a model
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-__all__ = ["NgramDrafter", "Replay", "SequenceIndex", "replay"]
+import numpy as np
+
+from models.layout import CODES_PER_IMAGE, END_ID, EOS_ID
+from models.prompts import report_prompt
+
+if TYPE_CHECKING:
+    from models.text import LLMCXRTokenizer
+
+__all__ = [
+    "NgramDrafter",
+    "Replay",
+    "SequenceIndex",
+    "replay",
+    "replay_reports",
+    "replay_summary",
+    "report_outputs",
+]
 
 # key (the n ids before a position) -> follower id -> [count, latest serial]
 _Counts = dict[tuple[int, ...], dict[int, list[int]]]
@@ -357,3 +374,57 @@ def replay(
     if remember:
         drafter.remember(prompt, gen)
     return rep
+
+
+def report_outputs(
+    tokenizer: LLMCXRTokenizer, texts: Sequence[str], *, seed: int = 0
+) -> list[tuple[list[int], list[int]]]:
+    """``(prompt ids, output ids)`` for report texts taken as a model's greedy outputs.
+
+    Each prompt is the CXR -> report prompt with its own image ids (random, from ``seed``:
+    text n-grams never match image ids, so their values do not matter); each output is
+    laid out as in training (:func:`models.prompts.training_text`): the text, ``\\n\\n``,
+    then ``### End``.
+    """
+    rng = np.random.default_rng(seed)
+    template = report_prompt()
+    return [
+        (
+            tokenizer.encode_with_image(template, rng.integers(0, 1024, CODES_PER_IMAGE).tolist()),
+            [*tokenizer.encode(text + "\n\n"), END_ID],
+        )
+        for text in texts
+    ]
+
+
+def replay_reports(
+    drafter: NgramDrafter, items: Sequence[tuple[list[int], list[int]]], *, max_new: int
+) -> list[Replay]:
+    """:func:`replay` of each ``(prompt, output)`` in order, as a node (batch 1) would meet
+    them: each report is remembered for the next ones."""
+    return [
+        replay(drafter, prompt, gen, stop_ids={END_ID, EOS_ID}, max_new=max_new)
+        for prompt, gen in items
+    ]
+
+
+def replay_summary(
+    reps: Sequence[Replay], costs: Mapping[int, float] | None = None
+) -> dict[str, float]:
+    """Reports, tokens per report, tokens per step (plain steps over speculative ones), the
+    share of proposals kept, and with ``costs`` (seconds, or relative, of a step of n
+    tokens for n = 1, 2, ...; the last for longer steps) the decode speed-up over plain
+    decoding."""
+    steps = sum(r.steps for r in reps)
+    plain = sum(r.plain_steps for r in reps)
+    out = {
+        "reports": float(len(reps)),
+        "new_tokens": sum(r.new_tokens for r in reps) / max(len(reps), 1),
+        "tokens_per_step": plain / max(steps, 1),
+        "acceptance": sum(r.accepted for r in reps) / max(sum(r.proposed for r in reps), 1),
+    }
+    if costs is not None:
+        top = max(costs)
+        spec_s = sum(costs[min(n, top)] for r in reps for n in r.step_tokens)
+        out["decode_x_plain"] = plain * costs[1] / spec_s if spec_s else 1.0
+    return out

@@ -181,3 +181,24 @@ def drafts_for_job(session: Session, job_id: int, *, task: str | None = None) ->
 def draft_count(session: Session, job_id: int) -> int:
     """How many drafts a job has."""
     return len(drafts_for_job(session, job_id))
+
+
+def greedy_report_texts(
+    session: Session, *, limit: int, include_demo: bool = False
+) -> list[tuple[str, str, str]]:
+    """The newest ``limit`` report drafts a model wrote greedily, oldest first, as
+    ``(full_text, model_name, model_version)``; for replaying speculation's drafter on
+    them (``cxr-node replay-drafts``). Drafts whose settings say they were sampled are left
+    out; drafts without settings are kept. Demo models' drafts only with ``include_demo``.
+    """
+    stmt = select(Draft).where(Draft.task == "report").order_by(Draft.id.desc())
+    if not include_demo:
+        stmt = stmt.where(Draft.demo.is_(False))
+    out: list[tuple[str, str, str]] = []
+    for row in session.scalars(stmt.execution_options(yield_per=256)):
+        if (row.generation_settings or {}).get("greedy", True) is False:
+            continue
+        out.append((row.full_text, row.model_name, row.model_version))
+        if len(out) >= limit:
+            break
+    return out[::-1]

@@ -104,3 +104,77 @@ def test_ask_and_generate_image(
     assert dcmread(dcm).ConversionType == "SYN"
     monkeypatch.delenv("CXR_NODE_MODEL_DIR")
     assert runner.invoke(app, ["generate-image", "--report", "x", "--out", str(png)]).exit_code == 2
+
+
+REPORTS = (
+    "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear.",
+    "Heart size is normal. No focal consolidation, pleural effusion or pneumothorax.",
+    "The heart is normal in size. The mediastinum is unremarkable. No pleural effusion.",
+    "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear.",
+)
+
+
+def test_replay_drafts(
+    make_env: EnvFactory,
+    demo_bundle: Path,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``replay-drafts`` replays the stored greedy report drafts, oldest first, through
+    speculation's drafter: the figures equal the library's replay of the same texts; sampled
+    drafts and (by default) demo models' drafts are left out; no report text is printed."""
+    from models.backends.speculative import (
+        NgramDrafter,
+        replay_reports,
+        replay_summary,
+        report_outputs,
+    )
+    from models.bundle import ModelBundle
+    from models.layout import IMAGE_TOKEN_OFFSET
+    from models.text import LLMCXRTokenizer
+    from node.db.models import Draft
+    from node.db.repository import utcnow
+
+    env = make_env(model=False)
+    _env(monkeypatch, env.settings, CXR_NODE_MODEL_DIR=str(demo_bundle))
+    for text in REPORTS:
+        env.seed("done", draft=text)  # demo drafts without settings
+    sampled = env.seed("done")
+    with env.sessions() as s:
+        s.add(
+            Draft(
+                job_id=sampled.job_id,
+                full_text="Sampled text, not a greedy output.",
+                model_name="llm-cxr-demo",
+                model_version="0",
+                demo=True,
+                generation_settings={"greedy": False},
+                created_at=utcnow(),
+            )
+        )
+        s.commit()
+
+    r = runner.invoke(app, ["replay-drafts"])
+    assert r.exit_code == 1 and "no greedy report drafts" in r.output  # all are demo drafts
+    r = runner.invoke(app, ["replay-drafts", "--include-demo", "--speculative", "1,4", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["drafts"] == len(REPORTS) and got["models"] == ["llm-cxr-demo 0"]
+    tok = LLMCXRTokenizer.from_dir(ModelBundle.open(demo_bundle).llm_dir)
+    items = report_outputs(tok, list(REPORTS))
+    for row, k in zip(got["rows"], (1, 4), strict=True):
+        reps = replay_reports(
+            NgramDrafter(max_tokens=k, max_id=IMAGE_TOKEN_OFFSET),
+            items,
+            max_new=env.settings.generation_max_new_tokens,
+        )
+        assert row == {"speculative": k, **replay_summary(reps)}
+    # the repeated report is proposed from memory: well over one token per step
+    assert got["rows"][1]["tokens_per_step"] > 1.5
+    r = runner.invoke(
+        app, ["replay-drafts", "--include-demo", "--speculative", "4", "--step-costs", "1,1.3,1.6"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "decode x plain" in r.stdout and "mediastinum" not in r.output
+    assert runner.invoke(app, ["replay-drafts", "--speculative", "0"]).exit_code == 2
+    assert runner.invoke(app, ["replay-drafts", "--step-costs", "2,1"]).exit_code == 2
