@@ -241,7 +241,7 @@ class ModelHost:
             self._lock.release()
 
     def info(self) -> dict[str, Any]:
-        """Model identity and state for ``/ready`` and ``status`` (no patient data)."""
+        """Model identity and state for ``/ready`` and the web console (no patient data)."""
         out: dict[str, Any] = {
             "ready": self.ready,
             "loading": self.loading,

@@ -242,9 +242,31 @@ def _ready_host(bundle: Path, **settings: Any) -> Iterator[ModelHost]:
         host.stop()
 
 
-def test_model_host_shows_speculation_counters(converted_bundle: Path) -> None:
-    """A llama.cpp node with CXR_NODE_BACKEND_SPECULATIVE: the host's info (``/ready``,
-    ``cxr-node status``) shows the backend's step costs, measured at load, and counts of
+def _ready_model_check(host: ModelHost, tmp_path: Path) -> dict[str, Any]:
+    """The model part of ``/ready``'s answer (``services.readiness``) for ``host``."""
+    from node.api import services
+    from node.api.context import ApiContext
+    from node.db.engine import make_engine, make_session_factory
+
+    engine = make_engine(f"sqlite:///{tmp_path}/ready.db")
+    try:
+        ctx = ApiContext(
+            settings=host.settings,
+            read_sessions=make_session_factory(engine, read_only=True),
+            write_sessions=make_session_factory(engine),
+            model_host=lambda: host,
+        )
+        _, checks = services.readiness(ctx)
+    finally:
+        engine.dispose()
+    model: dict[str, Any] = checks["model"]
+    assert model["ok"] is True
+    return model
+
+
+def test_model_host_shows_speculation_counters(converted_bundle: Path, tmp_path: Path) -> None:
+    """A llama.cpp node with CXR_NODE_BACKEND_SPECULATIVE: the host's info and ``/ready``'s
+    model check show the backend's step costs, measured at load, and counts of
     steps, tokens and proposals checked and kept, so a site can read its own acceptance;
     the drafts record that speculation was on. (Whether proposals pay is the step costs'
     call: on this tiny model a step of 2 tokens costs 1.5-2x one, so few or none are made;
@@ -260,6 +282,11 @@ def test_model_host_shows_speculation_counters(converted_bundle: Path) -> None:
             again = rt.report(x, greedy=True, max_new_tokens=16)  # the same study: remembered
             health = rt.backend.health()
         info = host.info()
+        model = _ready_model_check(host, tmp_path)
+    # /ready's model check carries the same figures
+    for key in ("speculative", "speculative_step_costs", "decode_steps", "new_tokens"):
+        assert model[key] == info[key]
+    assert model["draft_tokens_accepted"] == info["draft_tokens_accepted"]
     assert info["speculative"] == 4
     costs = info["speculative_step_costs"]
     assert len(costs) == 5 and costs[0] == 1.0 and costs == sorted(costs)
@@ -273,9 +300,11 @@ def test_model_host_shows_speculation_counters(converted_bundle: Path) -> None:
     assert first.settings["speculative"] == again.settings["speculative"] == 4
 
 
-def test_model_host_shows_what_the_backend_runs(converted_bundle: Path) -> None:
+def test_model_host_shows_what_the_backend_runs(converted_bundle: Path, tmp_path: Path) -> None:
     """A transformers node ignores CXR_NODE_BACKEND_SPECULATIVE, and its info says 0."""
     with _ready_host(
         converted_bundle, backend="transformers", backend_dtype="float32", backend_speculative=4
     ) as host:
         assert host.info()["speculative"] == 0
+        model = _ready_model_check(host, tmp_path)
+    assert model["speculative"] == 0 and "decode_steps" not in model
