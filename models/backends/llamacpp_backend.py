@@ -734,6 +734,8 @@ class LlamaCppBackend:
             prompt = [int(t) for t in np.random.default_rng(0).integers(1, IMAGE_TOKEN_OFFSET, n)]
         ids = [int(t) for t in prompt]
         start = len(ids)
+        if start == 0:
+            raise ValueError("the prompt before the measured steps is empty")
         if start + max(sizes) > self.n_ctx:
             raise ValueError(f"prompt ({start}) + step ({max(sizes)}) > n_ctx ({self.n_ctx})")
         mem = self._llama.llama_get_memory(self._ctx)

@@ -742,6 +742,8 @@ def test_replay_counts_the_steps_the_engine_takes(
     assert set(secs) == {1, 4} and all(v > 0 for v in secs.values())
     with pytest.raises(ValueError, match="step sizes"):
         spec.step_seconds([0])
+    with pytest.raises(ValueError, match="prompt"):
+        spec.step_seconds([1], prompt=[])
     drafter = NgramDrafter(max_tokens=3, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
     stop_ids = {END_ID, EOS_ID}
     try:
