@@ -472,43 +472,40 @@ def print_replays(
         f"(max_new {args.report_tokens}, memory {args.memory} reports), in order; "
         f"'later': after the first {args.warm}"
     )
-    head = (
-        f"{'proposals':>9} {'sizing':>6} {'reports':>7} {'tok/report':>10} {'tok/step':>8} "
-        f"{'accept':>6}"
-    )
-    if costs:
-        head += f" {'dec x plain':>11}"
-    head += f" {'later tok/step':>14} {'later accept':>12}"
-    if costs:
-        head += f" {'later dec x':>11}"
-    if costs and plain:
-        head += f" {'report s':>8}" + (f" {'x hf bf16':>9}" if hf else "")
-    if timed:
-        head += f" {'timed dec x':>11}"
-    print(head)
+    table: list[list[tuple[str, str]]] = []  # per row: (column, cell)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for (k, sizing), reps in replays.items():
         every, later = replay_summary(reps, costs), replay_summary(reps[args.warm :], costs)
         out[f"{k} {sizing}"] = {"all": every, "later": later}
-        line = (
-            f"{k:>9} {sizing:>6} {int(every['reports']):>7} {every['new_tokens']:10.1f} "
-            f"{every['tokens_per_step']:8.2f} {every['acceptance']:6.2f}"
-        )
+        cells = [
+            ("proposals", f"{k:>9}"),
+            ("sizing", f"{sizing:>6}"),
+            ("reports", f"{int(every['reports']):>7}"),
+            ("tok/report", f"{every['new_tokens']:10.1f}"),
+            ("tok/step", f"{every['tokens_per_step']:8.2f}"),
+            ("accept", f"{every['acceptance']:6.2f}"),
+        ]
         if costs:
-            line += f" {every['decode_x_plain']:11.2f}"
-        line += f" {later['tokens_per_step']:14.2f} {later['acceptance']:12.2f}"
+            cells.append(("dec x plain", f"{every['decode_x_plain']:11.2f}"))
+        cells += [
+            ("later tok/step", f"{later['tokens_per_step']:14.2f}"),
+            ("later accept", f"{later['acceptance']:12.2f}"),
+        ]
         if costs:
-            line += f" {later['decode_x_plain']:11.2f}"
+            cells.append(("later dec x", f"{later['decode_x_plain']:11.2f}"))
         if costs and plain:
             # a report of --report-tokens at plain decoding's measured rate, sped up
             rep_s = plain["prefill_s"] + plain["decode_s"] / every["decode_x_plain"]
-            line += f" {rep_s:8.2f}"
+            cells.append(("report s", f"{rep_s:8.2f}"))
             if hf:
-                line += f" {(hf['prefill_s'] + hf['decode_s']) / rep_s:9.2f}"
+                cells.append(("x hf bf16", f"{(hf['prefill_s'] + hf['decode_s']) / rep_s:9.2f}"))
         if timed:
             out[f"{k} {sizing}"]["timed"] = {"decode_s": timed[(k, sizing)]}
-            line += f" {timed[(0, 'plain')] / timed[(k, sizing)]:11.2f}"
-        print(line)
+            cells.append(("timed dec x", f"{timed[(0, 'plain')] / timed[(k, sizing)]:11.2f}"))
+        table.append(cells)
+    print(" ".join(f"{name:>{len(cell)}}" for name, cell in table[0]))
+    for cells in table:
+        print(" ".join(cell for _, cell in cells))
     print(
         "'sizing': fixed, proposals as long as n-grams match; costs, as long as the step "
         "costs make pay (the backend's way, with the costs it measures when it loads)."
