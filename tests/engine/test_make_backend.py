@@ -264,6 +264,32 @@ def _ready_model_check(host: ModelHost, tmp_path: Path) -> dict[str, Any]:
     return model
 
 
+def _speculation_metrics(host: ModelHost, tmp_path: Path) -> dict[str, float]:
+    """The ``cxr_model_*`` speculation samples of ``/metrics``' text for ``host``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from node.api import metrics
+    from node.db.engine import make_engine, make_session_factory
+
+    engine = make_engine(f"sqlite:///{tmp_path}/metrics.db")
+    try:
+        text = metrics.render(make_session_factory(engine, read_only=True), host).decode()
+    finally:
+        engine.dispose()
+    names = {
+        "cxr_model_decode_steps_total",
+        "cxr_model_new_tokens_total",
+        "cxr_model_draft_tokens_total",
+        "cxr_model_draft_tokens_accepted_total",
+    }
+    return {
+        s.name: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name in names
+    }
+
+
 def test_model_host_shows_speculation_counters(converted_bundle: Path, tmp_path: Path) -> None:
     """A llama.cpp node with CXR_NODE_BACKEND_SPECULATIVE: the host's info and ``/ready``'s
     model check show the backend's step costs, measured at load, and counts of
@@ -283,6 +309,14 @@ def test_model_host_shows_speculation_counters(converted_bundle: Path, tmp_path:
             health = rt.backend.health()
         info = host.info()
         model = _ready_model_check(host, tmp_path)
+        scraped = _speculation_metrics(host, tmp_path)
+    # /metrics counts the same (Prometheus counters, read at scrape time)
+    assert scraped == {
+        "cxr_model_decode_steps_total": info["decode_steps"],
+        "cxr_model_new_tokens_total": info["new_tokens"],
+        "cxr_model_draft_tokens_total": info["draft_tokens"],
+        "cxr_model_draft_tokens_accepted_total": info["draft_tokens_accepted"],
+    }
     # /ready's model check carries the same figures
     for key in ("speculative", "speculative_step_costs", "decode_steps", "new_tokens"):
         assert model[key] == info[key]
@@ -307,4 +341,6 @@ def test_model_host_shows_what_the_backend_runs(converted_bundle: Path, tmp_path
     ) as host:
         assert host.info()["speculative"] == 0
         model = _ready_model_check(host, tmp_path)
+        scraped = _speculation_metrics(host, tmp_path)
     assert model["speculative"] == 0 and "decode_steps" not in model
+    assert scraped == {}
