@@ -265,21 +265,27 @@ class Replay:
         Tokens fed to each decode step: the latest token and the proposals checked with it.
     step_accepted
         Proposals kept in each step (the sequence advances by 1 + this).
-    proposed, accepted
-        Proposals checked, and those equal to the model's own choice (kept).
     """
 
     new_tokens: int = 0
     plain_steps: int = 0
     step_tokens: list[int] = field(default_factory=list)
     step_accepted: list[int] = field(default_factory=list)
-    proposed: int = 0
-    accepted: int = 0
 
     @property
     def steps(self) -> int:
         """Decode steps after the prefill."""
         return len(self.step_tokens)
+
+    @property
+    def proposed(self) -> int:
+        """Proposals checked (each step feeds its latest token and these)."""
+        return sum(self.step_tokens) - self.steps
+
+    @property
+    def accepted(self) -> int:
+        """Proposals equal to the model's own choice (kept)."""
+        return sum(self.step_accepted)
 
 
 def replay(
@@ -353,7 +359,6 @@ def replay(
         seq.extend(gen[i - 1 : i])
         drafts = drafter.propose(seq, limit - i)
         rep.step_tokens.append(1 + len(drafts))
-        rep.proposed += len(drafts)
         kept, ended = 0, False
         for d in drafts:
             if gen[i] != d or d in stop_ids:
@@ -365,7 +370,6 @@ def replay(
             if i >= limit:
                 ended = True
                 break
-        rep.accepted += kept
         rep.step_accepted.append(kept)
         if ended:
             break

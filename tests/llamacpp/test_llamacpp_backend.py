@@ -765,8 +765,6 @@ def test_replay_counts_the_steps_the_engine_takes(
                 "draft_tokens_accepted": rep.accepted,
             }, seed
             assert rep.new_tokens == res.new_tokens
-            assert sum(rep.step_tokens) == rep.steps + rep.proposed
-            assert sum(rep.step_accepted) == rep.accepted
         assert h1["draft_tokens_accepted"] > 0  # the check saw kept proposals
     finally:
         spec.close()
