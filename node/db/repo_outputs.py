@@ -191,14 +191,19 @@ def greedy_report_texts(
     them (``cxr-node replay-drafts``). Drafts whose settings say they were sampled are left
     out; drafts without settings are kept. Demo models' drafts only with ``include_demo``.
     """
-    stmt = select(Draft).where(Draft.task == "report").order_by(Draft.id.desc())
+    # only the columns used: not the stored prompt and timings of each draft
+    stmt = (
+        select(Draft.full_text, Draft.model_name, Draft.model_version, Draft.generation_settings)
+        .where(Draft.task == "report")
+        .order_by(Draft.id.desc())
+    )
     if not include_demo:
         stmt = stmt.where(Draft.demo.is_(False))
     out: list[tuple[str, str, str]] = []
-    for row in session.scalars(stmt.execution_options(yield_per=256)):
-        if (row.generation_settings or {}).get("greedy", True) is False:
+    for text, name, version, settings in session.execute(stmt.execution_options(yield_per=256)):
+        if (settings or {}).get("greedy", True) is False:
             continue
-        out.append((row.full_text, row.model_name, row.model_version))
+        out.append((text, name, version))
         if len(out) >= limit:
             break
     return out[::-1]
