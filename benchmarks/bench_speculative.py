@@ -40,11 +40,19 @@ what does not. On one random GGUF of the full dolly-v2-3b shape
    University chest X-ray reports, ``findings``/``impression`` columns) stand in for a
    trained LLM-CXR's outputs, which no machine here has. ``--replay-only`` runs this part
    alone, without building the model (a speed-up column only with ``--step-costs``).
+5. With ``--batch B`` too, the same reports in consecutive groups of B decoded together, as
+   a worker batch of B studies (``speculative.replay_batch``): every step feeds each running
+   report's token and proposals. Proposals sized together for the step (the backend's way)
+   against each report's sized as if it were alone (the backend before), and the decode
+   speed-up over plain batched decoding that part 1's step costs give; part 1 then
+   measures steps up to B x (k+1) tokens.
 
 Not a test::
 
     python benchmarks/bench_speculative.py --speculative 1,2,3,4,8 --hf-bf16
     python benchmarks/bench_speculative.py --speculative 2,3,4 --reports reports.jsonl
+    python benchmarks/bench_speculative.py --speculative 2,4 --reports reports.jsonl \
+        --batch 4 --report-rounds 0
 """
 
 from __future__ import annotations
@@ -72,13 +80,15 @@ from bench_generation import shifted_study  # noqa: E402
 from models.backends.base import GenerationRequest  # noqa: E402
 from models.backends.llamacpp_backend import LlamaCppBackend, common_prefix  # noqa: E402
 from models.backends.speculative import (  # noqa: E402
+    BatchReplay,
     NgramDrafter,
     Replay,
+    replay_batch,
     replay_reports,
     replay_summary,
     report_outputs,
 )
-from models.layout import IMAGE_TOKEN_OFFSET  # noqa: E402
+from models.layout import END_ID, EOS_ID, IMAGE_TOKEN_OFFSET  # noqa: E402
 
 ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
 
@@ -320,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="with --replay-only: relative cost of a step of 1, 2, ... tokens, e.g. 1,1.3,1.65",
     )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="also replay the reports in batches of this many decoded together (part 5)",
+    )
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
     specs = sorted({int(x) for x in args.speculative.split(",") if x.strip()})
@@ -327,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--speculative: proposal counts in 1..16")
     if args.replay_only and args.reports is None:
         ap.error("--replay-only needs --reports")
+    if args.batch < 0 or args.batch == 1 or (args.batch and args.reports is None):
+        ap.error("--batch: 2 or more, with --reports")
     reports = (
         load_reports(args.reports, [f.strip() for f in args.fields.split(",") if f.strip()])
         if args.reports
@@ -344,10 +362,13 @@ def main(argv: list[str] | None = None) -> None:
     tok = LLMCXRTokenizer.from_dir(tok_dir)
     if args.replay_only:
         rel = [float(x) for x in args.step_costs.split(",")] if args.step_costs else None
-        replays = replay_all(report_outputs(tok, reports), specs, args, rel)
+        items = report_outputs(tok, reports)
+        replays = replay_all(items, specs, args, rel)
         print_replays(
             args, replays, None if rel is None else dict(enumerate(rel, 1)), None, None, {}
         )
+        if args.batch and rel is not None:
+            print_batches(args, batch_replays(items, specs, args, rel), rel)
         return
     gguf = args.gguf or out_dir / f"dolly-{args.layers}l-{args.quant}.gguf"
     vocab = build_gguf_vocab(tok_dir / "tokenizer.json")
@@ -356,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ids = bench_cpu_engine.prompt_ids(tok, args.prompt_tokens)
 
-    sizes = list(range(1, max(specs) + 2))
+    sizes = list(range(1, max(max(specs) + 1, args.batch * (max(specs) + 1)) + 1))
     costs = step_costs(
         LlamaCppBackend(gguf, threads=args.threads, max_batch=1), ids, sizes, args.rounds
     )
@@ -418,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     plain_new = next((r for r in rows if r["speculative"] == 0 and r["case"] == "new study"), None)
     summaries = print_replays(args, replays, costs, plain_new, hf, timed)
+    batches = print_batches(args, batch_replays(items, specs, args, rel), rel) if args.batch else {}
     if args.json_out:
         for r in rows:
             r.pop("tokens", None)
@@ -429,10 +451,18 @@ def main(argv: list[str] | None = None) -> None:
                     "hf_bf16": hf,
                     "prompt_tokens": len(ids),
                     "replay": summaries,
+                    "batch_replay": batches,
                 },
                 indent=1,
             )
         )
+
+
+def print_table(table: list[list[tuple[str, str]]]) -> None:
+    """Rows of ``(column, cell)`` pairs under a header of the first row's column names."""
+    print(" ".join(f"{name:>{len(cell)}}" for name, cell in table[0]))
+    for cells in table:
+        print(" ".join(cell for _, cell in cells))
 
 
 def replay_all(
@@ -503,9 +533,7 @@ def print_replays(
             out[f"{k} {sizing}"]["timed"] = {"decode_s": timed[(k, sizing)]}
             cells.append(("timed dec x", f"{timed[(0, 'plain')] / timed[(k, sizing)]:11.2f}"))
         table.append(cells)
-    print(" ".join(f"{name:>{len(cell)}}" for name, cell in table[0]))
-    for cells in table:
-        print(" ".join(cell for _, cell in cells))
+    print_table(table)
     print(
         "'sizing': fixed, proposals as long as n-grams match; costs, as long as the step "
         "costs make pay (the backend's way, with the costs it measures when it loads)."
@@ -525,6 +553,91 @@ def print_replays(
     print(
         "These are the steps for these texts as outputs: a model that writes them (greedy) "
         "would take them; a model that writes otherwise keeps a different share."
+    )
+    return out
+
+
+def batch_replays(
+    items: list[tuple[list[int], list[int]]],
+    specs: list[int],
+    args: argparse.Namespace,
+    rel: list[float],
+) -> dict[tuple[int, str], list[BatchReplay]]:
+    """Part 5: the reports in consecutive groups of ``--batch``, each group decoded as one
+    batch (``speculative.replay_batch``), remembered in order as the node does. "joint":
+    the step's proposals sized together, with the step costs the backend measures (up to
+    9 tokens, or the longest step); "alone": each sequence's sized as if decoded alone,
+    with costs up to k+1 tokens (the backend before joint sizing)."""
+    out: dict[tuple[int, str], list[BatchReplay]] = {}
+    for k in specs:
+        for mode in ("alone", "joint"):
+            n = k + 1 if mode == "alone" else max(k + 1, min(args.batch * (k + 1), 9))
+            drafter = NgramDrafter(
+                max_tokens=k, memory=args.memory, max_id=IMAGE_TOKEN_OFFSET, step_costs=rel[:n]
+            )
+            out[(k, mode)] = [
+                replay_batch(
+                    drafter,
+                    items[lo : lo + args.batch],
+                    stop_ids={END_ID, EOS_ID},
+                    max_new=args.report_tokens,
+                    joint=mode == "joint",
+                )
+                for lo in range(0, len(items), args.batch)
+            ]
+    return out
+
+
+def print_batches(
+    args: argparse.Namespace,
+    batches: dict[tuple[int, str], list[BatchReplay]],
+    rel: list[float],
+) -> dict[str, dict[str, float]]:
+    """Part 5's table: per setting, tokens per step of the batch, the share of proposals
+    kept, and the decode speed-up over plain batched decoding that the step costs give
+    (each step of n tokens priced at part 1's T(n), measured up to the longest step; past
+    the given costs, extrapolated as the drafter does)."""
+    cost = NgramDrafter(step_costs=rel).step_cost
+
+    print(
+        f"\n5. The same reports in batches of {args.batch} decoded together (max_new "
+        f"{args.report_tokens}), in order; step costs up to {len(rel)} tokens from part 1"
+    )
+    table: list[list[tuple[str, str]]] = []
+    out: dict[str, dict[str, float]] = {}
+    for (k, mode), groups in batches.items():
+        steps = sum(len(b.step_rows) for b in groups)
+        rows = sum(sum(b.step_rows) for b in groups)
+        plain_s = sum(cost(n) for b in groups for n in b.plain_step_rows)
+        spec_s = sum(cost(n) for b in groups for n in b.step_rows)
+        proposed = sum(r.proposed for b in groups for r in b.replays)
+        kept = sum(r.accepted for b in groups for r in b.replays)
+        new = sum(r.plain_steps for b in groups for r in b.replays)
+        fig = {
+            "steps": float(steps),
+            "tokens_per_step": new / max(steps, 1),
+            "rows_per_step": rows / max(steps, 1),
+            "max_rows": float(max((max(b.step_rows, default=0) for b in groups), default=0)),
+            "acceptance": kept / max(proposed, 1),
+            "decode_x_plain": plain_s / spec_s if spec_s else 1.0,
+        }
+        out[f"{k} {mode}"] = fig
+        table.append(
+            [
+                ("proposals", f"{k:>9}"),
+                ("sizing", f"{mode:>6}"),
+                ("tok/step", f"{fig['tokens_per_step']:8.2f}"),
+                ("rows/step", f"{fig['rows_per_step']:9.2f}"),
+                ("max rows", f"{int(fig['max_rows']):>8}"),
+                ("accept", f"{fig['acceptance']:6.2f}"),
+                ("dec x plain batch", f"{fig['decode_x_plain']:17.2f}"),
+            ]
+        )
+    print_table(table)
+    print(
+        "'tok/step': tokens generated (all sequences) per step of the batch; 'rows/step': "
+        "tokens fed per step; 'dec x plain batch': plain batched decoding's steps priced "
+        "by T(running sequences) over these steps' T(rows)."
     )
     return out
 

@@ -304,10 +304,11 @@ class LlamaCppBackend:
         Reports remembered for the lookups (token ids, in memory only).
     speculative_step_costs
         Relative seconds of a decode step of 1, 2, ... tokens, from which the drafter sizes
-        its proposals (as many as lower the expected seconds per token). Default: measured
-        by :meth:`load` on this machine (:meth:`measure_step_costs`, a few seconds at full
-        size); ``[1.0]`` treats longer steps as free and always proposes up to
-        ``speculative`` tokens.
+        its proposals (as many as lower the expected seconds per token; in a batch, for
+        all sequences of the step together; longer steps priced by the last difference).
+        Default: measured by :meth:`load` on this machine (:meth:`measure_step_costs`, a
+        few seconds at full size); ``[1.0]`` treats longer steps as free and always
+        proposes up to ``speculative`` tokens.
     dtype
         Ignored (the precision is the GGUF file's); accepted so the node can pass the same
         options to every backend.
@@ -772,10 +773,16 @@ class LlamaCppBackend:
         """Seconds of a decode step of 1 to ``speculative + 1`` tokens relative to one token
         (:meth:`step_seconds`), made non-decreasing: what the drafter sizes proposals by.
 
+        With ``max_batch`` > 1 a step holds every running sequence's token and proposals,
+        so the sizes go on up to 9 (or ``max_batch x (speculative + 1)``, the longest step,
+        when fewer): the patch's kernel multiplies 2 to 8 rows, tinyBLAS 9 and more, and
+        the drafter prices still longer steps by the last difference, 8 to 9 rows.
         Speed does not depend on the weights' values, so these are the trained model's
         costs on this machine too.
         """
         n_max = max(self.speculative, 1) + 1
+        if self.max_batch > 1:
+            n_max = max(n_max, min(self.max_batch * n_max, 9))
         secs = self.step_seconds(range(1, n_max + 1), rounds=rounds)
         costs, running = [1.0], 1.0
         for n in range(2, n_max + 1):
@@ -880,9 +887,7 @@ class LlamaCppBackend:
 
         active = list(seqs)
         while active:
-            step: list[tuple[int, int, int, bool]] = []
-            # per sequence still running: its first row in the step and its proposals
-            plan: list[tuple[_Seq, int, list[int]]] = []
+            going: list[tuple[_Seq, int]] = []  # the sequences that go on, their token
             for s in active:
                 tok = self._next_token(s)
                 if s.req.mode == "text" and tok in STOP_IDS:
@@ -895,8 +900,12 @@ class LlamaCppBackend:
                 if len(s.out) >= s.max_new:
                     s.stop = "image_complete" if s.req.mode == "image" else "max_new_tokens"
                     continue
+                going.append((s, tok))
+            step: list[tuple[int, int, int, bool]] = []
+            # per sequence still running: its first row in the step and its proposals
+            plan: list[tuple[_Seq, int, list[int]]] = []
+            for (s, tok), drafts in zip(going, self._propose(going), strict=True):
                 pos = len(s.prompt) + len(s.out) - 1
-                drafts = self._propose(s, tok)
                 plan.append((s, len(step), drafts))
                 step.append((tok, pos, s.slot, True))
                 step += [(d, pos + 1 + i, s.slot, True) for i, d in enumerate(drafts)]
@@ -915,18 +924,29 @@ class LlamaCppBackend:
                     self._drafter.remember(s.prompt, s.out + stop)
         return [self._result(s, t1 - t0, t2 - t1) for s in seqs]
 
-    def _propose(self, s: _Seq, tok: int) -> list[int]:
-        """Speculation's proposals to check after ``tok`` (empty when off or no match).
+    def _propose(self, going: list[tuple[_Seq, int]]) -> list[list[int]]:
+        """Speculation's proposals to check after each sequence's latest token (empty when
+        off or no match), sized together for the step they share
+        (:meth:`~models.backends.speculative.NgramDrafter.plan`).
 
-        :func:`models.backends.speculative.replay` walks this loop (here, :meth:`_verify`
-        and :meth:`_run_seqs`) without the model: keep the two in step."""
-        if s.index is None or self._drafter is None:
-            return []
-        s.index.extend([tok])
-        # never past max_new (positions stay inside the validated context)
-        drafts = self._drafter.propose(s.index, s.max_new - len(s.out))
-        self._counters["draft_tokens"] += len(drafts)
-        return drafts
+        :func:`models.backends.speculative.replay_batch` walks this loop (here,
+        :meth:`_verify` and :meth:`_run_seqs`) without the model: keep the two in step."""
+        out: list[list[int]] = [[] for _ in going]
+        if self._drafter is None:
+            return out
+        seqs: list[tuple[SequenceIndex, int | None]] = []
+        drafting: list[int] = []
+        for i, (s, tok) in enumerate(going):
+            if s.index is not None:
+                s.index.extend([tok])
+                drafting.append(i)
+                # never past max_new (positions stay inside the validated context)
+                seqs.append((s.index, s.max_new - len(s.out)))
+        plans = self._drafter.plan(seqs, other_rows=len(going) - len(seqs))
+        for i, drafts in zip(drafting, plans, strict=True):
+            out[i] = drafts
+            self._counters["draft_tokens"] += len(drafts)
+        return out
 
     def _verify(
         self, s: _Seq, row: int, first: tuple[int, int, int, bool], drafts: list[int]

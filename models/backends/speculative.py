@@ -41,10 +41,12 @@ if TYPE_CHECKING:
     from models.text import LLMCXRTokenizer
 
 __all__ = [
+    "BatchReplay",
     "NgramDrafter",
     "Replay",
     "SequenceIndex",
     "replay",
+    "replay_batch",
     "replay_reports",
     "replay_summary",
     "report_outputs",
@@ -121,9 +123,11 @@ class NgramDrafter:
         Proposals end before the first id at or above this (``None``: no bound). Text
         generation never emits an image id, so a proposal holding one could not be kept.
     step_costs
-        Relative seconds of a decode step of 1, 2, ... tokens (the first 1.0; the last
-        applies to longer steps). With them a proposal is as long as minimises the expected
-        seconds per token; ``None`` proposes up to ``max_tokens`` while n-grams match.
+        Relative seconds of a decode step of 1, 2, ... tokens (the first 1.0; longer steps
+        are extrapolated from the last two, :meth:`step_cost`). With them a proposal is as
+        long as minimises the expected seconds per token, and the proposals of sequences
+        decoded together are sized together (:meth:`plan`); ``None`` proposes up to
+        ``max_tokens`` while n-grams match.
     smoothing
         The chance of the most frequent follower of an n-gram is estimated as its count
         over (all followers' count + ``smoothing`` / n): a follower seen once after a
@@ -220,34 +224,92 @@ class NgramDrafter:
             return t, c / (total + self.smoothing / n)
         return None, 0.0
 
+    def step_cost(self, rows: int) -> float:
+        """Relative cost of a decode step of ``rows`` tokens (``step_costs``; past the last
+        measured size, the last two's difference per further row, so a longer step never
+        looks free)."""
+        costs = self._step_costs
+        if costs is None:
+            raise ValueError("no step_costs")
+        if rows <= len(costs):
+            return costs[max(rows, 1) - 1]
+        slope = costs[-1] - costs[-2] if len(costs) > 1 else 0.0
+        return costs[-1] + (rows - len(costs)) * max(slope, 0.0)
+
+    def _chain(self, seq: SequenceIndex, k: int) -> list[tuple[int, float]]:
+        """Up to ``k`` proposed ids after ``seq.tokens``, each with the estimated chance
+        that it and all before it are kept."""
+        ctx = seq.tokens[-self.sizes.stop :]
+        out: list[tuple[int, float]] = []
+        chance = 1.0
+        for _ in range(max(k, 0)):
+            t, p = self._follower(seq, ctx)
+            if t is None or (self.max_id is not None and t >= self.max_id):
+                break
+            chance *= p
+            out.append((t, chance))
+            ctx.append(t)
+        return out
+
     def propose(self, seq: SequenceIndex, limit: int | None = None) -> list[int]:
         """Up to ``limit`` (default ``max_tokens``) ids likely to follow ``seq.tokens``.
 
         Each id is the most likely follower of the text so far with the ids before it;
         the proposal ends where nothing was seen, at an id of ``max_id`` or above, or
         (with ``step_costs``) where a longer step would cost more per expected token.
+        The proposals of one sequence decoded alone: :meth:`plan` with it only.
         """
-        k = self.max_tokens if limit is None else min(limit, self.max_tokens)
-        ctx = seq.tokens[-self.sizes.stop :]
-        out: list[int] = []
-        costs = self._step_costs
-        chance, expected = 1.0, 1.0  # chance all so far are kept; expected tokens per step
-        best, best_rate = 0, 1.0
-        for _ in range(max(k, 0)):
-            t, p = self._follower(seq, ctx)
-            if t is None or (self.max_id is not None and t >= self.max_id):
-                break
-            out.append(t)
-            ctx.append(t)
-            if costs is None:
-                best = len(out)
-                continue
-            chance *= p
-            expected += chance
-            rate = costs[min(len(out), len(costs) - 1)] / expected
+        return self.plan([(seq, limit)])[0]
+
+    def plan(
+        self, seqs: Sequence[tuple[SequenceIndex, int | None]], other_rows: int = 0
+    ) -> list[list[int]]:
+        """Proposals for sequences decoded together in one step, sized together.
+
+        A step of several sequences feeds each one's latest token and its proposals, so
+        every proposal makes the whole step longer. With ``step_costs``, the proposals are
+        taken in order of their estimated chance to be kept, across the sequences, for as
+        long as that lowers the step's expected seconds per token; alone, a sequence gets
+        what :meth:`propose` gives. Without ``step_costs`` each sequence proposes up to its
+        limit while n-grams match.
+
+        Parameters
+        ----------
+        seqs
+            Each sequence's index and its limit (``None``: ``max_tokens``; never more).
+        other_rows
+            Tokens in the same step that propose nothing (sampled or image sequences).
+
+        Returns
+        -------
+        list of list of int
+            The proposals of each sequence, in order.
+        """
+        chains = [
+            self._chain(seq, self.max_tokens if lim is None else min(lim, self.max_tokens))
+            for seq, lim in seqs
+        ]
+        if self._step_costs is None:
+            return [[t for t, _ in chain] for chain in chains]
+        # a chain's chances fall along it, so taking the likeliest first (at equal chance
+        # the nearer one, then the earlier sequence) keeps each sequence's proposals a
+        # prefix of its chain
+        order = sorted(
+            ((c, i, j) for i, chain in enumerate(chains) for j, (_, c) in enumerate(chain)),
+            key=lambda x: (-x[0], x[2], x[1]),
+        )
+        rows = len(seqs) + other_rows
+        expected = float(len(seqs) + other_rows)  # every row's own token is a sure one
+        best, best_rate = 0, self.step_cost(rows) / max(expected, 1.0)
+        for n, (c, _, _) in enumerate(order, 1):
+            expected += c
+            rate = self.step_cost(rows + n) / expected
             if rate < best_rate:
-                best, best_rate = len(out), rate
-        return out[:best]
+                best, best_rate = n, rate
+        take = [0] * len(chains)
+        for _, i, _ in order[:best]:
+            take[i] += 1
+        return [[t for t, _ in chain[:n]] for chain, n in zip(chains, take, strict=True)]
 
 
 @dataclass
@@ -286,6 +348,158 @@ class Replay:
     def accepted(self) -> int:
         """Proposals equal to the model's own choice (kept)."""
         return sum(self.step_accepted)
+
+
+class _Walk:
+    """One sequence of a replay: where the known output stands, and its steps so far."""
+
+    def __init__(
+        self,
+        drafter: NgramDrafter,
+        prompt: Sequence[int],
+        generated: Sequence[int],
+        stop_ids: Collection[int],
+        max_new: int | None,
+    ) -> None:
+        gen = [int(t) for t in generated]
+        stop = next((i for i, t in enumerate(gen) if t in stop_ids), None)
+        end = len(gen) if stop is None else stop
+        if max_new is None:
+            max_new = end if stop is None else end + 1
+        if max_new < 1 or (stop is None and end < max_new):
+            raise ValueError(
+                f"generated ({len(gen)} ids) must hold a stop id or max_new ({max_new}) ids"
+            )
+        self.prompt = [int(t) for t in prompt]
+        self.limit = max_new
+        self.stop_ids = stop_ids
+        # what the model emits: up to max_new ids, then the stop id if it comes first
+        self.gen = gen[: min(end, max_new) + (stop is not None and end < max_new)]
+        self.rep = Replay()
+        self.rep.new_tokens = min(end, max_new)
+        self.rep.plain_steps = self.rep.new_tokens if end < max_new else self.rep.new_tokens - 1
+        self.seq = drafter.sequence(prompt)
+        self.i = 0  # next position of gen the model emits
+        self.done = False
+
+    def start_step(self) -> bool:
+        """Emit the model's next token (the prefill's or the last step's); whether the
+        sequence goes on, feeding it to the next step."""
+        if self.gen[self.i] in self.stop_ids:
+            self.done = True
+            return False
+        self.i += 1
+        if self.i >= self.limit:
+            self.done = True
+            return False
+        self.seq.extend(self.gen[self.i - 1 : self.i])
+        return True
+
+    def finish_step(self, drafts: Sequence[int]) -> None:
+        """Keep the proposals equal to the output, up to the first other one."""
+        self.rep.step_tokens.append(1 + len(drafts))
+        kept = 0
+        for d in drafts:
+            if self.gen[self.i] != d or d in self.stop_ids:
+                self.done = d in self.stop_ids and self.gen[self.i] == d
+                break
+            self.i += 1
+            kept += 1
+            self.seq.extend([d])
+            if self.i >= self.limit:
+                self.done = True
+                break
+        self.rep.step_accepted.append(kept)
+
+
+@dataclass
+class BatchReplay:
+    """The decode steps of greedy generations decoded together (:func:`replay_batch`).
+
+    Attributes
+    ----------
+    replays
+        Each sequence's own steps (:class:`Replay`), in the order given.
+    step_rows
+        Tokens fed to each step of the batch: every running sequence's latest token and
+        its proposals.
+    """
+
+    replays: list[Replay]
+    step_rows: list[int]
+
+    @property
+    def plain_step_rows(self) -> list[int]:
+        """Tokens fed to each step of plain batched decoding (the running sequences)."""
+        plain = [r.plain_steps for r in self.replays]
+        return [sum(p > t for p in plain) for t in range(max(plain, default=0))]
+
+
+def replay_batch(
+    drafter: NgramDrafter,
+    items: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    stop_ids: Collection[int],
+    max_new: int | Sequence[int | None] | None = None,
+    remember: bool = True,
+    joint: bool = True,
+) -> BatchReplay:
+    """Count the decode steps of greedy generations, decoded in one batch, whose outputs
+    are already known.
+
+    As :func:`replay`, for the ``(prompt, generated)`` items started together as one
+    batch of the llama.cpp backend: each step feeds every running sequence's latest token
+    and the proposals :meth:`NgramDrafter.plan` sizes for all of them together; a sequence
+    leaves the batch when it ends. With ``remember``, the generations are added to
+    ``drafter``'s memory afterwards, in order, as the backend does.
+
+    Parameters
+    ----------
+    drafter, stop_ids, remember
+        As for :func:`replay`.
+    items
+        Each sequence's prompt ids and output ids (as ``generated`` for :func:`replay`).
+    max_new
+        The requests' ``max_new_tokens``: one for all, or one per item.
+    joint
+        Size the step's proposals together, as the backend does; ``False`` sizes each
+        sequence's as if it were decoded alone (for comparison).
+
+    Returns
+    -------
+    BatchReplay
+        Each sequence's steps, and the tokens fed to each step of the batch.
+
+    Raises
+    ------
+    ValueError
+        As for :func:`replay`, or if ``max_new`` does not give one bound per item.
+    """
+    bounds = list(max_new) if isinstance(max_new, Sequence) else [max_new] * len(items)
+    if len(bounds) != len(items):
+        raise ValueError(f"max_new: {len(bounds)} bounds for {len(items)} items")
+    walks = [
+        _Walk(drafter, prompt, gen, stop_ids, bound)
+        for (prompt, gen), bound in zip(items, bounds, strict=True)
+    ]
+    step_rows: list[int] = []
+    active = walks
+    while active:
+        stepping = [w for w in active if w.start_step()]
+        if not stepping:
+            break
+        if joint:
+            drafts = drafter.plan([(w.seq, w.limit - w.i) for w in stepping])
+        else:
+            drafts = [drafter.propose(w.seq, w.limit - w.i) for w in stepping]
+        step_rows.append(sum(1 + len(d) for d in drafts))
+        for w, d in zip(stepping, drafts, strict=True):
+            w.finish_step(d)
+        active = [w for w in stepping if not w.done]
+    if remember:
+        for w in walks:
+            drafter.remember(w.prompt, w.gen)
+    return BatchReplay([w.rep for w in walks], step_rows)
 
 
 def replay(
@@ -337,47 +551,9 @@ def replay(
     ValueError
         If ``generated`` holds neither a stop id nor ``max_new`` ids, or ``max_new`` < 1.
     """
-    gen = [int(t) for t in generated]
-    stop = next((i for i, t in enumerate(gen) if t in stop_ids), None)
-    end = len(gen) if stop is None else stop
-    if max_new is None:
-        max_new = end if stop is None else end + 1
-    if max_new < 1 or (stop is None and end < max_new):
-        raise ValueError(
-            f"generated ({len(gen)} ids) must hold a stop id or max_new ({max_new}) ids"
-        )
-    limit = max_new
-    # what the model emits: up to max_new ids, then the stop id if it comes first
-    gen = gen[: min(end, limit) + (stop is not None and end < limit)]
-    rep = Replay()
-    seq = drafter.sequence(prompt)
-    i = 0  # next position of gen the model emits
-    while gen[i] not in stop_ids:
-        i += 1
-        if i >= limit:
-            break
-        seq.extend(gen[i - 1 : i])
-        drafts = drafter.propose(seq, limit - i)
-        rep.step_tokens.append(1 + len(drafts))
-        kept, ended = 0, False
-        for d in drafts:
-            if gen[i] != d or d in stop_ids:
-                ended = d in stop_ids and gen[i] == d
-                break
-            i += 1
-            kept += 1
-            seq.extend([d])
-            if i >= limit:
-                ended = True
-                break
-        rep.step_accepted.append(kept)
-        if ended:
-            break
-    rep.new_tokens = min(end, limit)
-    rep.plain_steps = rep.new_tokens if end < limit else rep.new_tokens - 1
-    if remember:
-        drafter.remember(prompt, gen)
-    return rep
+    return replay_batch(
+        drafter, [(prompt, generated)], stop_ids=stop_ids, max_new=max_new, remember=remember
+    ).replays[0]
 
 
 def report_outputs(

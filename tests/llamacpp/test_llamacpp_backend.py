@@ -25,7 +25,7 @@ from models.backends.llamacpp_backend import (  # noqa: E402
     cpu_features,
     sample_next,
 )
-from models.backends.speculative import NgramDrafter, replay  # noqa: E402
+from models.backends.speculative import NgramDrafter, replay, replay_batch  # noqa: E402
 from models.backends.transformers_backend import TransformersBackend  # noqa: E402
 from models.gguf_convert import ConversionResult, convert_bundle_llm  # noqa: E402
 from models.layout import (  # noqa: E402
@@ -768,6 +768,66 @@ def test_replay_counts_the_steps_the_engine_takes(
         assert h1["draft_tokens_accepted"] > 0  # the check saw kept proposals
     finally:
         spec.close()
+
+
+def test_replay_batch_counts_the_steps_of_a_batch(
+    ggufs: dict[str, ConversionResult], hf: TransformersBackend
+) -> None:
+    """Three studies decoded as one batch with speculation: given their reports,
+    ``speculative.replay_batch`` counts the engine's steps, proposals and kept proposals
+    exactly. The step's proposals are sized together: with a step of 7 tokens priced at 4x
+    one, no step of three studies feeds more than 6."""
+    costs = [1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 4.0]
+    spec = LlamaCppBackend(
+        ggufs["q8_0"].path,
+        threads=THREADS,
+        max_batch=3,
+        speculative=3,
+        speculative_step_costs=costs,
+    )
+    spec.load()
+    drafter = NgramDrafter(max_tokens=3, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
+    stop_ids = {END_ID, EOS_ID}
+    rows: list[int] = []
+    try:
+        for seeds, new in (((80, 81, 82), 32), ((80, 81, 83), 32), ((82, 84, 80), 12)):
+            reqs = [
+                GenerationRequest(prompt_ids=_report_ids(hf, s), max_new_tokens=new) for s in seeds
+            ]
+            h0 = spec.health()
+            res = spec.generate(reqs)
+            h1 = spec.health()
+            stops = [{"end": [END_ID], "eos": [EOS_ID]}.get(r.stop_reason or "", []) for r in res]
+            items = [
+                (req.prompt_ids, [*r.token_ids, *stop])
+                for req, r, stop in zip(reqs, res, stops, strict=True)
+            ]
+            b = replay_batch(drafter, items, stop_ids=stop_ids, max_new=new)
+            got = {
+                k: h1[k] - h0[k] for k in ("decode_steps", "draft_tokens", "draft_tokens_accepted")
+            }
+            assert got == {
+                "decode_steps": len(b.step_rows),
+                "draft_tokens": sum(r.proposed for r in b.replays),
+                "draft_tokens_accepted": sum(r.accepted for r in b.replays),
+            }, seeds
+            assert [r.new_tokens for r in b.replays] == [r.new_tokens for r in res]
+            rows += b.step_rows
+        assert h1["draft_tokens_accepted"] > 0  # the check saw kept proposals
+        assert max(rows) == 6  # proposals were made in batch steps, and never to 7 tokens
+    finally:
+        spec.close()
+    # a batch's step holds every sequence's tokens: the costs are measured up to 9 tokens
+    # (or the longest step, when shorter)
+    for max_batch, k, n in ((3, 3, 9), (2, 1, 4), (1, 3, 4)):
+        engine = LlamaCppBackend(
+            ggufs["q8_0"].path, threads=THREADS, max_batch=max_batch, speculative=k
+        )
+        engine.load()
+        try:
+            assert len(engine.health()["speculative_step_costs"]) == n, (max_batch, k)
+        finally:
+            engine.close()
 
 
 def test_speculative_settings_are_checked(ggufs: dict[str, ConversionResult]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.backends.speculative import NgramDrafter, replay
+from models.backends.speculative import NgramDrafter, replay, replay_batch
 
 PROMPT_TAIL = [90, 91, 92, 93]  # stands for "### Response:\n"
 
@@ -142,3 +142,94 @@ def test_replay_rejects_an_output_that_could_not_have_been_generated(
 ) -> None:
     with pytest.raises(ValueError, match="must hold a stop id or max_new"):
         replay(NgramDrafter(), [1], generated, stop_ids={END}, max_new=max_new)
+
+
+def test_step_cost_extrapolates_past_the_measured_sizes() -> None:
+    d = NgramDrafter(step_costs=[1.0, 1.3, 1.6])
+    assert [d.step_cost(n) for n in (1, 2, 3)] == [1.0, 1.3, 1.6]
+    assert d.step_cost(5) == pytest.approx(2.2)  # 0.3 more per row, not flat
+    assert NgramDrafter(step_costs=[1.0]).step_cost(9) == 1.0  # flat costs stay flat
+    with pytest.raises(ValueError, match="no step_costs"):
+        NgramDrafter().step_cost(2)
+
+
+def _two_sequences(costs: list[float] | None) -> tuple[NgramDrafter, list[object]]:
+    """A sure chain after (1, 2): 3, 4, 5; after (7, 8) a coin toss (9 or 10, the latest
+    wins), then a sure 21."""
+    d = NgramDrafter(max_tokens=3, ngram=(2, 2), memory=8, context=0, smoothing=0, step_costs=costs)
+    d.remember([], [1, 2, 3, 4, 5])
+    d.remember([], [7, 8, 9, 20])
+    d.remember([], [7, 8, 10, 21])
+    return d, [d.sequence([1, 2]), d.sequence([7, 8])]
+
+
+def test_proposals_of_one_step_are_sized_together() -> None:
+    """Alone, each sequence proposes what pays for its own step; decoded together, the
+    step holds both, so the likeliest proposals are taken first and only while the whole
+    step's expected seconds per token fall (here a step of 6 tokens costs 6x one)."""
+    costs = [1.0, 1.3, 1.6, 1.9, 2.2, 6.0]
+    d, (a, b) = _two_sequences(costs)
+    assert d.propose(a) == [3, 4, 5]  # 1.9 / 4 tokens
+    assert d.propose(b) == [10, 21]  # 1.6 / (1 + 0.5 + 0.5) tokens
+    # together: 2 rows and 3 sure proposals (2.2 / 5); the coin toss would cost 6.0 / 5.5
+    assert d.plan([(a, None), (b, None)]) == [[3, 4, 5], []]
+    # a at its limit: b's coin toss pays in a step that a's token makes 2 rows anyway
+    assert d.plan([(a, 0), (b, None)]) == [[], [10, 21]]  # 1.9 / 3 tokens
+    # rows that propose nothing (sampled sequences) make the step longer too
+    assert d.plan([(a, None)], other_rows=2) == [[3, 4]]
+    assert d.plan([(a, None)], other_rows=5) == [[]]
+    assert d.plan([]) == []
+    # without costs every sequence proposes what matches
+    d, (a, b) = _two_sequences(None)
+    assert d.plan([(a, None), (b, None)]) == [[3, 4, 5], [10, 21]]
+
+
+def test_equal_chances_go_to_the_nearer_proposals_first() -> None:
+    d, (a, _) = _two_sequences([1.0, 1.2, 1.4, 1.6, 5.0])
+    a2 = d.sequence([1, 2])
+    # 2 rows and 2 sure proposals (1.6 / 4); one for each, not both for the first
+    assert d.plan([(a, None), (a2, None)]) == [[3], [3]]
+
+
+def test_replay_batch_of_one_is_replay() -> None:
+    out = [1, 2, 3, 1, 2, 3, 1, 2, END]
+    costs = [1.0, 1.3, 1.6, 1.9]
+    d1 = NgramDrafter(max_tokens=3, ngram=(2, 2), memory=4, context=2, step_costs=costs)
+    d2 = NgramDrafter(max_tokens=3, ngram=(2, 2), memory=4, context=2, step_costs=costs)
+    for _ in range(2):
+        one = replay(d1, [90, 91], out, stop_ids={END})
+        batch = replay_batch(d2, [([90, 91], out)], stop_ids={END})
+        assert batch.replays == [one]
+        assert batch.step_rows == one.step_tokens
+        assert batch.plain_step_rows == [1] * one.plain_steps
+    assert len(d1) == len(d2) == 2
+
+
+def test_replay_batch_steps_every_running_sequence_together() -> None:
+    """Three known outputs decoded as one batch: each step's tokens are the running
+    sequences' own tokens and proposals, never past what pays (a step of 5 tokens costs
+    5x one here), sequences leave when they end, and all are remembered in order."""
+    costs = [1.0, 1.1, 1.2, 1.3, 5.0]
+    d = NgramDrafter(max_tokens=4, ngram=(2, 2), memory=8, context=2, step_costs=costs)
+    outs = [[1, 2, 3, 1, 2, 3, 1, 2, 3, END], [5, 6, 5, 6, 5, 6, END], [1, 2, END]]
+    items = [([90, 91], o) for o in outs]
+    first = replay_batch(d, items, stop_ids={END})
+    again = replay_batch(d, items, stop_ids={END}, max_new=[None, 3, None])
+    assert len(d) == 6
+    for b in (first, again):
+        per_step = [0] * len(b.step_rows)
+        for r in b.replays:  # a sequence takes part in the batch's first steps only
+            for t, n in enumerate(r.step_tokens):
+                per_step[t] += n
+        assert per_step == b.step_rows
+        running = [sum(r.steps > t for r in b.replays) for t in range(len(b.step_rows))]
+        # never more tokens than pay, unless the running sequences alone are more
+        assert all(n <= max(4, m) for n, m in zip(b.step_rows, running, strict=True))
+    assert [r.new_tokens for r in first.replays] == [9, 6, 2]
+    assert [r.new_tokens for r in again.replays] == [9, 3, 2]
+    assert first.plain_step_rows == [3, 3, 2, 2, 2, 2, 1, 1, 1]
+    # remembered, the repeats go faster: fewer steps than tokens
+    assert len(again.step_rows) < len(first.step_rows) <= 9
+    assert again.replays[0].accepted > 0
+    with pytest.raises(ValueError, match="2 bounds for 3 items"):
+        replay_batch(d, items, stop_ids={END}, max_new=[1, 2])
