@@ -11,33 +11,12 @@
  * REPEATS. The row's prefetch distance is 0 (the stock loop), 1, 2, 4 and 8 KiB. Every
  * variant must print the same checksum: a prefetch changes no arithmetic.
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
-enum { QK = 32, WIDTH = 2560 };
+#include "q8_0_common.h"
 
-/* ggml's block_q8_0: an fp16 scale and 32 int8 quants, 34 bytes, packed */
-typedef struct {
-    uint16_t d;
-    int8_t qs[QK];
-} __attribute__((packed)) block_q8_0;
-
-static inline __m256 mul_sum_i8_pairs_float(__m256i x, __m256i y) {
-    const __m256i ax = _mm256_sign_epi8(x, x);
-    const __m256i sy = _mm256_sign_epi8(y, x);
-    const __m256i dot = _mm256_maddubs_epi16(ax, sy);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
-}
-
-static inline float hsum_float_8(__m256 x) {
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
+enum { WIDTH = 2560 };
 
 /* ggml_vec_dot_q8_0_q8_0's AVX2 loop (llama.cpp vendored by llama-cpp-python 0.3.36),
    plus the patch's prefetch when distance > 0 */
@@ -51,12 +30,6 @@ static float vec_dot_q8_0(int nb, const block_q8_0 *x, const block_q8_0 *y, int 
         acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qx, qy), acc);
     }
     return hsum_float_8(acc);
-}
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
 static void fill(block_q8_0 *b, size_t n) {
