@@ -83,12 +83,13 @@ from models.backends.speculative import (  # noqa: E402
     BatchReplay,
     NgramDrafter,
     Replay,
-    replay_batch,
+    batch_replay_summary,
+    replay_batches,
     replay_reports,
     replay_summary,
     report_outputs,
 )
-from models.layout import END_ID, EOS_ID, IMAGE_TOKEN_OFFSET  # noqa: E402
+from models.layout import IMAGE_TOKEN_OFFSET  # noqa: E402
 
 ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
 
@@ -575,16 +576,13 @@ def batch_replays(
             drafter = NgramDrafter(
                 max_tokens=k, memory=args.memory, max_id=IMAGE_TOKEN_OFFSET, step_costs=rel[:n]
             )
-            out[(k, mode)] = [
-                replay_batch(
-                    drafter,
-                    items[lo : lo + args.batch],
-                    stop_ids={END_ID, EOS_ID},
-                    max_new=args.report_tokens,
-                    joint=mode == "joint",
-                )
-                for lo in range(0, len(items), args.batch)
-            ]
+            out[(k, mode)] = replay_batches(
+                drafter,
+                items,
+                batch=args.batch,
+                max_new=args.report_tokens,
+                joint=mode == "joint",
+            )
     return out
 
 
@@ -606,21 +604,7 @@ def print_batches(
     table: list[list[tuple[str, str]]] = []
     out: dict[str, dict[str, float]] = {}
     for (k, mode), groups in batches.items():
-        steps = sum(len(b.step_rows) for b in groups)
-        rows = sum(sum(b.step_rows) for b in groups)
-        plain_s = sum(cost(n) for b in groups for n in b.plain_step_rows)
-        spec_s = sum(cost(n) for b in groups for n in b.step_rows)
-        proposed = sum(r.proposed for b in groups for r in b.replays)
-        kept = sum(r.accepted for b in groups for r in b.replays)
-        new = sum(r.plain_steps for b in groups for r in b.replays)
-        fig = {
-            "steps": float(steps),
-            "tokens_per_step": new / max(steps, 1),
-            "rows_per_step": rows / max(steps, 1),
-            "max_rows": float(max((max(b.step_rows, default=0) for b in groups), default=0)),
-            "acceptance": kept / max(proposed, 1),
-            "decode_x_plain": plain_s / spec_s if spec_s else 1.0,
-        }
+        fig = batch_replay_summary(groups, cost)
         out[f"{k} {mode}"] = fig
         table.append(
             [

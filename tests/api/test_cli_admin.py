@@ -125,6 +125,8 @@ def test_replay_drafts(
     drafts and (by default) demo models' drafts are left out; no report text is printed."""
     from models.backends.speculative import (
         NgramDrafter,
+        batch_replay_summary,
+        replay_batches,
         replay_reports,
         replay_summary,
         report_outputs,
@@ -176,5 +178,20 @@ def test_replay_drafts(
     )
     assert r.exit_code == 0, r.output
     assert "decode x plain" in r.stdout and "mediastinum" not in r.output
+    # in batches decoded together (a worker batch): the library's batch replay of the same
+    # texts, proposals sized together by the given step costs
+    costs = [1.0, 1.3, 1.6, 1.9]
+    spec = ["--include-demo", "--speculative", "4", "--step-costs", ",".join(map(str, costs))]
+    r = runner.invoke(app, ["replay-drafts", *spec, "--batch", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    drafter = NgramDrafter(max_tokens=4, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
+    groups = replay_batches(drafter, items, batch=2, max_new=env.settings.generation_max_new_tokens)
+    assert got["batch"] == 2
+    assert got["rows"] == [{"speculative": 4, **batch_replay_summary(groups, drafter.step_cost)}]
+    assert got["rows"][0]["max_rows"] <= 4  # a step of 2 reports never past 4 tokens here
+    r = runner.invoke(app, ["replay-drafts", "--include-demo", "--batch", "3"])
+    assert r.exit_code == 0 and "in batches of 3" in r.stdout and "mediastinum" not in r.output
     assert runner.invoke(app, ["replay-drafts", "--speculative", "0"]).exit_code == 2
     assert runner.invoke(app, ["replay-drafts", "--step-costs", "2,1"]).exit_code == 2
+    assert runner.invoke(app, ["replay-drafts", "--batch", "0"]).exit_code == 2

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from models.backends.speculative import NgramDrafter, replay, replay_batch
+from models.backends.speculative import (
+    NgramDrafter,
+    batch_replay_summary,
+    replay,
+    replay_batch,
+    replay_batches,
+)
+from models.layout import END_ID
 
 PROMPT_TAIL = [90, 91, 92, 93]  # stands for "### Response:\n"
 
@@ -233,3 +240,26 @@ def test_replay_batch_steps_every_running_sequence_together() -> None:
     assert again.replays[0].accepted > 0
     with pytest.raises(ValueError, match="2 bounds for 3 items"):
         replay_batch(d, items, stop_ids={END}, max_new=[1, 2])
+
+
+def test_replay_batches_groups_in_order_and_summarises() -> None:
+    costs = [1.0, 1.1, 1.2, 1.3, 5.0]
+    d = NgramDrafter(max_tokens=4, ngram=(2, 2), memory=8, context=2, step_costs=costs)
+    # replay_batches stops at the model's own stop ids
+    outs = [[1, 2, 3, 1, 2, 3, 1, 2, 3, END_ID], [5, 6, 5, 6, 5, 6, END_ID], [1, 2, END_ID]]
+    items = [([90, 91], o) for o in outs]
+    groups = replay_batches(d, items, batch=2, max_new=150)
+    assert [len(g.replays) for g in groups] == [2, 1] and len(d) == 3
+    assert [r.new_tokens for g in groups for r in g.replays] == [9, 6, 2]
+    fig = batch_replay_summary(groups, d.step_cost)
+    steps = sum(len(g.step_rows) for g in groups)
+    # plain steps: one per token, each ending on the stop id (the prefill gave the first)
+    assert fig["tokens_per_step"] == (9 + 6 + 2) / steps
+    assert fig["max_rows"] == max(max(g.step_rows) for g in groups) <= 4
+    # plain batched decoding: 2 rows while both run, then 1; the single report's steps alone
+    plain = sum(d.step_cost(n) for n in [2] * 6 + [1] * 3 + [1] * 2)
+    spec = sum(d.step_cost(n) for g in groups for n in g.step_rows)
+    assert fig["decode_x_plain"] == pytest.approx(plain / spec) and fig["decode_x_plain"] > 1
+    assert "decode_x_plain" not in batch_replay_summary(groups)
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        replay_batches(d, items, batch=0, max_new=150)
