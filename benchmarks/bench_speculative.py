@@ -273,7 +273,8 @@ def timed_replays(
 ) -> dict[tuple[int, str], float]:
     """Decode seconds of ``--timed`` replayed reports (from the ``--warm``-th on), summed,
     per setting and for plain decoding (key ``(0, "plain")``), each report's prompt
-    prefilled once and its settings run in turn on the full-size engine."""
+    prefilled once and its settings run in turn on the full-size engine, each report
+    starting the turn at the next setting."""
     engine = LlamaCppBackend(gguf, threads=args.threads, max_batch=1)
     engine.load()
     picked = range(args.warm, min(args.warm + args.timed, len(items)))
@@ -290,9 +291,11 @@ def timed_replays(
             plain = Replay(
                 step_tokens=[1] * any_rep.plain_steps, step_accepted=[0] * any_rep.plain_steps
             )
-            total[(0, "plain")] += timed_steps(engine, n, gen, plain)
-            for key, reps in replays.items():
-                total[key] += timed_steps(engine, n, gen, reps[j])
+            runs = [((0, "plain"), plain), *((key, reps[j]) for key, reps in replays.items())]
+            # each report starts with another setting: the host's drift spreads over all
+            shift = (j - args.warm) % len(runs)
+            for key, rep in runs[shift:] + runs[:shift]:
+                total[key] += timed_steps(engine, n, gen, rep)
     finally:
         engine.close()
     return total
