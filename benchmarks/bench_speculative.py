@@ -506,10 +506,16 @@ def print_replays(
         f"(max_new {args.report_tokens}, memory {args.memory} reports), in order; "
         f"'later': after the first {args.warm}"
     )
+    # priced as the drafter prices steps (extrapolated past the measured sizes)
+    cost = (
+        None
+        if costs is None
+        else NgramDrafter(step_costs=[costs[n] / costs[1] for n in sorted(costs)]).step_cost
+    )
     table: list[list[tuple[str, str]]] = []  # per row: (column, cell)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for (k, sizing), reps in replays.items():
-        every, later = replay_summary(reps, costs), replay_summary(reps[args.warm :], costs)
+        every, later = replay_summary(reps, cost), replay_summary(reps[args.warm :], cost)
         out[f"{k} {sizing}"] = {"all": every, "later": later}
         cells = [
             ("proposals", f"{k:>9}"),

@@ -404,17 +404,16 @@ def replay_drafts(
         err.print("no greedy report drafts to replay")
         raise typer.Exit(1)
     items = report_outputs(tokenizer, [text for text, _, _ in drafts])
-    rel = None if costs is None else dict(enumerate(costs, 1))
     max_new = settings.generation_max_new_tokens
     rows = []
     for k in ks:
         drafter = NgramDrafter(max_tokens=k, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
+        cost = drafter.step_cost if costs else None
         if batch == 1:
             reps = replay_reports(drafter, items, max_new=max_new)
-            rows.append({"speculative": k, **replay_summary(reps, rel)})
+            rows.append({"speculative": k, **replay_summary(reps, cost)})
         else:
             groups = replay_batches(drafter, items, batch=batch, max_new=max_new)
-            cost = drafter.step_cost if costs else None
             rows.append({"speculative": k, **batch_replay_summary(groups, cost)})
     models = sorted({f"{name} {version}" for _, name, version in drafts})
     if as_json:

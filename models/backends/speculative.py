@@ -28,7 +28,7 @@ text), which measures a drafter on real report text without a model
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -584,19 +584,15 @@ def replay_reports(
 ) -> list[Replay]:
     """:func:`replay` of each ``(prompt, output)`` in order, as a node (batch 1) would meet
     them: each report is remembered for the next ones."""
-    return [
-        replay(drafter, prompt, gen, stop_ids={END_ID, EOS_ID}, max_new=max_new)
-        for prompt, gen in items
-    ]
+    return [b.replays[0] for b in replay_batches(drafter, items, batch=1, max_new=max_new)]
 
 
 def replay_summary(
-    reps: Sequence[Replay], costs: Mapping[int, float] | None = None
+    reps: Sequence[Replay], step_cost: Callable[[int], float] | None = None
 ) -> dict[str, float]:
     """Reports, tokens per report, tokens per step (plain steps over speculative ones), the
-    share of proposals kept, and with ``costs`` (seconds, or relative, of a step of n
-    tokens for n = 1, 2, ...; the last for longer steps) the decode speed-up over plain
-    decoding."""
+    share of proposals kept, and with ``step_cost`` (a step of n tokens' cost, e.g.
+    :meth:`NgramDrafter.step_cost`) the decode speed-up over plain decoding."""
     steps = sum(r.steps for r in reps)
     plain = sum(r.plain_steps for r in reps)
     out = {
@@ -605,10 +601,9 @@ def replay_summary(
         "tokens_per_step": plain / max(steps, 1),
         "acceptance": sum(r.accepted for r in reps) / max(sum(r.proposed for r in reps), 1),
     }
-    if costs is not None:
-        top = max(costs)
-        spec_s = sum(costs[min(n, top)] for r in reps for n in r.step_tokens)
-        out["decode_x_plain"] = plain * costs[1] / spec_s if spec_s else 1.0
+    if step_cost is not None:
+        spec_s = sum(step_cost(n) for r in reps for n in r.step_tokens)
+        out["decode_x_plain"] = plain * step_cost(1) / spec_s if spec_s else 1.0
     return out
 
 

@@ -7,10 +7,12 @@ import pytest
 
 from models.backends.speculative import (
     NgramDrafter,
+    Replay,
     batch_replay_summary,
     replay,
     replay_batch,
     replay_batches,
+    replay_summary,
 )
 from models.layout import END_ID
 
@@ -263,3 +265,13 @@ def test_replay_batches_groups_in_order_and_summarises() -> None:
     assert "decode_x_plain" not in batch_replay_summary(groups)
     with pytest.raises(ValueError, match="batch must be at least 1"):
         replay_batches(d, items, batch=0, max_new=150)
+
+
+def test_replay_summary_prices_steps_as_the_drafter_does() -> None:
+    """Past the measured sizes a step is priced by extrapolation, as the drafter sizes
+    proposals, not at the last measured cost."""
+    rep = Replay(new_tokens=6, plain_steps=6, step_tokens=[5, 1], step_accepted=[4, 0])
+    d = NgramDrafter(step_costs=[1.0, 1.3, 1.6])
+    fig = replay_summary([rep], d.step_cost)
+    assert fig["tokens_per_step"] == 3.0 and fig["acceptance"] == 1.0
+    assert fig["decode_x_plain"] == pytest.approx(6 / (2.2 + 1.0))  # T(5) = 1.6 + 2 x 0.3
