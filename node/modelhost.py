@@ -69,8 +69,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
     """Keyword options of the configured backend's constructor (``models.backends``).
 
     transformers: ``dtype``, ``device``, ``threads``, ``max_batch``, ``warmup_batch`` (the
-    worker batch size); llama.cpp: ``quant``, ``prefill_quant``, ``speculative``, ``device``,
-    ``threads``, ``max_batch``.
+    worker batch size); llama.cpp: ``quant``, ``prefill_quant``, ``speculative`` and
+    ``speculative_batch`` (the worker batch size), ``device``, ``threads``, ``max_batch``.
     ``max_batch`` is at least the worker's batch size so that one worker batch is one
     backend batch.
     """
@@ -90,6 +90,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
             opts["prefill_quant"] = settings.backend_prefill_quant
         if settings.backend_speculative:
             opts["speculative"] = settings.backend_speculative
+            # a decode step holds one worker batch: step costs are measured for that many
+            opts["speculative_batch"] = settings.worker_batch_size
     return opts
 
 

@@ -43,7 +43,7 @@ OPTION_ALIASES: dict[str, str] = {
 # Options every backend is offered; a backend that has no use for one drops it here.
 _NOT_USED: dict[str, frozenset[str]] = {
     # precision is ``dtype``; speculation is llama.cpp's
-    "transformers": frozenset({"quant", "prefill_quant", "speculative"}),
+    "transformers": frozenset({"quant", "prefill_quant", "speculative", "speculative_batch"}),
     "llamacpp": frozenset({"dtype"}),  # precision is the GGUF file's (``quant``)
 }
 
@@ -56,8 +56,8 @@ def backend_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     are mapped to the backend keywords (``dtype``, ``quant``, ``prefill_quant``,
     ``speculative``, ``threads``, ``device``, ``max_batch``); ``None`` values are dropped (the
     backend's default applies); options the backend has no use for (``quant``,
-    ``prefill_quant`` and ``speculative`` for transformers, ``dtype`` for llama.cpp) are
-    dropped. Other keywords pass through unchanged.
+    ``prefill_quant``, ``speculative`` and ``speculative_batch`` for transformers, ``dtype``
+    for llama.cpp) are dropped. Other keywords pass through unchanged.
 
     Raises
     ------

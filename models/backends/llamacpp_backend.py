@@ -309,6 +309,11 @@ class LlamaCppBackend:
         Default: measured by :meth:`load` on this machine (:meth:`measure_step_costs`, a
         few seconds at full size); ``[1.0]`` treats longer steps as free and always
         proposes up to ``speculative`` tokens.
+    speculative_batch
+        Most sequences one decode step is expected to hold (the node passes its worker
+        batch size), which bounds the step sizes :meth:`measure_step_costs` times: up to
+        ``speculative_batch x (speculative + 1)`` tokens, at most 9. Default: ``max_batch``.
+        A step that holds more sequences is still sized; its cost is extrapolated.
     dtype
         Ignored (the precision is the GGUF file's); accepted so the node can pass the same
         options to every backend.
@@ -333,10 +338,15 @@ class LlamaCppBackend:
         speculative: int = 0,
         speculative_memory: int = 256,
         speculative_step_costs: Sequence[float] | None = None,
+        speculative_batch: int | None = None,
         dtype: str | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if speculative_batch is not None and not 1 <= speculative_batch <= max_batch:
+            raise ValueError(
+                f"speculative_batch must be in 1..max_batch ({max_batch}), got {speculative_batch}"
+            )
         if not 16 <= n_ctx <= 32768:
             raise ValueError(f"n_ctx must be in 16..32768, got {n_ctx}")
         if n_batch < 1:
@@ -364,6 +374,7 @@ class LlamaCppBackend:
         self.device = device
         self.prefill_quant = prefill_quant
         self.speculative = speculative
+        self.speculative_batch = speculative_batch or max_batch
         # text mode never emits image ids: proposals stop before one
         self._drafter = (
             NgramDrafter(
@@ -564,6 +575,7 @@ class LlamaCppBackend:
             "prefill_quant": self.prefill_quant,
             "prefill_model_path": str(self.prefill_path) if self.prefill_path else None,
             "speculative": self.speculative,
+            "speculative_batch": self.speculative_batch,
             "speculative_step_costs": (
                 self._drafter.step_costs if self._drafter is not None else None
             ),
@@ -773,16 +785,17 @@ class LlamaCppBackend:
         """Seconds of a decode step of 1 to ``speculative + 1`` tokens relative to one token
         (:meth:`step_seconds`), made non-decreasing: what the drafter sizes proposals by.
 
-        With ``max_batch`` > 1 a step holds every running sequence's token and proposals,
-        so the sizes go on up to 9 (or ``max_batch x (speculative + 1)``, the longest step,
-        when fewer): the patch's kernel multiplies 2 to 8 rows, tinyBLAS 9 and more, and
-        the drafter prices still longer steps by the last difference, 8 to 9 rows.
+        With ``speculative_batch`` (default ``max_batch``) > 1 a step holds every running
+        sequence's token and proposals, so the sizes go on up to 9 (or
+        ``speculative_batch x (speculative + 1)``, the longest step, when fewer): the
+        patch's kernel multiplies 2 to 8 rows, tinyBLAS 9 and more, and the drafter prices
+        still longer steps by the last difference, 8 to 9 rows.
         Speed does not depend on the weights' values, so these are the trained model's
         costs on this machine too.
         """
         n_max = max(self.speculative, 1) + 1
-        if self.max_batch > 1:
-            n_max = max(n_max, min(self.max_batch * n_max, 9))
+        if self.speculative_batch > 1:
+            n_max = max(n_max, min(self.speculative_batch * n_max, 9))
         secs = self.step_seconds(range(1, n_max + 1), rounds=rounds)
         costs, running = [1.0], 1.0
         for n in range(2, n_max + 1):

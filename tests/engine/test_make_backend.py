@@ -99,6 +99,19 @@ def test_node_backend_options_pass_the_worker_batch_as_warmup_batch(
     assert "warmup_batch" not in node_backend_options(Settings(backend="llamacpp"))
 
 
+def test_node_backend_options_size_speculation_for_the_worker_batch() -> None:
+    """With speculation on, llama.cpp measures step costs for one worker batch's steps."""
+    from node.modelhost import backend_options as node_backend_options
+
+    opts = node_backend_options(
+        Settings(backend="llamacpp", backend_speculative=4, worker_batch_size=2)
+    )
+    assert (opts["max_batch"], opts["speculative"], opts["speculative_batch"]) == (4, 4, 2)
+    assert "speculative_batch" not in node_backend_options(Settings(backend="llamacpp"))
+    # the transformers backend has no speculation: the option is dropped for it
+    assert "speculative_batch" not in backend_options("transformers", {"speculative_batch": 2})
+
+
 def test_make_backend_rejects_unknown_options(demo_bundle: ModelBundle) -> None:
     with pytest.raises(ValueError, match="transformers"):
         make_backend("transformers", demo_bundle.llm_dir, kv_type="f16")
@@ -323,9 +336,9 @@ def test_model_host_shows_speculation_counters(converted_bundle: Path, tmp_path:
     assert model["draft_tokens_accepted"] == info["draft_tokens_accepted"]
     assert info["speculative"] == 4
     costs = info["speculative_step_costs"]
-    # the node's llama.cpp backend holds 4 sequences (a worker batch's step holds them all),
-    # so steps up to 9 tokens are measured, not only 1 + 4
-    assert len(costs) == 9 and costs[0] == 1.0 and costs == sorted(costs)
+    # the node's llama.cpp backend holds 4 sequences, but a step holds one worker batch
+    # (1 study by default): steps of 1 + 4 tokens are measured, not up to 9
+    assert len(costs) == 5 and costs[0] == 1.0 and costs == sorted(costs)
     for key in ("draft_tokens", "draft_tokens_accepted", "decode_steps", "new_tokens"):
         assert info[key] == health[key]
     assert info["draft_tokens"] >= info["draft_tokens_accepted"] >= 0

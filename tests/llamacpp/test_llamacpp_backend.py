@@ -818,14 +818,25 @@ def test_replay_batch_counts_the_steps_of_a_batch(
     finally:
         spec.close()
     # a batch's step holds every sequence's tokens: the costs are measured up to 9 tokens
-    # (or the longest step, when shorter)
-    for max_batch, k, n in ((3, 3, 9), (2, 1, 4), (1, 3, 4)):
+    # (or the longest step, when shorter); speculative_batch says how many sequences a
+    # step holds when fewer than max_batch (the node's worker batch)
+    for max_batch, k, batch, n in (
+        (3, 3, None, 9),
+        (2, 1, None, 4),
+        (1, 3, None, 4),
+        (3, 3, 1, 4),
+        (3, 1, 2, 4),
+    ):
         engine = LlamaCppBackend(
-            ggufs["q8_0"].path, threads=THREADS, max_batch=max_batch, speculative=k
+            ggufs["q8_0"].path,
+            threads=THREADS,
+            max_batch=max_batch,
+            speculative=k,
+            speculative_batch=batch,
         )
         engine.load()
         try:
-            assert len(engine.health()["speculative_step_costs"]) == n, (max_batch, k)
+            assert len(engine.health()["speculative_step_costs"]) == n, (max_batch, k, batch)
         finally:
             engine.close()
 
@@ -835,3 +846,7 @@ def test_speculative_settings_are_checked(ggufs: dict[str, ConversionResult]) ->
         LlamaCppBackend(ggufs["f32"].path, speculative=17)
     with pytest.raises(ValueError, match="must hold max_batch"):
         LlamaCppBackend(ggufs["f32"].path, speculative=8, max_batch=8, n_batch=64)
+    with pytest.raises(ValueError, match=r"speculative_batch must be in 1\.\.max_batch \(2\)"):
+        LlamaCppBackend(ggufs["f32"].path, speculative=2, max_batch=2, speculative_batch=3)
+    with pytest.raises(ValueError, match="speculative_batch must be in"):
+        LlamaCppBackend(ggufs["f32"].path, speculative=2, speculative_batch=0)
