@@ -45,7 +45,10 @@ what does not. On one random GGUF of the full dolly-v2-3b shape
    report's token and proposals. Proposals sized together for the step (the backend's way)
    against each report's sized as if it were alone (the backend before), and the decode
    speed-up over plain batched decoding that part 1's step costs give; part 1 then
-   measures steps up to B x (k+1) tokens.
+   measures steps up to B x (k+1) tokens. With ``--timed``, the groups that hold the
+   timed reports are also decoded on the engine batch step by batch step as replayed (B
+   sequences, every row's logits read, the rejected K/V dropped), plain batched decoding
+   and each setting in turn, so that speed-up is measured too.
 
 Not a test::
 
@@ -301,6 +304,92 @@ def timed_replays(
     return total
 
 
+def timed_batch_steps(
+    engine: LlamaCppBackend, starts: list[int], gens: list[list[int]], batch: BatchReplay
+) -> float:
+    """Seconds of the decode steps of ``batch`` (:class:`BatchReplay`: sequence ``s``'s
+    t-th step is the batch's t-th), run on ``engine`` after prompts of ``starts[s]``
+    tokens in sequences 0, 1, ...: each step feeds every running sequence's tokens (its
+    output's own ids) with logits read for every row, keeps 1 + the accepted ones per
+    sequence and drops the rest's K/V, as the backend's loop does. Leaves the prompts'
+    K/V."""
+    llama = engine._llama
+    mem = llama.llama_get_memory(engine._ctx)
+    reps = batch.replays
+    pos = list(starts)
+    t0 = time.perf_counter()
+    for t, rows in enumerate(batch.step_rows):
+        items: list[tuple[int, int, int, bool]] = []
+        running = [(s, r) for s, r in enumerate(reps) if t < len(r.step_tokens)]
+        for s, r in running:
+            done = pos[s] - starts[s]
+            items += [
+                (gens[s][min(done + i, len(gens[s]) - 1)], pos[s] + i, s, True)
+                for i in range(r.step_tokens[t])
+            ]
+        if len(items) != rows:
+            raise RuntimeError(f"step {t}: {len(items)} rows, the replay says {rows}")
+        engine._decode_batch(items)
+        for i in range(len(items)):
+            engine._logits_row(i)
+        for s, r in running:
+            size, kept = r.step_tokens[t], r.step_accepted[t]
+            pos[s] += 1 + kept
+            if kept + 1 < size and not llama.llama_memory_seq_rm(mem, s, pos[s], -1):
+                raise RuntimeError("could not drop the rejected tokens' K/V")
+    dt = time.perf_counter() - t0
+    for s, start in enumerate(starts):
+        if not llama.llama_memory_seq_rm(mem, s, start, -1):
+            raise RuntimeError("could not drop the reports' K/V")
+    return dt
+
+
+def timed_batches(
+    gguf: Path,
+    items: list[tuple[list[int], list[int]]],
+    batches: dict[tuple[int, str], list[BatchReplay]],
+    args: argparse.Namespace,
+) -> tuple[dict[tuple[int, str], float], range]:
+    """Part 5 timed: decode seconds of the groups that hold the ``--timed`` reports from
+    the ``--warm``-th on, summed per setting and for plain batched decoding (key
+    ``(0, "plain")``), on a full-size engine holding ``--batch`` sequences: each group's
+    prompts prefilled once, its settings run in turn, each group starting the turn at
+    the next setting. Returns the sums and the groups timed."""
+    b = args.batch
+    groups = range(args.warm // b, min((args.warm + args.timed - 1) // b + 1, len(items) // b))
+    engine = LlamaCppBackend(gguf, threads=args.threads, max_batch=b)
+    engine.load()
+    total: dict[tuple[int, str], float] = {(0, "plain"): 0.0, **{key: 0.0 for key in batches}}
+    try:
+        for g in groups:
+            engine.clear_cache()
+            group = items[g * b : (g + 1) * b]
+            for s, (prompt, _) in enumerate(group):
+                n = len(prompt)
+                for lo in range(0, n, engine.n_batch):
+                    chunk = prompt[lo : lo + engine.n_batch]
+                    engine._decode_batch(
+                        [(t, lo + i, s, lo + i == n - 1) for i, t in enumerate(chunk)]
+                    )
+            starts = [len(p) for p, _ in group]
+            gens = [gen for _, gen in group]
+            any_batch = next(iter(batches.values()))[g]
+            plain = BatchReplay(
+                replays=[
+                    Replay(step_tokens=[1] * r.plain_steps, step_accepted=[0] * r.plain_steps)
+                    for r in any_batch.replays
+                ],
+                step_rows=any_batch.plain_step_rows,
+            )
+            runs = [((0, "plain"), plain), *((key, reps[g]) for key, reps in batches.items())]
+            shift = (g - groups.start) % len(runs)
+            for key, rep in runs[shift:] + runs[:shift]:
+                total[key] += timed_batch_steps(engine, starts, gens, rep)
+    finally:
+        engine.close()
+    return total, groups
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -443,7 +532,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     plain_new = next((r for r in rows if r["speculative"] == 0 and r["case"] == "new study"), None)
     summaries = print_replays(args, replays, costs, plain_new, hf, timed)
-    batches = print_batches(args, batch_replays(items, specs, args, rel), rel) if args.batch else {}
+    batches: dict[str, dict[str, float]] = {}
+    if args.batch:
+        groups = batch_replays(items, specs, args, rel)
+        timed_b = timed_batches(gguf, items, groups, args) if args.timed else None
+        batches = print_batches(args, groups, rel, timed_b)
     if args.json_out:
         for r in rows:
             r.pop("tokens", None)
@@ -599,11 +692,13 @@ def print_batches(
     args: argparse.Namespace,
     batches: dict[tuple[int, str], list[BatchReplay]],
     rel: list[float],
+    timed: tuple[dict[tuple[int, str], float], range] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Part 5's table: per setting, tokens per step of the batch, the share of proposals
     kept, and the decode speed-up over plain batched decoding that the step costs give
     (each step of n tokens priced at part 1's T(n), measured up to the longest step; past
-    the given costs, extrapolated as the drafter does)."""
+    the given costs, extrapolated as the drafter does), and with ``timed``
+    (:func:`timed_batches`) the speed-up measured on the engine."""
     cost = NgramDrafter(step_costs=rel).step_cost
 
     print(
@@ -614,24 +709,35 @@ def print_batches(
     out: dict[str, dict[str, float]] = {}
     for (k, mode), groups in batches.items():
         fig = batch_replay_summary(groups, cost)
+        row = [
+            ("proposals", f"{k:>9}"),
+            ("sizing", f"{mode:>6}"),
+            ("tok/step", f"{fig['tokens_per_step']:8.2f}"),
+            ("rows/step", f"{fig['rows_per_step']:9.2f}"),
+            ("max rows", f"{int(fig['max_rows']):>8}"),
+            ("accept", f"{fig['acceptance']:6.2f}"),
+            ("dec x plain batch", f"{fig['decode_x_plain']:17.2f}"),
+        ]
+        if timed is not None:
+            fig["timed_decode_x_plain"] = timed[0][(0, "plain")] / timed[0][(k, mode)]
+            row.append(("timed dec x", f"{fig['timed_decode_x_plain']:11.2f}"))
         out[f"{k} {mode}"] = fig
-        table.append(
-            [
-                ("proposals", f"{k:>9}"),
-                ("sizing", f"{mode:>6}"),
-                ("tok/step", f"{fig['tokens_per_step']:8.2f}"),
-                ("rows/step", f"{fig['rows_per_step']:9.2f}"),
-                ("max rows", f"{int(fig['max_rows']):>8}"),
-                ("accept", f"{fig['acceptance']:6.2f}"),
-                ("dec x plain batch", f"{fig['decode_x_plain']:17.2f}"),
-            ]
-        )
+        table.append(row)
     print_table(table)
     print(
         "'tok/step': tokens generated (all sequences) per step of the batch; 'rows/step': "
         "tokens fed per step; 'dec x plain batch': plain batched decoding's steps priced "
         "by T(running sequences) over these steps' T(rows)."
     )
+    if timed is not None:
+        sums, groups = timed
+        b = args.batch
+        print(
+            f"'timed dec x': groups {groups.start}-{groups.stop - 1} (reports "
+            f"{groups.start * b}-{groups.stop * b - 1}) decoded batch step by batch step as "
+            f"replayed on part 1's engine (plain batched: {sums[(0, 'plain')]:.2f} s), "
+            "plain seconds over the setting's."
+        )
     return out
 
 

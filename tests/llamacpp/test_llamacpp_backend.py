@@ -353,6 +353,35 @@ def test_batched_equals_unbatched(
     assert [r.new_tokens for r in together] == [20, 12, CODES_PER_IMAGE + 1, 5, 7]
 
 
+def test_batch_steps_fill_idle_slots_between_running_ones(
+    engines: dict[str, LlamaCppBackend], hf: TransformersBackend
+) -> None:
+    """llama.cpp splits a step into one pass over the weights per run of consecutive
+    sequence ids: when the middle one of three studies ends first, its slot is fed
+    throw-away rows, which change no result and leave its cached K/V as they were."""
+    engine = engines["q8_0"]
+    llama = engine._llama
+    mem = llama.llama_get_memory(engine._ctx)
+    prompts = [_report_ids(hf, seed) for seed in (21, 22, 23)]
+    for lengths, fillers in (((16, 4, 16), 12), ((16, 16, 4), 0)):
+        engine.clear_cache()  # slots 0, 1, 2 in the requests' order
+        reqs = [
+            GenerationRequest(prompt_ids=p, max_new_tokens=n)
+            for p, n in zip(prompts, lengths, strict=True)
+        ]
+        before = engine.health()["filler_rows"]
+        together = engine.generate(reqs)
+        assert [r.new_tokens for r in together] == list(lengths)
+        # steps 4-15 run slots 0 and 2 only: one filler row each for slot 1 (none when the
+        # last slot ends first)
+        assert engine.health()["filler_rows"] - before == fillers, lengths
+        # the shortest one's K/V end at its last fed token: the prompt and 3 of its 4
+        short = lengths.index(4)
+        assert llama.llama_memory_seq_pos_max(mem, short) == len(prompts[short]) + 2
+        alone = [engine.generate([r])[0] for r in reqs]
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
 def test_invalid_requests_fail_alone(engines: dict[str, LlamaCppBackend]) -> None:
     engine = engines["q8_0"]
     reqs = [
