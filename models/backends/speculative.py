@@ -46,6 +46,7 @@ __all__ = [
     "Replay",
     "SequenceIndex",
     "batch_replay_summary",
+    "pass_cost",
     "replay",
     "replay_batch",
     "replay_batches",
@@ -58,6 +59,26 @@ __all__ = [
 _Counts = dict[tuple[int, ...], dict[int, list[int]]]
 # the sequence's own occurrences are newer than any remembered report's
 _OWN = 1 << 62
+
+
+def pass_cost(rows: Sequence[int], step_cost: Callable[[int], float]) -> float:
+    """Cost of a decode step in which each sequence feeds ``rows[i]`` tokens.
+
+    With a KV stream per sequence, llama.cpp runs such a step as passes over the weights
+    that each hold as many rows of every sequence taking part
+    (``llama_batch_allocr::split_equal``): first as many rows of each as the shortest has,
+    then of the sequences with rows left, and so on. Rows 2, 1, 1, 1 are a pass of 4 rows
+    and a pass of 1; one sequence's n rows, or n rows of each, are one pass. Each pass of
+    m rows costs ``step_cost(m)``. (It assumes the sequences' slots are consecutive, as
+    the llama.cpp backend arranges when they feed as many rows: a lower bound otherwise.)
+    """
+    left = sorted(r for r in rows if r > 0)
+    cost, done = 0.0, 0
+    for i, r in enumerate(left):
+        if r > done:
+            cost += step_cost((len(left) - i) * (r - done))
+            done = r
+    return cost
 
 
 def _count(counts: _Counts, tokens: Sequence[int], end: int, sizes: range, serial: int) -> None:
@@ -269,11 +290,12 @@ class NgramDrafter:
         """Proposals for sequences decoded together in one step, sized together.
 
         A step of several sequences feeds each one's latest token and its proposals, so
-        every proposal makes the whole step longer. With ``step_costs``, the proposals are
-        taken in order of their estimated chance to be kept, across the sequences, for as
-        long as that lowers the step's expected seconds per token; alone, a sequence gets
-        what :meth:`propose` gives. Without ``step_costs`` each sequence proposes up to its
-        limit while n-grams match.
+        every proposal makes the whole step longer, and sequences feeding unequal numbers
+        of rows take several passes over the weights (:func:`pass_cost`). With
+        ``step_costs``, the proposals are taken in order of their estimated chance to be
+        kept, across the sequences, for as long as that lowers the step's expected seconds
+        per token; alone, a sequence gets what :meth:`propose` gives. Without
+        ``step_costs`` each sequence proposes up to its limit while n-grams match.
 
         Parameters
         ----------
@@ -300,12 +322,14 @@ class NgramDrafter:
             ((c, i, j) for i, chain in enumerate(chains) for j, (_, c) in enumerate(chain)),
             key=lambda x: (-x[0], x[2], x[1]),
         )
-        rows = len(seqs) + other_rows
-        expected = float(len(seqs) + other_rows)  # every row's own token is a sure one
-        best, best_rate = 0, self.step_cost(rows) / max(expected, 1.0)
-        for n, (c, _, _) in enumerate(order, 1):
+        # each sequence's rows in the step; those of other_rows propose nothing
+        rows = [1] * (len(seqs) + other_rows)
+        expected = float(len(rows))  # every row's own token is a sure one
+        best, best_rate = 0, pass_cost(rows, self.step_cost) / max(expected, 1.0)
+        for n, (c, i, _) in enumerate(order, 1):
             expected += c
-            rate = self.step_cost(rows + n) / expected
+            rows[i] += 1
+            rate = pass_cost(rows, self.step_cost) / expected
             if rate < best_rate:
                 best, best_rate = n, rate
         take = [0] * len(chains)
@@ -633,7 +657,8 @@ def batch_replay_summary(
     """Reports, tokens generated per step of the batch, tokens fed per step, the most fed
     in one step, the share of proposals kept, and with ``step_cost`` (a step of n tokens'
     cost, e.g. :meth:`NgramDrafter.step_cost`) the decode speed-up over plain batched
-    decoding (its steps priced by the running sequences)."""
+    decoding (its steps priced by the running sequences; each step with speculation by
+    its passes, :func:`pass_cost`)."""
     reps = [r for b in batches for r in b.replays]
     steps = sum(len(b.step_rows) for b in batches)
     out = {
@@ -645,6 +670,10 @@ def batch_replay_summary(
     }
     if step_cost is not None:
         plain_s = sum(step_cost(n) for b in batches for n in b.plain_step_rows)
-        spec_s = sum(step_cost(n) for b in batches for n in b.step_rows)
+        spec_s = sum(
+            pass_cost([r.step_tokens[t] for r in b.replays if t < len(r.step_tokens)], step_cost)
+            for b in batches
+            for t in range(len(b.step_rows))
+        )
         out["decode_x_plain"] = plain_s / spec_s if spec_s else 1.0
     return out

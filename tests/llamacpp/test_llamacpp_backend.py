@@ -804,8 +804,8 @@ def test_replay_batch_counts_the_steps_of_a_batch(
 ) -> None:
     """Three studies decoded as one batch with speculation: given their reports,
     ``speculative.replay_batch`` counts the engine's steps, proposals and kept proposals
-    exactly. The step's proposals are sized together: with a step of 7 tokens priced at 4x
-    one, no step of three studies feeds more than 6."""
+    exactly. The step's proposals are sized together, priced by llama.cpp's passes over
+    the weights: with a pass of 7 tokens priced at 4x one, no pass holds more than 6."""
     costs = [1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 4.0]
     spec = LlamaCppBackend(
         ggufs["q8_0"].path,
@@ -818,6 +818,7 @@ def test_replay_batch_counts_the_steps_of_a_batch(
     drafter = NgramDrafter(max_tokens=3, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
     stop_ids = {END_ID, EOS_ID}
     rows: list[int] = []
+    passes: list[int] = []
     try:
         for seeds, new in (((80, 81, 82), 32), ((80, 81, 83), 32), ((82, 84, 80), 12)):
             reqs = [
@@ -842,8 +843,17 @@ def test_replay_batch_counts_the_steps_of_a_batch(
             }, seeds
             assert [r.new_tokens for r in b.replays] == [r.new_tokens for r in res]
             rows += b.step_rows
+            # llama.cpp's passes of each step (rows of every sequence with rows left)
+            for t in range(len(b.step_rows)):
+                left = sorted(r.step_tokens[t] for r in b.replays if t < len(r.step_tokens))
+                passes += [
+                    (len(left) - i) * (n - (left[i - 1] if i else 0))
+                    for i, n in enumerate(left)
+                    if n > (left[i - 1] if i else 0)
+                ]
         assert h1["draft_tokens_accepted"] > 0  # the check saw kept proposals
-        assert max(rows) == 6  # proposals were made in batch steps, and never to 7 tokens
+        assert max(rows) > 3  # proposals were made in steps of three studies
+        assert max(passes) == 6  # and no pass over the weights was priced past 6 rows
     finally:
         spec.close()
     # a batch's step holds every sequence's tokens: the costs are measured up to 9 tokens

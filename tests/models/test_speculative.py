@@ -9,6 +9,7 @@ from models.backends.speculative import (
     NgramDrafter,
     Replay,
     batch_replay_summary,
+    pass_cost,
     replay,
     replay_batch,
     replay_batches,
@@ -180,13 +181,22 @@ def test_proposals_of_one_step_are_sized_together() -> None:
     d, (a, b) = _two_sequences(costs)
     assert d.propose(a) == [3, 4, 5]  # 1.9 / 4 tokens
     assert d.propose(b) == [10, 21]  # 1.6 / (1 + 0.5 + 0.5) tokens
-    # together: 2 rows and 3 sure proposals (2.2 / 5); the coin toss would cost 6.0 / 5.5
+    # together, rows 4 and 1 are two passes, of 2 rows and of 3 (1.3 + 1.6 = 2.9 for 5
+    # tokens: 0.58 each, against 1.3 / 2 without proposals); the coin toss would make
+    # them passes of 4 and 2 (1.9 + 1.3 = 3.2 for 5.5)
     assert d.plan([(a, None), (b, None)]) == [[3, 4, 5], []]
-    # a at its limit: b's coin toss pays in a step that a's token makes 2 rows anyway
-    assert d.plan([(a, 0), (b, None)]) == [[], [10, 21]]  # 1.9 / 3 tokens
-    # rows that propose nothing (sampled sequences) make the step longer too
-    assert d.plan([(a, None)], other_rows=2) == [[3, 4]]
-    assert d.plan([(a, None)], other_rows=5) == [[]]
+    # a at its limit: b's coin toss would be a second pass (1.3 + 1.3 for 3 tokens)
+    assert d.plan([(a, 0), (b, None)]) == [[], []]
+    # rows that propose nothing (sampled sequences) count as sequences of the step
+    assert d.plan([(a, None)], other_rows=1) == [[3, 4, 5]]  # 1.3 + 1.6 for 5
+    assert d.plan([(a, None)], other_rows=3) == [[]]  # 1.9 + 1.6 for 7 > 1.9 for 4
+    # with cheap rows, equal proposals for every sequence are one pass and pay
+    d, (a, b) = _two_sequences([1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 6.0])
+    assert d.plan([(a, 1), (b, 1)]) == [[3], [10]]  # rows 2, 2: one pass of 4
+    assert pass_cost([2, 1, 1, 1], d.step_cost) == pytest.approx(1.15 + 1.0)
+    assert pass_cost([3, 1, 2, 1], d.step_cost) == pytest.approx(1.15 + 1.05 + 1.0)
+    assert pass_cost([2, 2, 2], d.step_cost) == pytest.approx(1.25)
+    assert pass_cost([4], d.step_cost) == pytest.approx(1.15)
     assert d.plan([]) == []
     # without costs every sequence proposes what matches
     d, (a, b) = _two_sequences(None)
@@ -260,7 +270,12 @@ def test_replay_batches_groups_in_order_and_summarises() -> None:
     assert fig["max_rows"] == max(max(g.step_rows) for g in groups) <= 4
     # plain batched decoding: 2 rows while both run, then 1; the single report's steps alone
     plain = sum(d.step_cost(n) for n in [2] * 6 + [1] * 3 + [1] * 2)
-    spec = sum(d.step_cost(n) for g in groups for n in g.step_rows)
+    # each step with speculation priced by its passes over the weights
+    spec = sum(
+        pass_cost([r.step_tokens[t] for r in g.replays if t < len(r.step_tokens)], d.step_cost)
+        for g in groups
+        for t in range(len(g.step_rows))
+    )
     assert fig["decode_x_plain"] == pytest.approx(plain / spec) and fig["decode_x_plain"] > 1
     assert "decode_x_plain" not in batch_replay_summary(groups)
     with pytest.raises(ValueError, match="batch must be at least 1"):
