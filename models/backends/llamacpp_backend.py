@@ -969,7 +969,7 @@ class LlamaCppBackend:
         running sequence feeds as many rows, each idle slot between them gets as many
         throw-away rows after its cached ones (no logits; their K/V dropped after the step,
         so its cache is unchanged), fed in its place among the slots. At full size on 2
-        cores a step of sequences 0 and 2 cost 2.00x a one-sequence step, and 1.55x with
+        cores a step of sequences 0 and 2 cost 2.01x a one-sequence step, and 1.58x with
         slot 1 filled (``benchmarks/bench_batch_layout.py``).
         """
         fillers: list[tuple[int, int, int, bool]] = []
