@@ -247,25 +247,11 @@ def replay_corpus(
 
 def timed_steps(engine: LlamaCppBackend, start: int, gen: list[int], rep: Replay) -> float:
     """Seconds of the decode steps ``rep`` lists, run on ``engine`` after a prompt of
-    ``start`` tokens in sequence 0: each step feeds its tokens (the output's own ids; speed
-    does not depend on them) with logits read for every row, keeps 1 + its accepted ones
-    and drops the rest's K/V, as the backend's loop does. Leaves the prompt's K/V."""
-    llama = engine._llama
-    mem = llama.llama_get_memory(engine._ctx)
-    pos = start
-    t0 = time.perf_counter()
-    for size, kept in zip(rep.step_tokens, rep.step_accepted, strict=True):
-        toks = [gen[min(pos - start + i, len(gen) - 1)] for i in range(size)]
-        engine._decode_batch([(t, pos + i, 0, True) for i, t in enumerate(toks)])
-        for i in range(size):
-            engine._logits_row(i)
-        pos += 1 + kept
-        if kept + 1 < size and not llama.llama_memory_seq_rm(mem, 0, pos, -1):
-            raise RuntimeError("could not drop the rejected tokens' K/V")
-    dt = time.perf_counter() - t0
-    if not llama.llama_memory_seq_rm(mem, 0, start, -1):
-        raise RuntimeError("could not drop the report's K/V")
-    return dt
+    ``start`` tokens in sequence 0 (:func:`timed_batch_steps` with one sequence): each step
+    feeds its tokens with logits read for every row, keeps 1 + its accepted ones and drops
+    the rest's K/V, as the backend's loop does. Leaves the prompt's K/V."""
+    one = BatchReplay(replays=[rep], step_rows=list(rep.step_tokens))
+    return timed_batch_steps(engine, [start], [gen], one)
 
 
 def timed_replays(
