@@ -245,15 +245,6 @@ def replay_corpus(
     return replay_reports(drafter, items, max_new=max_new)
 
 
-def timed_steps(engine: LlamaCppBackend, start: int, gen: list[int], rep: Replay) -> float:
-    """Seconds of the decode steps ``rep`` lists, run on ``engine`` after a prompt of
-    ``start`` tokens in sequence 0 (:func:`timed_batch_steps` with one sequence): each step
-    feeds its tokens with logits read for every row, keeps 1 + its accepted ones and drops
-    the rest's K/V, as the backend's loop does. Leaves the prompt's K/V."""
-    one = BatchReplay(replays=[rep], step_rows=list(rep.step_tokens))
-    return timed_batch_steps(engine, [start], [gen], one)
-
-
 def timed_replays(
     gguf: Path,
     items: list[tuple[list[int], list[int]]],
@@ -261,33 +252,13 @@ def timed_replays(
     args: argparse.Namespace,
 ) -> dict[tuple[int, str], float]:
     """Decode seconds of ``--timed`` replayed reports (from the ``--warm``-th on), summed,
-    per setting and for plain decoding (key ``(0, "plain")``), each report's prompt
-    prefilled once and its settings run in turn on the full-size engine, each report
-    starting the turn at the next setting."""
-    engine = LlamaCppBackend(gguf, threads=args.threads, max_batch=1)
-    engine.load()
-    picked = range(args.warm, min(args.warm + args.timed, len(items)))
-    total: dict[tuple[int, str], float] = {(0, "plain"): 0.0, **{key: 0.0 for key in replays}}
-    try:
-        for j in picked:
-            prompt, gen = items[j]
-            engine.clear_cache()
-            n = len(prompt)
-            for lo in range(0, n, engine.n_batch):
-                chunk = prompt[lo : lo + engine.n_batch]
-                engine._decode_batch([(t, lo + i, 0, lo + i == n - 1) for i, t in enumerate(chunk)])
-            any_rep = next(iter(replays.values()))[j]
-            plain = Replay(
-                step_tokens=[1] * any_rep.plain_steps, step_accepted=[0] * any_rep.plain_steps
-            )
-            runs = [((0, "plain"), plain), *((key, reps[j]) for key, reps in replays.items())]
-            # each report starts with another setting: the host's drift spreads over all
-            shift = (j - args.warm) % len(runs)
-            for key, rep in runs[shift:] + runs[:shift]:
-                total[key] += timed_steps(engine, n, gen, rep)
-    finally:
-        engine.close()
-    return total
+    per setting and for plain decoding (key ``(0, "plain")``): :func:`timed_batches` with
+    batches of one report."""
+    ones = {
+        key: [BatchReplay(replays=[r], step_rows=list(r.step_tokens)) for r in reps]
+        for key, reps in replays.items()
+    }
+    return timed_batches(gguf, items, ones, args, batch=1)[0]
 
 
 def timed_batch_steps(
@@ -335,13 +306,16 @@ def timed_batches(
     items: list[tuple[list[int], list[int]]],
     batches: dict[tuple[int, str], list[BatchReplay]],
     args: argparse.Namespace,
+    *,
+    batch: int,
 ) -> tuple[dict[tuple[int, str], float], range]:
-    """Part 5 timed: decode seconds of the groups that hold the ``--timed`` reports from
-    the ``--warm``-th on, summed per setting and for plain batched decoding (key
-    ``(0, "plain")``), on a full-size engine holding ``--batch`` sequences: each group's
-    prompts prefilled once, its settings run in turn, each group starting the turn at
-    the next setting. Returns the sums and the groups timed."""
-    b = args.batch
+    """Decode seconds of the groups of ``batch`` reports that hold the ``--timed`` reports
+    from the ``--warm``-th on, summed per setting and for plain (batched) decoding (key
+    ``(0, "plain")``), on a full-size engine holding ``batch`` sequences: each group's
+    prompts prefilled once, its settings run in turn, each group starting the turn at the
+    next setting (the host's drift spreads over all). Returns the sums and the groups
+    timed. Part 4 times batches of one, part 5 of ``--batch``."""
+    b = batch
     groups = range(args.warm // b, min((args.warm + args.timed - 1) // b + 1, len(items) // b))
     engine = LlamaCppBackend(gguf, threads=args.threads, max_batch=b)
     engine.load()
@@ -521,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     batches: dict[str, dict[str, float]] = {}
     if args.batch:
         groups = batch_replays(items, specs, args, rel)
-        timed_b = timed_batches(gguf, items, groups, args) if args.timed else None
+        timed_b = timed_batches(gguf, items, groups, args, batch=args.batch) if args.timed else None
         batches = print_batches(args, groups, rel, timed_b)
     if args.json_out:
         for r in rows:
