@@ -49,17 +49,22 @@ fi
 cache_root="${CXR_NODE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-cxr-node/wheels}"
 cache="$cache_root/llama-cpp-python-$want-$key"
 if ! compgen -G "$cache/*.whl" >/dev/null; then
+  # Build in a private folder and publish it with one rename(2): a set-up running at the
+  # same time never sees (or deletes) a half-built wheel, and whichever publishes first wins.
+  mkdir -p "$cache_root"
   work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
+  out=$(mktemp -d "$cache_root/.build-$key.XXXXXX")
+  trap 'rm -rf "$work" "$out"' EXIT
   echo "build-llama-cpp: building llama-cpp-python $want (several minutes on 2 cores)"
   python -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-python==$VER"
   tar xzf "$work/llama_cpp_python-$VER.tar.gz" -C "$work"
   patch -d "$work/llama_cpp_python-$VER" -p1 --forward --quiet <"$patch_file"
-  mkdir -p "$cache_root"
-  rm -rf "$cache.part"
-  python -m pip wheel -q --no-deps --no-cache-dir -w "$cache.part" "$work/llama_cpp_python-$VER"
-  rm -rf "$cache"
-  mv "$cache.part" "$cache"
+  python -m pip wheel -q --no-deps --no-cache-dir -w "$out" "$work/llama_cpp_python-$VER"
+  # an empty or wheel-less $cache (an older script's leftover) may be replaced; a published
+  # one is never touched: rename onto a non-empty folder fails and ours is discarded
+  compgen -G "$cache/*.whl" >/dev/null || rmdir "$cache" 2>/dev/null || true
+  mv -T "$out" "$cache" 2>/dev/null || echo "build-llama-cpp: another set-up published it first"
+  compgen -G "$cache/*.whl" >/dev/null || { echo "build-llama-cpp: no wheel in $cache" >&2; exit 1; }
 fi
 python -m pip install -q --no-deps --force-reinstall "$cache"/*.whl
 pkg=$(pkg_dir)
