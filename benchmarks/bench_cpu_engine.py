@@ -88,17 +88,10 @@ def bench_llm_module() -> Any:
 
 
 def tokenizer_dir(tmp: Path) -> Path:
-    """An LLM-CXR ``tokenizer.json`` (GPT-NeoX-20B from ../shared, or the fallback BPE)."""
-    from models.text import (
-        build_llmcxr_tokenizer,
-        default_base_tokenizer,
-        save_tokenizer_dir,
-        train_fallback_tokenizer,
-    )
+    """The LLM-CXR ``tokenizer.json`` (the packaged GPT-NeoX-20B with the specials)."""
+    from models.text import build_llmcxr_tokenizer, save_tokenizer_dir
 
-    base = default_base_tokenizer()
-    tok = build_llmcxr_tokenizer(base) if base else train_fallback_tokenizer()
-    save_tokenizer_dir(tok, tmp)
+    save_tokenizer_dir(build_llmcxr_tokenizer(), tmp)
     return tmp
 
 

@@ -116,15 +116,9 @@ def run_one(
     from models.backends.base import GenerationRequest
     from models.backends.transformers_backend import TransformersBackend
     from models.prompts import report_prompt
-    from models.text import (
-        LLMCXRTokenizer,
-        build_llmcxr_tokenizer,
-        default_base_tokenizer,
-        train_fallback_tokenizer,
-    )
+    from models.text import LLMCXRTokenizer, build_llmcxr_tokenizer
 
-    base = default_base_tokenizer()
-    tok = LLMCXRTokenizer(build_llmcxr_tokenizer(base) if base else train_fallback_tokenizer())
+    tok = LLMCXRTokenizer(build_llmcxr_tokenizer())
     t0 = time.perf_counter()
     model = build_model(layers, DTYPES[dtype_name])
     build_s = time.perf_counter() - t0

@@ -5,8 +5,7 @@
 #
 # Optional carried input (ignored by git, named in the device call's `carry`): .whl/*.whl,
 # Python packages put first on the path (the transformers version this project is tested
-# with; the machine's image has its own). ../shared does not travel, so the tokenizer is the
-# fallback BPE (same special ids and vocabulary size) unless LLMCXR_BASE_TOKENIZER is set.
+# with; the machine's image has its own). The tokenizer is the GPT-NeoX-20B copy in models/.
 # Knobs: GPU_TESTS_S, GPU_BENCH_S (timeouts), GPU_DEADLINE_S (start no row after),
 # GPU_ROWS (bench_generation --gpu-rows), GPU_BATCHES (--gpu-batches).
 # Inductor's max-autotune on the node's own loop, not yet measured, within one lease:

@@ -18,12 +18,7 @@ import yaml
 
 from models.bundle import DECODER_FILE, ENCODER_FILE, LLM_DIR, ModelBundle, write_manifest
 from models.layout import EOS_ID, VOCAB
-from models.text import (
-    build_llmcxr_tokenizer,
-    default_base_tokenizer,
-    save_tokenizer_dir,
-    train_fallback_tokenizer,
-)
+from models.text import build_llmcxr_tokenizer, save_tokenizer_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -103,7 +98,6 @@ def create_demo_bundle(
     layers: int = 2,
     heads: int = 4,
     base_tokenizer: Path | None = None,
-    use_shared_tokenizer: bool = True,
     overwrite: bool = False,
 ) -> ModelBundle:
     """Build a DEMO bundle at ``out`` (deterministic from ``seed``).
@@ -117,9 +111,7 @@ def create_demo_bundle(
     hidden, layers, heads
         GPT-NeoX shape (vocabulary and rotary fraction are always LLM-CXR's).
     base_tokenizer
-        A GPT-NeoX-20B ``tokenizer.json``; default: ``../shared/assets/...`` when present.
-    use_shared_tokenizer
-        ``False`` forces the locally trained fallback tokenizer (same ids and length).
+        A GPT-NeoX-20B ``tokenizer.json``; default: the copy that ships with ``models``.
     overwrite
         Replace a non-empty ``out``.
 
@@ -138,13 +130,7 @@ def create_demo_bundle(
     out = Path(out)
     staging = _prepare_out(out, overwrite)
     try:
-        base = base_tokenizer or (default_base_tokenizer() if use_shared_tokenizer else None)
-        if base is not None:
-            tok = build_llmcxr_tokenizer(Path(base))
-            tok_source = "gpt-neox-20b"
-        else:
-            tok = train_fallback_tokenizer()
-            tok_source = "fallback-bpe (trained locally, same special ids and length)"
+        tok = build_llmcxr_tokenizer(Path(base_tokenizer) if base_tokenizer else None)
         llm_dir = staging / LLM_DIR
         cfg = demo_gpt_neox_config(hidden=hidden, layers=layers, heads=heads)
         torch.manual_seed(seed)
@@ -173,7 +159,7 @@ def create_demo_bundle(
                 "num_hidden_layers": layers,
                 "num_attention_heads": heads,
                 "parameters": int(sum(p.numel() for p in model.parameters())),
-                "tokenizer": tok_source,
+                "tokenizer": "gpt-neox-20b",
             },
             vqgan={"config": vq_cfg.to_dict()},
             source={"kind": "demo", "seed": seed},

@@ -2,19 +2,22 @@
 
 The runtime tokenizer is a :class:`tokenizers.Tokenizer` read from a local ``tokenizer.json``
 (never the hub). :func:`build_llmcxr_tokenizer` reproduces the published layout from the
-GPT-NeoX-20B tokenizer; :func:`train_fallback_tokenizer` builds a small byte-level BPE with
-the same ids for special tokens and the same length when ``../shared`` is absent.
+GPT-NeoX-20B tokenizer, which ships with this package (``models/assets``, Apache-2.0,
+EleutherAI). :func:`check_tokenizer_layout` refuses any tokenizer whose first 50,277 entries
+are not GPT-NeoX-20B's: the LLM-CXR weights are trained on those ids, so another vocabulary
+(or one padded with placeholder entries) would put meaningless word pieces into reports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers.trainers import BpeTrainer
+from tokenizers import Tokenizer
 
 from models.layout import (
     BASE_TEXT_VOCAB,
@@ -24,12 +27,15 @@ from models.layout import (
     EOS_ID,
     EOS_TOKEN,
     IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_OFFSET,
     LLMCXR_SPECIALS,
+    N_IMAGE_CODES,
     PAD_TOKEN,
     PADDING_ID,
     RESPONSE_MARKER_ID,
     SPECIAL_IDS,
     TEXT_VOCAB,
+    VOCAB,
     TokenLayoutError,
     codes_to_ids,
     id_to_code,
@@ -39,116 +45,94 @@ from models.layout import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TOKENIZER_FILE = "tokenizer.json"
-# Shared asset location relative to the project root (../shared/assets/...).
-SHARED_NEOX_TOKENIZER = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "assets"
-    / "tokenizers"
-    / "gpt-neox-20b"
-    / "tokenizer.json"
+NEOX_TOKENIZER_RESOURCE = "gpt-neox-20b-tokenizer.json"
+"""The GPT-NeoX-20B ``tokenizer.json`` in the package ``models.assets``."""
+NEOX_VOCAB_SHA256 = "fa289ee6214f3e457de5825266765b46dbcdd60240a10f8e2c17e15e7a89be56"
+"""SHA-256 of GPT-NeoX-20B's entries, one ``"<id>\\t<token>\\n"`` line per id 0..50276
+(:func:`base_vocab_fingerprint`)."""
+_LAYOUT_NEEDS = (
+    f"the LLM-CXR layout needs {TEXT_VOCAB} text entries (GPT-NeoX-20B's {BASE_TEXT_VOCAB}, "
+    f"dolly's 3 specials and '### Response:\\n') followed by {N_IMAGE_CODES} image ids "
+    f"({IMAGE_TOKEN_OFFSET}..{VOCAB - 1})"
 )
 
 
-def check_tokenizer_layout(tok: Tokenizer) -> None:
+def neox_tokenizer_json() -> str:
+    """The text of the GPT-NeoX-20B ``tokenizer.json`` that ships with this package."""
+    return resources.files("models.assets").joinpath(NEOX_TOKENIZER_RESOURCE).read_text("utf-8")
+
+
+def base_vocab_fingerprint(tok: Tokenizer) -> str:
+    """SHA-256 of ``tok``'s entries with ids below 50,277, in id order (see
+    :data:`NEOX_VOCAB_SHA256`)."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    digest = hashlib.sha256()
+    for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if i < BASE_TEXT_VOCAB:
+            digest.update(f"{i}\t{token}\n".encode())
+    return digest.hexdigest()
+
+
+def check_tokenizer_layout(tok: Tokenizer, source: str | Path | None = None) -> None:
     """Raise :class:`TokenLayoutError` unless ``tok`` has the LLM-CXR layout.
 
-    Checks ``len == 50281``, ``<|endoftext|> == 0``, ``<|padding|> == 1`` and the ids of
+    Checks ``len == 50281``, that ids 0..50276 are GPT-NeoX-20B's entries
+    (:data:`NEOX_VOCAB_SHA256`), ``<|endoftext|> == 0``, ``<|padding|> == 1`` and the ids of
     ``### End``, ``### Instruction:``, ``### Response:`` and ``"### Response:\\n"``.
+
+    Parameters
+    ----------
+    tok
+        The tokenizer to check.
+    source
+        Where it was read from, named in the error (e.g. a bundle's ``llm/tokenizer.json``).
     """
+    where = f"{source}: " if source is not None else ""
     size = tok.get_vocab_size(with_added_tokens=True)
     if size != TEXT_VOCAB:
+        raise TokenLayoutError(f"{where}the tokenizer has {size} entries; {_LAYOUT_NEEDS}")
+    if base_vocab_fingerprint(tok) != NEOX_VOCAB_SHA256:
+        vocab = tok.get_vocab(with_added_tokens=True)
+        odd = next((t for t in vocab if t.startswith("<|unused")), None)
+        hint = f", e.g. placeholder entry {odd!r}" if odd else ""
         raise TokenLayoutError(
-            f"tokenizer has {size} entries, the LLM-CXR layout needs {TEXT_VOCAB} "
-            "(GPT-NeoX-20B 50277 + dolly's 3 specials + '### Response:\\n')"
+            f"{where}ids 0..{BASE_TEXT_VOCAB - 1} are not GPT-NeoX-20B's vocabulary{hint}; "
+            f"LLM-CXR's weights are trained on those ids, and {_LAYOUT_NEEDS}"
         )
     expected = {EOS_TOKEN: EOS_ID, PAD_TOKEN: PADDING_ID, **SPECIAL_IDS}
     for token, want in expected.items():
         got = tok.token_to_id(token)
         if got != want:
-            raise TokenLayoutError(f"tokenizer maps {token!r} to {got}, expected {want}")
+            raise TokenLayoutError(f"{where}the tokenizer maps {token!r} to {got}, expected {want}")
 
 
-def build_llmcxr_tokenizer(base_tokenizer_json: Path) -> Tokenizer:
+def build_llmcxr_tokenizer(base_tokenizer_json: Path | None = None) -> Tokenizer:
     """Add dolly's and LLM-CXR's special tokens to the GPT-NeoX-20B tokenizer.
 
     Parameters
     ----------
     base_tokenizer_json
-        The GPT-NeoX-20B ``tokenizer.json`` (50,277 entries).
+        A GPT-NeoX-20B ``tokenizer.json`` (50,277 entries); default: the copy that ships
+        with this package.
 
     Returns
     -------
     tokenizers.Tokenizer
         A tokenizer of length 50,281 with the published special-token ids.
     """
-    tok = Tokenizer.from_file(str(base_tokenizer_json))
+    if base_tokenizer_json is None:
+        source: str | Path = f"models/assets/{NEOX_TOKENIZER_RESOURCE}"
+        tok = Tokenizer.from_str(neox_tokenizer_json())
+    else:
+        source = base_tokenizer_json
+        tok = Tokenizer.from_file(str(base_tokenizer_json))
     size = tok.get_vocab_size(with_added_tokens=True)
     if size != BASE_TEXT_VOCAB:
-        raise TokenLayoutError(
-            f"{base_tokenizer_json} has {size} entries, GPT-NeoX-20B has {BASE_TEXT_VOCAB}"
-        )
+        raise TokenLayoutError(f"{source} has {size} entries, GPT-NeoX-20B has {BASE_TEXT_VOCAB}")
     tok.add_special_tokens(list(DOLLY_SPECIALS))
     tok.add_special_tokens(list(LLMCXR_SPECIALS))
-    check_tokenizer_layout(tok)
+    check_tokenizer_layout(tok, source)
     return tok
-
-
-_FALLBACK_CORPUS = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\nGenerate free-text radiology reports for the "
-    "entered chest X-ray images.\n\nInput:\n<image>\n\n### Response:\n"
-    "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. The cardiomediastinal "
-    "silhouette is normal. IMPRESSION: No acute cardiopulmonary process.\n\n### End\n"
-    "Is there a pleural effusion? Is there cardiomegaly? yes no left right bilateral small "
-    "moderate large consolidation edema atelectasis pneumonia opacity nodule mass fracture "
-    "support devices tube line catheter heart size lung volumes image chest X-ray image\n"
-)
-
-
-def train_fallback_tokenizer(
-    corpus: Sequence[str] | None = None, *, merges: int = 600
-) -> Tokenizer:
-    """Train a small byte-level BPE and pad it to the LLM-CXR layout (len 50,281).
-
-    Used by the demo bundle when the GPT-NeoX-20B tokenizer is not available. The BPE is
-    trained on a small built-in corpus (deterministic), its vocabulary is padded with unused
-    entries up to 50,277, then the special tokens are added so that every special id matches
-    the published layout.
-    """
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = BpeTrainer(
-        vocab_size=256 + 2 + merges,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    texts = list(corpus) if corpus is not None else [_FALLBACK_CORPUS] * 4
-    tok.train_from_iterator(texts, trainer=trainer)
-    data = json.loads(tok.to_str())
-    vocab: dict[str, int] = data["model"]["vocab"]
-    next_id = max(vocab.values()) + 1
-    while next_id < BASE_TEXT_VOCAB:
-        vocab[f"<|unused_{next_id}|>"] = next_id
-        next_id += 1
-    padded = Tokenizer.from_str(json.dumps(data))
-    padded.add_special_tokens(list(DOLLY_SPECIALS))
-    padded.add_special_tokens(list(LLMCXR_SPECIALS))
-    check_tokenizer_layout(padded)
-    return padded
-
-
-def default_base_tokenizer() -> Path | None:
-    """The GPT-NeoX-20B ``tokenizer.json``: ``$LLMCXR_BASE_TOKENIZER`` if set, else the shared
-    asset (``../shared/assets/tokenizers/gpt-neox-20b``) if present, else ``None``."""
-    env = os.environ.get("LLMCXR_BASE_TOKENIZER")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    return SHARED_NEOX_TOKENIZER if SHARED_NEOX_TOKENIZER.is_file() else None
 
 
 def save_tokenizer_dir(tok: Tokenizer, out_dir: Path) -> list[Path]:
@@ -192,10 +176,12 @@ class LLMCXRTokenizer:
     ----------
     tokenizer
         A ``tokenizers.Tokenizer`` with the LLM-CXR layout (checked here).
+    source
+        Where it was read from, named in a layout error.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        check_tokenizer_layout(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, source: str | Path | None = None) -> None:
+        check_tokenizer_layout(tokenizer, source)
         self._tok = tokenizer
 
     @classmethod
@@ -209,7 +195,11 @@ class LLMCXRTokenizer:
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if file.is_file():
-            return cls(Tokenizer.from_file(str(file)))
+            try:
+                raw = Tokenizer.from_file(str(file))
+            except Exception as exc:  # the tokenizers library raises a bare Exception
+                raise TokenLayoutError(f"{file}: not a readable tokenizer.json ({exc})") from exc
+            return cls(raw, file)
         if path.is_dir() and (path / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
@@ -219,8 +209,8 @@ class LLMCXRTokenizer:
                 raise TokenLayoutError(f"cannot load the tokenizer in {path}: {exc}") from exc
             backend = getattr(hf, "backend_tokenizer", None)
             if isinstance(backend, Tokenizer):
-                return cls(backend)
-        raise TokenLayoutError(f"no {TOKENIZER_FILE} at {path}")
+                return cls(backend, path)
+        raise TokenLayoutError(f"no {TOKENIZER_FILE} at {path}; {_LAYOUT_NEEDS}")
 
     @property
     def raw(self) -> Tokenizer:

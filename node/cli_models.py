@@ -28,10 +28,6 @@ def create_demo(
     seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
     hidden: Annotated[int, typer.Option(help="GPT-NeoX hidden size.")] = 64,
     layers: Annotated[int, typer.Option(help="GPT-NeoX layers.")] = 2,
-    fallback_tokenizer: Annotated[
-        bool,
-        typer.Option(help="Use the locally trained tokenizer even if ../shared has GPT-NeoX-20B."),
-    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Build a small, randomly initialised DEMO bundle with the LLM-CXR token layout."""
@@ -44,7 +40,6 @@ def create_demo(
             seed=seed,
             hidden=hidden,
             layers=layers,
-            use_shared_tokenizer=not fallback_tokenizer,
             overwrite=overwrite,
         )
     except (BundleError, FileExistsError, ValueError) as exc:

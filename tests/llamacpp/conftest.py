@@ -42,12 +42,7 @@ def make_tiny_llm(out: Path, *, seed: int = 0, hidden: int = 64, always_end: boo
     from transformers import GPTNeoXForCausalLM
 
     from models.demo import demo_gpt_neox_config
-    from models.text import (
-        build_llmcxr_tokenizer,
-        default_base_tokenizer,
-        save_tokenizer_dir,
-        train_fallback_tokenizer,
-    )
+    from models.text import build_llmcxr_tokenizer, save_tokenizer_dir
 
     cfg = demo_gpt_neox_config(hidden=hidden, layers=2, heads=4)
     torch.manual_seed(seed)
@@ -60,9 +55,7 @@ def make_tiny_llm(out: Path, *, seed: int = 0, hidden: int = 64, always_end: boo
             model.gpt_neox.final_layer_norm.bias.copy_(direction)
             model.get_output_embeddings().weight[END_ID].copy_(direction)
     model.save_pretrained(str(out))
-    base = default_base_tokenizer()
-    tok = build_llmcxr_tokenizer(base) if base is not None else train_fallback_tokenizer()
-    save_tokenizer_dir(tok, out)
+    save_tokenizer_dir(build_llmcxr_tokenizer(), out)
     return out
 
 

@@ -19,12 +19,7 @@ import yaml
 
 from models.bundle import ModelBundle
 from models.layout import VOCAB
-from models.text import (
-    build_llmcxr_tokenizer,
-    save_tokenizer_dir,
-    train_fallback_tokenizer,
-)
-from tests.helpers import NEOX_TOKENIZER
+from models.text import build_llmcxr_tokenizer, save_tokenizer_dir
 
 
 def _tmpdir(prefix: str) -> Path:
@@ -34,11 +29,9 @@ def _tmpdir(prefix: str) -> Path:
 
 
 @functools.cache
-def llmcxr_tokenizer_any() -> Any:
-    """The real LLM-CXR tokenizer when ../shared is present, else the fallback one."""
-    if NEOX_TOKENIZER.is_file():
-        return build_llmcxr_tokenizer(NEOX_TOKENIZER)
-    return train_fallback_tokenizer()
+def llmcxr_tokenizer() -> Any:
+    """The LLM-CXR tokenizer (GPT-NeoX-20B as packaged, with the published specials)."""
+    return build_llmcxr_tokenizer()
 
 
 @functools.cache
@@ -78,7 +71,7 @@ def write_tiny_llm(
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(cfg).eval()
     model.save_pretrained(str(out))
-    save_tokenizer_dir(tokenizer or llmcxr_tokenizer_any(), out)
+    save_tokenizer_dir(tokenizer or llmcxr_tokenizer(), out)
     return out
 
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from models.bundle import MANIFEST, BundleError, ModelBundle, sha256_file
 from models.demo import create_demo_bundle
 from models.importer import import_llmcxr
-from models.layout import CODES_PER_IMAGE
+from models.layout import CODES_PER_IMAGE, TokenLayoutError
+from models.prompts import report_prompt
 from models.runtime import LLMCXR
 from models.text import LLMCXRTokenizer
 from models.vqgan import VQGANConfig
@@ -109,36 +110,64 @@ def test_manifest_validation_names_the_field(
 
 
 @pytest.mark.slow
-def test_demo_with_fallback_tokenizer_is_deterministic(tmp_path: Path) -> None:
-    res = CliRunner().invoke(
-        app,
-        [
-            "create-demo",
-            "--out",
-            str(tmp_path / "a"),
-            "--seed",
-            "3",
-            "--hidden",
-            "32",
-            "--layers",
-            "1",
-            "--fallback-tokenizer",
-        ],
-    )
+def test_demo_bundle_is_deterministic_with_the_real_tokenizer(tmp_path: Path) -> None:
+    args = ["create-demo", "--out", str(tmp_path / "a"), "--seed", "3", "--hidden", "32"]
+    res = CliRunner().invoke(app, [*args, "--layers", "1"])
     assert res.exit_code == 0, res.output
     assert "DEMO" in res.output
     a = ModelBundle.open(tmp_path / "a")
-    b = create_demo_bundle(
-        tmp_path / "b", seed=3, hidden=32, layers=1, heads=4, use_shared_tokenizer=False
-    )
-    assert a.manifest["llm"]["tokenizer"].startswith("fallback")
+    b = create_demo_bundle(tmp_path / "b", seed=3, hidden=32, layers=1, heads=4)
+    assert a.manifest["llm"]["tokenizer"] == "gpt-neox-20b"
     for rel in ("llm/model.safetensors", "llm/tokenizer.json"):
         assert a.files[rel]["sha256"] == b.files[rel]["sha256"]
-    assert len(LLMCXRTokenizer.from_dir(a.llm_dir)) == 50281
     with pytest.raises(FileExistsError):
         create_demo_bundle(tmp_path / "a")
     report = a.verify(deep=True)
     assert report.ok, report.failures()
+
+
+def test_demo_bundle_tokenizer_is_gpt_neox_with_the_image_ids(demo_bundle: ModelBundle) -> None:
+    """The demo's tokenizer is the real one: its noise is GPT-NeoX word pieces, never
+    placeholders, and image code c is id 50281 + c after the 50,281 text entries."""
+    tok = LLMCXRTokenizer.from_dir(demo_bundle.llm_dir)
+    assert len(tok) == 50281
+    assert tok.encode("No pleural effusion.") == [2302, 46388, 3098, 2035, 15]
+    assert tok.decode(range(2000, 2010)) == tok.raw.decode(list(range(2000, 2010)))
+    assert "<|" not in tok.decode(range(2, 50277), skip_special_tokens=True)
+    ids = tok.encode_with_image(report_prompt(), list(range(CODES_PER_IMAGE)))
+    start = ids.index(50281)
+    assert ids[start : start + CODES_PER_IMAGE] == list(range(50281, 50281 + CODES_PER_IMAGE))
+    assert ids[start - 1] == tok.image_open_id
+    assert ids[start + CODES_PER_IMAGE] == tok.image_close_id
+    assert tok.decode([*ids[:start], 51304]) == tok.decode(ids[:start])  # image ids are not text
+    assert demo_bundle.manifest["token_layout"]["image_token_offset"] == 50281
+    assert demo_bundle.manifest["token_layout"]["vocab_size"] == 50281 + 1024
+
+
+def test_a_bundle_with_a_wrong_tokenizer_is_refused_at_load(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    tok_file = root / "llm" / "tokenizer.json"
+    data = json.loads(tok_file.read_text())
+    vocab = data["model"]["vocab"]
+    for token, i in list(vocab.items()):
+        if 40000 <= i < 40010:
+            del vocab[token]
+            vocab[f"<|unused_{i}|>"] = i
+    data["model"]["merges"] = []
+    tok_file.write_text(json.dumps(data))
+    m = json.loads((root / MANIFEST).read_text())
+    m["files"]["llm/tokenizer.json"]["sha256"] = sha256_file(tok_file)
+    m["files"]["llm/tokenizer.json"]["size"] = tok_file.stat().st_size
+    (root / MANIFEST).write_text(json.dumps(m))
+    bundle = ModelBundle.open(root)
+    report = bundle.verify()
+    assert not report.ok
+    assert any("not GPT-NeoX-20B's vocabulary" in f for f in report.failures())
+    with pytest.raises(TokenLayoutError, match=f"{tok_file}: ids 0..50276 are not GPT-NeoX"):
+        LLMCXR.from_bundle(bundle, backend_options={"dtype": "float32"})
+    tok_file.unlink()
+    with pytest.raises((BundleError, TokenLayoutError), match=r"tokenizer\.json"):
+        LLMCXR.from_bundle(ModelBundle.open(root), backend_options={"dtype": "float32"})
 
 
 @pytest.mark.slow

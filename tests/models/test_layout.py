@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,28 +30,22 @@ from models.prompts import (
     vqa_prompt,
 )
 from models.text import (
+    NEOX_VOCAB_SHA256,
     LLMCXRTokenizer,
+    base_vocab_fingerprint,
     build_llmcxr_tokenizer,
     extract_image_codes,
+    neox_tokenizer_json,
     save_tokenizer_dir,
-    train_fallback_tokenizer,
 )
-from tests.helpers import NEOX_TOKENIZER
-from tests.models.llm_fixtures import llmcxr_tokenizer_any
+from tests.models.llm_fixtures import llmcxr_tokenizer
 
 CODES = [(7 * i + 3) % 1024 for i in range(CODES_PER_IMAGE)]
 
 
 @pytest.fixture(scope="module")
 def real_tok() -> LLMCXRTokenizer:
-    if not NEOX_TOKENIZER.is_file():
-        pytest.skip(f"GPT-NeoX-20B tokenizer not found at {NEOX_TOKENIZER}")
-    return LLMCXRTokenizer(build_llmcxr_tokenizer(NEOX_TOKENIZER))
-
-
-@pytest.fixture(scope="module")
-def fallback_tok() -> LLMCXRTokenizer:
-    return LLMCXRTokenizer(train_fallback_tokenizer())
+    return LLMCXRTokenizer(build_llmcxr_tokenizer())
 
 
 def test_layout_constants() -> None:
@@ -87,8 +82,12 @@ def test_real_tokenizer_ids_match_the_published_layout(real_tok: LLMCXRTokenizer
     # the longer special wins: the prompt's final "### Response:\n" is one token
     assert real_tok.encode("### Response:\n") == [50280]
     assert real_tok.encode("x\n\n### End")[-1] == 50277
-    base = Tokenizer.from_file(str(NEOX_TOKENIZER))
+    base = Tokenizer.from_str(neox_tokenizer_json())
     assert base.get_vocab_size(with_added_tokens=True) == 50277
+    assert base_vocab_fingerprint(base) == NEOX_VOCAB_SHA256
+    # real GPT-NeoX word pieces, no placeholder entries
+    assert raw.id_to_token(50276) == "  " and raw.id_to_token(1000) == "err"
+    assert not [t for t in raw.get_vocab() if t.startswith("<|unused")]
 
 
 def test_image_placeholder_is_three_tokens_in_context(real_tok: LLMCXRTokenizer) -> None:
@@ -102,9 +101,8 @@ def test_image_placeholder_is_three_tokens_in_context(real_tok: LLMCXRTokenizer)
     assert ids[k + 1] == real_tok.image_close_id == 31
 
 
-@pytest.mark.parametrize("which", ["real", "fallback"])
-def test_image_injection(which: str, request: pytest.FixtureRequest) -> None:
-    tok: LLMCXRTokenizer = request.getfixturevalue(f"{which}_tok")
+def test_image_injection(real_tok: LLMCXRTokenizer) -> None:
+    tok = real_tok
     prompt = report_prompt()
     plain = tok.encode(prompt)
     ids = tok.encode_with_image(prompt, CODES)
@@ -137,36 +135,56 @@ def test_injection_errors(real_tok: LLMCXRTokenizer) -> None:
         real_tok.encode_with_image(report_prompt(), None)
 
 
-def test_fallback_tokenizer_lines_up_and_is_deterministic(fallback_tok: LLMCXRTokenizer) -> None:
-    raw = fallback_tok.raw
-    assert len(fallback_tok) == 50281
-    for tok, want in [
-        ("<|endoftext|>", 0),
-        ("<|padding|>", 1),
-        ("### End", 50277),
-        ("### Instruction:", 50278),
-        ("### Response:", 50279),
-        ("### Response:\n", 50280),
-    ]:
-        assert raw.token_to_id(tok) == want
-    assert fallback_tok.encode(report_prompt())[-1] == 50280
-    assert train_fallback_tokenizer().to_str() == raw.to_str()
+def _padded_tokenizer(real: LLMCXRTokenizer) -> Tokenizer:
+    """The right length and special ids, but entries 50000.. replaced by placeholders."""
+    data = json.loads(real.raw.to_str())
+    vocab = data["model"]["vocab"]
+    for token, i in list(vocab.items()):
+        if 50000 <= i < 50254:
+            del vocab[token]
+            vocab[f"<|unused_{i}|>"] = i
+    data["model"]["merges"] = []
+    return Tokenizer.from_str(json.dumps(data))
 
 
-def test_tokenizer_of_wrong_length_is_rejected() -> None:
-    if NEOX_TOKENIZER.is_file():
-        with pytest.raises(TokenLayoutError, match="50277 entries"):
-            LLMCXRTokenizer(Tokenizer.from_file(str(NEOX_TOKENIZER)))
-    t = train_fallback_tokenizer()
-    t.add_special_tokens(["<extra>"])
-    with pytest.raises(TokenLayoutError, match="50282"):
-        LLMCXRTokenizer(t)
+def test_wrong_tokenizers_are_refused_with_the_file_and_the_layout(
+    real_tok: LLMCXRTokenizer, tmp_path: Path
+) -> None:
+    needs = r"layout needs 50281 text entries .* followed by 1024 image ids \(50281\.\.51304\)"
+    # GPT-NeoX-20B without the specials: wrong length, the file named
+    base_file = tmp_path / "neox" / "tokenizer.json"
+    base_file.parent.mkdir()
+    base_file.write_text(neox_tokenizer_json())
+    wrong_length = f"{base_file}: .*50277 entries; the LLM-CXR {needs}"
+    with pytest.raises(TokenLayoutError, match=wrong_length):
+        LLMCXRTokenizer.from_dir(base_file.parent)
+    # one entry too many
+    extra = Tokenizer.from_str(real_tok.raw.to_str())
+    extra.add_special_tokens(["<extra>"])
+    with pytest.raises(TokenLayoutError, match="50282 entries"):
+        LLMCXRTokenizer(extra)
+    # the right length and ids, padded with placeholders: refused, never decoded into a report
+    padded = _padded_tokenizer(real_tok)
+    assert padded.get_vocab_size(with_added_tokens=True) == 50281
+    padded_dir = tmp_path / "padded"
+    padded_dir.mkdir()
+    padded.save(str(padded_dir / "tokenizer.json"))
+    with pytest.raises(TokenLayoutError, match=r"not GPT-NeoX-20B's vocabulary.*<\|unused_50"):
+        LLMCXRTokenizer.from_dir(padded_dir)
+    # not a tokenizer at all
+    (padded_dir / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    with pytest.raises(TokenLayoutError, match=f"{padded_dir}/tokenizer.json: not a readable"):
+        LLMCXRTokenizer.from_dir(padded_dir)
+    # no tokenizer.json at all
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenLayoutError, match=f"no tokenizer.json .*empty; the LLM-CXR {needs}"):
+        LLMCXRTokenizer.from_dir(tmp_path / "empty")
 
 
 def test_saved_tokenizer_loads_with_transformers_offline(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    tok = llmcxr_tokenizer_any()
+    tok = llmcxr_tokenizer()
     save_tokenizer_dir(tok, tmp_path)
     hf = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert len(hf) == 50281
