@@ -2,9 +2,10 @@
 
 Random weights at the published LLM-CXR size (ch=128, ch_mult 1,1,2,2,4, 2 res
 blocks, attention at 16, z 256, 1024x256 codebook) unless ``--config tiny``. Inputs are
-the real NIH CXRs from ``../shared/assets`` when present (tiled to the batch), else a
-fixed random image. Prints one table: median ms per image, ratio against PyTorch eager
-fp32 measured in the same run (>1 = faster), and each runtime's code agreement with fp32.
+the two real NIH CXRs in ``tests/data`` (tiled to the batch; "NIH Clinical Center,
+ChestX-ray8 (Wang et al., CVPR 2017)"), else a fixed random image. Prints one table: median
+ms per image, ratio against PyTorch eager fp32 measured in the same run (>1 = faster), and
+each runtime's code agreement with fp32.
 
 Not a test. Example::
 
@@ -35,9 +36,7 @@ from models.onnx_export import export_decoder, export_encoder
 from models.preprocess import to_model_batch
 from models.vqgan import VQGANConfig, VQModel
 
-NIH_DIR = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cxr" / "nih-chestxray14"
-)
+NIH_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "nih-chestxray14"
 
 CONFIGS = {
     "published": VQGANConfig(),

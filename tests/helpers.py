@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_ASSETS = SHARED / "assets"
-NIH_PNGS = sorted((SHARED_ASSETS / "cxr" / "nih-chestxray14").glob("*.png"))
-NEOX_TOKENIZER = SHARED_ASSETS / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+DATA = Path(__file__).resolve().parent / "data"
+"""Test data kept in the repository, with its sources and terms in ``data/README.md``."""
+NIH_PNGS = sorted((DATA / "nih-chestxray14").glob("*.png"))
 
 
 def free_port() -> int:
@@ -64,7 +63,7 @@ def rg1_file(name: str = "RG1_UNCR.dcm") -> Path:
 
 
 def require_nih_pngs() -> list[Path]:
-    """The two real NIH ChestX-ray14 PNGs from ../shared, or skip."""
-    if len(NIH_PNGS) < 2:
-        pytest.skip(f"NIH ChestX-ray14 PNGs not found under {SHARED_ASSETS}")
+    """The two real NIH ChestX-ray14 PNGs in ``tests/data`` ("NIH Clinical Center,
+    ChestX-ray8 (Wang et al., CVPR 2017)")."""
+    assert len(NIH_PNGS) == 2, f"tests/data/nih-chestxray14 is incomplete: {NIH_PNGS}"
     return NIH_PNGS

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from node.cli import app
 from node.db.models import JobState
 from tests.api.conftest import EnvFactory
-from tests.helpers import NIH_PNGS, rg1_file
+from tests.helpers import require_nih_pngs, rg1_file
 
 pytestmark = pytest.mark.integration
 
@@ -88,9 +88,8 @@ def test_ask_and_generate_image(
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["demo"] is True and isinstance(out["answer"], str)
-    if NIH_PNGS:
-        r = runner.invoke(app, ["ask", str(NIH_PNGS[0]), "-q", "Heart size?"])
-        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["ask", str(require_nih_pngs()[0]), "-q", "Heart size?"])
+    assert r.exit_code == 0, r.output
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"garbage")
     assert runner.invoke(app, ["ask", str(bad), "-q", "Heart?"]).exit_code == 1

@@ -5,9 +5,9 @@ Usage::
     with OrthancServer(tmp_path, modalities={"NODE": ("NODE", "127.0.0.1", node_port)}) as pacs:
         pacs.rest("GET", "/instances").json()
 
-The config follows ../shared/docs/real-peers.md: free HTTP and DICOM ports, no remote access,
-storage and index in ``tmp_dir``, the DICOMweb plugin (``/dicom-web/``), and optionally the
-Python plugin with a script (e.g. a forwarding ``OnStoredInstance`` callback).
+The config (after the Orthanc Book's configuration reference): free HTTP and DICOM ports, no
+remote access, storage and index in ``tmp_dir``, the DICOMweb plugin (``/dicom-web/``), and
+optionally the Python plugin with a script (e.g. a forwarding ``OnStoredInstance`` callback).
 """
 
 from __future__ import annotations

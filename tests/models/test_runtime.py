@@ -15,7 +15,7 @@ from models.bundle import ModelBundle
 from models.layout import IMAGE_TOKEN_OFFSET
 from models.preprocess import to_model_input
 from models.runtime import LLMCXR, ModelInputError, split_sections
-from tests.helpers import NIH_PNGS
+from tests.helpers import require_nih_pngs
 from tests.models.llm_fixtures import demo_bundle_dir
 
 
@@ -54,13 +54,10 @@ def model() -> LLMCXR:
 
 @functools.cache
 def _cxr() -> npt.NDArray[np.float32]:
-    if NIH_PNGS:
-        from PIL import Image
+    from PIL import Image
 
-        with Image.open(NIH_PNGS[0]) as im:
-            gray = np.asarray(im.convert("L"), dtype=np.uint8)
-    else:  # no ../shared: a synthetic grey gradient still exercises the path
-        gray = np.tile(np.arange(300, dtype=np.uint16) % 256, (280, 1)).astype(np.uint8)
+    with Image.open(require_nih_pngs()[0]) as im:
+        gray = np.asarray(im.convert("L"), dtype=np.uint8)
     return to_model_input(gray)
 
 
