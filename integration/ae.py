@@ -12,7 +12,14 @@
   itself on every :meth:`NodeAE.start_server`, so a caller cannot forget it;
 - receives C-STORE data sets in chunks straight to a file
   (``pynetdicom._config.STORE_RECV_CHUNKED_DATASET``), which the handler renames into the
-  spool.
+  spool;
+- serves through :class:`integration.transport.BoundedAssociationServer` (from
+  :meth:`NodeAE.make_server`, which pynetdicom's ``start_server`` calls): it advertises a
+  finite Maximum Length (PS3.8 D.1) and refuses larger PDUs before reading them, bounds the
+  time of each PDU, of the A-ASSOCIATE-RQ and of the TLS handshake (in the connection's own
+  thread), and limits the connections open at once, in all and per source address. With
+  P-DATA bounded to ``maximum_pdu_size``, an association holds a few times that in memory,
+  whatever the size of the instance it sends.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 from pynetdicom import AE, _config, evt
@@ -30,6 +37,13 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from integration.conformance import STORAGE_SCP, VERIFICATION_SCP
+from integration.transport import (
+    DEFAULT_MAX_PDU_SIZE,
+    MAX_PDU_SIZE,
+    MIN_PDU_SIZE,
+    BoundedAssociationServer,
+    TransportLimits,
+)
 
 __all__ = [
     "AccessPolicy",
@@ -185,18 +199,69 @@ def _no_delay(event: Event) -> None:
 
 
 class NodeAE(AE):
-    """An :class:`~pynetdicom.ae.ApplicationEntity` that enforces its :class:`AccessPolicy`.
+    """An :class:`~pynetdicom.ae.ApplicationEntity` that enforces its :class:`AccessPolicy`
+    and its :class:`~integration.transport.TransportLimits`.
 
     :meth:`start_server` binds the policy's ``EVT_REQUESTED`` handler before any handler the
-    caller passes, so every server this AE starts refuses unknown callers.
+    caller passes, so every server this AE starts refuses unknown callers; every server is a
+    :class:`~integration.transport.BoundedAssociationServer` (:meth:`make_server`).
     """
 
     def __init__(
-        self, ae_title: str, *, policy: AccessPolicy, ssl_context: ssl.SSLContext | None = None
+        self,
+        ae_title: str,
+        *,
+        policy: AccessPolicy,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: TransportLimits | None = None,
     ) -> None:
         super().__init__(ae_title=ae_title)
         self.policy = policy
         self.ssl_context = ssl_context
+        self.limits = limits if limits is not None else TransportLimits()
+
+    def server_limits(self) -> TransportLimits:
+        """:attr:`limits`, with the AE's ``maximum_pdu_size`` and ``maximum_associations``.
+
+        pynetdicom's two knobs stay the ones that count: the Maximum Length the association
+        advertises is ``maximum_pdu_size``, so the PDU guard must use the same value.
+
+        Raises
+        ------
+        ValueError
+            ``maximum_pdu_size`` is 0 (unlimited) or outside 4096..16 MiB.
+        """
+        return replace(
+            self.limits,
+            max_pdu_size=self.maximum_pdu_size,
+            max_connections=self.maximum_associations,
+        )
+
+    def make_server(  # type: ignore[override]
+        self,
+        address: tuple[str, int] | tuple[str, int, int, int],
+        ae_title: str | None = None,
+        contexts: list[Any] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        server_class: type[Any] | None = None,
+        **kwargs: Any,
+    ) -> BoundedAssociationServer:
+        """Build a :class:`~integration.transport.BoundedAssociationServer` (pynetdicom's
+        documented hook for a custom server class; ``start_server`` calls it)."""
+        if server_class is None or not issubclass(server_class, BoundedAssociationServer):
+            server_class = BoundedAssociationServer
+        kwargs.setdefault("limits", self.server_limits())
+        server = super().make_server(
+            address,
+            ae_title=ae_title,
+            contexts=contexts,
+            ssl_context=ssl_context,
+            evt_handlers=evt_handlers,
+            server_class=server_class,
+            **kwargs,
+        )
+        return server  # type: ignore[return-value]
 
     def start_server(  # type: ignore[override]
         self,
@@ -230,7 +295,8 @@ def enable_chunked_receive() -> None:
     """Make pynetdicom write each received C-STORE data set to a file (``dataset_path``).
 
     A process-wide pynetdicom setting; the node's receive path needs it for speed and
-    memory: a 14 MB instance never sits in memory as a whole.
+    memory: each P-DATA fragment goes to the file as it arrives, so with PDUs bounded by the
+    advertised maximum (``maximum_pdu_size``) an instance never sits in memory as a whole.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
 
@@ -240,10 +306,14 @@ def build_storage_ae(
     ae_title: str,
     allowed_aes: Iterable[str | AllowedCaller] = (),
     max_associations: int = 10,
+    max_associations_per_address: int = 5,
     acse_timeout: float = 30.0,
     dimse_timeout: float = 30.0,
     network_timeout: float = 60.0,
-    maximum_pdu_size: int = 0,
+    association_request_timeout: float = 5.0,
+    pdu_receive_timeout: float = 30.0,
+    maximum_pdu_size: int = DEFAULT_MAX_PDU_SIZE,
+    tls_handshake_timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
 ) -> NodeAE:
     """Build the node's Verification + Storage SCP Application Entity.
@@ -257,11 +327,23 @@ def build_storage_ae(
         Allowed calling AEs: ``"AET"``, ``"AET@host"`` (IP, CIDR or host name) or objects
         with ``ae_title`` and ``host``. Empty allows any caller.
     max_associations
-        Concurrent associations; more are refused transiently (local-limit-exceeded).
+        Concurrent connections (associations, and connections still negotiating one); more
+        are refused transiently (A-ASSOCIATE-RJ local-limit-exceeded, PS3.8 9.3.4).
+    max_associations_per_address
+        The same, from one source IP address (capped at ``max_associations``).
     acse_timeout, dimse_timeout, network_timeout
-        Seconds (PS3.8 ARTIM / DIMSE / idle network timeouts).
+        Seconds (ACSE / DIMSE / idle network timeouts). ``network_timeout`` also bounds one
+        send to a peer that does not read.
+    association_request_timeout
+        Seconds from connection (the end of the TLS handshake under TLS) to a complete
+        A-ASSOCIATE-RQ: the ARTIM timer of PS3.8 9.1.5 for the node's associations.
+    pdu_receive_timeout
+        Seconds a PDU may take from its first byte to its last.
     maximum_pdu_size
-        Maximum PDU the node receives; 0 means unlimited (fastest).
+        Maximum Length the node advertises (PS3.8 D.1), 4096..16 MiB; a peer's PDU above it
+        is refused before it is read (A-ABORT), and the A-ASSOCIATE-RQ may have 64 KiB.
+    tls_handshake_timeout
+        Seconds a TLS handshake may take, in all (in the connection's own thread).
     ssl_context
         Used by every ``start_server`` of the AE (DICOM TLS, PS3.15 B.1); ``None`` for
         plain TCP.
@@ -282,18 +364,37 @@ def build_storage_ae(
         raise ValueError(f"AE title {ae_title!r} is not a valid AE title (PS3.5 VR AE)")
     if max_associations < 1:
         raise ValueError(f"maximum associations must be at least 1, got {max_associations}")
+    if max_associations_per_address < 1:
+        raise ValueError(
+            "maximum associations per address must be at least 1, "
+            f"got {max_associations_per_address}"
+        )
     for name, value in (
         ("ACSE timeout", acse_timeout),
         ("DIMSE timeout", dimse_timeout),
         ("network timeout", network_timeout),
+        ("association request timeout", association_request_timeout),
+        ("PDU receive timeout", pdu_receive_timeout),
+        ("TLS handshake timeout", tls_handshake_timeout),
     ):
         if not value > 0:
             raise ValueError(f"{name} must be greater than 0 seconds, got {value}")
-    if maximum_pdu_size < 0:
-        raise ValueError(f"maximum PDU size must be >= 0 (0 = unlimited), got {maximum_pdu_size}")
+    if not MIN_PDU_SIZE <= maximum_pdu_size <= MAX_PDU_SIZE:
+        raise ValueError(
+            f"maximum PDU size must be {MIN_PDU_SIZE}..{MAX_PDU_SIZE} bytes, got {maximum_pdu_size}"
+        )
+    limits = TransportLimits(
+        max_pdu_size=maximum_pdu_size,
+        request_timeout=association_request_timeout,
+        pdu_timeout=pdu_receive_timeout,
+        send_timeout=network_timeout,
+        max_connections=max_associations,
+        max_connections_per_address=max_associations_per_address,
+        tls_handshake_timeout=tls_handshake_timeout,
+    )
 
     policy = AccessPolicy(rules=tuple(CallerRule.parse(a) for a in allowed_aes))
-    ae = NodeAE(title, policy=policy, ssl_context=ssl_context)
+    ae = NodeAE(title, policy=policy, ssl_context=ssl_context, limits=limits)
     ae.require_called_aet = True
     ae.require_calling_aet = []  # checked by the policy, which also knows addresses
     ae.maximum_associations = max_associations

@@ -20,7 +20,6 @@ General Study attributes (PS3.3 C.7.1.1, C.7.2.1) from it.
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 from io import BytesIO
 from typing import Any
 
@@ -32,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from integration.errors import IntegrationError
+from integration.privacy import quiet_person_name_warnings
 
 __all__ = [
     "SC_IMAGE_STORAGE",
@@ -138,9 +138,8 @@ def build_synthetic_sc(
             raise SecondaryCaptureError(
                 "reference dataset has no Study Instance UID (0020,000D) to join"
             )
-        with warnings.catch_warnings():
-            # highdicom warns about the reference's single-component person names
-            warnings.simplefilter("ignore", UserWarning)
+        # highdicom warns with the reference's single-component person names quoted
+        with quiet_person_name_warnings():
             ds: Dataset = hd.sc.SCImage.from_ref_dataset(ref_dataset=reference, **common)
         for keyword in _PATIENT_STUDY_KEYWORDS:
             if keyword in reference and keyword not in ds:

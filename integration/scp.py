@@ -15,6 +15,7 @@ Use::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -33,6 +34,7 @@ __all__ = [
     "InstanceSink",
     "ReceivedMeta",
     "StoreResult",
+    "handle_conn_close",
     "handle_echo",
     "handle_store",
     "handlers",
@@ -211,6 +213,52 @@ def handle_store(event: Event, sink: InstanceSink) -> int | Dataset:
     return _response(result)
 
 
+def _partial_received_file(assoc: Any) -> tuple[Any, Path] | None:
+    """The open file and path of a C-STORE data set pynetdicom is still receiving, if any.
+
+    With ``_config.STORE_RECV_CHUNKED_DATASET`` (pynetdicom 3.0), each C-STORE data set is
+    written as it arrives to a ``NamedTemporaryFile(delete=False)`` that the DIMSE message
+    being decoded, ``assoc.dimse.message``, holds as ``_data_set_file``; pynetdicom deletes
+    the file after the C-STORE handler returns, but never when the association ends before
+    the data set is complete. It has no public hook for that file, so this one function reads
+    the private attribute; ``tests/ingest/test_received_data_bounds.py`` fails if pynetdicom
+    changes it (``test_partial_file_hook_matches_pynetdicom``,
+    ``test_aborted_transfer_leaves_no_file``).
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    name = getattr(handle, "name", None)
+    if handle is None or not isinstance(name, str):
+        return None
+    return handle, Path(name)
+
+
+def handle_conn_close(event: Event) -> None:
+    """``EVT_CONN_CLOSE`` handler: delete the data set an association was still receiving.
+
+    An A-ABORT (PS3.8 7.3), a dropped connection, a timeout or a release in the middle of a
+    C-STORE leaves pynetdicom's partial file behind; the connection-close event fires on
+    every one of these paths, in the thread that was writing the file, so nothing writes it
+    any more. A crash leaves it too: :meth:`node.spool.Spool.clean_incoming` at start.
+    """
+    try:
+        partial = _partial_received_file(event.assoc)
+        if partial is None:
+            return
+        handle, path = partial
+        with contextlib.suppress(OSError):  # flushed after every write: nothing to lose
+            handle.close()
+        size = path.stat().st_size if path.exists() else 0
+        path.unlink(missing_ok=True)
+        LOG.info(
+            "association from %r closed mid-transfer: removed its partial data set (%d bytes)",
+            str(event.assoc.requestor.ae_title).strip(),
+            size,
+        )
+    except Exception:  # never let a handler raise into pynetdicom's reactor
+        LOG.exception("could not remove the partial data set of a closed association")
+
+
 def handle_echo(event: Event, sink: object = None) -> int:
     """``EVT_C_ECHO`` handler: answer Success (PS3.4 A.4) and log the caller."""
     try:
@@ -222,8 +270,10 @@ def handle_echo(event: Event, sink: object = None) -> int:
 
 
 def handlers(sink: InstanceSink) -> list[Any]:
-    """The ``evt_handlers`` list for ``ae.start_server``: C-ECHO and C-STORE bound to ``sink``."""
+    """The ``evt_handlers`` list for ``ae.start_server``: C-ECHO and C-STORE bound to ``sink``,
+    and the removal of partial data sets when a connection closes (:func:`handle_conn_close`)."""
     return [
         (evt.EVT_C_ECHO, handle_echo, [sink]),
         (evt.EVT_C_STORE, handle_store, [sink]),
+        (evt.EVT_CONN_CLOSE, handle_conn_close),
     ]

@@ -22,6 +22,11 @@ Current Requested Procedure Evidence Sequence (0040,A375). The algorithm is name
 contributing equipment (PS3.3 C.7.5.1, purpose DCM 109102 "Processing Equipment") and as
 the device observer. Specific Character Set is ISO_IR 192 (UTF-8), so non-ASCII names and
 text survive.
+
+Privacy: highdicom's warning that quotes a single-component Patient Name ("DOE JOHN") is
+ignored while the SR is built, and an error highdicom raises is wrapped with the evidence's
+patient attribute values redacted (:mod:`integration.privacy`): the job error it becomes is
+logged, stored and shown in the admin API.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
 from integration.errors import SRBuildError
+from integration.privacy import quiet_person_name_warnings, redact_patient_values
 from integration.uids import device_uid as default_device_uid
 
 __all__ = [
@@ -172,7 +178,8 @@ def build_draft_sr(
     Raises
     ------
     integration.errors.SRBuildError
-        Missing evidence, several studies, empty impression, invalid UIDs or labels.
+        Missing evidence, several studies, empty impression, invalid UIDs or labels, or a
+        value highdicom refuses (the message never quotes a patient attribute value).
     """
     if not evidence:
         raise SRBuildError("evidence is empty: the SR must reference the image it was drawn from")
@@ -222,28 +229,32 @@ def build_draft_sr(
         )[:_MAX_LO],
     )
     try:
-        sr = hd.sr.ComprehensiveSR(
-            evidence=list(evidence),
-            content=content,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=instance_number,
-            manufacturer=manufacturer,
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-            institution_name=institution_name,
-            requested_procedures=list(requested_procedures) if requested_procedures else None,
-            previous_versions=list(previous_versions) if previous_versions else None,
-            contributing_equipment=[equipment],
-            series_description=draft_series_description(demo=demo),
-            manufacturer_model_name=algorithm_name,
-            software_versions=algorithm_version,
-            specific_character_set="ISO_IR 192",
-        )
+        with quiet_person_name_warnings():
+            sr = hd.sr.ComprehensiveSR(
+                evidence=list(evidence),
+                content=content,
+                series_instance_uid=series_instance_uid,
+                series_number=series_number,
+                sop_instance_uid=sop_instance_uid,
+                instance_number=instance_number,
+                manufacturer=manufacturer,
+                is_complete=False,
+                is_final=False,
+                is_verified=False,
+                institution_name=institution_name,
+                requested_procedures=list(requested_procedures) if requested_procedures else None,
+                previous_versions=list(previous_versions) if previous_versions else None,
+                contributing_equipment=[equipment],
+                series_description=draft_series_description(demo=demo),
+                manufacturer_model_name=algorithm_name,
+                software_versions=algorithm_version,
+                specific_character_set="ISO_IR 192",
+            )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise SRBuildError(f"highdicom refused the SR: {exc}") from exc
+        # e.g. "Unable to convert '1951-03-14' to 'DA' object" for a malformed birth date
+        # (not chained: the original's text would reach a logged traceback unredacted)
+        reason = redact_patient_values(str(exc), evidence)
+        raise SRBuildError(f"highdicom refused the SR: {reason}") from None
     return sr
 
 

@@ -83,7 +83,9 @@ _MEANINGS: dict[StoreStatus, str] = {
         "duplicates also answer success (see the duplicate policy)"
     ),
     StoreStatus.OUT_OF_RESOURCES_DISK: (
-        "Spool free space is below min_free_disk_mb, or the disk is full (ENOSPC/EDQUOT)"
+        "Free space on a file system the node writes to (spool, its staging folder, outputs, "
+        "the SQLite database's folder) is below min_free_disk_mb, or the disk is full "
+        "(ENOSPC/EDQUOT)"
     ),
     StoreStatus.OUT_OF_RESOURCES_DATABASE: (
         "The database could not record the instance (down, locked, timed out); "
@@ -106,8 +108,9 @@ _MEANINGS: dict[StoreStatus, str] = {
         "Affected SOP Class/Instance UID of the C-STORE request"
     ),
     StoreStatus.CANNOT_UNDERSTAND: (
-        "The data set cannot be parsed: truncated value, malformed element encoding "
-        "or trailing bytes"
+        "The data set cannot be parsed: truncated value, malformed element encoding, "
+        "trailing bytes, elements out of tag order, an invalid Specific Character Set, or "
+        "a deflated data set that inflates past deflate_max_ratio / deflate_max_inflated_mb"
     ),
     StoreStatus.INTERNAL_ERROR: "Unexpected error inside the node (a bug; logged with traceback)",
 }

@@ -28,6 +28,7 @@ from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import current_revision, head_revision, upgrade
 from node.db.models import JobState
+from node.filemodes import apply_private_umask
 from node.logging_setup import configure_logging
 from node.settings import ConfigError, Settings, load_settings, parse_ae_address
 
@@ -90,6 +91,7 @@ def _require_schema(settings: Settings) -> None:
 def serve() -> None:
     """Run the node in the foreground (SCP, chores) until SIGTERM/SIGINT."""
     settings = _settings()
+    apply_private_umask()  # patient data: files 0600, folders 0700 (node.filemodes)
     configure_logging(settings.log_level)
     from node.components import default_components
     from node.service import run_node
@@ -256,6 +258,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the SR.")] = 900.0,
 ) -> None:
     """Main job on embedded defaults: receive a real CXR over DICOM, return a draft SR."""
+    apply_private_umask()  # the demo's database, spool and SR: 0600 files, 0700 folders
     configure_logging("WARNING")
     from node.demo import run_demo
 

@@ -23,7 +23,8 @@ import typer
 from sqlalchemy import inspect
 
 from node.db import repository as repo
-from node.db.engine import make_engine, make_session_factory
+from node.db.engine import engine_from_settings, make_session_factory
+from node.filemodes import apply_private_umask
 from node.logging_setup import configure_logging
 from node.modelhost import make_model_host
 from node.service import Component, NodeContext, node_owner_id
@@ -57,7 +58,7 @@ def run_worker(
     stop_event = stop_event or threading.Event()
     restore = _install_signals(stop_event)
     settings.prepare_runtime()
-    engine = make_engine(settings.database_url)
+    engine = engine_from_settings(settings)
     try:
         if not inspect(engine).has_table("jobs"):
             log.error("database has no node schema: run `cxr-node db upgrade` first")
@@ -148,6 +149,7 @@ def command(
     except ConfigError as exc:
         typer.echo(f"configuration refused: {exc}", err=True)
         raise typer.Exit(2) from None
+    apply_private_umask()  # patient data: files 0600, folders 0700 (node.filemodes)
     configure_logging(settings.log_level)
     raise typer.Exit(run_worker(settings, delivery=delivery))
 

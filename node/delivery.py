@@ -14,10 +14,17 @@ Outcomes: stored (success or warning status) -> ``sent`` with ``sent_at``; a tra
 failure (:attr:`integration.errors.DeliveryError.transient`: connection refused, association
 rejected-transient or aborted, timeout, 0xA7xx out of resources, HTTP 5xx/408/429) -> stays
 ``pending``, due again after ``delivery_backoff_seconds * 2**(attempts-1)`` (capped at
-``delivery_max_backoff_seconds``, with up to 10 % jitter); a permanent failure (0xA9xx,
-0xCxxx, no presentation context, rejected-permanent, HTTP 4xx), a missing SR file, or a
-transient failure on attempt ``delivery_max_attempts`` -> ``failed`` with the reason. So a
-PACS that is down when the SR is ready gets it when it comes back, within the attempts.
+``delivery_max_backoff_seconds``, with up to 10 % jitter), for ``delivery_retry_hours`` from
+the start of the round of attempts (``queued_at``: enqueue, re-send or re-queue; the last
+attempt falls on the horizon); a transient failure at or past the horizon (or on attempt
+``delivery_max_attempts`` when that optional cap is set) -> ``failed`` with the reason; a
+permanent failure (0xA9xx, 0xCxxx, no presentation context, rejected-permanent, HTTP 4xx) or
+a missing SR file -> ``failed`` at once, marked ``permanent_failure``. So a PACS that is down
+when the SR is ready gets it when it comes back within the horizon; one down for longer gets
+it when it answers again: :func:`recheck_failed_destinations` (a chore of
+:mod:`node.scheduler`, every ``delivery_recheck_minutes``) C-ECHOes (PS3.4 Annex A) each
+configured destination that has failed, not permanent deliveries (STOW-RS: an HTTP OPTIONS
+request answered below 500) and re-queues them when it answers (audited).
 Each claim records when its attempt started (``last_attempt_at``, shown with ``attempts`` and
 ``last_error`` by the API, the console and ``cxr-node jobs show``). A claim given back unsent
 at shutdown is not counted; if it was the first, ``last_attempt_at`` goes back to empty.
@@ -33,7 +40,7 @@ import random
 import ssl
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -45,7 +52,7 @@ from sqlalchemy.orm import Session
 
 from integration.errors import DeliveryError
 from integration.scu import DicomDestination as ScuDestination
-from integration.scu import SendResult, send_dataset
+from integration.scu import SendResult, echo, send_dataset
 from integration.stow import StowDestination as StowTarget
 from integration.stow import stow
 from node.api import metrics
@@ -62,6 +69,9 @@ __all__ = [
     "backoff_seconds",
     "enqueue_deliveries",
     "make_delivery",
+    "probe_destination",
+    "recheck_failed_destinations",
+    "stow_verify",
     "wake_senders",
 ]
 
@@ -180,12 +190,7 @@ class DeliveryComponent:
         )
         # built once, at construction: a TLS misconfiguration fails start-up, not each send
         self._ssl = client_context(s)
-        # STOW-RS over https: verify against tls_ca_file when set (else the system CAs)
-        self._stow_verify: bool | ssl.SSLContext = True
-        if s.tls_ca_file is not None:
-            self._stow_verify = build_client_context(
-                ca_file=s.tls_ca_file, cert_file=s.tls_cert_file, key_file=s.tls_key_file
-            )
+        self._stow_verify = stow_verify(s)
         self._http = httpx.Client(verify=self._stow_verify, timeout=s.network_timeout)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -207,9 +212,12 @@ class DeliveryComponent:
             _SENDERS.add(self)
         self._thread.start()
         log.info(
-            "delivery sender started: %d destination(s), max %d attempts, TLS %s",
+            "delivery sender started: %d destination(s), retrying for %g h%s, TLS %s",
             len(self.settings.destinations),
-            self.settings.delivery_max_attempts,
+            self.settings.delivery_retry_hours,
+            ""
+            if self.settings.delivery_max_attempts is None
+            else f" or {self.settings.delivery_max_attempts} attempts",
             "on" if self._ssl is not None else "off",
         )
 
@@ -301,7 +309,7 @@ class DeliveryComponent:
         if path is None or not path.is_file():
             reason = f"SR file missing: {path or '(no path recorded)'} no longer exists"
             metrics.count_delivery_failure(row.kind.value, transient=False)
-            return self._record_failed(row, claimed_until, reason, None)
+            return self._record_failed(row, claimed_until, reason, None, permanent=True)
         sr_uid: str | None = None
         try:
             header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
@@ -362,37 +370,55 @@ class DeliveryComponent:
         s = self.settings
         metrics.count_delivery_failure(row.kind.value, transient=transient)
         if not transient:
-            return self._record_failed(row, claimed_until, f"permanent failure: {error}", sr_uid)
-        if row.attempts >= s.delivery_max_attempts:
-            reason = f"gave up after {row.attempts} attempts; last error: {error}"
+            return self._record_failed(
+                row, claimed_until, f"permanent failure: {error}", sr_uid, permanent=True
+            )
+        now = utcnow()
+        since = row.queued_at or row.created_at
+        horizon = since + timedelta(hours=s.delivery_retry_hours)
+        capped = s.delivery_max_attempts is not None and row.attempts >= s.delivery_max_attempts
+        if now >= horizon or capped:
+            hours = (now - since).total_seconds() / 3600
+            reason = (
+                f"gave up after {row.attempts} attempts over {hours:.2f} h; last error: {error}"
+            )
             return self._record_failed(row, claimed_until, reason, sr_uid)
         delay = backoff_seconds(
             row.attempts, base=s.delivery_backoff_seconds, cap=s.delivery_max_backoff_seconds
         )
-        due = utcnow() + timedelta(seconds=delay)
-        message = f"attempt {row.attempts}/{s.delivery_max_attempts} failed: {error}"
+        due = min(now + timedelta(seconds=delay), horizon)  # the last attempt: at the horizon
+        until = horizon.isoformat(timespec="seconds")
+        message = f"attempt {row.attempts} failed (retrying until {until}): {error}"
         with self.ctx.session_factory() as session:
             ok = repo.mark_retry(
                 session, row.id, error=message, next_attempt_at=due, claimed_until=claimed_until
             )
         log.warning(
-            "delivery %s (job %s): SR %s to %s: retry in %.1f s (attempt %d/%d): %s",
+            "delivery %s (job %s): SR %s to %s: retry in %.1f s (attempt %d, until %s): %s",
             row.id,
             row.job_id,
             sr_uid,
             row.destination,
-            delay,
+            (due - now).total_seconds(),
             row.attempts,
-            s.delivery_max_attempts,
+            until,
             error,
         )
         return DeliveryOutcome(row.id, row.destination, "retry" if ok else "lost", message, sr_uid)
 
     def _record_failed(
-        self, row: Delivery, claimed_until: datetime | None, reason: str, sr_uid: str | None
+        self,
+        row: Delivery,
+        claimed_until: datetime | None,
+        reason: str,
+        sr_uid: str | None,
+        *,
+        permanent: bool = False,
     ) -> DeliveryOutcome:
         with self.ctx.session_factory() as session:
-            ok = repo.mark_failed(session, row.id, error=reason, claimed_until=claimed_until)
+            ok = repo.mark_failed(
+                session, row.id, error=reason, claimed_until=claimed_until, permanent=permanent
+            )
         log.error(
             "delivery %s (job %s): SR %s to %s: failed (attempt %d): %s",
             row.id,
@@ -403,6 +429,83 @@ class DeliveryComponent:
             reason,
         )
         return DeliveryOutcome(row.id, row.destination, "failed" if ok else "lost", reason, sr_uid)
+
+
+def stow_verify(settings: Settings) -> bool | ssl.SSLContext:
+    """How STOW-RS over https verifies the server: ``tls_ca_file`` when set, else system CAs."""
+    if settings.tls_ca_file is None:
+        return True
+    return build_client_context(
+        ca_file=settings.tls_ca_file,
+        cert_file=settings.tls_cert_file,
+        key_file=settings.tls_key_file,
+    )
+
+
+def probe_destination(settings: Settings, destination: str) -> bool:
+    """Whether ``destination`` answers now (bounded by the node's network timeouts).
+
+    DIMSE: a C-ECHO (Verification SOP Class, PS3.4 Annex A) with calling AE ``ae_title``,
+    the ACSE / DIMSE / network timeouts and DICOM TLS as for sends, returning 0x0000.
+    STOW-RS (PS3.18 §10.5): an HTTP ``OPTIONS`` request to the URL (RFC 9110 §9.3.7)
+    answered with a status below 500 other than 408 and 429: the origin server is up. Never
+    raises.
+    """
+    try:
+        if repo.destination_kind(destination) is DeliveryKind.stow:
+            with httpx.Client(
+                verify=stow_verify(settings), timeout=settings.network_timeout
+            ) as client:
+                status = client.request("OPTIONS", destination).status_code
+            return status < 500 and status not in (408, 429)
+        parsed = parse_ae_address(destination)
+        return echo(
+            ScuDestination(ae_title=parsed.ae_title, host=parsed.host, port=parsed.port),
+            settings.ae_title,
+            acse_timeout=settings.acse_timeout,
+            dimse_timeout=settings.dimse_timeout,
+            network_timeout=settings.network_timeout,
+            connection_timeout=min(10.0, settings.acse_timeout),
+            ssl_context=client_context(settings),
+        )
+    except Exception as exc:  # unreachable, refused, TLS failure: not answering
+        log.info("probe of %s failed: %s", destination, type(exc).__name__)
+        return False
+
+
+def recheck_failed_destinations(
+    settings: Settings, session_factory: Callable[[], Session]
+) -> dict[str, int]:
+    """Re-queue the failed deliveries of destinations that answer again.
+
+    For each configured destination (``settings.destinations``) with ``failed`` deliveries
+    that are not permanent failures (:func:`node.db.repo_delivery.failed_destinations`):
+    :func:`probe_destination`; when it answers, its such deliveries go back to ``pending``
+    with a fresh retry horizon (:func:`node.db.repo_delivery.requeue_failed`, audited as
+    ``delivery.requeue``) and this process's senders are woken. Destinations no longer
+    configured are not contacted (``cxr-node jobs resend`` re-sends by hand).
+
+    Returns
+    -------
+    dict[str, int]
+        Re-queued deliveries per destination that answered.
+    """
+    configured = {str(d) for d in settings.destinations}
+    with session_factory() as session:
+        candidates = [d for d in repo.failed_destinations(session) if d in configured]
+    requeued: dict[str, int] = {}
+    for destination in candidates:
+        if not probe_destination(settings, destination):
+            log.info("failed deliveries to %s stay failed: it does not answer", destination)
+            continue
+        stow_kind = repo.destination_kind(destination) is DeliveryKind.stow
+        kind = "HTTP OPTIONS" if stow_kind else "C-ECHO"
+        with session_factory() as session:
+            ids = repo.requeue_failed(session, destination, reason=f"{kind} answered")
+        requeued[destination] = len(ids)
+    if any(requeued.values()):
+        wake_senders()
+    return requeued
 
 
 def make_delivery(ctx: NodeContext) -> DeliveryComponent:

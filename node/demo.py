@@ -38,6 +38,7 @@ from sqlalchemy import select
 
 from integration.conformance import STORAGE_SCU
 from integration.scu import VERIFICATION, DicomDestination, send_dataset
+from node.filemodes import make_private_dir, open_private
 from node.settings import Settings, load_settings
 
 __all__ = ["DemoPacs", "run_demo", "sr_text_items"]
@@ -80,7 +81,8 @@ class DemoPacs:
         ds = event.dataset
         ds.file_meta = event.file_meta
         path = self.inbox / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        with open_private(path) as fh:  # the SR carries the sent image's patient data
+            ds.save_as(fh, enforce_file_format=True)
         with self._cond:
             self.received.append(path)
             self._cond.notify_all()
@@ -88,7 +90,7 @@ class DemoPacs:
 
     def start(self) -> None:
         """Listen on 127.0.0.1:``port`` for the SR and SC storage classes and C-ECHO."""
-        self.inbox.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.inbox)
         ae = AE(ae_title=self.ae_title)
         for uid in STORAGE_SCU.sop_classes:
             ae.add_supported_context(uid, list(STORAGE_SCU.transfer_syntaxes))
@@ -252,7 +254,7 @@ def run_demo(
 
     con = console or Console()
     workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(workdir)  # database, spool and SRs inside: 0700 when created here
     con.print(Panel(DEMO_BANNER, style="bold red", title="llm-cxr-node demo"))
 
     bundle_dir = workdir / "model-bundle"

@@ -3,9 +3,13 @@
 For each received instance, in this order (architecture: "durability first"):
 
 1. read the data set's structure, without pixel data in memory, and the few attributes the
-   node records; refuse a truncated or malformed data set (0xC210);
+   node records; refuse a truncated or malformed data set, a deflated one that inflates past
+   the limits (``deflate_max_ratio``, ``deflate_max_inflated_mb``) and an invalid Specific
+   Character Set (0xC210, :func:`read_header`);
 2. check the UIDs (0xA900-0xA903);
-3. check free space against ``min_free_disk_mb`` (0xA700, transient);
+3. check free space against ``min_free_disk_mb`` on every file system the node writes to:
+   the spool, its staging folder, ``outputs``, the SQLite database's folder (0xA700,
+   transient; :meth:`node.spool.Spool.check_free`);
 4. spool the file: fsync, atomic rename, fsync the directory (:mod:`node.spool`);
 5. record it in SQL and commit (:func:`node.db.repository.record_instance_detailed`); if
    that fails (database down: 0xA701, transient) the just-spooled file is removed again;
@@ -21,6 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -30,10 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from pydicom.charset import convert_encodings, python_encoding
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.filereader import data_element_generator, read_preamble
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from integration.scp import ReceivedMeta, StoreResult
@@ -44,7 +51,7 @@ from node.spool import Spool, SpooledFile, SpoolError
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-__all__ = ["DataSetError", "HeaderInfo", "IngestSink", "read_header"]
+__all__ = ["DataSetError", "HeaderInfo", "InflateLimits", "IngestSink", "read_header"]
 
 LOG = logging.getLogger(__name__)
 
@@ -65,6 +72,25 @@ _WANTED = {
     Tag(0x0020, 0x000E): "SeriesInstanceUID",
 }
 _DEFER = 1024  # bytes: larger values are skipped with a seek, never read
+
+# Transfer syntaxes whose data set is deflated (raw deflate, RFC 1951): PS3.5 A.5 (Deflated
+# Explicit VR Little Endian), A.7 (JPIP Referenced Deflate), A.12 (JPIP HTJ2K Referenced
+# Deflate); pydicom 3.0's UID.is_deflated knows the first only.
+_DEFLATED = frozenset(
+    {DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
+)
+_INFLATE_IN = 1 << 16  # deflated bytes read from the file at a time
+_INFLATE_OUT = 1 << 20  # inflated bytes produced at a time (the most ever held)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD  # PS3.5 7.5
+# Explicit VRs with 2 reserved bytes and a 4-byte length (PS3.5 Table 7.1-1)
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_MAX_DEPTH = 32  # nested sequences; a radiograph has 2 or 3
+_MAX_HEADERS = 1_000_000  # element and item headers in one data set; a radiograph has < 10,000
+# A CS value (PS3.5 6.2): default-repertoire printable characters but backslash, <= 16 each
+_CS_VALUE = re.compile(rb"[\x20-\x5b\x5d-\x7e]{0,16}")
 
 
 class DataSetError(ValueError):
@@ -114,45 +140,302 @@ def _as_text(raw: RawDataElement | None, encoding: str | list[str]) -> str:
     return str(value).strip().rstrip("\x00").strip()
 
 
-def _walk(fp: BinaryIO, *, implicit: bool, little: bool, size: int) -> dict[int, RawDataElement]:
-    """Walk every top-level element (values > 1 KiB skipped by seeking); check the ending."""
-    found: dict[int, RawDataElement] = {}
-    end = fp.tell()
-    for raw in data_element_generator(fp, implicit, little, defer_size=_DEFER):
-        end = fp.tell()
-        short = (
-            isinstance(raw, RawDataElement)
-            and isinstance(raw.value, bytes)
-            and raw.length != 0xFFFFFFFF
-            and len(raw.value) < raw.length
-        )
-        if end > size or short:
-            raise DataSetError(
-                f"data set truncated: element ({raw.tag.group:04X},{raw.tag.element:04X}) "
-                f"ends at byte {end} of {size}",
-                status=StoreStatus.CANNOT_UNDERSTAND,
-            )
-        if raw.tag in _WANTED and isinstance(raw, RawDataElement):
-            found[int(raw.tag)] = raw
-    if end != size:
-        raise DataSetError(
-            f"data set malformed: {size - end} bytes after the last complete element",
-            status=StoreStatus.CANNOT_UNDERSTAND,
-        )
-    return found
+def _malformed(message: str) -> DataSetError:
+    return DataSetError(message, status=StoreStatus.CANNOT_UNDERSTAND)
 
 
-def read_header(path: Path) -> HeaderInfo:
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@dataclass(frozen=True, slots=True)
+class InflateLimits:
+    """How far a deflated data set (PS3.5 A.5) may inflate before it is refused (0xC210).
+
+    The limit for one data set is ``min(max_bytes, max_ratio * deflated bytes + 1 MiB)``.
+    Chest radiographs deflate by a factor of 1.1 to 3 (measured: RG1_UNCR 1.1, RG3_UNCR
+    2.9, the NIH test images 1.5; detector noise does not compress); a deflate stream can
+    reach about 1032:1 (zeros), which is what bombs use.
+
+    Parameters
+    ----------
+    max_ratio
+        Inflated bytes allowed per received deflated byte (setting ``deflate_max_ratio``).
+    max_bytes
+        Inflated bytes allowed whatever the ratio (setting ``deflate_max_inflated_mb``).
+    """
+
+    max_ratio: int = 100
+    max_bytes: int = 256 * _MIB
+
+    def __post_init__(self) -> None:
+        if self.max_ratio < 1 or self.max_bytes < 1:
+            raise ValueError(f"inflate limits must be at least 1, got {self}")
+
+    def for_size(self, deflated_bytes: int) -> int:
+        """The inflated-size limit for a deflated stream of ``deflated_bytes``."""
+        return min(self.max_bytes, self.max_ratio * max(deflated_bytes, 0) + _MIB)
+
+
+class _FileSource:
+    """The data set bytes of a file (native transfer syntaxes): skipping is a seek."""
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self._fh = fh
+        self._size = size
+        self.pos = fh.tell()
+
+    def read(self, n: int) -> bytes:
+        data = self._fh.read(n)
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> int:
+        step = max(0, min(n, self._size - self.pos))
+        self._fh.seek(step, io.SEEK_CUR)
+        self.pos += step
+        return step
+
+    def finish(self) -> None:
+        """Nothing to check after the last element of a file."""
+
+
+class _InflateSource:
+    """The inflated bytes of a deflated data set, produced on demand and never kept.
+
+    At most :data:`_INFLATE_OUT` inflated bytes are held at a time; skipping a value inflates
+    and discards it. More than ``limit`` inflated bytes in all raise :class:`DataSetError`
+    (0xC210): the deflate bomb of issue #22 (1 MB in, 1 GiB out) stops at the limit.
+    """
+
+    def __init__(self, fh: BinaryIO, *, limit: int) -> None:
+        self._fh = fh
+        self._limit = limit
+        self._z = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate (RFC 1951), PS3.5 A.5
+        self._buf = b""
+        self._off = 0
+        self.pos = 0  # inflated bytes consumed by the walker
+        self.inflated = 0  # inflated bytes produced
+
+    def _inflate(self, max_length: int) -> bytes:
+        """Up to ``max_length`` more inflated bytes; ``b""`` at the end of the stream."""
+        z = self._z
+        while not z.eof:
+            data = z.unconsumed_tail
+            if not data:
+                data = self._fh.read(_INFLATE_IN)
+                if not data:
+                    raise _malformed("deflated data set truncated (stream not finished)")
+            out = z.decompress(data, max_length)
+            if out:
+                self.inflated += len(out)
+                if self.inflated > self._limit:
+                    raise _malformed(
+                        f"deflated data set inflates beyond {self._limit // _MIB} MiB (limit)"
+                    )
+                return out
+        return b""
+
+    def read(self, n: int) -> bytes:
+        avail = len(self._buf) - self._off
+        if avail >= n:
+            data = self._buf[self._off : self._off + n]
+            self._off += n
+        else:
+            parts = [self._buf[self._off :]]
+            while avail < n:
+                more = self._inflate(max(n - avail, _INFLATE_OUT))
+                if not more:
+                    break
+                parts.append(more)
+                avail += len(more)
+            joined = b"".join(parts)
+            data, self._buf, self._off = joined[:n], joined, min(n, len(joined))
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> int:
+        take = min(n, len(self._buf) - self._off)
+        self._off += take
+        done = take
+        while done < n:
+            more = self._inflate(min(n - done, _INFLATE_OUT))
+            if not more:
+                break
+            done += len(more)
+        self.pos += done
+        return done
+
+    def finish(self) -> None:
+        """After the last element: the deflate stream must end here.
+
+        Bytes after the end of the deflate stream are not part of the data set and are let
+        be, as pydicom does: a pad byte to an even length, or (seen in the wild, pydicom's
+        ``image_dfl.dcm``) a gzip-style CRC-32 and size trailer.
+        """
+        if len(self._buf) > self._off or self._inflate(1):
+            raise _malformed("deflated data set malformed: bytes after the last element")
+
+
+class _Walker:
+    """Walk a data set's element structure without building it (PS3.5 7.1, 7.5, A.4).
+
+    Every element header is read and every value skipped, except the few top-level values in
+    :data:`_WANTED` (up to :data:`_DEFER` bytes). Undefined-length sequences are walked item
+    by item and encapsulated pixel data fragment by fragment; nothing is kept, so memory does
+    not depend on the data set. pydicom's ``data_element_generator`` is not used here because
+    it parses an undefined-length sequence, values and all, into memory (``read_sequence``
+    takes no ``defer_size``), and needs backward seeks an inflating stream cannot give.
+
+    Refused (0xC210): truncation, bytes after the last element, elements out of increasing
+    tag order (PS3.5 7.1.1), items where none may be, sequences nested deeper than
+    :data:`_MAX_DEPTH`, more than :data:`_MAX_HEADERS` element and item headers.
+    """
+
+    def __init__(self, src: _FileSource | _InflateSource, *, implicit: bool, little: bool):
+        self.src = src
+        self.implicit = implicit
+        self.little = little
+        order = "<" if little else ">"
+        self._tag = struct.Struct(order + "HH").unpack
+        self._u16 = struct.Struct(order + "H").unpack
+        self._u32 = struct.Struct(order + "L").unpack
+        self._headers = 0
+        self.found: dict[int, RawDataElement] = {}
+
+    def _exact(self, n: int) -> bytes:
+        data = self.src.read(n)
+        if len(data) < n:
+            raise _malformed(f"data set truncated: {n - len(data)} bytes missing at the end")
+        return data
+
+    def _skip(self, n: int, tag: int) -> None:
+        if self.src.skip(n) < n:
+            raise _malformed(f"data set truncated: element {_tag_text(tag)} ends past the end")
+
+    def _header(self, implicit: bool, *, top: bool) -> tuple[int, str | None, int] | None:
+        """(tag, VR or None, length) of the next element or item; ``None`` at the very end."""
+        head = self.src.read(8)
+        if not head and top:
+            return None
+        if len(head) < 8:
+            if top:
+                raise _malformed(f"data set malformed: {len(head)} bytes after the last element")
+            raise _malformed("data set truncated inside a sequence")
+        self._headers += 1
+        if self._headers > _MAX_HEADERS:
+            raise _malformed(f"data set has more than {_MAX_HEADERS} elements and items")
+        group, elem = self._tag(head[:4])
+        tag = group << 16 | elem
+        if group == 0xFFFE or implicit:  # items and delimiters: tag + 4-byte length (PS3.5 7.5)
+            return tag, None, self._u32(head[4:])[0]
+        vr = head[4:6]
+        if vr in _LONG_VRS:  # PS3.5 Table 7.1-1: 2 reserved bytes, 4-byte length
+            return tag, vr.decode("ascii"), self._u32(self._exact(4))[0]
+        if vr.isalpha() and vr.isupper():
+            return tag, vr.decode("ascii"), self._u16(head[6:])[0]
+        # as pydicom (config.assume_implicit_vr_switch): some writers switch to implicit VR
+        return tag, None, self._u32(head[4:])[0]
+
+    def dataset(self, *, implicit: bool, depth: int = 0) -> None:
+        """Walk a data set: the top level (to the end) or an undefined-length item."""
+        top = depth == 0
+        last = -1
+        while True:
+            start = self.src.pos
+            header = self._header(implicit, top=top)
+            if header is None:
+                self.src.finish()
+                return
+            tag, vr, length = header
+            if tag == _ITEM_END and not top:
+                return
+            if tag >> 16 == 0xFFFE:
+                raise _malformed(f"data set malformed: item tag {_tag_text(tag)} out of place")
+            if tag <= last:  # PS3.5 7.1.1: increasing order, each element at most once
+                raise _malformed(f"data set malformed: {_tag_text(tag)} out of tag order")
+            last = tag
+            if length == _UNDEFINED:
+                self._undefined(tag, vr, implicit=implicit, depth=depth)
+            elif top and tag in _WANTED and length <= _DEFER:
+                value = self._exact(length)
+                self.found[tag] = RawDataElement(
+                    Tag(tag), vr, length, value, start, implicit, self.little, True, False
+                )
+            else:
+                self._skip(length, tag)
+
+    def _undefined(self, tag: int, vr: str | None, *, implicit: bool, depth: int) -> None:
+        """An undefined-length value: a sequence (SQ; UN, PS3.5 6.2.2) or encapsulated data."""
+        if vr not in (None, "SQ", "UN", "OB", "OW"):
+            raise _malformed(f"data set malformed: {_tag_text(tag)} {vr} has undefined length")
+        if depth >= _MAX_DEPTH:
+            raise _malformed(f"data set malformed: sequences nested deeper than {_MAX_DEPTH}")
+        encapsulated = vr in ("OB", "OW")  # PS3.5 A.4: fragments, each a defined-length item
+        nested_implicit = True if vr == "UN" else implicit  # PS3.5 6.2.2: UN/undefined is IVR
+        while True:
+            header = self._header(True, top=False)
+            assert header is not None
+            item, _, length = header
+            if item == _SEQ_END:
+                return
+            if item != _ITEM:
+                raise _malformed(
+                    f"data set malformed: {_tag_text(item)} where an item of "
+                    f"{_tag_text(tag)} should be"
+                )
+            if length != _UNDEFINED:
+                self._skip(length, tag)
+            elif encapsulated:
+                raise _malformed(f"data set malformed: fragment of undefined length in {vr}")
+            else:
+                self.dataset(implicit=nested_implicit, depth=depth + 1)
+
+
+def _encoding(raw: RawDataElement | None) -> str | list[str]:
+    """The Python encodings of (0008,0005) Specific Character Set (PS3.5 6.1.2.5).
+
+    Raises
+    ------
+    DataSetError
+        0xC210 when the element cannot be a CS value at all: another VR, a byte outside the
+        default repertoire's printable characters, or a value longer than 16 characters
+        (PS3.5 6.2). A printable but unknown term (``ISO_IR 999``, or a misspelling such as
+        ``ISO-IR 100``) falls back to the default repertoire instead: only descriptions are
+        decoded with it, and refusing a vendor's misspelling would stop a study for no gain.
+    """
+    if raw is None or not raw.value:
+        return "iso8859"
+    if raw.VR not in (None, "CS", "UN"):
+        raise _malformed(f"(0008,0005) Specific Character Set has VR {raw.VR}, not CS")
+    value = bytes(raw.value).rstrip(b" \x00")
+    terms = [t.strip(b" ") for t in value.split(b"\\")]
+    if not all(_CS_VALUE.fullmatch(t) for t in terms):
+        raise _malformed("(0008,0005) Specific Character Set is not a valid CS value")
+    names = [t.decode("ascii") for t in terms]
+    if not all(n in python_encoding for n in names):
+        return "iso8859"
+    try:
+        return convert_encodings(names)
+    except Exception:  # a combination pydicom refuses: fall back as for an unknown term
+        return "iso8859"
+
+
+def read_header(path: Path, *, inflate: InflateLimits | None = None) -> HeaderInfo:
     """Check a received Part 10 file's structure and read the attributes the node records.
 
-    Every top-level element header is walked (PS3.5 7.1; encapsulated pixel data items,
-    PS3.5 A.4, are followed item by item) so a truncated or malformed data set is refused
-    here, while pixel data is never loaded into memory.
+    Every element and item header is walked (PS3.5 7.1, 7.5; encapsulated pixel data, PS3.5
+    A.4, fragment by fragment) so a truncated or malformed data set is refused here, while no
+    value but the few recorded ones is ever read into memory. A deflated data set (PS3.5 A.5,
+    A.7, A.12) is inflated as it is walked and never held whole; it may inflate to the
+    ``inflate`` limits only.
 
     Parameters
     ----------
     path
         File written by the SCP: preamble, file meta (PS3.10 7.1), data set as received.
+    inflate
+        Limits for deflated data sets; default :class:`InflateLimits` ().
 
     Returns
     -------
@@ -161,8 +444,10 @@ def read_header(path: Path) -> HeaderInfo:
     Raises
     ------
     DataSetError
-        Status 0xC210 when the file cannot be parsed.
+        Status 0xC210 when the file cannot be parsed, inflates past the limits or has an
+        invalid (0008,0005) Specific Character Set.
     """
+    limits = inflate or InflateLimits()
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
@@ -173,43 +458,36 @@ def read_header(path: Path) -> HeaderInfo:
             ):
                 if isinstance(raw, RawDataElement):
                     meta[int(raw.tag)] = raw
+            group_length = meta.get(0x00020000)  # PS3.10 7.1, written by pynetdicom
+            if group_length is not None and isinstance(group_length.value, bytes):
+                end = group_length.value_tell + 4 + int.from_bytes(group_length.value, "little")
+                if fh.tell() != end:  # the data set began with group 0002 elements
+                    raise _malformed("file meta group length does not match its elements")
             ts = _as_text(meta.get(0x00020010), "iso8859")
             if not ts:
-                raise DataSetError(
-                    "file meta has no Transfer Syntax UID", status=StoreStatus.CANNOT_UNDERSTAND
-                )
+                raise _malformed("file meta has no Transfer Syntax UID")
             uid = UID(ts)
-            if uid.is_deflated:
-                data = zlib.decompress(fh.read(), -zlib.MAX_WBITS)
-                buf = io.BytesIO(data)
-                found = _walk(buf, implicit=False, little=True, size=len(data))
+            source: _FileSource | _InflateSource
+            if ts in _DEFLATED:
+                source = _InflateSource(fh, limit=limits.for_size(size - fh.tell()))
+                walker = _Walker(source, implicit=False, little=True)
             else:
-                implicit = bool(uid.is_implicit_VR) if uid.is_transfer_syntax else True
-                little = bool(uid.is_little_endian) if uid.is_transfer_syntax else True
-                found = _walk(fh, implicit=implicit, little=little, size=size)
+                known = uid.is_transfer_syntax
+                source = _FileSource(fh, size)
+                walker = _Walker(
+                    source,
+                    implicit=bool(uid.is_implicit_VR) if known else True,
+                    little=bool(uid.is_little_endian) if known else True,
+                )
+            walker.dataset(implicit=walker.implicit)
+        found = walker.found
+        encoding = _encoding(found.get(0x00080005))
     except DataSetError:
         raise
     except (EOFError, ValueError, KeyError, IndexError, NotImplementedError, zlib.error) as exc:
-        raise DataSetError(
-            f"data set cannot be parsed: {type(exc).__name__}",
-            status=StoreStatus.CANNOT_UNDERSTAND,
-        ) from exc
+        raise _malformed(f"data set cannot be parsed: {type(exc).__name__}") from exc
     except Exception as exc:  # pydicom raises assorted errors on garbage input
-        raise DataSetError(
-            f"data set cannot be parsed: {type(exc).__name__}",
-            status=StoreStatus.CANNOT_UNDERSTAND,
-        ) from exc
-
-    charset_raw = found.get(0x00080005)
-    encoding: str | list[str] = "iso8859"
-    if charset_raw is not None and charset_raw.value:
-        from pydicom.charset import convert_encodings
-
-        cs = _as_text(charset_raw, "iso8859")
-        try:
-            encoding = convert_encodings(cs.split("\\") if cs else None)
-        except Exception:  # unknown character set: fall back, names are not PHI-relevant
-            encoding = "iso8859"
+        raise _malformed(f"data set cannot be parsed: {type(exc).__name__}") from exc
 
     def text(tag: int) -> str:
         try:
@@ -285,6 +563,16 @@ def validate_uids(header: HeaderInfo, meta: ReceivedMeta) -> None:
         raise DataSetError("Transfer Syntax UID invalid", status=StoreStatus.CANNOT_UNDERSTAND)
 
 
+def _sqlite_folder(database_url: object) -> Path | None:
+    """The folder of a SQLite database file (it grows there, with its journal), else None."""
+    if not isinstance(database_url, str) or not database_url.startswith("sqlite"):
+        return None
+    database = make_url(database_url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).absolute().parent
+
+
 class _KeyedLocks:
     """One lock per key (SOP Instance UID), so two copies of one instance never interleave."""
 
@@ -315,7 +603,8 @@ class IngestSink:
     Parameters
     ----------
     settings
-        Node settings (``min_free_disk_mb``, ``job_max_attempts``, ``spool_dir``).
+        Node settings (``min_free_disk_mb``, ``job_max_attempts``, ``spool_dir``,
+        ``database_url``, ``deflate_max_ratio``, ``deflate_max_inflated_mb``).
     session_factory
         SQLAlchemy session factory (``node.db.engine.make_session_factory``).
     spool
@@ -343,6 +632,15 @@ class IngestSink:
             else int(floor_mb) * _MIB
         )
         self.job_max_attempts = int(getattr(settings, "job_max_attempts", 3))
+        defaults = InflateLimits()
+        ratio = getattr(settings, "deflate_max_ratio", defaults.max_ratio)
+        inflated_mb = getattr(settings, "deflate_max_inflated_mb", defaults.max_bytes // _MIB)
+        self.inflate = InflateLimits(max_ratio=int(ratio), max_bytes=int(inflated_mb) * _MIB)
+        #: folders outside the spool whose file systems must keep the floor as well
+        self.watch_also: dict[str, Path] = {}
+        folder = _sqlite_folder(getattr(settings, "database_url", None))
+        if folder is not None:
+            self.watch_also["database"] = folder
         self._locks = _KeyedLocks()
         removed = self.spool.clean_incoming()
         if removed:
@@ -358,7 +656,7 @@ class IngestSink:
             status of :mod:`integration.status` with the reason.
         """
         try:
-            header = read_header(path)
+            header = read_header(path, inflate=self.inflate)
             validate_uids(header, meta)
         except DataSetError as exc:
             return StoreResult(status=exc.status, reason=exc.message)
@@ -373,6 +671,7 @@ class IngestSink:
                 series_uid=header.series_uid,
                 sop_instance_uid=header.sop_instance_uid,
                 floor_bytes=self.floor_bytes,
+                also=self.watch_also,
             )
         except SpoolError as exc:
             return StoreResult(status=exc.status, reason=exc.message)

@@ -53,10 +53,13 @@ from integration.pixels import to_gray8
 from integration.selection import select_frontal
 from integration.sr import build_draft_sr, requested_procedures_from
 from integration.uids import sr_instance_uid, sr_series_uid
+from models.layout import TokenLayoutError
+from models.prompts import PromptError
 from node.api import metrics
 from node.db import repo_outputs
 from node.db import repository as repo
 from node.db.repository import LeaseLost
+from node.filemodes import make_private_dir, open_private
 from node.settings import Settings
 from node.spool import OUTPUTS_DIR
 
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MANUFACTURER",
     "OUTPUTS_DIR",
+    "PERMANENT_ERRORS",
     "SR_INSTANCE_NUMBER",
     "SR_SERIES_NUMBER",
     "STAGE_DELAY_ENV",
@@ -80,8 +84,10 @@ __all__ = [
     "complete_job",
     "convert_image",
     "generate_reports",
+    "is_permanent",
     "load_study",
     "prepare_job",
+    "retry_delay_seconds",
     "run_batch",
     "select_image",
     "stage_delay",
@@ -382,13 +388,14 @@ def write_sr(
     """Write ``sr`` durably to ``<outputs_dir>/<SOP Instance UID>.dcm`` (replacing).
 
     Temporary file in the same directory, ``fsync``, ``before_rename()`` (e.g. a lease
-    check that raises), atomic ``os.replace``, ``fsync`` of the directory.
+    check that raises), atomic ``os.replace``, ``fsync`` of the directory. The SR carries
+    patient data: the file is 0600, a folder created for it 0700 (:mod:`node.filemodes`).
     """
-    outputs_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(outputs_dir)
     final = outputs_dir / f"{sr.SOPInstanceUID}.dcm"
     tmp = outputs_dir / f".{sr.SOPInstanceUID}.{uuid.uuid4().hex[:8]}.part"
     try:
-        with open(tmp, "wb") as fh:
+        with open_private(tmp) as fh:
             sr.save_as(fh, enforce_file_format=True)
             fh.flush()
             os.fsync(fh.fileno())
@@ -505,19 +512,74 @@ def complete_job(
 # --- a batch of jobs --------------------------------------------------------------------
 
 
+#: Errors that a retry of the same job cannot cure: the data set or the model bundle is at
+#: fault, not the node's surroundings (see :func:`is_permanent`).
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidDicomError,  # not a DICOM data set (PS3.10 §7.1)
+    NotImplementedError,  # pydicom: an unknown Value Representation (PS3.5 §6.2), an encoding
+    TokenLayoutError,  # the bundle or a sequence does not follow the LLM-CXR token layout
+    PromptError,  # a prompt cannot be built from the study's parts
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a failed job attempt must not be retried, by the exception's type.
+
+    Permanent: a :class:`JobFailure` marked so; an :class:`integration.errors.IntegrationError`
+    that is not ``transient`` (no frontal image, PS3.3 C.8.11.5; undecodable pixel data,
+    PS3.3 C.7.6.3; SR not buildable); :data:`PERMANENT_ERRORS`; and
+    :class:`models.runtime.ModelInputError`. Everything else is transient and retried with
+    back-off while attempts remain: ``OSError`` (``ENOSPC``, ``EIO``, timeouts),
+    :class:`sqlalchemy.exc.SQLAlchemyError` (database away), :class:`node.modelhost.ModelNotReady`
+    (model busy or loading), the backends' runtime errors, and any error not listed here.
+    """
+    if isinstance(exc, JobFailure):
+        return exc.permanent
+    if isinstance(exc, IntegrationError):
+        return not exc.transient
+    from models.runtime import ModelInputError
+
+    return isinstance(exc, (*PERMANENT_ERRORS, ModelInputError))
+
+
+def retry_delay_seconds(settings: Settings, attempts: int) -> float:
+    """Back-off before a job's next attempt after ``attempts`` failed ones.
+
+    ``job_backoff_seconds * 2**(attempts - 1)``, at most ``job_max_backoff_seconds``, with
+    up to 10 % jitter (:func:`node.delivery.backoff_seconds`).
+    """
+    from node.delivery import backoff_seconds
+
+    return backoff_seconds(
+        attempts, base=settings.job_backoff_seconds, cap=settings.job_max_backoff_seconds
+    )
+
+
 def _fail(deps: PipelineDeps, job_id: int, owner: str, exc: BaseException) -> JobOutcome:
-    """Record a failed attempt; a lost lease is abandoned silently."""
+    """Record a failed attempt; a lost lease is abandoned silently.
+
+    Permanent failures (:func:`is_permanent`) fail the job at once; transient ones queue it
+    again, not claimable before the back-off of :func:`retry_delay_seconds` has passed.
+    """
     if isinstance(exc, LeaseLost):
         log.warning("job %s: lease lost, outputs abandoned (%s)", job_id, exc)
         return JobOutcome(job_id, "abandoned", error=str(exc))
+    permanent = is_permanent(exc)
     if isinstance(exc, JobFailure):
-        message, permanent = f"{exc.stage}: {exc.message}", exc.permanent
+        message = f"{exc.stage}: {exc.message}"
     else:
         # the model's own errors carry no patient data; keep the class and message short
-        message, permanent = f"{type(exc).__name__}: {str(exc)[:500]}", False
+        message = f"{type(exc).__name__}: {str(exc)[:500]}"
     try:
         with deps.session_factory() as session:
-            job = repo.fail_job(session, job_id, owner=owner, error=message, retry=not permanent)
+            job = repo.fail_job(
+                session,
+                job_id,
+                owner=owner,
+                error=message,
+                retry=not permanent,
+                retry_delay=lambda attempts: retry_delay_seconds(deps.settings, attempts),
+            )
         status = "retry" if job.state.value == "queued" else "failed"
     except LeaseLost:
         log.warning("job %s: lease lost before the failure could be recorded", job_id)
@@ -526,8 +588,8 @@ def _fail(deps: PipelineDeps, job_id: int, owner: str, exc: BaseException) -> Jo
         logging.WARNING if status == "retry" else logging.ERROR,
         "job %s %s: %s",
         job_id,
-        "will be retried" if status == "retry" else "failed permanently",
-        message,
+        "will be retried" if status == "retry" else "failed",
+        job.last_error or message,
     )
     return JobOutcome(job_id, status, error=message)
 

@@ -4,7 +4,10 @@
   studies and queues their jobs (:func:`node.db.repository.complete_quiet_studies`);
 - lease expiry (every quarter of the lease, 1-15 s): requeues jobs of dead workers;
 - retention (hourly): deletes studies older than ``retention_days`` and their spool files
-  (instances and SRs), and SR files a crashed worker left half-written.
+  (instances and SRs), and SR files a crashed worker left half-written;
+- delivery recheck (every ``delivery_recheck_minutes``, 0: off): C-ECHOes each configured
+  destination that has failed, not permanent deliveries and re-queues them when it answers
+  (:func:`node.delivery.recheck_failed_destinations`).
 
 The schedule is never shared through the database: every node process runs its own chores,
 and the repository functions are safe to run concurrently (row locks / ``BEGIN IMMEDIATE``).
@@ -78,6 +81,16 @@ class Chores:
         """Requeue or fail running jobs whose lease has passed."""
         with self.session_factory() as session:
             return repo.expire_leases(session, self.clock())
+
+    def recheck_deliveries(self) -> dict[str, int]:
+        """Re-queue failed deliveries of destinations that answer again (C-ECHO / OPTIONS).
+
+        See :func:`node.delivery.recheck_failed_destinations`; returns the re-queued count
+        per destination that answered.
+        """
+        from node.delivery import recheck_failed_destinations  # node.delivery imports us
+
+        return recheck_failed_destinations(self.settings, self.session_factory)
 
     def apply_retention(self) -> int:
         """Delete studies older than ``retention_days`` (0 disables) and their spool files.
@@ -184,6 +197,14 @@ class NodeScheduler:
             id="retention",
             next_run_time=now + timedelta(seconds=60),
         )
+        if s.delivery_recheck_minutes > 0:
+            self.scheduler.add_job(
+                _guarded("delivery recheck", chores.recheck_deliveries),
+                "interval",
+                minutes=s.delivery_recheck_minutes,
+                id="delivery-recheck",
+                next_run_time=now + timedelta(minutes=s.delivery_recheck_minutes),
+            )
 
     def start(self) -> None:
         """Start running the chores in background threads."""

@@ -1,8 +1,9 @@
 """The ``cxr-node serve`` process: database, storage SCP, chores and pluggable components.
 
 Start-up: log the effective configuration once, check the spool, create or migrate the
-database, start the storage SCP (``integration.ae`` + ``integration.scp`` + ``node.ingest``),
-start the chores (:mod:`node.scheduler`) and any extra components (worker, HTTP API), then
+database, start the storage SCP (``integration.ae`` + ``integration.scp`` + ``node.ingest``;
+temporary files, received data sets among them, go to the spool's staging folder), start the
+chores (:mod:`node.scheduler`) and any extra components (worker, HTTP API), then
 log ``node ready``. Shutdown on SIGTERM/SIGINT or ``stop_event``: stop accepting
 associations, let in-flight ones finish (up to a grace period; a second signal cuts it
 short), stop the components and chores, release this process's job leases.
@@ -14,11 +15,13 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,15 +31,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from integration.ae import build_storage_ae
 from integration.scp import handlers as scp_handlers
 from node.db import repository as repo
-from node.db.engine import make_engine, make_session_factory
+from node.db.engine import engine_from_settings, make_session_factory
 from node.db.migrate import upgrade
 from node.ingest import IngestSink
 from node.scheduler import Chores, NodeScheduler
 from node.settings import Settings
-from node.spool import Spool
+from node.spool import INCOMING, Spool
 from node.tls import server_context
 
-__all__ = ["Component", "NodeContext", "node_owner_id", "run_node"]
+__all__ = ["Component", "NodeContext", "node_owner_id", "run_node", "stage_tempfiles_in_spool"]
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +86,51 @@ def _build_scp(settings: Settings, session_factory: sessionmaker[Session]) -> tu
         ae_title=settings.ae_title,
         allowed_aes=settings.allowed_aes,
         max_associations=settings.max_associations,
+        max_associations_per_address=settings.max_associations_per_address,
         acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,
+        association_request_timeout=settings.association_request_timeout,
+        pdu_receive_timeout=settings.pdu_receive_timeout,
+        maximum_pdu_size=settings.max_pdu_size,
+        tls_handshake_timeout=settings.tls_handshake_timeout,
         ssl_context=server_context(settings),
     )
     return ae, scp_handlers(sink)
+
+
+def stage_tempfiles_in_spool(spool_dir: Path) -> Callable[[], None]:
+    """Point this process's temporary files at the spool's staging folder; return an undo.
+
+    pynetdicom writes every incoming C-STORE data set to a ``tempfile.NamedTemporaryFile``
+    (``STORE_RECV_CHUNKED_DATASET``, set by :func:`integration.ae.build_storage_ae`) in
+    ``tempfile.gettempdir()``, by default ``$TMPDIR`` or ``/tmp``: patient data outside the
+    spool, on a file system ``min_free_disk_mb`` does not watch, left behind by every
+    aborted transfer. Setting ``tempfile.tempdir`` (documented in :mod:`tempfile` as the
+    default ``dir`` of every function there) puts those files in ``<spool>/.incoming``: on
+    the spool's file system (the handler renames them into place, no copy), 0600 as all
+    temporary files, removed after an abort (:func:`integration.scp.handle_conn_close`)
+    and at the next start (:meth:`node.spool.Spool.clean_incoming`). It is process-wide:
+    any other temporary file of ``cxr-node serve`` lands there too, which keeps patient data
+    the model or the API might spool under the spool as well.
+
+    Parameters
+    ----------
+    spool_dir
+        The spool root (``spool_dir``); its ``.incoming`` folder must exist.
+
+    Returns
+    -------
+    Callable[[], None]
+        Restores the previous ``tempfile.tempdir``.
+    """
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(Path(spool_dir).absolute() / INCOMING)
+
+    def restore() -> None:
+        tempfile.tempdir = previous
+
+    return restore
 
 
 def _install_signals(
@@ -174,14 +216,16 @@ def run_node(
     server: Any = None
     ae: Any = None
     scheduler: NodeScheduler | None = None
+    restore_tempdir: Callable[[], None] | None = None
     owner = node_owner_id()
     settings.prepare_runtime()
     revision = upgrade(settings.database_url)
     log.info("database at revision %s (%s)", revision, settings.database_backend)
-    engine = make_engine(settings.database_url)
+    engine = engine_from_settings(settings)
     session_factory = make_session_factory(engine)
     try:
         ae, handlers = _build_scp(settings, session_factory)
+        restore_tempdir = stage_tempfiles_in_spool(settings.spool_dir)  # received data
         server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
         scheduler = NodeScheduler(Chores(settings, session_factory))
         scheduler.start()
@@ -223,6 +267,8 @@ def run_node(
             log.warning("could not release job leases: %s", exc)
         if ae is not None:
             ae.shutdown()
+        if restore_tempdir is not None:
+            restore_tempdir()
         engine.dispose()
         restore_signals()
         log.info("node stopped")

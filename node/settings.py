@@ -302,11 +302,20 @@ class Settings(BaseSettings):
     acse_timeout: float = 30.0
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
+    # DICOM network bounds against hostile peers (docs/security.md, "DICOM network: ...")
+    max_associations_per_address: int = 5
+    association_request_timeout: float = 5.0
+    pdu_receive_timeout: float = 30.0
+    max_pdu_size: int = 1048576
+    tls_handshake_timeout: float = 10.0
     # storage
     spool_dir: Path = Path("var/spool")
     database_url: str = "sqlite:///var/cxr-node.sqlite3"
     min_free_disk_mb: int = 512
     retention_days: int = 30
+    # received data: inflation of deflated data sets (docs/security.md, "Received data: ...")
+    deflate_max_ratio: int = 100
+    deflate_max_inflated_mb: int = 256
     # study assembly
     study_quiet_seconds: float = 10.0
     study_max_wait_seconds: float = 600.0
@@ -330,7 +339,7 @@ class Settings(BaseSettings):
     generation_max_new_tokens: int = 128
     # delivery
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
-    delivery_max_attempts: int = 8
+    delivery_max_attempts: int | None = None  # optional cap; delivery_retry_hours decides
     delivery_backoff_seconds: float = 5.0
     delivery_max_backoff_seconds: float = 600.0
     # DICOM TLS (PS3.15 Annex B.1, TLS secure transport) for the SCP and the SCU
@@ -344,6 +353,18 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     log_level: str = "INFO"
+    # admin API bounds against hostile clients (docs/security.md, "Admin API and web console")
+    api_max_upload_mb: int = 64
+    api_auth_max_failures: int = 10
+    api_auth_window_seconds: float = 60.0
+    api_tls: bool | None = None
+    # outages of the database, the PACS, failing jobs (docs/security.md, "Outages: ...")
+    database_connect_timeout_seconds: int = 5
+    database_statement_timeout_seconds: float = 10.0
+    delivery_retry_hours: float = 24.0
+    delivery_recheck_minutes: float = 5.0
+    job_backoff_seconds: float = 60.0
+    job_max_backoff_seconds: float = 1800.0
 
     @classmethod
     def settings_customise_sources(
@@ -423,7 +444,6 @@ class Settings(BaseSettings):
         "worker_concurrency",
         "worker_batch_size",
         "job_max_attempts",
-        "delivery_max_attempts",
         "generation_max_new_tokens",
     )
     @classmethod
@@ -502,7 +522,152 @@ class Settings(BaseSettings):
             raise ValueError(f"backend_threads: must be at least 1, got {self.backend_threads}")
         return self
 
+    # --- DICOM network bounds -----------------------------------------------------------
+
+    @field_validator("max_associations_per_address")
+    @classmethod
+    def _max_assoc_per_address(cls, v: int) -> int:
+        if not 1 <= v <= 1000:
+            raise ValueError(f"max_associations_per_address: {v} is outside 1..1000")
+        return v
+
+    @field_validator("association_request_timeout", "pdu_receive_timeout", "tls_handshake_timeout")
+    @classmethod
+    def _network_bound_seconds(cls, v: float, info: Any) -> float:
+        if not 0 < v <= 3600:
+            raise ValueError(f"{info.field_name}: {v} is outside (0, 3600] seconds")
+        return v
+
+    @field_validator("max_pdu_size")
+    @classmethod
+    def _max_pdu_size(cls, v: int) -> int:
+        # PS3.8 D.1 Maximum Length; 0 (unlimited) would let one PDU fill memory
+        if not 4096 <= v <= 16 * 1024 * 1024:
+            raise ValueError(f"max_pdu_size: {v} is outside 4096..16777216 bytes (16 MiB)")
+        return v
+
+    # --- admin API bounds ---------------------------------------------------------------
+
+    @field_validator("api_max_upload_mb")
+    @classmethod
+    def _api_upload(cls, v: int) -> int:
+        if not 1 <= v <= 1024:
+            raise ValueError(f"api_max_upload_mb: {v} is outside 1..1024 (MiB)")
+        return v
+
+    @field_validator("api_auth_max_failures")
+    @classmethod
+    def _api_failures(cls, v: int) -> int:
+        if not 1 <= v <= 10000:
+            raise ValueError(f"api_auth_max_failures: {v} is outside 1..10000")
+        return v
+
+    @field_validator("api_auth_window_seconds")
+    @classmethod
+    def _api_window(cls, v: float) -> float:
+        if not 0 < v <= 86400:
+            raise ValueError(f"api_auth_window_seconds: {v} is outside (0, 86400] seconds")
+        return v
+
+    @model_validator(mode="after")
+    def _api_transport(self) -> Settings:
+        has_cert = self.tls_cert_file is not None and self.tls_key_file is not None
+        if self.api_tls and not has_cert:
+            raise ValueError(
+                "api_tls: HTTPS for the admin API needs tls_cert_file and tls_key_file"
+            )
+        if self.api_tls is None and not has_cert and not is_loopback(self.api_host):
+            raise ValueError(
+                f"api_tls: the admin API would serve plain HTTP on {self.api_host!r}, where "
+                "tokens and session cookies cross the network in clear. Set tls_cert_file and "
+                "tls_key_file (HTTPS), bind api_host to 127.0.0.1, or set api_tls = false "
+                "(e.g. behind a TLS-terminating proxy)"
+            )
+        return self
+
+    # --- outages: database, PACS, failing jobs ------------------------------------------
+
+    @field_validator("database_connect_timeout_seconds")
+    @classmethod
+    def _db_connect_timeout(cls, v: int) -> int:
+        if not 2 <= v <= 300:
+            raise ValueError(
+                f"database_connect_timeout_seconds: {v} is outside 2..300 (libpq's minimum is 2)"
+            )
+        return v
+
+    @field_validator("database_statement_timeout_seconds")
+    @classmethod
+    def _db_statement_timeout(cls, v: float) -> float:
+        if not 0 < v <= 3600:
+            raise ValueError(
+                f"database_statement_timeout_seconds: {v} is outside (0, 3600] seconds"
+            )
+        return v
+
+    @field_validator("delivery_max_attempts")
+    @classmethod
+    def _delivery_attempts(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"delivery_max_attempts: must be at least 1 (or unset), got {v}")
+        return v
+
+    @field_validator("delivery_retry_hours")
+    @classmethod
+    def _delivery_horizon(cls, v: float) -> float:
+        if not 0 < v <= 8760:
+            raise ValueError(f"delivery_retry_hours: {v} is outside (0, 8760] hours")
+        return v
+
+    @field_validator("delivery_recheck_minutes")
+    @classmethod
+    def _delivery_recheck(cls, v: float) -> float:
+        if not 0 <= v <= 1440:
+            raise ValueError(f"delivery_recheck_minutes: {v} is outside 0..1440 (0: off)")
+        return v
+
+    @field_validator("job_backoff_seconds", "job_max_backoff_seconds")
+    @classmethod
+    def _job_backoff(cls, v: float, info: Any) -> float:
+        if not 0 < v <= 86400:
+            raise ValueError(f"{info.field_name}: {v} is outside (0, 86400] seconds")
+        return v
+
+    @model_validator(mode="after")
+    def _outage_bounds(self) -> Settings:
+        if self.job_max_backoff_seconds < self.job_backoff_seconds:
+            raise ValueError(
+                f"job_max_backoff_seconds ({self.job_max_backoff_seconds}) must not be shorter "
+                f"than job_backoff_seconds ({self.job_backoff_seconds})"
+            )
+        return self
+
+    # --- received data bounds -----------------------------------------------------------
+
+    @field_validator("deflate_max_ratio")
+    @classmethod
+    def _deflate_ratio(cls, v: int) -> int:
+        # zlib's own maximum is about 1032:1; past that the ratio no longer bounds anything
+        if not 2 <= v <= 1100:
+            raise ValueError(f"deflate_max_ratio: {v} is outside 2..1100")
+        return v
+
+    @field_validator("deflate_max_inflated_mb")
+    @classmethod
+    def _deflate_inflated(cls, v: int) -> int:
+        if not 1 <= v <= 65536:
+            raise ValueError(f"deflate_max_inflated_mb: {v} is outside 1..65536 (MiB)")
+        return v
+
     # --- helpers ------------------------------------------------------------------------
+
+    @property
+    def api_https(self) -> bool:
+        """Whether the admin API serves HTTPS: ``api_tls``, or by default whenever
+        ``tls_cert_file`` and ``tls_key_file`` are set."""
+        if self.api_tls is not None:
+            return self.api_tls
+        return self.tls_cert_file is not None and self.tls_key_file is not None
 
     @property
     def database_backend(self) -> str:
@@ -520,14 +685,19 @@ class Settings(BaseSettings):
     def prepare_runtime(self) -> None:
         """Create and check the spool directory (writable, enough free disk) before serving.
 
+        The spool holds patient data: it is created with mode 0700, and an existing one this
+        user owns is tightened to 0700 (:mod:`node.filemodes`).
+
         Raises
         ------
         ConfigError
             Naming ``spool_dir`` or ``min_free_disk_mb``.
         """
+        from node.filemodes import make_private_dir
+
         spool = self.spool_dir
         try:
-            spool.mkdir(parents=True, exist_ok=True)
+            make_private_dir(spool, tighten_existing=True)
         except OSError as exc:
             raise ConfigError(f"spool_dir: cannot create {spool}: {exc.strerror}") from None
         try:

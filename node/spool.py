@@ -12,7 +12,14 @@ either the old state or the new state plus, at worst, an unreferenced file.
 
 Write protocol (POSIX): stage in ``<spool>/.incoming/`` (same filesystem), ``fsync`` the
 file, ``os.replace`` it into place (atomic), ``fsync`` the directory (and any directory
-created on the way), so the name survives power loss.
+created on the way), so the name survives power loss. Files are 0600 and folders 0700 (patient
+data, :mod:`node.filemodes`).
+
+Received data sets arrive in ``.incoming`` as well: ``cxr-node serve`` points Python's
+``tempfile`` there (:func:`node.service.stage_tempfiles_in_spool`), where pynetdicom writes
+each incoming C-STORE data set, so patient data is never written outside the spool; what an
+aborted transfer leaves is removed when its connection closes (:mod:`integration.scp`) and
+what a crash leaves at the next start (:meth:`Spool.clean_incoming`).
 """
 
 from __future__ import annotations
@@ -24,13 +31,17 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from integration.status import StoreStatus
+from node.filemodes import DIR_MODE, FILE_MODE, make_private_dir
 
 __all__ = [
+    "INCOMING",
     "OUTPUTS_DIR",
+    "RECEIVED_GLOB",
     "Spool",
     "SpoolError",
     "SpoolFullError",
@@ -42,6 +53,10 @@ __all__ = [
 LOG = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+#: Received data sets in the staging folder: pynetdicom's ``NamedTemporaryFile(suffix=".dcm")``
+#: (default prefix ``tmp``) while a C-STORE arrives (``node.service`` points ``tempfile`` there).
+RECEIVED_GLOB = "tmp*.dcm"
+_MIB = 1 << 20
 #: Where the worker writes SRs before delivery (``<SOP Instance UID>.dcm``), under the root.
 OUTPUTS_DIR = "outputs"
 _CHUNK = 1 << 20
@@ -157,25 +172,70 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
         self.incoming = self.root / INCOMING
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.incoming)  # 0700, as every spool folder (node.filemodes)
 
     # --- space ------------------------------------------------------------------------
 
-    def free_bytes(self) -> int:
-        """Bytes available to this process on the spool's filesystem (``statvfs``)."""
-        st = os.statvfs(self.root)
+    def free_bytes(self, path: Path | None = None) -> int:
+        """Bytes available to this process on the file system of ``path`` (default: the
+        spool root), from ``statvfs``."""
+        st = os.statvfs(self.root if path is None else path)
         return int(st.f_bavail * st.f_frsize)
 
-    def check_free(self, incoming_bytes: int, *, floor_bytes: int | None = None) -> None:
-        """Raise :class:`SpoolFullError` when storing ``incoming_bytes`` breaks the floor."""
+    def watched(self, also: Mapping[str, Path] | None = None) -> dict[str, Path]:
+        """The folders the node writes to, one per file system, by label.
+
+        The spool root (``spool``), the staging folder (``staging``: ``.incoming``, where
+        ``cxr-node serve`` has pynetdicom write received data sets), ``outputs`` (SRs) once
+        it exists, then ``also`` (e.g. ``{"database": <SQLite file's folder>}``); a folder on
+        the same file system (``st_dev``) as an earlier one, or missing, is left out.
+        """
+        folders = {"spool": self.root, "staging": self.incoming}
+        if (self.root / OUTPUTS_DIR).is_dir():
+            folders["outputs"] = self.root / OUTPUTS_DIR
+        folders.update(also or {})
+        seen: set[int] = set()
+        out: dict[str, Path] = {}
+        for label, folder in folders.items():
+            try:
+                dev = os.stat(folder).st_dev
+            except OSError:
+                continue
+            if dev not in seen:
+                seen.add(dev)
+                out[label] = folder
+        return out
+
+    def check_free(
+        self,
+        incoming_bytes: int,
+        *,
+        floor_bytes: int | None = None,
+        also: Mapping[str, Path] | None = None,
+    ) -> None:
+        """Raise :class:`SpoolFullError` (0xA700) when a file system the node writes to has
+        less free space than the floor (``min_free_disk_mb``).
+
+        Parameters
+        ----------
+        incoming_bytes
+            Bytes still to be written on the spool root's file system for this instance (0
+            when the received file is already there and is only renamed).
+        floor_bytes
+            The floor; default the spool's ``min_free_bytes``.
+        also
+            More folders to check (see :meth:`watched`).
+        """
         floor = self.min_free_bytes if floor_bytes is None else floor_bytes
         floor = floor or 0
-        free = self.free_bytes()
-        if free - incoming_bytes < floor:
-            raise SpoolFullError(
-                f"spool free space {free // (1 << 20)} MiB minus this instance is below "
-                f"the floor of {floor // (1 << 20)} MiB"
-            )
+        for label, folder in self.watched(also).items():
+            free = self.free_bytes(folder)
+            need = incoming_bytes if label == "spool" else 0
+            if free - need < floor:
+                extra = " + this instance" if need else ""
+                raise SpoolFullError(
+                    f"{label} disk: {free // _MIB} MiB free, floor {floor // _MIB} MiB{extra}"
+                )
 
     # --- writing ----------------------------------------------------------------------
 
@@ -222,7 +282,7 @@ class Spool:
             d = d.parent
         for d in reversed(missing):
             with contextlib.suppress(FileExistsError):
-                d.mkdir()
+                d.mkdir(mode=DIR_MODE)
             if self.fsync:
                 _fsync_dir(d.parent)
 
@@ -234,6 +294,7 @@ class Spool:
         series_uid: str,
         sop_instance_uid: str,
         floor_bytes: int | None = None,
+        also: Mapping[str, Path] | None = None,
     ) -> SpooledFile:
         """Durably place the file ``src`` (consumed: moved or copied) in the spool.
 
@@ -245,6 +306,8 @@ class Spool:
             (0020,000D), (0020,000E), (0008,0018) of the data set (valid UIDs).
         floor_bytes
             Free-space floor for this call (default: the spool's ``min_free_bytes``).
+        also
+            More folders whose file systems must keep the floor (:meth:`check_free`).
 
         Returns
         -------
@@ -257,8 +320,11 @@ class Spool:
         SpoolIOError
             Any other OS error (status 0xA702).
         """
-        size = src.stat().st_size
-        self.check_free(size, floor_bytes=floor_bytes)
+        st = src.stat()
+        # a file already on the spool's file system (pynetdicom's, under .incoming) is renamed
+        # into place and needs no more space there
+        incoming = 0 if st.st_dev == os.stat(self.root).st_dev else st.st_size
+        self.check_free(incoming, floor_bytes=floor_bytes, also=also)
         stage, size, sha = self._stage(src)
         rel = spool_relative_path(
             study_uid=study_uid,
@@ -268,6 +334,7 @@ class Spool:
         )
         final = self.root / rel
         try:
+            os.chmod(stage, FILE_MODE)  # patient data: 0600 whatever created the file
             self._makedirs(final.parent)
             if final.exists() and final.stat().st_size == size:
                 # Same name = same SHA-256 prefix and size: an identical duplicate.
@@ -303,18 +370,27 @@ class Spool:
             LOG.warning("could not delete spool file %s", relative, exc_info=True)
 
     def clean_incoming(self) -> int:
-        """Delete staged files left by a crash (never acknowledged); return how many."""
+        """Delete staged files left by a crash (never acknowledged); return how many.
+
+        Call it at start, before receiving: the node's own staged files (``*.part``) and the
+        data sets pynetdicom was receiving into the staging folder (``tmp*.dcm``,
+        :data:`RECEIVED_GLOB`) when the process died.
+        """
         n = 0
-        for p in self.incoming.glob("*.part"):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                n += 1
+        for pattern in ("*.part", RECEIVED_GLOB):
+            for p in self.incoming.glob(pattern):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    n += 1
         return n
 
     def used_bytes(self) -> int:
-        """Total size of the spooled ``.dcm`` files (walks the tree)."""
+        """Total size of the spooled ``.dcm`` files (walks the tree; data sets still being
+        received in the staging folder are not counted)."""
         total = 0
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, dirs, files in os.walk(self.root):
+            if Path(dirpath) == self.root and INCOMING in dirs:
+                dirs.remove(INCOMING)
             for f in files:
                 if f.endswith(".dcm"):
                     with contextlib.suppress(OSError):

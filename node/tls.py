@@ -10,9 +10,11 @@ cipher selection:
   PACS certificate and host name against ``tls_ca_file`` and presents the node's own
   certificate when one is configured.
 
-pynetdicom wraps each accepted socket in its accept loop, so the TLS handshake runs there: the
-server context bounds the handshake with a timeout, so that a peer that connects and stays
-silent cannot hold the loop for longer than that.
+The node's SCP (:class:`integration.transport.BoundedAssociationServer`) runs each TLS
+handshake in the connection's own thread, never in the accept loop, so a silent peer delays
+nobody else. The server context still bounds every handshake it does with an overall timeout
+(``tls_handshake_timeout``): a plain pynetdicom server, which wraps sockets in its accept
+loop, stays usable with it too.
 
 Unreadable or invalid files raise :class:`~node.settings.ConfigError` naming the setting.
 """
@@ -106,7 +108,8 @@ def build_server_context(
     require_client_cert
         Refuse a TLS connection without a client certificate issued by ``ca_file``.
     handshake_timeout
-        Seconds a TLS handshake may take in the accept loop.
+        Seconds a TLS handshake may take, in all (the socket timeout of the handshake, which
+        :meth:`ssl.SSLSocket.do_handshake` applies to the whole handshake).
 
     Raises
     ------
@@ -178,6 +181,7 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
         key_file=settings.tls_key_file,
         ca_file=settings.tls_ca_file,
         require_client_cert=settings.tls_require_client_cert,
+        handshake_timeout=settings.tls_handshake_timeout,
     )
 
 

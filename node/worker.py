@@ -5,7 +5,9 @@ claim up to ``worker_batch_size`` queued jobs (capped by the ``worker_batch_memo
 estimate of :meth:`node.modelhost.ModelHost.max_batch_for_memory`), heartbeat their leases
 every ``lease_seconds / 3`` while :func:`node.pipeline.run_batch` works, and go on with the
 next batch. A job whose lease is lost (the heartbeat says so) has its outputs abandoned; a
-failing job is recorded (transient: retried while attempts remain; permanent: failed) and
+failing job is recorded (transient: queued again, claimable only after an exponential
+back-off of ``job_backoff_seconds`` doubling up to ``job_max_backoff_seconds``, while
+attempts remain; permanent: failed at once, see :func:`node.pipeline.is_permanent`) and
 never stops the loop.
 
 Lease owners are ``<ctx.owner>/w<n>`` (one per thread, so two threads of a process never
@@ -24,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from node.db import repository as repo
-from node.pipeline import JobOutcome, PipelineDeps, run_batch
+from node.pipeline import JobOutcome, PipelineDeps, retry_delay_seconds, run_batch
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -267,7 +269,12 @@ class Worker:
                 try:
                     with self.ctx.session_factory() as session:
                         repo.fail_job(
-                            session, job_id, owner=owner, error="worker error", retry=True
+                            session,
+                            job_id,
+                            owner=owner,
+                            error="worker error",
+                            retry=True,
+                            retry_delay=lambda n: retry_delay_seconds(self.settings, n),
                         )
                 except Exception:
                     pass

@@ -7,6 +7,10 @@ is present. No ``/docs`` or ``/redoc`` pages: they load scripts from a CDN, whic
 on-premises node must not depend on.
 Layers: routes -> :mod:`node.api.services` -> repositories (``node.db.repo_api``,
 ``node.db.repository``); errors map to statuses in :mod:`node.api.errors`.
+Bounds against hostile clients (:mod:`node.api.limits`): unsafe ``/api/`` requests are
+authenticated before their body is read, bodies are limited (JSON routes to
+:data:`~node.api.limits.JSON_BODY_LIMIT`, the upload to ``api_max_upload_mb``), and failed
+authentication is throttled per client address.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from node.api import routes_admin, routes_health, routes_jobs, routes_models
+from node.api.auth import authenticate_connection
 from node.api.context import ApiContext
 from node.api.errors import install_error_handlers
+from node.api.limits import JSON_BODY_LIMIT, AuthBeforeBody, FailedAuthLimiter
+from node.api.services import MIB
 
 __all__ = ["ApiContext", "create_app"]
 
@@ -53,14 +60,26 @@ def create_app(ctx_like: Any, *, include_web: bool = True) -> FastAPI:
         ),
     )
     app.state.api = ctx
+    settings = ctx.settings
+    app.state.auth_limiter = FailedAuthLimiter(
+        settings.api_auth_max_failures, settings.api_auth_window_seconds
+    )
     install_error_handlers(app)
     for module in (routes_health, routes_jobs, routes_admin, routes_models):
-        app.include_router(module.router)
+        app.include_router(module.router, max_body_size=JSON_BODY_LIMIT)
+    app.include_router(routes_models.upload_router, max_body_size=settings.api_max_upload_mb * MIB)
     if include_web:
         try:
             from node.web import router as web_router
         except ImportError as exc:
             log.info("web console not included: %s", exc)
         else:
-            app.include_router(web_router)
+            app.include_router(web_router, max_body_size=JSON_BODY_LIMIT)
+    # Not FastAPI(max_body_size=...): that limit sits outside this middleware and would
+    # turn its 401 for a large anonymous upload into a 413.
+    app.add_middleware(
+        AuthBeforeBody,
+        authenticate=lambda conn: authenticate_connection(conn, ctx),
+        public=[("POST", "/api/session")],
+    )
     return app

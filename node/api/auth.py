@@ -21,6 +21,13 @@ against the stored hash, so it is the double-submit pattern bound to the session
 is refused with 403. Bearer requests are immune: browsers never add the header by
 themselves. ``SameSite=Strict`` is the second line of defence.
 
+**Failed authentication** (a wrong or malformed bearer token, a failed login) is logged
+with the client's address and the reason, never the presented secret, and audited as
+``auth.failed`` (actor ``client:<address>``); past ``api_auth_max_failures`` per
+``api_auth_window_seconds`` an address gets 429 with ``Retry-After`` instead, and one
+``auth.throttled`` row (:mod:`node.api.limits`). An unknown or expired session cookie is
+answered 401 without counting: every browser sends one after its session ends.
+
 Audit rows name the caller as ``token:<id>:<name>`` (:attr:`Principal.actor`).
 """
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +44,14 @@ from datetime import timedelta
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
 
 from node.api.context import ApiContext, api_context
 from node.api.errors import ApiError
+from node.api.limits import PRINCIPAL_STATE, FailedAuthLimiter, client_key
 from node.db import repo_api
+from node.db import repository as repo
 from node.db.models import ApiRole, utcnow
 
 __all__ = [
@@ -49,7 +61,9 @@ __all__ = [
     "SESSION_LIFETIME",
     "Principal",
     "authenticate",
+    "authenticate_connection",
     "bearer_scheme",
+    "failed_authentication",
     "hash_secret",
     "new_token",
     "require_role",
@@ -109,16 +123,96 @@ def _unauthorized(reason: str) -> ApiError:
     return ApiError(401, reason, headers={"WWW-Authenticate": 'Bearer realm="cxr-node"'})
 
 
-def token_principal(ctx: ApiContext, token: str, *, via: str = "bearer") -> Principal:
-    """Look up an API token; raise 401 when it is unknown or revoked."""
-    if not token or len(token) > _MAX_SECRET:
-        raise _unauthorized("invalid or revoked API token")
-    with ctx.read_sessions() as session:
-        row = repo_api.token_by_hash(session, hash_secret(token))
+def token_principal(
+    ctx: ApiContext,
+    token: str,
+    *,
+    via: str = "bearer",
+    conn: HTTPConnection | None = None,
+    kind: str = "bearer",
+) -> Principal:
+    """Look up an API token; raise 401 when it is unknown or revoked.
+
+    With ``conn``, a failure is a failed authentication of that request's client
+    (:func:`failed_authentication`: logged, audited, and 429 once over the limit); ``kind``
+    names it in the log and the audit row (``bearer`` or ``login``).
+    """
+    reason = "invalid or revoked API token"
+    row = None
+    if token and len(token) <= _MAX_SECRET:
+        with ctx.read_sessions() as session:
+            row = repo_api.token_by_hash(session, hash_secret(token))
     if row is None:
-        raise _unauthorized("invalid or revoked API token")
+        if conn is not None:
+            raise failed_authentication(conn, ctx, reason, kind=kind)
+        raise _unauthorized(reason)
     _touch(ctx, row)
     return Principal(row.id, row.name, ApiRole(row.role), via)
+
+
+def failed_authentication(
+    conn: HTTPConnection, ctx: ApiContext, reason: str, *, kind: str
+) -> ApiError:
+    """Count, log and audit a failed authentication; return the error to raise.
+
+    The client (:func:`node.api.limits.client_key`) is charged one failure in the app's
+    :class:`~node.api.limits.FailedAuthLimiter` (``app.state.auth_limiter``). Within its
+    limit: a log line (address, kind, reason; never the presented secret), an ``auth.failed``
+    audit row, and 401. Over it: 429 with ``Retry-After`` (RFC 6585 §4), logged and audited
+    (``auth.throttled``) only on the first refusal of a run.
+
+    Parameters
+    ----------
+    conn
+        The request (headers, client address, app).
+    ctx
+        The API context (for the audit row).
+    reason
+        Why authentication failed; returned to the client and logged. Holds no secret.
+    kind
+        ``bearer`` (an ``Authorization`` header) or ``login`` (``POST /api/session``).
+    """
+    client = client_key(conn)
+    limiter = getattr(getattr(conn.scope.get("app"), "state", None), "auth_limiter", None)
+    verdict = limiter.failure(client) if isinstance(limiter, FailedAuthLimiter) else None
+    detail: dict[str, object] = {"kind": kind, "reason": reason, "method": conn.scope["method"]}
+    if verdict is None or verdict.allowed:
+        log.warning("failed %s authentication from %s: %s", kind, client, reason)
+        _audit_failure(ctx, client, "auth.failed", detail)
+        return _unauthorized(reason)
+    wait = max(1, math.ceil(verdict.retry_after))
+    if verdict.first_refusal and isinstance(limiter, FailedAuthLimiter):
+        if verdict.scope == "address":
+            log.warning(
+                "too many failed authentications from %s (more than %d per %g s): answering 429",
+                client,
+                limiter.max_failures,
+                limiter.window_seconds,
+            )
+        else:
+            log.warning(
+                "too many failed authentications from all addresses together (more than %d "
+                "per %g s; the latest from %s): answering 429",
+                limiter.max_failures * limiter.GLOBAL_FACTOR,
+                limiter.window_seconds,
+                client,
+            )
+        extra = {"retry_after": wait, "scope": verdict.scope}
+        _audit_failure(ctx, client, "auth.throttled", {**detail, **extra})
+    who = "this address" if verdict.scope == "address" else "all clients together"
+    return ApiError(
+        429,
+        f"too many failed authentications from {who}: retry in {wait} s",
+        headers={"Retry-After": str(wait)},
+    )
+
+
+def _audit_failure(ctx: ApiContext, client: str, action: str, detail: dict[str, object]) -> None:
+    try:
+        with ctx.write_sessions() as session:
+            repo.audit(session, actor=f"client:{client}"[:128], action=action, detail=detail)
+    except Exception as exc:  # bookkeeping only: the refusal stands without its audit row
+        log.warning("could not audit %s from %s: %s", action, client, type(exc).__name__)
 
 
 def _touch(ctx: ApiContext, row: repo_api.TokenRow) -> None:
@@ -139,17 +233,44 @@ def authenticate(
 ) -> Principal:
     """FastAPI dependency: the caller, from the bearer token or the session cookie.
 
+    The caller that :class:`node.api.limits.AuthBeforeBody` authenticated before the body
+    was read is reused; otherwise :func:`authenticate_connection` runs now. ``credentials``
+    only declares the bearer scheme in the OpenAPI schema.
+
     Raises
     ------
     ApiError
         401 without valid credentials; 403 for a cookie-authenticated unsafe request whose
-        ``X-CSRF-Token`` header is missing or wrong.
+        ``X-CSRF-Token`` header is missing or wrong; 429 for a failure from a client over
+        its limit of failed authentications.
     """
-    if request.headers.get("authorization") is not None:
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise _unauthorized("Authorization header must be 'Bearer <token>'")
-        return token_principal(ctx, credentials.credentials)
-    sid = request.cookies.get(SESSION_COOKIE)
+    known = getattr(request.state, PRINCIPAL_STATE, None)
+    if isinstance(known, Principal):
+        return known
+    return authenticate_connection(request, ctx)
+
+
+def authenticate_connection(conn: HTTPConnection, ctx: ApiContext) -> Principal:
+    """The caller of a request, from its headers alone (never its body).
+
+    ``Authorization: Bearer <token>`` (RFC 6750 §2.1), else the session cookie; for an
+    unsafe method with the cookie, the ``X-CSRF-Token`` header too. A wrong or malformed
+    bearer token is a failed authentication (:func:`failed_authentication`).
+
+    Raises
+    ------
+    ApiError
+        As :func:`authenticate`.
+    """
+    header = conn.headers.get("authorization")
+    if header is not None:
+        scheme, token = get_authorization_scheme_param(header)
+        if scheme.lower() != "bearer" or not token:
+            raise failed_authentication(
+                conn, ctx, "Authorization header must be 'Bearer <token>'", kind="bearer"
+            )
+        return token_principal(ctx, token, conn=conn)
+    sid = conn.cookies.get(SESSION_COOKIE)
     if not sid:
         raise _unauthorized("authentication required: send 'Authorization: Bearer <token>'")
     if len(sid) > _MAX_SECRET:
@@ -159,8 +280,8 @@ def authenticate(
     if found is None:
         raise _unauthorized("session expired or ended: log in again")
     row, csrf_hash = found
-    if request.method.upper() not in SAFE_METHODS:
-        sent = request.headers.get(CSRF_HEADER, "")
+    if str(conn.scope.get("method", "GET")).upper() not in SAFE_METHODS:
+        sent = conn.headers.get(CSRF_HEADER, "")
         if (
             not sent
             or len(sent) > _MAX_SECRET

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from integration.errors import IntegrationError
 from node.db.repository import IllegalTransition, JobNotFound, LeaseLost
@@ -103,12 +104,25 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MiB" if n >= 1024 * 1024 else f"{n / 1024:g} KiB"
+
+
 async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    detail = str(exc.detail)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 413:
+        # FastAPI's body limit (max_body_size): name the limit, and close the connection
+        # rather than drain the rest of a body nobody will read (RFC 9110 §15.5.14)
+        limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+        if isinstance(limit, int):
+            detail = f"request body larger than {_size(limit)}, the limit of this route"
+        headers["Connection"] = "close"
     return JSONResponse(
-        error_body(exc.status_code, str(exc.detail), "HTTPException"),
+        error_body(exc.status_code, detail, "HTTPException"),
         status_code=exc.status_code,
-        headers=dict(exc.headers or {}),
+        headers=headers,
     )
 
 

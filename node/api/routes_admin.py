@@ -39,6 +39,7 @@ __all__ = ["router"]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no or invalid token"},
     403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
+    429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
 }
 router = APIRouter(prefix="/api", responses=_ERRORS)
 Viewer = Annotated[Principal, Depends(require_role("viewer"))]
@@ -134,11 +135,14 @@ def audit(
     summary="Log in to the web console with a token (sets the session cookies)",
 )
 def login(body: SessionIn, request: Request, response: Response, ctx: Ctx) -> SessionOut:
-    """Open a session: ``cxr_session`` (HttpOnly, SameSite=Strict) and ``cxr_csrf`` cookies.
+    """Open a session: ``cxr_session`` (HttpOnly, SameSite=Strict) and ``cxr_csrf`` cookies,
+    both ``Secure`` when the API serves HTTPS.
 
-    Unsafe requests authenticated by the cookie must send ``X-CSRF-Token: <csrf_token>``.
+    Unsafe requests authenticated by the cookie must send ``X-CSRF-Token: <csrf_token>``. A
+    wrong token is a failed login: logged (address, never the token), audited
+    (``auth.failed``), and 429 with ``Retry-After`` past ``api_auth_max_failures``.
     """
-    p = token_principal(ctx, body.token, via="cookie")
+    p = token_principal(ctx, body.token, via="cookie", conn=request, kind="login")
     sid, csrf = new_secret(), new_secret()
     with ctx.write_sessions() as session:
         expires = repo_api.create_session(

@@ -25,6 +25,7 @@ Viewer = Annotated[Principal, Depends(require_role("viewer"))]
 Ctx = Annotated[ApiContext, Depends(api_context)]
 _AUTH: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no or invalid token"},
+    429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
 }
 
 

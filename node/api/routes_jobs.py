@@ -32,6 +32,7 @@ __all__ = ["router"]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no or invalid token"},
     403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
+    429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
 }
 _JOB_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,

@@ -1,4 +1,8 @@
-"""Interactive model tasks: VQA on a stored study, report on demand, report -> CXR."""
+"""Interactive model tasks: VQA on a stored study, report on demand, report -> CXR.
+
+``router`` holds the JSON routes; ``upload_router`` the upload (``POST /api/report``), which
+:func:`node.api.app.create_app` includes with the ``api_max_upload_mb`` body limit.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,18 @@ from node.api.auth import Principal, require_role
 from node.api.context import ApiContext, api_context
 from node.api.schemas import ErrorOut, GenerateImageIn, ReportOut, VqaIn, VqaOut
 
-__all__ = ["router"]
+__all__ = ["router", "upload_router"]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no or invalid token"},
     403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
+    413: {"model": ErrorOut, "description": "request body over the route's limit"},
     422: {"model": ErrorOut, "description": "input the model cannot take"},
+    429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
     503: {"model": ErrorOut, "description": "model not loaded (yet) or busy"},
 }
 router = APIRouter(prefix="/api", tags=["model"], responses=_ERRORS)
+upload_router = APIRouter(prefix="/api", tags=["model"], responses=_ERRORS)
 Operator = Annotated[Principal, Depends(require_role("operator"))]
 Ctx = Annotated[ApiContext, Depends(api_context)]
 UID = Annotated[str, Path(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
@@ -51,17 +58,22 @@ def vqa(study_uid: UID, body: VqaIn, ctx: Ctx, p: Operator) -> VqaOut:
     )
 
 
-@router.post(
+@upload_router.post(
     "/report",
     response_model=ReportOut,
-    responses={413: {"model": ErrorOut, "description": "upload too large"}},
+    responses={413: {"model": ErrorOut, "description": "upload over api_max_upload_mb"}},
     summary="Draft a report for an uploaded DICOM image (operator; nothing sent)",
+    form_limits={"max_files": 1},
 )
 def report(file: Annotated[UploadFile, File()], ctx: Ctx, p: Operator) -> ReportOut:
     """Upload a DICOM Part 10 image (or PNG) as multipart field ``file``; get the draft
-    text back. Nothing is stored, nothing goes to PACS. AI generated, unverified."""
-    data = file.file.read(services.MAX_UPLOAD_BYTES + 1)
-    draft, sop = services.report_for_upload(ctx, data, principal=p)
+    text back. Nothing is stored, nothing goes to PACS. AI generated, unverified.
+
+    The request body may be at most ``api_max_upload_mb`` MiB (else 413, checked before
+    the body is read); the caller is authenticated before any of it is read."""
+    limit = ctx.settings.api_max_upload_mb * services.MIB
+    data = file.file.read(limit + 1)
+    draft, sop = services.report_for_upload(ctx, data, principal=p, max_bytes=limit)
     return ReportOut(
         text=draft.text,
         findings=draft.findings,

@@ -56,7 +56,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MODEL_WAIT_SECONDS = 120.0
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+MIB = 1024 * 1024
+#: the largest image :func:`gray8_from_bytes` takes by default (uploads: api_max_upload_mb)
+MAX_UPLOAD_BYTES = 64 * MIB
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -182,7 +184,9 @@ def _spool_check(settings: Settings) -> dict[str, Any]:
 # --- images -------------------------------------------------------------------------------
 
 
-def gray8_from_bytes(data: bytes) -> tuple[npt.NDArray[np.uint8], Dataset | None]:
+def gray8_from_bytes(
+    data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES
+) -> tuple[npt.NDArray[np.uint8], Dataset | None]:
     """A DICOM Part 10 file or a PNG -> 8-bit grey image (and the dataset for DICOM).
 
     DICOM goes through :func:`integration.pixels.to_gray8` (the MIMIC-like conversion); a
@@ -191,12 +195,12 @@ def gray8_from_bytes(data: bytes) -> tuple[npt.NDArray[np.uint8], Dataset | None
     Raises
     ------
     ApiError
-        413 when larger than :data:`MAX_UPLOAD_BYTES`; 422 when neither DICOM nor PNG.
+        413 when larger than ``max_bytes``; 422 when neither DICOM nor PNG.
     integration.errors.PixelDataError
         When the DICOM pixel data cannot be converted (422).
     """
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ApiError(413, f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+    if len(data) > max_bytes:
+        raise ApiError(413, f"upload larger than {max_bytes // MIB} MiB")
     if data.startswith(_PNG_MAGIC):
         from PIL import Image, UnidentifiedImageError
 
@@ -339,13 +343,14 @@ def vqa_for_study(
 
 
 def report_for_upload(
-    ctx: ApiContext, data: bytes, *, principal: Principal
+    ctx: ApiContext, data: bytes, *, principal: Principal, max_bytes: int = MAX_UPLOAD_BYTES
 ) -> tuple[ReportDraft, str | None]:
     """Draft a report for an uploaded DICOM image (or PNG); nothing is stored or sent.
 
-    Returns the draft and the upload's SOP Instance UID (``None`` for a PNG).
+    Returns the draft and the upload's SOP Instance UID (``None`` for a PNG); 413 when
+    ``data`` is larger than ``max_bytes``.
     """
-    gray8, ds = gray8_from_bytes(data)
+    gray8, ds = gray8_from_bytes(data, max_bytes=max_bytes)
     with _model(ctx) as runtime:
         draft = draft_report(runtime, gray8)
     sop = str(ds.get("SOPInstanceUID", "")) if ds is not None else None

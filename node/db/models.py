@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -232,6 +233,8 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None]
+    # a queued job retried after a transient failure is not claimed before this (back-off)
+    not_before: Mapped[datetime | None]
     created_at: Mapped[datetime]
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -286,6 +289,12 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime | None]
     # when the latest attempt started (its claim); kept through retries and re-sends
     last_attempt_at: Mapped[datetime | None]
+    # start of the current round of attempts (enqueue, re-send, re-queue after an outage):
+    # transient failures are retried until delivery_retry_hours after it; NULL: created_at
+    queued_at: Mapped[datetime | None]
+    # a failed delivery that retrying cannot fix (0xA9xx/0xCxxx, HTTP 4xx, SR file missing);
+    # only the others are re-queued when the destination answers again
+    permanent_failure: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None]
     sr_path: Mapped[str | None] = mapped_column(String(1024))

@@ -36,11 +36,13 @@ __all__ = [
     "delivery_counts",
     "destination_kind",
     "enqueue_deliveries",
+    "failed_destinations",
     "list_deliveries",
     "mark_failed",
     "mark_retry",
     "mark_sent",
     "release_claim",
+    "requeue_failed",
     "resend",
 ]
 
@@ -96,9 +98,10 @@ def enqueue_deliveries(
     """Queue the job's SR for every destination: one ``pending`` row per destination.
 
     Idempotent per (job, destination string): a re-run of the same job resets the existing
-    row to ``pending`` (fresh attempts, due now, new ``sr_path``) instead of adding one, so a
-    re-sent SR replaces rather than duplicates. The job row is locked first, so concurrent
-    calls for one job never add two rows for a destination. Commits.
+    row to ``pending`` (fresh attempts and retry horizon from ``queued_at = now``, due now,
+    new ``sr_path``) instead of adding one, so a re-sent SR replaces rather than duplicates.
+    The job row is locked first, so concurrent calls for one job never add two rows for a
+    destination. Commits.
 
     Parameters
     ----------
@@ -159,6 +162,7 @@ def enqueue_deliveries(
                     state=DeliveryState.pending,
                     attempts=0,
                     next_attempt_at=now,
+                    queued_at=now,
                     sr_path=sr_path,
                     created_at=now,
                 )
@@ -169,6 +173,8 @@ def enqueue_deliveries(
                 row.kind = kind
                 row.attempts = 0
                 row.next_attempt_at = now
+                row.queued_at = now
+                row.permanent_failure = False
                 row.last_error = None
                 row.sent_at = None
                 row.sr_path = sr_path
@@ -346,8 +352,13 @@ def mark_failed(
     *,
     error: str,
     claimed_until: datetime | None = None,
+    permanent: bool = False,
 ) -> bool:
     """Record a final failure: ``failed`` with the reason (no patient data). Commits.
+
+    ``permanent``: retrying cannot fix it (the peer refused the data set, the SR file is
+    gone); such rows are never re-queued by :func:`requeue_failed`. Otherwise the retry
+    horizon (or attempt cap) ran out while the destination was unreachable.
 
     Returns whether the row changed.
     """
@@ -355,7 +366,12 @@ def mark_failed(
         session,
         delivery_id,
         claimed_until,
-        {"state": DeliveryState.failed, "next_attempt_at": None, "last_error": _clip(error)},
+        {
+            "state": DeliveryState.failed,
+            "next_attempt_at": None,
+            "last_error": _clip(error),
+            "permanent_failure": permanent,
+        },
     )
 
 
@@ -389,9 +405,9 @@ def release_claim(
 def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:
     """Re-send a job's SR to all its destinations (admin action, audited). Commits.
 
-    Every delivery row of the job goes back to ``pending``, due now, with fresh attempts;
-    the SR file recorded for each row is sent again (same SOP Instance UID: the PACS
-    replaces it).
+    Every delivery row of the job goes back to ``pending``, due now, with fresh attempts
+    and a fresh retry horizon; the SR file recorded for each row is sent again (same SOP
+    Instance UID: the PACS replaces it).
 
     Returns
     -------
@@ -425,6 +441,8 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
             row.state = DeliveryState.pending
             row.attempts = 0
             row.next_attempt_at = now
+            row.queued_at = now
+            row.permanent_failure = False
             row.last_error = None
             row.sent_at = None
         session.add(
@@ -439,6 +457,101 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
         return [r.id for r in rows]
 
     return _in_transaction(session, work)
+
+
+def failed_destinations(session: Session) -> list[str]:
+    """Destinations with ``failed`` deliveries that a retry could fix (not permanent)."""
+    return list(
+        session.scalars(
+            select(Delivery.destination)
+            .where(Delivery.state == DeliveryState.failed, Delivery.permanent_failure.is_(False))
+            .distinct()
+            .order_by(Delivery.destination)
+        )
+    )
+
+
+def requeue_failed(
+    session: Session,
+    destination: str,
+    *,
+    reason: str,
+    actor: str = "system",
+    now: datetime | None = None,
+) -> list[int]:
+    """Re-queue a destination's failed, not permanent deliveries (it answers again). Commits.
+
+    Each row goes back to ``pending``, due now, with fresh attempts and a fresh retry
+    horizon (``queued_at = now``); ``last_error`` is cleared. Rows failed permanently
+    (``permanent_failure``: 0xA9xx/0xCxxx, HTTP 4xx, SR file missing) stay ``failed``. One
+    audit entry (``delivery.requeue``, target ``destination:<destination>``) records the
+    count, the first 100 ids and ``reason``; nothing is written when no row qualifies.
+
+    Parameters
+    ----------
+    session
+        A write session.
+    destination
+        The destination text as stored (``AET@host:port`` or the STOW-RS URL).
+    reason
+        Why (e.g. "C-ECHO answered"); no patient data.
+    actor
+        Who re-queues (``system`` for the node's own check).
+    now
+        The current time.
+
+    Returns
+    -------
+    list[int]
+        The re-queued delivery ids.
+    """
+    now = now or utcnow()
+
+    def work() -> list[int]:
+        rows = list(
+            session.scalars(
+                select(Delivery)
+                .where(
+                    Delivery.destination == destination,
+                    Delivery.state == DeliveryState.failed,
+                    Delivery.permanent_failure.is_(False),
+                )
+                .order_by(Delivery.id)
+                .with_for_update(skip_locked=True)
+                .execution_options(populate_existing=True)
+            )
+        )
+        for row in rows:
+            row.state = DeliveryState.pending
+            row.attempts = 0
+            row.next_attempt_at = now
+            row.queued_at = now
+            row.last_error = None
+            row.sent_at = None
+        if rows:
+            session.add(
+                AuditLog(
+                    at=now,
+                    actor=actor,
+                    action="delivery.requeue",
+                    target=_clip_target(f"destination:{destination}"),
+                    detail={
+                        "count": len(rows),
+                        "deliveries": [r.id for r in rows[:100]],
+                        "reason": reason,
+                    },
+                )
+            )
+        return [r.id for r in rows]
+
+    ids = _in_transaction(session, work)
+    if ids:
+        log.info("%d failed deliveries to %s re-queued (%s)", len(ids), destination, reason)
+    return ids
+
+
+def _clip_target(text: str) -> str:
+    return text if len(text) <= 256 else text[:253] + "..."
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ def transition(job: Job, to: JobState | str, *, now: datetime | None = None) -> 
     """Move ``job`` to state ``to``: the one place where job states change.
 
     Sets the matching timestamp (``queued_at``, ``started_at``, ``finished_at``) and
-    ``updated_at``; clears the lease when leaving ``running``.
+    ``updated_at``; clears the lease when leaving ``running`` and any retry back-off
+    (``not_before``: :func:`fail_job` sets it again after its move).
 
     Raises
     ------
@@ -133,6 +134,7 @@ def transition(job: Job, to: JobState | str, *, now: datetime | None = None) -> 
     now = now or utcnow()
     job.state = target
     job.updated_at = now
+    job.not_before = None
     if target is JobState.queued:
         job.queued_at = now
         job.finished_at = None
@@ -626,7 +628,8 @@ def claim_next_job(
 ) -> Job | None:
     """Claim the next queued job (highest priority, then oldest ``queued_at``) for ``owner``.
 
-    The job becomes ``running`` with a lease until ``now + lease_seconds``; ``attempts`` is
+    A job waiting out a retry back-off (``not_before`` later than ``now``) is skipped. The job
+    becomes ``running`` with a lease until ``now + lease_seconds``; ``attempts`` is
     incremented. PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``, so concurrent workers
     get different jobs; SQLite: the ``BEGIN IMMEDIATE`` transaction serializes claims.
     Commits. Returns ``None`` when nothing is queued.
@@ -638,7 +641,10 @@ def claim_next_job(
     def work() -> Job | None:
         job = session.scalars(
             select(Job)
-            .where(Job.state == JobState.queued)
+            .where(
+                Job.state == JobState.queued,
+                or_(Job.not_before.is_(None), Job.not_before <= now),
+            )
             .order_by(Job.priority.desc(), Job.queued_at, Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -787,20 +793,54 @@ def fail_job(
     owner: str,
     error: str,
     retry: bool = True,
+    retry_delay: Callable[[int], float] | None = None,
     now: datetime | None = None,
 ) -> Job:
     """Record a failed attempt: requeue while attempts remain and ``retry``, else ``failed``.
 
     ``error`` must hold no patient data. Commits.
+
+    Parameters
+    ----------
+    session
+        A write session.
+    job_id
+        The running job.
+    owner
+        Its lease owner.
+    error
+        The reason, kept as ``last_error``.
+    retry
+        ``False`` for a permanent failure: ``failed`` at once, whatever attempts remain.
+    retry_delay
+        Seconds to wait after ``attempts`` failed attempts (the job's count so far) before
+        the job may be claimed again; it is queued with ``not_before = now + delay`` and
+        ``last_error`` says when. ``None``: claimable at once.
+    now
+        The current time.
+
+    Raises
+    ------
+    LeaseLost
+        When ``owner`` no longer holds the job.
     """
+    now = now or utcnow()
 
     def work() -> Job:
         job = owned_running(session, job_id, owner)
         if retry and job.attempts < job.max_attempts:
             transition(job, JobState.queued, now=now)
+            job.last_error = error
+            if retry_delay is not None:
+                delay = max(0.0, float(retry_delay(job.attempts)))
+                job.not_before = now + timedelta(seconds=delay)
+                job.last_error = (
+                    f"{error} (attempt {job.attempts}/{job.max_attempts}; retry not before "
+                    f"{job.not_before.isoformat(timespec='seconds')})"
+                )
         else:
             transition(job, JobState.failed, now=now)
-        job.last_error = error
+            job.last_error = error
         return job
 
     return _in_transaction(session, work)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Engine, text
 
-from node.db.engine import make_engine
+from node.db.engine import NO_DEADLINE, make_engine
 from node.db.models import Base
 
 target_metadata = Base.metadata
@@ -32,6 +32,9 @@ def run_migrations_online() -> None:
     assert isinstance(engine, Engine)
     try:
         with engine.connect() as connection:
+            # a migration may wait for another process's (advisory lock) or rewrite a big
+            # table: it runs without the statement timeouts of node.db.engine
+            connection.execution_options(**{NO_DEADLINE: True})
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,
@@ -40,6 +43,7 @@ def run_migrations_online() -> None:
             )
             with context.begin_transaction():
                 if connection.dialect.name == "postgresql":
+                    connection.execute(text("SET LOCAL statement_timeout = 0"))
                     connection.execute(
                         text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY}
                     )
