@@ -19,11 +19,20 @@ __all__ = [
     "ConnectionFailedError",
     "DeliveryError",
     "DeliveryTimeoutError",
+    "EncapsulatedPdfError",
+    "FhirBuildError",
+    "FhirDeliveryError",
+    "Hl7AckError",
+    "Hl7BuildError",
     "IntegrationError",
+    "KosBuildError",
+    "MllpError",
     "MultiFrameError",
     "NoFrontalImageError",
+    "OutputBuildError",
     "PixelDataError",
     "PresentationContextError",
+    "ReportRenderError",
     "SRBuildError",
     "StoreFailedError",
     "StowError",
@@ -242,3 +251,90 @@ def is_transient_status(status: int) -> bool:
         (0x0213); ``False`` otherwise.
     """
     return (status & 0xFF00) == 0xA700 or status == 0x0213
+
+
+# --- report outputs (PDF, Encapsulated PDF, KOS, HL7 v2, FHIR) and their transports --------
+
+
+class OutputBuildError(IntegrationError):
+    """A report output (PDF, DICOM object, HL7 message, FHIR resource) cannot be built (422)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, http_status=HTTP_UNPROCESSABLE)
+
+
+class ReportRenderError(OutputBuildError):
+    """The draft report PDF cannot be rendered (:mod:`integration.report_pdf`)."""
+
+
+class EncapsulatedPdfError(OutputBuildError):
+    """The Encapsulated PDF instance (PS3.3 A.45) cannot be built or read back."""
+
+
+class KosBuildError(OutputBuildError):
+    """The IOCM rejection note (Key Object Selection Document) cannot be built."""
+
+
+class Hl7BuildError(OutputBuildError):
+    """The HL7 v2.5.1 ORU^R01 cannot be built or does not validate against its structure."""
+
+
+class FhirBuildError(OutputBuildError):
+    """The FHIR resources do not validate (structure, value sets, reference types)."""
+
+
+class MllpError(DeliveryError):
+    """The MLLP exchange broke its framing (HL7 v2 MLLP release 1).
+
+    No start block, the connection closed before the end block, or the reply exceeded the
+    size limit. Transient by default: the peer answered, but not with a usable ACK.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message, transient=transient)
+
+
+class Hl7AckError(DeliveryError):
+    """The receiver did not accept the HL7 message (MSA-1 not AA/CA) or the ACK is unusable.
+
+    Parameters
+    ----------
+    message
+        What happened: acknowledgment code, control ID and ERR-3 codes (HL7 table 0357);
+        never message content or receiver text.
+    ack_code
+        MSA-1 (HL7 table 0008: AE, AR, CE, CR), or ``None`` for a malformed/missing ACK.
+    error_codes
+        ERR-3 identifiers (HL7 table 0357, e.g. ``"207"``) found in the ACK.
+    transient
+        Whether sending the same message again later may succeed.
+    detail
+        MSA-3 / ERR-8 free text of the receiver. It may quote the message (patient data),
+        so it is kept here and never put into the message or a log line.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        ack_code: str | None,
+        error_codes: tuple[str, ...] = (),
+        transient: bool,
+        detail: str = "",
+    ) -> None:
+        super().__init__(message, transient=transient)
+        self.ack_code = ack_code
+        self.error_codes = error_codes
+        self.detail = detail
+
+
+class FhirDeliveryError(DeliveryError):
+    """A FHIR REST interaction failed. 5xx, 408, 429, timeouts and connection errors are
+    transient; other 4xx (400, 401, 403, 404, 409, 412, 422, ...) are permanent."""
+
+    def __init__(
+        self, message: str, *, http_status: int | None = None, transient: bool | None = None
+    ) -> None:
+        if transient is None:
+            transient = http_status is None or http_status >= 500 or http_status in (408, 429)
+        super().__init__(message, http_status=http_status, transient=transient)

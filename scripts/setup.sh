@@ -2,7 +2,7 @@
 # Set up everything the node needs on a fresh machine (idempotent, safe to re-run).
 #   scripts/setup.sh            Python venv (.venv) with the node and its runtime extras
 #   scripts/setup.sh --peers    also the Debian DICOM peers the tests use
-#                               (dcmtk, orthanc, dicom3tools, gdcm) and the dev tools
+#                               (dcmtk, orthanc, dicom3tools, gdcm, poppler-utils) and the dev tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_peers=0
@@ -15,6 +15,7 @@ if [ "$want_peers" = 1 ]; then
   [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
   command -v dciodvfy >/dev/null || need+=(dicom3tools)
   command -v gdcminfo >/dev/null || need+=(libgdcm-tools)
+  command -v pdftoppm >/dev/null || need+=(poppler-utils)  # renders the report PDF in tests
   command -v chromium >/dev/null || need+=(chromium)   # web console tests (headless)
   command -v patch >/dev/null || need+=(patch)         # scripts/build-llama-cpp.sh
   if [ ${#need[@]} -gt 0 ]; then
