@@ -1,0 +1,443 @@
+"""FHIR R4 DiagnosticReport bundle and sender (integration.fhir_report).
+
+A FHIR server such as HAPI (a Java application) cannot run on this machine, so the
+receiver is a real ``http.server`` on loopback that checks the bearer token and validates
+what it receives with fhir.resources (R4B models) and with the value-set and reference
+rules written out in the test itself, then answers as a FHIR server would: 200 with a
+transaction-response Bundle for a transaction, 201 for a conditional update that creates.
+Error statuses and a slow server are produced on demand.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import datetime as dt
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from pydicom.dataset import Dataset
+
+from integration.errors import FhirBuildError, FhirDeliveryError
+from integration.fhir_report import (
+    DICOM_UID_SYSTEM,
+    DRAFT_STATUS,
+    WITHDRAWN_STATUS,
+    FhirDestination,
+    FhirDraft,
+    build_draft_bundle,
+    build_withdrawal_bundle,
+    check_bundle,
+    send_transaction,
+    update_conditional,
+)
+from integration.uids import device_uid
+from tests.helpers import free_port
+from tests.reporting.conftest import (
+    ACCESSION,
+    ACCESSION_OID,
+    FINDINGS,
+    GENERATED,
+    IMPRESSION,
+    MODEL,
+    PATIENT_OID,
+    VERSION,
+)
+
+TOKEN = "test-token-3f9a"
+SR_UID = "2.25.118479003612343912853107016735237406137"
+PDF = b"%PDF-1.4\n% a tiny stand-in; the real PDF is tested in test_encapsulated_pdf\n"
+DRAFT = FhirDraft(
+    sr_sop_instance_uid=SR_UID,
+    impression=IMPRESSION,
+    findings=FINDINGS,
+    model_name=MODEL,
+    model_version=VERSION,
+    demo=True,
+    issued=GENERATED,
+    pdf=PDF,
+)
+
+
+def resources(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["resource"]["resourceType"]: e for e in bundle["entry"]}
+
+
+# --- the loopback FHIR receiver -----------------------------------------------------------
+
+
+@dataclass
+class FhirReceiver:
+    mode: str = "ok"
+    received: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _validate_like_a_server(method: str, body: dict[str, Any]) -> list[str]:
+    """Parse with fhir.resources and check what it does not (R4 value sets, targets)."""
+    problems: list[str] = []
+    if method == "POST":
+        bundle = Bundle.model_validate(body)
+        if bundle.type != "transaction":
+            problems.append(f"Bundle.type {bundle.type}")
+        by_url = {e["fullUrl"]: e["resource"]["resourceType"] for e in body["entry"]}
+        for entry in body["entry"]:
+            resource = entry["resource"]
+            if entry["request"]["method"] not in ("POST", "PUT"):
+                problems.append("request.method")
+            if resource["resourceType"] == "DiagnosticReport":
+                DiagnosticReport.model_validate(resource)
+                if resource["status"] not in (DRAFT_STATUS, WITHDRAWN_STATUS):
+                    problems.append(f"status {resource['status']}")
+                if resource["subject"].get("type") != "Patient":
+                    problems.append("subject type")
+                if "performer" in resource or "resultsInterpreter" in resource:
+                    problems.append("an AI draft has no performer / interpreter")
+            if resource["resourceType"] == "Provenance":
+                for agent in resource["agent"]:
+                    if by_url.get(agent["who"]["reference"]) != "Device":
+                        problems.append("Provenance.agent.who does not resolve to the Device")
+                for target in resource["target"]:
+                    if by_url.get(target["reference"]) != "DiagnosticReport":
+                        problems.append("Provenance.target does not resolve to the report")
+    else:
+        report = DiagnosticReport.model_validate(body)
+        if report.status not in (DRAFT_STATUS, WITHDRAWN_STATUS):
+            problems.append(f"status {report.status}")
+    return problems
+
+
+def _handler(receiver: FhirReceiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep the test output quiet
+            return
+
+        def _answer(self, status: int, body: dict[str, Any], **headers: str) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _outcome(self, status: int, code: str) -> None:
+            self._answer(
+                status,
+                {
+                    "resourceType": "OperationOutcome",
+                    "issue": [{"severity": "error", "code": code, "diagnostics": "Müller"}],
+                },
+            )
+
+        def _handle(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            raw = self.rfile.read(length)
+            if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                self._outcome(401, "login")
+                return
+            if receiver.mode == "slow":
+                time.sleep(3)
+            if receiver.mode in ("500", "429", "400"):
+                self._outcome(
+                    int(receiver.mode), "exception" if receiver.mode != "400" else "invalid"
+                )
+                return
+            if not self.headers.get("Content-Type", "").startswith("application/fhir+json"):
+                self._outcome(415, "not-supported")
+                return
+            body = json.loads(raw)
+            try:
+                problems = _validate_like_a_server(method, body)
+            except ValueError as exc:  # pydantic ValidationError
+                problems = [f"does not validate: {type(exc).__name__}"]
+            if problems:
+                receiver.problems.extend(problems)
+                self._outcome(422, "invalid")
+                return
+            receiver.received.append((method, self.path, body))
+            if method == "POST":
+                entries = [
+                    {
+                        "response": {
+                            "status": "201 Created",
+                            "location": f"{e['resource']['resourceType']}/{i}/_history/1",
+                        }
+                    }
+                    for i, e in enumerate(body["entry"], start=1)
+                ]
+                self._answer(
+                    200,
+                    {"resourceType": "Bundle", "type": "transaction-response", "entry": entries},
+                )
+            else:
+                self._answer(201, body, Location="DiagnosticReport/77/_history/1")
+
+        def do_POST(self) -> None:
+            self._handle("POST")
+
+        def do_PUT(self) -> None:
+            self._handle("PUT")
+
+    return Handler
+
+
+@pytest.fixture
+def fhir_server() -> Iterator[tuple[str, FhirReceiver]]:
+    receiver = FhirReceiver()
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(receiver))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/fhir", receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+def test_draft_bundle_content(source: Dataset) -> None:
+    bundle = build_draft_bundle(source, DRAFT)
+    model = Bundle.model_validate(bundle)  # fhir.resources R4B
+    assert model.type == "transaction" and len(model.entry or []) == 3
+    entries = resources(bundle)
+
+    device_entry = entries["Device"]
+    device = device_entry["resource"]
+    assert device["deviceName"] == [{"name": MODEL, "type": "model-name"}]
+    assert device["version"] == [{"value": VERSION}]
+    assert "DEMO MODEL" in device["note"][0]["text"]
+    uid = device_uid(MODEL, VERSION)
+    assert device["identifier"][0] == {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}
+    assert device_entry["request"]["method"] == "PUT"
+    assert parse_qs(urlsplit(device_entry["request"]["url"]).query) == {
+        "identifier": [f"urn:dicom:uid|urn:oid:{uid}"]
+    }
+
+    report_entry = entries["DiagnosticReport"]
+    report = report_entry["resource"]
+    assert report["status"] == DRAFT_STATUS == "partial"
+    assert report["identifier"] == [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{SR_UID}"}]
+    assert parse_qs(urlsplit(report_entry["request"]["url"]).query) == {
+        "identifier": [f"urn:dicom:uid|urn:oid:{SR_UID}"]
+    }
+    assert report["category"][0]["coding"][0]["code"] == "RAD"
+    assert report["code"]["coding"][0]["code"] == "18748-4"
+    subject = report["subject"]
+    assert subject["type"] == "Patient" and "reference" not in subject  # logical reference
+    assert subject["identifier"]["value"] == "9RG1"
+    assert subject["identifier"]["system"] == f"urn:oid:{PATIENT_OID}"
+    assert subject["identifier"]["assigner"] == {"display": "HOSP-A"}
+    (based_on,) = report["basedOn"]
+    assert based_on["type"] == "ServiceRequest"
+    assert based_on["identifier"]["type"]["coding"][0]["code"] == "ACSN"
+    assert based_on["identifier"]["value"] == ACCESSION
+    assert based_on["identifier"]["system"] == f"urn:oid:{ACCESSION_OID}"
+    (study,) = report["imagingStudy"]
+    assert study["identifier"] == {
+        "system": "urn:dicom:uid",
+        "value": f"urn:oid:{source.StudyInstanceUID}",
+    }
+    assert report["effectiveDateTime"] == "2004-08-26T18:50:59-04:00"
+    assert report["issued"] == "2024-05-06T07:08:09+00:00"
+    assert report["conclusion"] == IMPRESSION
+    (form,) = report["presentedForm"]
+    assert form["contentType"] == "application/pdf"
+    assert base64.b64decode(form["data"]) == PDF
+    assert report["meta"]["security"][0]["code"] == "AIAST"
+    narrative = report["text"]["div"]
+    assert "not verified by a radiologist" in narrative and "DEMO MODEL" in narrative
+    assert "No focal consolidation" in narrative  # findings live in the narrative
+    assert "performer" not in report and "resultsInterpreter" not in report
+
+    provenance = entries["Provenance"]["resource"]
+    assert provenance["target"][0]["reference"] == report_entry["fullUrl"]
+    assert provenance["agent"][0]["who"]["reference"] == device_entry["fullUrl"]
+    assert provenance["activity"]["coding"][0]["code"] == "CREATE"
+
+    assert build_draft_bundle(source, DRAFT) == bundle  # deterministic fullUrls and content
+
+
+def test_effective_time_needs_a_zone(source: Dataset) -> None:
+    no_zone = copy.deepcopy(source)
+    del no_zone.TimezoneOffsetFromUTC
+    report = resources(build_draft_bundle(no_zone, DRAFT))["DiagnosticReport"]["resource"]
+    assert report["effectiveDateTime"] == "2004-08-26"  # date only: a time needs a zone
+    zoned = build_draft_bundle(no_zone, DRAFT, local_timezone=dt.timezone(dt.timedelta(hours=2)))
+    report = resources(zoned)["DiagnosticReport"]["resource"]
+    assert report["effectiveDateTime"] == "2004-08-26T18:50:59+02:00"
+
+
+def test_withdrawal_bundle(source: Dataset) -> None:
+    draft = build_draft_bundle(source, DRAFT)
+    bundle = build_withdrawal_bundle(source, DRAFT, reason="sent for the wrong study")
+    Bundle.model_validate(bundle)
+    (entry,) = bundle["entry"]
+    report = entry["resource"]
+    assert report["status"] == WITHDRAWN_STATUS == "entered-in-error"
+    original = resources(draft)["DiagnosticReport"]
+    assert entry["request"] == original["request"]  # same conditional update
+    assert report["identifier"] == original["resource"]["identifier"]
+    assert "conclusion" not in report and "presentedForm" not in report
+    assert "WITHDRAWN" in report["text"]["div"] and "wrong study" in report["text"]["div"]
+    with pytest.raises(FhirBuildError, match="reason"):
+        build_withdrawal_bundle(source, DRAFT, reason="")
+
+
+def _report_entry(bundle: dict[str, Any]) -> dict[str, Any]:
+    return resources(bundle)["DiagnosticReport"]["resource"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: _report_entry(b).update(status="draft"), "not an R4 code"),
+        (
+            lambda b: _report_entry(b).update(
+                performer=[{"reference": resources(b)["Device"]["fullUrl"]}]
+            ),
+            "performer may refer to",
+        ),
+        (
+            lambda b: _report_entry(b).update(performer=[{"reference": "Device/ai-1"}]),
+            "performer may refer to",
+        ),
+        (
+            lambda b: _report_entry(b)["subject"].update(type="Practitioner"),
+            "subject may refer to",
+        ),
+        (
+            lambda b: resources(b)["Provenance"]["resource"]["agent"][0]["who"].update(
+                type="Group"
+            ),
+            "agent.who may refer to",
+        ),
+        (lambda b: b.update(type="bogus"), "Bundle.type"),
+        (lambda b: b["entry"][0]["request"].update(method="FETCH"), "request.method"),
+        (lambda b: resources(b)["Device"]["resource"]["deviceName"][0].update(type="x"), "Device"),
+        (lambda b: _report_entry(b).update(issued="2024-05-06T07:08:09"), "issued"),
+    ],
+)
+def test_rules_fhir_resources_does_not_enforce(source: Dataset, mutate: Any, message: str) -> None:
+    bundle = build_draft_bundle(source, DRAFT)
+    mutate(bundle)
+    with pytest.raises(FhirBuildError, match=message):
+        check_bundle(bundle)
+
+
+def test_invalid_inputs_are_refused(source: Dataset) -> None:
+    with pytest.raises(FhirBuildError, match="timezone-aware"):
+        build_draft_bundle(source, dataclasses.replace(DRAFT, issued=dt.datetime(2024, 5, 6)))
+    with pytest.raises(FhirBuildError, match="impression"):
+        build_draft_bundle(source, dataclasses.replace(DRAFT, impression=" "))
+    no_id = copy.deepcopy(source)
+    no_id.PatientID = ""
+    with pytest.raises(FhirBuildError, match="Patient ID"):
+        build_draft_bundle(no_id, DRAFT)
+
+
+# --- sending ------------------------------------------------------------------------------
+
+
+def test_transaction_delivered(source: Dataset, fhir_server: tuple[str, FhirReceiver]) -> None:
+    base, receiver = fhir_server
+    result = send_transaction(
+        build_draft_bundle(source, DRAFT), FhirDestination(base, bearer_token=TOKEN)
+    )
+    assert result.http_status == 200
+    assert result.locations == (
+        "Device/1/_history/1",
+        "DiagnosticReport/2/_history/1",
+        "Provenance/3/_history/1",
+    )
+    assert receiver.problems == []
+    ((method, path, body),) = receiver.received
+    assert (method, path) == ("POST", "/fhir")
+    assert resources(body)["DiagnosticReport"]["resource"]["status"] == "partial"
+
+
+def test_withdrawal_delivered(source: Dataset, fhir_server: tuple[str, FhirReceiver]) -> None:
+    base, receiver = fhir_server
+    dest = FhirDestination(base, bearer_token=TOKEN)
+    bundle = build_withdrawal_bundle(source, DRAFT, reason="wrong study")
+    assert send_transaction(bundle, dest).http_status == 200
+    # the same withdrawal as a plain conditional update of the report
+    report = bundle["entry"][0]["resource"]
+    result = update_conditional(report, dest, identifier=(DICOM_UID_SYSTEM, f"urn:oid:{SR_UID}"))
+    assert result.http_status == 201
+    assert result.locations == ("DiagnosticReport/77/_history/1",)
+    assert receiver.problems == []
+    method, path, body = receiver.received[-1]
+    assert method == "PUT" and body["status"] == "entered-in-error"
+    assert parse_qs(urlsplit(path).query) == {"identifier": [f"urn:dicom:uid|urn:oid:{SR_UID}"]}
+
+
+@pytest.mark.parametrize(
+    ("mode", "token", "status", "transient"),
+    [
+        ("ok", "wrong-token", 401, False),
+        ("400", TOKEN, 400, False),
+        ("429", TOKEN, 429, True),
+        ("500", TOKEN, 500, True),
+    ],
+)
+def test_http_errors_are_classified(
+    source: Dataset,
+    fhir_server: tuple[str, FhirReceiver],
+    mode: str,
+    token: str,
+    status: int,
+    transient: bool,
+) -> None:
+    base, receiver = fhir_server
+    receiver.mode = mode
+    with pytest.raises(FhirDeliveryError) as caught:
+        send_transaction(build_draft_bundle(source, DRAFT), FhirDestination(base, token))
+    error = caught.value
+    assert error.http_status == status
+    assert error.transient is transient
+    assert "error/" in str(error)  # OperationOutcome issue codes are reported ...
+    assert "Müller" not in str(error) and token not in str(error)  # ... diagnostics are not
+    assert receiver.received == []
+
+
+def test_timeout_is_transient(source: Dataset, fhir_server: tuple[str, FhirReceiver]) -> None:
+    base, receiver = fhir_server
+    receiver.mode = "slow"
+    started = time.monotonic()
+    with pytest.raises(FhirDeliveryError, match="timed out") as caught:
+        send_transaction(
+            build_draft_bundle(source, DRAFT), FhirDestination(base, TOKEN, timeout=0.5)
+        )
+    assert caught.value.transient and caught.value.http_status is None
+    assert time.monotonic() - started < 2.5
+
+
+def test_connection_refused_is_transient(source: Dataset) -> None:
+    dest = FhirDestination(f"http://127.0.0.1:{free_port()}/fhir", TOKEN, timeout=2)
+    with pytest.raises(FhirDeliveryError) as caught:
+        send_transaction(build_draft_bundle(source, DRAFT), dest)
+    assert caught.value.transient
+
+
+def test_destination_hides_the_token() -> None:
+    dest = FhirDestination("https://fhir.example.org/r4", bearer_token=TOKEN)
+    assert TOKEN not in repr(dest) and TOKEN not in str(dest)
+    with pytest.raises(ValueError, match="absolute"):
+        FhirDestination("fhir.example.org/r4")
