@@ -1,27 +1,52 @@
-"""The draft report as a DICOM Comprehensive SR (highdicom).
+"""The draft report as a DICOM SR: a TID 2000 Basic Diagnostic Imaging Report (highdicom).
 
-Content tree (TID 2000 "Basic Diagnostic Imaging Report"-style narrative, PS3.16):
+Content tree (PS3.16 TID 2000, root-only and non-extensible: narrative lives only inside
+CID 7001 headings, TID 2002 under them):
 
 ```
-CONTAINER (LOINC 18748-4 "Diagnostic imaging study"), template 2000
- +-- HAS CONCEPT MOD  CODE (DCM 121049 "Language of Content Item and Descendants") = en
- +-- HAS OBS CONTEXT  TID 1002/1004 device observer: Observer Type (DCM 121005) = Device,
- |                    Device Observer UID / Name / Manufacturer / Model Name (121012-121015)
- +-- CONTAINS TEXT (DCM 121106 "Comment")  "AI-generated DRAFT ... not verified ..."
- +-- CONTAINS TEXT (DCM 121106 "Comment")  "DEMO MODEL ..."           (demo bundles only)
- +-- CONTAINS CONTAINER (DCM 121070 "Findings")
- |     +-- CONTAINS TEXT (DCM 121071 "Finding")  findings text          (when present)
- +-- CONTAINS CONTAINER (DCM 121072 "Impressions")
-       +-- CONTAINS TEXT (DCM 121073 "Impression") impression text
+CONTAINER (LN 18748-4 "Diagnostic Imaging Report"), template 2000
+ +-- HAS CONCEPT MOD  CODE (DCM 121049 "Language of Content Item and Descendants")
+ |                    = (en-US, RFC5646)                                        TID 1204
+ +-- HAS OBS CONTEXT  Observer Type (DCM 121005) = Device; Device Observer UID, Name,
+ |                    Manufacturer, Model Name (DCM 121012-121015)          TID 1002/1004
+ +-- CONTAINS CONTAINER (LN 55112-7 "Summary")                                 CID 7001
+ |     +-- CONTAINS TEXT (LN 55112-7 "Summary") "AI-generated DRAFT ... NOT VERIFIED ..."
+ |     +-- CONTAINS TEXT (LN 55112-7 "Summary") "DEMO MODEL ..."       (demo bundles only)
+ +-- CONTAINS CONTAINER (LN 59776-5 "Findings")                (only with findings text)
+ |     +-- CONTAINS TEXT (DCM 121071 "Finding") findings                       TID 2002
+ |           +-- INFERRED FROM IMAGE (DCM 121080 "Best illustration of finding")
+ |                                   = the image the model read                TID 2001
+ +-- CONTAINS CONTAINER (LN 19005-8 "Impressions")
+       +-- CONTAINS TEXT (DCM 121073 "Impression") impression
+             +-- INFERRED FROM IMAGE (DCM 121080) = the image the model read
 ```
 
-Document flags (PS3.3 C.17.2 SR Document General module): Completion Flag PARTIAL,
-Verification Flag UNVERIFIED, Preliminary Flag PRELIMINARY. Patient and study modules are
-copied from the evidence (same Study Instance UID); the evidence images are listed in the
-Current Requested Procedure Evidence Sequence (0040,A375). The algorithm is named as
-contributing equipment (PS3.3 C.7.5.1, purpose DCM 109102 "Processing Equipment") and as
-the device observer. Specific Character Set is ISO_IR 192 (UTF-8), so non-ASCII names and
-text survive.
+The AI notice is the first heading, so a viewer that renders the tree as text (OHIF's SR
+text viewport, Stone, Weasis) shows it first and labelled. Document flags (PS3.3 C.17.2):
+Completion PARTIAL, Verification UNVERIFIED, Preliminary PRELIMINARY. Patient and study
+attributes (with Issuer of Accession Number Sequence and Timezone Offset From UTC) are copied
+from the evidence; every instance of the study the node received is listed in the Current
+Requested Procedure Evidence Sequence (0040,A375), and the image the model read also appears
+in the tree. Series Description begins with "AI DRAFT UNVERIFIED" so that a viewer that cuts
+it short still shows the warning; Series Date/Time are the SR's creation time.
+
+The algorithm (IHE AI Results: name and version) is the TID 1004 device observer (name,
+model name "<name> <version>") and Contributing Equipment (PS3.3 C.12.1.1.5, purpose DCM
+109102 "Processing Equipment": Manufacturer's Model Name = algorithm name, Software Versions
+= algorithm version). TID 4019 Algorithm Identification cannot be added: TID 2000 is
+non-extensible. General Equipment (C.7.5.1) is the node itself: Manufacturer, Manufacturer's
+Model Name and Software Versions are the node's.
+
+A re-drafted study gets a new SOP Instance UID (:mod:`integration.uids`) and the Predecessor
+Documents Sequence (0040,A360) references the earlier SRs it supersedes.
+
+``kind="basic"`` builds the same tree as a Basic Text SR (1.2.840.10008.5.1.4.1.1.88.11,
+PS3.3 A.35.1; IHE SINR's carrier), for PACS and RIS that accept only that class; highdicom
+has no Basic Text SR class, so it is built as an Enhanced SR (the same modules and a
+superset of value types) and given the Basic Text SR SOP Class, which the tree's value types
+(CONTAINER, CODE, TEXT, UIDREF, IMAGE) and relationships allow.
+
+Specific Character Set is ISO_IR 192 (UTF-8), so non-ASCII names and text survive.
 
 Privacy: highdicom's warning that quotes a single-component Patient Name ("DOE JOHN") is
 ignored while the SR is built, and an error highdicom raises is wrapped with the evidence's
@@ -31,12 +56,15 @@ logged, stored and shown in the admin API.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
+from typing import Literal
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 
 from integration.errors import SRBuildError
 from integration.privacy import quiet_person_name_warnings, redact_patient_values
@@ -44,7 +72,9 @@ from integration.uids import device_uid as default_device_uid
 
 __all__ = [
     "AI_DRAFT_NOTE",
+    "BASIC_TEXT_SR_STORAGE",
     "DEMO_NOTE",
+    "SERIES_WARNING",
     "build_draft_sr",
     "draft_series_description",
     "requested_procedures_from",
@@ -58,20 +88,28 @@ DEMO_NOTE = (
     "DEMO MODEL: randomly initialised weights. This output is meaningless and must not be "
     "used for any clinical purpose."
 )
-_REPORT_TITLE = hd.sr.CodedConcept(
-    value="18748-4", scheme_designator="LN", meaning="Diagnostic imaging study"
-)
+SERIES_WARNING = "AI DRAFT UNVERIFIED"
+"""The start of every draft series description (a cut-short description still warns)."""
+BASIC_TEXT_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.11"
+_REPORT_TITLE = codes.LN.DiagnosticImagingReport  # CID 7000
+_SUMMARY = codes.LN.Summary  # CID 7001 heading and CID 7002 element
 _LANGUAGE = hd.sr.CodedConcept(
     value="121049", scheme_designator="DCM", meaning="Language of Content Item and Descendants"
 )
-_ENGLISH = hd.sr.CodedConcept(value="en", scheme_designator="RFC5646", meaning="English")
+_ENGLISH = hd.sr.CodedConcept(
+    value="en-US", scheme_designator="RFC5646", meaning="English (United States)"
+)
 _MAX_LO = 64  # VR LO maximum length (PS3.5 6.2)
+_COPIED = ("IssuerOfAccessionNumberSequence", "TimezoneOffsetFromUTC")
 
 
-def draft_series_description(*, demo: bool) -> str:
-    """Series Description (0008,103E) of the draft SR series (VR LO, <= 64 characters)."""
-    text = "AI DRAFT report - NOT VERIFIED"
-    return f"{text} (DEMO MODEL)" if demo else text
+def draft_series_description(*, demo: bool, kind: str = "report") -> str:
+    """Series Description (0008,103E) of a draft series (VR LO, <= 64 characters).
+
+    Begins with :data:`SERIES_WARNING`, e.g. ``"AI DRAFT UNVERIFIED - report (DEMO)"``.
+    """
+    text = f"{SERIES_WARNING} - {kind}"
+    return f"{text} (DEMO)" if demo else text
 
 
 def requested_procedures_from(source: Dataset) -> list[Dataset]:
@@ -121,97 +159,100 @@ def requested_procedures_from(source: Dataset) -> list[Dataset]:
 def build_draft_sr(
     *,
     evidence: Sequence[Dataset],
+    image_read: Dataset,
     findings: str | None,
     impression: str,
     algorithm_name: str,
     algorithm_version: str,
     manufacturer: str,
+    software_version: str,
     demo: bool,
     sop_instance_uid: str,
     series_instance_uid: str,
     series_number: int,
-    instance_number: int,
+    instance_number: int = 1,
+    kind: Literal["comprehensive", "basic"] = "comprehensive",
+    created_at: dt.datetime | None = None,
     device_uid: str | None = None,
     institution_name: str | None = None,
     previous_versions: Sequence[Dataset] | None = None,
     requested_procedures: Sequence[Dataset] | None = None,
-) -> hd.sr.ComprehensiveSR:
+) -> Dataset:
     """Build the preliminary, unverified draft report SR for one study.
 
     Parameters
     ----------
     evidence
-        The image(s) the draft was drawn from (full datasets or headers), all of one study;
-        patient and study attributes are copied from them (PS3.3 C.7.1.1, C.7.2.1) and they
-        are referenced in the Current Requested Procedure Evidence Sequence (0040,A375).
+        Every instance of the study the node received (full datasets or headers), all of
+        one study; patient and study attributes are copied from the first (PS3.3 C.7.1.1,
+        C.7.2.1), and all are listed in the Current Requested Procedure Evidence Sequence
+        (0040,A375).
+    image_read
+        The image the model read (one of ``evidence``): an IMAGE content item (TID 2001)
+        under each text item.
     findings
-        Findings text (TID 2000 "Findings" section, DCM 121070), or ``None``/empty to leave
-        the section without text items.
+        Findings text (heading LN 59776-5), or ``None``/empty for no Findings heading.
     impression
-        Impression text (DCM 121072 section); must not be empty.
+        Impression text (heading LN 19005-8); must not be empty.
     algorithm_name, algorithm_version
         The model's name and version (device observer, contributing equipment, notes).
-    manufacturer
-        Manufacturer (0008,0070) of the SR and of the device observer.
+    manufacturer, software_version
+        The node's Manufacturer (0008,0070) and Software Versions (0018,1020).
     demo
         Whether the demo (randomly initialised) model produced the text; adds a DEMO note
         and marks the series description.
-    sop_instance_uid, series_instance_uid
-        Use :func:`integration.uids.sr_instance_uid` / :func:`~integration.uids.sr_series_uid`
-        so that a re-run replaces instead of duplicating.
-    series_number, instance_number
-        Series Number (0020,0011) and Instance Number (0020,0013).
+    sop_instance_uid, series_instance_uid, series_number
+        From :func:`integration.uids.draft_instance_uid`, ``draft_series_uid`` and
+        ``draft_series_number``: a changed draft gets a new UID, the same one the same UID.
+    instance_number
+        Instance Number (0020,0013).
+    kind
+        ``"comprehensive"`` (Comprehensive SR, the default) or ``"basic"`` (Basic Text SR).
+    created_at
+        Content and Series Date/Time (default: now, local time).
     device_uid
         Device Observer UID (DCM 121012); default derived from name and version.
     institution_name
         Institution Name (0008,0080) of the SR's equipment.
     previous_versions
-        Earlier SRs this one replaces (Predecessor Documents Sequence (0040,A360)).
+        Earlier SRs this one supersedes (Predecessor Documents Sequence (0040,A360)); each
+        needs Study, Series, SOP Class and SOP Instance UIDs only.
     requested_procedures
         Request Attributes items (Referenced Request Sequence (0040,A370)).
 
     Returns
     -------
-    highdicom.sr.ComprehensiveSR
-        The SR dataset (Explicit VR Little Endian), ready for ``save_as``.
+    pydicom.dataset.Dataset
+        The SR (a highdicom ``ComprehensiveSR``, or for ``"basic"`` an ``EnhancedSR`` with
+        the Basic Text SR SOP Class), Explicit VR Little Endian, ready for ``save_as``.
 
     Raises
     ------
     integration.errors.SRBuildError
-        Missing evidence, several studies, empty impression, invalid UIDs or labels, or a
-        value highdicom refuses (the message never quotes a patient attribute value).
+        Missing evidence, several studies, an image read outside the evidence, empty
+        impression, invalid UIDs or labels, or a value highdicom refuses (the message never
+        quotes a patient attribute value).
     """
-    if not evidence:
-        raise SRBuildError("evidence is empty: the SR must reference the image it was drawn from")
-    studies = {str(ds.get("StudyInstanceUID", "")) for ds in evidence}
-    if len(studies) != 1 or "" in studies:
-        raise SRBuildError(
-            f"evidence must come from exactly one study (Study Instance UID), got {len(studies)}"
-        )
-    if not impression or not impression.strip():
-        raise SRBuildError("impression text is empty (TID 2000 Impressions, DCM 121072)")
-    for label, value in (
-        ("algorithm_name", algorithm_name),
-        ("algorithm_version", algorithm_version),
-        ("manufacturer", manufacturer),
-    ):
-        if not value or not value.strip():
-            raise SRBuildError(f"{label} must not be empty")
-        if len(value) > _MAX_LO:
-            raise SRBuildError(f"{label} longer than {_MAX_LO} characters (VR LO)")
-    for label, uid in (
-        ("SOP Instance UID", sop_instance_uid),
-        ("Series Instance UID", series_instance_uid),
-    ):
-        if not UID(uid).is_valid:
-            raise SRBuildError(f"{label} {uid!r} is not a valid UID")
+    _check_inputs(
+        evidence=evidence,
+        image_read=image_read,
+        impression=impression,
+        labels={
+            "algorithm_name": algorithm_name,
+            "algorithm_version": algorithm_version,
+            "manufacturer": manufacturer,
+            "software_version": software_version,
+        },
+        uids={"SOP Instance UID": sop_instance_uid, "Series Instance UID": series_instance_uid},
+    )
     observer_uid = device_uid or default_device_uid(algorithm_name, algorithm_version)
     if not UID(observer_uid).is_valid:
         raise SRBuildError(f"Device Observer UID {observer_uid!r} is not a valid UID")
-
+    when = (created_at or dt.datetime.now().astimezone()).replace(microsecond=0)
     content = _content_tree(
         findings=findings,
         impression=impression,
+        image_read=image_read,
         algorithm_name=algorithm_name,
         algorithm_version=algorithm_version,
         manufacturer=manufacturer,
@@ -228,9 +269,10 @@ def build_draft_sr(
             f"AI draft report generation ({'DEMO model, ' if demo else ''}not verified)"
         )[:_MAX_LO],
     )
+    sr_class = hd.sr.EnhancedSR if kind == "basic" else hd.sr.ComprehensiveSR
     try:
         with quiet_person_name_warnings():
-            sr = hd.sr.ComprehensiveSR(
+            sr = sr_class(
                 evidence=list(evidence),
                 content=content,
                 series_instance_uid=series_instance_uid,
@@ -246,8 +288,8 @@ def build_draft_sr(
                 previous_versions=list(previous_versions) if previous_versions else None,
                 contributing_equipment=[equipment],
                 series_description=draft_series_description(demo=demo),
-                manufacturer_model_name=algorithm_name,
-                software_versions=algorithm_version,
+                manufacturer_model_name="llm-cxr-node",
+                software_versions=software_version,
                 specific_character_set="ISO_IR 192",
             )
     except (ValueError, TypeError, AttributeError) as exc:
@@ -255,19 +297,62 @@ def build_draft_sr(
         # (not chained: the original's text would reach a logged traceback unredacted)
         reason = redact_patient_values(str(exc), evidence)
         raise SRBuildError(f"highdicom refused the SR: {reason}") from None
+    sr.ContentDate = sr.SeriesDate = DA(when.strftime("%Y%m%d"))
+    sr.ContentTime = sr.SeriesTime = TM(when.strftime("%H%M%S"))
+    source = evidence[0]
+    for keyword in _COPIED:
+        if keyword in source:
+            sr[keyword] = source[keyword]
+    if "TimezoneOffsetFromUTC" not in sr:
+        sr.TimezoneOffsetFromUTC = when.strftime("%z")
+    if kind == "basic":
+        sr.SOPClassUID = UID(BASIC_TEXT_SR_STORAGE)
+        sr.file_meta.MediaStorageSOPClassUID = UID(BASIC_TEXT_SR_STORAGE)
     return sr
+
+
+def _check_inputs(
+    *,
+    evidence: Sequence[Dataset],
+    image_read: Dataset,
+    impression: str,
+    labels: dict[str, str],
+    uids: dict[str, str],
+) -> None:
+    if not evidence:
+        raise SRBuildError("evidence is empty: the SR must reference the image it was drawn from")
+    studies = {str(ds.get("StudyInstanceUID", "")) for ds in evidence}
+    if len(studies) != 1 or "" in studies:
+        raise SRBuildError(
+            f"evidence must come from exactly one study (Study Instance UID), got {len(studies)}"
+        )
+    read_uid = str(image_read.get("SOPInstanceUID", ""))
+    if read_uid not in {str(ds.get("SOPInstanceUID", "")) for ds in evidence}:
+        raise SRBuildError("the image the model read is not in the evidence")
+    if not impression or not impression.strip():
+        raise SRBuildError("impression text is empty (TID 2000 Impressions, LN 19005-8)")
+    for label, value in labels.items():
+        if not value or not value.strip():
+            raise SRBuildError(f"{label} must not be empty")
+        if len(value) > _MAX_LO:
+            raise SRBuildError(f"{label} longer than {_MAX_LO} characters (VR LO)")
+    for label, uid in uids.items():
+        if not UID(uid).is_valid:
+            raise SRBuildError(f"{label} {uid!r} is not a valid UID")
 
 
 def _content_tree(
     *,
     findings: str | None,
     impression: str,
+    image_read: Dataset,
     algorithm_name: str,
     algorithm_version: str,
     manufacturer: str,
     device_uid: str,
     demo: bool,
 ) -> hd.sr.ContainerContentItem:
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
     root = hd.sr.ContainerContentItem(name=_REPORT_TITLE, template_id="2000")
     items: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(
@@ -282,45 +367,53 @@ def _content_tree(
             uid=device_uid,
             name=algorithm_name,
             manufacturer_name=manufacturer,
-            model_name=f"{algorithm_name} {algorithm_version}"[:_MAX_LO],
+            model_name=f"{algorithm_name} {algorithm_version}",  # TEXT (UT): never cut
         ),
     )
     items.extend(observer)  # type: ignore[arg-type]  # a ContentSequence of items
-    contains = hd.sr.RelationshipTypeValues.CONTAINS
-    items.append(
-        hd.sr.TextContentItem(
-            name=codes.DCM.Comment,
-            value=AI_DRAFT_NOTE.format(algorithm=algorithm_name, version=algorithm_version),
-            relationship_type=contains,
-        )
-    )
+    notes = [AI_DRAFT_NOTE.format(algorithm=algorithm_name, version=algorithm_version)]
     if demo:
-        items.append(
-            hd.sr.TextContentItem(
-                name=codes.DCM.Comment, value=DEMO_NOTE, relationship_type=contains
-            )
-        )
-    findings_section = hd.sr.ContainerContentItem(
-        name=codes.DCM.Findings, relationship_type=contains
-    )
+        notes.append(DEMO_NOTE)
+    summary = [
+        hd.sr.TextContentItem(name=_SUMMARY, value=n, relationship_type=contains) for n in notes
+    ]
+    items.append(_heading(_SUMMARY, summary))
     if findings and findings.strip():
-        findings_section.ContentSequence = hd.sr.ContentSequence(
-            [
-                hd.sr.TextContentItem(
-                    name=codes.DCM.Finding, value=findings.strip(), relationship_type=contains
-                )
-            ]
-        )
-    impression_section = hd.sr.ContainerContentItem(
-        name=codes.DCM.Impressions, relationship_type=contains
+        finding = _text_from_image(codes.DCM.Finding, findings.strip(), image_read)
+        items.append(_heading(codes.LN.Findings, [finding]))
+    impression_item = _text_from_image(codes.DCM.Impression, impression.strip(), image_read)
+    items.append(_heading(codes.LN.Impressions, [impression_item]))
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    return root
+
+
+def _heading(
+    name: hd.sr.CodedConcept | object, children: Sequence[hd.sr.ContentItem]
+) -> hd.sr.ContainerContentItem:
+    """A CID 7001 heading CONTAINER with ``children`` as CONTAINS items."""
+    section = hd.sr.ContainerContentItem(
+        name=name,  # type: ignore[arg-type]
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    impression_section.ContentSequence = hd.sr.ContentSequence(
+    section.ContentSequence = hd.sr.ContentSequence(list(children))
+    return section
+
+
+def _text_from_image(name: object, value: str, image: Dataset) -> hd.sr.TextContentItem:
+    """A TEXT item (TID 2002) INFERRED FROM the image the model read (TID 2001)."""
+    item = hd.sr.TextContentItem(
+        name=name,  # type: ignore[arg-type]
+        value=value,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    item.ContentSequence = hd.sr.ContentSequence(
         [
-            hd.sr.TextContentItem(
-                name=codes.DCM.Impression, value=impression.strip(), relationship_type=contains
+            hd.sr.ImageContentItem(
+                name=codes.DCM.BestIllustrationOfFinding,
+                referenced_sop_class_uid=str(image.SOPClassUID),
+                referenced_sop_instance_uid=str(image.SOPInstanceUID),
+                relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
             )
         ]
     )
-    items.extend([findings_section, impression_section])
-    root.ContentSequence = hd.sr.ContentSequence(items)
-    return root
+    return item

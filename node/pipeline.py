@@ -52,9 +52,10 @@ from integration.errors import IntegrationError, NoFrontalImageError, PixelDataE
 from integration.pixels import to_gray8
 from integration.selection import select_frontal
 from integration.sr import build_draft_sr, requested_procedures_from
-from integration.uids import sr_instance_uid, sr_series_uid
+from integration.uids import draft_series_number, sr_instance_uid, sr_series_uid
 from models.layout import TokenLayoutError
 from models.prompts import PromptError
+from node import __version__ as node_version
 from node.api import metrics
 from node.db import repo_outputs
 from node.db import repository as repo
@@ -72,7 +73,6 @@ __all__ = [
     "OUTPUTS_DIR",
     "PERMANENT_ERRORS",
     "SR_INSTANCE_NUMBER",
-    "SR_SERIES_NUMBER",
     "STAGE_DELAY_ENV",
     "JobFailure",
     "JobOutcome",
@@ -87,6 +87,7 @@ __all__ = [
     "is_permanent",
     "load_study",
     "prepare_job",
+    "previous_srs",
     "retry_delay_seconds",
     "run_batch",
     "select_image",
@@ -97,7 +98,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANUFACTURER = "llm-cxr-node"
-SR_SERIES_NUMBER = 9901
 SR_INSTANCE_NUMBER = 1
 STAGE_DELAY_ENV = "CXR_NODE_TEST_STAGE_DELAY"
 _STAGES = ("load", "convert", "generate", "sr", "enqueue")
@@ -207,6 +207,8 @@ class PreparedJob:
     image: SelectedImage
     model_input: npt.NDArray[np.float32]
     timings: dict[str, float] = field(default_factory=dict)
+    #: headers of every readable instance of the study (the SR's evidence)
+    evidence: list[Dataset] = field(default_factory=list)
 
 
 @dataclass
@@ -331,7 +333,7 @@ def prepare_job(deps: PipelineDeps, job_id: int) -> PreparedJob:
         image = select_image(study)
     with _Timer(timings, "convert_s"):
         model_input = convert_image(image)
-    return PreparedJob(job_id, study.study_uid, image, model_input, timings)
+    return PreparedJob(job_id, study.study_uid, image, model_input, timings, study.headers)
 
 
 def generate_reports(
@@ -350,28 +352,65 @@ def generate_reports(
     )
 
 
-def build_sr(image: SelectedImage, draft: ReportDraft) -> Dataset:
-    """The draft report SR (Comprehensive SR, TID 2000-style; see :mod:`integration.sr`).
+def build_sr(
+    image: SelectedImage,
+    draft: ReportDraft,
+    *,
+    evidence: Sequence[Dataset] = (),
+    previous: Sequence[Dataset] = (),
+) -> Dataset:
+    """The draft report SR (Comprehensive SR, TID 2000; see :mod:`integration.sr`).
 
-    SOP Instance and Series Instance UIDs are derived from the study and the model's name
-    and version, so a re-run replaces the earlier SR.
+    Its SOP Instance UID comes from the study, the model's name and version, the evidence
+    instances and the draft text (:func:`integration.uids.draft_instance_uid`): a re-run
+    that drafts the same text from the same instances gives the same SR, a changed draft a
+    new one that supersedes ``previous`` (Predecessor Documents Sequence). ``evidence`` is
+    every instance of the study (default: the image read alone).
     """
     study_uid = str(image.header.StudyInstanceUID)
     impression = draft.impression.strip() or draft.text.strip() or "(no text generated)"
+    findings = draft.findings
+    evidence = list(evidence) or [image.header]
+    sop_uid = sr_instance_uid(
+        study_uid,
+        draft.model_name,
+        draft.model_version,
+        inputs=[str(ds.SOPInstanceUID) for ds in evidence],
+        findings=findings,
+        impression=impression,
+    )
     return build_draft_sr(
-        evidence=[image.header],
-        findings=draft.findings,
+        evidence=evidence,
+        image_read=image.header,
+        findings=findings,
         impression=impression,
         algorithm_name=draft.model_name,
         algorithm_version=draft.model_version,
         manufacturer=MANUFACTURER,
+        software_version=f"llm-cxr-node {node_version}",
         demo=draft.demo,
-        sop_instance_uid=sr_instance_uid(study_uid, draft.model_name, draft.model_version),
+        sop_instance_uid=sop_uid,
         series_instance_uid=sr_series_uid(study_uid, draft.model_name, draft.model_version),
-        series_number=SR_SERIES_NUMBER,
+        series_number=draft_series_number("sr", draft.model_name, draft.model_version),
         instance_number=SR_INSTANCE_NUMBER,
+        previous_versions=[p for p in previous if str(p.SOPInstanceUID) != sop_uid] or None,
         requested_procedures=requested_procedures_from(image.header) or None,
     )
+
+
+def previous_srs(deps: PipelineDeps, study_uid: str) -> list[Dataset]:
+    """Headers of the study's earlier draft SRs still in ``outputs/`` (what a new one
+    supersedes); an SR whose file is gone (purged) is left out."""
+    with deps.session_factory() as session:
+        uids = repo_outputs.study_sr_uids(session, study_uid)
+    found: list[Dataset] = []
+    for uid in dict.fromkeys(uids):
+        path = deps.outputs_dir / f"{uid}.dcm"
+        try:
+            found.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, InvalidDicomError):
+            continue
+    return found
 
 
 def _fsync_dir(path: Path) -> None:
@@ -465,7 +504,12 @@ def complete_job(
     stage_delay("sr")
     with _Timer(timings, "sr_s"):
         try:
-            sr = build_sr(prepared.image, draft)
+            sr = build_sr(
+                prepared.image,
+                draft,
+                evidence=prepared.evidence,
+                previous=previous_srs(deps, prepared.study_uid),
+            )
         except IntegrationError as exc:
             raise JobFailure(f"SR not built: {exc}", permanent=True, stage="sr") from exc
         path = write_sr(sr, deps.outputs_dir, before_rename=check)

@@ -28,6 +28,7 @@ __all__ = [
     "job_study",
     "lease_held",
     "save_draft",
+    "study_sr_uids",
     "update_draft_timings",
 ]
 
@@ -207,3 +208,17 @@ def greedy_report_texts(
         if len(out) >= limit:
             break
     return out[::-1]
+
+
+def study_sr_uids(session: Session, study_uid: str) -> list[str]:
+    """SOP Instance UIDs of the draft SRs this node made for the study (its jobs' latest).
+
+    What a new SR of the study supersedes (Predecessor Documents Sequence, PS3.3 C.17.2).
+    """
+    rows = session.scalars(
+        select(Job.sr_sop_instance_uid)
+        .join(Study, Study.id == Job.study_id)
+        .where(Study.study_instance_uid == study_uid, Job.sr_sop_instance_uid.is_not(None))
+        .order_by(Job.id)
+    )
+    return [str(uid) for uid in rows if uid]

@@ -60,13 +60,22 @@ class SRFactory:
         study = self.source.StudyInstanceUID
         sr = build_draft_sr(
             evidence=[self.source],
+            image_read=self.source,
             findings="Heart size normal.",
             impression="No acute cardiopulmonary process.",
             algorithm_name="LLM-CXR",
             algorithm_version=version,
             manufacturer="llm-cxr-node",
+            software_version="llm-cxr-node test",
             demo=True,
-            sop_instance_uid=sr_instance_uid(study, "LLM-CXR", version),
+            sop_instance_uid=sr_instance_uid(
+                study,
+                "LLM-CXR",
+                version,
+                inputs=[self.source.SOPInstanceUID],
+                findings="Heart size normal.",
+                impression="No acute cardiopulmonary process.",
+            ),
             series_instance_uid=sr_series_uid(study, "LLM-CXR", version),
             series_number=9901,
             instance_number=1,

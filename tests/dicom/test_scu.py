@@ -41,13 +41,22 @@ def sr_file(tmp_path_factory: pytest.TempPathFactory, rg1_header: Dataset) -> Pa
     source.PatientName = "Müller^Jürgen"
     sr = build_draft_sr(
         evidence=[source],
+        image_read=source,
         findings=TEXT,
         impression="No acute disease.",
         algorithm_name="LLM-CXR",
         algorithm_version="scu-test",
         manufacturer="llm-cxr-node",
+        software_version="llm-cxr-node test",
         demo=True,
-        sop_instance_uid=sr_instance_uid(source.StudyInstanceUID, "LLM-CXR", "scu-test"),
+        sop_instance_uid=sr_instance_uid(
+            source.StudyInstanceUID,
+            "LLM-CXR",
+            "scu-test",
+            inputs=[source.SOPInstanceUID],
+            findings=TEXT,
+            impression="No acute disease.",
+        ),
         series_instance_uid=sr_series_uid(source.StudyInstanceUID, "LLM-CXR", "scu-test"),
         series_number=9901,
         instance_number=1,
@@ -106,7 +115,7 @@ def test_send_to_orthanc(orthanc: OrthancServer, sr_file: Path) -> None:
     assert tags["VerificationFlag"] == "UNVERIFIED"
     assert tags["PreliminaryFlag"] == "PRELIMINARY"
     assert tags["PatientName"] == "Müller^Jürgen"
-    assert "NOT VERIFIED" in tags["SeriesDescription"]
+    assert tags["SeriesDescription"].startswith("AI DRAFT UNVERIFIED")
     stored = pydicom.dcmread(io.BytesIO(orthanc.file_bytes(instance_id)))
     assert TEXT in [
         str(i.get("TextValue", ""))

@@ -13,8 +13,14 @@ import pytest
 from pydicom.dataset import Dataset
 
 from integration.errors import SRBuildError
-from integration.sr import AI_DRAFT_NOTE, DEMO_NOTE, build_draft_sr, requested_procedures_from
-from integration.uids import device_uid, sr_instance_uid, sr_series_uid
+from integration.sr import (
+    AI_DRAFT_NOTE,
+    BASIC_TEXT_SR_STORAGE,
+    DEMO_NOTE,
+    build_draft_sr,
+    requested_procedures_from,
+)
+from integration.uids import device_uid, draft_series_number, sr_instance_uid, sr_series_uid
 from tests.dicom.conftest import dcmtk_binary, which_or_skip
 
 FINDINGS_DE = "Kein Pleuraerguss. Herzgröße normal – Zwerchfell glatt begrenzt."
@@ -28,18 +34,30 @@ def build(
     study = source.StudyInstanceUID
     args: dict[str, object] = {
         "evidence": [source],
+        "image_read": source,
         "findings": FINDINGS_DE,
         "impression": IMPRESSION_JA,
         "algorithm_name": MODEL,
         "algorithm_version": version,
         "manufacturer": "llm-cxr-node",
+        "software_version": "llm-cxr-node 0.1.0",
         "demo": demo,
-        "sop_instance_uid": sr_instance_uid(study, MODEL, version),
         "series_instance_uid": sr_series_uid(study, MODEL, version),
-        "series_number": 9901,
+        "series_number": draft_series_number("sr", MODEL, version),
         "instance_number": 1,
     }
     args.update(kw)
+    args.setdefault(
+        "sop_instance_uid",
+        sr_instance_uid(
+            study,
+            MODEL,
+            version,
+            inputs=[str(ds.SOPInstanceUID) for ds in args["evidence"]],  # type: ignore[attr-defined]
+            findings=args["findings"],  # type: ignore[arg-type]
+            impression=str(args["impression"]),
+        ),
+    )
     return build_draft_sr(**args)  # type: ignore[arg-type]
 
 
@@ -114,7 +132,7 @@ def test_sr_valid_and_round_trips(
     check_dciodvfy(path)
     dump = check_dsrdump(path)
     assert FINDINGS_DE in dump and IMPRESSION_JA in dump and DEMO_NOTE in dump
-    for section in ("Findings", "Impressions", "Diagnostic imaging study", "Device Observer UID"):
+    for section in ("Summary", "Findings", "Impressions", "Diagnostic Imaging Report"):
         assert section in dump
     assert "PRELIMINARY" in dump and "PARTIAL" in dump and "UNVERIFIED" in dump
 
@@ -131,10 +149,17 @@ def test_sr_valid_and_round_trips(
     assert str(back.PatientName) == str(source.PatientName)
     assert back.PatientID == source.PatientID
     assert back.AccessionNumber == source.AccessionNumber
-    assert back.SOPInstanceUID == sr_instance_uid(source.StudyInstanceUID, MODEL, VERSION)
+    assert back.SOPInstanceUID == sr.SOPInstanceUID
     assert back.SeriesInstanceUID == sr_series_uid(source.StudyInstanceUID, MODEL, VERSION)
-    assert len(back.SeriesDescription) <= 64 and "NOT VERIFIED" in back.SeriesDescription
-    assert "DEMO" in back.SeriesDescription
+    assert back.SeriesDescription == "AI DRAFT UNVERIFIED - report (DEMO)"
+    assert back.SeriesNumber == draft_series_number("sr", MODEL, VERSION)
+    assert back.SeriesDate == back.ContentDate and back.SeriesTime == back.ContentTime
+    assert len(back.TimezoneOffsetFromUTC) == 5
+    # General Equipment is the node; the algorithm is contributing equipment
+    assert (back.ManufacturerModelName, back.SoftwareVersions) == (
+        "llm-cxr-node",
+        "llm-cxr-node 0.1.0",
+    )
 
     evidence = back.CurrentRequestedProcedureEvidenceSequence
     assert len(evidence) == 1 and evidence[0].StudyInstanceUID == source.StudyInstanceUID
@@ -149,13 +174,26 @@ def test_sr_valid_and_round_trips(
     root = back.ContentSequence
     assert back.ConceptNameCodeSequence[0].CodeValue == "18748-4"
     assert back.ContentTemplateSequence[0].TemplateIdentifier == "2000"
+    # TID 2000: only HAS CONCEPT MOD, HAS OBS CONTEXT and heading CONTAINERs under the root
+    for item in root:
+        assert item.RelationshipType in ("HAS CONCEPT MOD", "HAS OBS CONTEXT") or (
+            item.RelationshipType == "CONTAINS" and item.ValueType == "CONTAINER"
+        )
+    headings = [i.ConceptNameCodeSequence[0].CodeValue for i in root if i.ValueType == "CONTAINER"]
+    assert headings == ["55112-7", "59776-5", "19005-8"]  # Summary (the AI notice) first
     found = texts(back)
     assert found["Finding"] == [FINDINGS_DE]
     assert found["Impression"] == [IMPRESSION_JA]
-    assert AI_DRAFT_NOTE.format(algorithm=MODEL, version=VERSION) in found["Comment"]
-    assert DEMO_NOTE in found["Comment"]
+    assert found["Summary"] == [AI_DRAFT_NOTE.format(algorithm=MODEL, version=VERSION), DEMO_NOTE]
+    # the image the model read is referenced by the findings and the impression
+    images = [i for i in walk(root) if i.ValueType == "IMAGE"]
+    assert len(images) == 2
+    for image in images:
+        assert image.RelationshipType == "INFERRED FROM"
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert found["Device Observer UID"] == [device_uid(MODEL, VERSION)]
     assert found["Device Observer Name"] == [MODEL]
+    assert found["Device Observer Model Name"] == [f"{MODEL} {VERSION}"]
     observer_type = next(i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "121005")
     assert observer_type.ConceptCodeSequence[0].CodeValue == "121007"  # Device
 
@@ -171,29 +209,40 @@ def test_sr_valid_and_round_trips(
 def test_non_demo_has_no_demo_note(rg1_header: Dataset, tmp_path: Path) -> None:
     sr = build(rg1_header, demo=False)
     found = texts(sr)
-    assert DEMO_NOTE not in found["Comment"]
-    assert "DEMO" not in sr.SeriesDescription and "NOT VERIFIED" in sr.SeriesDescription
+    assert found["Summary"] == [AI_DRAFT_NOTE.format(algorithm=MODEL, version=VERSION)]
+    assert sr.SeriesDescription == "AI DRAFT UNVERIFIED - report"
     check_dciodvfy(write(sr, tmp_path / "sr.dcm"))
 
 
 def test_without_findings(rg1_header: Dataset, tmp_path: Path) -> None:
     sr = build(rg1_header, findings=None)
     assert "Finding" not in texts(sr)
+    headings = [i.ConceptNameCodeSequence[0].CodeMeaning for i in sr.ContentSequence]
+    assert "Findings" not in headings and "Impressions" in headings  # no empty heading
     path = write(sr, tmp_path / "sr.dcm")
     check_dciodvfy(path)
     assert "Impressions" in check_dsrdump(path)
 
 
-def test_uid_deterministic_per_model_version(rg1_header: Dataset) -> None:
+def test_uid_follows_content_and_inputs(rg1_header: Dataset) -> None:
+    """Same inputs and text: same UID (a re-send is idempotent); any change: a new one."""
     a, b = build(rg1_header), build(rg1_header)
+    assert a.SOPInstanceUID == b.SOPInstanceUID
     c = build(rg1_header, version="1.0.1")
-    assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
-    assert a.SeriesInstanceUID != c.SeriesInstanceUID
+    assert c.SOPInstanceUID != a.SOPInstanceUID and a.SeriesInstanceUID != c.SeriesInstanceUID
+    assert draft_series_number("sr", MODEL, VERSION) != draft_series_number("pdf", MODEL, VERSION)
+    other_text = build(rg1_header, impression="Small left pleural effusion.")
+    assert other_text.SOPInstanceUID != a.SOPInstanceUID
+    assert other_text.SeriesInstanceUID == a.SeriesInstanceUID  # same model version: same series
+    lateral = copy.deepcopy(rg1_header)
+    lateral.SOPInstanceUID = rg1_header.SOPInstanceUID + ".2"
+    late = build(rg1_header, evidence=[rg1_header, lateral])  # a late instance, same text
+    assert late.SOPInstanceUID != a.SOPInstanceUID
 
 
 def test_predecessor_link(rg1_header: Dataset, tmp_path: Path) -> None:
     first = build(rg1_header)
-    second = build(rg1_header, version="1.0.1", previous_versions=[first])
+    second = build(rg1_header, impression="Changed.", previous_versions=[first])
     pred = second.PredecessorDocumentsSequence[0]
     assert pred.StudyInstanceUID == rg1_header.StudyInstanceUID
     ref = pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
@@ -213,6 +262,10 @@ def test_validation_errors(rg1_header: Dataset) -> None:
         build(rg1_header, evidence=[rg1_header, other])
     with pytest.raises(SRBuildError, match="SOP Instance UID"):
         build(rg1_header, sop_instance_uid="1.02.x")
+    stranger = copy.deepcopy(rg1_header)
+    stranger.SOPInstanceUID = "1.2.3.5"
+    with pytest.raises(SRBuildError, match="not in the evidence"):
+        build(rg1_header, image_read=stranger)
 
 
 def test_requested_procedure_from_accession(rg1_header: Dataset, tmp_path: Path) -> None:
@@ -226,3 +279,57 @@ def test_requested_procedure_from_accession(rg1_header: Dataset, tmp_path: Path)
     bare = copy.deepcopy(rg1_header)
     del bare.AccessionNumber
     assert requested_procedures_from(bare) == []
+
+
+def test_evidence_lists_every_instance_and_copies_study_identity(
+    rg1_header: Dataset, tmp_path: Path
+) -> None:
+    """A PA + lateral study: both in the evidence, the PA (the image read) in the tree;
+    Issuer of Accession Number and Timezone Offset From UTC copied from the study."""
+    pa = copy.deepcopy(rg1_header)
+    issuer = Dataset()
+    issuer.LocalNamespaceEntityID = "RIS-A"
+    pa.IssuerOfAccessionNumberSequence = [issuer]
+    pa.TimezoneOffsetFromUTC = "+0100"
+    lateral = copy.deepcopy(pa)
+    lateral.SeriesInstanceUID = pa.SeriesInstanceUID + ".7"
+    lateral.SOPInstanceUID = pa.SOPInstanceUID + ".7"
+    lateral.ViewPosition = "LL"
+    sr = build(pa, evidence=[pa, lateral])
+    check_dciodvfy(write(sr, tmp_path / "sr.dcm"))
+    refs = {
+        ref.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert refs == {pa.SOPInstanceUID, lateral.SOPInstanceUID}
+    images = {
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for i in walk(sr.ContentSequence)
+        if i.ValueType == "IMAGE"
+    }
+    assert images == {pa.SOPInstanceUID}
+    assert sr.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID == "RIS-A"
+    assert sr.TimezoneOffsetFromUTC == "+0100"
+
+
+def test_long_model_name_and_version_are_not_cut_in_the_tree(
+    rg1_header: Dataset, tmp_path: Path
+) -> None:
+    """Device Observer Model Name is TEXT: the whole "<name> <version>" survives."""
+    name = "LLM-CXR DEMO (random weights, not for clinical use)"
+    version = "demo-h64-l2-seed0-with-a-long-suffix"
+    sr = build(rg1_header, algorithm_name=name, version=version)
+    assert texts(sr)["Device Observer Model Name"] == [f"{name} {version}"]
+    check_dciodvfy(write(sr, tmp_path / "sr.dcm"))
+
+
+def test_basic_text_sr(rg1_header: Dataset, tmp_path: Path) -> None:
+    """The same tree as a Basic Text SR (IHE SINR's class), valid for dciodvfy."""
+    sr = build(rg1_header, kind="basic")
+    path = write(sr, tmp_path / "basic.dcm")
+    check_dciodvfy(path)
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == BASIC_TEXT_SR_STORAGE
+    assert back.file_meta.MediaStorageSOPClassUID == BASIC_TEXT_SR_STORAGE
+    assert texts(back)["Impression"] == [IMPRESSION_JA]

@@ -21,13 +21,22 @@ def sr(rg1_header: Dataset) -> Dataset:
     study = rg1_header.StudyInstanceUID
     return build_draft_sr(
         evidence=[rg1_header],
+        image_read=rg1_header,
         findings="Lungs are clear.",
         impression="Keine akuten Veränderungen.",
         algorithm_name="LLM-CXR",
         algorithm_version="stow-test",
         manufacturer="llm-cxr-node",
+        software_version="llm-cxr-node test",
         demo=False,
-        sop_instance_uid=sr_instance_uid(study, "LLM-CXR", "stow-test"),
+        sop_instance_uid=sr_instance_uid(
+            study,
+            "LLM-CXR",
+            "stow-test",
+            inputs=[rg1_header.SOPInstanceUID],
+            findings="Lungs are clear.",
+            impression="Keine akuten Veränderungen.",
+        ),
         series_instance_uid=sr_series_uid(study, "LLM-CXR", "stow-test"),
         series_number=9902,
         instance_number=1,

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 from pydicom.uid import UID
 
-from integration.uids import deterministic_uid, device_uid, sr_instance_uid, sr_series_uid
+from integration.uids import (
+    DRAFT_KINDS,
+    deterministic_uid,
+    device_uid,
+    draft_instance_uid,
+    draft_series_number,
+    draft_series_uid,
+    sr_instance_uid,
+    sr_series_uid,
+)
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -26,11 +35,31 @@ def test_differs_per_part_and_per_split() -> None:
 
 
 def test_sr_helpers_distinct() -> None:
-    inst, series = sr_instance_uid(STUDY, "m", "1"), sr_series_uid(STUDY, "m", "1")
+    def sr(version: str = "1", *, inputs: tuple[str, ...] = ("1.2.3",), imp: str = "I") -> str:
+        return sr_instance_uid(
+            STUDY, "m", version, inputs=list(inputs), findings="F", impression=imp
+        )
+
+    inst, series = sr(), sr_series_uid(STUDY, "m", "1")
     assert inst != series
-    assert inst == sr_instance_uid(STUDY, "m", "1") != sr_instance_uid(STUDY, "m", "2")
+    assert inst == sr() != sr("2")
+    assert sr(inputs=("1.2.3", "1.2.4")) == sr(inputs=("1.2.4", "1.2.3")) != inst  # a set
+    assert sr(imp="Other") != inst and sr(imp="  I \n") == inst
+    assert sr_series_uid(STUDY, "m", "1") == draft_series_uid("sr", STUDY, "m", "1")
+    assert draft_instance_uid("pdf", STUDY, "m", "1", inputs=["1.2.3"], text="F\x1fI") != inst
     assert device_uid("m", "1") != device_uid("m", "2")
     assert all(UID(u).is_valid for u in (inst, series, device_uid("m", "1")))
+    with pytest.raises(ValueError, match="kind"):
+        draft_series_uid("xml", STUDY, "m", "1")
+
+
+def test_series_numbers_per_model_version_and_kind() -> None:
+    numbers = {draft_series_number(k, "m", "1") for k in DRAFT_KINDS}
+    assert len(numbers) == len(DRAFT_KINDS) and all(7001 <= n <= 7999 for n in numbers)
+    assert {n // 10 for n in numbers} == {draft_series_number("sr", "m", "1") // 10}
+    assert draft_series_number("sr", "m", "1") == draft_series_number("sr", "m", "1")
+    versions = {draft_series_number("sr", "m", str(v)) for v in range(50)}
+    assert len(versions) > 30  # spread over the hundred slots
 
 
 def test_many_are_valid() -> None:

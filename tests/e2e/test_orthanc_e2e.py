@@ -118,10 +118,10 @@ def test_orthanc_forwards_a_chest_cr_and_receives_the_draft_sr(
         assert sr.VerificationFlag == "UNVERIFIED"
         assert sr.PreliminaryFlag == "PRELIMINARY"
         assert "AI DRAFT" in sr.SeriesDescription.upper()
-        assert "NOT VERIFIED" in sr.SeriesDescription.upper()
+        assert sr.SeriesDescription.startswith("AI DRAFT UNVERIFIED")
         assert _evidence_uids(sr) == {str(source.SOPInstanceUID)}
         texts = _texts(sr)
-        assert DEMO_NOTE in texts.get("Comment", [])
+        assert DEMO_NOTE in texts.get("Summary", [])
 
         # the node's records: the job is done with this SR, the delivery sent
         jobs = [j for j in node.jobs() if j["study_uid"] == study_uid]

@@ -132,11 +132,13 @@ def _draft_sr() -> pydicom.Dataset:
     header = pydicom.dcmread(rg1_file(), stop_before_pixels=True)
     return build_draft_sr(
         evidence=[header],
+        image_read=header,
         findings=None,
         impression="No acute findings.",
         algorithm_name="LLM-CXR",
         algorithm_version="test",
         manufacturer="llm-cxr-node",
+        software_version="llm-cxr-node test",
         demo=True,
         sop_instance_uid="2.25.1001",
         series_instance_uid="2.25.1002",

@@ -81,11 +81,13 @@ def _header(**values: str) -> pydicom.Dataset:
 def _sr(evidence: pydicom.Dataset) -> hd.sr.ComprehensiveSR:
     return build_draft_sr(
         evidence=[evidence],
+        image_read=evidence,
         findings=None,
         impression="No acute findings.",
         algorithm_name="LLM-CXR",
         algorithm_version="test",
         manufacturer="llm-cxr-node",
+        software_version="llm-cxr-node test",
         demo=True,
         sop_instance_uid=generate_uid(),
         series_instance_uid=generate_uid(),

@@ -39,13 +39,22 @@ def withdrawn(source: Dataset, content: DraftReportContent) -> list[Dataset]:
     study = source.StudyInstanceUID
     sr = build_draft_sr(
         evidence=[source],
+        image_read=source,
         findings=FINDINGS,
         impression=IMPRESSION,
         algorithm_name=MODEL,
         algorithm_version=VERSION,
         manufacturer="llm-cxr-node",
+        software_version="llm-cxr-node test",
         demo=True,
-        sop_instance_uid=sr_instance_uid(study, MODEL, VERSION),
+        sop_instance_uid=sr_instance_uid(
+            study,
+            MODEL,
+            VERSION,
+            inputs=[source.SOPInstanceUID],
+            findings=FINDINGS,
+            impression=IMPRESSION,
+        ),
         series_instance_uid=sr_series_uid(study, MODEL, VERSION),
         series_number=9901,
         instance_number=1,

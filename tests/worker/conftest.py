@@ -27,6 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from integration.scp import ReceivedMeta
 from integration.status import StoreStatus
+from integration.uids import sr_instance_uid
+from node.db import repo_outputs
 from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
@@ -214,6 +216,21 @@ class NodeEnv:
         """The job's draft rows."""
         with self.session_factory() as s:
             return list(s.scalars(select(Draft).where(Draft.job_id == job_id)))
+
+    def expected_sr_uid(self, job_id: int) -> str:
+        """The SR UID the node must derive for the job's (only) draft: from its study's
+        instances, model and text (integration.uids.sr_instance_uid)."""
+        [draft] = self.drafts(job_id)
+        with self.session_factory() as s:
+            study = repo_outputs.job_study(s, job_id)
+        return sr_instance_uid(
+            study.study_uid,
+            draft.model_name,
+            draft.model_version,
+            inputs=[i.sop_instance_uid for i in study.instances],
+            findings=draft.findings,
+            impression=(draft.impression or "").strip() or draft.full_text.strip(),
+        )
 
     def deliveries(self, job_id: int | None = None) -> list[Delivery]:
         """Delivery rows (of one job)."""

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from integration.sr import DEMO_NOTE
-from integration.uids import sr_instance_uid, sr_series_uid
+from integration.uids import sr_series_uid
 from node.db import repo_outputs
 from node.db import repository as repo
 from node.db.models import JobState, utcnow
@@ -61,7 +61,7 @@ def test_pipeline_end_to_end(env: NodeEnv, model_host: ModelHost) -> None:
 
     assert outcome.status == "done", outcome.error
     runtime = model_host.runtime
-    expected_uid = sr_instance_uid(study, runtime.model_name, runtime.model_version)
+    expected_uid = env.expected_sr_uid(job_id)
     assert outcome.sr_uid == expected_uid
     job = env.job(job_id)
     assert job.state is JobState.done and job.lease_owner is None
@@ -96,7 +96,7 @@ def test_pipeline_end_to_end(env: NodeEnv, model_host: ModelHost) -> None:
     ref = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == job.selected_sop_instance_uid
     texts = content_texts(sr)
-    assert DEMO_NOTE in texts["Comment"]
+    assert DEMO_NOTE in texts["Summary"]
     assert texts["Impression"] == [draft.impression or draft.full_text]
     assert env.deliveries() == []  # no destinations configured: the SR stays in outputs
 
@@ -139,12 +139,26 @@ def test_frontal_is_chosen_over_lateral(env: NodeEnv, model_host: ModelHost) -> 
     assert outcome.status == "done", outcome.error
     assert outcome.sr_path is not None
     sr = pydicom.dcmread(outcome.sr_path)
-    ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-    selected = ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     with env.session_factory() as s:
         info = repo_outputs.job_study(s, job_id)
     views = {i.sop_instance_uid: i.view_position for i in info.instances}
-    assert views[selected] == "PA" and len(views) == 2
+    assert len(views) == 2
+    # both images are the SR's evidence; the tree's IMAGE items name the one the model read
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == set(views)
+    read = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for heading in sr.ContentSequence
+        for text in heading.get("ContentSequence", [])
+        for item in text.get("ContentSequence", [])
+        if item.ValueType == "IMAGE"
+    }
+    assert [views[uid] for uid in read] == ["PA"]
+    assert env.job(job_id).selected_sop_instance_uid in read
 
 
 def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
@@ -198,7 +212,7 @@ def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
 
         assert outcome.status == "done", outcome.error
         assert outcome.sr_path == first  # same deterministic UID, file replaced
-        assert outcome.sr_uid == sr_instance_uid(study, draft.model_name, draft.model_version)
+        assert outcome.sr_uid == env.expected_sr_uid(job_id)
         assert sorted(outcome.delivery_ids) == sorted(first_ids)
         assert first.stat().st_ino != first_inode  # a new file was renamed into place
         assert content_texts(pydicom.dcmread(first)) == first_texts  # greedy: same report
@@ -210,15 +224,25 @@ def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
         # the dead worker's late finish is refused
         with env.session_factory() as s, pytest.raises(repo.LeaseLost):
             repo.finish_job(s, job_id, owner=dead)
-        # a late instance makes a new job for the study: same SR UID, its own deliveries
+        # a late instance makes a new job for the study: the draft is made from other
+        # inputs, so a new SR that supersedes the first (a PACS keeps the first copy of a
+        # UID it holds: re-using it would leave the old text there), with its own deliveries
         env.add_study(study_uid=study, view="AP")
         [job2] = env.queue_all()
         assert job2 != job_id
         claim(env)
         [again] = run_batch(env.deps, [job2], model_host, owner=OWNER)
-        assert again.status == "done" and again.sr_uid == outcome.sr_uid
+        assert again.status == "done" and again.sr_uid != outcome.sr_uid
+        assert again.sr_uid == env.expected_sr_uid(job2)
+        assert again.sr_path is not None
+        newer = pydicom.dcmread(again.sr_path)
+        [pred] = newer.PredecessorDocumentsSequence
+        assert pred.StudyInstanceUID == study
+        [ref] = pred.ReferencedSeriesSequence[0].ReferencedSOPSequence
+        assert ref.ReferencedSOPInstanceUID == outcome.sr_uid
+        assert newer.SeriesInstanceUID == pydicom.dcmread(first).SeriesInstanceUID
         assert len(env.deliveries(job2)) == 2 and len(env.deliveries()) == 4
-        assert len(list(env.deps.outputs_dir.glob("*.dcm"))) == 1
+        assert len(list(env.deps.outputs_dir.glob("*.dcm"))) == 2
     finally:
         env.engine.dispose()
 

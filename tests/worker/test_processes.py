@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from integration.uids import sr_instance_uid
-from models.bundle import ModelBundle
 from node.db.models import JobState
 from tests.helpers import REPO, wait_for
 from tests.worker.conftest import NodeEnv, make_env, nih_pixels
@@ -112,7 +110,7 @@ def test_sigkill_mid_generation_then_another_worker_finishes(
 ) -> None:
     env = make_env(db_url, tmp_path, demo_bundle, lease_seconds=2.0, destinations=DESTS)
     try:
-        study = env.add_study(view="PA")  # the real RG1 chest CR
+        env.add_study(view="PA")  # the real RG1 chest CR
         [job_id] = env.queue_all()
         first = WorkerProcess(env, extra={"CXR_NODE_TEST_STAGE_DELAY": "generate:120"})
         procs.append(first)
@@ -131,8 +129,7 @@ def test_sigkill_mid_generation_then_another_worker_finishes(
 
         job = env.job(job_id)
         assert job.attempts == 2  # the killed attempt, then the one that finished
-        bundle = ModelBundle.open(demo_bundle)
-        expected = sr_instance_uid(study, bundle.model_name, bundle.model_version)
+        expected = env.expected_sr_uid(job_id)
         assert job.sr_sop_instance_uid == expected
         assert (env.settings.spool_dir / "outputs" / f"{expected}.dcm").is_file()
         assert len(list((env.settings.spool_dir / "outputs").glob("*.dcm"))) == 1
