@@ -4,7 +4,7 @@ Writes GGUF files for the full dolly-v2-3b shape (hidden 2560, 32 layers, 32 hea
 intermediate 10240, 2048 positions, rotary 0.25, untied, vocabulary 51305) directly from
 random tensors generated chunk by chunk in the target encoding (F16 values, or Q8_0 blocks
 of random int8 and fp16 scales): no fp32 torch model is built. Then, for each quantisation,
-with :class:`models.backends.llamacpp_backend.LlamaCppBackend`:
+with :class:`models.backends.llamacpp.LlamaCppBackend`:
 
 - prefill tokens/s for a ``--prompt-tokens`` (300) prompt (text + 256 image ids);
 - decode tokens/s at batch 1 and the aggregate at ``--batch`` (4) parallel sequences;
@@ -221,7 +221,7 @@ def run_engine(
 ) -> dict[str, Any]:
     """Time one GGUF file with the llama.cpp backend."""
     from models.backends.base import GenerationRequest
-    from models.backends.llamacpp_backend import LlamaCppBackend
+    from models.backends.llamacpp import LlamaCppBackend
 
     n_ctx = len(ids) + max(args.report_tokens, args.decode_tokens) + 16
     # the same prompt runs several times: without the prefix cache every run computes it all

@@ -1,14 +1,15 @@
-"""Two llama-cpp-python builds against each other on one GGUF file: the decode patch's A/B.
+"""Two llama-cpp-python builds against each other on one GGUF file: the patched flavour's A/B.
 
-``scripts/build-llama-cpp.sh`` installs llama-cpp-python with the node's patch (a software
-prefetch in ggml's AVX2 Q8_0 dot product, ``scripts/patches/``). This benchmark measures what
-the patch buys and checks that it changes no arithmetic. It writes one random GGUF of the
-full dolly-v2-3b shape (``bench_cpu_engine.write_random_gguf``; ``--gguf`` re-uses a file),
-then runs each build in its own subprocess (``--stock DIR`` and ``--patched DIR``, each a
-``pip install --target`` directory put first on ``PYTHONPATH``; ``--patched`` defaults to
-this interpreter's own install), alternating ``--rounds`` times, because the noise of a
-shared 2-core machine drifts over minutes. Each run measures, with the node's
-:class:`~models.backends.llamacpp_backend.LlamaCppBackend` at batch 1, prefill tokens/s of a
+``scripts/build-llama-cpp.sh`` installs stock llama-cpp-python by default, and with
+``CXR_NODE_LLAMACPP_FLAVOUR=patched`` the node's patch (``scripts/patches/``: CPU decode
+kernels, AMX fixes). This benchmark measures what the patch buys and how far it changes the
+arithmetic. It writes one random GGUF of the full dolly-v2-3b shape
+(``bench_cpu_engine.write_random_gguf``; ``--gguf`` re-uses a file), then runs each build in
+its own subprocess (``--stock DIR`` and ``--patched DIR``, each a ``pip install --target``
+directory put first on ``PYTHONPATH``; ``--stock`` defaults to this interpreter's own
+install), alternating ``--rounds`` times, because the noise of a shared 2-core machine
+drifts over minutes. Each run measures, with the node's
+:class:`~models.backends.llamacpp.LlamaCppBackend` at batch 1, prefill tokens/s of a
 ``--prompt-tokens`` (300) prompt and decode tokens/s over ``--decode-tokens`` (best of two),
 and records the greedy tokens and the prompt's next-token logits.
 
@@ -16,11 +17,12 @@ The table gives medians over the rounds, decode as a fraction of the memory-band
 (read bandwidth measured in this run / weight bytes read per token), the ratio to the stock
 build, how many of the patched build's greedy tokens match the stock build's (from the
 first), and whether its prompt logits are bit-identical to the stock build's, or else their
-largest difference. Not a test. A stock build to compare with::
+largest difference. Not a test. A patched build to compare with (the wheel that
+``CXR_NODE_LLAMACPP_FLAVOUR=patched scripts/build-llama-cpp.sh`` leaves in its cache)::
 
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \\
-        pip install --no-deps --target /tmp/lcpp-stock llama-cpp-python==0.3.36
-    python benchmarks/bench_decode_patch.py --stock /tmp/lcpp-stock
+    pip install --no-deps --target /tmp/lcpp-patched \\
+        ~/.cache/llm-cxr-node/wheels/llama-cpp-python-0.3.36+cxrnode.*/*.whl
+    python benchmarks/bench_decode_patch.py --patched /tmp/lcpp-patched
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_cpu_engine  # noqa: E402
 
-from models.backends.llamacpp_backend import common_prefix  # noqa: E402
+from models.backends.llamacpp import common_prefix  # noqa: E402
 
 
 def child(gguf: Path, tok_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -53,7 +55,7 @@ def child(gguf: Path, tok_dir: Path, args: argparse.Namespace) -> dict[str, Any]
     import llama_cpp
 
     from models.backends.base import GenerationRequest
-    from models.backends.llamacpp_backend import LlamaCppBackend
+    from models.backends.llamacpp import LlamaCppBackend
     from models.text import LLMCXRTokenizer
 
     ids = bench_cpu_engine.prompt_ids(LLMCXRTokenizer.from_dir(tok_dir), args.prompt_tokens)
@@ -109,8 +111,8 @@ def run_build(
 def main(argv: list[str] | None = None) -> None:
     """Write (or re-use) the GGUF, alternate the builds, print one table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--stock", type=Path, help="site directory of the stock build")
-    ap.add_argument("--patched", type=Path, default=None, help="default: this interpreter's")
+    ap.add_argument("--stock", type=Path, default=None, help="default: this interpreter's")
+    ap.add_argument("--patched", type=Path, help="site directory of the patched build")
     ap.add_argument("--quant", default="q8_0", choices=["q8_0", "f16"])
     ap.add_argument("--layers", type=int, default=32, help="transformer layers (32 = dolly-v2-3b)")
     ap.add_argument("--gguf", type=Path, default=None, help="re-use this file (same --quant)")
@@ -129,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--child needs --logits-out")
         print(json.dumps(child(args.child[0], args.child[1], args)))
         return
-    if args.stock is None:
-        ap.error("--stock DIR is required (a pip --target install of the stock build)")
+    if args.patched is None:
+        ap.error("--patched DIR is required (a pip --target install of the patched build)")
 
     from models.gguf_convert import build_gguf_vocab
 

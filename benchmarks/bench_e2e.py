@@ -158,9 +158,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--prefill-quant", default=None, help="llama.cpp: the converted file that prefills"
     )
-    ap.add_argument(
-        "--speculative", type=int, default=0, help="llama.cpp: proposals per greedy step"
-    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-new-tokens", type=int, default=150)
@@ -215,7 +212,6 @@ def main(argv: list[str] | None = None) -> None:
             backend_dtype=args.dtype,
             backend_quant=args.quant,
             backend_prefill_quant=args.prefill_quant,
-            backend_speculative=args.speculative,
             backend_threads=args.threads,
             backend_device=args.device,
             generation_max_new_tokens=args.max_new_tokens,
@@ -280,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             row["prompt_ids_reused"] = reused_total - reused_before
             reused_before = reused_total
             row["tokens"] = float(outcome.timings.get("tokens", 0.0))
-            # llama.cpp: decode steps of this study (fewer than tokens with speculation)
+            # llama.cpp: decode steps of this study
             steps_total = float(host.runtime.backend.health().get("decode_steps", 0))
             row["decode_steps"] = steps_total - steps_before
             steps_before = steps_total
@@ -302,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"bundle: {label} {info['model_name']} {info['model_version']} | backend "
             f"{info['backend']} dtype={info['dtype']} quant={info['quant']} prefill="
-            f"{info['prefill_quant']} speculative={info['speculative']} device="
+            f"{info['prefill_quant']} device="
             f"{info['device']} | max_new_tokens {args.max_new_tokens} | load+warmup "
             f"{load_s:.1f} s | {args.runs} runs, median"
         )

@@ -287,7 +287,7 @@ def engine_row(
     (the backend's ``prefill_quant``); both files are written, listed in a manifest as a
     bundle lists them, and loaded together.
     """
-    from models.backends.llamacpp_backend import LlamaCppBackend
+    from models.backends.llamacpp import LlamaCppBackend
 
     shape = bench_cpu_engine.dolly_shape(args.layers)
     decode_q, _, prefill_q = quant.partition("+")

@@ -247,8 +247,8 @@ class LLMCXR:
 
     def _settings(self, req: GenerationRequest) -> dict[str, Any]:
         """The request's settings and what computed it: the backend and its precision
-        (transformers ``dtype``; llama.cpp ``quant`` and, when set, ``prefill_quant`` and
-        ``speculative``), since the greedy text depends on them."""
+        (transformers ``dtype``; llama.cpp ``quant`` and, when set, ``prefill_quant``),
+        since the greedy text depends on them."""
         out: dict[str, Any] = {
             **req.settings(),
             "backend": getattr(self.backend, "name", type(self.backend).__name__),
@@ -257,11 +257,6 @@ class LLMCXR:
             value = getattr(self.backend, key, None)
             if value is not None:
                 out[key] = str(value).removeprefix("torch.")
-        # llama.cpp's speculative greedy text: the tokens are greedy's up to the summation
-        # order of the several-token step, so the record says it was on
-        spec = int(getattr(self.backend, "speculative", 0) or 0)
-        if spec and req.greedy and req.mode == "text":
-            out["speculative"] = spec
         return out
 
     @staticmethod

@@ -9,10 +9,7 @@ Registered by :func:`register` on the main typer app (``node.cli``):
 - ``ask FILE --question TEXT`` (CXR-VQA on a DICOM or PNG file with the in-process model of
   ``model_dir`` / ``CXR_NODE_MODEL_DIR``);
 - ``generate-image --report TEXT --out FILE.png [--dicom FILE.dcm]`` (report -> CXR; the
-  DICOM is a Secondary Capture marked synthetic; nothing is sent anywhere);
-- ``replay-drafts [--speculative 1,2,4,8] [--step-costs ...] [--batch N]`` (the stored greedy report
-  drafts replayed through speculation's drafter: tokens per step and proposals kept, no
-  model run, no text printed).
+  DICOM is a Secondary Capture marked synthetic; nothing is sent anywhere).
 
 Admin actions are audited with the actor ``cli:<user>``. Exit codes: 0 success, 1 operation
 failed (unknown job, illegal transition, bad input), 2 configuration refused.
@@ -333,128 +330,13 @@ def generate_image(
         typer.echo(f"wrote {dicom} (Secondary Capture {ds.SOPInstanceUID}, synthetic)")
 
 
-def replay_drafts(
-    speculative: Annotated[
-        str, typer.Option(help="Proposal ceilings (k) to replay, e.g. 1,2,4,8.")
-    ] = "1,2,4,8",
-    limit: Annotated[int, typer.Option(help="The newest report drafts replayed.")] = 256,
-    step_costs: Annotated[
-        str | None,
-        typer.Option(
-            help="Relative cost of a decode step of 1, 2, ... tokens (/ready's "
-            "speculative_step_costs, or benchmarks/bench_speculative.py part 1): sizes the "
-            "proposals as the backend does and gives the decode speed-up."
-        ),
-    ] = None,
-    include_demo: Annotated[
-        bool, typer.Option(help="Also replay drafts of demo models (random weights).")
-    ] = False,
-    batch: Annotated[
-        int | None,
-        typer.Option(
-            help="Drafts decoded together, in consecutive groups, their proposals sized "
-            "together (default: worker_batch_size)."
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
-) -> None:
-    """Replay this node's stored report drafts through speculation's drafter, without the
-    model: the tokens per decode step and proposals kept that CXR_NODE_BACKEND_SPECULATIVE
-    would give for the reports the model wrote (greedy drafts, oldest first, each
-    remembered for the next; with a batch, in groups decoded together, as a worker with a
-    full queue). Prints figures only, never report text."""
-    from models.backends.speculative import (
-        NgramDrafter,
-        batch_replay_summary,
-        replay_batches,
-        replay_reports,
-        replay_summary,
-        report_outputs,
-    )
-    from models.bundle import BundleError, ModelBundle
-    from models.layout import IMAGE_TOKEN_OFFSET
-    from models.text import LLMCXRTokenizer
-    from node.db import repo_outputs
-
-    settings = _settings()
-    try:
-        ks = sorted({int(x) for x in speculative.split(",") if x.strip()})
-        costs = [float(x) for x in step_costs.split(",")] if step_costs else None
-        if not ks or min(ks) < 1 or max(ks) > 16:
-            raise ValueError(f"--speculative: proposal ceilings in 1..16, got {speculative!r}")
-        if limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {limit}")
-        batch = settings.worker_batch_size if batch is None else batch
-        if batch < 1:
-            raise ValueError(f"--batch must be at least 1, got {batch}")
-        NgramDrafter(step_costs=costs)  # checks the costs
-    except ValueError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
-    if settings.model_dir is None or not Path(settings.model_dir).is_dir():
-        err.print("no model: set model_dir (CXR_NODE_MODEL_DIR) to a model bundle directory")
-        raise typer.Exit(2)
-    try:
-        tokenizer = LLMCXRTokenizer.from_dir(ModelBundle.open(settings.model_dir).llm_dir)
-    except (BundleError, OSError, ValueError) as exc:
-        raise _fail(exc) from None
-    with _sessions(read_only=True) as factory, factory() as session:
-        drafts = repo_outputs.greedy_report_texts(session, limit=limit, include_demo=include_demo)
-    if not drafts:
-        err.print("no greedy report drafts to replay")
-        raise typer.Exit(1)
-    items = report_outputs(tokenizer, [text for text, _, _ in drafts])
-    max_new = settings.generation_max_new_tokens
-    rows = []
-    for k in ks:
-        drafter = NgramDrafter(max_tokens=k, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
-        cost = drafter.step_cost if costs else None
-        if batch == 1:
-            reps = replay_reports(drafter, items, max_new=max_new)
-            rows.append({"speculative": k, **replay_summary(reps, cost)})
-        else:
-            groups = replay_batches(drafter, items, batch=batch, max_new=max_new)
-            rows.append({"speculative": k, **batch_replay_summary(groups, cost)})
-    models = sorted({f"{name} {version}" for _, name, version in drafts})
-    if as_json:
-        typer.echo(
-            json.dumps({"drafts": len(drafts), "models": models, "batch": batch, "rows": rows})
-        )
-        return
-    out = Console()
-    out.print(
-        f"{len(drafts)} greedy report drafts ({', '.join(models)}), max_new_tokens {max_new}"
-        + (f", in batches of {batch}" if batch > 1 else "")
-        + ("" if costs else "; no --step-costs: proposals as long as n-grams match"),
-        highlight=False,
-        markup=False,
-    )
-    # a batch's step: tokens generated by all its reports, and tokens fed
-    first = "rows/step" if batch > 1 else "tokens/report"
-    out.print(
-        f"{'k':>3} {first:>13} {'tokens/step':>11} {'kept':>5}"
-        + (f" {'decode x plain':>14}" if costs else ""),
-        highlight=False,
-    )
-    for r in rows:
-        lead = r["rows_per_step"] if batch > 1 else r["new_tokens"]
-        line = (
-            f"{r['speculative']:>3} {lead:13.1f} {r['tokens_per_step']:11.2f} "
-            f"{r['acceptance']:5.2f}"
-        )
-        if costs:
-            line += f" {r['decode_x_plain']:14.2f}"
-        out.print(line, highlight=False)
-
-
 def register(app: typer.Typer, jobs_app: typer.Typer, settings: Callable[[], Settings]) -> None:
     """Add the admin commands to ``cxr-node``.
 
     Parameters
     ----------
     app
-        The root typer app (gets ``tokens``, ``ask``, ``generate-image``,
-        ``replay-drafts``).
+        The root typer app (gets ``tokens``, ``ask``, ``generate-image``).
     jobs_app
         The ``jobs`` group (gets ``show``, ``retry``, ``cancel``, ``resend``, ``priority``).
     settings
@@ -469,4 +351,3 @@ def register(app: typer.Typer, jobs_app: typer.Typer, settings: Callable[[], Set
     app.add_typer(tokens_app, name="tokens")
     app.command("ask")(ask)
     app.command("generate-image")(generate_image)
-    app.command("replay-drafts")(replay_drafts)

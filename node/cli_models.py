@@ -268,10 +268,6 @@ def generate(
         str | None,
         typer.Option(help="llamacpp: another converted file that computes the prompt."),
     ] = None,
-    speculative: Annotated[
-        int | None,
-        typer.Option(help="llamacpp: most proposals checked per greedy decode step (0-16)."),
-    ] = None,
     dtype: Annotated[str, typer.Option(help="transformers: auto, float32 or bfloat16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all).")] = None,
@@ -302,7 +298,6 @@ def generate(
         "dtype": dtype,
         "quant": quant,
         "prefill_quant": prefill_quant,
-        "speculative": speculative,
         "device": device,
         "threads": threads,
     }

@@ -69,8 +69,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
     """Keyword options of the configured backend's constructor (``models.backends``).
 
     transformers: ``dtype``, ``device``, ``threads``, ``max_batch``, ``warmup_batch`` (the
-    worker batch size); llama.cpp: ``quant``, ``prefill_quant``, ``speculative`` and
-    ``speculative_batch`` (the worker batch size), ``device``, ``threads``, ``max_batch``.
+    worker batch size); llama.cpp: ``quant``, ``prefill_quant``, ``device``, ``threads``,
+    ``max_batch``.
     ``max_batch`` is at least the worker's batch size so that one worker batch is one
     backend batch.
     """
@@ -88,10 +88,6 @@ def backend_options(settings: Settings) -> dict[str, Any]:
             opts["quant"] = settings.backend_quant
         if settings.backend_prefill_quant is not None:
             opts["prefill_quant"] = settings.backend_prefill_quant
-        if settings.backend_speculative:
-            opts["speculative"] = settings.backend_speculative
-            # a decode step holds one worker batch: step costs are measured for that many
-            opts["speculative_batch"] = settings.worker_batch_size
     return opts
 
 
@@ -253,7 +249,6 @@ class ModelHost:
             "dtype": self.settings.backend_dtype,
             "quant": self.settings.backend_quant,
             "prefill_quant": self.settings.backend_prefill_quant,
-            "speculative": self.settings.backend_speculative,
             "device": self.settings.backend_device,
             "engine_version": None,
             "cpu_features": None,
@@ -272,23 +267,9 @@ class ModelHost:
             out["dtype"] = health.get("dtype", out["dtype"])
             out["quant"] = health.get("quant", out["quant"])
             out["device"] = health.get("device", out["device"])
-            # what the backend runs: transformers ignores the setting (0)
-            out["speculative"] = int(health.get("speculative", 0) or 0)
             out["engine_version"] = health.get("engine_version")
             # llama.cpp: the instruction sets of the CPU kernels in use (None for transformers)
             out["cpu_features"] = health.get("cpu_features")
-            # llama.cpp speculation: proposals checked and kept, and tokens per decode step
-            # (new_tokens / decode_steps), this site's own figures; the step costs measured
-            # at load, which size the proposals
-            if health.get("speculative"):
-                for key in (
-                    "draft_tokens",
-                    "draft_tokens_accepted",
-                    "decode_steps",
-                    "new_tokens",
-                    "speculative_step_costs",
-                ):
-                    out[key] = health.get(key)
         return out
 
     # --- batch memory estimate ------------------------------------------------------------

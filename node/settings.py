@@ -46,6 +46,10 @@ __all__ = [
 
 CONFIG_ENV = "CXR_NODE_CONFIG"
 ENV_PREFIX = "CXR_NODE_"
+REMOVED_SETTINGS = {
+    "backend_speculative": "speculative decoding is no longer part of the llama.cpp backend",
+}
+"""Settings that earlier versions took, and why they are gone: setting one is an error."""
 
 # PS3.5 §6.2 (VR AE): at most 16 characters of the default repertoire, no backslash, no
 # control characters; leading and trailing spaces are not significant.
@@ -326,7 +330,6 @@ class Settings(BaseSettings):
     backend_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
     backend_prefill_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
-    backend_speculative: int = 0
     backend_threads: int | None = None
     backend_device: str = "cpu"
     worker_concurrency: int = 1
@@ -385,6 +388,22 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     # --- field checks -------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, data: Any) -> Any:
+        """Refuse settings that no longer exist, naming them and saying why (from the TOML
+        file, the overrides or the environment), rather than calling them unknown."""
+        keys = {str(k).lower() for k in data} if isinstance(data, dict) else set()
+        env = {k.upper() for k in os.environ}
+        for name, why in REMOVED_SETTINGS.items():
+            var = f"{ENV_PREFIX}{name}".upper()
+            if name in keys or var in env:
+                raise ValueError(
+                    f"{name}: removed ({why}); delete it from the configuration file and "
+                    f"unset {var}"
+                )
+        return data
 
     @field_validator("ae_title")
     @classmethod
@@ -514,10 +533,6 @@ class Settings(BaseSettings):
             )
         if self.backend not in ("transformers", "llamacpp"):
             raise ValueError(f"backend: {self.backend!r} is not 'transformers' or 'llamacpp'")
-        if not 0 <= self.backend_speculative <= 16:
-            raise ValueError(
-                f"backend_speculative: must be in 0..16, got {self.backend_speculative}"
-            )
         if self.backend_threads is not None and self.backend_threads < 1:
             raise ValueError(f"backend_threads: must be at least 1, got {self.backend_threads}")
         return self

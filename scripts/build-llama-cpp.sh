@@ -1,39 +1,69 @@
 #!/usr/bin/env bash
-# Build llama-cpp-python from its PyPI source distribution with the node's patch to the
-# llama.cpp it vendors, and install it into the active Python environment.
+# Build llama-cpp-python from its PyPI source distribution, checked against a pinned sha256,
+# and install it into the active Python environment.
 #
-#   scripts/build-llama-cpp.sh        (setup.sh --peers runs it)
+#   scripts/build-llama-cpp.sh                                  stock llama.cpp (the default)
+#   CXR_NODE_LLAMACPP_FLAVOUR=patched scripts/build-llama-cpp.sh   with the node's patch
 #
-# The patch (scripts/patches/llama-cpp-python-$VER.patch) adds a software prefetch to ggml's
-# AVX2 Q8_0 dot product, the kernel of Q8_0 decoding on x86 (no arithmetic changes), a Q8_0
-# kernel for decode steps of 2-8 tokens, fixes to decode attention and the AMX kernels, and
-# lets ggml find CPU backends next to libggml (its header lists them all). On x86-64 the default CMAKE_ARGS build every CPU
-# variant ggml has (x64, SSE4.2, AVX, AVX2, AVX-512, VNNI, BF16, AMX) as loadable modules, and
-# the best one for the CPU that runs the node is loaded at start: one wheel, portable and
-# tuned. Set CMAKE_ARGS to build otherwise (e.g. -DGGML_NATIVE=ON for the build machine only).
-# The patch marks the version "$VER+cxrnode.N", which llama_cpp.__version__ and the backend's
-# health() show. Why, and the measurements: docs/cpu-engine.md, "The decode patch" and the
-# sections after it. A stock llama-cpp-python works too, slower.
+# setup.sh --peers runs it and passes CXR_NODE_LLAMACPP_FLAVOUR on. The stock flavour is the
+# upstream source as published. The patched flavour applies
+# scripts/patches/llama-cpp-python-$VER.patch (CPU decode kernels, AMX fixes; its header
+# lists the changes) and marks the version "$VER+cxrnode.N"; it is optional, no test needs
+# it, and every upstream update means rebasing it (docs/cpu-engine.md).
+#
+# On x86-64 the default CMAKE_ARGS build every CPU variant ggml has (x64, SSE4.2, AVX, AVX2,
+# AVX-512, VNNI, BF16, AMX) as loadable modules beside libggml; the backend loads the best
+# one for the CPU that runs the node from there (models/backends/llamacpp/library.py). Set
+# CMAKE_ARGS to build otherwise (e.g. -DGGML_NATIVE=ON for the build machine only).
+#
+# The stock flavour is installed without ggml's AMX variant (libggml-cpu-sapphirerapids.so):
+# upstream 0.3.36's AMX tile kernels, built with GCC 12, crash (SIGILL at the first tile load)
+# on 4th-generation Xeons, which then load the AVX-512 variant instead. CXR_NODE_LLAMACPP_AMX=on
+# keeps it (for a compiler or an upstream release where it works); the patched flavour always
+# keeps it (its AMX fixes). docs/cpu-engine.md, "Intel Xeon with AMX".
 #
 # The wheel is kept in ${CXR_NODE_WHEEL_CACHE:-~/.cache/llm-cxr-node/wheels}, keyed by the
-# patch, CMAKE_ARGS and the Python tag, so a re-run (or a second venv) installs it in seconds.
-# The key is also written beside the installed package (llama_cpp/.cxrnode-build): a re-run
-# with other CMAKE_ARGS installs that build instead of keeping the one in place.
+# source's hash, the flavour (and patch), CMAKE_ARGS and the Python tag, so a re-run (or a
+# second venv) installs it in seconds. The key is also written beside the installed package
+# (llama_cpp/.cxrnode-build): a re-run with another flavour or CMAKE_ARGS installs that build
+# instead of keeping the one in place.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 VER=0.3.36
+# sha256 of llama_cpp_python-0.3.36.tar.gz as PyPI publishes it (its simple index)
+SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+flavour=${CXR_NODE_LLAMACPP_FLAVOUR:-stock}
 patch_file="$here/patches/llama-cpp-python-$VER.patch"
-want=$(sed -n 's/^+__version__ = "\(.*\)"$/\1/p' "$patch_file")
-[ -n "$want" ] || { echo "build-llama-cpp: $patch_file sets no version" >&2; exit 1; }
+case "$flavour" in
+  stock)
+    want=$VER
+    ;;
+  patched)
+    command -v patch >/dev/null || { echo "build-llama-cpp: the patched flavour needs patch(1)" >&2; exit 1; }
+    want=$(sed -n 's/^+__version__ = "\(.*\)"$/\1/p' "$patch_file")
+    [ -n "$want" ] || { echo "build-llama-cpp: $patch_file sets no version" >&2; exit 1; }
+    ;;
+  *)
+    echo "build-llama-cpp: CXR_NODE_LLAMACPP_FLAVOUR must be stock or patched, not '$flavour'" >&2
+    exit 1
+    ;;
+esac
 
 if [ -z "${CMAKE_ARGS:-}" ] && [ "$(uname -m)" = x86_64 ]; then
   # the variants are modules beside libggml (CMAKE_INSTALL_BINDIR: ggml installs them there)
   export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
 fi
 
-key=$( (cat "$patch_file"; echo "${CMAKE_ARGS:-}"; python -c 'import sys; print(sys.implementation.cache_tag)') \
+amx=${CXR_NODE_LLAMACPP_AMX:-off}
+[ "$flavour" = patched ] && amx=on
+case "$amx" in on|off) ;; *)
+  echo "build-llama-cpp: CXR_NODE_LLAMACPP_AMX must be on or off, not '$amx'" >&2; exit 1 ;;
+esac
+
+key=$( (echo "$SDIST_SHA256 $flavour amx=$amx"; [ "$flavour" = stock ] || cat "$patch_file"
+        echo "${CMAKE_ARGS:-}"; python -c 'import sys; print(sys.implementation.cache_tag)') \
   | sha256sum | cut -c1-16)
-# the installed build is this one when its version and its key (patch, CMAKE_ARGS) both match
+# the installed build is this one when its version and its key both match
 have=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' \
   2>/dev/null || true)
 # the installed llama_cpp package's directory, empty when there is none
@@ -55,10 +85,17 @@ if ! compgen -G "$cache/*.whl" >/dev/null; then
   work=$(mktemp -d)
   out=$(mktemp -d "$cache_root/.build-$key.XXXXXX")
   trap 'rm -rf "$work" "$out"' EXIT
-  echo "build-llama-cpp: building llama-cpp-python $want (several minutes on 2 cores)"
-  python -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-python==$VER"
-  tar xzf "$work/llama_cpp_python-$VER.tar.gz" -C "$work"
-  patch -d "$work/llama_cpp_python-$VER" -p1 --forward --quiet <"$patch_file"
+  echo "build-llama-cpp: building llama-cpp-python $want, $flavour (several minutes on 2 cores)"
+  # pip refuses a download whose hash differs (hash-checking mode); sha256sum checks again
+  echo "llama-cpp-python==$VER --hash=sha256:$SDIST_SHA256" >"$work/requirements.txt"
+  python -m pip download -q --no-deps --no-binary :all: --require-hashes \
+    -r "$work/requirements.txt" -d "$work"
+  sdist="$work/llama_cpp_python-$VER.tar.gz"
+  echo "$SDIST_SHA256  $sdist" | sha256sum -c --quiet -
+  tar xzf "$sdist" -C "$work"
+  if [ "$flavour" = patched ]; then
+    patch -d "$work/llama_cpp_python-$VER" -p1 --forward --quiet <"$patch_file"
+  fi
   python -m pip wheel -q --no-deps --no-cache-dir -w "$out" "$work/llama_cpp_python-$VER"
   # an empty or wheel-less $cache (an older script's leftover) may be replaced; a published
   # one is never touched: rename onto a non-empty folder fails and ours is discarded
@@ -69,5 +106,8 @@ fi
 python -m pip install -q --no-deps --force-reinstall "$cache"/*.whl
 pkg=$(pkg_dir)
 [ -n "$pkg" ] || { echo "build-llama-cpp: llama_cpp is not importable after the install" >&2; exit 1; }
+if [ "$amx" = off ]; then
+  rm -f "$pkg"/lib/libggml-cpu-sapphirerapids.so
+fi
 echo "$key" >"$pkg/.cxrnode-build"
-echo "build-llama-cpp: installed llama-cpp-python $want (build $key)"
+echo "build-llama-cpp: installed llama-cpp-python $want, $flavour, AMX variant $amx (build $key)"

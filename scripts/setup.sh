@@ -2,7 +2,9 @@
 # Set up everything the node needs on a fresh machine (idempotent, safe to re-run).
 #   scripts/setup.sh            Python venv (.venv) with the node and its runtime extras
 #   scripts/setup.sh --peers    also the Debian DICOM peers the tests use
-#                               (dcmtk, orthanc, dicom3tools, gdcm, poppler-utils) and the dev tools
+#                               (dcmtk, orthanc, dicom3tools, gdcm, poppler-utils), the dev tools
+#                               and the llama.cpp engine (stock llama-cpp-python; with
+#                               CXR_NODE_LLAMACPP_FLAVOUR=patched, the node's patched build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_peers=0
@@ -17,7 +19,9 @@ if [ "$want_peers" = 1 ]; then
   command -v gdcminfo >/dev/null || need+=(libgdcm-tools)
   command -v pdftoppm >/dev/null || need+=(poppler-utils)  # renders the report PDF in tests
   command -v chromium >/dev/null || need+=(chromium)   # web console tests (headless)
-  command -v patch >/dev/null || need+=(patch)         # scripts/build-llama-cpp.sh
+  if [ "${CXR_NODE_LLAMACPP_FLAVOUR:-stock}" = patched ]; then
+    command -v patch >/dev/null || need+=(patch)       # scripts/build-llama-cpp.sh
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       echo "setup: installing Debian packages: ${need[*]}"
@@ -36,17 +40,18 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 extras="postgres,api"
-# The test suite also covers the llama.cpp engine; llama-cpp-python builds from source,
-# patched, with every x86 CPU variant (scripts/build-llama-cpp.sh: about 7 min on 2 cores
-# the first time, then from its wheel cache).
+# The test suite also covers the llama.cpp engine; llama-cpp-python builds from its
+# hash-checked source, with every x86 CPU variant (scripts/build-llama-cpp.sh: about 7 min
+# on 2 cores the first time, then from its wheel cache). Stock by default;
+# CXR_NODE_LLAMACPP_FLAVOUR=patched builds the node's patched flavour instead.
 [ "$want_peers" = 1 ] && extras="$extras,dev,llamacpp"
-stamp=".venv/.setup-$( (cat pyproject.toml scripts/build-llama-cpp.sh scripts/patches/*.patch; echo "${CMAKE_ARGS:-}") | sha256sum | cut -c1-16)-$extras"
+stamp=".venv/.setup-$( (cat pyproject.toml scripts/build-llama-cpp.sh scripts/patches/*.patch; echo "${CMAKE_ARGS:-} ${CXR_NODE_LLAMACPP_FLAVOUR:-stock}") | sha256sum | cut -c1-16)-$extras"
 if [ ! -e "$stamp" ]; then
   python -m pip install -q --upgrade pip
   # The CPU build of torch lies on this machine's disk; install it before anything
   # that depends on torch so that no multi-GB CUDA build is pulled.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-  # llama-cpp-python with the node's patch, before pip would build the stock one
+  # llama-cpp-python from the checked source, before pip would build it unchecked
   if [ "$want_peers" = 1 ]; then bash scripts/build-llama-cpp.sh; fi
   python -m pip install -q -e ".[$extras]"
   touch "$stamp"

@@ -33,7 +33,6 @@ OPTION_ALIASES: dict[str, str] = {
     "backend_dtype": "dtype",
     "backend_quant": "quant",
     "backend_prefill_quant": "prefill_quant",
-    "backend_speculative": "speculative",
     "backend_threads": "threads",
     "backend_device": "device",
     "worker_batch_size": "max_batch",
@@ -42,8 +41,8 @@ OPTION_ALIASES: dict[str, str] = {
 
 # Options every backend is offered; a backend that has no use for one drops it here.
 _NOT_USED: dict[str, frozenset[str]] = {
-    # precision is ``dtype``; speculation is llama.cpp's
-    "transformers": frozenset({"quant", "prefill_quant", "speculative", "speculative_batch"}),
+    # precision is ``dtype``; the GGUF files are llama.cpp's
+    "transformers": frozenset({"quant", "prefill_quant"}),
     "llamacpp": frozenset({"dtype"}),  # precision is the GGUF file's (``quant``)
 }
 
@@ -52,12 +51,11 @@ def backend_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Normalise options for backend ``name``.
 
     Setting names (``backend_dtype``, ``backend_quant``, ``backend_prefill_quant``,
-    ``backend_speculative``, ``backend_threads``, ``backend_device``, ``worker_batch_size``)
-    are mapped to the backend keywords (``dtype``, ``quant``, ``prefill_quant``,
-    ``speculative``, ``threads``, ``device``, ``max_batch``); ``None`` values are dropped (the
-    backend's default applies); options the backend has no use for (``quant``,
-    ``prefill_quant``, ``speculative`` and ``speculative_batch`` for transformers, ``dtype``
-    for llama.cpp) are dropped. Other keywords pass through unchanged.
+    ``backend_threads``, ``backend_device``, ``worker_batch_size``) are mapped to the backend
+    keywords (``dtype``, ``quant``, ``prefill_quant``, ``threads``, ``device``,
+    ``max_batch``); ``None`` values are dropped (the backend's default applies); options the
+    backend has no use for (``quant`` and ``prefill_quant`` for transformers, ``dtype`` for
+    llama.cpp) are dropped. Other keywords pass through unchanged.
 
     Raises
     ------
@@ -110,7 +108,7 @@ def make_backend(name: str, model_dir: Path, **options: Any) -> GenerationBacken
         cls = TransformersBackend
     else:
         try:
-            from models.backends.llamacpp_backend import LlamaCppBackend
+            from models.backends.llamacpp import LlamaCppBackend
         except ImportError as exc:  # pragma: no cover - numpy missing
             raise ValueError(f"backend {name!r} is not available: {exc}") from exc
         cls = LlamaCppBackend

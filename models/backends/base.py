@@ -1,4 +1,4 @@
-"""The generation backend interface shared by transformers, llama.cpp and vLLM backends."""
+"""The generation backend interface shared by the transformers and llama.cpp backends."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class GenerationResult:
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    """What every backend implements (transformers, llama.cpp, vLLM)."""
+    """What every backend implements (transformers, llama.cpp)."""
 
     def load(self) -> None:
         """Load weights and check the token layout; idempotent."""

@@ -8,10 +8,10 @@ one graph replay; prefill stays eager.
 Greedy requests on CUDA run this backend's own decode loop (``decode_loop="graph"``) rather
 than ``generate``: one compiled function does the forward, the constraint mask and the
 argmax, the attention mask is fixed-size, and the host waits for the GPU only once every
-:data:`STOP_CHECK_EVERY` steps, so the CPU queues steps ahead of the GPU. ``generate`` does
-per-step host work (4-D mask building, logits processors, a stop check that waits for the
-GPU) that left the H200 at 0.35 of its bandwidth limit. Each option runs on CPU too (tests),
-and the loop gives the same tokens as ``generate``.
+:data:`STOP_CHECK_EVERY` steps, so the CPU queues steps ahead of the GPU (``generate`` does
+per-step host work: 4-D mask building, logits processors, a stop check that waits for the
+GPU; docs/performance.md compares the two). Each option runs on CPU too (tests), and the
+loop gives the same tokens as ``generate``.
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ class TransformersBackend:
         sizes = [1]
         if self.decode_loop == "graph" and self.compile:
             # every batch-size bucket the worker can send, compiled now rather than on a
-            # study's time (about 20 s each on an H200 machine)
+            # study's time
             sizes = sorted({batch_bucket(n) for n in range(1, self.warmup_batch + 1)})
         for n in sizes:
             self.generate([GenerationRequest(prompt_ids=ids, max_new_tokens=4)] * n)

@@ -53,6 +53,5 @@ def ready(ctx: Ctx, _p: Viewer) -> JSONResponse:
     responses={**_AUTH, 200: {"content": {"text/plain": {}}}},
 )
 def metrics_endpoint(ctx: Ctx, _p: Viewer) -> Response:
-    """Exposition text: process metrics, database gauges and, with speculation on, the
-    model's decode-step and proposal counters (see ``node.api.metrics``)."""
-    return Response(metrics.render(ctx.read_sessions, ctx.host()), media_type=metrics.CONTENT_TYPE)
+    """Exposition text: process metrics and database gauges (see ``node.api.metrics``)."""
+    return Response(metrics.render(ctx.read_sessions), media_type=metrics.CONTENT_TYPE)

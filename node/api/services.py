@@ -113,9 +113,8 @@ def readiness(ctx: ApiContext) -> tuple[bool, dict[str, Any]]:
     tuple
         ``(ready, checks)`` where ``checks`` maps ``model``, ``database`` and ``spool`` to
         ``{"ok": bool, "reason": str | None, ...}``; the model's also names the model, the
-        backend, its quantisation, the engine's version, (llama.cpp) the CPU features of
-        its kernels, and the speculative proposal ceiling (0: off) with, when on, the
-        measured step costs and the counts of steps, tokens and proposals checked and kept.
+        backend, its quantisation, the engine's version and (llama.cpp) the CPU features of
+        its kernels.
     """
     checks: dict[str, Any] = {}
     host = ctx.host()
@@ -136,19 +135,7 @@ def readiness(ctx: ApiContext) -> tuple[bool, dict[str, Any]]:
             "quant": info.get("quant"),
             "engine_version": info.get("engine_version"),
             "cpu_features": info.get("cpu_features"),
-            "speculative": int(info.get("speculative") or 0),
         }
-        if checks["model"]["speculative"]:
-            # llama.cpp speculation: the step costs measured at load, and this site's own
-            # tokens per step (new_tokens / decode_steps) and proposals checked and kept
-            for key in (
-                "speculative_step_costs",
-                "draft_tokens",
-                "draft_tokens_accepted",
-                "decode_steps",
-                "new_tokens",
-            ):
-                checks["model"][key] = info.get(key)
     try:
         from sqlalchemy import text
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from models.backends import OPTION_ALIASES, backend_options, make_backend
 from models.backends.base import GenerationRequest
-from models.backends.llamacpp_backend import LlamaCppBackend
+from models.backends.llamacpp import LlamaCppBackend
 from models.backends.transformers_backend import TransformersBackend
 from models.bundle import ModelBundle
 from node.modelhost import ModelHost
@@ -21,7 +18,6 @@ SETTING_NAMES = (
     "backend_dtype",
     "backend_quant",
     "backend_prefill_quant",
-    "backend_speculative",
     "backend_threads",
     "backend_device",
 )
@@ -43,7 +39,6 @@ def test_backend_options_mapping() -> None:
         "backend_dtype": "bfloat16",
         "backend_quant": "q8_0",
         "backend_prefill_quant": "f16",
-        "backend_speculative": 4,
         "backend_threads": 3,
         "backend_device": "cpu",
         "worker_batch_size": 4,
@@ -59,7 +54,6 @@ def test_backend_options_mapping() -> None:
     assert backend_options("llamacpp", {**opts, "cache": None, "kv_type": "f16"}) == {
         "quant": "q8_0",
         "prefill_quant": "f16",
-        "speculative": 4,
         "threads": 3,
         "device": "cpu",
         "max_batch": 4,
@@ -97,19 +91,6 @@ def test_node_backend_options_pass_the_worker_batch_as_warmup_batch(
     backend = make_backend("transformers", demo_bundle.llm_dir, **opts)
     assert isinstance(backend, TransformersBackend) and backend.warmup_batch == 3
     assert "warmup_batch" not in node_backend_options(Settings(backend="llamacpp"))
-
-
-def test_node_backend_options_size_speculation_for_the_worker_batch() -> None:
-    """With speculation on, llama.cpp measures step costs for one worker batch's steps."""
-    from node.modelhost import backend_options as node_backend_options
-
-    opts = node_backend_options(
-        Settings(backend="llamacpp", backend_speculative=4, worker_batch_size=2)
-    )
-    assert (opts["max_batch"], opts["speculative"], opts["speculative_batch"]) == (4, 4, 2)
-    assert "speculative_batch" not in node_backend_options(Settings(backend="llamacpp"))
-    # the transformers backend has no speculation: the option is dropped for it
-    assert "speculative_batch" not in backend_options("transformers", {"speculative_batch": 2})
 
 
 def test_make_backend_rejects_unknown_options(demo_bundle: ModelBundle) -> None:
@@ -202,7 +183,6 @@ def test_model_host_reports_the_llamacpp_build(converted_bundle: Path, tmp_path:
     """``/ready`` (``ModelHost.info``) names the engine build and the CPU kernels in use."""
     import llama_cpp
 
-    from node.modelhost import ModelHost
     from node.settings import load_settings
 
     settings = load_settings(
@@ -229,133 +209,22 @@ def test_model_host_reports_the_llamacpp_build(converted_bundle: Path, tmp_path:
         host.stop()
 
 
-def test_node_setting_turns_on_speculation_for_llamacpp_only() -> None:
-    """CXR_NODE_BACKEND_SPECULATIVE reaches the llama.cpp backend; transformers drops it;
-    the node refuses a value outside 0..16 at start-up."""
-    from node.modelhost import backend_options as node_backend_options
+def test_removed_speculation_setting_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configuration that still sets backend_speculative (speculative decoding was removed)
+    is refused with a message that names the setting and says so, from the TOML file as
+    from the environment."""
+    from node.settings import CONFIG_ENV, ConfigError, load_settings
 
-    opts = node_backend_options(Settings(backend="llamacpp", backend_speculative=4))
-    assert opts["speculative"] == 4
-    assert "speculative" not in node_backend_options(Settings(backend="llamacpp"))
-    hf = backend_options("transformers", {"backend_speculative": 4})
-    assert "speculative" not in hf
-    with pytest.raises(ValueError, match="backend_speculative"):
-        Settings(backend="llamacpp", backend_speculative=17)
-
-
-@contextmanager
-def _ready_host(bundle: Path, **settings: Any) -> Iterator[ModelHost]:
-    """A model host on ``bundle`` (one thread, no warm-up), loaded, stopped afterwards."""
-    host = ModelHost(Settings(model_dir=bundle, backend_threads=1, **settings), warmup=False)
-    host.start()
-    try:
-        assert host.wait_ready(120), host.error
-        yield host
-    finally:
-        host.stop()
-
-
-def _ready_model_check(host: ModelHost, tmp_path: Path) -> dict[str, Any]:
-    """The model part of ``/ready``'s answer (``services.readiness``) for ``host``."""
-    from node.api import services
-    from node.api.context import ApiContext
-    from node.db.engine import make_engine, make_session_factory
-
-    engine = make_engine(f"sqlite:///{tmp_path}/ready.db")
-    try:
-        ctx = ApiContext(
-            settings=host.settings,
-            read_sessions=make_session_factory(engine, read_only=True),
-            write_sessions=make_session_factory(engine),
-            model_host=lambda: host,
-        )
-        _, checks = services.readiness(ctx)
-    finally:
-        engine.dispose()
-    model: dict[str, Any] = checks["model"]
-    assert model["ok"] is True
-    return model
-
-
-def _speculation_metrics(host: ModelHost, tmp_path: Path) -> dict[str, float]:
-    """The ``cxr_model_*`` speculation samples of ``/metrics``' text for ``host``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from node.api import metrics
-    from node.db.engine import make_engine, make_session_factory
-
-    engine = make_engine(f"sqlite:///{tmp_path}/metrics.db")
-    try:
-        text = metrics.render(make_session_factory(engine, read_only=True), host).decode()
-    finally:
-        engine.dispose()
-    names = {
-        "cxr_model_decode_steps_total",
-        "cxr_model_new_tokens_total",
-        "cxr_model_draft_tokens_total",
-        "cxr_model_draft_tokens_accepted_total",
-    }
-    return {
-        s.name: s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name in names
-    }
-
-
-def test_model_host_shows_speculation_counters(converted_bundle: Path, tmp_path: Path) -> None:
-    """A llama.cpp node with CXR_NODE_BACKEND_SPECULATIVE: the host's info and ``/ready``'s
-    model check show the backend's step costs, measured at load, and counts of
-    steps, tokens and proposals checked and kept, so a site can read its own acceptance;
-    the drafts record that speculation was on. (Whether proposals pay is the step costs'
-    call: on this tiny model a step of 2 tokens costs 1.5-2x one, so few or none are made;
-    tests/llamacpp checks the proposals themselves.)"""
-    import numpy as np
-
-    with _ready_host(
-        converted_bundle, backend="llamacpp", backend_quant="f32", backend_speculative=4
-    ) as host:
-        x = np.zeros((3, 256, 256), dtype=np.float32)
-        with host.use() as rt:
-            first = rt.report(x, greedy=True, max_new_tokens=16)
-            again = rt.report(x, greedy=True, max_new_tokens=16)  # the same study: remembered
-            health = rt.backend.health()
-        info = host.info()
-        model = _ready_model_check(host, tmp_path)
-        scraped = _speculation_metrics(host, tmp_path)
-    # /metrics counts the same (Prometheus counters, read at scrape time)
-    assert scraped == {
-        "cxr_model_decode_steps_total": info["decode_steps"],
-        "cxr_model_new_tokens_total": info["new_tokens"],
-        "cxr_model_draft_tokens_total": info["draft_tokens"],
-        "cxr_model_draft_tokens_accepted_total": info["draft_tokens_accepted"],
-    }
-    # /ready's model check carries the same figures
-    for key in ("speculative", "speculative_step_costs", "decode_steps", "new_tokens"):
-        assert model[key] == info[key]
-    assert model["draft_tokens_accepted"] == info["draft_tokens_accepted"]
-    assert info["speculative"] == 4
-    costs = info["speculative_step_costs"]
-    # the node's llama.cpp backend holds 4 sequences, but a step holds one worker batch
-    # (1 study by default): steps of 1 + 4 tokens are measured, not up to 9
-    assert len(costs) == 5 and costs[0] == 1.0 and costs == sorted(costs)
-    for key in ("draft_tokens", "draft_tokens_accepted", "decode_steps", "new_tokens"):
-        assert info[key] == health[key]
-    assert info["draft_tokens"] >= info["draft_tokens_accepted"] >= 0
-    # each token comes from the prefill, a step or a kept proposal: per report, steps + kept
-    # proposals, and one more when it ends at max_new_tokens (no step after the last)
-    assert 0 <= info["new_tokens"] - info["decode_steps"] - info["draft_tokens_accepted"] <= 2
-    assert info["new_tokens"] == first.timings["tokens"] + again.timings["tokens"]
-    assert first.settings["speculative"] == again.settings["speculative"] == 4
-
-
-def test_model_host_shows_what_the_backend_runs(converted_bundle: Path, tmp_path: Path) -> None:
-    """A transformers node ignores CXR_NODE_BACKEND_SPECULATIVE, and its info says 0."""
-    with _ready_host(
-        converted_bundle, backend="transformers", backend_dtype="float32", backend_speculative=4
-    ) as host:
-        assert host.info()["speculative"] == 0
-        model = _ready_model_check(host, tmp_path)
-        scraped = _speculation_metrics(host, tmp_path)
-    assert model["speculative"] == 0 and "decode_steps" not in model
-    assert scraped == {}
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    toml = tmp_path / "node.toml"
+    toml.write_text('backend = "llamacpp"\nbackend_speculative = 4\n')
+    with pytest.raises(ConfigError, match=r"^backend_speculative: removed"):
+        load_settings(toml)
+    with pytest.raises(ValueError, match=r"backend_speculative: removed"):
+        Settings(backend="llamacpp", backend_speculative=0)
+    monkeypatch.setenv("CXR_NODE_BACKEND_SPECULATIVE", "4")
+    with pytest.raises(ConfigError, match=r"CXR_NODE_BACKEND_SPECULATIVE"):
+        load_settings(None)
+    assert "backend_speculative" not in Settings.model_fields

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.backends.llamacpp_backend import LlamaCppBackend
+from models.backends.llamacpp import LlamaCppBackend
 from models.backends.transformers_backend import TransformersBackend
 from models.gguf_convert import ConversionResult, convert_bundle_llm
 from models.layout import END_ID

@@ -15,7 +15,7 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from models.backends.llamacpp_backend import LlamaCppBackend  # noqa: E402
+from models.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from models.gguf_convert import (  # noqa: E402
     ConversionError,
     ConversionResult,

@@ -19,19 +19,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from models.backends.base import GenerationBackend, GenerationRequest  # noqa: E402
-from models.backends.llamacpp_backend import (  # noqa: E402
-    LlamaCppBackend,
-    common_prefix,
-    cpu_features,
-    sample_next,
-)
-from models.backends.speculative import NgramDrafter, replay, replay_batch  # noqa: E402
+from models.backends.llamacpp import LlamaCppBackend, cpu_features, sample_next  # noqa: E402
 from models.backends.transformers_backend import TransformersBackend  # noqa: E402
 from models.gguf_convert import ConversionResult, convert_bundle_llm  # noqa: E402
 from models.layout import (  # noqa: E402
     CODES_PER_IMAGE,
-    END_ID,
-    EOS_ID,
     IMAGE_TOKEN_OFFSET,
     VOCAB,
 )
@@ -86,10 +78,9 @@ def _cpu_flags() -> set[str]:
 _INIT_SNIPPET = """
 import llama_cpp
 from models.backends.base import GenerationError
-from models.backends.llamacpp_backend import _init_llama, _CPU_FEATURES
+from models.backends.llamacpp import init_llama
 try:
-    _init_llama(llama_cpp)
-    print("FEATURES", " ".join(_CPU_FEATURES))
+    print("FEATURES", " ".join(init_llama(llama_cpp)))
 except GenerationError as exc:
     print("REFUSED", exc)
 """
@@ -122,10 +113,9 @@ def _init_in(site: Path, cwd: Path) -> str:
 def test_cpu_backends_load_only_from_beside_libggml(
     tmp_path: Path, engines: dict[str, LlamaCppBackend]
 ) -> None:
-    """The patch's registry change: ggml loads its CPU variants from the directory of
-    libggml and from nowhere else. Without them the backend refuses to start, with the fix in
-    the message, even when the working directory holds files named like them (upstream ggml
-    would load those)."""
+    """The backend loads ggml's CPU variants from the directory of libggml and from nowhere
+    else. Without them it refuses to start, with the fix in the message, even when the
+    working directory holds files named like them (ggml's default search would load those)."""
     pkg = Path(llama_cpp.__file__).resolve().parent
     variants = sorted((pkg / "lib").glob("libggml-cpu-*.so"))
     if not variants:
@@ -162,17 +152,19 @@ def test_engine_runs_the_cpu_variant_for_this_cpu(engines: dict[str, LlamaCppBac
     assert ("AVX512_BF16" in feats) == (avx512 and {"avx512_vnni", "avx512_bf16"} <= flags)
 
 
-def test_installed_engine_is_the_patched_build() -> None:
-    """setup.sh installs llama-cpp-python through scripts/build-llama-cpp.sh, with the decode
-    patch; a stock build would still pass every other test, only slower."""
-    patch = Path(__file__).resolve().parents[2] / "scripts/patches/llama-cpp-python-0.3.36.patch"
-    want = re.search(r'^\+__version__ = "(.+)"$', patch.read_text(), re.M)
-    assert want is not None
-    assert llama_cpp.__version__ == want.group(1), (
-        f"llama-cpp-python {llama_cpp.__version__} is not the node's patched build "
-        f"{want.group(1)}: run scripts/build-llama-cpp.sh"
+def test_installed_engine_is_the_node_build() -> None:
+    """setup.sh installs llama-cpp-python through scripts/build-llama-cpp.sh: the version the
+    script pins (stock, or with the patched flavour's local label), with the build's key
+    beside the package."""
+    script = Path(__file__).resolve().parents[2] / "scripts/build-llama-cpp.sh"
+    pinned = re.search(r"^VER=(\S+)$", script.read_text(), re.M)
+    assert pinned is not None
+    assert llama_cpp.__version__.split("+")[0] == pinned.group(1), (
+        f"llama-cpp-python {llama_cpp.__version__} is not the node's build of "
+        f"{pinned.group(1)}: run scripts/build-llama-cpp.sh"
     )
-    # the build's key (patch, CMAKE_ARGS, Python), which lets a re-run tell builds apart
+    # the build's key (source hash, flavour, CMAKE_ARGS, Python), which lets a re-run tell
+    # builds apart
     marker = Path(llama_cpp.__file__).parent / ".cxrnode-build"
     assert re.fullmatch(r"[0-9a-f]{16}", marker.read_text().strip()), marker
 
@@ -181,16 +173,16 @@ _AMX_SNIPPET = """
 import ctypes, json, sys
 import llama_cpp
 import torch
-from models.backends import llamacpp_backend as lb
+from models.backends.llamacpp import LlamaCppBackend, init_llama
 from models.backends.base import GenerationRequest
 
-lb._init_llama(llama_cpp)
+init_llama(llama_cpp)
 lines = []
 def _keep(level, text, _user):
     lines.append((text or b"").decode("utf-8", "replace"))
 keep = llama_cpp.llama_log_callback(_keep)
 llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))  # see where the weights went
-engine = lb.LlamaCppBackend(sys.argv[1], threads=2, max_batch=1, prefix_cache=False)
+engine = LlamaCppBackend(sys.argv[1], threads=2, max_batch=1, prefix_cache=False)
 engine.load()
 ids = json.loads(sys.argv[2])
 a = torch.randn(256, 512, dtype=torch.bfloat16)
@@ -209,10 +201,11 @@ def test_q8_0_runs_between_torch_matmuls_on_the_same_threads(
 ) -> None:
     """A worker process holds PyTorch and llama.cpp, which share one OpenMP pool. On CPUs with
     AMX, ggml keeps Q8_0 weights in its AMX layout and prefills with tile instructions, as
-    oneDNN does for torch's bf16 matmuls. The stock build crashed there (SIGILL at its first
-    tile load, from a tile configuration GCC 12 compiled away), and with that mended, again
-    once torch had used the tiles on the same threads (docs/cpu-engine.md, "AMX"). Run in a
-    child process, so that a crash fails this test only."""
+    oneDNN does for torch's bf16 matmuls. Stock llama-cpp-python 0.3.36 built with GCC 12
+    crashed there (SIGILL at its first tile load, and again once torch had used the tiles on
+    the same threads); the stock build therefore installs without that variant and the patched
+    flavour mends both (docs/cpu-engine.md, "Intel Xeon with AMX"). Run in a child process, so
+    that a crash fails this test only."""
     ids = list(range(100, 164))  # 64 prompt ids: prefill takes the tile kernels, not the GEMV
     out = _run_child(_AMX_SNIPPET, str(ggufs["q8_0"].path), repr(ids), cwd=tmp_path, timeout=300)
     assert out.returncode == 0, f"child exited {out.returncode}: {out.stderr[-2000:]}"
@@ -220,10 +213,12 @@ def test_q8_0_runs_between_torch_matmuls_on_the_same_threads(
     want = engines["q8_0"].generate([GenerationRequest(prompt_ids=ids, max_new_tokens=8)])[0]
     assert got["rounds"] == [want.token_ids] * 3
     # ggml's sapphirerapids variant, the one with AMX, loads exactly where the CPU has its set
+    # and the build installed it (the stock flavour leaves it out unless CXR_NODE_LLAMACPP_AMX=on)
     flags = _cpu_flags()
     amx_variant = "AMX_INT8" in engines["q8_0"].health()["cpu_features"]
+    amx_built = (Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu-sapphirerapids.so").exists()
     sapphire = {"avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"}
-    assert amx_variant == (flags >= _AVX512 | sapphire)
+    assert amx_variant == (amx_built and flags >= _AVX512 | sapphire)
     # and its tile kernels ran, unless the kernel refused the AMX state (ggml says so)
     assert got["amx"] == amx_variant or "AMX is not ready" in out.stderr, out.stderr[-2000:]
 
@@ -330,8 +325,8 @@ def test_constrained_codes_match_transformers_f32(
 def test_batched_equals_unbatched(
     engines: dict[str, LlamaCppBackend], hf: TransformersBackend, quant: str
 ) -> None:
-    """A batch's greedy tokens are each request's alone. Q8_0 steps of 2-8 rows go through
-    the patch's several-row kernel, whose per-row arithmetic is the one-row kernel's."""
+    """A batch's greedy tokens are each request's alone, in F16 and in Q8_0, whose steps of
+    several rows take other matrix kernels than a one-row step."""
     engine = engines[quant]
     reqs = [
         GenerationRequest(prompt_ids=_report_ids(hf, 11), max_new_tokens=20),
@@ -353,28 +348,23 @@ def test_batched_equals_unbatched(
     assert [r.new_tokens for r in together] == [20, 12, CODES_PER_IMAGE + 1, 5, 7]
 
 
-def test_batch_steps_fill_idle_slots_between_running_ones(
+def test_batch_where_a_middle_sequence_ends_first(
     engines: dict[str, LlamaCppBackend], hf: TransformersBackend
 ) -> None:
-    """llama.cpp splits a step into one pass over the weights per run of consecutive
-    sequence ids: when the middle one of three studies ends first, its slot is fed
-    throw-away rows, which change no result and leave its cached K/V as they were."""
+    """When the middle one of three studies ends first, the others decode on as they would
+    alone, and its slot's cached K/V end at its last fed token."""
     engine = engines["q8_0"]
     llama = engine._llama
     mem = llama.llama_get_memory(engine._ctx)
     prompts = [_report_ids(hf, seed) for seed in (21, 22, 23)]
-    for lengths, fillers in (((16, 4, 16), 12), ((16, 16, 4), 0)):
+    for lengths in ((16, 4, 16), (16, 16, 4)):
         engine.clear_cache()  # slots 0, 1, 2 in the requests' order
         reqs = [
             GenerationRequest(prompt_ids=p, max_new_tokens=n)
             for p, n in zip(prompts, lengths, strict=True)
         ]
-        before = engine.health()["filler_rows"]
         together = engine.generate(reqs)
         assert [r.new_tokens for r in together] == list(lengths)
-        # steps 4-15 run slots 0 and 2 only: one filler row each for slot 1 (none when the
-        # last slot ends first)
-        assert engine.health()["filler_rows"] - before == fillers, lengths
         # the shortest one's K/V end at its last fed token: the prompt and 3 of its 4
         short = lengths.index(4)
         assert llama.llama_memory_seq_pos_max(mem, short) == len(prompts[short]) + 2
@@ -521,6 +511,34 @@ def test_prefix_cache_reuses_template_and_changes_nothing(
         plain.close()
 
 
+def test_prefix_cache_holds_the_generated_tokens(
+    ggufs: dict[str, ConversionResult], hf: TransformersBackend
+) -> None:
+    """A sequence's cache also holds the tokens it fed while decoding: a prompt that
+    continues an earlier prompt and its output reuses every id but the last, and its result
+    equals a backend's without the cache. Each token after the first costs one decode
+    step."""
+    cached = LlamaCppBackend(ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2)
+    plain = LlamaCppBackend(
+        ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2, prefix_cache=False
+    )
+    a, new = _report_ids(hf, 61), 24
+    try:
+        steps = cached.health()["decode_steps"]
+        out_a = cached.generate([GenerationRequest(prompt_ids=a, max_new_tokens=new)])[0]
+        assert out_a.new_tokens == new
+        assert cached.health()["decode_steps"] - steps == new - 1
+        cont = [*a, *out_a.token_ids[:10]]
+        before = cached.health()["prompt_tokens_reused"]
+        req = GenerationRequest(prompt_ids=cont, max_new_tokens=new)
+        got = cached.generate([req])[0]
+        assert cached.health()["prompt_tokens_reused"] - before == len(cont) - 1
+        assert got.token_ids == plain.generate([req])[0].token_ids
+    finally:
+        cached.close()
+        plain.close()
+
+
 def _two_file_bundle(root: Path, files: dict[str, Path]) -> Path:
     """A folder whose manifest lists converted files by quantisation, as a bundle's does."""
     import json
@@ -640,252 +658,8 @@ def test_prefill_file_errors(ggufs: dict[str, ConversionResult], tmp_path: Path)
     assert engine.health()["loaded"] is False
 
 
-def _same_up_to_a_near_tie(
-    plain: LlamaCppBackend, prompt: list[int], got: list[int], ref: list[int]
-) -> None:
-    """``got`` is ``ref``, or both are the same up to a position where the two tokens'
-    logits differ by less than 1e-4. A step of several tokens sums its matrix products in
-    another order than a one-token step (F32 weights: differences near 1e-5; on this tiny
-    model one of 1,440 speculative tokens met such a tie), so a greedy choice between two
-    almost equal logits may go either way."""
-    if got == ref:
-        return
-    i = common_prefix(got, ref)
-    assert i < min(len(got), len(ref)), "one output is a prefix of the other"
-    logits = plain.next_token_logits([*prompt, *ref[:i]])
-    assert abs(float(logits[got[i]]) - float(logits[ref[i]])) < 1e-4, (i, got[i], ref[i])
-
-
-def test_speculative_greedy_gives_plain_greedy_tokens_in_fewer_steps(
-    ggufs: dict[str, ConversionResult], hf: TransformersBackend
-) -> None:
-    """Speculation (n-gram proposals checked in the decode step) changes no greedy token
-    (F32 weights and K/V; up to a near tie), in batches, after rejections (their K/V dropped) and
-    through the prefix cache; a study whose report was seen before decodes it in far fewer
-    steps; ``max_new_tokens`` still bounds the output; sampling and image mode are left
-    alone."""
-    # step costs of [1.0]: proposals as long as n-grams match (no sizing by measured costs)
-    spec = LlamaCppBackend(
-        ggufs["f32"].path,
-        threads=THREADS,
-        kv_type="f32",
-        max_batch=2,
-        speculative=4,
-        speculative_step_costs=[1.0],
-    )
-    plain = LlamaCppBackend(ggufs["f32"].path, threads=THREADS, kv_type="f32", max_batch=2)
-    a, b, c = _report_ids(hf, 61), _report_ids(hf, 62), _report_ids(hf, 63)
-    new = 24
-
-    def both(reqs: list[GenerationRequest]) -> tuple[list[list[int]], int, int, int]:
-        h0 = spec.health()
-        got = spec.generate(reqs)
-        ref = plain.generate(reqs)
-        assert all(r.error is None for r in got)
-        for req, g, r in zip(reqs, got, ref, strict=True):
-            _same_up_to_a_near_tie(plain, req.prompt_ids, g.token_ids, r.token_ids)
-        h1 = spec.health()
-        return (
-            [r.token_ids for r in got],
-            h1["decode_steps"] - h0["decode_steps"],
-            h1["draft_tokens"] - h0["draft_tokens"],
-            h1["draft_tokens_accepted"] - h0["draft_tokens_accepted"],
-        )
-
-    try:
-        (out_a, _), _, _, _ = both(
-            [GenerationRequest(prompt_ids=p, max_new_tokens=new) for p in (a, b)]
-        )
-        assert len(out_a) == new
-        # the same study again: its report is remembered, so the proposals are right
-        _, steps, drafted, accepted = both([GenerationRequest(prompt_ids=a, max_new_tokens=new)])
-        assert accepted >= new // 2 and steps <= new // 2
-        # the prefix cache after speculation: a prompt continuing a's report reuses a's K/V
-        # and the generated tokens' (rejected proposals' dropped); still plain greedy's
-        cont = [*a, *out_a[:10]]
-        before = spec.health()["prompt_tokens_reused"]
-        both([GenerationRequest(prompt_ids=cont, max_new_tokens=new)])
-        assert spec.health()["prompt_tokens_reused"] - before == len(cont) - 1
-        # another study: proposals from the earlier reports, some rejected, same tokens
-        _, _, drafted, accepted = both([GenerationRequest(prompt_ids=c, max_new_tokens=new)])
-        assert drafted > accepted
-        # never more than max_new_tokens, even with a longer remembered continuation
-        (short,), _, _, _ = both([GenerationRequest(prompt_ids=a, max_new_tokens=3)])
-        assert len(short) == 3
-        # sampling and image mode: no proposals
-        h0 = spec.health()["draft_tokens"]
-        spec.generate(
-            [
-                GenerationRequest(prompt_ids=a, max_new_tokens=8, greedy=False, seed=1),
-                GenerationRequest(
-                    prompt_ids=hf.tokenizer.encode(report_to_image_prompt("Effusion.")),
-                    max_new_tokens=1,
-                    mode="image",
-                ),
-            ]
-        )
-        assert spec.health()["draft_tokens"] == h0
-        assert spec.health()["speculative"] == 4 and plain.health()["speculative"] == 0
-    finally:
-        spec.close()
-        plain.close()
-
-
-def test_speculative_q8_0_gives_plain_greedy_tokens(
-    ggufs: dict[str, ConversionResult], hf: TransformersBackend
-) -> None:
-    """The same with the Q8_0 file, whose steps of 2-5 rows run the patch's several-row
-    kernel: every report equals plain greedy decoding's, up to a near tie."""
-    spec = LlamaCppBackend(
-        ggufs["q8_0"].path,
-        threads=THREADS,
-        max_batch=2,
-        speculative=4,
-        speculative_step_costs=[1.0],
-    )
-    plain = LlamaCppBackend(ggufs["q8_0"].path, threads=THREADS, max_batch=2)
-    try:
-        for seed in range(70, 76):
-            req = GenerationRequest(prompt_ids=_report_ids(hf, seed), max_new_tokens=32)
-            got, ref = spec.generate([req])[0], plain.generate([req])[0]
-            _same_up_to_a_near_tie(plain, req.prompt_ids, got.token_ids, ref.token_ids)
-        h = spec.health()
-        assert h["draft_tokens_accepted"] > 0 and h["decode_steps"] < 6 * 31
-    finally:
-        spec.close()
-        plain.close()
-
-
-def test_replay_counts_the_steps_the_engine_takes(
-    ggufs: dict[str, ConversionResult], hf: TransformersBackend
-) -> None:
-    """``speculative.replay`` walks the decode loop without the model: given each report the
-    engine wrote, in order, it counts the engine's own decode steps, proposals and kept
-    proposals exactly (new studies, a study seen before, a ``max_new_tokens`` bound), with
-    the step costs the engine measured when it loaded (which size the proposals)."""
-    spec = LlamaCppBackend(ggufs["q8_0"].path, threads=THREADS, max_batch=1, speculative=3)
-    spec.load()
-    costs = spec.health()["speculative_step_costs"]
-    assert len(costs) == 4 and costs[0] == 1.0 and costs == sorted(costs)
-    secs = spec.step_seconds([1, 4], rounds=1)
-    assert set(secs) == {1, 4} and all(v > 0 for v in secs.values())
-    with pytest.raises(ValueError, match="step sizes"):
-        spec.step_seconds([0])
-    with pytest.raises(ValueError, match="prompt"):
-        spec.step_seconds([1], prompt=[])
-    drafter = NgramDrafter(max_tokens=3, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
-    stop_ids = {END_ID, EOS_ID}
-    try:
-        for seed, new in ((80, 32), (81, 32), (82, 32), (80, 32), (83, 5), (81, 40), (80, 7)):
-            req = GenerationRequest(prompt_ids=_report_ids(hf, seed), max_new_tokens=new)
-            h0 = spec.health()
-            res = spec.generate([req])[0]
-            h1 = spec.health()
-            stop = {"end": [END_ID], "eos": [EOS_ID]}.get(res.stop_reason or "", [])
-            rep = replay(
-                drafter, req.prompt_ids, [*res.token_ids, *stop], stop_ids=stop_ids, max_new=new
-            )
-            got = {
-                k: h1[k] - h0[k] for k in ("decode_steps", "draft_tokens", "draft_tokens_accepted")
-            }
-            assert got == {
-                "decode_steps": rep.steps,
-                "draft_tokens": rep.proposed,
-                "draft_tokens_accepted": rep.accepted,
-            }, seed
-            assert rep.new_tokens == res.new_tokens
-        assert h1["draft_tokens_accepted"] > 0  # the check saw kept proposals
-    finally:
-        spec.close()
-
-
-def test_replay_batch_counts_the_steps_of_a_batch(
-    ggufs: dict[str, ConversionResult], hf: TransformersBackend
-) -> None:
-    """Three studies decoded as one batch with speculation: given their reports,
-    ``speculative.replay_batch`` counts the engine's steps, proposals and kept proposals
-    exactly. The step's proposals are sized together, priced by llama.cpp's passes over
-    the weights: with a pass of 7 tokens priced at 4x one, no pass holds more than 6."""
-    costs = [1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 4.0]
-    spec = LlamaCppBackend(
-        ggufs["q8_0"].path,
-        threads=THREADS,
-        max_batch=3,
-        speculative=3,
-        speculative_step_costs=costs,
-    )
-    spec.load()
-    drafter = NgramDrafter(max_tokens=3, max_id=IMAGE_TOKEN_OFFSET, step_costs=costs)
-    stop_ids = {END_ID, EOS_ID}
-    rows: list[int] = []
-    passes: list[int] = []
-    try:
-        for seeds, new in (((80, 81, 82), 32), ((80, 81, 83), 32), ((82, 84, 80), 12)):
-            reqs = [
-                GenerationRequest(prompt_ids=_report_ids(hf, s), max_new_tokens=new) for s in seeds
-            ]
-            h0 = spec.health()
-            res = spec.generate(reqs)
-            h1 = spec.health()
-            stops = [{"end": [END_ID], "eos": [EOS_ID]}.get(r.stop_reason or "", []) for r in res]
-            items = [
-                (req.prompt_ids, [*r.token_ids, *stop])
-                for req, r, stop in zip(reqs, res, stops, strict=True)
-            ]
-            b = replay_batch(drafter, items, stop_ids=stop_ids, max_new=new)
-            got = {
-                k: h1[k] - h0[k] for k in ("decode_steps", "draft_tokens", "draft_tokens_accepted")
-            }
-            assert got == {
-                "decode_steps": len(b.step_rows),
-                "draft_tokens": sum(r.proposed for r in b.replays),
-                "draft_tokens_accepted": sum(r.accepted for r in b.replays),
-            }, seeds
-            assert [r.new_tokens for r in b.replays] == [r.new_tokens for r in res]
-            rows += b.step_rows
-            # llama.cpp's passes of each step (rows of every sequence with rows left)
-            for t in range(len(b.step_rows)):
-                left = sorted(r.step_tokens[t] for r in b.replays if t < len(r.step_tokens))
-                passes += [
-                    (len(left) - i) * (n - (left[i - 1] if i else 0))
-                    for i, n in enumerate(left)
-                    if n > (left[i - 1] if i else 0)
-                ]
-        assert h1["draft_tokens_accepted"] > 0  # the check saw kept proposals
-        assert max(rows) > 3  # proposals were made in steps of three studies
-        assert max(passes) == 6  # and no pass over the weights was priced past 6 rows
-    finally:
-        spec.close()
-    # a batch's step holds every sequence's tokens: the costs are measured up to 9 tokens
-    # (or the longest step, when shorter); speculative_batch says how many sequences a
-    # step holds when fewer than max_batch (the node's worker batch)
-    for max_batch, k, batch, n in (
-        (3, 3, None, 9),
-        (2, 1, None, 4),
-        (1, 3, None, 4),
-        (3, 3, 1, 4),
-        (3, 1, 2, 4),
-    ):
-        engine = LlamaCppBackend(
-            ggufs["q8_0"].path,
-            threads=THREADS,
-            max_batch=max_batch,
-            speculative=k,
-            speculative_batch=batch,
-        )
-        engine.load()
-        try:
-            assert len(engine.health()["speculative_step_costs"]) == n, (max_batch, k, batch)
-        finally:
-            engine.close()
-
-
-def test_speculative_settings_are_checked(ggufs: dict[str, ConversionResult]) -> None:
-    with pytest.raises(ValueError, match=r"speculative must be in 0\.\.16"):
-        LlamaCppBackend(ggufs["f32"].path, speculative=17)
+def test_settings_are_checked(ggufs: dict[str, ConversionResult]) -> None:
     with pytest.raises(ValueError, match="must hold max_batch"):
-        LlamaCppBackend(ggufs["f32"].path, speculative=8, max_batch=8, n_batch=64)
-    with pytest.raises(ValueError, match=r"speculative_batch must be in 1\.\.max_batch \(2\)"):
-        LlamaCppBackend(ggufs["f32"].path, speculative=2, max_batch=2, speculative_batch=3)
-    with pytest.raises(ValueError, match="speculative_batch must be in"):
-        LlamaCppBackend(ggufs["f32"].path, speculative=2, speculative_batch=0)
+        LlamaCppBackend(ggufs["f32"].path, max_batch=8, n_batch=4)
+    with pytest.raises(ValueError, match=r"n_ctx must be in 16\.\.32768"):
+        LlamaCppBackend(ggufs["f32"].path, n_ctx=8)
