@@ -72,6 +72,7 @@ from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
+from integration.destinations import FhirDestination
 from integration.errors import FhirBuildError, FhirDeliveryError
 from integration.uids import device_uid as default_device_uid
 
@@ -212,39 +213,6 @@ class FhirDraft:
     pdf: bytes | None = field(default=None, repr=False)
     manufacturer: str = "llm-cxr-node"
     device_uid: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FhirDestination:
-    """A FHIR R4 server (its base URL) and how to reach it.
-
-    Parameters
-    ----------
-    base_url
-        Service base URL, e.g. ``https://fhir.example.org/r4``.
-    bearer_token
-        OAuth 2.0 / SMART access token sent as ``Authorization: Bearer``; never logged or
-        shown in ``repr``. ``None`` for an unauthenticated test server.
-    timeout
-        Seconds for each request (connect, read, write, pool).
-    verify
-        TLS verification: ``True``, ``False`` or a CA bundle path.
-    """
-
-    base_url: str
-    bearer_token: str | None = field(default=None, repr=False)
-    timeout: float = 30.0
-    verify: bool | str = True
-
-    def __post_init__(self) -> None:
-        url = httpx.URL(self.base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"FHIR base URL {self.base_url!r} must be an absolute http(s) URL")
-        if self.timeout <= 0:
-            raise ValueError(f"FHIR timeout must be > 0, got {self.timeout}")
-
-    def __str__(self) -> str:
-        return self.base_url.rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -721,7 +689,7 @@ def send_transaction(
     integration.errors.FhirDeliveryError
         Not 2xx, a timeout or a connection error; ``transient`` per the module text.
     """
-    return _request("POST", str(dest), bundle, dest, client, what="transaction")
+    return _request("POST", dest.base_url.rstrip("/"), bundle, dest, client, what="transaction")
 
 
 def update_conditional(
@@ -760,7 +728,9 @@ def update_conditional(
     if not re.fullmatch(r"[A-Z][A-Za-z]+", kind):
         raise FhirBuildError("resource has no resourceType")
     query = urlencode({"identifier": f"{identifier[0]}|{identifier[1]}"})
-    return _request("PUT", f"{dest}/{kind}?{query}", resource, dest, client, what=kind)
+    return _request(
+        "PUT", f"{dest.base_url.rstrip('/')}/{kind}?{query}", resource, dest, client, what=kind
+    )
 
 
 def _request(

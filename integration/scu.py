@@ -28,6 +28,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
 from integration.conformance import STORAGE_SCU
+from integration.destinations import DicomDestination
 from integration.errors import (
     AssociationAbortedError,
     AssociationRejectedError,
@@ -56,46 +57,6 @@ VERIFICATION = UID("1.2.840.10008.1.1")  # Verification SOP Class (PS3.4 A.4)
 # PS3.7 Annex C / PS3.4 B.2.3 warning statuses for C-STORE
 _WARNINGS = frozenset({0xB000, 0xB006, 0xB007, 0x0001, 0x0107, 0x0116})
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
-
-
-@dataclass(frozen=True, slots=True)
-class DicomDestination:
-    """A DICOM peer that accepts C-STORE (a PACS, a viewer, a router).
-
-    Parameters
-    ----------
-    ae_title
-        Called AE Title (VR AE: 1-16 characters, no backslash, not all spaces).
-    host
-        Host name or IP address.
-    port
-        TCP port (1-65535).
-    """
-
-    ae_title: str
-    host: str
-    port: int
-
-    def __post_init__(self) -> None:
-        _check_ae_title(self.ae_title, "Called AE Title")
-        if not self.host or any(c.isspace() for c in self.host):
-            raise ValueError(f"destination host {self.host!r} is empty or contains spaces")
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ValueError(f"destination port must be an int, got {self.port!r}")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"destination port {self.port} is out of range 1-65535")
-
-    @classmethod
-    def parse(cls, text: str) -> DicomDestination:
-        """Parse ``"AET@host:port"`` (the ``CXR_NODE_DESTINATIONS`` form)."""
-        match = re.fullmatch(r"\s*([^@]+)@(\[[^\]]+\]|[^:\s]+):(\d+)\s*", text)
-        if match is None:
-            raise ValueError(f"destination {text!r} is not of the form AET@host:port")
-        host = match.group(2).strip("[]")
-        return cls(ae_title=match.group(1).strip(), host=host, port=int(match.group(3)))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

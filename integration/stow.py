@@ -14,7 +14,6 @@ import io
 import logging
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import httpx
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 
+from integration.destinations import StowDestination
 from integration.errors import StowError
 from integration.scu import SendResult
 
@@ -34,45 +34,6 @@ _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_INSTANCE_UID = "00081155"
 _FAILURE_REASON = "00081197"
 _WARNING_REASON = "00081196"
-
-
-@dataclass(frozen=True, slots=True)
-class StowDestination:
-    """A DICOMweb STOW-RS endpoint.
-
-    Parameters
-    ----------
-    url
-        The DICOMweb service root (e.g. ``http://pacs:8042/dicom-web``) or its ``/studies``
-        resource; ``/studies`` is appended when missing.
-    authorization
-        Value of the HTTP ``Authorization`` header (e.g. ``"Bearer ..."``), or ``None``.
-    verify
-        TLS verification for https: ``True``, ``False`` or a CA bundle path.
-    timeout
-        Request timeout in seconds.
-    """
-
-    url: str
-    authorization: str | None = field(default=None, repr=False)
-    verify: bool | str = True
-    timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        parsed = httpx.URL(self.url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"STOW-RS URL {self.url!r} must be an absolute http(s) URL")
-        if self.timeout <= 0:
-            raise ValueError(f"STOW-RS timeout must be > 0, got {self.timeout}")
-
-    @property
-    def studies_url(self) -> str:
-        """The ``.../studies`` resource the POST goes to."""
-        base = self.url.rstrip("/")
-        return base if base.endswith("/studies") else f"{base}/studies"
-
-    def __str__(self) -> str:
-        return self.studies_url
 
 
 def stow(
