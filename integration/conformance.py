@@ -24,10 +24,13 @@ from dataclasses import dataclass
 
 from pydicom.uid import (
     UID,
+    BasicTextSRStorage,
     ComprehensiveSRStorage,
+    EncapsulatedPDFStorage,
     EnhancedSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
@@ -109,6 +112,9 @@ STORAGE_SCU = RoleConformance(
     sop_classes=(
         str(ComprehensiveSRStorage),
         str(EnhancedSRStorage),
+        str(BasicTextSRStorage),
+        str(EncapsulatedPDFStorage),
+        str(KeyObjectSelectionDocumentStorage),
         str(SecondaryCaptureImageStorage),
     ),
     transfer_syntaxes=(str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)),
