@@ -33,7 +33,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import Field, TypeAdapter, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, field_validator
 from pydantic.dataclasses import dataclass
 
 __all__ = [
@@ -69,7 +69,7 @@ def _check_host(value: str) -> str:
     return host
 
 
-def _check_port(value: int) -> int:
+def _check_port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"destination port must be an int, got {value!r}")
     if not 1 <= value <= 65535:
@@ -101,6 +101,12 @@ def _check_timeout(value: float) -> float:
     return value
 
 
+Host = Annotated[str, AfterValidator(_check_host)]
+Port = Annotated[int, BeforeValidator(_check_port)]
+Timeout = Annotated[float, AfterValidator(_check_timeout)]
+Objects = Annotated[tuple[DicomObject, ...], AfterValidator(_check_objects)]
+
+
 @dataclass(frozen=True)
 class DicomDestination:
     """A DICOM peer that accepts C-STORE (a PACS, a viewer, a router).
@@ -118,9 +124,9 @@ class DicomDestination:
     """
 
     ae_title: str
-    host: str
-    port: int
-    objects: tuple[DicomObject, ...] = ("sr",)
+    host: Host
+    port: Port
+    objects: Objects = ("sr",)
     kind: Literal["dimse"] = "dimse"
 
     @field_validator("ae_title")
@@ -132,21 +138,6 @@ class DicomDestination:
                 "characters, no backslash, not all spaces)"
             )
         return v.strip()
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        return _check_host(v)
-
-    @field_validator("port", mode="before")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        return _check_port(v)
-
-    @field_validator("objects")
-    @classmethod
-    def _objects(cls, v: tuple[DicomObject, ...]) -> tuple[DicomObject, ...]:
-        return _check_objects(v)
 
     @classmethod
     def parse(cls, text: str) -> DicomDestination:
@@ -185,8 +176,8 @@ class StowDestination:
     url: str
     authorization: str | None = field(default=None, repr=False)
     verify: bool | str = True
-    timeout: float = 60.0
-    objects: tuple[DicomObject, ...] = ("sr",)
+    timeout: Timeout = 60.0
+    objects: Objects = ("sr",)
     kind: Literal["stow"] = "stow"
 
     @field_validator("url")
@@ -195,16 +186,6 @@ class StowDestination:
         url = _check_url(v, "STOW-RS")
         httpx.URL(url)  # refuses what httpx could not send to
         return url
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, v: float) -> float:
-        return _check_timeout(v)
-
-    @field_validator("objects")
-    @classmethod
-    def _objects(cls, v: tuple[DicomObject, ...]) -> tuple[DicomObject, ...]:
-        return _check_objects(v)
 
     @property
     def studies_url(self) -> str:
@@ -232,23 +213,13 @@ class Hl7Destination:
         Seconds to connect and, separately, to wait for the ACK.
     """
 
-    host: str
-    port: int
+    host: Host
+    port: Port
     receiving_application: str = ""
     receiving_facility: str = ""
     tls: bool = False
-    timeout: float = 30.0
+    timeout: Timeout = 30.0
     kind: Literal["hl7"] = "hl7"
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        return _check_host(v)
-
-    @field_validator("port", mode="before")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        return _check_port(v)
 
     @field_validator("receiving_application", "receiving_facility")
     @classmethod
@@ -256,11 +227,6 @@ class Hl7Destination:
         if not _HL7_ID.match(v):
             raise ValueError(f"HL7 receiving application/facility {v!r} holds a delimiter")
         return v
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, v: float) -> float:
-        return _check_timeout(v)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -286,7 +252,7 @@ class FhirDestination:
 
     base_url: str
     bearer_token: str | None = field(default=None, repr=False)
-    timeout: float = 30.0
+    timeout: Timeout = 30.0
     verify: bool | str = True
     kind: Literal["fhir"] = "fhir"
 
@@ -294,11 +260,6 @@ class FhirDestination:
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_url(v, "FHIR base")
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, v: float) -> float:
-        return _check_timeout(v)
 
     def __str__(self) -> str:
         return f"fhir+{self.base_url.rstrip('/')}"
