@@ -53,7 +53,10 @@ def test_json_form_with_objects_and_options() -> None:
         ("https://user:pw@pacs/dicom-web", "no credentials"),
         ("fhir+https://", "absolute"),
         ({"kind": "dimse", "ae_title": "P", "host": "h", "port": 1, "objects": []}, "at least"),
-        ({"kind": "dimse", "ae_title": "P", "host": "h", "port": 1, "objects": ["sr", "sr"]}, "twice"),
+        (
+            {"kind": "dimse", "ae_title": "P", "host": "h", "port": 1, "objects": ["sr", "sr"]},
+            "twice",
+        ),
         ({"kind": "dimse", "ae_title": "P", "host": "h", "port": 1, "objects": ["kos"]}, "objects"),
         ({"kind": "hl7", "host": "ris", "port": 2575, "receiving_facility": "A|B"}, "delimiter"),
         ({"kind": "smtp", "host": "x"}, "kind"),
