@@ -31,6 +31,8 @@ if [ "$want_peers" = 1 ]; then
       echo "setup: not root, cannot install ${need[*]}; tests that need them will skip" >&2
     fi
   fi
+  # the built OHIF viewer (npm registry) for tests/viewer; without it those tests skip
+  bash scripts/fetch-ohif.sh >/dev/null || echo "setup: warning: no OHIF viewer; viewer tests will skip" >&2
 fi
 
 PY=${PYTHON:-python3}
