@@ -12,9 +12,10 @@ Roles:
   transfer syntax (a PACS forwards JPEG, JPEG-LS, JPEG 2000, RLE, HTJ2K, ... as stored; the
   node keeps the bytes it received and decodes later).
 - Storage SCU (PS3.4 Annex B): what the node proposes when it sends its results back: the
-  draft report as Comprehensive SR or Enhanced SR (PS3.3 A.35.3 / A.35.2) and an optional
-  rendering as Secondary Capture (PS3.3 A.8.1), in the two uncompressed little-endian
-  transfer syntaxes.
+  draft report as Comprehensive, Enhanced or Basic Text SR (PS3.3 A.35.3 / A.35.2 / A.35.1)
+  and as Encapsulated PDF (A.45.1), the IHE IOCM rejection note that withdraws them (Key
+  Object Selection, A.35.4) and an optional synthetic rendering as Secondary Capture
+  (A.8.1), in the two uncompressed little-endian transfer syntaxes.
 """
 
 from __future__ import annotations

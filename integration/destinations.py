@@ -194,7 +194,7 @@ class StowDestination:
         return base if base.endswith("/studies") else f"{base}/studies"
 
     def __str__(self) -> str:
-        return self.studies_url
+        return self.url  # as configured: the delivery queue names destinations by this text
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,8 @@ class Hl7Parties:
     Parameters
     ----------
     sending_application, sending_facility, receiving_application, receiving_facility
-        As agreed with the RIS interface team, e.g. ``"LLMCXR"``, ``"RADIOLOGY"``.
+        As agreed with the RIS interface team, e.g. ``"LLMCXR"``, ``"RADIOLOGY"``; the
+        receiving ones may be empty (MSH-5 and MSH-6 are optional).
     """
 
     sending_application: str
@@ -150,15 +151,13 @@ class Hl7Parties:
     receiving_facility: str
 
     def __post_init__(self) -> None:
-        for name in (
-            "sending_application",
-            "sending_facility",
-            "receiving_application",
-            "receiving_facility",
-        ):
+        for name in ("sending_application", "sending_facility"):
             value = getattr(self, name)
             if not value or not value.strip() or len(value) > 227:
                 raise ValueError(f"{name} must be 1-227 characters, got {value!r}")
+        for name in ("receiving_application", "receiving_facility"):  # optional (MSH-5/6)
+            if len(getattr(self, name)) > 227:
+                raise ValueError(f"{name} must be at most 227 characters")
 
 
 @dataclass(frozen=True, slots=True)

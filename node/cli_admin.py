@@ -3,7 +3,7 @@
 Registered by :func:`register` on the main typer app (``node.cli``):
 
 - ``jobs show ID [--json]``, ``jobs retry ID``, ``jobs cancel ID [--reason]``,
-  ``jobs resend ID``, ``jobs priority ID N``;
+  ``jobs resend ID``, ``jobs priority ID N``, ``jobs withdraw ID --reason TEXT``;
 - ``tokens create --role admin|operator|viewer [--name]`` (the token alone on the last line),
   ``tokens revoke ID``, ``tokens list [--json]``;
 - ``ask FILE --question TEXT`` (CXR-VQA on a DICOM or PNG file with the in-process model of
@@ -117,6 +117,12 @@ def jobs_show(
         out.print(f"  {name:<9} {at.isoformat() if at else '-'}", highlight=False)
     if j.last_error:
         out.print(f"last error: {j.last_error}", markup=False, highlight=False)
+    if j.withdrawn_at:
+        out.print(
+            f"WITHDRAWN {j.withdrawn_at.isoformat()} by {j.withdrawn_by}: {j.withdrawn_reason}",
+            markup=False,
+            highlight=False,
+        )
     if d.drafts:
         draft = d.drafts[0]
         out.print(
@@ -127,7 +133,7 @@ def jobs_show(
         out.print(draft.text, markup=False, highlight=False)
     for dl in d.deliveries:
         out.print(
-            f"delivery {dl.id} -> {dl.destination} [{dl.kind}] {dl.state} "
+            f"delivery {dl.id} {dl.object} -> {dl.destination} [{dl.kind}] {dl.state} "
             f"attempts {dl.attempts}"
             f"{' last ' + dl.last_attempt_at.isoformat() if dl.last_attempt_at else ''}"
             f"{' error: ' + dl.last_error if dl.last_error else ''}",
@@ -173,6 +179,29 @@ def jobs_resend(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
     typer.echo(f"job {job_id}: {len(ids)} deliveries queued again")
+
+
+def jobs_withdraw(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    reason: Annotated[str, typer.Option(help="Why, sent to every receiver (no patient data).")],
+) -> None:
+    """Withdraw the job's sent draft: KOS rejection note, HL7 and FHIR withdrawals (audited).
+
+    The withdrawals are queued; a running ``cxr-node serve`` sends them.
+    """
+    from node.outputs import withdraw
+
+    with _sessions() as factory:
+        try:
+            result = withdraw(_settings(), factory, job_id, actor=actor(), reason=reason)
+        except (LookupError, ValueError) as exc:
+            raise _fail(exc) from None
+    typer.echo(
+        f"job {job_id}: draft withdrawn; {len(result.cancelled)} unsent object(s) cancelled, "
+        f"{len(result.queued)} withdrawal(s) queued"
+    )
+    for dest, why in result.skipped.items():
+        err.print(f"no withdrawal for {dest}: {why}", markup=False, highlight=False)
 
 
 def jobs_priority(
@@ -338,7 +367,8 @@ def register(app: typer.Typer, jobs_app: typer.Typer, settings: Callable[[], Set
     app
         The root typer app (gets ``tokens``, ``ask``, ``generate-image``).
     jobs_app
-        The ``jobs`` group (gets ``show``, ``retry``, ``cancel``, ``resend``, ``priority``).
+        The ``jobs`` group (gets ``show``, ``retry``, ``cancel``, ``resend``, ``priority``,
+        ``withdraw``).
     settings
         Loads the settings the way the rest of the CLI does (``--config``, environment).
     """
@@ -348,6 +378,7 @@ def register(app: typer.Typer, jobs_app: typer.Typer, settings: Callable[[], Set
     jobs_app.command("cancel")(jobs_cancel)
     jobs_app.command("resend")(jobs_resend)
     jobs_app.command("priority")(jobs_priority)
+    jobs_app.command("withdraw")(jobs_withdraw)
     app.add_typer(tokens_app, name="tokens")
     app.command("ask")(ask)
     app.command("generate-image")(generate_image)

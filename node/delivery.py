@@ -1,14 +1,24 @@
-"""The SR sender: delivers queued draft SRs to the configured destinations, with retries.
+"""The sender: delivers every queued outbound object, with retries. The only way out.
 
-The worker calls :func:`enqueue_deliveries` once the SR file is written: one ``pending``
-row per destination (:mod:`node.db.repo_delivery`). :class:`DeliveryComponent` is a loop
-(one thread, plus a small pool for parallel sends) that every ``poll_seconds`` (and at once
-when woken by an enqueue in this process) claims the due rows and sends each one:
+The worker (:func:`node.outputs.build_outputs`), a withdrawal (:func:`node.outputs.withdraw`)
+and the API (a synthetic Secondary Capture sent on request) call :func:`enqueue_deliveries`
+once the object's file is written: one ``pending`` row per (destination, object)
+(:mod:`node.db.repo_delivery`). :class:`DeliveryComponent` is a loop (one thread, plus a
+small pool for parallel sends) that every ``poll_seconds`` (and at once when woken by an
+enqueue in this process) claims the due rows and sends each one by its destination's kind:
 
 - DIMSE destinations (``AET@host:port``) with C-STORE (PS3.4 Annex B) through
   :func:`integration.scu.send_dataset` (calling AE = ``ae_title``, the node's ACSE / DIMSE /
   network timeouts, DICOM TLS per PS3.15 B.1 when ``tls_destinations`` is on);
-- STOW-RS destinations (http(s) URLs) through :func:`integration.stow.stow` (PS3.18 §10.5).
+- STOW-RS destinations (http(s) URLs) through :func:`integration.stow.stow` (PS3.18 §10.5);
+- HL7 destinations (``mllp://``) through :func:`integration.mllp.send_mllp`, the ACK
+  judged by :func:`integration.hl7_oru.check_ack` (AA/CA sent; AE/AR transient or
+  permanent by their ERR-3 codes);
+- FHIR destinations (``fhir+http(s)://``) through
+  :func:`integration.fhir_report.send_transaction` (FHIR RESTful API, transaction).
+
+The options of a destination (objects, HL7 receiving application, FHIR bearer token) come
+from the configured destination whose text form the row names.
 
 Outcomes: stored (success or warning status) -> ``sent`` with ``sent_at``; a transient
 failure (:attr:`integration.errors.DeliveryError.transient`: connection refused, association
@@ -19,24 +29,27 @@ the start of the round of attempts (``queued_at``: enqueue, re-send or re-queue;
 attempt falls on the horizon); a transient failure at or past the horizon (or on attempt
 ``delivery_max_attempts`` when that optional cap is set) -> ``failed`` with the reason; a
 permanent failure (0xA9xx, 0xCxxx, no presentation context, rejected-permanent, HTTP 4xx) or
-a missing SR file -> ``failed`` at once, marked ``permanent_failure``. So a PACS that is down
+a missing file -> ``failed`` at once, marked ``permanent_failure``. So a PACS that is down
 when the SR is ready gets it when it comes back within the horizon; one down for longer gets
 it when it answers again: :func:`recheck_failed_destinations` (a chore of
 :mod:`node.scheduler`, every ``delivery_recheck_minutes``) C-ECHOes (PS3.4 Annex A) each
-configured destination that has failed, not permanent deliveries (STOW-RS: an HTTP OPTIONS
-request answered below 500) and re-queues them when it answers (audited).
+configured destination that has failed, not permanent deliveries (STOW-RS and FHIR: an HTTP
+OPTIONS request answered below 500; HL7: a TCP connection) and re-queues them when it
+answers (audited).
 Each claim records when its attempt started (``last_attempt_at``, shown with ``attempts`` and
 ``last_error`` by the API, the console and ``cxr-node jobs show``). A claim given back unsent
 at shutdown is not counted; if it was the first, ``last_attempt_at`` goes back to empty.
 
-Logs name the delivery, the job, the destination, the SR's SOP Instance UID and the outcome;
-never report text or patient data.
+Logs name the delivery, the job, the destination, the object and its UID (SOP Instance UID,
+MSH-10) and the outcome; never report text or patient data.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import weakref
@@ -50,17 +63,25 @@ import httpx
 from pydicom import dcmread
 from sqlalchemy.orm import Session
 
+from integration.destinations import (
+    DicomDestination,
+    FhirDestination,
+    Hl7Destination,
+    StowDestination,
+    parse_destination,
+)
 from integration.errors import DeliveryError
-from integration.scu import DicomDestination as ScuDestination
-from integration.scu import SendResult, echo, send_dataset
-from integration.stow import StowDestination as StowTarget
+from integration.fhir_report import send_transaction
+from integration.hl7_oru import check_ack, message_control_id
+from integration.mllp import send_mllp
+from integration.scu import echo, send_dataset
 from integration.stow import stow
 from node.api import metrics
 from node.db import repo_delivery as repo
 from node.db.models import Delivery, DeliveryKind, utcnow
-from node.db.repo_delivery import DestinationLike
+from node.db.repo_delivery import DestinationLike, Outbound
 from node.service import NodeContext
-from node.settings import Settings, parse_ae_address
+from node.settings import Settings
 from node.tls import build_client_context, client_context
 
 __all__ = [
@@ -76,6 +97,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+AnyDestination = DicomDestination | StowDestination | Hl7Destination | FhirDestination
+_LABELS = {
+    "sr": "SR",
+    "basic-sr": "Basic Text SR",
+    "pdf": "PDF",
+    "report": "report",
+    "withdrawal": "withdrawal",
+    "sc": "Secondary Capture",
+}
 
 # live senders of this process, woken by enqueue_deliveries
 _SENDERS: weakref.WeakSet[DeliveryComponent] = weakref.WeakSet()
@@ -93,25 +123,27 @@ def wake_senders() -> None:
 def enqueue_deliveries(
     session: Session,
     *,
-    job_id: int,
-    sr_path: str | Path,
-    destinations: Sequence[DestinationLike],
+    job_id: int | None,
+    sr_path: str | Path | None = None,
+    destinations: Sequence[DestinationLike] = (),
+    items: Sequence[Outbound] = (),
 ) -> list[int]:
-    """Queue the job's SR for each destination and wake the senders of this process.
+    """Queue objects for destinations and wake the senders of this process.
 
-    See :func:`node.db.repo_delivery.enqueue_deliveries` (idempotent per job and
-    destination; commits).
+    See :func:`node.db.repo_delivery.enqueue_deliveries` (idempotent per job, destination
+    and object; commits).
 
     Parameters
     ----------
     session
         A write session.
     job_id
-        The job whose SR is delivered.
-    sr_path
-        The SR Part 10 file: absolute, or relative to ``spool_dir``.
-    destinations
-        Usually ``settings.destinations``.
+        The job whose objects are delivered (``None``: a synthetic Secondary Capture).
+    sr_path, destinations
+        Shorthand: the SR Part 10 file (absolute, or relative to ``spool_dir``) for each
+        destination.
+    items
+        The objects and their destinations.
 
     Returns
     -------
@@ -119,7 +151,11 @@ def enqueue_deliveries(
         The delivery ids.
     """
     ids = repo.enqueue_deliveries(
-        session, job_id=job_id, sr_path=str(sr_path), destinations=destinations
+        session,
+        job_id=job_id,
+        sr_path=str(sr_path) if sr_path is not None else None,
+        destinations=destinations,
+        items=items,
     )
     wake_senders()
     return ids
@@ -306,49 +342,72 @@ class DeliveryComponent:
     def _deliver(self, row: Delivery) -> DeliveryOutcome:
         claimed_until = row.next_attempt_at
         path = self._sr_file(row)
+        what = _LABELS.get(row.object.value, row.object.value)
         if path is None or not path.is_file():
-            reason = f"SR file missing: {path or '(no path recorded)'} no longer exists"
+            reason = f"{what} file missing: {path or '(no path recorded)'} no longer exists"
             metrics.count_delivery_failure(row.kind.value, transient=False)
-            return self._record_failed(row, claimed_until, reason, None, permanent=True)
-        sr_uid: str | None = None
+            return self._record_failed(row, claimed_until, reason, row.object_uid, permanent=True)
+        uid = row.object_uid
+        if uid is None and row.kind in (DeliveryKind.dimse, DeliveryKind.stow):
+            try:
+                header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                uid = str(header.get("SOPInstanceUID", "")) or None
+            except Exception:  # send_dataset / stow report an unreadable file with the reason
+                pass
         try:
-            header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            sr_uid = str(header.get("SOPInstanceUID", "")) or None
-        except Exception:  # send_dataset / stow report an unreadable file with the reason
-            pass
-        try:
-            result = self._send(row, path)
+            status, message, note = self._send(row, path, uid)
         except DeliveryError as exc:
-            return self._record_error(row, claimed_until, str(exc), exc.transient, sr_uid)
+            return self._record_error(row, claimed_until, str(exc), exc.transient, uid)
         except Exception as exc:  # unknown: assume transient, bounded by max attempts
-            return self._record_error(
-                row, claimed_until, f"{type(exc).__name__}: {exc}", True, sr_uid
-            )
-        sr_uid = result.sop_instance_uid or sr_uid
-        note = result.message if result.warning else None
+            return self._record_error(row, claimed_until, f"{type(exc).__name__}: {exc}", True, uid)
         with self.ctx.session_factory() as session:
             ok = repo.mark_sent(session, row.id, claimed_until=claimed_until, note=note)
         state = "sent" if ok else "lost"
         log.info(
-            "delivery %s (job %s): SR %s to %s: %s (status %s, attempt %d)",
+            "delivery %s (job %s): %s %s to %s: %s (%s, attempt %d)",
             row.id,
             row.job_id,
-            sr_uid,
+            what,
+            uid,
             row.destination,
             state,
-            f"0x{result.status:04X}" if row.kind is DeliveryKind.dimse else f"HTTP {result.status}",
+            status,
             row.attempts,
         )
-        return DeliveryOutcome(row.id, row.destination, state, result.message, sr_uid)
+        return DeliveryOutcome(row.id, row.destination, state, message, uid)
 
-    def _send(self, row: Delivery, path: Path) -> SendResult:
+    def _destination(self, row: Delivery) -> AnyDestination:
+        """The configured destination of ``row`` (its options), else one parsed from it."""
+        for dest in self.settings.destinations:
+            if str(dest) == row.destination:
+                return dest
+        return parse_destination(row.destination)
+
+    def _send(self, row: Delivery, path: Path, uid: str | None) -> tuple[str, str, str | None]:
+        """Send one file by the row's protocol: (status text, message, note to keep)."""
         s = self.settings
-        if row.kind is DeliveryKind.stow:
-            target = StowTarget(url=row.destination, timeout=s.network_timeout)
-            return stow(path, target, client=self._http)
-        parsed = parse_ae_address(row.destination)
-        dest = ScuDestination(ae_title=parsed.ae_title, host=parsed.host, port=parsed.port)
-        return send_dataset(
+        dest = self._destination(row)
+        if isinstance(dest, Hl7Destination):
+            control_id = uid or message_control_id(row.destination, str(row.id))
+            raw = send_mllp(
+                path.read_bytes(),
+                dest.host,
+                dest.port,
+                connect_timeout=min(dest.timeout, self.connection_timeout),
+                read_timeout=dest.timeout,
+                ssl_context=self._mllp_ssl() if dest.tls else None,
+                server_hostname=dest.host if dest.tls else None,
+            )
+            ack = check_ack(raw, control_id=control_id)
+            return f"MSA-1 {ack.code}", f"acknowledged {ack.code}", None
+        if isinstance(dest, FhirDestination):
+            bundle = json.loads(path.read_bytes())
+            fhir = send_transaction(bundle, dest, client=self._http)
+            return f"HTTP {fhir.http_status}", f"HTTP {fhir.http_status}", None
+        if isinstance(dest, StowDestination):
+            result = stow(path, dest, client=self._http)
+            return f"HTTP {result.status}", result.message, None
+        result = send_dataset(
             path,
             dest,
             calling_ae=s.ae_title,
@@ -358,6 +417,15 @@ class DeliveryComponent:
             connection_timeout=self.connection_timeout,
             ssl_context=self._ssl,
         )
+        note = result.message if result.warning else None
+        return f"status 0x{result.status:04X}", result.message, note
+
+    def _mllp_ssl(self) -> ssl.SSLContext:
+        """TLS for MLLP: the node's CA file (and client certificate) when set, else system CAs."""
+        if self._stow_verify is True:
+            return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        assert isinstance(self._stow_verify, ssl.SSLContext)
+        return self._stow_verify
 
     def _record_error(
         self,
@@ -447,20 +515,24 @@ def probe_destination(settings: Settings, destination: str) -> bool:
 
     DIMSE: a C-ECHO (Verification SOP Class, PS3.4 Annex A) with calling AE ``ae_title``,
     the ACSE / DIMSE / network timeouts and DICOM TLS as for sends, returning 0x0000.
-    STOW-RS (PS3.18 §10.5): an HTTP ``OPTIONS`` request to the URL (RFC 9110 §9.3.7)
-    answered with a status below 500 other than 408 and 429: the origin server is up. Never
-    raises.
+    STOW-RS (PS3.18 §10.5) and FHIR: an HTTP ``OPTIONS`` request to the URL (RFC 9110
+    §9.3.7) answered with a status below 500 other than 408 and 429: the origin server is
+    up. HL7 MLLP: a TCP connection is accepted. Never raises.
     """
     try:
-        if repo.destination_kind(destination) is DeliveryKind.stow:
+        dest = parse_destination(destination)
+        if isinstance(dest, StowDestination | FhirDestination):
+            url = dest.studies_url if isinstance(dest, StowDestination) else dest.base_url
             with httpx.Client(
                 verify=stow_verify(settings), timeout=settings.network_timeout
             ) as client:
-                status = client.request("OPTIONS", destination).status_code
+                status = client.request("OPTIONS", url).status_code
             return status < 500 and status not in (408, 429)
-        parsed = parse_ae_address(destination)
+        if isinstance(dest, Hl7Destination):
+            with socket.create_connection((dest.host, dest.port), timeout=dest.timeout):
+                return True
         return echo(
-            ScuDestination(ae_title=parsed.ae_title, host=parsed.host, port=parsed.port),
+            dest,
             settings.ae_title,
             acse_timeout=settings.acse_timeout,
             dimse_timeout=settings.dimse_timeout,
@@ -471,6 +543,14 @@ def probe_destination(settings: Settings, destination: str) -> bool:
     except Exception as exc:  # unreachable, refused, TLS failure: not answering
         log.info("probe of %s failed: %s", destination, type(exc).__name__)
         return False
+
+
+_PROBES = {
+    DeliveryKind.dimse: "C-ECHO",
+    DeliveryKind.stow: "HTTP OPTIONS",
+    DeliveryKind.fhir: "HTTP OPTIONS",
+    DeliveryKind.hl7: "TCP connect",
+}
 
 
 def recheck_failed_destinations(
@@ -498,10 +578,9 @@ def recheck_failed_destinations(
         if not probe_destination(settings, destination):
             log.info("failed deliveries to %s stay failed: it does not answer", destination)
             continue
-        stow_kind = repo.destination_kind(destination) is DeliveryKind.stow
-        kind = "HTTP OPTIONS" if stow_kind else "C-ECHO"
+        probe = _PROBES[repo.destination_kind(destination)]
         with session_factory() as session:
-            ids = repo.requeue_failed(session, destination, reason=f"{kind} answered")
+            ids = repo.requeue_failed(session, destination, reason=f"{probe} answered")
         requeued[destination] = len(ids)
     if any(requeued.values()):
         wake_senders()

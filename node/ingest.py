@@ -28,21 +28,26 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, python_encoding
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
-from pydicom.filereader import data_element_generator, read_preamble
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator, read_preamble, read_sequence
+from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from integration.priority import PriorityRule, study_priority
 from integration.scp import ReceivedMeta, StoreResult
 from integration.status import StoreStatus
 from node.api import metrics
@@ -51,7 +56,14 @@ from node.spool import Spool, SpooledFile, SpoolError
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-__all__ = ["DataSetError", "HeaderInfo", "InflateLimits", "IngestSink", "read_header"]
+__all__ = [
+    "DataSetError",
+    "HeaderInfo",
+    "InflateLimits",
+    "IngestSink",
+    "header_priority",
+    "read_header",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -71,7 +83,28 @@ _WANTED = {
     Tag(0x0020, 0x000D): "StudyInstanceUID",
     Tag(0x0020, 0x000E): "SeriesInstanceUID",
 }
+# What the job priority is computed from (integration.priority): the order's Requested
+# Procedure Priority (PS3.3 C.4.11) and the attributes a site rule may look at (RULE_FIELDS
+# but the calling AE, which is the association's)
+_PRIORITY = 0x00401003  # Requested Procedure Priority, SH
+_REQUEST_ATTRIBUTES = 0x00400275  # Request Attributes Sequence, SQ (PS3.3 C.4.11 / C.7.3.1)
+_RULE_TAGS = {
+    Tag(0x0008, 0x1010): "StationName",
+    Tag(0x0008, 0x1040): "InstitutionalDepartmentName",
+    Tag(0x0008, 0x0080): "InstitutionName",
+    Tag(0x0008, 0x0090): "ReferringPhysicianName",
+    Tag(0x0032, 0x1033): "RequestingService",
+    Tag(0x0008, 0x1030): "StudyDescription",
+    Tag(0x0008, 0x1080): "AdmittingDiagnosesDescription",
+    Tag(0x0038, 0x0500): "PatientState",
+}
+_WANTED.update(_RULE_TAGS)
+_WANTED[Tag(_PRIORITY)] = "RequestedProcedurePriority"
 _DEFER = 1024  # bytes: larger values are skipped with a seek, never read
+# bytes of the Request Attributes Sequence kept to read its items' priority (a real one has
+# a few hundred); a longer sequence is walked and skipped as any other, its priority unread
+_REQUEST_ATTRIBUTES_MAX = 64 * 1024
+_REQUEST_ITEMS_MAX = 64  # items of it looked at
 
 # Transfer syntaxes whose data set is deflated (raw deflate, RFC 1951): PS3.5 A.5 (Deflated
 # Explicit VR Little Endian), A.7 (JPIP Referenced Deflate), A.12 (JPIP HTJ2K Referenced
@@ -114,6 +147,14 @@ class HeaderInfo:
         (0008,0016), (0008,0018), (0020,000D), (0020,000E).
     modality, body_part_examined, study_description, series_description, view_position
         (0008,0060), (0018,0015), (0008,1030), (0008,103E), (0018,5101).
+    requested_procedure_priority
+        (0040,1003) at the top level, as sent (``""`` if absent).
+    request_priorities
+        (0040,1003) of each item of the Request Attributes Sequence (0040,0275), in order
+        (at most the first 64 items, and only when the sequence is at most 64 KiB).
+    rule_attributes
+        ``(keyword, text)`` of the attributes a priority rule may match
+        (:data:`integration.priority.RULE_FIELDS`) that the data set carries, first value.
     """
 
     transfer_syntax: str
@@ -126,6 +167,9 @@ class HeaderInfo:
     study_description: str
     series_description: str
     view_position: str
+    requested_procedure_priority: str = ""
+    request_priorities: tuple[str, ...] = ()
+    rule_attributes: tuple[tuple[str, str], ...] = ()
 
 
 def _as_text(raw: RawDataElement | None, encoding: str | list[str]) -> str:
@@ -281,7 +325,9 @@ class _Walker:
     """Walk a data set's element structure without building it (PS3.5 7.1, 7.5, A.4).
 
     Every element header is read and every value skipped, except the few top-level values in
-    :data:`_WANTED` (up to :data:`_DEFER` bytes). Undefined-length sequences are walked item
+    :data:`_WANTED` (up to :data:`_DEFER` bytes) and the top-level Request Attributes Sequence
+    (up to :data:`_REQUEST_ATTRIBUTES_MAX` bytes, for the order's priority in its items, parsed
+    afterwards by :func:`_request_priorities`). Undefined-length sequences are walked item
     by item and encapsulated pixel data fragment by fragment; nothing is kept, so memory does
     not depend on the data set. pydicom's ``data_element_generator`` is not used here because
     it parses an undefined-length sequence, values and all, into memory (``read_sequence``
@@ -302,20 +348,47 @@ class _Walker:
         self._u32 = struct.Struct(order + "L").unpack
         self._headers = 0
         self.found: dict[int, RawDataElement] = {}
+        #: the value of the top-level Request Attributes Sequence (its items, without a
+        #: sequence delimiter) and whether they are implicit VR; None if absent or too long
+        self.request_attributes: tuple[bytes, bool] | None = None
+        self._tap: list[bytes] | None = None  # bytes kept while walking that sequence
+        self._tapped = 0
+
+    def _read(self, n: int) -> bytes:
+        data = self.src.read(n)
+        if self._tap is not None:
+            self._keep(data)
+        return data
+
+    def _keep(self, data: bytes) -> None:
+        assert self._tap is not None
+        self._tapped += len(data)
+        if self._tapped > _REQUEST_ATTRIBUTES_MAX:
+            self._tap = None  # too long: walked to its end, but not kept
+        else:
+            self._tap.append(data)
 
     def _exact(self, n: int) -> bytes:
-        data = self.src.read(n)
+        data = self._read(n)
         if len(data) < n:
             raise _malformed(f"data set truncated: {n - len(data)} bytes missing at the end")
         return data
 
     def _skip(self, n: int, tag: int) -> None:
+        if self._tap is not None and self._tapped + n <= _REQUEST_ATTRIBUTES_MAX:
+            data = self.src.read(n)
+            if len(data) < n:
+                raise _malformed(f"data set truncated: element {_tag_text(tag)} ends past the end")
+            self._keep(data)
+            return
+        if self._tap is not None:
+            self._tap = None  # too long: walked to its end, but not kept
         if self.src.skip(n) < n:
             raise _malformed(f"data set truncated: element {_tag_text(tag)} ends past the end")
 
     def _header(self, implicit: bool, *, top: bool) -> tuple[int, str | None, int] | None:
         """(tag, VR or None, length) of the next element or item; ``None`` at the very end."""
-        head = self.src.read(8)
+        head = self._read(8)
         if not head and top:
             return None
         if len(head) < 8:
@@ -355,7 +428,9 @@ class _Walker:
             if tag <= last:  # PS3.5 7.1.1: increasing order, each element at most once
                 raise _malformed(f"data set malformed: {_tag_text(tag)} out of tag order")
             last = tag
-            if length == _UNDEFINED:
+            if top and tag == _REQUEST_ATTRIBUTES and vr in (None, "SQ", "UN"):
+                self._request_attributes(tag, vr, length, implicit=implicit)
+            elif length == _UNDEFINED:
                 self._undefined(tag, vr, implicit=implicit, depth=depth)
             elif top and tag in _WANTED and length <= _DEFER:
                 value = self._exact(length)
@@ -364,6 +439,25 @@ class _Walker:
                 )
             else:
                 self._skip(length, tag)
+
+    def _request_attributes(self, tag: int, vr: str | None, length: int, *, implicit: bool) -> None:
+        """The top-level Request Attributes Sequence: walked as any other, its bytes kept
+        (up to :data:`_REQUEST_ATTRIBUTES_MAX`) for the priority of its items."""
+        nested_implicit = implicit or vr == "UN"  # PS3.5 6.2.2: a UN sequence is IVR LE
+        if length != _UNDEFINED:
+            if length > _REQUEST_ATTRIBUTES_MAX:
+                self._skip(length, tag)
+            else:
+                self.request_attributes = (self._exact(length), nested_implicit)
+            return
+        self._tap, self._tapped = [], 0
+        try:
+            self._undefined(tag, vr, implicit=implicit, depth=0)
+            kept = self._tap
+        finally:
+            self._tap = None
+        if kept is not None:  # the last 8 bytes are the Sequence Delimitation Item
+            self.request_attributes = (b"".join(kept)[:-8], nested_implicit)
 
     def _undefined(self, tag: int, vr: str | None, *, implicit: bool, depth: int) -> None:
         """An undefined-length value: a sequence (SQ; UN, PS3.5 6.2.2) or encapsulated data."""
@@ -506,7 +600,84 @@ def read_header(path: Path, *, inflate: InflateLimits | None = None) -> HeaderIn
         study_description=text(0x00081030),
         series_description=text(0x0008103E),
         view_position=text(0x00185101),
+        requested_procedure_priority=text(_PRIORITY),
+        request_priorities=_request_priorities(
+            walker.request_attributes, little=walker.little, encoding=encoding
+        ),
+        rule_attributes=tuple(
+            (keyword, value) for tag, keyword in _RULE_TAGS.items() if (value := text(tag))
+        ),
     )
+
+
+def _request_priorities(
+    value: tuple[bytes, bool] | None, *, little: bool, encoding: str | list[str]
+) -> tuple[str, ...]:
+    """Requested Procedure Priority (0040,1003) of each Request Attributes Sequence item.
+
+    The sequence's bytes were bounded by the walker; an item (or a sequence) that cannot be
+    parsed gives nothing: the priority is a hint, never a reason to refuse an instance.
+    """
+    if value is None or not value[0]:
+        return ()
+    data, implicit = value
+    try:
+        items = read_sequence(io.BytesIO(data), implicit, little, len(data), encoding)
+    except Exception as exc:  # pydicom raises assorted errors on garbage input
+        LOG.debug("Request Attributes Sequence unreadable (%s); no order priority", type(exc))
+        return ()
+    out: list[str] = []
+    for item in list(items)[:_REQUEST_ITEMS_MAX]:
+        try:
+            priority = item.get(_PRIORITY)
+            text = "" if priority is None or priority.value is None else str(priority.value)
+        except Exception:
+            continue
+        if text.strip():
+            out.append(text.strip())
+    return tuple(out)
+
+
+def _element(keyword: str, value: str) -> DataElement:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return DataElement(tag, dictionary_VR(tag), value, validation_mode=pydicom_config.IGNORE)
+
+
+def header_priority(
+    header: HeaderInfo, *, calling_ae: str | None, rules: Iterable[PriorityRule] = ()
+) -> int:
+    """The job priority of the study ``header``'s instance belongs to; never raises.
+
+    :func:`integration.priority.study_priority` on the attributes :func:`read_header` kept
+    (the order's Requested Procedure Priority, top level and Request Attributes Sequence,
+    and the attributes of :data:`integration.priority.RULE_FIELDS`) and the calling AE
+    Title. Anything unexpected gives 0 (routine): a priority never fails a C-STORE.
+    """
+    try:
+        ds = Dataset()
+        for keyword, value in header.rule_attributes:
+            ds.add(_element(keyword, value))
+        if header.requested_procedure_priority:
+            ds.add(_element("RequestedProcedurePriority", header.requested_procedure_priority))
+        if header.request_priorities:
+            items = []
+            for value in header.request_priorities:
+                item = Dataset()
+                item.add(_element("RequestedProcedurePriority", value))
+                items.append(item)
+            ds.add(
+                DataElement(
+                    _REQUEST_ATTRIBUTES,
+                    "SQ",
+                    Sequence(items),
+                    validation_mode=pydicom_config.IGNORE,
+                )
+            )
+        return study_priority(ds, calling_ae=calling_ae, rules=rules)
+    except Exception as exc:
+        LOG.warning("job priority not computed (%s); routine (0)", type(exc).__name__)
+        return 0
 
 
 def _valid_uid(uid: str) -> bool:
@@ -604,7 +775,8 @@ class IngestSink:
     ----------
     settings
         Node settings (``min_free_disk_mb``, ``job_max_attempts``, ``spool_dir``,
-        ``database_url``, ``deflate_max_ratio``, ``deflate_max_inflated_mb``).
+        ``database_url``, ``deflate_max_ratio``, ``deflate_max_inflated_mb``,
+        ``priority_rules``).
     session_factory
         SQLAlchemy session factory (``node.db.engine.make_session_factory``).
     spool
@@ -632,6 +804,9 @@ class IngestSink:
             else int(floor_mb) * _MIB
         )
         self.job_max_attempts = int(getattr(settings, "job_max_attempts", 3))
+        self.priority_rules: tuple[PriorityRule, ...] = tuple(
+            getattr(settings, "priority_rules", None) or ()
+        )
         defaults = InflateLimits()
         ratio = getattr(settings, "deflate_max_ratio", defaults.max_ratio)
         inflated_mb = getattr(settings, "deflate_max_inflated_mb", defaults.max_bytes // _MIB)
@@ -717,6 +892,9 @@ class IngestSink:
             sha256=spooled.sha256,
             calling_ae=meta.calling_ae or None,
             received_at=self.clock(),
+            priority=header_priority(
+                header, calling_ae=meta.calling_ae or None, rules=self.priority_rules
+            ),
         )
         with self.session_factory() as session:
             result = record_instance_detailed(session, rec, job_max_attempts=self.job_max_attempts)

@@ -15,14 +15,17 @@ For one claimed job (or a batch of them):
 6. **build the SR** (:func:`integration.sr.build_draft_sr`; SOP Instance and Series UIDs
    derived from study + model name + version, :mod:`integration.uids`) and write it durably to
    ``<spool>/outputs/<SR SOP Instance UID>.dcm`` (temporary file, fsync, rename, fsync dir);
-7. **enqueue** one delivery per configured destination
-   (:func:`node.db.repo_delivery.enqueue_deliveries`, idempotent per job and destination);
+7. **build the outputs** each destination gets (:func:`node.outputs.build_outputs`: Basic
+   Text SR, Encapsulated PDF, HL7 ORU, FHIR Bundle, as configured) and **enqueue** one
+   delivery per (destination, object) (:func:`node.db.repo_delivery.enqueue_deliveries`,
+   idempotent per job, destination and object);
 8. **finish** the job (:func:`node.db.repository.finish_job`).
 
-A re-run of a job (lease expiry, retry, a late instance) produces the same SR UID and
-replaces the file; delivery rows are not duplicated. When the lease is lost on the way the
-job's outputs are abandoned (the new holder writes them). Logs carry job ids, UIDs and
-timings only, never report text or patient data.
+A re-run of a job that drafts the same text from the same instances produces the same SR UID
+and replaces the file; a changed draft gets a new UID and supersedes the earlier SR
+(Predecessor Documents Sequence). Delivery rows are not duplicated. When the lease is lost on
+the way the job's outputs are abandoned (the new holder writes them). Logs carry job ids,
+UIDs and timings only, never report text or patient data.
 
 Test hook: ``CXR_NODE_TEST_STAGE_DELAY="<stage>:<seconds>[,<stage>:<seconds>...]"`` sleeps
 before a stage (``load``, ``convert``, ``generate``, ``sr``, ``enqueue``). It exists so that
@@ -32,10 +35,10 @@ tests can kill a worker *during* generation deterministically; leave it unset in
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +58,11 @@ from integration.sr import build_draft_sr, requested_procedures_from
 from integration.uids import draft_series_number, sr_instance_uid, sr_series_uid
 from models.layout import TokenLayoutError
 from models.prompts import PromptError
-from node import __version__ as node_version
 from node.api import metrics
 from node.db import repo_outputs
 from node.db import repository as repo
 from node.db.repository import LeaseLost
-from node.filemodes import make_private_dir, open_private
+from node.outputs import MANUFACTURER, SOFTWARE, DraftText, build_outputs, write_output
 from node.settings import Settings
 from node.spool import OUTPUTS_DIR
 
@@ -97,7 +99,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANUFACTURER = "llm-cxr-node"
 SR_INSTANCE_NUMBER = 1
 STAGE_DELAY_ENV = "CXR_NODE_TEST_STAGE_DELAY"
 _STAGES = ("load", "convert", "generate", "sr", "enqueue")
@@ -387,7 +388,7 @@ def build_sr(
         algorithm_name=draft.model_name,
         algorithm_version=draft.model_version,
         manufacturer=MANUFACTURER,
-        software_version=f"llm-cxr-node {node_version}",
+        software_version=SOFTWARE,
         demo=draft.demo,
         sop_instance_uid=sop_uid,
         series_instance_uid=sr_series_uid(study_uid, draft.model_name, draft.model_version),
@@ -413,38 +414,14 @@ def previous_srs(deps: PipelineDeps, study_uid: str) -> list[Dataset]:
     return found
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_sr(
     sr: Dataset, outputs_dir: Path, *, before_rename: Callable[[], None] | None = None
 ) -> Path:
     """Write ``sr`` durably to ``<outputs_dir>/<SOP Instance UID>.dcm`` (replacing).
 
-    Temporary file in the same directory, ``fsync``, ``before_rename()`` (e.g. a lease
-    check that raises), atomic ``os.replace``, ``fsync`` of the directory. The SR carries
-    patient data: the file is 0600, a folder created for it 0700 (:mod:`node.filemodes`).
+    See :func:`node.outputs.write_output` (fsync, ``before_rename()``, atomic rename; 0600).
     """
-    make_private_dir(outputs_dir)
-    final = outputs_dir / f"{sr.SOPInstanceUID}.dcm"
-    tmp = outputs_dir / f".{sr.SOPInstanceUID}.{uuid.uuid4().hex[:8]}.part"
-    try:
-        with open_private(tmp) as fh:
-            sr.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, final)
-        _fsync_dir(outputs_dir)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    return write_output(sr, outputs_dir, f"{sr.SOPInstanceUID}.dcm", before_rename=before_rename)
 
 
 def _draft_record(draft: ReportDraft, timings: dict[str, float]) -> repo_outputs.DraftRecord:
@@ -459,6 +436,17 @@ def _draft_record(draft: ReportDraft, timings: dict[str, float]) -> repo_outputs
         prompt=draft.prompt,
         generation_settings=dict(draft.settings),
         timings=dict(timings),
+    )
+
+
+def _draft_text(draft: ReportDraft) -> DraftText:
+    return DraftText(
+        findings=draft.findings,
+        impression=draft.impression.strip() or draft.text.strip() or "(no text generated)",
+        model_name=draft.model_name,
+        model_version=draft.model_version,
+        demo=draft.demo,
+        created_at=dt.datetime.now(dt.UTC),
     )
 
 
@@ -514,20 +502,30 @@ def complete_job(
             raise JobFailure(f"SR not built: {exc}", permanent=True, stage="sr") from exc
         path = write_sr(sr, deps.outputs_dir, before_rename=check)
     sr_uid = str(sr.SOPInstanceUID)
-    stage_delay("enqueue")
     delivery_ids: list[int] = []
-    destinations = list(deps.settings.destinations)
-    if destinations:
+    if deps.settings.destinations:
+        with _Timer(timings, "outputs_s"):
+            try:
+                items = build_outputs(
+                    deps.settings,
+                    deps.outputs_dir,
+                    sr=sr,
+                    sr_path=path,
+                    image_read=prepared.image.header,
+                    evidence=prepared.evidence,
+                    text=_draft_text(draft),
+                    before_rename=check,
+                )
+            except IntegrationError as exc:
+                raise JobFailure(
+                    f"output objects not built: {exc}", permanent=True, stage="outputs"
+                ) from exc
+        stage_delay("enqueue")
         from node.delivery import enqueue_deliveries  # also wakes this process's senders
 
         check()
         with _Timer(timings, "enqueue_s"), deps.session_factory() as session:
-            delivery_ids = enqueue_deliveries(
-                session,
-                job_id=job_id,
-                sr_path=f"{OUTPUTS_DIR}/{path.name}",
-                destinations=destinations,
-            )
+            delivery_ids = enqueue_deliveries(session, job_id=job_id, items=items)
     with deps.session_factory() as session:
         repo_outputs.update_draft_timings(session, draft_id, timings)
         repo.finish_job(

@@ -11,6 +11,7 @@ filesystem (spool directory writable, free disk) run in :meth:`Settings.prepare_
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -31,12 +41,25 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from integration.destinations import (
+    Destination,
+    DicomDestination,
+    FhirDestination,
+    Hl7Destination,
+    StowDestination,
+    parse_destination,
+)
+from integration.priority import RULE_FIELDS, PriorityRule
+
 __all__ = [
     "AllowedAE",
     "ChestRule",
     "ConfigError",
     "Destination",
     "DicomDestination",
+    "FhirDestination",
+    "Hl7Destination",
+    "PriorityRule",
     "Settings",
     "StowDestination",
     "load_settings",
@@ -162,60 +185,6 @@ class AllowedAE(BaseModel):
         return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
 
 
-class DicomDestination(BaseModel):
-    """A DIMSE C-STORE destination (PS3.4 Annex B): ``AET@host:port``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: Literal["dimse"] = "dimse"
-    ae_title: str
-    host: str
-    port: int
-
-    @field_validator("ae_title")
-    @classmethod
-    def _title(cls, v: str) -> str:
-        return validate_ae_title(v, setting="destinations")
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        return _validate_host(v, setting="destinations")
-
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        return _validate_port(v, setting="destinations")
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-class StowDestination(BaseModel):
-    """A DICOMweb STOW-RS destination (PS3.18 §10.5): the studies endpoint URL."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: Literal["stow"] = "stow"
-    url: str
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        parts = urlsplit(v.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"destinations: {v!r} is not an http(s) STOW-RS URL")
-        if parts.password:
-            raise ValueError("destinations: put no credentials in a STOW-RS URL")
-        return v.strip()
-
-    def __str__(self) -> str:
-        return self.url
-
-
-Destination = Annotated[DicomDestination | StowDestination, Field(discriminator="kind")]
-
-
 def parse_ae_address(text: str) -> DicomDestination:
     """Parse ``AET@host:port`` (IPv6 hosts in brackets) into a :class:`DicomDestination`.
 
@@ -224,17 +193,19 @@ def parse_ae_address(text: str) -> DicomDestination:
     ValueError
         When the text does not have that shape or a part is invalid.
     """
-    title, sep, rest = text.strip().partition("@")
-    host, colon, port = rest.rpartition(":")
-    if not sep or not colon or not host or not port.isdigit():
-        raise ValueError(f"{text!r} is not of the form AET@host:port")
-    return DicomDestination(ae_title=title, host=host, port=int(port))
+    return DicomDestination.parse(text)
 
 
-def _destination_from_text(text: str) -> DicomDestination | StowDestination:
-    if text.strip().lower().startswith(("http://", "https://")):
-        return StowDestination(url=text)
-    return parse_ae_address(text)
+AnyDestination = DicomDestination | StowDestination | Hl7Destination | FhirDestination
+
+
+def _destinations_from_json(text: str) -> list[Any]:
+    """The JSON form of ``destinations`` (needed for options: objects, tokens)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"destinations: not valid JSON: {exc.msg}") from None
+    return value if isinstance(value, list) else [value]
 
 
 def _split_commas(value: Any) -> Any:
@@ -283,6 +254,51 @@ class ChestRule(BaseModel):
         return self
 
 
+def _priority_rule(item: Any, index: int) -> PriorityRule:
+    """One entry of ``priority_rules``: a table/object ``{when = {...}, priority = N}``."""
+    where = f"priority_rules[{index}]"
+    if isinstance(item, PriorityRule):
+        return item
+    if not isinstance(item, dict):
+        raise ValueError(
+            f'{where}: must be a table {{when = {{FIELD = "PATTERN"}}, priority = N}}, '
+            f"got {type(item).__name__}"
+        )
+    unknown = sorted(str(k) for k in set(item) - {"when", "priority"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; use when and priority")
+    if "when" not in item or "priority" not in item:
+        raise ValueError(f"{where}: needs both when and priority")
+    when, priority = item["when"], item["priority"]
+    if not isinstance(when, dict) or not when:
+        raise ValueError(
+            f"{where}: when must be a non-empty table of field = pattern "
+            f"(fields: {', '.join(RULE_FIELDS)})"
+        )
+    for name, pattern in when.items():
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ValueError(f"{where}: when.{name} must be a non-empty pattern string")
+    try:
+        return PriorityRule(when={str(k): v for k, v in when.items()}, priority=priority)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {str(exc).removeprefix('priority rule: ')}") from None
+
+
+def _priority_rules(value: Any) -> list[PriorityRule]:
+    """``priority_rules`` from the TOML file (array of tables), the environment (JSON) or
+    an override (rules or dictionaries)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"priority_rules: not valid JSON: {exc.msg}") from None
+    if isinstance(value, dict | PriorityRule):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"priority_rules: must be a list of rules, got {type(value).__name__}")
+    return [_priority_rule(item, i) for i, item in enumerate(value)]
+
+
 _FROM_ENV = Path("\0from-env")  # sentinel: Settings() built directly reads $CXR_NODE_CONFIG
 _config_file: ContextVar[Path | None] = ContextVar("cxr_node_config_file", default=_FROM_ENV)
 
@@ -324,6 +340,10 @@ class Settings(BaseSettings):
     study_quiet_seconds: float = 10.0
     study_max_wait_seconds: float = 600.0
     chest_rule: ChestRule = Field(default_factory=ChestRule)
+    # job priority: the order's Requested Procedure Priority, raised by these site rules
+    priority_rules: Annotated[list[InstanceOf[PriorityRule]], NoDecode] = Field(
+        default_factory=list
+    )
     # model and worker
     model_dir: Path | None = None
     backend: str = "transformers"
@@ -342,6 +362,9 @@ class Settings(BaseSettings):
     generation_max_new_tokens: int = 128
     # delivery
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    # MSH-3 / MSH-4 of HL7 messages (HD namespace IDs, as agreed with the RIS interface team)
+    hl7_sending_application: str = "LLMCXR"
+    hl7_sending_facility: str = "LLMCXR"
     delivery_max_attempts: int | None = None  # optional cap; delivery_retry_hours decides
     delivery_backoff_seconds: float = 5.0
     delivery_max_backoff_seconds: float = 600.0
@@ -428,13 +451,29 @@ class Settings(BaseSettings):
             return [AllowedAE.parse(i) if isinstance(i, str) else i for i in items]
         return items
 
+    @field_validator("priority_rules", mode="before")
+    @classmethod
+    def _priority_rules(cls, v: Any) -> Any:
+        return _priority_rules(v)
+
     @field_validator("destinations", mode="before")
     @classmethod
     def _destinations(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().startswith(("[", "{")):
+            return _destinations_from_json(v.strip())
         items = _split_commas(v)
         if isinstance(items, list):
-            return [_destination_from_text(i) if isinstance(i, str) else i for i in items]
+            return [parse_destination(i) if isinstance(i, str) else i for i in items]
         return items
+
+    @field_validator("hl7_sending_application", "hl7_sending_facility")
+    @classmethod
+    def _hl7_hd(cls, v: str, info: ValidationInfo) -> str:
+        if not v.strip() or len(v) > 227 or any(c in v for c in "|^~\\&\r\n"):
+            raise ValueError(
+                f"{info.field_name}: {v!r} must be 1-227 characters without HL7 delimiters"
+            )
+        return v.strip()
 
     @field_validator("max_associations")
     @classmethod
@@ -730,9 +769,9 @@ class Settings(BaseSettings):
             )
 
 
-def _public_destination(d: DicomDestination | StowDestination) -> str:
-    if isinstance(d, StowDestination):
-        parts = urlsplit(d.url)
+def _public_destination(d: AnyDestination) -> str:
+    if isinstance(d, StowDestination | FhirDestination):
+        parts = urlsplit(str(d))
         return parts._replace(query="", fragment="").geturl()
     return str(d)
 

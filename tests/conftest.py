@@ -12,3 +12,6 @@ import os
 os.environ.setdefault("CXR_NODE_API_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# fixtures of real HL7 and FHIR receivers (hl7_listener, fhir_server), for every test package
+pytest_plugins = ["tests.receivers"]

@@ -1,10 +1,12 @@
 """The one place that maps errors to HTTP statuses, each answer with a reason.
 
-Order of precedence: an explicit ``http_status`` attribute on the exception (models' and
-integration errors carry one, as do :class:`ApiError` and the model host's ``ModelNotReady``),
-then the repository's errors (:data:`STATUS_BY_TYPE`), then ``ValueError`` (a value refused by
-a constructor: 422). Anything else is a 500 whose body names no internals; it is logged with
-its traceback (no patient data: messages in this code base never carry any).
+Order of precedence, by the exception's type: the types of :data:`STATUS_BY_TYPE` (the
+repository's errors; a DICOM, HL7 or FHIR peer that refused or failed is a 502 whatever
+status the peer answered; data that is not DICOM is a 422), then an explicit ``http_status``
+attribute (models' and integration errors carry one, as do :class:`ApiError` and the model
+host's ``ModelNotReady``), then ``ValueError`` (a value refused by a constructor: 422).
+Anything else is a 500 whose body names no internals; it is logged with its traceback (no
+patient data: messages in this code base never carry any).
 """
 
 from __future__ import annotations
@@ -14,27 +16,23 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydicom.errors import InvalidDicomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
-from integration.errors import IntegrationError
-from node.db.repository import IllegalTransition, JobNotFound, LeaseLost
+from integration.errors import DeliveryError, IntegrationError
+from node.db.repository import JobConflict, JobNotFound, LeaseLost
 
 __all__ = ["STATUS_BY_TYPE", "ApiError", "error_body", "install_error_handlers", "status_for"]
 
 log = logging.getLogger(__name__)
 
 STATUS_BY_TYPE: dict[type[BaseException], int] = {
-    IllegalTransition: 409,
+    JobConflict: 409,
     JobNotFound: 404,
     LeaseLost: 409,
-}
-# Matched by name so that this module need not import the worker's model host.
-STATUS_BY_NAME: dict[str, int] = {
-    "ModelNotReady": 503,
-    "InvalidDicomError": 422,
-    # a PACS or DICOMweb peer refused or failed (integration.errors.DeliveryError)
-    "DeliveryError": 502,
+    DeliveryError: 502,
+    InvalidDicomError: 422,
 }
 
 
@@ -64,14 +62,12 @@ class ApiError(Exception):
 
 def status_for(exc: BaseException) -> int | None:
     """The HTTP status ``exc`` maps to, or ``None`` for an unexpected error (500)."""
-    status = getattr(exc, "http_status", None)
-    if isinstance(status, int) and 400 <= status <= 599:
-        return status
     for cls in type(exc).__mro__:
         if cls in STATUS_BY_TYPE:
             return STATUS_BY_TYPE[cls]
-        if cls.__name__ in STATUS_BY_NAME:
-            return STATUS_BY_NAME[cls.__name__]
+    status = getattr(exc, "http_status", None)
+    if isinstance(status, int) and 400 <= status <= 599:
+        return status
     if isinstance(exc, ValueError):
         return 422
     return None

@@ -1,4 +1,4 @@
-"""Job routes: list and filter, detail, retry, cancel, re-prioritise, re-send the SR."""
+"""Job routes: list and filter, detail, retry, cancel, re-prioritise, re-send, withdraw."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from node.api.schemas import (
     JobPage,
     PriorityIn,
     StageOut,
+    WithdrawIn,
 )
 from node.db import repo_api
 from node.db import repository as repo
@@ -185,6 +186,19 @@ def resend_job(job_id: JobId, ctx: Ctx, p: Operator) -> dict[str, Any]:
     had an SR to deliver)."""
     result = services.resend(ctx, job_id, principal=p)
     return {"job_id": job_id, "requeued_deliveries": _plain(result)}
+
+
+@router.post(
+    "/{job_id}/withdraw",
+    responses=_JOB_ERRORS,
+    summary="Withdraw the job's sent draft from every destination (operator)",
+)
+def withdraw_job(job_id: JobId, body: WithdrawIn, ctx: Ctx, p: Operator) -> dict[str, Any]:
+    """Withdraw the draft: objects not yet sent are cancelled; each destination that may
+    hold it gets a withdrawal (DICOM: IHE IOCM Key Object Selection rejection note; HL7:
+    ORU with OBR-25 ``C``; FHIR: the DiagnosticReport ``entered-in-error``). 409 when the job
+    has no draft or was withdrawn already. Audited ``job.withdraw``."""
+    return services.withdraw(ctx, job_id, principal=p, reason=body.reason).to_dict()
 
 
 def _plain(value: Any) -> Any:

@@ -106,9 +106,10 @@ def generate_image(
 ) -> Response:
     """Report -> CXR: exactly 256 VQ-GAN codes decoded to a 256x256 image. ``format=dicom``
     returns a Secondary Capture marked synthetic (Image Type DERIVED\\SECONDARY, Conversion
-    Type SYN). Sent to PACS only with ``send=true`` and a configured ``destination``.
-    Headers: ``X-Image-Codes`` (the 256 codes), ``X-Model-Name``, ``X-Model-Version``,
-    ``X-Demo``, ``X-SOP-Instance-UID`` (DICOM), ``X-Sent-To``. Audited."""
+    Type SYN). Queued for a PACS only with ``send=true`` and a configured ``destination``
+    (the delivery worker sends it, with retries). Headers: ``X-Image-Codes`` (the 256
+    codes), ``X-Model-Name``, ``X-Model-Version``, ``X-Demo``, ``X-SOP-Instance-UID``
+    (DICOM), ``X-Queued-To`` and ``X-Delivery-Id`` when queued. Audited."""
     res = services.make_image(
         ctx,
         body.report,
@@ -128,8 +129,9 @@ def generate_image(
         "X-Demo": "true" if g.demo else "false",
         "Cache-Control": "no-store",
     }
-    if res.sent_to:
-        headers["X-Sent-To"] = res.sent_to
+    if res.queued_to:
+        headers["X-Queued-To"] = res.queued_to
+        headers["X-Delivery-Id"] = str(res.delivery_id)
     if format == "dicom" and res.sc is not None:
         from integration.sc import to_part10_bytes
 

@@ -57,6 +57,9 @@ class JobOut(BaseModel):
     sr_uid: str | None
     lease_owner: str | None
     last_error: str | None
+    withdrawn_at: datetime | None = None
+    withdrawn_by: str | None = None
+    withdrawn_reason: str | None = None
 
 
 class JobPage(BaseModel):
@@ -85,11 +88,14 @@ class DraftOut(BaseModel):
 
 
 class DeliveryOut(BaseModel):
-    """Delivery of the SR to one destination."""
+    """Delivery of one object (``sr``, ``basic-sr``, ``pdf``, ``report``, ``withdrawal``) to
+    one destination of kind ``dimse``, ``stow``, ``hl7`` or ``fhir``."""
 
     id: int
     destination: str
     kind: str
+    object: str = "sr"
+    object_uid: str | None = None
     state: str
     attempts: int
     next_attempt_at: datetime | None
@@ -147,6 +153,14 @@ class CancelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str | None = Field(default=None, max_length=500)
+
+
+class WithdrawIn(BaseModel):
+    """Why a sent draft is withdrawn (required; sent to the receivers: no patient data)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=256)
 
 
 class PriorityIn(BaseModel):

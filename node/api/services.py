@@ -2,7 +2,7 @@
 
 Every admin action goes through a repository function that writes its audit row in the
 same transaction (``job.requeue``, ``job.cancel``, ``job.priority``, ``job.resend``,
-``token.create``, ``token.revoke``); model tasks are audited too (``model.vqa``,
+``job.withdraw``, ``token.create``, ``token.revoke``); model tasks are audited too (``model.vqa``,
 ``model.report``, ``model.generate_image``, ``image.send``) with UIDs only, never the question,
 the report text or patient data.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
     from models.runtime import LLMCXR, Answer, GeneratedImage, ReportDraft
+    from node.outputs import WithdrawResult
 
 __all__ = [
     "ImageResult",
@@ -51,6 +51,7 @@ __all__ = [
     "revoke_token",
     "study_image",
     "vqa_for_study",
+    "withdraw",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,20 +87,24 @@ def revoke_token(ctx: ApiContext, token_id: int, *, actor: str) -> repo_api.Toke
 # --- jobs ---------------------------------------------------------------------------------
 
 
-def resend(ctx: ApiContext, job_id: int, *, principal: Principal) -> Any:
-    """Send a job's SR again to its destinations (DELIVERY's ``resend``, audited there).
+def resend(ctx: ApiContext, job_id: int, *, principal: Principal) -> list[int]:
+    """Send a job's objects again to their destinations (audited ``job.resend``)."""
+    from node.db.repo_delivery import resend as delivery_resend
+    from node.delivery import wake_senders
 
-    Raises
-    ------
-    ApiError
-        501 when this build has no delivery component.
-    """
-    try:
-        from node.db.repo_delivery import resend as delivery_resend
-    except ImportError:
-        raise ApiError(501, "SR delivery is not part of this build") from None
     with ctx.write_sessions() as session:
-        return delivery_resend(session, job_id, actor=principal.actor)
+        ids = delivery_resend(session, job_id, actor=principal.actor)
+    wake_senders()
+    return ids
+
+
+def withdraw(ctx: ApiContext, job_id: int, *, principal: Principal, reason: str) -> WithdrawResult:
+    """Withdraw a job's sent draft (:func:`node.outputs.withdraw`; audited ``job.withdraw``)."""
+    from node.outputs import withdraw as withdraw_draft
+
+    return withdraw_draft(
+        ctx.settings, ctx.write_sessions, job_id, actor=principal.actor, reason=reason
+    )
 
 
 # --- readiness ----------------------------------------------------------------------------
@@ -352,7 +357,8 @@ class ImageResult:
     generated: GeneratedImage
     png: bytes
     sc: Dataset | None
-    sent_to: str | None
+    queued_to: str | None
+    delivery_id: int | None = None
 
 
 def png_bytes(image: npt.NDArray[np.uint8]) -> bytes:
@@ -366,10 +372,12 @@ def png_bytes(image: npt.NDArray[np.uint8]) -> bytes:
 
 def _destination(settings: Settings, name: str) -> DicomDestination | StowDestination:
     for d in settings.destinations:
+        if not isinstance(d, DicomDestination | StowDestination):
+            continue
         if name in (str(d), getattr(d, "ae_title", None), getattr(d, "url", None)):
             return d
     known = ", ".join(str(d) for d in settings.destinations) or "none configured"
-    raise ApiError(422, f"destination {name!r} is not a configured destination ({known})")
+    raise ApiError(422, f"destination {name!r} is not a configured DICOM destination ({known})")
 
 
 def _reference(ctx: ApiContext, study_uid: str) -> Dataset:
@@ -400,7 +408,9 @@ def make_image(
     """Report -> CXR (exactly 256 codes, decoded by the VQ-GAN); PNG, and on request a
     synthetic Secondary Capture (:func:`integration.sc.build_synthetic_sc`).
 
-    Never sent anywhere unless ``send`` and ``destination`` (a configured one) are given.
+    Never sent anywhere unless ``send`` and ``destination`` (a configured DICOM one) are
+    given; then it is queued as a delivery (``sc``, no job) that the delivery worker sends
+    with its retries and TLS settings.
     """
     dest = None
     if send:
@@ -429,51 +439,34 @@ def make_image(
         f"study:{study_uid}" if study_uid else None,
         {"format": "dicom" if as_dicom else "png", "codes": int(generated.codes.size)},
     )
-    sent_to = None
+    queued_to = None
+    delivery_id = None
     if dest is not None and sc is not None:
-        _send(ctx.settings, sc, dest)
-        sent_to = str(dest)
+        delivery_id = _queue_sc(ctx, sc, dest)
+        queued_to = str(dest)
         _audit(
             ctx,
             principal,
             "image.send",
             f"sop:{sc.SOPInstanceUID}",
-            {"destination": sent_to, "synthetic": True},
+            {"destination": queued_to, "synthetic": True, "delivery": delivery_id},
         )
-    return ImageResult(generated, png_bytes(generated.image), sc, sent_to)
+    return ImageResult(generated, png_bytes(generated.image), sc, queued_to, delivery_id)
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    if not settings.tls_destinations:
-        return None
-    ctx = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH,
-        cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None,
-    )
-    if settings.tls_cert_file and settings.tls_key_file:
-        ctx.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
-    return ctx
+def _queue_sc(ctx: ApiContext, sc: Dataset, dest: DicomDestination | StowDestination) -> int:
+    """Write the synthetic SC to ``outputs/`` (0600) and queue it as a delivery (no job)."""
+    from node.db.models import DeliveryObject
+    from node.db.repo_delivery import Outbound
+    from node.delivery import enqueue_deliveries
+    from node.outputs import write_output
+    from node.spool import OUTPUTS_DIR
 
-
-def _send(settings: Settings, ds: Dataset, dest: DicomDestination | StowDestination) -> None:
-    if isinstance(dest, DicomDestination):
-        from integration.scu import DicomDestination as ScuDestination
-        from integration.scu import send_dataset
-
-        send_dataset(
-            ds,
-            ScuDestination(ae_title=dest.ae_title, host=dest.host, port=dest.port),
-            calling_ae=settings.ae_title,
-            acse_timeout=settings.acse_timeout,
-            dimse_timeout=settings.dimse_timeout,
-            network_timeout=settings.network_timeout,
-            ssl_context=_ssl_context(settings),
-        )
-    else:
-        from integration.stow import StowDestination as Stow
-        from integration.stow import stow
-
-        stow(ds, Stow(url=dest.url))
+    uid = str(sc.SOPInstanceUID)
+    path = write_output(sc, Path(ctx.settings.spool_dir) / OUTPUTS_DIR, f"{uid}.dcm")
+    item = Outbound(dest, DeliveryObject.sc, f"{OUTPUTS_DIR}/{path.name}", uid)
+    with ctx.write_sessions() as session:
+        return enqueue_deliveries(session, job_id=None, items=[item])[0]
 
 
 def _audit(

@@ -40,6 +40,7 @@ __all__ = [
     "Base",
     "Delivery",
     "DeliveryKind",
+    "DeliveryObject",
     "DeliveryState",
     "Draft",
     "Instance",
@@ -105,18 +106,46 @@ class JobState(enum.StrEnum):
 
 
 class DeliveryKind(enum.StrEnum):
-    """How an SR is delivered: DIMSE C-STORE (PS3.4 Annex B) or STOW-RS (PS3.18 §10.5)."""
+    """How an object is delivered: the destination's protocol.
+
+    ``dimse`` C-STORE (PS3.4 Annex B), ``stow`` STOW-RS (PS3.18 §10.5), ``hl7`` an HL7 v2.5.1
+    ORU^R01 over MLLP, ``fhir`` a FHIR R4 transaction Bundle.
+    """
 
     dimse = "dimse"
     stow = "stow"
+    hl7 = "hl7"
+    fhir = "fhir"
+
+
+class DeliveryObject(enum.StrEnum):
+    """What a delivery carries (:attr:`Delivery.object`).
+
+    ``sr`` the Comprehensive SR (TID 2000), ``basic-sr`` a Basic Text SR, ``pdf`` the AI
+    DRAFT Encapsulated PDF, ``report`` the draft as an HL7 ORU or FHIR Bundle,
+    ``withdrawal`` the withdrawal of a sent draft (an IOCM Key Object Selection rejection
+    note, an HL7 ORU with OBR-25 ``C``/OBX-11 ``W``, a FHIR ``entered-in-error`` update),
+    ``sc`` a synthetic Secondary Capture sent on request (no job).
+    """
+
+    sr = "sr"
+    basic_sr = "basic-sr"
+    pdf = "pdf"
+    report = "report"
+    withdrawal = "withdrawal"
+    sc = "sc"
 
 
 class DeliveryState(enum.StrEnum):
-    """Delivery of one SR to one destination."""
+    """Delivery of one object to one destination.
+
+    ``cancelled``: not sent because the draft was withdrawn first.
+    """
 
     pending = "pending"
     sent = "sent"
     failed = "failed"
+    cancelled = "cancelled"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -243,6 +272,10 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
     selected_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    # a sent draft withdrawn by an operator (IHE IOCM rejection, HL7/FHIR withdrawal)
+    withdrawn_at: Mapped[datetime | None]
+    withdrawn_by: Mapped[str | None] = mapped_column(String(128))
+    withdrawn_reason: Mapped[str | None] = mapped_column(String(256))
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     drafts: Mapped[list[Draft]] = relationship(back_populates="job", passive_deletes=True)
@@ -274,14 +307,25 @@ class Draft(Base):
 
 
 class Delivery(Base):
-    """Delivery of a job's SR to one destination, with retries."""
+    """Delivery of one object of a job (SR, PDF, HL7/FHIR report, withdrawal) to one
+    destination, with retries; ``job_id`` is NULL only for a synthetic Secondary Capture."""
 
     __tablename__ = "deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
     destination: Mapped[str] = mapped_column(String(512))
     kind: Mapped[DeliveryKind] = mapped_column(_enum(DeliveryKind, "delivery_kind"))
+    object: Mapped[DeliveryObject] = mapped_column(
+        _enum(DeliveryObject, "delivery_object"),
+        default=DeliveryObject.sr,
+        server_default=DeliveryObject.sr.value,
+    )
+    # the object's own identifier: SOP Instance UID (DICOM), MSH-10 (HL7), report
+    # identifier (FHIR); shown by the console and logs, never patient data
+    object_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
     state: Mapped[DeliveryState] = mapped_column(
         _enum(DeliveryState, "delivery_state"), default=DeliveryState.pending
     )
@@ -297,15 +341,16 @@ class Delivery(Base):
     permanent_failure: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None]
+    # the file sent (any object, not only an SR): relative to the spool, or absolute
     sr_path: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime]
 
-    job: Mapped[Job] = relationship(back_populates="deliveries")
+    job: Mapped[Job | None] = relationship(back_populates="deliveries")
 
     __table_args__ = (
         Index(None, "state", "next_attempt_at"),
-        # one delivery per (job, destination): enqueueing is idempotent
-        UniqueConstraint("job_id", "destination"),
+        # one delivery per (job, destination, object): enqueueing is idempotent
+        UniqueConstraint("job_id", "destination", "object"),
     )
 
 

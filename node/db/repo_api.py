@@ -312,6 +312,9 @@ class JobRow:
     sr_uid: str | None
     lease_owner: str | None
     last_error: str | None
+    withdrawn_at: datetime | None = None
+    withdrawn_by: str | None = None
+    withdrawn_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (datetimes as ISO 8601); ``cxr-node jobs list --json``."""
@@ -334,6 +337,9 @@ def _row(job: Job, uid: str) -> JobRow:
         sr_uid=job.sr_sop_instance_uid,
         lease_owner=job.lease_owner,
         last_error=job.last_error,
+        withdrawn_at=job.withdrawn_at,
+        withdrawn_by=job.withdrawn_by,
+        withdrawn_reason=job.withdrawn_reason,
     )
 
 
@@ -381,11 +387,13 @@ class DraftRow:
 
 @dataclass(frozen=True)
 class DeliveryRow:
-    """Delivery of a job's SR to one destination."""
+    """Delivery of one of a job's objects to one destination."""
 
     id: int
     destination: str
     kind: str
+    object: str
+    object_uid: str | None
     state: str
     attempts: int
     next_attempt_at: datetime | None
@@ -462,6 +470,8 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
             d.id,
             d.destination,
             d.kind.value,
+            d.object.value,
+            d.object_uid,
             d.state.value,
             d.attempts,
             d.next_attempt_at,

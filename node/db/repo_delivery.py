@@ -1,7 +1,8 @@
-"""Queries of SR delivery: one ``deliveries`` row per (job, destination), retried until sent.
+"""Queries of delivery: one ``deliveries`` row per (job, destination, object), retried.
 
 Life of a row: ``pending`` -> ``sent`` | ``failed``; an admin re-send (or a re-run of the job)
-brings it back to ``pending``. A sender *claims* due rows (``next_attempt_at <= now``): the
+brings it back to ``pending``; withdrawing the draft moves the rows not yet sent to
+``cancelled`` (:func:`withdraw_job`). A sender *claims* due rows (``next_attempt_at <= now``): the
 claim increments ``attempts`` and moves ``next_attempt_at`` forward by a short lease, so no
 other sender takes the row while it is being sent (PostgreSQL: ``SELECT ... FOR UPDATE SKIP
 LOCKED``; SQLite: the ``BEGIN IMMEDIATE`` transaction serializes claims). The lease end is
@@ -25,13 +26,30 @@ from typing import Any, TypeVar
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
-from node.db.repository import JobNotFound
-from node.settings import DicomDestination, StowDestination, parse_ae_address
+from integration.destinations import (
+    Destination,
+    DicomDestination,
+    FhirDestination,
+    Hl7Destination,
+    StowDestination,
+    parse_destination,
+)
+from node.db.models import (
+    AuditLog,
+    Delivery,
+    DeliveryKind,
+    DeliveryObject,
+    DeliveryState,
+    Job,
+    utcnow,
+)
+from node.db.repository import JobConflict, JobNotFound
 
 __all__ = [
     "DeliverySummary",
     "DestinationLike",
+    "Outbound",
+    "Withdrawal",
     "claim_due_deliveries",
     "delivery_counts",
     "destination_kind",
@@ -44,13 +62,20 @@ __all__ = [
     "release_claim",
     "requeue_failed",
     "resend",
+    "withdraw_job",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DestinationLike = DicomDestination | StowDestination | str
+DestinationLike = Destination | str
 _MAX_ERROR = 2000  # keep stored error texts bounded
+_KINDS = {
+    DicomDestination: DeliveryKind.dimse,
+    StowDestination: DeliveryKind.stow,
+    Hl7Destination: DeliveryKind.hl7,
+    FhirDestination: DeliveryKind.fhir,
+}
 
 
 def _in_transaction(session: Session, fn: Callable[[], T]) -> T:
@@ -64,22 +89,16 @@ def _in_transaction(session: Session, fn: Callable[[], T]) -> T:
 
 
 def _normalise(dest: DestinationLike) -> tuple[str, DeliveryKind]:
-    """The canonical destination string and its kind (DIMSE ``AET@host:port`` or STOW URL)."""
-    if isinstance(dest, str):
-        text = dest.strip()
-        if text.lower().startswith(("http://", "https://")):
-            dest = StowDestination(url=text)
-        else:
-            dest = parse_ae_address(text)
-    if isinstance(dest, StowDestination):
-        return str(dest), DeliveryKind.stow
-    if isinstance(dest, DicomDestination):
-        return str(dest), DeliveryKind.dimse
-    raise TypeError(f"not a delivery destination: {type(dest).__name__}")
+    """The canonical destination string and its kind (see :mod:`integration.destinations`)."""
+    parsed = parse_destination(dest.strip()) if isinstance(dest, str) else dest
+    kind = _KINDS.get(type(parsed))
+    if kind is None:
+        raise TypeError(f"not a delivery destination: {type(dest).__name__}")
+    return str(parsed), kind
 
 
 def destination_kind(dest: DestinationLike) -> DeliveryKind:
-    """Whether ``dest`` is a DIMSE C-STORE (PS3.4 Annex B) or STOW-RS (PS3.18 §10.5) target."""
+    """The protocol of ``dest``: DIMSE C-STORE, STOW-RS, HL7 MLLP or FHIR."""
     return _normalise(dest)[1]
 
 
@@ -87,102 +106,127 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
 
 
+@dataclass(frozen=True)
+class Outbound:
+    """One object to send to one destination (a row of :func:`enqueue_deliveries`).
+
+    Parameters
+    ----------
+    destination
+        A configured destination or its text form.
+    object
+        What is sent (:class:`~node.db.models.DeliveryObject`).
+    path
+        The file sent: relative to the spool directory, or absolute.
+    object_uid
+        Its SOP Instance UID, MSH-10 or report identifier (logs and console).
+    """
+
+    destination: DestinationLike
+    object: DeliveryObject
+    path: str
+    object_uid: str | None = None
+
+
 def enqueue_deliveries(
     session: Session,
     *,
-    job_id: int,
-    sr_path: str,
-    destinations: Sequence[DestinationLike],
+    job_id: int | None,
+    sr_path: str | None = None,
+    destinations: Sequence[DestinationLike] = (),
+    items: Sequence[Outbound] = (),
     now: datetime | None = None,
 ) -> list[int]:
-    """Queue the job's SR for every destination: one ``pending`` row per destination.
+    """Queue objects for destinations: one ``pending`` row per (job, destination, object).
 
-    Idempotent per (job, destination string): a re-run of the same job resets the existing
-    row to ``pending`` (fresh attempts and retry horizon from ``queued_at = now``, due now,
-    new ``sr_path``) instead of adding one, so a re-sent SR replaces rather than duplicates.
-    The job row is locked first, so concurrent calls for one job never add two rows for a
-    destination. Commits.
+    Idempotent per (job, destination string, object): a re-run of the same job resets the
+    existing row to ``pending`` (fresh attempts and retry horizon from ``queued_at = now``,
+    due now, new file) instead of adding one, so a re-built object replaces rather than
+    duplicates. The job row is locked first, so concurrent calls for one job never add two
+    rows for one destination and object. Commits.
 
     Parameters
     ----------
     session
         A write session.
     job_id
-        The job whose SR is delivered.
-    sr_path
-        The SR Part 10 file: absolute, or relative to the node's spool directory.
-    destinations
-        Settings destinations (:class:`~node.settings.DicomDestination`,
-        :class:`~node.settings.StowDestination`) or their text (``AET@host:port``, URL).
+        The job whose objects are delivered; ``None`` only for a synthetic Secondary
+        Capture sent on request (never de-duplicated).
+    sr_path, destinations
+        Shorthand: the SR file for each of ``destinations`` (object ``sr``).
+    items
+        The objects and their destinations (:class:`Outbound`).
     now
         The current time (tests).
 
     Returns
     -------
     list[int]
-        The delivery ids, in the order of ``destinations`` (duplicates collapsed).
+        The delivery ids, in the order given (duplicates collapsed).
 
     Raises
     ------
     JobNotFound
         No job with that id.
     ValueError
-        A destination text that is neither ``AET@host:port`` nor an http(s) URL.
+        An empty file path, or a destination text of no known form.
     """
-    if not sr_path:
-        raise ValueError("sr_path: the SR file path must not be empty")
-    wanted: dict[str, DeliveryKind] = {}
-    for dest in destinations:
-        text, kind = _normalise(dest)
-        wanted.setdefault(text, kind)
+    wanted_items = list(items)
+    if destinations:
+        if not sr_path:
+            raise ValueError("sr_path: the SR file path must not be empty")
+        wanted_items += [Outbound(d, DeliveryObject.sr, sr_path) for d in destinations]
+    wanted: dict[tuple[str, DeliveryObject], tuple[DeliveryKind, Outbound]] = {}
+    for item in wanted_items:
+        if not item.path:
+            raise ValueError("path: the file to send must not be empty")
+        text, kind = _normalise(item.destination)
+        wanted.setdefault((text, item.object), (kind, item))
     now = now or utcnow()
 
     def work() -> list[int]:
-        job = session.scalars(select(Job.id).where(Job.id == job_id).with_for_update()).first()
-        if job is None:
-            raise JobNotFound(f"job {job_id} does not exist")
-        existing = {
-            d.destination: d
-            for d in session.scalars(
-                select(Delivery)
-                .where(Delivery.job_id == job_id)
-                .order_by(Delivery.id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-        }
-        ids: list[int] = []
-        for text, kind in wanted.items():
-            row = existing.get(text)
-            if row is None:
-                row = Delivery(
-                    job_id=job_id,
-                    destination=text,
-                    kind=kind,
-                    state=DeliveryState.pending,
-                    attempts=0,
-                    next_attempt_at=now,
-                    queued_at=now,
-                    sr_path=sr_path,
-                    created_at=now,
+        existing: dict[tuple[str, DeliveryObject], Delivery] = {}
+        if job_id is not None:
+            job = session.scalars(select(Job.id).where(Job.id == job_id).with_for_update()).first()
+            if job is None:
+                raise JobNotFound(f"job {job_id} does not exist")
+            existing = {
+                (d.destination, d.object): d
+                for d in session.scalars(
+                    select(Delivery)
+                    .where(Delivery.job_id == job_id)
+                    .order_by(Delivery.id)
+                    .with_for_update()
+                    .execution_options(populate_existing=True)
                 )
+            }
+        ids: list[int] = []
+        for (text, obj), (kind, item) in wanted.items():
+            row = existing.get((text, obj))
+            if row is None:
+                row = Delivery(job_id=job_id, destination=text, object=obj, created_at=now)
                 session.add(row)
-                session.flush()
-            else:
-                row.state = DeliveryState.pending
-                row.kind = kind
-                row.attempts = 0
-                row.next_attempt_at = now
-                row.queued_at = now
-                row.permanent_failure = False
-                row.last_error = None
-                row.sent_at = None
-                row.sr_path = sr_path
+            row.kind = kind
+            row.state = DeliveryState.pending
+            row.attempts = 0
+            row.next_attempt_at = now
+            row.queued_at = now
+            row.permanent_failure = False
+            row.last_error = None
+            row.sent_at = None
+            row.sr_path = item.path
+            row.object_uid = item.object_uid
+            session.flush()
             ids.append(row.id)
         return ids
 
     ids = _in_transaction(session, work)
-    log.info("job %s: SR queued for %d destination(s): %s", job_id, len(ids), ", ".join(wanted))
+    log.info(
+        "job %s: %d object(s) queued: %s",
+        job_id,
+        len(ids),
+        ", ".join(f"{obj.value} to {text}" for text, obj in wanted),
+    )
     return ids
 
 
@@ -403,16 +447,17 @@ def release_claim(
 
 
 def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:
-    """Re-send a job's SR to all its destinations (admin action, audited). Commits.
+    """Re-send a job's objects to all their destinations (admin action, audited). Commits.
 
     Every delivery row of the job goes back to ``pending``, due now, with fresh attempts
-    and a fresh retry horizon; the SR file recorded for each row is sent again (same SOP
-    Instance UID: the PACS replaces it).
+    and a fresh retry horizon; the file recorded for each row is sent again (same SOP
+    Instance UID: the PACS replaces it). Rows ``cancelled`` by a withdrawal stay so; of a
+    withdrawn job only the withdrawals are re-sent.
 
     Returns
     -------
     list[int]
-        The delivery ids re-queued (empty when the job never had an SR queued).
+        The delivery ids re-queued (empty when the job never had anything queued).
 
     Raises
     ------
@@ -422,20 +467,20 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
     now = now or utcnow()
 
     def work() -> list[int]:
-        if (
-            session.scalars(select(Job.id).where(Job.id == job_id).with_for_update()).first()
-            is None
-        ):
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None:
             raise JobNotFound(f"job {job_id} does not exist")
-        rows = list(
-            session.scalars(
+        rows = [
+            r
+            for r in session.scalars(
                 select(Delivery)
-                .where(Delivery.job_id == job_id)
+                .where(Delivery.job_id == job_id, Delivery.state != DeliveryState.cancelled)
                 .order_by(Delivery.id)
                 .with_for_update()
                 .execution_options(populate_existing=True)
             )
-        )
+            if job.withdrawn_at is None or r.object is DeliveryObject.withdrawal
+        ]
         before = {str(r.id): r.state.value for r in rows}
         for row in rows:
             row.state = DeliveryState.pending
@@ -455,6 +500,86 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
             )
         )
         return [r.id for r in rows]
+
+    return _in_transaction(session, work)
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """What :func:`withdraw_job` did: rows cancelled, destinations that need a withdrawal."""
+
+    job_id: int
+    cancelled: list[int]
+    #: destination text -> the draft rows (object, file, object UID) it may hold
+    reached: dict[str, list[tuple[DeliveryObject, str, str | None]]]
+
+
+def withdraw_job(
+    session: Session, job_id: int, *, actor: str, reason: str, now: datetime | None = None
+) -> Withdrawal:
+    """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``).
+
+    The job gets ``withdrawn_at``/``withdrawn_by``/``withdrawn_reason``; its draft rows not
+    yet sent become ``cancelled`` (a send in flight loses its claim: its result is not
+    recorded). Each destination that may hold a draft object (a row sent, or attempted at
+    least once) is returned, so that the caller queues a withdrawal to it. Commits.
+
+    Raises
+    ------
+    JobNotFound
+        No job with that id.
+    JobConflict
+        The job has no draft (not ``done``) or was withdrawn already.
+    ValueError
+        An empty reason.
+    """
+    from node.db.models import JobState
+
+    reason = reason.strip()
+    if not reason:
+        raise ValueError("reason: say why the draft is withdrawn")
+    now = now or utcnow()
+
+    def work() -> Withdrawal:
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        if job.withdrawn_at is not None:
+            raise JobConflict(f"job {job_id}: the draft was withdrawn already")
+        if job.state is not JobState.done or not job.sr_sop_instance_uid:
+            raise JobConflict(f"job {job_id} is {job.state.value}: it has no draft to withdraw")
+        job.withdrawn_at = now
+        job.withdrawn_by = actor[:128]
+        job.withdrawn_reason = reason[:256]
+        cancelled: list[int] = []
+        reached: dict[str, list[tuple[DeliveryObject, str, str | None]]] = {}
+        rows = session.scalars(
+            select(Delivery)
+            .where(Delivery.job_id == job_id, Delivery.object != DeliveryObject.withdrawal)
+            .order_by(Delivery.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        for row in rows:
+            if row.state is DeliveryState.sent or row.attempts > 0:
+                reached.setdefault(row.destination, []).append(
+                    (row.object, row.sr_path or "", row.object_uid)
+                )
+            if row.state is DeliveryState.pending:
+                row.state = DeliveryState.cancelled
+                row.next_attempt_at = None
+                row.last_error = "cancelled: the draft was withdrawn before it was sent"
+                cancelled.append(row.id)
+        session.add(
+            AuditLog(
+                at=now,
+                actor=actor,
+                action="job.withdraw",
+                target=f"job:{job_id}",
+                detail={"reason": reason[:256], "cancelled": cancelled, "reached": sorted(reached)},
+            )
+        )
+        return Withdrawal(job_id, cancelled, reached)
 
     return _in_transaction(session, work)
 
@@ -559,9 +684,11 @@ class DeliverySummary:
     """One delivery as shown by the API and the CLI."""
 
     id: int
-    job_id: int
+    job_id: int | None
     destination: str
     kind: str
+    object: str
+    object_uid: str | None
     state: str
     attempts: int
     next_attempt_at: str | None
@@ -595,6 +722,8 @@ def list_deliveries(
             job_id=d.job_id,
             destination=d.destination,
             kind=d.kind.value,
+            object=d.object.value,
+            object_uid=d.object_uid,
             state=d.state.value,
             attempts=d.attempts,
             next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None,

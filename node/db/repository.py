@@ -48,6 +48,7 @@ __all__ = [
     "CompletionResult",
     "IllegalTransition",
     "InstanceRecord",
+    "JobConflict",
     "JobNotFound",
     "LeaseLost",
     "RecordOutcome",
@@ -93,7 +94,11 @@ ACTIVE_JOB_STATES = (JobState.received, JobState.queued)
 TERMINAL_JOB_STATES = (JobState.done, JobState.failed, JobState.cancelled)
 
 
-class IllegalTransition(ValueError):
+class JobConflict(ValueError):
+    """An action the job's present state does not allow (HTTP 409 in the API)."""
+
+
+class IllegalTransition(JobConflict):
     """A job state change that the state machine forbids."""
 
     def __init__(self, job_id: int | None, current: JobState, target: JobState) -> None:
@@ -196,6 +201,8 @@ class InstanceRecord:
 
     UIDs follow PS3.5 §9.1 (digits and dots, at most 64 characters). ``spool_path`` is
     relative to the spool directory. Free-text attributes are clipped to their column size.
+    ``priority`` is the job priority the instance asks for (``integration.priority``: the
+    order's Requested Procedure Priority and the site's rules), -1000..1000, higher first.
     """
 
     study_uid: str
@@ -213,6 +220,7 @@ class InstanceRecord:
     sha256: str
     calling_ae: str | None
     received_at: datetime
+    priority: int = 0
 
     def __post_init__(self) -> None:
         for name, concept in (
@@ -233,6 +241,10 @@ class InstanceRecord:
             raise ValueError(f"spool_path {self.spool_path!r} must be relative to the spool")
         if self.received_at.tzinfo is None:
             raise ValueError("received_at must be timezone-aware")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise ValueError(f"priority must be an integer, got {self.priority!r}")
+        if not -1000 <= self.priority <= 1000:
+            raise ValueError(f"priority {self.priority} is outside -1000..1000")
         for name, n in (
             ("modality", 16),
             ("body_part_examined", 64),
@@ -291,11 +303,13 @@ def record_instance_detailed(
     - first instance of a study: the study (``receiving``) and a job in ``received``;
     - same SOP Instance UID and same SHA-256: ``duplicate_identical``, nothing rewritten;
     - same SOP Instance UID, other content: the newest file wins, ``duplicate_replaced``;
-    - instance of a study whose job is still ``received``/``queued``: joins that job;
+    - instance of a study whose job is still ``received``/``queued``: joins that job, and
+      raises its priority to ``rec.priority`` when that is higher (never lowers it);
     - instance of a completed or skipped study with no such job (its job is running, done,
       failed or cancelled): the study is reopened and a fresh ``received`` job is created,
       queued again after the quiet period (``late_for_finished_study``); a replaced
-      duplicate of such a study reopens it the same way.
+      duplicate of such a study reopens it the same way;
+    - a job created here gets the priority ``rec.priority``.
 
     Parameters
     ----------
@@ -375,9 +389,13 @@ def _active_job(session: Session, study_id: int) -> Job | None:
 
 
 def _attach_to_job(
-    session: Session, study: Study, now: datetime, job_max_attempts: int
+    session: Session, study: Study, now: datetime, job_max_attempts: int, priority: int
 ) -> tuple[Job, bool]:
-    """Return the study's active job, reopening a finished study if there is none."""
+    """Return the study's active job, reopening a finished study if there is none.
+
+    A new job gets ``priority``; an active one is raised to it when it is higher (a STAT
+    instance of a routine study), never lowered.
+    """
     job = _active_job(session, study.id)
     reopened = False
     if job is None:
@@ -387,9 +405,13 @@ def _attach_to_job(
             study.skip_reason = None
             study.forced_completion = False
             study.receiving_since = now
-        job = _new_job(study.id, now, max_attempts=job_max_attempts)
+        job = _new_job(study.id, now, max_attempts=job_max_attempts, priority=priority)
         session.add(job)
         session.flush()
+    elif priority > job.priority:
+        log.info("job %s: priority raised from %d to %d", job.id, job.priority, priority)
+        job.priority = priority
+        job.updated_at = now
     return job, reopened
 
 
@@ -445,7 +467,7 @@ def _record(session: Session, rec: InstanceRecord, job_max_attempts: int) -> Rec
 
     series, series_created = _lock_series(session, rec, study)
     was_receiving = study.state is StudyState.receiving
-    job, reopened = _attach_to_job(session, study, now, job_max_attempts)
+    job, reopened = _attach_to_job(session, study, now, job_max_attempts, rec.priority)
     late = not was_receiving
     if reopened and outcome is RecordOutcome.new:
         outcome = RecordOutcome.late_for_finished_study

@@ -81,11 +81,12 @@ def csrf_token(request: Request) -> str:
 
 
 def job_action_urls(job_id: int) -> dict[str, str]:
-    """The API routes behind a job page's Retry / Cancel / Re-send buttons."""
+    """The API routes behind a job page's Retry / Cancel / Re-send / Withdraw buttons."""
     return {
         "retry": f"{JOBS_API}/{job_id}/retry",
         "cancel": f"{JOBS_API}/{job_id}/cancel",
         "resend": f"{JOBS_API}/{job_id}/resend",
+        "withdraw": f"{JOBS_API}/{job_id}/withdraw",
     }
 
 

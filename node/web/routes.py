@@ -30,7 +30,7 @@ from node.db import repository as repo
 from node.db.models import JobState
 from node.db.repo_web import destination_health, recent_studies
 from node.db.repository import JobNotFound
-from node.settings import DicomDestination, StowDestination
+from node.settings import DicomDestination, FhirDestination, Hl7Destination, StowDestination
 from node.web import auth
 
 __all__ = ["CSP", "ModelStatus", "model_status", "router"]
@@ -306,10 +306,13 @@ def _stages(job: repo_api.JobRow) -> list[tuple[str, datetime | None, float | No
     return out
 
 
-def _destination_label(d: DicomDestination | StowDestination) -> str:
-    """How a destination is shown: ``AET@host:port``, or the STOW-RS URL without its query."""
-    if isinstance(d, StowDestination):
-        return urlsplit(d.url)._replace(query="", fragment="").geturl()
+def _destination_label(
+    d: DicomDestination | StowDestination | Hl7Destination | FhirDestination,
+) -> str:
+    """How a destination is shown: ``AET@host:port``, ``mllp://host:port``, or the STOW-RS /
+    FHIR URL without its query."""
+    if isinstance(d, StowDestination | FhirDestination):
+        return urlsplit(str(d))._replace(query="", fragment="").geturl()
     return str(d)
 
 

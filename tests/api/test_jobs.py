@@ -120,7 +120,6 @@ def test_reprioritise(env: ApiEnv) -> None:
 
 
 def test_resend(env: ApiEnv) -> None:
-    pytest.importorskip("node.db.repo_delivery", reason="DELIVERY's repository not present")
     done = env.seed("done", destination="PACS@h:104")
     with env.client("operator") as c:
         r = c.post(f"/api/jobs/{done.job_id}/resend")
@@ -134,6 +133,34 @@ def test_resend(env: ApiEnv) -> None:
     audit = env.audit("job.resend")
     assert audit and audit[-1].actor == env.actor("operator")
     assert audit[-1].target == f"job:{done.job_id}"
+
+
+def test_withdraw(env: ApiEnv) -> None:
+    done = env.seed("done", draft="No acute disease.", destination="PACS@h:104")
+    queued = env.seed("queued")
+    url = f"/api/jobs/{done.job_id}/withdraw"
+    with env.client("viewer") as c:
+        assert c.post(url, json={"reason": "wrong study"}).status_code == 403
+    with env.client("operator") as c:
+        assert c.post(url, json={}).status_code == 422  # a reason is required
+        assert c.post(url, json={"reason": ""}).status_code == 422
+        r = c.post(url, json={"reason": "wrong study"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        # the seeded delivery was attempted, but its SR is not in outputs/: said, not hidden
+        assert body["cancelled"] == [] and body["queued"] == []
+        assert "no longer in outputs" in body["skipped"]["PACS@h:104"]
+        again = c.post(url, json={"reason": "wrong study"})
+        assert again.status_code == 409 and "withdrawn already" in again.json()["detail"]
+        r = c.post(f"/api/jobs/{queued.job_id}/withdraw", json={"reason": "x"})
+        assert r.status_code == 409 and "no draft" in r.json()["detail"]
+        assert c.post("/api/jobs/999999/withdraw", json={"reason": "x"}).status_code == 404
+        job = c.get(f"/api/jobs/{done.job_id}").json()["job"]
+    assert job["withdrawn_reason"] == "wrong study" and job["withdrawn_at"]
+    assert job["withdrawn_by"] == env.actor("operator")
+    [audit] = env.audit("job.withdraw")
+    assert audit.actor == env.actor("operator") and audit.target == f"job:{done.job_id}"
+    assert audit.detail is not None and audit.detail["reached"] == ["PACS@h:104"]
 
 
 def test_config_summary_has_no_secrets(make_env) -> None:  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import stat
 import subprocess
 import threading
 from io import BytesIO
@@ -16,7 +17,10 @@ from pydicom.dataset import Dataset
 
 from models.layout import CODES_PER_IMAGE, N_IMAGE_CODES
 from models.preprocess import to_uint8_image
+from node.db.models import Delivery, DeliveryObject, DeliveryState
+from node.delivery import DeliveryComponent
 from node.modelhost import ModelHost
+from node.service import NodeContext
 from tests.api.conftest import ApiEnv, EnvFactory
 from tests.helpers import free_port, require_binary, rg1_file
 
@@ -164,7 +168,8 @@ def test_never_sent_unless_asked_for_a_configured_destination(make_env: EnvFacto
                 "/api/generate-image",
                 json={"report": "Normal.", "send": True, "destination": "OTHER@h:1"},
             )
-            assert r.status_code == 422 and "not a configured destination" in r.json()["detail"]
+            assert r.status_code == 422
+            assert "not a configured DICOM destination" in r.json()["detail"]
             r = c.post("/api/generate-image", params={"format": "dicom"}, json={"report": "Hi."})
             assert r.status_code == 200
             assert received == []  # generated, never sent
@@ -173,12 +178,35 @@ def test_never_sent_unless_asked_for_a_configured_destination(make_env: EnvFacto
                 json={"report": "Normal.", "send": True, "destination": "TESTPACS"},
             )
             assert r.status_code == 200, r.text
-            assert r.headers["x-sent-to"] == f"TESTPACS@127.0.0.1:{port}"
+            assert r.headers["x-queued-to"] == f"TESTPACS@127.0.0.1:{port}"
+            delivery_id = int(r.headers["x-delivery-id"])
+        assert received == []  # queued: the delivery worker sends it, with its retries
+        sender = DeliveryComponent(
+            NodeContext(env.settings, env.engine, env.sessions, "test-sender", threading.Event())
+        )
+        try:
+            [outcome] = sender.run_once()
+        finally:
+            sender.stop()
+        assert (outcome.delivery_id, outcome.state) == (delivery_id, "sent")
         assert len(received) == 1
         assert received[0].ConversionType == "SYN"
+        with env.sessions() as s:
+            row = s.get(Delivery, delivery_id)
+            assert row is not None
+            assert (row.job_id, row.object, row.state) == (
+                None,
+                DeliveryObject.sc,
+                DeliveryState.sent,
+            )
+            assert stat.S_IMODE((env.settings.spool_dir / str(row.sr_path)).stat().st_mode) == 0o600
         sent = env.audit("image.send")
         assert len(sent) == 1 and sent[0].actor == env.actor("operator")
-        assert sent[0].detail == {"destination": f"TESTPACS@127.0.0.1:{port}", "synthetic": True}
+        assert sent[0].detail == {
+            "destination": f"TESTPACS@127.0.0.1:{port}",
+            "synthetic": True,
+            "delivery": delivery_id,
+        }
     finally:
         assert server is not None
         server.shutdown()

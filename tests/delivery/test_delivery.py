@@ -120,7 +120,12 @@ def test_destination_that_never_returns_ends_failed_with_reason(
     )
     result = CliRunner().invoke(app, ["status", "--json"], env=env)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["deliveries"] == {"pending": 0, "sent": 0, "failed": 1}
+    assert json.loads(result.stdout)["deliveries"] == {
+        "pending": 0,
+        "sent": 0,
+        "failed": 1,
+        "cancelled": 0,
+    }
 
 
 @pytest.mark.integration
@@ -217,7 +222,7 @@ def test_two_senders_on_postgres_never_send_a_row_twice(
         assert sorted(pacs.received) == sorted(uid for _, uid in files)  # each exactly once
         with db.factory() as s:
             rows = list(s.scalars(select(Delivery)))
-            assert rd.delivery_counts(s) == {"pending": 0, "sent": n, "failed": 0}
+            assert rd.delivery_counts(s) == {"pending": 0, "sent": n, "failed": 0, "cancelled": 0}
         assert all(r.attempts == 1 for r in rows)  # no row was claimed twice
         # both senders took part
         sent_by = [{o.delivery_id for o in c.outcomes if o.state == "sent"} for c in (a, b)]

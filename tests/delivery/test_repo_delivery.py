@@ -81,7 +81,7 @@ def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
         assert r.state is DeliveryState.pending and r.attempts == 0
         assert r.sr_path == "/sr/b.dcm" and r.sent_at is None and r.last_error is None
     with node_db.factory() as s:
-        assert rd.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 0}
+        assert rd.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 0, "cancelled": 0}
         with pytest.raises(JobNotFound):
             rd.enqueue_deliveries(s, job_id=job + 999, sr_path="/x", destinations=DESTS)
         with pytest.raises(ValueError):
@@ -164,10 +164,10 @@ def test_resend_requeues_and_audits(node_db: NodeDB) -> None:
                 rd.mark_sent(s, d.id, claimed_until=d.next_attempt_at)
             else:
                 rd.mark_failed(s, d.id, error="gave up", claimed_until=d.next_attempt_at)
-        assert rd.delivery_counts(s) == {"pending": 0, "sent": 2, "failed": 1}
+        assert rd.delivery_counts(s) == {"pending": 0, "sent": 2, "failed": 1, "cancelled": 0}
         assert counts(s).deliveries == rd.delivery_counts(s)
         assert rd.resend(s, job, actor="admin:alice") == ids
-        assert rd.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 1}
+        assert rd.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 1, "cancelled": 0}
         entry = s.scalars(select(AuditLog).where(AuditLog.action == "job.resend")).one()
         assert entry.actor == "admin:alice" and entry.target == f"job:{job}"
         assert entry.detail == {"deliveries": {str(i): "sent" for i in ids}}

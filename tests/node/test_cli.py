@@ -74,7 +74,7 @@ def test_status_requires_schema_then_reports(env: dict[str, str]) -> None:
         "failed": 0,
         "cancelled": 1,
     }
-    assert data["deliveries"] == {"pending": 0, "sent": 0, "failed": 0}
+    assert data["deliveries"] == {"pending": 0, "sent": 0, "failed": 0, "cancelled": 0}
     assert data["studies_by_state"] == {"receiving": 0, "complete": 1, "skipped": 1}
     human = runner.invoke(app, ["status"], env=env)
     assert human.exit_code == 0 and "queued" in human.stdout and "instances" in human.stdout

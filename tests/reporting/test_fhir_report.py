@@ -1,11 +1,7 @@
 """FHIR R4 DiagnosticReport bundle and sender (integration.fhir_report).
 
-A FHIR server such as HAPI (a Java application) cannot run on this machine, so the
-receiver is a real ``http.server`` on loopback that checks the bearer token and validates
-what it receives with fhir.resources (R4B models) and with the value-set and reference
-rules written out in the test itself, then answers as a FHIR server would: 200 with a
-transaction-response Bundle for a transaction, 201 for a conditional update that creates.
-Error statuses and a slow server are produced on demand.
+The receiver is :func:`tests.receivers.fhir_server`: a real ``http.server`` on loopback that
+validates what it gets with fhir.resources (a FHIR server such as HAPI cannot run here).
 """
 
 from __future__ import annotations
@@ -14,18 +10,12 @@ import base64
 import copy
 import dataclasses
 import datetime as dt
-import json
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
-from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.dataset import Dataset
 
 from integration.errors import FhirBuildError, FhirDeliveryError
@@ -43,6 +33,7 @@ from integration.fhir_report import (
 )
 from integration.uids import device_uid
 from tests.helpers import free_port
+from tests.receivers import TOKEN, FhirReceiver
 from tests.reporting.conftest import (
     ACCESSION,
     ACCESSION_OID,
@@ -54,7 +45,6 @@ from tests.reporting.conftest import (
     VERSION,
 )
 
-TOKEN = "test-token-3f9a"
 SR_UID = "2.25.118479003612343912853107016735237406137"
 PDF = b"%PDF-1.4\n% a tiny stand-in; the real PDF is tested in test_encapsulated_pdf\n"
 DRAFT = FhirDraft(
@@ -71,142 +61,6 @@ DRAFT = FhirDraft(
 
 def resources(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["resource"]["resourceType"]: e for e in bundle["entry"]}
-
-
-# --- the loopback FHIR receiver -----------------------------------------------------------
-
-
-@dataclass
-class FhirReceiver:
-    mode: str = "ok"
-    received: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-
-def _validate_like_a_server(method: str, body: dict[str, Any]) -> list[str]:
-    """Parse with fhir.resources and check what it does not (R4 value sets, targets)."""
-    problems: list[str] = []
-    if method == "POST":
-        bundle = Bundle.model_validate(body)
-        if bundle.type != "transaction":
-            problems.append(f"Bundle.type {bundle.type}")
-        by_url = {e["fullUrl"]: e["resource"]["resourceType"] for e in body["entry"]}
-        for entry in body["entry"]:
-            resource = entry["resource"]
-            if entry["request"]["method"] not in ("POST", "PUT"):
-                problems.append("request.method")
-            if resource["resourceType"] == "DiagnosticReport":
-                DiagnosticReport.model_validate(resource)
-                if resource["status"] not in (DRAFT_STATUS, WITHDRAWN_STATUS):
-                    problems.append(f"status {resource['status']}")
-                if resource["subject"].get("type") != "Patient":
-                    problems.append("subject type")
-                if "performer" in resource or "resultsInterpreter" in resource:
-                    problems.append("an AI draft has no performer / interpreter")
-            if resource["resourceType"] == "Provenance":
-                for agent in resource["agent"]:
-                    if by_url.get(agent["who"]["reference"]) != "Device":
-                        problems.append("Provenance.agent.who does not resolve to the Device")
-                for target in resource["target"]:
-                    if by_url.get(target["reference"]) != "DiagnosticReport":
-                        problems.append("Provenance.target does not resolve to the report")
-    else:
-        report = DiagnosticReport.model_validate(body)
-        if report.status not in (DRAFT_STATUS, WITHDRAWN_STATUS):
-            problems.append(f"status {report.status}")
-    return problems
-
-
-def _handler(receiver: FhirReceiver) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:  # keep the test output quiet
-            return
-
-        def _answer(self, status: int, body: dict[str, Any], **headers: str) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _outcome(self, status: int, code: str) -> None:
-            self._answer(
-                status,
-                {
-                    "resourceType": "OperationOutcome",
-                    "issue": [{"severity": "error", "code": code, "diagnostics": "Müller"}],
-                },
-            )
-
-        def _handle(self, method: str) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            raw = self.rfile.read(length)
-            if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                self._outcome(401, "login")
-                return
-            if receiver.mode == "slow":
-                time.sleep(3)
-            if receiver.mode in ("500", "429", "400"):
-                self._outcome(
-                    int(receiver.mode), "exception" if receiver.mode != "400" else "invalid"
-                )
-                return
-            if not self.headers.get("Content-Type", "").startswith("application/fhir+json"):
-                self._outcome(415, "not-supported")
-                return
-            body = json.loads(raw)
-            try:
-                problems = _validate_like_a_server(method, body)
-            except ValueError as exc:  # pydantic ValidationError
-                problems = [f"does not validate: {type(exc).__name__}"]
-            if problems:
-                receiver.problems.extend(problems)
-                self._outcome(422, "invalid")
-                return
-            receiver.received.append((method, self.path, body))
-            if method == "POST":
-                entries = [
-                    {
-                        "response": {
-                            "status": "201 Created",
-                            "location": f"{e['resource']['resourceType']}/{i}/_history/1",
-                        }
-                    }
-                    for i, e in enumerate(body["entry"], start=1)
-                ]
-                self._answer(
-                    200,
-                    {"resourceType": "Bundle", "type": "transaction-response", "entry": entries},
-                )
-            else:
-                self._answer(201, body, Location="DiagnosticReport/77/_history/1")
-
-        def do_POST(self) -> None:
-            self._handle("POST")
-
-        def do_PUT(self) -> None:
-            self._handle("PUT")
-
-    return Handler
-
-
-@pytest.fixture
-def fhir_server() -> Iterator[tuple[str, FhirReceiver]]:
-    receiver = FhirReceiver()
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(receiver))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}/fhir", receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 # --- building -----------------------------------------------------------------------------

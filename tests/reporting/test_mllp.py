@@ -1,11 +1,9 @@
 """MLLP client (integration.mllp) against real listeners on loopback.
 
-The receiver is hl7apy's ``MLLPServer`` (a threaded TCP server): its handler parses each
-ORU^R01 with hl7apy at STRICT validation, checks the 2.5.1 structure, MSH-9 and OBR-25,
-keeps the message and answers an ACK built with hl7apy (AA, or AE/AR with an ERR
-segment), or closes without answering, or never answers. Framing edge cases (a reply in
-small pieces larger than one 4096-byte read, a reply over the size limit, TLS) use plain
-socket servers, since they are about the byte stream, not HL7.
+The receiver is hl7apy's ``MLLPServer`` (:func:`tests.receivers.hl7_listener`): it parses
+each ORU^R01 at STRICT validation and answers an ACK built with hl7apy. Framing edge cases
+(a reply in small pieces larger than one 4096-byte read, a reply over the size limit, TLS)
+use plain socket servers, since they are about the byte stream, not HL7.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -25,10 +22,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Message
-from hl7apy.mllp import AbstractHandler, MLLPServer
-from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
 from integration.errors import (
@@ -46,79 +39,12 @@ from integration.hl7_oru import (
     message_control_id,
 )
 from integration.mllp import END_BLOCK, START_BLOCK, send_mllp
-from tests.helpers import free_port, port_open, wait_for
+from tests.helpers import free_port
+from tests.receivers import Receiver
 from tests.reporting.conftest import GENERATED, IMPRESSION, MODEL, VERSION
 
 PARTIES = Hl7Parties("LLMCXR", "CXRNODE", "RIS", "RADIOLOGY")
 LONG_FINDINGS = "\n".join(f"Line {i}: lungs are clear, no effusion." for i in range(120))
-
-
-@dataclass
-class Receiver:
-    """What the hl7apy listener does and what it received."""
-
-    mode: str = "AA"
-    err_code: str = "207"
-    received: list[Message] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-
-
-def _ack(incoming: Message, code: str, err_code: str | None) -> str:
-    reply = Message("ACK", version="2.5.1", validation_level=VALIDATION_LEVEL.STRICT)
-    reply.msh.msh_3 = incoming.msh.msh_5.to_er7()
-    reply.msh.msh_4 = incoming.msh.msh_6.to_er7()
-    reply.msh.msh_5 = incoming.msh.msh_3.to_er7()
-    reply.msh.msh_6 = incoming.msh.msh_4.to_er7()
-    reply.msh.msh_9 = "ACK^R01^ACK"
-    reply.msh.msh_10 = "ACK" + incoming.msh.msh_10.to_er7()[:17]
-    reply.msh.msh_11 = "P"
-    reply.msa.msa_1 = code
-    reply.msa.msa_2 = incoming.msh.msh_10.to_er7()
-    if err_code is not None:
-        err = reply.add_segment("ERR")
-        err.err_3 = f"{err_code}^Error^HL70357"
-        err.err_4 = "E"
-    assert reply.validate() is True
-    return str(reply.to_er7())
-
-
-def _handler_for(receiver: Receiver) -> type[AbstractHandler]:
-    class OruHandler(AbstractHandler):  # type: ignore[misc]
-        def reply(self) -> str:
-            message = parse_message(self.incoming_message, validation_level=VALIDATION_LEVEL.STRICT)
-            assert message.validate() is True
-            assert message.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
-            obr = message.oru_r01_patient_result.oru_r01_order_observation.obr
-            assert obr.obr_25.to_er7() in ("R", "C")
-            receiver.received.append(message)
-            if receiver.mode == "close":
-                return ""  # hl7apy writes nothing and closes the connection
-            if receiver.mode == "hang":
-                receiver.release.wait(30)
-                return ""
-            err = None if receiver.mode == "AA" else receiver.err_code
-            ack = _ack(message, receiver.mode, err)
-            return "\x0b" + ack + "\x1c\r"
-
-    return OruHandler
-
-
-@pytest.fixture
-def hl7_listener() -> Iterator[tuple[int, Receiver]]:
-    """A real hl7apy MLLPServer on a free loopback port."""
-    receiver = Receiver()
-    port = free_port()
-    server = MLLPServer("127.0.0.1", port, {"ORU^R01^ORU_R01": (_handler_for(receiver),)})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    wait_for(lambda: port_open(port), timeout=10)
-    try:
-        yield port, receiver
-    finally:
-        receiver.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def _draft(source: Dataset, control: str, findings: str | None = None) -> str:

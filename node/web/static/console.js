@@ -168,7 +168,7 @@
     if (m.demo && !document.getElementById("demo-banner")) window.location.reload();
   }
 
-  // --- job detail: retry / cancel / re-send ------------------------------------------------
+  // --- job detail: retry / cancel / re-send / withdraw ---------------------------------------------
   function setupJob() {
     var box = document.getElementById("actions");
     if (!box) return;
@@ -176,10 +176,16 @@
     box.querySelectorAll("button.action").forEach(function (b) {
       b.addEventListener("click", function () {
         var name = b.getAttribute("data-action");
+        var body = {};
         if (name === "cancel" && !window.confirm("Cancel this job?")) return;
+        if (name === "withdraw") {
+          var reason = window.prompt("Withdraw the sent draft from every destination. Reason (sent to the receivers; no patient data):");
+          if (!reason || !reason.trim()) return;
+          body = { reason: reason.trim() };
+        }
         b.disabled = true;
         out.textContent = name + "…";
-        api("POST", b.getAttribute("data-url"), {}).then(function (resp) {
+        api("POST", b.getAttribute("data-url"), body).then(function (resp) {
           if (resp.ok) {
             out.textContent = name + ": done";
             window.setTimeout(function () { window.location.reload(); }, 300);

@@ -1,0 +1,269 @@
+"""Every output object through the one delivery queue, to real receivers, and withdrawn.
+
+One drafted study, three destinations: a pynetdicom Storage SCP that gets the
+Comprehensive SR, the Basic Text SR and the Encapsulated PDF; an hl7apy MLLP listener
+(STRICT parsing, real ACKs) that gets the ORU^R01; a loopback FHIR server that validates
+the transaction Bundle with fhir.resources. Then the draft is withdrawn: the SCP gets an
+IOCM Key Object Selection rejection note naming the three instances, the listener an ORU
+with OBR-25 ``C``, the FHIR server the report ``entered-in-error``. dciodvfy checks every
+DICOM object the node wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    BasicTextSRStorage,
+    ComprehensiveSRStorage,
+    EncapsulatedPDFStorage,
+    KeyObjectSelectionDocumentStorage,
+)
+from pynetdicom import AE, evt
+
+from node.db.models import AuditLog, DeliveryObject, DeliveryState
+from node.db.repository import JobConflict
+from node.delivery import DeliveryComponent
+from node.modelhost import ModelHost
+from node.outputs import withdraw
+from node.pipeline import run_batch
+from tests.helpers import free_port, require_binary
+from tests.receivers import TOKEN, FhirReceiver, Receiver
+from tests.worker.conftest import NodeEnv, make_env
+from tests.worker.test_pipeline import OWNER, claim
+
+CLASSES = (
+    ComprehensiveSRStorage,
+    BasicTextSRStorage,
+    EncapsulatedPDFStorage,
+    KeyObjectSelectionDocumentStorage,
+)
+
+
+class Scp:
+    """A pynetdicom Storage SCP for the draft objects that keeps every dataset."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[Dataset] = []
+        self._lock = threading.Lock()
+        ae = AE(ae_title="PACS")
+        for uid in CLASSES:
+            ae.add_supported_context(uid)
+        server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+        assert server is not None
+        self._server = server
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            self.received.append(event.dataset)  # type: ignore[attr-defined]
+        return 0x0000
+
+    def by_class(self, uid: str) -> list[Dataset]:
+        with self._lock:
+            return [ds for ds in self.received if ds.SOPClassUID == uid]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+@pytest.fixture
+def scp() -> Iterator[Scp]:
+    server = Scp()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def out_env(
+    tmp_path: Path,
+    demo_bundle: Path,
+    scp: Scp,
+    hl7_listener: tuple[int, Receiver],
+    fhir_server: tuple[str, FhirReceiver],
+) -> Iterator[NodeEnv]:
+    destinations = [
+        {
+            "kind": "dimse",
+            "ae_title": "PACS",
+            "host": "127.0.0.1",
+            "port": scp.port,
+            "objects": ["sr", "basic-sr", "pdf"],
+        },
+        {
+            "kind": "hl7",
+            "host": "127.0.0.1",
+            "port": hl7_listener[0],
+            "receiving_application": "RIS",
+            "receiving_facility": "RADIOLOGY",
+        },
+        {"kind": "fhir", "base_url": fhir_server[0], "bearer_token": TOKEN},
+    ]
+    env = make_env(
+        f"sqlite:///{tmp_path}/node.sqlite3",
+        tmp_path,
+        demo_bundle,
+        destinations=json.dumps(destinations),
+    )
+    yield env
+    env.engine.dispose()
+
+
+def _send_all(env: NodeEnv) -> None:
+    sender = DeliveryComponent(env.context(), max_parallel=8)
+    try:
+        for _ in range(5):
+            if not sender.run_once():
+                break
+    finally:
+        sender.stop()
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    tool = require_binary("dciodvfy")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
+
+
+def test_every_object_delivered_then_withdrawn(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    scp: Scp,
+    hl7_listener: tuple[int, Receiver],
+    fhir_server: tuple[str, FhirReceiver],
+) -> None:
+    env = out_env
+    study = env.add_study(view="PA")
+    [job_id] = env.queue_all()
+    assert claim(env) == job_id
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+    assert outcome.status == "done", outcome.error
+
+    rows = env.deliveries(job_id)
+    assert sorted((r.kind.value, r.object.value) for r in rows) == [
+        ("dimse", "basic-sr"),
+        ("dimse", "pdf"),
+        ("dimse", "sr"),
+        ("fhir", "report"),
+        ("hl7", "report"),
+    ]
+    spool = env.settings.spool_dir
+    for row in rows:
+        assert row.sr_path is not None and row.object_uid
+        path = spool / row.sr_path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, row.object  # patient data
+    _send_all(env)
+    rows = env.deliveries(job_id)
+    assert {r.state for r in rows} == {DeliveryState.sent}, [(r.object, r.last_error) for r in rows]
+
+    # DICOM: three objects of the study, each in its own series, each marked a draft
+    [sr] = scp.by_class(ComprehensiveSRStorage)
+    [basic] = scp.by_class(BasicTextSRStorage)
+    [pdf] = scp.by_class(EncapsulatedPDFStorage)
+    assert {sr.StudyInstanceUID, basic.StudyInstanceUID, pdf.StudyInstanceUID} == {study}
+    assert len({sr.SeriesInstanceUID, basic.SeriesInstanceUID, pdf.SeriesInstanceUID}) == 3
+    for ds in (sr, basic, pdf):
+        assert str(ds.SeriesDescription).startswith("AI DRAFT UNVERIFIED"), ds.SeriesDescription
+    assert sr.SOPInstanceUID == outcome.sr_uid
+    assert bytes(pdf.EncapsulatedDocument).startswith(b"%PDF-")
+    for row in rows:
+        if row.kind.value == "dimse":
+            assert _dciodvfy_errors(spool / str(row.sr_path)) == [], row.object
+
+    # HL7: one ORU, unverified result, for the RIS named in the destination
+    receiver = hl7_listener[1]
+    [oru] = receiver.received
+    assert oru.msh.msh_5.to_er7() == "RIS" and oru.msh.msh_6.to_er7() == "RADIOLOGY"
+    obr = oru.oru_r01_patient_result.oru_r01_order_observation.obr
+    assert obr.obr_25.to_er7() == "R"
+    # FHIR: one transaction with a partial (unverified) DiagnosticReport carrying the PDF
+    fhir = fhir_server[1]
+    assert fhir.problems == []
+    [(method, _path, bundle)] = fhir.received
+    assert method == "POST"
+    [report] = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+    ]
+    assert report["status"] == "partial"  # R4: "may be unverified"; preliminary is verified
+    assert report["presentedForm"][0]["contentType"] == "application/pdf"
+
+    # withdraw: every destination gets its withdrawal
+    result = withdraw(
+        env.settings,
+        env.session_factory,
+        job_id,
+        actor="test:op",
+        reason="sent for the wrong study",
+    )
+    assert result.cancelled == [] and result.skipped == {} and len(result.queued) == 3
+    job = env.job(job_id)
+    assert job.withdrawn_at is not None and job.withdrawn_by == "test:op"
+    _send_all(env)
+    withdrawals = [r for r in env.deliveries(job_id) if r.object is DeliveryObject.withdrawal]
+    assert {r.state for r in withdrawals} == {DeliveryState.sent}
+    [kos] = scp.by_class(KeyObjectSelectionDocumentStorage)
+    assert kos.StudyInstanceUID == study
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"  # Rejected for Quality Reasons
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert referenced == {sr.SOPInstanceUID, basic.SOPInstanceUID, pdf.SOPInstanceUID}
+    [kos_row] = [r for r in withdrawals if r.kind.value == "dimse"]
+    assert _dciodvfy_errors(spool / str(kos_row.sr_path)) == []
+    assert len(receiver.received) == 2
+    withdrawn = receiver.received[1].oru_r01_patient_result.oru_r01_order_observation.obr
+    assert withdrawn.obr_25.to_er7() == "C"
+    assert len(fhir.received) == 2 and fhir.problems == []
+    last = json.dumps(fhir.received[1][2])
+    assert "entered-in-error" in last
+
+    with env.session_factory() as s:
+        audit = [a for a in s.query(AuditLog).filter(AuditLog.action == "job.withdraw")]
+    assert len(audit) == 1 and audit[0].target == f"job:{job_id}"
+    with pytest.raises(JobConflict):
+        withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="again")
+
+
+def test_withdraw_before_sending_cancels_and_sends_nothing(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    scp: Scp,
+    hl7_listener: tuple[int, Receiver],
+) -> None:
+    env = out_env
+    env.add_study(view="PA")
+    [job_id] = env.queue_all()
+    assert claim(env) == job_id
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+    assert outcome.status == "done", outcome.error
+
+    result = withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="wrong")
+    assert len(result.cancelled) == 5 and result.queued == []
+    _send_all(env)
+    assert {r.state for r in env.deliveries(job_id)} == {DeliveryState.cancelled}
+    assert scp.received == [] and hl7_listener[1].received == []
+
+
+def test_withdraw_needs_a_drafted_job(out_env: NodeEnv) -> None:
+    env = out_env
+    env.add_study(view="PA")
+    [job_id] = env.queue_all()
+    with pytest.raises(JobConflict, match="no draft"):
+        withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="x")
+    with pytest.raises(ValueError, match="reason"):
+        withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="  ")
