@@ -33,7 +33,14 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, field_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
 __all__ = [
@@ -101,13 +108,14 @@ def _check_timeout(value: float) -> float:
     return value
 
 
+_STRICT = ConfigDict(extra="forbid")  # a misspelt option is an error, not ignored
 Host = Annotated[str, AfterValidator(_check_host)]
 Port = Annotated[int, BeforeValidator(_check_port)]
 Timeout = Annotated[float, AfterValidator(_check_timeout)]
 Objects = Annotated[tuple[DicomObject, ...], AfterValidator(_check_objects)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class DicomDestination:
     """A DICOM peer that accepts C-STORE (a PACS, a viewer, a router).
 
@@ -153,7 +161,7 @@ class DicomDestination:
         return f"{self.ae_title}@{host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class StowDestination:
     """A DICOMweb STOW-RS endpoint (PS3.18 10.5).
 
@@ -197,7 +205,7 @@ class StowDestination:
         return self.url  # as configured: the delivery queue names destinations by this text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class Hl7Destination:
     """A reporting system (RIS, interface engine) that takes HL7 v2 ORU^R01 over MLLP.
 
@@ -233,7 +241,7 @@ class Hl7Destination:
         return f"{'mllps' if self.tls else 'mllp'}://{host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class FhirDestination:
     """A FHIR R4 server (its base URL) and how to reach it.
 

@@ -42,7 +42,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="Database: create and migrate.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Jobs: list the queue.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Jobs: list, show, retry, cancel, re-prioritise, re-send, withdraw.", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")

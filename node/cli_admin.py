@@ -170,7 +170,7 @@ def jobs_cancel(
 
 
 def jobs_resend(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
-    """Send the job's SR again to its destinations (audited)."""
+    """Send the job's objects again to their destinations (audited)."""
     from node.db.repo_delivery import resend
 
     with _sessions() as factory, factory() as session:

@@ -462,9 +462,10 @@ class DeliveryComponent:
                 session, row.id, error=message, next_attempt_at=due, claimed_until=claimed_until
             )
         log.warning(
-            "delivery %s (job %s): SR %s to %s: retry in %.1f s (attempt %d, until %s): %s",
+            "delivery %s (job %s): %s %s to %s: retry in %.1f s (attempt %d, until %s): %s",
             row.id,
             row.job_id,
+            _LABELS.get(row.object.value, row.object.value),
             sr_uid,
             row.destination,
             (due - now).total_seconds(),
@@ -488,9 +489,10 @@ class DeliveryComponent:
                 session, row.id, error=reason, claimed_until=claimed_until, permanent=permanent
             )
         log.error(
-            "delivery %s (job %s): SR %s to %s: failed (attempt %d): %s",
+            "delivery %s (job %s): %s %s to %s: failed (attempt %d): %s",
             row.id,
             row.job_id,
+            _LABELS.get(row.object.value, row.object.value),
             sr_uid,
             row.destination,
             row.attempts,

@@ -205,7 +205,8 @@ def _destinations_from_json(text: str) -> list[Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"destinations: not valid JSON: {exc.msg}") from None
-    return value if isinstance(value, list) else [value]
+    items = value if isinstance(value, list) else [value]
+    return [parse_destination(i) if isinstance(i, str) else i for i in items]
 
 
 def _split_commas(value: Any) -> Any:
@@ -474,6 +475,16 @@ class Settings(BaseSettings):
                 f"{info.field_name}: {v!r} must be 1-227 characters without HL7 delimiters"
             )
         return v.strip()
+
+    @field_validator("destinations")
+    @classmethod
+    def _distinct_destinations(cls, v: list[AnyDestination]) -> list[AnyDestination]:
+        seen: set[str] = set()
+        for dest in v:
+            if str(dest) in seen:  # the delivery queue names a destination by this text
+                raise ValueError(f"destinations: {dest} is listed twice")
+            seen.add(str(dest))
+        return v
 
     @field_validator("max_associations")
     @classmethod

@@ -177,13 +177,14 @@ def prioritise_job(job_id: JobId, body: PriorityIn, ctx: Ctx, p: Operator) -> Jo
 @router.post(
     "/{job_id}/resend",
     responses=_JOB_ERRORS,
-    summary="Send the job's SR again to its destinations (operator)",
+    summary="Send the job's objects again to their destinations (operator)",
 )
 def resend_job(job_id: JobId, ctx: Ctx, p: Operator) -> dict[str, Any]:
-    """Re-send the SR (same SOP Instance UID: the PACS replaces, never duplicates). Audited.
+    """Re-send the job's objects (same SOP Instance UIDs and message IDs: a PACS replaces or
+    keeps, never duplicates; of a withdrawn job only the withdrawals). Audited.
 
     ``requeued_deliveries`` lists the delivery ids queued again (empty when the job never
-    had an SR to deliver)."""
+    had anything to deliver)."""
     result = services.resend(ctx, job_id, principal=p)
     return {"job_id": job_id, "requeued_deliveries": _plain(result)}
 

@@ -93,7 +93,6 @@ def report(file: Annotated[UploadFile, File()], ctx: Ctx, p: Operator) -> Report
             "content": {"image/png": {}, "application/dicom": {}},
             "description": "PNG (256x256 grey) or DICOM Secondary Capture (synthetic)",
         },
-        502: {"model": ErrorOut, "description": "the destination refused the image"},
     },
     response_class=Response,
     summary="Generate a synthetic CXR from report text (operator)",

@@ -41,6 +41,7 @@ from node.db.models import (
     DeliveryObject,
     DeliveryState,
     Job,
+    JobState,
     utcnow,
 )
 from node.db.repository import JobConflict, JobNotFound
@@ -520,9 +521,10 @@ def withdraw_job(
     """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``).
 
     The job gets ``withdrawn_at``/``withdrawn_by``/``withdrawn_reason``; its draft rows not
-    yet sent become ``cancelled`` (a send in flight loses its claim: its result is not
-    recorded). Each destination that may hold a draft object (a row sent, or attempted at
-    least once) is returned, so that the caller queues a withdrawal to it. Commits.
+    sent (``pending`` or ``failed``) become ``cancelled``, so no retry or re-queue sends them
+    later (a send in flight loses its claim: its result is not recorded). Each destination
+    that may hold a draft object (a row sent, or attempted at least once) is returned, so
+    that the caller queues a withdrawal to it. Commits.
 
     Raises
     ------
@@ -531,13 +533,13 @@ def withdraw_job(
     JobConflict
         The job has no draft (not ``done``) or was withdrawn already.
     ValueError
-        An empty reason.
+        An empty reason, or one over 256 characters.
     """
-    from node.db.models import JobState
-
     reason = reason.strip()
     if not reason:
         raise ValueError("reason: say why the draft is withdrawn")
+    if len(reason) > 256:
+        raise ValueError(f"reason: at most 256 characters, got {len(reason)}")
     now = now or utcnow()
 
     def work() -> Withdrawal:
@@ -565,7 +567,8 @@ def withdraw_job(
                 reached.setdefault(row.destination, []).append(
                     (row.object, row.sr_path or "", row.object_uid)
                 )
-            if row.state is DeliveryState.pending:
+            if row.state in (DeliveryState.pending, DeliveryState.failed):
+                # a failed row would otherwise be re-queued when its destination answers
                 row.state = DeliveryState.cancelled
                 row.next_attempt_at = None
                 row.last_error = "cancelled: the draft was withdrawn before it was sent"

@@ -997,10 +997,24 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
     log stays. Commits; returns the spool paths (relative) that the caller should delete:
     the instances' files and the jobs' SRs (``outputs/<SR SOP Instance UID>.dcm``, and any
     other path a delivery row names). The SR UID derives from the Study Instance UID, which
-    is unique, so no surviving study shares these SR files.
+    is unique, so no surviving study shares these SR files. Delivery rows without a job (a
+    synthetic Secondary Capture sent on request) created before ``older_than`` and no
+    longer pending go too, with their files.
     """
 
+    def jobless() -> list[str]:
+        # synthetic Secondary Captures sent on request: no job, no study; done with them
+        done = (
+            Delivery.job_id.is_(None),
+            Delivery.created_at < older_than,
+            Delivery.state != DeliveryState.pending,
+        )
+        found = list(session.scalars(select(Delivery.sr_path).where(*done)))
+        session.execute(delete(Delivery).where(*done))
+        return [p for p in found if p]
+
     def work() -> list[str]:
+        sc_paths = jobless()
         busy = select(Job.study_id).where(Job.state.in_((*ACTIVE_JOB_STATES, JobState.running)))
         ids = list(
             session.scalars(
@@ -1016,7 +1030,7 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
             )
         )
         if not ids:
-            return []
+            return sc_paths
         paths = list(session.scalars(select(Instance.spool_path).where(Instance.study_id.in_(ids))))
         job_ids = select(Job.id).where(Job.study_id.in_(ids))
         srs = {
@@ -1053,6 +1067,6 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
                 "older_than": older_than.astimezone(UTC).isoformat(),
             },
         )
-        return paths + sorted(srs)
+        return paths + sorted(srs) + sc_paths
 
     return _in_transaction(session, work)

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import func, select
 
 from node.db import repo_delivery as rd
-from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, utcnow
-from node.db.repository import JobNotFound, counts
+from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
+from node.db.repository import JobConflict, JobNotFound, counts
 from node.delivery import backoff_seconds
 from node.settings import DicomDestination, StowDestination
 from tests.delivery.conftest import NodeDB, make_job
@@ -190,3 +190,28 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert backoff_seconds(10_000, base=1, cap=30, jitter=0) == 30
     with pytest.raises(ValueError):
         backoff_seconds(0, base=1, cap=2)
+
+
+def test_withdraw_cancels_unsent_rows_so_no_requeue_sends_them(node_db: NodeDB) -> None:
+    job = make_job(node_db.factory)
+    with node_db.factory() as s:
+        s.get_one(Job, job).sr_sop_instance_uid = "2.25.1"
+        s.commit()
+        rd.enqueue_deliveries(s, job_id=job, sr_path="/sr.dcm", destinations=DESTS)
+        [first] = rd.claim_due_deliveries(s, limit=1)
+        # the PACS was down for the whole horizon: failed, not permanent
+        rd.mark_failed(s, first.id, error="gave up", claimed_until=first.next_attempt_at)
+        assert rd.failed_destinations(s) == ["PACS@127.0.0.1:104"]
+        with pytest.raises(ValueError, match="at most 256"):
+            rd.withdraw_job(s, job, actor="admin", reason="x" * 257)
+        done = rd.withdraw_job(s, job, actor="admin", reason="wrong patient")
+    assert len(done.cancelled) == 2
+    # the failed row was attempted: the PACS may hold the SR, it gets the withdrawal
+    assert list(done.reached) == ["PACS@127.0.0.1:104"]
+    assert {r.state for r in _rows(node_db, job)} == {DeliveryState.cancelled}
+    with node_db.factory() as s:
+        assert rd.failed_destinations(s) == []
+        assert rd.requeue_failed(s, "PACS@127.0.0.1:104", reason="C-ECHO answered") == []
+        assert rd.resend(s, job, actor="admin") == []  # cancelled drafts stay cancelled
+        with pytest.raises(JobConflict, match="withdrawn already"):
+            rd.withdraw_job(s, job, actor="admin", reason="again")

@@ -10,7 +10,17 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import repository as repo
-from node.db.models import AuditLog, Delivery, Instance, Job, JobState, Study
+from node.db.models import (
+    AuditLog,
+    Delivery,
+    DeliveryKind,
+    DeliveryObject,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Study,
+)
 from node.db.repo_delivery import enqueue_deliveries
 from node.scheduler import STALE_PART_SECONDS, Chores, NodeScheduler
 from node.settings import load_settings
@@ -166,3 +176,37 @@ def test_stale_sr_parts_go_even_without_retention(
     os.utime(keep, (old, old))
     assert chores.apply_retention() == 0
     assert not part.exists() and keep.exists()
+
+
+def test_retention_removes_sent_synthetic_captures_without_a_job(
+    session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    spool, _clock, chores = _chores(tmp_path, session_factory)
+    outputs = spool / OUTPUTS_DIR
+    outputs.mkdir(parents=True, exist_ok=True)
+    for name in ("old-sent.dcm", "old-pending.dcm", "new-sent.dcm"):
+        (outputs / name).write_bytes(b"DICM")
+    with session_factory() as s:
+        for name, state, age in (
+            ("old-sent.dcm", DeliveryState.sent, 8),
+            ("old-pending.dcm", DeliveryState.pending, 8),
+            ("new-sent.dcm", DeliveryState.sent, 1),
+        ):
+            s.add(
+                Delivery(
+                    job_id=None,
+                    destination="PACS@h:104",
+                    kind=DeliveryKind.dimse,
+                    object=DeliveryObject.sc,
+                    state=state,
+                    attempts=1,
+                    sr_path=f"{OUTPUTS_DIR}/{name}",
+                    created_at=T0 - timedelta(days=age),
+                )
+            )
+        s.commit()
+    assert chores.apply_retention() == 1
+    assert sorted(p.name for p in outputs.iterdir()) == ["new-sent.dcm", "old-pending.dcm"]
+    with session_factory() as s:
+        left = sorted(str(d.sr_path) for d in s.scalars(select(Delivery)))
+    assert left == [f"{OUTPUTS_DIR}/new-sent.dcm", f"{OUTPUTS_DIR}/old-pending.dcm"]

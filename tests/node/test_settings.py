@@ -10,6 +10,8 @@ from node.settings import (
     AllowedAE,
     ConfigError,
     DicomDestination,
+    FhirDestination,
+    Hl7Destination,
     StowDestination,
     load_settings,
 )
@@ -68,6 +70,27 @@ def test_file_then_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert load_settings(port=7777).port == 7777
 
 
+def test_destinations_json_form_with_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "CXR_NODE_DESTINATIONS",
+        '[{"kind": "dimse", "ae_title": "PACS", "host": "pacs", "port": 104,'
+        ' "objects": ["sr", "pdf"]}, "mllps://ris:2575",'
+        ' {"kind": "fhir", "base_url": "https://fhir.example/r4", "bearer_token": "t0ken"}]',
+    )
+    s = load_settings()
+    dicom, hl7, fhir = s.destinations
+    assert isinstance(dicom, DicomDestination) and dicom.objects == ("sr", "pdf")
+    assert isinstance(hl7, Hl7Destination) and hl7.tls and hl7.port == 2575
+    assert isinstance(fhir, FhirDestination) and fhir.bearer_token == "t0ken"
+    summary = s.public_summary()
+    assert "t0ken" not in str(summary) and "t0ken" not in repr(s)
+    assert summary["destinations"] == [
+        "PACS@pacs:104",
+        "mllps://ris:2575",
+        "fhir+https://fhir.example/r4",
+    ]
+
+
 @pytest.mark.parametrize(
     ("overrides", "names"),
     [
@@ -84,6 +107,11 @@ def test_file_then_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ({"allowed_aes": "TOOLONGAETITLE12345"}, "allowed_aes"),
         ({"destinations": "PACS@host"}, "destinations"),
         ({"destinations": "ftp://x/y"}, "destinations"),
+        ({"destinations": "PACS@h:104,PACS@h:104"}, "destinations"),
+        ({"destinations": '[{"kind": "dimse", "ae_title": "P", "host": "h"}]'}, "destinations"),
+        ({"destinations": '[{"kind": "dimse", "ae_title": "P"'}, "destinations"),
+        ({"destinations": '[{"kind": "hl7", "host": "h", "port": 1, "x": 1}]'}, "destinations"),
+        ({"hl7_sending_application": "A|B"}, "hl7_sending_application"),
         ({"database_url": "mysql://x/y"}, "database_url"),
         ({"database_url": "not a url"}, "database_url"),
         ({"max_associations": 0}, "max_associations"),
