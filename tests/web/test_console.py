@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from node.db.models import AuditLog, Delivery, DeliveryState, JobState
+from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, JobState
 from tests.helpers import wait_for
 from tests.web.conftest import (
     ConsoleNode,
@@ -353,3 +353,52 @@ def test_logout_ends_the_session(console_node: ConsoleNode, browser: Any) -> Non
         page.wait_for_url(f"{node.base_url}/login", timeout=15_000)
         page.goto(f"{node.base_url}/")
         assert "/login" in page.url
+
+
+def test_operator_withdraws_a_sent_draft(
+    console_node: ConsoleNode, browser: Any, tmp_path: Path
+) -> None:
+    node = console_node
+    path, uid = chest_file(tmp_path)
+    node.send(path)
+    job = wait_job_state(node, uid, {"done", "failed"}, timeout=300)
+    assert job.state is JobState.done, job.last_error
+
+    def sent_to_pacs() -> bool:
+        with node.sessions() as s:
+            rows = s.scalars(select(Delivery).where(Delivery.job_id == job.id))
+            return any(r.state is DeliveryState.sent for r in rows)
+
+    wait_for(sent_to_pacs, timeout=60)
+    with browser_context(browser) as context:
+        page = login(context, node, "operator")
+        page.goto(f"{node.base_url}/jobs/{job.id}")
+        assert page.locator("#withdraw").is_enabled()
+        assert page.locator("#withdrawn").count() == 0
+        # the button asks for the reason in a prompt; an empty answer does nothing
+        page.once("dialog", lambda d: d.accept(""))
+        page.click("#withdraw")
+        assert _audit(node, "job.withdraw", f"job:{job.id}") == []
+        page.once("dialog", lambda d: d.accept("sent for the wrong patient"))
+        page.click("#withdraw")
+        wait_for(lambda: bool(_audit(node, "job.withdraw", f"job:{job.id}")), timeout=30)
+        [entry] = _audit(node, "job.withdraw", f"job:{job.id}")
+        assert entry.actor == node.actor("operator")
+        assert entry.detail is not None and entry.detail["reason"] == "sent for the wrong patient"
+        # the page reloads: the job says it, the button is off, the withdrawal is queued
+        page.locator("#withdrawn", has_text="sent for the wrong patient").wait_for(timeout=15_000)
+        assert not page.locator("#withdraw").is_enabled()
+        assert "withdrawal" in page.inner_text("#deliveries")
+
+    def kos_sent() -> bool:
+        with node.sessions() as s:
+            rows = s.scalars(
+                select(Delivery).where(
+                    Delivery.job_id == job.id,
+                    Delivery.destination == f"{node.pacs.ae_title}@127.0.0.1:{node.pacs.port}",
+                    Delivery.object == DeliveryObject.withdrawal,
+                )
+            )
+            return any(r.state is DeliveryState.sent for r in rows)
+
+    wait_for(kos_sent, timeout=60)
