@@ -21,6 +21,7 @@ from node.api.schemas import (
     JobOut,
     JobPage,
     PriorityIn,
+    SrVersionOut,
     StageOut,
     WithdrawIn,
 )
@@ -110,7 +111,7 @@ def _stages(d: repo_api.JobDetail) -> list[StageOut]:
     "/{job_id}",
     response_model=JobDetailOut,
     responses=_JOB_ERRORS,
-    summary="One job: stages, timings, draft, SR UID, deliveries, audit trail",
+    summary="One job: stages, timings, draft, SR UID and the study's SR chain, deliveries, audit",
 )
 def get_job(job_id: JobId, ctx: Ctx, _p: Viewer) -> JobDetailOut:
     """Everything the node knows about a job (the draft text is AI generated, unverified)."""
@@ -127,6 +128,7 @@ def get_job(job_id: JobId, ctx: Ctx, _p: Viewer) -> JobDetailOut:
         drafts=drafts,
         deliveries=[DeliveryOut(**asdict(x)) for x in d.deliveries],
         audit=[AuditOut(**asdict(a)) for a in d.audit],
+        sr_chain=[SrVersionOut(**asdict(v)) for v in d.sr_chain],
     )
 
 

@@ -22,11 +22,13 @@ __all__ = [
     "ReportOut",
     "SessionIn",
     "SessionOut",
+    "SrVersionOut",
     "TokenCreateIn",
     "TokenCreatedOut",
     "TokenOut",
     "VqaIn",
     "VqaOut",
+    "WithdrawIn",
 ]
 
 Role = Literal["viewer", "operator", "admin"]
@@ -133,8 +135,19 @@ class StageOut(BaseModel):
     seconds: float | None
 
 
+class SrVersionOut(BaseModel):
+    """One draft SR of the job's study; a later one supersedes the earlier ones."""
+
+    job_id: int
+    sr_uid: str
+    finished_at: datetime | None
+    withdrawn_at: datetime | None
+    superseded: bool
+
+
 class JobDetailOut(BaseModel):
-    """One job: state, stages and timings, draft text, SR UID, delivery attempts, audit."""
+    """One job: state, stages and timings, draft text, SR UID and the study's chain of draft
+    SRs, delivery attempts, audit."""
 
     job: JobOut
     selected_sop_instance_uid: str | None
@@ -145,6 +158,7 @@ class JobDetailOut(BaseModel):
     drafts: list[DraftOut]
     deliveries: list[DeliveryOut]
     audit: list[AuditOut]
+    sr_chain: list[SrVersionOut] = []
 
 
 class CancelIn(BaseModel):

@@ -38,6 +38,7 @@ __all__ = [
     "JobDetail",
     "JobFilter",
     "JobRow",
+    "SrVersion",
     "StudyNotFound",
     "TokenNotFound",
     "TokenRow",
@@ -52,6 +53,7 @@ __all__ = [
     "metric_counts",
     "revoke_token",
     "set_priority",
+    "sr_chain",
     "study_instances",
     "token_by_hash",
     "touch_token",
@@ -417,7 +419,8 @@ class AuditEntry:
 
 @dataclass(frozen=True)
 class JobDetail:
-    """A job with its study, drafts (newest first), deliveries and audit trail."""
+    """A job with its study, drafts (newest first), deliveries, audit trail and the study's
+    chain of draft SRs (oldest first)."""
 
     job: JobRow
     selected_sop_instance_uid: str | None
@@ -425,6 +428,36 @@ class JobDetail:
     drafts: list[DraftRow] = field(default_factory=list)
     deliveries: list[DeliveryRow] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
+    sr_chain: list[SrVersion] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SrVersion:
+    """One draft SR of a study: each later one supersedes the earlier ones (its Predecessor
+    Documents Sequence, PS3.3 C.17.2, names them)."""
+
+    job_id: int
+    sr_uid: str
+    finished_at: datetime | None
+    withdrawn_at: datetime | None
+    superseded: bool
+
+
+def sr_chain(session: Session, study_uid: str) -> list[SrVersion]:
+    """The study's draft SRs from this node, oldest first; all but the newest superseded."""
+    rows = list(
+        session.execute(
+            select(Job.id, Job.sr_sop_instance_uid, Job.finished_at, Job.withdrawn_at)
+            .join(Study, Study.id == Job.study_id)
+            .where(Study.study_instance_uid == study_uid, Job.sr_sop_instance_uid.is_not(None))
+            .order_by(Job.id)
+        )
+    )
+    last = len(rows) - 1
+    return [
+        SrVersion(int(job_id), str(uid), finished, withdrawn, k < last)
+        for k, (job_id, uid, finished, withdrawn) in enumerate(rows)
+    ]
 
 
 def _audit_row(a: AuditLog) -> AuditEntry:
@@ -497,6 +530,7 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
         drafts=drafts,
         deliveries=deliveries,
         audit=audit,
+        sr_chain=sr_chain(session, uid),
     )
 
 

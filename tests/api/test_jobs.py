@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from node.db.models import Job, JobState, utcnow
 from tests.api.conftest import LAST_ATTEMPT, ApiEnv
 
 pytestmark = pytest.mark.integration
@@ -162,6 +163,30 @@ def test_withdraw(env: ApiEnv) -> None:
     [audit] = env.audit("job.withdraw")
     assert audit.actor == env.actor("operator") and audit.target == f"job:{done.job_id}"
     assert audit.detail is not None and audit.detail["reached"] == ["PACS@h:104"]
+
+
+def test_job_shows_the_studys_sr_chain(env: ApiEnv) -> None:
+    first = env.seed("done", draft="Clear lungs.")
+    with env.sessions() as s:  # a late instance re-drafted the study: a second, newer SR
+        old = s.get_one(Job, first.job_id)
+        later = Job(
+            study_id=old.study_id,
+            state=JobState.done,
+            created_at=utcnow(),
+            updated_at=utcnow(),
+            finished_at=utcnow(),
+            sr_sop_instance_uid="2.25.42",
+        )
+        s.add(later)
+        s.commit()
+        later_id, first_sr = later.id, old.sr_sop_instance_uid
+    with env.client("viewer") as c:
+        for job_id in (first.job_id, later_id):
+            chain = c.get(f"/api/jobs/{job_id}").json()["sr_chain"]
+            assert [(v["job_id"], v["sr_uid"], v["superseded"]) for v in chain] == [
+                (first.job_id, first_sr, True),
+                (later_id, "2.25.42", False),
+            ]
 
 
 def test_config_summary_has_no_secrets(make_env) -> None:  # type: ignore[no-untyped-def]

@@ -180,6 +180,9 @@ def test_late_instance_supersedes_and_withdrawal_reaches_orthanc(
         }
         shown = json.loads(node.cli("jobs", "show", str(jobs[1]["id"]), "--json"))
         assert shown["job"]["withdrawn_reason"] == "wrong laterality"
+        # the study's chain: the first SR superseded by the second (now withdrawn)
+        chain = [(v["sr_uid"], v["superseded"], bool(v["withdrawn_at"])) for v in shown["sr_chain"]]
+        assert chain == [(sr1.SOPInstanceUID, True, False), (sr2.SOPInstanceUID, False, True)]
 
         for ds in (sr1, sr2, pdf1, kos):
             assert _dciodvfy_errors(ds, tmp_path) == [], ds.SOPClassUID

@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, JobState
@@ -361,6 +363,17 @@ def test_operator_withdraws_a_sent_draft(
     node = console_node
     path, uid = chest_file(tmp_path)
     node.send(path)
+    first = wait_job_state(node, uid, {"done", "failed"}, timeout=300)
+    assert first.state is JobState.done, first.last_error
+    # a late lateral image of the study: a second draft supersedes the first
+    late = dcmread(path)
+    late.SeriesInstanceUID, late.SOPInstanceUID = generate_uid(), generate_uid()
+    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
+    late.ViewPosition = "LL"
+    late_path = tmp_path / "late.dcm"
+    late.save_as(late_path, enforce_file_format=True)
+    node.send(late_path)
+    wait_for(lambda: job_of_study(node, uid).id != first.id, timeout=60)
     job = wait_job_state(node, uid, {"done", "failed"}, timeout=300)
     assert job.state is JobState.done, job.last_error
 
@@ -375,6 +388,11 @@ def test_operator_withdraws_a_sent_draft(
         page.goto(f"{node.base_url}/jobs/{job.id}")
         assert page.locator("#withdraw").is_enabled()
         assert page.locator("#withdrawn").count() == 0
+        chain = page.locator("#sr-chain tbody tr")
+        assert chain.count() == 2
+        assert "superseded" in chain.nth(0).inner_text()
+        assert first.sr_sop_instance_uid in chain.nth(0).inner_text()
+        assert "current" in chain.nth(1).inner_text()
         # the button asks for the reason in a prompt; an empty answer does nothing
         page.once("dialog", lambda d: d.accept(""))
         page.click("#withdraw")
