@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     from node.db.engine import make_engine, make_session_factory
     from node.db.migrate import upgrade
     from node.db.models import utcnow
-    from node.ingest import IngestSink
-    from node.modelhost import ModelHost
-    from node.pipeline import PipelineDeps, run_batch
+    from node.runtime.ingest import IngestSink
+    from node.runtime.modelhost import ModelHost
+    from node.runtime.pipeline import PipelineDeps, run_batch
     from node.settings import load_settings
 
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))

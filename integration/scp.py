@@ -239,7 +239,7 @@ def handle_conn_close(event: Event) -> None:
     An A-ABORT (PS3.8 7.3), a dropped connection, a timeout or a release in the middle of a
     C-STORE leaves pynetdicom's partial file behind; the connection-close event fires on
     every one of these paths, in the thread that was writing the file, so nothing writes it
-    any more. A crash leaves it too: :meth:`node.spool.Spool.clean_incoming` at start.
+    any more. A crash leaves it too: :meth:`node.runtime.spool.Spool.clean_incoming` at start.
     """
     try:
         partial = _partial_received_file(event.assoc)

@@ -160,8 +160,8 @@ def _default_image() -> Path:
 
 @contextlib.contextmanager
 def _node_running(settings: Settings) -> Iterator[threading.Event]:
-    from node.components import default_components
-    from node.service import run_node
+    from node.runtime.components import default_components
+    from node.runtime.service import run_node
 
     stop = threading.Event()
     failure: list[BaseException] = []

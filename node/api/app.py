@@ -41,7 +41,7 @@ def create_app(ctx_like: Any, *, include_web: bool = True) -> FastAPI:
     ----------
     ctx_like
         An :class:`~node.api.context.ApiContext` (settings, read-only and write session
-        factories, model-host getter), or a :class:`node.service.NodeContext` (converted
+        factories, model-host getter), or a :class:`node.runtime.service.NodeContext` (converted
         with :meth:`ApiContext.from_node`).
     include_web
         Mount the web console's router (``node.web.router``) when it can be imported.

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.settings import Settings
 
 if TYPE_CHECKING:
-    from node.modelhost import ModelHost
+    from node.runtime.modelhost import ModelHost
 
 __all__ = ["ApiContext", "api_context"]
 
@@ -46,7 +46,7 @@ class ApiContext:
 
     @classmethod
     def from_node(cls, ctx: Any) -> ApiContext:
-        """Build from a :class:`node.service.NodeContext`."""
+        """Build from a :class:`node.runtime.service.NodeContext`."""
         from node.db.engine import make_session_factory
 
         extras: dict[str, Any] = ctx.extras

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from node.api import metrics, services
+from node import metrics
+from node.api import services
 from node.api.auth import Principal, require_role
 from node.api.context import ApiContext, api_context
 from node.api.schemas import ErrorOut
@@ -53,5 +54,5 @@ def ready(ctx: Ctx, _p: Viewer) -> JSONResponse:
     responses={**_AUTH, 200: {"content": {"text/plain": {}}}},
 )
 def metrics_endpoint(ctx: Ctx, _p: Viewer) -> Response:
-    """Exposition text: process metrics and database gauges (see ``node.api.metrics``)."""
+    """Exposition text: process metrics and database gauges (see ``node.metrics``)."""
     return Response(metrics.render(ctx.read_sessions), media_type=metrics.CONTENT_TYPE)

@@ -154,7 +154,7 @@ def make_api_server(ctx: Any) -> ApiServer:
     Parameters
     ----------
     ctx
-        A :class:`node.service.NodeContext` (or an :class:`ApiContext`).
+        A :class:`node.runtime.service.NodeContext` (or an :class:`ApiContext`).
 
     Raises
     ------

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from node.api import metrics
+from node import metrics
 from node.api.auth import Principal, hash_secret, new_token
 from node.api.context import ApiContext
 from node.api.errors import ApiError
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
     from models.runtime import LLMCXR, Answer, GeneratedImage, ReportDraft
-    from node.outputs import WithdrawResult
+    from node.runtime.outputs import WithdrawResult
 
 __all__ = [
     "ImageResult",
@@ -90,7 +90,7 @@ def revoke_token(ctx: ApiContext, token_id: int, *, actor: str) -> repo_api.Toke
 def resend(ctx: ApiContext, job_id: int, *, principal: Principal) -> list[int]:
     """Send a job's objects again to their destinations (audited ``job.resend``)."""
     from node.db.repo_delivery import resend as delivery_resend
-    from node.delivery import wake_senders
+    from node.runtime.delivery import wake_senders
 
     with ctx.write_sessions() as session:
         ids = delivery_resend(session, job_id, actor=principal.actor)
@@ -99,8 +99,9 @@ def resend(ctx: ApiContext, job_id: int, *, principal: Principal) -> list[int]:
 
 
 def withdraw(ctx: ApiContext, job_id: int, *, principal: Principal, reason: str) -> WithdrawResult:
-    """Withdraw a job's sent draft (:func:`node.outputs.withdraw`; audited ``job.withdraw``)."""
-    from node.outputs import withdraw as withdraw_draft
+    """Withdraw a job's sent draft (:func:`node.runtime.outputs.withdraw`; audited
+    ``job.withdraw``)."""
+    from node.runtime.outputs import withdraw as withdraw_draft
 
     return withdraw_draft(
         ctx.settings, ctx.write_sessions, job_id, actor=principal.actor, reason=reason
@@ -458,9 +459,9 @@ def _queue_sc(ctx: ApiContext, sc: Dataset, dest: DicomDestination | StowDestina
     """Write the synthetic SC to ``outputs/`` (0600) and queue it as a delivery (no job)."""
     from node.db.models import DeliveryObject
     from node.db.repo_delivery import Outbound
-    from node.delivery import enqueue_deliveries
-    from node.outputs import write_output
-    from node.spool import OUTPUTS_DIR
+    from node.runtime.delivery import enqueue_deliveries
+    from node.runtime.outputs import write_output
+    from node.runtime.spool import OUTPUTS_DIR
 
     uid = str(sc.SOPInstanceUID)
     path = write_output(sc, Path(ctx.settings.spool_dir) / OUTPUTS_DIR, f"{uid}.dcm")

@@ -24,7 +24,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from node.assembly import SeriesFacts, evaluate_chest_rule
 from node.db.models import (
     AuditLog,
     Delivery,
@@ -38,8 +37,9 @@ from node.db.models import (
     StudyState,
     utcnow,
 )
+from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
+from node.runtime.spool import OUTPUTS_DIR
 from node.settings import ChestRule
-from node.spool import OUTPUTS_DIR
 
 __all__ = [
     "ACTIVE_JOB_STATES",

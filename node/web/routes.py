@@ -105,7 +105,7 @@ class ModelStatus:
 
 
 def model_status(host: Any) -> ModelStatus:
-    """The model host's state (:class:`node.modelhost.ModelHost` or ``None``).
+    """The model host's state (:class:`node.runtime.modelhost.ModelHost` or ``None``).
 
     ``none`` when the node runs without a model; ``error`` when loading failed; ``ready``
     once warmed up; ``loading`` otherwise.

@@ -29,8 +29,8 @@ from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Draft, Job, utcnow
 from node.db.repository import InstanceRecord, transition
-from node.modelhost import ModelHost
-from node.service import NodeContext
+from node.runtime.modelhost import ModelHost
+from node.runtime.service import NodeContext
 from node.settings import Settings, load_settings
 from tests.helpers import free_port, rg1_file
 from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)

@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from models.layout import CODES_PER_IMAGE, N_IMAGE_CODES
 from models.preprocess import to_uint8_image
 from node.db.models import Delivery, DeliveryObject, DeliveryState
-from node.delivery import DeliveryComponent
-from node.modelhost import ModelHost
-from node.service import NodeContext
+from node.runtime.delivery import DeliveryComponent
+from node.runtime.modelhost import ModelHost
+from node.runtime.service import NodeContext
 from tests.api.conftest import ApiEnv, EnvFactory
 from tests.helpers import free_port, require_binary, rg1_file
 
@@ -239,7 +239,7 @@ def test_ready_and_spool_check(env: ApiEnv) -> None:
 
 
 def test_metrics(env: ApiEnv) -> None:
-    from node.api import metrics
+    from node import metrics
 
     env.seed("queued")
     env.seed("queued")

@@ -16,7 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
-from node.modelhost import ModelHost
+from node.runtime.modelhost import ModelHost
 from tests.api.conftest import ApiEnv, start_env, stop_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

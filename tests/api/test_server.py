@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from node.api.server import make_api_server
-from node.service import run_node
+from node.runtime.service import run_node
 from node.settings import load_settings
 from tests.helpers import free_port, port_open, wait_for
 

@@ -27,7 +27,7 @@ from integration.uids import sr_instance_uid, sr_series_uid
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Job, JobState, Study, StudyState, utcnow
-from node.service import NodeContext
+from node.runtime.service import NodeContext
 from node.settings import Settings, load_settings
 from tests.helpers import free_port, rg1_file
 from tests.node.conftest import db_url, pg_schema_url

@@ -1,4 +1,4 @@
-"""The SR sender (node.delivery) against real peers: a pynetdicom storage SCP that is down
+"""The SR sender (node.runtime.delivery) against real peers: a pynetdicom storage SCP that is down
 and comes back, one that never comes back, one that rejects the data set, Orthanc over
 STOW-RS, and two senders sharing one PostgreSQL database."""
 
@@ -18,7 +18,7 @@ from node.db import repo_delivery as rd
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Delivery, DeliveryState
-from node.delivery import DeliveryComponent, enqueue_deliveries, make_delivery
+from node.runtime.delivery import DeliveryComponent, enqueue_deliveries, make_delivery
 from tests.delivery.conftest import (
     NodeDB,
     PacsSCP,

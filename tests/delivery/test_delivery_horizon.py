@@ -1,10 +1,10 @@
 """A PACS outage longer than the old attempt count: deliveries are retried for a horizon,
 then re-queued when the destination answers C-ECHO again (issue #22 item 8).
 
-Real peers on loopback: the node's :class:`node.delivery.DeliveryComponent` sends to a port
+Real peers on loopback: the node's :class:`node.runtime.delivery.DeliveryComponent` sends to a port
 where nothing listens (connection refused, a transient failure), then to a real pynetdicom
 storage SCP (:class:`tests.delivery.conftest.PacsSCP`) started on that port; the re-check is
-the node's own chore run by its real APScheduler (:class:`node.scheduler.NodeScheduler`).
+the node's own chore run by its real APScheduler (:class:`node.runtime.scheduler.NodeScheduler`).
 The horizon and the back-off are shrunk to seconds; the defect (8 attempts, then ``failed``
 for good) would show as at most 8 attempts and a row that never leaves ``failed``.
 """
@@ -20,8 +20,8 @@ from sqlalchemy import select, text
 
 from node.db.migrate import upgrade
 from node.db.models import AuditLog, Delivery, DeliveryState
-from node.delivery import DeliveryComponent, enqueue_deliveries, make_delivery
-from node.scheduler import Chores, NodeScheduler
+from node.runtime.delivery import DeliveryComponent, enqueue_deliveries, make_delivery
+from node.runtime.scheduler import Chores, NodeScheduler
 from node.settings import Settings
 from tests.delivery.conftest import (
     NodeDB,

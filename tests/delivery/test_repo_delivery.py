@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from node.db import repo_delivery as rd
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
 from node.db.repository import JobConflict, JobNotFound, counts
-from node.delivery import backoff_seconds
+from node.runtime.delivery import backoff_seconds
 from node.settings import DicomDestination, StowDestination
 from tests.delivery.conftest import NodeDB, make_job
 

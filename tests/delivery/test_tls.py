@@ -22,8 +22,8 @@ from node.db import repo_delivery as rd
 from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import DeliveryState
-from node.delivery import DeliveryComponent, enqueue_deliveries
-from node.service import run_node
+from node.runtime.delivery import DeliveryComponent, enqueue_deliveries
+from node.runtime.service import run_node
 from node.settings import ConfigError, Settings, load_settings
 from node.tls import build_client_context, build_server_context, client_context, server_context
 from tests.delivery.conftest import (

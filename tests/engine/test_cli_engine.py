@@ -131,7 +131,7 @@ def test_dicom_input_follows_the_pixels(tmp_path: Path) -> None:
     gives the same model input as the uncompressed file; another image does not."""
     import numpy as np
 
-    from node.cli_models import _load_input
+    from node.cli.models import _load_input
 
     x_unc = _load_input(rg1_file("RG1_UNCR.dcm"))
     x_j2k = _load_input(rg1_file("RG1_J2KR.dcm"))
@@ -210,7 +210,7 @@ def test_generate_rejects_unknown_backend_and_bad_image(
 
 @pytest.mark.parametrize("name", ["RG1_UNCR.dcm"])
 def test_dicom_detection_by_preamble(name: str, tmp_path: Path) -> None:
-    from node.cli_models import _is_dicom
+    from node.cli.models import _is_dicom
 
     src = rg1_file(name)
     renamed = tmp_path / "image.bin"

@@ -11,7 +11,7 @@ from models.backends.base import GenerationRequest
 from models.backends.llamacpp import LlamaCppBackend
 from models.backends.transformers_backend import TransformersBackend
 from models.bundle import ModelBundle
-from node.modelhost import ModelHost
+from node.runtime.modelhost import ModelHost
 from node.settings import Settings
 
 SETTING_NAMES = (
@@ -84,7 +84,7 @@ def test_node_backend_options_pass_the_worker_batch_as_warmup_batch(
     demo_bundle: ModelBundle,
 ) -> None:
     """The node warms up (compiles, on a GPU) the batch buckets its worker will send."""
-    from node.modelhost import backend_options as node_backend_options
+    from node.runtime.modelhost import backend_options as node_backend_options
 
     opts = node_backend_options(Settings(backend="transformers", worker_batch_size=3))
     assert (opts["max_batch"], opts["warmup_batch"]) == (8, 3)
@@ -128,7 +128,7 @@ def test_make_backend_llamacpp_from_settings(converted_bundle: Path) -> None:
 def test_node_settings_select_a_prefill_file(converted_bundle: Path) -> None:
     """CXR_NODE_BACKEND_PREFILL_QUANT: the node prefills with one converted file and
     decodes with another; a transformers node ignores the setting."""
-    from node.modelhost import backend_options as node_backend_options
+    from node.runtime.modelhost import backend_options as node_backend_options
 
     settings = Settings(
         backend="llamacpp", backend_quant="q8_0", backend_prefill_quant="f32", backend_threads=1

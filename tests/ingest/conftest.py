@@ -27,9 +27,9 @@ from integration.scp import handlers
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Instance
-from node.ingest import IngestSink
+from node.runtime.ingest import IngestSink
+from node.runtime.spool import Spool
 from node.settings import Settings, load_settings
-from node.spool import Spool
 from tests.dicom.conftest import dcmtk_binary
 from tests.helpers import free_port
 from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)

@@ -673,7 +673,7 @@ def test_framer_bounds_what_pynetdicom_keeps_in_memory() -> None:
 
 def test_limits_are_settings_with_checks(tmp_path: Path) -> None:
     from node.db.engine import make_engine, make_session_factory
-    from node.service import _build_scp
+    from node.runtime.service import _build_scp
 
     base: dict[str, Any] = {
         "spool_dir": tmp_path / "spool",

@@ -35,9 +35,9 @@ from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Job, JobState, Study
-from node.ingest import IngestSink, header_priority, read_header
+from node.runtime.ingest import IngestSink, header_priority, read_header
+from node.runtime.spool import Spool
 from node.settings import ConfigError, load_settings
-from node.spool import Spool
 from tests.helpers import free_port
 from tests.ingest.conftest import NODE_AET, RunningSCP, cxr_dataset, scu, write
 
@@ -171,7 +171,7 @@ def complete(node: RunningSCP) -> list[int]:
 
 
 def claim(node: RunningSCP) -> Job | None:
-    """The worker's claim (``node.worker`` calls ``repository.claim_next_job``)."""
+    """The worker's claim (``node.runtime.worker`` calls ``repository.claim_next_job``)."""
     with node.session_factory() as s:
         return repo.claim_next_job(s, owner="test/w0", lease_seconds=60)
 

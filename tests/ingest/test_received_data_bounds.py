@@ -45,7 +45,7 @@ from pynetdicom.dsutils import split_dataset
 
 from integration.scp import _partial_received_file
 from integration.status import StoreStatus
-from node.ingest import DataSetError, InflateLimits, read_header
+from node.runtime.ingest import DataSetError, InflateLimits, read_header
 from tests.helpers import free_port, port_open, require_nih_pngs, rg1_file, wait_for
 from tests.ingest.conftest import NODE_AET, PACS_AET, dcmtk, nih_png_dataset, start_scp, write
 

@@ -18,7 +18,7 @@ from models.prompts import report_prompt
 from models.runtime import LLMCXR
 from models.text import LLMCXRTokenizer
 from models.vqgan import VQGANConfig
-from node.cli_models import app
+from node.cli.models import app
 from tests.models.llm_fixtures import (
     demo_bundle,
     demo_bundle_dir,

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.assembly import SeriesFacts, evaluate_chest_rule
 from node.db import repository as repo
 from node.db.models import Instance, Job, JobState, Study, StudyState
 from node.db.repository import RecordOutcome
+from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
 from node.settings import ChestRule
 from tests.node.factories import T0, record, uid
 

@@ -31,7 +31,7 @@ from integration.sc import build_synthetic_sc
 from integration.sr import build_draft_sr
 from node.db.engine import make_engine
 from node.logging_setup import WITHHELD, configure_logging
-from node.spool import spool_relative_path
+from node.runtime.spool import spool_relative_path
 from tests.helpers import rg1_file
 
 NAME = "DOE JOHN"

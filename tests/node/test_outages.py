@@ -2,11 +2,12 @@
 
 Issue #22 item 7 measured a C-STORE left unanswered for 60 s (the sender gave up) with
 PostgreSQL black-holed, and 0xA701 only ~2 min later. Here the node's real storage SCP
-(pynetdicom, :class:`node.ingest.IngestSink`) is fed by a real pynetdicom SCU on loopback, in
-front of the real PostgreSQL at 127.0.0.1:5432 through :class:`BlackHoleProxy`, a TCP proxy
-that forwards until told to black-hole: from then on it reads and drops every byte and never
-answers, while the kernel keeps acknowledging TCP (a frozen server). SQLite is held locked by
-a second real connection. The SCU waits up to 60 s, so a hang shows as a failed bound.
+(pynetdicom, :class:`node.runtime.ingest.IngestSink`) is fed by a real pynetdicom SCU on
+loopback, in front of the real PostgreSQL at 127.0.0.1:5432 through :class:`BlackHoleProxy`,
+a TCP proxy that forwards until told to black-hole: from then on it reads and drops every
+byte and never answers, while the kernel keeps acknowledging TCP (a frozen server). SQLite
+is held locked by a second real connection. The SCU waits up to 60 s, so a hang shows as a
+failed bound.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from integration.scp import handlers
 from integration.status import StoreStatus
 from node.db.engine import engine_from_settings, make_engine, make_session_factory
 from node.db.migrate import upgrade
-from node.ingest import IngestSink
+from node.runtime.ingest import IngestSink
 from node.settings import ConfigError, Settings, load_settings
 from tests.helpers import free_port
 from tests.ingest.conftest import NODE_AET, PACS_AET, cxr_dataset, scu

@@ -22,9 +22,9 @@ from node.db.models import (
     Study,
 )
 from node.db.repo_delivery import enqueue_deliveries
-from node.scheduler import STALE_PART_SECONDS, Chores, NodeScheduler
+from node.runtime.scheduler import STALE_PART_SECONDS, Chores, NodeScheduler
+from node.runtime.spool import OUTPUTS_DIR
 from node.settings import load_settings
-from node.spool import OUTPUTS_DIR
 from tests.helpers import wait_for
 from tests.node.factories import T0, record, uid
 

@@ -20,7 +20,7 @@ from node.cli import app
 from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import Job, JobState
-from node.service import NodeContext, run_node
+from node.runtime.service import NodeContext, run_node
 from node.settings import ChestRule, load_settings
 from tests.helpers import REPO, free_port, port_open, require_binary, wait_for
 from tests.node.factories import T0, record, uid

@@ -126,10 +126,10 @@ def console_node(
 ) -> Iterator[ConsoleNode]:
     """``cxr-node serve``'s components in a thread: SCP, SQLite, model, worker, API + web."""
     from node.api.auth import hash_secret, new_token
-    from node.components import default_components
     from node.db import repo_api
     from node.db.engine import make_engine, make_session_factory
-    from node.service import run_node
+    from node.runtime.components import default_components
+    from node.runtime.service import run_node
     from node.settings import load_settings
 
     work = tmp_path_factory.mktemp("web-node")

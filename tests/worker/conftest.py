@@ -1,6 +1,6 @@
 """Fixtures for the worker tests: a demo bundle (built once), real CXR files, a node env.
 
-Studies are real chest images put through the node's own ingest (``node.ingest.IngestSink``:
+Studies are real chest images put through the node's own ingest (``node.runtime.ingest.IngestSink``:
 spool + SQL) and queued by the real study-completion query; the database is a SQLite file or
 a fresh PostgreSQL schema (``db_url`` from ``tests/node/conftest.py``).
 """
@@ -33,10 +33,10 @@ from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Delivery, Draft, Job, utcnow
-from node.ingest import IngestSink
-from node.modelhost import ModelHost
-from node.pipeline import PipelineDeps
-from node.service import NodeContext
+from node.runtime.ingest import IngestSink
+from node.runtime.modelhost import ModelHost
+from node.runtime.pipeline import PipelineDeps
+from node.runtime.service import NodeContext
 from node.settings import Settings, load_settings
 from tests.helpers import require_nih_pngs, rg1_file
 from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)

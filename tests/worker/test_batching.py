@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from node.db.models import JobState
-from node.modelhost import ModelHost
-from node.pipeline import prepare_job, run_batch
-from node.worker import Worker
+from node.runtime.modelhost import ModelHost
+from node.runtime.pipeline import prepare_job, run_batch
+from node.runtime.worker import Worker
 from tests.worker.conftest import NodeEnv, make_env, nih_pixels
 
 NEW_TOKENS = 16

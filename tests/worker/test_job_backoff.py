@@ -2,7 +2,7 @@
 
 The defect: ENOSPC while writing the SR used all 3 attempts in 0.6 s, and a data set with an
 unknown VR was retried 3 times. Here real studies go through the node's ingest, the real
-worker (:class:`node.worker.Worker`, demo model) and a real full file system: a tiny tmpfs
+worker (:class:`node.runtime.worker.Worker`, demo model) and a real full file system: a tiny tmpfs
 mounted on the SR output folder (``<spool>/outputs``) and filled up, so ``write_sr`` really
 gets ``OSError(ENOSPC)``; mounting needs root, and the test is skipped, saying so, where
 it cannot mount.
@@ -31,9 +31,9 @@ from models.layout import TokenLayoutError
 from models.runtime import InferenceError, ModelInputError
 from node.db import repository as repo
 from node.db.models import JobState, utcnow
-from node.modelhost import ModelHost, ModelNotReady
-from node.pipeline import OUTPUTS_DIR, JobFailure, is_permanent, run_batch
-from node.worker import Worker
+from node.runtime.modelhost import ModelHost, ModelNotReady
+from node.runtime.pipeline import OUTPUTS_DIR, JobFailure, is_permanent, run_batch
+from node.runtime.worker import Worker
 from tests.worker.conftest import NodeEnv, make_cxr, make_env
 
 BACKOFF_S = 1.0

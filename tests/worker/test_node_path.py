@@ -13,9 +13,9 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import Job, JobState
-from node.modelhost import make_model_host
-from node.service import run_node
-from node.worker import make_worker
+from node.runtime.modelhost import make_model_host
+from node.runtime.service import run_node
+from node.runtime.worker import make_worker
 from tests.helpers import free_port, port_open, rg1_file, wait_for
 from tests.worker.conftest import worker_settings
 

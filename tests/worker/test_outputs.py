@@ -30,10 +30,10 @@ from pynetdicom import AE, evt
 
 from node.db.models import AuditLog, DeliveryObject, DeliveryState
 from node.db.repository import JobConflict
-from node.delivery import DeliveryComponent
-from node.modelhost import ModelHost
-from node.outputs import withdraw
-from node.pipeline import run_batch
+from node.runtime.delivery import DeliveryComponent
+from node.runtime.modelhost import ModelHost
+from node.runtime.outputs import withdraw
+from node.runtime.pipeline import run_batch
 from tests.helpers import free_port, require_binary
 from tests.receivers import TOKEN, FhirReceiver, Receiver
 from tests.worker.conftest import NodeEnv, make_env

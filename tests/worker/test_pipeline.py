@@ -16,8 +16,8 @@ from node.db import repo_outputs
 from node.db import repository as repo
 from node.db.models import JobState, utcnow
 from node.db.repo_delivery import enqueue_deliveries
-from node.modelhost import ModelHost
-from node.pipeline import (
+from node.runtime.modelhost import ModelHost
+from node.runtime.pipeline import (
     OUTPUTS_DIR,
     build_sr,
     generate_reports,

@@ -1,8 +1,8 @@
 """``cxr-node worker`` processes: SIGKILL mid-generation, two workers on one PostgreSQL.
 
-The worker runs as a real subprocess (``python -m node.cli_worker``) configured through
+The worker runs as a real subprocess (``python -m node.cli.worker``) configured through
 ``CXR_NODE_*`` variables. To kill it *during* generation deterministically, the first worker
-gets ``CXR_NODE_TEST_STAGE_DELAY=generate:120`` (documented in :mod:`node.pipeline`): it
+gets ``CXR_NODE_TEST_STAGE_DELAY=generate:120`` (documented in :mod:`node.runtime.pipeline`): it
 sleeps inside the generate stage, holding the model, after logging ``generating``.
 """
 
@@ -29,7 +29,7 @@ DESTS = "PACS@127.0.0.1:11113,ARCHIVE@127.0.0.1:11114"
 
 
 class WorkerProcess:
-    """A ``python -m node.cli_worker`` subprocess with its output collected."""
+    """A ``python -m node.cli.worker`` subprocess with its output collected."""
 
     def __init__(self, env: NodeEnv, *, extra: dict[str, str] | None = None) -> None:
         s = env.settings
@@ -53,7 +53,7 @@ class WorkerProcess:
         )
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli_worker"],
+            [sys.executable, "-m", "node.cli.worker"],
             cwd=REPO,
             env=child_env,
             stdout=subprocess.PIPE,

@@ -68,8 +68,8 @@ from node.db import repo_delivery
 from node.db.models import DeliveryObject, Draft, Instance, Job
 from node.db.repo_delivery import Outbound
 from node.filemodes import make_private_dir, open_private
+from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
-from node.spool import OUTPUTS_DIR
 
 __all__ = [
     "MANUFACTURER",
@@ -543,7 +543,7 @@ def withdraw(
         items.append(Outbound(dest, DeliveryObject.withdrawal, _relative(path), uid))
     queued: list[int] = []
     if items:
-        from node.delivery import enqueue_deliveries  # also wakes this process's senders
+        from node.runtime.delivery import enqueue_deliveries  # also wakes this process's senders
 
         with session_factory() as session:
             queued = enqueue_deliveries(session, job_id=job_id, items=items)

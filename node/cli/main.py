@@ -2,7 +2,7 @@
 
 Commands: ``serve``, ``status [--json]``, ``db upgrade``, ``echo AET@host:port``,
 ``jobs list|show|retry|cancel|resend|priority``, ``tokens create|revoke|list``, ``ask``,
-``generate-image`` (``node.cli_admin``), and ``models ...`` (model bundles). Configuration
+``generate-image`` (``node.cli.admin``), and ``models ...`` (model bundles). Configuration
 comes from ``--config`` / ``CXR_NODE_CONFIG`` and ``CXR_NODE_*`` variables
 (``docs/configuration.md``).
 Exit codes: 0 success, 1 operation failed, 2 configuration refused.
@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import inspect
 
-from node.cli_models import app as models_app
-from node.cli_worker import command as worker_command
+from node.cli.common import err, load, options
+from node.cli.models import app as models_app
+from node.cli.worker import command as worker_command
 from node.db import repo_api
 from node.db import repository as repo
 from node.db.engine import make_engine, make_session_factory
@@ -30,7 +31,7 @@ from node.db.migrate import current_revision, head_revision, upgrade
 from node.db.models import JobState
 from node.filemodes import apply_private_umask
 from node.logging_setup import configure_logging
-from node.settings import ConfigError, Settings, load_settings, parse_ae_address
+from node.settings import ConfigError, Settings, parse_ae_address
 
 __all__ = ["app", "main"]
 
@@ -50,9 +51,6 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.command("worker")(worker_command)
 
-_state: dict[str, Path | None] = {"config": None}
-err = Console(stderr=True)
-
 
 @app.callback()
 def _root(
@@ -66,15 +64,11 @@ def _root(
         ),
     ] = None,
 ) -> None:
-    _state["config"] = config
+    options["config"] = config
 
 
 def _settings() -> Settings:
-    try:
-        return load_settings(_state["config"])
-    except ConfigError as exc:
-        err.print(f"[red]configuration refused:[/red] {exc}", highlight=False, markup=True)
-        raise typer.Exit(2) from None
+    return load()
 
 
 def _require_schema(settings: Settings) -> None:
@@ -95,8 +89,8 @@ def serve() -> None:
     settings = _settings()
     apply_private_umask()  # patient data: files 0600, folders 0700 (node.filemodes)
     configure_logging(settings.log_level)
-    from node.components import default_components
-    from node.service import run_node
+    from node.runtime.components import default_components
+    from node.runtime.service import run_node
 
     try:
         code = run_node(settings, extra_components=default_components(settings))
@@ -268,7 +262,7 @@ def demo(
 
 
 # admin commands (jobs show/retry/cancel/resend/priority, tokens, ask, generate-image)
-from node.cli_admin import register as _register_admin  # noqa: E402
+from node.cli.admin import register as _register_admin  # noqa: E402
 
 _register_admin(app, jobs_app, _settings)
 

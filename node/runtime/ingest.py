@@ -9,8 +9,8 @@ For each received instance, in this order (architecture: "durability first"):
 2. check the UIDs (0xA900-0xA903);
 3. check free space against ``min_free_disk_mb`` on every file system the node writes to:
    the spool, its staging folder, ``outputs``, the SQLite database's folder (0xA700,
-   transient; :meth:`node.spool.Spool.check_free`);
-4. spool the file: fsync, atomic rename, fsync the directory (:mod:`node.spool`);
+   transient; :meth:`node.runtime.spool.Spool.check_free`);
+4. spool the file: fsync, atomic rename, fsync the directory (:mod:`node.runtime.spool`);
 5. record it in SQL and commit (:func:`node.db.repository.record_instance_detailed`); if
    that fails (database down: 0xA701, transient) the just-spooled file is removed again;
 6. only then answer 0x0000.
@@ -50,8 +50,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from integration.priority import PriorityRule, study_priority
 from integration.scp import ReceivedMeta, StoreResult
 from integration.status import StoreStatus
-from node.api import metrics
-from node.spool import Spool, SpooledFile, SpoolError
+from node import metrics
+from node.runtime.spool import Spool, SpooledFile, SpoolError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -1,11 +1,12 @@
 """The sender: delivers every queued outbound object, with retries. The only way out.
 
-The worker (:func:`node.outputs.build_outputs`), a withdrawal (:func:`node.outputs.withdraw`)
-and the API (a synthetic Secondary Capture sent on request) call :func:`enqueue_deliveries`
-once the object's file is written: one ``pending`` row per (destination, object)
-(:mod:`node.db.repo_delivery`). :class:`DeliveryComponent` is a loop (one thread, plus a
-small pool for parallel sends) that every ``poll_seconds`` (and at once when woken by an
-enqueue in this process) claims the due rows and sends each one by its destination's kind:
+The worker (:func:`node.runtime.outputs.build_outputs`), a withdrawal
+(:func:`node.runtime.outputs.withdraw`) and the API (a synthetic Secondary Capture sent on
+request) call :func:`enqueue_deliveries` once the object's file is written: one
+``pending`` row per (destination, object) (:mod:`node.db.repo_delivery`).
+:class:`DeliveryComponent` is a loop (one thread, plus a small pool for parallel sends)
+that every ``poll_seconds`` (and at once when woken by an enqueue in this process) claims
+the due rows and sends each one by its destination's kind:
 
 - DIMSE destinations (``AET@host:port``) with C-STORE (PS3.4 Annex B) through
   :func:`integration.scu.send_dataset` (calling AE = ``ae_title``, the node's ACSE / DIMSE /
@@ -32,7 +33,7 @@ permanent failure (0xA9xx, 0xCxxx, no presentation context, rejected-permanent, 
 a missing file -> ``failed`` at once, marked ``permanent_failure``. So a PACS that is down
 when the SR is ready gets it when it comes back within the horizon; one down for longer gets
 it when it answers again: :func:`recheck_failed_destinations` (a chore of
-:mod:`node.scheduler`, every ``delivery_recheck_minutes``) C-ECHOes (PS3.4 Annex A) each
+:mod:`node.runtime.scheduler`, every ``delivery_recheck_minutes``) C-ECHOes (PS3.4 Annex A) each
 configured destination that has failed, not permanent deliveries (STOW-RS and FHIR: an HTTP
 OPTIONS request answered below 500; HL7: a TCP connection) and re-queues them when it
 answers (audited).
@@ -76,11 +77,11 @@ from integration.hl7_oru import check_ack, message_control_id
 from integration.mllp import send_mllp
 from integration.scu import echo, send_dataset
 from integration.stow import stow
-from node.api import metrics
+from node import metrics
 from node.db import repo_delivery as repo
 from node.db.models import Delivery, DeliveryKind, utcnow
 from node.db.repo_delivery import DestinationLike, Outbound
-from node.service import NodeContext
+from node.runtime.service import NodeContext
 from node.settings import Settings
 from node.tls import build_client_context, client_context
 
@@ -188,7 +189,7 @@ class DeliveryOutcome:
 
 
 class DeliveryComponent:
-    """The node's SR sender (a :class:`~node.service.Component`).
+    """The node's SR sender (a :class:`~node.runtime.service.Component`).
 
     Parameters
     ----------
@@ -590,7 +591,7 @@ def recheck_failed_destinations(
 
 
 def make_delivery(ctx: NodeContext) -> DeliveryComponent:
-    """Component factory for ``cxr-node serve`` (see :mod:`node.components`).
+    """Component factory for ``cxr-node serve`` (see :mod:`node.runtime.components`).
 
     The sender is put in ``ctx.extras["delivery"]`` (the API may wake it after a re-send).
     """

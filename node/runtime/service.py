@@ -1,9 +1,9 @@
 """The ``cxr-node serve`` process: database, storage SCP, chores and pluggable components.
 
 Start-up: log the effective configuration once, check the spool, create or migrate the
-database, start the storage SCP (``integration.ae`` + ``integration.scp`` + ``node.ingest``;
+database, start the storage SCP (``integration.ae`` + ``integration.scp`` + ``node.runtime.ingest``;
 temporary files, received data sets among them, go to the spool's staging folder), start the
-chores (:mod:`node.scheduler`) and any extra components (worker, HTTP API), then
+chores (:mod:`node.runtime.scheduler`) and any extra components (worker, HTTP API), then
 log ``node ready``. Shutdown on SIGTERM/SIGINT or ``stop_event``: stop accepting
 associations, let in-flight ones finish (up to a grace period; a second signal cuts it
 short), stop the components and chores, release this process's job leases.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import tempfile
 import threading
@@ -22,7 +21,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import Engine
@@ -33,10 +31,11 @@ from integration.scp import handlers as scp_handlers
 from node.db import repository as repo
 from node.db.engine import engine_from_settings, make_session_factory
 from node.db.migrate import upgrade
-from node.ingest import IngestSink
-from node.scheduler import Chores, NodeScheduler
+from node.runtime.ingest import IngestSink
+from node.runtime.scheduler import Chores, NodeScheduler
+from node.runtime.signals import install_stop_signals
+from node.runtime.spool import INCOMING, Spool
 from node.settings import Settings
-from node.spool import INCOMING, Spool
 from node.tls import server_context
 
 __all__ = ["Component", "NodeContext", "node_owner_id", "run_node", "stage_tempfiles_in_spool"]
@@ -110,7 +109,7 @@ def stage_tempfiles_in_spool(spool_dir: Path) -> Callable[[], None]:
     default ``dir`` of every function there) puts those files in ``<spool>/.incoming``: on
     the spool's file system (the handler renames them into place, no copy), 0600 as all
     temporary files, removed after an abort (:func:`integration.scp.handle_conn_close`)
-    and at the next start (:meth:`node.spool.Spool.clean_incoming`). It is process-wide:
+    and at the next start (:meth:`node.runtime.spool.Spool.clean_incoming`). It is process-wide:
     any other temporary file of ``cxr-node serve`` lands there too, which keeps patient data
     the model or the API might spool under the spool as well.
 
@@ -129,30 +128,6 @@ def stage_tempfiles_in_spool(spool_dir: Path) -> Callable[[], None]:
 
     def restore() -> None:
         tempfile.tempdir = previous
-
-    return restore
-
-
-def _install_signals(
-    stop_event: threading.Event, force_event: threading.Event
-) -> Callable[[], None]:
-    """Route SIGTERM/SIGINT to the events (main thread only); return a restore function."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if stop_event.is_set():
-            force_event.set()
-            log.warning("second %s: aborting in-flight associations", signal.Signals(signum).name)
-        else:
-            log.info("%s received: shutting down", signal.Signals(signum).name)
-            stop_event.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
     return restore
 
@@ -209,7 +184,7 @@ def run_node(
     """
     stop_event = stop_event or threading.Event()
     force_event = threading.Event()
-    restore_signals = _install_signals(stop_event, force_event)
+    restore_signals = install_stop_signals(stop_event, force_event)
     grace = settings.dimse_timeout if shutdown_grace_seconds is None else shutdown_grace_seconds
     log.info("effective configuration: %s", settings.public_summary())
     started: list[Component] = []

@@ -189,7 +189,7 @@ def jobs_withdraw(
 
     The withdrawals are queued; a running ``cxr-node serve`` sends them.
     """
-    from node.outputs import withdraw
+    from node.runtime.outputs import withdraw
 
     with _sessions() as factory:
         try:
@@ -279,7 +279,7 @@ def tokens_list(
 
 def _runtime(settings: Settings) -> LLMCXR:
     from models.runtime import LLMCXR
-    from node.modelhost import backend_options
+    from node.runtime.modelhost import backend_options
 
     if settings.model_dir is None or not Path(settings.model_dir).is_dir():
         err.print("no model: set model_dir (CXR_NODE_MODEL_DIR) to a model bundle directory")

@@ -7,7 +7,7 @@
   (instances and SRs), and SR files a crashed worker left half-written;
 - delivery recheck (every ``delivery_recheck_minutes``, 0: off): C-ECHOes each configured
   destination that has failed, not permanent deliveries and re-queues them when it answers
-  (:func:`node.delivery.recheck_failed_destinations`).
+  (:func:`node.runtime.delivery.recheck_failed_destinations`).
 
 The schedule is never shared through the database: every node process runs its own chores,
 and the repository functions are safe to run concurrently (row locks / ``BEGIN IMMEDIATE``).
@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import repository as repo
 from node.db.models import utcnow
+from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
-from node.spool import OUTPUTS_DIR
 
 __all__ = ["STALE_PART_SECONDS", "Chores", "NodeScheduler"]
 
@@ -85,10 +85,12 @@ class Chores:
     def recheck_deliveries(self) -> dict[str, int]:
         """Re-queue failed deliveries of destinations that answer again (C-ECHO / OPTIONS).
 
-        See :func:`node.delivery.recheck_failed_destinations`; returns the re-queued count
+        See :func:`node.runtime.delivery.recheck_failed_destinations`; returns the re-queued count
         per destination that answered.
         """
-        from node.delivery import recheck_failed_destinations  # node.delivery imports us
+        from node.runtime.delivery import (
+            recheck_failed_destinations,  # node.runtime.delivery imports us
+        )
 
         return recheck_failed_destinations(self.settings, self.session_factory)
 

@@ -15,7 +15,7 @@ For one claimed job (or a batch of them):
 6. **build the SR** (:func:`integration.sr.build_draft_sr`; SOP Instance and Series UIDs
    derived from study + model name + version, :mod:`integration.uids`) and write it durably to
    ``<spool>/outputs/<SR SOP Instance UID>.dcm`` (temporary file, fsync, rename, fsync dir);
-7. **build the outputs** each destination gets (:func:`node.outputs.build_outputs`: Basic
+7. **build the outputs** each destination gets (:func:`node.runtime.outputs.build_outputs`: Basic
    Text SR, Encapsulated PDF, HL7 ORU, FHIR Bundle, as configured) and **enqueue** one
    delivery per (destination, object) (:func:`node.db.repo_delivery.enqueue_deliveries`,
    idempotent per job, destination and object);
@@ -58,17 +58,17 @@ from integration.sr import build_draft_sr, requested_procedures_from
 from integration.uids import draft_series_number, sr_instance_uid, sr_series_uid
 from models.layout import TokenLayoutError
 from models.prompts import PromptError
-from node.api import metrics
+from node import metrics
 from node.db import repo_outputs
 from node.db import repository as repo
 from node.db.repository import LeaseLost
-from node.outputs import MANUFACTURER, SOFTWARE, DraftText, build_outputs, write_output
+from node.runtime.outputs import MANUFACTURER, SOFTWARE, DraftText, build_outputs, write_output
+from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
-from node.spool import OUTPUTS_DIR
 
 if TYPE_CHECKING:
     from models.runtime import LLMCXR, ReportDraft
-    from node.modelhost import ModelHost
+    from node.runtime.modelhost import ModelHost
 
 __all__ = [
     "MANUFACTURER",
@@ -419,7 +419,7 @@ def write_sr(
 ) -> Path:
     """Write ``sr`` durably to ``<outputs_dir>/<SOP Instance UID>.dcm`` (replacing).
 
-    See :func:`node.outputs.write_output` (fsync, ``before_rename()``, atomic rename; 0600).
+    See :func:`node.runtime.outputs.write_output` (fsync, ``before_rename()``, atomic rename; 0600).
     """
     return write_output(sr, outputs_dir, f"{sr.SOPInstanceUID}.dcm", before_rename=before_rename)
 
@@ -521,7 +521,7 @@ def complete_job(
                     f"output objects not built: {exc}", permanent=True, stage="outputs"
                 ) from exc
         stage_delay("enqueue")
-        from node.delivery import enqueue_deliveries  # also wakes this process's senders
+        from node.runtime.delivery import enqueue_deliveries  # also wakes this process's senders
 
         check()
         with _Timer(timings, "enqueue_s"), deps.session_factory() as session:
@@ -572,8 +572,9 @@ def is_permanent(exc: BaseException) -> bool:
     PS3.3 C.7.6.3; SR not buildable); :data:`PERMANENT_ERRORS`; and
     :class:`models.runtime.ModelInputError`. Everything else is transient and retried with
     back-off while attempts remain: ``OSError`` (``ENOSPC``, ``EIO``, timeouts),
-    :class:`sqlalchemy.exc.SQLAlchemyError` (database away), :class:`node.modelhost.ModelNotReady`
-    (model busy or loading), the backends' runtime errors, and any error not listed here.
+    :class:`sqlalchemy.exc.SQLAlchemyError` (database away),
+    :class:`node.runtime.modelhost.ModelNotReady` (model busy or loading), the backends'
+    runtime errors, and any error not listed here.
     """
     if isinstance(exc, JobFailure):
         return exc.permanent
@@ -588,9 +589,9 @@ def retry_delay_seconds(settings: Settings, attempts: int) -> float:
     """Back-off before a job's next attempt after ``attempts`` failed ones.
 
     ``job_backoff_seconds * 2**(attempts - 1)``, at most ``job_max_backoff_seconds``, with
-    up to 10 % jitter (:func:`node.delivery.backoff_seconds`).
+    up to 10 % jitter (:func:`node.runtime.delivery.backoff_seconds`).
     """
-    from node.delivery import backoff_seconds
+    from node.runtime.delivery import backoff_seconds
 
     return backoff_seconds(
         attempts, base=settings.job_backoff_seconds, cap=settings.job_max_backoff_seconds

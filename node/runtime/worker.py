@@ -2,12 +2,12 @@
 
 ``settings.worker_concurrency`` threads each loop: wait until the model host is ready,
 claim up to ``worker_batch_size`` queued jobs (capped by the ``worker_batch_memory_mb``
-estimate of :meth:`node.modelhost.ModelHost.max_batch_for_memory`), heartbeat their leases
-every ``lease_seconds / 3`` while :func:`node.pipeline.run_batch` works, and go on with the
+estimate of :meth:`node.runtime.modelhost.ModelHost.max_batch_for_memory`), heartbeat their leases
+every ``lease_seconds / 3`` while :func:`node.runtime.pipeline.run_batch` works, and go on with the
 next batch. A job whose lease is lost (the heartbeat says so) has its outputs abandoned; a
 failing job is recorded (transient: queued again, claimable only after an exponential
 back-off of ``job_backoff_seconds`` doubling up to ``job_max_backoff_seconds``, while
-attempts remain; permanent: failed at once, see :func:`node.pipeline.is_permanent`) and
+attempts remain; permanent: failed at once, see :func:`node.runtime.pipeline.is_permanent`) and
 never stops the loop.
 
 Lease owners are ``<ctx.owner>/w<n>`` (one per thread, so two threads of a process never
@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from node.db import repository as repo
-from node.pipeline import JobOutcome, PipelineDeps, retry_delay_seconds, run_batch
+from node.runtime.pipeline import JobOutcome, PipelineDeps, retry_delay_seconds, run_batch
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from node.modelhost import ModelHost
-    from node.service import NodeContext
+    from node.runtime.modelhost import ModelHost
+    from node.runtime.service import NodeContext
 
 __all__ = ["Heartbeat", "Worker", "make_worker"]
 

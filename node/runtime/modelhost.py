@@ -44,7 +44,7 @@ from node.settings import Settings
 
 if TYPE_CHECKING:
     from models.runtime import LLMCXR
-    from node.service import NodeContext
+    from node.runtime.service import NodeContext
 
 __all__ = ["ModelHost", "ModelNotReady", "backend_options", "make_model_host"]
 

@@ -16,7 +16,7 @@ created on the way), so the name survives power loss. Files are 0600 and folders
 data, :mod:`node.filemodes`).
 
 Received data sets arrive in ``.incoming`` as well: ``cxr-node serve`` points Python's
-``tempfile`` there (:func:`node.service.stage_tempfiles_in_spool`), where pynetdicom writes
+``tempfile`` there (:func:`node.runtime.service.stage_tempfiles_in_spool`), where pynetdicom writes
 each incoming C-STORE data set, so patient data is never written outside the spool; what an
 aborted transfer leaves is removed when its connection closes (:mod:`integration.scp`) and
 what a crash leaves at the next start (:meth:`Spool.clean_incoming`).
@@ -54,7 +54,8 @@ LOG = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
 #: Received data sets in the staging folder: pynetdicom's ``NamedTemporaryFile(suffix=".dcm")``
-#: (default prefix ``tmp``) while a C-STORE arrives (``node.service`` points ``tempfile`` there).
+#: (default prefix ``tmp``) while a C-STORE arrives (``node.runtime.service`` points
+#: ``tempfile`` there).
 RECEIVED_GLOB = "tmp*.dcm"
 _MIB = 1 << 20
 #: Where the worker writes SRs before delivery (``<SOP Instance UID>.dcm``), under the root.
