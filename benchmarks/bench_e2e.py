@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from integration.scp import ReceivedMeta
     from integration.scu import DicomDestination, send_dataset
-    from node.db import repository as repo
+    from node.db import jobs as jobs_db
+    from node.db import studies as studies_db
     from node.db.engine import make_engine, make_session_factory
     from node.db.migrate import upgrade
     from node.db.models import utcnow
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             assert sink.accept(src, meta).status == 0
             with sf() as s:
-                repo.complete_quiet_studies(
+                studies_db.complete_quiet_studies(
                     s,
                     quiet_seconds=0.001,
                     max_wait_seconds=600,
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             t_queued = time.perf_counter()  # study complete: the job is queued
             with sf() as s:
-                job = repo.claim_next_job(s, owner="bench/w0", lease_seconds=3600)
+                job = jobs_db.claim_next_job(s, owner="bench/w0", lease_seconds=3600)
             assert job is not None
             [outcome] = run_batch(deps, [job.id], host, owner="bench/w0")
             t_written = time.perf_counter()

@@ -193,13 +193,13 @@ def _node_running(settings: Settings) -> Iterator[threading.Event]:
 
 
 def _job_rows(settings: Settings) -> list[dict[str, Any]]:
-    from node.db import repo_api
+    from node.db import views as views_db
     from node.db.engine import make_engine, make_session_factory
 
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine, read_only=True)() as session:
-            rows, _ = repo_api.filter_jobs(session, repo_api.JobFilter(limit=20))
+            rows, _ = views_db.filter_jobs(session, views_db.JobFilter(limit=20))
             return [j.to_dict() for j in rows]
     finally:
         engine.dispose()

@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import repo_api
+from node.db import views as views_db
 
 __all__ = [
     "CONTENT_TYPE",
@@ -120,7 +120,7 @@ class DatabaseCollector(Collector):
         """Yield the database gauges (nothing when the database cannot be read)."""
         try:
             with self._sessions() as session:
-                jobs, deliveries = repo_api.metric_counts(session)
+                jobs, deliveries = views_db.metric_counts(session)
         except Exception as exc:
             log.warning("metrics: cannot read the database: %s", type(exc).__name__)
             return

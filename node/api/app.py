@@ -5,8 +5,8 @@ Routes: ``/health`` (no auth), ``/ready`` and ``/metrics`` (viewer), ``/api/...`
 API and holds no data), and the web console's router (``node.web.router``) when that package
 is present. No ``/docs`` or ``/redoc`` pages: they load scripts from a CDN, which an
 on-premises node must not depend on.
-Layers: routes -> :mod:`node.api.services` -> repositories (``node.db.repo_api``,
-``node.db.repository``); errors map to statuses in :mod:`node.api.errors`.
+Layers: routes -> :mod:`node.api.services` -> repositories (``node.db.views``,
+``node.db.jobs``); errors map to statuses in :mod:`node.api.errors`.
 Bounds against hostile clients (:mod:`node.api.limits`): unsafe ``/api/`` requests are
 authenticated before their body is read, bodies are limited (JSON routes to
 :data:`~node.api.limits.JSON_BODY_LIMIT`, the upload to ``api_max_upload_mb``), and failed

@@ -50,8 +50,8 @@ from starlette.requests import HTTPConnection
 from node.api.context import ApiContext, api_context
 from node.api.errors import ApiError
 from node.api.limits import PRINCIPAL_STATE, FailedAuthLimiter, client_key
-from node.db import repo_api
-from node.db import repository as repo
+from node.db import audit as audit_db
+from node.db import tokens as tokens_db
 from node.db.models import ApiRole, utcnow
 
 __all__ = [
@@ -141,7 +141,7 @@ def token_principal(
     row = None
     if token and len(token) <= _MAX_SECRET:
         with ctx.read_sessions() as session:
-            row = repo_api.token_by_hash(session, hash_secret(token))
+            row = tokens_db.token_by_hash(session, hash_secret(token))
     if row is None:
         if conn is not None:
             raise failed_authentication(conn, ctx, reason, kind=kind)
@@ -210,18 +210,18 @@ def failed_authentication(
 def _audit_failure(ctx: ApiContext, client: str, action: str, detail: dict[str, object]) -> None:
     try:
         with ctx.write_sessions() as session:
-            repo.audit(session, actor=f"client:{client}"[:128], action=action, detail=detail)
+            audit_db.audit(session, actor=f"client:{client}"[:128], action=action, detail=detail)
     except Exception as exc:  # bookkeeping only: the refusal stands without its audit row
         log.warning("could not audit %s from %s: %s", action, client, type(exc).__name__)
 
 
-def _touch(ctx: ApiContext, row: repo_api.TokenRow) -> None:
+def _touch(ctx: ApiContext, row: tokens_db.TokenRow) -> None:
     now = utcnow()
     if row.last_used_at is not None and now - row.last_used_at < timedelta(seconds=60):
         return
     try:
         with ctx.write_sessions() as session:
-            repo_api.touch_token(session, row.id, now=now)
+            tokens_db.touch_token(session, row.id, now=now)
     except Exception as exc:  # bookkeeping only: never fail the request for it
         log.warning("could not record use of API token %s: %s", row.id, type(exc).__name__)
 
@@ -276,7 +276,7 @@ def authenticate_connection(conn: HTTPConnection, ctx: ApiContext) -> Principal:
     if len(sid) > _MAX_SECRET:
         raise _unauthorized("session expired or ended: log in again")
     with ctx.read_sessions() as session:
-        found = repo_api.active_session(session, hash_secret(sid))
+        found = tokens_db.active_session(session, hash_secret(sid))
     if found is None:
         raise _unauthorized("session expired or ended: log in again")
     row, csrf_hash = found

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from integration.errors import DeliveryError, IntegrationError
-from node.db.repository import JobConflict, JobNotFound, LeaseLost
+from node.db.jobs import JobConflict, JobNotFound, LeaseLost
 
 __all__ = ["STATUS_BY_TYPE", "ApiError", "error_body", "install_error_handlers", "status_for"]
 

@@ -31,8 +31,9 @@ from node.api.schemas import (
     TokenCreateIn,
     TokenOut,
 )
-from node.db import repo_api
-from node.db import repository as repo
+from node.db import audit as audit_db
+from node.db import tokens as tokens_db
+from node.db import views as views_db
 
 __all__ = ["router"]
 
@@ -52,7 +53,7 @@ TokenId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Token id.")]
 def list_tokens(ctx: Ctx, _p: Admin) -> list[TokenOut]:
     """Every token (never the secret), oldest first (admin)."""
     with ctx.read_sessions() as session:
-        return [TokenOut(**asdict(t)) for t in repo_api.list_tokens(session)]
+        return [TokenOut(**asdict(t)) for t in tokens_db.list_tokens(session)]
 
 
 @router.post(
@@ -90,7 +91,7 @@ def config(ctx: Ctx, _p: Admin) -> dict[str, Any]:
 def status(ctx: Ctx, _p: Viewer) -> dict[str, Any]:
     """Instances, studies, jobs and deliveries by state, spool bytes."""
     with ctx.read_sessions() as session:
-        return repo.counts(session).to_dict()
+        return views_db.counts(session).to_dict()
 
 
 @router.get("/audit", response_model=AuditPage, tags=["audit"], summary="Audit log (viewer)")
@@ -108,7 +109,7 @@ def audit(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     with ctx.read_sessions() as session:
-        rows, total = repo_api.audit_entries(
+        rows, total = audit_db.audit_entries(
             session,
             actor=actor,
             action=action,
@@ -145,7 +146,7 @@ def login(body: SessionIn, request: Request, response: Response, ctx: Ctx) -> Se
     p = token_principal(ctx, body.token, via="cookie", conn=request, kind="login")
     sid, csrf = new_secret(), new_secret()
     with ctx.write_sessions() as session:
-        expires = repo_api.create_session(
+        expires = tokens_db.create_session(
             session,
             token_id=p.token_id,
             session_hash=hash_secret(sid),
@@ -196,7 +197,7 @@ def logout(request: Request, ctx: Ctx, p: Annotated[Principal, Depends(authentic
     sid = request.cookies.get(SESSION_COOKIE)
     if sid and p.via == "cookie":
         with ctx.write_sessions() as session:
-            repo_api.end_session(session, hash_secret(sid), actor=p.actor)
+            tokens_db.end_session(session, hash_secret(sid), actor=p.actor)
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/")
     response.delete_cookie(CSRF_COOKIE)

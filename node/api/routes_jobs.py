@@ -25,8 +25,8 @@ from node.api.schemas import (
     StageOut,
     WithdrawIn,
 )
-from node.db import repo_api
-from node.db import repository as repo
+from node.db import jobs as jobs_db
+from node.db import views as views_db
 from node.db.models import JobState
 
 __all__ = ["router"]
@@ -54,7 +54,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def job_out(row: repo_api.JobRow) -> JobOut:
+def job_out(row: views_db.JobRow) -> JobOut:
     """API form of a job row."""
     return JobOut(**asdict(row))
 
@@ -74,7 +74,7 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> JobPage:
     """Jobs matching every given filter (states are OR-ed)."""
-    flt = repo_api.JobFilter(
+    flt = views_db.JobFilter(
         states=tuple(state or ()),
         since=_utc(since),
         until=_utc(until),
@@ -84,11 +84,11 @@ def list_jobs(
         offset=offset,
     )
     with ctx.read_sessions() as session:
-        rows, total = repo_api.filter_jobs(session, flt)
+        rows, total = views_db.filter_jobs(session, flt)
     return JobPage(total=total, limit=limit, offset=offset, items=[job_out(r) for r in rows])
 
 
-def _stages(d: repo_api.JobDetail) -> list[StageOut]:
+def _stages(d: views_db.JobDetail) -> list[StageOut]:
     j = d.job
     points = [
         ("received", j.created_at),
@@ -116,7 +116,7 @@ def _stages(d: repo_api.JobDetail) -> list[StageOut]:
 def get_job(job_id: JobId, ctx: Ctx, _p: Viewer) -> JobDetailOut:
     """Everything the node knows about a job (the draft text is AI generated, unverified)."""
     with ctx.read_sessions() as session:
-        d = repo_api.job_detail(session, job_id)
+        d = views_db.job_detail(session, job_id)
     drafts = [DraftOut(**asdict(x)) for x in d.drafts]
     return JobDetailOut(
         job=job_out(d.job),
@@ -134,7 +134,7 @@ def get_job(job_id: JobId, ctx: Ctx, _p: Viewer) -> JobDetailOut:
 
 def _reload(ctx: ApiContext, job_id: int) -> JobOut:
     with ctx.read_sessions() as session:
-        return job_out(repo_api.job_detail(session, job_id).job)
+        return job_out(views_db.job_detail(session, job_id).job)
 
 
 @router.post(
@@ -146,7 +146,7 @@ def _reload(ctx: ApiContext, job_id: int) -> JobOut:
 def retry_job(job_id: JobId, ctx: Ctx, p: Operator) -> JobOut:
     """Requeue with fresh attempts; 409 unless the job is failed or cancelled. Audited."""
     with ctx.write_sessions() as session:
-        repo.requeue_job(session, job_id, actor=p.actor)
+        jobs_db.requeue_job(session, job_id, actor=p.actor)
     return _reload(ctx, job_id)
 
 
@@ -160,7 +160,7 @@ def cancel_job(job_id: JobId, ctx: Ctx, p: Operator, body: CancelIn | None = Non
     """Cancel a received, queued or running job; 409 when it is finished. Audited."""
     reason = body.reason if body is not None else None
     with ctx.write_sessions() as session:
-        repo.cancel_job(session, job_id, actor=p.actor, reason=reason)
+        jobs_db.cancel_job(session, job_id, actor=p.actor, reason=reason)
     return _reload(ctx, job_id)
 
 
@@ -173,7 +173,7 @@ def cancel_job(job_id: JobId, ctx: Ctx, p: Operator, body: CancelIn | None = Non
 def prioritise_job(job_id: JobId, body: PriorityIn, ctx: Ctx, p: Operator) -> JobOut:
     """Set the priority (higher first among queued jobs). Audited."""
     with ctx.write_sessions() as session:
-        return job_out(repo_api.set_priority(session, job_id, body.priority, actor=p.actor))
+        return job_out(views_db.set_priority(session, job_id, body.priority, actor=p.actor))
 
 
 @router.post(

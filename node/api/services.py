@@ -25,8 +25,9 @@ from node import metrics
 from node.api.auth import Principal, hash_secret, new_token
 from node.api.context import ApiContext
 from node.api.errors import ApiError
-from node.db import repo_api
-from node.db import repository as repo
+from node.db import audit as audit_db
+from node.db import studies as studies_db
+from node.db import tokens as tokens_db
 from node.db.models import ApiRole
 from node.settings import DicomDestination, Settings, StowDestination
 
@@ -68,20 +69,20 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def create_token(
     ctx: ApiContext, *, name: str, role: ApiRole | str, actor: str
-) -> tuple[repo_api.TokenRow, str]:
+) -> tuple[tokens_db.TokenRow, str]:
     """Create a token; return its row and the secret (shown once, stored hashed)."""
     secret = new_token()
     with ctx.write_sessions() as session:
-        row = repo_api.create_token(
+        row = tokens_db.create_token(
             session, name=name, role=role, token_hash=hash_secret(secret), actor=actor
         )
     return row, secret
 
 
-def revoke_token(ctx: ApiContext, token_id: int, *, actor: str) -> repo_api.TokenRow:
+def revoke_token(ctx: ApiContext, token_id: int, *, actor: str) -> tokens_db.TokenRow:
     """Revoke a token and end its sessions (audited)."""
     with ctx.write_sessions() as session:
-        return repo_api.revoke_token(session, token_id, actor=actor)
+        return tokens_db.revoke_token(session, token_id, actor=actor)
 
 
 # --- jobs ---------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def revoke_token(ctx: ApiContext, token_id: int, *, actor: str) -> repo_api.Toke
 
 def resend(ctx: ApiContext, job_id: int, *, principal: Principal) -> list[int]:
     """Send a job's objects again to their destinations (audited ``job.resend``)."""
-    from node.db.repo_delivery import resend as delivery_resend
+    from node.db.deliveries import resend as delivery_resend
     from node.runtime.delivery import wake_senders
 
     with ctx.write_sessions() as session:
@@ -278,13 +279,13 @@ def study_image(ctx: ApiContext, study_uid: str, sop_instance_uid: str | None) -
 
     Raises
     ------
-    node.db.repo_api.StudyNotFound
+    node.db.studies.StudyNotFound
         404 for an unknown study; :class:`ApiError` 404 for an instance not in the study.
     integration.errors.NoFrontalImageError
         422 when no instance is frontal.
     """
     with ctx.read_sessions() as session:
-        imgs = repo_api.study_instances(session, study_uid)
+        imgs = studies_db.study_instances(session, study_uid)
     paths = dict(imgs.instances)
     root = Path(ctx.settings.spool_dir)
     if sop_instance_uid is not None:
@@ -385,7 +386,7 @@ def _reference(ctx: ApiContext, study_uid: str) -> Dataset:
     from pydicom import dcmread
 
     with ctx.read_sessions() as session:
-        imgs = repo_api.study_instances(session, study_uid)
+        imgs = studies_db.study_instances(session, study_uid)
     for _uid, rel in imgs.instances:
         try:
             return dcmread(Path(ctx.settings.spool_dir) / rel, stop_before_pixels=True)
@@ -457,8 +458,8 @@ def make_image(
 
 def _queue_sc(ctx: ApiContext, sc: Dataset, dest: DicomDestination | StowDestination) -> int:
     """Write the synthetic SC to ``outputs/`` (0600) and queue it as a delivery (no job)."""
+    from node.db.deliveries import Outbound
     from node.db.models import DeliveryObject
-    from node.db.repo_delivery import Outbound
     from node.runtime.delivery import enqueue_deliveries
     from node.runtime.outputs import write_output
     from node.runtime.spool import OUTPUTS_DIR
@@ -478,4 +479,4 @@ def _audit(
     detail: dict[str, Any] | None = None,
 ) -> None:
     with ctx.write_sessions() as session:
-        repo.audit(session, actor=principal.actor, action=action, target=target, detail=detail)
+        audit_db.audit(session, actor=principal.actor, action=action, target=target, detail=detail)

@@ -29,6 +29,9 @@ import typer
 from rich.console import Console
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.db import jobs as jobs_db
+from node.db import tokens as tokens_db
+from node.db import views as views_db
 from node.db.models import ApiRole
 from node.settings import Settings
 
@@ -89,12 +92,11 @@ def jobs_show(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Show one job: state, timings, draft text, SR UID, deliveries, audit trail."""
-    from node.db import repo_api
-    from node.db.repository import JobNotFound
+    from node.db.jobs import JobNotFound
 
     with _sessions(read_only=True) as factory, factory() as session:
         try:
-            d = repo_api.job_detail(session, job_id)
+            d = views_db.job_detail(session, job_id)
         except JobNotFound as exc:
             raise _fail(exc) from None
     data = _jsonable(asdict(d))
@@ -144,11 +146,10 @@ def jobs_show(
 
 def jobs_retry(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Queue a failed or cancelled job again (audited)."""
-    from node.db import repository as repo
 
     with _sessions() as factory, factory() as session:
         try:
-            job = repo.requeue_job(session, job_id, actor=actor())
+            job = jobs_db.requeue_job(session, job_id, actor=actor())
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
         typer.echo(f"job {job.id}: {job.state.value}")
@@ -159,11 +160,10 @@ def jobs_cancel(
     reason: Annotated[str | None, typer.Option(help="Why (no patient data).")] = None,
 ) -> None:
     """Cancel a job that has not finished (audited)."""
-    from node.db import repository as repo
 
     with _sessions() as factory, factory() as session:
         try:
-            job = repo.cancel_job(session, job_id, actor=actor(), reason=reason)
+            job = jobs_db.cancel_job(session, job_id, actor=actor(), reason=reason)
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
         typer.echo(f"job {job.id}: {job.state.value}")
@@ -171,7 +171,7 @@ def jobs_cancel(
 
 def jobs_resend(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Send the job's objects again to their destinations (audited)."""
-    from node.db.repo_delivery import resend
+    from node.db.deliveries import resend
 
     with _sessions() as factory, factory() as session:
         try:
@@ -209,11 +209,10 @@ def jobs_priority(
     priority: Annotated[int, typer.Argument(help="New priority (higher first).")],
 ) -> None:
     """Re-prioritise a job (audited)."""
-    from node.db import repo_api
 
     with _sessions() as factory, factory() as session:
         try:
-            row = repo_api.set_priority(session, job_id, priority, actor=actor())
+            row = views_db.set_priority(session, job_id, priority, actor=actor())
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
     typer.echo(f"job {row.id}: priority {row.priority}")
@@ -229,13 +228,12 @@ def tokens_create(
 ) -> None:
     """Create an API token; the token is printed alone on the last line (shown once)."""
     from node.api.auth import hash_secret, new_token
-    from node.db import repo_api
 
     secret = new_token()
     label = name or f"{role.value}-token"
     with _sessions() as factory, factory() as session:
         try:
-            row = repo_api.create_token(
+            row = tokens_db.create_token(
                 session, name=label, role=role, token_hash=hash_secret(secret), actor=actor()
             )
         except ValueError as exc:
@@ -247,11 +245,10 @@ def tokens_create(
 @tokens_app.command("revoke")
 def tokens_revoke(token_id: Annotated[int, typer.Argument(help="Token id.")]) -> None:
     """Revoke a token (its web sessions end too)."""
-    from node.db import repo_api
 
     with _sessions() as factory, factory() as session:
         try:
-            row = repo_api.revoke_token(session, token_id, actor=actor())
+            row = tokens_db.revoke_token(session, token_id, actor=actor())
         except LookupError as exc:
             raise _fail(exc) from None
     typer.echo(f"token {row.id} ({row.name}) revoked")
@@ -262,10 +259,9 @@ def tokens_list(
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list on stdout.")] = False,
 ) -> None:
     """List tokens (never their secrets)."""
-    from node.db import repo_api
 
     with _sessions(read_only=True) as factory, factory() as session:
-        rows = repo_api.list_tokens(session)
+        rows = tokens_db.list_tokens(session)
     if as_json:
         typer.echo(json.dumps(_jsonable([asdict(r) for r in rows])))
         return

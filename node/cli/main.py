@@ -24,8 +24,7 @@ from sqlalchemy import inspect
 from node.cli.common import err, load, options
 from node.cli.models import app as models_app
 from node.cli.worker import command as worker_command
-from node.db import repo_api
-from node.db import repository as repo
+from node.db import views as views_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import current_revision, head_revision, upgrade
 from node.db.models import JobState
@@ -122,7 +121,7 @@ def status(
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine, read_only=True)() as session:
-            c = repo.counts(session)
+            c = views_db.counts(session)
         revision = current_revision(engine)
     finally:
         engine.dispose()
@@ -213,8 +212,8 @@ def jobs_list(
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine, read_only=True)() as session:
-            rows, _ = repo_api.filter_jobs(
-                session, repo_api.JobFilter(states=[state] if state else [], limit=limit)
+            rows, _ = views_db.filter_jobs(
+                session, views_db.JobFilter(states=[state] if state else [], limit=limit)
             )
     finally:
         engine.dispose()

@@ -250,7 +250,7 @@ class Instance(Base):
 
 
 class Job(Base):
-    """One inference run for a study; rows are the queue (see ``node.db.repository``)."""
+    """One inference run for a study; rows are the queue (see ``node.db.jobs``)."""
 
     __tablename__ = "jobs"
 

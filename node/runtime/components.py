@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import inspect
 
-from node.db import repository as repo
+from node.db import jobs as jobs_db
 from node.db.engine import engine_from_settings, make_session_factory
 from node.runtime.service import Component, ComponentOrFactory, NodeContext, node_owner_id
 from node.runtime.signals import install_stop_signals
@@ -114,7 +114,7 @@ def run_worker(
                 except Exception:
                     log.exception("component %s failed to stop", type(component).__name__)
             with ctx.session_factory() as session:
-                repo.release_leases(session, owner)
+                jobs_db.release_leases(session, owner)
         return 0
     finally:
         engine.dispose()

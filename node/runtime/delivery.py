@@ -3,7 +3,7 @@
 The worker (:func:`node.runtime.outputs.build_outputs`), a withdrawal
 (:func:`node.runtime.outputs.withdraw`) and the API (a synthetic Secondary Capture sent on
 request) call :func:`enqueue_deliveries` once the object's file is written: one
-``pending`` row per (destination, object) (:mod:`node.db.repo_delivery`).
+``pending`` row per (destination, object) (:mod:`node.db.deliveries`).
 :class:`DeliveryComponent` is a loop (one thread, plus a small pool for parallel sends)
 that every ``poll_seconds`` (and at once when woken by an enqueue in this process) claims
 the due rows and sends each one by its destination's kind:
@@ -78,9 +78,9 @@ from integration.mllp import send_mllp
 from integration.scu import echo, send_dataset
 from integration.stow import stow
 from node import metrics
-from node.db import repo_delivery as repo
+from node.db import deliveries as deliveries_db
+from node.db.deliveries import DestinationLike, Outbound
 from node.db.models import Delivery, DeliveryKind, utcnow
-from node.db.repo_delivery import DestinationLike, Outbound
 from node.runtime.service import NodeContext
 from node.settings import Settings
 from node.tls import build_client_context, client_context
@@ -131,7 +131,7 @@ def enqueue_deliveries(
 ) -> list[int]:
     """Queue objects for destinations and wake the senders of this process.
 
-    See :func:`node.db.repo_delivery.enqueue_deliveries` (idempotent per job, destination
+    See :func:`node.db.deliveries.enqueue_deliveries` (idempotent per job, destination
     and object; commits).
 
     Parameters
@@ -151,7 +151,7 @@ def enqueue_deliveries(
     list[int]
         The delivery ids.
     """
-    ids = repo.enqueue_deliveries(
+    ids = deliveries_db.enqueue_deliveries(
         session,
         job_id=job_id,
         sr_path=str(sr_path) if sr_path is not None else None,
@@ -299,7 +299,7 @@ class DeliveryComponent:
         if free <= 0 or self._pool is None:
             return 0
         with self.ctx.session_factory() as session:
-            rows = repo.claim_due_deliveries(
+            rows = deliveries_db.claim_due_deliveries(
                 session, limit=free, lease_seconds=self.lease_seconds, owner=self.ctx.owner
             )
         for row in rows:
@@ -312,7 +312,7 @@ class DeliveryComponent:
     def run_once(self) -> list[DeliveryOutcome]:
         """Claim the due deliveries and send them in this thread (tools and tests)."""
         with self.ctx.session_factory() as session:
-            rows = repo.claim_due_deliveries(
+            rows = deliveries_db.claim_due_deliveries(
                 session,
                 limit=self.max_parallel,
                 lease_seconds=self.lease_seconds,
@@ -362,7 +362,7 @@ class DeliveryComponent:
         except Exception as exc:  # unknown: assume transient, bounded by max attempts
             return self._record_error(row, claimed_until, f"{type(exc).__name__}: {exc}", True, uid)
         with self.ctx.session_factory() as session:
-            ok = repo.mark_sent(session, row.id, claimed_until=claimed_until, note=note)
+            ok = deliveries_db.mark_sent(session, row.id, claimed_until=claimed_until, note=note)
         state = "sent" if ok else "lost"
         log.info(
             "delivery %s (job %s): %s %s to %s: %s (%s, attempt %d)",
@@ -459,7 +459,7 @@ class DeliveryComponent:
         until = horizon.isoformat(timespec="seconds")
         message = f"attempt {row.attempts} failed (retrying until {until}): {error}"
         with self.ctx.session_factory() as session:
-            ok = repo.mark_retry(
+            ok = deliveries_db.mark_retry(
                 session, row.id, error=message, next_attempt_at=due, claimed_until=claimed_until
             )
         log.warning(
@@ -486,7 +486,7 @@ class DeliveryComponent:
         permanent: bool = False,
     ) -> DeliveryOutcome:
         with self.ctx.session_factory() as session:
-            ok = repo.mark_failed(
+            ok = deliveries_db.mark_failed(
                 session, row.id, error=reason, claimed_until=claimed_until, permanent=permanent
             )
         log.error(
@@ -562,9 +562,9 @@ def recheck_failed_destinations(
     """Re-queue the failed deliveries of destinations that answer again.
 
     For each configured destination (``settings.destinations``) with ``failed`` deliveries
-    that are not permanent failures (:func:`node.db.repo_delivery.failed_destinations`):
+    that are not permanent failures (:func:`node.db.deliveries.failed_destinations`):
     :func:`probe_destination`; when it answers, its such deliveries go back to ``pending``
-    with a fresh retry horizon (:func:`node.db.repo_delivery.requeue_failed`, audited as
+    with a fresh retry horizon (:func:`node.db.deliveries.requeue_failed`, audited as
     ``delivery.requeue``) and this process's senders are woken. Destinations no longer
     configured are not contacted (``cxr-node jobs resend`` re-sends by hand).
 
@@ -575,15 +575,15 @@ def recheck_failed_destinations(
     """
     configured = {str(d) for d in settings.destinations}
     with session_factory() as session:
-        candidates = [d for d in repo.failed_destinations(session) if d in configured]
+        candidates = [d for d in deliveries_db.failed_destinations(session) if d in configured]
     requeued: dict[str, int] = {}
     for destination in candidates:
         if not probe_destination(settings, destination):
             log.info("failed deliveries to %s stay failed: it does not answer", destination)
             continue
-        probe = _PROBES[repo.destination_kind(destination)]
+        probe = _PROBES[deliveries_db.destination_kind(destination)]
         with session_factory() as session:
-            ids = repo.requeue_failed(session, destination, reason=f"{probe} answered")
+            ids = deliveries_db.requeue_failed(session, destination, reason=f"{probe} answered")
         requeued[destination] = len(ids)
     if any(requeued.values()):
         wake_senders()

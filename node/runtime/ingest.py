@@ -11,7 +11,7 @@ For each received instance, in this order (architecture: "durability first"):
    the spool, its staging folder, ``outputs``, the SQLite database's folder (0xA700,
    transient; :meth:`node.runtime.spool.Spool.check_free`);
 4. spool the file: fsync, atomic rename, fsync the directory (:mod:`node.runtime.spool`);
-5. record it in SQL and commit (:func:`node.db.repository.record_instance_detailed`); if
+5. record it in SQL and commit (:func:`node.db.studies.record_instance_detailed`); if
    that fails (database down: 0xA701, transient) the just-spooled file is removed again;
 6. only then answer 0x0000.
 
@@ -874,7 +874,7 @@ class IngestSink:
     def _record(
         self, spooled: SpooledFile, header: HeaderInfo, meta: ReceivedMeta
     ) -> tuple[str, str | None]:
-        from node.db.repository import InstanceRecord, record_instance_detailed
+        from node.db.studies import InstanceRecord, record_instance_detailed
 
         rec = InstanceRecord(
             study_uid=header.study_uid,

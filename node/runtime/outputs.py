@@ -2,7 +2,7 @@
 
 After the worker writes the Comprehensive SR, :func:`build_outputs` makes what each
 configured destination gets (:mod:`integration.destinations`) and returns one
-:class:`~node.db.repo_delivery.Outbound` per (destination, object):
+:class:`~node.db.deliveries.Outbound` per (destination, object):
 
 - DICOM destinations (DIMSE C-STORE or STOW-RS), per their ``objects``: ``sr`` the
   Comprehensive SR (TID 2000), ``basic-sr`` a Basic Text SR of the same text, ``pdf`` the AI
@@ -64,9 +64,9 @@ from integration.report_pdf import DraftReportContent, render_report_pdf, report
 from integration.sr import build_draft_sr, requested_procedures_from
 from integration.uids import draft_instance_uid, draft_series_number, draft_series_uid
 from node import __version__ as node_version
-from node.db import repo_delivery
+from node.db import withdrawals as withdrawals_db
+from node.db.deliveries import Outbound
 from node.db.models import DeliveryObject, Draft, Instance, Job
-from node.db.repo_delivery import Outbound
 from node.filemodes import make_private_dir, open_private
 from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
@@ -481,12 +481,12 @@ def withdraw(
 
     Raises
     ------
-    node.db.repository.JobNotFound, node.db.repository.JobConflict, ValueError
-        From :func:`node.db.repo_delivery.withdraw_job`.
+    node.db.jobs.JobNotFound, node.db.jobs.JobConflict, ValueError
+        From :func:`node.db.withdrawals.withdraw_job`.
     """
     now = dt.datetime.now(dt.UTC)
     with session_factory() as session:
-        done = repo_delivery.withdraw_job(session, job_id, actor=actor, reason=reason)
+        done = withdrawals_db.withdraw_job(session, job_id, actor=actor, reason=reason)
         job = session.get(Job, job_id)
         assert job is not None
         source, text = _source_and_text(session, settings, job)

@@ -10,16 +10,16 @@ For one claimed job (or a batch of them):
    :func:`models.preprocess.to_model_input`); bad pixel data is a permanent failure;
 4. **encode + generate** under the model host's lock (:meth:`models.runtime.LLMCXR.report_batch`
    with ``generation_*`` settings): several jobs' images in one batch;
-5. **store** the draft (:func:`node.db.repo_outputs.save_draft`, replacing an earlier draft of
+5. **store** the draft (:func:`node.db.drafts.save_draft`, replacing an earlier draft of
    the same job, under the lease);
 6. **build the SR** (:func:`integration.sr.build_draft_sr`; SOP Instance and Series UIDs
    derived from study + model name + version, :mod:`integration.uids`) and write it durably to
    ``<spool>/outputs/<SR SOP Instance UID>.dcm`` (temporary file, fsync, rename, fsync dir);
 7. **build the outputs** each destination gets (:func:`node.runtime.outputs.build_outputs`: Basic
    Text SR, Encapsulated PDF, HL7 ORU, FHIR Bundle, as configured) and **enqueue** one
-   delivery per (destination, object) (:func:`node.db.repo_delivery.enqueue_deliveries`,
+   delivery per (destination, object) (:func:`node.db.deliveries.enqueue_deliveries`,
    idempotent per job, destination and object);
-8. **finish** the job (:func:`node.db.repository.finish_job`).
+8. **finish** the job (:func:`node.db.jobs.finish_job`).
 
 A re-run of a job that drafts the same text from the same instances produces the same SR UID
 and replaces the file; a changed draft gets a new UID and supersedes the earlier SR
@@ -59,9 +59,9 @@ from integration.uids import draft_series_number, sr_instance_uid, sr_series_uid
 from models.layout import TokenLayoutError
 from models.prompts import PromptError
 from node import metrics
-from node.db import repo_outputs
-from node.db import repository as repo
-from node.db.repository import LeaseLost
+from node.db import drafts as drafts_db
+from node.db import jobs as jobs_db
+from node.db.jobs import LeaseLost
 from node.runtime.outputs import MANUFACTURER, SOFTWARE, DraftText, build_outputs, write_output
 from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
@@ -251,7 +251,7 @@ def load_study(deps: PipelineDeps, job_id: int) -> StudyHeaders:
     """
     stage_delay("load")
     with deps.session_factory() as session:
-        info = repo_outputs.job_study(session, job_id)
+        info = drafts_db.job_study(session, job_id)
     headers: list[Dataset] = []
     paths: list[Path] = []
     unreadable = 0
@@ -403,7 +403,7 @@ def previous_srs(deps: PipelineDeps, study_uid: str) -> list[Dataset]:
     """Headers of the study's earlier draft SRs still in ``outputs/`` (what a new one
     supersedes); an SR whose file is gone (purged) is left out."""
     with deps.session_factory() as session:
-        uids = repo_outputs.study_sr_uids(session, study_uid)
+        uids = drafts_db.study_sr_uids(session, study_uid)
     found: list[Dataset] = []
     for uid in dict.fromkeys(uids):
         path = deps.outputs_dir / f"{uid}.dcm"
@@ -424,8 +424,8 @@ def write_sr(
     return write_output(sr, outputs_dir, f"{sr.SOPInstanceUID}.dcm", before_rename=before_rename)
 
 
-def _draft_record(draft: ReportDraft, timings: dict[str, float]) -> repo_outputs.DraftRecord:
-    return repo_outputs.DraftRecord(
+def _draft_record(draft: ReportDraft, timings: dict[str, float]) -> drafts_db.DraftRecord:
+    return drafts_db.DraftRecord(
         task="report",
         full_text=draft.text,
         findings=draft.findings,
@@ -452,7 +452,7 @@ def _draft_text(draft: ReportDraft) -> DraftText:
 
 def _check_lease(deps: PipelineDeps, job_id: int, owner: str) -> None:
     with deps.session_factory() as session:
-        if not repo_outputs.lease_held(session, job_id, owner):
+        if not drafts_db.lease_held(session, job_id, owner):
             raise LeaseLost(f"job {job_id}: lease of {owner} lost")
 
 
@@ -486,7 +486,7 @@ def complete_job(
 
     check()
     with deps.session_factory() as session:
-        draft_id = repo_outputs.save_draft(
+        draft_id = drafts_db.save_draft(
             session, job_id, owner=owner, draft=_draft_record(draft, timings)
         )
     stage_delay("sr")
@@ -527,8 +527,8 @@ def complete_job(
         with _Timer(timings, "enqueue_s"), deps.session_factory() as session:
             delivery_ids = enqueue_deliveries(session, job_id=job_id, items=items)
     with deps.session_factory() as session:
-        repo_outputs.update_draft_timings(session, draft_id, timings)
-        repo.finish_job(
+        drafts_db.update_draft_timings(session, draft_id, timings)
+        jobs_db.finish_job(
             session,
             job_id,
             owner=owner,
@@ -615,7 +615,7 @@ def _fail(deps: PipelineDeps, job_id: int, owner: str, exc: BaseException) -> Jo
         message = f"{type(exc).__name__}: {str(exc)[:500]}"
     try:
         with deps.session_factory() as session:
-            job = repo.fail_job(
+            job = jobs_db.fail_job(
                 session,
                 job_id,
                 owner=owner,

@@ -1,7 +1,7 @@
 """Periodic chores of a node process (APScheduler 3 ``BackgroundScheduler``, in memory).
 
 - study completion sweep (every quarter of the quiet period, 0.2-5 s): completes quiet
-  studies and queues their jobs (:func:`node.db.repository.complete_quiet_studies`);
+  studies and queues their jobs (:func:`node.db.studies.complete_quiet_studies`);
 - lease expiry (every quarter of the lease, 1-15 s): requeues jobs of dead workers;
 - retention (hourly): deletes studies older than ``retention_days`` and their spool files
   (instances and SRs), and SR files a crashed worker left half-written;
@@ -23,7 +23,9 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import repository as repo
+from node.db import jobs as jobs_db
+from node.db import retention as retention_db
+from node.db import studies as studies_db
 from node.db.models import utcnow
 from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
@@ -64,11 +66,11 @@ class Chores:
         self.session_factory = session_factory
         self.clock = clock
 
-    def sweep_studies(self) -> list[repo.CompletionResult]:
+    def sweep_studies(self) -> list[studies_db.CompletionResult]:
         """Complete quiet (or overdue) studies; queue jobs for chest studies."""
         s = self.settings
         with self.session_factory() as session:
-            return repo.complete_quiet_studies(
+            return studies_db.complete_quiet_studies(
                 session,
                 quiet_seconds=s.study_quiet_seconds,
                 max_wait_seconds=s.study_max_wait_seconds,
@@ -80,7 +82,7 @@ class Chores:
     def expire_leases(self) -> int:
         """Requeue or fail running jobs whose lease has passed."""
         with self.session_factory() as session:
-            return repo.expire_leases(session, self.clock())
+            return jobs_db.expire_leases(session, self.clock())
 
     def recheck_deliveries(self) -> dict[str, int]:
         """Re-queue failed deliveries of destinations that answer again (C-ECHO / OPTIONS).
@@ -112,7 +114,7 @@ class Chores:
             return 0
         cutoff = self.clock() - timedelta(days=days)
         with self.session_factory() as session:
-            paths = repo.purge_expired_studies(session, older_than=cutoff)
+            paths = retention_db.purge_expired_studies(session, older_than=cutoff)
         removed = 0
         for rel in paths:
             path = (root / rel).resolve()

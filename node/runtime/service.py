@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from integration.ae import build_storage_ae
 from integration.scp import handlers as scp_handlers
-from node.db import repository as repo
+from node.db import jobs as jobs_db
 from node.db.engine import engine_from_settings, make_session_factory
 from node.db.migrate import upgrade
 from node.runtime.ingest import IngestSink
@@ -235,7 +235,7 @@ def run_node(
             scheduler.stop()
         try:
             with session_factory() as session:
-                n = repo.release_leases(session, owner)
+                n = jobs_db.release_leases(session, owner)
             if n:
                 log.info("released %d job leases", n)
         except Exception as exc:

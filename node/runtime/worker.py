@@ -11,7 +11,7 @@ attempts remain; permanent: failed at once, see :func:`node.runtime.pipeline.is_
 never stops the loop.
 
 Lease owners are ``<ctx.owner>/w<n>`` (one per thread, so two threads of a process never
-share a lease); :meth:`Worker.stop` releases them (``node.db.repository.release_leases``)
+share a lease); :meth:`Worker.stop` releases them (``node.db.jobs.release_leases``)
 after the threads end. The first thread also expires stale leases of dead workers every
 ``lease_seconds / 2`` (as the serve node's chores do), so a standalone ``cxr-node worker``
 takes over jobs of a killed worker on its own.
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from node.db import repository as repo
+from node.db import jobs as jobs_db
 from node.runtime.pipeline import JobOutcome, PipelineDeps, retry_delay_seconds, run_batch
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class Heartbeat:
             for job_id in pending:
                 try:
                     with self._sf() as session:
-                        held = repo.heartbeat(session, job_id, self._owner, self._lease)
+                        held = jobs_db.heartbeat(session, job_id, self._owner, self._lease)
                 except Exception as exc:  # database away: the lease may still be renewed later
                     log.warning("job %s: heartbeat failed (%s)", job_id, type(exc).__name__)
                     continue
@@ -173,7 +173,7 @@ class Worker:
         for owner in self.owners:
             try:
                 with self.ctx.session_factory() as session:
-                    n = repo.release_leases(session, owner)
+                    n = jobs_db.release_leases(session, owner)
                 if n:
                     log.info("released %d job lease(s) of %s", n, owner)
             except Exception as exc:
@@ -205,7 +205,7 @@ class Worker:
         self._last_expiry = time.monotonic()
         try:
             with self.ctx.session_factory() as session:
-                repo.expire_leases(session)
+                jobs_db.expire_leases(session)
         except Exception as exc:
             log.warning("lease expiry failed: %s", type(exc).__name__)
 
@@ -214,7 +214,7 @@ class Worker:
         ids: list[int] = []
         while len(ids) < limit and not self.stopping:
             with self.ctx.session_factory() as session:
-                job = repo.claim_next_job(
+                job = jobs_db.claim_next_job(
                     session, owner=owner, lease_seconds=self.settings.lease_seconds
                 )
             if job is None:
@@ -268,7 +268,7 @@ class Worker:
             for job_id in job_ids:
                 try:
                     with self.ctx.session_factory() as session:
-                        repo.fail_job(
+                        jobs_db.fail_job(
                             session,
                             job_id,
                             owner=owner,

@@ -25,11 +25,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from node.api.context import ApiContext
-from node.db import repo_api
-from node.db import repository as repo
+from node.db import audit as audit_db
+from node.db import views as views_db
+from node.db.jobs import JobNotFound
 from node.db.models import JobState
-from node.db.repo_web import destination_health, recent_studies
-from node.db.repository import JobNotFound
+from node.db.studies import recent_studies
+from node.db.views import destination_health
 from node.settings import DicomDestination, FhirDestination, Hl7Destination, StowDestination
 from node.web import auth
 
@@ -236,10 +237,10 @@ def queue_page(
     if user is None:
         return _login_redirect(request)
     ctx = _ctx(request)
-    flt = repo_api.JobFilter(states=(state,) if state else (), limit=QUEUE_LIMIT)
+    flt = views_db.JobFilter(states=(state,) if state else (), limit=QUEUE_LIMIT)
     with auth.read_session(ctx) as session:
-        jobs, _total = repo_api.filter_jobs(session, flt)
-        counts = repo.counts(session).jobs
+        jobs, _total = views_db.filter_jobs(session, flt)
+        counts = views_db.counts(session).jobs
     return _render(
         request,
         "queue.html",
@@ -262,7 +263,7 @@ def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(
     ctx = _ctx(request)
     try:
         with auth.read_session(ctx) as session:
-            detail = repo_api.job_detail(session, job_id)
+            detail = views_db.job_detail(session, job_id)
     except JobNotFound:
         return _render(
             request,
@@ -290,7 +291,7 @@ def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(
     )
 
 
-def _stages(job: repo_api.JobRow) -> list[tuple[str, datetime | None, float | None]]:
+def _stages(job: views_db.JobRow) -> list[tuple[str, datetime | None, float | None]]:
     """Life-cycle points with the seconds until the next known point."""
     points = [
         ("received", job.created_at),
@@ -323,7 +324,7 @@ def destinations_page(request: Request, user: PageUser) -> Response:
         return _login_redirect(request)
     ctx = _ctx(request)
     settings = ctx.settings
-    # delivery rows name a destination by str(d) (node.db.repo_delivery)
+    # delivery rows name a destination by str(d) (node.db.deliveries)
     keys = [str(d) for d in settings.destinations]
     with auth.read_session(ctx) as session:
         health = destination_health(session, keys)
@@ -372,7 +373,7 @@ def summary(
     """Counts of jobs by state and the model's status, for the queue page's refresh."""
     ctx = _ctx(request)
     with auth.read_session(ctx) as session:
-        counts = repo.counts(session).jobs
+        counts = views_db.counts(session).jobs
     return JSONResponse(
         {"counts": counts, "model": model_status(ctx.host()).to_dict()},
         headers={"Cache-Control": "no-store"},
@@ -425,7 +426,7 @@ async def destination_echo(
     )
     log.info("C-ECHO %s requested by %s: %s", target, user.actor, "success" if ok else "failed")
     with ctx.write_sessions() as session:
-        repo.audit(
+        audit_db.audit(
             session,
             actor=user.actor,
             action="destination.echo",

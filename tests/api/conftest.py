@@ -24,11 +24,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.api.context import ApiContext
 from node.api.server import ApiServer, make_api_server
 from node.api.services import create_token
-from node.db import repository as repo
+from node.db import jobs as jobs_db
+from node.db import studies as studies_db
 from node.db.engine import make_engine, make_session_factory
+from node.db.jobs import transition
 from node.db.migrate import upgrade
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Draft, Job, utcnow
-from node.db.repository import InstanceRecord, transition
+from node.db.studies import InstanceRecord
 from node.runtime.modelhost import ModelHost
 from node.runtime.service import NodeContext
 from node.settings import Settings, load_settings
@@ -175,13 +177,13 @@ class ApiEnv:
             received_at=now,
         )
         with self.sessions() as s:
-            res = repo.record_instance_detailed(s, rec)
+            res = studies_db.record_instance_detailed(s, rec)
         job_id = res.job_id
         assert job_id is not None
         if state == "received":
             return Seeded(study, sop, job_id)
         with self.sessions() as s:
-            repo.complete_quiet_studies(
+            studies_db.complete_quiet_studies(
                 s,
                 quiet_seconds=1,
                 max_wait_seconds=2,
@@ -201,10 +203,10 @@ class ApiEnv:
             s.commit()
         if state == "failed":
             with self.sessions() as s:
-                repo.fail_job(s, job_id, owner=owner, error="pixel data unreadable", retry=False)
+                jobs_db.fail_job(s, job_id, owner=owner, error="pixel data unreadable", retry=False)
         elif state == "done":
             with self.sessions() as s:
-                repo.finish_job(
+                jobs_db.finish_job(
                     s,
                     job_id,
                     owner=owner,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.api.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, hash_secret
-from node.db import repo_api
+from node.db import tokens as tokens_db
 from node.db.models import ApiToken
 from tests.api.conftest import ApiEnv
 
@@ -104,7 +104,7 @@ def test_tokens_are_stored_hashed_and_managed_by_admin(env: ApiEnv) -> None:
     with httpx_client(env, secret) as c:
         assert c.get("/api/session").json()["role"] == "operator"
     with env.sessions() as s:
-        assert repo_api.list_tokens(s)[-1].last_used_at is not None
+        assert tokens_db.list_tokens(s)[-1].last_used_at is not None
     with env.client("admin") as c:
         assert c.delete(f"/api/tokens/{created['id']}").status_code == 200
     with httpx_client(env, secret) as c:

@@ -1,4 +1,4 @@
-"""Delivery queries (node.db.repo_delivery) on SQLite and PostgreSQL: idempotent enqueue,
+"""Delivery queries (node.db.deliveries) on SQLite and PostgreSQL: idempotent enqueue,
 claim leases and fencing, retry / failed / sent records, admin re-send with audit."""
 
 from __future__ import annotations
@@ -9,9 +9,12 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import func, select
 
-from node.db import repo_delivery as rd
+from node.db import deliveries as deliveries_db
+from node.db import views as views_db
+from node.db import withdrawals as withdrawals_db
+from node.db.jobs import JobConflict, JobNotFound
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
-from node.db.repository import JobConflict, JobNotFound, counts
+from node.db.views import counts
 from node.runtime.delivery import backoff_seconds
 from node.settings import DicomDestination, StowDestination
 from tests.delivery.conftest import NodeDB, make_job
@@ -27,11 +30,11 @@ def _rows(db: NodeDB, job_id: int) -> list[Delivery]:
         return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by("id")))
 
 
-def _listed(db: NodeDB, job_id: int) -> rd.DeliverySummary:
+def _listed(db: NodeDB, job_id: int) -> views_db.DeliverySummary:
     """The job's first delivery as listed, read through a new session: the fenced updates
     (mark_*, release_claim) bypass an open session's objects."""
     with db.factory() as s:
-        return rd.list_deliveries(s, job_id=job_id)[0]
+        return views_db.list_deliveries(s, job_id=job_id)[0]
 
 
 def _one_pending(db: NodeDB) -> tuple[int, int, datetime]:
@@ -39,7 +42,7 @@ def _one_pending(db: NodeDB) -> tuple[int, int, datetime]:
     job = make_job(db.factory)
     t0 = utcnow()
     with db.factory() as s:
-        (did,) = rd.enqueue_deliveries(
+        (did,) = deliveries_db.enqueue_deliveries(
             s, job_id=job, sr_path="/sr.dcm", destinations=DESTS[:1], now=t0
         )
     return job, did, t0
@@ -48,7 +51,9 @@ def _one_pending(db: NodeDB) -> tuple[int, int, datetime]:
 def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
     job = make_job(node_db.factory)
     with node_db.factory() as s:
-        ids = rd.enqueue_deliveries(s, job_id=job, sr_path="/sr/a.dcm", destinations=DESTS)
+        ids = deliveries_db.enqueue_deliveries(
+            s, job_id=job, sr_path="/sr/a.dcm", destinations=DESTS
+        )
     assert len(ids) == 2
     rows = _rows(node_db, job)
     assert [r.kind for r in rows] == [DeliveryKind.dimse, DeliveryKind.stow]
@@ -60,15 +65,15 @@ def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
 
     # the first one is sent, the second fails; then the job is re-run with a new SR file
     with node_db.factory() as s:
-        claimed = rd.claim_due_deliveries(s, limit=10)
+        claimed = deliveries_db.claim_due_deliveries(s, limit=10)
         assert {c.id for c in claimed} == set(ids)
-        assert rd.mark_sent(s, ids[0], claimed_until=claimed[0].next_attempt_at)
-        assert rd.mark_failed(
+        assert deliveries_db.mark_sent(s, ids[0], claimed_until=claimed[0].next_attempt_at)
+        assert deliveries_db.mark_failed(
             s, ids[1], error="permanent", claimed_until=claimed[1].next_attempt_at
         )
     with node_db.factory() as s:
         # text destinations are the same destinations; duplicates collapse
-        again = rd.enqueue_deliveries(
+        again = deliveries_db.enqueue_deliveries(
             s,
             job_id=job,
             sr_path="/sr/b.dcm",
@@ -81,31 +86,33 @@ def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
         assert r.state is DeliveryState.pending and r.attempts == 0
         assert r.sr_path == "/sr/b.dcm" and r.sent_at is None and r.last_error is None
     with node_db.factory() as s:
-        assert rd.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 0, "cancelled": 0}
+        assert views_db.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 0, "cancelled": 0}
         with pytest.raises(JobNotFound):
-            rd.enqueue_deliveries(s, job_id=job + 999, sr_path="/x", destinations=DESTS)
+            deliveries_db.enqueue_deliveries(s, job_id=job + 999, sr_path="/x", destinations=DESTS)
         with pytest.raises(ValueError):
-            rd.enqueue_deliveries(s, job_id=job, sr_path="/x", destinations=["no-port"])
+            deliveries_db.enqueue_deliveries(s, job_id=job, sr_path="/x", destinations=["no-port"])
 
 
 def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
     job, did, t0 = _one_pending(node_db)
     with node_db.factory() as s:
         assert _listed(node_db, job).last_attempt_at is None
-        first = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
+        first = deliveries_db.claim_due_deliveries(s, now=t0, lease_seconds=60)
         assert [d.id for d in first] == [did] and first[0].attempts == 1
         assert first[0].last_attempt_at == t0
         lease1 = first[0].next_attempt_at
         assert lease1 == t0 + timedelta(seconds=60)
         # while the lease holds, nobody else gets the row
-        assert rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=59)) == []
+        assert deliveries_db.claim_due_deliveries(s, now=t0 + timedelta(seconds=59)) == []
         # the first sender died: after the lease the row is claimed again (attempt 2)
-        second = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=61), lease_seconds=60)
+        second = deliveries_db.claim_due_deliveries(
+            s, now=t0 + timedelta(seconds=61), lease_seconds=60
+        )
         assert [d.id for d in second] == [did] and second[0].attempts == 2
         lease2 = second[0].next_attempt_at
         # the late result of the first claim is ignored
-        assert not rd.mark_sent(s, did, claimed_until=lease1)
-        assert rd.mark_retry(
+        assert not deliveries_db.mark_sent(s, did, claimed_until=lease1)
+        assert deliveries_db.mark_retry(
             s,
             did,
             error="cannot connect",
@@ -115,23 +122,27 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
         # the retry keeps when its attempt started (the second claim)
         listed = _listed(node_db, job)
         assert listed.last_attempt_at == (t0 + timedelta(seconds=61)).isoformat()
-        assert rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=99)) == []
-        third = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=100), lease_seconds=5)
+        assert deliveries_db.claim_due_deliveries(s, now=t0 + timedelta(seconds=99)) == []
+        third = deliveries_db.claim_due_deliveries(
+            s, now=t0 + timedelta(seconds=100), lease_seconds=5
+        )
         assert [d.attempts for d in third] == [3]
         listed = _listed(node_db, job)
         assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
         # shutdown: the claim is given back, the attempt not counted; after earlier attempts
         # the row keeps the released claim's start
-        assert rd.release_claim(
+        assert deliveries_db.release_claim(
             s, did, claimed_until=third[0].next_attempt_at, now=t0 + timedelta(seconds=101)
         )
         listed = _listed(node_db, job)
         assert listed.attempts == 2
         assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
-        fourth = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=101))
+        fourth = deliveries_db.claim_due_deliveries(s, now=t0 + timedelta(seconds=101))
         assert [d.attempts for d in fourth] == [3]
-        assert rd.mark_sent(s, did, claimed_until=fourth[0].next_attempt_at, note="warning 0xB000")
-        assert not rd.mark_failed(s, did, error="late")  # sent is final for the sender
+        assert deliveries_db.mark_sent(
+            s, did, claimed_until=fourth[0].next_attempt_at, note="warning 0xB000"
+        )
+        assert not deliveries_db.mark_failed(s, did, error="late")  # sent is final for the sender
     (row,) = _rows(node_db, job)
     assert row.state is DeliveryState.sent and row.sent_at is not None
     assert row.last_error == "warning 0xB000" and row.next_attempt_at is None
@@ -141,15 +152,15 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
 def test_released_first_claim_leaves_no_attempt(node_db: NodeDB) -> None:
     job, did, t0 = _one_pending(node_db)
     with node_db.factory() as s:
-        (claim,) = rd.claim_due_deliveries(s, now=t0, lease_seconds=60)
+        (claim,) = deliveries_db.claim_due_deliveries(s, now=t0, lease_seconds=60)
         assert _listed(node_db, job).last_attempt_at == t0.isoformat()
         # shut down before sending: nothing was attempted, and the row says so
-        assert rd.release_claim(
+        assert deliveries_db.release_claim(
             s, did, claimed_until=claim.next_attempt_at, now=t0 + timedelta(seconds=1)
         )
         listed = _listed(node_db, job)
         assert listed.attempts == 0 and listed.last_attempt_at is None
-        (again,) = rd.claim_due_deliveries(s, now=t0 + timedelta(seconds=1))
+        (again,) = deliveries_db.claim_due_deliveries(s, now=t0 + timedelta(seconds=1))
         assert again.attempts == 1 and again.last_attempt_at == t0 + timedelta(seconds=1)
 
 
@@ -157,26 +168,26 @@ def test_resend_requeues_and_audits(node_db: NodeDB) -> None:
     job = make_job(node_db.factory)
     other = make_job(node_db.factory)
     with node_db.factory() as s:
-        ids = rd.enqueue_deliveries(s, job_id=job, sr_path="/sr.dcm", destinations=DESTS)
-        rd.enqueue_deliveries(s, job_id=other, sr_path="/o.dcm", destinations=DESTS[:1])
-        for d in rd.claim_due_deliveries(s, limit=10):
+        ids = deliveries_db.enqueue_deliveries(s, job_id=job, sr_path="/sr.dcm", destinations=DESTS)
+        deliveries_db.enqueue_deliveries(s, job_id=other, sr_path="/o.dcm", destinations=DESTS[:1])
+        for d in deliveries_db.claim_due_deliveries(s, limit=10):
             if d.job_id == job:
-                rd.mark_sent(s, d.id, claimed_until=d.next_attempt_at)
+                deliveries_db.mark_sent(s, d.id, claimed_until=d.next_attempt_at)
             else:
-                rd.mark_failed(s, d.id, error="gave up", claimed_until=d.next_attempt_at)
-        assert rd.delivery_counts(s) == {"pending": 0, "sent": 2, "failed": 1, "cancelled": 0}
-        assert counts(s).deliveries == rd.delivery_counts(s)
-        assert rd.resend(s, job, actor="admin:alice") == ids
-        assert rd.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 1, "cancelled": 0}
+                deliveries_db.mark_failed(s, d.id, error="gave up", claimed_until=d.next_attempt_at)
+        assert views_db.delivery_counts(s) == {"pending": 0, "sent": 2, "failed": 1, "cancelled": 0}
+        assert counts(s).deliveries == views_db.delivery_counts(s)
+        assert deliveries_db.resend(s, job, actor="admin:alice") == ids
+        assert views_db.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 1, "cancelled": 0}
         entry = s.scalars(select(AuditLog).where(AuditLog.action == "job.resend")).one()
         assert entry.actor == "admin:alice" and entry.target == f"job:{job}"
         assert entry.detail == {"deliveries": {str(i): "sent" for i in ids}}
         with pytest.raises(JobNotFound):
-            rd.resend(s, job + 999, actor="admin:alice")
+            deliveries_db.resend(s, job + 999, actor="admin:alice")
         assert s.scalar(select(func.count(AuditLog.id))) == 1
-        listed = rd.list_deliveries(s, state="failed")
+        listed = views_db.list_deliveries(s, state="failed")
         assert [(x.job_id, x.last_error) for x in listed] == [(other, "gave up")]
-        assert {x.id for x in rd.list_deliveries(s, job_id=job)} == set(ids)
+        assert {x.id for x in views_db.list_deliveries(s, job_id=job)} == set(ids)
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
@@ -197,21 +208,21 @@ def test_withdraw_cancels_unsent_rows_so_no_requeue_sends_them(node_db: NodeDB) 
     with node_db.factory() as s:
         s.get_one(Job, job).sr_sop_instance_uid = "2.25.1"
         s.commit()
-        rd.enqueue_deliveries(s, job_id=job, sr_path="/sr.dcm", destinations=DESTS)
-        [first] = rd.claim_due_deliveries(s, limit=1)
+        deliveries_db.enqueue_deliveries(s, job_id=job, sr_path="/sr.dcm", destinations=DESTS)
+        [first] = deliveries_db.claim_due_deliveries(s, limit=1)
         # the PACS was down for the whole horizon: failed, not permanent
-        rd.mark_failed(s, first.id, error="gave up", claimed_until=first.next_attempt_at)
-        assert rd.failed_destinations(s) == ["PACS@127.0.0.1:104"]
+        deliveries_db.mark_failed(s, first.id, error="gave up", claimed_until=first.next_attempt_at)
+        assert deliveries_db.failed_destinations(s) == ["PACS@127.0.0.1:104"]
         with pytest.raises(ValueError, match="at most 256"):
-            rd.withdraw_job(s, job, actor="admin", reason="x" * 257)
-        done = rd.withdraw_job(s, job, actor="admin", reason="wrong patient")
+            withdrawals_db.withdraw_job(s, job, actor="admin", reason="x" * 257)
+        done = withdrawals_db.withdraw_job(s, job, actor="admin", reason="wrong patient")
     assert len(done.cancelled) == 2
     # the failed row was attempted: the PACS may hold the SR, it gets the withdrawal
     assert list(done.reached) == ["PACS@127.0.0.1:104"]
     assert {r.state for r in _rows(node_db, job)} == {DeliveryState.cancelled}
     with node_db.factory() as s:
-        assert rd.failed_destinations(s) == []
-        assert rd.requeue_failed(s, "PACS@127.0.0.1:104", reason="C-ECHO answered") == []
-        assert rd.resend(s, job, actor="admin") == []  # cancelled drafts stay cancelled
+        assert deliveries_db.failed_destinations(s) == []
+        assert deliveries_db.requeue_failed(s, "PACS@127.0.0.1:104", reason="C-ECHO answered") == []
+        assert deliveries_db.resend(s, job, actor="admin") == []  # cancelled drafts stay cancelled
         with pytest.raises(JobConflict, match="withdrawn already"):
-            rd.withdraw_job(s, job, actor="admin", reason="again")
+            withdrawals_db.withdraw_job(s, job, actor="admin", reason="again")

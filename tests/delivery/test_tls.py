@@ -18,8 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 
-from node.db import repo_delivery as rd
-from node.db import repository as repo
+from node.db import views as views_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import DeliveryState
 from node.runtime.delivery import DeliveryComponent, enqueue_deliveries
@@ -87,7 +86,7 @@ def _instances(settings: Settings) -> int:
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine, read_only=True)() as s:
-            return repo.counts(s).instances
+            return views_db.counts(s).instances
     finally:
         engine.dispose()
 
@@ -205,7 +204,7 @@ def test_delivery_over_tls(
     assert outcomes[impostor_id].state == "retry" and impostor.received == []
     assert outcomes[plain_id].state == "retry" and plain.received == []
     with node_db.factory() as s:
-        rows = {d.id: d for d in rd.list_deliveries(s, job_id=job)}
+        rows = {d.id: d for d in views_db.list_deliveries(s, job_id=job)}
     assert rows[ok_id].state == DeliveryState.sent.value
     for bad in (impostor_id, plain_id):
         assert rows[bad].state == DeliveryState.pending.value and rows[bad].attempts == 1

@@ -30,8 +30,9 @@ from integration.ae import build_storage_ae
 from integration.priority import PriorityRule
 from integration.scp import handlers
 from integration.status import StoreStatus
-from node.db import repo_api
-from node.db import repository as repo
+from node.db import jobs as jobs_db
+from node.db import studies as studies_db
+from node.db import views as views_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Job, JobState, Study
@@ -160,7 +161,7 @@ def priority_of(node: RunningSCP, study_uid: str) -> int:
 def complete(node: RunningSCP) -> list[int]:
     """Complete every receiving study (quiet period over); return the queued job ids."""
     with node.session_factory() as s:
-        done = repo.complete_quiet_studies(
+        done = studies_db.complete_quiet_studies(
             s,
             quiet_seconds=node.settings.study_quiet_seconds,
             max_wait_seconds=node.settings.study_max_wait_seconds,
@@ -173,7 +174,7 @@ def complete(node: RunningSCP) -> list[int]:
 def claim(node: RunningSCP) -> Job | None:
     """The worker's claim (``node.runtime.worker`` calls ``repository.claim_next_job``)."""
     with node.session_factory() as s:
-        return repo.claim_next_job(s, owner="test/w0", lease_seconds=60)
+        return jobs_db.claim_next_job(s, owner="test/w0", lease_seconds=60)
 
 
 # --- (a) the job priority a study gets -------------------------------------------------------
@@ -269,7 +270,7 @@ def test_later_stat_instance_raises_a_queued_routine_job(node: RunningSCP) -> No
 
     # the admin's priority still rules afterwards
     with node.session_factory() as s:
-        repo_api.set_priority(s, job2.id, 5, actor="test")
+        views_db.set_priority(s, job2.id, 5, actor="test")
     assert priority_of(node, study2.StudyInstanceUID) == 5
 
 
@@ -288,7 +289,7 @@ def test_late_stat_instance_of_a_finished_study_gets_a_stat_job(node: RunningSCP
     got = claim(node)
     assert got is not None
     with node.session_factory() as s:
-        repo.finish_job(s, got.id, owner="test/w0")
+        jobs_db.finish_job(s, got.id, owner="test/w0")
     late = ordered(priority="STAT", study_uid=first.StudyInstanceUID)
     assert store(node, [late]) == [StoreStatus.SUCCESS]
     done, fresh = jobs(node, first.StudyInstanceUID)

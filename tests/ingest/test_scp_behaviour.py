@@ -17,17 +17,9 @@ from sqlalchemy import func, select
 
 from integration.status import StoreStatus
 from node.db.models import Job, Study
-from node.db.repository import complete_quiet_studies
+from node.db.studies import complete_quiet_studies
 from node.runtime.spool import Spool
-from tests.ingest.conftest import (
-    NODE_AET,
-    RunningSCP,
-    cxr_dataset,
-    scu,
-    sha256,
-    start_scp,
-    write,
-)
+from tests.ingest.conftest import NODE_AET, RunningSCP, cxr_dataset, scu, sha256, start_scp, write
 
 pytestmark = pytest.mark.integration
 
@@ -179,7 +171,7 @@ def _stored_then(node: RunningSCP) -> tuple[Path, str]:
 def _unharmed(node: RunningSCP, path: Path, digest: str, n_rows: int = 1) -> None:
     assert path.is_file() and sha256(path) == digest
     assert len(node.rows()) == n_rows
-    assert not list(node.runtime.spool.incoming.iterdir())
+    assert not list(node.spool.incoming.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -279,7 +271,7 @@ def test_full_filesystem_refuses_and_harms_nothing(tmp_path: Path) -> None:
             _unharmed(node, kept, digest, n_rows=1 + n_ok)
             assert len(node.spool_files()) == 1 + n_ok
             for r in node.rows():
-                assert sha256(node.runtime.spool.root / r.spool_path) == r.sha256
+                assert sha256(node.spool.root / r.spool_path) == r.sha256
         finally:
             node.server.shutdown()
             node.engine.dispose()
@@ -297,7 +289,7 @@ def test_database_down_refuses_and_leaves_no_file(tmp_path: Path) -> None:
         ds = cxr_dataset()
         assert store(node, [ds]) == [StoreStatus.OUT_OF_RESOURCES_DATABASE]
         assert node.spool_files() == []
-        assert not list(node.runtime.spool.incoming.iterdir())
+        assert not list(node.spool.incoming.iterdir())
     finally:
         node.server.shutdown()
         node.engine.dispose()

@@ -6,7 +6,7 @@ import hashlib
 from datetime import UTC, datetime
 from itertools import count
 
-from node.db.repository import InstanceRecord
+from node.db.studies import InstanceRecord
 
 _n = count(1)
 ROOT = "1.2.826.0.1.3680043.10.1234"

@@ -9,9 +9,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import repository as repo
+from node.db import jobs as jobs_db
+from node.db import studies as studies_db
 from node.db.models import Instance, Job, JobState, Study, StudyState
-from node.db.repository import RecordOutcome
+from node.db.studies import RecordOutcome
 from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
 from node.settings import ChestRule
 from tests.node.factories import T0, record, uid
@@ -21,9 +22,9 @@ RULE = ChestRule()
 
 def sweep(
     factory: sessionmaker[Session], seconds: float, *, quiet: float = 10, max_wait: float = 600
-) -> list[repo.CompletionResult]:
+) -> list[studies_db.CompletionResult]:
     with factory() as s:
-        return repo.complete_quiet_studies(
+        return studies_db.complete_quiet_studies(
             s,
             quiet_seconds=quiet,
             max_wait_seconds=max_wait,
@@ -96,7 +97,7 @@ def test_quiet_period_then_exactly_one_queued_job(session_factory: sessionmaker[
     study = uid()
     for i, series in enumerate(("1", "1", "2")):
         with session_factory() as s:
-            out = repo.record_instance(
+            out = studies_db.record_instance(
                 s, record(study=study, series=f"{study}.{series}", at=T0 + timedelta(seconds=i))
             )
             assert out is RecordOutcome.new
@@ -115,7 +116,7 @@ def test_forced_completion_after_max_wait(session_factory: sessionmaker[Session]
     study = uid()
     for i in range(0, 40, 5):  # an instance every 5 s: never quiet for 10 s
         with session_factory() as s:
-            repo.record_instance(s, record(study=study, at=T0 + timedelta(seconds=i)))
+            studies_db.record_instance(s, record(study=study, at=T0 + timedelta(seconds=i)))
         if i < 30:
             assert sweep(session_factory, i + 1, max_wait=30) == []
     (res,) = sweep(session_factory, 36, max_wait=30)
@@ -126,7 +127,7 @@ def test_forced_completion_after_max_wait(session_factory: sessionmaker[Session]
 def test_non_chest_study_is_skipped_with_reason(session_factory: sessionmaker[Session]) -> None:
     study = uid()
     with session_factory() as s:
-        repo.record_instance(s, record(study=study, modality="DX", body_part="HAND"))
+        studies_db.record_instance(s, record(study=study, modality="DX", body_part="HAND"))
     (res,) = sweep(session_factory, 60)
     assert res.state is StudyState.skipped
     st = study_row(session_factory, study)
@@ -134,7 +135,7 @@ def test_non_chest_study_is_skipped_with_reason(session_factory: sessionmaker[Se
     states = [j[0] for j in jobs_of(session_factory, study)]
     assert states == [JobState.cancelled]
     with session_factory() as s:
-        assert repo.claim_next_job(s, owner="w", lease_seconds=5) is None
+        assert jobs_db.claim_next_job(s, owner="w", lease_seconds=5) is None
         # the instance is stored and recorded all the same
         assert s.scalar(select(func.count(Instance.id))) == 1
 
@@ -143,8 +144,8 @@ def test_concurrent_sweeps_queue_one_job_per_study(session_factory: sessionmaker
     studies = [uid() for _ in range(15)]
     for st in studies:
         with session_factory() as s:
-            repo.record_instance(s, record(study=st))
-    results: list[list[repo.CompletionResult]] = []
+            studies_db.record_instance(s, record(study=st))
+    results: list[list[studies_db.CompletionResult]] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 
@@ -176,10 +177,11 @@ def test_duplicate_identical_and_replaced(session_factory: sessionmaker[Session]
     study, sop = uid(), uid()
     with session_factory() as s:
         assert (
-            repo.record_instance(s, record(study=study, sop=sop, content=b"a")) is RecordOutcome.new
+            studies_db.record_instance(s, record(study=study, sop=sop, content=b"a"))
+            is RecordOutcome.new
         )
     with session_factory() as s:
-        r = repo.record_instance_detailed(
+        r = studies_db.record_instance_detailed(
             s, record(study=study, sop=sop, content=b"a", spool_path="other/a.dcm")
         )
         assert (
@@ -187,7 +189,7 @@ def test_duplicate_identical_and_replaced(session_factory: sessionmaker[Session]
             and r.obsolete_spool_path == "other/a.dcm"
         )
     with session_factory() as s:
-        r = repo.record_instance_detailed(
+        r = studies_db.record_instance_detailed(
             s,
             record(
                 study=study,
@@ -210,10 +212,12 @@ def test_duplicate_identical_and_replaced(session_factory: sessionmaker[Session]
 def test_late_instance_joins_queued_job(session_factory: sessionmaker[Session]) -> None:
     study = uid()
     with session_factory() as s:
-        repo.record_instance(s, record(study=study))
+        studies_db.record_instance(s, record(study=study))
     (res,) = sweep(session_factory, 20)
     with session_factory() as s:
-        r = repo.record_instance_detailed(s, record(study=study, at=T0 + timedelta(seconds=25)))
+        r = studies_db.record_instance_detailed(
+            s, record(study=study, at=T0 + timedelta(seconds=25))
+        )
     assert r.outcome is RecordOutcome.new and r.late and r.job_id == res.job_id
     assert jobs_of(session_factory, study) == [(JobState.queued, res.job_id)]
     assert study_row(session_factory, study).state is StudyState.complete
@@ -225,17 +229,19 @@ def test_late_instance_after_job_started_creates_fresh_job(
 ) -> None:
     study = uid()
     with session_factory() as s:
-        repo.record_instance(s, record(study=study))
+        studies_db.record_instance(s, record(study=study))
     (res,) = sweep(session_factory, 20)
     with session_factory() as s:
-        job = repo.claim_next_job(s, owner="w", lease_seconds=60, now=T0 + timedelta(seconds=21))
+        job = jobs_db.claim_next_job(s, owner="w", lease_seconds=60, now=T0 + timedelta(seconds=21))
         assert job is not None and job.id == res.job_id
         if first_job_end == "done":
-            repo.finish_job(s, job.id, owner="w")
+            jobs_db.finish_job(s, job.id, owner="w")
         elif first_job_end == "failed":
-            repo.fail_job(s, job.id, owner="w", error="x", retry=False)
+            jobs_db.fail_job(s, job.id, owner="w", error="x", retry=False)
     with session_factory() as s:
-        r = repo.record_instance_detailed(s, record(study=study, at=T0 + timedelta(seconds=30)))
+        r = studies_db.record_instance_detailed(
+            s, record(study=study, at=T0 + timedelta(seconds=30))
+        )
     assert r.outcome is RecordOutcome.late_for_finished_study and r.late
     jobs = jobs_of(session_factory, study)
     assert len(jobs) == 2 and jobs[1] == (JobState.received, r.job_id)
@@ -247,19 +253,21 @@ def test_late_instance_after_job_started_creates_fresh_job(
     assert jobs_of(session_factory, study)[1] == (JobState.queued, r.job_id)
     # a second late instance while the fresh job is queued joins it
     with session_factory() as s:
-        r2 = repo.record_instance_detailed(s, record(study=study, at=T0 + timedelta(seconds=41)))
+        r2 = studies_db.record_instance_detailed(
+            s, record(study=study, at=T0 + timedelta(seconds=41))
+        )
     assert r2.outcome is RecordOutcome.new and r2.job_id == r.job_id
 
 
 def test_late_instance_reopens_skipped_study(session_factory: sessionmaker[Session]) -> None:
     study = uid()
     with session_factory() as s:
-        repo.record_instance(
+        studies_db.record_instance(
             s, record(study=study, series=f"{study}.1", modality="DX", body_part="PELVIS")
         )
     sweep(session_factory, 20)
     with session_factory() as s:
-        out = repo.record_instance(
+        out = studies_db.record_instance(
             s, record(study=study, series=f"{study}.2", at=T0 + timedelta(seconds=30))
         )
     assert out is RecordOutcome.late_for_finished_study
@@ -289,7 +297,7 @@ def test_concurrent_instances_of_one_new_study(session_factory: sessionmaker[Ses
             for i in range(per_thread):
                 rec = record(study=study, series=f"{study}.{k % 2}", content=f"{k}-{i}".encode())
                 with session_factory() as s:
-                    outcomes.append(repo.record_instance(s, rec))
+                    outcomes.append(studies_db.record_instance(s, rec))
         except BaseException as exc:
             errors.append(exc)
 
@@ -310,22 +318,22 @@ def test_replaced_duplicate_of_finished_study_reruns(
 ) -> None:
     study, sop = uid(), uid()
     with session_factory() as s:
-        repo.record_instance(s, record(study=study, sop=sop, content=b"v1"))
+        studies_db.record_instance(s, record(study=study, sop=sop, content=b"v1"))
     sweep(session_factory, 20)
     with session_factory() as s:
-        job = repo.claim_next_job(s, owner="w", lease_seconds=60, now=T0 + timedelta(seconds=21))
+        job = jobs_db.claim_next_job(s, owner="w", lease_seconds=60, now=T0 + timedelta(seconds=21))
         assert job is not None
-        repo.finish_job(s, job.id, owner="w")
+        jobs_db.finish_job(s, job.id, owner="w")
     # the PACS sends a corrected version of the same instance: the draft must be redone
     with session_factory() as s:
-        r = repo.record_instance_detailed(
+        r = studies_db.record_instance_detailed(
             s, record(study=study, sop=sop, content=b"v2", at=T0 + timedelta(seconds=30))
         )
     assert r.outcome is RecordOutcome.duplicate_replaced and r.late
     assert [j[0] for j in jobs_of(session_factory, study)] == [JobState.done, JobState.received]
     # an identical re-send changes nothing and creates no job
     with session_factory() as s:
-        again = repo.record_instance(
+        again = studies_db.record_instance(
             s, record(study=study, sop=sop, content=b"v2", at=T0 + timedelta(seconds=31))
         )
     assert again is RecordOutcome.duplicate_identical

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.db import repository as repo
+from node.db import studies as studies_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import head_revision
 from node.settings import ChestRule
@@ -37,12 +37,12 @@ def _populate(url: str) -> tuple[str, str]:
     factory = make_session_factory(engine)
     chest, hand = uid(), uid()
     with factory() as s:
-        repo.record_instance(s, record(study=chest, content=b"x" * 100))
-        repo.record_instance(s, record(study=chest, content=b"y" * 50))
-        repo.record_instance(
+        studies_db.record_instance(s, record(study=chest, content=b"x" * 100))
+        studies_db.record_instance(s, record(study=chest, content=b"y" * 50))
+        studies_db.record_instance(
             s, record(study=hand, modality="DX", body_part="HAND", content=b"z" * 10)
         )
-        repo.complete_quiet_studies(
+        studies_db.complete_quiet_studies(
             s,
             quiet_seconds=5,
             max_wait_seconds=60,

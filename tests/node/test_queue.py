@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import repository as repo
+from node.db import jobs as jobs_db
+from node.db import studies as studies_db
 from node.db.models import Job, JobState, Study, StudyState
 from node.settings import ChestRule
 from tests.node.factories import T0, record, uid
@@ -21,9 +22,9 @@ def _queued_jobs(
     """Receive ``n`` one-instance chest studies and complete them: ``n`` queued jobs."""
     for i in range(n):
         with factory() as s:
-            repo.record_instance(s, record(study=uid(), at=T0 + timedelta(milliseconds=i)))
+            studies_db.record_instance(s, record(study=uid(), at=T0 + timedelta(milliseconds=i)))
     with factory() as s:
-        done = repo.complete_quiet_studies(
+        done = studies_db.complete_quiet_studies(
             s, quiet_seconds=1, max_wait_seconds=60, now=T0 + timedelta(seconds=5), rule=ChestRule()
         )
     ids = [c.job_id for c in done if c.job_id is not None]
@@ -59,26 +60,27 @@ def _job(state: JobState) -> Job:
 def test_illegal_transitions_are_refused(src: JobState, dst: JobState) -> None:
     job = _job(src)
     with pytest.raises(
-        repo.IllegalTransition, match=rf"job 7: illegal state transition {src.value} -> {dst.value}"
+        jobs_db.IllegalTransition,
+        match=rf"job 7: illegal state transition {src.value} -> {dst.value}",
     ):
-        repo.transition(job, dst)
+        jobs_db.transition(job, dst)
     assert job.state is src
 
 
 def test_legal_path_sets_timestamps_and_clears_lease() -> None:
     job = _job(JobState.received)
-    repo.transition(job, "queued", now=T0)
+    jobs_db.transition(job, "queued", now=T0)
     assert job.queued_at == T0 and job.state is JobState.queued
-    repo.transition(job, JobState.running, now=T0 + timedelta(seconds=1))
+    jobs_db.transition(job, JobState.running, now=T0 + timedelta(seconds=1))
     job.lease_owner, job.lease_expires_at = "w1", T0
-    repo.transition(job, JobState.done, now=T0 + timedelta(seconds=2))
+    jobs_db.transition(job, JobState.done, now=T0 + timedelta(seconds=2))
     assert job.finished_at == T0 + timedelta(seconds=2)
     assert job.lease_owner is None and job.lease_expires_at is None
 
 
 def test_every_state_is_in_the_table() -> None:
-    assert set(repo.ALLOWED_TRANSITIONS) == set(JobState)
-    assert repo.ALLOWED_TRANSITIONS[JobState.done] == frozenset()
+    assert set(jobs_db.ALLOWED_TRANSITIONS) == set(JobState)
+    assert jobs_db.ALLOWED_TRANSITIONS[JobState.done] == frozenset()
 
 
 # --- claim, heartbeat, expiry ---------------------------------------------------------------
@@ -89,7 +91,7 @@ def test_claim_order_priority_then_age(session_factory: sessionmaker[Session]) -
     got = []
     for _ in range(3):
         with session_factory() as s:
-            job = repo.claim_next_job(
+            job = jobs_db.claim_next_job(
                 s, owner="w1", lease_seconds=30, now=T0 + timedelta(seconds=10)
             )
             assert job is not None
@@ -98,21 +100,21 @@ def test_claim_order_priority_then_age(session_factory: sessionmaker[Session]) -
             got.append(job.id)
     assert got == [ids[1], ids[0], ids[2]]
     with session_factory() as s:
-        assert repo.claim_next_job(s, owner="w1", lease_seconds=30) is None
+        assert jobs_db.claim_next_job(s, owner="w1", lease_seconds=30) is None
 
 
 def test_heartbeat_extends_only_own_lease(session_factory: sessionmaker[Session]) -> None:
     (job_id,) = _queued_jobs(session_factory, 1)
     now = T0 + timedelta(seconds=10)
     with session_factory() as s:
-        repo.claim_next_job(s, owner="w1", lease_seconds=30, now=now)
+        jobs_db.claim_next_job(s, owner="w1", lease_seconds=30, now=now)
     with session_factory() as s:
-        assert repo.heartbeat(s, job_id, "w1", 100, now=now + timedelta(seconds=20))
-        assert not repo.heartbeat(s, job_id, "intruder", 100, now=now)
+        assert jobs_db.heartbeat(s, job_id, "w1", 100, now=now + timedelta(seconds=20))
+        assert not jobs_db.heartbeat(s, job_id, "intruder", 100, now=now)
     with session_factory() as s:
         assert s.get_one(Job, job_id).lease_expires_at == now + timedelta(seconds=120)
         # not expired at the old deadline any more
-        assert repo.expire_leases(s, now + timedelta(seconds=60)) == 0
+        assert jobs_db.expire_leases(s, now + timedelta(seconds=60)) == 0
 
 
 def test_expired_lease_requeues_then_fails(session_factory: sessionmaker[Session]) -> None:
@@ -123,29 +125,29 @@ def test_expired_lease_requeues_then_fails(session_factory: sessionmaker[Session
     now = T0 + timedelta(seconds=10)
     for attempt in (1, 2):
         with session_factory() as s:
-            job = repo.claim_next_job(s, owner=f"w{attempt}", lease_seconds=30, now=now)
+            job = jobs_db.claim_next_job(s, owner=f"w{attempt}", lease_seconds=30, now=now)
             assert job is not None and job.id == job_id and job.attempts == attempt
         now += timedelta(seconds=31)
         with session_factory() as s:
-            assert repo.expire_leases(s, now) == 1
+            assert jobs_db.expire_leases(s, now) == 1
             job = s.get_one(Job, job_id)
             assert "lease" in (job.last_error or "") and "expired" in (job.last_error or "")
             assert job.lease_owner is None
             assert job.state is (JobState.queued if attempt == 1 else JobState.failed)
     with session_factory() as s:
-        assert repo.claim_next_job(s, owner="w3", lease_seconds=30, now=now) is None
+        assert jobs_db.claim_next_job(s, owner="w3", lease_seconds=30, now=now) is None
         # a lost lease cannot finish the job
-        with pytest.raises(repo.LeaseLost):
-            repo.finish_job(s, job_id, owner="w2")
+        with pytest.raises(jobs_db.LeaseLost):
+            jobs_db.finish_job(s, job_id, owner="w2")
 
 
 def test_release_on_shutdown_does_not_count_attempt(session_factory: sessionmaker[Session]) -> None:
     ids = _queued_jobs(session_factory, 2)
     with session_factory() as s:
-        repo.claim_next_job(s, owner="me", lease_seconds=30)
-        repo.claim_next_job(s, owner="other", lease_seconds=30)
+        jobs_db.claim_next_job(s, owner="me", lease_seconds=30)
+        jobs_db.claim_next_job(s, owner="other", lease_seconds=30)
     with session_factory() as s:
-        assert repo.release_leases(s, "me") == 1
+        assert jobs_db.release_leases(s, "me") == 1
     with session_factory() as s:
         states = {j.id: (j.state, j.attempts, j.lease_owner) for j in s.scalars(select(Job))}
     released = [v for v in states.values() if v[0] is JobState.queued]
@@ -156,18 +158,18 @@ def test_release_on_shutdown_does_not_count_attempt(session_factory: sessionmake
 def test_finish_and_fail(session_factory: sessionmaker[Session]) -> None:
     a, b = _queued_jobs(session_factory, 2)
     with session_factory() as s:
-        j1 = repo.claim_next_job(s, owner="w", lease_seconds=30)
-        j2 = repo.claim_next_job(s, owner="w", lease_seconds=30)
+        j1 = jobs_db.claim_next_job(s, owner="w", lease_seconds=30)
+        j2 = jobs_db.claim_next_job(s, owner="w", lease_seconds=30)
         assert j1 is not None and j2 is not None
-        done = repo.finish_job(s, j1.id, owner="w", sr_sop_instance_uid="1.2.3.4")
+        done = jobs_db.finish_job(s, j1.id, owner="w", sr_sop_instance_uid="1.2.3.4")
         assert done.state is JobState.done and done.sr_sop_instance_uid == "1.2.3.4"
-        retried = repo.fail_job(s, j2.id, owner="w", error="backend error")
+        retried = jobs_db.fail_job(s, j2.id, owner="w", error="backend error")
         assert retried.state is JobState.queued and retried.last_error == "backend error"
-        j2 = repo.claim_next_job(s, owner="w", lease_seconds=30)
+        j2 = jobs_db.claim_next_job(s, owner="w", lease_seconds=30)
         assert j2 is not None
-        failed = repo.fail_job(s, j2.id, owner="w", error="bad image", retry=False)
+        failed = jobs_db.fail_job(s, j2.id, owner="w", error="bad image", retry=False)
         assert failed.state is JobState.failed
-        requeued = repo.requeue_job(s, failed.id, actor="admin")
+        requeued = jobs_db.requeue_job(s, failed.id, actor="admin")
         assert requeued.state is JobState.queued and requeued.attempts == 0
     assert {a, b} == {j1.id, j2.id}
 
@@ -192,7 +194,7 @@ def test_concurrent_claims_never_share_a_job(pg_schema_url: str) -> None:
             barrier.wait()
             while True:
                 with factory() as s:
-                    job = repo.claim_next_job(s, owner=name, lease_seconds=60)
+                    job = jobs_db.claim_next_job(s, owner=name, lease_seconds=60)
                 if job is None:
                     return
                 claimed[name].append(job.id)
@@ -229,7 +231,7 @@ def test_sqlite_concurrent_claims_never_share_a_job(tmp_path) -> None:  # type: 
     def worker() -> None:
         while True:
             with factory() as s:
-                job = repo.claim_next_job(
+                job = jobs_db.claim_next_job(
                     s, owner=threading.current_thread().name, lease_seconds=60
                 )
             if job is None:
@@ -251,14 +253,14 @@ def test_job_exists_as_received_from_first_instance(
 ) -> None:
     study = uid()
     with session_factory() as s:
-        repo.record_instance(s, record(study=study))
+        studies_db.record_instance(s, record(study=study))
     with session_factory() as s:
         st = s.scalars(select(Study).where(Study.study_instance_uid == study)).one()
         assert st.state is StudyState.receiving
         (job,) = s.scalars(select(Job).where(Job.study_id == st.id)).all()
         assert job.state is JobState.received
         # a received job is not claimable
-        assert repo.claim_next_job(s, owner="w", lease_seconds=10) is None
+        assert jobs_db.claim_next_job(s, owner="w", lease_seconds=10) is None
 
 
 def test_admin_cancel_is_audited(session_factory: sessionmaker[Session]) -> None:
@@ -266,12 +268,12 @@ def test_admin_cancel_is_audited(session_factory: sessionmaker[Session]) -> None
 
     (job_id,) = _queued_jobs(session_factory, 1)
     with session_factory() as s:
-        job = repo.cancel_job(s, job_id, actor="admin:alice", reason="wrong patient routing")
+        job = jobs_db.cancel_job(s, job_id, actor="admin:alice", reason="wrong patient routing")
         assert job.state is JobState.cancelled and job.finished_at is not None
-        with pytest.raises(repo.IllegalTransition, match="cancelled -> cancelled"):
-            repo.cancel_job(s, job_id, actor="admin:alice")
-        with pytest.raises(repo.JobNotFound):
-            repo.cancel_job(s, 10**6, actor="admin:alice")
+        with pytest.raises(jobs_db.IllegalTransition, match="cancelled -> cancelled"):
+            jobs_db.cancel_job(s, job_id, actor="admin:alice")
+        with pytest.raises(jobs_db.JobNotFound):
+            jobs_db.cancel_job(s, 10**6, actor="admin:alice")
     with session_factory() as s:
         (entry,) = s.scalars(select(AuditLog)).all()
         assert (entry.actor, entry.action, entry.target) == (

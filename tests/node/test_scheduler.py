@@ -9,7 +9,9 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import repository as repo
+from node.db import jobs as jobs_db
+from node.db import studies as studies_db
+from node.db.deliveries import enqueue_deliveries
 from node.db.models import (
     AuditLog,
     Delivery,
@@ -21,7 +23,6 @@ from node.db.models import (
     JobState,
     Study,
 )
-from node.db.repo_delivery import enqueue_deliveries
 from node.runtime.scheduler import STALE_PART_SECONDS, Chores, NodeScheduler
 from node.runtime.spool import OUTPUTS_DIR
 from node.settings import load_settings
@@ -46,7 +47,7 @@ def _spool_instance(
     path.parent.mkdir(parents=True)
     path.write_bytes(b"pixels")
     with session_factory() as s:
-        repo.record_instance(s, rec)
+        studies_db.record_instance(s, rec)
 
 
 def _chores(tmp_path: Path, session_factory: sessionmaker[Session]) -> tuple[Path, Clock, Chores]:
@@ -70,14 +71,14 @@ def test_chores_sweep_expire_and_retention(
     (done,) = chores.sweep_studies()
     assert done.study_uid == old
     with session_factory() as s:
-        job = repo.claim_next_job(s, owner="dead-worker", lease_seconds=10, now=clock.now)
+        job = jobs_db.claim_next_job(s, owner="dead-worker", lease_seconds=10, now=clock.now)
         assert job is not None
     clock.now += timedelta(seconds=11)
     assert chores.expire_leases() == 1
     with session_factory() as s:
-        job = repo.claim_next_job(s, owner="w", lease_seconds=10, now=clock.now)
+        job = jobs_db.claim_next_job(s, owner="w", lease_seconds=10, now=clock.now)
         assert job is not None
-        repo.finish_job(s, job.id, owner="w", now=clock.now)
+        jobs_db.finish_job(s, job.id, owner="w", now=clock.now)
     # day 10: the old study is past retention; the recent one (day 9, still receiving) is not
     clock.now = T0 + timedelta(days=10)
     assert chores.apply_retention() == 1
@@ -97,7 +98,7 @@ def test_scheduler_runs_the_sweep(session_factory: sessionmaker[Session], tmp_pa
     settings = load_settings(spool_dir=tmp_path, study_quiet_seconds=0.2)
     study = uid()
     with session_factory() as s:
-        repo.record_instance(s, record(study=study, at=datetime.now(T0.tzinfo)))
+        studies_db.record_instance(s, record(study=study, at=datetime.now(T0.tzinfo)))
     sched = NodeScheduler(Chores(settings, session_factory))
     sched.start()
     try:
@@ -127,13 +128,13 @@ def test_retention_removes_the_srs_of_purged_studies(
         srs[study] = uid()
         (outputs / f"{srs[study]}.dcm").write_bytes(b"sr")
         with session_factory() as s:
-            job = repo.claim_next_job(s, owner="w", lease_seconds=10, now=clock.now)
+            job = jobs_db.claim_next_job(s, owner="w", lease_seconds=10, now=clock.now)
             assert job is not None and job.id == done.job_id
             # a delivery row names its own SR path, which need not be outputs/<SR UID>.dcm
             moved = f"{OUTPUTS_DIR}/moved-{srs[study]}.dcm"
             (spool / moved).write_bytes(b"sr")
             enqueue_deliveries(s, job_id=job.id, sr_path=moved, destinations=["PACS@h:104"])
-            repo.finish_job(s, job.id, owner="w", sr_sop_instance_uid=srs[study], now=clock.now)
+            jobs_db.finish_job(s, job.id, owner="w", sr_sop_instance_uid=srs[study], now=clock.now)
     old, recent = srs
     # a half-written SR of a crashed worker, and one being written now
     stale, fresh = outputs / f".{uid()}.0badc0de.part", outputs / f".{uid()}.600dc0de.part"

@@ -17,7 +17,9 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.db import repository as repo
+from node.db import jobs as jobs_db
+from node.db import studies as studies_db
+from node.db import views as views_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import Job, JobState
 from node.runtime.service import NodeContext, run_node
@@ -118,7 +120,7 @@ def test_serve_stores_and_queues_a_chest_study(
 
     wait_for(job_settled, timeout=30)
     with factory() as s:
-        counts = repo.counts(s)
+        counts = views_db.counts(s)
     engine.dispose()
     assert counts.instances == 1 and counts.studies == 1
     assert counts.jobs["queued"] == 1  # RG1_UNCR is a CR with Body Part Examined CHEST
@@ -187,15 +189,15 @@ def test_run_node_components_and_lease_release(tmp_path: Path, db_url: str) -> N
     def worker_factory(ctx: NodeContext) -> _Recorder:
         # a component that claims a job with the node's owner id, as the worker will
         with ctx.session_factory() as s:
-            repo.record_instance(s, record(study=uid(), at=T0))
-            repo.complete_quiet_studies(
+            studies_db.record_instance(s, record(study=uid(), at=T0))
+            studies_db.complete_quiet_studies(
                 s,
                 quiet_seconds=1,
                 max_wait_seconds=10,
                 now=T0 + timedelta(seconds=5),
                 rule=ChestRule(),
             )
-            job = repo.claim_next_job(s, owner=ctx.owner, lease_seconds=600)
+            job = jobs_db.claim_next_job(s, owner=ctx.owner, lease_seconds=600)
             assert job is not None
             claimed["id"] = job.id
         return _Recorder(events, "worker")

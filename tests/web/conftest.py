@@ -126,7 +126,7 @@ def console_node(
 ) -> Iterator[ConsoleNode]:
     """``cxr-node serve``'s components in a thread: SCP, SQLite, model, worker, API + web."""
     from node.api.auth import hash_secret, new_token
-    from node.db import repo_api
+    from node.db import tokens as tokens_db
     from node.db.engine import make_engine, make_session_factory
     from node.runtime.components import default_components
     from node.runtime.service import run_node
@@ -177,7 +177,7 @@ def console_node(
         for role in ROLES:
             tok = new_token()
             with sessions() as session:
-                row = repo_api.create_token(
+                row = tokens_db.create_token(
                     session,
                     name=f"web-test-{role}",
                     role=role,

@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from integration.scp import ReceivedMeta
 from integration.status import StoreStatus
 from integration.uids import sr_instance_uid
-from node.db import repo_outputs
-from node.db import repository as repo
+from node.db import drafts as drafts_db
+from node.db import studies as studies_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Delivery, Draft, Job, utcnow
@@ -196,7 +196,7 @@ class NodeEnv:
     def queue_all(self) -> list[int]:
         """Complete every receiving study now (real chest rule); return the queued job ids."""
         with self.session_factory() as s:
-            done = repo.complete_quiet_studies(
+            done = studies_db.complete_quiet_studies(
                 s,
                 quiet_seconds=1.0,
                 max_wait_seconds=600.0,
@@ -222,7 +222,7 @@ class NodeEnv:
         instances, model and text (integration.uids.sr_instance_uid)."""
         [draft] = self.drafts(job_id)
         with self.session_factory() as s:
-            study = repo_outputs.job_study(s, job_id)
+            study = drafts_db.job_study(s, job_id)
         return sr_instance_uid(
             study.study_uid,
             draft.model_name,

@@ -78,9 +78,9 @@ def test_broken_study_is_dropped_and_the_others_finish(env: NodeEnv, model_host:
     by_study = {}
     for job_id in jobs:
         with env.session_factory() as s:
-            from node.db import repo_outputs
+            from node.db import drafts as drafts_db
 
-            by_study[repo_outputs.job_study(s, job_id).study_uid] = job_id
+            by_study[drafts_db.job_study(s, job_id).study_uid] = job_id
     assert outcomes[by_study[good1]].status == "done"
     assert outcomes[by_study[good2]].status == "done"
     assert outcomes[by_study[bad]].status == "failed"

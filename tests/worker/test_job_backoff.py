@@ -29,7 +29,7 @@ from sqlalchemy.exc import OperationalError
 from integration.errors import ConnectionFailedError, NoFrontalImageError, PixelDataError
 from models.layout import TokenLayoutError
 from models.runtime import InferenceError, ModelInputError
-from node.db import repository as repo
+from node.db import jobs as jobs_db
 from node.db.models import JobState, utcnow
 from node.runtime.modelhost import ModelHost, ModelNotReady
 from node.runtime.pipeline import OUTPUTS_DIR, JobFailure, is_permanent, run_batch
@@ -137,7 +137,7 @@ def test_unknown_vr_fails_at_once_with_one_attempt(
     env.ingest(src)
     [job_id] = env.queue_all()
     with env.session_factory() as s:
-        claimed = repo.claim_next_job(s, owner="t/w0", lease_seconds=60)
+        claimed = jobs_db.claim_next_job(s, owner="t/w0", lease_seconds=60)
     assert claimed is not None and claimed.id == job_id
 
     [outcome] = run_batch(env.deps, [job_id], model_host, owner="t/w0")
@@ -148,7 +148,7 @@ def test_unknown_vr_fails_at_once_with_one_attempt(
     assert job.attempts == 1 < job.max_attempts  # not retried
     assert "Unknown Value Representation 'ZZ'" in (job.last_error or "")
     with env.session_factory() as s:
-        assert repo.claim_next_job(s, owner="t/w0", lease_seconds=60) is None
+        assert jobs_db.claim_next_job(s, owner="t/w0", lease_seconds=60) is None
 
 
 def test_a_job_in_backoff_is_not_claimable_until_it_passes(env: NodeEnv) -> None:
@@ -157,20 +157,22 @@ def test_a_job_in_backoff_is_not_claimable_until_it_passes(env: NodeEnv) -> None
     [job_id] = env.queue_all()
     t0 = utcnow()
     with env.session_factory() as s:
-        assert repo.claim_next_job(s, owner="o", lease_seconds=60, now=t0) is not None
+        assert jobs_db.claim_next_job(s, owner="o", lease_seconds=60, now=t0) is not None
     with env.session_factory() as s:
-        job = repo.fail_job(
+        job = jobs_db.fail_job(
             s, job_id, owner="o", error="OSError: ENOSPC", retry_delay=lambda n: 30.0 * n, now=t0
         )
     assert job.state is JobState.queued and job.not_before == t0 + timedelta(seconds=30)
     assert "retry not before" in (job.last_error or "")
     with env.session_factory() as s:
         assert (
-            repo.claim_next_job(s, owner="o", lease_seconds=60, now=t0 + timedelta(seconds=29))
+            jobs_db.claim_next_job(s, owner="o", lease_seconds=60, now=t0 + timedelta(seconds=29))
             is None
         )
     with env.session_factory() as s:
-        again = repo.claim_next_job(s, owner="o", lease_seconds=60, now=t0 + timedelta(seconds=30))
+        again = jobs_db.claim_next_job(
+            s, owner="o", lease_seconds=60, now=t0 + timedelta(seconds=30)
+        )
     assert again is not None and again.id == job_id and again.not_before is None
 
 

@@ -28,8 +28,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
+from node.db.jobs import JobConflict
 from node.db.models import AuditLog, DeliveryObject, DeliveryState
-from node.db.repository import JobConflict
 from node.runtime.delivery import DeliveryComponent
 from node.runtime.modelhost import ModelHost
 from node.runtime.outputs import withdraw

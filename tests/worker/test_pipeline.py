@@ -12,10 +12,10 @@ import pytest
 
 from integration.sr import DEMO_NOTE
 from integration.uids import sr_series_uid
-from node.db import repo_outputs
-from node.db import repository as repo
+from node.db import drafts as drafts_db
+from node.db import jobs as jobs_db
+from node.db.deliveries import enqueue_deliveries
 from node.db.models import JobState, utcnow
-from node.db.repo_delivery import enqueue_deliveries
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import (
     OUTPUTS_DIR,
@@ -33,7 +33,7 @@ OWNER = "test-host:1:abcd/w0"
 
 def claim(env: NodeEnv, owner: str = OWNER) -> int:
     with env.session_factory() as s:
-        job = repo.claim_next_job(s, owner=owner, lease_seconds=60)
+        job = jobs_db.claim_next_job(s, owner=owner, lease_seconds=60)
     assert job is not None
     return job.id
 
@@ -140,7 +140,7 @@ def test_frontal_is_chosen_over_lateral(env: NodeEnv, model_host: ModelHost) -> 
     assert outcome.sr_path is not None
     sr = pydicom.dcmread(outcome.sr_path)
     with env.session_factory() as s:
-        info = repo_outputs.job_study(s, job_id)
+        info = drafts_db.job_study(s, job_id)
     views = {i.sop_instance_uid: i.view_position for i in info.instances}
     assert len(views) == 2
     # both images are the SR's evidence; the tree's IMAGE items name the one the model read
@@ -177,11 +177,11 @@ def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
             [draft] = generate_reports(runtime, [prepared.model_input], env.settings)
         first = write_sr(build_sr(prepared.image, draft), env.deps.outputs_dir)
         with env.session_factory() as s:
-            repo_outputs.save_draft(
+            drafts_db.save_draft(
                 s,
                 job_id,
                 owner=dead,
-                draft=repo_outputs.DraftRecord(
+                draft=drafts_db.DraftRecord(
                     task="report",
                     full_text=draft.text,
                     findings=draft.findings,
@@ -206,7 +206,7 @@ def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
         first_inode = first.stat().st_ino
         # its lease expires; the job runs again on another worker
         with env.session_factory() as s:
-            assert repo.expire_leases(s, utcnow() + timedelta(seconds=120)) == 1
+            assert jobs_db.expire_leases(s, utcnow() + timedelta(seconds=120)) == 1
         claim(env)
         [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
 
@@ -222,8 +222,8 @@ def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
         rows = env.deliveries(job_id)
         assert sorted(d.destination for d in rows) == sorted(dests.split(","))
         # the dead worker's late finish is refused
-        with env.session_factory() as s, pytest.raises(repo.LeaseLost):
-            repo.finish_job(s, job_id, owner=dead)
+        with env.session_factory() as s, pytest.raises(jobs_db.LeaseLost):
+            jobs_db.finish_job(s, job_id, owner=dead)
         # a late instance makes a new job for the study: the draft is made from other
         # inputs, so a new SR that supersedes the first (a PACS keeps the first copy of a
         # UID it holds: re-using it would leave the old text there), with its own deliveries
@@ -253,7 +253,7 @@ def test_lost_lease_abandons_outputs(sqlite_env: NodeEnv, model_host: ModelHost)
     [job_id] = env.queue_all()
     claim(env)
     with env.session_factory() as s:  # another worker took the job over
-        repo.expire_leases(s, utcnow() + timedelta(seconds=120))
+        jobs_db.expire_leases(s, utcnow() + timedelta(seconds=120))
     claim(env, "other-host:2:beef/w0")
     [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
     assert outcome.status == "abandoned"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.db import repository as repo
+from node.db import jobs as jobs_db
 from node.db.models import JobState
 from node.runtime.modelhost import ModelHost, ModelNotReady, make_model_host
 from node.runtime.pipeline import STAGE_DELAY_ENV, _parse_delays
@@ -61,7 +61,7 @@ def test_heartbeat_extends_and_detects_lost_lease(sqlite_env: NodeEnv) -> None:
     env.add_study(view="PA", pixels=nih_pixels(0))
     [job_id] = env.queue_all()
     with env.session_factory() as s:
-        job = repo.claim_next_job(s, owner="hb:1:1/w0", lease_seconds=0.6)
+        job = jobs_db.claim_next_job(s, owner="hb:1:1/w0", lease_seconds=0.6)
     assert job is not None
     first_expiry = job.lease_expires_at
     hb = Heartbeat(env.session_factory, [job_id], owner="hb:1:1/w0", lease_seconds=0.6).start()
@@ -69,7 +69,7 @@ def test_heartbeat_extends_and_detects_lost_lease(sqlite_env: NodeEnv) -> None:
         wait_for(lambda: env.job(job_id).lease_expires_at != first_expiry, timeout=10)
         assert not hb.lost(job_id)
         with env.session_factory() as s:  # an admin cancels the running job
-            repo.cancel_job(s, job_id, actor="admin")
+            jobs_db.cancel_job(s, job_id, actor="admin")
         wait_for(lambda: hb.lost(job_id), timeout=10)
     finally:
         hb.stop()

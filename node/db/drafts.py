@@ -1,10 +1,9 @@
-"""Queries of the worker: a job's study and instances, its draft report, its lease.
+"""Drafts: a job's study and instances for the worker, its draft report, its lease.
 
 Drafts are kept one per (job, task): a re-run of the same job (after a lost lease or a
 retry) replaces the earlier row, under the job's lease, so a job that ends ``done`` has
-exactly one draft. A study drafted again (a late instance creates a new job) gets a new
-job and thus its own draft; the SR UID stays the same (``integration.uids``).
-Functions that change state commit their own transaction (see ``node.db.repository``).
+exactly one draft. A study drafted again (a late instance creates a new job) gets a new job
+and thus its own draft. Commits per :mod:`node.db.tx`.
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from node.db.jobs import JobNotFound, owned_running
 from node.db.models import Draft, Instance, Job, JobState, Study, utcnow
-from node.db.repository import JobNotFound, owned_running
 
 __all__ = [
     "DraftRecord",
@@ -25,6 +24,7 @@ __all__ = [
     "StudyInstance",
     "draft_count",
     "drafts_for_job",
+    "greedy_report_texts",
     "job_study",
     "lease_held",
     "save_draft",

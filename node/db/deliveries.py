@@ -18,12 +18,12 @@ Every function that changes state commits its own transaction (as in
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
 from integration.destinations import (
@@ -34,6 +34,7 @@ from integration.destinations import (
     StowDestination,
     parse_destination,
 )
+from node.db.jobs import JobNotFound
 from node.db.models import (
     AuditLog,
     Delivery,
@@ -41,52 +42,37 @@ from node.db.models import (
     DeliveryObject,
     DeliveryState,
     Job,
-    JobState,
     utcnow,
 )
-from node.db.repository import JobConflict, JobNotFound
+from node.db.tx import in_transaction
 
 __all__ = [
-    "DeliverySummary",
     "DestinationLike",
     "Outbound",
-    "Withdrawal",
     "claim_due_deliveries",
-    "delivery_counts",
     "destination_kind",
     "enqueue_deliveries",
     "failed_destinations",
-    "list_deliveries",
     "mark_failed",
     "mark_retry",
     "mark_sent",
     "release_claim",
     "requeue_failed",
     "resend",
-    "withdraw_job",
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DestinationLike = Destination | str
 _MAX_ERROR = 2000  # keep stored error texts bounded
+
+
 _KINDS = {
     DicomDestination: DeliveryKind.dimse,
     StowDestination: DeliveryKind.stow,
     Hl7Destination: DeliveryKind.hl7,
     FhirDestination: DeliveryKind.fhir,
 }
-
-
-def _in_transaction(session: Session, fn: Callable[[], T]) -> T:
-    try:
-        result = fn()
-        session.commit()
-        return result
-    except BaseException:
-        session.rollback()
-        raise
 
 
 def _normalise(dest: DestinationLike) -> tuple[str, DeliveryKind]:
@@ -221,7 +207,7 @@ def enqueue_deliveries(
             ids.append(row.id)
         return ids
 
-    ids = _in_transaction(session, work)
+    ids = in_transaction(session, work)
     log.info(
         "job %s: %d object(s) queued: %s",
         job_id,
@@ -293,7 +279,7 @@ def claim_due_deliveries(
             row.next_attempt_at = lease_until
         return rows
 
-    rows = _in_transaction(session, work)
+    rows = in_transaction(session, work)
     if rows:
         log.debug("%s claimed deliveries %s", owner or "sender", [r.id for r in rows])
     return rows
@@ -318,7 +304,7 @@ def _fenced_update(
         )
         return bool(getattr(res, "rowcount", 0))
 
-    changed = _in_transaction(session, work)
+    changed = in_transaction(session, work)
     if not changed:
         log.warning(
             "delivery %s: claim no longer held (re-queued or lease passed); result not recorded",
@@ -502,89 +488,7 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
         )
         return [r.id for r in rows]
 
-    return _in_transaction(session, work)
-
-
-@dataclass(frozen=True)
-class Withdrawal:
-    """What :func:`withdraw_job` did: rows cancelled, destinations that need a withdrawal."""
-
-    job_id: int
-    cancelled: list[int]
-    #: destination text -> the draft rows (object, file, object UID) it may hold
-    reached: dict[str, list[tuple[DeliveryObject, str, str | None]]]
-
-
-def withdraw_job(
-    session: Session, job_id: int, *, actor: str, reason: str, now: datetime | None = None
-) -> Withdrawal:
-    """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``).
-
-    The job gets ``withdrawn_at``/``withdrawn_by``/``withdrawn_reason``; its draft rows not
-    sent (``pending`` or ``failed``) become ``cancelled``, so no retry or re-queue sends them
-    later (a send in flight loses its claim: its result is not recorded). Each destination
-    that may hold a draft object (a row sent, or attempted at least once) is returned, so
-    that the caller queues a withdrawal to it. Commits.
-
-    Raises
-    ------
-    JobNotFound
-        No job with that id.
-    JobConflict
-        The job has no draft (not ``done``) or was withdrawn already.
-    ValueError
-        An empty reason, or one over 256 characters.
-    """
-    reason = reason.strip()
-    if not reason:
-        raise ValueError("reason: say why the draft is withdrawn")
-    if len(reason) > 256:
-        raise ValueError(f"reason: at most 256 characters, got {len(reason)}")
-    now = now or utcnow()
-
-    def work() -> Withdrawal:
-        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
-        if job is None:
-            raise JobNotFound(f"job {job_id} does not exist")
-        if job.withdrawn_at is not None:
-            raise JobConflict(f"job {job_id}: the draft was withdrawn already")
-        if job.state is not JobState.done or not job.sr_sop_instance_uid:
-            raise JobConflict(f"job {job_id} is {job.state.value}: it has no draft to withdraw")
-        job.withdrawn_at = now
-        job.withdrawn_by = actor[:128]
-        job.withdrawn_reason = reason[:256]
-        cancelled: list[int] = []
-        reached: dict[str, list[tuple[DeliveryObject, str, str | None]]] = {}
-        rows = session.scalars(
-            select(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.object != DeliveryObject.withdrawal)
-            .order_by(Delivery.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        for row in rows:
-            if row.state is DeliveryState.sent or row.attempts > 0:
-                reached.setdefault(row.destination, []).append(
-                    (row.object, row.sr_path or "", row.object_uid)
-                )
-            if row.state in (DeliveryState.pending, DeliveryState.failed):
-                # a failed row would otherwise be re-queued when its destination answers
-                row.state = DeliveryState.cancelled
-                row.next_attempt_at = None
-                row.last_error = "cancelled: the draft was withdrawn before it was sent"
-                cancelled.append(row.id)
-        session.add(
-            AuditLog(
-                at=now,
-                actor=actor,
-                action="job.withdraw",
-                target=f"job:{job_id}",
-                detail={"reason": reason[:256], "cancelled": cancelled, "reached": sorted(reached)},
-            )
-        )
-        return Withdrawal(job_id, cancelled, reached)
-
-    return _in_transaction(session, work)
+    return in_transaction(session, work)
 
 
 def failed_destinations(session: Session) -> list[str]:
@@ -597,6 +501,10 @@ def failed_destinations(session: Session) -> list[str]:
             .order_by(Delivery.destination)
         )
     )
+
+
+def _clip_target(text: str) -> str:
+    return text if len(text) <= 256 else text[:253] + "..."
 
 
 def requeue_failed(
@@ -672,77 +580,7 @@ def requeue_failed(
             )
         return [r.id for r in rows]
 
-    ids = _in_transaction(session, work)
+    ids = in_transaction(session, work)
     if ids:
         log.info("%d failed deliveries to %s re-queued (%s)", len(ids), destination, reason)
     return ids
-
-
-def _clip_target(text: str) -> str:
-    return text if len(text) <= 256 else text[:253] + "..."
-
-
-@dataclass(frozen=True)
-class DeliverySummary:
-    """One delivery as shown by the API and the CLI."""
-
-    id: int
-    job_id: int | None
-    destination: str
-    kind: str
-    object: str
-    object_uid: str | None
-    state: str
-    attempts: int
-    next_attempt_at: str | None
-    last_attempt_at: str | None
-    sent_at: str | None
-    last_error: str | None
-    sr_path: str | None
-    created_at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return asdict(self)
-
-
-def list_deliveries(
-    session: Session,
-    *,
-    job_id: int | None = None,
-    state: DeliveryState | str | None = None,
-    limit: int = 100,
-) -> list[DeliverySummary]:
-    """Deliveries, newest first, optionally of one job and/or in one state."""
-    stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
-    if job_id is not None:
-        stmt = stmt.where(Delivery.job_id == job_id)
-    if state is not None:
-        stmt = stmt.where(Delivery.state == DeliveryState(state))
-    return [
-        DeliverySummary(
-            id=d.id,
-            job_id=d.job_id,
-            destination=d.destination,
-            kind=d.kind.value,
-            object=d.object.value,
-            object_uid=d.object_uid,
-            state=d.state.value,
-            attempts=d.attempts,
-            next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None,
-            last_attempt_at=d.last_attempt_at.isoformat() if d.last_attempt_at else None,
-            sent_at=d.sent_at.isoformat() if d.sent_at else None,
-            last_error=d.last_error,
-            sr_path=d.sr_path,
-            created_at=d.created_at.isoformat(),
-        )
-        for d in session.scalars(stmt)
-    ]
-
-
-def delivery_counts(session: Session) -> dict[str, int]:
-    """Deliveries by state, every state present (zero included)."""
-    out = {s.value: 0 for s in DeliveryState}
-    for state, n in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
-        out[DeliveryState(state).value] = int(n)
-    return out

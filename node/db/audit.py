@@ -1,0 +1,92 @@
+"""The audit log: who did what to which target, written in the action's own transaction.
+
+``detail`` never holds patient data or report text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.db.models import AuditLog, utcnow
+from node.db.tx import in_transaction
+
+__all__ = ["AuditEntry", "add_audit", "audit", "audit_entries", "audit_row"]
+
+
+def add_audit(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    target: str | None = None,
+    detail: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> AuditLog:
+    entry = AuditLog(at=now or utcnow(), actor=actor, action=action, target=target, detail=detail)
+    session.add(entry)
+    return entry
+
+
+def audit(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    target: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditLog:
+    """Append an audit-log entry (no patient data in ``detail``). Commits."""
+    return in_transaction(
+        session,
+        lambda: add_audit(session, actor=actor, action=action, target=target, detail=detail),
+    )
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """An audit-log row."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    detail: dict[str, Any] | None
+
+
+def audit_row(a: AuditLog) -> AuditEntry:
+    return AuditEntry(a.id, a.at, a.actor, a.action, a.target, a.detail)
+
+
+def audit_entries(
+    session: Session,
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    target: str | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[AuditEntry], int]:
+    """Audit rows, newest first, with the total number of matches."""
+    conds: list[Any] = []
+    if actor:
+        conds.append(AuditLog.actor == actor)
+    if action:
+        conds.append(AuditLog.action == action)
+    if target:
+        conds.append(AuditLog.target == target)
+    if since is not None:
+        conds.append(AuditLog.at >= since)
+    stmt = select(AuditLog).order_by(AuditLog.id.desc()).limit(limit).offset(offset)
+    count_stmt = select(func.count(AuditLog.id))
+    if conds:
+        stmt = stmt.where(*conds)
+        count_stmt = count_stmt.where(*conds)
+    total = int(session.scalar(count_stmt) or 0)
+    return [audit_row(a) for a in session.scalars(stmt)], total

@@ -1,0 +1,398 @@
+"""The job queue: the state machine, claims and leases, retries, and admin moves.
+
+One job per study drafting; a job moves only through :func:`transition`
+(:data:`ALLOWED_TRANSITIONS`). Workers claim the highest priority, oldest queued job
+(:func:`claim_next_job`) under a lease they renew (:func:`heartbeat`); expired leases are
+requeued (:func:`expire_leases`). Commits per :mod:`node.db.tx`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from node.db.audit import add_audit
+from node.db.models import Job, JobState, utcnow
+from node.db.tx import in_transaction
+
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "ALLOWED_TRANSITIONS",
+    "TERMINAL_JOB_STATES",
+    "IllegalTransition",
+    "JobConflict",
+    "JobNotFound",
+    "LeaseLost",
+    "cancel_job",
+    "claim_next_job",
+    "expire_leases",
+    "fail_job",
+    "finish_job",
+    "heartbeat",
+    "new_job",
+    "owned_running",
+    "release_leases",
+    "requeue_job",
+    "transition",
+]
+
+log = logging.getLogger(__name__)
+
+ACTIVE_JOB_STATES = (JobState.received, JobState.queued)
+TERMINAL_JOB_STATES = (JobState.done, JobState.failed, JobState.cancelled)
+
+
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.received: frozenset({JobState.queued, JobState.cancelled}),
+    JobState.queued: frozenset({JobState.running, JobState.cancelled}),
+    # running -> queued: lease expired, retry after a failure, or released at shutdown
+    JobState.running: frozenset(
+        {JobState.done, JobState.failed, JobState.queued, JobState.cancelled}
+    ),
+    # an admin may re-queue a failed or cancelled job; done is final (a late instance or a
+    # re-run creates a new job instead)
+    JobState.failed: frozenset({JobState.queued}),
+    JobState.cancelled: frozenset({JobState.queued}),
+    JobState.done: frozenset(),
+}
+
+
+class JobConflict(ValueError):
+    """An action the job's present state does not allow (HTTP 409 in the API)."""
+
+
+class IllegalTransition(JobConflict):
+    """A job state change that the state machine forbids."""
+
+    def __init__(self, job_id: int | None, current: JobState, target: JobState) -> None:
+        allowed = ", ".join(sorted(s.value for s in ALLOWED_TRANSITIONS[current])) or "none"
+        super().__init__(
+            f"job {job_id}: illegal state transition {current.value} -> {target.value} "
+            f"(allowed from {current.value}: {allowed})"
+        )
+        self.job_id = job_id
+        self.current = current
+        self.target = target
+
+
+class JobNotFound(LookupError):
+    """No job with that id."""
+
+
+class LeaseLost(RuntimeError):
+    """The caller no longer holds the lease of a running job (expired or taken over)."""
+
+
+def transition(job: Job, to: JobState | str, *, now: datetime | None = None) -> None:
+    """Move ``job`` to state ``to``: the one place where job states change.
+
+    Sets the matching timestamp (``queued_at``, ``started_at``, ``finished_at``) and
+    ``updated_at``; clears the lease when leaving ``running`` and any retry back-off
+    (``not_before``: :func:`fail_job` sets it again after its move).
+
+    Raises
+    ------
+    IllegalTransition
+        When the move is not in :data:`ALLOWED_TRANSITIONS`.
+    """
+    target = JobState(to)
+    current = JobState(job.state)
+    if target not in ALLOWED_TRANSITIONS[current]:
+        raise IllegalTransition(job.id, current, target)
+    now = now or utcnow()
+    job.state = target
+    job.updated_at = now
+    job.not_before = None
+    if target is JobState.queued:
+        job.queued_at = now
+        job.finished_at = None
+    elif target is JobState.running:
+        job.started_at = now
+    else:
+        job.finished_at = now
+    if current is JobState.running and target is not JobState.running:
+        job.lease_owner = None
+        job.lease_expires_at = None
+
+
+def new_job(study_id: int, now: datetime, *, max_attempts: int, priority: int = 0) -> Job:
+    return Job(
+        study_id=study_id,
+        state=JobState.received,
+        priority=priority,
+        attempts=0,
+        max_attempts=max_attempts,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def claim_next_job(
+    session: Session, *, owner: str, lease_seconds: float, now: datetime | None = None
+) -> Job | None:
+    """Claim the next queued job (highest priority, then oldest ``queued_at``) for ``owner``.
+
+    A job waiting out a retry back-off (``not_before`` later than ``now``) is skipped. The job
+    becomes ``running`` with a lease until ``now + lease_seconds``; ``attempts`` is
+    incremented. PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``, so concurrent workers
+    get different jobs; SQLite: the ``BEGIN IMMEDIATE`` transaction serializes claims.
+    Commits. Returns ``None`` when nothing is queued.
+    """
+    if not owner:
+        raise ValueError("lease owner must not be empty")
+    now = now or utcnow()
+
+    def work() -> Job | None:
+        job = session.scalars(
+            select(Job)
+            .where(
+                Job.state == JobState.queued,
+                or_(Job.not_before.is_(None), Job.not_before <= now),
+            )
+            .order_by(Job.priority.desc(), Job.queued_at, Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
+        ).first()
+        if job is None:
+            return None
+        transition(job, JobState.running, now=now)
+        job.attempts += 1
+        job.lease_owner = owner
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        return job
+
+    return in_transaction(session, work)
+
+
+def heartbeat(
+    session: Session,
+    job_id: int,
+    owner: str,
+    lease_seconds: float,
+    *,
+    now: datetime | None = None,
+) -> bool:
+    """Extend the lease of a running job held by ``owner``; ``False`` if the lease is lost."""
+    now = now or utcnow()
+
+    def work() -> bool:
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.running, Job.lease_owner == owner)
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(res, "rowcount", 0))
+
+    return in_transaction(session, work)
+
+
+def expire_leases(session: Session, now: datetime | None = None) -> int:
+    """Requeue (or fail, when out of attempts) running jobs whose lease has passed.
+
+    ``last_error`` says that the lease expired. Commits; returns the number of jobs.
+    """
+    now = now or utcnow()
+
+    def work() -> int:
+        jobs = session.scalars(
+            select(Job)
+            .where(Job.state == JobState.running, Job.lease_expires_at < now)
+            .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
+        ).all()
+        for job in jobs:
+            owner = job.lease_owner
+            if job.attempts < job.max_attempts:
+                transition(job, JobState.queued, now=now)
+                job.last_error = (
+                    f"lease of {owner} expired (attempt {job.attempts}/{job.max_attempts}); "
+                    "requeued"
+                )
+            else:
+                transition(job, JobState.failed, now=now)
+                job.last_error = (
+                    f"lease of {owner} expired on the last attempt "
+                    f"({job.attempts}/{job.max_attempts})"
+                )
+            log.warning("job %s: %s", job.id, job.last_error)
+        return len(jobs)
+
+    return in_transaction(session, work)
+
+
+def release_leases(session: Session, owner: str, *, now: datetime | None = None) -> int:
+    """Give back the running jobs of ``owner`` (clean shutdown): they are queued again.
+
+    The interrupted attempt is not counted. Commits; returns the number of jobs.
+    """
+    now = now or utcnow()
+
+    def work() -> int:
+        jobs = session.scalars(
+            select(Job)
+            .where(Job.state == JobState.running, Job.lease_owner == owner)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).all()
+        for job in jobs:
+            transition(job, JobState.queued, now=now)
+            job.attempts = max(0, job.attempts - 1)
+            job.last_error = f"released by {owner} at shutdown"
+        return len(jobs)
+
+    return in_transaction(session, work)
+
+
+def owned_running(session: Session, job_id: int, owner: str) -> Job:
+    """Lock running job ``job_id``; raise :class:`LeaseLost` unless ``owner`` holds it."""
+    job = session.scalars(
+        select(Job)
+        .where(Job.id == job_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).first()
+    if job is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    if job.state is not JobState.running or job.lease_owner != owner:
+        raise LeaseLost(f"job {job_id}: {owner} does not hold its lease (state {job.state.value})")
+    return job
+
+
+def finish_job(
+    session: Session,
+    job_id: int,
+    *,
+    owner: str,
+    sr_sop_instance_uid: str | None = None,
+    selected_sop_instance_uid: str | None = None,
+    now: datetime | None = None,
+) -> Job:
+    """Mark a running job held by ``owner`` as ``done``. Commits.
+
+    Raises
+    ------
+    LeaseLost
+        When ``owner`` no longer holds the job.
+    """
+
+    def work() -> Job:
+        job = owned_running(session, job_id, owner)
+        if sr_sop_instance_uid is not None:
+            job.sr_sop_instance_uid = sr_sop_instance_uid
+        if selected_sop_instance_uid is not None:
+            job.selected_sop_instance_uid = selected_sop_instance_uid
+        transition(job, JobState.done, now=now)
+        job.last_error = None
+        return job
+
+    return in_transaction(session, work)
+
+
+def fail_job(
+    session: Session,
+    job_id: int,
+    *,
+    owner: str,
+    error: str,
+    retry: bool = True,
+    retry_delay: Callable[[int], float] | None = None,
+    now: datetime | None = None,
+) -> Job:
+    """Record a failed attempt: requeue while attempts remain and ``retry``, else ``failed``.
+
+    ``error`` must hold no patient data. Commits.
+
+    Parameters
+    ----------
+    session
+        A write session.
+    job_id
+        The running job.
+    owner
+        Its lease owner.
+    error
+        The reason, kept as ``last_error``.
+    retry
+        ``False`` for a permanent failure: ``failed`` at once, whatever attempts remain.
+    retry_delay
+        Seconds to wait after ``attempts`` failed attempts (the job's count so far) before
+        the job may be claimed again; it is queued with ``not_before = now + delay`` and
+        ``last_error`` says when. ``None``: claimable at once.
+    now
+        The current time.
+
+    Raises
+    ------
+    LeaseLost
+        When ``owner`` no longer holds the job.
+    """
+    now = now or utcnow()
+
+    def work() -> Job:
+        job = owned_running(session, job_id, owner)
+        if retry and job.attempts < job.max_attempts:
+            transition(job, JobState.queued, now=now)
+            job.last_error = error
+            if retry_delay is not None:
+                delay = max(0.0, float(retry_delay(job.attempts)))
+                job.not_before = now + timedelta(seconds=delay)
+                job.last_error = (
+                    f"{error} (attempt {job.attempts}/{job.max_attempts}; retry not before "
+                    f"{job.not_before.isoformat(timespec='seconds')})"
+                )
+        else:
+            transition(job, JobState.failed, now=now)
+            job.last_error = error
+        return job
+
+    return in_transaction(session, work)
+
+
+def _admin_move(
+    session: Session, job_id: int, to: JobState, *, actor: str, action: str, reason: str | None
+) -> Job:
+    def work() -> Job:
+        job = session.scalars(
+            select(Job)
+            .where(Job.id == job_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).first()
+        if job is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        before = job.state.value
+        transition(job, to)
+        if to is JobState.queued:
+            job.attempts = 0
+        if reason:
+            job.last_error = reason
+        add_audit(
+            session,
+            actor=actor,
+            action=action,
+            target=f"job:{job_id}",
+            detail={"from": before, "to": to.value, "reason": reason},
+        )
+        return job
+
+    return in_transaction(session, work)
+
+
+def cancel_job(session: Session, job_id: int, *, actor: str, reason: str | None = None) -> Job:
+    """Cancel a job (admin action, audited). Commits."""
+    return _admin_move(
+        session, job_id, JobState.cancelled, actor=actor, action="job.cancel", reason=reason
+    )
+
+
+def requeue_job(session: Session, job_id: int, *, actor: str) -> Job:
+    """Queue a failed or cancelled job again with fresh attempts (admin action, audited)."""
+    return _admin_move(
+        session, job_id, JobState.queued, actor=actor, action="job.requeue", reason=None
+    )

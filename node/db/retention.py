@@ -1,0 +1,108 @@
+"""Retention: deleting studies past ``retention_days`` with everything made from them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from node.db.audit import add_audit
+from node.db.jobs import ACTIVE_JOB_STATES
+from node.db.models import (
+    Delivery,
+    DeliveryState,
+    Draft,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+)
+from node.db.tx import in_transaction
+from node.runtime.spool import OUTPUTS_DIR
+
+__all__ = ["purge_expired_studies"]
+
+
+def purge_expired_studies(session: Session, *, older_than: datetime, limit: int = 500) -> list[str]:
+    """Delete studies last received before ``older_than`` that have no active or running job.
+
+    Their series, instances, jobs, drafts and deliveries go with them (cascade); the audit
+    log stays. Commits; returns the spool paths (relative) that the caller should delete:
+    the instances' files and the jobs' SRs (``outputs/<SR SOP Instance UID>.dcm``, and any
+    other path a delivery row names). The SR UID derives from the Study Instance UID, which
+    is unique, so no surviving study shares these SR files. Delivery rows without a job (a
+    synthetic Secondary Capture sent on request) created before ``older_than`` and no
+    longer pending go too, with their files.
+    """
+
+    def jobless() -> list[str]:
+        # synthetic Secondary Captures sent on request: no job, no study; done with them
+        done = (
+            Delivery.job_id.is_(None),
+            Delivery.created_at < older_than,
+            Delivery.state != DeliveryState.pending,
+        )
+        found = list(session.scalars(select(Delivery.sr_path).where(*done)))
+        session.execute(delete(Delivery).where(*done))
+        return [p for p in found if p]
+
+    def work() -> list[str]:
+        sc_paths = jobless()
+        busy = select(Job.study_id).where(Job.state.in_((*ACTIVE_JOB_STATES, JobState.running)))
+        ids = list(
+            session.scalars(
+                select(Study.id)
+                .where(
+                    Study.last_received_at < older_than,
+                    Study.state != StudyState.receiving,
+                    Study.id.not_in(busy),
+                )
+                .order_by(Study.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if not ids:
+            return sc_paths
+        paths = list(session.scalars(select(Instance.spool_path).where(Instance.study_id.in_(ids))))
+        job_ids = select(Job.id).where(Job.study_id.in_(ids))
+        srs = {
+            f"{OUTPUTS_DIR}/{sr_uid}.dcm"
+            for sr_uid in session.scalars(
+                select(Job.sr_sop_instance_uid).where(
+                    Job.study_id.in_(ids), Job.sr_sop_instance_uid.is_not(None)
+                )
+            )
+        }
+        srs.update(
+            session.scalars(
+                select(Delivery.sr_path).where(
+                    Delivery.job_id.in_(job_ids), Delivery.sr_path.is_not(None)
+                )
+            )
+        )
+        # explicit deletes, children first (no reliance on ON DELETE CASCADE being enforced)
+        session.execute(delete(Draft).where(Draft.job_id.in_(job_ids)))
+        session.execute(delete(Delivery).where(Delivery.job_id.in_(job_ids)))
+        session.execute(delete(Job).where(Job.study_id.in_(ids)))
+        session.execute(delete(Instance).where(Instance.study_id.in_(ids)))
+        session.execute(delete(Series).where(Series.study_id.in_(ids)))
+        session.execute(delete(Study).where(Study.id.in_(ids)))
+        add_audit(
+            session,
+            actor="system",
+            action="retention.purge",
+            target=None,
+            detail={
+                "studies": len(ids),
+                "instances": len(paths),
+                "srs": len(srs),
+                "older_than": older_than.astimezone(UTC).isoformat(),
+            },
+        )
+        return paths + sorted(srs) + sc_paths
+
+    return in_transaction(session, work)

@@ -1,0 +1,519 @@
+"""Read models for the API, the CLI and the console: job lists and detail, counts.
+
+One shape per thing shown (:class:`JobRow`, :class:`JobDetail`, :class:`DeliverySummary`),
+built from the ORM rows here and serialised by the API and the CLI as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.db.audit import AuditEntry, add_audit, audit_row
+from node.db.jobs import JobNotFound
+from node.db.models import (
+    AuditLog,
+    Delivery,
+    DeliveryState,
+    Draft,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from node.db.tx import in_transaction
+
+__all__ = [
+    "DeliveryRow",
+    "DeliverySummary",
+    "DestinationHealth",
+    "DraftRow",
+    "JobDetail",
+    "JobFilter",
+    "JobRow",
+    "SrVersion",
+    "StatusCounts",
+    "counts",
+    "delivery_counts",
+    "destination_health",
+    "filter_jobs",
+    "job_detail",
+    "job_row",
+    "list_deliveries",
+    "metric_counts",
+    "set_priority",
+    "sr_chain",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFilter:
+    """Filters of the job list; every given criterion must hold (AND).
+
+    ``since``/``until`` bound ``created_at`` (``since`` inclusive, ``until`` exclusive);
+    ``destination`` matches jobs with a delivery to that destination (its text form).
+    """
+
+    states: Sequence[JobState] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    study_uid: str | None = None
+    destination: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= 1000:
+            raise ValueError(f"limit must be within 1..1000, got {self.limit}")
+        if self.offset < 0:
+            raise ValueError(f"offset must not be negative, got {self.offset}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} must be timezone-aware")
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job in a list."""
+
+    id: int
+    study_uid: str
+    state: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    updated_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    sr_uid: str | None
+    lease_owner: str | None
+    last_error: str | None
+    withdrawn_at: datetime | None = None
+    withdrawn_by: str | None = None
+    withdrawn_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (datetimes as ISO 8601); ``cxr-node jobs list --json``."""
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
+
+
+def job_row(job: Job, uid: str) -> JobRow:
+    return JobRow(
+        id=job.id,
+        study_uid=uid,
+        state=job.state.value,
+        priority=job.priority,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        sr_uid=job.sr_sop_instance_uid,
+        lease_owner=job.lease_owner,
+        last_error=job.last_error,
+        withdrawn_at=job.withdrawn_at,
+        withdrawn_by=job.withdrawn_by,
+        withdrawn_reason=job.withdrawn_reason,
+    )
+
+
+def filter_jobs(session: Session, flt: JobFilter) -> tuple[list[JobRow], int]:
+    """Jobs matching ``flt``, newest first, and the total number of matches."""
+    conds: list[Any] = []
+    if flt.states:
+        conds.append(Job.state.in_([JobState(s) for s in flt.states]))
+    if flt.since is not None:
+        conds.append(Job.created_at >= flt.since)
+    if flt.until is not None:
+        conds.append(Job.created_at < flt.until)
+    if flt.study_uid:
+        conds.append(Study.study_instance_uid == flt.study_uid)
+    if flt.destination:
+        conds.append(
+            Job.id.in_(select(Delivery.job_id).where(Delivery.destination == flt.destination))
+        )
+    base = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
+    count_stmt = select(func.count(Job.id)).join(Study, Study.id == Job.study_id)
+    if conds:
+        base = base.where(*conds)
+        count_stmt = count_stmt.where(*conds)
+    total = int(session.scalar(count_stmt) or 0)
+    rows = session.execute(base.order_by(Job.id.desc()).limit(flt.limit).offset(flt.offset))
+    return [job_row(job, uid) for job, uid in rows.all()], total
+
+
+@dataclass(frozen=True)
+class DraftRow:
+    """A draft of a job (report text included: API only, never logged)."""
+
+    id: int
+    task: str
+    text: str
+    findings: str | None
+    impression: str | None
+    model_name: str
+    model_version: str
+    demo: bool
+    timings: dict[str, Any] | None
+    generation_settings: dict[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """Delivery of one of a job's objects to one destination."""
+
+    id: int
+    destination: str
+    kind: str
+    object: str
+    object_uid: str | None
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    sent_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    """A job with its study, drafts (newest first), deliveries, audit trail and the study's
+    chain of draft SRs (oldest first)."""
+
+    job: JobRow
+    selected_sop_instance_uid: str | None
+    lease_expires_at: datetime | None
+    drafts: list[DraftRow] = field(default_factory=list)
+    deliveries: list[DeliveryRow] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)
+    sr_chain: list[SrVersion] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SrVersion:
+    """One draft SR of a study: each later one supersedes the earlier ones (its Predecessor
+    Documents Sequence, PS3.3 C.17.2, names them)."""
+
+    job_id: int
+    sr_uid: str
+    finished_at: datetime | None
+    withdrawn_at: datetime | None
+    superseded: bool
+
+
+def sr_chain(session: Session, study_uid: str) -> list[SrVersion]:
+    """The study's draft SRs from this node, oldest first; all but the newest superseded."""
+    rows = list(
+        session.execute(
+            select(Job.id, Job.sr_sop_instance_uid, Job.finished_at, Job.withdrawn_at)
+            .join(Study, Study.id == Job.study_id)
+            .where(Study.study_instance_uid == study_uid, Job.sr_sop_instance_uid.is_not(None))
+            .order_by(Job.id)
+        )
+    )
+    last = len(rows) - 1
+    return [
+        SrVersion(int(job_id), str(uid), finished, withdrawn, k < last)
+        for k, (job_id, uid, finished, withdrawn) in enumerate(rows)
+    ]
+
+
+def job_detail(session: Session, job_id: int) -> JobDetail:
+    """Everything known about one job.
+
+    Raises
+    ------
+    JobNotFound
+        When no job has that id.
+    """
+    found = session.execute(
+        select(Job, Study.study_instance_uid)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.id == job_id)
+    ).first()
+    if found is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    job, uid = found
+    drafts = [
+        DraftRow(
+            d.id,
+            d.task,
+            d.full_text,
+            d.findings,
+            d.impression,
+            d.model_name,
+            d.model_version,
+            d.demo,
+            d.timings,
+            d.generation_settings,
+            d.created_at,
+        )
+        for d in session.scalars(
+            select(Draft).where(Draft.job_id == job_id).order_by(Draft.id.desc())
+        )
+    ]
+    deliveries = [
+        DeliveryRow(
+            d.id,
+            d.destination,
+            d.kind.value,
+            d.object.value,
+            d.object_uid,
+            d.state.value,
+            d.attempts,
+            d.next_attempt_at,
+            d.last_attempt_at,
+            d.sent_at,
+            d.last_error,
+            d.created_at,
+        )
+        for d in session.scalars(
+            select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)
+        )
+    ]
+    audit = [
+        audit_row(a)
+        for a in session.scalars(
+            select(AuditLog).where(AuditLog.target == f"job:{job_id}").order_by(AuditLog.id)
+        )
+    ]
+    return JobDetail(
+        job=job_row(job, uid),
+        selected_sop_instance_uid=job.selected_sop_instance_uid,
+        lease_expires_at=job.lease_expires_at,
+        drafts=drafts,
+        deliveries=deliveries,
+        audit=audit,
+        sr_chain=sr_chain(session, uid),
+    )
+
+
+def set_priority(session: Session, job_id: int, priority: int, *, actor: str) -> JobRow:
+    """Change a job's priority (higher is claimed first); audit ``job.priority``. Commits.
+
+    Raises
+    ------
+    JobNotFound
+        When no job has that id.
+    """
+
+    def work() -> JobRow:
+        found = session.execute(
+            select(Job, Study.study_instance_uid)
+            .join(Study, Study.id == Job.study_id)
+            .where(Job.id == job_id)
+            .with_for_update(of=Job)
+            .execution_options(populate_existing=True)
+        ).first()
+        if found is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        job, uid = found
+        before = job.priority
+        job.priority = priority
+        job.updated_at = utcnow()
+        add_audit(
+            session,
+            actor=actor,
+            action="job.priority",
+            target=f"job:{job_id}",
+            detail={"from": before, "to": priority},
+        )
+        return job_row(job, uid)
+
+    return in_transaction(session, work)
+
+
+def metric_counts(session: Session) -> tuple[dict[str, int], dict[str, int]]:
+    """Jobs by state and deliveries by state (every state present, zeros included)."""
+    jobs = {s.value: 0 for s in JobState}
+    for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+        jobs[JobState(state).value] = int(n)
+    deliveries = {s.value: 0 for s in DeliveryState}
+    for d_state, n in session.execute(
+        select(Delivery.state, func.count()).group_by(Delivery.state)
+    ):
+        deliveries[DeliveryState(d_state).value] = int(n)
+    return jobs, deliveries
+
+
+@dataclass
+class StatusCounts:
+    """Counts for ``cxr-node status`` (every state present, zero included)."""
+
+    instances: int = 0
+    studies: int = 0
+    series: int = 0
+    spool_bytes: int = 0
+    studies_by_state: dict[str, int] = field(default_factory=dict)
+    jobs: dict[str, int] = field(default_factory=dict)
+    deliveries: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+
+def counts(session: Session) -> StatusCounts:
+    """Instances, series, studies (by state), jobs and deliveries by state, spool bytes.
+
+    ``spool_bytes`` is the sum of the recorded instance sizes (the spool's content).
+    """
+    out = StatusCounts()
+    n_inst, size = session.execute(
+        select(func.count(Instance.id), func.coalesce(func.sum(Instance.size_bytes), 0))
+    ).one()
+    out.instances = int(n_inst)
+    out.spool_bytes = int(size)
+    out.series = int(session.scalar(select(func.count(Series.id))) or 0)
+    out.studies_by_state = {s.value: 0 for s in StudyState}
+    for study_state, n in session.execute(select(Study.state, func.count()).group_by(Study.state)):
+        out.studies_by_state[StudyState(study_state).value] = int(n)
+    out.studies = sum(out.studies_by_state.values())
+    out.jobs = {s.value: 0 for s in JobState}
+    for job_state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+        out.jobs[JobState(job_state).value] = int(n)
+    out.deliveries = {s.value: 0 for s in DeliveryState}
+    for d_state, n in session.execute(
+        select(Delivery.state, func.count()).group_by(Delivery.state)
+    ):
+        out.deliveries[DeliveryState(d_state).value] = int(n)
+    return out
+
+
+@dataclass(frozen=True)
+class DeliverySummary:
+    """One delivery as shown by the API and the CLI."""
+
+    id: int
+    job_id: int | None
+    destination: str
+    kind: str
+    object: str
+    object_uid: str | None
+    state: str
+    attempts: int
+    next_attempt_at: str | None
+    last_attempt_at: str | None
+    sent_at: str | None
+    last_error: str | None
+    sr_path: str | None
+    created_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+
+def list_deliveries(
+    session: Session,
+    *,
+    job_id: int | None = None,
+    state: DeliveryState | str | None = None,
+    limit: int = 100,
+) -> list[DeliverySummary]:
+    """Deliveries, newest first, optionally of one job and/or in one state."""
+    stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+    if job_id is not None:
+        stmt = stmt.where(Delivery.job_id == job_id)
+    if state is not None:
+        stmt = stmt.where(Delivery.state == DeliveryState(state))
+    return [
+        DeliverySummary(
+            id=d.id,
+            job_id=d.job_id,
+            destination=d.destination,
+            kind=d.kind.value,
+            object=d.object.value,
+            object_uid=d.object_uid,
+            state=d.state.value,
+            attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+            last_attempt_at=d.last_attempt_at.isoformat() if d.last_attempt_at else None,
+            sent_at=d.sent_at.isoformat() if d.sent_at else None,
+            last_error=d.last_error,
+            sr_path=d.sr_path,
+            created_at=d.created_at.isoformat(),
+        )
+        for d in session.scalars(stmt)
+    ]
+
+
+def delivery_counts(session: Session) -> dict[str, int]:
+    """Deliveries by state, every state present (zero included)."""
+    out = {s.value: 0 for s in DeliveryState}
+    for state, n in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
+        out[DeliveryState(state).value] = int(n)
+    return out
+
+
+@dataclass(frozen=True)
+class DestinationHealth:
+    """Delivery history of one destination.
+
+    ``last_success_at`` is the newest ``sent_at``. The schema keeps no failure time, so the
+    newest delivery that has an error is described by its state (``pending``: still retrying,
+    due again at ``retry_at``; ``failed``: given up), its error and when it was queued.
+    """
+
+    destination: str
+    last_success_at: datetime | None
+    failure_state: str | None
+    failure_queued_at: datetime | None
+    retry_at: datetime | None
+    last_error: str | None
+    counts: dict[str, int]
+
+
+def destination_health(session: Session, destinations: list[str]) -> dict[str, DestinationHealth]:
+    """Health of each destination, keyed by its text as the delivery rows store it."""
+    out: dict[str, DestinationHealth] = {}
+    for dest in destinations:
+        last_ok = session.scalar(
+            select(func.max(Delivery.sent_at)).where(
+                Delivery.destination == dest, Delivery.state == DeliveryState.sent
+            )
+        )
+        failed = session.execute(
+            select(
+                Delivery.state, Delivery.last_error, Delivery.next_attempt_at, Delivery.created_at
+            )
+            .where(
+                Delivery.destination == dest,
+                Delivery.last_error.is_not(None),
+                Delivery.state != DeliveryState.sent,
+            )
+            .order_by(Delivery.id.desc())
+            .limit(1)
+        ).first()
+        counts = {s.value: 0 for s in DeliveryState}
+        for state, n in session.execute(
+            select(Delivery.state, func.count())
+            .where(Delivery.destination == dest)
+            .group_by(Delivery.state)
+        ):
+            counts[DeliveryState(state).value] = int(n)
+        out[dest] = DestinationHealth(
+            destination=dest,
+            last_success_at=last_ok,
+            failure_state=None if failed is None else DeliveryState(failed[0]).value,
+            failure_queued_at=None if failed is None else failed[3],
+            retry_at=None if failed is None or failed[0] != DeliveryState.pending else failed[2],
+            last_error=None if failed is None else failed[1],
+            counts=counts,
+        )
+    return out

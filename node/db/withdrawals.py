@@ -1,0 +1,101 @@
+"""Withdrawing a sent draft: the job is marked, unsent objects cancelled.
+
+The withdrawal objects themselves are built and queued by
+:func:`node.runtime.outputs.withdraw`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db.jobs import JobConflict, JobNotFound
+from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, Job, JobState, utcnow
+from node.db.tx import in_transaction
+
+__all__ = ["Withdrawal", "withdraw_job"]
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """What :func:`withdraw_job` did: rows cancelled, destinations that need a withdrawal."""
+
+    job_id: int
+    cancelled: list[int]
+    #: destination text -> the draft rows (object, file, object UID) it may hold
+    reached: dict[str, list[tuple[DeliveryObject, str, str | None]]]
+
+
+def withdraw_job(
+    session: Session, job_id: int, *, actor: str, reason: str, now: datetime | None = None
+) -> Withdrawal:
+    """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``).
+
+    The job gets ``withdrawn_at``/``withdrawn_by``/``withdrawn_reason``; its draft rows not
+    sent (``pending`` or ``failed``) become ``cancelled``, so no retry or re-queue sends them
+    later (a send in flight loses its claim: its result is not recorded). Each destination
+    that may hold a draft object (a row sent, or attempted at least once) is returned, so
+    that the caller queues a withdrawal to it. Commits.
+
+    Raises
+    ------
+    JobNotFound
+        No job with that id.
+    JobConflict
+        The job has no draft (not ``done``) or was withdrawn already.
+    ValueError
+        An empty reason, or one over 256 characters.
+    """
+    reason = reason.strip()
+    if not reason:
+        raise ValueError("reason: say why the draft is withdrawn")
+    if len(reason) > 256:
+        raise ValueError(f"reason: at most 256 characters, got {len(reason)}")
+    now = now or utcnow()
+
+    def work() -> Withdrawal:
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        if job.withdrawn_at is not None:
+            raise JobConflict(f"job {job_id}: the draft was withdrawn already")
+        if job.state is not JobState.done or not job.sr_sop_instance_uid:
+            raise JobConflict(f"job {job_id} is {job.state.value}: it has no draft to withdraw")
+        job.withdrawn_at = now
+        job.withdrawn_by = actor[:128]
+        job.withdrawn_reason = reason[:256]
+        cancelled: list[int] = []
+        reached: dict[str, list[tuple[DeliveryObject, str, str | None]]] = {}
+        rows = session.scalars(
+            select(Delivery)
+            .where(Delivery.job_id == job_id, Delivery.object != DeliveryObject.withdrawal)
+            .order_by(Delivery.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        for row in rows:
+            if row.state is DeliveryState.sent or row.attempts > 0:
+                reached.setdefault(row.destination, []).append(
+                    (row.object, row.sr_path or "", row.object_uid)
+                )
+            if row.state in (DeliveryState.pending, DeliveryState.failed):
+                # a failed row would otherwise be re-queued when its destination answers
+                row.state = DeliveryState.cancelled
+                row.next_attempt_at = None
+                row.last_error = "cancelled: the draft was withdrawn before it was sent"
+                cancelled.append(row.id)
+        session.add(
+            AuditLog(
+                at=now,
+                actor=actor,
+                action="job.withdraw",
+                target=f"job:{job_id}",
+                detail={"reason": reason[:256], "cancelled": cancelled, "reached": sorted(reached)},
+            )
+        )
+        return Withdrawal(job_id, cancelled, reached)
+
+    return in_transaction(session, work)
