@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     from node.db.models import utcnow
     from node.runtime.ingest import IngestSink
     from node.runtime.modelhost import ModelHost
-    from node.runtime.pipeline import PipelineDeps, run_batch
+    from node.runtime.pipeline import run_batch
+    from node.runtime.stages import PipelineDeps
     from node.settings import load_settings
 
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))

@@ -156,99 +156,54 @@ def build_encapsulated_pdf(
         Not a PDF, a source without Study Instance UID / SOP UIDs, invalid or reused UIDs,
         a naive ``created_at``, or labels longer than VR LO allows.
     """
-    if not pdf.startswith(b"%PDF-"):
-        raise EncapsulatedPdfError("Encapsulated Document (0042,0011): data is not a PDF")
-    if len(pdf) >= 0xFFFFFFFE:  # OB value length limit (PS3.5 7.1.1)
-        raise EncapsulatedPdfError("Encapsulated Document (0042,0011): PDF too large for OB")
-    for keyword in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
-        if not str(source.get(keyword, "") or "").strip():
-            raise EncapsulatedPdfError(f"source image has no {keyword}")
-    for label, uid in (
-        ("SOP Instance UID", sop_instance_uid),
-        ("Series Instance UID", series_instance_uid),
-    ):
-        if not _is_uid(uid):
-            raise EncapsulatedPdfError(f"{label} {uid!r} is not a valid UID")
-    if series_instance_uid == str(source.SeriesInstanceUID):
-        raise EncapsulatedPdfError("the PDF needs its own series, not the image's")
-    if sop_instance_uid == str(source.SOPInstanceUID):
-        raise EncapsulatedPdfError("SOP Instance UID must differ from the source image's")
-    if created_at.tzinfo is None or created_at.utcoffset() is None:
-        raise EncapsulatedPdfError("created_at must be timezone-aware")
-    for label, value in (
-        ("algorithm_name", algorithm_name),
-        ("algorithm_version", algorithm_version),
-        ("manufacturer", manufacturer),
-        ("model_name", model_name),
-        ("software_version", software_version),
-    ):
-        if not value or not value.strip():
-            raise EncapsulatedPdfError(f"{label} must not be empty")
-        if len(value) > _MAX_LO:
-            raise EncapsulatedPdfError(f"{label} longer than {_MAX_LO} characters (VR LO)")
-
+    _check_inputs(
+        pdf,
+        source,
+        uids={"SOP Instance UID": sop_instance_uid, "Series Instance UID": series_instance_uid},
+        created_at=created_at,
+        labels={
+            "algorithm_name": algorithm_name,
+            "algorithm_version": algorithm_version,
+            "manufacturer": manufacturer,
+            "model_name": model_name,
+            "software_version": software_version,
+        },
+    )
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     _copy_patient_study(source, ds)
     local = _study_local_time(created_at, str(ds.get("TimezoneOffsetFromUTC", "") or ""))
-
-    # SOP Common (C.12.1)
-    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = local.strftime("%Y%m%d")
-    ds.InstanceCreationTime = local.strftime("%H%M%S")
-    # Encapsulated Document Series (C.24.1)
-    ds.Modality = "DOC"
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDate = local.strftime("%Y%m%d")
-    ds.SeriesTime = local.strftime("%H%M%S")
-    ds.SeriesDescription = pdf_series_description(demo=demo)
-    # General Equipment (C.7.5.1)
-    ds.Manufacturer = manufacturer
-    ds.ManufacturerModelName = model_name
-    ds.SoftwareVersions = software_version
+    day, clock = local.strftime("%Y%m%d"), local.strftime("%H%M%S")
+    attributes: dict[str, object] = {
+        # SOP Common (C.12.1)
+        "SOPClassUID": ENCAPSULATED_PDF_STORAGE,
+        "SOPInstanceUID": sop_instance_uid,
+        "InstanceCreationDate": day,
+        "InstanceCreationTime": clock,
+        # Encapsulated Document Series (C.24.1)
+        "Modality": "DOC",
+        "SeriesInstanceUID": series_instance_uid,
+        "SeriesNumber": series_number,
+        "SeriesDate": day,
+        "SeriesTime": clock,
+        "SeriesDescription": pdf_series_description(demo=demo),
+        # General Equipment (C.7.5.1)
+        "Manufacturer": manufacturer,
+        "ManufacturerModelName": model_name,
+        "SoftwareVersions": software_version,
+    }
     if institution_name:
-        ds.InstitutionName = institution_name[:_MAX_LO]
-    # SC Equipment (C.8.6.1): workstation
-    ds.ConversionType = "WSD"
-    # Encapsulated Document (C.24.2)
-    ds.InstanceNumber = instance_number
-    ds.ContentDate = local.strftime("%Y%m%d")
-    ds.ContentTime = local.strftime("%H%M%S")
-    ds.AcquisitionDateTime = local.strftime("%Y%m%d%H%M%S%z")
-    ds.BurnedInAnnotation = "YES"
-    ds.DocumentTitle = document_title
-    concept = Dataset()
-    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = DOCUMENT_CONCEPT
-    ds.ConceptNameCodeSequence = [concept]
-    ds.VerificationFlag = "UNVERIFIED"
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    ds.SourceInstanceSequence = [reference]
-    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    ds.EncapsulatedDocument = pdf + (b"\x00" if len(pdf) % 2 else b"")
-    ds.EncapsulatedDocumentLength = len(pdf)
-    ds.ContributingEquipmentSequence = [
-        hd.ContributingEquipment(
-            manufacturer=manufacturer,
-            purpose_of_reference=codes.DCM.ProcessingEquipment,
-            manufacturer_model_name=algorithm_name,
-            software_versions=algorithm_version,
-            institution_name=institution_name,
-            contribution_description=(
-                f"AI draft report generation ({'DEMO model, ' if demo else ''}not verified)"
-            )[:_MAX_LO],
+        attributes["InstitutionName"] = institution_name[:_MAX_LO]
+    attributes["ConversionType"] = "WSD"  # SC Equipment (C.8.6.1): workstation
+    attributes |= _document_attributes(pdf, source, instance_number, local, document_title)
+    attributes["ContributingEquipmentSequence"] = [
+        _contributing_equipment(
+            manufacturer, algorithm_name, algorithm_version, institution_name, demo=demo
         )
     ]
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.file_meta = _file_meta(sop_instance_uid)
     return ds
 
 
@@ -288,6 +243,131 @@ def extract_pdf(ds: Dataset) -> bytes:
             )
         return raw[: int(length)]
     return raw[:-1] if raw.endswith(b"\x00") and len(raw) % 2 == 0 else raw
+
+
+def _check_inputs(
+    pdf: bytes,
+    source: Dataset,
+    *,
+    uids: dict[str, str],
+    created_at: dt.datetime,
+    labels: dict[str, str],
+) -> None:
+    """Reject what the instance cannot carry (see :func:`build_encapsulated_pdf`).
+
+    Parameters
+    ----------
+    pdf
+        The document.
+    source
+        The image read.
+    uids
+        ``{"SOP Instance UID": ..., "Series Instance UID": ...}`` of the new instance.
+    created_at
+        When the draft was generated.
+    labels
+        Name to value of the LO attributes given by the caller (PS3.5 6.2: 64 characters).
+
+    Raises
+    ------
+    integration.errors.EncapsulatedPdfError
+        In this order: not a PDF or too large for OB (PS3.5 7.1.1); a source without Study
+        Instance UID, SOP Class/Instance UID or Series Instance UID; an invalid UID (PS3.5
+        9.1); the source's Series or SOP Instance UID reused; a naive ``created_at``; an
+        empty or too long label.
+    """
+    if not pdf.startswith(b"%PDF-"):
+        raise EncapsulatedPdfError("Encapsulated Document (0042,0011): data is not a PDF")
+    if len(pdf) >= 0xFFFFFFFE:  # OB value length limit (PS3.5 7.1.1)
+        raise EncapsulatedPdfError("Encapsulated Document (0042,0011): PDF too large for OB")
+    for keyword in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
+        if not str(source.get(keyword, "") or "").strip():
+            raise EncapsulatedPdfError(f"source image has no {keyword}")
+    for label, uid in uids.items():
+        if not _is_uid(uid):
+            raise EncapsulatedPdfError(f"{label} {uid!r} is not a valid UID")
+    if uids["Series Instance UID"] == str(source.SeriesInstanceUID):
+        raise EncapsulatedPdfError("the PDF needs its own series, not the image's")
+    if uids["SOP Instance UID"] == str(source.SOPInstanceUID):
+        raise EncapsulatedPdfError("SOP Instance UID must differ from the source image's")
+    if created_at.tzinfo is None or created_at.utcoffset() is None:
+        raise EncapsulatedPdfError("created_at must be timezone-aware")
+    for label, value in labels.items():
+        if not value or not value.strip():
+            raise EncapsulatedPdfError(f"{label} must not be empty")
+        if len(value) > _MAX_LO:
+            raise EncapsulatedPdfError(f"{label} longer than {_MAX_LO} characters (VR LO)")
+
+
+def _document_attributes(
+    pdf: bytes, source: Dataset, instance_number: int, local: dt.datetime, title: str
+) -> dict[str, object]:
+    """The Encapsulated Document module (PS3.3 C.24.2) but Contributing Equipment.
+
+    Returns
+    -------
+    dict
+        Keyword to value, in module order: Instance Number, Content Date/Time and
+        Acquisition DateTime (``local``), Burned In Annotation ``YES``, Document Title,
+        Concept Name Code Sequence (:data:`DOCUMENT_CONCEPT`), Verification Flag
+        ``UNVERIFIED``, Source Instance Sequence (``source``), MIME Type, the document
+        padded to even length with one 0x00 (PS3.5 7.1.1) and its unpadded length.
+    """
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = DOCUMENT_CONCEPT
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return {
+        "InstanceNumber": instance_number,
+        "ContentDate": local.strftime("%Y%m%d"),
+        "ContentTime": local.strftime("%H%M%S"),
+        "AcquisitionDateTime": local.strftime("%Y%m%d%H%M%S%z"),
+        "BurnedInAnnotation": "YES",
+        "DocumentTitle": title,
+        "ConceptNameCodeSequence": [concept],
+        "VerificationFlag": "UNVERIFIED",
+        "SourceInstanceSequence": [reference],
+        "MIMETypeOfEncapsulatedDocument": "application/pdf",
+        "EncapsulatedDocument": pdf + (b"\x00" if len(pdf) % 2 else b""),
+        "EncapsulatedDocumentLength": len(pdf),
+    }
+
+
+def _contributing_equipment(
+    manufacturer: str,
+    algorithm_name: str,
+    algorithm_version: str,
+    institution_name: str | None,
+    *,
+    demo: bool,
+) -> hd.ContributingEquipment:
+    """The algorithm as a Contributing Equipment Sequence (0018,A001) item (PS3.3 C.12.1).
+
+    Purpose of Reference (109102, DCM, "Processing Equipment"); Manufacturer's Model Name
+    and Software Versions name the model; the description says it is an unverified draft
+    (and a DEMO model), cut to VR LO.
+    """
+    return hd.ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm_name,
+        software_versions=algorithm_version,
+        institution_name=institution_name,
+        contribution_description=(
+            f"AI draft report generation ({'DEMO model, ' if demo else ''}not verified)"
+        )[:_MAX_LO],
+    )
+
+
+def _file_meta(sop_instance_uid: str) -> FileMetaDataset:
+    """File Meta Information (PS3.10 7.1): Explicit VR Little Endian, pydicom's class UID."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
 
 
 def _copy_patient_study(source: Dataset, target: Dataset) -> None:

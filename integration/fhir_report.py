@@ -1,10 +1,4 @@
-"""The AI draft report as FHIR R4 resources (fhir.resources), and a small FHIR REST sender.
-
-Models: ``fhir.resources`` 8 has no R4 package any more; its ``R4B`` models (FHIR 4.3.0) are
-used. R4B's changes are "limited to particular areas of the specification" (R4B version
-history: medicinal product definition, evidence and subscription resources, two new data
-types); DiagnosticReport, Device, Provenance and Bundle keep the R4 elements used here, so
-the JSON produced is R4 JSON and an R4 server accepts it.
+"""The AI draft report as a FHIR R4 transaction Bundle (fhir.resources).
 
 What is built (a ``transaction`` Bundle, so that one request stores it all or nothing):
 
@@ -36,22 +30,12 @@ Choices where the request and the standard differ:
   cannot go there; Provenance.agent.who allows Device and is what FHIR defines for "who
   authored this". A contained Device reached through an extension would need a custom
   extension no receiver knows; the Bundle uses only core elements.
-- **Withdrawal** (:func:`build_withdrawal_bundle`): a transaction with only the same
-  conditional ``PUT`` of the report, ``status`` ``entered-in-error``, same identifier, the
-  reason in the narrative, without conclusion and PDF (the server's version history keeps
-  the draft and its Provenance).
-- **Value sets and reference types fhir.resources does not enforce** (it accepts any
-  status code and a Device performer) are checked by :func:`check_bundle`: report status
-  (R4's 10 codes), Bundle type and request methods, Device name types, and the target
-  types of subject, basedOn, imagingStudy, performer, resultsInterpreter and
-  Provenance.agent.who.
 
-Sender (:func:`send_transaction`, :func:`update_conditional`, httpx): bearer token, JSON
-``application/fhir+json``, timeouts; 2xx = delivered; 408, 429, 5xx, timeouts and
-connection errors are transient; every other status (4xx, and 3xx: redirects are not
-followed) is permanent (:class:`~integration.errors.FhirDeliveryError`). Logs and errors
-carry the URL, status and OperationOutcome issue codes only, never the token or a
-diagnostics text (which may quote the resource).
+Related modules: the withdrawal (``entered-in-error``) is built by
+:func:`integration.fhir_withdrawal.build_withdrawal_bundle` from the DiagnosticReport parts
+here (:func:`report_resource`, :func:`report_entry`, :func:`narrative`); codings and
+identifiers are in :mod:`integration.fhir_coding`; every Bundle is validated by
+:func:`integration.fhir_check.check_bundle`; :mod:`integration.fhir_send` sends it.
 """
 
 from __future__ import annotations
@@ -59,122 +43,55 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import logging
-import re
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
 
-import httpx
-from fhir.resources.R4B.bundle import Bundle
-from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
-from integration.destinations import FhirDestination
-from integration.errors import FhirBuildError, FhirDeliveryError
+from integration.errors import FhirBuildError
+from integration.fhir_check import check_bundle
+from integration.fhir_coding import (
+    AI_ASSERTED,
+    DATA_OPERATION,
+    LOINC,
+    PARTICIPANT_TYPE,
+    REPORT_CODE,
+    V2_0074,
+    accession_identifier,
+    bundle_entry,
+    coding,
+    conditional_url,
+    dicom_uid_identifier,
+    effective_datetime,
+    entry_urn,
+    is_dicom_uid,
+    patient_identifier,
+)
+from integration.header_values import header_text
 from integration.uids import device_uid as default_device_uid
 
 __all__ = [
-    "DICOM_UID_SYSTEM",
+    "DEMO_WARNING",
     "DRAFT_STATUS",
-    "R4_REPORT_STATUSES",
-    "WITHDRAWN_STATUS",
-    "FhirDestination",
+    "DRAFT_WARNING",
     "FhirDraft",
-    "FhirResult",
+    "ReportContext",
     "build_draft_bundle",
-    "build_withdrawal_bundle",
-    "check_bundle",
-    "send_transaction",
-    "update_conditional",
+    "check_draft",
+    "narrative",
+    "report_entry",
+    "report_resource",
+    "transaction_bundle",
 ]
-
-LOGGER = logging.getLogger(__name__)
 
 DRAFT_STATUS = "partial"
 """DiagnosticReport.status of an unverified AI draft (see the module text)."""
-WITHDRAWN_STATUS = "entered-in-error"
-R4_REPORT_STATUSES = frozenset(
-    {
-        "registered",
-        "partial",
-        "preliminary",
-        "final",
-        "amended",
-        "corrected",
-        "appended",
-        "cancelled",
-        "entered-in-error",
-        "unknown",
-    }
-)
-DICOM_UID_SYSTEM = "urn:dicom:uid"
-LOINC = "http://loinc.org"
-REPORT_CODE = ("18748-4", "Diagnostic imaging study")
 DRAFT_WARNING = "AI-generated DRAFT, not verified by a radiologist. Not for diagnosis."
 DEMO_WARNING = (
     "DEMO MODEL: randomly initialised weights. This text is meaningless and must not be "
     "used for any clinical purpose."
 )
-_V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
-_V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
-_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
-_PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
-_AI_ASSERTED = {
-    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-    "code": "AIAST",
-    "display": "Artificial Intelligence asserted",
-}
-_BUNDLE_TYPES = frozenset(
-    {
-        "document",
-        "message",
-        "transaction",
-        "transaction-response",
-        "batch",
-        "batch-response",
-        "history",
-        "searchset",
-        "collection",
-    }
-)
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"})
-_DEVICE_NAME_TYPES = frozenset(
-    {
-        "udi-label-name",
-        "user-friendly-name",
-        "patient-reported-name",
-        "manufacturer-name",
-        "model-name",
-        "other",
-    }
-)
-# Allowed reference targets (R4 DiagnosticReport, Provenance)
-_TARGETS: dict[tuple[str, str], frozenset[str]] = {
-    ("DiagnosticReport", "subject"): frozenset({"Patient", "Group", "Device", "Location"}),
-    ("DiagnosticReport", "basedOn"): frozenset(
-        {
-            "CarePlan",
-            "ImmunizationRecommendation",
-            "MedicationRequest",
-            "NutritionOrder",
-            "ServiceRequest",
-        }
-    ),
-    ("DiagnosticReport", "imagingStudy"): frozenset({"ImagingStudy"}),
-    ("DiagnosticReport", "performer"): frozenset(
-        {"Practitioner", "PractitionerRole", "Organization", "CareTeam"}
-    ),
-    ("DiagnosticReport", "resultsInterpreter"): frozenset(
-        {"Practitioner", "PractitionerRole", "Organization", "CareTeam"}
-    ),
-}
-_AGENT_WHO = frozenset(
-    {"Practitioner", "PractitionerRole", "RelatedPerson", "Patient", "Device", "Organization"}
-)
-_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:llm-cxr-node:fhir")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,14 +133,18 @@ class FhirDraft:
 
 
 @dataclass(frozen=True, slots=True)
-class FhirResult:
-    """A delivered interaction: HTTP status and the Location(s) the server reported."""
+class ReportContext:
+    """Where the DiagnosticReport's identifiers and time come from, besides the image.
 
-    http_status: int
-    locations: tuple[str, ...] = ()
+    Parameters
+    ----------
+    patient_id_system, accession_system, local_timezone
+        As for :func:`build_draft_bundle`.
+    """
 
-
-# --- building -----------------------------------------------------------------------------
+    patient_id_system: str | None = None
+    accession_system: str | None = None
+    local_timezone: dt.tzinfo | None = None
 
 
 def build_draft_bundle(
@@ -256,7 +177,8 @@ def build_draft_bundle(
     Returns
     -------
     dict
-        The Bundle as JSON-ready data, validated by :func:`check_bundle`.
+        The Bundle as JSON-ready data, validated by
+        :func:`integration.fhir_check.check_bundle`.
 
     Raises
     ------
@@ -264,87 +186,199 @@ def build_draft_bundle(
         Empty impression or patient ID, a naive ``issued``, invalid UIDs, or a Bundle that
         does not validate.
     """
-    return _bundle(
-        source,
-        draft,
-        patient_id_system,
-        accession_system,
-        local_timezone,
-        withdrawal_reason=None,
+    device_uid = check_draft(source, draft)
+    issued = draft.issued.isoformat(timespec="seconds")
+    device_url = entry_urn("device", device_uid)
+    device = _device(draft, device_uid)
+    context = ReportContext(patient_id_system, accession_system, local_timezone)
+    report = report_resource(
+        source, draft, DRAFT_STATUS, narrative(draft, _sections(draft)), context
+    )
+    report["conclusion"] = draft.impression.strip()
+    if draft.pdf is not None:
+        report["presentedForm"] = [_presented_form(draft.pdf, issued)]
+    entry = report_entry(report, draft)
+    provenance = _provenance(entry["fullUrl"], device_url, issued)
+    provenance_url = entry_urn("provenance", draft.sr_sop_instance_uid, issued)
+    return transaction_bundle(
+        [
+            bundle_entry(device_url, device, "PUT", conditional_url("Device", device_uid)),
+            entry,
+            bundle_entry(provenance_url, provenance, "POST", "Provenance"),
+        ]
     )
 
 
-def build_withdrawal_bundle(
-    source: Dataset,
-    draft: FhirDraft,
-    *,
-    reason: str,
-    patient_id_system: str | None = None,
-    accession_system: str | None = None,
-    local_timezone: dt.tzinfo | None = None,
-) -> dict[str, Any]:
-    """Build the transaction Bundle that marks a sent draft ``entered-in-error``.
+def check_draft(source: Dataset, draft: FhirDraft) -> str:
+    """Check what every report Bundle needs; return the UID that identifies the Device.
 
     Parameters
     ----------
-    source, patient_id_system, accession_system, local_timezone
-        As for :func:`build_draft_bundle` (same values as the draft's, so the conditional
-        update finds the same report).
+    source
+        The image the model read.
     draft
-        The draft as it was sent; ``issued`` is the time of the withdrawal.
-    reason
-        Why it is withdrawn (narrative; no patient data).
+        The draft.
 
     Returns
     -------
-    dict
-        A transaction Bundle with one entry: the conditional PUT of the report with status
-        ``entered-in-error``.
+    str
+        ``draft.device_uid``, or :func:`integration.uids.device_uid` of the model.
 
     Raises
     ------
     integration.errors.FhirBuildError
-        As for :func:`build_draft_bundle`, or an empty reason.
+        In this order: an empty impression, a naive ``issued`` (an R4 instant has a zone),
+        an SR SOP Instance UID that is not a UID, a source without Study Instance UID.
+    ValueError
+        No ``device_uid`` and an empty model name or version.
     """
-    if not reason or not reason.strip():
-        raise FhirBuildError("a withdrawal needs a reason")
-    return _bundle(
-        source,
-        draft,
-        patient_id_system,
-        accession_system,
-        local_timezone,
-        withdrawal_reason=reason.strip(),
-    )
-
-
-def _bundle(
-    source: Dataset,
-    draft: FhirDraft,
-    patient_id_system: str | None,
-    accession_system: str | None,
-    local_timezone: dt.tzinfo | None,
-    *,
-    withdrawal_reason: str | None,
-) -> dict[str, Any]:
     if not draft.impression.strip():
         raise FhirBuildError("impression text is empty")
     if draft.issued.tzinfo is None or draft.issued.utcoffset() is None:
         raise FhirBuildError("issued must be timezone-aware (FHIR instant)")
-    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", draft.sr_sop_instance_uid):
+    if not is_dicom_uid(draft.sr_sop_instance_uid):
         raise FhirBuildError("sr_sop_instance_uid is not a DICOM UID")
-    study_uid = _text(source, "StudyInstanceUID")
-    if not study_uid:
+    if not header_text(source, "StudyInstanceUID"):
         raise FhirBuildError("source has no Study Instance UID")
-    device_uid = draft.device_uid or default_device_uid(draft.model_name, draft.model_version)
-    device_url = _urn("device", device_uid)
-    report_url = _urn("report", draft.sr_sop_instance_uid)
-    issued = draft.issued.isoformat(timespec="seconds")
-    withdraw = withdrawal_reason is not None
+    return draft.device_uid or default_device_uid(draft.model_name, draft.model_version)
 
+
+def report_resource(
+    source: Dataset, draft: FhirDraft, status: str, div: str, context: ReportContext
+) -> dict[str, Any]:
+    """The DiagnosticReport (FHIR R4) common to the draft and its withdrawal.
+
+    Parameters
+    ----------
+    source
+        The image the model read, checked by :func:`check_draft`: subject, imagingStudy
+        (Study Instance UID), effectiveDateTime, basedOn.
+    draft
+        Identifier (SR SOP Instance UID) and ``issued``.
+    status
+        DiagnosticReport.status (:data:`DRAFT_STATUS` or ``entered-in-error``).
+    div
+        The XHTML narrative (:func:`narrative`).
+    context
+        Identifier systems and local time zone.
+
+    Returns
+    -------
+    dict
+        meta.security AIAST, text, identifier, status, category RAD, code LOINC 18748-4,
+        subject, issued, imagingStudy, and effectiveDateTime and basedOn when known; no
+        conclusion or presentedForm (the caller adds what it needs).
+
+    Raises
+    ------
+    integration.errors.FhirBuildError
+        Patient ID (0010,0020) is empty.
+    """
+    study_uid = header_text(source, "StudyInstanceUID")
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "meta": {"security": [dict(AI_ASSERTED)]},
+        "text": {"status": "generated", "div": div},
+        "identifier": [dicom_uid_identifier(draft.sr_sop_instance_uid)],
+        "status": status,
+        "category": [{"coding": [coding(V2_0074, "RAD", "Radiology")]}],
+        "code": {
+            "coding": [coding(LOINC, *REPORT_CODE)],
+            "text": "AI-generated draft radiology report (not verified)",
+        },
+        "subject": {
+            "type": "Patient",
+            "identifier": patient_identifier(source, context.patient_id_system),
+        },
+        "issued": draft.issued.isoformat(timespec="seconds"),
+        "imagingStudy": [{"type": "ImagingStudy", "identifier": dicom_uid_identifier(study_uid)}],
+    }
+    effective = effective_datetime(source, context.local_timezone)
+    if effective:
+        report["effectiveDateTime"] = effective
+    accession = accession_identifier(source, context.accession_system)
+    if accession is not None:
+        report["basedOn"] = [{"type": "ServiceRequest", "identifier": accession}]
+    return report
+
+
+def report_entry(report: dict[str, Any], draft: FhirDraft) -> dict[str, Any]:
+    """The Bundle entry of the report: a conditional ``PUT`` on its SR UID identifier.
+
+    Its fullUrl is derived from the SR SOP Instance UID, so the draft's Provenance and a
+    later withdrawal name the same report.
+    """
+    uid = draft.sr_sop_instance_uid
+    return bundle_entry(
+        entry_urn("report", uid), report, "PUT", conditional_url("DiagnosticReport", uid)
+    )
+
+
+def transaction_bundle(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A ``transaction`` Bundle of ``entries``, validated by :func:`check_bundle`.
+
+    Raises
+    ------
+    integration.errors.FhirBuildError
+        The Bundle does not validate.
+    """
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction"}
+    bundle["entry"] = list(entries)
+    check_bundle(bundle)
+    return bundle
+
+
+def narrative(draft: FhirDraft, tail: Sequence[str] = (), *, lead: Sequence[str] = ()) -> str:
+    """The report's XHTML narrative (FHIR R4 Narrative.div, escaped text only).
+
+    Parameters
+    ----------
+    draft
+        Model name and version; DEMO flag.
+    lead, tail
+        XHTML fragments before and after the common part: :data:`DRAFT_WARNING`, the model,
+        and :data:`DEMO_WARNING` for the DEMO model.
+
+    Returns
+    -------
+    str
+        A ``<div xmlns="http://www.w3.org/1999/xhtml">`` element.
+    """
+    parts = [
+        *lead,
+        _bold(DRAFT_WARNING),
+        _paragraph(f"Model: {draft.model_name} {draft.model_version}"),
+    ]
+    if draft.demo:
+        parts.append(_bold(DEMO_WARNING))
+    parts.extend(tail)
+    return '<div xmlns="http://www.w3.org/1999/xhtml">' + "".join(parts) + "</div>"
+
+
+def _paragraph(text: str) -> str:
+    """``<p>`` of escaped text, line breaks as ``<br/>``."""
+    return "<p>" + html.escape(text, quote=False).replace("\n", "<br/>") + "</p>"
+
+
+def _bold(text: str) -> str:
+    """``<p><b>`` of escaped text."""
+    return f"<p><b>{html.escape(text, quote=False)}</b></p>"
+
+
+def _sections(draft: FhirDraft) -> list[str]:
+    """The Findings (when not empty) and Impression sections of the draft's narrative."""
+    sections = []
+    if draft.findings and draft.findings.strip():
+        sections.append("<h3>Findings</h3>" + _paragraph(draft.findings.strip()))
+    sections.append("<h3>Impression</h3>" + _paragraph(draft.impression.strip()))
+    return sections
+
+
+def _device(draft: FhirDraft, device_uid: str) -> dict[str, Any]:
+    """The AI as an R4 Device: identifier, deviceName (model-name), version, manufacturer."""
     device: dict[str, Any] = {
         "resourceType": "Device",
-        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{device_uid}"}],
+        "identifier": [dicom_uid_identifier(device_uid)],
         "status": "active",
         "manufacturer": draft.manufacturer,
         "deviceName": [{"name": draft.model_name, "type": "model-name"}],
@@ -353,463 +387,31 @@ def _bundle(
     }
     if draft.demo:
         device["note"] = [{"text": DEMO_WARNING}]
+    return device
 
-    report: dict[str, Any] = {
-        "resourceType": "DiagnosticReport",
-        "meta": {"security": [dict(_AI_ASSERTED)]},
-        "text": {"status": "generated", "div": _narrative(draft, withdrawal_reason)},
-        "identifier": [
-            {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{draft.sr_sop_instance_uid}"}
-        ],
-        "status": WITHDRAWN_STATUS if withdraw else DRAFT_STATUS,
-        "category": [{"coding": [{"system": _V2_0074, "code": "RAD", "display": "Radiology"}]}],
-        "code": {
-            "coding": [{"system": LOINC, "code": REPORT_CODE[0], "display": REPORT_CODE[1]}],
-            "text": "AI-generated draft radiology report (not verified)",
-        },
-        "subject": {
-            "type": "Patient",
-            "identifier": _patient_identifier(source, patient_id_system),
-        },
-        "issued": issued,
-        "imagingStudy": [
-            {
-                "type": "ImagingStudy",
-                "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{study_uid}"},
-            }
-        ],
+
+def _presented_form(pdf: bytes, issued: str) -> dict[str, Any]:
+    """DiagnosticReport.presentedForm (R4 Attachment): the PDF, base64, titled as a draft."""
+    return {
+        "contentType": "application/pdf",
+        "language": "en",
+        "data": base64.b64encode(pdf).decode("ascii"),
+        "title": "AI-generated DRAFT report (not verified)",
+        "creation": issued,
     }
-    effective = _effective(source, local_timezone)
-    if effective:
-        report["effectiveDateTime"] = effective
-    accession = _accession_identifier(source, accession_system)
-    if accession is not None:
-        report["basedOn"] = [{"type": "ServiceRequest", "identifier": accession}]
-    if not withdraw:
-        report["conclusion"] = draft.impression.strip()
-        if draft.pdf is not None:
-            report["presentedForm"] = [
-                {
-                    "contentType": "application/pdf",
-                    "language": "en",
-                    "data": base64.b64encode(draft.pdf).decode("ascii"),
-                    "title": "AI-generated DRAFT report (not verified)",
-                    "creation": issued,
-                }
-            ]
 
-    report_entry = {
-        "fullUrl": report_url,
-        "resource": report,
-        "request": {
-            "method": "PUT",
-            "url": _conditional("DiagnosticReport", f"urn:oid:{draft.sr_sop_instance_uid}"),
-        },
-    }
-    if withdraw:
-        # the server's version history keeps the draft and its Provenance; no new author
-        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction"}
-        bundle["entry"] = [report_entry]
-        check_bundle(bundle)
-        return bundle
 
-    provenance: dict[str, Any] = {
+def _provenance(report_url: str, device_url: str, issued: str) -> dict[str, Any]:
+    """R4 Provenance: the Device authored (activity CREATE) the report at ``issued``."""
+    return {
         "resourceType": "Provenance",
         "target": [{"reference": report_url, "type": "DiagnosticReport"}],
         "recorded": issued,
-        "activity": {
-            "coding": [{"system": _DATA_OPERATION, "code": "CREATE", "display": "create"}]
-        },
+        "activity": {"coding": [coding(DATA_OPERATION, "CREATE", "create")]},
         "agent": [
             {
-                "type": {
-                    "coding": [{"system": _PARTICIPANT_TYPE, "code": "author", "display": "Author"}]
-                },
+                "type": {"coding": [coding(PARTICIPANT_TYPE, "author", "Author")]},
                 "who": {"reference": device_url, "type": "Device"},
             }
         ],
     }
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {
-                "fullUrl": device_url,
-                "resource": device,
-                "request": {
-                    "method": "PUT",
-                    "url": _conditional("Device", f"urn:oid:{device_uid}"),
-                },
-            },
-            report_entry,
-            {
-                "fullUrl": _urn("provenance", draft.sr_sop_instance_uid, issued),
-                "resource": provenance,
-                "request": {"method": "POST", "url": "Provenance"},
-            },
-        ],
-    }
-    check_bundle(bundle)
-    return bundle
-
-
-def check_bundle(bundle: Mapping[str, Any]) -> Bundle:
-    """Validate a Bundle with fhir.resources (R4B) and the rules it does not enforce.
-
-    Parameters
-    ----------
-    bundle
-        Bundle JSON data.
-
-    Returns
-    -------
-    fhir.resources.R4B.bundle.Bundle
-        The parsed model.
-
-    Raises
-    ------
-    integration.errors.FhirBuildError
-        Structure errors (pydantic: the message names the element paths, not values), a
-        status outside R4's DiagnosticReport statuses, an unknown Bundle type, request
-        method or Device name type, or a reference to a resource type the element does not
-        allow (resolving ``urn:uuid`` references inside the Bundle).
-    """
-    try:
-        model = Bundle.model_validate(dict(bundle))
-    except ValidationError as exc:
-        paths = sorted({".".join(str(p) for p in err["loc"]) for err in exc.errors()})
-        raise FhirBuildError(f"Bundle does not validate at: {', '.join(paths)[:500]}") from None
-    if bundle.get("type") not in _BUNDLE_TYPES:
-        raise FhirBuildError(f"Bundle.type {bundle.get('type')!r} is not a Bundle type")
-    entries = list(bundle.get("entry") or [])
-    types_by_url = {
-        str(e.get("fullUrl")): str((e.get("resource") or {}).get("resourceType"))
-        for e in entries
-        if e.get("fullUrl")
-    }
-    for index, entry in enumerate(entries):
-        request = entry.get("request")
-        if bundle.get("type") in ("transaction", "batch") and (
-            not request or request.get("method") not in _METHODS
-        ):
-            raise FhirBuildError(f"Bundle.entry[{index}].request.method is missing or invalid")
-        resource = entry.get("resource") or {}
-        kind = resource.get("resourceType")
-        if kind == "DiagnosticReport":
-            status = resource.get("status")
-            if status not in R4_REPORT_STATUSES:
-                raise FhirBuildError(f"DiagnosticReport.status {status!r} is not an R4 code")
-            for (resource_type, element), allowed in _TARGETS.items():
-                if resource_type != kind:
-                    continue
-                for ref in _references(resource.get(element)):
-                    _check_target(ref, allowed, f"DiagnosticReport.{element}", types_by_url)
-        elif kind == "Provenance":
-            for agent in resource.get("agent") or []:
-                _check_target(
-                    agent.get("who") or {}, _AGENT_WHO, "Provenance.agent.who", types_by_url
-                )
-        elif kind == "Device":
-            for name in resource.get("deviceName") or []:
-                if name.get("type") not in _DEVICE_NAME_TYPES:
-                    raise FhirBuildError(f"Device.deviceName.type {name.get('type')!r} is invalid")
-    return model
-
-
-def _references(value: Any) -> Iterator[Mapping[str, Any]]:
-    if isinstance(value, Mapping):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, Mapping):
-                yield item
-
-
-def _check_target(
-    ref: Mapping[str, Any], allowed: frozenset[str], where: str, types_by_url: dict[str, str]
-) -> None:
-    reference = str(ref.get("reference") or "")
-    kinds = set()
-    if ref.get("type"):
-        kinds.add(str(ref["type"]))
-    if reference in types_by_url:
-        kinds.add(types_by_url[reference])
-    elif re.match(r"^[A-Z][A-Za-z]+/", reference):
-        kinds.add(reference.split("/", 1)[0])
-    if not kinds:
-        raise FhirBuildError(f"{where}: reference without a resolvable type")
-    if not kinds <= allowed:
-        raise FhirBuildError(
-            f"{where} may refer to {', '.join(sorted(allowed))}, not {', '.join(sorted(kinds))}"
-        )
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()
-
-
-def _urn(*parts: str) -> str:
-    return f"urn:uuid:{uuid.uuid5(_UUID_NAMESPACE, chr(31).join(parts))}"
-
-
-def _conditional(resource_type: str, value: str) -> str:
-    return f"{resource_type}?" + urlencode({"identifier": f"{DICOM_UID_SYSTEM}|{value}"})
-
-
-def _issuer_system(item: Dataset | None) -> str | None:
-    if item is None:
-        return None
-    entity = _text(item, "UniversalEntityID")
-    kind = _text(item, "UniversalEntityIDType")
-    if entity and kind == "ISO" and re.fullmatch(r"[0-9]+(\.[0-9]+)*", entity):
-        return f"urn:oid:{entity}"
-    if entity and kind == "UUID":
-        return f"urn:uuid:{entity.lower()}"
-    if entity and kind == "URI":
-        return entity
-    return None
-
-
-def _first(ds: Dataset, keyword: str) -> Dataset | None:
-    items = ds.get(keyword)
-    return items[0] if items else None
-
-
-def _patient_identifier(ds: Dataset, system: str | None) -> dict[str, Any]:
-    patient_id = _text(ds, "PatientID")
-    if not patient_id:
-        raise FhirBuildError("Patient ID (0010,0020) is empty: the subject cannot be named")
-    identifier: dict[str, Any] = {
-        "type": {
-            "coding": [{"system": _V2_0203, "code": "MR", "display": "Medical record number"}]
-        },
-        "value": patient_id,
-    }
-    system = system or _issuer_system(_first(ds, "IssuerOfPatientIDQualifiersSequence"))
-    if system:
-        identifier["system"] = system
-    issuer = _text(ds, "IssuerOfPatientID")
-    if issuer:
-        identifier["assigner"] = {"display": issuer}
-    return identifier
-
-
-def _accession_identifier(ds: Dataset, system: str | None) -> dict[str, Any] | None:
-    accession = _text(ds, "AccessionNumber")
-    if not accession:
-        return None
-    identifier: dict[str, Any] = {
-        "type": {"coding": [{"system": _V2_0203, "code": "ACSN", "display": "Accession ID"}]},
-        "value": accession,
-    }
-    issuer = _first(ds, "IssuerOfAccessionNumberSequence")
-    system = system or _issuer_system(issuer)
-    if system:
-        identifier["system"] = system
-    if issuer is not None and _text(issuer, "LocalNamespaceEntityID"):
-        identifier["assigner"] = {"display": _text(issuer, "LocalNamespaceEntityID")}
-    return identifier
-
-
-def _effective(ds: Dataset, local_timezone: dt.tzinfo | None) -> str:
-    date = _text(ds, "StudyDate")
-    if not re.fullmatch(r"\d{8}", date):
-        return ""
-    day = f"{date[:4]}-{date[4:6]}-{date[6:]}"
-    time = re.sub(r"\D", "", _text(ds, "StudyTime").split(".")[0])
-    if len(time) not in (4, 6):
-        return day
-    time = time.ljust(6, "0")
-    offset = _text(ds, "TimezoneOffsetFromUTC")
-    zone: dt.tzinfo | None = None
-    if re.fullmatch(r"[+-]\d{4}", offset):
-        sign = 1 if offset[0] == "+" else -1
-        zone = dt.timezone(sign * dt.timedelta(hours=int(offset[1:3]), minutes=int(offset[3:])))
-    elif local_timezone is not None:
-        zone = local_timezone
-    if zone is None:
-        return day  # a dateTime with a time needs a zone (FHIR R4 dateTime)
-    try:
-        naive = dt.datetime.strptime(date + time, "%Y%m%d%H%M%S")
-    except ValueError:
-        return day
-    return naive.replace(tzinfo=zone).isoformat(timespec="seconds")
-
-
-def _narrative(draft: FhirDraft, withdrawal_reason: str | None) -> str:
-    def para(text: str) -> str:
-        return "<p>" + html.escape(text, quote=False).replace("\n", "<br/>") + "</p>"
-
-    parts = []
-    if withdrawal_reason is not None:
-        parts.append(
-            "<p><b>WITHDRAWN: this AI-generated draft is wrong and must not be used.</b> "
-            + html.escape(f"Reason: {withdrawal_reason}", quote=False)
-            + "</p>"
-        )
-    parts.append(f"<p><b>{html.escape(DRAFT_WARNING, quote=False)}</b></p>")
-    parts.append(para(f"Model: {draft.model_name} {draft.model_version}"))
-    if draft.demo:
-        parts.append(f"<p><b>{html.escape(DEMO_WARNING, quote=False)}</b></p>")
-    if withdrawal_reason is None:
-        if draft.findings and draft.findings.strip():
-            parts.append("<h3>Findings</h3>" + para(draft.findings.strip()))
-        parts.append("<h3>Impression</h3>" + para(draft.impression.strip()))
-    return '<div xmlns="http://www.w3.org/1999/xhtml">' + "".join(parts) + "</div>"
-
-
-# --- sending ------------------------------------------------------------------------------
-
-
-def send_transaction(
-    bundle: Mapping[str, Any],
-    dest: FhirDestination,
-    *,
-    client: httpx.Client | None = None,
-) -> FhirResult:
-    """POST a transaction Bundle to the server's base URL (FHIR RESTful API, transaction).
-
-    Parameters
-    ----------
-    bundle
-        From :func:`build_draft_bundle` / :func:`build_withdrawal_bundle`.
-    dest
-        The server.
-    client
-        An httpx client to reuse (its own timeout/verify settings apply); default a new one.
-
-    Returns
-    -------
-    FhirResult
-        HTTP status and each ``entry.response.location`` of a transaction-response Bundle.
-
-    Raises
-    ------
-    integration.errors.FhirDeliveryError
-        Not 2xx, a timeout or a connection error; ``transient`` per the module text.
-    """
-    return _request("POST", dest.base_url.rstrip("/"), bundle, dest, client, what="transaction")
-
-
-def update_conditional(
-    resource: Mapping[str, Any],
-    dest: FhirDestination,
-    *,
-    identifier: tuple[str, str],
-    client: httpx.Client | None = None,
-) -> FhirResult:
-    """PUT one resource with a conditional update on its identifier (FHIR RESTful API).
-
-    Parameters
-    ----------
-    resource
-        E.g. the DiagnosticReport entry of a withdrawal Bundle.
-    dest
-        The server.
-    identifier
-        ``(system, value)`` searched for: ``PUT [type]?identifier=system|value`` (200 when
-        one match was updated, 201 when none existed and it was created, 412 when several
-        match).
-    client
-        As in :func:`send_transaction`.
-
-    Returns
-    -------
-    FhirResult
-        HTTP status and the ``Location``/``Content-Location`` header.
-
-    Raises
-    ------
-    integration.errors.FhirDeliveryError
-        As for :func:`send_transaction`.
-    """
-    kind = str(resource.get("resourceType") or "")
-    if not re.fullmatch(r"[A-Z][A-Za-z]+", kind):
-        raise FhirBuildError("resource has no resourceType")
-    query = urlencode({"identifier": f"{identifier[0]}|{identifier[1]}"})
-    return _request(
-        "PUT", f"{dest.base_url.rstrip('/')}/{kind}?{query}", resource, dest, client, what=kind
-    )
-
-
-def _request(
-    method: str,
-    url: str,
-    body: Mapping[str, Any],
-    dest: FhirDestination,
-    client: httpx.Client | None,
-    *,
-    what: str,
-) -> FhirResult:
-    headers = {
-        "Content-Type": "application/fhir+json; charset=utf-8",
-        "Accept": "application/fhir+json",
-    }
-    if dest.bearer_token:
-        headers["Authorization"] = f"Bearer {dest.bearer_token}"
-    own = client is None
-    http = client or httpx.Client(timeout=dest.timeout, verify=dest.verify)
-    try:
-        response = http.request(method, url, json=dict(body), headers=headers)
-    except httpx.TimeoutException as exc:
-        raise FhirDeliveryError(
-            f"FHIR {what} to {dest} timed out after {dest.timeout} s ({type(exc).__name__})"
-        ) from None
-    except httpx.HTTPError as exc:
-        raise FhirDeliveryError(f"FHIR {what} to {dest} failed: {type(exc).__name__}") from None
-    finally:
-        if own:
-            http.close()
-    status = response.status_code
-    if 200 <= status < 300:
-        locations = _locations(response)
-        LOGGER.info("FHIR %s %s to %s: HTTP %d", method, what, dest, status)
-        return FhirResult(http_status=status, locations=locations)
-    issues = _issue_codes(response)
-    error = FhirDeliveryError(
-        f"FHIR {what} to {dest} failed: HTTP {status}"
-        + (f" (OperationOutcome issue codes: {', '.join(issues)})" if issues else ""),
-        http_status=status,
-    )
-    LOGGER.warning(
-        "FHIR %s %s to %s: HTTP %d (%s)",
-        method,
-        what,
-        dest,
-        status,
-        "transient" if error.transient else "permanent",
-    )
-    raise error
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
-def _locations(response: httpx.Response) -> tuple[str, ...]:
-    data = _json(response)
-    found: list[str] = []
-    if isinstance(data, dict) and data.get("resourceType") == "Bundle":
-        for entry in data.get("entry") or []:
-            location = ((entry or {}).get("response") or {}).get("location")
-            if location:
-                found.append(str(location))
-    for header in ("Location", "Content-Location"):
-        if header in response.headers:
-            found.append(response.headers[header])
-    return tuple(found)
-
-
-def _issue_codes(response: httpx.Response) -> list[str]:
-    data = _json(response)
-    if not isinstance(data, dict) or data.get("resourceType") != "OperationOutcome":
-        return []
-    codes = []
-    for issue in data.get("issue") or []:
-        if isinstance(issue, dict) and issue.get("code"):
-            codes.append(f"{issue.get('severity', '?')}/{issue['code']}")
-    return codes[:10]

@@ -40,19 +40,7 @@ Message (HL7 v2.5.1 chapter 7, ORU^R01^ORU_R01; segments end with CR; fields abr
   \\R\\ \\E\\``) and the message is checked against hl7apy's 2.5.1 structure at STRICT
   validation before it is returned.
 
-ACK handling (:func:`check_ack`, MSA-1 from HL7 table 0008, ERR-3 from table 0357):
-
-| MSA-1 | ERR-3 | Outcome |
-|---|---|---|
-| AA, CA | any | delivered |
-| AE, CE | 206 record locked, 207 application internal error | transient failure |
-| AE, CE | other or none | permanent failure (the same message fails again) |
-| AR, CR | 200-203 unsupported message type / event / processing ID / version | permanent |
-| AR, CR | other or none (receiver down, internal reasons) | transient failure |
-| none, unknown, MSA-2 not our control ID, not HL7 | - | transient failure |
-
-MSA-3 and ERR-8 are free text the receiver wrote and may quote the message (patient data):
-they are kept in :attr:`Hl7Ack.text` and never put into an exception message or a log line.
+The acknowledgment of this message is judged by :func:`integration.hl7_ack.check_ack`.
 """
 
 from __future__ import annotations
@@ -62,19 +50,28 @@ import datetime as dt
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Group, Message, Segment
 from pydicom.dataset import Dataset
-from pydicom.valuerep import PersonName
 
-from integration.errors import Hl7AckError, Hl7BuildError
+from integration.errors import Hl7BuildError
+from integration.header_values import header_text
+from integration.hl7_values import (
+    digits,
+    escape,
+    patient_identifier,
+    patient_names,
+    service,
+    study_ts,
+    text_field,
+    ts,
+)
 from integration.uids import device_uid as default_device_uid
 
 __all__ = [
-    "ACCEPTED_ACK_CODES",
     "AI_NOTICE_CODE",
     "DRAFT_OBSERVATION_STATUS",
     "DRAFT_RESULT_STATUS",
@@ -83,13 +80,10 @@ __all__ = [
     "WITHDRAWN_OBSERVATION_STATUS",
     "WITHDRAWN_RESULT_STATUS",
     "DraftResult",
-    "Hl7Ack",
     "Hl7Parties",
     "build_draft_oru",
     "build_withdrawal_oru",
-    "check_ack",
     "message_control_id",
-    "parse_ack",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -106,7 +100,6 @@ WITHDRAWN_OBSERVATION_STATUS = "W"
 FINDINGS_CODE = ("59776-5", "Findings", "LN")
 IMPRESSION_CODE = ("19005-8", "Impression", "LN")
 AI_NOTICE_CODE = ("AI-DRAFT", "AI-generated draft notice", "L")
-ACCEPTED_ACK_CODES = frozenset({"AA", "CA"})
 DRAFT_NOTICE = (
     "AI-GENERATED DRAFT, NOT VERIFIED by a radiologist: produced automatically by {model} "
     "{version}. Preliminary, for review only, not for diagnosis."
@@ -121,17 +114,8 @@ WITHDRAWN_NOTICE = (
 )
 _MAX_CONTROL_ID = 20  # MSH-10 (ST, 20 in v2.5.1)
 _ENCODING_CHARS = "^~\\&"
-_PERMANENT_REJECT = frozenset({"200", "201", "202", "203"})  # table 0357: unsupported ...
-_TRANSIENT_ERROR = frozenset({"206", "207"})  # table 0357: record locked, internal error
 _SEX = {"M": "M", "F": "F", "O": "O"}  # DICOM (0010,0040) -> HL7 table 0001
-_UNIVERSAL_ID_TYPES = {  # DICOM Universal Entity ID Type -> HL7 table 0301
-    "ISO": "ISO",
-    "DNS": "DNS",
-    "UUID": "UUID",
-    "URI": "URI",
-    "X400": "x400",
-    "X500": "x500",
-}
+_Code = tuple[str, str, str]  # CE: identifier ^ text ^ name of coding system
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,34 +175,6 @@ class DraftResult:
     report_time: dt.datetime
     manufacturer: str = "llm-cxr-node"
     device_uid: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Hl7Ack:
-    """An acknowledgment (ACK) as received.
-
-    Attributes
-    ----------
-    code
-        MSA-1 (table 0008: AA, AE, AR, CA, CE, CR).
-    control_id
-        MSA-2, the control ID of the message acknowledged.
-    error_codes
-        ERR-3 identifiers (table 0357), or the code component of ERR-1 / MSA-6 in older
-        versions.
-    text
-        MSA-3 and ERR-8 texts joined (may quote patient data: never log it).
-    """
-
-    code: str
-    control_id: str
-    error_codes: tuple[str, ...] = ()
-    text: str = ""
-
-    @property
-    def accepted(self) -> bool:
-        """Whether MSA-1 is AA (application accept) or CA (commit accept)."""
-        return self.code in ACCEPTED_ACK_CODES
 
 
 # --- building -----------------------------------------------------------------------------
@@ -318,119 +274,50 @@ def _build(
     *,
     withdrawal_reason: str | None,
 ) -> str:
-    if not result.impression or not result.impression.strip():
-        raise Hl7BuildError("impression text is empty")
-    if not re.fullmatch(r"[\x21-\x7e]{1,20}", control_id) or any(
-        c in control_id for c in "|" + _ENCODING_CHARS
-    ):
-        raise Hl7BuildError("MSH-10 control ID must be 1-20 printable ASCII, no delimiters")
+    """Build the ORU^R01 of a draft or, given ``withdrawal_reason``, of its withdrawal.
+
+    Parameters
+    ----------
+    source, result, parties, control_id, message_time
+        As for :func:`build_draft_oru`.
+    withdrawal_reason
+        ``None`` for the draft (OBR-25/OBX-11 ``R``); else the reason of the withdrawal
+        (OBR-25 ``C``, OBX-11 ``W``, a "WITHDRAWN" NTE).
+
+    Returns
+    -------
+    str
+        The ER7 message, checked against hl7apy's HL7 v2.5.1 ORU_R01 structure (STRICT).
+
+    Raises
+    ------
+    integration.errors.Hl7BuildError
+        Invalid inputs (:func:`_check_inputs`), an empty Patient ID, or a message hl7apy
+        finds invalid (its exception is not chained: it may quote patient data).
+    """
     sent = message_time or dt.datetime.now(dt.UTC)
-    for label, when in (("report_time", result.report_time), ("message_time", sent)):
-        if when.tzinfo is None or when.utcoffset() is None:
-            raise Hl7BuildError(f"{label} must be timezone-aware")
-    for label, value in (("model_name", result.model_name), ("version", result.model_version)):
-        if not value.strip():
-            raise Hl7BuildError(f"{label} must not be empty")
+    _check_inputs(result, control_id, sent)
     withdraw = withdrawal_reason is not None
     obr_status = WITHDRAWN_RESULT_STATUS if withdraw else DRAFT_RESULT_STATUS
     obx_status = WITHDRAWN_OBSERVATION_STATUS if withdraw else DRAFT_OBSERVATION_STATUS
-    report_ts = _ts(result.report_time)
+    report_ts = ts(result.report_time)
     device = result.device_uid or default_device_uid(result.model_name, result.model_version)
 
     msg = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
     try:
-        msh = msg.msh
-        msh.msh_3 = _field(parties.sending_application)
-        msh.msh_4 = _field(parties.sending_facility)
-        msh.msh_5 = _field(parties.receiving_application)
-        msh.msh_6 = _field(parties.receiving_facility)
-        msh.msh_7 = _ts(sent)
-        msh.msh_9 = "ORU^R01^ORU_R01"
-        msh.msh_10 = control_id
-        msh.msh_11 = "P"
-        msh.msh_12 = VERSION
-        msh.msh_18 = "UNICODE UTF-8"
-
+        _set_fields(msg.msh, _msh_fields(parties, control_id, sent), keep_empty=True)
         patient_result: Group = msg.add_group("ORU_R01_PATIENT_RESULT")
-        patient: Group = patient_result.add_group("ORU_R01_PATIENT")
-        pid: Segment = patient.add_segment("PID")
-        pid.pid_1 = "1"
-        pid.pid_3 = _patient_identifier(source)
-        for repetition in _patient_names(source.get("PatientName")):
-            pid.add_field("PID_5").value = repetition
-        birth = _digits(source, "PatientBirthDate", 8)
-        if birth:
-            pid.pid_7 = birth
-        sex = _SEX.get(str(source.get("PatientSex", "") or "").strip().upper())
-        if sex:
-            pid.pid_8 = sex
-
+        _add_patient(patient_result, source)
         order: Group = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
-        placer = _field(_text(source, "PlacerOrderNumberImagingServiceRequest"))
-        filler = _field(_text(source, "FillerOrderNumberImagingServiceRequest"))
-        orc: Segment = order.add_segment("ORC")
-        orc.orc_1 = "RE"
-        if placer:
-            orc.orc_2 = placer
-        if filler:
-            orc.orc_3 = filler
-        obr: Segment = order.add_segment("OBR")
-        obr.obr_1 = "1"
-        if placer:
-            obr.obr_2 = placer
-        if filler:
-            obr.obr_3 = filler
-        obr.obr_4 = _service(source)
-        study_ts = _study_ts(source)
-        if study_ts:
-            obr.obr_7 = study_ts
-        accession = _text(source, "AccessionNumber")
-        if accession:
-            obr.obr_18 = _escape(accession)
-        obr.obr_22 = report_ts
-        obr.obr_24 = "RAD"
-        obr.obr_25 = obr_status
-
-        notes = [DRAFT_NOTICE.format(model=result.model_name, version=result.model_version)]
-        if result.demo:
-            notes.append(DEMO_NOTICE)
-        # a withdrawal says so in the NTE; its OBX lines are the draft's, marked W
-        comment = " ".join(notes)
-        if withdrawal_reason is not None:
-            comment = (
-                WITHDRAWN_NOTICE.format(model=result.model_name, version=result.model_version)
-                + f" Reason: {withdrawal_reason.strip()}"
-            )
-        nte: Segment = order.add_segment("NTE")
-        nte.nte_1 = "1"
-        nte.nte_2 = "O"  # table 0105: other system
-        nte.nte_3 = _escape(comment)
-        nte.nte_4 = "RE"  # table 0364: remark
-
-        equipment = "^".join(
-            _escape(v)
-            for v in (
-                f"{result.model_name} {result.model_version}"[:199],
-                result.manufacturer[:20],
-                device,
-                "ISO",
-            )
-        )
-        lines: list[tuple[tuple[str, str, str], str]] = [(AI_NOTICE_CODE, line) for line in notes]
-        lines += [(FINDINGS_CODE, line) for line in _lines(result.findings)]
-        lines += [(IMPRESSION_CODE, line) for line in _lines(result.impression)]
+        _add_order(order, source, report_ts=report_ts, status=obr_status)
+        notes = _notices(result)
+        _add_note(order, _note_text(result, notes, withdrawal_reason))
+        equipment = _equipment(result, device)
+        lines = _observation_lines(result, notes)
         for set_id, (code, line) in enumerate(lines, start=1):
-            observation: Group = order.add_group("ORU_R01_OBSERVATION")
-            obx: Segment = observation.add_segment("OBX")
-            obx.obx_1 = str(set_id)
-            obx.obx_2 = "TX"
-            obx.obx_3 = "^".join(_escape(c) for c in code)
-            obx.obx_4 = "1"
-            obx.obx_5 = _escape(line)
-            obx.obx_11 = obx_status
-            obx.obx_14 = report_ts
-            obx.obx_18 = equipment
-            obx.obx_19 = report_ts
+            _add_observation(
+                order, set_id, code, line, status=obx_status, time=report_ts, equipment=equipment
+            )
         msg.validate()
         er7 = str(msg.to_er7())
     except Hl7BuildError:
@@ -444,226 +331,196 @@ def _build(
     return er7
 
 
-def _escape(text: str) -> str:
-    """Escape HL7 delimiters in a text value (v2.5.1 section 2.7); CR/LF become spaces."""
-    out = text.replace("\\", "\\E\\")
-    for char, seq in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
-        out = out.replace(char, seq)
-    return re.sub(r"[\r\n]+", " ", out)
+def _check_inputs(result: DraftResult, control_id: str, sent: dt.datetime) -> None:
+    """Reject what the message cannot carry.
+
+    Raises
+    ------
+    integration.errors.Hl7BuildError
+        In this order: an empty impression; an MSH-10 that is not 1-20 printable ASCII
+        characters (ST, v2.5.1 section 2.14.9.10) or holds a delimiter (section 2.5.4); a
+        naive report or message time (every TS here carries its UTC offset); an empty model
+        name or version.
+    """
+    if not result.impression or not result.impression.strip():
+        raise Hl7BuildError("impression text is empty")
+    if not re.fullmatch(r"[\x21-\x7e]{1,20}", control_id) or any(
+        c in control_id for c in "|" + _ENCODING_CHARS
+    ):
+        raise Hl7BuildError("MSH-10 control ID must be 1-20 printable ASCII, no delimiters")
+    for label, when in (("report_time", result.report_time), ("message_time", sent)):
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise Hl7BuildError(f"{label} must be timezone-aware")
+    for label, value in (("model_name", result.model_name), ("version", result.model_version)):
+        if not value.strip():
+            raise Hl7BuildError(f"{label} must not be empty")
 
 
-def _field(text: str) -> str:
-    return _escape(text.strip()) if text else ""
+def _set_fields(segment: Segment, fields: Mapping[str, str], *, keep_empty: bool = False) -> None:
+    """Assign hl7apy fields in order (``{"obr_7": value, ...}``).
+
+    Parameters
+    ----------
+    segment
+        The hl7apy segment.
+    fields
+        Field name (lower-case hl7apy attribute, e.g. ``"pid_3"``) to ER7 value, in the
+        order they are to be set.
+    keep_empty
+        Also assign empty values; by default a field whose value is ``""`` is left absent
+        (an optional field with no data, HL7 v2.5.1 section 2.5.3).
+    """
+    for name, value in fields.items():
+        if value or keep_empty:
+            setattr(segment, name, value)
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()
+def _msh_fields(parties: Hl7Parties, control_id: str, sent: dt.datetime) -> dict[str, str]:
+    """MSH-3 to MSH-18 (HL7 v2.5.1 section 2.14.9).
+
+    Returns
+    -------
+    dict
+        MSH-3 to MSH-6 from ``parties`` (escaped; MSH-5/MSH-6 may be empty), MSH-7 ``sent``,
+        MSH-9 ``ORU^R01^ORU_R01``, MSH-10 ``control_id``, MSH-11 ``P`` (production),
+        MSH-12 the version, MSH-18 ``UNICODE UTF-8``; MSH-15/16 empty (original
+        acknowledgment mode).
+    """
+    return {
+        "msh_3": text_field(parties.sending_application),
+        "msh_4": text_field(parties.sending_facility),
+        "msh_5": text_field(parties.receiving_application),
+        "msh_6": text_field(parties.receiving_facility),
+        "msh_7": ts(sent),
+        "msh_9": "ORU^R01^ORU_R01",
+        "msh_10": control_id,
+        "msh_11": "P",
+        "msh_12": VERSION,
+        "msh_18": "UNICODE UTF-8",
+    }
 
 
-def _digits(ds: Dataset, keyword: str, size: int) -> str:
-    value = _text(ds, keyword)
-    return value if len(value) == size and value.isdigit() else ""
+def _add_patient(patient_result: Group, source: Dataset) -> None:
+    """Add the ORU_R01_PATIENT group with its PID (HL7 v2.5.1 section 3.4.2).
+
+    PID-1 ``1``, PID-3 from :func:`patient_identifier`, one PID-5 repetition per name
+    group (:func:`patient_names`), PID-7 Patient's Birth Date (0010,0030) when it is a
+    full DA, PID-8 Patient's Sex (0010,0040) mapped to table 0001 when it is M, F or O.
+
+    Raises
+    ------
+    integration.errors.Hl7BuildError
+        Patient ID (0010,0020) is empty.
+    """
+    patient: Group = patient_result.add_group("ORU_R01_PATIENT")
+    pid: Segment = patient.add_segment("PID")
+    _set_fields(pid, {"pid_1": "1", "pid_3": patient_identifier(source)})
+    for repetition in patient_names(source.get("PatientName")):
+        pid.add_field("PID_5").value = repetition
+    sex = _SEX.get(header_text(source, "PatientSex").upper(), "")
+    _set_fields(pid, {"pid_7": digits(source, "PatientBirthDate", 8), "pid_8": sex})
 
 
-def _ts(when: dt.datetime) -> str:
-    """HL7 TS (DTM) with seconds and UTC offset, e.g. ``20240506070809+0000``."""
-    return when.strftime("%Y%m%d%H%M%S%z")
+def _add_order(order: Group, source: Dataset, *, report_ts: str, status: str) -> None:
+    """Add ORC (v2.5.1 section 4.5.1) and OBR (section 7.4.1) to the order group.
+
+    ORC-1 ``RE``; ORC-2/OBR-2 and ORC-3/OBR-3 the Placer/Filler Order Number (0040,2016)/
+    (0040,2017) when present; OBR-4 :func:`service`; OBR-7 the study date/time; OBR-18
+    Accession Number (0008,0050) when present; OBR-22 ``report_ts``; OBR-24 ``RAD``;
+    OBR-25 ``status`` (table 0123).
+    """
+    placer = text_field(header_text(source, "PlacerOrderNumberImagingServiceRequest"))
+    filler = text_field(header_text(source, "FillerOrderNumberImagingServiceRequest"))
+    _set_fields(order.add_segment("ORC"), {"orc_1": "RE", "orc_2": placer, "orc_3": filler})
+    obr: Segment = order.add_segment("OBR")
+    obr_fields = {
+        "obr_1": "1",
+        "obr_2": placer,
+        "obr_3": filler,
+        "obr_4": service(source),
+        "obr_7": study_ts(source),
+        "obr_18": escape(header_text(source, "AccessionNumber")),
+        "obr_22": report_ts,
+        "obr_24": "RAD",
+        "obr_25": status,
+    }
+    _set_fields(obr, obr_fields)
 
 
-def _study_ts(ds: Dataset) -> str:
-    date = _digits(ds, "StudyDate", 8)
-    if not date:
-        return ""
-    time = re.sub(r"\D", "", _text(ds, "StudyTime").split(".")[0])
-    time = time[:6] if len(time) in (2, 4, 6) else ""
-    offset = _text(ds, "TimezoneOffsetFromUTC")
-    offset = offset if re.fullmatch(r"[+-]\d{4}", offset) else ""
-    return date + time + (offset if time else "")
+def _notices(result: DraftResult) -> list[str]:
+    """The draft notice, plus the DEMO notice for the DEMO model (NTE-3 and notice OBX)."""
+    notes = [DRAFT_NOTICE.format(model=result.model_name, version=result.model_version)]
+    if result.demo:
+        notes.append(DEMO_NOTICE)
+    return notes
 
 
-def _patient_identifier(ds: Dataset) -> str:
-    """PID-3 (CX): ID ^^^ assigning authority (HD) [^ identifier type code]."""
-    patient_id = _text(ds, "PatientID")
-    if not patient_id:
-        raise Hl7BuildError("Patient ID (0010,0020) is empty: PID-3 is required")
-    namespace = _text(ds, "IssuerOfPatientID")
-    universal, universal_type, type_code = "", "", ""
-    qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence")
-    if qualifiers:
-        item = qualifiers[0]
-        universal = _text(item, "UniversalEntityID")
-        universal_type = _UNIVERSAL_ID_TYPES.get(_text(item, "UniversalEntityIDType"), "")
-        type_code = _text(item, "IdentifierTypeCode")
-    authority = "&".join(_escape(v) for v in (namespace, universal, universal_type)).rstrip("&")
-    parts = [_escape(patient_id), "", "", authority, _escape(type_code)]
-    return "^".join(parts).rstrip("^")
+def _note_text(result: DraftResult, notes: Sequence[str], withdrawal_reason: str | None) -> str:
+    """NTE-3: the notices; for a withdrawal the "WITHDRAWN" notice and the reason instead.
+
+    A withdrawal's OBX lines stay the draft's (marked ``W``); only the NTE says so.
+    """
+    if withdrawal_reason is None:
+        return " ".join(notes)
+    withdrawn = WITHDRAWN_NOTICE.format(model=result.model_name, version=result.model_version)
+    return withdrawn + f" Reason: {withdrawal_reason.strip()}"
 
 
-def _patient_names(value: object) -> list[str]:
-    """PID-5 (XPN) repetitions: one per non-empty PN group (XPN-8, table 0465: A/I/P)."""
-    if value is None or not str(value).strip():
-        return []
-    name = value if isinstance(value, PersonName) else PersonName(str(value))
-    groups = [("A", name), ("I", name.ideographic), ("P", name.phonetic)]
-    repetitions: list[str] = []
-    for code, group in groups:
-        pn = group if isinstance(group, PersonName) else PersonName(str(group or ""))
-        components = [
-            pn.family_name,
-            pn.given_name,
-            pn.middle_name,
-            pn.name_suffix,  # XPN-4 suffix, XPN-5 prefix: DICOM has prefix before suffix
-            pn.name_prefix,
-        ]
-        if not any(c.strip() for c in components):
-            continue
-        xpn = [_escape(c.strip()) for c in components] + ["", ""]
-        if len([g for _, g in groups if str(g or "").strip()]) > 1:
-            xpn.append(code)  # XPN-8 name representation code
-        repetitions.append("^".join(xpn).rstrip("^"))
-    return repetitions
+def _add_note(order: Group, comment: str) -> None:
+    """Add the NTE after the OBR (v2.5.1 section 2.15.10): source ``O``, type ``RE``."""
+    nte_fields = {
+        "nte_1": "1",
+        "nte_2": "O",  # table 0105: other system
+        "nte_3": escape(comment),
+        "nte_4": "RE",  # table 0364: remark
+    }
+    _set_fields(order.add_segment("NTE"), nte_fields, keep_empty=True)
 
 
-def _service(ds: Dataset) -> str:
-    """OBR-4 (CE): requested procedure code, else procedure code, else the description."""
-    for item in _code_items(ds):
-        code = _text(item, "CodeValue")
-        scheme = _text(item, "CodingSchemeDesignator")
-        if code and scheme:
-            return "^".join(_escape(v) for v in (code, _text(item, "CodeMeaning"), scheme))
-    description = _text(ds, "RequestedProcedureDescription") or _text(ds, "StudyDescription")
-    return "^" + _escape(description or "Chest X-ray")
+def _equipment(result: DraftResult, device: str) -> str:
+    """OBX-18 (EI): model name and version ^ manufacturer ^ Device Observer UID ^ ``ISO``.
+
+    The components are cut to the v2.5.1 lengths (EI.1 199, EI.2 20) and escaped.
+    """
+    components = (
+        f"{result.model_name} {result.model_version}"[:199],
+        result.manufacturer[:20],
+        device,
+        "ISO",
+    )
+    return "^".join(escape(v) for v in components)
 
 
-def _code_items(ds: Dataset) -> Sequence[Dataset]:
-    items: list[Dataset] = []
-    for request in ds.get("RequestAttributesSequence") or []:
-        items.extend(request.get("RequestedProcedureCodeSequence") or [])
-    items.extend(ds.get("RequestedProcedureCodeSequence") or [])
-    items.extend(ds.get("ProcedureCodeSequence") or [])
-    return items
+def _observation_lines(result: DraftResult, notes: Sequence[str]) -> list[tuple[_Code, str]]:
+    """One TX OBX per notice, findings line and impression line, in that order (OBX-3, OBX-5)."""
+    lines: list[tuple[_Code, str]] = [(AI_NOTICE_CODE, line) for line in notes]
+    lines += [(FINDINGS_CODE, line) for line in _lines(result.findings)]
+    lines += [(IMPRESSION_CODE, line) for line in _lines(result.impression)]
+    return lines
+
+
+def _add_observation(
+    order: Group, set_id: int, code: _Code, line: str, *, status: str, time: str, equipment: str
+) -> None:
+    """Add one ORU_R01_OBSERVATION group with its TX OBX (v2.5.1 section 7.4.2).
+
+    OBX-1 ``set_id``, OBX-2 ``TX``, OBX-3 ``code`` (CE), OBX-4 ``1``, OBX-5 ``line``,
+    OBX-11 ``status`` (table 0085), OBX-14 and OBX-19 ``time``, OBX-18 ``equipment``.
+    """
+    observation: Group = order.add_group("ORU_R01_OBSERVATION")
+    obx_fields = {
+        "obx_1": str(set_id),
+        "obx_2": "TX",
+        "obx_3": "^".join(escape(c) for c in code),
+        "obx_4": "1",
+        "obx_5": escape(line),
+        "obx_11": status,
+        "obx_14": time,
+        "obx_18": equipment,
+        "obx_19": time,
+    }
+    _set_fields(observation.add_segment("OBX"), obx_fields, keep_empty=True)
 
 
 def _lines(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
-
-
-# --- acknowledgments ----------------------------------------------------------------------
-
-
-def parse_ack(raw: bytes | str) -> Hl7Ack:
-    """Read MSA and ERR of an HL7 v2 ACK (any v2.x; MLLP framing bytes are ignored).
-
-    Parameters
-    ----------
-    raw
-        The reply as received (bytes are decoded as UTF-8, invalid bytes replaced).
-
-    Returns
-    -------
-    Hl7Ack
-        MSA-1, MSA-2, ERR-3 codes (or ERR-1/MSA-6 codes), MSA-3/ERR-8 texts.
-
-    Raises
-    ------
-    integration.errors.Hl7AckError
-        Transient: no MSH segment, no MSA segment or an empty MSA-1.
-    """
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    text = text.strip("\x0b\x1c\r\n ")
-    if not text.startswith("MSH") or len(text) < 8:
-        raise Hl7AckError("the reply is not an HL7 v2 message", ack_code=None, transient=True)
-    field_sep = text[3]
-    component_sep = text[4]
-    subcomponent_sep = text[7] if len(text) > 7 and text[7] != field_sep else "&"
-    segments = [s for s in re.split(r"[\r\n]+", text) if s]
-    msa = next((s.split(field_sep) for s in segments if s.startswith("MSA" + field_sep)), None)
-    if msa is None or len(msa) < 2 or not msa[1].strip():
-        raise Hl7AckError("the reply has no MSA segment / MSA-1", ack_code=None, transient=True)
-
-    def component(fields: list[str], index: int, comp: int = 0) -> str:
-        if index >= len(fields):
-            return ""
-        parts = fields[index].split(component_sep)
-        return parts[comp].strip() if comp < len(parts) else ""
-
-    codes: list[str] = []
-    texts = [msa[3].strip()] if len(msa) > 3 and msa[3].strip() else []
-    if component(msa, 6):
-        codes.append(component(msa, 6))
-    for segment in segments:
-        if not segment.startswith("ERR" + field_sep):
-            continue
-        err = segment.split(field_sep)
-        code = component(err, 3)
-        if not code:  # v2.3-2.4: ERR-1 (ELD) segment^sequence^field^code&text&system
-            code = component(err, 1, 3).split(subcomponent_sep)[0].strip()
-        if code:
-            codes.append(code)
-        if len(err) > 8 and err[8].strip():
-            texts.append(err[8].strip())
-    return Hl7Ack(
-        code=msa[1].strip().upper(),
-        control_id=component(msa, 2),
-        error_codes=tuple(codes),
-        text=" | ".join(texts),
-    )
-
-
-def check_ack(raw: bytes | str, *, control_id: str) -> Hl7Ack:
-    """Decide whether the receiver took the message (see the table in the module text).
-
-    Parameters
-    ----------
-    raw
-        The reply (e.g. from :func:`integration.mllp.send_mllp`).
-    control_id
-        MSH-10 of the message sent; MSA-2 must equal it.
-
-    Returns
-    -------
-    Hl7Ack
-        The ACK, when MSA-1 is AA or CA.
-
-    Raises
-    ------
-    integration.errors.Hl7AckError
-        AE/AR/CE/CR (``transient`` per the table), or a malformed, foreign or empty ACK
-        (transient). Its message names MSA-1, the control ID and ERR-3 codes only.
-    """
-    ack = parse_ack(raw)
-    if ack.control_id != control_id:
-        raise Hl7AckError(
-            f"the ACK acknowledges control ID {ack.control_id!r}, not {control_id!r}",
-            ack_code=ack.code,
-            error_codes=ack.error_codes,
-            transient=True,
-        )
-    if ack.accepted:
-        LOGGER.info("HL7 message %s accepted (MSA-1 %s)", control_id, ack.code)
-        return ack
-    codes = set(ack.error_codes)
-    if ack.code in ("AE", "CE"):
-        transient = bool(codes & _TRANSIENT_ERROR)
-    elif ack.code in ("AR", "CR"):
-        transient = not codes & _PERMANENT_REJECT
-    else:
-        transient = True
-    kind = "transient" if transient else "permanent"
-    LOGGER.warning(
-        "HL7 message %s not accepted: MSA-1 %s, ERR-3 %s (%s)",
-        control_id,
-        ack.code,
-        ",".join(ack.error_codes) or "-",
-        kind,
-    )
-    raise Hl7AckError(
-        f"HL7 message {control_id} not accepted: MSA-1 {ack.code}"
-        + (f", error codes {','.join(ack.error_codes)}" if ack.error_codes else "")
-        + f" ({kind})",
-        ack_code=ack.code,
-        error_codes=ack.error_codes,
-        transient=transient,
-        detail=ack.text,
-    )

@@ -82,6 +82,7 @@ from reportlab.platypus import (
 )
 
 from integration.errors import ReportRenderError
+from integration.header_values import header_text
 
 __all__ = [
     "BANNER_SUBTITLE",
@@ -202,25 +203,22 @@ def report_header_from(ds: Dataset) -> ReportHeader:
         ``HH:MM[:SS]`` plus Timezone Offset From UTC (0008,0201) when present, Study
         Description (0008,1030).
     """
-    study_time = _display_time(_text(ds, "StudyTime"))
-    offset = _text(ds, "TimezoneOffsetFromUTC")
+    study_time = _display_time(header_text(ds, "StudyTime"))
+    offset = header_text(ds, "TimezoneOffsetFromUTC")
     if study_time and offset:
         study_time = f"{study_time} (UTC{offset})"
     return ReportHeader(
         patient_name=_display_name(ds.get("PatientName")),
-        patient_id=_text(ds, "PatientID"),
-        birth_date=_display_date(_text(ds, "PatientBirthDate")),
-        sex={"M": "male", "F": "female", "O": "other"}.get(_text(ds, "PatientSex").upper(), ""),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_date=_display_date(_text(ds, "StudyDate")),
+        patient_id=header_text(ds, "PatientID"),
+        birth_date=_display_date(header_text(ds, "PatientBirthDate")),
+        sex={"M": "male", "F": "female", "O": "other"}.get(
+            header_text(ds, "PatientSex").upper(), ""
+        ),
+        accession_number=header_text(ds, "AccessionNumber"),
+        study_date=_display_date(header_text(ds, "StudyDate")),
         study_time=study_time,
-        study_description=_text(ds, "StudyDescription"),
+        study_description=header_text(ds, "StudyDescription"),
     )
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()
 
 
 def _display_name(value: Any) -> str:
@@ -345,12 +343,30 @@ def render_report_pdf(content: DraftReportContent) -> bytes:
     buffer = BytesIO()
     generated = content.generated_at.astimezone(dt.UTC)
     pdf_date = generated.strftime("D:%Y%m%d%H%M%S+00'00'")
-    footer = (
+    doc = _document(buffer, content)
+    try:
+        doc.build(story, canvasmaker=_numbered_canvas(_footer(content, generated), pdf_date))
+    except Exception as exc:  # reportlab raises LayoutError, ValueError, ...
+        # its messages quote the flowable's text (patient data): the type only, not chained
+        raise ReportRenderError(
+            f"reportlab could not lay out the report ({type(exc).__name__})"
+        ) from None
+    return buffer.getvalue()
+
+
+def _footer(content: DraftReportContent, generated: dt.datetime) -> str:
+    """The footer line: generation time (UTC), software and model (DEMO marked)."""
+    return (
         f"Generated {generated.strftime('%Y-%m-%d %H:%M:%S')} UTC by "
         f"{content.software_name} {content.software_version}".rstrip()
         + f" | model {content.model_name} {content.model_version}"
         + (" (DEMO)" if content.demo else "")
     )
+
+
+def _document(buffer: BytesIO, content: DraftReportContent) -> BaseDocTemplate:
+    """The A4 document: margins around banner and footer, one body frame, no patient data
+    in the metadata (title, author, subject, creator, keywords), invariant output."""
     doc = BaseDocTemplate(
         buffer,
         pagesize=A4,
@@ -378,14 +394,7 @@ def render_report_pdf(content: DraftReportContent) -> bytes:
         bottomPadding=0,
     )
     doc.addPageTemplates([PageTemplate(id="page", frames=[frame], onPage=_draw_banner)])
-    try:
-        doc.build(story, canvasmaker=_numbered_canvas(footer, pdf_date))
-    except Exception as exc:  # reportlab raises LayoutError, ValueError, ...
-        # its messages quote the flowable's text (patient data): the type only, not chained
-        raise ReportRenderError(
-            f"reportlab could not lay out the report ({type(exc).__name__})"
-        ) from None
-    return buffer.getvalue()
+    return doc
 
 
 def _style(kind: str) -> ParagraphStyle:
@@ -405,6 +414,26 @@ def _style(kind: str) -> ParagraphStyle:
 def _story(
     content: DraftReportContent, text: _Text, thumbnail: PILImage.Image | None
 ) -> list[Flowable]:
+    """The flowables: header (details, thumbnail), DEMO box, Findings, Impression, end note."""
+    header: Flowable = _details(content, text)
+    if thumbnail is not None:
+        header = _beside_thumbnail(header, thumbnail)
+    story: list[Flowable] = [header, Spacer(1, 3 * mm)]
+    if content.demo:
+        demo = Table([[Paragraph(DEMO_PDF_NOTE, _style("demo"))]], colWidths=["100%"])
+        demo.setStyle(TableStyle([("BOX", (0, 0), (-1, -1), 1.5, _BANNER_RED)]))
+        story += [demo, Spacer(1, 2 * mm)]
+    for title, body in (("Findings", content.findings), ("Impression", content.impression)):
+        paragraphs = _section_paragraphs(body, text)
+        story.append(KeepTogether([Paragraph(title, _style("heading")), paragraphs[0]]))
+        story.extend(paragraphs[1:])
+    story.append(Spacer(1, 4 * mm))
+    story.append(Paragraph("End of AI draft report.", _style("note")))
+    return story
+
+
+def _details(content: DraftReportContent, text: _Text) -> Table:
+    """The label/value table of patient, study and model lines."""
     h = content.header
     rows = [
         ("Patient", h.patient_name),
@@ -431,41 +460,33 @@ def _story(
             ]
         )
     )
-    header: Flowable = details
-    if thumbnail is not None:
-        w, hgt = thumbnail.size
-        scale = min(_THUMB_BOX / w, _THUMB_BOX / hgt)
-        jpeg = BytesIO()  # DCT: about 50 kB for a 512-pixel chest image, Flate about 260 kB
-        thumbnail.save(jpeg, format="JPEG", quality=85)
-        jpeg.seek(0)
-        image = Image(jpeg, width=w * scale, height=hgt * scale)
-        caption = Paragraph(THUMBNAIL_LABEL, _style("caption"))
-        side = Table([[image], [caption]], colWidths=[_THUMB_BOX + 2 * mm])
-        side.setStyle(TableStyle([("ALIGN", (0, 0), (-1, -1), "CENTER")]))
-        header = Table(
-            [[details, side]],
-            colWidths=[_PAGE_W - 2 * _MARGIN - _THUMB_BOX - 6 * mm, _THUMB_BOX + 6 * mm],
+    return details
+
+
+def _beside_thumbnail(details: Flowable, thumbnail: PILImage.Image) -> Table:
+    """``details`` on the left, the labelled thumbnail (JPEG) in a box on the right."""
+    w, hgt = thumbnail.size
+    scale = min(_THUMB_BOX / w, _THUMB_BOX / hgt)
+    jpeg = BytesIO()  # DCT: about 50 kB for a 512-pixel chest image, Flate about 260 kB
+    thumbnail.save(jpeg, format="JPEG", quality=85)
+    jpeg.seek(0)
+    image = Image(jpeg, width=w * scale, height=hgt * scale)
+    caption = Paragraph(THUMBNAIL_LABEL, _style("caption"))
+    side = Table([[image], [caption]], colWidths=[_THUMB_BOX + 2 * mm])
+    side.setStyle(TableStyle([("ALIGN", (0, 0), (-1, -1), "CENTER")]))
+    header = Table(
+        [[details, side]],
+        colWidths=[_PAGE_W - 2 * _MARGIN - _THUMB_BOX - 6 * mm, _THUMB_BOX + 6 * mm],
+    )
+    header.setStyle(
+        TableStyle(
+            [
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("LEFTPADDING", (0, 0), (-1, -1), 0),
+            ]
         )
-        header.setStyle(
-            TableStyle(
-                [
-                    ("VALIGN", (0, 0), (-1, -1), "TOP"),
-                    ("LEFTPADDING", (0, 0), (-1, -1), 0),
-                ]
-            )
-        )
-    story: list[Flowable] = [header, Spacer(1, 3 * mm)]
-    if content.demo:
-        demo = Table([[Paragraph(DEMO_PDF_NOTE, _style("demo"))]], colWidths=["100%"])
-        demo.setStyle(TableStyle([("BOX", (0, 0), (-1, -1), 1.5, _BANNER_RED)]))
-        story += [demo, Spacer(1, 2 * mm)]
-    for title, body in (("Findings", content.findings), ("Impression", content.impression)):
-        paragraphs = _section_paragraphs(body, text)
-        story.append(KeepTogether([Paragraph(title, _style("heading")), paragraphs[0]]))
-        story.extend(paragraphs[1:])
-    story.append(Spacer(1, 4 * mm))
-    story.append(Paragraph("End of AI draft report.", _style("note")))
-    return story
+    )
+    return header
 
 
 def _section_paragraphs(body: str | None, text: _Text) -> list[Flowable]:

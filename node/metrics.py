@@ -12,12 +12,20 @@ below (cheap, thread-safe, never raise on a bad label: they log and drop it):
   (``cxr_delivery_failures_total{kind,transient}``);
 - :func:`observe_generation` -- the model generated ``tokens`` in ``seconds``
   (``cxr_model_tokens_per_second{task}`` gauge of the latest run, and
-  ``cxr_model_generated_tokens_total{task}``).
+  ``cxr_model_generated_tokens_total{task}``);
+- :func:`count_final_report` -- a final report came back (``cxr_final_reports_total{source}``);
+- :func:`note_agreement` -- the rolling agreement of drafts with their finals was computed;
+  logs when it falls below ``agreement_alert_threshold`` and when it recovers.
 
 Database metrics are read at scrape time from a read-only session: ``cxr_jobs{state}``,
 ``cxr_queue_depth`` (queued jobs), ``cxr_deliveries{state}`` and
-``cxr_delivery_queue_depth`` (pending deliveries); they are right across processes and
-restarts because they come from SQL.
+``cxr_delivery_queue_depth`` (pending deliveries); with the quality settings also
+``cxr_final_reports{state}`` (received, matched, significant), ``cxr_rolling_agreement``
+(mean share of the 14 observations on which draft and final agree, over the last
+``agreement_window`` pairs), ``cxr_rolling_pairs`` and ``cxr_agreement_alert`` (1 when the
+rolling agreement of at least ``agreement_min_pairs`` pairs is below
+``agreement_alert_threshold``). They are right across processes and restarts because they
+come from SQL.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -38,7 +47,9 @@ __all__ = [
     "REGISTRY",
     "DatabaseCollector",
     "count_delivery_failure",
+    "count_final_report",
     "count_instance",
+    "note_agreement",
     "observe_generation",
     "observe_stage",
     "render",
@@ -76,6 +87,15 @@ GENERATED_TOKENS = Counter(
 )
 
 
+FINAL_REPORTS = Counter(
+    "cxr_final_reports",
+    "Final reports received (DICOM SR/PDF, HL7 ORU).",
+    ["source"],
+    registry=REGISTRY,
+)
+_alerting = {"on": False}
+
+
 def _ok(label: str) -> bool:
     if _LABEL.match(label):
         return True
@@ -110,11 +130,52 @@ def observe_generation(task: str, tokens: float, seconds: float) -> None:
         TOKENS_PER_SECOND.labels(task=task).set(tokens / seconds)
 
 
+def count_final_report(source: str) -> None:
+    """Count a final report received from ``source`` (``dicom-sr``, ``dicom-pdf``, ``hl7``)."""
+    FINAL_REPORTS.labels(source=source).inc()
+
+
+def agreement_alert(rolling: float | None, pairs: int, threshold: float, min_pairs: int) -> bool:
+    """Whether ``rolling`` agreement over ``pairs`` pairs is an alert: at least
+    ``min_pairs`` pairs and below ``threshold``."""
+    return rolling is not None and pairs >= min_pairs and rolling < threshold
+
+
+def note_agreement(rolling: float | None, pairs: int, threshold: float, min_pairs: int) -> bool:
+    """Log (figures only, no patient data) when the rolling agreement starts or stops being
+    an alert (:func:`agreement_alert`); returns whether it is one now."""
+    alert = agreement_alert(rolling, pairs, threshold, min_pairs)
+    if alert != _alerting["on"]:
+        _alerting["on"] = alert
+        if alert:
+            log.warning(
+                "quality alert: rolling agreement %.3f over the last %d pairs is below %.3f",
+                rolling,
+                pairs,
+                threshold,
+            )
+        else:
+            log.info("quality alert ended: rolling agreement back at or above %.3f", threshold)
+    return alert
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """What the quality gauges need: the rolling window and the alert threshold."""
+
+    window: int
+    threshold: float
+    min_pairs: int
+
+
 class DatabaseCollector(Collector):
     """Jobs and deliveries by state, read at scrape time through a read-only session."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], quality: QualitySettings | None = None
+    ) -> None:
         self._sessions = session_factory
+        self._quality = quality
 
     def collect(self) -> Iterator[Metric]:
         """Yield the database gauges (nothing when the database cannot be read)."""
@@ -136,10 +197,36 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily(
             "cxr_delivery_queue_depth", "Deliveries pending.", value=deliveries.get("pending", 0)
         )
+        if self._quality is not None:
+            yield from self._quality_gauges(self._quality)
+
+    def _quality_gauges(self, q: QualitySettings) -> Iterator[Metric]:
+        from node.db import finals as finals_db
+
+        try:
+            with self._sessions() as session:
+                counts = finals_db.final_counts(session)
+                rolling, pairs = finals_db.rolling_agreement(session, q.window)
+        except Exception as exc:
+            log.warning("metrics: cannot read final reports: %s", type(exc).__name__)
+            return
+        f = GaugeMetricFamily("cxr_final_reports", "Final reports by state.", labels=["state"])
+        for state, n in counts.items():
+            f.add_metric([state], n)
+        yield f
+        if rolling is not None:
+            yield GaugeMetricFamily(
+                "cxr_rolling_agreement", "Mean draft/final agreement, last pairs.", value=rolling
+            )
+        yield GaugeMetricFamily("cxr_rolling_pairs", "Pairs in the rolling window.", value=pairs)
+        alert = agreement_alert(rolling, pairs, q.threshold, q.min_pairs)
+        yield GaugeMetricFamily(
+            "cxr_agreement_alert", "1 when rolling agreement is below threshold.", value=int(alert)
+        )
 
 
-def render(session_factory: sessionmaker[Session]) -> bytes:
+def render(session_factory: sessionmaker[Session], quality: QualitySettings | None = None) -> bytes:
     """The exposition text: the process metrics and the database gauges."""
     db = CollectorRegistry()
-    db.register(DatabaseCollector(session_factory))
+    db.register(DatabaseCollector(session_factory, quality))
     return generate_latest(REGISTRY) + generate_latest(db)

@@ -30,7 +30,8 @@ from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
-from integration.fhir_report import DRAFT_STATUS, WITHDRAWN_STATUS
+from integration.fhir_report import DRAFT_STATUS
+from integration.fhir_withdrawal import WITHDRAWN_STATUS
 from tests.helpers import free_port, port_open, wait_for
 
 TOKEN = "test-token-3f9a"

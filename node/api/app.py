@@ -5,8 +5,8 @@ Routes: ``/health`` (no auth), ``/ready`` and ``/metrics`` (viewer), ``/api/...`
 API and holds no data), and the web console's router (``node.web.router``) when that package
 is present. No ``/docs`` or ``/redoc`` pages: they load scripts from a CDN, which an
 on-premises node must not depend on.
-Layers: routes -> :mod:`node.api.services` -> repositories (``node.db.views``,
-``node.db.jobs``); errors map to statuses in :mod:`node.api.errors`.
+Layers: routes -> :mod:`node.services` -> repository (``node.db``); errors map to statuses
+by type in :mod:`node.api.errors`.
 Bounds against hostile clients (:mod:`node.api.limits`): unsafe ``/api/`` requests are
 authenticated before their body is read, bodies are limited (JSON routes to
 :data:`~node.api.limits.JSON_BODY_LIMIT`, the upload to ``api_max_upload_mb``), and failed
@@ -20,14 +20,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from node.api import routes_admin, routes_health, routes_jobs, routes_models
+from node.api import routes_admin, routes_health, routes_jobs, routes_models, routes_quality
 from node.api.auth import authenticate_connection
-from node.api.context import ApiContext
 from node.api.errors import install_error_handlers
 from node.api.limits import JSON_BODY_LIMIT, AuthBeforeBody, FailedAuthLimiter
-from node.api.services import MIB
+from node.services.context import ServiceContext
+from node.services.images import MIB
 
-__all__ = ["ApiContext", "create_app"]
+__all__ = ["ServiceContext", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,13 @@ def create_app(ctx_like: Any, *, include_web: bool = True) -> FastAPI:
     Parameters
     ----------
     ctx_like
-        An :class:`~node.api.context.ApiContext` (settings, read-only and write session
+        An :class:`~node.api.context.ServiceContext` (settings, read-only and write session
         factories, model-host getter), or a :class:`node.runtime.service.NodeContext` (converted
-        with :meth:`ApiContext.from_node`).
+        with :meth:`ServiceContext.from_node`).
     include_web
         Mount the web console's router (``node.web.router``) when it can be imported.
     """
-    ctx = ctx_like if isinstance(ctx_like, ApiContext) else ApiContext.from_node(ctx_like)
+    ctx = ctx_like if isinstance(ctx_like, ServiceContext) else ServiceContext.from_node(ctx_like)
     app = FastAPI(
         title="llm-cxr-node admin API",
         docs_url=None,
@@ -65,7 +65,7 @@ def create_app(ctx_like: Any, *, include_web: bool = True) -> FastAPI:
         settings.api_auth_max_failures, settings.api_auth_window_seconds
     )
     install_error_handlers(app)
-    for module in (routes_health, routes_jobs, routes_admin, routes_models):
+    for module in (routes_health, routes_jobs, routes_admin, routes_models, routes_quality):
         app.include_router(module.router, max_body_size=JSON_BODY_LIMIT)
     app.include_router(routes_models.upload_router, max_body_size=settings.api_max_upload_mb * MIB)
     if include_web:

@@ -12,8 +12,8 @@ and a plain digest allows an indexed lookup. Tokens are sent as
 random session id, and ``cxr_csrf`` (readable by the page's JavaScript) holding a CSRF
 token also returned in the JSON body. The server keeps only SHA-256 hashes of both
 (``api_sessions``), so the cookie value cannot be forged: an unguessable server-side id
-needs no signature. Sessions expire after :data:`SESSION_LIFETIME`, end on logout, and die
-with their token's revocation.
+needs no signature. Sessions expire after :data:`node.services.tokens.SESSION_LIFETIME`,
+end on logout, and die with their token's revocation.
 
 **CSRF.** A request authenticated by the cookie with an unsafe method (anything but GET,
 HEAD, OPTIONS) must carry ``X-CSRF-Token`` equal to the session's CSRF token (checked
@@ -33,11 +33,9 @@ Audit rows name the caller as ``token:<id>:<name>`` (:attr:`Principal.actor`).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,35 +45,32 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
-from node.api.context import ApiContext, api_context
+from node.api.context import api_context
 from node.api.errors import ApiError
 from node.api.limits import PRINCIPAL_STATE, FailedAuthLimiter, client_key
 from node.db import audit as audit_db
 from node.db import tokens as tokens_db
 from node.db.models import ApiRole, utcnow
+from node.services.context import ServiceContext
+from node.services.tokens import hash_secret
 
 __all__ = [
     "CSRF_COOKIE",
     "CSRF_HEADER",
     "SESSION_COOKIE",
-    "SESSION_LIFETIME",
     "Principal",
     "authenticate",
     "authenticate_connection",
     "bearer_scheme",
     "failed_authentication",
-    "hash_secret",
-    "new_token",
     "require_role",
 ]
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX = "cxr_"
 SESSION_COOKIE = "cxr_session"
 CSRF_COOKIE = "cxr_csrf"
 CSRF_HEADER = "X-CSRF-Token"
-SESSION_LIFETIME = timedelta(hours=12)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _MAX_SECRET = 256
 
@@ -83,21 +78,6 @@ bearer_scheme = HTTPBearer(
     auto_error=False,
     description="An API token: `Authorization: Bearer cxr_...` (`cxr-node tokens create`).",
 )
-
-
-def new_token() -> str:
-    """A new random API token (``cxr_`` + 32 random bytes, URL-safe base64)."""
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def new_secret() -> str:
-    """A random 256-bit secret (session id, CSRF token)."""
-    return secrets.token_urlsafe(32)
-
-
-def hash_secret(secret: str) -> str:
-    """SHA-256 (hex) of a token or session secret, as stored in the database."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -115,8 +95,12 @@ class Principal:
         return f"token:{self.token_id}:{self.name}"[:128]
 
     def has(self, role: ApiRole | str) -> bool:
-        """Whether this principal's role is ``role`` or stronger."""
-        return self.role.rank >= ApiRole(role).rank
+        """Whether this principal's role is ``role`` or stronger; only a reviewer has
+        ``reviewer``."""
+        needed = ApiRole(role)
+        if needed is ApiRole.reviewer:
+            return self.role is ApiRole.reviewer
+        return self.role.rank >= needed.rank
 
 
 def _unauthorized(reason: str) -> ApiError:
@@ -124,7 +108,7 @@ def _unauthorized(reason: str) -> ApiError:
 
 
 def token_principal(
-    ctx: ApiContext,
+    ctx: ServiceContext,
     token: str,
     *,
     via: str = "bearer",
@@ -151,7 +135,7 @@ def token_principal(
 
 
 def failed_authentication(
-    conn: HTTPConnection, ctx: ApiContext, reason: str, *, kind: str
+    conn: HTTPConnection, ctx: ServiceContext, reason: str, *, kind: str
 ) -> ApiError:
     """Count, log and audit a failed authentication; return the error to raise.
 
@@ -207,7 +191,9 @@ def failed_authentication(
     )
 
 
-def _audit_failure(ctx: ApiContext, client: str, action: str, detail: dict[str, object]) -> None:
+def _audit_failure(
+    ctx: ServiceContext, client: str, action: str, detail: dict[str, object]
+) -> None:
     try:
         with ctx.write_sessions() as session:
             audit_db.audit(session, actor=f"client:{client}"[:128], action=action, detail=detail)
@@ -215,7 +201,7 @@ def _audit_failure(ctx: ApiContext, client: str, action: str, detail: dict[str, 
         log.warning("could not audit %s from %s: %s", action, client, type(exc).__name__)
 
 
-def _touch(ctx: ApiContext, row: tokens_db.TokenRow) -> None:
+def _touch(ctx: ServiceContext, row: tokens_db.TokenRow) -> None:
     now = utcnow()
     if row.last_used_at is not None and now - row.last_used_at < timedelta(seconds=60):
         return
@@ -229,7 +215,7 @@ def _touch(ctx: ApiContext, row: tokens_db.TokenRow) -> None:
 def authenticate(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
-    ctx: ApiContext = Depends(api_context),
+    ctx: ServiceContext = Depends(api_context),
 ) -> Principal:
     """FastAPI dependency: the caller, from the bearer token or the session cookie.
 
@@ -250,7 +236,7 @@ def authenticate(
     return authenticate_connection(request, ctx)
 
 
-def authenticate_connection(conn: HTTPConnection, ctx: ApiContext) -> Principal:
+def authenticate_connection(conn: HTTPConnection, ctx: ServiceContext) -> Principal:
     """The caller of a request, from its headers alone (never its body).
 
     ``Authorization: Bearer <token>`` (RFC 6750 §2.1), else the session cookie; for an

@@ -1,8 +1,9 @@
 """The one place that maps errors to HTTP statuses, each answer with a reason.
 
 Order of precedence, by the exception's type: the types of :data:`STATUS_BY_TYPE` (the
-repository's errors; a DICOM, HL7 or FHIR peer that refused or failed is a 502 whatever
-status the peer answered; data that is not DICOM is a 422), then an explicit ``http_status``
+repository's errors and those of :mod:`node.services.errors`; a DICOM, HL7 or FHIR peer
+that refused or failed is a 502 whatever status the peer answered; data that is not DICOM
+is a 422), then an explicit ``http_status``
 attribute (models' and integration errors carry one, as do :class:`ApiError` and the model
 host's ``ModelNotReady``), then ``ValueError`` (a value refused by a constructor: 422).
 Anything else is a 500 whose body names no internals; it is logged with its traceback (no
@@ -22,6 +23,7 @@ from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from integration.errors import DeliveryError, IntegrationError
 from node.db.jobs import JobConflict, JobNotFound, LeaseLost
+from node.services import errors as service_errors
 
 __all__ = ["STATUS_BY_TYPE", "ApiError", "error_body", "install_error_handlers", "status_for"]
 
@@ -33,6 +35,12 @@ STATUS_BY_TYPE: dict[type[BaseException], int] = {
     LeaseLost: 409,
     DeliveryError: 502,
     InvalidDicomError: 422,
+    service_errors.NotFound: 404,
+    service_errors.Gone: 410,
+    service_errors.Conflict: 409,
+    service_errors.InvalidInput: 422,
+    service_errors.InputTooLarge: 413,
+    service_errors.Unavailable: 503,
 }
 
 
@@ -126,6 +134,7 @@ async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
 # handler for bare ``Exception`` would run in the outer error middleware, which re-raises.
 _HANDLED: tuple[type[Exception], ...] = (
     ApiError,
+    service_errors.ServiceError,
     IntegrationError,
     LookupError,
     ValueError,

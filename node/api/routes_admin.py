@@ -2,58 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from node.api import services
 from node.api.auth import (
     CSRF_COOKIE,
     SESSION_COOKIE,
-    SESSION_LIFETIME,
     Principal,
     authenticate,
-    hash_secret,
-    new_secret,
-    require_role,
     token_principal,
 )
-from node.api.context import ApiContext, api_context
+from node.api.deps import AUTH_ERRORS, Admin, Ctx, Operator, Viewer, utc
 from node.api.schemas import (
-    AuditOut,
     AuditPage,
     ErrorOut,
     SessionIn,
     SessionOut,
     TokenCreatedOut,
     TokenCreateIn,
-    TokenOut,
 )
-from node.db import audit as audit_db
-from node.db import tokens as tokens_db
-from node.db import views as views_db
+from node.db.tokens import TokenRow
+from node.services import destinations as destination_service
+from node.services import jobs as job_service
+from node.services import tokens as token_service
+from node.services.tokens import SESSION_LIFETIME
 
 __all__ = ["router"]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "no or invalid token"},
-    403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
-    429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
-}
+_ERRORS = AUTH_ERRORS
 router = APIRouter(prefix="/api", responses=_ERRORS)
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
-Admin = Annotated[Principal, Depends(require_role("admin"))]
-Ctx = Annotated[ApiContext, Depends(api_context)]
 TokenId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Token id.")]
 
 
-@router.get("/tokens", response_model=list[TokenOut], tags=["tokens"], summary="List tokens")
-def list_tokens(ctx: Ctx, _p: Admin) -> list[TokenOut]:
+@router.get("/tokens", response_model=list[TokenRow], tags=["tokens"], summary="List tokens")
+def list_tokens(ctx: Ctx, _p: Admin) -> list[TokenRow]:
     """Every token (never the secret), oldest first (admin)."""
-    with ctx.read_sessions() as session:
-        return [TokenOut(**asdict(t)) for t in tokens_db.list_tokens(session)]
+    return token_service.list_tokens(ctx)
 
 
 @router.post(
@@ -65,20 +51,20 @@ def list_tokens(ctx: Ctx, _p: Admin) -> list[TokenOut]:
 )
 def create_token(body: TokenCreateIn, ctx: Ctx, p: Admin) -> TokenCreatedOut:
     """Create a token; the secret is in this answer only (stored as its SHA-256). Audited."""
-    row, secret = services.create_token(ctx, name=body.name, role=body.role, actor=p.actor)
-    return TokenCreatedOut(**asdict(row), token=secret)
+    row, secret = token_service.create_token(ctx, name=body.name, role=body.role, actor=p.actor)
+    return TokenCreatedOut(**vars(row), token=secret)
 
 
 @router.delete(
     "/tokens/{token_id}",
-    response_model=TokenOut,
+    response_model=TokenRow,
     tags=["tokens"],
     responses={404: {"model": ErrorOut, "description": "no such token"}},
     summary="Revoke a token (admin)",
 )
-def revoke_token(token_id: TokenId, ctx: Ctx, p: Admin) -> TokenOut:
+def revoke_token(token_id: TokenId, ctx: Ctx, p: Admin) -> TokenRow:
     """Revoke a token and end its web sessions (idempotent). Audited."""
-    return TokenOut(**asdict(services.revoke_token(ctx, token_id, actor=p.actor)))
+    return token_service.revoke_token(ctx, token_id, actor=p.actor)
 
 
 @router.get("/config", tags=["node"], summary="Effective configuration, no secrets (admin)")
@@ -90,8 +76,7 @@ def config(ctx: Ctx, _p: Admin) -> dict[str, Any]:
 @router.get("/status", tags=["node"], summary="Counts by state (viewer)")
 def status(ctx: Ctx, _p: Viewer) -> dict[str, Any]:
     """Instances, studies, jobs and deliveries by state, spool bytes."""
-    with ctx.read_sessions() as session:
-        return views_db.counts(session).to_dict()
+    return job_service.counts(ctx).to_dict()
 
 
 @router.get("/audit", response_model=AuditPage, tags=["audit"], summary="Audit log (viewer)")
@@ -106,24 +91,44 @@ def audit(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> AuditPage:
     """Every admin action (who, what, when, target), newest first."""
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-    with ctx.read_sessions() as session:
-        rows, total = audit_db.audit_entries(
-            session,
-            actor=actor,
-            action=action,
-            target=target,
-            since=since,
-            limit=limit,
-            offset=offset,
-        )
+    since = utc(since)
+    rows, total = job_service.audit_entries(
+        ctx,
+        actor=actor,
+        action=action,
+        target=target,
+        since=since,
+        limit=limit,
+        offset=offset,
+    )
     return AuditPage(
         total=total,
         limit=limit,
         offset=offset,
-        items=[AuditOut(**asdict(a)) for a in rows],
+        items=rows,
     )
+
+
+@router.post(
+    "/destinations/{index}/echo",
+    name="destination_echo",
+    tags=["destinations"],
+    responses={
+        404: {"model": ErrorOut, "description": "no destination has that index"},
+        409: {"model": ErrorOut, "description": "the destination is not DICOM DIMSE"},
+    },
+    summary="C-ECHO a configured DICOM destination (operator)",
+)
+def destination_echo(
+    index: Annotated[int, Path(ge=0, le=10_000, description="Index in `destinations`.")],
+    ctx: Ctx,
+    p: Operator,
+) -> dict[str, Any]:
+    """C-ECHO configured destination ``index`` (Verification SOP Class, PS3.4 Annex A) with
+    the node's TLS settings. Returns ``{"ok", "destination", "index"}``. Audited
+    ``destination.echo``."""
+    result = destination_service.echo(ctx, index, actor=p.actor)
+    return {"ok": result.ok, "destination": result.destination, "index": index}
 
 
 # --- web-console sessions --------------------------------------------------------------------
@@ -144,16 +149,8 @@ def login(body: SessionIn, request: Request, response: Response, ctx: Ctx) -> Se
     (``auth.failed``), and 429 with ``Retry-After`` past ``api_auth_max_failures``.
     """
     p = token_principal(ctx, body.token, via="cookie", conn=request, kind="login")
-    sid, csrf = new_secret(), new_secret()
-    with ctx.write_sessions() as session:
-        expires = tokens_db.create_session(
-            session,
-            token_id=p.token_id,
-            session_hash=hash_secret(sid),
-            csrf_hash=hash_secret(csrf),
-            lifetime=SESSION_LIFETIME,
-            actor=p.actor,
-        )
+    opened = token_service.open_session(ctx, p.token_id, actor=p.actor)
+    sid, csrf, expires = opened.session_id, opened.csrf_token, opened.expires_at
     secure = request.url.scheme == "https"
     max_age = int(SESSION_LIFETIME.total_seconds())
     response.set_cookie(
@@ -196,8 +193,7 @@ def logout(request: Request, ctx: Ctx, p: Annotated[Principal, Depends(authentic
     """End the cookie session (CSRF header required) and clear the cookies."""
     sid = request.cookies.get(SESSION_COOKIE)
     if sid and p.via == "cookie":
-        with ctx.write_sessions() as session:
-            tokens_db.end_session(session, hash_secret(sid), actor=p.actor)
+        token_service.end_session(ctx, sid, actor=p.actor)
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/")
     response.delete_cookie(CSRF_COOKIE)

@@ -8,22 +8,19 @@ Kubernetes readiness probe can use an ``exec`` probe with ``curl -H`` or ``/heal
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from node import metrics
-from node.api import services
-from node.api.auth import Principal, require_role
-from node.api.context import ApiContext, api_context
+from node.api.deps import Ctx, Viewer
 from node.api.schemas import ErrorOut
+from node.services.health import readiness
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["health"])
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
-Ctx = Annotated[ApiContext, Depends(api_context)]
 _AUTH: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no or invalid token"},
     429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
@@ -43,7 +40,7 @@ def health() -> dict[str, str]:
 )
 def ready(ctx: Ctx, _p: Viewer) -> JSONResponse:
     """200 when ready, else 503 with a reason per failing check."""
-    ok, checks = services.readiness(ctx)
+    ok, checks = readiness(ctx)
     return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
 
@@ -55,4 +52,8 @@ def ready(ctx: Ctx, _p: Viewer) -> JSONResponse:
 )
 def metrics_endpoint(ctx: Ctx, _p: Viewer) -> Response:
     """Exposition text: process metrics and database gauges (see ``node.metrics``)."""
-    return Response(metrics.render(ctx.read_sessions), media_type=metrics.CONTENT_TYPE)
+    s = ctx.settings
+    quality = metrics.QualitySettings(
+        s.agreement_window, s.agreement_alert_threshold, s.agreement_min_pairs
+    )
+    return Response(metrics.render(ctx.read_sessions, quality), media_type=metrics.CONTENT_TYPE)

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Path, Query, UploadFile
+from fastapi import APIRouter, File, Path, Query, UploadFile
 from fastapi.responses import Response
 
-from node.api import services
-from node.api.auth import Principal, require_role
-from node.api.context import ApiContext, api_context
+from node.api.deps import AUTH_ERRORS, Ctx, Operator
 from node.api.schemas import ErrorOut, GenerateImageIn, ReportOut, VqaIn, VqaOut
+from node.services import tasks
+from node.services.images import MIB
 
 __all__ = ["router", "upload_router"]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "no or invalid token"},
-    403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
+    **AUTH_ERRORS,
     413: {"model": ErrorOut, "description": "request body over the route's limit"},
     422: {"model": ErrorOut, "description": "input the model cannot take"},
     429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
@@ -28,8 +27,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(prefix="/api", tags=["model"], responses=_ERRORS)
 upload_router = APIRouter(prefix="/api", tags=["model"], responses=_ERRORS)
-Operator = Annotated[Principal, Depends(require_role("operator"))]
-Ctx = Annotated[ApiContext, Depends(api_context)]
 UID = Annotated[str, Path(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
 
 
@@ -42,8 +39,8 @@ UID = Annotated[str, Path(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
 def vqa(study_uid: UID, body: VqaIn, ctx: Ctx, p: Operator) -> VqaOut:
     """Answer about the study's frontal image (the one its job used, or chosen now), or the
     instance named by ``sop_instance_uid``. AI generated, unverified. Audited."""
-    answer, img = services.vqa_for_study(
-        ctx, study_uid, body.question, sop_instance_uid=body.sop_instance_uid, principal=p
+    answer, img = tasks.vqa_for_study(
+        ctx, study_uid, body.question, sop_instance_uid=body.sop_instance_uid, actor=p.actor
     )
     return VqaOut(
         study_uid=study_uid,
@@ -71,9 +68,9 @@ def report(file: Annotated[UploadFile, File()], ctx: Ctx, p: Operator) -> Report
 
     The request body may be at most ``api_max_upload_mb`` MiB (else 413, checked before
     the body is read); the caller is authenticated before any of it is read."""
-    limit = ctx.settings.api_max_upload_mb * services.MIB
+    limit = ctx.settings.api_max_upload_mb * MIB
     data = file.file.read(limit + 1)
-    draft, sop = services.report_for_upload(ctx, data, principal=p, max_bytes=limit)
+    draft, sop = tasks.report_for_upload(ctx, data, actor=p.actor, max_bytes=limit)
     return ReportOut(
         text=draft.text,
         findings=draft.findings,
@@ -109,10 +106,10 @@ def generate_image(
     (the delivery worker sends it, with retries). Headers: ``X-Image-Codes`` (the 256
     codes), ``X-Model-Name``, ``X-Model-Version``, ``X-Demo``, ``X-SOP-Instance-UID``
     (DICOM), ``X-Queued-To`` and ``X-Delivery-Id`` when queued. Audited."""
-    res = services.make_image(
+    res = tasks.make_image(
         ctx,
         body.report,
-        principal=p,
+        actor=p.actor,
         as_dicom=format == "dicom",
         seed=body.seed,
         greedy=body.greedy,

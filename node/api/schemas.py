@@ -1,37 +1,43 @@
-"""Request and response bodies of the API (pydantic; they make the OpenAPI schema)."""
+"""Request and response bodies of the API (pydantic; they make the OpenAPI schema).
+
+A job, draft, delivery, audit row, SR version and token have one shape each, the read
+models of :mod:`node.db` (``JobRow``, ``DraftRow``, ``DeliveryRow``, ``AuditEntry``,
+``SrVersion``, ``TokenRow``), used as they are by the API, the console and the CLI.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from node.db.audit import AuditEntry
+from node.db.finals import FinalRow
+from node.db.tokens import TokenRow
+from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion
+
 __all__ = [
-    "AuditOut",
     "AuditPage",
     "CancelIn",
-    "DeliveryOut",
-    "DraftOut",
     "ErrorOut",
     "GenerateImageIn",
     "JobDetailOut",
-    "JobOut",
     "JobPage",
     "PriorityIn",
     "ReportOut",
+    "ReviewIn",
     "SessionIn",
     "SessionOut",
-    "SrVersionOut",
     "TokenCreateIn",
     "TokenCreatedOut",
-    "TokenOut",
     "VqaIn",
     "VqaOut",
     "WithdrawIn",
 ]
 
-Role = Literal["viewer", "operator", "admin"]
+Role = Literal["viewer", "operator", "admin", "reviewer"]
 
 
 class ErrorOut(BaseModel):
@@ -42,80 +48,13 @@ class ErrorOut(BaseModel):
     status: int | None = None
 
 
-class JobOut(BaseModel):
-    """A job in a list."""
-
-    id: int
-    study_uid: str
-    state: str
-    priority: int
-    attempts: int
-    max_attempts: int
-    created_at: datetime
-    updated_at: datetime
-    queued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    sr_uid: str | None
-    lease_owner: str | None
-    last_error: str | None
-    withdrawn_at: datetime | None = None
-    withdrawn_by: str | None = None
-    withdrawn_reason: str | None = None
-
-
 class JobPage(BaseModel):
     """A page of jobs, newest first, and the number of matches."""
 
     total: int
     limit: int
     offset: int
-    items: list[JobOut]
-
-
-class DraftOut(BaseModel):
-    """A draft report (AI generated, unverified)."""
-
-    id: int
-    task: str
-    text: str
-    findings: str | None
-    impression: str | None
-    model_name: str
-    model_version: str
-    demo: bool
-    timings: dict[str, Any] | None
-    generation_settings: dict[str, Any] | None
-    created_at: datetime
-
-
-class DeliveryOut(BaseModel):
-    """Delivery of one object (``sr``, ``basic-sr``, ``pdf``, ``report``, ``withdrawal``) to
-    one destination of kind ``dimse``, ``stow``, ``hl7`` or ``fhir``."""
-
-    id: int
-    destination: str
-    kind: str
-    object: str = "sr"
-    object_uid: str | None = None
-    state: str
-    attempts: int
-    next_attempt_at: datetime | None
-    last_attempt_at: datetime | None
-    sent_at: datetime | None
-    last_error: str | None
-    created_at: datetime
-
-
-class AuditOut(BaseModel):
-    """An audit-log row: who, what, when, on which target."""
-
-    id: int
-    at: datetime
-    actor: str
-    action: str
-    target: str | None
-    detail: dict[str, Any] | None
+    items: list[JobRow]
 
 
 class AuditPage(BaseModel):
@@ -124,7 +63,7 @@ class AuditPage(BaseModel):
     total: int
     limit: int
     offset: int
-    items: list[AuditOut]
+    items: list[AuditEntry]
 
 
 class StageOut(BaseModel):
@@ -135,30 +74,22 @@ class StageOut(BaseModel):
     seconds: float | None
 
 
-class SrVersionOut(BaseModel):
-    """One draft SR of the job's study; a later one supersedes the earlier ones."""
-
-    job_id: int
-    sr_uid: str
-    finished_at: datetime | None
-    withdrawn_at: datetime | None
-    superseded: bool
-
-
 class JobDetailOut(BaseModel):
     """One job: state, stages and timings, draft text, SR UID and the study's chain of draft
     SRs, delivery attempts, audit."""
 
-    job: JobOut
+    job: JobRow
     selected_sop_instance_uid: str | None
     lease_expires_at: datetime | None
     stages: list[StageOut]
     timings: dict[str, Any] | None
-    draft: DraftOut | None
-    drafts: list[DraftOut]
-    deliveries: list[DeliveryOut]
-    audit: list[AuditOut]
-    sr_chain: list[SrVersionOut] = []
+    draft: DraftRow | None
+    drafts: list[DraftRow]
+    deliveries: list[DeliveryRow]
+    audit: list[AuditEntry]
+    sr_chain: list[SrVersion] = []
+    finals: list[FinalRow] = []
+    """Final reports matched to the draft, with labels and concordance (text included)."""
 
 
 class CancelIn(BaseModel):
@@ -175,6 +106,17 @@ class WithdrawIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(min_length=1, max_length=256)
+
+
+class ReviewIn(BaseModel):
+    """A reviewer's decision on a draft: ``accept``, ``edit`` (with the edited ``text``) or
+    ``reject`` (with a ``reason``; no patient data)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["accept", "edit", "reject"]
+    text: str | None = Field(default=None, max_length=20_000)
+    reason: str | None = Field(default=None, max_length=256)
 
 
 class PriorityIn(BaseModel):
@@ -194,21 +136,11 @@ class TokenCreateIn(BaseModel):
     role: Role
 
 
-class TokenOut(BaseModel):
-    """A token (never its secret)."""
-
-    id: int
-    name: str
-    role: str
-    created_at: datetime
-    revoked_at: datetime | None
-    last_used_at: datetime | None
-
-
-class TokenCreatedOut(TokenOut):
+@dataclass(frozen=True)
+class TokenCreatedOut(TokenRow):
     """A new token: ``token`` is shown this once and stored only hashed."""
 
-    token: str
+    token: str = field(kw_only=True)
 
 
 class SessionIn(BaseModel):

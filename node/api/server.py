@@ -23,7 +23,7 @@ from typing import Any
 import uvicorn
 
 from node.api.app import create_app
-from node.api.context import ApiContext
+from node.services.context import ServiceContext
 from node.settings import Settings, is_loopback
 
 __all__ = ["HSTS", "ApiServer", "api_ssl_context", "make_api_server"]
@@ -154,14 +154,14 @@ def make_api_server(ctx: Any) -> ApiServer:
     Parameters
     ----------
     ctx
-        A :class:`node.runtime.service.NodeContext` (or an :class:`ApiContext`).
+        A :class:`node.runtime.service.NodeContext` (or an :class:`ServiceContext`).
 
     Raises
     ------
     ConfigError
         HTTPS is on and the certificate or key cannot be loaded.
     """
-    api_ctx = ctx if isinstance(ctx, ApiContext) else ApiContext.from_node(ctx)
+    api_ctx = ctx if isinstance(ctx, ServiceContext) else ServiceContext.from_node(ctx)
     settings = api_ctx.settings
     app = create_app(api_ctx)
     return ApiServer(

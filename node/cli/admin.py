@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import getpass
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import jobs as jobs_db
-from node.db import tokens as tokens_db
-from node.db import views as views_db
+from node.cli.common import services
 from node.db.models import ApiRole
+from node.services import jobs as job_service
+from node.services import tokens as token_service
+from node.services.context import ServiceContext
 from node.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,21 +58,8 @@ def actor() -> str:
     return f"cli:{user}"[:128]
 
 
-@contextmanager
-def _sessions(read_only: bool = False) -> Iterator[sessionmaker[Session]]:
-    from sqlalchemy import inspect
-
-    from node.db.engine import make_engine, make_session_factory
-
-    settings = _settings()
-    engine = make_engine(settings.database_url)
-    try:
-        if not inspect(engine).has_table("api_tokens"):
-            err.print("database schema is not current: run `cxr-node db upgrade`")
-            raise typer.Exit(1)
-        yield make_session_factory(engine, read_only=read_only)
-    finally:
-        engine.dispose()
+def _services() -> AbstractContextManager[ServiceContext]:
+    return services(_settings(), table="api_tokens")
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -92,12 +79,10 @@ def jobs_show(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Show one job: state, timings, draft text, SR UID, deliveries, audit trail."""
-    from node.db.jobs import JobNotFound
-
-    with _sessions(read_only=True) as factory, factory() as session:
+    with _services() as ctx:
         try:
-            d = views_db.job_detail(session, job_id)
-        except JobNotFound as exc:
+            d = job_service.detail(ctx, job_id)
+        except LookupError as exc:
             raise _fail(exc) from None
     data = _jsonable(asdict(d))
     if as_json:
@@ -147,12 +132,12 @@ def jobs_show(
 def jobs_retry(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Queue a failed or cancelled job again (audited)."""
 
-    with _sessions() as factory, factory() as session:
+    with _services() as ctx:
         try:
-            job = jobs_db.requeue_job(session, job_id, actor=actor())
+            job = job_service.requeue(ctx, job_id, actor=actor())
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
-        typer.echo(f"job {job.id}: {job.state.value}")
+    typer.echo(f"job {job.id}: {job.state}")
 
 
 def jobs_cancel(
@@ -161,21 +146,19 @@ def jobs_cancel(
 ) -> None:
     """Cancel a job that has not finished (audited)."""
 
-    with _sessions() as factory, factory() as session:
+    with _services() as ctx:
         try:
-            job = jobs_db.cancel_job(session, job_id, actor=actor(), reason=reason)
+            job = job_service.cancel(ctx, job_id, actor=actor(), reason=reason)
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
-        typer.echo(f"job {job.id}: {job.state.value}")
+    typer.echo(f"job {job.id}: {job.state}")
 
 
 def jobs_resend(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Send the job's objects again to their destinations (audited)."""
-    from node.db.deliveries import resend
-
-    with _sessions() as factory, factory() as session:
+    with _services() as ctx:
         try:
-            ids = resend(session, job_id, actor=actor())
+            ids = job_service.resend(ctx, job_id, actor=actor())
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
     typer.echo(f"job {job_id}: {len(ids)} deliveries queued again")
@@ -189,11 +172,9 @@ def jobs_withdraw(
 
     The withdrawals are queued; a running ``cxr-node serve`` sends them.
     """
-    from node.runtime.outputs import withdraw
-
-    with _sessions() as factory:
+    with _services() as ctx:
         try:
-            result = withdraw(_settings(), factory, job_id, actor=actor(), reason=reason)
+            result = job_service.withdraw(ctx, job_id, actor=actor(), reason=reason)
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
     typer.echo(
@@ -210,9 +191,9 @@ def jobs_priority(
 ) -> None:
     """Re-prioritise a job (audited)."""
 
-    with _sessions() as factory, factory() as session:
+    with _services() as ctx:
         try:
-            row = views_db.set_priority(session, job_id, priority, actor=actor())
+            row = job_service.set_priority(ctx, job_id, priority, actor=actor())
         except (LookupError, ValueError) as exc:
             raise _fail(exc) from None
     typer.echo(f"job {row.id}: priority {row.priority}")
@@ -227,15 +208,10 @@ def tokens_create(
     name: Annotated[str | None, typer.Option("--name", help="A label for the token.")] = None,
 ) -> None:
     """Create an API token; the token is printed alone on the last line (shown once)."""
-    from node.api.auth import hash_secret, new_token
-
-    secret = new_token()
     label = name or f"{role.value}-token"
-    with _sessions() as factory, factory() as session:
+    with _services() as ctx:
         try:
-            row = tokens_db.create_token(
-                session, name=label, role=role, token_hash=hash_secret(secret), actor=actor()
-            )
+            row, secret = token_service.create_token(ctx, name=label, role=role, actor=actor())
         except ValueError as exc:
             raise _fail(exc) from None
     err.print(f"token {row.id} ({row.name}, role {row.role}); store it now, it is shown once:")
@@ -246,9 +222,9 @@ def tokens_create(
 def tokens_revoke(token_id: Annotated[int, typer.Argument(help="Token id.")]) -> None:
     """Revoke a token (its web sessions end too)."""
 
-    with _sessions() as factory, factory() as session:
+    with _services() as ctx:
         try:
-            row = tokens_db.revoke_token(session, token_id, actor=actor())
+            row = token_service.revoke_token(ctx, token_id, actor=actor())
         except LookupError as exc:
             raise _fail(exc) from None
     typer.echo(f"token {row.id} ({row.name}) revoked")
@@ -260,8 +236,8 @@ def tokens_list(
 ) -> None:
     """List tokens (never their secrets)."""
 
-    with _sessions(read_only=True) as factory, factory() as session:
-        rows = tokens_db.list_tokens(session)
+    with _services() as ctx:
+        rows = token_service.list_tokens(ctx)
     if as_json:
         typer.echo(json.dumps(_jsonable([asdict(r) for r in rows])))
         return
@@ -295,12 +271,13 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Ask the model a question about a chest X-ray (CXR-VQA; AI generated, unverified)."""
-    from node.api import services
+    from node.services.images import gray8_from_file
+    from node.services.tasks import answer_question
 
     settings = _settings()
     try:
-        gray8, _ds = services.gray8_from_file(file)
-        answer = services.answer_question(_runtime(settings), gray8, question)
+        gray8, _ds = gray8_from_file(file)
+        answer = answer_question(_runtime(settings), gray8, question)
     except typer.Exit:
         raise
     except Exception as exc:
@@ -337,7 +314,7 @@ def generate_image(
 ) -> None:
     """Generate a synthetic chest X-ray from report text (256 codes -> 256x256 PNG)."""
     from integration.sc import build_synthetic_sc, to_part10_bytes
-    from node.api.services import png_bytes
+    from node.services.images import png_bytes
 
     settings = _settings()
     runtime = _runtime(settings)

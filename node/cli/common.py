@@ -1,16 +1,22 @@
-"""What the ``cxr-node`` commands share: the root ``--config`` option and settings loading."""
+"""What the ``cxr-node`` commands share: the root ``--config`` option, settings loading, and
+the services' context on the configured database."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from node.settings import ConfigError, Settings, load_settings
 
-__all__ = ["err", "load", "options"]
+if TYPE_CHECKING:
+    from node.services.context import ServiceContext
+
+__all__ = ["err", "load", "options", "services"]
 
 #: the root options, set by ``cxr-node``'s callback before a command runs
 options: dict[str, Path | None] = {"config": None}
@@ -25,3 +31,30 @@ def load(config: Path | None = None, **overrides: Any) -> Settings:
     except ConfigError as exc:
         err.print(f"[red]configuration refused:[/red] {exc}", highlight=False, markup=True)
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def services(settings: Settings, *, table: str = "jobs") -> Iterator[ServiceContext]:
+    """The services' context on ``settings.database_url`` (no model host: the CLI runs the
+    model in-process where a command needs it); exits with status 1 and a hint when the
+    schema lacks ``table`` (not migrated yet)."""
+    from sqlalchemy import inspect
+
+    from node.db.engine import make_engine, make_session_factory
+    from node.services.context import ServiceContext
+
+    engine = make_engine(settings.database_url)
+    try:
+        if not inspect(engine).has_table(table):
+            err.print(
+                "database has no current node schema: run `cxr-node db upgrade` "
+                "(or `cxr-node serve`)"
+            )
+            raise typer.Exit(1)
+        yield ServiceContext(
+            settings=settings,
+            read_sessions=make_session_factory(engine, read_only=True),
+            write_sessions=make_session_factory(engine),
+        )
+    finally:
+        engine.dispose()

@@ -19,17 +19,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import inspect
 
-from node.cli.common import err, load, options
+from node.cli.common import err, load, options, services
 from node.cli.models import app as models_app
 from node.cli.worker import command as worker_command
 from node.db import views as views_db
-from node.db.engine import make_engine, make_session_factory
+from node.db.engine import make_engine
 from node.db.migrate import current_revision, head_revision, upgrade
 from node.db.models import JobState
 from node.filemodes import apply_private_umask
 from node.logging_setup import configure_logging
+from node.services import jobs as job_service
 from node.settings import ConfigError, Settings, parse_ae_address
 
 __all__ = ["app", "main"]
@@ -70,18 +70,6 @@ def _settings() -> Settings:
     return load()
 
 
-def _require_schema(settings: Settings) -> None:
-    engine = make_engine(settings.database_url)
-    try:
-        if not inspect(engine).has_table("jobs"):
-            err.print(
-                "database has no node schema yet: run `cxr-node db upgrade` (or `cxr-node serve`)"
-            )
-            raise typer.Exit(1)
-    finally:
-        engine.dispose()
-
-
 @app.command()
 def serve() -> None:
     """Run the node in the foreground (SCP, chores) until SIGTERM/SIGINT."""
@@ -117,11 +105,10 @@ def status(
 ) -> None:
     """Counts of instances, studies, jobs and deliveries by state, and spool size."""
     settings = _settings()
-    _require_schema(settings)
+    with services(settings) as ctx:
+        c = job_service.counts(ctx)
     engine = make_engine(settings.database_url)
     try:
-        with make_session_factory(engine, read_only=True)() as session:
-            c = views_db.counts(session)
         revision = current_revision(engine)
     finally:
         engine.dispose()
@@ -208,15 +195,9 @@ def jobs_list(
 ) -> None:
     """List jobs, newest first."""
     settings = _settings()
-    _require_schema(settings)
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine, read_only=True)() as session:
-            rows, _ = views_db.filter_jobs(
-                session, views_db.JobFilter(states=[state] if state else [], limit=limit)
-            )
-    finally:
-        engine.dispose()
+    flt = views_db.JobFilter(states=[state] if state else [], limit=limit)
+    with services(settings) as ctx:
+        rows, _ = job_service.list_jobs(ctx, flt)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows]))
         return

@@ -1,18 +1,15 @@
 """Queries of delivery: one ``deliveries`` row per (job, destination, object), retried.
 
-Life of a row: ``pending`` -> ``sent`` | ``failed``; an admin re-send (or a re-run of the job)
-brings it back to ``pending``; withdrawing the draft moves the rows not yet sent to
-``cancelled`` (:func:`withdraw_job`). A sender *claims* due rows (``next_attempt_at <= now``): the
-claim increments ``attempts`` and moves ``next_attempt_at`` forward by a short lease, so no
-other sender takes the row while it is being sent (PostgreSQL: ``SELECT ... FOR UPDATE SKIP
-LOCKED``; SQLite: the ``BEGIN IMMEDIATE`` transaction serializes claims). The lease end is
-also the claim's fencing token: :func:`mark_sent`, :func:`mark_retry` and :func:`mark_failed`
-given ``claimed_until`` change the row only while it still carries that value, so the result
-of a send that outlived its lease, or of a row re-queued meanwhile, is ignored instead of
-overwriting newer state. If a sender dies, the lease passes and the row is sent again.
+Life of a row: ``pending`` -> ``sent`` | ``failed``; an admin re-send (:func:`resend`), a
+re-run of the job (:func:`enqueue_deliveries`) or a destination that answers again
+(:func:`requeue_failed`) brings it back to ``pending``; withdrawing the draft moves the rows
+not yet sent to ``cancelled`` (:func:`node.db.withdrawals.withdraw_job`). Senders claim due
+rows under a lease that is also a fencing token, and record each send's outcome
+(:mod:`node.db.delivery_claims`: :func:`claim_due_deliveries`, :func:`mark_sent`,
+:func:`mark_retry`, :func:`mark_failed`, :func:`release_claim`, re-exported here).
 
-Every function that changes state commits its own transaction (as in
-:mod:`node.db.repository`). Error texts stored here name destinations and UIDs only.
+Every function that changes state commits its own transaction
+(:func:`node.db.tx.in_transaction`). Error texts stored here name destinations and UIDs only.
 """
 
 from __future__ import annotations
@@ -20,10 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from integration.destinations import (
@@ -33,6 +30,13 @@ from integration.destinations import (
     Hl7Destination,
     StowDestination,
     parse_destination,
+)
+from node.db.delivery_claims import (
+    claim_due_deliveries,
+    mark_failed,
+    mark_retry,
+    mark_sent,
+    release_claim,
 )
 from node.db.jobs import JobNotFound
 from node.db.models import (
@@ -64,7 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DestinationLike = Destination | str
-_MAX_ERROR = 2000  # keep stored error texts bounded
 
 
 _KINDS = {
@@ -87,10 +90,6 @@ def _normalise(dest: DestinationLike) -> tuple[str, DeliveryKind]:
 def destination_kind(dest: DestinationLike) -> DeliveryKind:
     """The protocol of ``dest``: DIMSE C-STORE, STOW-RS, HL7 MLLP or FHIR."""
     return _normalise(dest)[1]
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -158,35 +157,15 @@ def enqueue_deliveries(
     ValueError
         An empty file path, or a destination text of no known form.
     """
-    wanted_items = list(items)
-    if destinations:
-        if not sr_path:
-            raise ValueError("sr_path: the SR file path must not be empty")
-        wanted_items += [Outbound(d, DeliveryObject.sr, sr_path) for d in destinations]
-    wanted: dict[tuple[str, DeliveryObject], tuple[DeliveryKind, Outbound]] = {}
-    for item in wanted_items:
-        if not item.path:
-            raise ValueError("path: the file to send must not be empty")
-        text, kind = _normalise(item.destination)
-        wanted.setdefault((text, item.object), (kind, item))
+    wanted = _wanted(items, sr_path, destinations)
     now = now or utcnow()
 
     def work() -> list[int]:
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
         if job_id is not None:
-            job = session.scalars(select(Job.id).where(Job.id == job_id).with_for_update()).first()
-            if job is None:
-                raise JobNotFound(f"job {job_id} does not exist")
-            existing = {
-                (d.destination, d.object): d
-                for d in session.scalars(
-                    select(Delivery)
-                    .where(Delivery.job_id == job_id)
-                    .order_by(Delivery.id)
-                    .with_for_update()
-                    .execution_options(populate_existing=True)
-                )
-            }
+            _lock_job(session, job_id)
+            rows = _locked_rows(session, Delivery.job_id == job_id)
+            existing = {(d.destination, d.object): d for d in rows}
         ids: list[int] = []
         for (text, obj), (kind, item) in wanted.items():
             row = existing.get((text, obj))
@@ -194,13 +173,7 @@ def enqueue_deliveries(
                 row = Delivery(job_id=job_id, destination=text, object=obj, created_at=now)
                 session.add(row)
             row.kind = kind
-            row.state = DeliveryState.pending
-            row.attempts = 0
-            row.next_attempt_at = now
-            row.queued_at = now
-            row.permanent_failure = False
-            row.last_error = None
-            row.sent_at = None
+            _reset_pending(row, now)
             row.sr_path = item.path
             row.object_uid = item.object_uid
             session.flush()
@@ -217,220 +190,56 @@ def enqueue_deliveries(
     return ids
 
 
-def claim_due_deliveries(
-    session: Session,
-    *,
-    now: datetime | None = None,
-    limit: int = 8,
-    lease_seconds: float = 120.0,
-    owner: str | None = None,
-) -> list[Delivery]:
-    """Claim up to ``limit`` pending deliveries that are due, oldest first.
+def _wanted(
+    items: Sequence[Outbound], sr_path: str | None, destinations: Sequence[DestinationLike]
+) -> dict[tuple[str, DeliveryObject], tuple[DeliveryKind, Outbound]]:
+    """The rows :func:`enqueue_deliveries` is asked for, by (destination text, object); the
+    first of duplicates wins. Raises ``ValueError`` for an empty path or an unknown form."""
+    wanted_items = list(items)
+    if destinations:
+        if not sr_path:
+            raise ValueError("sr_path: the SR file path must not be empty")
+        wanted_items += [Outbound(d, DeliveryObject.sr, sr_path) for d in destinations]
+    wanted: dict[tuple[str, DeliveryObject], tuple[DeliveryKind, Outbound]] = {}
+    for item in wanted_items:
+        if not item.path:
+            raise ValueError("path: the file to send must not be empty")
+        text, kind = _normalise(item.destination)
+        wanted.setdefault((text, item.object), (kind, item))
+    return wanted
 
-    Each claimed row gets ``attempts + 1``, ``last_attempt_at = now`` and
-    ``next_attempt_at = now + lease_seconds``
-    (the lease: no other sender claims it before then; it is also the fencing token to pass
-    as ``claimed_until`` to :func:`mark_sent` / :func:`mark_retry` / :func:`mark_failed`).
-    PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so concurrent senders get different rows;
-    SQLite: the ``BEGIN IMMEDIATE`` transaction serializes claims. Commits.
 
-    Parameters
-    ----------
-    session
-        A write session.
-    now
-        The current time.
-    limit
-        At most this many rows.
-    lease_seconds
-        How long the claim holds; longer than the slowest send (connect + ACSE + DIMSE).
-    owner
-        The claiming sender, for the log only.
+def _lock_job(session: Session, job_id: int) -> Job:
+    """The job row, locked for update (its deliveries change under this lock)."""
+    job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+    if job is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    return job
 
-    Returns
-    -------
-    list[Delivery]
-        Detached rows as claimed (``next_attempt_at`` is the lease end).
-    """
-    if limit < 1:
-        return []
-    if not lease_seconds > 0:
-        raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
-    now = now or utcnow()
-    lease_until = now + timedelta(seconds=lease_seconds)
 
-    def work() -> list[Delivery]:
-        rows = list(
-            session.scalars(
-                select(Delivery)
-                .where(
-                    Delivery.state == DeliveryState.pending,
-                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-                )
-                .order_by(Delivery.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-                .execution_options(populate_existing=True)
-            )
+def _locked_rows(session: Session, *where: Any, skip_locked: bool = False) -> list[Delivery]:
+    """Delivery rows matching ``where``, by id, locked for update and freshly loaded."""
+    return list(
+        session.scalars(
+            select(Delivery)
+            .where(*where)
+            .order_by(Delivery.id)
+            .with_for_update(skip_locked=skip_locked)
+            .execution_options(populate_existing=True)
         )
-        for row in rows:
-            row.attempts += 1
-            row.last_attempt_at = now
-            row.next_attempt_at = lease_until
-        return rows
-
-    rows = in_transaction(session, work)
-    if rows:
-        log.debug("%s claimed deliveries %s", owner or "sender", [r.id for r in rows])
-    return rows
-
-
-def _fenced_update(
-    session: Session,
-    delivery_id: int,
-    claimed_until: datetime | None,
-    values: dict[str, Any],
-) -> bool:
-    conditions = [Delivery.id == delivery_id, Delivery.state == DeliveryState.pending]
-    if claimed_until is not None:
-        conditions.append(Delivery.next_attempt_at == claimed_until)
-
-    def work() -> bool:
-        res = session.execute(
-            update(Delivery)
-            .where(*conditions)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        return bool(getattr(res, "rowcount", 0))
-
-    changed = in_transaction(session, work)
-    if not changed:
-        log.warning(
-            "delivery %s: claim no longer held (re-queued or lease passed); result not recorded",
-            delivery_id,
-        )
-    return changed
-
-
-def mark_sent(
-    session: Session,
-    delivery_id: int,
-    *,
-    claimed_until: datetime | None = None,
-    note: str | None = None,
-    now: datetime | None = None,
-) -> bool:
-    """Record a successful store: ``sent`` with ``sent_at``. Commits.
-
-    Parameters
-    ----------
-    session
-        A write session.
-    delivery_id
-        The row.
-    claimed_until
-        The lease end from :func:`claim_due_deliveries`; when given, the row changes only
-        if it still carries it.
-    note
-        Kept in ``last_error`` (e.g. a C-STORE warning status such as 0xB000); ``None``
-        clears it.
-    now
-        The time recorded as ``sent_at``.
-
-    Returns
-    -------
-    bool
-        Whether the row changed (``False``: the claim was lost).
-    """
-    now = now or utcnow()
-    return _fenced_update(
-        session,
-        delivery_id,
-        claimed_until,
-        {
-            "state": DeliveryState.sent,
-            "sent_at": now,
-            "next_attempt_at": None,
-            "last_error": _clip(note) if note else None,
-        },
     )
 
 
-def mark_retry(
-    session: Session,
-    delivery_id: int,
-    *,
-    error: str,
-    next_attempt_at: datetime,
-    claimed_until: datetime | None = None,
-) -> bool:
-    """Record a transient failure: stay ``pending``, due again at ``next_attempt_at``. Commits.
-
-    ``error`` must hold no patient data. Returns whether the row changed.
-    """
-    return _fenced_update(
-        session,
-        delivery_id,
-        claimed_until,
-        {"next_attempt_at": next_attempt_at, "last_error": _clip(error)},
-    )
-
-
-def mark_failed(
-    session: Session,
-    delivery_id: int,
-    *,
-    error: str,
-    claimed_until: datetime | None = None,
-    permanent: bool = False,
-) -> bool:
-    """Record a final failure: ``failed`` with the reason (no patient data). Commits.
-
-    ``permanent``: retrying cannot fix it (the peer refused the data set, the SR file is
-    gone); such rows are never re-queued by :func:`requeue_failed`. Otherwise the retry
-    horizon (or attempt cap) ran out while the destination was unreachable.
-
-    Returns whether the row changed.
-    """
-    return _fenced_update(
-        session,
-        delivery_id,
-        claimed_until,
-        {
-            "state": DeliveryState.failed,
-            "next_attempt_at": None,
-            "last_error": _clip(error),
-            "permanent_failure": permanent,
-        },
-    )
-
-
-def release_claim(
-    session: Session,
-    delivery_id: int,
-    *,
-    claimed_until: datetime | None,
-    now: datetime | None = None,
-) -> bool:
-    """Give back a claimed row that was not sent (shutdown): due now, attempt not counted.
-
-    ``last_attempt_at`` is cleared when the released claim was the row's first (no attempt
-    remains to date); after earlier attempts it keeps the released claim's start, since the
-    row does not hold the previous attempt's.
-    """
-    now = now or utcnow()
-    return _fenced_update(
-        session,
-        delivery_id,
-        claimed_until,
-        {
-            "next_attempt_at": now,
-            "attempts": case((Delivery.attempts > 0, Delivery.attempts - 1), else_=0),
-            # SET expressions see the row's values before the update (SQLite, PostgreSQL)
-            "last_attempt_at": case((Delivery.attempts > 1, Delivery.last_attempt_at), else_=None),
-        },
-    )
+def _reset_pending(row: Delivery, now: datetime) -> None:
+    """Back to ``pending``, due ``now``: fresh attempts and retry horizon (``queued_at``),
+    no error, no permanent failure, not sent."""
+    row.state = DeliveryState.pending
+    row.attempts = 0
+    row.next_attempt_at = now
+    row.queued_at = now
+    row.permanent_failure = False
+    row.last_error = None
+    row.sent_at = None
 
 
 def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:
@@ -454,29 +263,17 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
     now = now or utcnow()
 
     def work() -> list[int]:
-        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
-        if job is None:
-            raise JobNotFound(f"job {job_id} does not exist")
+        job = _lock_job(session, job_id)
         rows = [
             r
-            for r in session.scalars(
-                select(Delivery)
-                .where(Delivery.job_id == job_id, Delivery.state != DeliveryState.cancelled)
-                .order_by(Delivery.id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
+            for r in _locked_rows(
+                session, Delivery.job_id == job_id, Delivery.state != DeliveryState.cancelled
             )
             if job.withdrawn_at is None or r.object is DeliveryObject.withdrawal
         ]
         before = {str(r.id): r.state.value for r in rows}
         for row in rows:
-            row.state = DeliveryState.pending
-            row.attempts = 0
-            row.next_attempt_at = now
-            row.queued_at = now
-            row.permanent_failure = False
-            row.last_error = None
-            row.sent_at = None
+            _reset_pending(row, now)
         session.add(
             AuditLog(
                 at=now,
@@ -544,26 +341,15 @@ def requeue_failed(
     now = now or utcnow()
 
     def work() -> list[int]:
-        rows = list(
-            session.scalars(
-                select(Delivery)
-                .where(
-                    Delivery.destination == destination,
-                    Delivery.state == DeliveryState.failed,
-                    Delivery.permanent_failure.is_(False),
-                )
-                .order_by(Delivery.id)
-                .with_for_update(skip_locked=True)
-                .execution_options(populate_existing=True)
-            )
+        rows = _locked_rows(
+            session,
+            Delivery.destination == destination,
+            Delivery.state == DeliveryState.failed,
+            Delivery.permanent_failure.is_(False),
+            skip_locked=True,
         )
         for row in rows:
-            row.state = DeliveryState.pending
-            row.attempts = 0
-            row.next_attempt_at = now
-            row.queued_at = now
-            row.last_error = None
-            row.sent_at = None
+            _reset_pending(row, now)
         if rows:
             session.add(
                 AuditLog(

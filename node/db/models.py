@@ -20,6 +20,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -148,6 +149,20 @@ class DeliveryState(enum.StrEnum):
     cancelled = "cancelled"
 
 
+class FinalSource(enum.StrEnum):
+    """How a final report reached the node."""
+
+    dicom_sr = "dicom-sr"
+    """A Structured Report over DICOM (Verification Flag VERIFIED, or from a report source)."""
+    dicom_pdf = "dicom-pdf"
+    """An Encapsulated PDF over DICOM from a configured report source."""
+    hl7 = "hl7"
+    """An HL7 v2 ORU^R01 with result status F (or C) over the MLLP listener."""
+    review = "review"
+    """A reviewer's decision at the node: the draft accepted or edited (the final text), or
+    rejected (no text; not scored)."""
+
+
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     return Enum(
         cls,
@@ -192,6 +207,8 @@ class Study(Base):
     skip_reason: Mapped[str | None] = mapped_column(Text)
     study_description: Mapped[str | None] = mapped_column(String(64))
     calling_ae: Mapped[str | None] = mapped_column(String(AE_LEN))
+    # Accession Number (0008,0050, SH): matches a final report without a Study Instance UID
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     series_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime]
@@ -367,17 +384,68 @@ class AuditLog(Base):
     detail: Mapped[dict[str, Any] | None]
 
 
+class FinalReport(Base):
+    """A radiologist's final report of a study, and how the node's draft compares with it.
+
+    Matched to the study's latest report draft by Study Instance UID or accession number
+    (``job_id``, ``draft_id``); unmatched until a draft exists. The concordance columns are
+    filled when matched (``models.concordance``; labels as ``{observation: label}``).
+    Report text: never logged.
+    """
+
+    __tablename__ = "final_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[FinalSource] = mapped_column(_enum(FinalSource, "final_source"))
+    # SOP Instance UID, or the HL7 message control ID (MSH-10, ST up to 199 characters)
+    object_uid: Mapped[str] = mapped_column(String(200))
+    sender: Mapped[str | None] = mapped_column(String(128))
+    study_uid: Mapped[str | None] = mapped_column(String(UID_LEN), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    verified: Mapped[bool] = mapped_column(Boolean, default=True)
+    findings: Mapped[str | None] = mapped_column(Text)
+    impression: Mapped[str | None] = mapped_column(Text)
+    full_text: Mapped[str] = mapped_column(Text)
+    signed_at: Mapped[datetime | None]
+    received_at: Mapped[datetime] = mapped_column(index=True)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    draft_id: Mapped[int | None] = mapped_column(ForeignKey("drafts.id", ondelete="SET NULL"))
+    matched_at: Mapped[datetime | None]
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    draft_labels: Mapped[dict[str, Any] | None]
+    final_labels: Mapped[dict[str, Any] | None]
+    agreement: Mapped[float | None] = mapped_column(Float)
+    discrepancies: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    significant: Mapped[bool] = mapped_column(Boolean, default=False)
+    bleu4: Mapped[float | None] = mapped_column(Float)
+    rouge_l: Mapped[float | None] = mapped_column(Float)
+    turnaround_s: Mapped[float | None] = mapped_column(Float)
+    # a review at the node: accept, edit or reject, and the reason of a rejection
+    review_decision: Mapped[str | None] = mapped_column(String(16))
+    review_reason: Mapped[str | None] = mapped_column(String(256))
+
+    __table_args__ = (UniqueConstraint("source", "object_uid"),)
+
+
 class ApiRole(enum.StrEnum):
-    """Roles of API tokens, weakest first: viewer < operator < admin."""
+    """Roles of API tokens: viewer < operator < admin, and reviewer beside them.
+
+    ``reviewer`` is a radiologist: sees what a viewer sees and reviews drafts (accept, edit,
+    reject); no other role may review, and a reviewer cannot operate the queue.
+    """
 
     viewer = "viewer"
     operator = "operator"
     admin = "admin"
+    reviewer = "reviewer"
 
     @property
     def rank(self) -> int:
-        """0 for viewer, 1 for operator, 2 for admin."""
-        return list(ApiRole).index(self)
+        """0 for viewer and reviewer, 1 for operator, 2 for admin."""
+        return {"viewer": 0, "reviewer": 0, "operator": 1, "admin": 2}[self.value]
 
 
 class ApiToken(Base):

@@ -13,6 +13,7 @@ from node.db.models import (
     Delivery,
     DeliveryState,
     Draft,
+    FinalReport,
     Instance,
     Job,
     JobState,
@@ -35,7 +36,8 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
     other path a delivery row names). The SR UID derives from the Study Instance UID, which
     is unique, so no surviving study shares these SR files. Delivery rows without a job (a
     synthetic Secondary Capture sent on request) created before ``older_than`` and no
-    longer pending go too, with their files.
+    longer pending go too, with their files, as do the purged jobs' final reports and final
+    reports received before ``older_than`` that never found their draft.
     """
 
     def jobless() -> list[str]:
@@ -49,8 +51,17 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
         session.execute(delete(Delivery).where(*done))
         return [p for p in found if p]
 
+    def finals() -> None:
+        # final reports: those of purged jobs go below; unmatched ones age out on their own
+        session.execute(
+            delete(FinalReport).where(
+                FinalReport.job_id.is_(None), FinalReport.received_at < older_than
+            )
+        )
+
     def work() -> list[str]:
         sc_paths = jobless()
+        finals()
         busy = select(Job.study_id).where(Job.state.in_((*ACTIVE_JOB_STATES, JobState.running)))
         ids = list(
             session.scalars(
@@ -85,6 +96,7 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
             )
         )
         # explicit deletes, children first (no reliance on ON DELETE CASCADE being enforced)
+        session.execute(delete(FinalReport).where(FinalReport.job_id.in_(job_ids)))
         session.execute(delete(Draft).where(Draft.job_id.in_(job_ids)))
         session.execute(delete(Delivery).where(Delivery.job_id.in_(job_ids)))
         session.execute(delete(Job).where(Job.study_id.in_(ids)))

@@ -1,22 +1,23 @@
 """Studies as they arrive: instance bookkeeping at ingest, completion, what is stored.
 
 :func:`record_instance_detailed` records a spooled instance, its series, study and job in
-one committed transaction before the C-STORE response; :func:`complete_quiet_studies`
-closes studies after their quiet period and queues (or skips) their jobs by the chest rule.
-Commits per :mod:`node.db.tx`.
+one committed transaction before the C-STORE response (PS3.4 B.2.3);
+:func:`complete_quiet_studies` closes studies after their quiet period and queues (or skips)
+their jobs by the chest rule. What recording takes and gives is in
+:mod:`node.db.instance_record`. Commits per :mod:`node.db.tx`.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from node.db.instance_record import InstanceRecord, RecordOutcome, RecordResult
 from node.db.jobs import ACTIVE_JOB_STATES, new_job, transition
 from node.db.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
 from node.db.tx import in_transaction, insert_for
@@ -25,9 +26,6 @@ from node.settings import ChestRule
 
 __all__ = [
     "CompletionResult",
-    "InstanceRecord",
-    "RecordOutcome",
-    "RecordResult",
     "StudyChoice",
     "StudyImages",
     "StudyNotFound",
@@ -39,103 +37,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _clip(value: str | None, n: int) -> str | None:
-    if value is None:
-        return None
-    value = value.strip()
-    return value[:n] if value else None
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    """A received, spooled and fsync'd SOP instance, as recorded by :func:`record_instance`.
-
-    UIDs follow PS3.5 §9.1 (digits and dots, at most 64 characters). ``spool_path`` is
-    relative to the spool directory. Free-text attributes are clipped to their column size.
-    ``priority`` is the job priority the instance asks for (``integration.priority``: the
-    order's Requested Procedure Priority and the site's rules), -1000..1000, higher first.
-    """
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    modality: str | None
-    body_part_examined: str | None
-    study_description: str | None
-    series_description: str | None
-    view_position: str | None
-    spool_path: str
-    size_bytes: int
-    sha256: str
-    calling_ae: str | None
-    received_at: datetime
-    priority: int = 0
-
-    def __post_init__(self) -> None:
-        for name, concept in (
-            ("study_uid", "Study Instance UID (0020,000D)"),
-            ("series_uid", "Series Instance UID (0020,000E)"),
-            ("sop_instance_uid", "SOP Instance UID (0008,0018)"),
-            ("sop_class_uid", "SOP Class UID (0008,0016)"),
-            ("transfer_syntax_uid", "Transfer Syntax UID (0002,0010)"),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, str) or len(value) > 64 or not _UID.match(value):
-                raise ValueError(f"{concept} {value!r} is not a valid UID (PS3.5 §9.1)")
-        if self.size_bytes < 0:
-            raise ValueError(f"size_bytes must not be negative, got {self.size_bytes}")
-        if not _SHA256.match(self.sha256):
-            raise ValueError("sha256 must be 64 lowercase hex digits")
-        if not self.spool_path or self.spool_path.startswith("/") or ".." in self.spool_path:
-            raise ValueError(f"spool_path {self.spool_path!r} must be relative to the spool")
-        if self.received_at.tzinfo is None:
-            raise ValueError("received_at must be timezone-aware")
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
-            raise ValueError(f"priority must be an integer, got {self.priority!r}")
-        if not -1000 <= self.priority <= 1000:
-            raise ValueError(f"priority {self.priority} is outside -1000..1000")
-        for name, n in (
-            ("modality", 16),
-            ("body_part_examined", 64),
-            ("study_description", 64),
-            ("series_description", 64),
-            ("view_position", 16),
-            ("calling_ae", 16),
-        ):
-            object.__setattr__(self, name, _clip(getattr(self, name), n))
-
-
-class RecordOutcome(enum.StrEnum):
-    """What :func:`record_instance` did with an instance (policy: ``docs/policies.md``)."""
-
-    new = "new"
-    duplicate_identical = "duplicate_identical"
-    duplicate_replaced = "duplicate_replaced"
-    late_for_finished_study = "late_for_finished_study"
-
-
-@dataclass(frozen=True)
-class RecordResult:
-    """Detailed result of :func:`record_instance_detailed`.
-
-    ``obsolete_spool_path`` is a spool file (relative) that the caller should delete after
-    the commit: the just-written file of an identical duplicate when it lies elsewhere, or
-    the replaced file of a changed duplicate. ``None`` when nothing is obsolete.
-    """
-
-    outcome: RecordOutcome
-    instance_id: int
-    study_id: int
-    job_id: int | None
-    obsolete_spool_path: str | None
-    late: bool
 
 
 def record_instance(
@@ -179,7 +80,23 @@ def record_instance_detailed(
     return in_transaction(session, lambda: _record(session, rec, job_max_attempts))
 
 
+_Row = TypeVar("_Row", Study, Series)
+
+
+def _locked(
+    session: Session, model: type[_Row], column: InstrumentedAttribute[str], value: str
+) -> _Row:
+    """The row of ``model`` whose unique ``column`` is ``value``, locked and reloaded."""
+    return session.scalars(
+        select(model)
+        .where(column == value)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one()
+
+
 def _lock_study(session: Session, rec: InstanceRecord) -> Study:
+    """Insert the study if it is new (``receiving``); return its row, locked."""
     now = rec.received_at
     stmt = (
         insert_for(session)(Study)
@@ -187,6 +104,7 @@ def _lock_study(session: Session, rec: InstanceRecord) -> Study:
             study_instance_uid=rec.study_uid,
             state=StudyState.receiving.value,
             study_description=rec.study_description,
+            accession_number=rec.accession_number,
             calling_ae=rec.calling_ae,
             instance_count=0,
             series_count=0,
@@ -198,16 +116,11 @@ def _lock_study(session: Session, rec: InstanceRecord) -> Study:
         .on_conflict_do_nothing(index_elements=["study_instance_uid"])
     )
     session.execute(stmt)
-    study = session.scalars(
-        select(Study)
-        .where(Study.study_instance_uid == rec.study_uid)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).one()
-    return study
+    return _locked(session, Study, Study.study_instance_uid, rec.study_uid)
 
 
 def _lock_series(session: Session, rec: InstanceRecord, study: Study) -> tuple[Series, bool]:
+    """Insert the series if it is new; return its row, locked, and whether it was new."""
     now = rec.received_at
     res = session.execute(
         insert_for(session)(Series)
@@ -225,16 +138,11 @@ def _lock_series(session: Session, rec: InstanceRecord, study: Study) -> tuple[S
         .returning(Series.id)
     )
     created = res.first() is not None
-    series = session.scalars(
-        select(Series)
-        .where(Series.series_instance_uid == rec.series_uid)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).one()
-    return series, created
+    return _locked(session, Series, Series.series_instance_uid, rec.series_uid), created
 
 
 def _active_job(session: Session, study_id: int) -> Job | None:
+    """The study's newest job still ``received`` or ``queued`` (or running), locked."""
     return session.scalars(
         select(Job)
         .where(Job.study_id == study_id, Job.state.in_(ACTIVE_JOB_STATES))
@@ -272,32 +180,17 @@ def _attach_to_job(
 
 
 def _record(session: Session, rec: InstanceRecord, job_max_attempts: int) -> RecordResult:
-    now = rec.received_at
+    """The body of :func:`record_instance_detailed`, inside its transaction."""
     study = _lock_study(session, rec)
     existing = session.scalars(
         select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid).with_for_update()
     ).first()
-
     if (
         existing is not None
         and existing.sha256 == rec.sha256
         and existing.size_bytes == (rec.size_bytes)
     ):
-        obsolete = rec.spool_path if rec.spool_path != existing.spool_path else None
-        active = _active_job(session, existing.study_id)
-        log.info(
-            "duplicate SOP instance %s (study %s): identical content, kept as is",
-            rec.sop_instance_uid,
-            rec.study_uid,
-        )
-        return RecordResult(
-            RecordOutcome.duplicate_identical,
-            existing.id,
-            existing.study_id,
-            active.id if active else None,
-            obsolete,
-            existing.late,
-        )
+        return _identical_duplicate(session, rec, existing)
 
     outcome = RecordOutcome.new
     obsolete = None
@@ -306,83 +199,22 @@ def _record(session: Session, rec: InstanceRecord, job_max_attempts: int) -> Rec
         if existing.spool_path != rec.spool_path:
             obsolete = existing.spool_path
         if existing.study_id != study.id:
-            # the instance moved to another study: forget the old row, record it afresh
-            session.execute(
-                update(Study)
-                .where(Study.id == existing.study_id)
-                .values(instance_count=Study.instance_count - 1)
-            )
-            session.execute(
-                update(Series)
-                .where(Series.id == existing.series_id)
-                .values(instance_count=Series.instance_count - 1)
-            )
-            session.delete(existing)
-            session.flush()
+            _forget_moved_instance(session, existing)
             existing = None
 
     series, series_created = _lock_series(session, rec, study)
     was_receiving = study.state is StudyState.receiving
-    job, reopened = _attach_to_job(session, study, now, job_max_attempts, rec.priority)
+    job, reopened = _attach_to_job(session, study, rec.received_at, job_max_attempts, rec.priority)
     late = not was_receiving
     if reopened and outcome is RecordOutcome.new:
         outcome = RecordOutcome.late_for_finished_study
 
     if existing is None:
-        session.add(
-            Instance(
-                study_id=study.id,
-                series_id=series.id,
-                sop_instance_uid=rec.sop_instance_uid,
-                sop_class_uid=rec.sop_class_uid,
-                transfer_syntax_uid=rec.transfer_syntax_uid,
-                spool_path=rec.spool_path,
-                size_bytes=rec.size_bytes,
-                sha256=rec.sha256,
-                modality=rec.modality,
-                body_part_examined=rec.body_part_examined,
-                view_position=rec.view_position,
-                received_at=now,
-                calling_ae=rec.calling_ae,
-                late=late,
-                replaced_count=1 if outcome is RecordOutcome.duplicate_replaced else 0,
-            )
-        )
-        study.instance_count += 1
-        series.instance_count += 1
+        replaced = outcome is RecordOutcome.duplicate_replaced
+        _add_instance(session, rec, study, series, late=late, replaced=replaced)
     else:
-        if existing.series_id != series.id:
-            session.execute(
-                update(Series)
-                .where(Series.id == existing.series_id)
-                .values(instance_count=Series.instance_count - 1)
-            )
-            series.instance_count += 1
-            existing.series_id = series.id
-        existing.sop_class_uid = rec.sop_class_uid
-        existing.transfer_syntax_uid = rec.transfer_syntax_uid
-        existing.spool_path = rec.spool_path
-        existing.size_bytes = rec.size_bytes
-        existing.sha256 = rec.sha256
-        existing.modality = rec.modality
-        existing.body_part_examined = rec.body_part_examined
-        existing.view_position = rec.view_position
-        existing.received_at = now
-        existing.calling_ae = rec.calling_ae
-        existing.late = existing.late or late
-        existing.replaced_count += 1
-
-    if series_created:
-        study.series_count += 1
-    else:
-        # later instances may carry attributes the first one lacked
-        series.modality = series.modality or rec.modality
-        series.body_part_examined = series.body_part_examined or rec.body_part_examined
-        series.series_description = series.series_description or rec.series_description
-    series.last_received_at = max(series.last_received_at, now)
-    study.last_received_at = max(study.last_received_at, now)
-    study.study_description = study.study_description or rec.study_description
-    study.calling_ae = rec.calling_ae or study.calling_ae
+        _replace_instance(session, rec, existing, series, late=late)
+    _update_study_and_series(rec, study, series, series_created=series_created)
     session.flush()
     instance_id = session.scalars(
         select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
@@ -397,6 +229,118 @@ def _record(session: Session, rec: InstanceRecord, job_max_attempts: int) -> Rec
             job.id,
         )
     return RecordResult(outcome, instance_id, study.id, job.id, obsolete, late)
+
+
+def _identical_duplicate(session: Session, rec: InstanceRecord, existing: Instance) -> RecordResult:
+    """An instance already recorded with the same content: nothing changes.
+
+    The just-spooled file is obsolete when it lies elsewhere than the recorded one.
+    """
+    obsolete = rec.spool_path if rec.spool_path != existing.spool_path else None
+    active = _active_job(session, existing.study_id)
+    log.info(
+        "duplicate SOP instance %s (study %s): identical content, kept as is",
+        rec.sop_instance_uid,
+        rec.study_uid,
+    )
+    return RecordResult(
+        RecordOutcome.duplicate_identical,
+        existing.id,
+        existing.study_id,
+        active.id if active else None,
+        obsolete,
+        existing.late,
+    )
+
+
+def _uncount(session: Session, model: type[Study] | type[Series], row_id: int) -> None:
+    """Take one instance off the ``instance_count`` of a study or series row, in SQL."""
+    session.execute(
+        update(model).where(model.id == row_id).values(instance_count=model.instance_count - 1)
+    )
+
+
+def _forget_moved_instance(session: Session, existing: Instance) -> None:
+    """An instance that moved to another study: delete its row (it is recorded afresh)."""
+    _uncount(session, Study, existing.study_id)
+    _uncount(session, Series, existing.series_id)
+    session.delete(existing)
+    session.flush()
+
+
+def _add_instance(
+    session: Session,
+    rec: InstanceRecord,
+    study: Study,
+    series: Series,
+    *,
+    late: bool,
+    replaced: bool,
+) -> None:
+    """Add the instance's row and count it in its study and series."""
+    session.add(
+        Instance(
+            study_id=study.id,
+            series_id=series.id,
+            sop_instance_uid=rec.sop_instance_uid,
+            sop_class_uid=rec.sop_class_uid,
+            transfer_syntax_uid=rec.transfer_syntax_uid,
+            spool_path=rec.spool_path,
+            size_bytes=rec.size_bytes,
+            sha256=rec.sha256,
+            modality=rec.modality,
+            body_part_examined=rec.body_part_examined,
+            view_position=rec.view_position,
+            received_at=rec.received_at,
+            calling_ae=rec.calling_ae,
+            late=late,
+            replaced_count=1 if replaced else 0,
+        )
+    )
+    study.instance_count += 1
+    series.instance_count += 1
+
+
+def _replace_instance(
+    session: Session, rec: InstanceRecord, existing: Instance, series: Series, *, late: bool
+) -> None:
+    """Point an instance's row at its newly received file ("newest wins"), maybe in a new
+    series of the same study."""
+    if existing.series_id != series.id:
+        _uncount(session, Series, existing.series_id)
+        series.instance_count += 1
+        existing.series_id = series.id
+    existing.sop_class_uid = rec.sop_class_uid
+    existing.transfer_syntax_uid = rec.transfer_syntax_uid
+    existing.spool_path = rec.spool_path
+    existing.size_bytes = rec.size_bytes
+    existing.sha256 = rec.sha256
+    existing.modality = rec.modality
+    existing.body_part_examined = rec.body_part_examined
+    existing.view_position = rec.view_position
+    existing.received_at = rec.received_at
+    existing.calling_ae = rec.calling_ae
+    existing.late = existing.late or late
+    existing.replaced_count += 1
+
+
+def _update_study_and_series(
+    rec: InstanceRecord, study: Study, series: Series, *, series_created: bool
+) -> None:
+    """Count a new series; fill attributes the first instances lacked; advance the times."""
+    now = rec.received_at
+    if series_created:
+        study.series_count += 1
+    else:
+        # later instances may carry attributes the first one lacked
+        series.modality = series.modality or rec.modality
+        series.body_part_examined = series.body_part_examined or rec.body_part_examined
+        series.series_description = series.series_description or rec.series_description
+    series.last_received_at = max(series.last_received_at, now)
+    study.last_received_at = max(study.last_received_at, now)
+    study.study_description = study.study_description or rec.study_description
+    study.accession_number = study.accession_number or rec.accession_number
+    study.calling_ae = rec.calling_ae or study.calling_ae
 
 
 @dataclass(frozen=True)
@@ -444,55 +388,73 @@ def complete_quiet_studies(
             .with_for_update(skip_locked=True)
             .execution_options(populate_existing=True)
         ).all()
-        results = []
-        for study in studies:
-            forced = study.last_received_at > quiet_cutoff
-            facts = [
-                SeriesFacts(s.modality, s.body_part_examined, s.series_description)
-                for s in session.scalars(
-                    select(Series).where(Series.study_id == study.id).order_by(Series.id)
-                )
-            ]
-            decision = evaluate_chest_rule(
-                rule, study_description=study.study_description, series=facts
+        return [
+            _complete_study(
+                session,
+                study,
+                now=now,
+                forced=study.last_received_at > quiet_cutoff,
+                rule=rule,
+                job_max_attempts=job_max_attempts,
             )
-            study.completed_at = now
-            study.forced_completion = forced
-            job = _active_job(session, study.id)
-            job_id: int | None = None
-            if decision.qualifies:
-                study.state = StudyState.complete
-                study.skip_reason = None
-                if job is None:
-                    job = new_job(study.id, now, max_attempts=job_max_attempts)
-                    session.add(job)
-                    session.flush()
-                if job.state is JobState.received:
-                    transition(job, JobState.queued, now=now)
-                job_id = job.id
-            else:
-                study.state = StudyState.skipped
-                study.skip_reason = decision.reason
-                if job is not None:
-                    transition(job, JobState.cancelled, now=now)
-                    job.last_error = f"study skipped: {decision.reason}"
-                    job_id = job.id
-            log.info(
-                "study %s %s%s: %s (job %s)",
-                study.study_instance_uid,
-                study.state.value,
-                " (forced: max wait reached)" if forced else "",
-                decision.reason,
-                job_id,
-            )
-            results.append(
-                CompletionResult(
-                    study.study_instance_uid, study.state, decision.reason, job_id, forced
-                )
-            )
-        return results
+            for study in studies
+        ]
 
     return in_transaction(session, work)
+
+
+def _complete_study(
+    session: Session,
+    study: Study,
+    *,
+    now: datetime,
+    forced: bool,
+    rule: ChestRule,
+    job_max_attempts: int,
+) -> CompletionResult:
+    """Complete one locked ``receiving`` study: queue its job, or skip it with the reason.
+
+    The chest rule (:func:`node.runtime.assembly.evaluate_chest_rule`) looks at the study's
+    description and its series' Modality, Body Part Examined and Series Description (PS3.3
+    C.7.3.1).
+    """
+    facts = [
+        SeriesFacts(s.modality, s.body_part_examined, s.series_description)
+        for s in session.scalars(
+            select(Series).where(Series.study_id == study.id).order_by(Series.id)
+        )
+    ]
+    decision = evaluate_chest_rule(rule, study_description=study.study_description, series=facts)
+    study.completed_at = now
+    study.forced_completion = forced
+    job = _active_job(session, study.id)
+    job_id: int | None = None
+    if decision.qualifies:
+        study.state = StudyState.complete
+        study.skip_reason = None
+        if job is None:
+            job = new_job(study.id, now, max_attempts=job_max_attempts)
+            session.add(job)
+            session.flush()
+        if job.state is JobState.received:
+            transition(job, JobState.queued, now=now)
+        job_id = job.id
+    else:
+        study.state = StudyState.skipped
+        study.skip_reason = decision.reason
+        if job is not None:
+            transition(job, JobState.cancelled, now=now)
+            job.last_error = f"study skipped: {decision.reason}"
+            job_id = job.id
+    log.info(
+        "study %s %s%s: %s (job %s)",
+        study.study_instance_uid,
+        study.state.value,
+        " (forced: max wait reached)" if forced else "",
+        decision.reason,
+        job_id,
+    )
+    return CompletionResult(study.study_instance_uid, study.state, decision.reason, job_id, forced)
 
 
 class StudyNotFound(LookupError):

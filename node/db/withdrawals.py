@@ -1,7 +1,7 @@
 """Withdrawing a sent draft: the job is marked, unsent objects cancelled.
 
 The withdrawal objects themselves are built and queued by
-:func:`node.runtime.outputs.withdraw`.
+:func:`node.runtime.withdrawal.withdraw`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def default_components(
     ----------
     settings
         The node's settings: no model directory means no model host and no worker (the node
-        then only receives and queues); ``api_enabled`` turns the admin API on.
+        then only receives and queues); ``hl7_listen`` adds the MLLP listener for final
+        reports; ``api_enabled`` turns the admin API on.
     worker
         Run the job worker in this process (``serve --no-worker`` for an ingest-only node).
     api
@@ -51,6 +52,10 @@ def default_components(
 
             items.append(make_worker)
     items.append(make_delivery)
+    if settings.hl7_listen is not None:
+        from node.runtime.finals import make_hl7_listener
+
+        items.append(make_hl7_listener)
     if settings.api_enabled if api is None else api:
         from node.api.server import make_api_server
 

@@ -1,22 +1,23 @@
 """The sender: delivers every queued outbound object, with retries. The only way out.
 
 The worker (:func:`node.runtime.outputs.build_outputs`), a withdrawal
-(:func:`node.runtime.outputs.withdraw`) and the API (a synthetic Secondary Capture sent on
+(:func:`node.runtime.withdrawal.withdraw`) and the API (a synthetic Secondary Capture sent on
 request) call :func:`enqueue_deliveries` once the object's file is written: one
 ``pending`` row per (destination, object) (:mod:`node.db.deliveries`).
 :class:`DeliveryComponent` is a loop (one thread, plus a small pool for parallel sends)
 that every ``poll_seconds`` (and at once when woken by an enqueue in this process) claims
-the due rows and sends each one by its destination's kind:
+the due rows and sends each one by its destination's kind
+(:class:`node.runtime.sending.Transport`):
 
 - DIMSE destinations (``AET@host:port``) with C-STORE (PS3.4 Annex B) through
   :func:`integration.scu.send_dataset` (calling AE = ``ae_title``, the node's ACSE / DIMSE /
   network timeouts, DICOM TLS per PS3.15 B.1 when ``tls_destinations`` is on);
 - STOW-RS destinations (http(s) URLs) through :func:`integration.stow.stow` (PS3.18 §10.5);
 - HL7 destinations (``mllp://``) through :func:`integration.mllp.send_mllp`, the ACK
-  judged by :func:`integration.hl7_oru.check_ack` (AA/CA sent; AE/AR transient or
+  judged by :func:`integration.hl7_ack.check_ack` (AA/CA sent; AE/AR transient or
   permanent by their ERR-3 codes);
 - FHIR destinations (``fhir+http(s)://``) through
-  :func:`integration.fhir_report.send_transaction` (FHIR RESTful API, transaction).
+  :func:`integration.fhir_send.send_transaction` (FHIR RESTful API, transaction).
 
 The options of a destination (objects, HL7 receiving application, FHIR bearer token) come
 from the configured destination whose text form the row names.
@@ -32,7 +33,8 @@ attempt falls on the horizon); a transient failure at or past the horizon (or on
 permanent failure (0xA9xx, 0xCxxx, no presentation context, rejected-permanent, HTTP 4xx) or
 a missing file -> ``failed`` at once, marked ``permanent_failure``. So a PACS that is down
 when the SR is ready gets it when it comes back within the horizon; one down for longer gets
-it when it answers again: :func:`recheck_failed_destinations` (a chore of
+it when it answers again:
+:func:`node.runtime.destination_probe.recheck_failed_destinations` (a chore of
 :mod:`node.runtime.scheduler`, every ``delivery_recheck_minutes``) C-ECHOes (PS3.4 Annex A) each
 configured destination that has failed, not permanent deliveries (STOW-RS and FHIR: an HTTP
 OPTIONS request answered below 500; HL7: a TCP connection) and re-queues them when it
@@ -47,43 +49,26 @@ MSH-10) and the outcome; never report text or patient data.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import socket
-import ssl
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import httpx
-from pydicom import dcmread
 from sqlalchemy.orm import Session
 
-from integration.destinations import (
-    DicomDestination,
-    FhirDestination,
-    Hl7Destination,
-    StowDestination,
-    parse_destination,
-)
 from integration.errors import DeliveryError
-from integration.fhir_report import send_transaction
-from integration.hl7_oru import check_ack, message_control_id
-from integration.mllp import send_mllp
-from integration.scu import echo, send_dataset
-from integration.stow import stow
 from node import metrics
 from node.db import deliveries as deliveries_db
 from node.db.deliveries import DestinationLike, Outbound
-from node.db.models import Delivery, DeliveryKind, utcnow
+from node.db.models import Delivery, utcnow
+from node.runtime.sending import Transport, object_uid
 from node.runtime.service import NodeContext
 from node.settings import Settings
-from node.tls import build_client_context, client_context
 
 __all__ = [
     "DeliveryComponent",
@@ -91,14 +76,10 @@ __all__ = [
     "backoff_seconds",
     "enqueue_deliveries",
     "make_delivery",
-    "probe_destination",
-    "recheck_failed_destinations",
-    "stow_verify",
     "wake_senders",
 ]
 
 log = logging.getLogger(__name__)
-AnyDestination = DicomDestination | StowDestination | Hl7Destination | FhirDestination
 _LABELS = {
     "sr": "SR",
     "basic-sr": "Basic Text SR",
@@ -188,6 +169,12 @@ class DeliveryOutcome:
     sr_uid: str | None = None
 
 
+def _describe(row: Delivery, uid: str | None) -> str:
+    """``delivery <id> (job <id>): <object> <UID> to <destination>``, for the logs."""
+    what = _LABELS.get(row.object.value, row.object.value)
+    return f"delivery {row.id} (job {row.job_id}): {what} {uid} to {row.destination}"
+
+
 class DeliveryComponent:
     """The node's SR sender (a :class:`~node.runtime.service.Component`).
 
@@ -221,14 +208,12 @@ class DeliveryComponent:
         self.settings: Settings = s
         self.poll_seconds = poll_seconds
         self.max_parallel = max_parallel
-        self.connection_timeout = min(10.0, s.acse_timeout)
+        # built once, at construction: a TLS misconfiguration fails start-up, not each send
+        self._transport = Transport(s)
+        self.connection_timeout = self._transport.connection_timeout
         self.lease_seconds = lease_seconds or (
             self.connection_timeout + s.acse_timeout + 2 * s.dimse_timeout + s.network_timeout + 30
         )
-        # built once, at construction: a TLS misconfiguration fails start-up, not each send
-        self._ssl = client_context(s)
-        self._stow_verify = stow_verify(s)
-        self._http = httpx.Client(verify=self._stow_verify, timeout=s.network_timeout)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -255,7 +240,7 @@ class DeliveryComponent:
             ""
             if self.settings.delivery_max_attempts is None
             else f" or {self.settings.delivery_max_attempts} attempts",
-            "on" if self._ssl is not None else "off",
+            "on" if self._transport.dicom_tls is not None else "off",
         )
 
     def stop(self) -> None:
@@ -270,7 +255,7 @@ class DeliveryComponent:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._http.close()
+        self._transport.close()
 
     def wake(self) -> None:
         """Look for due deliveries now instead of at the next poll."""
@@ -294,14 +279,17 @@ class DeliveryComponent:
             self._inflight = {f for f in self._inflight if not f.done()}
             return self.max_parallel - len(self._inflight)
 
+    def _claim(self, limit: int) -> list[Delivery]:
+        with self.ctx.session_factory() as session:
+            return deliveries_db.claim_due_deliveries(
+                session, limit=limit, lease_seconds=self.lease_seconds, owner=self.ctx.owner
+            )
+
     def _dispatch(self) -> int:
         free = self._free_slots()
         if free <= 0 or self._pool is None:
             return 0
-        with self.ctx.session_factory() as session:
-            rows = deliveries_db.claim_due_deliveries(
-                session, limit=free, lease_seconds=self.lease_seconds, owner=self.ctx.owner
-            )
+        rows = self._claim(free)
         for row in rows:
             future = self._pool.submit(self.deliver, row)
             future.add_done_callback(lambda _f: self._wake.set())
@@ -311,14 +299,7 @@ class DeliveryComponent:
 
     def run_once(self) -> list[DeliveryOutcome]:
         """Claim the due deliveries and send them in this thread (tools and tests)."""
-        with self.ctx.session_factory() as session:
-            rows = deliveries_db.claim_due_deliveries(
-                session,
-                limit=self.max_parallel,
-                lease_seconds=self.lease_seconds,
-                owner=self.ctx.owner,
-            )
-        return [self.deliver(row) for row in rows]
+        return [self.deliver(row) for row in self._claim(self.max_parallel)]
 
     # --- one send ---------------------------------------------------------------------------
 
@@ -343,90 +324,27 @@ class DeliveryComponent:
     def _deliver(self, row: Delivery) -> DeliveryOutcome:
         claimed_until = row.next_attempt_at
         path = self._sr_file(row)
-        what = _LABELS.get(row.object.value, row.object.value)
         if path is None or not path.is_file():
+            what = _LABELS.get(row.object.value, row.object.value)
             reason = f"{what} file missing: {path or '(no path recorded)'} no longer exists"
             metrics.count_delivery_failure(row.kind.value, transient=False)
             return self._record_failed(row, claimed_until, reason, row.object_uid, permanent=True)
-        uid = row.object_uid
-        if uid is None and row.kind in (DeliveryKind.dimse, DeliveryKind.stow):
-            try:
-                header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-                uid = str(header.get("SOPInstanceUID", "")) or None
-            except Exception:  # send_dataset / stow report an unreadable file with the reason
-                pass
+        uid = object_uid(row, path)
         try:
-            status, message, note = self._send(row, path, uid)
+            sent = self._transport.send(row, path, uid)
         except DeliveryError as exc:
             return self._record_error(row, claimed_until, str(exc), exc.transient, uid)
         except Exception as exc:  # unknown: assume transient, bounded by max attempts
             return self._record_error(row, claimed_until, f"{type(exc).__name__}: {exc}", True, uid)
         with self.ctx.session_factory() as session:
-            ok = deliveries_db.mark_sent(session, row.id, claimed_until=claimed_until, note=note)
-        state = "sent" if ok else "lost"
-        log.info(
-            "delivery %s (job %s): %s %s to %s: %s (%s, attempt %d)",
-            row.id,
-            row.job_id,
-            what,
-            uid,
-            row.destination,
-            state,
-            status,
-            row.attempts,
-        )
-        return DeliveryOutcome(row.id, row.destination, state, message, uid)
-
-    def _destination(self, row: Delivery) -> AnyDestination:
-        """The configured destination of ``row`` (its options), else one parsed from it."""
-        for dest in self.settings.destinations:
-            if str(dest) == row.destination:
-                return dest
-        return parse_destination(row.destination)
-
-    def _send(self, row: Delivery, path: Path, uid: str | None) -> tuple[str, str, str | None]:
-        """Send one file by the row's protocol: (status text, message, note to keep)."""
-        s = self.settings
-        dest = self._destination(row)
-        if isinstance(dest, Hl7Destination):
-            control_id = uid or message_control_id(row.destination, str(row.id))
-            raw = send_mllp(
-                path.read_bytes(),
-                dest.host,
-                dest.port,
-                connect_timeout=min(dest.timeout, self.connection_timeout),
-                read_timeout=dest.timeout,
-                ssl_context=self._mllp_ssl() if dest.tls else None,
-                server_hostname=dest.host if dest.tls else None,
+            ok = deliveries_db.mark_sent(
+                session, row.id, claimed_until=claimed_until, note=sent.note
             )
-            ack = check_ack(raw, control_id=control_id)
-            return f"MSA-1 {ack.code}", f"acknowledged {ack.code}", None
-        if isinstance(dest, FhirDestination):
-            bundle = json.loads(path.read_bytes())
-            fhir = send_transaction(bundle, dest, client=self._http)
-            return f"HTTP {fhir.http_status}", f"HTTP {fhir.http_status}", None
-        if isinstance(dest, StowDestination):
-            result = stow(path, dest, client=self._http)
-            return f"HTTP {result.status}", result.message, None
-        result = send_dataset(
-            path,
-            dest,
-            calling_ae=s.ae_title,
-            acse_timeout=s.acse_timeout,
-            dimse_timeout=s.dimse_timeout,
-            network_timeout=s.network_timeout,
-            connection_timeout=self.connection_timeout,
-            ssl_context=self._ssl,
-        )
-        note = result.message if result.warning else None
-        return f"status 0x{result.status:04X}", result.message, note
+        state = "sent" if ok else "lost"
+        log.info("%s: %s (%s, attempt %d)", _describe(row, uid), state, sent.status, row.attempts)
+        return DeliveryOutcome(row.id, row.destination, state, sent.message, uid)
 
-    def _mllp_ssl(self) -> ssl.SSLContext:
-        """TLS for MLLP: the node's CA file (and client certificate) when set, else system CAs."""
-        if self._stow_verify is True:
-            return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        assert isinstance(self._stow_verify, ssl.SSLContext)
-        return self._stow_verify
+    # --- outcomes ---------------------------------------------------------------------------
 
     def _record_error(
         self,
@@ -436,6 +354,7 @@ class DeliveryComponent:
         transient: bool,
         sr_uid: str | None,
     ) -> DeliveryOutcome:
+        """A failed send: failed at once when permanent, else retried until the horizon."""
         s = self.settings
         metrics.count_delivery_failure(row.kind.value, transient=transient)
         if not transient:
@@ -452,6 +371,20 @@ class DeliveryComponent:
                 f"gave up after {row.attempts} attempts over {hours:.2f} h; last error: {error}"
             )
             return self._record_failed(row, claimed_until, reason, sr_uid)
+        return self._record_retry(row, claimed_until, error, sr_uid, now=now, horizon=horizon)
+
+    def _record_retry(
+        self,
+        row: Delivery,
+        claimed_until: datetime | None,
+        error: str,
+        sr_uid: str | None,
+        *,
+        now: datetime,
+        horizon: datetime,
+    ) -> DeliveryOutcome:
+        """Due again after the back-off (:func:`backoff_seconds`), at the latest at ``horizon``."""
+        s = self.settings
         delay = backoff_seconds(
             row.attempts, base=s.delivery_backoff_seconds, cap=s.delivery_max_backoff_seconds
         )
@@ -463,12 +396,8 @@ class DeliveryComponent:
                 session, row.id, error=message, next_attempt_at=due, claimed_until=claimed_until
             )
         log.warning(
-            "delivery %s (job %s): %s %s to %s: retry in %.1f s (attempt %d, until %s): %s",
-            row.id,
-            row.job_id,
-            _LABELS.get(row.object.value, row.object.value),
-            sr_uid,
-            row.destination,
+            "%s: retry in %.1f s (attempt %d, until %s): %s",
+            _describe(row, sr_uid),
             (due - now).total_seconds(),
             row.attempts,
             until,
@@ -489,105 +418,8 @@ class DeliveryComponent:
             ok = deliveries_db.mark_failed(
                 session, row.id, error=reason, claimed_until=claimed_until, permanent=permanent
             )
-        log.error(
-            "delivery %s (job %s): %s %s to %s: failed (attempt %d): %s",
-            row.id,
-            row.job_id,
-            _LABELS.get(row.object.value, row.object.value),
-            sr_uid,
-            row.destination,
-            row.attempts,
-            reason,
-        )
+        log.error("%s: failed (attempt %d): %s", _describe(row, sr_uid), row.attempts, reason)
         return DeliveryOutcome(row.id, row.destination, "failed" if ok else "lost", reason, sr_uid)
-
-
-def stow_verify(settings: Settings) -> bool | ssl.SSLContext:
-    """How STOW-RS over https verifies the server: ``tls_ca_file`` when set, else system CAs."""
-    if settings.tls_ca_file is None:
-        return True
-    return build_client_context(
-        ca_file=settings.tls_ca_file,
-        cert_file=settings.tls_cert_file,
-        key_file=settings.tls_key_file,
-    )
-
-
-def probe_destination(settings: Settings, destination: str) -> bool:
-    """Whether ``destination`` answers now (bounded by the node's network timeouts).
-
-    DIMSE: a C-ECHO (Verification SOP Class, PS3.4 Annex A) with calling AE ``ae_title``,
-    the ACSE / DIMSE / network timeouts and DICOM TLS as for sends, returning 0x0000.
-    STOW-RS (PS3.18 §10.5) and FHIR: an HTTP ``OPTIONS`` request to the URL (RFC 9110
-    §9.3.7) answered with a status below 500 other than 408 and 429: the origin server is
-    up. HL7 MLLP: a TCP connection is accepted. Never raises.
-    """
-    try:
-        dest = parse_destination(destination)
-        if isinstance(dest, StowDestination | FhirDestination):
-            url = dest.studies_url if isinstance(dest, StowDestination) else dest.base_url
-            with httpx.Client(
-                verify=stow_verify(settings), timeout=settings.network_timeout
-            ) as client:
-                status = client.request("OPTIONS", url).status_code
-            return status < 500 and status not in (408, 429)
-        if isinstance(dest, Hl7Destination):
-            with socket.create_connection((dest.host, dest.port), timeout=dest.timeout):
-                return True
-        return echo(
-            dest,
-            settings.ae_title,
-            acse_timeout=settings.acse_timeout,
-            dimse_timeout=settings.dimse_timeout,
-            network_timeout=settings.network_timeout,
-            connection_timeout=min(10.0, settings.acse_timeout),
-            ssl_context=client_context(settings),
-        )
-    except Exception as exc:  # unreachable, refused, TLS failure: not answering
-        log.info("probe of %s failed: %s", destination, type(exc).__name__)
-        return False
-
-
-_PROBES = {
-    DeliveryKind.dimse: "C-ECHO",
-    DeliveryKind.stow: "HTTP OPTIONS",
-    DeliveryKind.fhir: "HTTP OPTIONS",
-    DeliveryKind.hl7: "TCP connect",
-}
-
-
-def recheck_failed_destinations(
-    settings: Settings, session_factory: Callable[[], Session]
-) -> dict[str, int]:
-    """Re-queue the failed deliveries of destinations that answer again.
-
-    For each configured destination (``settings.destinations``) with ``failed`` deliveries
-    that are not permanent failures (:func:`node.db.deliveries.failed_destinations`):
-    :func:`probe_destination`; when it answers, its such deliveries go back to ``pending``
-    with a fresh retry horizon (:func:`node.db.deliveries.requeue_failed`, audited as
-    ``delivery.requeue``) and this process's senders are woken. Destinations no longer
-    configured are not contacted (``cxr-node jobs resend`` re-sends by hand).
-
-    Returns
-    -------
-    dict[str, int]
-        Re-queued deliveries per destination that answered.
-    """
-    configured = {str(d) for d in settings.destinations}
-    with session_factory() as session:
-        candidates = [d for d in deliveries_db.failed_destinations(session) if d in configured]
-    requeued: dict[str, int] = {}
-    for destination in candidates:
-        if not probe_destination(settings, destination):
-            log.info("failed deliveries to %s stay failed: it does not answer", destination)
-            continue
-        probe = _PROBES[deliveries_db.destination_kind(destination)]
-        with session_factory() as session:
-            ids = deliveries_db.requeue_failed(session, destination, reason=f"{probe} answered")
-        requeued[destination] = len(ids)
-    if any(requeued.values()):
-        wake_senders()
-    return requeued
 
 
 def make_delivery(ctx: NodeContext) -> DeliveryComponent:

@@ -7,7 +7,7 @@
   (instances and SRs), and SR files a crashed worker left half-written;
 - delivery recheck (every ``delivery_recheck_minutes``, 0: off): C-ECHOes each configured
   destination that has failed, not permanent deliveries and re-queues them when it answers
-  (:func:`node.runtime.delivery.recheck_failed_destinations`).
+  (:func:`node.runtime.destination_probe.recheck_failed_destinations`).
 
 The schedule is never shared through the database: every node process runs its own chores,
 and the repository functions are safe to run concurrently (row locks / ``BEGIN IMMEDIATE``).
@@ -79,6 +79,12 @@ class Chores:
                 job_max_attempts=s.job_max_attempts,
             )
 
+    def match_finals(self) -> int:
+        """Score the final reports that arrived before their draft and now have one."""
+        from node.runtime.finals import FinalIntake
+
+        return FinalIntake(self.settings, self.session_factory).match_pending()
+
     def expire_leases(self) -> int:
         """Requeue or fail running jobs whose lease has passed."""
         with self.session_factory() as session:
@@ -87,11 +93,11 @@ class Chores:
     def recheck_deliveries(self) -> dict[str, int]:
         """Re-queue failed deliveries of destinations that answer again (C-ECHO / OPTIONS).
 
-        See :func:`node.runtime.delivery.recheck_failed_destinations`; returns the re-queued count
-        per destination that answered.
+        See :func:`node.runtime.destination_probe.recheck_failed_destinations`; returns the
+        re-queued count per destination that answered.
         """
-        from node.runtime.delivery import (
-            recheck_failed_destinations,  # node.runtime.delivery imports us
+        from node.runtime.destination_probe import (
+            recheck_failed_destinations,  # imports us, through node.runtime.delivery
         )
 
         return recheck_failed_destinations(self.settings, self.session_factory)
@@ -193,6 +199,13 @@ class NodeScheduler:
             seconds=lease_every,
             id="lease-expiry",
             next_run_time=now,
+        )
+        self.scheduler.add_job(
+            _guarded("final report matching", chores.match_finals),
+            "interval",
+            seconds=30,
+            id="final-match",
+            next_run_time=now + timedelta(seconds=5),
         )
         self.scheduler.add_job(
             _guarded("retention", chores.apply_retention),

@@ -79,8 +79,14 @@ def _build_scp(settings: Settings, session_factory: sessionmaker[Session]) -> tu
 
     With ``tls_cert_file`` set, the AE serves DICOM TLS only (:func:`node.tls.server_context`).
     """
+    from node.runtime.finals import FinalIntake, ReportSink
+
     spool = Spool(settings.spool_dir)
-    sink = IngestSink(settings=settings, session_factory=session_factory, spool=spool)
+    ingest = IngestSink(settings=settings, session_factory=session_factory, spool=spool)
+    # final reports (verified SRs, and SR/PDF from report_sources) leave the stream here
+    sink = ReportSink(
+        ingest, FinalIntake(settings, session_factory), frozenset(settings.report_sources)
+    )
     ae = build_storage_ae(
         ae_title=settings.ae_title,
         allowed_aes=settings.allowed_aes,

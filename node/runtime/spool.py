@@ -47,6 +47,7 @@ __all__ = [
     "SpoolFullError",
     "SpoolIOError",
     "SpooledFile",
+    "fsync_dir",
     "spool_relative_path",
 ]
 
@@ -127,7 +128,8 @@ def spool_relative_path(
     return PurePosixPath(study_uid, series_uid, f"{sop_instance_uid}.{sha256[:16]}.dcm")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, making a rename or a new entry in it durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -285,7 +287,7 @@ class Spool:
             with contextlib.suppress(FileExistsError):
                 d.mkdir(mode=DIR_MODE)
             if self.fsync:
-                _fsync_dir(d.parent)
+                fsync_dir(d.parent)
 
     def store(
         self,
@@ -343,7 +345,7 @@ class Spool:
                 return SpooledFile(final, str(rel), size, sha, already_present=True)
             os.replace(stage, final)
             if self.fsync:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
         except OSError as exc:
             stage.unlink(missing_ok=True)
             raise _wrap(exc, "renaming into the spool") from exc
@@ -366,7 +368,7 @@ class Spool:
         try:
             path.unlink(missing_ok=True)
             if self.fsync and path.parent.exists():
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         except OSError:
             LOG.warning("could not delete spool file %s", relative, exc_info=True)
 

@@ -26,7 +26,9 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from node.db import jobs as jobs_db
-from node.runtime.pipeline import JobOutcome, PipelineDeps, retry_delay_seconds, run_batch
+from node.runtime.completion import JobOutcome
+from node.runtime.pipeline import retry_delay_seconds, run_batch
+from node.runtime.stages import PipelineDeps
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

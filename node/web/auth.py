@@ -24,15 +24,17 @@ from node.api.auth import (
     bearer_scheme,
     require_role,
 )
-from node.api.context import ApiContext, api_context
+from node.api.context import api_context
 from node.api.errors import ApiError
 from node.db.models import ApiRole
+from node.services.context import ServiceContext
 
 __all__ = [
     "CSRF_COOKIE",
     "CSRF_HEADER",
     "GENERATE_IMAGE_API",
     "JOBS_API",
+    "QUALITY_PAIRS_API",
     "SESSION_COOKIE",
     "VQA_API",
     "Principal",
@@ -48,6 +50,7 @@ __all__ = [
 # the API's JSON routes that the pages' script calls
 JOBS_API = "/api/jobs"
 VQA_API = "/api/studies/{study_uid}/vqa"  # the script fills in the study UID
+QUALITY_PAIRS_API = "/api/quality/pairs"
 GENERATE_IMAGE_API = "/api/generate-image"
 
 
@@ -59,7 +62,7 @@ require_operator = require_role(ApiRole.operator)
 def optional_principal(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
-    ctx: ApiContext = Depends(api_context),
+    ctx: ServiceContext = Depends(api_context),
 ) -> Principal | None:
     """FastAPI dependency for pages: the caller, or ``None`` when not (or no longer) logged in.
 
@@ -81,17 +84,19 @@ def csrf_token(request: Request) -> str:
 
 
 def job_action_urls(job_id: int) -> dict[str, str]:
-    """The API routes behind a job page's Retry / Cancel / Re-send / Withdraw buttons."""
+    """The API routes behind a job page's Retry / Cancel / Re-send / Withdraw / Review
+    buttons."""
     return {
         "retry": f"{JOBS_API}/{job_id}/retry",
         "cancel": f"{JOBS_API}/{job_id}/cancel",
         "resend": f"{JOBS_API}/{job_id}/resend",
         "withdraw": f"{JOBS_API}/{job_id}/withdraw",
+        "review": f"{JOBS_API}/{job_id}/review",
     }
 
 
 @contextmanager
-def read_session(ctx: ApiContext) -> Iterator[Session]:
+def read_session(ctx: ServiceContext) -> Iterator[Session]:
     """A read-only session (SQLite: deferred ``BEGIN``, never takes the write lock)."""
     with ctx.read_sessions() as session:
         yield session

@@ -13,26 +13,25 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
-import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from node.api.context import ApiContext
-from node.db import audit as audit_db
+from models.labeler import OBSERVATIONS
 from node.db import views as views_db
 from node.db.jobs import JobNotFound
 from node.db.models import JobState
-from node.db.studies import recent_studies
-from node.db.views import destination_health
+from node.services import jobs as job_service
+from node.services import quality
+from node.services.context import ServiceContext
 from node.settings import DicomDestination, FhirDestination, Hl7Destination, StowDestination
-from node.web import auth
+from node.web import auth, charts
 
 __all__ = ["CSP", "ModelStatus", "model_status", "router"]
 
@@ -81,7 +80,18 @@ def _fmt_num(value: Any) -> str:
     return str(value)
 
 
-_env.globals.update(fmt_time=_fmt_time, fmt_num=_fmt_num)
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    sign, s = ("-" if seconds < 0 else ""), abs(seconds)
+    if s < 120:
+        return f"{sign}{s:.0f} s"
+    if s < 7200:
+        return f"{sign}{s / 60:.0f} min"
+    return f"{sign}{s / 3600:.1f} h"
+
+
+_env.globals.update(fmt_time=_fmt_time, fmt_num=_fmt_num, fmt_duration=_fmt_duration)
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,7 @@ def _render(
         user=user,
         ae_title=settings.ae_title,
         model=model_status(ctx.host()),
+        quality_alert=quality.alert_state(ctx) if user is not None else None,
         csrf_token=auth.csrf_token(request),
         csrf_header=auth.CSRF_HEADER,
         csrf_cookie=auth.CSRF_COOKIE,
@@ -192,7 +203,7 @@ def _quote(text: str) -> str:
 PageUser = Annotated[auth.Principal | None, Depends(auth.optional_principal)]
 
 
-def _ctx(request: Request) -> ApiContext:
+def _ctx(request: Request) -> ServiceContext:
     return auth.api_context(request)
 
 
@@ -238,9 +249,8 @@ def queue_page(
         return _login_redirect(request)
     ctx = _ctx(request)
     flt = views_db.JobFilter(states=(state,) if state else (), limit=QUEUE_LIMIT)
-    with auth.read_session(ctx) as session:
-        jobs, _total = views_db.filter_jobs(session, flt)
-        counts = views_db.counts(session).jobs
+    jobs, _total = job_service.list_jobs(ctx, flt)
+    counts = job_service.counts(ctx).jobs
     return _render(
         request,
         "queue.html",
@@ -262,8 +272,7 @@ def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(
         return _login_redirect(request)
     ctx = _ctx(request)
     try:
-        with auth.read_session(ctx) as session:
-            detail = views_db.job_detail(session, job_id)
+        detail = job_service.detail(ctx, job_id)
     except JobNotFound:
         return _render(
             request,
@@ -285,26 +294,13 @@ def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(
         job=job,
         detail=detail,
         draft=reports[0] if reports else None,
-        stages=_stages(job),
+        stages=job_service.lifecycle(job),
+        finals=quality.job_finals(ctx, job.id),
+        observations=[o.value for o in OBSERVATIONS],
         can_operate=user.has("operator"),
+        can_review=user.has("reviewer"),
         api=auth.job_action_urls(job.id),
     )
-
-
-def _stages(job: views_db.JobRow) -> list[tuple[str, datetime | None, float | None]]:
-    """Life-cycle points with the seconds until the next known point."""
-    points = [
-        ("received", job.created_at),
-        ("queued", job.queued_at),
-        ("started", job.started_at),
-        ("finished", job.finished_at),
-    ]
-    out: list[tuple[str, datetime | None, float | None]] = []
-    for k, (name, at) in enumerate(points):
-        nxt = next((p for _, p in points[k + 1 :] if p is not None), None)
-        secs = (nxt - at).total_seconds() if at is not None and nxt is not None else None
-        out.append((name, at, secs))
-    return out
 
 
 def _destination_label(
@@ -326,8 +322,7 @@ def destinations_page(request: Request, user: PageUser) -> Response:
     settings = ctx.settings
     # delivery rows name a destination by str(d) (node.db.deliveries)
     keys = [str(d) for d in settings.destinations]
-    with auth.read_session(ctx) as session:
-        health = destination_health(session, keys)
+    health = job_service.destination_health(ctx, keys)
     rows = [
         {"text": _destination_label(d), "kind": d.kind, "health": health[k]}
         for k, d in zip(keys, settings.destinations, strict=True)
@@ -343,14 +338,71 @@ def destinations_page(request: Request, user: PageUser) -> Response:
     )
 
 
+@router.get("/quality", name="web_quality", response_class=HTMLResponse)
+def quality_page(
+    request: Request,
+    user: PageUser,
+    model_version: Annotated[str | None, Query(max_length=64)] = None,
+    window_days: Annotated[int, Query(ge=1, le=366)] = 7,
+) -> Response:
+    """Draft/final concordance: agreement over time per model version and per critical
+    observation, volume, turnaround, the discrepancy list, the export links."""
+    if user is None:
+        return _login_redirect(request)
+    ctx = _ctx(request)
+    data = quality.summary(
+        ctx, model_version=model_version or None, window=timedelta(days=window_days)
+    )
+    return _render(
+        request,
+        "quality.html",
+        page="quality",
+        title="Quality",
+        user=user,
+        data=data,
+        window_days=window_days,
+        model_version=model_version or "",
+        plots=_quality_plots(data, ctx.settings.critical_findings),
+        export_api=auth.QUALITY_PAIRS_API,
+    )
+
+
+def _quality_plots(data: dict[str, Any], critical: list[str]) -> dict[str, Any]:
+    """The page's charts from :func:`node.services.quality.summary`'s ``series``."""
+    agreement: dict[str, dict[datetime, float | None]] = {}
+    per_obs: dict[str, dict[datetime, float | None]] = {}
+    volume: dict[datetime, float] = {}
+    turnaround: dict[str, dict[datetime, float | None]] = {}
+    for row in data["series"]:
+        at = datetime.fromisoformat(row["window_start"])
+        version = row["model_version"]
+        obs = row["observations"]
+        mean = [v["agreement"] for v in obs.values() if v["agreement"] is not None]
+        agreement.setdefault(version, {})[at] = sum(mean) / len(mean) if mean else None
+        volume[at] = volume.get(at, 0.0) + row["pairs"]
+        hours = row["turnaround_median_s"]
+        turnaround.setdefault(version, {})[at] = hours / 3600 if hours is not None else None
+        for name in critical:
+            label = f"{name.replace('_', ' ')} ({version})" if version else name
+            per_obs.setdefault(label, {})[at] = obs[name]["agreement"]
+    top = max((v for s in turnaround.values() for v in s.values() if v is not None), default=1)
+    return {
+        "agreement": charts.line_chart("Agreement over time, per model version", agreement),
+        "critical": charts.line_chart("Agreement on critical findings", per_obs),
+        "volume": charts.bar_chart("Pairs per window", volume),
+        "turnaround": charts.line_chart(
+            "Median turnaround draft to final (hours)", turnaround, y_max=top or 1, fmt=".1f"
+        ),
+    }
+
+
 @router.get("/try", name="web_try", response_class=HTMLResponse)
 def try_page(request: Request, user: PageUser) -> Response:
     """VQA on a stored study and report -> CXR, through the API's model routes."""
     if user is None:
         return _login_redirect(request)
     ctx = _ctx(request)
-    with auth.read_session(ctx) as session:
-        studies = recent_studies(session)
+    studies = job_service.recent_studies(ctx)
     return _render(
         request,
         "try.html",
@@ -372,65 +424,8 @@ def summary(
 ) -> JSONResponse:
     """Counts of jobs by state and the model's status, for the queue page's refresh."""
     ctx = _ctx(request)
-    with auth.read_session(ctx) as session:
-        counts = views_db.counts(session).jobs
+    counts = job_service.counts(ctx).jobs
     return JSONResponse(
         {"counts": counts, "model": model_status(ctx.host()).to_dict()},
         headers={"Cache-Control": "no-store"},
     )
-
-
-@router.post(
-    "/api/destinations/{index}/echo",
-    name="web_destination_echo",
-    include_in_schema=True,
-    tags=["destinations"],
-    summary="C-ECHO a configured DICOM destination (operator)",
-)
-async def destination_echo(
-    request: Request,
-    index: Annotated[int, PathParam(ge=0)],
-    user: Annotated[auth.Principal, Depends(auth.require_operator)],
-) -> JSONResponse:
-    """C-ECHO configured destination ``index`` (Verification SOP Class, PS3.4 Annex A).
-
-    Operators only (CSRF-checked for cookie sessions). Returns ``{"ok": bool, ...}``; a
-    STOW-RS destination has no C-ECHO (409). The action is written to the audit log.
-    """
-    from integration.scu import DicomDestination as ScuDestination
-    from integration.scu import echo
-    from node.tls import client_context
-
-    ctx = _ctx(request)
-    settings = ctx.settings
-    if index >= len(settings.destinations):
-        raise HTTPException(status_code=404, detail=f"no destination {index} is configured")
-    dest = settings.destinations[index]
-    if not isinstance(dest, DicomDestination):
-        raise HTTPException(
-            status_code=409, detail=f"destination {index} is STOW-RS: C-ECHO is DIMSE only"
-        )
-    target = ScuDestination(ae_title=dest.ae_title, host=dest.host, port=dest.port)
-    timeout = min(settings.acse_timeout, 10.0)
-    ssl_context = client_context(settings)
-    ok = await anyio.to_thread.run_sync(
-        lambda: echo(
-            target,
-            settings.ae_title,
-            acse_timeout=timeout,
-            dimse_timeout=timeout,
-            network_timeout=timeout,
-            connection_timeout=timeout,
-            ssl_context=ssl_context,
-        )
-    )
-    log.info("C-ECHO %s requested by %s: %s", target, user.actor, "success" if ok else "failed")
-    with ctx.write_sessions() as session:
-        audit_db.audit(
-            session,
-            actor=user.actor,
-            action="destination.echo",
-            target=f"destination:{index}",
-            detail={"destination": str(target), "ok": ok},
-        )
-    return JSONResponse({"ok": ok, "destination": str(target), "index": index})

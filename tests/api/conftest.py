@@ -21,18 +21,18 @@ from pydicom.uid import UID
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.api.context import ApiContext
 from node.api.server import ApiServer, make_api_server
-from node.api.services import create_token
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
 from node.db.engine import make_engine, make_session_factory
+from node.db.instance_record import InstanceRecord
 from node.db.jobs import transition
 from node.db.migrate import upgrade
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Draft, Job, utcnow
-from node.db.studies import InstanceRecord
 from node.runtime.modelhost import ModelHost
 from node.runtime.service import NodeContext
+from node.services.context import ServiceContext
+from node.services.tokens import create_token
 from node.settings import Settings, load_settings
 from tests.helpers import free_port, rg1_file
 from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)
@@ -101,9 +101,9 @@ class ApiEnv:
     template: bytes = b""
 
     @property
-    def api_ctx(self) -> ApiContext:
+    def api_ctx(self) -> ServiceContext:
         """An API context on this environment's database (no model)."""
-        return ApiContext(
+        return ServiceContext(
             settings=self.settings,
             read_sessions=make_session_factory(self.engine, read_only=True),
             write_sessions=self.sessions,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from node.api.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, hash_secret
+from node.api.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE
 from node.db import tokens as tokens_db
 from node.db.models import ApiToken
+from node.services.tokens import hash_secret
 from tests.api.conftest import ApiEnv
 
 pytestmark = pytest.mark.integration

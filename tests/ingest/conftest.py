@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +27,8 @@ from integration.ae import build_storage_ae
 from integration.scp import handlers
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
-from node.db.models import Instance
+from node.db.models import Instance, Job, Study
+from node.db.studies import CompletionResult, complete_quiet_studies
 from node.runtime.ingest import IngestSink
 from node.runtime.spool import Spool
 from node.settings import Settings, load_settings
@@ -94,6 +96,11 @@ class RunningSCP:
         """Every .dcm file in the spool."""
         return sorted(self.spool.root.rglob("*.dcm"))
 
+    def stop(self) -> None:
+        """Shut the SCP down and close the database connections."""
+        self.server.shutdown()
+        self.engine.dispose()
+
 
 def start_scp(
     tmp_path: Path,
@@ -103,8 +110,12 @@ def start_scp(
     spool: Spool | None = None,
     min_free_disk_mb: int = 0,
     migrate: bool = True,
+    **overrides: Any,
 ) -> RunningSCP:
-    """Start the node's SCP (AE + handlers + IngestSink) in-process on a free port."""
+    """Start the node's SCP (AE + handlers + IngestSink) in-process on a free port.
+
+    ``overrides`` are further settings (``load_settings`` keywords), e.g. ``priority_rules``.
+    """
     port = free_port()
     settings = load_settings(
         ae_title=NODE_AET,
@@ -117,6 +128,7 @@ def start_scp(
         acse_timeout=10,
         dimse_timeout=10,
         network_timeout=10,
+        **overrides,
     )
     engine = make_engine(database_url)
     if migrate:
@@ -141,8 +153,7 @@ def scp(tmp_path: Path, db_url: str) -> Iterator[RunningSCP]:  # noqa: F811
     """The SCP on SQLite and (marked postgres) PostgreSQL."""
     node = start_scp(tmp_path, db_url)
     yield node
-    node.server.shutdown()
-    node.engine.dispose()
+    node.stop()
 
 
 @pytest.fixture
@@ -150,8 +161,7 @@ def sqlite_scp(tmp_path: Path) -> Iterator[RunningSCP]:
     """The SCP on a SQLite file only (for tests whose subject is not the database)."""
     node = start_scp(tmp_path, f"sqlite:///{tmp_path / 'node.sqlite3'}")
     yield node
-    node.server.shutdown()
-    node.engine.dispose()
+    node.stop()
 
 
 def cxr_dataset(
@@ -229,3 +239,49 @@ def scu(calling: str = PACS_AET) -> AE:
 
 
 StoreFn = Callable[[Dataset], int]
+
+
+def store(node: RunningSCP, datasets: list[Dataset], *, calling: str = PACS_AET) -> list[int]:
+    """Send ``datasets`` over one association; return the statuses."""
+    assoc = scu(calling).associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def store_file(node: RunningSCP, path: Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
+    """Send a Part 10 file's bytes as they are (pynetdicom chunked send); return the rsp."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    assoc = scu().associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(path)
+    finally:
+        assoc.release()
+
+
+def study_jobs(node: RunningSCP, study_uid: str) -> list[Job]:
+    """The jobs of a study, oldest first."""
+    with node.session_factory() as s:
+        return list(
+            s.scalars(
+                select(Job)
+                .join(Study, Job.study_id == Study.id)
+                .where(Study.study_instance_uid == study_uid)
+                .order_by(Job.id)
+            )
+        )
+
+
+def complete_studies(node: RunningSCP, *, after: float) -> list[CompletionResult]:
+    """Run the completion sweep as if ``after`` seconds had passed since now."""
+    with node.session_factory() as s:
+        return complete_quiet_studies(
+            s,
+            quiet_seconds=node.settings.study_quiet_seconds,
+            max_wait_seconds=node.settings.study_max_wait_seconds,
+            now=datetime.now(UTC) + timedelta(seconds=after),
+            rule=node.settings.chest_rule,
+        )

@@ -183,8 +183,7 @@ def bounded_scp(tmp_path: Path) -> Iterator[Callable[..., BoundedSCP]]:
         for assoc in server.active_associations:
             assoc.abort()
         server.shutdown()
-    node.server.shutdown()
-    node.engine.dispose()
+    node.stop()
 
 
 # --- the node as a process (memory) ----------------------------------------------------------

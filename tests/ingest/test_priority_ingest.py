@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +22,25 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import _config
 from sqlalchemy import select
 
-from integration.ae import build_storage_ae
 from integration.priority import PriorityRule
-from integration.scp import handlers
 from integration.status import StoreStatus
 from node.db import jobs as jobs_db
-from node.db import studies as studies_db
 from node.db import views as views_db
-from node.db.engine import make_engine, make_session_factory
-from node.db.migrate import upgrade
-from node.db.models import Job, JobState, Study
-from node.runtime.ingest import IngestSink, header_priority, read_header
-from node.runtime.spool import Spool
+from node.db.models import Job, JobState
+from node.runtime.header import header_priority, read_header
 from node.settings import ConfigError, load_settings
-from tests.helpers import free_port
-from tests.ingest.conftest import NODE_AET, RunningSCP, cxr_dataset, scu, write
+from tests.ingest.conftest import (
+    RunningSCP,
+    complete_studies,
+    cxr_dataset,
+    start_scp,
+    store,
+    store_file,
+    study_jobs,
+    write,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,36 +52,8 @@ RULES = [
 
 
 def start_node(tmp_path: Path, database_url: str, **overrides: Any) -> RunningSCP:
-    """The node's SCP (as ``tests.ingest.conftest.start_scp``) with settings overrides."""
-    port = free_port()
-    settings = load_settings(
-        ae_title=NODE_AET,
-        port=port,
-        allowed_aes=f"PACS, {ED_AET}",
-        spool_dir=tmp_path / "spool",
-        database_url=database_url,
-        min_free_disk_mb=0,
-        study_quiet_seconds=1.0,
-        acse_timeout=10,
-        dimse_timeout=10,
-        network_timeout=10,
-        **overrides,
-    )
-    engine = make_engine(database_url)
-    upgrade(engine)
-    factory = make_session_factory(engine)
-    spool = Spool(settings.spool_dir)
-    sink = IngestSink(settings=settings, session_factory=factory, spool=spool)
-    ae = build_storage_ae(
-        ae_title=settings.ae_title,
-        allowed_aes=settings.allowed_aes,
-        max_associations=settings.max_associations,
-        acse_timeout=settings.acse_timeout,
-        dimse_timeout=settings.dimse_timeout,
-        network_timeout=settings.network_timeout,
-    )
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers(sink))
-    return RunningSCP(port, settings, spool, sink, engine, factory, server)
+    """The node's SCP (``tests.ingest.conftest.start_scp``) that also admits :data:`ED_AET`."""
+    return start_scp(tmp_path, database_url, allowed_aes=f"PACS, {ED_AET}", **overrides)
 
 
 @pytest.fixture
@@ -89,8 +61,7 @@ def node(tmp_path: Path, db_url: str) -> Iterator[RunningSCP]:
     """The SCP with :data:`RULES`, on SQLite and (marked postgres) PostgreSQL."""
     n = start_node(tmp_path, db_url, priority_rules=RULES)
     yield n
-    n.server.shutdown()
-    n.engine.dispose()
+    n.stop()
 
 
 def ordered(
@@ -118,57 +89,15 @@ def ordered(
     return ds
 
 
-def store(node: RunningSCP, datasets: list[Dataset], *, calling: str = "PACS") -> list[int]:
-    """Send ``datasets`` over one association; return the statuses."""
-    assoc = scu(calling).associate("127.0.0.1", node.port, ae_title=NODE_AET)
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
-
-
-def store_file(node: RunningSCP, path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Send a Part 10 file's bytes as they are (pynetdicom chunked send); return the status."""
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    assoc = scu().associate("127.0.0.1", node.port, ae_title=NODE_AET)
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(path).Status)
-    finally:
-        assoc.release()
-
-
-def jobs(node: RunningSCP, study_uid: str) -> list[Job]:
-    """The jobs of a study, oldest first."""
-    with node.session_factory() as s:
-        return list(
-            s.scalars(
-                select(Job)
-                .join(Study, Job.study_id == Study.id)
-                .where(Study.study_instance_uid == study_uid)
-                .order_by(Job.id)
-            )
-        )
-
-
 def priority_of(node: RunningSCP, study_uid: str) -> int:
     """The priority of the study's only job."""
-    [job] = jobs(node, study_uid)
+    [job] = study_jobs(node, study_uid)
     return job.priority
 
 
 def complete(node: RunningSCP) -> list[int]:
     """Complete every receiving study (quiet period over); return the queued job ids."""
-    with node.session_factory() as s:
-        done = studies_db.complete_quiet_studies(
-            s,
-            quiet_seconds=node.settings.study_quiet_seconds,
-            max_wait_seconds=node.settings.study_max_wait_seconds,
-            now=datetime.now(UTC) + timedelta(seconds=5),
-            rule=node.settings.chest_rule,
-        )
-    return [c.job_id for c in done if c.job_id is not None]
+    return [c.job_id for c in complete_studies(node, after=5) if c.job_id is not None]
 
 
 def claim(node: RunningSCP) -> Job | None:
@@ -213,8 +142,7 @@ def test_without_rules_only_the_order_counts(tmp_path: Path) -> None:
         assert priority_of(n, plain.StudyInstanceUID) == 0
         assert priority_of(n, stat.StudyInstanceUID) == 100
     finally:
-        n.server.shutdown()
-        n.engine.dispose()
+        n.stop()
 
 
 # --- (b) a STAT study is drafted before the routine queue ------------------------------------
@@ -249,11 +177,11 @@ def test_later_stat_instance_raises_a_queued_routine_job(node: RunningSCP) -> No
     other = ordered(priority="ROUTINE")
     assert store(node, [first, other]) == [StoreStatus.SUCCESS] * 2
     queued = complete(node)
-    [job] = jobs(node, study)
+    [job] = study_jobs(node, study)
     assert job.id in queued and job.state is JobState.queued and job.priority == 0
 
     assert store(node, [ordered(priority="STAT", study_uid=study)]) == [StoreStatus.SUCCESS]
-    [job] = jobs(node, study)  # the same job, raised, still queued
+    [job] = study_jobs(node, study)  # the same job, raised, still queued
     assert (job.id, job.state, job.priority) == (job.id, JobState.queued, 100)
     assert job.id in queued
     got = claim(node)
@@ -265,7 +193,7 @@ def test_later_stat_instance_raises_a_queued_routine_job(node: RunningSCP) -> No
         store(node, [study2, ordered(priority="LOW", study_uid=study2.StudyInstanceUID)])
         == [StoreStatus.SUCCESS] * 2
     )
-    [job2] = jobs(node, study2.StudyInstanceUID)
+    [job2] = study_jobs(node, study2.StudyInstanceUID)
     assert job2.state is JobState.received and job2.priority == 100
 
     # the admin's priority still rules afterwards
@@ -278,7 +206,7 @@ def test_stat_instance_while_receiving_raises_the_received_job(node: RunningSCP)
     plain = ordered()
     stat = ordered(priority="STAT", study_uid=plain.StudyInstanceUID)
     assert store(node, [plain, stat]) == [StoreStatus.SUCCESS] * 2
-    [job] = jobs(node, plain.StudyInstanceUID)
+    [job] = study_jobs(node, plain.StudyInstanceUID)
     assert job.state is JobState.received and job.priority == 100
 
 
@@ -292,7 +220,7 @@ def test_late_stat_instance_of_a_finished_study_gets_a_stat_job(node: RunningSCP
         jobs_db.finish_job(s, got.id, owner="test/w0")
     late = ordered(priority="STAT", study_uid=first.StudyInstanceUID)
     assert store(node, [late]) == [StoreStatus.SUCCESS]
-    done, fresh = jobs(node, first.StudyInstanceUID)
+    done, fresh = study_jobs(node, first.StudyInstanceUID)
     assert (done.state, done.priority) == (JobState.done, 0)
     assert (fresh.state, fresh.priority) == (JobState.received, 100)
 
@@ -320,10 +248,10 @@ def test_malformed_request_attributes_sequence_is_stored_with_the_rules_priority
     node: RunningSCP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     good, good_ds = _defined_length_sequence_file(tmp_path, corrupt=False)
-    assert store_file(node, good, monkeypatch) == StoreStatus.SUCCESS
+    assert store_file(node, good, monkeypatch).Status == StoreStatus.SUCCESS
     assert priority_of(node, good_ds.StudyInstanceUID) == 100
     bad, bad_ds = _defined_length_sequence_file(tmp_path, corrupt=True)
-    assert store_file(node, bad, monkeypatch) == StoreStatus.SUCCESS
+    assert store_file(node, bad, monkeypatch).Status == StoreStatus.SUCCESS
     assert node.row(bad_ds.SOPInstanceUID) is not None
     assert priority_of(node, bad_ds.StudyInstanceUID) == 60  # the department rule only
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from integration.status import StoreStatus
-from node.runtime.ingest import DataSetError, read_header
+from node.runtime.dataset_error import DataSetError
+from node.runtime.header import read_header
 from node.runtime.spool import Spool
 from tests.helpers import rg1_file
 from tests.ingest.conftest import cxr_dataset, sha256, write

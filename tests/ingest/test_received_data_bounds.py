@@ -45,7 +45,9 @@ from pynetdicom.dsutils import split_dataset
 
 from integration.scp import _partial_received_file
 from integration.status import StoreStatus
-from node.runtime.ingest import DataSetError, InflateLimits, read_header
+from node.runtime.dataset_error import DataSetError
+from node.runtime.dataset_source import InflateLimits
+from node.runtime.header import read_header
 from tests.helpers import free_port, port_open, require_nih_pngs, rg1_file, wait_for
 from tests.ingest.conftest import NODE_AET, PACS_AET, dcmtk, nih_png_dataset, start_scp, write
 
@@ -666,5 +668,4 @@ def test_full_database_filesystem_answers_a700(tmp_path: Path) -> None:
                 assoc.release()
             assert len(scp.rows()) == 1
         finally:
-            scp.server.shutdown()
-            scp.engine.dispose()
+            scp.stop()

@@ -5,70 +5,31 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import _config
 from sqlalchemy import func, select
 
 from integration.status import StoreStatus
-from node.db.models import Job, Study
-from node.db.studies import complete_quiet_studies
+from node.db.models import Study
 from node.runtime.spool import Spool
-from tests.ingest.conftest import NODE_AET, RunningSCP, cxr_dataset, scu, sha256, start_scp, write
+from tests.ingest.conftest import (
+    NODE_AET,
+    RunningSCP,
+    complete_studies,
+    cxr_dataset,
+    scu,
+    sha256,
+    start_scp,
+    store,
+    store_file,
+    study_jobs,
+    write,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def store(node: RunningSCP, datasets: list[Dataset], *, calling: str = "PACS") -> list[int]:
-    """Send ``datasets`` over one association; return the statuses."""
-    assoc = scu(calling).associate("127.0.0.1", node.port, ae_title=NODE_AET)
-    assert assoc.is_established
-    try:
-        statuses = []
-        for ds in datasets:
-            rsp = assoc.send_c_store(ds)
-            statuses.append(int(rsp.Status))
-        return statuses
-    finally:
-        assoc.release()
-
-
-def store_file(node: RunningSCP, path: Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
-    """Send a Part 10 file's bytes as they are (pynetdicom chunked send); return the rsp."""
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    assoc = scu().associate("127.0.0.1", node.port, ae_title=NODE_AET)
-    assert assoc.is_established
-    try:
-        return assoc.send_c_store(path)
-    finally:
-        assoc.release()
-
-
-def _jobs(node: RunningSCP, study_uid: str) -> list[Job]:
-    with node.session_factory() as s:
-        return list(
-            s.scalars(
-                select(Job)
-                .join(Study, Job.study_id == Study.id)
-                .where(Study.study_instance_uid == study_uid)
-            )
-        )
-
-
-def _complete(node: RunningSCP, *, after: float) -> None:
-    with node.session_factory() as s:
-        complete_quiet_studies(
-            s,
-            quiet_seconds=node.settings.study_quiet_seconds,
-            max_wait_seconds=node.settings.study_max_wait_seconds,
-            now=datetime.now(UTC) + timedelta(seconds=after),
-            rule=node.settings.chest_rule,
-        )
 
 
 def test_multi_series_study_over_several_associations_one_job(scp: RunningSCP) -> None:
@@ -83,13 +44,13 @@ def test_multi_series_study_over_several_associations_one_job(scp: RunningSCP) -
         assert store(scp, batch) == [0, 0]
         sent += batch
     assert len(scp.rows()) == 6
-    _complete(scp, after=0.0)  # inside the 1 s quiet period: nothing queued
-    assert [j.state.value for j in _jobs(scp, study)] == ["received"]
-    _complete(scp, after=scp.settings.study_quiet_seconds + 0.5)
-    jobs = _jobs(scp, study)
+    complete_studies(scp, after=0.0)  # inside the 1 s quiet period: nothing queued
+    assert [j.state.value for j in study_jobs(scp, study)] == ["received"]
+    complete_studies(scp, after=scp.settings.study_quiet_seconds + 0.5)
+    jobs = study_jobs(scp, study)
     assert [j.state.value for j in jobs] == ["queued"]
-    _complete(scp, after=scp.settings.study_quiet_seconds + 5)  # idempotent
-    assert len(_jobs(scp, study)) == 1
+    complete_studies(scp, after=scp.settings.study_quiet_seconds + 5)  # idempotent
+    assert len(study_jobs(scp, study)) == 1
     for ds in sent:
         assert pydicom.dcmread(scp.spooled(ds.SOPInstanceUID)).SOPInstanceUID == ds.SOPInstanceUID
 
@@ -100,11 +61,11 @@ def test_non_chest_study_stored_and_skipped(scp: RunningSCP) -> None:
     ds.StudyDescription = "KNEE 2 VIEWS"
     assert store(scp, [ds]) == [0]
     assert scp.spooled(ds.SOPInstanceUID).is_file()
-    _complete(scp, after=10)
+    complete_studies(scp, after=10)
     with scp.session_factory() as s:
         st = s.scalars(select(Study).where(Study.study_instance_uid == study)).one()
         assert st.state.value == "skipped" and st.skip_reason
-    assert all(j.state.value == "cancelled" for j in _jobs(scp, study))
+    assert all(j.state.value == "cancelled" for j in study_jobs(scp, study))
 
 
 def test_duplicates_identical_and_changed(sqlite_scp: RunningSCP) -> None:
@@ -157,8 +118,7 @@ def test_allowed_title_from_wrong_address_rejected(tmp_path: Path) -> None:
         assert int(ok.send_c_echo().Status) == 0
         ok.release()
     finally:
-        node.server.shutdown()
-        node.engine.dispose()
+        node.stop()
 
 
 def _stored_then(node: RunningSCP) -> tuple[Path, str]:
@@ -240,8 +200,7 @@ def test_free_space_floor_refuses_transiently(tmp_path: Path) -> None:
         node.sink.floor_bytes = 0
         assert store(node, [ds]) == [0]  # the retry the transient status invites works
     finally:
-        node.server.shutdown()
-        node.engine.dispose()
+        node.stop()
 
 
 def _mount_tiny_tmpfs(target: Path, size: str) -> bool:
@@ -273,8 +232,7 @@ def test_full_filesystem_refuses_and_harms_nothing(tmp_path: Path) -> None:
             for r in node.rows():
                 assert sha256(node.spool.root / r.spool_path) == r.sha256
         finally:
-            node.server.shutdown()
-            node.engine.dispose()
+            node.stop()
     finally:
         subprocess.run(["umount", "-l", str(spool_dir)], check=False)
 
@@ -291,8 +249,7 @@ def test_database_down_refuses_and_leaves_no_file(tmp_path: Path) -> None:
         assert node.spool_files() == []
         assert not list(node.spool.incoming.iterdir())
     finally:
-        node.server.shutdown()
-        node.engine.dispose()
+        node.stop()
 
 
 def test_database_down_keeps_existing_identical_file(tmp_path: Path) -> None:
@@ -312,8 +269,7 @@ def test_database_down_keeps_existing_identical_file(tmp_path: Path) -> None:
         assert store(node, [ds]) == [StoreStatus.OUT_OF_RESOURCES_DATABASE]
         assert path.is_file() and sha256(path) == digest
     finally:
-        node.server.shutdown()
-        node.engine.dispose()
+        node.stop()
 
 
 def test_rows_match_files_after_everything(scp: RunningSCP) -> None:
@@ -345,5 +301,4 @@ def test_max_associations_passed_through(tmp_path: Path) -> None:
         first.release()
     finally:
         server.shutdown()
-        node.server.shutdown()
-        node.engine.dispose()
+        node.stop()

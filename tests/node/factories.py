@@ -6,7 +6,10 @@ import hashlib
 from datetime import UTC, datetime
 from itertools import count
 
-from node.db.studies import InstanceRecord
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.instance_record import InstanceRecord
+from node.db.models import Draft, Job, JobState, Study, StudyState
 
 _n = count(1)
 ROOT = "1.2.826.0.1.3680043.10.1234"
@@ -53,3 +56,50 @@ def record(
         calling_ae="PACS",
         received_at=at,
     )
+
+
+def seed_draft(
+    factory: sessionmaker[Session],
+    study_uid: str,
+    text: str,
+    *,
+    accession: str | None = None,
+    version: str = "v1",
+    at: datetime = T0,
+) -> int:
+    """A study whose job is done with a report draft (rows, as the worker leaves them)."""
+    with factory() as s:
+        study = Study(
+            study_instance_uid=study_uid,
+            state=StudyState.complete,
+            accession_number=accession,
+            first_received_at=at,
+            last_received_at=at,
+            receiving_since=at,
+            completed_at=at,
+        )
+        s.add(study)
+        s.flush()
+        job = Job(
+            study_id=study.id,
+            state=JobState.done,
+            created_at=at,
+            updated_at=at,
+            finished_at=at,
+            sr_sop_instance_uid=f"{study_uid}.9",
+        )
+        s.add(job)
+        s.flush()
+        s.add(
+            Draft(
+                job_id=job.id,
+                task="report",
+                full_text=text,
+                impression=text,
+                model_name="LLM-CXR-DEMO",
+                model_version=version,
+                created_at=at,
+            )
+        )
+        s.commit()
+        return int(job.id)

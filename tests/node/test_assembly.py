@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
+from node.db.instance_record import RecordOutcome
 from node.db.models import Instance, Job, JobState, Study, StudyState
-from node.db.studies import RecordOutcome
 from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
 from node.settings import ChestRule
 from tests.node.factories import T0, record, uid

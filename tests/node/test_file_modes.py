@@ -24,7 +24,7 @@ from integration.sr import build_draft_sr
 from node.db.engine import make_engine
 from node.demo import DemoPacs
 from node.filemodes import PRIVATE_UMASK, apply_private_umask
-from node.runtime.pipeline import write_sr
+from node.runtime.completion import write_sr
 from node.runtime.spool import Spool
 from node.settings import load_settings
 from tests.helpers import rg1_file

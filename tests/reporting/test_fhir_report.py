@@ -18,19 +18,13 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pydicom.dataset import Dataset
 
+from integration.destinations import FhirDestination
 from integration.errors import FhirBuildError, FhirDeliveryError
-from integration.fhir_report import (
-    DICOM_UID_SYSTEM,
-    DRAFT_STATUS,
-    WITHDRAWN_STATUS,
-    FhirDestination,
-    FhirDraft,
-    build_draft_bundle,
-    build_withdrawal_bundle,
-    check_bundle,
-    send_transaction,
-    update_conditional,
-)
+from integration.fhir_check import check_bundle
+from integration.fhir_coding import DICOM_UID_SYSTEM
+from integration.fhir_report import DRAFT_STATUS, FhirDraft, build_draft_bundle
+from integration.fhir_send import send_transaction, update_conditional
+from integration.fhir_withdrawal import WITHDRAWN_STATUS, build_withdrawal_bundle
 from integration.uids import device_uid
 from tests.helpers import free_port
 from tests.receivers import TOKEN, FhirReceiver

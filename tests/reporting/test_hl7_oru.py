@@ -18,6 +18,7 @@ from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
 from integration.errors import Hl7AckError, Hl7BuildError
+from integration.hl7_ack import check_ack, parse_ack
 from integration.hl7_oru import (
     DRAFT_OBSERVATION_STATUS,
     DRAFT_RESULT_STATUS,
@@ -27,9 +28,7 @@ from integration.hl7_oru import (
     Hl7Parties,
     build_draft_oru,
     build_withdrawal_oru,
-    check_ack,
     message_control_id,
-    parse_ack,
 )
 from integration.uids import device_uid
 from tests.reporting.conftest import (

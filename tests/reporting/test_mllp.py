@@ -30,12 +30,12 @@ from integration.errors import (
     Hl7AckError,
     MllpError,
 )
+from integration.hl7_ack import check_ack
 from integration.hl7_oru import (
     DraftResult,
     Hl7Parties,
     build_draft_oru,
     build_withdrawal_oru,
-    check_ack,
     message_control_id,
 )
 from integration.mllp import END_BLOCK, START_BLOCK, send_mllp

@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ROLES = ("admin", "operator", "viewer")
+ROLES = ("admin", "operator", "viewer", "reviewer")
 
 
 def chromium_path() -> str:
@@ -125,11 +125,11 @@ def console_node(
     tmp_path_factory: pytest.TempPathFactory, demo_bundle: Path
 ) -> Iterator[ConsoleNode]:
     """``cxr-node serve``'s components in a thread: SCP, SQLite, model, worker, API + web."""
-    from node.api.auth import hash_secret, new_token
     from node.db import tokens as tokens_db
     from node.db.engine import make_engine, make_session_factory
     from node.runtime.components import default_components
     from node.runtime.service import run_node
+    from node.services.tokens import hash_secret, new_token
     from node.settings import load_settings
 
     work = tmp_path_factory.mktemp("web-node")

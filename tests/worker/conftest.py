@@ -35,8 +35,8 @@ from node.db.migrate import upgrade
 from node.db.models import Delivery, Draft, Job, utcnow
 from node.runtime.ingest import IngestSink
 from node.runtime.modelhost import ModelHost
-from node.runtime.pipeline import PipelineDeps
 from node.runtime.service import NodeContext
+from node.runtime.stages import PipelineDeps
 from node.settings import Settings, load_settings
 from tests.helpers import require_nih_pngs, rg1_file
 from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)

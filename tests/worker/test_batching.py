@@ -9,7 +9,8 @@ import pytest
 
 from node.db.models import JobState
 from node.runtime.modelhost import ModelHost
-from node.runtime.pipeline import prepare_job, run_batch
+from node.runtime.pipeline import run_batch
+from node.runtime.prepare import prepare_job
 from node.runtime.worker import Worker
 from tests.worker.conftest import NodeEnv, make_env, nih_pixels
 

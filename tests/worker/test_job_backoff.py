@@ -32,7 +32,9 @@ from models.runtime import InferenceError, ModelInputError
 from node.db import jobs as jobs_db
 from node.db.models import JobState, utcnow
 from node.runtime.modelhost import ModelHost, ModelNotReady
-from node.runtime.pipeline import OUTPUTS_DIR, JobFailure, is_permanent, run_batch
+from node.runtime.pipeline import is_permanent, run_batch
+from node.runtime.spool import OUTPUTS_DIR
+from node.runtime.stages import JobFailure
 from node.runtime.worker import Worker
 from tests.worker.conftest import NodeEnv, make_cxr, make_env
 

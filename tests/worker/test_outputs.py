@@ -32,8 +32,8 @@ from node.db.jobs import JobConflict
 from node.db.models import AuditLog, DeliveryObject, DeliveryState
 from node.runtime.delivery import DeliveryComponent
 from node.runtime.modelhost import ModelHost
-from node.runtime.outputs import withdraw
 from node.runtime.pipeline import run_batch
+from node.runtime.withdrawal import withdraw
 from tests.helpers import free_port, require_binary
 from tests.receivers import TOKEN, FhirReceiver, Receiver
 from tests.worker.conftest import NodeEnv, make_env

@@ -16,15 +16,11 @@ from node.db import drafts as drafts_db
 from node.db import jobs as jobs_db
 from node.db.deliveries import enqueue_deliveries
 from node.db.models import JobState, utcnow
+from node.runtime.completion import build_sr, write_sr
 from node.runtime.modelhost import ModelHost
-from node.runtime.pipeline import (
-    OUTPUTS_DIR,
-    build_sr,
-    generate_reports,
-    prepare_job,
-    run_batch,
-    write_sr,
-)
+from node.runtime.pipeline import generate_reports, run_batch
+from node.runtime.prepare import prepare_job
+from node.runtime.spool import OUTPUTS_DIR
 from tests.helpers import require_binary
 from tests.worker.conftest import MAX_NEW_TOKENS, NodeEnv, make_env
 

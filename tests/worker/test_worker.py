@@ -10,8 +10,8 @@ import pytest
 from node.db import jobs as jobs_db
 from node.db.models import JobState
 from node.runtime.modelhost import ModelHost, ModelNotReady, make_model_host
-from node.runtime.pipeline import STAGE_DELAY_ENV, _parse_delays
 from node.runtime.service import NodeContext
+from node.runtime.stages import STAGE_DELAY_ENV, _parse_delays
 from node.runtime.worker import Heartbeat, Worker, make_worker
 from tests.helpers import wait_for
 from tests.worker.conftest import NodeEnv, make_env, nih_pixels, worker_settings

@@ -197,6 +197,35 @@
     });
   }
 
+  // --- job detail: a reviewer accepts, edits or rejects the draft ------------------------------
+  function setupReview() {
+    var box = document.getElementById("review");
+    if (!box) return;
+    var out = document.getElementById("review-result");
+    box.querySelectorAll("button.review-action").forEach(function (b) {
+      b.addEventListener("click", function () {
+        var decision = b.getAttribute("data-decision");
+        var body = { decision: decision };
+        if (decision === "edit") body.text = document.getElementById("review-text").value;
+        if (decision === "reject") {
+          var reason = window.prompt("Reject the draft. Reason (no patient data):");
+          if (!reason || !reason.trim()) return;
+          body.reason = reason.trim();
+        }
+        b.disabled = true;
+        out.textContent = decision + "…";
+        api("POST", box.getAttribute("data-url"), body).then(function (resp) {
+          if (resp.ok) {
+            out.textContent = decision + ": recorded";
+            window.setTimeout(function () { window.location.reload(); }, 300);
+          } else {
+            errorText(resp).then(function (t) { out.textContent = decision + " refused (" + t + ")"; b.disabled = false; });
+          }
+        });
+      });
+    });
+  }
+
   // --- destinations: C-ECHO ----------------------------------------------------------------
   function setupDestinations() {
     document.querySelectorAll("button.echo").forEach(function (b) {
@@ -260,6 +289,7 @@
     setupLogin();
     setupQueue();
     setupJob();
+    setupReview();
     setupDestinations();
     setupTry();
   });

@@ -1,0 +1,35 @@
+"""What every route module shares: the role dependencies, the context, the error answers
+of authentication, and the time-zone rule for query times."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends
+
+from node.api.auth import Principal, require_role
+from node.api.context import api_context
+from node.api.schemas import ErrorOut
+from node.services.context import ServiceContext
+
+__all__ = ["AUTH_ERRORS", "Admin", "Ctx", "Operator", "Reviewer", "Viewer", "utc"]
+
+#: the error answers every authenticated route may give (OpenAPI ``responses``)
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "no or invalid token"},
+    403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
+    429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
+}
+Viewer = Annotated[Principal, Depends(require_role("viewer"))]
+Reviewer = Annotated[Principal, Depends(require_role("reviewer"))]
+Operator = Annotated[Principal, Depends(require_role("operator"))]
+Admin = Annotated[Principal, Depends(require_role("admin"))]
+Ctx = Annotated[ServiceContext, Depends(api_context)]
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """A query's time as UTC: a time without zone is read as UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value

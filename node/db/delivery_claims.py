@@ -1,0 +1,264 @@
+"""Claims of delivery rows: a sender takes due rows under a lease and records the outcome.
+
+A sender *claims* due ``pending`` rows (``next_attempt_at <= now``,
+:func:`claim_due_deliveries`): the claim increments ``attempts`` and moves
+``next_attempt_at`` forward by a short lease, so no other sender takes the row while it is
+being sent (PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite: the ``BEGIN
+IMMEDIATE`` transaction serializes claims). The lease end is also the claim's fencing token:
+:func:`mark_sent`, :func:`mark_retry`, :func:`mark_failed` and :func:`release_claim` given
+``claimed_until`` change the row only while it still carries that value, so the result of a
+send that outlived its lease, or of a row re-queued meanwhile, is ignored instead of
+overwriting newer state. If a sender dies, the lease passes and the row is sent again.
+
+The rows themselves are queued by :mod:`node.db.deliveries`, which re-exports these
+functions. Every function that changes state commits its own transaction
+(:func:`node.db.tx.in_transaction`). Error texts stored here name destinations and UIDs only.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, or_, select, update
+from sqlalchemy.orm import Session
+
+from node.db.models import Delivery, DeliveryState, utcnow
+from node.db.tx import in_transaction
+
+__all__ = [
+    "claim_due_deliveries",
+    "mark_failed",
+    "mark_retry",
+    "mark_sent",
+    "release_claim",
+]
+
+# the delivery queue's queries log under one name, whichever module they live in
+log = logging.getLogger("node.db.deliveries")
+
+_MAX_ERROR = 2000  # keep stored error texts bounded
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
+
+
+def claim_due_deliveries(
+    session: Session,
+    *,
+    now: datetime | None = None,
+    limit: int = 8,
+    lease_seconds: float = 120.0,
+    owner: str | None = None,
+) -> list[Delivery]:
+    """Claim up to ``limit`` pending deliveries that are due, oldest first.
+
+    Each claimed row gets ``attempts + 1``, ``last_attempt_at = now`` and
+    ``next_attempt_at = now + lease_seconds``
+    (the lease: no other sender claims it before then; it is also the fencing token to pass
+    as ``claimed_until`` to :func:`mark_sent` / :func:`mark_retry` / :func:`mark_failed`).
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so concurrent senders get different rows;
+    SQLite: the ``BEGIN IMMEDIATE`` transaction serializes claims. Commits.
+
+    Parameters
+    ----------
+    session
+        A write session.
+    now
+        The current time.
+    limit
+        At most this many rows.
+    lease_seconds
+        How long the claim holds; longer than the slowest send (connect + ACSE + DIMSE).
+    owner
+        The claiming sender, for the log only.
+
+    Returns
+    -------
+    list[Delivery]
+        Detached rows as claimed (``next_attempt_at`` is the lease end).
+    """
+    if limit < 1:
+        return []
+    if not lease_seconds > 0:
+        raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+    now = now or utcnow()
+    lease_until = now + timedelta(seconds=lease_seconds)
+
+    def work() -> list[Delivery]:
+        rows = list(
+            session.scalars(
+                select(Delivery)
+                .where(
+                    Delivery.state == DeliveryState.pending,
+                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                )
+                .order_by(Delivery.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+                .execution_options(populate_existing=True)
+            )
+        )
+        for row in rows:
+            row.attempts += 1
+            row.last_attempt_at = now
+            row.next_attempt_at = lease_until
+        return rows
+
+    rows = in_transaction(session, work)
+    if rows:
+        log.debug("%s claimed deliveries %s", owner or "sender", [r.id for r in rows])
+    return rows
+
+
+def _fenced_update(
+    session: Session,
+    delivery_id: int,
+    claimed_until: datetime | None,
+    values: dict[str, Any],
+) -> bool:
+    """Set ``values`` on a ``pending`` row still carrying ``claimed_until`` (when given);
+    returns whether it changed. Commits."""
+    conditions = [Delivery.id == delivery_id, Delivery.state == DeliveryState.pending]
+    if claimed_until is not None:
+        conditions.append(Delivery.next_attempt_at == claimed_until)
+
+    def work() -> bool:
+        res = session.execute(
+            update(Delivery)
+            .where(*conditions)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(res, "rowcount", 0))
+
+    changed = in_transaction(session, work)
+    if not changed:
+        log.warning(
+            "delivery %s: claim no longer held (re-queued or lease passed); result not recorded",
+            delivery_id,
+        )
+    return changed
+
+
+def mark_sent(
+    session: Session,
+    delivery_id: int,
+    *,
+    claimed_until: datetime | None = None,
+    note: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Record a successful store: ``sent`` with ``sent_at``. Commits.
+
+    Parameters
+    ----------
+    session
+        A write session.
+    delivery_id
+        The row.
+    claimed_until
+        The lease end from :func:`claim_due_deliveries`; when given, the row changes only
+        if it still carries it.
+    note
+        Kept in ``last_error`` (e.g. a C-STORE warning status such as 0xB000); ``None``
+        clears it.
+    now
+        The time recorded as ``sent_at``.
+
+    Returns
+    -------
+    bool
+        Whether the row changed (``False``: the claim was lost).
+    """
+    now = now or utcnow()
+    return _fenced_update(
+        session,
+        delivery_id,
+        claimed_until,
+        {
+            "state": DeliveryState.sent,
+            "sent_at": now,
+            "next_attempt_at": None,
+            "last_error": _clip(note) if note else None,
+        },
+    )
+
+
+def mark_retry(
+    session: Session,
+    delivery_id: int,
+    *,
+    error: str,
+    next_attempt_at: datetime,
+    claimed_until: datetime | None = None,
+) -> bool:
+    """Record a transient failure: stay ``pending``, due again at ``next_attempt_at``. Commits.
+
+    ``error`` must hold no patient data. Returns whether the row changed.
+    """
+    return _fenced_update(
+        session,
+        delivery_id,
+        claimed_until,
+        {"next_attempt_at": next_attempt_at, "last_error": _clip(error)},
+    )
+
+
+def mark_failed(
+    session: Session,
+    delivery_id: int,
+    *,
+    error: str,
+    claimed_until: datetime | None = None,
+    permanent: bool = False,
+) -> bool:
+    """Record a final failure: ``failed`` with the reason (no patient data). Commits.
+
+    ``permanent``: retrying cannot fix it (the peer refused the data set, the SR file is
+    gone); such rows are never re-queued by :func:`node.db.deliveries.requeue_failed`.
+    Otherwise the retry horizon (or attempt cap) ran out while the destination was
+    unreachable.
+
+    Returns whether the row changed.
+    """
+    return _fenced_update(
+        session,
+        delivery_id,
+        claimed_until,
+        {
+            "state": DeliveryState.failed,
+            "next_attempt_at": None,
+            "last_error": _clip(error),
+            "permanent_failure": permanent,
+        },
+    )
+
+
+def release_claim(
+    session: Session,
+    delivery_id: int,
+    *,
+    claimed_until: datetime | None,
+    now: datetime | None = None,
+) -> bool:
+    """Give back a claimed row that was not sent (shutdown): due now, attempt not counted.
+
+    ``last_attempt_at`` is cleared when the released claim was the row's first (no attempt
+    remains to date); after earlier attempts it keeps the released claim's start, since the
+    row does not hold the previous attempt's.
+    """
+    now = now or utcnow()
+    return _fenced_update(
+        session,
+        delivery_id,
+        claimed_until,
+        {
+            "next_attempt_at": now,
+            "attempts": case((Delivery.attempts > 0, Delivery.attempts - 1), else_=0),
+            # SET expressions see the row's values before the update (SQLite, PostgreSQL)
+            "last_attempt_at": case((Delivery.attempts > 1, Delivery.last_attempt_at), else_=None),
+        },
+    )

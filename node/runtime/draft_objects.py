@@ -1,0 +1,226 @@
+"""The draft as every outbound object carries it: its text, its UIDs and its author.
+
+One :class:`DraftText` (from the model's draft or from the stored ``drafts`` row) feeds
+every object the node sends about a draft:
+
+- DICOM: the Comprehensive SR (TID 2000) and the Basic Text SR (PS3.3 A.35.1) through
+  :func:`draft_sr`, with UIDs and Series Number from :func:`draft_ids`
+  (:mod:`integration.uids`: derived from the study, the model, the evidence and the text, so
+  a re-run with the same text rebuilds the same objects);
+- HL7 v2.5.1 ORU^R01: :func:`hl7_result` and :func:`hl7_parties` (MSH-3 to MSH-6);
+- FHIR R4 DiagnosticReport: :func:`fhir_draft`.
+
+The node is the objects' manufacturer (:data:`MANUFACTURER`, :data:`SOFTWARE`: Manufacturer
+(0008,0070) and Software Versions (0018,1020), OBX-18, Device).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+from pydicom.dataset import Dataset
+
+from integration.destinations import Hl7Destination
+from integration.fhir_report import FhirDraft
+from integration.hl7_oru import DraftResult, Hl7Parties
+from integration.sr import build_draft_sr, requested_procedures_from
+from integration.uids import draft_instance_uid, draft_series_number, draft_series_uid
+from node import __version__ as node_version
+from node.settings import Settings
+
+__all__ = [
+    "MANUFACTURER",
+    "SOFTWARE",
+    "DicomAuthor",
+    "DraftFields",
+    "DraftIds",
+    "DraftText",
+    "draft_ids",
+    "draft_sr",
+    "fhir_draft",
+    "hl7_parties",
+    "hl7_result",
+]
+
+MANUFACTURER = "llm-cxr-node"
+SOFTWARE = f"llm-cxr-node {node_version}"
+
+
+class DraftFields(TypedDict):
+    """The draft's text and model under the names the report builders share
+    (:class:`integration.hl7_oru.DraftResult`, :class:`integration.fhir_report.FhirDraft`,
+    :class:`integration.report_pdf.DraftReportContent`)."""
+
+    impression: str
+    findings: str | None
+    model_name: str
+    model_version: str
+    demo: bool
+
+
+@dataclass(frozen=True)
+class DraftText:
+    """The draft as every output carries it (from the model's draft or the stored row)."""
+
+    findings: str | None
+    impression: str
+    model_name: str
+    model_version: str
+    demo: bool
+    created_at: dt.datetime
+
+    @property
+    def as_sent(self) -> str:
+        """Findings and impression as one text (what the object UIDs are derived from)."""
+        return f"{(self.findings or '').strip()}\x1f{self.impression.strip()}"
+
+    def fields(self) -> DraftFields:
+        """Impression, findings, model name and version, DEMO flag (keyword arguments)."""
+        return DraftFields(
+            impression=self.impression,
+            findings=self.findings,
+            model_name=self.model_name,
+            model_version=self.model_version,
+            demo=self.demo,
+        )
+
+    def dicom_author(self) -> DicomAuthor:
+        """The algorithm and this node as a DICOM draft object names them (keyword arguments)."""
+        return DicomAuthor(
+            algorithm_name=self.model_name,
+            algorithm_version=self.model_version,
+            demo=self.demo,
+            manufacturer=MANUFACTURER,
+            software_version=SOFTWARE,
+        )
+
+
+class DicomAuthor(TypedDict):
+    """Who made a DICOM draft object, as :func:`integration.sr.build_draft_sr` and
+    :func:`integration.encapsulated_pdf.build_encapsulated_pdf` take it: the algorithm
+    (Contributing Equipment, TID 4019 Algorithm Identification), the DEMO flag, and the node
+    as Manufacturer (0008,0070) and Software Versions (0018,1020)."""
+
+    algorithm_name: str
+    algorithm_version: str
+    demo: bool
+    manufacturer: str
+    software_version: str
+
+
+class DraftIds(TypedDict):
+    """The identity of one draft object in its study (PS3.3 C.12.1, C.7.3.1), as keyword
+    arguments of the object builders.
+
+    Parameters
+    ----------
+    sop_instance_uid
+        SOP Instance UID (0008,0018).
+    series_instance_uid
+        Series Instance UID (0020,000E): one series per kind, model and version.
+    series_number
+        Series Number (0020,0011).
+    """
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    series_number: int
+
+
+def draft_ids(
+    kind: str,
+    study_uid: str,
+    model_name: str,
+    model_version: str,
+    *,
+    inputs: Sequence[str],
+    text: str,
+) -> DraftIds:
+    """UIDs and Series Number of a draft object (:mod:`integration.uids`).
+
+    Parameters
+    ----------
+    kind
+        A key of :data:`integration.uids.DRAFT_KINDS`: ``sr``, ``sr-basic``, ``pdf``, ``kos``.
+    study_uid, model_name, model_version
+        The study and the model that drafted it.
+    inputs
+        SOP Instance UIDs of the instances the object is made from.
+    text
+        What the object says (:attr:`DraftText.as_sent`, or a withdrawal's reason).
+    """
+    return DraftIds(
+        sop_instance_uid=draft_instance_uid(
+            kind, study_uid, model_name, model_version, inputs=inputs, text=text
+        ),
+        series_instance_uid=draft_series_uid(kind, study_uid, model_name, model_version),
+        series_number=draft_series_number(kind, model_name, model_version),
+    )
+
+
+def draft_sr(
+    text: DraftText,
+    ids: DraftIds,
+    *,
+    evidence: Sequence[Dataset],
+    image_read: Dataset,
+    kind: Literal["comprehensive", "basic"] = "comprehensive",
+    created_at: dt.datetime | None = None,
+    instance_number: int = 1,
+    previous_versions: Sequence[Dataset] | None = None,
+) -> Dataset:
+    """The draft as an SR (:func:`integration.sr.build_draft_sr`) made by this node.
+
+    ``kind``: Comprehensive SR (TID 2000) or Basic Text SR (PS3.3 A.35.1). The Requested
+    Procedures come from ``image_read`` (:func:`integration.sr.requested_procedures_from`);
+    ``created_at`` ``None`` dates the SR now; ``previous_versions`` fills the Predecessor
+    Documents Sequence (PS3.3 C.17.2).
+
+    Raises
+    ------
+    integration.errors.IntegrationError
+        The SR cannot be built from this draft.
+    """
+    return build_draft_sr(
+        evidence=evidence,
+        image_read=image_read,
+        findings=text.findings,
+        impression=text.impression,
+        **text.dicom_author(),
+        **ids,
+        instance_number=instance_number,
+        kind=kind,
+        created_at=created_at,
+        previous_versions=previous_versions,
+        requested_procedures=requested_procedures_from(image_read) or None,
+    )
+
+
+def hl7_parties(settings: Settings, dest: Hl7Destination) -> Hl7Parties:
+    """MSH-3 to MSH-6 (HL7 v2.5.1 §2.14.9): the node's application and facility to ``dest``'s."""
+    return Hl7Parties(
+        sending_application=settings.hl7_sending_application,
+        sending_facility=settings.hl7_sending_facility,
+        receiving_application=dest.receiving_application,
+        receiving_facility=dest.receiving_facility,
+    )
+
+
+def hl7_result(text: DraftText) -> DraftResult:
+    """The draft as an ORU^R01 carries it (OBX text, OBX-18 model, OBR-22 report time)."""
+    return DraftResult(**text.fields(), report_time=text.created_at, manufacturer=MANUFACTURER)
+
+
+def fhir_draft(text: DraftText, sr_uid: str, pdf: bytes | None, issued: dt.datetime) -> FhirDraft:
+    """The draft as the FHIR R4 resources carry it (identifier: the SR's SOP Instance UID;
+    DiagnosticReport.issued ``issued``; ``pdf`` as ``presentedForm``, ``None`` for none)."""
+    return FhirDraft(
+        sr_sop_instance_uid=sr_uid,
+        **text.fields(),
+        issued=issued,
+        pdf=pdf,
+        manufacturer=MANUFACTURER,
+    )

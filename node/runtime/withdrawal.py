@@ -1,0 +1,296 @@
+"""Withdrawing a sent draft: mark the job, cancel what was not sent, queue the withdrawals.
+
+:func:`withdraw` marks the job withdrawn (audited, :func:`node.db.withdrawals.withdraw_job`),
+cancels its objects not yet sent, and queues a ``withdrawal`` to each destination the draft
+may have reached:
+
+- DICOM (DIMSE or STOW-RS): an IHE IOCM Key Object Selection rejection note (PS3.3 A.59,
+  :func:`integration.kos.build_rejection_note`) of the objects sent there, one per set of
+  objects;
+- HL7: the ORU^R01 again with OBR-25 ``C`` and OBX-11 ``W`` (HL7 v2.5.1 §7.4.1,
+  :func:`integration.hl7_oru.build_withdrawal_oru`);
+- FHIR: the DiagnosticReport updated to ``entered-in-error`` (FHIR R4 DiagnosticReport.status,
+  :func:`integration.fhir_withdrawal.build_withdrawal_bundle`).
+
+The HL7 and FHIR withdrawals are built from the stored draft and the image read (or the SR
+when the image was purged). Files are written like every output
+(:func:`node.runtime.output_files.write_output`). Logs name jobs, destinations and exception
+classes, never text or patient data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from integration.destinations import (
+    Destination,
+    DicomDestination,
+    Hl7Destination,
+    StowDestination,
+)
+from integration.fhir_withdrawal import build_withdrawal_bundle
+from integration.hl7_oru import build_withdrawal_oru, message_control_id
+from integration.kos import build_rejection_note
+from node import __version__ as node_version
+from node.db import withdrawals as withdrawals_db
+from node.db.deliveries import Outbound
+from node.db.models import DeliveryObject, Draft, Instance, Job
+from node.runtime.draft_objects import (
+    MANUFACTURER,
+    DraftText,
+    draft_ids,
+    fhir_draft,
+    hl7_parties,
+    hl7_result,
+)
+from node.runtime.output_files import short_digest, spool_relative, write_output
+from node.runtime.sending import configured_destination
+from node.runtime.spool import OUTPUTS_DIR
+from node.settings import Settings
+
+__all__ = ["WithdrawResult", "withdraw"]
+
+# withdrawals are output objects: they log under the outputs' name
+log = logging.getLogger("node.runtime.outputs")
+
+#: the rows of one destination: (object, file relative to the spool, object UID)
+_Rows = Sequence[tuple[DeliveryObject, str, str | None]]
+
+
+@dataclass(frozen=True)
+class WithdrawResult:
+    """What a withdrawal did: rows cancelled, withdrawals queued, destinations skipped."""
+
+    job_id: int
+    cancelled: list[int]
+    queued: list[int]
+    skipped: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return {
+            "job_id": self.job_id,
+            "cancelled": self.cancelled,
+            "queued": self.queued,
+            "skipped": self.skipped,
+        }
+
+
+class _Skip(Exception):
+    """No withdrawal can be built for a destination; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _read_header(path: Path) -> Dataset | None:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, InvalidDicomError):
+        return None
+
+
+def _stored_text(session: Session, job: Job) -> DraftText | None:
+    """The job's latest stored draft, as the withdrawals carry it."""
+    draft = session.scalars(
+        select(Draft).where(Draft.job_id == job.id).order_by(Draft.id.desc()).limit(1)
+    ).first()
+    if draft is None:
+        return None
+    return DraftText(
+        findings=draft.findings,
+        impression=(draft.impression or draft.full_text or "").strip() or "(no text)",
+        model_name=draft.model_name,
+        model_version=draft.model_version,
+        demo=draft.demo,
+        created_at=draft.created_at,
+    )
+
+
+def _source(session: Session, settings: Settings, job: Job) -> Dataset | None:
+    """The header of the image read, else of the draft SR (the image was purged)."""
+    source = None
+    if job.selected_sop_instance_uid:
+        instance = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == job.selected_sop_instance_uid)
+        ).first()
+        if instance is not None:
+            source = _read_header(Path(settings.spool_dir) / instance.spool_path)
+    if source is None and job.sr_sop_instance_uid:  # the image was purged: the SR has it all
+        source = _read_header(
+            Path(settings.spool_dir) / OUTPUTS_DIR / f"{job.sr_sop_instance_uid}.dcm"
+        )
+    return source
+
+
+@dataclass
+class _Withdrawals:
+    """Builds the withdrawal objects of one draft and writes them to ``outputs_dir``."""
+
+    settings: Settings
+    outputs_dir: Path
+    reason: str
+    sr_uid: str
+    source: Dataset | None
+    text: DraftText | None
+    now: dt.datetime
+    _notes: dict[frozenset[str], tuple[Path, str]] = field(default_factory=dict)
+
+    def build(self, dest: Destination, rows: _Rows) -> tuple[Path, str]:
+        """The withdrawal for ``dest`` (file, object UID); raises :class:`_Skip`."""
+        if isinstance(dest, DicomDestination | StowDestination):
+            return self.rejection_note(rows)
+        if self.source is None or self.text is None:
+            raise _Skip("neither the image read nor the SR is left to build from")
+        if isinstance(dest, Hl7Destination):
+            return self.oru(dest, self.source, self.text)
+        return self.bundle(self.source, self.text)
+
+    def rejection_note(self, rows: _Rows) -> tuple[Path, str]:
+        """The IOCM rejection note of the objects sent (one per set of objects)."""
+        spool = Path(self.settings.spool_dir)
+        headers = [
+            h for _obj, rel, _uid in rows if rel and (h := _read_header(spool / rel)) is not None
+        ]
+        if not headers:
+            raise _Skip("the objects sent are no longer in outputs/")
+        key = frozenset(str(h.SOPInstanceUID) for h in headers)
+        if key not in self._notes:
+            self._notes[key] = _write_kos(self.outputs_dir, headers, self.reason, self.text)
+        return self._notes[key]
+
+    def oru(self, dest: Hl7Destination, source: Dataset, text: DraftText) -> tuple[Path, str]:
+        """The ORU^R01 with OBR-25 ``C`` / OBX-11 ``W`` for ``dest``, and its MSH-10."""
+        control_id = message_control_id(self.sr_uid, "withdraw", str(dest))
+        message = build_withdrawal_oru(
+            source,
+            hl7_result(text),
+            hl7_parties(self.settings, dest),
+            control_id=control_id,
+            reason=self.reason,
+        )
+        name = f"{self.sr_uid}.{short_digest(str(dest))}.withdraw.hl7"
+        return write_output(message.encode("utf-8"), self.outputs_dir, name), control_id
+
+    def bundle(self, source: Dataset, text: DraftText) -> tuple[Path, str]:
+        """The FHIR Bundle marking the report ``entered-in-error``."""
+        draft = fhir_draft(text, self.sr_uid, None, self.now)
+        bundle = build_withdrawal_bundle(source, draft, reason=self.reason)
+        data = json.dumps(bundle, ensure_ascii=False).encode("utf-8")
+        name = f"{self.sr_uid}.withdraw.fhir.json"
+        return write_output(data, self.outputs_dir, name), self.sr_uid
+
+
+def withdraw(
+    settings: Settings,
+    session_factory: Callable[[], Session],
+    job_id: int,
+    *,
+    actor: str,
+    reason: str,
+) -> WithdrawResult:
+    """Withdraw a job's draft: mark it, cancel unsent objects, queue the withdrawals.
+
+    Parameters
+    ----------
+    settings
+        For destination options and the spool.
+    session_factory
+        Write sessions.
+    job_id
+        A ``done`` job not withdrawn yet.
+    actor
+        Who withdraws (audited).
+    reason
+        Why (sent to the receivers; no patient data), 1-256 characters.
+
+    Returns
+    -------
+    WithdrawResult
+        ``skipped`` names destinations no withdrawal could be built for, with the reason.
+
+    Raises
+    ------
+    node.db.jobs.JobNotFound, node.db.jobs.JobConflict, ValueError
+        From :func:`node.db.withdrawals.withdraw_job`.
+    """
+    now = dt.datetime.now(dt.UTC)
+    with session_factory() as session:
+        done = withdrawals_db.withdraw_job(session, job_id, actor=actor, reason=reason)
+        job = session.get(Job, job_id)
+        assert job is not None
+        text = _stored_text(session, job)
+        source = _source(session, settings, job)
+        sr_uid = job.sr_sop_instance_uid or ""
+    outputs_dir = Path(settings.spool_dir) / OUTPUTS_DIR
+    builder = _Withdrawals(settings, outputs_dir, reason.strip(), sr_uid, source, text, now)
+    items: list[Outbound] = []
+    skipped: dict[str, str] = {}
+    for text_dest, rows in done.reached.items():
+        dest = configured_destination(settings, text_dest)
+        try:
+            path, uid = builder.build(dest, rows)
+        except _Skip as skip:
+            skipped[text_dest] = skip.reason
+            continue
+        except Exception as exc:  # built from stored data: name the class, not the content
+            log.error(
+                "job %s: withdrawal for %s not built: %s", job_id, text_dest, type(exc).__name__
+            )
+            skipped[text_dest] = f"not built: {type(exc).__name__}: {exc}"
+            continue
+        items.append(Outbound(dest, DeliveryObject.withdrawal, spool_relative(path), uid))
+    queued = _enqueue(session_factory, job_id, items)
+    log.info(
+        "job %s: draft withdrawn by %s: %d unsent object(s) cancelled, %d withdrawal(s) queued",
+        job_id,
+        actor,
+        len(done.cancelled),
+        len(queued),
+    )
+    return WithdrawResult(job_id, done.cancelled, queued, skipped)
+
+
+def _enqueue(
+    session_factory: Callable[[], Session], job_id: int, items: Sequence[Outbound]
+) -> list[int]:
+    """Queue ``items`` (none: nothing) and wake this process's senders."""
+    if not items:
+        return []
+    from node.runtime.delivery import enqueue_deliveries  # also wakes this process's senders
+
+    with session_factory() as session:
+        return enqueue_deliveries(session, job_id=job_id, items=items)
+
+
+def _write_kos(
+    outputs_dir: Path, headers: Sequence[Dataset], reason: str, text: DraftText | None
+) -> tuple[Path, str]:
+    """The IOCM rejection note of ``headers`` (one study), written to ``outputs_dir``."""
+    study_uid = str(headers[0].StudyInstanceUID)
+    model = text.model_name if text is not None else MANUFACTURER
+    version = text.model_version if text is not None else node_version
+    withdrawn = [str(h.SOPInstanceUID) for h in headers]
+    ids = draft_ids("kos", study_uid, model, version, inputs=withdrawn, text=reason)
+    note = build_rejection_note(
+        headers,
+        **ids,
+        manufacturer=MANUFACTURER,
+        reason=reason,
+        demo=text.demo if text is not None else False,
+    )
+    uid = ids["sop_instance_uid"]
+    return write_output(note, outputs_dir, f"{uid}.dcm"), uid

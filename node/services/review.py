@@ -1,0 +1,118 @@
+"""A radiologist reviews a draft at the node: accept it, edit it, or reject it.
+
+Only the ``reviewer`` role may review (not operators or admins: a review is a clinical
+act). Accept and edit record the reviewed text as the job's final report (source
+``review``) and score the draft against it like any final report; reject records the
+decision and its reason (required, no patient data) and is not scored. Each review is a
+new row (the latest counts), audited ``draft.review``; nothing is sent anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from node.db import finals as finals_db
+from node.db.audit import audit
+from node.db.models import FinalSource, utcnow
+from node.services.context import ServiceContext
+from node.services.errors import Conflict, InvalidInput
+
+__all__ = ["Decision", "ReviewResult", "review"]
+
+MAX_TEXT = 20_000
+
+
+class Decision(StrEnum):
+    """What the reviewer decided about the draft."""
+
+    accept = "accept"
+    edit = "edit"
+    reject = "reject"
+
+
+@dataclass(frozen=True)
+class ReviewResult:
+    """The stored review: its final-report row and, for accept/edit, the agreement."""
+
+    final_id: int
+    decision: Decision
+    agreement: float | None
+    significant: bool
+
+
+def review(
+    ctx: ServiceContext,
+    job_id: int,
+    decision: Decision,
+    *,
+    actor: str,
+    text: str | None = None,
+    reason: str | None = None,
+) -> ReviewResult:
+    """Record a review of job ``job_id``'s draft.
+
+    Raises
+    ------
+    node.services.errors.InvalidInput
+        ``edit`` without text (or over :data:`MAX_TEXT` characters), ``reject`` without a
+        reason.
+    node.services.errors.Conflict
+        When the job has no report draft to review (not done, or withdrawn).
+    node.db.jobs.JobNotFound
+        When no job has that id.
+    """
+    from node.runtime.finals import FinalIntake
+    from node.services.jobs import detail
+
+    job = detail(ctx, job_id).job
+    with ctx.read_sessions() as session:
+        match = finals_db.draft_for(session, job.study_uid, None)
+    if match is None or match.job_id != job_id:
+        raise Conflict(f"job {job_id} has no current report draft to review")
+    final_text = _text(decision, match.text, text, reason)
+    now = utcnow()
+    final = finals_db.FinalIn(
+        source=FinalSource.review,
+        object_uid=f"review:{job_id}:{now.isoformat()}",
+        sender=actor[:128],
+        study_uid=job.study_uid,
+        accession_number=None,
+        verified=decision is not Decision.reject,
+        full_text=final_text,
+        findings=None,
+        impression=None,
+        signed_at=now,
+        review_decision=decision.value,
+        review_reason=reason.strip()[:256] if reason else None,
+        job_id=job_id,
+    )
+    with ctx.write_sessions() as session:
+        final_id, _new = finals_db.record_final(session, final, actor=actor)
+        audit(
+            session,
+            actor=actor,
+            action="draft.review",
+            target=f"job:{job_id}",
+            detail={"decision": decision.value, "final": final_id},
+        )
+    if decision is Decision.reject:
+        return ReviewResult(final_id, decision, None, False)
+    outcome = FinalIntake(ctx.settings, ctx.write_sessions).score(final_id, final, match)
+    with ctx.read_sessions() as session:
+        [row] = [f for f in finals_db.finals_for_job(session, job_id) if f.id == final_id]
+    return ReviewResult(final_id, decision, row.agreement, outcome.significant)
+
+
+def _text(decision: Decision, draft: str, text: str | None, reason: str | None) -> str:
+    if decision is Decision.reject:
+        if not reason or not reason.strip():
+            raise InvalidInput("a rejection needs a reason")
+        return ""
+    if decision is Decision.accept:
+        return draft
+    if not text or not text.strip():
+        raise InvalidInput("an edit needs the edited report text")
+    if len(text) > MAX_TEXT:
+        raise InvalidInput(f"the edited text is longer than {MAX_TEXT} characters")
+    return text.strip()

@@ -1,0 +1,282 @@
+"""Final reports come back and are scored against the draft (issue #25).
+
+Real peers throughout: the node's MLLP listener with the node's own MLLP client
+(``integration.mllp.send_mllp``) and a raw socket; the node's storage SCP with DCMTK
+``storescu`` sending a radiologist's VERIFIED SR built with highdicom; SQLite and
+PostgreSQL. Drafts are seeded as rows (the model is not what is tested here).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from integration.final_report import final_report_from_oru
+from integration.mllp import send_mllp
+from node.db.models import AuditLog, FinalReport, Instance, Job
+from node.db.retention import purge_expired_studies
+from node.metrics import QualitySettings, render
+from node.runtime.finals import FinalIntake, make_hl7_listener
+from node.runtime.service import NodeContext, _build_scp
+from node.services import quality
+from node.services.context import ServiceContext
+from node.settings import Settings, load_settings
+from tests.helpers import free_port, require_binary, rg1_file
+from tests.node.factories import seed_draft
+from tests.reporting.final_builders import STUDY_UID, final_sr, oru
+
+DRAFT_NO_PTX = "FINDINGS: No pneumothorax. Heart size normal.\nIMPRESSION: No acute disease."
+FINAL_PTX = "FINDINGS: Large right pneumothorax.\nIMPRESSION: Right pneumothorax."
+
+
+@pytest.fixture
+def source() -> Dataset:
+    """The image the final report is about (a real CR, RG1_UNCR)."""
+    return pydicom.dcmread(rg1_file("RG1_UNCR.dcm"))
+
+
+def _settings(tmp_path: Path, db_url: str, **kw: object) -> Settings:
+    return load_settings(
+        None,
+        database_url=db_url,
+        spool_dir=tmp_path / "spool",
+        **kw,
+    )
+
+
+def _finals(factory: sessionmaker[Session]) -> list[FinalReport]:
+    with factory() as s:
+        return list(s.scalars(select(FinalReport).order_by(FinalReport.id)))
+
+
+def test_hl7_final_is_matched_and_scored(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str
+) -> None:
+    job = seed_draft(session_factory, STUDY_UID, DRAFT_NO_PTX)
+    intake = FinalIntake(_settings(tmp_path, db_url), session_factory)
+    message = oru(observations=[("TX", "59776-5^Findings^LN", "Large right pneumothorax.")])
+    outcome = intake.receive(final_report_from_oru(message), sender="10.0.0.5")
+    assert outcome.new and outcome.matched and outcome.significant
+    [row] = _finals(session_factory)
+    assert row.job_id == job and row.source.value == "hl7" and row.verified
+    assert row.final_labels["pneumothorax"] == "positive"
+    assert row.draft_labels["pneumothorax"] == "negative"
+    assert row.discrepancies == [
+        {
+            "observation": "pneumothorax",
+            "direction": "missed",
+            "draft": "negative",
+            "final": "positive",
+        }
+    ]
+    assert 0 <= row.agreement < 1 and row.bleu4 is not None and row.rouge_l is not None
+    # the same message again is the same row
+    again = intake.receive(final_report_from_oru(message), sender="10.0.0.5")
+    assert again.final_id == outcome.final_id and not again.new
+    assert len(_finals(session_factory)) == 1
+
+
+def test_final_before_draft_is_matched_later_by_accession(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str
+) -> None:
+    intake = FinalIntake(_settings(tmp_path, db_url), session_factory)
+    report = final_report_from_oru(oru(zds=False, accession="ACC-77", control="RIS-0002"))
+    assert report.study_uid is None and report.accession_number == "ACC-77"
+    first = intake.receive(report, sender="ris")
+    assert first.new and not first.matched
+    assert intake.match_pending() == 0
+    job = seed_draft(session_factory, "1.2.3.4.77", DRAFT_NO_PTX, accession="ACC-77")
+    assert intake.match_pending() == 1
+    [row] = _finals(session_factory)
+    assert row.job_id == job and row.agreement is not None and not row.significant
+    assert intake.match_pending() == 0
+
+
+def test_quality_summary_export_and_alert(
+    session_factory: sessionmaker[Session], engine: Engine, tmp_path: Path, db_url: str
+) -> None:
+    settings = _settings(
+        tmp_path, db_url, agreement_min_pairs=3, agreement_window=4, agreement_alert_threshold=0.9
+    )
+    intake = FinalIntake(settings, session_factory)
+    for k in range(4):
+        uid = f"1.2.3.5.{k}"
+        seed_draft(session_factory, uid, DRAFT_NO_PTX, version="v2" if k % 2 else "v1")
+        text = FINAL_PTX if k < 3 else DRAFT_NO_PTX
+        report = final_report_from_oru(oru(control=f"RIS-1{k}", zds=False, accession=f"A{k}"))
+        intake.receive(replace(report, study_uid=uid, text=text), sender="ris")
+    assert intake.check_alert() is True
+    ctx = ServiceContext(settings, session_factory, session_factory)
+    data = quality.summary(ctx)
+    assert data["overall"]["pairs"] == 4
+    ptx = data["overall"]["observations"]["pneumothorax"]
+    # hand-computed: 3 pairs disagree (negative vs positive), 1 agrees
+    assert ptx["agreement"] == pytest.approx(0.25)
+    assert ptx["missed"] == 3 and ptx["overcalled"] == 0
+    assert data["overall"]["significant_discrepancies"] == 3
+    assert set(data["by_model_version"]) == {"v1", "v2"}
+    assert data["alert"]["active"] is True and len(data["discrepancies"]) == 3
+    rows = list(csv.DictReader(io.StringIO(quality.export_csv(quality.export_rows(ctx)))))
+    assert len(rows) == 4 and rows[0]["final_pneumothorax"] == "positive"
+    assert "full_text" not in rows[0] and "Large right" not in quality.export_csv(
+        quality.export_rows(ctx)
+    )
+    text = render(session_factory, QualitySettings(4, 0.9, 3)).decode()
+    assert "cxr_agreement_alert 1.0" in text and "cxr_rolling_pairs 4.0" in text
+
+
+def test_retention_purges_finals(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str
+) -> None:
+    intake = FinalIntake(_settings(tmp_path, db_url), session_factory)
+    seed_draft(session_factory, STUDY_UID, DRAFT_NO_PTX)
+    intake.receive(final_report_from_oru(oru()), sender="ris")
+    intake.receive(
+        final_report_from_oru(oru(zds=False, accession="X9", control="C2")), sender="ris"
+    )
+    assert len(_finals(session_factory)) == 2
+    with session_factory() as s:
+        purge_expired_studies(s, older_than=datetime.now(UTC) + timedelta(days=1))
+    assert _finals(session_factory) == []
+
+
+@pytest.fixture
+def hl7_node(
+    session_factory: sessionmaker[Session], engine: Engine, tmp_path: Path, db_url: str
+) -> tuple[int, sessionmaker[Session]]:
+    port = free_port()
+    settings = _settings(
+        tmp_path, db_url, hl7_listen=f"127.0.0.1:{port}", hl7_allowed_hosts="127.0.0.1"
+    )
+    ctx = NodeContext(settings, engine, session_factory, "test", threading.Event())
+    listener = make_hl7_listener(ctx)
+    listener.start()
+    yield listener.port, session_factory
+    listener.stop()
+
+
+def test_hl7_listener_acks_and_stores(hl7_node: tuple[int, sessionmaker[Session]]) -> None:
+    port, factory = hl7_node
+    job = seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    ack = send_mllp(oru(), "127.0.0.1", port).decode()
+    assert "MSA|AA|RIS-0001" in ack
+    [row] = _finals(factory)
+    assert row.job_id == job and row.sender == "127.0.0.1"
+    # a preliminary result is refused with a reason and nothing is stored
+    nack = send_mllp(oru(status="P", control="RIS-0003"), "127.0.0.1", port).decode()
+    assert "MSA|AE|RIS-0003" in nack and "ERR|" in nack
+    assert len(_finals(factory)) == 1
+
+
+def test_verified_sr_over_dicom_is_a_final_report(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str, source: Dataset
+) -> None:
+    storescu = require_binary("storescu")
+    settings = _settings(tmp_path, db_url, ae_title="CXRNODE")
+    settings.prepare_runtime()
+    job = seed_draft(session_factory, str(source.StudyInstanceUID), DRAFT_NO_PTX)
+    ae, handlers = _build_scp(settings, session_factory)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        verified, unverified = final_sr(source), final_sr(source, verified=False)
+        broken = final_sr(source)
+        del broken.StudyInstanceUID
+        for name, ds in (("v", verified), ("u", unverified), ("b", broken)):
+            ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+
+        def send(name: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    storescu,
+                    "-v",
+                    "-aec",
+                    "CXRNODE",
+                    "-aet",
+                    "RIS",
+                    "127.0.0.1",
+                    str(port),
+                    str(tmp_path / f"{name}.dcm"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        assert send("v").returncode == 0
+        [row] = _finals(session_factory)
+        assert row.source.value == "dicom-sr" and row.job_id == job and row.sender == "RIS"
+        assert row.object_uid == verified.SOPInstanceUID and row.agreement is not None
+        # an unverified SR from a sender that is not a report source: ingested as before
+        assert send("u").returncode == 0
+        with session_factory() as s:
+            assert (
+                s.scalar(
+                    select(func.count(Instance.id)).where(
+                        Instance.sop_instance_uid == unverified.SOPInstanceUID
+                    )
+                )
+                == 1
+            )
+        # a verified SR without a Study Instance UID: refused (0xC210), nothing stored
+        refused = send("b")
+        assert "0XC210" in (refused.stdout + refused.stderr).upper()
+        assert len(_finals(session_factory)) == 1
+    finally:
+        server.shutdown()
+
+
+def test_review_at_the_node(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str
+) -> None:
+    from node.db import tokens as tokens_db
+    from node.services import review
+    from node.services.errors import Conflict, InvalidInput
+
+    settings = _settings(tmp_path, db_url)
+    ctx = ServiceContext(settings, session_factory, session_factory)
+    with session_factory() as s:  # the role exists in the schema (CHECK constraint)
+        row = tokens_db.create_token(
+            s, name="rad", role="reviewer", token_hash="0" * 64, actor="test"
+        )
+    assert row.role == "reviewer"
+    job = seed_draft(session_factory, STUDY_UID, DRAFT_NO_PTX)
+    accepted = review.review(ctx, job, review.Decision.accept, actor="token:1:rad")
+    assert accepted.agreement == 1.0 and not accepted.significant
+    edited = review.review(ctx, job, review.Decision.edit, actor="token:1:rad", text=FINAL_PTX)
+    assert edited.significant and edited.agreement is not None and edited.agreement < 1
+    with pytest.raises(InvalidInput):
+        review.review(ctx, job, review.Decision.reject, actor="token:1:rad", reason=" ")
+    rejected = review.review(
+        ctx, job, review.Decision.reject, actor="token:1:rad", reason="wrong side"
+    )
+    assert rejected.agreement is None
+    rows = _finals(session_factory)
+    assert [r.review_decision for r in rows] == ["accept", "edit", "reject"]
+    assert rows[2].full_text == "" and rows[2].review_reason == "wrong side"
+    assert all(r.job_id == job for r in rows)
+    # the rejection is not a scored pair; the summary counts the two others
+    assert quality.summary(ctx)["overall"]["pairs"] == 2
+    with session_factory() as s:
+        actions = [a.action for a in s.scalars(select(AuditLog).order_by(AuditLog.id))]
+    assert actions.count("draft.review") == 3
+    other = seed_draft(session_factory, "1.2.3.6", DRAFT_NO_PTX)
+    with session_factory() as s:
+        j = s.get(Job, other)
+        assert j is not None
+        j.withdrawn_at = datetime.now(UTC)
+        s.commit()
+    with pytest.raises(Conflict):
+        review.review(ctx, other, review.Decision.accept, actor="token:1:rad")
