@@ -54,8 +54,8 @@ __all__ = [
     "parse_destination",
 ]
 
-DicomObject = Literal["sr", "basic-sr", "pdf"]
-DICOM_OBJECTS: tuple[DicomObject, ...] = ("sr", "basic-sr", "pdf")
+DicomObject = Literal["sr", "basic-sr", "pdf", "coded-sr"]
+DICOM_OBJECTS: tuple[DicomObject, ...] = ("sr", "basic-sr", "pdf", "coded-sr")
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 VR AE: no backslash/controls
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")

@@ -12,10 +12,13 @@ CONTAINER (LN 18748-4 "Diagnostic Imaging Report"), template 2000
  +-- CONTAINS CONTAINER (LN 55112-7 "Summary")                                 CID 7001
  |     +-- CONTAINS TEXT (LN 55112-7 "Summary") "AI-generated DRAFT ... NOT VERIFIED ..."
  |     +-- CONTAINS TEXT (LN 55112-7 "Summary") "DEMO MODEL ..."       (demo bundles only)
- +-- CONTAINS CONTAINER (LN 59776-5 "Findings")                (only with findings text)
+ +-- CONTAINS CONTAINER (LN 59776-5 "Findings")     (only with findings text or codes)
  |     +-- CONTAINS TEXT (DCM 121071 "Finding") findings                       TID 2002
- |           +-- INFERRED FROM IMAGE (DCM 121080 "Best illustration of finding")
- |                                   = the image the model read                TID 2001
+ |     |     +-- INFERRED FROM IMAGE (DCM 121080 "Best illustration of finding")
+ |     |                             = the image the model read                TID 2001
+ |     +-- CONTAINS CODE (DCM 121071 "Finding") = the code of a positive CheXpert
+ |           observation, one each (only with ``coded_findings``; no INFERRED FROM:
+ |           Basic Text SR allows it from TEXT only, PS3.3 Table A.35.1-2)      TID 2002
  +-- CONTAINS CONTAINER (LN 19005-8 "Impressions")
        +-- CONTAINS TEXT (DCM 121073 "Impression") impression
              +-- INFERRED FROM IMAGE (DCM 121080) = the image the model read
@@ -57,12 +60,14 @@ logged, stored and shown in the admin API.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
@@ -75,9 +80,15 @@ __all__ = [
     "BASIC_TEXT_SR_STORAGE",
     "DEMO_NOTE",
     "SERIES_WARNING",
+    "algorithm_equipment",
     "build_draft_sr",
+    "check_text_fields",
+    "device_observer",
     "draft_series_description",
+    "draft_timestamp",
+    "finish_draft_header",
     "requested_procedures_from",
+    "sr_build_errors",
 ]
 
 AI_DRAFT_NOTE = (
@@ -177,6 +188,7 @@ def build_draft_sr(
     institution_name: str | None = None,
     previous_versions: Sequence[Dataset] | None = None,
     requested_procedures: Sequence[Dataset] | None = None,
+    coded_findings: Mapping[str, str] | None = None,
 ) -> Dataset:
     """Build the preliminary, unverified draft report SR for one study.
 
@@ -219,6 +231,11 @@ def build_draft_sr(
         needs Study, Series, SOP Class and SOP Instance UIDs only.
     requested_procedures
         Request Attributes items (Referenced Request Sequence (0040,A370)).
+    coded_findings
+        CheXpert labels of the draft (:func:`integration.coded_findings.validate_labels`):
+        each positive one becomes a CODE Finding item in the Findings heading (see the
+        tree above); negative and uncertain ones are left out (TID 2002 has no presence
+        qualifier). ``None`` (the default) leaves the SR as it was without the argument.
 
     Returns
     -------
@@ -230,8 +247,9 @@ def build_draft_sr(
     ------
     integration.errors.SRBuildError
         Missing evidence, several studies, an image read outside the evidence, empty
-        impression, invalid UIDs or labels, or a value highdicom refuses (the message never
-        quotes a patient attribute value).
+        impression, invalid UIDs or labels, an unknown observation or label in
+        ``coded_findings``, or a value highdicom refuses (the message never quotes a patient
+        attribute value).
     """
     _check_inputs(
         evidence=evidence,
@@ -248,7 +266,8 @@ def build_draft_sr(
     observer_uid = device_uid or default_device_uid(algorithm_name, algorithm_version)
     if not UID(observer_uid).is_valid:
         raise SRBuildError(f"Device Observer UID {observer_uid!r} is not a valid UID")
-    when = (created_at or dt.datetime.now().astimezone()).replace(microsecond=0)
+    when = draft_timestamp(created_at)
+    finding_codes, schemes = _coded_findings(coded_findings)
     content = _content_tree(
         findings=findings,
         impression=impression,
@@ -258,57 +277,140 @@ def build_draft_sr(
         manufacturer=manufacturer,
         device_uid=observer_uid,
         demo=demo,
+        finding_codes=finding_codes,
     )
-    equipment = hd.ContributingEquipment(
+    equipment = algorithm_equipment(
+        algorithm_name=algorithm_name,
+        algorithm_version=algorithm_version,
         manufacturer=manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=algorithm_name,
-        software_versions=algorithm_version,
         institution_name=institution_name,
-        contribution_description=(
-            f"AI draft report generation ({'DEMO model, ' if demo else ''}not verified)"
-        )[:_MAX_LO],
+        description=f"AI draft report generation ({'DEMO model, ' if demo else ''}not verified)",
     )
     sr_class = hd.sr.EnhancedSR if kind == "basic" else hd.sr.ComprehensiveSR
+    with sr_build_errors(evidence):
+        sr = sr_class(
+            evidence=list(evidence),
+            content=content,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            is_complete=False,
+            is_final=False,
+            is_verified=False,
+            institution_name=institution_name,
+            requested_procedures=list(requested_procedures) if requested_procedures else None,
+            previous_versions=list(previous_versions) if previous_versions else None,
+            contributing_equipment=[equipment],
+            series_description=draft_series_description(demo=demo),
+            manufacturer_model_name="llm-cxr-node",
+            software_versions=software_version,
+            specific_character_set="ISO_IR 192",
+        )
+    finish_draft_header(sr, evidence[0], when)
+    if schemes:
+        sr.CodingSchemeIdentificationSequence = schemes
+    if kind == "basic":
+        sr.SOPClassUID = UID(BASIC_TEXT_SR_STORAGE)
+        sr.file_meta.MediaStorageSOPClassUID = UID(BASIC_TEXT_SR_STORAGE)
+    return sr
+
+
+def draft_timestamp(created_at: dt.datetime | None) -> dt.datetime:
+    """Content and Series Date/Time of a draft object: ``created_at`` or now (local time
+    with its UTC offset), to the second (PS3.3 C.17.2, C.7.3.1)."""
+    return (created_at or dt.datetime.now().astimezone()).replace(microsecond=0)
+
+
+@contextmanager
+def sr_build_errors(evidence: Sequence[Dataset]) -> Iterator[None]:
+    """Around a highdicom SR constructor: ignore its single-component Patient Name warning
+    and turn what it raises into :class:`~integration.errors.SRBuildError`, with the patient
+    values of ``evidence`` redacted (:mod:`integration.privacy`) and not chained."""
     try:
         with quiet_person_name_warnings():
-            sr = sr_class(
-                evidence=list(evidence),
-                content=content,
-                series_instance_uid=series_instance_uid,
-                series_number=series_number,
-                sop_instance_uid=sop_instance_uid,
-                instance_number=instance_number,
-                manufacturer=manufacturer,
-                is_complete=False,
-                is_final=False,
-                is_verified=False,
-                institution_name=institution_name,
-                requested_procedures=list(requested_procedures) if requested_procedures else None,
-                previous_versions=list(previous_versions) if previous_versions else None,
-                contributing_equipment=[equipment],
-                series_description=draft_series_description(demo=demo),
-                manufacturer_model_name="llm-cxr-node",
-                software_versions=software_version,
-                specific_character_set="ISO_IR 192",
-            )
+            yield
     except (ValueError, TypeError, AttributeError) as exc:
         # e.g. "Unable to convert '1951-03-14' to 'DA' object" for a malformed birth date
         # (not chained: the original's text would reach a logged traceback unredacted)
         reason = redact_patient_values(str(exc), evidence)
         raise SRBuildError(f"highdicom refused the SR: {reason}") from None
+
+
+def finish_draft_header(sr: Dataset, source: Dataset, when: dt.datetime) -> None:
+    """Set Content and Series Date/Time (PS3.3 C.17.2, C.7.3.1) of ``sr`` to ``when`` and
+    copy Issuer of Accession Number Sequence (C.7.2.1) and Timezone Offset From UTC (C.12.1)
+    from ``source`` (the offset of ``when`` where ``source`` has none)."""
     sr.ContentDate = sr.SeriesDate = DA(when.strftime("%Y%m%d"))
     sr.ContentTime = sr.SeriesTime = TM(when.strftime("%H%M%S"))
-    source = evidence[0]
     for keyword in _COPIED:
         if keyword in source:
             sr[keyword] = source[keyword]
     if "TimezoneOffsetFromUTC" not in sr:
         sr.TimezoneOffsetFromUTC = when.strftime("%z")
-    if kind == "basic":
-        sr.SOPClassUID = UID(BASIC_TEXT_SR_STORAGE)
-        sr.file_meta.MediaStorageSOPClassUID = UID(BASIC_TEXT_SR_STORAGE)
-    return sr
+
+
+def device_observer(
+    *, algorithm_name: str, algorithm_version: str, manufacturer: str, device_uid: str
+) -> hd.sr.ObserverContext:
+    """The algorithm as observer (PS3.16 TID 1002/1004): Observer Type (DCM 121005) =
+    Device; Device Observer UID, Name, Manufacturer and Model Name ``"<name> <version>"``."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=algorithm_name,
+            manufacturer_name=manufacturer,
+            model_name=f"{algorithm_name} {algorithm_version}",  # TEXT (UT): never cut
+        ),
+    )
+
+
+def algorithm_equipment(
+    *,
+    algorithm_name: str,
+    algorithm_version: str,
+    manufacturer: str,
+    institution_name: str | None,
+    description: str,
+) -> hd.ContributingEquipment:
+    """The algorithm as Contributing Equipment (PS3.3 C.12.1.1.5, DCM 109102 "Processing
+    Equipment"): Manufacturer's Model Name = its name, Software Versions = its version,
+    Contribution Description = ``description`` (first 64 characters)."""
+    return hd.ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm_name,
+        software_versions=algorithm_version,
+        institution_name=institution_name,
+        contribution_description=description[:_MAX_LO],
+    )
+
+
+def check_text_fields(fields: Mapping[str, str]) -> None:
+    """Raise :class:`~integration.errors.SRBuildError` for an empty value or one longer
+    than VR LO allows (64 characters, PS3.5 6.2); the message names the field only."""
+    for label, value in fields.items():
+        if not value or not value.strip():
+            raise SRBuildError(f"{label} must not be empty")
+        if len(value) > _MAX_LO:
+            raise SRBuildError(f"{label} longer than {_MAX_LO} characters (VR LO)")
+
+
+def _coded_findings(coded_findings: Mapping[str, str] | None) -> tuple[list[Code], list[Dataset]]:
+    """The first code of each positive observation, and the Coding Scheme Identification
+    items (0008,0110) of the local codes among them; invalid labels: SRBuildError."""
+    if coded_findings is None:
+        return [], []
+    # imported here: integration.coded_findings builds on this module's helpers
+    from integration.coded_findings import coding_scheme_identification, positive_finding_codes
+
+    try:
+        found = positive_finding_codes(coded_findings)
+    except ValueError as exc:
+        raise SRBuildError(f"coded findings: {exc}") from None
+    return found, coding_scheme_identification(found)
 
 
 def _check_inputs(
@@ -331,11 +433,7 @@ def _check_inputs(
         raise SRBuildError("the image the model read is not in the evidence")
     if not impression or not impression.strip():
         raise SRBuildError("impression text is empty (TID 2000 Impressions, LN 19005-8)")
-    for label, value in labels.items():
-        if not value or not value.strip():
-            raise SRBuildError(f"{label} must not be empty")
-        if len(value) > _MAX_LO:
-            raise SRBuildError(f"{label} longer than {_MAX_LO} characters (VR LO)")
+    check_text_fields(labels)
     for label, uid in uids.items():
         if not UID(uid).is_valid:
             raise SRBuildError(f"{label} {uid!r} is not a valid UID")
@@ -351,6 +449,7 @@ def _content_tree(
     manufacturer: str,
     device_uid: str,
     demo: bool,
+    finding_codes: Sequence[Code],
 ) -> hd.sr.ContainerContentItem:
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     root = hd.sr.ContainerContentItem(name=_REPORT_TITLE, template_id="2000")
@@ -361,14 +460,11 @@ def _content_tree(
             relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
     ]
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=algorithm_name,
-            manufacturer_name=manufacturer,
-            model_name=f"{algorithm_name} {algorithm_version}",  # TEXT (UT): never cut
-        ),
+    observer = device_observer(
+        algorithm_name=algorithm_name,
+        algorithm_version=algorithm_version,
+        manufacturer=manufacturer,
+        device_uid=device_uid,
     )
     items.extend(observer)  # type: ignore[arg-type]  # a ContentSequence of items
     notes = [AI_DRAFT_NOTE.format(algorithm=algorithm_name, version=algorithm_version)]
@@ -378,9 +474,15 @@ def _content_tree(
         hd.sr.TextContentItem(name=_SUMMARY, value=n, relationship_type=contains) for n in notes
     ]
     items.append(_heading(_SUMMARY, summary))
+    found: list[hd.sr.ContentItem] = []
     if findings and findings.strip():
-        finding = _text_from_image(codes.DCM.Finding, findings.strip(), image_read)
-        items.append(_heading(codes.LN.Findings, [finding]))
+        found.append(_text_from_image(codes.DCM.Finding, findings.strip(), image_read))
+    found += [
+        hd.sr.CodeContentItem(name=codes.DCM.Finding, value=code, relationship_type=contains)
+        for code in finding_codes
+    ]
+    if found:
+        items.append(_heading(codes.LN.Findings, found))
     impression_item = _text_from_image(codes.DCM.Impression, impression.strip(), image_read)
     items.append(_heading(codes.LN.Impressions, [impression_item]))
     root.ContentSequence = hd.sr.ContentSequence(items)

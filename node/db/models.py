@@ -126,12 +126,14 @@ class DeliveryObject(enum.StrEnum):
     DRAFT Encapsulated PDF, ``report`` the draft as an HL7 ORU or FHIR Bundle,
     ``withdrawal`` the withdrawal of a sent draft (an IOCM Key Object Selection rejection
     note, an HL7 ORU with OBR-25 ``C``/OBX-11 ``W``, a FHIR ``entered-in-error`` update),
-    ``sc`` a synthetic Secondary Capture sent on request (no job).
+    ``sc`` a synthetic Secondary Capture sent on request (no job), ``coded-sr`` the draft's
+    CheXpert observations coded (TID 1500, :mod:`integration.coded_findings`).
     """
 
     sr = "sr"
     basic_sr = "basic-sr"
     pdf = "pdf"
+    coded_sr = "coded-sr"
     report = "report"
     withdrawal = "withdrawal"
     sc = "sc"

@@ -87,6 +87,14 @@ class DraftText:
             demo=self.demo,
         )
 
+    def labels(self) -> dict[str, str]:
+        """The 14 CheXpert labels of the draft's text (``models.labeler``'s rule labeler;
+        ``{observation: label}`` as :mod:`integration.coded_findings` takes them)."""
+        from models.labeler import default_labeler
+
+        text = f"{self.findings or ''}\n{self.impression}"
+        return {o.value: lab.value for o, lab in default_labeler().label(text).items()}
+
     def dicom_author(self) -> DicomAuthor:
         """The algorithm and this node as a DICOM draft object names them (keyword arguments)."""
         return DicomAuthor(
@@ -172,7 +180,8 @@ def draft_sr(
     instance_number: int = 1,
     previous_versions: Sequence[Dataset] | None = None,
 ) -> Dataset:
-    """The draft as an SR (:func:`integration.sr.build_draft_sr`) made by this node.
+    """The draft as an SR (:func:`integration.sr.build_draft_sr`) made by this node; the
+    labeler's positive observations are coded in its Findings (TID 2002 CODE items).
 
     ``kind``: Comprehensive SR (TID 2000) or Basic Text SR (PS3.3 A.35.1). The Requested
     Procedures come from ``image_read`` (:func:`integration.sr.requested_procedures_from`);
@@ -196,6 +205,7 @@ def draft_sr(
         created_at=created_at,
         previous_versions=previous_versions,
         requested_procedures=requested_procedures_from(image_read) or None,
+        coded_findings=text.labels(),
     )
 
 

@@ -6,7 +6,9 @@ configured destination gets (:mod:`integration.destinations`) and returns one
 
 - DICOM destinations (DIMSE C-STORE or STOW-RS), per their ``objects``: ``sr`` the
   Comprehensive SR (TID 2000), ``basic-sr`` a Basic Text SR of the same text, ``pdf`` the AI
-  DRAFT Encapsulated PDF (PS3.3 A.45.1) in its own series of the same study;
+  DRAFT Encapsulated PDF (PS3.3 A.45.1) in its own series of the same study, ``coded-sr``
+  the rule labeler's 14 CheXpert observations of the draft coded with presence (TID 1500,
+  :mod:`integration.coded_findings`; left out when the draft mentions none);
 - HL7 destinations: an ORU^R01 (v2.5.1, OBR-25/OBX-11 ``R``: results stored, not yet
   verified) per destination (its MSH-5/6 and MSH-10 differ), ``report``;
 - FHIR destinations: one transaction Bundle (Device, DiagnosticReport ``partial``, R4's
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from integration.coded_findings import build_coded_findings_sr
 from integration.destinations import (
     DicomDestination,
     FhirDestination,
@@ -126,11 +129,40 @@ class _Builder:
             self._pdf = _pdf_bytes(self.draft.image_read, self.draft.text)
         return self._pdf
 
-    def dicom(self, obj: str) -> tuple[Path, str]:
-        """A DICOM object of :data:`_DICOM_OBJECTS` (or the SR as written) and its UID."""
+    def coded(self) -> tuple[Path, str] | None:
+        """The coded findings SR (TID 1500) and its UID; ``None`` when nothing is mentioned."""
+        d = self.draft
+        labels = d.text.labels()
+        if all(v == "not_mentioned" for v in labels.values()):
+            return None
+
+        def make() -> tuple[Dataset, str, str]:
+            t = d.text
+            author = t.dicom_author()
+            ds = build_coded_findings_sr(
+                d.image_read,
+                labels,
+                model_name=t.model_name,
+                model_version=t.model_version,
+                demo=t.demo,
+                draft_sr_uid=d.sr_uid,
+                content_datetime=t.created_at,
+                manufacturer=author["manufacturer"],
+                software_version=author["software_version"],
+            )
+            uid = str(ds.SOPInstanceUID)
+            return ds, f"{uid}.dcm", uid
+
+        return self.once("coded-sr", make)
+
+    def dicom(self, obj: str) -> tuple[Path, str] | None:
+        """A DICOM object of :data:`_DICOM_OBJECTS` (or the SR as written, or the coded
+        findings SR) and its UID."""
         d = self.draft
         if obj == "sr":
             return d.sr_path, d.sr_uid
+        if obj == "coded-sr":
+            return self.coded()
         kind, build = _DICOM_OBJECTS[obj]
 
         def make() -> tuple[Dataset, str, str]:
@@ -177,7 +209,8 @@ class _Builder:
     ) -> list[_Made]:
         """The objects ``dest`` gets: its DICOM ``objects``, or one ``report``."""
         if isinstance(dest, DicomDestination | StowDestination):
-            return [(DeliveryObject(obj), *self.dicom(obj)) for obj in dest.objects]
+            made = [(obj, self.dicom(obj)) for obj in dest.objects]
+            return [(DeliveryObject(obj), *m) for obj, m in made if m is not None]
         if isinstance(dest, Hl7Destination):
             return [(DeliveryObject.report, *self.hl7(dest))]
         return [(DeliveryObject.report, *self.fhir())]

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from node.db import audit as audit_db
 from node.db import deliveries as deliveries_db
+from node.db import delivery_views, study_views
 from node.db import jobs as jobs_db
-from node.db import studies as studies_db
 from node.db import views as views_db
 from node.services.context import ServiceContext
 
@@ -145,15 +145,15 @@ def audit_entries(
         )
 
 
-def recent_studies(ctx: ServiceContext, limit: int = 50) -> list[studies_db.StudyChoice]:
+def recent_studies(ctx: ServiceContext, limit: int = 50) -> list[study_views.StudyChoice]:
     """The most recently received studies (for choosing one to ask about)."""
     with ctx.read_sessions() as session:
-        return studies_db.recent_studies(session, limit=limit)
+        return study_views.recent_studies(session, limit=limit)
 
 
 def destination_health(
     ctx: ServiceContext, destinations: list[str]
-) -> dict[str, views_db.DestinationHealth]:
+) -> dict[str, delivery_views.DestinationHealth]:
     """Per destination: deliveries by state and the last success and failure."""
     with ctx.read_sessions() as session:
-        return views_db.destination_health(session, destinations)
+        return delivery_views.destination_health(session, destinations)

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from node import metrics
 from node.db import audit as audit_db
-from node.db import studies as studies_db
+from node.db import study_views
 from node.services.context import ServiceContext
 from node.services.errors import Gone, InvalidInput, NotConfigured, NotFound, Unavailable
 from node.services.images import MAX_UPLOAD_BYTES, gray8_from_bytes, gray8_from_file, png_bytes
@@ -97,7 +97,7 @@ def study_image(ctx: ServiceContext, study_uid: str, sop_instance_uid: str | Non
 
     Raises
     ------
-    node.db.studies.StudyNotFound
+    node.db.study_views.StudyNotFound
         For an unknown study (404).
     node.services.errors.NotFound
         For an instance not in the study.
@@ -105,7 +105,7 @@ def study_image(ctx: ServiceContext, study_uid: str, sop_instance_uid: str | Non
         422 when no instance is frontal.
     """
     with ctx.read_sessions() as session:
-        imgs = studies_db.study_instances(session, study_uid)
+        imgs = study_views.study_instances(session, study_uid)
     paths = dict(imgs.instances)
     root = Path(ctx.settings.spool_dir)
     if sop_instance_uid is not None:
@@ -197,7 +197,7 @@ def _reference(ctx: ServiceContext, study_uid: str) -> Dataset:
     from pydicom import dcmread
 
     with ctx.read_sessions() as session:
-        imgs = studies_db.study_instances(session, study_uid)
+        imgs = study_views.study_instances(session, study_uid)
     for _uid, rel in imgs.instances:
         try:
             return dcmread(Path(ctx.settings.spool_dir) / rel, stop_before_pixels=True)

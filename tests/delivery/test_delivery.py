@@ -14,7 +14,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.db import views as views_db
+from node.db import delivery_views
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Delivery, DeliveryState
@@ -222,7 +222,7 @@ def test_two_senders_on_postgres_never_send_a_row_twice(
         assert sorted(pacs.received) == sorted(uid for _, uid in files)  # each exactly once
         with db.factory() as s:
             rows = list(s.scalars(select(Delivery)))
-            assert views_db.delivery_counts(s) == {
+            assert delivery_views.delivery_counts(s) == {
                 "pending": 0,
                 "sent": n,
                 "failed": 0,

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from node.db import deliveries as deliveries_db
-from node.db import views as views_db
+from node.db import delivery_views
 from node.db import withdrawals as withdrawals_db
 from node.db.jobs import JobConflict, JobNotFound
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
@@ -30,11 +30,11 @@ def _rows(db: NodeDB, job_id: int) -> list[Delivery]:
         return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by("id")))
 
 
-def _listed(db: NodeDB, job_id: int) -> views_db.DeliverySummary:
+def _listed(db: NodeDB, job_id: int) -> delivery_views.DeliverySummary:
     """The job's first delivery as listed, read through a new session: the fenced updates
     (mark_*, release_claim) bypass an open session's objects."""
     with db.factory() as s:
-        return views_db.list_deliveries(s, job_id=job_id)[0]
+        return delivery_views.list_deliveries(s, job_id=job_id)[0]
 
 
 def _one_pending(db: NodeDB) -> tuple[int, int, datetime]:
@@ -86,7 +86,12 @@ def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
         assert r.state is DeliveryState.pending and r.attempts == 0
         assert r.sr_path == "/sr/b.dcm" and r.sent_at is None and r.last_error is None
     with node_db.factory() as s:
-        assert views_db.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 0, "cancelled": 0}
+        assert delivery_views.delivery_counts(s) == {
+            "pending": 2,
+            "sent": 0,
+            "failed": 0,
+            "cancelled": 0,
+        }
         with pytest.raises(JobNotFound):
             deliveries_db.enqueue_deliveries(s, job_id=job + 999, sr_path="/x", destinations=DESTS)
         with pytest.raises(ValueError):
@@ -175,19 +180,29 @@ def test_resend_requeues_and_audits(node_db: NodeDB) -> None:
                 deliveries_db.mark_sent(s, d.id, claimed_until=d.next_attempt_at)
             else:
                 deliveries_db.mark_failed(s, d.id, error="gave up", claimed_until=d.next_attempt_at)
-        assert views_db.delivery_counts(s) == {"pending": 0, "sent": 2, "failed": 1, "cancelled": 0}
-        assert counts(s).deliveries == views_db.delivery_counts(s)
+        assert delivery_views.delivery_counts(s) == {
+            "pending": 0,
+            "sent": 2,
+            "failed": 1,
+            "cancelled": 0,
+        }
+        assert counts(s).deliveries == delivery_views.delivery_counts(s)
         assert deliveries_db.resend(s, job, actor="admin:alice") == ids
-        assert views_db.delivery_counts(s) == {"pending": 2, "sent": 0, "failed": 1, "cancelled": 0}
+        assert delivery_views.delivery_counts(s) == {
+            "pending": 2,
+            "sent": 0,
+            "failed": 1,
+            "cancelled": 0,
+        }
         entry = s.scalars(select(AuditLog).where(AuditLog.action == "job.resend")).one()
         assert entry.actor == "admin:alice" and entry.target == f"job:{job}"
         assert entry.detail == {"deliveries": {str(i): "sent" for i in ids}}
         with pytest.raises(JobNotFound):
             deliveries_db.resend(s, job + 999, actor="admin:alice")
         assert s.scalar(select(func.count(AuditLog.id))) == 1
-        listed = views_db.list_deliveries(s, state="failed")
+        listed = delivery_views.list_deliveries(s, state="failed")
         assert [(x.job_id, x.last_error) for x in listed] == [(other, "gave up")]
-        assert {x.id for x in views_db.list_deliveries(s, job_id=job)} == set(ids)
+        assert {x.id for x in delivery_views.list_deliveries(s, job_id=job)} == set(ids)
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:

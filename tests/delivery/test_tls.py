@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 
+from node.db import delivery_views
 from node.db import views as views_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import DeliveryState
@@ -204,7 +205,7 @@ def test_delivery_over_tls(
     assert outcomes[impostor_id].state == "retry" and impostor.received == []
     assert outcomes[plain_id].state == "retry" and plain.received == []
     with node_db.factory() as s:
-        rows = {d.id: d for d in views_db.list_deliveries(s, job_id=job)}
+        rows = {d.id: d for d in delivery_views.list_deliveries(s, job_id=job)}
     assert rows[ok_id].state == DeliveryState.sent.value
     for bad in (impostor_id, plain_id):
         assert rows[bad].state == DeliveryState.pending.value and rows[bad].attempts == 1

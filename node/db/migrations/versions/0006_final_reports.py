@@ -6,7 +6,8 @@ the per-pair labels, agreement, discrepancies, BLEU-4, ROUGE-L and turnaround.
 ``studies.accession_number``: the Accession Number (0008,0050) of the study's instances,
 to match a final report that carries no Study Instance UID. ``api_tokens.role`` also
 ``reviewer`` (a radiologist who reviews drafts at the node; ``final_reports.source``
-``review``, ``review_decision``, ``review_reason``).
+``review``, ``review_decision``, ``review_reason``). ``deliveries.object`` also
+``coded-sr`` (the draft's CheXpert observations coded, TID 1500).
 
 Revision ID: 0006
 Revises: 0005
@@ -93,6 +94,14 @@ def upgrade() -> None:
     op.create_index("ix_final_reports_accession_number", "final_reports", ["accession_number"])
     op.create_index("ix_final_reports_received_at", "final_reports", ["received_at"])
     op.create_index("ix_final_reports_job_id", "final_reports", ["job_id"])
+    with op.batch_alter_table("deliveries", recreate="always") as batch:
+        batch.alter_column(
+            "object",
+            existing_type=_object(*OBJECTS),
+            type_=_object(*OBJECTS, "coded-sr"),
+            existing_nullable=False,
+            existing_server_default="sr",
+        )
     with op.batch_alter_table("api_tokens") as batch:
         batch.alter_column(
             "role",
@@ -100,6 +109,15 @@ def upgrade() -> None:
             type_=_role("viewer", "operator", "admin", "reviewer"),
             existing_nullable=False,
         )
+
+
+OBJECTS = ("sr", "basic-sr", "pdf", "report", "withdrawal", "sc")
+
+
+def _object(*values: str) -> sa.Enum:
+    return sa.Enum(
+        *values, name="delivery_object", native_enum=False, create_constraint=True, length=16
+    )
 
 
 def _role(*values: str) -> sa.Enum:
@@ -115,6 +133,15 @@ def downgrade() -> None:
             existing_type=_role("viewer", "operator", "admin", "reviewer"),
             type_=_role("viewer", "operator", "admin"),
             existing_nullable=False,
+        )
+    op.execute("DELETE FROM deliveries WHERE object = 'coded-sr'")
+    with op.batch_alter_table("deliveries", recreate="always") as batch:
+        batch.alter_column(
+            "object",
+            existing_type=_object(*OBJECTS, "coded-sr"),
+            type_=_object(*OBJECTS),
+            existing_nullable=False,
+            existing_server_default="sr",
         )
     op.drop_table("final_reports")
     with op.batch_alter_table("studies") as batch:
