@@ -37,11 +37,11 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from integration.conformance import STORAGE_SCP, VERIFICATION_SCP
-from integration.transport import (
+from integration.transport import BoundedAssociationServer
+from integration.transport_limits import (
     DEFAULT_MAX_PDU_SIZE,
     MAX_PDU_SIZE,
     MIN_PDU_SIZE,
-    BoundedAssociationServer,
     TransportLimits,
 )
 
@@ -200,7 +200,7 @@ def _no_delay(event: Event) -> None:
 
 class NodeAE(AE):
     """An :class:`~pynetdicom.ae.ApplicationEntity` that enforces its :class:`AccessPolicy`
-    and its :class:`~integration.transport.TransportLimits`.
+    and its :class:`~integration.transport_limits.TransportLimits`.
 
     :meth:`start_server` binds the policy's ``EVT_REQUESTED`` handler before any handler the
     caller passes, so every server this AE starts refuses unknown callers; every server is a

@@ -40,7 +40,8 @@ Message (HL7 v2.5.1 chapter 7, ORU^R01^ORU_R01; segments end with CR; fields abr
   \\R\\ \\E\\``) and the message is checked against hl7apy's 2.5.1 structure at STRICT
   validation before it is returned.
 
-The acknowledgment of this message is judged by :func:`integration.hl7_ack.check_ack`.
+The segments after MSH are added by :mod:`integration.oru_segments`. The acknowledgment of
+this message is judged by :func:`integration.hl7_ack.check_ack`.
 """
 
 from __future__ import annotations
@@ -50,24 +51,22 @@ import datetime as dt
 import hashlib
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Group, Message, Segment
+from hl7apy.core import Group, Message
 from pydicom.dataset import Dataset
 
 from integration.errors import Hl7BuildError
-from integration.header_values import header_text
-from integration.hl7_values import (
-    digits,
-    escape,
-    patient_identifier,
-    patient_names,
-    service,
-    study_ts,
-    text_field,
-    ts,
+from integration.hl7_values import escape, text_field, ts
+from integration.oru_segments import (
+    ObxCode,
+    add_note,
+    add_observation,
+    add_order,
+    add_patient,
+    set_fields,
 )
 from integration.uids import device_uid as default_device_uid
 
@@ -114,8 +113,6 @@ WITHDRAWN_NOTICE = (
 )
 _MAX_CONTROL_ID = 20  # MSH-10 (ST, 20 in v2.5.1)
 _ENCODING_CHARS = "^~\\&"
-_SEX = {"M": "M", "F": "F", "O": "O"}  # DICOM (0010,0040) -> HL7 table 0001
-_Code = tuple[str, str, str]  # CE: identifier ^ text ^ name of coding system
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,17 +302,17 @@ def _build(
 
     msg = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
     try:
-        _set_fields(msg.msh, _msh_fields(parties, control_id, sent), keep_empty=True)
+        set_fields(msg.msh, _msh_fields(parties, control_id, sent), keep_empty=True)
         patient_result: Group = msg.add_group("ORU_R01_PATIENT_RESULT")
-        _add_patient(patient_result, source)
+        add_patient(patient_result, source)
         order: Group = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
-        _add_order(order, source, report_ts=report_ts, status=obr_status)
+        add_order(order, source, report_ts=report_ts, status=obr_status)
         notes = _notices(result)
-        _add_note(order, _note_text(result, notes, withdrawal_reason))
+        add_note(order, _note_text(result, notes, withdrawal_reason))
         equipment = _equipment(result, device)
         lines = _observation_lines(result, notes)
         for set_id, (code, line) in enumerate(lines, start=1):
-            _add_observation(
+            add_observation(
                 order, set_id, code, line, status=obx_status, time=report_ts, equipment=equipment
             )
         msg.validate()
@@ -356,25 +353,6 @@ def _check_inputs(result: DraftResult, control_id: str, sent: dt.datetime) -> No
             raise Hl7BuildError(f"{label} must not be empty")
 
 
-def _set_fields(segment: Segment, fields: Mapping[str, str], *, keep_empty: bool = False) -> None:
-    """Assign hl7apy fields in order (``{"obr_7": value, ...}``).
-
-    Parameters
-    ----------
-    segment
-        The hl7apy segment.
-    fields
-        Field name (lower-case hl7apy attribute, e.g. ``"pid_3"``) to ER7 value, in the
-        order they are to be set.
-    keep_empty
-        Also assign empty values; by default a field whose value is ``""`` is left absent
-        (an optional field with no data, HL7 v2.5.1 section 2.5.3).
-    """
-    for name, value in fields.items():
-        if value or keep_empty:
-            setattr(segment, name, value)
-
-
 def _msh_fields(parties: Hl7Parties, control_id: str, sent: dt.datetime) -> dict[str, str]:
     """MSH-3 to MSH-18 (HL7 v2.5.1 section 2.14.9).
 
@@ -400,53 +378,6 @@ def _msh_fields(parties: Hl7Parties, control_id: str, sent: dt.datetime) -> dict
     }
 
 
-def _add_patient(patient_result: Group, source: Dataset) -> None:
-    """Add the ORU_R01_PATIENT group with its PID (HL7 v2.5.1 section 3.4.2).
-
-    PID-1 ``1``, PID-3 from :func:`patient_identifier`, one PID-5 repetition per name
-    group (:func:`patient_names`), PID-7 Patient's Birth Date (0010,0030) when it is a
-    full DA, PID-8 Patient's Sex (0010,0040) mapped to table 0001 when it is M, F or O.
-
-    Raises
-    ------
-    integration.errors.Hl7BuildError
-        Patient ID (0010,0020) is empty.
-    """
-    patient: Group = patient_result.add_group("ORU_R01_PATIENT")
-    pid: Segment = patient.add_segment("PID")
-    _set_fields(pid, {"pid_1": "1", "pid_3": patient_identifier(source)})
-    for repetition in patient_names(source.get("PatientName")):
-        pid.add_field("PID_5").value = repetition
-    sex = _SEX.get(header_text(source, "PatientSex").upper(), "")
-    _set_fields(pid, {"pid_7": digits(source, "PatientBirthDate", 8), "pid_8": sex})
-
-
-def _add_order(order: Group, source: Dataset, *, report_ts: str, status: str) -> None:
-    """Add ORC (v2.5.1 section 4.5.1) and OBR (section 7.4.1) to the order group.
-
-    ORC-1 ``RE``; ORC-2/OBR-2 and ORC-3/OBR-3 the Placer/Filler Order Number (0040,2016)/
-    (0040,2017) when present; OBR-4 :func:`service`; OBR-7 the study date/time; OBR-18
-    Accession Number (0008,0050) when present; OBR-22 ``report_ts``; OBR-24 ``RAD``;
-    OBR-25 ``status`` (table 0123).
-    """
-    placer = text_field(header_text(source, "PlacerOrderNumberImagingServiceRequest"))
-    filler = text_field(header_text(source, "FillerOrderNumberImagingServiceRequest"))
-    _set_fields(order.add_segment("ORC"), {"orc_1": "RE", "orc_2": placer, "orc_3": filler})
-    obr: Segment = order.add_segment("OBR")
-    obr_fields = {
-        "obr_1": "1",
-        "obr_2": placer,
-        "obr_3": filler,
-        "obr_4": service(source),
-        "obr_7": study_ts(source),
-        "obr_18": escape(header_text(source, "AccessionNumber")),
-        "obr_22": report_ts,
-        "obr_24": "RAD",
-        "obr_25": status,
-    }
-    _set_fields(obr, obr_fields)
-
-
 def _notices(result: DraftResult) -> list[str]:
     """The draft notice, plus the DEMO notice for the DEMO model (NTE-3 and notice OBX)."""
     notes = [DRAFT_NOTICE.format(model=result.model_name, version=result.model_version)]
@@ -466,17 +397,6 @@ def _note_text(result: DraftResult, notes: Sequence[str], withdrawal_reason: str
     return withdrawn + f" Reason: {withdrawal_reason.strip()}"
 
 
-def _add_note(order: Group, comment: str) -> None:
-    """Add the NTE after the OBR (v2.5.1 section 2.15.10): source ``O``, type ``RE``."""
-    nte_fields = {
-        "nte_1": "1",
-        "nte_2": "O",  # table 0105: other system
-        "nte_3": escape(comment),
-        "nte_4": "RE",  # table 0364: remark
-    }
-    _set_fields(order.add_segment("NTE"), nte_fields, keep_empty=True)
-
-
 def _equipment(result: DraftResult, device: str) -> str:
     """OBX-18 (EI): model name and version ^ manufacturer ^ Device Observer UID ^ ``ISO``.
 
@@ -491,35 +411,12 @@ def _equipment(result: DraftResult, device: str) -> str:
     return "^".join(escape(v) for v in components)
 
 
-def _observation_lines(result: DraftResult, notes: Sequence[str]) -> list[tuple[_Code, str]]:
+def _observation_lines(result: DraftResult, notes: Sequence[str]) -> list[tuple[ObxCode, str]]:
     """One TX OBX per notice, findings line and impression line, in that order (OBX-3, OBX-5)."""
-    lines: list[tuple[_Code, str]] = [(AI_NOTICE_CODE, line) for line in notes]
+    lines: list[tuple[ObxCode, str]] = [(AI_NOTICE_CODE, line) for line in notes]
     lines += [(FINDINGS_CODE, line) for line in _lines(result.findings)]
     lines += [(IMPRESSION_CODE, line) for line in _lines(result.impression)]
     return lines
-
-
-def _add_observation(
-    order: Group, set_id: int, code: _Code, line: str, *, status: str, time: str, equipment: str
-) -> None:
-    """Add one ORU_R01_OBSERVATION group with its TX OBX (v2.5.1 section 7.4.2).
-
-    OBX-1 ``set_id``, OBX-2 ``TX``, OBX-3 ``code`` (CE), OBX-4 ``1``, OBX-5 ``line``,
-    OBX-11 ``status`` (table 0085), OBX-14 and OBX-19 ``time``, OBX-18 ``equipment``.
-    """
-    observation: Group = order.add_group("ORU_R01_OBSERVATION")
-    obx_fields = {
-        "obx_1": str(set_id),
-        "obx_2": "TX",
-        "obx_3": "^".join(escape(c) for c in code),
-        "obx_4": "1",
-        "obx_5": escape(line),
-        "obx_11": status,
-        "obx_14": time,
-        "obx_18": equipment,
-        "obx_19": time,
-    }
-    _set_fields(observation.add_segment("OBX"), obx_fields, keep_empty=True)
 
 
 def _lines(text: str | None) -> list[str]:

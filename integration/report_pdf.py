@@ -38,7 +38,8 @@ Choices, documented here because they are part of the contract:
   Cyrillic or CJK glyphs. Characters the font lacks are printed as ``?`` and the page says
   so ("n characters cannot be shown ... the DICOM SR carries the exact text"), instead of
   the empty boxes a missing glyph would otherwise give. A system font such as DejaVu is not
-  used: it is not on every host, and the bytes must not depend on the host.
+  used: it is not on every host, and the bytes must not depend on the host. Fonts and text
+  markup are :mod:`integration.report_text`'s.
 - No patient data goes into the PDF metadata (title, subject, author, keywords).
 """
 
@@ -46,27 +47,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import html
-import os
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from io import BytesIO
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import reportlab
 from PIL import Image as PILImage
 from pydicom.dataset import Dataset
-from pydicom.valuerep import PersonName
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
-from reportlab.pdfbase import pdfmetrics
-from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
     BaseDocTemplate,
@@ -83,6 +76,15 @@ from reportlab.platypus import (
 
 from integration.errors import ReportRenderError
 from integration.header_values import header_text
+from integration.report_text import (
+    FONT,
+    FONT_BOLD,
+    PdfMarkup,
+    display_date,
+    display_name,
+    display_time,
+    fit_line,
+)
 
 __all__ = [
     "BANNER_SUBTITLE",
@@ -95,7 +97,6 @@ __all__ = [
     "ReportHeader",
     "render_report_pdf",
     "report_header_from",
-    "unrenderable_characters",
 ]
 
 BANNER_TITLE = "AI-generated DRAFT, not verified by a radiologist"
@@ -110,8 +111,6 @@ MAX_SECTION_LINES = 200
 """Lines of one section printed before the text is cut (bounds the page count)."""
 THUMBNAIL_LABEL = "Image read by the model (downscaled copy, not for diagnosis)"
 
-_FONT = "LLMCXR-Vera"
-_FONT_BOLD = "LLMCXR-VeraBd"
 _BANNER_RED = colors.HexColor("#A00000")  # white on it: WCAG contrast ratio about 8.4:1
 _PAGE_W, _PAGE_H = A4
 _MARGIN = 15 * mm
@@ -203,98 +202,22 @@ def report_header_from(ds: Dataset) -> ReportHeader:
         ``HH:MM[:SS]`` plus Timezone Offset From UTC (0008,0201) when present, Study
         Description (0008,1030).
     """
-    study_time = _display_time(header_text(ds, "StudyTime"))
+    study_time = display_time(header_text(ds, "StudyTime"))
     offset = header_text(ds, "TimezoneOffsetFromUTC")
     if study_time and offset:
         study_time = f"{study_time} (UTC{offset})"
     return ReportHeader(
-        patient_name=_display_name(ds.get("PatientName")),
+        patient_name=display_name(ds.get("PatientName")),
         patient_id=header_text(ds, "PatientID"),
-        birth_date=_display_date(header_text(ds, "PatientBirthDate")),
+        birth_date=display_date(header_text(ds, "PatientBirthDate")),
         sex={"M": "male", "F": "female", "O": "other"}.get(
             header_text(ds, "PatientSex").upper(), ""
         ),
         accession_number=header_text(ds, "AccessionNumber"),
-        study_date=_display_date(header_text(ds, "StudyDate")),
+        study_date=display_date(header_text(ds, "StudyDate")),
         study_time=study_time,
         study_description=header_text(ds, "StudyDescription"),
     )
-
-
-def _display_name(value: Any) -> str:
-    if value is None or str(value).strip() == "":
-        return ""
-    name = value if isinstance(value, PersonName) else PersonName(str(value))
-    for group in (name, name.ideographic, name.phonetic):
-        pn = group if isinstance(group, PersonName) else PersonName(str(group or ""))
-        family = pn.family_name.strip()
-        given = " ".join(p for p in (pn.given_name.strip(), pn.middle_name.strip()) if p)
-        core = ", ".join(p for p in (family, given) if p)
-        if core:
-            return " ".join(p for p in (pn.name_prefix.strip(), core, pn.name_suffix.strip()) if p)
-    return ""
-
-
-def _display_date(value: str) -> str:
-    if len(value) == 8 and value.isdigit():
-        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
-    return value
-
-
-def _display_time(value: str) -> str:
-    digits = value.split(".")[0]
-    if len(digits) >= 4 and digits.isdigit():
-        parts = [digits[0:2], digits[2:4]] + ([digits[4:6]] if len(digits) >= 6 else [])
-        return ":".join(parts)
-    return value
-
-
-# --- fonts ----------------------------------------------------------------------------------
-
-
-@cache
-def _fonts() -> frozenset[int]:
-    """Register the bundled Vera fonts once; return the code points both can draw."""
-    folder = os.path.join(os.path.dirname(reportlab.__file__), "fonts")
-    regular = TTFont(_FONT, os.path.join(folder, "Vera.ttf"))
-    bold = TTFont(_FONT_BOLD, os.path.join(folder, "VeraBd.ttf"))
-    pdfmetrics.registerFont(regular)
-    pdfmetrics.registerFont(bold)
-    return frozenset(regular.face.charToGlyph) & frozenset(bold.face.charToGlyph)
-
-
-def unrenderable_characters(text: str) -> str:
-    """The characters of ``text`` (after NFC) the embedded font cannot draw, in order, unique."""
-    covered = _fonts()
-    seen: dict[str, None] = {}
-    for char in unicodedata.normalize("NFC", text):
-        if char not in "\n\r\t" and ord(char) not in covered:
-            seen.setdefault(char, None)
-    return "".join(seen)
-
-
-class _Text:
-    """Turns plain text into reportlab Paragraph markup, counting replaced characters."""
-
-    def __init__(self) -> None:
-        self.replaced = 0
-        self._covered = _fonts()
-
-    def __call__(self, text: str) -> str:
-        out: list[str] = []
-        for char in unicodedata.normalize("NFC", text):
-            if char == "\n":
-                out.append("<br/>")
-            elif char in "\r":
-                continue
-            elif char == "\t":
-                out.append(" ")
-            elif ord(char) in self._covered:
-                out.append(html.escape(char, quote=False))
-            else:
-                self.replaced += 1
-                out.append("?")
-        return "".join(out)
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -328,7 +251,7 @@ def render_report_pdf(content: DraftReportContent) -> bytes:
             raise ReportRenderError(f"{label} must not be empty")
     thumbnail = _thumbnail(content.thumbnail) if content.thumbnail is not None else None
 
-    text = _Text()
+    text = PdfMarkup()
     story = _story(content, text, thumbnail)
     if text.replaced:
         story.insert(
@@ -398,21 +321,21 @@ def _document(buffer: BytesIO, content: DraftReportContent) -> BaseDocTemplate:
 
 
 def _style(kind: str) -> ParagraphStyle:
-    base = {"fontName": _FONT, "fontSize": 10, "leading": 13, "splitLongWords": 1}
+    base = {"fontName": FONT, "fontSize": 10, "leading": 13, "splitLongWords": 1}
     styles: dict[str, dict[str, Any]] = {
         "body": {"spaceAfter": 4},
-        "label": {"fontName": _FONT_BOLD, "fontSize": 9, "leading": 12},
+        "label": {"fontName": FONT_BOLD, "fontSize": 9, "leading": 12},
         "value": {"fontSize": 9, "leading": 12},
-        "heading": {"fontName": _FONT_BOLD, "fontSize": 12, "leading": 16, "spaceBefore": 8},
+        "heading": {"fontName": FONT_BOLD, "fontSize": 12, "leading": 16, "spaceBefore": 8},
         "note": {"fontSize": 8, "leading": 10, "textColor": colors.HexColor("#333333")},
-        "demo": {"fontName": _FONT_BOLD, "fontSize": 10, "leading": 13, "textColor": _BANNER_RED},
+        "demo": {"fontName": FONT_BOLD, "fontSize": 10, "leading": 13, "textColor": _BANNER_RED},
         "caption": {"fontSize": 7, "leading": 9, "alignment": 1},
     }
     return ParagraphStyle(name=kind, **{**base, **styles[kind]})
 
 
 def _story(
-    content: DraftReportContent, text: _Text, thumbnail: PILImage.Image | None
+    content: DraftReportContent, text: PdfMarkup, thumbnail: PILImage.Image | None
 ) -> list[Flowable]:
     """The flowables: header (details, thumbnail), DEMO box, Findings, Impression, end note."""
     header: Flowable = _details(content, text)
@@ -432,7 +355,7 @@ def _story(
     return story
 
 
-def _details(content: DraftReportContent, text: _Text) -> Table:
+def _details(content: DraftReportContent, text: PdfMarkup) -> Table:
     """The label/value table of patient, study and model lines."""
     h = content.header
     rows = [
@@ -489,7 +412,7 @@ def _beside_thumbnail(details: Flowable, thumbnail: PILImage.Image) -> Table:
     return header
 
 
-def _section_paragraphs(body: str | None, text: _Text) -> list[Flowable]:
+def _section_paragraphs(body: str | None, text: PdfMarkup) -> list[Flowable]:
     clean = (body or "").strip()
     if not clean:
         return [Paragraph("(none)", _style("body"))]
@@ -529,9 +452,9 @@ def _draw_banner(canvas: Canvas, doc: BaseDocTemplate) -> None:
     canvas.setFillColor(_BANNER_RED)
     canvas.rect(_MARGIN, top - _BANNER_H, _PAGE_W - 2 * _MARGIN, _BANNER_H, stroke=0, fill=1)
     canvas.setFillColor(colors.white)
-    canvas.setFont(_FONT_BOLD, 15)
+    canvas.setFont(FONT_BOLD, 15)
     canvas.drawCentredString(_PAGE_W / 2, top - 9 * mm, BANNER_TITLE)
-    canvas.setFont(_FONT, 10)
+    canvas.setFont(FONT, 10)
     canvas.drawCentredString(_PAGE_W / 2, top - 15.5 * mm, BANNER_SUBTITLE)
     canvas.restoreState()
 
@@ -559,21 +482,14 @@ def _numbered_canvas(footer: str, pdf_date: str) -> Callable[..., Canvas]:
             total = len(self._pages)
             for number, state in enumerate(self._pages, start=1):
                 self.__dict__.update(state)
-                self.setFont(_FONT, 7.5)
+                self.setFont(FONT, 7.5)
                 self.setFillColor(colors.HexColor("#333333"))
                 self.drawString(
-                    _MARGIN, _MARGIN, _fit(footer, 7.5, _PAGE_W - 2 * _MARGIN - 25 * mm)
+                    _MARGIN, _MARGIN, fit_line(footer, 7.5, _PAGE_W - 2 * _MARGIN - 25 * mm)
                 )
-                self.setFont(_FONT_BOLD, 8)
+                self.setFont(FONT_BOLD, 8)
                 self.drawRightString(_PAGE_W - _MARGIN, _MARGIN, f"Page {number} of {total}")
                 super().showPage()
             super().save()
 
     return _NumberedCanvas
-
-
-def _fit(text: str, size: float, width: float) -> str:
-    clean = "".join(c if ord(c) in _fonts() else "?" for c in text)
-    while clean and pdfmetrics.stringWidth(clean, _FONT, size) > width:
-        clean = clean[:-2] + "…"
-    return clean

@@ -71,22 +71,16 @@ def demo_gpt_neox_config(
 
 
 def demo_vqgan_config() -> Any:
-    """A small taming VQ-GAN config: 5 levels (16x16 grid), 1,024 codes, 32 channels."""
+    """A small taming VQ-GAN config: 5 levels (16x16 grid), 1,024 codes, 32 channels.
+
+    Only the widths (``ch``, ``z_channels``, ``embed_dim``) and the depth (``ch_mult``,
+    ``num_res_blocks``) differ from :class:`models.vqgan.VQGANConfig`'s defaults;
+    the input (3 x 256 x 256), codebook size, attention at 16 and the rest are LLM-CXR's.
+    """
     from models.vqgan import VQGANConfig
 
     return VQGANConfig(
-        ch=32,
-        ch_mult=(1, 1, 1, 1, 1),
-        num_res_blocks=1,
-        attn_resolutions=(16,),
-        z_channels=32,
-        double_z=False,
-        dropout=0.0,
-        in_channels=3,
-        out_ch=3,
-        resolution=256,
-        n_embed=1024,
-        embed_dim=32,
+        ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from models.layout import (
+    CODES_PER_IMAGE,
     END_ID,
     EOS_ID,
     IMAGE_TOKEN_OFFSET,
@@ -39,6 +40,7 @@ __all__ = [
     "gguf_tensor_types",
     "image_token_text",
     "import_gguf",
+    "layout_metadata",
     "read_gguf_metadata",
 ]
 
@@ -230,6 +232,22 @@ LAYOUT_KEYS: dict[str, str | int] = {
     f"{GGUF_KEY_PREFIX}n_image_codes": N_IMAGE_CODES,
 }
 """GGUF key/values that mark a file converted for the LLM-CXR token layout."""
+
+
+def layout_metadata(quant: str, extra: dict[str, str | int] | None = None) -> dict[str, str | int]:
+    """The ``llmcxr.*`` key/values of a converted file, without the prefix, in file order.
+
+    The token layout (what :func:`check_layout_metadata` looks for), the codes per image,
+    the file's quantisation, then ``extra``.
+    """
+    return {
+        "text_vocab": TEXT_VOCAB,
+        "image_token_offset": IMAGE_TOKEN_OFFSET,
+        "n_image_codes": N_IMAGE_CODES,
+        "codes_per_image": CODES_PER_IMAGE,
+        "quant": quant,
+        **(extra or {}),
+    }
 
 
 def check_layout_metadata(meta: dict[str, Any], *, where: str) -> None:

@@ -31,15 +31,9 @@ from models.gguf_layout import (
     GGUFVocab,
     NeoXShape,
     import_gguf,
+    layout_metadata,
 )
-from models.layout import (
-    CODES_PER_IMAGE,
-    IMAGE_TOKEN_OFFSET,
-    N_IMAGE_CODES,
-    TEXT_VOCAB,
-    VOCAB,
-    TokenLayoutError,
-)
+from models.layout import VOCAB, TokenLayoutError
 
 __all__ = [
     "QUANTS",
@@ -232,15 +226,7 @@ def add_neox_metadata(
     for add, hparam in hparams:
         add(hparam)
     _add_vocab(writer, vocab)
-    layout: dict[str, str | int] = {
-        "text_vocab": TEXT_VOCAB,
-        "image_token_offset": IMAGE_TOKEN_OFFSET,
-        "n_image_codes": N_IMAGE_CODES,
-        "codes_per_image": CODES_PER_IMAGE,
-        "quant": quant,
-        **(extra or {}),
-    }
-    for key, value in layout.items():
+    for key, value in layout_metadata(quant, extra).items():
         if isinstance(value, int):
             writer.add_uint32(GGUF_KEY_PREFIX + key, value)
         else:

@@ -8,19 +8,21 @@ one graph replay; prefill stays eager.
 Greedy requests on CUDA run this backend's own decode loop (``decode_loop="graph"``) rather
 than ``generate``: one compiled function does the forward, the constraint mask and the
 argmax, the attention mask is fixed-size, and the host waits for the GPU only once every
-:data:`STOP_CHECK_EVERY` steps, so the CPU queues steps ahead of the GPU (``generate`` does
-per-step host work: 4-D mask building, logits processors, a stop check that waits for the
-GPU; docs/performance.md compares the two). Each option runs on CPU too (tests), and the
-loop gives the same tokens as ``generate``.
+:data:`~models.backends.transformers_support.STOP_CHECK_EVERY` steps, so the CPU queues
+steps ahead of the GPU (``generate`` does per-step host work: 4-D mask building, logits
+processors, a stop check that waits for the GPU; docs/performance.md compares the two).
+Each option runs on CPU too (tests), and the loop gives the same tokens as ``generate``.
+
+The option values, dtype resolution and cache sizing are
+:mod:`models.backends.transformers_support`; the decoding pieces (the own loop, left
+padding, results) :mod:`models.backends.transformers_decode`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,117 +36,31 @@ from models.backends.base import (
     error_result,
 )
 from models.backends.constraints import FirstStepTimer, ImageCodeConstraint, TextOnlyConstraint
-from models.layout import (
-    CODES_PER_IMAGE,
-    END_ID,
-    EOS_ID,
-    IMAGE_TOKEN_OFFSET,
-    VOCAB,
-    TokenLayoutError,
-    id_to_code,
+from models.backends.transformers_decode import (
+    GraphBatch,
+    SyncedTimer,
+    greedy_step,
+    left_pad,
+    run_generate,
+    run_graph_loop,
+    to_result,
 )
+from models.backends.transformers_support import (
+    CACHES,
+    DECODE_LOOPS,
+    MAX_STATIC_CACHES,
+    WARMUP_PROMPT_TOKENS,
+    batch_bucket,
+    check_model_layout,
+    resolve_dtype,
+    static_cache_len,
+    takes_cache_kwarg,
+)
+from models.layout import CODES_PER_IMAGE, END_ID, EOS_ID
 from models.text import LLMCXRTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger(__name__)
-
-CACHES = ("auto", "dynamic", "static")
-DECODE_LOOPS = ("auto", "generate", "graph")
-STOP_CHECK_EVERY = 16
-"""The own decode loop looks for ``### End``/EOS in every row once per this many steps (the
-only times it waits for the GPU); up to this many - 1 extra steps run after the last row ends."""
-MAX_STATIC_CACHES = 8
-"""Static caches kept for reuse, one per (batch, length) shape: the same tensors on every call
-keep compiled graphs and CUDA graphs valid."""
-STATIC_CACHE_BUCKET = 256
-"""Static caches are sized up to a multiple of this, so that prompts of nearby lengths reuse
-one cache shape (and one compiled graph)."""
-
-WARMUP_PROMPT_TOKENS = 302  # a CXR->report prompt: instruction text + < 256 codes >
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``"auto"``: bf16 on CUDA with bf16 support or a bf16-capable CPU, else fp32."""
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}") from None
-
-
-def static_cache_len(needed: int, max_positions: int) -> int:
-    """Static-cache length for ``needed`` positions: rounded up to :data:`STATIC_CACHE_BUCKET`,
-    at most ``max_positions``."""
-    if needed < 1:
-        raise ValueError(f"needed must be >= 1, got {needed}")
-    bucketed = -(-needed // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-    return max(needed, min(bucketed, max_positions))
-
-
-def batch_bucket(n: int) -> int:
-    """The smallest power of two >= ``n``: the batch size the own decode loop runs ``n`` at."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return 1 << (n - 1).bit_length()
-
-
-def takes_cache_kwarg(model: Any) -> bool:
-    """Whether the model's ``forward`` takes ``cache=`` (transformers 5.2x; earlier releases
-    take ``past_key_values=`` and ``cache_position=``), which the own decode loop speaks."""
-    return "cache" in inspect.signature(model.forward).parameters
-
-
-def check_model_layout(model: Any) -> None:
-    """Raise :class:`TokenLayoutError` unless input and output embeddings have 51305 rows
-    and are untied (the LLM-CXR layout on dolly-v2-3b)."""
-    emb_in = model.get_input_embeddings().weight
-    emb_out = model.get_output_embeddings().weight
-    if emb_in.shape[0] != VOCAB:
-        raise TokenLayoutError(f"input embedding has {emb_in.shape[0]} rows, need {VOCAB}")
-    if emb_out.shape[0] != VOCAB:
-        raise TokenLayoutError(
-            f"output embedding (embed_out) has {emb_out.shape[0]} rows, need {VOCAB}"
-        )
-    if (
-        getattr(model.config, "tie_word_embeddings", False)
-        or emb_in.data_ptr() == emb_out.data_ptr()
-    ):
-        raise TokenLayoutError("input and output embeddings are tied; LLM-CXR's are untied")
-
-
-class _SyncedTimer(FirstStepTimer):
-    """:class:`FirstStepTimer` that waits for the GPU first (CUDA kernels run asynchronously)."""
-
-    def __init__(self, device: str) -> None:
-        super().__init__()
-        self.device = device
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.FloatTensor:  # type: ignore[override]
-        if self.first is None:  # pragma: no cover - CUDA only (tests marked gpu)
-            torch.cuda.synchronize(self.device)
-        return super().__call__(input_ids, scores)
 
 
 class TransformersBackend:
@@ -165,7 +81,8 @@ class TransformersBackend:
         Largest batch given to one ``generate`` call.
     cache
         KV cache: ``"dynamic"`` (grows per token), ``"static"`` (preallocated to the prompt
-        plus new tokens, rounded up to :data:`STATIC_CACHE_BUCKET`; fixed shapes for
+        plus new tokens, rounded up to
+        :data:`~models.backends.transformers_support.STATIC_CACHE_BUCKET`; fixed shapes for
         ``torch.compile``) or ``"auto"`` (static on CUDA, dynamic on CPU).
     compile
         ``torch.compile`` the decode step (needs the static cache). ``None``: on CUDA with a
@@ -408,24 +325,30 @@ class TransformersBackend:
         return [r for r in results if r is not None]
 
     def _run(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
+        """One batch of same-mode requests: left-padded, then the own loop (greedy with
+        ``decode_loop="graph"``) or ``generate``."""
         tok = self.tokenizer
+        open_id = tok.image_open_id
+        prompts = [list(map(int, r.prompt_ids)) for r in batch]
+        if batch[0].mode == "image":
+            prompts = [p if p[-1] == open_id else [*p, open_id] for p in prompts]
+        if batch[0].greedy and self.decode_loop == "graph":
+            return self._run_graph(batch, prompts)
+        return self._run_generate(batch, prompts)
+
+    def _run_generate(
+        self, batch: list[GenerationRequest], prompts: list[list[int]]
+    ) -> list[GenerationResult]:
+        """Decoding with transformers' ``generate``: constraints as logits processors, a
+        sampling request seeded with its own ``seed`` (the global RNG restored after)."""
+        from transformers import LogitsProcessorList
+
         first = batch[0]
         image = first.mode == "image"
-        open_id, close_id = tok.image_open_id, tok.image_close_id
-        prompts = [list(map(int, r.prompt_ids)) for r in batch]
-        if image:
-            prompts = [p if p[-1] == open_id else [*p, open_id] for p in prompts]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), EOS_ID, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[row, width - len(p) :] = 1
-        if first.greedy and self.decode_loop == "graph":
-            return self._run_graph(batch, prompts, input_ids, attention)
-        timer = _SyncedTimer(self.device) if self.device.startswith("cuda") else FirstStepTimer()
+        input_ids, attention = left_pad(prompts)
+        width = input_ids.shape[1]
+        close_id = self.tokenizer.image_close_id
+        timer = SyncedTimer(self.device) if self.device.startswith("cuda") else FirstStepTimer()
         processors = LogitsProcessorList()
         if image:
             processors.append(ImageCodeConstraint(prompt_len=width, close_id=close_id))
@@ -434,6 +357,27 @@ class TransformersBackend:
             processors.append(TextOnlyConstraint())
             max_new = max(r.max_new_tokens for r in batch)
         processors.append(timer)
+        generated, prefill, decode = run_generate(
+            self.model,
+            input_ids,
+            attention,
+            config=self._generation_config(first, width=width, max_new=max_new),
+            processors=processors,
+            timer=timer,
+            seed=None if first.greedy else first.seed,
+            device=self.device,
+        )
+        tok = self.tokenizer
+        return [
+            to_result(req, generated[row], len(prompts[row]), prefill, decode, tokenizer=tok)
+            for row, req in enumerate(batch)
+        ]
+
+    def _generation_config(self, first: GenerationRequest, *, width: int, max_new: int) -> Any:
+        """The ``GenerationConfig`` of a batch led by ``first``: its sampling settings, stop
+        ids, and the cache and compile options of this backend."""
+        from transformers import GenerationConfig
+
         cache_kw: dict[str, Any] = {"disable_compile": not self.compile}
         if self.cache == "static":
             from transformers import CompileConfig
@@ -449,7 +393,7 @@ class TransformersBackend:
                     # transformers auto-compiles on CUDA only; this flag allows CPU (tests)
                     compile_cfg._compile_all_devices = True  # type: ignore[assignment]
                 cache_kw["compile_config"] = compile_cfg
-        cfg = GenerationConfig(
+        return GenerationConfig(
             **cache_kw,
             max_new_tokens=max_new,
             do_sample=not first.greedy,
@@ -460,32 +404,6 @@ class TransformersBackend:
             pad_token_id=EOS_ID,
             use_cache=True,
         )
-        generator_state = None
-        if not first.greedy and first.seed is not None:
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(first.seed)
-        t0 = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=attention.to(self.device),
-                    generation_config=cfg,
-                    logits_processor=processors,
-                )
-            if self.device.startswith("cuda"):
-                torch.cuda.synchronize(self.device)
-        finally:
-            if generator_state is not None:
-                torch.random.set_rng_state(generator_state)
-        t1 = time.perf_counter()
-        prefill = (timer.first or t1) - t0
-        decode = t1 - (timer.first or t1)
-        results = []
-        for row, req in enumerate(batch):
-            gen = [int(x) for x in out[row, width:].tolist()]
-            results.append(self._result(req, gen, len(prompts[row]), prefill, decode, close_id))
-        return results
 
     def _static_cache(self, batch: int, length: int) -> Any:
         """The static cache for this (batch, length), reset; the same object (and tensors) on
@@ -505,43 +423,23 @@ class TransformersBackend:
         return cache
 
     def _decode_step(self) -> Any:
-        """One greedy step: forward one token per row, add the constraint bias, argmax.
-
-        Compiled (``compile``) as one function, so that mask building, the bias and the argmax
-        are inside the captured graph instead of being host work on every step.
-        """
+        """:func:`greedy_step`, compiled once (``compile``) and kept, so that every call of
+        the own loop reuses the compiled graphs."""
         if self._step_fn is None:
-
-            def step(
-                model: Any,
-                cache: Any,
-                tok: torch.Tensor,
-                attn: torch.Tensor,
-                pos: torch.Tensor,
-                bias: torch.Tensor,
-            ) -> torch.Tensor:
-                kw = {"attention_mask": attn, "position_ids": pos, "cache": cache}
-                out = model(input_ids=tok, use_cache=True, **kw)
-                return (out.logits[:, -1, :].float() + bias).argmax(dim=-1)
-
             if self.compile:
                 self._step_fn = torch.compile(
-                    step,
+                    greedy_step,
                     mode=self.compile_mode,
                     backend=self.compile_backend,
                     fullgraph=False,
                     dynamic=False,
                 )
             else:
-                self._step_fn = step
+                self._step_fn = greedy_step
         return self._step_fn
 
     def _run_graph(
-        self,
-        batch: list[GenerationRequest],
-        prompts: list[list[int]],
-        input_ids: torch.Tensor,
-        attention: torch.Tensor,
+        self, batch: list[GenerationRequest], prompts: list[list[int]]
     ) -> list[GenerationResult]:
         """Greedy decoding with this backend's loop (``decode_loop="graph"``).
 
@@ -557,133 +455,33 @@ class TransformersBackend:
                 "use decode_loop='generate'"
             )
         image = batch[0].mode == "image"
-        dev = self.device
-        on_cuda = dev.startswith("cuda")
-        real, width = input_ids.shape
-        # batch sizes go up to powers of two with copies of the first row (their tokens are
-        # dropped): one compiled step and CUDA graph per bucket instead of per batch size, so
-        # a worker batching up to N jobs compiles log2(N) + 1 times and never reaches Dynamo's
-        # recompile limit (8), after which the step would run eagerly
-        bsz = batch_bucket(real)
-        if bsz > real:
-            input_ids = torch.cat([input_ids, input_ids[:1].expand(bsz - real, -1)])
-            attention = torch.cat([attention, attention[:1].expand(bsz - real, -1)])
         max_new = CODES_PER_IMAGE + 1 if image else max(r.max_new_tokens for r in batch)
         max_pos = int(getattr(model.config, "max_position_embeddings", 2048))
-        length = static_cache_len(width + max_new, max_pos)
-        attn = torch.ones((bsz, length), dtype=torch.long, device=dev)
-        attn[:, :width] = attention.to(dev)
-        positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0).to(dev)
-        out = torch.empty((bsz, max_new), dtype=torch.long, device=dev)
-        stop_ids = torch.tensor([END_ID, EOS_ID], device=dev)
+        input_ids, attention = left_pad(prompts)
+        padded = GraphBatch(
+            input_ids, attention, max_new=max_new, max_pos=max_pos, device=self.device
+        )
         step = self._decode_step()
-        t0 = time.perf_counter()
-        with torch.inference_mode():  # the cache's tensors are made and reset in this mode
-            cache = self._static_cache(bsz, length)
-            logits = model(
-                input_ids=input_ids.to(dev),
-                attention_mask=attn[:, :width],
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits
-            biases = self._biases(logits.shape[-1], image)
-            out[:, 0] = (logits[:, -1, :].float() + biases[0]).argmax(dim=-1)
-            if on_cuda:
-                torch.cuda.synchronize(dev)
-            t1 = time.perf_counter()
-            # fresh contiguous (B, 1) tensors: a slice's strides would differ with the prompt
-            # width or max_new_tokens, and torch.compile would recompile for each
-            tok = torch.empty((bsz, 1), dtype=torch.long, device=dev)
-            tok.copy_(out[:, :1])
-            pos = torch.empty((bsz, 1), dtype=torch.long, device=dev)
-            pos.copy_(positions[:, -1:] + 1)
-            done, waited = 1, 0.0
-            for i in range(1, max_new):
-                if self.compile:
-                    torch.compiler.cudagraph_mark_step_begin()
-                bias = biases[1] if image and i >= CODES_PER_IMAGE else biases[0]
-                nxt = step(model, cache, tok, attn, pos, bias)
-                out[:, i].copy_(nxt)  # before the next replay reuses the graph's output memory
-                tok.copy_(nxt[:, None])
-                pos += 1
-                done = i + 1
-                if not image and done % STOP_CHECK_EVERY == 0:
-                    tw = time.perf_counter()
-                    ended = bool(torch.isin(out[:real, :done], stop_ids).any(dim=-1).all())
-                    waited += time.perf_counter() - tw
-                    if ended:
-                        break
-            tw = time.perf_counter()
-            generated = out[:, :done].tolist()  # waits for the GPU
-        t2 = time.perf_counter()
+        generated, times = run_graph_loop(
+            model,
+            step,
+            self._static_cache,
+            padded,
+            image=image,
+            close_id=self.tokenizer.image_close_id,
+            compile=self.compile,
+        )
         # where the decode time goes: a host that mostly waits means the GPU is the limit
         log.debug(
             "graph loop: batch %d, %d steps, decode %.4f s, host waited for the GPU %.4f s",
-            bsz,
-            done - 1,
-            t2 - t1,
-            waited + t2 - tw,
+            padded.size,
+            times.steps,
+            times.decode_s,
+            times.waited_s,
         )
-        close_id = self.tokenizer.image_close_id
+        tok = self.tokenizer
+        prefill, decode = times.prefill_s, times.decode_s
         return [
-            self._result(req, generated[row], len(prompts[row]), t1 - t0, t2 - t1, close_id)
+            to_result(req, generated[row], len(prompts[row]), prefill, decode, tokenizer=tok)
             for row, req in enumerate(batch)
         ]
-
-    def _biases(self, width: int, image: bool) -> list[torch.Tensor]:
-        """Additive logit masks: text mode, one (no image ids); image mode, two (image ids
-        only for the 256 codes, then ``>`` only), as the logits processors of ``generate``."""
-        neg = float("-inf")
-        if not image:
-            text = torch.zeros(width, device=self.device)
-            text[IMAGE_TOKEN_OFFSET:] = neg
-            return [text]
-        codes = torch.full((width,), neg, device=self.device)
-        codes[IMAGE_TOKEN_OFFSET:VOCAB] = 0.0
-        close = torch.full((width,), neg, device=self.device)
-        close[self.tokenizer.image_close_id] = 0.0
-        return [codes, close]
-
-    def _result(
-        self,
-        req: GenerationRequest,
-        gen: list[int],
-        prompt_tokens: int,
-        prefill: float,
-        decode: float,
-        close_id: int,
-    ) -> GenerationResult:
-        stop = "max_new_tokens"
-        if req.mode == "text":
-            gen = gen[: req.max_new_tokens]  # a batch runs to its longest request's bound
-        for j, t in enumerate(gen):
-            if t in (END_ID, EOS_ID):
-                stop = "end" if t == END_ID else "eos"
-                gen = gen[:j]
-                break
-        if req.mode == "image":
-            codes_ids = gen[:CODES_PER_IMAGE]
-            if len(codes_ids) != CODES_PER_IMAGE or any(t < IMAGE_TOKEN_OFFSET for t in codes_ids):
-                raise RuntimeError(f"constrained decoding produced {len(codes_ids)} image ids")
-            return GenerationResult(
-                token_ids=gen,
-                text=None,
-                image_codes=[id_to_code(t) for t in codes_ids],
-                prompt_tokens=prompt_tokens,
-                new_tokens=len(gen),
-                prefill_s=prefill,
-                decode_s=decode,
-                stop_reason="image_complete",
-            )
-        return GenerationResult(
-            token_ids=gen,
-            text=self.tokenizer.decode(gen, skip_special_tokens=True).strip(),
-            image_codes=None,
-            prompt_tokens=prompt_tokens,
-            new_tokens=len(gen),
-            prefill_s=prefill,
-            decode_s=decode,
-            stop_reason=stop,
-        )

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from models.backends.base import GenerationRequest, GenerationResult
-from models.backends.transformers_backend import (
+from models.backends.transformers_backend import TransformersBackend
+from models.backends.transformers_support import (
     MAX_STATIC_CACHES,
     STATIC_CACHE_BUCKET,
-    TransformersBackend,
     static_cache_len,
 )
 from models.bundle import ModelBundle
@@ -248,7 +248,7 @@ def test_graph_loop_compiled_on_cpu(demo_bundle: ModelBundle, dynamic: Transform
 
 
 def test_batch_bucket() -> None:
-    from models.backends.transformers_backend import batch_bucket
+    from models.backends.transformers_support import batch_bucket
 
     assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 32)] == [1, 2, 4, 4, 8, 8, 16, 32]
     with pytest.raises(ValueError):
@@ -280,7 +280,7 @@ def test_graph_loop_batch_buckets_share_one_compiled_step(
 def test_graph_loop_stops_within_one_check_interval(demo_bundle: ModelBundle) -> None:
     """A model whose every logit is 0 emits EOS (id 0) first: generation stops at the first
     stop check, not at max_new_tokens, and the result ends there as with generate."""
-    from models.backends.transformers_backend import STOP_CHECK_EVERY
+    from models.backends.transformers_support import STOP_CHECK_EVERY
 
     backend = TransformersBackend(
         demo_bundle.llm_dir, dtype="float32", cache="static", decode_loop="graph"

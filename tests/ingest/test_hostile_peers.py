@@ -39,14 +39,11 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from integration.ae import build_storage_ae
+from integration.guarded_socket import GuardedSocket
+from integration.pdu_framer import PduFramer
 from integration.scp import handlers
-from integration.transport import (
-    BoundedAssociationServer,
-    GuardedRequestHandler,
-    GuardedSocket,
-    PduFramer,
-    TransportLimits,
-)
+from integration.transport import BoundedAssociationServer, GuardedRequestHandler
+from integration.transport_limits import TransportLimits
 from node.settings import ConfigError, load_settings
 from tests.delivery.conftest import PKI, pki  # noqa: F401  (session fixture)
 from tests.helpers import REPO, free_port, wait_for

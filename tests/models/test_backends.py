@@ -11,11 +11,8 @@ import torch
 from models.backends import make_backend
 from models.backends.base import GenerationBackend, GenerationRequest
 from models.backends.constraints import ImageCodeConstraint, TextOnlyConstraint
-from models.backends.transformers_backend import (
-    TransformersBackend,
-    cpu_supports_bf16,
-    resolve_dtype,
-)
+from models.backends.transformers_backend import TransformersBackend
+from models.backends.transformers_support import cpu_supports_bf16, resolve_dtype
 from models.layout import END_ID, IMAGE_TOKEN_OFFSET, VOCAB, TokenLayoutError
 from models.prompts import report_prompt, report_to_image_prompt, vqa_prompt
 from tests.models.llm_fixtures import _tmpdir, write_tiny_llm

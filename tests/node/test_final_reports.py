@@ -280,3 +280,14 @@ def test_review_at_the_node(
         s.commit()
     with pytest.raises(Conflict):
         review.review(ctx, other, review.Decision.accept, actor="token:1:rad")
+
+
+def test_serve_runs_the_listener_only_when_configured(tmp_path: Path, db_url: str) -> None:
+    from node.runtime.components import default_components
+
+    off = _settings(tmp_path, db_url)
+    on = _settings(tmp_path, db_url, hl7_listen="127.0.0.1:2575")
+    assert make_hl7_listener not in default_components(off, worker=False, api=False)
+    assert make_hl7_listener in default_components(on, worker=False, api=False)
+    with pytest.raises(ValueError, match="hl7_allowed_hosts"):
+        _settings(tmp_path, db_url, hl7_listen="0.0.0.0:2575")

@@ -33,10 +33,10 @@ from integration.final_report import (
     final_report_from_dataset,
     final_report_from_oru,
     is_report_object,
-    split_sections,
-    unescape,
 )
+from integration.hl7_fields import unescape
 from integration.report_pdf import DraftReportContent, render_report_pdf
+from integration.report_sections import split_sections
 from integration.sr import build_draft_sr
 from tests.reporting.conftest import (
     ACCESSION,

@@ -26,7 +26,8 @@ from integration.errors import ConnectionFailedError, Hl7AckError, MllpError
 from integration.final_report import FinalReport, FinalReportError, final_report_from_oru
 from integration.hl7_ack import check_ack, parse_ack
 from integration.mllp import END_BLOCK, START_BLOCK, send_mllp
-from integration.mllp_listener import Hl7Handler, Hl7Refusal, MllpListener, build_ack
+from integration.mllp_ack import build_ack
+from integration.mllp_listener import Hl7Handler, Hl7Refusal, MllpListener
 from tests.reporting.conftest import PATIENT_NAME
 from tests.reporting.test_final_report import STUDY_UID, oru
 

@@ -29,8 +29,8 @@ from integration.report_pdf import (
     ReportHeader,
     render_report_pdf,
     report_header_from,
-    unrenderable_characters,
 )
+from integration.report_text import unrenderable_characters
 from tests.helpers import REPO
 from tests.reporting.conftest import (
     ACCESSION,
