@@ -31,8 +31,7 @@ from node.services.tokens import SESSION_LIFETIME
 
 __all__ = ["router"]
 
-_ERRORS = AUTH_ERRORS
-router = APIRouter(prefix="/api", responses=_ERRORS)
+router = APIRouter(prefix="/api", responses=AUTH_ERRORS)
 TokenId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Token id.")]
 
 

@@ -26,13 +26,12 @@ from node.services import quality, review
 
 __all__ = ["router"]
 
-_ERRORS = AUTH_ERRORS
 _JOB_ERRORS: dict[int | str, dict[str, Any]] = {
-    **_ERRORS,
+    **AUTH_ERRORS,
     404: {"model": ErrorOut, "description": "no such job"},
     409: {"model": ErrorOut, "description": "the job's state does not allow this"},
 }
-router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=_ERRORS)
+router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=AUTH_ERRORS)
 JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Job id.")]
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
+from node.db.jobs import JobNotFound
 from node.db.models import Draft, FinalReport, FinalSource, Job, JobState, Study, utcnow
 from node.db.tx import in_transaction
 
@@ -27,6 +28,7 @@ __all__ = [
     "FinalRow",
     "PairScores",
     "draft_for",
+    "draft_of_job",
     "final_counts",
     "finals_for_job",
     "pair_rows",
@@ -145,11 +147,31 @@ def draft_for(session: Session, study_uid: str | None, accession: str | None) ->
     """The newest report draft of the study named by UID (preferred) or accession number,
     of a job that is done and not withdrawn; ``None`` when there is none yet."""
     if study_uid:
-        which = Study.study_instance_uid == study_uid
-    elif accession:
-        which = Study.accession_number == accession
-    else:
+        return _newest_draft(session, Study.study_instance_uid == study_uid)
+    if accession:
+        return _newest_draft(session, Study.accession_number == accession)
+    return None
+
+
+def draft_of_job(session: Session, job_id: int) -> DraftMatch | None:
+    """Job ``job_id``'s report draft when the job is done, not withdrawn and its draft is
+    the study's current one (no later job superseded it); else ``None``.
+
+    Raises
+    ------
+    JobNotFound
+        When no job has that id.
+    """
+    if session.get(Job, job_id) is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    mine = _newest_draft(session, Job.id == job_id)
+    if mine is None:
         return None
+    current = draft_for(session, mine.study_uid, None)
+    return mine if current is not None and current.job_id == job_id else None
+
+
+def _newest_draft(session: Session, which: Any) -> DraftMatch | None:
     row = session.execute(
         select(Draft, Job.id, Study.study_instance_uid)
         .join(Job, Job.id == Draft.job_id)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, TypedDict
 
 from pydicom.dataset import Dataset
@@ -87,6 +88,7 @@ class DraftText:
             demo=self.demo,
         )
 
+    @cached_property
     def labels(self) -> dict[str, str]:
         """The 14 CheXpert labels of the draft's text (``models.labeler``'s rule labeler;
         ``{observation: label}`` as :mod:`integration.coded_findings` takes them)."""
@@ -205,7 +207,7 @@ def draft_sr(
         created_at=created_at,
         previous_versions=previous_versions,
         requested_procedures=requested_procedures_from(image_read) or None,
-        coded_findings=text.labels(),
+        coded_findings=text.labels,
     )
 
 

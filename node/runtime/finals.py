@@ -20,19 +20,19 @@ chore. No report text, patient data or labels reach a log line.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from integration.encapsulated_pdf import ENCAPSULATED_PDF_STORAGE
 from integration.final_report import (
+    SR_STORAGE_CLASSES,
     FinalReport,
     FinalReportError,
     final_report_from_dataset,
     final_report_from_oru,
-    is_report_object,
 )
 from integration.scp import InstanceSink, ReceivedMeta, StoreResult
 from integration.status import StoreStatus
@@ -50,15 +50,7 @@ __all__ = ["FinalIntake", "FinalOutcome", "ReportSink", "make_hl7_listener", "sc
 log = logging.getLogger(__name__)
 
 #: SOP classes that may carry a final report: the SR storage classes and Encapsulated PDF
-REPORT_SOP_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
-        "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
-        "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
-        "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
-        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
-    }
-)
+REPORT_SOP_CLASSES = frozenset({*SR_STORAGE_CLASSES, ENCAPSULATED_PDF_STORAGE})
 
 
 @dataclass(frozen=True)
@@ -69,11 +61,11 @@ class FinalOutcome:
     new: bool
     matched: bool
     significant: bool = False
+    agreement: float | None = None
 
 
 def scores_for(
     settings: Settings,
-    draft_text: str,
     final: finals_db.FinalRow | finals_db.FinalIn,
     match: finals_db.DraftMatch,
 ) -> finals_db.PairScores:
@@ -86,7 +78,7 @@ def scores_for(
     critical = [Observation(name) for name in settings.critical_findings]
     finalized = final.signed_at
     pair = compare_reports(
-        draft_text,
+        match.text,
         final.full_text,
         drafted_at=match.drafted_at,
         finalized_at=finalized,
@@ -126,7 +118,6 @@ class FinalIntake:
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session]) -> None:
         self.settings = settings
         self.sessions = session_factory
-        self._lock = threading.Lock()
 
     def receive(self, report: FinalReport, *, sender: str) -> FinalOutcome:
         """Store ``report`` (from ``sender``: an AE title or a host) and score it if its
@@ -156,7 +147,7 @@ class FinalIntake:
             "draft found" if match else "no draft yet",
         )
         if not new or match is None:
-            return FinalOutcome(final_id, new, matched=match is not None and not new)
+            return FinalOutcome(final_id, new, matched=match is not None)
         return self.score(final_id, final, match, new=new)
 
     def score(
@@ -168,7 +159,7 @@ class FinalIntake:
         new: bool = True,
     ) -> FinalOutcome:
         """Label both texts, store the pair's scores and the match; check the alert."""
-        scores = scores_for(self.settings, match.text, final, match)
+        scores = scores_for(self.settings, final, match)
         with self.sessions() as session:
             finals_db.save_scores(session, final_id, match, scores)
         significant = bool(scores.discrepancies)
@@ -179,21 +170,20 @@ class FinalIntake:
                 final_id,
             )
         self.check_alert()
-        return FinalOutcome(final_id, new, matched=True, significant=significant)
+        return FinalOutcome(final_id, new, True, significant, scores.agreement)
 
     def match_pending(self) -> int:
         """Match and score the stored finals whose draft now exists; returns how many."""
-        with self._lock:
+        with self.sessions() as session:
+            pending = finals_db.unmatched_finals(session)
+        done = 0
+        for f in pending:
             with self.sessions() as session:
-                pending = finals_db.unmatched_finals(session)
-            done = 0
-            for f in pending:
-                with self.sessions() as session:
-                    match = finals_db.draft_for(session, f.study_uid, f.accession_number)
-                if match is not None:
-                    self.score(f.id, f, match, new=False)
-                    done += 1
-            return done
+                match = finals_db.draft_for(session, f.study_uid, f.accession_number)
+            if match is not None:
+                self.score(f.id, f, match, new=False)
+                done += 1
+        return done
 
     def check_alert(self) -> bool:
         """Whether rolling agreement is below ``agreement_alert_threshold``; logs (figures
@@ -238,11 +228,8 @@ class ReportSink:
 
         try:
             ds = dcmread(path)
-            report = (
-                final_report_from_dataset(ds, trusted_source=meta.calling_ae in self.report_sources)
-                if is_report_object(ds)
-                else None
-            )
+            trusted = meta.calling_ae in self.report_sources
+            report = final_report_from_dataset(ds, trusted_source=trusted)
         except (FinalReportError, InvalidDicomError) as exc:
             log.warning("final report from %r refused: %s", meta.calling_ae, exc)
             return StoreResult(StoreStatus.CANNOT_UNDERSTAND, reason=str(exc))

@@ -132,7 +132,7 @@ class _Builder:
     def coded(self) -> tuple[Path, str] | None:
         """The coded findings SR (TID 1500) and its UID; ``None`` when nothing is mentioned."""
         d = self.draft
-        labels = d.text.labels()
+        labels = d.text.labels
         if all(v == "not_mentioned" for v in labels.values()):
             return None
 

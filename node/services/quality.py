@@ -22,6 +22,7 @@ from models.concordance import (
     DiscrepancyDirection,
     PairConcordance,
     TextOverlap,
+    summarize,
     summarize_by,
     window_start,
 )
@@ -165,11 +166,11 @@ def summary(
     pairs = [pair_of(r) for r in rows]
     by_version = summarize_by(pairs, lambda p: p.model_version or "")
     series = summarize_by(pairs, lambda p: (p.model_version or "", _window(p, window)))
-    overall = summarize_by(pairs, lambda p: "all")
+
     return {
         "alert": vars(alert_state(ctx)),
         "window_seconds": int(window.total_seconds()),
-        "overall": _summary_dict(overall["all"]) if pairs else None,
+        "overall": _summary_dict(summarize(pairs)) if pairs else None,
         "by_model_version": {k: _summary_dict(v) for k, v in sorted(by_version.items())},
         "series": [
             {"model_version": k[0], "window_start": k[1].isoformat(), **_summary_dict(v)}

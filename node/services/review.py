@@ -63,12 +63,10 @@ def review(
         When no job has that id.
     """
     from node.runtime.finals import FinalIntake
-    from node.services.jobs import detail
 
-    job = detail(ctx, job_id).job
     with ctx.read_sessions() as session:
-        match = finals_db.draft_for(session, job.study_uid, None)
-    if match is None or match.job_id != job_id:
+        match = finals_db.draft_of_job(session, job_id)
+    if match is None:
         raise Conflict(f"job {job_id} has no current report draft to review")
     final_text = _text(decision, match.text, text, reason)
     now = utcnow()
@@ -76,7 +74,7 @@ def review(
         source=FinalSource.review,
         object_uid=f"review:{job_id}:{now.isoformat()}",
         sender=actor[:128],
-        study_uid=job.study_uid,
+        study_uid=match.study_uid,
         accession_number=None,
         verified=decision is not Decision.reject,
         full_text=final_text,
@@ -99,9 +97,7 @@ def review(
     if decision is Decision.reject:
         return ReviewResult(final_id, decision, None, False)
     outcome = FinalIntake(ctx.settings, ctx.write_sessions).score(final_id, final, match)
-    with ctx.read_sessions() as session:
-        [row] = [f for f in finals_db.finals_for_job(session, job_id) if f.id == final_id]
-    return ReviewResult(final_id, decision, row.agreement, outcome.significant)
+    return ReviewResult(final_id, decision, outcome.agreement, outcome.significant)
 
 
 def _text(decision: Decision, draft: str, text: str | None, reason: str | None) -> str:

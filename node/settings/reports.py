@@ -9,6 +9,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from models.concordance import DEFAULT_CRITICAL
+from models.labeler.observations import OBSERVATIONS
 from node.settings.values import (
     _split_commas,
     _validate_host,
@@ -19,31 +21,10 @@ from node.settings.values import (
 
 __all__ = ["DEFAULT_CRITICAL_FINDINGS", "OBSERVATION_NAMES", "ReportIntakeSettings"]
 
-#: the 14 CheXpert observations, as ``models.labeler.Observation`` values (CheXpert order)
-OBSERVATION_NAMES = (
-    "no_finding",
-    "enlarged_cardiomediastinum",
-    "cardiomegaly",
-    "lung_opacity",
-    "lung_lesion",
-    "edema",
-    "consolidation",
-    "pneumonia",
-    "atelectasis",
-    "pneumothorax",
-    "pleural_effusion",
-    "pleural_other",
-    "fracture",
-    "support_devices",
-)
-DEFAULT_CRITICAL_FINDINGS = [
-    "pneumothorax",
-    "pleural_effusion",
-    "consolidation",
-    "lung_lesion",
-    "fracture",
-    "support_devices",
-]
+#: the 14 CheXpert observations (``models.labeler.Observation`` values, CheXpert order)
+OBSERVATION_NAMES = tuple(o.value for o in OBSERVATIONS)
+#: the critical findings of ``models.concordance`` (CheXpert order)
+DEFAULT_CRITICAL_FINDINGS = [o.value for o in OBSERVATIONS if o in DEFAULT_CRITICAL]
 
 
 class ReportIntakeSettings(BaseModel):

@@ -8,12 +8,8 @@ sessions on unsafe methods; the job actions are the API's routes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy.orm import Session
 
 from node.api.auth import (
     CSRF_COOKIE,
@@ -42,7 +38,6 @@ __all__ = [
     "csrf_token",
     "job_action_urls",
     "optional_principal",
-    "read_session",
     "require_operator",
     "require_viewer",
 ]
@@ -93,10 +88,3 @@ def job_action_urls(job_id: int) -> dict[str, str]:
         "withdraw": f"{JOBS_API}/{job_id}/withdraw",
         "review": f"{JOBS_API}/{job_id}/review",
     }
-
-
-@contextmanager
-def read_session(ctx: ServiceContext) -> Iterator[Session]:
-    """A read-only session (SQLite: deferred ``BEGIN``, never takes the write lock)."""
-    with ctx.read_sessions() as session:
-        yield session

@@ -49,8 +49,8 @@ def _codes(ds: pydicom.Dataset) -> list[tuple[str, str]]:
 def test_coded_findings_in_sr_and_as_own_object(tmp_path: Path) -> None:
     text = TEXT
     image = pydicom.dcmread(rg1_file())
-    assert text.labels()["pneumothorax"] == "positive"
-    assert text.labels()["pleural_effusion"] == "negative"
+    assert text.labels["pneumothorax"] == "positive"
+    assert text.labels["pleural_effusion"] == "negative"
     ids = draft_ids(
         "sr",
         str(image.StudyInstanceUID),
