@@ -19,7 +19,11 @@
   time of each PDU, of the A-ASSOCIATE-RQ and of the TLS handshake (in the connection's own
   thread), and limits the connections open at once, in all and per source address. With
   P-DATA bounded to ``maximum_pdu_size``, an association holds a few times that in memory,
-  whatever the size of the instance it sends.
+  whatever the size of the instance it sends;
+- with an :class:`~integration.association_log.AssociationLog`, records every association
+  in the receive log (accepted, rejected with its reason, released or aborted) through an
+  :class:`~integration.association_log.AssociationRecorder` that :meth:`NodeAE.start_server`
+  binds as well (PS3.8 7.1-7.4, 9.3.4).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
+from integration.association_log import AssociationLog, AssociationRecorder
 from integration.conformance import STORAGE_SCP, VERIFICATION_SCP
 from integration.transport import BoundedAssociationServer
 from integration.transport_limits import (
@@ -161,8 +166,11 @@ class AccessPolicy:
         return None
 
 
-def _check_requestor(event: Event, policy: AccessPolicy) -> None:
-    """``EVT_REQUESTED`` handler: send A-ASSOCIATE-RJ to callers the policy refuses."""
+def _check_requestor(
+    event: Event, policy: AccessPolicy, recorder: AssociationRecorder | None = None
+) -> None:
+    """``EVT_REQUESTED`` handler: send A-ASSOCIATE-RJ to callers the policy refuses (and
+    tell the receive log's ``recorder`` why, PS3.8 9.3.4)."""
     assoc = event.assoc
     try:
         primitive = assoc.requestor.primitive
@@ -179,6 +187,8 @@ def _check_requestor(event: Event, policy: AccessPolicy) -> None:
             assoc.requestor.port,
             str(primitive.called_ae_title if primitive is not None else "").strip(),
         )
+        if recorder is not None:
+            recorder.rejected(assoc, reason)
         assoc.acse.send_reject(RJ_PERMANENT, RJ_SOURCE_SERVICE_USER, RJ_CALLING_AE_NOT_RECOGNISED)
         # As pynetdicom does for its own rejections: wait for the peer to close, then stop.
         assoc.kill()
@@ -204,7 +214,9 @@ class NodeAE(AE):
 
     :meth:`start_server` binds the policy's ``EVT_REQUESTED`` handler before any handler the
     caller passes, so every server this AE starts refuses unknown callers; every server is a
-    :class:`~integration.transport.BoundedAssociationServer` (:meth:`make_server`).
+    :class:`~integration.transport.BoundedAssociationServer` (:meth:`make_server`). With an
+    ``association_recorder``, every server feeds the receive log too; the C-STORE handler
+    finds the recorder here (:func:`integration.scp.handle_store`).
     """
 
     def __init__(
@@ -214,9 +226,11 @@ class NodeAE(AE):
         policy: AccessPolicy,
         ssl_context: ssl.SSLContext | None = None,
         limits: TransportLimits | None = None,
+        association_recorder: AssociationRecorder | None = None,
     ) -> None:
         super().__init__(ae_title=ae_title)
         self.policy = policy
+        self.association_recorder = association_recorder
         self.ssl_context = ssl_context
         self.limits = limits if limits is not None else TransportLimits()
 
@@ -278,8 +292,10 @@ class NodeAE(AE):
         """
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, _no_delay),
-            (evt.EVT_REQUESTED, _check_requestor, [self.policy]),
+            (evt.EVT_REQUESTED, _check_requestor, [self.policy, self.association_recorder]),
         ]
+        if self.association_recorder is not None:
+            handlers += self.association_recorder.handlers()
         handlers += list(evt_handlers or [])
         return super().start_server(
             address,
@@ -315,6 +331,7 @@ def build_storage_ae(
     maximum_pdu_size: int = DEFAULT_MAX_PDU_SIZE,
     tls_handshake_timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
+    association_log: AssociationLog | None = None,
 ) -> NodeAE:
     """Build the node's Verification + Storage SCP Application Entity.
 
@@ -347,6 +364,9 @@ def build_storage_ae(
     ssl_context
         Used by every ``start_server`` of the AE (DICOM TLS, PS3.15 B.1); ``None`` for
         plain TCP.
+    association_log
+        The receive log (:class:`~integration.association_log.AssociationLog`): every
+        association and C-STORE answer of every server the AE starts is recorded there.
 
     Returns
     -------
@@ -394,7 +414,14 @@ def build_storage_ae(
     )
 
     policy = AccessPolicy(rules=tuple(CallerRule.parse(a) for a in allowed_aes))
-    ae = NodeAE(title, policy=policy, ssl_context=ssl_context, limits=limits)
+    recorder = AssociationRecorder(association_log) if association_log is not None else None
+    ae = NodeAE(
+        title,
+        policy=policy,
+        ssl_context=ssl_context,
+        limits=limits,
+        association_recorder=recorder,
+    )
     ae.require_called_aet = True
     ae.require_calling_aet = []  # checked by the policy, which also knows addresses
     ae.maximum_associations = max_associations

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
+from integration.association_log import AssociationRecorder, StoreRecord
 from integration.status import StoreStatus
 
 __all__ = [
@@ -63,6 +64,9 @@ class ReceivedMeta:
         Affected SOP Instance UID (0000,1000) of the C-STORE-RQ.
     called_ae
         Called AE Title (the node's own).
+    association_id
+        The receive log's id of the association (PS3.8 7.1), when the AE keeps one
+        (:mod:`integration.association_log`); the sink records it with the instance.
     """
 
     calling_ae: str
@@ -72,6 +76,7 @@ class ReceivedMeta:
     sop_class_uid: str
     sop_instance_uid: str
     called_ae: str = ""
+    association_id: int | None = None
 
     def __post_init__(self) -> None:
         if not self.transfer_syntax:
@@ -90,11 +95,15 @@ class StoreResult:
         Why, for the log and the Error Comment of a failure; never patient data.
     outcome
         For success, what happened (e.g. ``"new"``, ``"duplicate_identical"``).
+    study_uid
+        Study Instance UID (0020,000D) of the data set when the sink could read it (for the
+        receive log of a refused instance), else ``None``.
     """
 
     status: int
     reason: str = ""
     outcome: str | None = None
+    study_uid: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= int(self.status) <= 0xFFFF:
@@ -120,7 +129,13 @@ class InstanceSink(Protocol):
         ...
 
 
-def _meta(event: Event) -> ReceivedMeta:
+def _recorder(event: Event) -> AssociationRecorder | None:
+    """The receive log's recorder of the AE that runs this association, if it has one."""
+    recorder = getattr(getattr(event.assoc, "ae", None), "association_recorder", None)
+    return recorder if isinstance(recorder, AssociationRecorder) else None
+
+
+def _meta(event: Event, recorder: AssociationRecorder | None = None) -> ReceivedMeta:
     req = event.request
     requestor = event.assoc.requestor
     return ReceivedMeta(
@@ -131,6 +146,7 @@ def _meta(event: Event) -> ReceivedMeta:
         sop_class_uid=str(getattr(req, "AffectedSOPClassUID", "") or ""),
         sop_instance_uid=str(getattr(req, "AffectedSOPInstanceUID", "") or ""),
         called_ae=str(event.assoc.acceptor.ae_title).strip(),
+        association_id=recorder.association_id(event.assoc) if recorder is not None else None,
     )
 
 
@@ -170,13 +186,21 @@ def handle_store(event: Event, sink: InstanceSink) -> int | Dataset:
     -------
     int or pydicom.dataset.Dataset
         The status (a Dataset with Status and Error Comment for a failure).
+
+    Notes
+    -----
+    When the AE has a receive log (:attr:`integration.ae.NodeAE.association_recorder`), the
+    answer is recorded there with the request's UIDs (never patient data), and the
+    association's log id goes to the sink in :attr:`ReceivedMeta.association_id`.
     """
     started = time.perf_counter()
     meta: ReceivedMeta | None = None
     created = False
     path: Path | None = None
+    recorder: AssociationRecorder | None = None
     try:
-        meta = _meta(event)
+        recorder = _recorder(event)
+        meta = _meta(event, recorder)
         path, created = _received_file(event)
         result = sink.accept(path, meta)
     except Exception:
@@ -209,6 +233,18 @@ def handle_store(event: Event, sink: InstanceSink) -> int | Dataset:
             meta.sop_instance_uid if meta else "?",
             result.reason,
             elapsed_ms,
+        )
+    if recorder is not None:
+        req = event.request
+        recorder.stored(
+            event.assoc,
+            StoreRecord(
+                status=int(result.status),
+                reason=result.reason if not result.ok else "",
+                sop_class_uid=str(getattr(req, "AffectedSOPClassUID", "") or ""),
+                sop_instance_uid=str(getattr(req, "AffectedSOPInstanceUID", "") or ""),
+                study_uid=result.study_uid,
+            ),
         )
     return _response(result)
 

@@ -20,7 +20,17 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from node.api import routes_admin, routes_health, routes_jobs, routes_models, routes_quality
+from node.api import (
+    routes_admin,
+    routes_deliveries,
+    routes_health,
+    routes_jobs,
+    routes_models,
+    routes_quality,
+    routes_receive,
+    routes_rules,
+    routes_system,
+)
 from node.api.auth import authenticate_connection
 from node.api.errors import install_error_handlers
 from node.api.limits import JSON_BODY_LIMIT, AuthBeforeBody, FailedAuthLimiter
@@ -65,9 +75,20 @@ def create_app(ctx_like: Any, *, include_web: bool = True) -> FastAPI:
         settings.api_auth_max_failures, settings.api_auth_window_seconds
     )
     install_error_handlers(app)
-    for module in (routes_health, routes_jobs, routes_admin, routes_models, routes_quality):
+    routers = (
+        routes_health,
+        routes_jobs,
+        routes_deliveries,
+        routes_receive,
+        routes_admin,
+        routes_system,
+        routes_models,
+        routes_quality,
+    )
+    for module in routers:
         app.include_router(module.router, max_body_size=JSON_BODY_LIMIT)
     app.include_router(routes_models.upload_router, max_body_size=settings.api_max_upload_mb * MIB)
+    app.include_router(routes_rules.router, max_body_size=settings.api_max_upload_mb * MIB)
     if include_web:
         try:
             from node.web import router as web_router

@@ -26,6 +26,7 @@ from node.api.schemas import (
 from node.db.tokens import TokenRow
 from node.services import destinations as destination_service
 from node.services import jobs as job_service
+from node.services import system as system_service
 from node.services import tokens as token_service
 from node.services.tokens import SESSION_LIFETIME
 
@@ -86,17 +87,19 @@ def audit(
     action: Annotated[str | None, Query(max_length=64)] = None,
     target: Annotated[str | None, Query(max_length=256)] = None,
     since: Annotated[datetime | None, Query(description="At or after (UTC).")] = None,
+    until: Annotated[datetime | None, Query(description="Before (UTC).")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> AuditPage:
-    """Every admin action (who, what, when, target), newest first."""
-    since = utc(since)
-    rows, total = job_service.audit_entries(
+    """Every admin action (who, what, when, target), newest first; ``actor``, ``action``
+    and ``target`` match exactly, ``since`` is inclusive and ``until`` exclusive."""
+    rows, total = system_service.audit_log(
         ctx,
         actor=actor,
         action=action,
         target=target,
-        since=since,
+        since=utc(since),
+        until=utc(until),
         limit=limit,
         offset=offset,
     )

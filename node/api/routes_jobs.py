@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
+from fastapi.responses import FileResponse, Response
 
 from node.api.deps import AUTH_ERRORS, Ctx, Operator, Reviewer, Viewer, utc
 from node.api.schemas import (
+    BulkIn,
+    BulkItemOut,
+    BulkOut,
     CancelIn,
     ErrorOut,
     JobDetailOut,
     JobPage,
+    ObjectOut,
     PriorityIn,
     ReviewIn,
     StageOut,
@@ -22,7 +27,7 @@ from node.db import views as views_db
 from node.db.models import JobState
 from node.db.views import JobRow
 from node.services import jobs as job_service
-from node.services import quality, review
+from node.services import objects, quality, review
 
 __all__ = ["router"]
 
@@ -46,16 +51,64 @@ def list_jobs(
     destination: Annotated[
         str | None, Query(max_length=512, description="Has a delivery to this destination.")
     ] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=128,
+            description="Words each found in the patient's name or ID, the accession number, "
+            "the study description or the Study Instance UID (case-insensitive, in part).",
+        ),
+    ] = None,
+    patient: Annotated[
+        str | None, Query(max_length=128, description="Patient's name or ID, in part.")
+    ] = None,
+    accession: Annotated[str | None, Query(max_length=16, description="In part.")] = None,
+    modality: Annotated[str | None, Query(max_length=16, pattern=r"^[A-Za-z0-9]*$")] = None,
+    calling_ae: Annotated[str | None, Query(max_length=16, description="In part.")] = None,
+    study_date_from: Annotated[
+        str | None, Query(pattern=r"^[0-9]{8}$", description="Study Date >= (YYYYMMDD).")
+    ] = None,
+    study_date_to: Annotated[
+        str | None, Query(pattern=r"^[0-9]{8}$", description="Study Date <= (YYYYMMDD).")
+    ] = None,
+    delivery: Annotated[
+        Literal["none", "pending", "sent", "failed"] | None,
+        Query(description="The job's delivery state."),
+    ] = None,
+    sort: Annotated[
+        Literal[
+            "id",
+            "created",
+            "updated",
+            "priority",
+            "state",
+            "study_date",
+            "patient_name",
+            "accession",
+        ],
+        Query(),
+    ] = "id",
+    order: Annotated[Literal["asc", "desc"], Query()] = "desc",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> JobPage:
-    """Jobs matching every given filter (states are OR-ed)."""
+    """Jobs matching every given filter (states are OR-ed), sorted, one page of them."""
     flt = views_db.JobFilter(
         states=tuple(state or ()),
         since=utc(since),
         until=utc(until),
         study_uid=study_uid,
         destination=destination,
+        text=q or None,
+        patient=patient or None,
+        accession=accession or None,
+        modality=modality or None,
+        calling_ae=calling_ae or None,
+        study_date_from=study_date_from,
+        study_date_to=study_date_to,
+        delivery=delivery,
+        sort=sort,
+        descending=order == "desc",
         limit=limit,
         offset=offset,
     )
@@ -93,6 +146,51 @@ def get_job(job_id: JobId, ctx: Ctx, _p: Viewer) -> JobDetailOut:
         audit=d.audit,
         sr_chain=d.sr_chain,
         finals=quality.job_finals(ctx, job_id),
+        events=d.events,
+        objects=[
+            ObjectOut(key=o.key, object=o.object, uid=o.uid, present=o.present, size=o.size)
+            for o in objects.job_objects(ctx, job_id)
+        ],
+        viewer_url=job_service.viewer_link(ctx, d.job),
+    )
+
+
+ObjectKey = Annotated[
+    str, Path(pattern=r"^(sr|[0-9]{1,10})$", description="``sr`` or a delivery id.")
+]
+_NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+@router.get(
+    "/{job_id}/objects/{key}",
+    responses=_JOB_ERRORS,
+    response_class=FileResponse,
+    summary="Download one of the job's DICOM objects (viewer)",
+)
+def download_object(job_id: JobId, key: ObjectKey, ctx: Ctx, _p: Viewer) -> FileResponse:
+    """The DICOM Part 10 file (``application/dicom``, PS3.18 §8.7.3.5.2) of the draft SR
+    (``sr``) or of a delivery (its id); 410 when retention removed it."""
+    obj = objects.object_file(ctx, job_id, key)
+    return FileResponse(
+        obj.path,
+        media_type="application/dicom",
+        filename=f"{obj.object}-{obj.uid or key}.dcm",
+        headers=_NO_STORE,
+    )
+
+
+@router.get(
+    "/{job_id}/objects/{key}/pdf",
+    responses=_JOB_ERRORS,
+    response_class=Response,
+    summary="The PDF inside one of the job's Encapsulated PDF objects (viewer)",
+)
+def object_pdf(job_id: JobId, key: ObjectKey, ctx: Ctx, _p: Viewer) -> Response:
+    """``application/pdf``, shown inline; 422 when the object is not an Encapsulated PDF."""
+    return Response(
+        objects.pdf_bytes(ctx, job_id, key),
+        media_type="application/pdf",
+        headers={**_NO_STORE, "Content-Disposition": f'inline; filename="job-{job_id}.pdf"'},
     )
 
 
@@ -105,6 +203,16 @@ def get_job(job_id: JobId, ctx: Ctx, _p: Viewer) -> JobDetailOut:
 def retry_job(job_id: JobId, ctx: Ctx, p: Operator) -> JobRow:
     """Requeue with fresh attempts; 409 unless the job is failed or cancelled. Audited."""
     return job_service.requeue(ctx, job_id, actor=p.actor)
+
+
+@router.post(
+    "/bulk", response_model=BulkOut, summary="Retry, cancel or re-send many jobs (operator)"
+)
+def bulk_jobs(body: BulkIn, ctx: Ctx, p: Operator) -> BulkOut:
+    """Apply one action to each job; a job whose state refuses it is reported, the others
+    go on. Each job's action is audited as if done alone."""
+    results = job_service.bulk(ctx, body.action, body.ids, actor=p.actor)
+    return BulkOut(results=[BulkItemOut(job_id=r.job_id, ok=r.ok, error=r.error) for r in results])
 
 
 @router.post(

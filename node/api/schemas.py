@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.db.audit import AuditEntry
 from node.db.finals import FinalRow
+from node.db.job_events import JobEventRow
 from node.db.tokens import TokenRow
 from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion
 
@@ -74,6 +75,16 @@ class StageOut(BaseModel):
     seconds: float | None
 
 
+class ObjectOut(BaseModel):
+    """One DICOM object a job made (``present``: still stored)."""
+
+    key: str
+    object: str
+    uid: str | None
+    present: bool
+    size: int | None
+
+
 class JobDetailOut(BaseModel):
     """One job: state, stages and timings, draft text, SR UID and the study's chain of draft
     SRs, delivery attempts, audit."""
@@ -90,6 +101,13 @@ class JobDetailOut(BaseModel):
     sr_chain: list[SrVersion] = []
     finals: list[FinalRow] = []
     """Final reports matched to the draft, with labels and concordance (text included)."""
+    events: list[JobEventRow] = []
+    """The job's history, oldest first: received, queued, claimed, stages, drafted,
+    delivery attempts, done/failed/cancelled (operator actions are in ``audit``)."""
+    objects: list[ObjectOut] = []
+    """The DICOM objects the job made, to download from ``/api/jobs/{id}/objects/{key}``."""
+    viewer_url: str | None = None
+    """The study in the site's viewer (``viewer_url_template``), when configured."""
 
 
 class CancelIn(BaseModel):
@@ -98,6 +116,29 @@ class CancelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str | None = Field(default=None, max_length=500)
+
+
+class BulkIn(BaseModel):
+    """A bulk action on jobs: ``retry``, ``cancel`` or ``resend`` each of ``ids``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["retry", "cancel", "resend"]
+    ids: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(min_length=1, max_length=500)
+
+
+class BulkItemOut(BaseModel):
+    """What one job of a bulk action came to."""
+
+    job_id: int
+    ok: bool
+    error: str | None = None
+
+
+class BulkOut(BaseModel):
+    """Per job, in the order given."""
+
+    results: list[BulkItemOut]
 
 
 class WithdrawIn(BaseModel):

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from node.db.models import AuditLog, utcnow
 from node.db.tx import in_transaction
 
-__all__ = ["AuditEntry", "add_audit", "audit", "audit_entries", "audit_row"]
+__all__ = ["AuditEntry", "add_audit", "audit", "audit_actions", "audit_entries", "audit_row"]
 
 
 def add_audit(
@@ -70,10 +70,15 @@ def audit_entries(
     action: str | None = None,
     target: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> tuple[list[AuditEntry], int]:
-    """Audit rows, newest first, with the total number of matches."""
+    """Audit rows, newest first, with the total number of matches.
+
+    ``actor``, ``action`` and ``target`` match exactly; ``since`` is inclusive and
+    ``until`` exclusive (both on ``at``).
+    """
     conds: list[Any] = []
     if actor:
         conds.append(AuditLog.actor == actor)
@@ -83,6 +88,8 @@ def audit_entries(
         conds.append(AuditLog.target == target)
     if since is not None:
         conds.append(AuditLog.at >= since)
+    if until is not None:
+        conds.append(AuditLog.at < until)
     stmt = select(AuditLog).order_by(AuditLog.id.desc()).limit(limit).offset(offset)
     count_stmt = select(func.count(AuditLog.id))
     if conds:
@@ -90,3 +97,8 @@ def audit_entries(
         count_stmt = count_stmt.where(*conds)
     total = int(session.scalar(count_stmt) or 0)
     return [audit_row(a) for a in session.scalars(stmt)], total
+
+
+def audit_actions(session: Session) -> list[str]:
+    """The distinct actions present in the audit log, sorted (for a filter's choices)."""
+    return list(session.scalars(select(AuditLog.action).distinct().order_by(AuditLog.action)))

@@ -63,6 +63,7 @@ __all__ = [
     "release_claim",
     "requeue_failed",
     "resend",
+    "resend_deliveries",
 ]
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,68 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
                 detail={"deliveries": before},
             )
         )
+        return [r.id for r in rows]
+
+    return in_transaction(session, work)
+
+
+def resend_deliveries(
+    session: Session,
+    *,
+    actor: str,
+    ids: Sequence[int] = (),
+    failed_to: str | None = None,
+    now: datetime | None = None,
+) -> list[int]:
+    """Re-send chosen deliveries (operator action, audited ``delivery.resend``). Commits.
+
+    The rows named by ``ids``, or every ``failed`` row of destination ``failed_to``
+    (permanent failures included: the operator has fixed the cause), go back to
+    ``pending``, due now, with fresh attempts and retry horizon; the recorded file is sent
+    again (same SOP Instance UID: the receiver replaces it). Rows still pending (queued or
+    being sent), cancelled by a withdrawal, or of a withdrawn job's draft are left alone.
+    One audit entry per affected job (target ``job:<id>``) lists its re-queued ids and
+    states before.
+
+    Returns
+    -------
+    list[int]
+        The delivery ids re-queued.
+    """
+    now = now or utcnow()
+    where: list[Any] = [Delivery.state.in_([DeliveryState.failed, DeliveryState.sent])]
+    if failed_to is not None:
+        where += [Delivery.destination == failed_to, Delivery.state == DeliveryState.failed]
+    else:
+        where.append(Delivery.id.in_(list(ids)))
+
+    def work() -> list[int]:
+        rows = _locked_rows(session, *where, skip_locked=True)
+        withdrawn = set(
+            session.scalars(
+                select(Job.id).where(
+                    Job.id.in_({r.job_id for r in rows if r.job_id is not None}),
+                    Job.withdrawn_at.is_not(None),
+                )
+            )
+        )
+        rows = [
+            r for r in rows if r.job_id not in withdrawn or r.object is DeliveryObject.withdrawal
+        ]
+        by_job: dict[int | None, dict[str, str]] = {}
+        for row in rows:
+            by_job.setdefault(row.job_id, {})[str(row.id)] = row.state.value
+            _reset_pending(row, now)
+        for job_id, before in by_job.items():
+            session.add(
+                AuditLog(
+                    at=now,
+                    actor=actor,
+                    action="delivery.resend",
+                    target=f"job:{job_id}" if job_id is not None else None,
+                    detail={"deliveries": before},
+                )
+            )
         return [r.id for r in rows]
 
     return in_transaction(session, work)

@@ -24,7 +24,8 @@ from typing import Any
 from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
-from node.db.models import Delivery, DeliveryState, utcnow
+from node.db.job_events import add_event
+from node.db.models import Delivery, DeliveryObject, DeliveryState, utcnow
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -118,9 +119,13 @@ def _fenced_update(
     delivery_id: int,
     claimed_until: datetime | None,
     values: dict[str, Any],
+    *,
+    outcome: str,
 ) -> bool:
     """Set ``values`` on a ``pending`` row still carrying ``claimed_until`` (when given);
-    returns whether it changed. Commits."""
+    returns whether it changed. The attempt goes into the job's history (a ``delivery``
+    event: destination, object, ``outcome`` sent/retry/failed, error) in the same
+    transaction. Commits."""
     conditions = [Delivery.id == delivery_id, Delivery.state == DeliveryState.pending]
     if claimed_until is not None:
         conditions.append(Delivery.next_attempt_at == claimed_until)
@@ -132,7 +137,28 @@ def _fenced_update(
             .values(**values)
             .execution_options(synchronize_session=False)
         )
-        return bool(getattr(res, "rowcount", 0))
+        changed = bool(getattr(res, "rowcount", 0))
+        if changed:
+            row = session.execute(
+                select(
+                    Delivery.job_id, Delivery.destination, Delivery.object, Delivery.attempts
+                ).where(Delivery.id == delivery_id)
+            ).one()
+            if row.job_id is not None:
+                add_event(
+                    session,
+                    int(row.job_id),
+                    "delivery",
+                    detail={
+                        "delivery": delivery_id,
+                        "destination": row.destination,
+                        "object": DeliveryObject(row.object).value,
+                        "attempt": row.attempts,
+                        "outcome": outcome,
+                        "error": values.get("last_error"),
+                    },
+                )
+        return changed
 
     changed = in_transaction(session, work)
     if not changed:
@@ -184,6 +210,7 @@ def mark_sent(
             "next_attempt_at": None,
             "last_error": _clip(note) if note else None,
         },
+        outcome="sent",
     )
 
 
@@ -204,6 +231,7 @@ def mark_retry(
         delivery_id,
         claimed_until,
         {"next_attempt_at": next_attempt_at, "last_error": _clip(error)},
+        outcome="retry",
     )
 
 
@@ -234,6 +262,7 @@ def mark_failed(
             "last_error": _clip(error),
             "permanent_failure": permanent,
         },
+        outcome="failed",
     )
 
 
@@ -261,4 +290,5 @@ def release_claim(
             # SET expressions see the row's values before the update (SQLite, PostgreSQL)
             "last_attempt_at": case((Delivery.attempts > 1, Delivery.last_attempt_at), else_=None),
         },
+        outcome="released",
     )

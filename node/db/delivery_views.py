@@ -9,13 +9,17 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db.models import Delivery, DeliveryState
+from node.db.models import Delivery, DeliveryState, Job, Study
 
 __all__ = [
     "DeliverySummary",
+    "DestinationFailures",
     "DestinationHealth",
+    "FailedDelivery",
     "delivery_counts",
     "destination_health",
+    "failed_deliveries",
+    "failures_by_destination",
     "list_deliveries",
 ]
 
@@ -142,3 +146,85 @@ def destination_health(session: Session, destinations: list[str]) -> dict[str, D
             counts=counts,
         )
     return out
+
+
+@dataclass(frozen=True)
+class FailedDelivery:
+    """A delivery that failed for good, with its job's study identity (patient data: pages
+    and API only, never logged). ``permanent``: the receiver refused it (0xA9xx/0xCxxx,
+    HTTP 4xx), so retrying unchanged will fail again."""
+
+    id: int
+    job_id: int | None
+    destination: str
+    object: str
+    object_uid: str | None
+    attempts: int
+    last_attempt_at: datetime | None
+    last_error: str | None
+    permanent: bool
+    study_uid: str | None
+    patient_name: str | None
+    patient_id: str | None
+    accession_number: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (datetimes as ISO 8601)."""
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
+
+
+def failed_deliveries(
+    session: Session, *, destination: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[FailedDelivery], int]:
+    """``failed`` deliveries (of one destination), last attempt newest first, and how many."""
+    where: list[Any] = [Delivery.state == DeliveryState.failed]
+    if destination is not None:
+        where.append(Delivery.destination == destination)
+    total = int(session.scalar(select(func.count(Delivery.id)).where(*where)) or 0)
+    rows = session.execute(
+        select(Delivery, Study)
+        .outerjoin(Job, Job.id == Delivery.job_id)
+        .outerjoin(Study, Study.id == Job.study_id)
+        .where(*where)
+        .order_by(Delivery.last_attempt_at.desc(), Delivery.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return [
+        FailedDelivery(
+            id=d.id,
+            job_id=d.job_id,
+            destination=d.destination,
+            object=d.object.value,
+            object_uid=d.object_uid,
+            attempts=d.attempts,
+            last_attempt_at=d.last_attempt_at,
+            last_error=d.last_error,
+            permanent=bool(d.permanent_failure),
+            study_uid=None if st is None else st.study_instance_uid,
+            patient_name=None if st is None else st.patient_name,
+            patient_id=None if st is None else st.patient_id,
+            accession_number=None if st is None else st.accession_number,
+        )
+        for d, st in rows
+    ], total
+
+
+@dataclass(frozen=True)
+class DestinationFailures:
+    """How many deliveries to one destination failed for good, and the newest attempt."""
+
+    destination: str
+    failed: int
+    last_attempt_at: datetime | None
+
+
+def failures_by_destination(session: Session) -> list[DestinationFailures]:
+    """Destinations with ``failed`` deliveries, most failures first."""
+    rows = session.execute(
+        select(Delivery.destination, func.count(Delivery.id), func.max(Delivery.last_attempt_at))
+        .where(Delivery.state == DeliveryState.failed)
+        .group_by(Delivery.destination)
+        .order_by(func.count(Delivery.id).desc(), Delivery.destination)
+    ).all()
+    return [DestinationFailures(str(d), int(n), at) for d, n, at in rows]

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from node.db.job_events import add_event
 from node.db.jobs import JobNotFound, owned_running
 from node.db.models import Draft, Instance, Job, JobState, Study, utcnow
 
@@ -152,6 +153,19 @@ def save_draft(
         session.add(row)
         session.flush()
         draft_id = int(row.id)
+        add_event(
+            session,
+            job_id,
+            "drafted",
+            actor=owner,
+            detail={
+                "task": draft.task,
+                "model": row.model_name,
+                "version": row.model_version,
+                "demo": draft.demo,
+            },
+            now=row.created_at,
+        )
         session.commit()
         return draft_id
     except BaseException:

@@ -16,6 +16,7 @@ from datetime import datetime
 __all__ = ["InstanceRecord", "RecordOutcome", "RecordResult"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DA = re.compile(r"^[0-9]{8}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -63,6 +64,10 @@ class InstanceRecord:
     received_at: datetime
     priority: int = 0
     accession_number: str | None = None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None
+    association_id: int | None = None
 
     def __post_init__(self) -> None:
         for name, concept in (
@@ -95,8 +100,13 @@ class InstanceRecord:
             ("view_position", 16),
             ("calling_ae", 16),
             ("accession_number", 16),
+            ("patient_name", 200),
+            ("patient_id", 64),
         ):
             object.__setattr__(self, name, _clip(getattr(self, name), n))
+        # Study Date (0008,0020), DA: YYYYMMDD; anything else is not recorded
+        if self.study_date is not None and not _DA.match(self.study_date):
+            object.__setattr__(self, "study_date", None)
 
 
 class RecordOutcome(enum.StrEnum):

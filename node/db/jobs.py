@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from node.db.audit import add_audit
+from node.db.job_events import add_event
 from node.db.models import Job, JobState, utcnow
 from node.db.tx import in_transaction
 
@@ -33,6 +35,7 @@ __all__ = [
     "fail_job",
     "finish_job",
     "heartbeat",
+    "job_destinations",
     "new_job",
     "owned_running",
     "release_leases",
@@ -87,12 +90,31 @@ class LeaseLost(RuntimeError):
     """The caller no longer holds the lease of a running job (expired or taken over)."""
 
 
-def transition(job: Job, to: JobState | str, *, now: datetime | None = None) -> None:
+_EVENT_OF_STATE = {
+    JobState.queued: "queued",
+    JobState.running: "claimed",
+    JobState.done: "done",
+    JobState.failed: "failed",
+    JobState.cancelled: "cancelled",
+}
+
+
+def transition(
+    job: Job,
+    to: JobState | str,
+    *,
+    now: datetime | None = None,
+    actor: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
     """Move ``job`` to state ``to``: the one place where job states change.
 
     Sets the matching timestamp (``queued_at``, ``started_at``, ``finished_at``) and
     ``updated_at``; clears the lease when leaving ``running`` and any retry back-off
-    (``not_before``: :func:`fail_job` sets it again after its move).
+    (``not_before``: :func:`fail_job` sets it again after its move). A job already in the
+    database gets the move in its history (:mod:`node.db.job_events`: ``queued``,
+    ``claimed`` by ``actor``, ``done``, ``failed``, ``cancelled``, with ``detail``) in the
+    caller's transaction.
 
     Raises
     ------
@@ -117,6 +139,9 @@ def transition(job: Job, to: JobState | str, *, now: datetime | None = None) -> 
     if current is JobState.running and target is not JobState.running:
         job.lease_owner = None
         job.lease_expires_at = None
+    session = object_session(job)
+    if session is not None and job.id is not None:
+        add_event(session, job.id, _EVENT_OF_STATE[target], actor=actor, detail=detail, now=now)
 
 
 def new_job(study_id: int, now: datetime, *, max_attempts: int, priority: int = 0) -> Job:
@@ -132,9 +157,18 @@ def new_job(study_id: int, now: datetime, *, max_attempts: int, priority: int = 
 
 
 def claim_next_job(
-    session: Session, *, owner: str, lease_seconds: float, now: datetime | None = None
+    session: Session,
+    *,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+    model: str | None = None,
 ) -> Job | None:
     """Claim the next queued job (highest priority, then oldest ``queued_at``) for ``owner``.
+
+    A job a routing rule gave to a model (``jobs.model``) is claimed only by a worker
+    serving that model (``model``, the loaded bundle's ``model_name``); the others leave it
+    queued. Without ``model`` only jobs for any model are claimed.
 
     A job waiting out a retry back-off (``not_before`` later than ``now``) is skipped. The job
     becomes ``running`` with a lease until ``now + lease_seconds``; ``attempts`` is
@@ -152,6 +186,7 @@ def claim_next_job(
             .where(
                 Job.state == JobState.queued,
                 or_(Job.not_before.is_(None), Job.not_before <= now),
+                or_(Job.model.is_(None), Job.model == model) if model else Job.model.is_(None),
             )
             .order_by(Job.priority.desc(), Job.queued_at, Job.id)
             .limit(1)
@@ -160,13 +195,19 @@ def claim_next_job(
         ).first()
         if job is None:
             return None
-        transition(job, JobState.running, now=now)
+        transition(job, JobState.running, now=now, actor=owner)
         job.attempts += 1
         job.lease_owner = owner
         job.lease_expires_at = now + timedelta(seconds=lease_seconds)
         return job
 
     return in_transaction(session, work)
+
+
+def job_destinations(session: Session, job_id: int) -> list[str] | None:
+    """The destinations a routing rule chose for the job (``None``: every configured one)."""
+    value = session.scalar(select(Job.destinations).where(Job.id == job_id))
+    return None if value is None else [str(d) for d in value]
 
 
 def heartbeat(
@@ -208,14 +249,15 @@ def expire_leases(session: Session, now: datetime | None = None) -> int:
         ).all()
         for job in jobs:
             owner = job.lease_owner
+            lapsed = {"lease_expired": owner}
             if job.attempts < job.max_attempts:
-                transition(job, JobState.queued, now=now)
+                transition(job, JobState.queued, now=now, detail=lapsed)
                 job.last_error = (
                     f"lease of {owner} expired (attempt {job.attempts}/{job.max_attempts}); "
                     "requeued"
                 )
             else:
-                transition(job, JobState.failed, now=now)
+                transition(job, JobState.failed, now=now, detail=lapsed)
                 job.last_error = (
                     f"lease of {owner} expired on the last attempt "
                     f"({job.attempts}/{job.max_attempts})"
@@ -241,7 +283,7 @@ def release_leases(session: Session, owner: str, *, now: datetime | None = None)
             .execution_options(populate_existing=True)
         ).all()
         for job in jobs:
-            transition(job, JobState.queued, now=now)
+            transition(job, JobState.queued, now=now, actor=owner, detail={"released": True})
             job.attempts = max(0, job.attempts - 1)
             job.last_error = f"released by {owner} at shutdown"
         return len(jobs)
@@ -271,9 +313,13 @@ def finish_job(
     owner: str,
     sr_sop_instance_uid: str | None = None,
     selected_sop_instance_uid: str | None = None,
+    stages: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> Job:
     """Mark a running job held by ``owner`` as ``done``. Commits.
+
+    ``stages``: the attempt's timings; each ``<stage>_s`` entry becomes a ``stage`` event
+    of the job's history (``detail``: ``name``, ``seconds``), before ``done``.
 
     Raises
     ------
@@ -287,7 +333,17 @@ def finish_job(
             job.sr_sop_instance_uid = sr_sop_instance_uid
         if selected_sop_instance_uid is not None:
             job.selected_sop_instance_uid = selected_sop_instance_uid
-        transition(job, JobState.done, now=now)
+        for key, value in (stages or {}).items():
+            if key.endswith("_s") and isinstance(value, int | float):
+                add_event(
+                    session,
+                    job_id,
+                    "stage",
+                    actor=owner,
+                    detail={"name": key[:-2], "seconds": round(float(value), 4)},
+                    now=now,
+                )
+        transition(job, JobState.done, now=now, actor=owner)
         job.last_error = None
         return job
 
@@ -337,7 +393,9 @@ def fail_job(
     def work() -> Job:
         job = owned_running(session, job_id, owner)
         if retry and job.attempts < job.max_attempts:
-            transition(job, JobState.queued, now=now)
+            transition(
+                job, JobState.queued, now=now, actor=owner, detail={"retry": True, "error": error}
+            )
             job.last_error = error
             if retry_delay is not None:
                 delay = max(0.0, float(retry_delay(job.attempts)))
@@ -347,7 +405,7 @@ def fail_job(
                     f"{job.not_before.isoformat(timespec='seconds')})"
                 )
         else:
-            transition(job, JobState.failed, now=now)
+            transition(job, JobState.failed, now=now, actor=owner, detail={"error": error})
             job.last_error = error
         return job
 
@@ -367,7 +425,7 @@ def _admin_move(
         if job is None:
             raise JobNotFound(f"job {job_id} does not exist")
         before = job.state.value
-        transition(job, to)
+        transition(job, to, actor=actor, detail={"action": action, "reason": reason})
         if to is JobState.queued:
             job.attempts = 0
         if reason:

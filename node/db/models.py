@@ -37,6 +37,7 @@ __all__ = [
     "ApiRole",
     "ApiSession",
     "ApiToken",
+    "Association",
     "AuditLog",
     "Base",
     "Delivery",
@@ -46,7 +47,9 @@ __all__ = [
     "Draft",
     "Instance",
     "Job",
+    "JobEvent",
     "JobState",
+    "RefusedInstance",
     "Series",
     "Study",
     "StudyState",
@@ -211,6 +214,14 @@ class Study(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(AE_LEN))
     # Accession Number (0008,0050, SH): matches a final report without a Study Instance UID
     accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    # identity shown to admins in the console (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study);
+    # patient data: searchable here, never logged. Patient's Name (0010,0010) as sent
+    # (component groups joined by "="), Patient ID (0010,0020), Study Date (0008,0020) as
+    # YYYYMMDD, and the modalities of the study's series joined by "\" (as (0008,0061)).
+    patient_name: Mapped[str | None] = mapped_column(String(200), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    modalities: Mapped[str | None] = mapped_column(String(64))
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     series_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime]
@@ -266,6 +277,10 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(AE_LEN))
     late: Mapped[bool] = mapped_column(Boolean, default=False)
     replaced_count: Mapped[int] = mapped_column(Integer, default=0)
+    # the association that delivered it (receive log); kept when the log row is purged
+    association_id: Mapped[int | None] = mapped_column(
+        ForeignKey("associations.id", ondelete="SET NULL"), index=True
+    )
 
 
 class Job(Base):
@@ -295,6 +310,10 @@ class Job(Base):
     withdrawn_at: Mapped[datetime | None]
     withdrawn_by: Mapped[str | None] = mapped_column(String(128))
     withdrawn_reason: Mapped[str | None] = mapped_column(String(256))
+    # the routing rule that made this job, and what it chose (``None``: the node's defaults)
+    rule: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(128))
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     drafts: Mapped[list[Draft]] = relationship(back_populates="job", passive_deletes=True)
@@ -384,6 +403,63 @@ class AuditLog(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str | None] = mapped_column(String(256))
     detail: Mapped[dict[str, Any] | None]
+
+
+class JobEvent(Base):
+    """One step in a job's history: received, queued, claimed by a worker, a stage with its
+    duration, drafted, each delivery attempt, an operator action (``kind``, ``detail``)."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any] | None]
+
+
+class Association(Base):
+    """One DICOM association offered to the storage SCP (the receive log, PS3.8 7.1).
+
+    ``outcome``: ``open`` while it lasts, then ``released``, ``aborted`` or ``rejected``
+    (A-ASSOCIATE-RJ, ``reason`` says why). ``accepted``/``refused`` count C-STORE requests
+    answered with success (or warning) and with a failure status; ``statuses`` counts them
+    by status (``{"0xA900": 2}``).
+    """
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    ended_at: Mapped[datetime | None]
+    calling_ae: Mapped[str | None] = mapped_column(String(AE_LEN), index=True)
+    called_ae: Mapped[str | None] = mapped_column(String(AE_LEN))
+    address: Mapped[str | None] = mapped_column(String(64))
+    port: Mapped[int | None] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    outcome: Mapped[str] = mapped_column(String(16), default="open")
+    reason: Mapped[str | None] = mapped_column(String(256))
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+    statuses: Mapped[dict[str, Any] | None]
+
+
+class RefusedInstance(Base):
+    """A C-STORE request the node refused: its status and reason, for the receive log."""
+
+    __tablename__ = "refused_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    association_id: Mapped[int | None] = mapped_column(
+        ForeignKey("associations.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime]
+    study_uid: Mapped[str | None] = mapped_column(String(UID_LEN), index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(String(256))
 
 
 class FinalReport(Base):

@@ -1,15 +1,17 @@
-"""Retention: deleting studies past ``retention_days`` with everything made from them."""
+"""Retention: deleting studies past ``retention_days`` with everything made from them, and
+the receive log past ``receive_log_days``."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
 from node.db.jobs import ACTIVE_JOB_STATES
 from node.db.models import (
+    Association,
     Delivery,
     DeliveryState,
     Draft,
@@ -17,6 +19,7 @@ from node.db.models import (
     Instance,
     Job,
     JobState,
+    RefusedInstance,
     Series,
     Study,
     StudyState,
@@ -24,7 +27,7 @@ from node.db.models import (
 from node.db.tx import in_transaction
 from node.runtime.spool import OUTPUTS_DIR
 
-__all__ = ["purge_expired_studies"]
+__all__ = ["purge_expired_studies", "purge_receive_log"]
 
 
 def purge_expired_studies(session: Session, *, older_than: datetime, limit: int = 500) -> list[str]:
@@ -116,5 +119,56 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
             },
         )
         return paths + sorted(srs) + sc_paths
+
+    return in_transaction(session, work)
+
+
+def purge_receive_log(session: Session, *, older_than: datetime) -> int:
+    """Delete receive log associations that started before ``older_than``, with their
+    refused instances; the instances they delivered stay (``association_id`` becomes NULL).
+    Refused rows without an association recorded before ``older_than`` go too.
+
+    Commits (with a ``retention.receive_log`` audit row when anything was deleted); returns
+    the number of associations deleted.
+    """
+
+    def work() -> int:
+        old = select(Association.id).where(Association.started_at < older_than)
+        # explicit, children first (no reliance on ON DELETE being enforced)
+        session.execute(
+            update(Instance)
+            .where(Instance.association_id.in_(old))
+            .values(association_id=None)
+            .execution_options(synchronize_session=False)
+        )
+        refused = session.execute(
+            delete(RefusedInstance)
+            .where(
+                or_(
+                    RefusedInstance.association_id.in_(old),
+                    RefusedInstance.association_id.is_(None) & (RefusedInstance.at < older_than),
+                )
+            )
+            .execution_options(synchronize_session=False)
+        )
+        result = session.execute(
+            delete(Association)
+            .where(Association.started_at < older_than)
+            .execution_options(synchronize_session=False)
+        )
+        n = int(getattr(result, "rowcount", 0) or 0)
+        if n:
+            add_audit(
+                session,
+                actor="system",
+                action="retention.receive_log",
+                target=None,
+                detail={
+                    "associations": n,
+                    "refused_instances": int(getattr(refused, "rowcount", 0) or 0),
+                    "older_than": older_than.astimezone(UTC).isoformat(),
+                },
+            )
+        return n
 
     return in_transaction(session, work)

@@ -12,17 +12,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from integration.routing import RuleSet
 from node.db.instance_record import InstanceRecord, RecordOutcome, RecordResult
+from node.db.job_events import add_event
 from node.db.jobs import ACTIVE_JOB_STATES, new_job, transition
 from node.db.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
 from node.db.tx import in_transaction, insert_for
-from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
+from node.runtime.routing import study_facts
 from node.settings import ChestRule
+from node.settings.routing import default_rule_set
 
 __all__ = [
     "CompletionResult",
@@ -100,6 +104,10 @@ def _lock_study(session: Session, rec: InstanceRecord) -> Study:
             state=StudyState.receiving.value,
             study_description=rec.study_description,
             accession_number=rec.accession_number,
+            patient_name=rec.patient_name,
+            patient_id=rec.patient_id,
+            study_date=rec.study_date,
+            modalities=_add_modality(None, rec.modality),
             calling_ae=rec.calling_ae,
             instance_count=0,
             series_count=0,
@@ -167,6 +175,7 @@ def _attach_to_job(
         job = new_job(study.id, now, max_attempts=job_max_attempts, priority=priority)
         session.add(job)
         session.flush()
+        add_event(session, job.id, "received", actor=study.calling_ae, now=now)
     elif priority > job.priority:
         log.info("job %s: priority raised from %d to %d", job.id, job.priority, priority)
         job.priority = priority
@@ -288,6 +297,7 @@ def _add_instance(
             view_position=rec.view_position,
             received_at=rec.received_at,
             calling_ae=rec.calling_ae,
+            association_id=rec.association_id,
             late=late,
             replaced_count=1 if replaced else 0,
         )
@@ -315,6 +325,7 @@ def _replace_instance(
     existing.view_position = rec.view_position
     existing.received_at = rec.received_at
     existing.calling_ae = rec.calling_ae
+    existing.association_id = rec.association_id
     existing.late = existing.late or late
     existing.replaced_count += 1
 
@@ -335,7 +346,22 @@ def _update_study_and_series(
     study.last_received_at = max(study.last_received_at, now)
     study.study_description = study.study_description or rec.study_description
     study.accession_number = study.accession_number or rec.accession_number
+    study.patient_name = study.patient_name or rec.patient_name
+    study.patient_id = study.patient_id or rec.patient_id
+    study.study_date = study.study_date or rec.study_date
+    study.modalities = _add_modality(study.modalities, rec.modality)
     study.calling_ae = rec.calling_ae or study.calling_ae
+
+
+def _add_modality(modalities: str | None, modality: str | None) -> str | None:
+    """``modalities`` (as Modalities in Study (0008,0061): values joined by ``\\``) with
+    ``modality`` added once; at most 64 characters."""
+    have = [m for m in (modalities or "").split("\\") if m]
+    if modality and modality.upper() not in have:
+        joined = "\\".join([*have, modality.upper()])
+        if len(joined) <= 64:
+            return joined
+    return modalities
 
 
 @dataclass(frozen=True)
@@ -358,6 +384,8 @@ def complete_quiet_studies(
     rule: ChestRule,
     limit: int = 200,
     job_max_attempts: int = 3,
+    rules: RuleSet | None = None,
+    spool_dir: Path | None = None,
 ) -> list[CompletionResult]:
     """Complete studies quiet for ``quiet_seconds`` (or receiving for ``max_wait_seconds``).
 
@@ -366,8 +394,13 @@ def complete_quiet_studies(
     ``received`` job is cancelled. Idempotent and race-free: a study is completed only from
     ``receiving``, under a row lock (PostgreSQL ``FOR UPDATE SKIP LOCKED``; SQLite
     ``BEGIN IMMEDIATE``), so concurrent sweeps never queue two jobs. Commits.
+
+    The routing ``rules`` decide (:mod:`integration.routing`; default: the chest ``rule``
+    alone); ``spool_dir`` lets them read header attributes the database does not record
+    (:mod:`node.runtime.routing`).
     """
     now = now or utcnow()
+    rule_set = rules if rules is not None else default_rule_set(rule)
     quiet_cutoff = now - timedelta(seconds=quiet_seconds)
     forced_cutoff = now - timedelta(seconds=max_wait_seconds)
 
@@ -389,7 +422,8 @@ def complete_quiet_studies(
                 study,
                 now=now,
                 forced=study.last_received_at > quiet_cutoff,
-                rule=rule,
+                rules=rule_set,
+                spool_dir=spool_dir,
                 job_max_attempts=job_max_attempts,
             )
             for study in studies
@@ -404,35 +438,39 @@ def _complete_study(
     *,
     now: datetime,
     forced: bool,
-    rule: ChestRule,
+    rules: RuleSet,
+    spool_dir: Path | None,
     job_max_attempts: int,
 ) -> CompletionResult:
     """Complete one locked ``receiving`` study: queue its job, or skip it with the reason.
 
-    The chest rule (:func:`node.runtime.assembly.evaluate_chest_rule`) looks at the study's
-    description and its series' Modality, Body Part Examined and Series Description (PS3.3
-    C.7.3.1).
+    The routing rules (:meth:`integration.routing.RuleSet.evaluate`; by default the chest
+    rule) look at the study's description and calling AE, its series' Modality, Body Part
+    Examined and Series Description (PS3.3 C.7.3.1) and, when a rule needs them, header
+    attributes of each series' first instance. A queued job gets the matching rule's name,
+    model and destinations, and the higher of its priority and the rule's.
     """
-    facts = [
-        SeriesFacts(s.modality, s.body_part_examined, s.series_description)
-        for s in session.scalars(
-            select(Series).where(Series.study_id == study.id).order_by(Series.id)
-        )
-    ]
-    decision = evaluate_chest_rule(rule, study_description=study.study_description, series=facts)
+    facts = study_facts(session, study, rules=rules, spool_dir=spool_dir)
+    decision = rules.evaluate(facts)
     study.completed_at = now
     study.forced_completion = forced
     job = _active_job(session, study.id)
     job_id: int | None = None
-    if decision.qualifies:
+    if decision.draft:
         study.state = StudyState.complete
         study.skip_reason = None
         if job is None:
             job = new_job(study.id, now, max_attempts=job_max_attempts)
             session.add(job)
             session.flush()
+            add_event(session, job.id, "received", actor=study.calling_ae, now=now)
         if job.state is JobState.received:
-            transition(job, JobState.queued, now=now)
+            transition(job, JobState.queued, now=now, detail={"rule": decision.rule})
+        job.rule = decision.rule
+        job.model = decision.model
+        job.destinations = None if decision.destinations is None else list(decision.destinations)
+        if decision.priority is not None:
+            job.priority = max(job.priority, decision.priority)
         job_id = job.id
     else:
         study.state = StudyState.skipped
@@ -440,6 +478,7 @@ def _complete_study(
         if job is not None:
             transition(job, JobState.cancelled, now=now)
             job.last_error = f"study skipped: {decision.reason}"
+            job.rule = decision.rule
             job_id = job.id
     log.info(
         "study %s %s%s: %s (job %s)",

@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.audit import AuditEntry, add_audit, audit_row
+from node.db.job_events import JobEventRow, job_events
 from node.db.jobs import JobNotFound
 from node.db.models import (
     AuditLog,
@@ -49,12 +50,35 @@ __all__ = [
 ]
 
 
+SORT_COLUMNS: dict[str, Any] = {
+    "id": Job.id,
+    "created": Job.created_at,
+    "updated": Job.updated_at,
+    "priority": Job.priority,
+    "state": Job.state,
+    "study_date": Study.study_date,
+    "patient_name": Study.patient_name,
+    "accession": Study.accession_number,
+}
+"""What the job list may be sorted on (``JobFilter.sort``)."""
+
+DELIVERY_STATES = ("none", "pending", "sent", "failed")
+"""A job's delivery state as shown beside its job state (see :func:`delivery_state`)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobFilter:
     """Filters of the job list; every given criterion must hold (AND).
 
     ``since``/``until`` bound ``created_at`` (``since`` inclusive, ``until`` exclusive);
     ``destination`` matches jobs with a delivery to that destination (its text form).
+    ``text`` matches, case-insensitively and in part, the patient's name or ID, the
+    accession number, the study description or the Study Instance UID; each word must
+    match (``"doe jane"`` finds ``DOE^JANE``). ``patient``, ``accession``, ``calling_ae``
+    match their field in part; ``modality`` is one of the study's modalities;
+    ``study_date_from``/``study_date_to`` bound Study Date (YYYYMMDD, inclusive).
+    ``delivery`` is a :data:`DELIVERY_STATES` value. ``sort`` is a :data:`SORT_COLUMNS`
+    key, ``descending`` its direction (ties broken by job id).
     """
 
     states: Sequence[JobState] = ()
@@ -62,6 +86,16 @@ class JobFilter:
     until: datetime | None = None
     study_uid: str | None = None
     destination: str | None = None
+    text: str | None = None
+    patient: str | None = None
+    accession: str | None = None
+    modality: str | None = None
+    calling_ae: str | None = None
+    study_date_from: str | None = None
+    study_date_to: str | None = None
+    delivery: str | None = None
+    sort: str = "id"
+    descending: bool = True
     limit: int = 100
     offset: int = 0
 
@@ -74,11 +108,22 @@ class JobFilter:
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
                 raise ValueError(f"{name} must be timezone-aware")
+        for name in ("study_date_from", "study_date_to"):
+            value = getattr(self, name)
+            if value is not None and not (len(value) == 8 and value.isdigit()):
+                raise ValueError(f"{name} must be a date as YYYYMMDD, got {value!r}")
+        if self.sort not in SORT_COLUMNS:
+            raise ValueError(f"sort must be one of {', '.join(SORT_COLUMNS)}, got {self.sort!r}")
+        if self.delivery is not None and self.delivery not in DELIVERY_STATES:
+            raise ValueError(
+                f"delivery must be one of {', '.join(DELIVERY_STATES)}, got {self.delivery!r}"
+            )
 
 
 @dataclass(frozen=True)
 class JobRow:
-    """A job in a list."""
+    """A job in a list, with its study's identity (patient data: pages and API only, never
+    logged) and its delivery state beside its job state."""
 
     id: int
     study_uid: str
@@ -97,16 +142,41 @@ class JobRow:
     withdrawn_at: datetime | None = None
     withdrawn_by: str | None = None
     withdrawn_reason: str | None = None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    modalities: str | None = None
+    calling_ae: str | None = None
+    delivery_state: str = "none"
+    deliveries_failed: int = 0
+    rule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (datetimes as ISO 8601); ``cxr-node jobs list --json``."""
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
 
 
-def job_row(job: Job, uid: str) -> JobRow:
+def delivery_state(states: Sequence[DeliveryState]) -> str:
+    """A job's delivery state from its deliveries' states.
+
+    ``failed`` when any delivery failed for good, else ``pending`` when any is still to be
+    sent, else ``sent`` when there are deliveries, else ``none``.
+    """
+    if not states:
+        return "none"
+    if DeliveryState.failed in states:
+        return "failed"
+    if any(s is not DeliveryState.sent for s in states):
+        return "pending"
+    return "sent"
+
+
+def job_row(job: Job, study: Study, deliveries: Sequence[DeliveryState] = ()) -> JobRow:
     return JobRow(
         id=job.id,
-        study_uid=uid,
+        study_uid=study.study_instance_uid,
         state=job.state.value,
         priority=job.priority,
         attempts=job.attempts,
@@ -122,11 +192,30 @@ def job_row(job: Job, uid: str) -> JobRow:
         withdrawn_at=job.withdrawn_at,
         withdrawn_by=job.withdrawn_by,
         withdrawn_reason=job.withdrawn_reason,
+        patient_name=study.patient_name,
+        patient_id=study.patient_id,
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        study_description=study.study_description,
+        modalities=study.modalities,
+        calling_ae=study.calling_ae,
+        delivery_state=delivery_state(deliveries),
+        deliveries_failed=sum(1 for s in deliveries if s is DeliveryState.failed),
+        rule=job.rule,
     )
 
 
-def filter_jobs(session: Session, flt: JobFilter) -> tuple[list[JobRow], int]:
-    """Jobs matching ``flt``, newest first, and the total number of matches."""
+def _like(text: str) -> str:
+    """A case-insensitive LIKE pattern matching ``text`` anywhere (``\\`` escapes)."""
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _contains(column: Any, text: str) -> Any:
+    return func.lower(column).like(_like(text), escape="\\")
+
+
+def _conditions(flt: JobFilter) -> list[Any]:
     conds: list[Any] = []
     if flt.states:
         conds.append(Job.state.in_([JobState(s) for s in flt.states]))
@@ -140,14 +229,67 @@ def filter_jobs(session: Session, flt: JobFilter) -> tuple[list[JobRow], int]:
         conds.append(
             Job.id.in_(select(Delivery.job_id).where(Delivery.destination == flt.destination))
         )
-    base = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
+    for word in (flt.text or "").replace("^", " ").split():
+        conds.append(
+            or_(
+                _contains(Study.patient_name, word),
+                _contains(Study.patient_id, word),
+                _contains(Study.accession_number, word),
+                _contains(Study.study_description, word),
+                _contains(Study.study_instance_uid, word),
+            )
+        )
+    for word in (flt.patient or "").replace("^", " ").split():
+        conds.append(or_(_contains(Study.patient_name, word), _contains(Study.patient_id, word)))
+    if flt.accession:
+        conds.append(_contains(Study.accession_number, flt.accession))
+    if flt.calling_ae:
+        conds.append(_contains(Study.calling_ae, flt.calling_ae))
+    if flt.modality:
+        conds.append(_contains(Study.modalities, flt.modality))
+    if flt.study_date_from:
+        conds.append(Study.study_date >= flt.study_date_from)
+    if flt.study_date_to:
+        conds.append(Study.study_date <= flt.study_date_to)
+    if flt.delivery is not None:
+        conds.append(_delivery_condition(flt.delivery))
+    return conds
+
+
+def _delivery_condition(state: str) -> Any:
+    has = select(Delivery.job_id).where(Delivery.job_id == Job.id)
+    failed = has.where(Delivery.state == DeliveryState.failed)
+    open_ = has.where(Delivery.state == DeliveryState.pending)
+    if state == "none":
+        return ~has.exists()
+    if state == "failed":
+        return failed.exists()
+    if state == "pending":
+        return and_(~failed.exists(), open_.exists())
+    return and_(has.exists(), ~failed.exists(), ~open_.exists())
+
+
+def filter_jobs(session: Session, flt: JobFilter) -> tuple[list[JobRow], int]:
+    """Jobs matching ``flt`` in its order (default newest first), and the number of matches."""
+    conds = _conditions(flt)
+    base = select(Job, Study).join(Study, Study.id == Job.study_id)
     count_stmt = select(func.count(Job.id)).join(Study, Study.id == Job.study_id)
     if conds:
         base = base.where(*conds)
         count_stmt = count_stmt.where(*conds)
     total = int(session.scalar(count_stmt) or 0)
-    rows = session.execute(base.order_by(Job.id.desc()).limit(flt.limit).offset(flt.offset))
-    return [job_row(job, uid) for job, uid in rows.all()], total
+    column = SORT_COLUMNS[flt.sort]
+    order = [column.desc(), Job.id.desc()] if flt.descending else [column.asc(), Job.id.asc()]
+    rows = session.execute(base.order_by(*order).limit(flt.limit).offset(flt.offset)).all()
+    states: dict[int, list[DeliveryState]] = {}
+    ids = [job.id for job, _study in rows]
+    if ids:
+        for job_id, d_state in session.execute(
+            select(Delivery.job_id, Delivery.state).where(Delivery.job_id.in_(ids))
+        ):
+            if job_id is not None:
+                states.setdefault(int(job_id), []).append(DeliveryState(d_state))
+    return [job_row(job, study, states.get(job.id, ())) for job, study in rows], total
 
 
 @dataclass(frozen=True)
@@ -187,8 +329,8 @@ class DeliveryRow:
 
 @dataclass(frozen=True)
 class JobDetail:
-    """A job with its study, drafts (newest first), deliveries, audit trail and the study's
-    chain of draft SRs (oldest first)."""
+    """A job with its study, drafts (newest first), deliveries, audit trail, the study's
+    chain of draft SRs (oldest first) and the job's history (oldest first)."""
 
     job: JobRow
     selected_sop_instance_uid: str | None
@@ -197,6 +339,7 @@ class JobDetail:
     deliveries: list[DeliveryRow] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
     sr_chain: list[SrVersion] = field(default_factory=list)
+    events: list[JobEventRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -237,13 +380,12 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
         When no job has that id.
     """
     found = session.execute(
-        select(Job, Study.study_instance_uid)
-        .join(Study, Study.id == Job.study_id)
-        .where(Job.id == job_id)
+        select(Job, Study).join(Study, Study.id == Job.study_id).where(Job.id == job_id)
     ).first()
     if found is None:
         raise JobNotFound(f"job {job_id} does not exist")
-    job, uid = found
+    job, study = found
+    uid = study.study_instance_uid
     drafts = [
         DraftRow(
             d.id,
@@ -262,6 +404,9 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
             select(Draft).where(Draft.job_id == job_id).order_by(Draft.id.desc())
         )
     ]
+    delivery_rows = list(
+        session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id))
+    )
     deliveries = [
         DeliveryRow(
             d.id,
@@ -277,9 +422,7 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
             d.last_error,
             d.created_at,
         )
-        for d in session.scalars(
-            select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)
-        )
+        for d in delivery_rows
     ]
     audit = [
         audit_row(a)
@@ -288,13 +431,14 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
         )
     ]
     return JobDetail(
-        job=job_row(job, uid),
+        job=job_row(job, study, [d.state for d in delivery_rows]),
         selected_sop_instance_uid=job.selected_sop_instance_uid,
         lease_expires_at=job.lease_expires_at,
         drafts=drafts,
         deliveries=deliveries,
         audit=audit,
         sr_chain=sr_chain(session, uid),
+        events=job_events(session, job_id),
     )
 
 
@@ -309,7 +453,7 @@ def set_priority(session: Session, job_id: int, priority: int, *, actor: str) ->
 
     def work() -> JobRow:
         found = session.execute(
-            select(Job, Study.study_instance_uid)
+            select(Job, Study)
             .join(Study, Study.id == Job.study_id)
             .where(Job.id == job_id)
             .with_for_update(of=Job)
@@ -317,7 +461,7 @@ def set_priority(session: Session, job_id: int, priority: int, *, actor: str) ->
         ).first()
         if found is None:
             raise JobNotFound(f"job {job_id} does not exist")
-        job, uid = found
+        job, study = found
         before = job.priority
         job.priority = priority
         job.updated_at = utcnow()
@@ -328,7 +472,8 @@ def set_priority(session: Session, job_id: int, priority: int, *, actor: str) ->
             target=f"job:{job_id}",
             detail={"from": before, "to": priority},
         )
-        return job_row(job, uid)
+        states = session.scalars(select(Delivery.state).where(Delivery.job_id == job_id))
+        return job_row(job, study, list(states))
 
     return in_transaction(session, work)
 

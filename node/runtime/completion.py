@@ -46,6 +46,7 @@ from node.runtime.stages import JobFailure, PipelineDeps, StageTimer, stage_dela
 
 if TYPE_CHECKING:
     from models.runtime import ReportDraft
+    from node.settings import Settings
 
 __all__ = [
     "SR_INSTANCE_NUMBER",
@@ -194,8 +195,21 @@ def _write_draft_sr(
     return sr, write_sr(sr, deps.outputs_dir, before_rename=check)
 
 
+def _routed_settings(deps: PipelineDeps, job_id: int) -> Settings:
+    """The settings with the destinations the job's routing rule chose (``jobs.destinations``;
+    ``None``: every configured destination)."""
+    with deps.session_factory() as session:
+        chosen = jobs_db.job_destinations(session, job_id)
+    if chosen is None:
+        return deps.settings
+    wanted = set(chosen)
+    targets = [d for d in deps.settings.destinations if str(d) in wanted]
+    return deps.settings.model_copy(update={"destinations": targets})
+
+
 def _queue_outputs(
     deps: PipelineDeps,
+    settings: Settings,
     prepared: PreparedJob,
     draft: ReportDraft,
     sr: Dataset,
@@ -208,7 +222,7 @@ def _queue_outputs(
     with StageTimer(timings, "outputs_s"):
         try:
             items = build_outputs(
-                deps.settings,
+                settings,
                 deps.outputs_dir,
                 sr=sr,
                 sr_path=sr_path,
@@ -272,8 +286,9 @@ def complete_job(
         sr, path = _write_draft_sr(deps, prepared, draft, check)
     sr_uid = str(sr.SOPInstanceUID)
     delivery_ids: list[int] = []
-    if deps.settings.destinations:
-        delivery_ids = _queue_outputs(deps, prepared, draft, sr, path, check)
+    settings = _routed_settings(deps, job_id)
+    if settings.destinations:
+        delivery_ids = _queue_outputs(deps, settings, prepared, draft, sr, path, check)
     with deps.session_factory() as session:
         drafts_db.update_draft_timings(session, draft_id, timings)
         jobs_db.finish_job(
@@ -282,6 +297,7 @@ def complete_job(
             owner=owner,
             sr_sop_instance_uid=sr_uid,
             selected_sop_instance_uid=prepared.image.sop_instance_uid,
+            stages=timings,
         )
     _observe(timings)
     return JobOutcome(

@@ -40,12 +40,15 @@ _WANTED = {
     Tag(0x0008, 0x0005): "SpecificCharacterSet",
     Tag(0x0008, 0x0016): "SOPClassUID",
     Tag(0x0008, 0x0018): "SOPInstanceUID",
+    Tag(0x0008, 0x0020): "StudyDate",
     Tag(0x0008, 0x0050): "AccessionNumber",
     Tag(0x0008, 0x0060): "Modality",
     Tag(0x0008, 0x1030): "StudyDescription",
     Tag(0x0008, 0x103E): "SeriesDescription",
     Tag(0x0018, 0x0015): "BodyPartExamined",
     Tag(0x0018, 0x5101): "ViewPosition",
+    Tag(0x0010, 0x0010): "PatientName",
+    Tag(0x0010, 0x0020): "PatientID",
     Tag(0x0020, 0x000D): "StudyInstanceUID",
     Tag(0x0020, 0x000E): "SeriesInstanceUID",
 }
@@ -82,6 +85,9 @@ class HeaderInfo:
         (0008,0016), (0008,0018), (0020,000D), (0020,000E).
     modality, body_part_examined, study_description, series_description, view_position
         (0008,0060), (0018,0015), (0008,1030), (0008,103E), (0018,5101).
+    accession_number, patient_name, patient_id, study_date
+        (0008,0050), (0010,0010) (component groups joined by ``=``), (0010,0020),
+        (0008,0020): the study's identity in the console; patient data, never logged.
     requested_procedure_priority
         (0040,1003) at the top level, as sent (``""`` if absent).
     request_priorities
@@ -103,6 +109,9 @@ class HeaderInfo:
     series_description: str
     view_position: str
     accession_number: str = ""
+    patient_name: str = ""
+    patient_id: str = ""
+    study_date: str = ""
     requested_procedure_priority: str = ""
     request_priorities: tuple[str, ...] = ()
     rule_attributes: tuple[tuple[str, str], ...] = ()
@@ -262,6 +271,9 @@ def _header_info(ts: str, walker: Walker, encoding: str | list[str]) -> HeaderIn
         series_description=text(0x0008103E),
         view_position=text(0x00185101),
         accession_number=text(0x00080050),
+        patient_name=text(0x00100010),
+        patient_id=text(0x00100020),
+        study_date=text(0x00080020),
         requested_procedure_priority=text(_PRIORITY),
         request_priorities=_request_priorities(
             walker.request_attributes, little=walker.little, encoding=encoding

@@ -27,6 +27,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,11 +207,18 @@ class IngestSink:
         """
         try:
             header = read_header(path, inflate=self.inflate)
-            validate_uids(header, meta)
         except DataSetError as exc:
             return StoreResult(status=exc.status, reason=exc.message)
+        try:
+            validate_uids(header, meta)
+        except DataSetError as exc:
+            return StoreResult(
+                status=exc.status, reason=exc.message, study_uid=header.study_uid or None
+            )
         with self._locks.hold(header.sop_instance_uid):
-            return self._store(path, header, meta)
+            result = self._store(path, header, meta)
+        # the receive log keeps a refused instance's study (integration.association_log)
+        return result if result.ok else replace(result, study_uid=header.study_uid or None)
 
     def _store(self, path: Path, header: HeaderInfo, meta: ReceivedMeta) -> StoreResult:
         try:
@@ -263,10 +271,14 @@ class IngestSink:
             series_description=header.series_description or None,
             view_position=header.view_position or None,
             accession_number=header.accession_number or None,
+            patient_name=header.patient_name or None,
+            patient_id=header.patient_id or None,
+            study_date=header.study_date or None,
             spool_path=spooled.relative,
             size_bytes=spooled.size_bytes,
             sha256=spooled.sha256,
             calling_ae=meta.calling_ae or None,
+            association_id=meta.association_id,
             received_at=self.clock(),
             priority=header_priority(
                 header, calling_ae=meta.calling_ae or None, rules=self.priority_rules

@@ -4,7 +4,8 @@
   studies and queues their jobs (:func:`node.db.studies.complete_quiet_studies`);
 - lease expiry (every quarter of the lease, 1-15 s): requeues jobs of dead workers;
 - retention (hourly): deletes studies older than ``retention_days`` and their spool files
-  (instances and SRs), and SR files a crashed worker left half-written;
+  (instances and SRs), SR files a crashed worker left half-written, and the receive log's
+  associations older than ``receive_log_days``;
 - delivery recheck (every ``delivery_recheck_minutes``, 0: off): C-ECHOes each configured
   destination that has failed, not permanent deliveries and re-queues them when it answers
   (:func:`node.runtime.destination_probe.recheck_failed_destinations`).
@@ -77,6 +78,8 @@ class Chores:
                 now=self.clock(),
                 rule=s.chest_rule,
                 job_max_attempts=s.job_max_attempts,
+                rules=s.routing_rules,
+                spool_dir=s.spool_dir,
             )
 
     def match_finals(self) -> int:
@@ -115,6 +118,10 @@ class Chores:
         root = self.settings.spool_dir.resolve()
         outputs = root / OUTPUTS_DIR
         self._remove_stale_parts(outputs)
+        try:
+            self.purge_receive_log()
+        except Exception as exc:  # the studies' retention runs all the same
+            log.warning("retention: receive log not purged: %s", type(exc).__name__)
         days = self.settings.retention_days
         if days <= 0:
             return 0
@@ -140,6 +147,22 @@ class Chores:
         if paths:
             log.info("retention: removed %d spool files older than %d days", removed, days)
         return removed
+
+    def purge_receive_log(self) -> int:
+        """Delete receive log associations older than ``receive_log_days`` (0 disables)
+        with their refused instances (:func:`node.db.retention.purge_receive_log`).
+
+        Returns the number of associations deleted.
+        """
+        days = self.settings.receive_log_days
+        if days <= 0:
+            return 0
+        cutoff = self.clock() - timedelta(days=days)
+        with self.session_factory() as session:
+            n = retention_db.purge_receive_log(session, older_than=cutoff)
+        if n:
+            log.info("retention: removed %d receive log associations older than %d days", n, days)
+        return n
 
     def _remove_stale_parts(self, outputs: Path) -> None:
         cutoff = self.clock().timestamp() - STALE_PART_SECONDS

@@ -78,8 +78,11 @@ def _build_scp(settings: Settings, session_factory: sessionmaker[Session]) -> tu
     """Build the storage AE and its handlers (INGEST's API); return ``(ae, handlers)``.
 
     With ``tls_cert_file`` set, the AE serves DICOM TLS only (:func:`node.tls.server_context`).
+    Every association and C-STORE answer goes to the receive log
+    (:class:`node.runtime.receive_log.ReceiveLog`).
     """
     from node.runtime.finals import FinalIntake, ReportSink
+    from node.runtime.receive_log import ReceiveLog
 
     spool = Spool(settings.spool_dir)
     ingest = IngestSink(settings=settings, session_factory=session_factory, spool=spool)
@@ -100,6 +103,7 @@ def _build_scp(settings: Settings, session_factory: sessionmaker[Session]) -> tu
         maximum_pdu_size=settings.max_pdu_size,
         tls_handshake_timeout=settings.tls_handshake_timeout,
         ssl_context=server_context(settings),
+        association_log=ReceiveLog(session_factory),
     )
     return ae, scp_handlers(sink)
 

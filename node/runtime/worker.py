@@ -211,13 +211,23 @@ class Worker:
         except Exception as exc:
             log.warning("lease expiry failed: %s", type(exc).__name__)
 
+    def _model_name(self) -> str | None:
+        """The loaded bundle's ``model_name``: jobs routed to another model are not claimed."""
+        try:
+            return str(self.model_host.runtime.model_name)
+        except Exception:
+            return None
+
     def claim(self, owner: str, limit: int) -> list[int]:
         """Claim up to ``limit`` queued jobs for ``owner``; return their ids."""
         ids: list[int] = []
         while len(ids) < limit and not self.stopping:
             with self.ctx.session_factory() as session:
                 job = jobs_db.claim_next_job(
-                    session, owner=owner, lease_seconds=self.settings.lease_seconds
+                    session,
+                    owner=owner,
+                    lease_seconds=self.settings.lease_seconds,
+                    model=self._model_name(),
                 )
             if job is None:
                 break

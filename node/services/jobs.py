@@ -14,6 +14,8 @@ node.db.jobs.JobConflict
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,9 @@ if TYPE_CHECKING:
     from node.runtime.withdrawal import WithdrawResult
 
 __all__ = [
+    "BulkResult",
     "audit_entries",
+    "bulk",
     "cancel",
     "counts",
     "destination_health",
@@ -39,8 +43,20 @@ __all__ = [
     "requeue",
     "resend",
     "set_priority",
+    "viewer_link",
     "withdraw",
 ]
+
+BULK_ACTIONS = ("retry", "cancel", "resend")
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """What one job of a bulk action came to: ``ok``, or the ``error`` (no patient data)."""
+
+    job_id: int
+    ok: bool
+    error: str | None = None
 
 
 def list_jobs(ctx: ServiceContext, flt: views_db.JobFilter) -> tuple[list[views_db.JobRow], int]:
@@ -157,3 +173,44 @@ def destination_health(
     """Per destination: deliveries by state and the last success and failure."""
     with ctx.read_sessions() as session:
         return delivery_views.destination_health(session, destinations)
+
+
+def bulk(
+    ctx: ServiceContext, action: str, job_ids: Sequence[int], *, actor: str
+) -> list[BulkResult]:
+    """Apply ``action`` (``retry``, ``cancel`` or ``resend``) to each job, one transaction
+    (and one audit entry) per job; a job that refuses does not stop the others.
+
+    Raises
+    ------
+    InvalidInput
+        An unknown action.
+    """
+    from node.db.jobs import JobConflict, JobNotFound
+    from node.services.errors import InvalidInput
+
+    if action not in BULK_ACTIONS:
+        raise InvalidInput(f"action must be one of {', '.join(BULK_ACTIONS)}")
+    out: list[BulkResult] = []
+    for job_id in dict.fromkeys(job_ids):  # each once, in the order given
+        try:
+            if action == "retry":
+                requeue(ctx, job_id, actor=actor)
+            elif action == "cancel":
+                cancel(ctx, job_id, actor=actor, reason="bulk cancel")
+            else:
+                resend(ctx, job_id, actor=actor)
+        except (JobConflict, JobNotFound) as exc:
+            out.append(BulkResult(job_id, False, str(exc)))
+        else:
+            out.append(BulkResult(job_id, True))
+    return out
+
+
+def viewer_link(ctx: ServiceContext, job: views_db.JobRow) -> str | None:
+    """The study in the site's viewer (``viewer_url_template``), or ``None``."""
+    from node.settings.values import viewer_url
+
+    return viewer_url(
+        ctx.settings.viewer_url_template, study_uid=job.study_uid, accession=job.accession_number
+    )

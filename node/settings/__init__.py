@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pydantic import (
     Field,
     InstanceOf,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -46,7 +47,9 @@ from integration.destinations import (
     parse_destination,
 )
 from integration.priority import PriorityRule
+from integration.routing import RuleSet
 from node.settings.reports import ReportIntakeSettings
+from node.settings.routing import load_rule_set
 from node.settings.values import (
     AllowedAE,
     ChestRule,
@@ -56,6 +59,7 @@ from node.settings.values import (
     _split_commas,
     _validate_host,
     _validate_port,
+    check_viewer_template,
     is_loopback,
     parse_ae_address,
     validate_ae_title,
@@ -120,6 +124,7 @@ class Settings(ReportIntakeSettings, BaseSettings):
     database_url: str = "sqlite:///var/cxr-node.sqlite3"
     min_free_disk_mb: int = 512
     retention_days: int = 30
+    receive_log_days: int = 90
     # received data: inflation of deflated data sets (docs/security.md, "Received data: ...")
     deflate_max_ratio: int = 100
     deflate_max_inflated_mb: int = 256
@@ -127,6 +132,9 @@ class Settings(ReportIntakeSettings, BaseSettings):
     study_quiet_seconds: float = 10.0
     study_max_wait_seconds: float = 600.0
     chest_rule: ChestRule = Field(default_factory=ChestRule)
+    # routing rules (TOML, docs/configuration.md "Routing rules"); None: the chest rule alone
+    routing_rules_file: Path | None = None
+    _rule_set: RuleSet | None = PrivateAttr(default=None)
     # job priority: the order's Requested Procedure Priority, raised by these site rules
     priority_rules: Annotated[list[InstanceOf[PriorityRule]], NoDecode] = Field(
         default_factory=list
@@ -166,6 +174,8 @@ class Settings(ReportIntakeSettings, BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     log_level: str = "INFO"
+    # the console's "open in viewer" link: {study_uid} and {accession} are filled in
+    viewer_url_template: str | None = None
     # admin API bounds against hostile clients (docs/security.md, "Admin API and web console")
     api_max_upload_mb: int = 64
     api_auth_max_failures: int = 10
@@ -307,7 +317,9 @@ class Settings(ReportIntakeSettings, BaseSettings):
             raise ValueError(f"{info.field_name}: must be at least 1, got {v}")
         return v
 
-    @field_validator("retention_days", "min_free_disk_mb", "worker_batch_memory_mb")
+    @field_validator(
+        "retention_days", "receive_log_days", "min_free_disk_mb", "worker_batch_memory_mb"
+    )
     @classmethod
     def _non_negative(cls, v: int, info: Any) -> int:
         if v < 0:
@@ -398,6 +410,11 @@ class Settings(ReportIntakeSettings, BaseSettings):
         return v
 
     # --- admin API bounds ---------------------------------------------------------------
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_url(cls, v: str | None) -> str | None:
+        return check_viewer_template(v)
 
     @field_validator("api_max_upload_mb")
     @classmethod
@@ -510,7 +527,23 @@ class Settings(ReportIntakeSettings, BaseSettings):
             raise ValueError(f"deflate_max_inflated_mb: {v} is outside 1..65536 (MiB)")
         return v
 
+    @model_validator(mode="after")
+    def _routing_rules(self) -> Settings:
+        self._rule_set = load_rule_set(
+            self.routing_rules_file, chest=self.chest_rule, destinations=self.destinations
+        )
+        return self
+
     # --- helpers ------------------------------------------------------------------------
+
+    @property
+    def routing_rules(self) -> RuleSet:
+        """The routing rules (:mod:`integration.routing`), read and checked at start-up."""
+        if self._rule_set is None:
+            self._rule_set = load_rule_set(
+                self.routing_rules_file, chest=self.chest_rule, destinations=self.destinations
+            )
+        return self._rule_set
 
     @property
     def api_https(self) -> bool:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import string
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,9 +20,11 @@ __all__ = [
     "AllowedAE",
     "ChestRule",
     "ConfigError",
+    "check_viewer_template",
     "is_loopback",
     "parse_ae_address",
     "validate_ae_title",
+    "viewer_url",
 ]
 
 # PS3.5 §6.2 (VR AE): at most 16 characters of the default repertoire, no backslash, no
@@ -244,3 +248,38 @@ def _priority_rules(value: Any) -> list[PriorityRule]:
     if not isinstance(value, list | tuple):
         raise ValueError(f"priority_rules: must be a list of rules, got {type(value).__name__}")
     return [_priority_rule(item, i) for i, item in enumerate(value)]
+
+
+_VIEWER_FIELDS = frozenset({"study_uid", "accession"})
+
+
+def check_viewer_template(template: str | None) -> str | None:
+    """Validate ``viewer_url_template``: an http(s) URL whose only ``{...}`` fields are
+    ``{study_uid}`` and ``{accession}`` (e.g. OHIF's
+    ``https://pacs.example/viewer?StudyInstanceUIDs={study_uid}``); empty is ``None``."""
+    if template is None or not template.strip():
+        return None
+    text = template.strip()
+    if not text.lower().startswith(("http://", "https://", "/")):
+        raise ValueError("viewer_url_template: must be an http(s) URL or a path on this host")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"viewer_url_template: {exc}") from None
+    unknown = fields - _VIEWER_FIELDS
+    if unknown:
+        raise ValueError(
+            f"viewer_url_template: unknown field(s) {', '.join(sorted(unknown))}; "
+            "use {study_uid} and {accession}"
+        )
+    return text
+
+
+def viewer_url(template: str | None, *, study_uid: str, accession: str | None) -> str | None:
+    """The "open in viewer" URL of a study, its fields URL-encoded; ``None`` without a
+    template."""
+    if not template:
+        return None
+    return template.format(
+        study_uid=quote(study_uid, safe=""), accession=quote(accession or "", safe="")
+    )

@@ -1,8 +1,15 @@
 """The node's web console: server-rendered pages over the admin API (``node.api``).
 
-``router`` is included by :func:`node.api.app.create_app`; see :mod:`node.web.routes`.
+``router`` (every page module's routes) is included by :func:`node.api.app.create_app`;
+see :mod:`node.web.routes` for the shared page machinery.
 """
 
-from node.web.routes import router
+from fastapi import APIRouter
+
+from node.web import delivery_pages, receive_pages, routes, rules_pages, system_pages
 
 __all__ = ["router"]
+
+router = APIRouter(include_in_schema=False)
+for _pages in (routes, delivery_pages, receive_pages, rules_pages, system_pages):
+    router.include_router(_pages.router)

@@ -27,7 +27,9 @@ def _y(v: float, y_max: float) -> float:
     return _T + (_H - _T - _B) * (1 - (v / y_max if y_max else 0))
 
 
-def _frame(title: str, y_max: float, fmt: str, xs: Sequence[datetime]) -> list[str]:
+def _frame(
+    title: str, y_max: float, fmt: str, xs: Sequence[datetime], x_format: str = "%Y-%m-%d"
+) -> list[str]:
     parts = [
         f'<svg class="chart" viewBox="0 0 {_W} {_H}" role="img" aria-label="{escape(title)}">',
         f"<title>{escape(title)}</title>",
@@ -44,7 +46,7 @@ def _frame(title: str, y_max: float, fmt: str, xs: Sequence[datetime]) -> list[s
         if len(xs) <= 8 or i in (0, len(xs) - 1):
             parts.append(
                 f'<text x="{_x(i, len(xs)):.1f}" y="{_H - _B + 16}" text-anchor="middle">'
-                f"{escape(x.strftime('%Y-%m-%d'))}</text>"
+                f"{escape(x.strftime(x_format))}</text>"
             )
     return parts
 
@@ -55,11 +57,13 @@ def line_chart(
     *,
     y_max: float = 1.0,
     fmt: str = ".0%",
+    x_format: str = "%Y-%m-%d",
 ) -> Markup:
     """One line per series over the union of their x values (windows, oldest first);
-    a missing or ``None`` value breaks the line."""
+    a missing or ``None`` value breaks the line. ``x_format`` labels the x values
+    (``strftime``)."""
     xs = sorted({x for points in series.values() for x in points})
-    parts = _frame(title, y_max, fmt, xs)
+    parts = _frame(title, y_max, fmt, xs, x_format)
     for k, (name, points) in enumerate(sorted(series.items())):
         colour = PALETTE[k % len(PALETTE)]
         run: list[str] = []

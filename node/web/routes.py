@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -28,12 +28,23 @@ from node.db import views as views_db
 from node.db.jobs import JobNotFound
 from node.db.models import JobState
 from node.services import jobs as job_service
+from node.services import objects as job_objects
 from node.services import quality
 from node.services.context import ServiceContext
+from node.services.errors import Gone, InvalidInput, NotFound
 from node.settings import DicomDestination, FhirDestination, Hl7Destination, StowDestination
 from node.web import auth, charts
 
-__all__ = ["CSP", "ModelStatus", "model_status", "router"]
+__all__ = [
+    "CSP",
+    "ModelStatus",
+    "PageUser",
+    "login_redirect",
+    "model_status",
+    "page_context",
+    "render",
+    "router",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,6 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-QUEUE_LIMIT = 100  # rows on the queue page
 
 router = APIRouter(include_in_schema=False)
 
@@ -91,7 +101,35 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{sign}{s / 3600:.1f} h"
 
 
-_env.globals.update(fmt_time=_fmt_time, fmt_num=_fmt_num, fmt_duration=_fmt_duration)
+def _fmt_pn(value: str | None) -> str:
+    """A Person Name (PS3.5 6.2, ``Family^Given^Middle^Prefix^Suffix``, alphabetic group)
+    as ``FAMILY, Given Middle``."""
+    if not value:
+        return ""
+    parts = [p.strip() for p in value.split("=")[0].split("^")]
+    family, rest = parts[0], " ".join(p for p in parts[1:4] if p)
+    return f"{family}, {rest}" if family and rest else family or rest
+
+
+def _fmt_da(value: str | None) -> str:
+    """A DICOM date (DA, ``YYYYMMDD``) as ``YYYY-MM-DD``."""
+    if not value or len(value) != 8:
+        return value or ""
+    return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+
+
+def _span(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else (end - start).total_seconds()
+
+
+_env.globals.update(
+    fmt_time=_fmt_time,
+    fmt_num=_fmt_num,
+    fmt_duration=_fmt_duration,
+    fmt_pn=_fmt_pn,
+    fmt_da=_fmt_da,
+    span=_span,
+)
 
 
 @dataclass(frozen=True)
@@ -147,7 +185,7 @@ def model_status(host: Any) -> ModelStatus:
     )
 
 
-def _render(
+def render(
     request: Request,
     template: str,
     *,
@@ -157,7 +195,10 @@ def _render(
     status_code: int = 200,
     **context: Any,
 ) -> HTMLResponse:
-    ctx = _ctx(request)
+    """Render a console page: ``template`` with the page frame's context (user, model state,
+    quality alert, CSRF token, ``url``/``static_url``) and ``context``; security headers
+    (CSP, no-store) on the response."""
+    ctx = page_context(request)
     settings = ctx.settings
 
     def url(route: str, /, **params: Any) -> str:
@@ -184,7 +225,8 @@ def _render(
     return HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
 
 
-def _login_redirect(request: Request) -> RedirectResponse:
+def login_redirect(request: Request) -> RedirectResponse:
+    """303 to the login page, which comes back to this page (path and query) after it."""
     target = request.url.path
     if request.url.query:
         target += "?" + request.url.query
@@ -203,7 +245,8 @@ def _quote(text: str) -> str:
 PageUser = Annotated[auth.Principal | None, Depends(auth.optional_principal)]
 
 
-def _ctx(request: Request) -> ServiceContext:
+def page_context(request: Request) -> ServiceContext:
+    """The services' context of the application serving ``request``."""
     return auth.api_context(request)
 
 
@@ -232,36 +275,119 @@ def login_page(request: Request, user: PageUser) -> Response:
     """The login page: paste a token; ``console.js`` posts it to ``POST /api/session``."""
     if user is not None:
         return RedirectResponse(str(request.app.url_path_for("web_queue")), status_code=303)
-    return _render(request, "login.html", page="login", title="Log in", user=None)
+    return render(request, "login.html", page="login", title="Log in", user=None)
 
 
 # --- pages ------------------------------------------------------------------------------------
+
+
+QUEUE_SORTS = tuple(views_db.SORT_COLUMNS)
+PAGE_SIZES = (25, 50, 100, 200)
+
+
+def _study_date(value: str | None) -> str | None:
+    """``YYYY-MM-DD`` (an ``<input type=date>`` value) as a DICOM DA ``YYYYMMDD``."""
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%d").strftime("%Y%m%d")
+    except ValueError:
+        return None
 
 
 @router.get("/", name="web_queue", response_class=HTMLResponse)
 def queue_page(
     request: Request,
     user: PageUser,
-    state: Annotated[JobState | None, Query()] = None,
+    state_name: Annotated[
+        str, Query(alias="state", pattern="^(|" + "|".join(s.value for s in JobState) + ")$")
+    ] = "",
+    q: Annotated[str, Query(max_length=128)] = "",
+    delivery: Annotated[str, Query(pattern=r"^(|none|pending|sent|failed)$")] = "",
+    modality: Annotated[str, Query(max_length=16, pattern=r"^[A-Za-z0-9]*$")] = "",
+    calling_ae: Annotated[str, Query(max_length=16)] = "",
+    date_from: Annotated[str, Query(max_length=10)] = "",
+    date_to: Annotated[str, Query(max_length=10)] = "",
+    sort: Annotated[str, Query(pattern="^(" + "|".join(QUEUE_SORTS) + ")$")] = "id",
+    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
+    page: Annotated[int, Query(ge=1, le=10**6)] = 1,
+    per: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> Response:
-    """The queue: jobs newest first (refreshed every 2 s by the script), counts by state."""
+    """The queue: jobs with their study's identity, searched, sorted and paged on the
+    server (the script refreshes the current page every 2 s), counts by state."""
     if user is None:
-        return _login_redirect(request)
-    ctx = _ctx(request)
-    flt = views_db.JobFilter(states=(state,) if state else (), limit=QUEUE_LIMIT)
-    jobs, _total = job_service.list_jobs(ctx, flt)
+        return login_redirect(request)
+    ctx = page_context(request)
+    state = JobState(state_name) if state_name else None
+    text, ae, mod = q.strip(), calling_ae.strip(), modality.upper()
+    date_lo, date_hi = _study_date(date_from), _study_date(date_to)
+    flt = views_db.JobFilter(
+        states=(state,) if state else (),
+        text=text or None,
+        delivery=delivery or None,
+        modality=mod or None,
+        calling_ae=ae or None,
+        study_date_from=date_lo,
+        study_date_to=date_hi,
+        sort=sort,
+        descending=order == "desc",
+        limit=per,
+        offset=(page - 1) * per,
+    )
+    search: dict[str, str | int | None] = {
+        "q": text,
+        "delivery": delivery,
+        "modality": mod,
+        "calling_ae": ae,
+        "study_date_from": date_lo,
+        "study_date_to": date_hi,
+        "sort": sort,
+        "order": order,
+        "limit": per,
+        "offset": (page - 1) * per,
+    }
+    jobs, total = job_service.list_jobs(ctx, flt)
     counts = job_service.counts(ctx).jobs
-    return _render(
+    params = {
+        "q": text,
+        "state": state.value if state else "",
+        "delivery": delivery,
+        "modality": mod,
+        "calling_ae": ae,
+        "date_from": date_from if date_lo else "",
+        "date_to": date_to if date_hi else "",
+        "sort": sort,
+        "order": order,
+        "per": per,
+    }
+
+    def queue_url(**changes: Any) -> str:
+        merged = {**params, "page": page, **changes}
+        kept = {k: v for k, v in merged.items() if v not in ("", None)}
+        return str(request.app.url_path_for("web_queue")) + "?" + urlencode(kept)
+
+    api_query = {k: v for k, v in search.items() if v not in ("", None)}
+    return render(
         request,
         "queue.html",
         page="queue",
         title="Queue",
         user=user,
         jobs=jobs,
+        total=total,
         counts=counts,
         states=[s.value for s in JobState],
-        state=state.value if state else "",
-        jobs_api=f"{auth.JOBS_API}?limit={QUEUE_LIMIT}",
+        delivery_states=list(views_db.DELIVERY_STATES),
+        params=params,
+        page_no=page,
+        per=per,
+        page_sizes=PAGE_SIZES,
+        pages=max(1, math.ceil(total / per)),
+        queue_url=queue_url,
+        state=params["state"],
+        jobs_api=f"{auth.JOBS_API}?{urlencode(api_query)}",
+        bulk_api=f"{auth.JOBS_API}/bulk",
+        can_operate=user.has("operator"),
     )
 
 
@@ -269,12 +395,12 @@ def queue_page(
 def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(ge=1)]) -> Response:
     """One job: stages and timings, the AI draft (labelled), SR UID, deliveries, actions."""
     if user is None:
-        return _login_redirect(request)
-    ctx = _ctx(request)
+        return login_redirect(request)
+    ctx = page_context(request)
     try:
         detail = job_service.detail(ctx, job_id)
     except JobNotFound:
-        return _render(
+        return render(
             request,
             "error.html",
             page="error",
@@ -285,7 +411,7 @@ def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(
         )
     job = detail.job
     reports = [d for d in detail.drafts if d.task == "report"]
-    return _render(
+    return render(
         request,
         "job.html",
         page="job",
@@ -300,6 +426,58 @@ def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(
         can_operate=user.has("operator"),
         can_review=user.has("reviewer"),
         api=auth.job_action_urls(job.id),
+        history=_history(detail),
+        objects=job_objects.job_objects(ctx, job.id),
+        viewer_url=job_service.viewer_link(ctx, job),
+    )
+
+
+def _history(detail: views_db.JobDetail) -> list[dict[str, Any]]:
+    """The job's events and its audit entries (operator actions), oldest first."""
+    rows: list[dict[str, Any]] = [
+        {"at": e.at, "kind": e.kind, "actor": e.actor, "detail": e.detail or {}}
+        for e in detail.events
+    ]
+    rows += [
+        {"at": a.at, "kind": a.action, "actor": a.actor, "detail": a.detail or {}}
+        for a in detail.audit
+    ]
+    return sorted(rows, key=lambda r: r["at"])
+
+
+@router.get("/jobs/{job_id}/sr/{key}", name="web_sr", response_class=HTMLResponse)
+def sr_page(
+    request: Request,
+    user: PageUser,
+    job_id: Annotated[int, PathParam(ge=1)],
+    key: Annotated[str, PathParam(pattern=r"^(sr|[0-9]{1,10})$")],
+) -> Response:
+    """An SR object of the job as a document: its flags and its content tree (TID 2000)."""
+    if user is None:
+        return login_redirect(request)
+    ctx = page_context(request)
+    try:
+        doc = job_objects.sr_document(ctx, job_id, key)
+    except (NotFound, Gone, InvalidInput) as exc:
+        status = 404 if isinstance(exc, NotFound) else 410 if isinstance(exc, Gone) else 422
+        return render(
+            request,
+            "error.html",
+            page="error",
+            title="Not available",
+            user=user,
+            status_code=status,
+            detail=str(exc),
+        )
+    return render(
+        request,
+        "sr.html",
+        page="job",
+        title=f"Job {job_id}: {doc.title}",
+        user=user,
+        job_id=job_id,
+        key=key,
+        doc=doc,
     )
 
 
@@ -317,8 +495,8 @@ def _destination_label(
 def destinations_page(request: Request, user: PageUser) -> Response:
     """Configured destinations with their delivery history (last success / failure)."""
     if user is None:
-        return _login_redirect(request)
-    ctx = _ctx(request)
+        return login_redirect(request)
+    ctx = page_context(request)
     settings = ctx.settings
     # delivery rows name a destination by str(d) (node.db.deliveries)
     keys = [str(d) for d in settings.destinations]
@@ -327,7 +505,7 @@ def destinations_page(request: Request, user: PageUser) -> Response:
         {"text": _destination_label(d), "kind": d.kind, "health": health[k]}
         for k, d in zip(keys, settings.destinations, strict=True)
     ]
-    return _render(
+    return render(
         request,
         "destinations.html",
         page="destinations",
@@ -348,12 +526,12 @@ def quality_page(
     """Draft/final concordance: agreement over time per model version and per critical
     observation, volume, turnaround, the discrepancy list, the export links."""
     if user is None:
-        return _login_redirect(request)
-    ctx = _ctx(request)
+        return login_redirect(request)
+    ctx = page_context(request)
     data = quality.summary(
         ctx, model_version=model_version or None, window=timedelta(days=window_days)
     )
-    return _render(
+    return render(
         request,
         "quality.html",
         page="quality",
@@ -400,10 +578,10 @@ def _quality_plots(data: dict[str, Any], critical: list[str]) -> dict[str, Any]:
 def try_page(request: Request, user: PageUser) -> Response:
     """VQA on a stored study and report -> CXR, through the API's model routes."""
     if user is None:
-        return _login_redirect(request)
-    ctx = _ctx(request)
+        return login_redirect(request)
+    ctx = page_context(request)
     studies = job_service.recent_studies(ctx)
-    return _render(
+    return render(
         request,
         "try.html",
         page="try",
@@ -423,7 +601,7 @@ def summary(
     request: Request, user: Annotated[auth.Principal, Depends(auth.require_viewer)]
 ) -> JSONResponse:
     """Counts of jobs by state and the model's status, for the queue page's refresh."""
-    ctx = _ctx(request)
+    ctx = page_context(request)
     counts = job_service.counts(ctx).jobs
     return JSONResponse(
         {"counts": counts, "model": model_status(ctx.host()).to_dict()},

@@ -88,9 +88,12 @@ class ConsoleNode:
         assert result.status == 0x0000
 
 
-def chest_file(tmp: Path, *, view: str = "PA") -> tuple[Path, str]:
-    """RG1 (a real chest CR) as a new study with ``view`` as View Position; returns its UID."""
+def chest_file(tmp: Path, *, view: str = "PA", **attrs: str) -> tuple[Path, str]:
+    """RG1 (a real chest CR) as a new study with ``view`` as View Position and the further
+    attributes ``attrs`` (keyword: value); returns its Study Instance UID."""
     ds = dcmread(rg1_file())
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = generate_uid()

@@ -103,17 +103,70 @@
   }
 
   // --- queue -------------------------------------------------------------------------------
+  function personName(pn) {
+    // PS3.5 6.2: Family^Given^Middle^Prefix^Suffix (alphabetic group) -> "FAMILY, Given Middle"
+    if (!pn) return "";
+    var parts = String(pn).split("=")[0].split("^").map(function (p) { return p.trim(); });
+    var rest = parts.slice(1, 4).filter(function (p) { return p; }).join(" ");
+    return parts[0] && rest ? parts[0] + ", " + rest : parts[0] || rest;
+  }
+
+  function dicomDate(da) {
+    return da && da.length === 8 ? da.slice(0, 4) + "-" + da.slice(4, 6) + "-" + da.slice(6) : da || "";
+  }
+
+  function duration(a, b) {
+    if (!a || !b) return "";
+    var s = (Date.parse(b) - Date.parse(a)) / 1000;
+    if (!isFinite(s)) return "";
+    if (Math.abs(s) < 120) return Math.round(s) + " s";
+    if (Math.abs(s) < 7200) return Math.round(s / 60) + " min";
+    return (s / 3600).toFixed(1) + " h";
+  }
+
+  var picked = {};  // job ids ticked for a bulk action (kept across refreshes)
+
+  function canOperate() {
+    var role = document.body.getAttribute("data-role");
+    return role === "operator" || role === "admin";
+  }
+
   function jobRow(j) {
-    var tr = el("tr", { "data-job-id": j.id, "data-state": j.state });
+    var tr = el("tr", { "data-job-id": j.id, "data-state": j.state, "data-delivery": j.delivery_state || "none" });
+    if (canOperate()) {
+      var pick = el("td");
+      var box = el("input", { type: "checkbox", class: "pick", value: j.id, "aria-label": "select job " + j.id });
+      box.checked = !!picked[j.id];
+      pick.appendChild(box);
+      tr.appendChild(pick);
+    }
     var td = el("td");
     td.appendChild(el("a", { href: "/jobs/" + encodeURIComponent(j.id) }, j.id));
     tr.appendChild(td);
-    tr.appendChild(el("td", { class: "uid" }, j.study_uid));
+    var pt = el("td", { class: "patient" });
+    pt.appendChild(el("span", { class: "pn" }, personName(j.patient_name)));
+    pt.appendChild(document.createTextNode(" "));
+    pt.appendChild(el("span", { class: "muted pid" }, j.patient_id || ""));
+    tr.appendChild(pt);
+    tr.appendChild(el("td", null, j.accession_number || ""));
+    tr.appendChild(el("td", null, dicomDate(j.study_date)));
+    var study = el("td", { class: "study" }, j.study_description || "");
+    study.appendChild(el("div", { class: "uid muted" }, j.study_uid));
+    tr.appendChild(study);
+    tr.appendChild(el("td", null, String(j.modalities || "").split("\\").join(", ")));
+    tr.appendChild(el("td", null, j.calling_ae || ""));
     var st = el("td");
     st.appendChild(el("span", { class: "badge state-" + j.state }, j.state));
     tr.appendChild(st);
+    var dl = el("td");
+    if (j.delivery_state && j.delivery_state !== "none") {
+      dl.appendChild(el("span", { class: "badge delivery-" + j.delivery_state }, "delivery " + j.delivery_state));
+    }
+    tr.appendChild(dl);
     tr.appendChild(el("td", null, j.priority));
     tr.appendChild(el("td", null, j.attempts + "/" + j.max_attempts));
+    var wait = duration(j.queued_at, j.started_at), run = duration(j.started_at, j.finished_at);
+    tr.appendChild(el("td", { class: "timings" }, (wait ? "wait " + wait : "") + (run ? " · run " + run : "")));
     tr.appendChild(el("td", null, String(j.updated_at || "").replace("T", " ").slice(0, 19)));
     tr.appendChild(el("td", { class: "uid" }, j.sr_uid || j.sr_sop_instance_uid || ""));
     return tr;
@@ -125,7 +178,10 @@
     var body = document.getElementById("jobs-body");
     var filter = document.getElementById("state-filter");
     var stamp = document.getElementById("refreshed");
+    var info = document.getElementById("page-info");
     function refresh() {
+      // the server rendered this page's search, sort and page into data-api; the state
+      // select changes without a reload
       var url = table.getAttribute("data-api");
       if (filter.value) url += (url.indexOf("?") < 0 ? "?" : "&") + "state=" + encodeURIComponent(filter.value);
       api("GET", url).then(function (resp) {
@@ -134,6 +190,12 @@
           var jobs = Array.isArray(data) ? data : data.jobs || data.items || [];
           body.replaceChildren.apply(body, jobs.map(jobRow));
           document.getElementById("jobs-empty").hidden = jobs.length > 0;
+          if (info && typeof data.total === "number") {
+            var first = data.total ? data.offset + 1 : 0;
+            var pages = Math.max(1, Math.ceil(data.total / data.limit));
+            info.textContent = first + "–" + (data.offset + jobs.length) + " of " + data.total +
+              " · page " + (Math.floor(data.offset / data.limit) + 1) + " of " + pages;
+          }
           stamp.textContent = "updated " + new Date().toLocaleTimeString();
         });
       }).catch(function () { stamp.textContent = "node unreachable"; });
@@ -149,6 +211,34 @@
         });
       }).catch(function () {});
     }
+    body.addEventListener("change", function (ev) {
+      var t = ev.target;
+      if (t && t.classList && t.classList.contains("pick")) {
+        if (t.checked) picked[t.value] = true; else delete picked[t.value];
+      }
+    });
+    document.querySelectorAll("#jobs-body input.pick").forEach(function (b) { if (b.checked) picked[b.value] = true; });
+    document.querySelectorAll("button.bulk").forEach(function (b) {
+      b.addEventListener("click", function () {
+        var ids = Object.keys(picked).map(Number);
+        var out = document.getElementById("bulk-result");
+        var action = b.getAttribute("data-action");
+        if (!ids.length) { out.textContent = "select jobs first"; return; }
+        if (!window.confirm(action + " " + ids.length + " job(s)?")) return;
+        out.textContent = action + "…";
+        api("POST", b.getAttribute("data-url"), { action: action, ids: ids }).then(function (resp) {
+          if (!resp.ok) return errorText(resp).then(function (t) { out.textContent = action + " refused (" + t + ")"; });
+          return resp.json().then(function (r) {
+            var ok = r.results.filter(function (x) { return x.ok; }).length;
+            var bad = r.results.filter(function (x) { return !x.ok; });
+            out.textContent = action + ": " + ok + " done" + (bad.length ? ", " + bad.length + " refused (" +
+              bad.map(function (x) { return x.job_id + ": " + x.error; }).join("; ") + ")" : "");
+            picked = {};
+            refresh();
+          });
+        });
+      });
+    });
     filter.addEventListener("change", function () {
       var u = new URL(window.location.href);
       if (filter.value) u.searchParams.set("state", filter.value); else u.searchParams.delete("state");
@@ -226,6 +316,35 @@
     });
   }
 
+  // --- failures: re-send one delivery, or all of a destination's ------------------------
+  function setupFailures() {
+    var out = document.getElementById("resend-result");
+    if (!out) return;
+    function post(b, body, what) {
+      b.disabled = true;
+      out.textContent = what + "…";
+      api("POST", b.getAttribute("data-url"), body).then(function (resp) {
+        if (!resp.ok) return errorText(resp).then(function (t) { out.textContent = what + " refused (" + t + ")"; b.disabled = false; });
+        return resp.json().then(function (r) {
+          out.textContent = what + ": " + r.queued.length + " queued again";
+          window.setTimeout(function () { window.location.reload(); }, 1500);
+        });
+      });
+    }
+    document.querySelectorAll("button.resend-delivery").forEach(function (b) {
+      b.addEventListener("click", function () {
+        post(b, { ids: [Number(b.getAttribute("data-id"))] }, "re-send");
+      });
+    });
+    document.querySelectorAll("button.resend-destination").forEach(function (b) {
+      b.addEventListener("click", function () {
+        var d = b.getAttribute("data-destination");
+        if (!window.confirm("Re-send all " + b.getAttribute("data-count") + " failed deliveries to " + d + "?")) return;
+        post(b, { destination: d }, "re-send all");
+      });
+    });
+  }
+
   // --- destinations: C-ECHO ----------------------------------------------------------------
   function setupDestinations() {
     document.querySelectorAll("button.echo").forEach(function (b) {
@@ -291,6 +410,7 @@
     setupJob();
     setupReview();
     setupDestinations();
+    setupFailures();
     setupTry();
   });
 })();

@@ -1,0 +1,102 @@
+"""The console's Receive log page: every association offered to the storage SCP, newest
+first, with its calling AE, address, TLS, start and end, outcome (PS3.8 7.1-7.4; a
+rejection, PS3.8 9.3.4, with its reason) and its C-STORE answers by status (PS3.4 Table
+B.2-1), each refused instance with its status and reason.
+
+Filters: calling AE, study (``/receive-log?study=<Study Instance UID>``: the associations
+that delivered instances of the study or had refusals for it; the job page links there),
+outcome and a date range (UTC); paged on the server. Viewer role and above; the same
+figures as ``GET /api/receive-log``. No patient data is shown or logged.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, Response
+
+from node.db.receive_log import OUTCOMES, ReceiveLogFilter
+from node.services import receive_log as receive_service
+from node.web.routes import PageUser, login_redirect, page_context, render
+
+__all__ = ["PAGE_SIZES", "router"]
+
+router = APIRouter(include_in_schema=False)
+
+PAGE_SIZES = (25, 50, 100, 200)
+_UID_PATTERN = r"^[0-9.]*$"
+
+
+def _day(value: str) -> datetime | None:
+    """An ``<input type=date>`` value (``YYYY-MM-DD``) as midnight UTC, else ``None``."""
+    try:
+        return datetime.strptime(value.strip(), "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+@router.get("/receive-log", name="web_receive_log", response_class=HTMLResponse)
+def receive_log_page(
+    request: Request,
+    user: PageUser,
+    calling_ae: Annotated[str, Query(max_length=16)] = "",
+    study: Annotated[str, Query(max_length=64, pattern=_UID_PATTERN)] = "",
+    outcome: Annotated[str, Query(pattern="^(|" + "|".join(OUTCOMES) + ")$")] = "",
+    date_from: Annotated[str, Query(max_length=10)] = "",
+    date_to: Annotated[str, Query(max_length=10)] = "",
+    page: Annotated[int, Query(ge=1, le=10**6)] = 1,
+    per: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> Response:
+    """The receive log, filtered and paged; ``study`` gives one study's associations."""
+    if user is None:
+        return login_redirect(request)
+    ctx = page_context(request)
+    since = _day(date_from)
+    to_day = _day(date_to)
+    until = to_day + timedelta(days=1) if to_day is not None else None  # the whole day
+    flt = ReceiveLogFilter(
+        calling_ae=calling_ae.strip() or None,
+        study_uid=study.strip() or None,
+        outcome=outcome or None,
+        since=since,
+        until=until,
+        limit=per,
+        offset=(page - 1) * per,
+    )
+    rows, total = receive_service.list_associations(ctx, flt)
+    refused = receive_service.refused_on_page(ctx, [r.id for r in rows])
+    params = {
+        "calling_ae": calling_ae.strip(),
+        "study": study.strip(),
+        "outcome": outcome,
+        "date_from": date_from if since is not None else "",
+        "date_to": date_to if to_day is not None else "",
+        "per": per,
+    }
+
+    def page_url(**changes: Any) -> str:
+        merged = {**params, "page": page, **changes}
+        kept = {k: v for k, v in merged.items() if v not in ("", None)}
+        return str(request.app.url_path_for("web_receive_log")) + "?" + urlencode(kept)
+
+    return render(
+        request,
+        "receive_log.html",
+        page="receive-log",
+        title="Receive log",
+        user=user,
+        rows=rows,
+        refused=refused,
+        total=total,
+        outcomes=list(OUTCOMES),
+        params=params,
+        page_no=page,
+        per=per,
+        page_sizes=PAGE_SIZES,
+        pages=max(1, math.ceil(total / per)),
+        page_url=page_url,
+    )
