@@ -26,7 +26,6 @@ from node.api.schemas import (
 from node.db.tokens import TokenRow
 from node.services import destinations as destination_service
 from node.services import jobs as job_service
-from node.services import system as system_service
 from node.services import tokens as token_service
 from node.services.tokens import SESSION_LIFETIME
 
@@ -93,7 +92,7 @@ def audit(
 ) -> AuditPage:
     """Every admin action (who, what, when, target), newest first; ``actor``, ``action``
     and ``target`` match exactly, ``since`` is inclusive and ``until`` exclusive."""
-    rows, total = system_service.audit_log(
+    rows, total = job_service.audit_entries(
         ctx,
         actor=actor,
         action=action,

@@ -145,17 +145,23 @@ def audit_entries(
     action: str | None = None,
     target: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> tuple[list[audit_db.AuditEntry], int]:
-    """Audit rows, newest first, and the number of matches."""
+    """Audit rows matching every given filter, newest first, and the number of matches.
+
+    ``actor``, ``action`` and ``target`` match exactly (empty: no filter); ``since`` is
+    inclusive, ``until`` exclusive.
+    """
     with ctx.read_sessions() as session:
         return audit_db.audit_entries(
             session,
-            actor=actor,
-            action=action,
-            target=target,
+            actor=actor or None,
+            action=action or None,
+            target=target or None,
             since=since,
+            until=until,
             limit=limit,
             offset=offset,
         )

@@ -36,7 +36,6 @@ __all__ = [
     "RetentionState",
     "SystemReport",
     "audit_actions",
-    "audit_log",
     "disk_use",
     "model_state",
     "process_started",
@@ -327,7 +326,7 @@ def model_state(ctx: ServiceContext) -> ModelState:
     except Exception as exc:  # a broken host must not take the page down
         return ModelState(state="error", error=type(exc).__name__)
     error = info.get("error")
-    if host.ready:
+    if bool(getattr(host, "ready", False)):
         state = "ready"
     elif error:
         state = "error"
@@ -436,35 +435,6 @@ def system_report(ctx: ServiceContext, *, now: datetime | None = None) -> System
             HealthCheck(name, bool(c.get("ok")), c.get("reason")) for name, c in checks.items()
         ],
     )
-
-
-def audit_log(
-    ctx: ServiceContext,
-    *,
-    actor: str | None = None,
-    action: str | None = None,
-    target: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int = 100,
-    offset: int = 0,
-) -> tuple[list[audit_db.AuditEntry], int]:
-    """Audit rows matching every given filter, newest first, and the number of matches.
-
-    ``actor``, ``action`` and ``target`` match exactly; ``since`` is inclusive, ``until``
-    exclusive.
-    """
-    with ctx.read_sessions() as session:
-        return audit_db.audit_entries(
-            session,
-            actor=actor or None,
-            action=action or None,
-            target=target or None,
-            since=since,
-            until=until,
-            limit=limit,
-            offset=offset,
-        )
 
 
 def audit_actions(ctx: ServiceContext) -> list[str]:

@@ -8,15 +8,13 @@ operator role enforced by the API).
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any
-from urllib.parse import urlencode
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from node.services import deliveries as delivery_service
-from node.web.routes import PageUser, login_redirect, page_context, render
+from node.web.routes import PageUser, login_redirect, page_context, page_count, page_url, render
 
 __all__ = ["router"]
 
@@ -39,13 +37,6 @@ def failures_page(
     rows, total = delivery_service.failures(
         ctx, destination=destination or None, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE
     )
-    base = str(request.app.url_path_for("web_failures"))
-
-    def page_url(**changes: Any) -> str:
-        merged = {"destination": destination, "page": page, **changes}
-        kept = {k: v for k, v in merged.items() if v not in ("", None)}
-        return base + ("?" + urlencode(kept) if kept else "")
-
     return render(
         request,
         "failures.html",
@@ -57,8 +48,8 @@ def failures_page(
         summary=delivery_service.failures_by_destination(ctx),
         destination=destination,
         page_no=page,
-        pages=max(1, math.ceil(total / PAGE_SIZE)),
-        page_url=page_url,
+        pages=page_count(total, PAGE_SIZE),
+        page_url=page_url(request, "web_failures", {"destination": destination, "page": page}),
         can_operate=user.has("operator"),
         resend_api="/api/deliveries/resend",
     )

@@ -11,23 +11,28 @@ figures as ``GET /api/receive-log``. No patient data is shown or logged.
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
-from urllib.parse import urlencode
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from node.db.receive_log import OUTCOMES, ReceiveLogFilter
 from node.services import receive_log as receive_service
-from node.web.routes import PageUser, login_redirect, page_context, render
+from node.web.routes import (
+    PAGE_SIZES,
+    PageUser,
+    login_redirect,
+    page_context,
+    page_count,
+    page_url,
+    render,
+)
 
-__all__ = ["PAGE_SIZES", "router"]
+__all__ = ["router"]
 
 router = APIRouter(include_in_schema=False)
 
-PAGE_SIZES = (25, 50, 100, 200)
 _UID_PATTERN = r"^[0-9.]*$"
 
 
@@ -78,11 +83,6 @@ def receive_log_page(
         "per": per,
     }
 
-    def page_url(**changes: Any) -> str:
-        merged = {**params, "page": page, **changes}
-        kept = {k: v for k, v in merged.items() if v not in ("", None)}
-        return str(request.app.url_path_for("web_receive_log")) + "?" + urlencode(kept)
-
     return render(
         request,
         "receive_log.html",
@@ -97,6 +97,6 @@ def receive_log_page(
         page_no=page,
         per=per,
         page_sizes=PAGE_SIZES,
-        pages=max(1, math.ceil(total / per)),
-        page_url=page_url,
+        pages=page_count(total, per),
+        page_url=page_url(request, "web_receive_log", {**params, "page": page}),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,6 +31,7 @@ from node.db.models import JobState
 from node.services import jobs as job_service
 from node.services import objects as job_objects
 from node.services import quality
+from node.services import system as system_service
 from node.services.context import ServiceContext
 from node.services.errors import Gone, InvalidInput, NotFound
 from node.settings import DicomDestination, FhirDestination, Hl7Destination, StowDestination
@@ -37,11 +39,14 @@ from node.web import auth, charts
 
 __all__ = [
     "CSP",
+    "PAGE_SIZES",
     "ModelStatus",
     "PageUser",
     "login_redirect",
     "model_status",
     "page_context",
+    "page_count",
+    "page_url",
     "render",
     "router",
 ]
@@ -153,36 +158,12 @@ class ModelStatus:
         }
 
 
-def model_status(host: Any) -> ModelStatus:
-    """The model host's state (:class:`node.runtime.modelhost.ModelHost` or ``None``).
-
-    ``none`` when the node runs without a model; ``error`` when loading failed; ``ready``
-    once warmed up; ``loading`` otherwise.
-    """
-    if host is None:
-        return ModelStatus(state="none")
-    try:
-        info = dict(host.info() or {})
-    except Exception as exc:  # a broken host must not take the console down
-        return ModelStatus(state="error", error=type(exc).__name__)
-    demo = bool(info.get("demo"))
-    name = info.get("model_name")
-    version = info.get("model_version")
-    error = info.get("error")
-    state = str(info.get("state") or "")
-    if bool(getattr(host, "ready", False)):
-        state = "ready"
-    elif error:
-        state = "error"
-    elif state not in ("loading", "error", "ready"):
-        state = "loading"
-    return ModelStatus(
-        state=state,
-        demo=demo,
-        name=None if name is None else str(name),
-        version=None if version is None else str(version),
-        error=None if error is None else str(error),
-    )
+def model_status(ctx: ServiceContext) -> ModelStatus:
+    """What the page frame shows of this process's model
+    (:func:`node.services.system.model_state`): ``none`` without a model, ``error`` when
+    loading failed, ``ready`` once warmed up, ``loading`` otherwise."""
+    m = system_service.model_state(ctx)
+    return ModelStatus(state=m.state, demo=m.demo, name=m.name, version=m.version, error=m.error)
 
 
 def render(
@@ -212,7 +193,7 @@ def render(
         page_title=title,
         user=user,
         ae_title=settings.ae_title,
-        model=model_status(ctx.host()),
+        model=model_status(ctx),
         quality_alert=quality.alert_state(ctx) if user is not None else None,
         csrf_token=auth.csrf_token(request),
         csrf_header=auth.CSRF_HEADER,
@@ -250,6 +231,27 @@ def page_context(request: Request) -> ServiceContext:
     return auth.api_context(request)
 
 
+PAGE_SIZES = (25, 50, 100, 200)
+"""The page sizes a paged console list offers."""
+
+
+def page_url(request: Request, route: str, params: dict[str, Any]) -> Callable[..., str]:
+    """A function giving the URL of page ``route`` with the query ``params`` updated by its
+    keyword arguments (empty values left out): the links of a paged, filtered list."""
+    base = str(request.app.url_path_for(route))
+
+    def url(**changes: Any) -> str:
+        kept = {k: v for k, v in {**params, **changes}.items() if v not in ("", None)}
+        return base + ("?" + urlencode(kept) if kept else "")
+
+    return url
+
+
+def page_count(total: int, per: int) -> int:
+    """How many pages of ``per`` rows ``total`` rows fill (at least one)."""
+    return max(1, math.ceil(total / per))
+
+
 # --- static files ---------------------------------------------------------------------------
 
 
@@ -282,7 +284,6 @@ def login_page(request: Request, user: PageUser) -> Response:
 
 
 QUEUE_SORTS = tuple(views_db.SORT_COLUMNS)
-PAGE_SIZES = (25, 50, 100, 200)
 
 
 def _study_date(value: str | None) -> str | None:
@@ -361,10 +362,7 @@ def queue_page(
         "per": per,
     }
 
-    def queue_url(**changes: Any) -> str:
-        merged = {**params, "page": page, **changes}
-        kept = {k: v for k, v in merged.items() if v not in ("", None)}
-        return str(request.app.url_path_for("web_queue")) + "?" + urlencode(kept)
+    queue_url = page_url(request, "web_queue", {**params, "page": page})
 
     api_query = {k: v for k, v in search.items() if v not in ("", None)}
     return render(
@@ -382,7 +380,7 @@ def queue_page(
         page_no=page,
         per=per,
         page_sizes=PAGE_SIZES,
-        pages=max(1, math.ceil(total / per)),
+        pages=page_count(total, per),
         queue_url=queue_url,
         state=params["state"],
         jobs_api=f"{auth.JOBS_API}?{urlencode(api_query)}",
@@ -604,6 +602,6 @@ def summary(
     ctx = page_context(request)
     counts = job_service.counts(ctx).jobs
     return JSONResponse(
-        {"counts": counts, "model": model_status(ctx.host()).to_dict()},
+        {"counts": counts, "model": model_status(ctx).to_dict()},
         headers={"Cache-Control": "no-store"},
     )

@@ -3,29 +3,36 @@ and the last purge, instances and jobs per hour, model and warm-up, component he
 the audit log with filters and paging (all on the server, no script).
 
 Figures come from :func:`node.services.system.system_report`, the same as ``GET
-/api/system``; the audit log from :func:`node.services.system.audit_log`, the same as ``GET
+/api/system``; the audit log from :func:`node.services.jobs.audit_entries`, the same as ``GET
 /api/audit``. Viewers, operators and reviewers get the console's 403 page.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
-from urllib.parse import urlencode
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup, escape
 
+from node.services import jobs as job_service
 from node.services import system as system_service
 from node.web import charts
-from node.web.routes import PageUser, login_redirect, page_context, render
+from node.web.routes import (
+    PAGE_SIZES,
+    PageUser,
+    login_redirect,
+    page_context,
+    page_count,
+    page_url,
+    render,
+)
 
 __all__ = ["disk_bar", "fmt_bytes", "parse_time", "router"]
 
 router = APIRouter(include_in_schema=False)
 
-AUDIT_PAGE_SIZES = (25, 50, 100, 200)
 _BAR_W, _BAR_H = 320, 36
 _TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
 
@@ -144,7 +151,7 @@ def system_page(
         for name, raw, at in (("since", since, since_at), ("until", until, until_at))
         if raw.strip() and at is None
     ]
-    entries, total = system_service.audit_log(
+    entries, total = job_service.audit_entries(
         ctx,
         actor=actor.strip(),
         action=action.strip(),
@@ -154,13 +161,7 @@ def system_page(
         limit=per,
         offset=(page - 1) * per,
     )
-    pages = max(1, -(-total // per))
     filters = {"actor": actor, "action": action, "target": target, "since": since, "until": until}
-
-    def audit_url(**changes: Any) -> str:
-        params = {**filters, "per": per, "page": page, **changes}
-        query = urlencode({k: v for k, v in params.items() if v not in ("", None)})
-        return str(request.app.url_path_for("web_system")) + ("?" + query if query else "")
 
     return render(
         request,
@@ -179,8 +180,8 @@ def system_page(
         bad_times=bad,
         actions=system_service.audit_actions(ctx),
         audit_page=page,
-        pages=pages,
+        pages=page_count(total, per),
         per=per,
-        page_sizes=AUDIT_PAGE_SIZES,
-        audit_url=audit_url,
+        page_sizes=PAGE_SIZES,
+        audit_url=page_url(request, "web_system", {**filters, "per": per, "page": page}),
     )
