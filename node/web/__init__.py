@@ -6,10 +6,17 @@ see :mod:`node.web.routes` for the shared page machinery.
 
 from fastapi import APIRouter
 
-from node.web import delivery_pages, receive_pages, routes, rules_pages, system_pages
+from node.web import (
+    delivery_pages,
+    job_pages,
+    receive_pages,
+    routes,
+    rules_pages,
+    system_pages,
+)
 
 __all__ = ["router"]
 
 router = APIRouter(include_in_schema=False)
-for _pages in (routes, delivery_pages, receive_pages, rules_pages, system_pages):
+for _pages in (routes, job_pages, delivery_pages, receive_pages, rules_pages, system_pages):
     router.include_router(_pages.router)

@@ -1,0 +1,268 @@
+"""The job list: one row per job with its study's identity and its delivery state, and the
+queue's search, filters, sorting and paging (:class:`JobFilter`, :func:`filter_jobs`).
+
+Patient data (name, ID) in the rows is for the console and the API only, never logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from node.db.models import Delivery, DeliveryState, Job, JobState, Study
+
+__all__ = [
+    "DELIVERY_STATES",
+    "SORT_COLUMNS",
+    "JobFilter",
+    "JobRow",
+    "delivery_state",
+    "filter_jobs",
+    "job_row",
+]
+
+SORT_COLUMNS: dict[str, Any] = {
+    "id": Job.id,
+    "created": Job.created_at,
+    "updated": Job.updated_at,
+    "priority": Job.priority,
+    "state": Job.state,
+    "study_date": Study.study_date,
+    "patient_name": Study.patient_name,
+    "accession": Study.accession_number,
+}
+"""What the job list may be sorted on (``JobFilter.sort``)."""
+
+DELIVERY_STATES = ("none", "pending", "sent", "failed")
+"""A job's delivery state as shown beside its job state (see :func:`delivery_state`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFilter:
+    """Filters of the job list; every given criterion must hold (AND).
+
+    ``since``/``until`` bound ``created_at`` (``since`` inclusive, ``until`` exclusive);
+    ``destination`` matches jobs with a delivery to that destination (its text form).
+    ``text`` matches, case-insensitively and in part, the patient's name or ID, the
+    accession number, the study description or the Study Instance UID; each word must
+    match (``"doe jane"`` finds ``DOE^JANE``). ``patient``, ``accession``, ``calling_ae``
+    match their field in part; ``modality`` is one of the study's modalities;
+    ``study_date_from``/``study_date_to`` bound Study Date (YYYYMMDD, inclusive).
+    ``delivery`` is a :data:`DELIVERY_STATES` value. ``sort`` is a :data:`SORT_COLUMNS`
+    key, ``descending`` its direction (ties broken by job id).
+    """
+
+    states: Sequence[JobState] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    study_uid: str | None = None
+    destination: str | None = None
+    text: str | None = None
+    patient: str | None = None
+    accession: str | None = None
+    modality: str | None = None
+    calling_ae: str | None = None
+    study_date_from: str | None = None
+    study_date_to: str | None = None
+    delivery: str | None = None
+    sort: str = "id"
+    descending: bool = True
+    limit: int = 100
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= 1000:
+            raise ValueError(f"limit must be within 1..1000, got {self.limit}")
+        if self.offset < 0:
+            raise ValueError(f"offset must not be negative, got {self.offset}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} must be timezone-aware")
+        for name in ("study_date_from", "study_date_to"):
+            value = getattr(self, name)
+            if value is not None and not (len(value) == 8 and value.isdigit()):
+                raise ValueError(f"{name} must be a date as YYYYMMDD, got {value!r}")
+        if self.sort not in SORT_COLUMNS:
+            raise ValueError(f"sort must be one of {', '.join(SORT_COLUMNS)}, got {self.sort!r}")
+        if self.delivery is not None and self.delivery not in DELIVERY_STATES:
+            raise ValueError(
+                f"delivery must be one of {', '.join(DELIVERY_STATES)}, got {self.delivery!r}"
+            )
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job in a list, with its study's identity (patient data: pages and API only, never
+    logged) and its delivery state beside its job state."""
+
+    id: int
+    study_uid: str
+    state: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    updated_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    sr_uid: str | None
+    lease_owner: str | None
+    last_error: str | None
+    withdrawn_at: datetime | None = None
+    withdrawn_by: str | None = None
+    withdrawn_reason: str | None = None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    modalities: str | None = None
+    calling_ae: str | None = None
+    delivery_state: str = "none"
+    deliveries_failed: int = 0
+    rule: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (datetimes as ISO 8601); ``cxr-node jobs list --json``."""
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
+
+
+def delivery_state(states: Sequence[DeliveryState]) -> str:
+    """A job's delivery state from its deliveries' states.
+
+    ``failed`` when any delivery failed for good, else ``pending`` when any is still to be
+    sent, else ``sent`` when there are deliveries, else ``none``.
+    """
+    if not states:
+        return "none"
+    if DeliveryState.failed in states:
+        return "failed"
+    if any(s is not DeliveryState.sent for s in states):
+        return "pending"
+    return "sent"
+
+
+def job_row(job: Job, study: Study, deliveries: Sequence[DeliveryState] = ()) -> JobRow:
+    return JobRow(
+        id=job.id,
+        study_uid=study.study_instance_uid,
+        state=job.state.value,
+        priority=job.priority,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        sr_uid=job.sr_sop_instance_uid,
+        lease_owner=job.lease_owner,
+        last_error=job.last_error,
+        withdrawn_at=job.withdrawn_at,
+        withdrawn_by=job.withdrawn_by,
+        withdrawn_reason=job.withdrawn_reason,
+        patient_name=study.patient_name,
+        patient_id=study.patient_id,
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        study_description=study.study_description,
+        modalities=study.modalities,
+        calling_ae=study.calling_ae,
+        delivery_state=delivery_state(deliveries),
+        deliveries_failed=sum(1 for s in deliveries if s is DeliveryState.failed),
+        rule=job.rule,
+    )
+
+
+def _like(text: str) -> str:
+    """A case-insensitive LIKE pattern matching ``text`` anywhere (``\\`` escapes)."""
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _contains(column: Any, text: str) -> Any:
+    return func.lower(column).like(_like(text), escape="\\")
+
+
+def _conditions(flt: JobFilter) -> list[Any]:
+    conds: list[Any] = []
+    if flt.states:
+        conds.append(Job.state.in_([JobState(s) for s in flt.states]))
+    if flt.since is not None:
+        conds.append(Job.created_at >= flt.since)
+    if flt.until is not None:
+        conds.append(Job.created_at < flt.until)
+    if flt.study_uid:
+        conds.append(Study.study_instance_uid == flt.study_uid)
+    if flt.destination:
+        conds.append(
+            Job.id.in_(select(Delivery.job_id).where(Delivery.destination == flt.destination))
+        )
+    for word in (flt.text or "").replace("^", " ").split():
+        conds.append(
+            or_(
+                _contains(Study.patient_name, word),
+                _contains(Study.patient_id, word),
+                _contains(Study.accession_number, word),
+                _contains(Study.study_description, word),
+                _contains(Study.study_instance_uid, word),
+            )
+        )
+    for word in (flt.patient or "").replace("^", " ").split():
+        conds.append(or_(_contains(Study.patient_name, word), _contains(Study.patient_id, word)))
+    if flt.accession:
+        conds.append(_contains(Study.accession_number, flt.accession))
+    if flt.calling_ae:
+        conds.append(_contains(Study.calling_ae, flt.calling_ae))
+    if flt.modality:
+        conds.append(_contains(Study.modalities, flt.modality))
+    if flt.study_date_from:
+        conds.append(Study.study_date >= flt.study_date_from)
+    if flt.study_date_to:
+        conds.append(Study.study_date <= flt.study_date_to)
+    if flt.delivery is not None:
+        conds.append(_delivery_condition(flt.delivery))
+    return conds
+
+
+def _delivery_condition(state: str) -> Any:
+    has = select(Delivery.job_id).where(Delivery.job_id == Job.id)
+    failed = has.where(Delivery.state == DeliveryState.failed)
+    open_ = has.where(Delivery.state == DeliveryState.pending)
+    if state == "none":
+        return ~has.exists()
+    if state == "failed":
+        return failed.exists()
+    if state == "pending":
+        return and_(~failed.exists(), open_.exists())
+    return and_(has.exists(), ~failed.exists(), ~open_.exists())
+
+
+def filter_jobs(session: Session, flt: JobFilter) -> tuple[list[JobRow], int]:
+    """Jobs matching ``flt`` in its order (default newest first), and the number of matches."""
+    conds = _conditions(flt)
+    base = select(Job, Study).join(Study, Study.id == Job.study_id)
+    count_stmt = select(func.count(Job.id)).join(Study, Study.id == Job.study_id)
+    if conds:
+        base = base.where(*conds)
+        count_stmt = count_stmt.where(*conds)
+    total = int(session.scalar(count_stmt) or 0)
+    column = SORT_COLUMNS[flt.sort]
+    order = [column.desc(), Job.id.desc()] if flt.descending else [column.asc(), Job.id.asc()]
+    rows = session.execute(base.order_by(*order).limit(flt.limit).offset(flt.offset)).all()
+    states: dict[int, list[DeliveryState]] = {}
+    ids = [job.id for job, _study in rows]
+    if ids:
+        for job_id, d_state in session.execute(
+            select(Delivery.job_id, Delivery.state).where(Delivery.job_id.in_(ids))
+        ):
+            if job_id is not None:
+                states.setdefault(int(job_id), []).append(DeliveryState(d_state))
+    return [job_row(job, study, states.get(job.id, ())) for job, study in rows], total
