@@ -156,7 +156,9 @@
     tr.appendChild(el("td", null, String(j.modalities || "").split("\\").join(", ")));
     tr.appendChild(el("td", null, j.calling_ae || ""));
     var st = el("td");
-    st.appendChild(el("span", { class: "badge state-" + j.state }, j.state));
+    var badge = el("span", { class: "badge state-" + j.state }, j.state);
+    if (j.last_error) badge.setAttribute("title", j.last_error);  // e.g. why a study was skipped
+    st.appendChild(badge);
     tr.appendChild(st);
     var dl = el("td");
     if (j.delivery_state && j.delivery_state !== "none") {
