@@ -38,7 +38,7 @@ from node.settings import Settings
 if TYPE_CHECKING:
     from models.runtime import LLMCXR
 
-__all__ = ["register", "tokens_app"]
+__all__ = ["actor", "cli_services", "fail", "register", "tokens_app"]
 
 err = Console(stderr=True)
 tokens_app = typer.Typer(help="API tokens: create, revoke, list.", no_args_is_help=True)
@@ -58,11 +58,13 @@ def actor() -> str:
     return f"cli:{user}"[:128]
 
 
-def _services() -> AbstractContextManager[ServiceContext]:
+def cli_services() -> AbstractContextManager[ServiceContext]:
+    """The services' context on the configured database (as ``api_tokens`` is reachable)."""
     return services(_settings(), table="api_tokens")
 
 
-def _fail(exc: BaseException) -> typer.Exit:
+def fail(exc: BaseException) -> typer.Exit:
+    """Print ``exc`` (its type and message: no patient data) to stderr; exit status 1."""
     err.print(f"{type(exc).__name__}: {exc}", markup=False, highlight=False)
     return typer.Exit(1)
 
@@ -78,12 +80,12 @@ def jobs_show(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
-    """Show one job: state, timings, draft text, SR UID, deliveries, audit trail."""
-    with _services() as ctx:
+    """Show one job: state, timings, draft text, SR UID, deliveries, its history."""
+    with cli_services() as ctx:
         try:
             d = job_service.detail(ctx, job_id)
         except LookupError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     data = _jsonable(asdict(d))
     if as_json:
         typer.echo(json.dumps(data, sort_keys=True))
@@ -127,16 +129,23 @@ def jobs_show(
             markup=False,
             highlight=False,
         )
+    for e in d.events:
+        detail = " ".join(f"{k}={v}" for k, v in (e.detail or {}).items() if v is not None)
+        out.print(
+            f"  {e.at.isoformat(timespec='seconds')} {e.kind:<9} {e.actor or ''} {detail}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def jobs_retry(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Queue a failed or cancelled job again (audited)."""
 
-    with _services() as ctx:
+    with cli_services() as ctx:
         try:
             job = job_service.requeue(ctx, job_id, actor=actor())
         except (LookupError, ValueError) as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     typer.echo(f"job {job.id}: {job.state}")
 
 
@@ -146,21 +155,21 @@ def jobs_cancel(
 ) -> None:
     """Cancel a job that has not finished (audited)."""
 
-    with _services() as ctx:
+    with cli_services() as ctx:
         try:
             job = job_service.cancel(ctx, job_id, actor=actor(), reason=reason)
         except (LookupError, ValueError) as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     typer.echo(f"job {job.id}: {job.state}")
 
 
 def jobs_resend(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Send the job's objects again to their destinations (audited)."""
-    with _services() as ctx:
+    with cli_services() as ctx:
         try:
             ids = job_service.resend(ctx, job_id, actor=actor())
         except (LookupError, ValueError) as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     typer.echo(f"job {job_id}: {len(ids)} deliveries queued again")
 
 
@@ -172,11 +181,11 @@ def jobs_withdraw(
 
     The withdrawals are queued; a running ``cxr-node serve`` sends them.
     """
-    with _services() as ctx:
+    with cli_services() as ctx:
         try:
             result = job_service.withdraw(ctx, job_id, actor=actor(), reason=reason)
         except (LookupError, ValueError) as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     typer.echo(
         f"job {job_id}: draft withdrawn; {len(result.cancelled)} unsent object(s) cancelled, "
         f"{len(result.queued)} withdrawal(s) queued"
@@ -191,11 +200,11 @@ def jobs_priority(
 ) -> None:
     """Re-prioritise a job (audited)."""
 
-    with _services() as ctx:
+    with cli_services() as ctx:
         try:
             row = job_service.set_priority(ctx, job_id, priority, actor=actor())
         except (LookupError, ValueError) as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     typer.echo(f"job {row.id}: priority {row.priority}")
 
 
@@ -209,11 +218,11 @@ def tokens_create(
 ) -> None:
     """Create an API token; the token is printed alone on the last line (shown once)."""
     label = name or f"{role.value}-token"
-    with _services() as ctx:
+    with cli_services() as ctx:
         try:
             row, secret = token_service.create_token(ctx, name=label, role=role, actor=actor())
         except ValueError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     err.print(f"token {row.id} ({row.name}, role {row.role}); store it now, it is shown once:")
     typer.echo(secret)
 
@@ -222,11 +231,11 @@ def tokens_create(
 def tokens_revoke(token_id: Annotated[int, typer.Argument(help="Token id.")]) -> None:
     """Revoke a token (its web sessions end too)."""
 
-    with _services() as ctx:
+    with cli_services() as ctx:
         try:
             row = token_service.revoke_token(ctx, token_id, actor=actor())
         except LookupError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     typer.echo(f"token {row.id} ({row.name}) revoked")
 
 
@@ -236,7 +245,7 @@ def tokens_list(
 ) -> None:
     """List tokens (never their secrets)."""
 
-    with _services() as ctx:
+    with cli_services() as ctx:
         rows = token_service.list_tokens(ctx)
     if as_json:
         typer.echo(json.dumps(_jsonable([asdict(r) for r in rows])))
@@ -283,7 +292,7 @@ def ask(
     except Exception as exc:
         if getattr(exc, "http_status", None) is None and not isinstance(exc, ValueError):
             raise
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         typer.echo(
             json.dumps(
@@ -321,7 +330,7 @@ def generate_image(
     try:
         g = runtime.generate_image(report, seed=seed, greedy=None if seed is None else False)
     except ValueError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.write_bytes(png_bytes(g.image))
     typer.echo(f"wrote {out} ({g.image.shape[1]}x{g.image.shape[0]}, {g.codes.size} codes)")
     if dicom is not None:

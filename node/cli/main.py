@@ -191,23 +191,45 @@ def jobs_list(
     state: Annotated[
         JobState | None, typer.Option("--state", help="Only jobs in this state.")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+    search: Annotated[
+        str | None,
+        typer.Option(
+            "--search",
+            help="Words each found in the patient's name or ID, accession, study "
+            "description or Study Instance UID (in part, any case).",
+        ),
+    ] = None,
+    delivery: Annotated[
+        str | None,
+        typer.Option("--delivery", help="Delivery state: none, pending, sent or failed."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 100,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first, with the study's identity and the delivery state."""
     settings = _settings()
-    flt = views_db.JobFilter(states=[state] if state else [], limit=limit)
+    try:
+        flt = views_db.JobFilter(
+            states=[state] if state else [], text=search, delivery=delivery, limit=limit
+        )
+    except ValueError as exc:
+        err.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
     with services(settings) as ctx:
         rows, _ = job_service.list_jobs(ctx, flt)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows]))
         return
     t = Table(title=f"jobs ({len(rows)})")
-    for col in ("id", "state", "study UID", "attempts", "prio", "SR UID", "updated", "last error"):
+    columns = ("id", "state", "delivery", "patient", "accession", "study UID", "attempts")
+    for col in (*columns, "prio", "SR UID", "updated", "last error"):
         t.add_column(col)
     for r in rows:
         t.add_row(
             str(r.id),
             r.state,
+            r.delivery_state,
+            " ".join(x for x in (r.patient_name, r.patient_id) if x),
+            r.accession_number or "",
             r.study_uid,
             f"{r.attempts}/{r.max_attempts}",
             str(r.priority),
@@ -245,6 +267,10 @@ def demo(
 from node.cli.admin import register as _register_admin  # noqa: E402
 
 _register_admin(app, jobs_app, _settings)
+
+from node.cli.deliveries import app as _deliveries_app  # noqa: E402
+
+app.add_typer(_deliveries_app, name="deliveries")
 
 
 def main() -> None:

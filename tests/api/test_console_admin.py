@@ -7,6 +7,7 @@ Real SQLite, the real API server over HTTP, real DICOM files; nothing mocked.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from io import BytesIO
 from typing import Any
@@ -370,3 +371,49 @@ def test_record_keeps_first_identity_and_collects_modalities(env: ApiEnv) -> Non
         studies_db.record_instance_detailed(s, record(study=study, modality="CR"))
         row = s.scalars(select(Study).where(Study.study_instance_uid == study)).one()
         assert (row.patient_name, row.patient_id, row.modalities) == ("DOE^JANE", "1", "CR\\DX")
+
+
+def test_cli_search_history_and_failed_deliveries(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cxr-node jobs list --search/--delivery``, ``jobs show`` (history) and ``deliveries
+    failed|resend`` on the same database as the API."""
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    env = make_env(model=False)
+    done = env.seed("done", destination="PACS@10.0.0.9:104")
+    other = env.seed("queued")
+    _identify(env, done, patient_name="DOE^JANE", accession_number="ACC-77")
+    monkeypatch.delenv("CXR_NODE_CONFIG", raising=False)
+    monkeypatch.setenv("CXR_NODE_DATABASE_URL", env.settings.database_url)
+    monkeypatch.setenv("CXR_NODE_SPOOL_DIR", str(env.settings.spool_dir))
+    monkeypatch.setenv("COLUMNS", "400")  # rich tables: room for every column
+    runner = CliRunner()
+
+    r = runner.invoke(app, ["jobs", "list", "--json", "--search", "jane doe"])
+    assert r.exit_code == 0, r.output
+    assert [j["id"] for j in json.loads(r.stdout)] == [done.job_id]
+    r = runner.invoke(app, ["jobs", "list", "--json", "--delivery", "none"])
+    assert [j["id"] for j in json.loads(r.stdout)] == [other.job_id]
+    assert runner.invoke(app, ["jobs", "list", "--delivery", "lost"]).exit_code == 2
+    human = runner.invoke(app, ["jobs", "list", "--search", "ACC-77"])
+    assert "ACC-77" in human.stdout and "failed" in human.stdout
+
+    shown = runner.invoke(app, ["jobs", "show", str(done.job_id)])
+    assert shown.exit_code == 0, shown.output
+    for kind in ("received", "queued", "claimed", "done"):
+        assert f" {kind} " in shown.stdout
+
+    r = runner.invoke(app, ["deliveries", "failed", "--json"])
+    assert r.exit_code == 0, r.output
+    failed = json.loads(r.stdout)
+    assert failed["total"] == 1 and failed["destinations"] == {"PACS@10.0.0.9:104": 1}
+    r = runner.invoke(app, ["deliveries", "resend", "--destination", "PACS@10.0.0.9:104"])
+    assert r.exit_code == 0 and "1 deliveries queued again" in r.stdout
+    assert (
+        runner.invoke(app, ["deliveries", "resend"]).exit_code == 1
+    )  # neither ids nor --destination
+    audit = env.audit("delivery.resend")
+    assert len(audit) == 1 and audit[0].actor.startswith("cli:")
