@@ -220,9 +220,12 @@ def jobs_list(
         typer.echo(json.dumps([r.to_dict() for r in rows]))
         return
     t = Table(title=f"jobs ({len(rows)})")
-    columns = ("id", "state", "delivery", "patient", "accession", "study UID", "attempts")
-    for col in (*columns, "prio", "SR UID", "updated", "last error"):
+    t.add_column("id", no_wrap=True)
+    t.add_column("state", no_wrap=True, min_width=9)  # the longest state: "cancelled"
+    t.add_column("delivery", no_wrap=True, min_width=7)
+    for col in ("patient", "accession", "study UID", "attempts", "prio", "SR UID", "updated"):
         t.add_column(col)
+    t.add_column("last error")
     for r in rows:
         t.add_row(
             str(r.id),
