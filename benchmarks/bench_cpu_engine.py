@@ -261,23 +261,18 @@ def run_engine(
 
 def main(argv: list[str] | None = None) -> None:
     """Write the GGUF files, run engine and transformers rows, print one table."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32, help="transformer layers (32 = dolly-v2-3b)")
+    bench_llm = bench_llm_module()
+    ap = bench_llm.option_parser(__doc__)
     ap.add_argument("--quants", default="f16,q8_0", help="comma list of f32,f16,q8_0,q4_k_m")
     ap.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers rows, or 'none'")
-    ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--decode-tokens", type=int, default=32, help="new tokens for decode tok/s")
     ap.add_argument("--report-tokens", type=int, default=150, help="new tokens of one report")
     ap.add_argument("--batch", type=int, default=4, help="parallel sequences for throughput")
-    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="default: all cores")
     ap.add_argument("--out-dir", type=Path, default=None, help="GGUF files (default: a tmp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files")
-    ap.add_argument("--bandwidth-gib", type=float, default=1.0)
-    ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = ap.parse_args(argv)
     threads = int(args.threads or os.cpu_count() or 1)
-    bench_llm = bench_llm_module()
     import torch
 
     torch.set_num_threads(threads)
@@ -342,9 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        limit = bw / r["weight_bytes_per_token"]
-        r["bandwidth_limit_tok_s"] = limit
-        r["fraction_of_limit"] = r["decode_tok_s"] / limit
+        limit = bench_llm.bandwidth_limit(r, bw)
         dec_x = r["decode_tok_s"] / ref["decode_tok_s"] if ref else float("nan")
         rep_x = ref["s_per_report"] / r["s_per_report"] if ref else float("nan")
         r["decode_x_bf16"], r["report_speedup_x_bf16"] = dec_x, rep_x

@@ -414,8 +414,7 @@ def finish_rows(
     (``*_x_ref`` keys)."""
     done = [r for r in rows if "skipped" not in r]
     for r in done:
-        r["bandwidth_limit_tok_s"] = bw / r["weight_bytes_per_token"]
-        r["fraction_of_limit"] = r["decode_tok_s"] / r["bandwidth_limit_tok_s"]
+        bench_llm.bandwidth_limit(r, bw)
         r["encode_s"] = encode_s
         r["e2e_s_per_study"] = encode_s + r["s_per_report"]
     ref = next((r for r in done if r["engine"] == reference), None)

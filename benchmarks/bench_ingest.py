@@ -51,12 +51,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 120.0) -> None:
-    """Block until something accepts connections on ``port``."""
+def wait_port(port: int, timeout: float = 120.0, source: str | None = None) -> None:
+    """Block until something accepts connections on ``port``.
+
+    Parameters
+    ----------
+    port
+        The port on 127.0.0.1.
+    timeout
+        Seconds before :class:`TimeoutError`.
+    source
+        The probe's own loopback address (default: the system's choice).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection(
+                ("127.0.0.1", port), 0.5, source_address=(source, 0) if source else None
+            ):
                 return
         except OSError:
             time.sleep(0.1)
@@ -72,6 +84,42 @@ def dcmtk(name: str) -> str:
     raise SystemExit(f"DCMTK {name} not found (apt-get install dcmtk)")
 
 
+def dx_dataset(
+    study: str, series: str, number: int, rows: int, cols: int, pixels: bytes
+) -> Dataset:
+    """One synthetic chest DX instance (16-bit, 12 bits stored, MONOCHROME2).
+
+    Parameters
+    ----------
+    study, series
+        Its Study and Series Instance UIDs.
+    number
+        Instance Number.
+    rows, cols
+        Its size; ``pixels`` holds ``rows * cols`` 16-bit values.
+    pixels
+        Pixel Data.
+
+    Returns
+    -------
+    Dataset
+        With file meta (Explicit VR Little Endian), a fresh SOP Instance UID.
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality, ds.BodyPartExamined, ds.PatientID = "DX", "CHEST", "BENCH"
+    ds.InstanceNumber = number
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels
+    return ds
+
+
 def make_files(out: Path, n: int, rows: int, cols: int, *, seed: int = 0) -> int:
     """Write ``n`` DX instances (16-bit, one study); return the bytes of one file."""
     out.mkdir(parents=True, exist_ok=True)
@@ -82,19 +130,8 @@ def make_files(out: Path, n: int, rows: int, cols: int, *, seed: int = 0) -> int
     study, series = generate_uid(), generate_uid()
     size = 0
     for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
-        ds.PatientID = "BENCH"
-        ds.InstanceNumber = i + 1
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels
+        ds = dx_dataset(study, series, i + 1, rows, cols, pixels)
+        ds.ViewPosition = "PA"
         path = out / f"{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         size = path.stat().st_size
@@ -135,6 +172,16 @@ def vm_hwm_kib(pid: int) -> int:
     return -1
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then wait (SIGKILL after a minute)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class Target:
     """A receiver under test."""
@@ -145,38 +192,64 @@ class Target:
 
     def stop(self) -> None:
         """SIGTERM, then wait."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
 
 
-def start_node(work: Path) -> Target:
-    """``python -m node.cli serve`` on a free port with its own spool and SQLite file."""
-    port = free_port()
+def spawn_node(
+    work: Path, port: int, spool: Path, database: Path, settings: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """``python -m node.cli serve`` (study completion held off, log ``work/node.log``).
+
+    Parameters
+    ----------
+    work
+        The benchmark's folder (its log goes there).
+    port
+        DICOM port.
+    spool, database
+        Its spool folder and SQLite file.
+    settings
+        Further ``CXR_NODE_*`` variables.
+
+    Returns
+    -------
+    subprocess.Popen
+        The running node; stop it with :func:`stop`.
+    """
     env = {
         **os.environ,
         "CXR_NODE_AE_TITLE": NODE_AET,
         "CXR_NODE_HOST": "127.0.0.1",
         "CXR_NODE_PORT": str(port),
-        "CXR_NODE_SPOOL_DIR": str(work / "node-spool"),
-        "CXR_NODE_DATABASE_URL": f"sqlite:///{work / 'node.sqlite3'}",
+        "CXR_NODE_SPOOL_DIR": str(spool),
+        "CXR_NODE_DATABASE_URL": f"sqlite:///{database}",
         "CXR_NODE_STUDY_QUIET_SECONDS": "3600",
         "CXR_NODE_STUDY_MAX_WAIT_SECONDS": "7200",
         "CXR_NODE_MIN_FREE_DISK_MB": "0",
         "CXR_NODE_LOG_LEVEL": "WARNING",
-        "CXR_NODE_API_PORT": str(free_port()),
+        **settings,
     }
     env.pop("CXR_NODE_CONFIG", None)
     with open(work / "node.log", "ab") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve"],
             env=env,
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def start_node(work: Path) -> Target:
+    """``python -m node.cli serve`` on a free port with its own spool and SQLite file."""
+    port = free_port()
+    proc = spawn_node(
+        work,
+        port,
+        work / "node-spool",
+        work / "node.sqlite3",
+        {"CXR_NODE_API_PORT": str(free_port())},
+    )
     try:
         wait_port(port, timeout=60)
     except TimeoutError:
@@ -186,17 +259,36 @@ def start_node(work: Path) -> Target:
     return Target("node (fsync)", port, proc)
 
 
-def start_storescp(work: Path) -> Target:
-    """DCMTK ``storescp -B`` (bit-preserving) writing into ``work/storescp``."""
-    port = free_port()
-    out = work / "storescp"
+def spawn_storescp(out: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
+    """DCMTK ``storescp OPTIONS`` as ``NODE_AET`` on ``port``, writing into ``out`` (made).
+
+    Parameters
+    ----------
+    out
+        The folder it writes the received files into; it must not exist.
+    port
+        Its port.
+    *options
+        Its options (e.g. ``-B``, bit-preserving).
+
+    Returns
+    -------
+    subprocess.Popen
+        The running storescp; stop it with :func:`stop`.
+    """
     out.mkdir()
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "-B", "+xa", "-aet", NODE_AET, "-od", str(out), str(port)],
+    return subprocess.Popen(
+        [dcmtk("storescp"), *options, "-aet", NODE_AET, "-od", str(out), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=DCMTK_ENV,
     )
+
+
+def start_storescp(work: Path) -> Target:
+    """DCMTK ``storescp -B`` (bit-preserving) writing into ``work/storescp``."""
+    port = free_port()
+    proc = spawn_storescp(work / "storescp", port, "-B", "+xa")
     wait_port(port)
     return Target("storescp -B", port, proc)
 

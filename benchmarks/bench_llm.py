@@ -109,6 +109,28 @@ def weight_bytes_per_token(model: Any) -> int:
     return int(total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size())
 
 
+def bandwidth_limit(row: dict[str, Any], bw: float) -> float:
+    """Add the row's decode limit at read bandwidth ``bw`` and its fraction of it.
+
+    Parameters
+    ----------
+    row
+        A table row with ``weight_bytes_per_token`` and ``decode_tok_s``; gets
+        ``bandwidth_limit_tok_s`` and ``fraction_of_limit``.
+    bw
+        Read bandwidth, bytes per second.
+
+    Returns
+    -------
+    float
+        The limit: tokens per second if each token reads every weight once at ``bw``.
+    """
+    limit = bw / row["weight_bytes_per_token"]
+    row["bandwidth_limit_tok_s"] = limit
+    row["fraction_of_limit"] = row["decode_tok_s"] / limit
+    return limit
+
+
 def run_one(
     layers: int, dtype_name: str, prompt_tokens: int, decode_tokens: int, repeats: int
 ) -> dict[str, Any]:
@@ -157,17 +179,37 @@ def run_one(
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse options, run fp32 and bf16, print one table."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def option_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options this benchmark shares with ``bench_cpu_engine.py``.
+
+    Parameters
+    ----------
+    description
+        The script's ``__doc__``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        With ``--layers``, ``--prompt-tokens``, ``--repeats``, ``--bandwidth-gib`` and
+        ``--json``; the script adds its own.
+    """
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
     ap.add_argument("--layers", type=int, default=32, help="transformer layers (32 = dolly-v2-3b)")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16")
     ap.add_argument("--prompt-tokens", type=int, default=300)
-    ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="tensor size for bandwidth")
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse options, run fp32 and bf16, print one table."""
+    ap = option_parser(__doc__)
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16")
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,9 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        limit = bw / r["weight_bytes_per_token"]
-        r["bandwidth_limit_tok_s"] = limit
-        r["fraction_of_limit"] = r["decode_tok_s"] / limit
+        limit = bandwidth_limit(r, bw)
         print(
             f"{r['dtype']:<6}{r['params'] / 1e9:>9.2f}B{r['weight_bytes_per_token'] / 1e9:>10.2f}"
             f"{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}{limit:>13.2f}"

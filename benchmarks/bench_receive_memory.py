@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,29 +39,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-REPO = Path(__file__).resolve().parents[1]
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-NODE_AET = "LLMCXR"
-CALLING = "BENCH"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def dcmtk(name: str) -> str:
-    """DCMTK's binary (the venv's pynetdicom apps of the same name are scripts)."""
-    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
-        p = Path(d) / name
-        if p.is_file() and os.access(p, os.X_OK) and p.read_bytes()[:2] != b"#!":
-            return str(p)
-    raise SystemExit(f"DCMTK {name} not found (apt-get install dcmtk)")
+# the DCMTK, node and data helpers of the ingest benchmark (reused, not copied)
+from bench_ingest import (
+    CALLING,
+    DCMTK_ENV,
+    NODE_AET,
+    dcmtk,
+    dx_dataset,
+    free_port,
+    spawn_node,
+    spawn_storescp,
+    stop,
+    wait_port,
+)
 
 
 def make_files(out: Path, n: int, megabytes: int) -> list[Path]:
@@ -74,18 +66,7 @@ def make_files(out: Path, n: int, megabytes: int) -> list[Path]:
     study, series = generate_uid(), generate_uid()
     paths = []
     for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.Modality, ds.BodyPartExamined, ds.PatientID = "DX", "CHEST", "BENCH"
-        ds.InstanceNumber = i + 1
-        ds.Rows = ds.Columns = side
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels
+        ds = dx_dataset(study, series, i + 1, side, side, pixels)
         path = out / f"{i:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -103,62 +84,25 @@ def status_kib(pid: int, key: str) -> int:
     return 0
 
 
-def wait_port(port: int, timeout: float = 60.0) -> None:
-    """Block until something accepts connections on ``port`` (a probe from 127.0.0.9)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(
-                ("127.0.0.1", port), 0.5, source_address=("127.0.0.9", 0)
-            ):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on port {port}")
-
-
 def start_node(work: Path, connections: int) -> tuple[subprocess.Popen[bytes], int]:
     """A fresh ``cxr-node serve`` with its own spool and SQLite file, enough slots."""
     port = free_port()
     shutil.rmtree(work / "node", ignore_errors=True)
     (work / "node").mkdir()
-    env = {
-        **os.environ,
-        "CXR_NODE_AE_TITLE": NODE_AET,
-        "CXR_NODE_HOST": "127.0.0.1",
-        "CXR_NODE_PORT": str(port),
-        "CXR_NODE_SPOOL_DIR": str(work / "node" / "spool"),
-        "CXR_NODE_DATABASE_URL": f"sqlite:///{work / 'node' / 'node.sqlite3'}",
-        "CXR_NODE_STUDY_QUIET_SECONDS": "3600",
-        "CXR_NODE_STUDY_MAX_WAIT_SECONDS": "7200",
-        "CXR_NODE_MIN_FREE_DISK_MB": "0",
-        "CXR_NODE_MAX_ASSOCIATIONS": str(connections + 2),
-        "CXR_NODE_MAX_ASSOCIATIONS_PER_ADDRESS": str(connections + 2),
-        "CXR_NODE_LOG_LEVEL": "WARNING",
-        "CXR_NODE_API_ENABLED": "false",
-    }
-    env.pop("CXR_NODE_CONFIG", None)
-    with open(work / "node.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve"],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    wait_port(port)
+    proc = spawn_node(
+        work,
+        port,
+        work / "node" / "spool",
+        work / "node" / "node.sqlite3",
+        {
+            "CXR_NODE_MAX_ASSOCIATIONS": str(connections + 2),
+            "CXR_NODE_MAX_ASSOCIATIONS_PER_ADDRESS": str(connections + 2),
+            "CXR_NODE_API_ENABLED": "false",
+        },
+    )
+    wait_port(port, 60.0, source="127.0.0.9")
     time.sleep(1.0)  # settle after start-up
     return proc, port
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then wait."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def send_dcmtk(port: int, files: list[Path]) -> None:
@@ -226,15 +170,9 @@ def storescp_peak(work: Path, files: list[Path]) -> float:
     port = free_port()
     out = work / "storescp"
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "--fork", "+B", "-aet", NODE_AET, "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=DCMTK_ENV,
-    )
+    proc = spawn_storescp(out, port, "--fork", "+B")
     try:
-        wait_port(port)
+        wait_port(port, 60.0, source="127.0.0.9")
         time.sleep(0.5)
         idle = status_kib(proc.pid, "VmRSS")
         peak = 0

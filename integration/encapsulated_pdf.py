@@ -34,12 +34,11 @@ import datetime as dt
 import re
 import warnings
 
-import highdicom as hd
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from integration.errors import EncapsulatedPdfError
+from integration.sr import algorithm_equipment
 
 __all__ = [
     "DOCUMENT_CONCEPT",
@@ -196,9 +195,15 @@ def build_encapsulated_pdf(
         attributes["InstitutionName"] = institution_name[:_MAX_LO]
     attributes["ConversionType"] = "WSD"  # SC Equipment (C.8.6.1): workstation
     attributes |= _document_attributes(pdf, source, instance_number, local, document_title)
+    # the algorithm (PS3.3 C.12.1); the description says it is an unverified (DEMO) draft
+    contribution = f"AI draft report generation ({'DEMO model, ' if demo else ''}not verified)"
     attributes["ContributingEquipmentSequence"] = [
-        _contributing_equipment(
-            manufacturer, algorithm_name, algorithm_version, institution_name, demo=demo
+        algorithm_equipment(
+            algorithm_name=algorithm_name,
+            algorithm_version=algorithm_version,
+            manufacturer=manufacturer,
+            institution_name=institution_name,
+            description=contribution,
         )
     ]
     for keyword, value in attributes.items():
@@ -332,32 +337,6 @@ def _document_attributes(
         "EncapsulatedDocument": pdf + (b"\x00" if len(pdf) % 2 else b""),
         "EncapsulatedDocumentLength": len(pdf),
     }
-
-
-def _contributing_equipment(
-    manufacturer: str,
-    algorithm_name: str,
-    algorithm_version: str,
-    institution_name: str | None,
-    *,
-    demo: bool,
-) -> hd.ContributingEquipment:
-    """The algorithm as a Contributing Equipment Sequence (0018,A001) item (PS3.3 C.12.1).
-
-    Purpose of Reference (109102, DCM, "Processing Equipment"); Manufacturer's Model Name
-    and Software Versions name the model; the description says it is an unverified draft
-    (and a DEMO model), cut to VR LO.
-    """
-    return hd.ContributingEquipment(
-        manufacturer=manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=algorithm_name,
-        software_versions=algorithm_version,
-        institution_name=institution_name,
-        contribution_description=(
-            f"AI draft report generation ({'DEMO model, ' if demo else ''}not verified)"
-        )[:_MAX_LO],
-    )
 
 
 def _file_meta(sop_instance_uid: str) -> FileMetaDataset:

@@ -5,7 +5,6 @@ the real model host, and studies seeded through the repository (real DICOM in th
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from node.api.server import ApiServer, make_api_server
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
 from node.db.engine import make_engine, make_session_factory
-from node.db.instance_record import InstanceRecord
 from node.db.jobs import transition
 from node.db.migrate import upgrade
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Draft, Job, utcnow
@@ -36,6 +34,7 @@ from node.services.tokens import create_token
 from node.settings import Settings, load_settings
 from tests.helpers import free_port, rg1_file
 from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)
+from tests.node.factories import record
 
 ROLES = ("viewer", "operator", "admin")
 UID_ROOT = "1.2.826.0.1.3680043.10.4242"
@@ -159,22 +158,16 @@ class ApiEnv:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         now = utcnow()
-        rec = InstanceRecord(
-            study_uid=study,
-            series_uid=series,
-            sop_instance_uid=sop,
+        rec = record(
+            study=study,
+            series=series,
+            sop=sop,
+            content=data,
+            at=now,
+            spool_path=rel,
             sop_class_uid=str(ds.SOPClassUID),
             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            modality="CR",
-            body_part_examined="CHEST",
-            study_description=None,
-            series_description=None,
             view_position=view,
-            spool_path=rel,
-            size_bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            calling_ae="PACS",
-            received_at=now,
         )
         with self.sessions() as s:
             res = studies_db.record_instance_detailed(s, rec)

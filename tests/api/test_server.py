@@ -9,9 +9,8 @@ import httpx
 import pytest
 
 from node.api.server import make_api_server
-from node.runtime.service import run_node
 from node.settings import load_settings
-from tests.helpers import free_port, port_open, wait_for
+from tests.helpers import free_port, node_thread, port_open, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,18 +23,9 @@ def test_run_node_serves_the_api_and_stops_it(tmp_path: Path) -> None:
         api_port=free_port(),
     )
     stop = threading.Event()
-    codes: list[int] = []
-    thread = threading.Thread(
-        target=lambda: codes.append(
-            run_node(
-                settings,
-                stop_event=stop,
-                extra_components=[make_api_server],
-                shutdown_grace_seconds=1,
-            )
-        )
+    thread, codes = node_thread(
+        settings, stop, extra_components=[make_api_server], shutdown_grace_seconds=1
     )
-    thread.start()
     try:
         wait_for(lambda: port_open(settings.api_port), timeout=60)
         r = httpx.get(f"http://127.0.0.1:{settings.api_port}/health")

@@ -22,15 +22,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from integration.sr import build_draft_sr
-from integration.uids import sr_instance_uid, sr_series_uid
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
-from node.db.models import Job, JobState, Study, StudyState, utcnow
+from node.db.models import Delivery, utcnow
+from node.runtime.delivery import DeliveryComponent
 from node.runtime.service import NodeContext
 from node.settings import Settings, load_settings
-from tests.helpers import free_port, rg1_file
+from tests.helpers import free_port, node_draft_sr, rg1_file
 from tests.node.conftest import db_url, pg_schema_url
+from tests.node.factories import add_done_job
 
 __all__ = ["db_url", "pg_schema_url"]
 
@@ -57,26 +57,11 @@ class SRFactory:
         if version in self.made:
             path = self.made[version]
             return path, str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-        study = self.source.StudyInstanceUID
-        sr = build_draft_sr(
-            evidence=[self.source],
-            image_read=self.source,
+        sr = node_draft_sr(
+            self.source,
             findings="Heart size normal.",
             impression="No acute cardiopulmonary process.",
-            algorithm_name="LLM-CXR",
-            algorithm_version=version,
-            manufacturer="llm-cxr-node",
-            software_version="llm-cxr-node test",
-            demo=True,
-            sop_instance_uid=sr_instance_uid(
-                study,
-                "LLM-CXR",
-                version,
-                inputs=[self.source.SOPInstanceUID],
-                findings="Heart size normal.",
-                impression="No acute cardiopulmonary process.",
-            ),
-            series_instance_uid=sr_series_uid(study, "LLM-CXR", version),
+            version=version,
             series_number=9901,
             instance_number=1,
         )
@@ -98,26 +83,8 @@ def make_sr(tmp_path_factory: pytest.TempPathFactory, rg1_header: Dataset) -> SR
 
 def make_job(factory: sessionmaker[Session]) -> int:
     """A study and a ``done`` job (synthetic UID) to hang deliveries on; returns the job id."""
-    now = utcnow()
     with factory() as session:
-        study = Study(
-            study_instance_uid=f"2.25.{uuid.uuid4().int}",
-            state=StudyState.complete,
-            first_received_at=now,
-            last_received_at=now,
-            receiving_since=now,
-            completed_at=now,
-        )
-        session.add(study)
-        session.flush()
-        job = Job(
-            study_id=study.id,
-            state=JobState.done,
-            created_at=now,
-            updated_at=now,
-            finished_at=now,
-        )
-        session.add(job)
+        job = add_done_job(session, f"2.25.{uuid.uuid4().int}", at=utcnow())
         session.commit()
         return job.id
 
@@ -230,6 +197,22 @@ class NodeDB:
     engine: Engine
     factory: sessionmaker[Session]
 
+    def delivery(self, delivery_id: int) -> Delivery:
+        """The ``deliveries`` row ``delivery_id`` as it is now (a fresh session).
+
+        Parameters
+        ----------
+        delivery_id
+            Its primary key; the row must exist.
+
+        Returns
+        -------
+        Delivery
+            The row, detached from its closed session.
+        """
+        with self.factory() as s:
+            return s.get_one(Delivery, delivery_id)
+
 
 @pytest.fixture
 def node_db(db_url: str) -> Iterator[NodeDB]:
@@ -238,6 +221,15 @@ def node_db(db_url: str) -> Iterator[NodeDB]:
     eng = make_engine(db_url)
     yield NodeDB(db_url, eng, make_session_factory(eng))
     eng.dispose()
+
+
+@pytest.fixture
+def senders() -> Iterator[list[DeliveryComponent]]:
+    """Delivery components started by a test; stopped at teardown."""
+    started: list[DeliveryComponent] = []
+    yield started
+    for c in started:
+        c.stop()
 
 
 def delivery_settings(db: NodeDB, tmp_path: Path, **overrides: Any) -> Settings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,20 +29,6 @@ from tests.delivery.conftest import (
 )
 from tests.dicom.orthanc import OrthancServer
 from tests.helpers import free_port, wait_for
-
-
-def _row(db: NodeDB, delivery_id: int) -> Delivery:
-    with db.factory() as s:
-        return s.get_one(Delivery, delivery_id)
-
-
-@pytest.fixture
-def senders() -> Iterator[list[DeliveryComponent]]:
-    """Delivery components started by a test; stopped at teardown."""
-    started: list[DeliveryComponent] = []
-    yield started
-    for c in started:
-        c.stop()
 
 
 def _start(
@@ -75,15 +61,15 @@ def test_pacs_down_then_back_gets_the_sr_exactly_once(
         (did,) = enqueue_deliveries(s, job_id=job, sr_path=sr_path, destinations=[dest])
 
     # the PACS is down: the sender retries with backoff, the row stays pending
-    wait_for(lambda: _row(node_db, did).attempts >= 3, timeout=60)
-    row = _row(node_db, did)
+    wait_for(lambda: node_db.delivery(did).attempts >= 3, timeout=60)
+    row = node_db.delivery(did)
     assert row.state is DeliveryState.pending
     assert "cannot connect" in (row.last_error or "") and row.sent_at is None
 
     pacs = pacs_factory(port)  # back on the same port
-    wait_for(lambda: _row(node_db, did).state is DeliveryState.sent, timeout=60)
+    wait_for(lambda: node_db.delivery(did).state is DeliveryState.sent, timeout=60)
     senders[0].stop()  # no further send can happen after this
-    row = _row(node_db, did)
+    row = node_db.delivery(did)
     assert row.sent_at is not None and row.last_error is None
     assert pacs.received == [sr_uid]
     assert pacs.calling == ["LLMCXR"]  # calling AE = settings.ae_title
@@ -103,8 +89,8 @@ def test_destination_that_never_returns_ends_failed_with_reason(
     job = make_job(node_db.factory)
     with node_db.factory() as s:
         (did,) = enqueue_deliveries(s, job_id=job, sr_path=sr_path, destinations=[dest])
-    wait_for(lambda: _row(node_db, did).state is DeliveryState.failed, timeout=60)
-    row = _row(node_db, did)
+    wait_for(lambda: node_db.delivery(did).state is DeliveryState.failed, timeout=60)
+    row = node_db.delivery(did)
     assert row.attempts == 3
     assert "gave up after 3 attempts" in (row.last_error or "")
     assert f"cannot connect to {dest}" in (row.last_error or "")
@@ -154,12 +140,12 @@ def test_permanent_rejection_fails_without_retrying(
         assert set(outcomes) == {bad_id, good_id, missing_id}
         assert outcomes[bad_id].state == "failed" and outcomes[good_id].state == "sent"
         assert outcomes[good_id].sr_uid == sr_uid
-        bad = _row(node_db, bad_id)
+        bad = node_db.delivery(bad_id)
         assert bad.state is DeliveryState.failed and bad.attempts == 1
         assert "0xA900" in (bad.last_error or "") and "permanent" in (bad.last_error or "")
         assert pacs.received == [sr_uid]  # one attempt only
         assert good.received == [sr_uid]
-        missing = _row(node_db, missing_id)
+        missing = node_db.delivery(missing_id)
         assert missing.state is DeliveryState.failed
         assert "SR file missing" in (missing.last_error or "")
         assert "gone.dcm" in (missing.last_error or "")
@@ -183,7 +169,7 @@ def test_stow_rs_to_orthanc(
         job = make_job(node_db.factory)
         with node_db.factory() as s:
             (did,) = enqueue_deliveries(s, job_id=job, sr_path=sr_path, destinations=[dest])
-        wait_for(lambda: _row(node_db, did).state is DeliveryState.sent, timeout=60)
+        wait_for(lambda: node_db.delivery(did).state is DeliveryState.sent, timeout=60)
         instance = orthanc.find_instance(sr_uid)
         assert instance is not None
         tags = orthanc.simplified_tags(instance)
@@ -216,7 +202,7 @@ def test_two_senders_on_postgres_never_send_a_row_twice(
             with db.factory() as s:
                 ids += enqueue_deliveries(s, job_id=job, sr_path=path, destinations=[pacs.address])
         wait_for(lambda: len(pacs.received) >= n, timeout=120)
-        wait_for(lambda: all(_row(db, i).state is DeliveryState.sent for i in ids), timeout=60)
+        wait_for(lambda: all(db.delivery(i).state is DeliveryState.sent for i in ids), timeout=60)
         a.stop()
         b.stop()
         assert sorted(pacs.received) == sorted(uid for _, uid in files)  # each exactly once

@@ -12,14 +12,14 @@ for good) would show as at most 8 attempts and a row that never leaves ``failed`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
 
 from node.db.migrate import upgrade
-from node.db.models import AuditLog, Delivery, DeliveryState
+from node.db.models import AuditLog, DeliveryState
 from node.runtime.delivery import DeliveryComponent, enqueue_deliveries, make_delivery
 from node.runtime.scheduler import Chores, NodeScheduler
 from node.settings import Settings
@@ -35,19 +35,6 @@ from tests.helpers import free_port, wait_for
 
 HORIZON_S = 4.0
 OLD_MAX_ATTEMPTS = 8
-
-
-def _row(db: NodeDB, delivery_id: int) -> Delivery:
-    with db.factory() as s:
-        return s.get_one(Delivery, delivery_id)
-
-
-@pytest.fixture
-def sender() -> Iterator[list[DeliveryComponent]]:
-    started: list[DeliveryComponent] = []
-    yield started
-    for c in started:
-        c.stop()
 
 
 def _settings(db: NodeDB, tmp_path: Path, dest: str, **overrides: object) -> Settings:
@@ -69,7 +56,7 @@ def test_pacs_down_is_retried_for_the_horizon_then_requeued_when_it_echoes(
     tmp_path: Path,
     make_sr: SRFactory,
     pacs_factory: Callable[..., PacsSCP],
-    sender: list[DeliveryComponent],
+    senders: list[DeliveryComponent],
 ) -> None:
     port = free_port()
     dest = f"PACS@127.0.0.1:{port}"
@@ -77,7 +64,7 @@ def test_pacs_down_is_retried_for_the_horizon_then_requeued_when_it_echoes(
     component = make_delivery(node_context(node_db, settings))
     component.poll_seconds = 0.05
     component.start()
-    sender.append(component)
+    senders.append(component)
     sr_path, sr_uid = make_sr("horizon")
     with node_db.factory() as s:
         (did,) = enqueue_deliveries(
@@ -88,9 +75,9 @@ def test_pacs_down_is_retried_for_the_horizon_then_requeued_when_it_echoes(
             s, job_id=make_job(node_db.factory), sr_path=tmp_path / "gone.dcm", destinations=[dest]
         )
     t0 = time.monotonic()
-    wait_for(lambda: _row(node_db, did).state is DeliveryState.failed, timeout=60)
+    wait_for(lambda: node_db.delivery(did).state is DeliveryState.failed, timeout=60)
     failed_after = time.monotonic() - t0
-    row = _row(node_db, did)
+    row = node_db.delivery(did)
     assert row.attempts > OLD_MAX_ATTEMPTS  # the old fixed count gave up at 8
     assert failed_after >= HORIZON_S * 0.9  # not before the horizon
     assert row.queued_at is not None and row.last_attempt_at is not None
@@ -98,12 +85,12 @@ def test_pacs_down_is_retried_for_the_horizon_then_requeued_when_it_echoes(
     assert f"gave up after {row.attempts} attempts" in (row.last_error or "")
     assert "cannot connect" in (row.last_error or "")
     assert row.permanent_failure is False
-    gone = _row(node_db, gone_id)
+    gone = node_db.delivery(gone_id)
     assert gone.state is DeliveryState.failed and gone.permanent_failure is True
 
     chores = Chores(settings, node_db.factory)
     assert chores.recheck_deliveries() == {}  # still down: C-ECHO refused, nothing re-queued
-    assert _row(node_db, did).state is DeliveryState.failed
+    assert node_db.delivery(did).state is DeliveryState.failed
 
     pacs = pacs_factory(port)  # the PACS is back on its port
     scheduler = NodeScheduler(
@@ -111,14 +98,14 @@ def test_pacs_down_is_retried_for_the_horizon_then_requeued_when_it_echoes(
     )  # every 1.2 s
     scheduler.start()
     try:
-        wait_for(lambda: _row(node_db, did).state is DeliveryState.sent, timeout=60)
+        wait_for(lambda: node_db.delivery(did).state is DeliveryState.sent, timeout=60)
     finally:
         scheduler.stop()
     component.stop()
     assert pacs.received == [sr_uid]  # delivered once
-    row = _row(node_db, did)
+    row = node_db.delivery(did)
     assert row.attempts == 1 and row.last_error is None  # a fresh round after the re-queue
-    gone = _row(node_db, gone_id)
+    gone = node_db.delivery(gone_id)
     assert gone.state is DeliveryState.failed  # permanent: not re-queued
     with node_db.factory() as s:
         [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "delivery.requeue"))
@@ -153,10 +140,10 @@ def test_recheck_contacts_only_configured_destinations(
     finally:
         component.stop()
     assert {o.state for o in outcomes} == {"failed"}
-    assert "gave up after 1 attempts" in (_row(node_db, ids[1]).last_error or "")
+    assert "gave up after 1 attempts" in (node_db.delivery(ids[1]).last_error or "")
     pacs_factory(removed.port)  # back, but not configured any more
     assert Chores(settings, node_db.factory).recheck_deliveries() == {}
-    assert {_row(node_db, i).state for i in ids} == {DeliveryState.failed}
+    assert {node_db.delivery(i).state for i in ids} == {DeliveryState.failed}
 
 
 def test_migration_marks_old_permanent_failures(db_url: str) -> None:

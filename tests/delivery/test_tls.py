@@ -35,7 +35,7 @@ from tests.delivery.conftest import (
     make_job,
     node_context,
 )
-from tests.helpers import free_port, port_open, rg1_file, wait_for
+from tests.helpers import free_port, node_thread, port_open, rg1_file, wait_for
 
 
 @dataclass
@@ -67,12 +67,7 @@ def tls_node(tmp_path: Path, pki: PKI) -> Iterator[TlsNode]:
         tls_require_client_cert=True,
     )
     stop = threading.Event()
-    result: list[int] = []
-    thread = threading.Thread(
-        target=lambda: result.append(run_node(settings, stop_event=stop, shutdown_grace_seconds=2)),
-        daemon=True,
-    )
-    thread.start()
+    thread, result = node_thread(settings, stop, daemon=True, shutdown_grace_seconds=2)
     try:
         wait_for(lambda: port_open(port) or not thread.is_alive(), timeout=60)
         assert thread.is_alive(), "run_node exited during start-up"

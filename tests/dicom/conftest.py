@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from tests.dicom.orthanc import OrthancServer
-from tests.helpers import free_port, port_open, require_nih_pngs, rg1_file, wait_for
+from tests.helpers import (
+    free_port,
+    port_open,
+    require_binary,
+    require_nih_pngs,
+    rg1_file,
+    wait_for,
+)
 
 
 @functools.cache
@@ -150,7 +156,4 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
 
 def which_or_skip(name: str) -> str:
     """Path of a non-DCMTK tool (dciodvfy, gdcmconv) or skip."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (scripts/setup.sh --peers installs it)")
-    return path
+    return require_binary(name)

@@ -24,11 +24,9 @@ from integration.errors import (
     StoreFailedError,
 )
 from integration.scu import DicomDestination, echo, send_dataset
-from integration.sr import build_draft_sr
-from integration.uids import sr_instance_uid, sr_series_uid
 from tests.dicom.conftest import StoreSCP
 from tests.dicom.orthanc import OrthancServer
-from tests.helpers import free_port
+from tests.helpers import free_port, node_draft_sr
 
 CALLING = "LLMCXR"
 TEXT = "Herz normal groß; 心肺に異常なし"
@@ -39,25 +37,11 @@ def sr_file(tmp_path_factory: pytest.TempPathFactory, rg1_header: Dataset) -> Pa
     source = copy.deepcopy(rg1_header)
     source.SpecificCharacterSet = "ISO_IR 192"
     source.PatientName = "Müller^Jürgen"
-    sr = build_draft_sr(
-        evidence=[source],
-        image_read=source,
+    sr = node_draft_sr(
+        source,
         findings=TEXT,
         impression="No acute disease.",
-        algorithm_name="LLM-CXR",
-        algorithm_version="scu-test",
-        manufacturer="llm-cxr-node",
-        software_version="llm-cxr-node test",
-        demo=True,
-        sop_instance_uid=sr_instance_uid(
-            source.StudyInstanceUID,
-            "LLM-CXR",
-            "scu-test",
-            inputs=[source.SOPInstanceUID],
-            findings=TEXT,
-            impression="No acute disease.",
-        ),
-        series_instance_uid=sr_series_uid(source.StudyInstanceUID, "LLM-CXR", "scu-test"),
+        version="scu-test",
         series_number=9901,
         instance_number=1,
     )

@@ -9,35 +9,19 @@ import pytest
 from pydicom.dataset import Dataset
 
 from integration.errors import StowError
-from integration.sr import build_draft_sr
 from integration.stow import StowDestination, stow
-from integration.uids import sr_instance_uid, sr_series_uid
 from tests.dicom.orthanc import OrthancServer
-from tests.helpers import free_port
+from tests.helpers import free_port, node_draft_sr
 
 
 @pytest.fixture(scope="module")
 def sr(rg1_header: Dataset) -> Dataset:
-    study = rg1_header.StudyInstanceUID
-    return build_draft_sr(
-        evidence=[rg1_header],
-        image_read=rg1_header,
+    return node_draft_sr(
+        rg1_header,
         findings="Lungs are clear.",
         impression="Keine akuten Veränderungen.",
-        algorithm_name="LLM-CXR",
-        algorithm_version="stow-test",
-        manufacturer="llm-cxr-node",
-        software_version="llm-cxr-node test",
+        version="stow-test",
         demo=False,
-        sop_instance_uid=sr_instance_uid(
-            study,
-            "LLM-CXR",
-            "stow-test",
-            inputs=[rg1_header.SOPInstanceUID],
-            findings="Lungs are clear.",
-            impression="Keine akuten Veränderungen.",
-        ),
-        series_instance_uid=sr_series_uid(study, "LLM-CXR", "stow-test"),
         series_number=9902,
         instance_number=1,
     )

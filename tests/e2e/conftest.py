@@ -4,8 +4,6 @@ node started as ``python -m node.cli serve`` in a subprocess."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -15,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import REPO, free_port, port_open, wait_for
+from tests.helpers import REPO, free_port, node_env, port_open, spawn_node, terminate, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +59,7 @@ class NodeProcess:
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return terminate(self.proc, timeout=120)
 
 
 @pytest.fixture
@@ -80,27 +71,13 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
         port = port or free_port()
         workdir = tmp_path / f"node-{len(started)}"
         workdir.mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_NODE_")}
-        env.update(
-            {
-                "PYTHONPATH": str(REPO),
-                "CXR_NODE_PORT": str(port),
-                "CXR_NODE_DATABASE_URL": f"sqlite:///{workdir / 'node.sqlite3'}",
-                "CXR_NODE_SPOOL_DIR": str(workdir / "spool"),
-                "CXR_NODE_MIN_FREE_DISK_MB": "0",
-                "CXR_NODE_API_PORT": str(free_port()),
-            }
+        env = node_env(
+            port,
+            workdir,
+            {"PYTHONPATH": str(REPO), "CXR_NODE_API_PORT": str(free_port()), **settings},
         )
-        env.update(settings)
         log_path = workdir / "serve.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve"],
-                cwd=workdir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        proc = spawn_node(env, log_path, cwd=workdir)
         node = NodeProcess(proc, port, env, workdir, log_path)
         started.append(node)
         wait_for(lambda: port_open(port) or proc.poll() is not None, timeout=120)

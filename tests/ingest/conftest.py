@@ -20,6 +20,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -136,6 +137,27 @@ def start_scp(
     factory = make_session_factory(engine)
     spool = spool or Spool(settings.spool_dir)
     sink = IngestSink(settings=settings, session_factory=factory, spool=spool)
+    server = serve_storage(settings, sink, port)
+    return RunningSCP(port, settings, spool, sink, engine, factory, server)
+
+
+def serve_storage(settings: Settings, sink: IngestSink, port: int) -> ThreadedAssociationServer:
+    """The node's storage AE (as ``settings`` configure it) serving ``sink`` on ``port``.
+
+    Parameters
+    ----------
+    settings
+        AE title, allowed AEs, association limit and timeouts.
+    sink
+        Where received instances go (the SCP's event handlers).
+    port
+        Loopback port to listen on.
+
+    Returns
+    -------
+    ThreadedAssociationServer
+        The running server (not blocking); ``shutdown()`` stops it.
+    """
     ae = build_storage_ae(
         ae_title=settings.ae_title,
         allowed_aes=settings.allowed_aes,
@@ -145,7 +167,8 @@ def start_scp(
         network_timeout=settings.network_timeout,
     )
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers(sink))
-    return RunningSCP(port, settings, spool, sink, engine, factory, server)
+    assert server is not None  # block=False returns the server
+    return server
 
 
 @pytest.fixture

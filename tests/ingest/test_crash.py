@@ -4,10 +4,7 @@ acknowledged instance is present (file + row) and the study becomes exactly one 
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +15,7 @@ from sqlalchemy import select
 
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import Instance, Job, Study
-from tests.helpers import free_port, port_open, wait_for
+from tests.helpers import free_port, node_env, port_open, spawn_node, terminate, wait_for
 from tests.ingest.conftest import NODE_AET, cxr_dataset, scu
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -27,36 +24,23 @@ N_INSTANCES = 16
 KILL_AFTER = 5
 
 
-def _serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve"],
-            env=env,
-            stdout=fh,
-            stderr=fh,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-
-
 def test_sigkill_mid_study_loses_no_acknowledged_instance(tmp_path: Path) -> None:
     port = free_port()
     db = tmp_path / "node.sqlite3"
     spool = tmp_path / "spool"
-    env = {
-        **os.environ,
-        "CXR_NODE_AE_TITLE": NODE_AET,
-        "CXR_NODE_HOST": "127.0.0.1",
-        "CXR_NODE_PORT": str(port),
-        "CXR_NODE_SPOOL_DIR": str(spool),
-        "CXR_NODE_DATABASE_URL": f"sqlite:///{db}",
-        "CXR_NODE_ALLOWED_AES": "PACS",
-        "CXR_NODE_STUDY_QUIET_SECONDS": "3",
-        "CXR_NODE_MIN_FREE_DISK_MB": "0",
-        "CXR_NODE_API_PORT": str(free_port()),
-    }
-    env.pop("CXR_NODE_CONFIG", None)
+    env = node_env(
+        port,
+        tmp_path,
+        {
+            "CXR_NODE_AE_TITLE": NODE_AET,
+            "CXR_NODE_HOST": "127.0.0.1",
+            "CXR_NODE_ALLOWED_AES": "PACS",
+            "CXR_NODE_STUDY_QUIET_SECONDS": "3",
+            "CXR_NODE_API_PORT": str(free_port()),
+        },
+    )
     log = tmp_path / "node.log"
-    node = _serve(env, log)
+    node = spawn_node(env, log, append=True)
     wait_for(lambda: port_open(port), timeout=120)
 
     study = generate_uid()
@@ -94,7 +78,7 @@ def test_sigkill_mid_study_loses_no_acknowledged_instance(tmp_path: Path) -> Non
     node.wait(timeout=30)
     killed_at = len(acked)
     assert killed_at < N_INSTANCES, "the node was killed after the study was complete"
-    node = _serve(env, log)
+    node = spawn_node(env, log, append=True)
     try:
         wait_for(lambda: port_open(port), timeout=120)
         assert done.wait(timeout=300)
@@ -123,8 +107,4 @@ def test_sigkill_mid_study_loses_no_acknowledged_instance(tmp_path: Path) -> Non
         assert len(jobs()) == 1
         engine.dispose()
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            node.kill()
+        terminate(node, timeout=60)

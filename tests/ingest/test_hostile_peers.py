@@ -15,13 +15,10 @@ sockets (or 6 under TLS) blocked every other caller for 30 s (60 s).
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import ssl
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +43,7 @@ from integration.transport import BoundedAssociationServer, GuardedRequestHandle
 from integration.transport_limits import TransportLimits
 from node.settings import ConfigError, load_settings
 from tests.delivery.conftest import PKI, pki  # noqa: F401  (session fixture)
-from tests.helpers import REPO, free_port, wait_for
+from tests.helpers import free_port, node_env, spawn_node, terminate, wait_for
 from tests.ingest.conftest import (
     NODE_AET,
     PACS_AET,
@@ -207,29 +204,20 @@ class NodeProcess:
 def node_process(tmp_path: Path) -> Iterator[NodeProcess]:
     """``cxr-node serve`` (SCP + chores, SQLite) in a subprocess with default network bounds."""
     port = free_port()
-    env = {
-        **os.environ,
-        "CXR_NODE_AE_TITLE": NODE_AET,
-        "CXR_NODE_HOST": "127.0.0.1",
-        "CXR_NODE_PORT": str(port),
-        "CXR_NODE_SPOOL_DIR": str(tmp_path / "spool"),
-        "CXR_NODE_DATABASE_URL": f"sqlite:///{tmp_path / 'node.sqlite3'}",
-        "CXR_NODE_MIN_FREE_DISK_MB": "0",
-        "CXR_NODE_STUDY_QUIET_SECONDS": "3600",
-        "CXR_NODE_STUDY_MAX_WAIT_SECONDS": "7200",
-        "CXR_NODE_API_ENABLED": "false",
-        "CXR_NODE_LOG_LEVEL": "INFO",
-    }
-    env.pop("CXR_NODE_CONFIG", None)
+    env = node_env(
+        port,
+        tmp_path,
+        {
+            "CXR_NODE_AE_TITLE": NODE_AET,
+            "CXR_NODE_HOST": "127.0.0.1",
+            "CXR_NODE_STUDY_QUIET_SECONDS": "3600",
+            "CXR_NODE_STUDY_MAX_WAIT_SECONDS": "7200",
+            "CXR_NODE_API_ENABLED": "false",
+            "CXR_NODE_LOG_LEVEL": "INFO",
+        },
+    )
     log = tmp_path / "node.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve"],
-            cwd=REPO,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_node(env, log)
     node = NodeProcess(proc, port, tmp_path / "spool", log)
     try:
         # ready when a C-ECHO works; the bare probe before it holds a slot of 127.0.0.3 (not
@@ -239,12 +227,32 @@ def node_process(tmp_path: Path) -> Iterator[NodeProcess]:
         assert proc.poll() is None, f"node exited:\n{log.read_text()[-3000:]}"
         yield node
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc, timeout=30)
+
+
+def _tls_contexts(pki: PKI) -> tuple[ssl.SSLContext, ssl.SSLContext]:  # noqa: F811
+    """The node's server context (client certificates required, 2 s handshake) and the
+    PACS's client context, both from the test PKI.
+
+    Parameters
+    ----------
+    pki
+        The test CA and its leaf certificates.
+
+    Returns
+    -------
+    tuple of ssl.SSLContext
+        (server context, client context).
+    """
+    from node.tls import build_client_context, build_server_context
+
+    server_ctx = build_server_context(
+        cert_file=pki.node_cert, key_file=pki.node_key, ca_file=pki.ca, handshake_timeout=2
+    )
+    client_ctx = build_client_context(
+        ca_file=pki.ca, cert_file=pki.pacs_cert, key_file=pki.pacs_key
+    )
+    return server_ctx, client_ctx
 
 
 def _port_open(port: int, source: str) -> bool:
@@ -398,14 +406,7 @@ def test_a_tls_association_with_an_oversized_pdu_is_aborted(
     bounded_scp: Callable[..., BoundedSCP],
     pki: PKI,  # noqa: F811
 ) -> None:
-    from node.tls import build_client_context, build_server_context
-
-    server_ctx = build_server_context(
-        cert_file=pki.node_cert, key_file=pki.node_key, ca_file=pki.ca, handshake_timeout=2
-    )
-    client_ctx = build_client_context(
-        ca_file=pki.ca, cert_file=pki.pacs_cert, key_file=pki.pacs_key
-    )
+    server_ctx, client_ctx = _tls_contexts(pki)
     scp = bounded_scp(ssl_context=server_ctx)
     assoc = _associate(scp.port, ATTACKER, client_ctx)
     assert assoc.is_established
@@ -524,14 +525,7 @@ def test_silent_sockets_do_not_delay_a_tls_sender(
     bounded_scp: Callable[..., BoundedSCP],
     pki: PKI,  # noqa: F811
 ) -> None:
-    from node.tls import build_client_context, build_server_context
-
-    server_ctx = build_server_context(
-        cert_file=pki.node_cert, key_file=pki.node_key, ca_file=pki.ca, handshake_timeout=2
-    )
-    client_ctx = build_client_context(
-        ca_file=pki.ca, cert_file=pki.pacs_cert, key_file=pki.pacs_key
-    )
+    server_ctx, client_ctx = _tls_contexts(pki)
     scp = bounded_scp(ssl_context=server_ctx, tls_handshake_timeout=2)
     held = _silent(scp.port, 6)  # before: each held the accept loop for the handshake timeout
     trickler = socket.create_connection(("127.0.0.1", scp.port), timeout=5)

@@ -13,10 +13,8 @@ import inspect
 import io
 import os
 import shutil
-import signal
 import struct
 import subprocess
-import sys
 import time
 import tracemalloc
 import zlib
@@ -48,7 +46,16 @@ from integration.status import StoreStatus
 from node.runtime.dataset_error import DataSetError
 from node.runtime.dataset_source import InflateLimits
 from node.runtime.header import read_header
-from tests.helpers import free_port, port_open, require_nih_pngs, rg1_file, wait_for
+from tests.helpers import (
+    free_port,
+    node_env,
+    port_open,
+    require_nih_pngs,
+    rg1_file,
+    spawn_node,
+    terminate,
+    wait_for,
+)
 from tests.ingest.conftest import NODE_AET, PACS_AET, dcmtk, nih_png_dataset, start_scp, write
 
 pytestmark = pytest.mark.integration
@@ -180,27 +187,24 @@ def serve(
     tmpdir = tmpdir or base / "tmpdir"
     tmpdir.mkdir(exist_ok=True)
     spool = spool or base / "spool"
-    env = {
-        **os.environ,
-        "TMPDIR": str(tmpdir),
-        "CXR_NODE_AE_TITLE": NODE_AET,
-        "CXR_NODE_HOST": "127.0.0.1",
-        "CXR_NODE_PORT": str(port),
-        "CXR_NODE_SPOOL_DIR": str(spool),
-        "CXR_NODE_DATABASE_URL": f"sqlite:///{base / 'node.sqlite3'}",
-        "CXR_NODE_ALLOWED_AES": PACS_AET,
-        "CXR_NODE_MIN_FREE_DISK_MB": str(min_free_disk_mb),
-        "CXR_NODE_API_ENABLED": "false",
-        "CXR_NODE_DIMSE_TIMEOUT": "10",
-        "CXR_NODE_NETWORK_TIMEOUT": "10",
-        "CXR_NODE_ACSE_TIMEOUT": "10",
-    }
-    env.pop("CXR_NODE_CONFIG", None)
+    env = node_env(
+        port,
+        base,
+        {
+            "TMPDIR": str(tmpdir),
+            "CXR_NODE_AE_TITLE": NODE_AET,
+            "CXR_NODE_HOST": "127.0.0.1",
+            "CXR_NODE_SPOOL_DIR": str(spool),
+            "CXR_NODE_ALLOWED_AES": PACS_AET,
+            "CXR_NODE_MIN_FREE_DISK_MB": str(min_free_disk_mb),
+            "CXR_NODE_API_ENABLED": "false",
+            "CXR_NODE_DIMSE_TIMEOUT": "10",
+            "CXR_NODE_NETWORK_TIMEOUT": "10",
+            "CXR_NODE_ACSE_TIMEOUT": "10",
+        },
+    )
     log = base / "node.log"
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve"], env=env, stdout=fh, stderr=fh, cwd=REPO
-        )
+    proc = spawn_node(env, log, append=True)
     node = Node(proc, port, spool, tmpdir, log)
     deadline = time.monotonic() + 60
     while not port_open(port):
@@ -212,13 +216,7 @@ def serve(
 
 
 def stop(node: Node) -> None:
-    if node.proc.poll() is None:
-        node.proc.send_signal(signal.SIGTERM)
-        try:
-            node.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
-            node.proc.wait(timeout=10)
+    terminate(node.proc, timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from models.bundle import MANIFEST, BundleError, ModelBundle, sha256_file
 from models.demo import create_demo_bundle
@@ -238,39 +238,17 @@ def test_cli_generate(demo_bundle: ModelBundle, tmp_path: Path) -> None:
     png = tmp_path / "cxr.png"
     Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (300, 1))).save(png)
     runner = CliRunner()
-    res = runner.invoke(
-        app,
-        [
-            "generate",
-            str(demo_bundle.root),
-            "--image",
-            str(png),
-            "--max-new-tokens",
-            "3",
-            "--json",
-            "--dtype",
-            "float32",
-        ],
-    )
+
+    def generate(*options: str) -> Result:
+        """``generate BUNDLE --image PNG OPTIONS --json --dtype float32``."""
+        command = ["generate", str(demo_bundle.root), "--image", str(png), *options]
+        return runner.invoke(app, [*command, "--json", "--dtype", "float32"])
+
+    res = generate("--max-new-tokens", "3")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["demo"] is True and out["timings"]["tokens"] <= 3
-    res = runner.invoke(
-        app,
-        [
-            "generate",
-            str(demo_bundle.root),
-            "--image",
-            str(png),
-            "--question",
-            "Is it normal?",
-            "--max-new-tokens",
-            "2",
-            "--json",
-            "--dtype",
-            "float32",
-        ],
-    )
+    res = generate("--question", "Is it normal?", "--max-new-tokens", "2")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["question"] == "Is it normal?"
     res = runner.invoke(app, ["generate", str(demo_bundle.root)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from itertools import count
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,27 +36,88 @@ def record(
     content: bytes = b"pixels",
     at: datetime = T0,
     spool_path: str | None = None,
+    **fields: Any,
 ) -> InstanceRecord:
-    """An :class:`InstanceRecord` with sensible defaults (a chest CR)."""
+    """An :class:`InstanceRecord` with sensible defaults (a chest CR).
+
+    ``fields`` are further :class:`InstanceRecord` fields (e.g. ``view_position``,
+    ``sop_class_uid``); they win over the defaults.
+    """
     sop = sop or uid()
     series = series or f"{study}.1"
+    values: dict[str, Any] = {
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "view_position": "PA",
+        **fields,
+    }
     return InstanceRecord(
         study_uid=study,
         series_uid=series,
         sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
         modality=modality,
         body_part_examined=body_part,
         study_description=study_description,
         series_description=series_description,
-        view_position="PA",
         spool_path=spool_path or f"{study}/{series}/{sop}.dcm",
         size_bytes=len(content),
         sha256=hashlib.sha256(content).hexdigest(),
         calling_ae="PACS",
         received_at=at,
+        **values,
     )
+
+
+def add_done_job(
+    session: Session,
+    study_uid: str,
+    *,
+    at: datetime,
+    accession: str | None = None,
+    **job_fields: Any,
+) -> Job:
+    """A complete study and its ``done`` job, added and flushed (not committed).
+
+    Parameters
+    ----------
+    session
+        Where to add them.
+    study_uid
+        The study's Study Instance UID.
+    at
+        Every time stamp of the study and the job.
+    accession
+        The study's accession number.
+    **job_fields
+        Further :class:`Job` columns (e.g. ``sr_sop_instance_uid``).
+
+    Returns
+    -------
+    Job
+        The job, with its id.
+    """
+    study = Study(
+        study_instance_uid=study_uid,
+        state=StudyState.complete,
+        accession_number=accession,
+        first_received_at=at,
+        last_received_at=at,
+        receiving_since=at,
+        completed_at=at,
+    )
+    session.add(study)
+    session.flush()
+    job = Job(
+        study_id=study.id,
+        state=JobState.done,
+        created_at=at,
+        updated_at=at,
+        finished_at=at,
+        **job_fields,
+    )
+    session.add(job)
+    session.flush()
+    return job
 
 
 def seed_draft(
@@ -69,27 +131,9 @@ def seed_draft(
 ) -> int:
     """A study whose job is done with a report draft (rows, as the worker leaves them)."""
     with factory() as s:
-        study = Study(
-            study_instance_uid=study_uid,
-            state=StudyState.complete,
-            accession_number=accession,
-            first_received_at=at,
-            last_received_at=at,
-            receiving_since=at,
-            completed_at=at,
+        job = add_done_job(
+            s, study_uid, at=at, accession=accession, sr_sop_instance_uid=f"{study_uid}.9"
         )
-        s.add(study)
-        s.flush()
-        job = Job(
-            study_id=study.id,
-            state=JobState.done,
-            created_at=at,
-            updated_at=at,
-            finished_at=at,
-            sr_sop_instance_uid=f"{study_uid}.9",
-        )
-        s.add(job)
-        s.flush()
         s.add(
             Draft(
                 job_id=job.id,

@@ -20,14 +20,13 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import text
 
-from integration.sr import build_draft_sr
 from node.db.engine import make_engine
 from node.demo import DemoPacs
 from node.filemodes import PRIVATE_UMASK, apply_private_umask
 from node.runtime.completion import write_sr
 from node.runtime.spool import Spool
 from node.settings import load_settings
-from tests.helpers import rg1_file
+from tests.helpers import node_draft_sr, rg1_file
 
 
 def _mode(path: Path) -> int:
@@ -130,16 +129,11 @@ def test_existing_world_readable_database_is_tightened(tmp_path: Path) -> None:
 
 def _draft_sr() -> pydicom.Dataset:
     header = pydicom.dcmread(rg1_file(), stop_before_pixels=True)
-    return build_draft_sr(
-        evidence=[header],
-        image_read=header,
+    return node_draft_sr(
+        header,
         findings=None,
         impression="No acute findings.",
-        algorithm_name="LLM-CXR",
-        algorithm_version="test",
-        manufacturer="llm-cxr-node",
-        software_version="llm-cxr-node test",
-        demo=True,
+        version="test",
         sop_instance_uid="2.25.1001",
         series_instance_uid="2.25.1002",
         series_number=9900,

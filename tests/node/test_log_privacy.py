@@ -28,11 +28,10 @@ from sqlalchemy.exc import IntegrityError
 from integration.errors import SRBuildError
 from integration.privacy import REDACTED, redact_patient_values
 from integration.sc import build_synthetic_sc
-from integration.sr import build_draft_sr
 from node.db.engine import make_engine
 from node.logging_setup import WITHHELD, configure_logging
 from node.runtime.spool import spool_relative_path
-from tests.helpers import rg1_file
+from tests.helpers import node_draft_sr, rg1_file
 
 NAME = "DOE JOHN"
 BIRTH = "1962-07-30"  # ISO form: not a valid DA (PS3.5 6.2)
@@ -79,16 +78,11 @@ def _header(**values: str) -> pydicom.Dataset:
 
 
 def _sr(evidence: pydicom.Dataset) -> hd.sr.ComprehensiveSR:
-    return build_draft_sr(
-        evidence=[evidence],
-        image_read=evidence,
+    return node_draft_sr(
+        evidence,
         findings=None,
         impression="No acute findings.",
-        algorithm_name="LLM-CXR",
-        algorithm_version="test",
-        manufacturer="llm-cxr-node",
-        software_version="llm-cxr-node test",
-        demo=True,
+        version="test",
         sop_instance_uid=generate_uid(),
         series_instance_uid=generate_uid(),
         series_number=9900,

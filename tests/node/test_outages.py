@@ -28,15 +28,13 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from integration.ae import build_storage_ae
-from integration.scp import handlers
 from integration.status import StoreStatus
 from node.db.engine import engine_from_settings, make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.runtime.ingest import IngestSink
 from node.settings import ConfigError, Settings, load_settings
 from tests.helpers import free_port
-from tests.ingest.conftest import NODE_AET, PACS_AET, cxr_dataset, scu
+from tests.ingest.conftest import NODE_AET, PACS_AET, cxr_dataset, scu, serve_storage
 from tests.node.conftest import PG_URL, pg_unreachable_reason
 
 SCU_DIMSE_TIMEOUT = 60.0  # the defect: no answer before the sender gave up at 60 s
@@ -159,15 +157,7 @@ def start_node(tmp_path: Path, database_url: str, **overrides: Any) -> Node:
     engine = engine_from_settings(settings)
     factory = make_session_factory(engine)
     sink = IngestSink(settings=settings, session_factory=factory)
-    ae = build_storage_ae(
-        ae_title=settings.ae_title,
-        allowed_aes=settings.allowed_aes,
-        max_associations=settings.max_associations,
-        acse_timeout=settings.acse_timeout,
-        dimse_timeout=settings.dimse_timeout,
-        network_timeout=settings.network_timeout,
-    )
-    server = ae.start_server(("127.0.0.1", settings.port), block=False, evt_handlers=handlers(sink))
+    server = serve_storage(settings, sink, settings.port)
     return Node(settings, factory, engine, server)
 
 

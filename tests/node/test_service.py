@@ -3,10 +3,8 @@ queues after the quiet period, and stops cleanly on SIGTERM (exit 0, leases rele
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,37 +20,69 @@ from node.db import studies as studies_db
 from node.db import views as views_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import Job, JobState
-from node.runtime.service import NodeContext, run_node
+from node.runtime.service import NodeContext
 from node.settings import ChestRule, load_settings
-from tests.helpers import REPO, free_port, port_open, require_binary, wait_for
+from tests.helpers import (
+    REPO,
+    free_port,
+    node_env,
+    node_thread,
+    port_open,
+    require_binary,
+    spawn_node,
+    wait_for,
+)
 from tests.node.factories import T0, record, uid
 
 
 def _env(tmp_path: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_NODE_")}
-    env.update(
+    return node_env(
+        port,
+        tmp_path,
         {
             "PYTHONPATH": str(REPO),
-            "CXR_NODE_PORT": str(port),
             "CXR_NODE_AE_TITLE": "NODETEST",
-            "CXR_NODE_DATABASE_URL": f"sqlite:///{tmp_path / 'node.sqlite3'}",
-            "CXR_NODE_SPOOL_DIR": str(tmp_path / "spool"),
-            "CXR_NODE_MIN_FREE_DISK_MB": "0",
             "CXR_NODE_STUDY_QUIET_SECONDS": "0.5",
             "CXR_NODE_API_PORT": str(free_port()),
-        }
+        },
     )
-    return env
+
+
+def _scu(
+    tool: str, called: str, port: int, *files: str, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run DCMTK ``tool`` (echoscu, storescu) as TESTSCU against ``called`` on ``port``.
+
+    Parameters
+    ----------
+    tool
+        The binary's path.
+    called
+        Called AE Title.
+    port
+        The node's port on 127.0.0.1.
+    *files
+        Files to send (storescu).
+    timeout
+        Seconds before :class:`subprocess.TimeoutExpired`.
+
+    Returns
+    -------
+    subprocess.CompletedProcess
+        Its exit code and captured output.
+    """
+    return subprocess.run(
+        [tool, "-aet", "TESTSCU", "-aec", called, "127.0.0.1", str(port), *files],
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, dict[str, str]]]:
     port = free_port()
     env = _env(tmp_path, port)
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=log
-    )
+    proc = spawn_node(env, tmp_path / "serve.log", cwd=tmp_path)
     try:
         wait_for(lambda: port_open(port) or proc.poll() is not None, timeout=60)
         if proc.poll() is not None:
@@ -62,7 +92,6 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, dict[
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 @pytest.mark.integration
@@ -71,17 +100,9 @@ def test_serve_answers_echo_and_stops_on_sigterm(
 ) -> None:
     proc, port, env = served
     echoscu = require_binary("echoscu")
-    ok = subprocess.run(
-        [echoscu, "-aet", "TESTSCU", "-aec", "NODETEST", "127.0.0.1", str(port)],
-        capture_output=True,
-        timeout=60,
-    )
+    ok = _scu(echoscu, "NODETEST", port)
     assert ok.returncode == 0, ok.stderr.decode()
-    wrong = subprocess.run(
-        [echoscu, "-aet", "TESTSCU", "-aec", "WRONGAE", "127.0.0.1", str(port)],
-        capture_output=True,
-        timeout=60,
-    )
+    wrong = _scu(echoscu, "WRONGAE", port)
     assert wrong.returncode != 0  # called AE title must match
     res = CliRunner().invoke(app, ["echo", f"NODETEST@127.0.0.1:{port}"], env=env)
     assert res.exit_code == 0, res.output
@@ -104,11 +125,7 @@ def test_serve_stores_and_queues_a_chest_study(
     proc, port, env = served
     storescu = require_binary("storescu")
     src = rg1_file("RG1_UNCR.dcm")
-    sent = subprocess.run(
-        [storescu, "-aet", "TESTSCU", "-aec", "NODETEST", "127.0.0.1", str(port), str(src)],
-        capture_output=True,
-        timeout=120,
-    )
+    sent = _scu(storescu, "NODETEST", port, str(src), timeout=120)
     assert sent.returncode == 0, sent.stderr.decode()
     engine = make_engine(env["CXR_NODE_DATABASE_URL"])
     factory = make_session_factory(engine, read_only=True)
@@ -202,17 +219,9 @@ def test_run_node_components_and_lease_release(tmp_path: Path, db_url: str) -> N
             claimed["id"] = job.id
         return _Recorder(events, "worker")
 
-    result: list[int] = []
-    t = threading.Thread(
-        target=lambda: result.append(
-            run_node(
-                settings,
-                stop_event=stop,
-                extra_components=[_Recorder(events, "api"), worker_factory],
-            )
-        )
+    t, result = node_thread(
+        settings, stop, extra_components=[_Recorder(events, "api"), worker_factory]
     )
-    t.start()
     try:
         wait_for(lambda: port_open(port) and len(events) == 2, timeout=60)
     finally:

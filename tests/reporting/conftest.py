@@ -21,8 +21,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from integration.pixels import to_gray8
-from integration.report_pdf import DraftReportContent, report_header_from
-from tests.helpers import require_binary, rg1_file
+from integration.report_pdf import DraftReportContent
+from tests.helpers import node_draft_content, require_binary, rg1_file
 
 MODEL, VERSION = "LLM-CXR", "1.0.0-demo"
 FINDINGS = (
@@ -92,15 +92,13 @@ def thumbnail(source: Dataset) -> npt.NDArray[np.uint8]:
 
 @pytest.fixture(scope="session")
 def content(source: Dataset, thumbnail: npt.NDArray[np.uint8]) -> DraftReportContent:
-    return DraftReportContent(
-        header=report_header_from(source),
-        impression=IMPRESSION,
+    return node_draft_content(
+        source,
         findings=FINDINGS,
-        model_name=MODEL,
-        model_version=VERSION,
-        demo=True,
+        impression=IMPRESSION,
+        model=MODEL,
+        version=VERSION,
         generated_at=GENERATED,
-        software_version="0.1.0",
         thumbnail=thumbnail,
     )
 

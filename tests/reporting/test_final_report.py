@@ -37,7 +37,7 @@ from integration.final_report import (
 from integration.hl7_fields import unescape
 from integration.report_pdf import DraftReportContent, render_report_pdf
 from integration.report_sections import split_sections
-from integration.sr import build_draft_sr
+from tests.helpers import node_draft_pdf, node_draft_sr
 from tests.reporting.conftest import (
     ACCESSION,
     FILLER,
@@ -114,16 +114,13 @@ def test_unverified_sr(source: Dataset, tmp_path: Path) -> None:
 
 
 def _draft_sr(source: Dataset, kind: Literal["comprehensive", "basic"]) -> Dataset:
-    return build_draft_sr(
-        evidence=[source],
-        image_read=source,
+    return node_draft_sr(
+        source,
         findings=FINDINGS,
         impression=IMPRESSION,
-        algorithm_name=MODEL,
-        algorithm_version=VERSION,
-        manufacturer="llm-cxr-node",
+        model=MODEL,
+        version=VERSION,
         software_version="0.1.0",
-        demo=True,
         sop_instance_uid=generate_uid(),
         series_instance_uid=generate_uid(),
         series_number=9901,
@@ -247,18 +244,14 @@ def test_the_nodes_own_draft_pdf_is_not_a_final_report(
     source: Dataset, content: DraftReportContent, tmp_path: Path
 ) -> None:
     pdf = render_report_pdf(content)
-    ds = build_encapsulated_pdf(
+    ds = node_draft_pdf(
         pdf,
-        source=source,
+        source,
+        model=MODEL,
+        version=VERSION,
         sop_instance_uid=generate_uid(),
         series_instance_uid=generate_uid(),
-        series_number=9902,
         created_at=GENERATED,
-        algorithm_name=MODEL,
-        algorithm_version=VERSION,
-        demo=True,
-        manufacturer="llm-cxr-node",
-        software_version="0.1.0",
     )
     ds = _stored(ds, tmp_path)
     for trusted in (False, True):

@@ -11,7 +11,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from integration.encapsulated_pdf import build_encapsulated_pdf
 from integration.errors import KosBuildError
 from integration.kos import (
     KEY_OBJECT_SELECTION_STORAGE,
@@ -20,8 +19,8 @@ from integration.kos import (
     build_rejection_note,
 )
 from integration.report_pdf import DraftReportContent, render_report_pdf
-from integration.sr import build_draft_sr
-from integration.uids import deterministic_uid, sr_instance_uid, sr_series_uid
+from integration.uids import deterministic_uid
+from tests.helpers import node_draft_pdf, node_draft_sr
 from tests.reporting.conftest import (
     FINDINGS,
     GENERATED,
@@ -36,41 +35,17 @@ from tests.reporting.conftest import (
 @pytest.fixture(scope="module")
 def withdrawn(source: Dataset, content: DraftReportContent) -> list[Dataset]:
     """The draft SR and the draft PDF of the source's study, as sent."""
-    study = source.StudyInstanceUID
-    sr = build_draft_sr(
-        evidence=[source],
-        image_read=source,
+    sr = node_draft_sr(
+        source,
         findings=FINDINGS,
         impression=IMPRESSION,
-        algorithm_name=MODEL,
-        algorithm_version=VERSION,
-        manufacturer="llm-cxr-node",
-        software_version="llm-cxr-node test",
-        demo=True,
-        sop_instance_uid=sr_instance_uid(
-            study,
-            MODEL,
-            VERSION,
-            inputs=[source.SOPInstanceUID],
-            findings=FINDINGS,
-            impression=IMPRESSION,
-        ),
-        series_instance_uid=sr_series_uid(study, MODEL, VERSION),
+        model=MODEL,
+        version=VERSION,
         series_number=9901,
         instance_number=1,
     )
-    pdf = build_encapsulated_pdf(
-        render_report_pdf(content),
-        source=source,
-        sop_instance_uid=deterministic_uid("pdf", study),
-        series_instance_uid=deterministic_uid("pdf-series", study),
-        series_number=9902,
-        created_at=GENERATED,
-        algorithm_name=MODEL,
-        algorithm_version=VERSION,
-        demo=True,
-        manufacturer="llm-cxr-node",
-        software_version="0.1.0",
+    pdf = node_draft_pdf(
+        render_report_pdf(content), source, model=MODEL, version=VERSION, created_at=GENERATED
     )
     return [sr, pdf]
 

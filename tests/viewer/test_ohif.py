@@ -29,34 +29,27 @@ from pynetdicom import AE, build_context
 from pypdf import PdfReader
 
 from integration.encapsulated_pdf import (
-    build_encapsulated_pdf,
     extract_pdf,
     pdf_series_description,
 )
-from integration.pixels import to_gray8
 from integration.report_pdf import (
     BANNER_SUBTITLE,
     BANNER_TITLE,
-    DraftReportContent,
     render_report_pdf,
-    report_header_from,
 )
 from integration.sr import (
     AI_DRAFT_NOTE,
     DEMO_NOTE,
     SERIES_WARNING,
-    build_draft_sr,
     draft_series_description,
 )
 from integration.uids import (
     draft_instance_uid,
     draft_series_number,
     draft_series_uid,
-    sr_instance_uid,
-    sr_series_uid,
 )
 from tests.dicom.orthanc import OrthancServer
-from tests.helpers import rg1_file
+from tests.helpers import node_draft_content, node_draft_pdf, node_draft_sr, rg1_file
 from tests.viewer.conftest import OhifServer
 
 pytestmark = [pytest.mark.viewer, pytest.mark.integration, pytest.mark.slow]
@@ -82,26 +75,13 @@ def chest_study() -> Dataset:
 
 def draft_sr(image: Dataset) -> Dataset:
     """The node's draft Comprehensive SR (TID 2000) of the study, from the DEMO model."""
-    study = str(image.StudyInstanceUID)
-    return build_draft_sr(
-        evidence=[image],
-        image_read=image,
+    return node_draft_sr(
+        image,
         findings=FINDINGS,
         impression=IMPRESSION,
-        algorithm_name=MODEL,
-        algorithm_version=VERSION,
-        manufacturer="llm-cxr-node",
+        model=MODEL,
+        version=VERSION,
         software_version="llm-cxr-node 0.1.0",
-        demo=True,
-        sop_instance_uid=sr_instance_uid(
-            study,
-            MODEL,
-            VERSION,
-            inputs=[str(image.SOPInstanceUID)],
-            findings=FINDINGS,
-            impression=IMPRESSION,
-        ),
-        series_instance_uid=sr_series_uid(study, MODEL, VERSION),
         series_number=draft_series_number("sr", MODEL, VERSION),
     )
 
@@ -111,21 +91,20 @@ def draft_pdf(image: Dataset) -> Dataset:
     study = str(image.StudyInstanceUID)
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     pdf = render_report_pdf(
-        DraftReportContent(
-            header=report_header_from(image),
-            impression=IMPRESSION,
+        node_draft_content(
+            image,
             findings=FINDINGS,
-            model_name=MODEL,
-            model_version=VERSION,
-            demo=True,
+            impression=IMPRESSION,
+            model=MODEL,
+            version=VERSION,
             generated_at=created,
-            software_version="0.1.0",
-            thumbnail=to_gray8(image),
         )
     )
-    return build_encapsulated_pdf(
+    return node_draft_pdf(
         pdf,
-        source=image,
+        image,
+        model=MODEL,
+        version=VERSION,
         sop_instance_uid=draft_instance_uid(
             "pdf",
             study,
@@ -137,11 +116,6 @@ def draft_pdf(image: Dataset) -> Dataset:
         series_instance_uid=draft_series_uid("pdf", study, MODEL, VERSION),
         series_number=draft_series_number("pdf", MODEL, VERSION),
         created_at=created,
-        algorithm_name=MODEL,
-        algorithm_version=VERSION,
-        demo=True,
-        manufacturer="llm-cxr-node",
-        software_version="0.1.0",
     )
 
 

@@ -14,9 +14,8 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import Job, JobState
 from node.runtime.modelhost import make_model_host
-from node.runtime.service import run_node
 from node.runtime.worker import make_worker
-from tests.helpers import free_port, port_open, rg1_file, wait_for
+from tests.helpers import free_port, node_thread, port_open, rg1_file, wait_for
 from tests.worker.conftest import worker_settings
 
 
@@ -33,13 +32,7 @@ def test_cstore_to_sr_through_run_node(tmp_path: Path, demo_bundle: Path) -> Non
         study_max_wait_seconds=60,
     )
     stop = threading.Event()
-    result: list[int] = []
-    t = threading.Thread(
-        target=lambda: result.append(
-            run_node(settings, stop_event=stop, extra_components=[make_model_host, make_worker])
-        )
-    )
-    t.start()
+    t, result = node_thread(settings, stop, extra_components=[make_model_host, make_worker])
     engine = make_engine(settings.database_url)
     try:
         wait_for(lambda: port_open(port), timeout=60)
