@@ -6,14 +6,24 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, Query
 
 from node.api.auth import Principal, require_role
 from node.api.context import api_context
 from node.api.schemas import ErrorOut
 from node.services.context import ServiceContext
 
-__all__ = ["AUTH_ERRORS", "Admin", "Ctx", "Operator", "Reviewer", "Viewer", "utc"]
+__all__ = [
+    "AUTH_ERRORS",
+    "Admin",
+    "Ctx",
+    "Limit",
+    "Offset",
+    "Operator",
+    "Reviewer",
+    "Viewer",
+    "utc",
+]
 
 #: the error answers every authenticated route may give (OpenAPI ``responses``)
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -26,6 +36,9 @@ Reviewer = Annotated[Principal, Depends(require_role("reviewer"))]
 Operator = Annotated[Principal, Depends(require_role("operator"))]
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 Ctx = Annotated[ServiceContext, Depends(api_context)]
+#: paging of every list route: at most ``limit`` rows after skipping ``offset``
+Limit = Annotated[int, Query(ge=1, le=1000, description="At most this many rows.")]
+Offset = Annotated[int, Query(ge=0, le=10**9, description="Rows skipped first.")]
 
 
 def utc(value: datetime | None) -> datetime | None:

@@ -14,7 +14,7 @@ from node.api.auth import (
     authenticate,
     token_principal,
 )
-from node.api.deps import AUTH_ERRORS, Admin, Ctx, Operator, Viewer, utc
+from node.api.deps import AUTH_ERRORS, Admin, Ctx, Limit, Offset, Operator, Viewer, utc
 from node.api.schemas import (
     AuditPage,
     ErrorOut,
@@ -87,8 +87,8 @@ def audit(
     target: Annotated[str | None, Query(max_length=256)] = None,
     since: Annotated[datetime | None, Query(description="At or after (UTC).")] = None,
     until: Annotated[datetime | None, Query(description="Before (UTC).")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> AuditPage:
     """Every admin action (who, what, when, target), newest first; ``actor``, ``action``
     and ``target`` match exactly, ``since`` is inclusive and ``until`` exclusive."""

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field, model_validator
 
-from node.api.deps import AUTH_ERRORS, Ctx, Operator, Viewer
+from node.api.deps import AUTH_ERRORS, Ctx, Limit, Offset, Operator, Viewer
 from node.db.delivery_views import DestinationFailures, FailedDelivery
 from node.services import deliveries as delivery_service
 
@@ -53,8 +53,8 @@ def failed(
     ctx: Ctx,
     _p: Viewer,
     destination: Annotated[str | None, Query(max_length=512)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> FailedPage:
     """Deliveries that failed for good, with the last attempt's time and error."""
     rows, total = delivery_service.failures(

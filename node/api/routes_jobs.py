@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse, Response
 
-from node.api.deps import AUTH_ERRORS, Ctx, Operator, Reviewer, Viewer, utc
+from node.api.deps import AUTH_ERRORS, Ctx, Limit, Offset, Operator, Reviewer, Viewer, utc
 from node.api.schemas import (
     BulkIn,
     BulkItemOut,
@@ -89,8 +89,8 @@ def list_jobs(
         Query(),
     ] = "id",
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> JobPage:
     """Jobs matching every given filter (states are OR-ed), sorted, one page of them."""
     flt = views_db.JobFilter(

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
-from node.api.deps import AUTH_ERRORS, Ctx, Viewer, utc
+from node.api.deps import AUTH_ERRORS, Ctx, Limit, Offset, Viewer, utc
 from node.api.schemas import ErrorOut
 from node.db.receive_log import AssociationDetail, AssociationRow, ReceiveLogFilter
 from node.services import receive_log as receive_service
@@ -55,8 +55,8 @@ def list_associations(
     outcome: Annotated[Literal["open", "released", "aborted", "rejected"] | None, Query()] = None,
     since: Annotated[datetime | None, Query(description="Started at or after (UTC).")] = None,
     until: Annotated[datetime | None, Query(description="Started before (UTC).")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> ReceiveLogPage:
     """Associations matching every given filter, one page of them, with the total."""
     flt = ReceiveLogFilter(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from models.bundle import ModelBundle
 
 app = typer.Typer(
     help="Model bundles: create-demo, import-llmcxr, convert, verify, info, generate.",
@@ -17,9 +20,19 @@ app = typer.Typer(
 BundleDir = Annotated[Path, typer.Argument(help="Model bundle directory (holds manifest.json).")]
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _open_bundle(bundle_dir: Path) -> ModelBundle:
+    """The bundle at ``bundle_dir``, or exit 1 saying why it cannot be opened."""
+    from models.bundle import BundleError, ModelBundle
+
+    try:
+        return ModelBundle.open(bundle_dir)
+    except BundleError as exc:
+        _fail(str(exc))
 
 
 @app.command("create-demo")
@@ -139,13 +152,7 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check checksums, token layout, shapes and run a smoke generation; exit 1 on failure."""
-    from models.bundle import BundleError, ModelBundle
-
-    try:
-        bundle = ModelBundle.open(bundle_dir)
-    except BundleError as exc:
-        _fail(str(exc))
-        return
+    bundle = _open_bundle(bundle_dir)
     report = bundle.verify(deep=not shallow)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -170,13 +177,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a bundle's manifest summary (name, version, DEMO flag, layout, sizes)."""
-    from models.bundle import BundleError, ModelBundle
-
-    try:
-        bundle = ModelBundle.open(bundle_dir)
-    except BundleError as exc:
-        _fail(str(exc))
-        return
+    bundle = _open_bundle(bundle_dir)
     summary = bundle.summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

@@ -38,7 +38,7 @@ from node.db.delivery_claims import (
     mark_sent,
     release_claim,
 )
-from node.db.jobs import JobNotFound
+from node.db.jobs import lock_job
 from node.db.models import (
     AuditLog,
     Delivery,
@@ -164,7 +164,7 @@ def enqueue_deliveries(
     def work() -> list[int]:
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
         if job_id is not None:
-            _lock_job(session, job_id)
+            lock_job(session, job_id)
             rows = _locked_rows(session, Delivery.job_id == job_id)
             existing = {(d.destination, d.object): d for d in rows}
         ids: list[int] = []
@@ -208,14 +208,6 @@ def _wanted(
         text, kind = _normalise(item.destination)
         wanted.setdefault((text, item.object), (kind, item))
     return wanted
-
-
-def _lock_job(session: Session, job_id: int) -> Job:
-    """The job row, locked for update (its deliveries change under this lock)."""
-    job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
-    if job is None:
-        raise JobNotFound(f"job {job_id} does not exist")
-    return job
 
 
 def _locked_rows(session: Session, *where: Any, skip_locked: bool = False) -> list[Delivery]:
@@ -264,7 +256,7 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
     now = now or utcnow()
 
     def work() -> list[int]:
-        job = _lock_job(session, job_id)
+        job = lock_job(session, job_id)
         rows = [
             r
             for r in _locked_rows(

@@ -13,14 +13,15 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-__all__ = ["InstanceRecord", "RecordOutcome", "RecordResult"]
+__all__ = ["InstanceRecord", "RecordOutcome", "RecordResult", "clip"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DA = re.compile(r"^[0-9]{8}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _clip(value: str | None, n: int) -> str | None:
+def clip(value: str | None, n: int) -> str | None:
+    """``value`` without surrounding spaces, cut to ``n`` characters; ``None`` when empty."""
     if value is None:
         return None
     value = value.strip()
@@ -103,7 +104,7 @@ class InstanceRecord:
             ("patient_name", 200),
             ("patient_id", 64),
         ):
-            object.__setattr__(self, name, _clip(getattr(self, name), n))
+            object.__setattr__(self, name, clip(getattr(self, name), n))
         # Study Date (0008,0020), DA: YYYYMMDD; anything else is not recorded
         if self.study_date is not None and not _DA.match(self.study_date):
             object.__setattr__(self, "study_date", None)

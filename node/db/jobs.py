@@ -36,6 +36,7 @@ __all__ = [
     "finish_job",
     "heartbeat",
     "job_destinations",
+    "lock_job",
     "new_job",
     "owned_running",
     "release_leases",
@@ -291,8 +292,14 @@ def release_leases(session: Session, owner: str, *, now: datetime | None = None)
     return in_transaction(session, work)
 
 
-def owned_running(session: Session, job_id: int, owner: str) -> Job:
-    """Lock running job ``job_id``; raise :class:`LeaseLost` unless ``owner`` holds it."""
+def lock_job(session: Session, job_id: int) -> Job:
+    """The job row, locked for update and freshly loaded.
+
+    Raises
+    ------
+    JobNotFound
+        No job has that id.
+    """
     job = session.scalars(
         select(Job)
         .where(Job.id == job_id)
@@ -301,6 +308,12 @@ def owned_running(session: Session, job_id: int, owner: str) -> Job:
     ).first()
     if job is None:
         raise JobNotFound(f"job {job_id} does not exist")
+    return job
+
+
+def owned_running(session: Session, job_id: int, owner: str) -> Job:
+    """Lock running job ``job_id``; raise :class:`LeaseLost` unless ``owner`` holds it."""
+    job = lock_job(session, job_id)
     if job.state is not JobState.running or job.lease_owner != owner:
         raise LeaseLost(f"job {job_id}: {owner} does not hold its lease (state {job.state.value})")
     return job
@@ -416,14 +429,7 @@ def _admin_move(
     session: Session, job_id: int, to: JobState, *, actor: str, action: str, reason: str | None
 ) -> Job:
     def work() -> Job:
-        job = session.scalars(
-            select(Job)
-            .where(Job.id == job_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).first()
-        if job is None:
-            raise JobNotFound(f"job {job_id} does not exist")
+        job = lock_job(session, job_id)
         before = job.state.value
         transition(job, to, actor=actor, detail={"action": action, "reason": reason})
         if to is JobState.queued:

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from node.db.instance_record import clip
 from node.db.models import UID_LEN, Association, Instance, RefusedInstance, Study
 from node.db.tx import in_transaction
 
@@ -50,13 +51,6 @@ OUTCOMES = ("open", "released", "aborted", "rejected")
 _AE_LEN = 16
 _ADDRESS_LEN = 64
 _REASON_LEN = 256
-
-
-def _clip(value: str | None, n: int) -> str | None:
-    if value is None:
-        return None
-    value = value.strip()
-    return value[:n] if value else None
 
 
 @dataclass(frozen=True)
@@ -93,9 +87,9 @@ def open_association(
     def work() -> int:
         row = Association(
             started_at=started_at,
-            calling_ae=_clip(calling_ae, _AE_LEN),
-            called_ae=_clip(called_ae, _AE_LEN),
-            address=_clip(address, _ADDRESS_LEN),
+            calling_ae=clip(calling_ae, _AE_LEN),
+            called_ae=clip(called_ae, _AE_LEN),
+            address=clip(address, _ADDRESS_LEN),
             port=port,
             tls=tls,
             outcome="open",
@@ -127,13 +121,13 @@ def record_rejected(
         row = Association(
             started_at=at,
             ended_at=at,
-            calling_ae=_clip(calling_ae, _AE_LEN),
-            called_ae=_clip(called_ae, _AE_LEN),
-            address=_clip(address, _ADDRESS_LEN),
+            calling_ae=clip(calling_ae, _AE_LEN),
+            called_ae=clip(called_ae, _AE_LEN),
+            address=clip(address, _ADDRESS_LEN),
             port=port,
             tls=tls,
             outcome="rejected",
-            reason=_clip(reason, _REASON_LEN),
+            reason=clip(reason, _REASON_LEN),
             accepted=0,
             refused=0,
             statuses={},
@@ -185,11 +179,11 @@ def add_refused(
         row = RefusedInstance(
             association_id=association_id,
             at=at,
-            study_uid=_clip(study_uid, UID_LEN),
-            sop_instance_uid=_clip(sop_instance_uid, UID_LEN),
-            sop_class_uid=_clip(sop_class_uid, UID_LEN),
+            study_uid=clip(study_uid, UID_LEN),
+            sop_instance_uid=clip(sop_instance_uid, UID_LEN),
+            sop_class_uid=clip(sop_class_uid, UID_LEN),
             status=int(status),
-            reason=_clip(reason, _REASON_LEN),
+            reason=clip(reason, _REASON_LEN),
         )
         session.add(row)
         if counts is not None and association_id is not None:
@@ -227,7 +221,7 @@ def end_association(
         values: dict[str, Any] = {
             "ended_at": ended_at,
             "outcome": outcome,
-            "reason": _clip(reason, _REASON_LEN),
+            "reason": clip(reason, _REASON_LEN),
         }
         if counts is not None:
             values.update(_count_values(counts))

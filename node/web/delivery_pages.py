@@ -14,7 +14,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from node.services import deliveries as delivery_service
-from node.web.routes import PageUser, login_redirect, page_context, page_count, page_url, render
+from node.web.routes import (
+    PageNo,
+    PageUser,
+    login_redirect,
+    page_context,
+    page_count,
+    page_url,
+    render,
+)
 
 __all__ = ["router"]
 
@@ -28,7 +36,7 @@ def failures_page(
     request: Request,
     user: PageUser,
     destination: Annotated[str, Query(max_length=512)] = "",
-    page: Annotated[int, Query(ge=1, le=10**6)] = 1,
+    page: PageNo = 1,
 ) -> Response:
     """Failed deliveries, newest attempt first, of all destinations or of one."""
     if user is None:

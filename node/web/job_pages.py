@@ -28,7 +28,9 @@ from node.services.errors import Gone, InvalidInput, NotFound
 from node.web import auth
 from node.web.routes import (
     PAGE_SIZES,
+    PageNo,
     PageUser,
+    PerPage,
     login_redirect,
     page_context,
     page_count,
@@ -68,8 +70,8 @@ def queue_page(
     date_to: Annotated[str, Query(max_length=10)] = "",
     sort: Annotated[str, Query(pattern="^(" + "|".join(QUEUE_SORTS) + ")$")] = "id",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
-    page: Annotated[int, Query(ge=1, le=10**6)] = 1,
-    per: Annotated[int, Query(ge=1, le=200)] = 50,
+    page: PageNo = 1,
+    per: PerPage = 50,
 ) -> Response:
     """The queue: jobs with their study's identity, searched, sorted and paged on the
     server (the script refreshes the current page every 2 s), counts by state."""

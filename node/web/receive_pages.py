@@ -21,7 +21,9 @@ from node.db.receive_log import OUTCOMES, ReceiveLogFilter
 from node.services import receive_log as receive_service
 from node.web.routes import (
     PAGE_SIZES,
+    PageNo,
     PageUser,
+    PerPage,
     login_redirect,
     page_context,
     page_count,
@@ -53,8 +55,8 @@ def receive_log_page(
     outcome: Annotated[str, Query(pattern="^(|" + "|".join(OUTCOMES) + ")$")] = "",
     date_from: Annotated[str, Query(max_length=10)] = "",
     date_to: Annotated[str, Query(max_length=10)] = "",
-    page: Annotated[int, Query(ge=1, le=10**6)] = 1,
-    per: Annotated[int, Query(ge=1, le=200)] = 50,
+    page: PageNo = 1,
+    per: PerPage = 50,
 ) -> Response:
     """The receive log, filtered and paged; ``study`` gives one study's associations."""
     if user is None:

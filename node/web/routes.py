@@ -39,7 +39,9 @@ __all__ = [
     "CSP",
     "PAGE_SIZES",
     "ModelStatus",
+    "PageNo",
     "PageUser",
+    "PerPage",
     "login_redirect",
     "model_status",
     "page_context",
@@ -231,6 +233,8 @@ def page_context(request: Request) -> ServiceContext:
 
 PAGE_SIZES = (25, 50, 100, 200)
 """The page sizes a paged console list offers."""
+PageNo = Annotated[int, Query(ge=1, le=10**6, description="1-based page number.")]
+PerPage = Annotated[int, Query(ge=1, le=200, description="Rows per page.")]
 
 
 def page_url(request: Request, route: str, params: dict[str, Any]) -> Callable[..., str]:

@@ -21,7 +21,9 @@ from node.services import system as system_service
 from node.web import charts
 from node.web.routes import (
     PAGE_SIZES,
+    PageNo,
     PageUser,
+    PerPage,
     login_redirect,
     page_context,
     page_count,
@@ -127,8 +129,8 @@ def system_page(
     target: Annotated[str, Query(max_length=256)] = "",
     since: Annotated[str, Query(max_length=32)] = "",
     until: Annotated[str, Query(max_length=32)] = "",
-    page: Annotated[int, Query(ge=1, le=10**6)] = 1,
-    per: Annotated[int, Query(ge=1, le=200)] = 50,
+    page: PageNo = 1,
+    per: PerPage = 50,
 ) -> Response:
     """Disks, database, retention, activity, model, health, and the audit log (admin)."""
     if user is None:
