@@ -25,7 +25,7 @@ from node.db.models import (
     StudyState,
 )
 from node.db.tx import in_transaction
-from node.runtime.spool import OUTPUTS_DIR
+from node.spool_layout import draft_sr_path
 
 __all__ = ["purge_expired_studies", "purge_receive_log"]
 
@@ -84,7 +84,7 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
         paths = list(session.scalars(select(Instance.spool_path).where(Instance.study_id.in_(ids))))
         job_ids = select(Job.id).where(Job.study_id.in_(ids))
         srs = {
-            f"{OUTPUTS_DIR}/{sr_uid}.dcm"
+            draft_sr_path(str(sr_uid))
             for sr_uid in session.scalars(
                 select(Job.sr_sop_instance_uid).where(
                     Job.study_id.in_(ids), Job.sr_sop_instance_uid.is_not(None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import or_, select, update
@@ -23,8 +22,8 @@ from node.db.instance_record import InstanceRecord, RecordOutcome, RecordResult
 from node.db.job_events import add_event
 from node.db.jobs import ACTIVE_JOB_STATES, new_job, transition
 from node.db.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
+from node.db.study_facts import FactsOf, recorded_facts
 from node.db.tx import in_transaction, insert_for
-from node.runtime.routing import study_facts
 from node.settings import ChestRule
 from node.settings.routing import default_rule_set
 
@@ -385,7 +384,7 @@ def complete_quiet_studies(
     limit: int = 200,
     job_max_attempts: int = 3,
     rules: RuleSet | None = None,
-    spool_dir: Path | None = None,
+    facts_of: FactsOf | None = None,
 ) -> list[CompletionResult]:
     """Complete studies quiet for ``quiet_seconds`` (or receiving for ``max_wait_seconds``).
 
@@ -396,8 +395,10 @@ def complete_quiet_studies(
     ``BEGIN IMMEDIATE``), so concurrent sweeps never queue two jobs. Commits.
 
     The routing ``rules`` decide (:mod:`integration.routing`; default: the chest ``rule``
-    alone); ``spool_dir`` lets them read header attributes the database does not record
-    (:mod:`node.runtime.routing`).
+    alone) on the facts ``facts_of`` gives (default: what the database records,
+    :func:`node.db.study_facts.recorded_facts`; the node passes
+    :func:`node.runtime.routing.facts_reader`, which also reads spooled headers when a rule
+    needs attributes the database does not record).
     """
     now = now or utcnow()
     rule_set = rules if rules is not None else default_rule_set(rule)
@@ -423,7 +424,7 @@ def complete_quiet_studies(
                 now=now,
                 forced=study.last_received_at > quiet_cutoff,
                 rules=rule_set,
-                spool_dir=spool_dir,
+                facts_of=facts_of or recorded_facts,
                 job_max_attempts=job_max_attempts,
             )
             for study in studies
@@ -439,7 +440,7 @@ def _complete_study(
     now: datetime,
     forced: bool,
     rules: RuleSet,
-    spool_dir: Path | None,
+    facts_of: FactsOf,
     job_max_attempts: int,
 ) -> CompletionResult:
     """Complete one locked ``receiving`` study: queue its job, or skip it with the reason.
@@ -450,7 +451,7 @@ def _complete_study(
     attributes of each series' first instance. A queued job gets the matching rule's name,
     model and destinations, and the higher of its priority and the rule's.
     """
-    facts = study_facts(session, study, rules=rules, spool_dir=spool_dir)
+    facts = facts_of(session, study)
     decision = rules.evaluate(facts)
     study.completed_at = now
     study.forced_completion = forced

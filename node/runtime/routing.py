@@ -1,15 +1,14 @@
 """The facts the routing rules look at, for a stored study or a DICOM header.
 
-What the database records is used as it is: per series Modality (0008,0060), Body Part
-Examined (0018,0015), Series Description (0008,103E) (PS3.3 C.7.3.1) and the View Position
-(0018,5101) of its instances; per study the Study Description (0008,1030) and the calling AE
-title of the association. Attributes the database does not record (General Equipment
-C.7.5.1: Station Name, Institution Name, Institutional Department Name, Manufacturer;
-Patient C.7.1.1 / Patient Study C.7.2.2: Patient's Sex, Patient's Age, Patient's Birth
-Date, and the Study Date) are read, only when a rule needs them
-(:attr:`integration.routing.RuleSet.needs_header`), from the header of each series' first
-instance in the spool (no pixel data; at most :data:`MAX_HEADER_READS` files per study).
-The facts hold patient data: they are evaluated, never logged or stored.
+What the database records (:func:`node.db.study_facts.recorded_facts`) is used as it is.
+Attributes the database does not record (General Equipment C.7.5.1: Station Name,
+Institution Name, Institutional Department Name, Manufacturer; Patient C.7.1.1 / Patient
+Study C.7.2.2: Patient's Sex, Patient's Age, Patient's Birth Date, and the Study Date) are
+read, only when a rule needs them (:attr:`integration.routing.RuleSet.needs_header`), from
+the header of each series' first instance in the spool (no pixel data; at most
+:data:`MAX_HEADER_READS` files per study). The completion sweep gets them through
+:func:`facts_reader`. The facts hold patient data: they are evaluated, never logged or
+stored.
 """
 
 from __future__ import annotations
@@ -24,10 +23,17 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from integration.routing import HEADER_ATTRIBUTES, Facts, RuleSet
+from integration.routing import HEADER_ATTRIBUTES, RuleSet
 from node.db.models import Instance, Series, Study
+from node.db.study_facts import FactsOf, recorded_facts
 
-__all__ = ["MAX_HEADER_READS", "facts_from_dataset", "read_header", "study_facts"]
+__all__ = [
+    "MAX_HEADER_READS",
+    "facts_from_dataset",
+    "facts_reader",
+    "read_header",
+    "study_facts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +83,10 @@ def read_header(source: str | Path | BinaryIO) -> Dataset:
 
 def study_facts(
     session: Session, study: Study, *, rules: RuleSet, spool_dir: Path | None
-) -> list[Facts]:
-    """One :data:`~integration.routing.Facts` mapping per series of ``study`` (in order).
+) -> list[dict[str, Any]]:
+    """One :data:`~integration.routing.Facts` mapping per series of ``study`` (in order):
+    what the database records (:func:`node.db.study_facts.recorded_facts`) and, when the
+    rules need more, the header of each series' first instance in the spool.
 
     Parameters
     ----------
@@ -91,29 +99,21 @@ def study_facts(
     spool_dir
         The spool root (``None``: nothing is read from files).
     """
-    out: list[Facts] = []
+    out = recorded_facts(session, study)
+    if not rules.needs_header or spool_dir is None:
+        return out
     series_rows = session.scalars(
         select(Series).where(Series.study_id == study.id).order_by(Series.id)
     ).all()
-    read_files = rules.needs_header and spool_dir is not None
-    for index, s in enumerate(series_rows):
-        views = session.scalars(
-            select(Instance.view_position)
-            .where(Instance.series_id == s.id, Instance.view_position.is_not(None))
-            .distinct()
-        ).all()
-        facts: dict[str, Any] = {
-            "Modality": s.modality,
-            "BodyPartExamined": s.body_part_examined,
-            "SeriesDescription": s.series_description,
-            "ViewPosition": tuple(v for v in views if v),
-            "StudyDescription": study.study_description,
-            "CallingAETitle": study.calling_ae,
-        }
-        if read_files and spool_dir is not None and index < MAX_HEADER_READS:
-            facts.update(_series_header(session, s, spool_dir))
-        out.append(facts)
+    for facts, s in zip(out[:MAX_HEADER_READS], series_rows, strict=False):
+        facts.update(_series_header(session, s, spool_dir))
     return out
+
+
+def facts_reader(rules: RuleSet, spool_dir: Path | None) -> FactsOf:
+    """:func:`study_facts` with ``rules`` and ``spool_dir`` bound: the ``facts_of`` that
+    :func:`node.db.studies.complete_quiet_studies` takes."""
+    return lambda session, study: study_facts(session, study, rules=rules, spool_dir=spool_dir)
 
 
 def _series_header(session: Session, series: Series, spool_dir: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from node.db import jobs as jobs_db
 from node.db import retention as retention_db
 from node.db import studies as studies_db
 from node.db.models import utcnow
+from node.runtime.routing import facts_reader
 from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
 
@@ -79,7 +80,7 @@ class Chores:
                 rule=s.chest_rule,
                 job_max_attempts=s.job_max_attempts,
                 rules=s.routing_rules,
-                spool_dir=s.spool_dir,
+                facts_of=facts_reader(s.routing_rules, s.spool_dir),
             )
 
     def match_finals(self) -> int:

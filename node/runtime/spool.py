@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 
 from integration.status import StoreStatus
 from node.filemodes import DIR_MODE, FILE_MODE, make_private_dir
+from node.spool_layout import OUTPUTS_DIR
 
 __all__ = [
     "INCOMING",
@@ -59,8 +60,6 @@ INCOMING = ".incoming"
 #: ``tempfile`` there).
 RECEIVED_GLOB = "tmp*.dcm"
 _MIB = 1 << 20
-#: Where the worker writes SRs before delivery (``<SOP Instance UID>.dcm``), under the root.
-OUTPUTS_DIR = "outputs"
 _CHUNK = 1 << 20
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 

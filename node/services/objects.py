@@ -20,9 +20,9 @@ from integration.encapsulated_pdf import extract_pdf
 from integration.errors import EncapsulatedPdfError
 from integration.sr_tree import SrDocument, read_sr
 from node.db.models import Delivery, Job
-from node.runtime.spool import OUTPUTS_DIR
 from node.services.context import ServiceContext
 from node.services.errors import Gone, InvalidInput, NotFound
+from node.spool_layout import draft_sr_path
 
 __all__ = ["JobObject", "job_objects", "object_dataset", "object_file", "pdf_bytes", "sr_document"]
 
@@ -82,7 +82,7 @@ def job_objects(ctx: ServiceContext, job_id: int) -> list[JobObject]:
         ).all()
     candidates: list[tuple[str, str, str | None, str]] = []
     if sr_uid:
-        candidates.append(("sr", "sr", sr_uid, f"{OUTPUTS_DIR}/{sr_uid}.dcm"))
+        candidates.append(("sr", "sr", sr_uid, draft_sr_path(sr_uid)))
     candidates += [(str(i), o.value, uid, str(p)) for i, o, uid, p in rows]
     out: list[JobObject] = []
     seen: set[Path] = set()

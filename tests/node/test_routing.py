@@ -24,6 +24,7 @@ from node.db.models import Job, JobState, Study, StudyState
 from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import run_batch
+from node.runtime.routing import facts_reader
 from node.settings import ChestRule, ConfigError, load_settings
 from node.settings.routing import default_rule_set, load_rule_set
 from tests.node.factories import T0, record, uid
@@ -269,7 +270,7 @@ def _sweep(
             now=T0 + timedelta(seconds=60),
             rule=ChestRule(),
             rules=rules,
-            spool_dir=spool,
+            facts_of=facts_reader(rules, spool),
         )
 
 
@@ -433,7 +434,7 @@ def test_a_routed_study_is_delivered_only_to_its_destinations(
                 now=studies_db.utcnow() + timedelta(seconds=5),
                 rule=env.settings.chest_rule,
                 rules=env.settings.routing_rules,
-                spool_dir=env.settings.spool_dir,
+                facts_of=facts_reader(env.settings.routing_rules, env.settings.spool_dir),
             )
         assert res.job_id is not None
         with env.session_factory() as s:
