@@ -19,12 +19,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import Engine
 
 from node.cli.common import err, load, options, services
 from node.cli.models import app as models_app
 from node.cli.worker import command as worker_command
 from node.db import views as views_db
-from node.db.engine import make_engine
 from node.db.migrate import current_revision, head_revision, upgrade
 from node.db.models import JobState
 from node.filemodes import apply_private_umask
@@ -105,13 +105,11 @@ def status(
 ) -> None:
     """Counts of instances, studies, jobs and deliveries by state, and spool size."""
     settings = _settings()
-    with services(settings) as ctx:
+    with services(settings) as ctx:  # one engine for the counts and the revision
         c = job_service.counts(ctx)
-    engine = make_engine(settings.database_url)
-    try:
-        revision = current_revision(engine)
-    finally:
-        engine.dispose()
+        with ctx.read_sessions() as session:
+            bind = session.get_bind()
+            revision = current_revision(bind if isinstance(bind, Engine) else bind.engine)
     data = c.to_dict()
     free = shutil.disk_usage(settings.spool_dir).free if settings.spool_dir.exists() else None
     data.update(
