@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -268,6 +268,40 @@ class LLMCXR:
             "prompt_tokens": float(res.prompt_tokens),
             "tokens": float(res.new_tokens),
         }
+
+    def generate_text(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int | None = None,
+        default_key: str = "vqa_max_new_tokens",
+        greedy: bool | None = None,
+        seed: int | None = None,
+        on_token: Callable[[int], bool] | None = None,
+    ) -> tuple[str, GenerationResult]:
+        """Free text for a prompt already tokenized (``"text"`` mode): the response text and
+        the backend's result. ``on_token`` streams the ids and may cancel
+        (:class:`models.backends.base.GenerationRequest`); the bundle's defaults apply to
+        what is not given (``default_key`` names the default ``max_new_tokens``).
+
+        Raises
+        ------
+        InferenceError
+            The backend failed.
+        """
+        req = replace(
+            self._request(
+                prompt_ids,
+                mode="text",
+                max_new_tokens=max_new_tokens,
+                default_key=default_key,
+                greedy=greedy,
+                seed=seed,
+            ),
+            on_token=on_token,
+        )
+        res = self._generate_one(req)
+        return self._text(res), res
 
     def _text(self, res: GenerationResult) -> str:
         text = res.text if res.text is not None else self.tokenizer.decode(res.token_ids)

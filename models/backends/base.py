@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from models.layout import CODES_PER_IMAGE, VOCAB
@@ -36,6 +36,12 @@ class GenerationRequest:
     greedy
         Greedy decoding; otherwise sampling with ``temperature``/``top_p``/``top_k`` and
         ``seed`` (the original LLM-CXR defaults: 1.0 / 0.92 / 0).
+    on_token
+        Streaming (``"text"`` mode): called with each generated id as it is produced (stop
+        ids included); returning ``False`` ends this request at once with stop reason
+        ``"cancelled"`` and the ids so far. A request with a callback runs on its own, not
+        in a batch. Backends that cannot stream call nothing (the caller then has only the
+        result); not part of :meth:`settings`.
     """
 
     prompt_ids: list[int]
@@ -46,6 +52,7 @@ class GenerationRequest:
     temperature: float = 1.0
     top_p: float = 0.92
     top_k: int = 0
+    on_token: Callable[[int], bool] | None = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
         """Raise :class:`GenerationError` naming the first bad field."""
@@ -86,7 +93,8 @@ class GenerationResult:
     ``token_ids`` are the generated ids only (not the prompt), up to and excluding the stop
     token. ``text`` is their decoded text (``"text"`` mode); ``image_codes`` the 256 codes
     (``"image"`` mode). ``stop_reason``: ``"end"`` (``### End``), ``"eos"``,
-    ``"max_new_tokens"``, ``"image_complete"`` or ``"error"`` (then ``error`` says why and
+    ``"max_new_tokens"``, ``"image_complete"``, ``"cancelled"`` (the request's
+    ``on_token`` asked to stop) or ``"error"`` (then ``error`` says why and
     the other requests of the batch are unaffected).
     """
 

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from models.backends.constraints import FirstStepTimer, ImageCodeConstraint, Tex
 from models.backends.transformers_decode import (
     GraphBatch,
     SyncedTimer,
+    TokenStream,
     greedy_step,
     left_pad,
     run_generate,
@@ -304,7 +306,7 @@ class TransformersBackend:
                 if err is not None:
                     self._counters["errors"] += 1
                     results[i] = error_result(req, err)
-                elif req.greedy:
+                elif req.greedy and req.on_token is None:
                     groups.setdefault((req.mode, True), []).append(i)
                 else:
                     groups.setdefault((f"sample-{i}", False), []).append(i)
@@ -332,7 +334,7 @@ class TransformersBackend:
         prompts = [list(map(int, r.prompt_ids)) for r in batch]
         if batch[0].mode == "image":
             prompts = [p if p[-1] == open_id else [*p, open_id] for p in prompts]
-        if batch[0].greedy and self.decode_loop == "graph":
+        if batch[0].greedy and batch[0].on_token is None and self.decode_loop == "graph":
             return self._run_graph(batch, prompts)
         return self._run_generate(batch, prompts)
 
@@ -357,6 +359,7 @@ class TransformersBackend:
             processors.append(TextOnlyConstraint())
             max_new = max(r.max_new_tokens for r in batch)
         processors.append(timer)
+        stream = TokenStream(first.on_token) if first.on_token is not None else None
         generated, prefill, decode = run_generate(
             self.model,
             input_ids,
@@ -366,12 +369,16 @@ class TransformersBackend:
             timer=timer,
             seed=None if first.greedy else first.seed,
             device=self.device,
+            stopping=stream,
         )
         tok = self.tokenizer
-        return [
+        results = [
             to_result(req, generated[row], len(prompts[row]), prefill, decode, tokenizer=tok)
             for row, req in enumerate(batch)
         ]
+        if stream is not None and stream.cancelled:
+            results = [replace(r, stop_reason="cancelled") for r in results]
+        return results
 
     def _generation_config(self, first: GenerationRequest, *, width: int, max_new: int) -> Any:
         """The ``GenerationConfig`` of a batch led by ``first``: its sampling settings, stop

@@ -83,6 +83,27 @@ def seeded_rng(seed: int | None) -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
+class TokenStream:
+    """A ``StoppingCriteria`` for ``generate`` that streams one request's new ids.
+
+    Called after each step with the sequence so far (batch of one): hands the newest id to
+    ``on_token`` and stops the generation when it returns ``False`` (then
+    :attr:`cancelled`). Must be used with a batch of one.
+    """
+
+    def __init__(self, on_token: Callable[[int], bool]) -> None:
+        self.on_token = on_token
+        self.cancelled = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        """``[batch]`` booleans: whether to stop."""
+        keep = bool(self.on_token(int(input_ids[0, -1])))
+        self.cancelled = self.cancelled or not keep
+        return torch.full(
+            (input_ids.shape[0],), not keep, dtype=torch.bool, device=input_ids.device
+        )
+
+
 def run_generate(
     model: Any,
     input_ids: torch.Tensor,
@@ -93,6 +114,7 @@ def run_generate(
     timer: FirstStepTimer,
     seed: int | None,
     device: str,
+    stopping: TokenStream | None = None,
 ) -> tuple[list[list[int]], float, float]:
     """Decode a left-padded batch with transformers' ``generate``.
 
@@ -112,6 +134,8 @@ def run_generate(
         Seeds the global RNG for the call, restored after (:func:`seeded_rng`).
     device
         Where the model runs (the inputs are moved there; CUDA is waited for).
+    stopping
+        Streams a single request's ids and may stop it (:class:`TokenStream`).
 
     Returns
     -------
@@ -129,6 +153,7 @@ def run_generate(
                 attention_mask=attention.to(device),
                 generation_config=config,
                 logits_processor=processors,
+                stopping_criteria=[stopping] if stopping is not None else None,
             )
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
