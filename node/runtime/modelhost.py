@@ -10,7 +10,8 @@ while the ``/ready`` endpoint reports the reason.
 
 The worker and the admin API's interactive tasks share one model: every use goes through
 :meth:`ModelHost.use`, a context manager holding a lock, so one request runs on the model at a
-time (the backends batch internally; the worker batches studies itself).
+time (the backends batch internally; the worker batches studies itself). Interactive work
+goes ahead of waiting batches without starving them (:mod:`node.runtime.model_lock`).
 
 Batch memory estimate (:meth:`ModelHost.sequence_bytes`), used by the worker to honour
 ``worker_batch_memory_mb``: per sequence of ``T = prompt + max_new_tokens`` tokens,
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from node.runtime.model_lock import FairModelLock
 from node.settings import Settings
 
 if TYPE_CHECKING:
@@ -109,7 +111,7 @@ class ModelHost:
         self._error: str | None = None
         self._ready = threading.Event()
         self._done = threading.Event()  # loading finished, with or without success
-        self._lock = threading.RLock()
+        self._lock = FairModelLock()
         self._thread: threading.Thread | None = None
         self._loaded_at: datetime | None = None
         self._load_s: float | None = None
@@ -216,13 +218,18 @@ class ModelHost:
         return self._runtime
 
     @contextmanager
-    def use(self, timeout: float | None = None) -> Iterator[LLMCXR]:
+    def use(self, timeout: float | None = None, *, interactive: bool = False) -> Iterator[LLMCXR]:
         """Hold the model for one piece of work: ``with host.use() as runtime: ...``.
+
+        Interactive work (a question, a report for an upload) goes ahead of waiting batch
+        work without starving it (:mod:`node.runtime.model_lock`).
 
         Parameters
         ----------
         timeout
             Seconds to wait for the model; ``None`` waits as long as it takes.
+        interactive
+            A person is waiting for this piece of work.
 
         Raises
         ------
@@ -230,7 +237,7 @@ class ModelHost:
             When the model is not loaded, or it stayed busy for ``timeout`` seconds (503).
         """
         runtime = self.runtime
-        acquired = self._lock.acquire(timeout=-1 if timeout is None else timeout)
+        acquired = self._lock.acquire(interactive=interactive, timeout=timeout)
         if not acquired:
             raise ModelNotReady(f"model busy for more than {timeout} s")
         try:

@@ -52,7 +52,7 @@ def _model(ctx: ServiceContext) -> Iterator[LLMCXR]:
     host = ctx.host()
     if host is None:
         raise Unavailable("no model in this process: set model_dir and run the model host")
-    with host.use(timeout=MODEL_WAIT_SECONDS) as runtime:
+    with host.use(timeout=MODEL_WAIT_SECONDS, interactive=True) as runtime:
         yield runtime
 
 
