@@ -273,6 +273,10 @@ from node.cli.deliveries import app as _deliveries_app  # noqa: E402
 
 app.add_typer(_deliveries_app, name="deliveries")
 
+from node.cli.chat import chat as _chat_command  # noqa: E402
+
+app.command("chat")(_chat_command)
+
 
 def main() -> None:
     """Console-script entry point (``cxr-node``)."""
