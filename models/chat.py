@@ -1,39 +1,71 @@
 """Talking about a CXR: multi-turn conversation, plain-language summaries, streamed text.
 
+Prompt design
+-------------
 LLM-CXR was instruction-tuned on single turns in dolly-v2's template
-(:func:`models.prompts.format_prompt`): an instruction, an optional ``Input:`` block and
-``### Response:``, and in training the response followed by ``### End``. A conversation is
-rendered as the sequence of its turns in that same template, each earlier turn complete
-(prompt, answer, ``### End``), then the current question ending at ``### Response:``. The
-image goes once, as the ``Input:`` of the first turn kept, so its 256 tokens are always in
-the prompt whatever is dropped. When the prompt and ``max_new_tokens`` would not fit in
-LLM-CXR's 2,048 positions, the oldest turns are dropped first and the caller is told how
-many (:attr:`ChatPrompt.dropped_turns`).
+(:func:`models.prompts.format_prompt`): the intro, ``### Instruction:`` and the
+instruction, an optional ``Input:`` block, ``### Response:``, and in training the response
+followed by ``### End`` (:func:`models.prompts.training_text`). A conversation is the
+sequence of its turns in that same template, each earlier turn a complete training example
+(its prompt with the question as the instruction, the answer given, ``### End``, a blank
+line), then the current question as ``format_prompt(question, input)`` ending at
+``### Response:``, so the model continues with a response as it was trained to::
+
+    <intro> ### Instruction: Q1  Input: <image>  ### Response: A1  ### End
+    <intro> ### Instruction: Q2                  ### Response: A2  ### End
+    <intro> ### Instruction: Q3                  ### Response:
+
+The image goes once, as the ``Input:`` of the first turn kept (the current turn's when
+there is no history), its ``<image>`` placeholder replaced by the 256 image ids
+(:meth:`models.text.LLMCXRTokenizer.encode_with_image`). With no history the prompt is
+exactly :func:`models.prompts.vqa_prompt`'s, so the first answer is
+:meth:`models.runtime.LLMCXR.vqa`'s. Without an image (a text-only conversation) no turn
+has an ``Input:`` block.
+
+The window: LLM-CXR has 2,048 positions (:data:`CONTEXT_TOKENS`) for the prompt and the
+answer. When the prompt and ``max_new_tokens`` would not fit, the oldest turns are dropped
+first, the fewest that make it fit, and the caller is told how many
+(:attr:`ChatPrompt.dropped_turns`); the image stays. When even the current turn alone
+(with the image) does not fit, the question is refused.
 
 A summary rewrites a report (a draft or a pasted one) in plain language for the referring
-clinician or for the patient, as XrayGPT's interactive summaries do: a text-only turn with
-a fixed instruction per audience and the report as its input.
+clinician or for the patient, as XrayGPT's interactive summaries do: one text-only turn
+with a fixed instruction per audience (:data:`SUMMARY_INSTRUCTIONS`) and the report as its
+input.
 
-Streaming: ``on_text(delta)`` gets the newly decoded visible text as tokens arrive (never
-the ``### End`` marker, never half a UTF-8 character); the deltas add up to the answer's
-text. Returning ``False`` stops the generation (``stop_reason == "cancelled"``) with the
-text so far. Backends that cannot stream deliver the whole text as one delta at the end.
+Streaming
+---------
+``on_text(delta)`` gets the newly decoded visible text as tokens are generated (the
+generated ids decoded with the bundle's tokenizer, holding back an incomplete UTF-8 tail
+and any end that may be the start of ``### End``, which is never sent), in order; the
+deltas add up to the answer's ``text``. Returning ``False`` stops the generation as soon
+as the backend can (``stop_reason == "cancelled"``) and the answer is the text sent so
+far. An exception raised by ``on_text`` stops the generation and is raised again by
+:func:`chat` / :func:`summarize`. The callbacks run in the calling thread.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from models.layout import END_ID, END_MARKER, EOS_ID, IMAGE_PLACEHOLDER
+from models.layout import (
+    END_ID,
+    END_MARKER,
+    EOS_ID,
+    IMAGE_PLACEHOLDER,
+    TokenLayoutError,
+    codes_to_ids,
+)
 from models.prompts import PromptError, format_prompt
 
 if TYPE_CHECKING:
+    from models.backends.base import GenerationResult
     from models.runtime import LLMCXR
     from models.text import LLMCXRTokenizer
 
@@ -45,7 +77,9 @@ __all__ = [
     "ChatTurn",
     "build_chat_prompt",
     "chat",
+    "context_window",
     "summarize",
+    "summary_prompt",
 ]
 
 CONTEXT_TOKENS = 2048
@@ -83,7 +117,13 @@ class ChatPrompt:
 
 @dataclass(frozen=True)
 class ChatAnswer:
-    """One answer with its provenance; ``text`` is AI generated and unverified."""
+    """One answer with its provenance; ``text`` is AI generated and unverified.
+
+    ``stop_reason``: ``"end"`` (``### End``), ``"eos"``, ``"max_new_tokens"``,
+    ``"cancelled"`` (``on_text`` returned ``False``; ``text`` is what was sent) or
+    ``"error"``. ``timings``: ``encode_s`` (0 with cached codes), ``prefill_s``,
+    ``decode_s``, ``prompt_tokens``, ``tokens``.
+    """
 
     text: str
     dropped_turns: int
@@ -94,11 +134,21 @@ class ChatAnswer:
     model_version: str
     demo: bool
     timings: dict[str, float]
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The generation settings and backend (as :attr:`models.runtime.Answer.settings`)."""
 
 
 def _turn(question: str, answer: str | None, *, image: bool) -> str:
+    """One turn in the template: the prompt, and for an earlier turn its answer and
+    ``### End``."""
     prompt = format_prompt(question, IMAGE_PLACEHOLDER if image else None)
     return prompt if answer is None else f"{prompt}{answer.strip()}\n\n{END_MARKER}\n\n"
+
+
+def _earlier(text: str) -> str:
+    """An earlier turn's text with any ``<image>`` written as ``image`` (a prompt holds the
+    placeholder once: the image's)."""
+    return text.replace(IMAGE_PLACEHOLDER, "image")
 
 
 def build_chat_prompt(
@@ -110,14 +160,15 @@ def build_chat_prompt(
     max_new_tokens: int,
     context_tokens: int = CONTEXT_TOKENS,
 ) -> ChatPrompt:
-    """The prompt of ``question`` after ``history``, oldest turns dropped to fit.
+    """The prompt of ``question`` after ``history``, oldest turns dropped to fit (see the
+    module text).
 
     Parameters
     ----------
     tokenizer
-        The LLM-CXR tokenizer (``encode_with_image``).
+        The LLM-CXR tokenizer (``encode``, ``encode_with_image``).
     image_codes
-        The image's 256 VQ-GAN codes, or ``None`` for a text-only conversation.
+        The image's 256 VQ-GAN codes (0..1023), or ``None`` for a text-only conversation.
     history
         Earlier turns, oldest first.
     question
@@ -125,36 +176,80 @@ def build_chat_prompt(
     max_new_tokens
         Room kept for the answer.
     context_tokens
-        The model's positions (2,048 for LLM-CXR).
+        The positions for prompt and answer (2,048 for LLM-CXR; less where the backend
+        has fewer, :func:`context_window`).
+
+    Returns
+    -------
+    ChatPrompt
+        ``ids`` has ``len(ids) + max_new_tokens <= context_tokens``; ``dropped_turns`` is
+        the fewest oldest turns left out for that.
 
     Raises
     ------
     PromptError
-        The question is empty, or this turn alone (with the image) does not fit.
+        The question is empty or holds ``<image>``, the codes are not an image's, or this
+        turn alone (with the image) does not fit.
     """
     if not question.strip():
         raise PromptError("the question is empty")
-    image = image_codes is not None
+    if IMAGE_PLACEHOLDER in question:
+        raise PromptError(f"the question must not contain {IMAGE_PLACEHOLDER}")
+    if max_new_tokens < 0:
+        raise PromptError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     codes = [int(c) for c in image_codes] if image_codes is not None else None
-    for dropped in range(len(history) + 1):
-        kept = history[dropped:]
-        blocks = [_turn(t.question, t.answer, image=image and k == 0) for k, t in enumerate(kept)]
+    if codes is not None:
+        try:
+            codes_to_ids(codes)
+        except TokenLayoutError as exc:
+            raise PromptError(str(exc)) from exc
+    image = codes is not None
+    turns = [(_earlier(t.question), _earlier(t.answer)) for t in history]
+    room = context_tokens - max_new_tokens
+
+    def build(dropped: int) -> tuple[str, list[int]]:
+        kept = turns[dropped:]
+        blocks = [_turn(q, a, image=image and k == 0) for k, (q, a) in enumerate(kept)]
         blocks.append(_turn(question, None, image=image and not kept))
         text = "".join(blocks)
-        ids = tokenizer.encode_with_image(text, codes)
-        if len(ids) + max_new_tokens <= context_tokens:
+        return text, tokenizer.encode_with_image(text, codes)
+
+    alone_text, alone_ids = build(len(turns))  # this turn alone, with the image
+    if len(alone_ids) > room:
+        raise PromptError(
+            f"the question does not fit: {len(alone_ids)} prompt tokens + {max_new_tokens} "
+            f"for the answer exceed the model's {context_tokens} positions"
+        )
+    # Where to start: with each earlier turn tokenized alone (joined, a seam takes a token
+    # more), no fewer dropped turns than this estimate can fit; one less is tried too.
+    start, total = len(turns), len(alone_ids)
+    for dropped in range(len(turns) - 1, -1, -1):
+        total += len(tokenizer.encode(_turn(*turns[dropped], image=False)))
+        if total > room:
+            break
+        start = dropped
+    for dropped in range(max(0, start - 1), len(turns)):
+        text, ids = build(dropped)
+        if len(ids) <= room:
             return ChatPrompt(text=text, ids=ids, dropped_turns=dropped)
-    raise PromptError(
-        f"the question does not fit: {len(ids)} prompt tokens + {max_new_tokens} for the "
-        f"answer exceed the model's {context_tokens} positions"
-    )
+    return ChatPrompt(text=alone_text, ids=alone_ids, dropped_turns=len(turns))
+
+
+def context_window(runtime: LLMCXR) -> int:
+    """The positions a conversation may use with ``runtime``: :data:`CONTEXT_TOKENS`, or
+    fewer where the backend has fewer per sequence (llama.cpp's ``n_ctx``)."""
+    n_ctx = getattr(runtime.backend, "n_ctx", None)
+    if isinstance(n_ctx, int) and 0 < n_ctx < CONTEXT_TOKENS:
+        return n_ctx
+    return CONTEXT_TOKENS
 
 
 class _Streamer:
-    """Turns generated ids into visible text deltas for ``on_text``.
+    """Turns generated ids into visible text deltas for ``on_text`` (an ``on_token``).
 
-    Decodes the ids so far, holds back an incomplete UTF-8 tail (U+FFFD at the end) and
-    any suffix that may be the start of ``### End``; stops at a stop id.
+    Decodes the ids so far, holds back an incomplete UTF-8 tail (U+FFFD at the end),
+    trailing blanks and any end that may be the start of ``### End``; stops handing over at
+    a stop id. An exception from ``on_text`` cancels and is kept in :attr:`error`.
     """
 
     def __init__(self, tokenizer: LLMCXRTokenizer, on_text: Callable[[str], bool]) -> None:
@@ -163,8 +258,10 @@ class _Streamer:
         self.ids: list[int] = []
         self.sent = ""
         self.ended = False
+        self.error: BaseException | None = None
 
     def visible(self, *, final: bool) -> str:
+        """The text that may be shown for the ids so far (all of it when ``final``)."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
         cut = text.find(END_MARKER)
         if cut >= 0:
@@ -173,15 +270,23 @@ class _Streamer:
             return text.rstrip()
         text = text.rstrip("\ufffd")
         for k in range(min(len(END_MARKER), len(text)), 0, -1):
-            if END_MARKER.startswith(text[-k:].lstrip()) and text[-k:].strip():
-                return text[:-k]
+            tail = text[-k:]
+            if tail.strip() and END_MARKER.startswith(tail.lstrip()):
+                return text[:-k].rstrip()
         return text.rstrip()
 
     def emit(self, text: str) -> bool:
-        if not text.startswith(self.sent) or len(text) == len(self.sent):
+        """Send what ``text`` adds to the text sent; ``False`` to cancel."""
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return True
-        delta, self.sent = text[len(self.sent) :], text
-        return bool(self.on_text(delta))
+        delta = text[len(self.sent) :]
+        try:
+            keep = bool(self.on_text(delta))
+        except Exception as exc:  # raised again by chat/summarize once generation stops
+            self.error = exc
+            return False
+        self.sent = text  # sent even when on_text cancels: it has seen the delta
+        return keep
 
     def __call__(self, token_id: int) -> bool:
         if self.ended or token_id in (END_ID, EOS_ID):
@@ -190,22 +295,30 @@ class _Streamer:
         self.ids.append(token_id)
         return self.emit(self.visible(final=False))
 
-    def finish(self, final_text: str) -> None:
-        """Send what is left of ``final_text`` (the whole text when nothing streamed)."""
+    def finish(self, final_text: str) -> str:
+        """Send what is left of the answer and return the whole text sent.
+
+        ``final_text`` is the runtime's text of the answer; should it not continue what was
+        sent (a ``### Response:`` typed out by the model, which the runtime's text starts
+        after), the streamed text is completed instead, so the deltas still add up.
+        """
+        if not final_text.startswith(self.sent):
+            final_text = self.visible(final=True)
         self.emit(final_text)
+        return self.sent
 
 
 def _run(
     runtime: LLMCXR,
     prompt_ids: list[int],
     *,
-    max_new_tokens: int | None,
+    max_new_tokens: int,
     greedy: bool | None,
     seed: int | None,
     on_text: Callable[[str], bool] | None,
-) -> tuple[str, str, int, int, dict[str, float]]:
-    """Generate text for ``prompt_ids``: ``(text, stop_reason, prompt_tokens, new_tokens,
-    timings)``, streaming to ``on_text``. A cancelled answer is the text streamed so far."""
+) -> tuple[str, GenerationResult]:
+    """Generate text for ``prompt_ids`` streaming to ``on_text``: the answer's text and the
+    backend's result. A cancelled answer is the text sent so far."""
     streamer = _Streamer(runtime.tokenizer, on_text) if on_text is not None else None
     text, res = runtime.generate_text(
         prompt_ids,
@@ -214,18 +327,76 @@ def _run(
         seed=seed,
         on_token=streamer,
     )
-    if streamer is not None:
-        if res.stop_reason == "cancelled":
-            text = streamer.sent
-        else:
-            streamer.finish(text)
-    timings = {
-        "prefill_s": res.prefill_s,
-        "decode_s": res.decode_s,
-        "prompt_tokens": float(res.prompt_tokens),
-        "tokens": float(res.new_tokens),
-    }
-    return text, res.stop_reason, res.prompt_tokens, res.new_tokens, timings
+    if streamer is None:
+        return text, res
+    if streamer.error is not None:
+        raise streamer.error
+    if res.stop_reason == "cancelled":
+        return streamer.sent, res
+    text = streamer.finish(text)
+    if streamer.error is not None:  # raised by the last delta
+        raise streamer.error
+    return text, res
+
+
+def _answer(
+    runtime: LLMCXR,
+    prompt_ids: list[int],
+    *,
+    dropped_turns: int,
+    encode_s: float,
+    max_new_tokens: int,
+    greedy: bool | None,
+    seed: int | None,
+    on_text: Callable[[str], bool] | None,
+) -> ChatAnswer:
+    """Generate, and the answer with its provenance (settings as the runtime records
+    them for its own tasks)."""
+    text, res = _run(
+        runtime,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        seed=seed,
+        on_text=on_text,
+    )
+    req = runtime._request(
+        prompt_ids,
+        mode="text",
+        max_new_tokens=max_new_tokens,
+        default_key="vqa_max_new_tokens",
+        greedy=greedy,
+        seed=seed,
+    )
+    return ChatAnswer(
+        text=text,
+        dropped_turns=dropped_turns,
+        stop_reason=res.stop_reason,
+        prompt_tokens=res.prompt_tokens,
+        new_tokens=res.new_tokens,
+        model_name=runtime.model_name,
+        model_version=runtime.model_version,
+        demo=runtime.bundle.demo,
+        timings={
+            "encode_s": encode_s,
+            "prefill_s": res.prefill_s,
+            "decode_s": res.decode_s,
+            "prompt_tokens": float(res.prompt_tokens),
+            "tokens": float(res.new_tokens),
+        },
+        settings=runtime._settings(req),
+    )
+
+
+def _budget(runtime: LLMCXR, max_new_tokens: int | None) -> int:
+    """``max_new_tokens``, or the bundle's default for VQA answers."""
+    from models.runtime import ModelInputError
+
+    if max_new_tokens is None:
+        return int(runtime.defaults.get("vqa_max_new_tokens", 128))
+    if max_new_tokens < 1:
+        raise ModelInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return int(max_new_tokens)
 
 
 def chat(
@@ -239,6 +410,7 @@ def chat(
     max_new_tokens: int | None = None,
     greedy: bool | None = None,
     seed: int | None = None,
+    context_tokens: int | None = None,
 ) -> ChatAnswer:
     """Answer ``question`` about the image after ``history`` (see the module text).
 
@@ -248,54 +420,84 @@ def chat(
         The loaded model.
     image_in
         The model input ``[3, 256, 256]`` (encoded here), or ``None`` with ``image_codes``
-        (already encoded) or for a text-only conversation.
+        or for a text-only conversation.
     history
         Earlier turns, oldest first.
     question
         This turn's question.
+    image_codes
+        The image's 256 codes already encoded (a conversation keeps them); used instead of
+        ``image_in``.
     on_text
-        Streams the answer (see the module text); returning ``False`` cancels.
+        Streams the answer's text (see the module text); returning ``False`` cancels.
     max_new_tokens, greedy, seed
         As for :meth:`models.runtime.LLMCXR.vqa` (defaults from the bundle).
+    context_tokens
+        The window; default :func:`context_window`.
+
+    Returns
+    -------
+    ChatAnswer
+        With no history, greedy, the text of :meth:`models.runtime.LLMCXR.vqa`.
 
     Raises
     ------
     models.runtime.ModelInputError
-        An empty question, or one that does not fit the context with the image.
+        An empty question or one holding ``<image>``, an invalid image or codes, a bad
+        ``max_new_tokens``, or a turn that does not fit the window with the image.
+    models.runtime.InferenceError
+        The backend failed.
+    Exception
+        Whatever ``on_text`` raised (the generation is stopped first).
     """
     from models.runtime import ModelInputError
 
+    budget = _budget(runtime, max_new_tokens)
+    window = context_window(runtime) if context_tokens is None else context_tokens
     t0 = time.perf_counter()
     codes = image_codes
     if codes is None and image_in is not None:
         codes = [int(c) for c in runtime.encode_images([image_in])[0]]
-    encode_s = time.perf_counter() - t0
-    budget = int(max_new_tokens or runtime.defaults.get("vqa_max_new_tokens", 128))
+    encode_s = time.perf_counter() - t0 if image_codes is None else 0.0
     try:
         prompt = build_chat_prompt(
-            runtime.tokenizer, codes, history, question, max_new_tokens=budget
+            runtime.tokenizer,
+            codes,
+            history,
+            question,
+            max_new_tokens=budget,
+            context_tokens=window,
         )
     except PromptError as exc:
         raise ModelInputError(str(exc)) from exc
-    text, stop, prompt_tokens, new_tokens, timings = _run(
+    return _answer(
         runtime,
         prompt.ids,
+        dropped_turns=prompt.dropped_turns,
+        encode_s=encode_s,
         max_new_tokens=budget,
         greedy=greedy,
         seed=seed,
         on_text=on_text,
     )
-    return ChatAnswer(
-        text=text,
-        dropped_turns=prompt.dropped_turns,
-        stop_reason=stop,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        model_name=runtime.model_name,
-        model_version=runtime.model_version,
-        demo=runtime.bundle.demo,
-        timings={"encode_s": encode_s, **timings},
-    )
+
+
+def summary_prompt(report: str, audience: Literal["clinician", "patient"]) -> str:
+    """The prompt of a plain-language summary of ``report`` for ``audience``: the
+    audience's instruction, the report as the input.
+
+    Raises
+    ------
+    PromptError
+        An unknown audience, an empty report, or one holding ``<image>``.
+    """
+    if audience not in SUMMARY_INSTRUCTIONS:
+        raise PromptError(f"audience must be clinician or patient, got {audience!r}")
+    if not report.strip():
+        raise PromptError("the report is empty")
+    if IMAGE_PLACEHOLDER in report:
+        raise PromptError(f"the report must not contain {IMAGE_PLACEHOLDER}")
+    return format_prompt(SUMMARY_INSTRUCTIONS[audience], report)
 
 
 def summarize(
@@ -305,44 +507,50 @@ def summarize(
     audience: Literal["clinician", "patient"],
     on_text: Callable[[str], bool] | None = None,
     max_new_tokens: int | None = None,
+    context_tokens: int | None = None,
 ) -> ChatAnswer:
-    """A plain-language summary of ``report`` for ``audience`` (text only, streamed).
+    """A plain-language summary of ``report`` for ``audience`` (text only, streamed as
+    :func:`chat`; greedy unless the bundle says otherwise).
+
+    Parameters
+    ----------
+    runtime
+        The loaded model.
+    report
+        The report to rewrite (a draft or a pasted one).
+    audience
+        ``"clinician"`` (the referring clinician) or ``"patient"``.
+    on_text, max_new_tokens, context_tokens
+        As for :func:`chat`.
 
     Raises
     ------
     models.runtime.ModelInputError
-        An empty report, an unknown audience, or a report too long for the context.
+        An empty report, an unknown audience, or a report too long for the window.
+    models.runtime.InferenceError
+        The backend failed.
     """
     from models.runtime import ModelInputError
 
-    if audience not in SUMMARY_INSTRUCTIONS:
-        raise ModelInputError(f"audience must be clinician or patient, got {audience!r}")
-    if not report.strip():
-        raise ModelInputError("the report is empty")
-    budget = int(max_new_tokens or runtime.defaults.get("vqa_max_new_tokens", 128))
-    prompt = format_prompt(SUMMARY_INSTRUCTIONS[audience], report)
-    ids = runtime.tokenizer.encode_with_image(prompt, None)
-    if len(ids) + budget > CONTEXT_TOKENS:
+    budget = _budget(runtime, max_new_tokens)
+    window = context_window(runtime) if context_tokens is None else context_tokens
+    try:
+        prompt = summary_prompt(report, audience)
+    except PromptError as exc:
+        raise ModelInputError(str(exc)) from exc
+    ids = runtime.tokenizer.encode(prompt)
+    if len(ids) + budget > window:
         raise ModelInputError(
             f"the report is too long to summarize: {len(ids)} tokens + {budget} for the "
-            f"summary exceed {CONTEXT_TOKENS}"
+            f"summary exceed the model's {window} positions"
         )
-    text, stop, prompt_tokens, new_tokens, timings = _run(
+    return _answer(
         runtime,
         ids,
+        dropped_turns=0,
+        encode_s=0.0,
         max_new_tokens=budget,
         greedy=None,
         seed=None,
         on_text=on_text,
-    )
-    return ChatAnswer(
-        text=text,
-        dropped_turns=0,
-        stop_reason=stop,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        model_name=runtime.model_name,
-        model_version=runtime.model_version,
-        demo=runtime.bundle.demo,
-        timings=timings,
     )

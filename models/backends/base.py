@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from models.layout import CODES_PER_IMAGE, VOCAB
+from models.layout import CODES_PER_IMAGE, END_ID, EOS_ID, VOCAB
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["text", "image"]
-StopReason = Literal["end", "eos", "max_new_tokens", "image_complete", "error"]
+StopReason = Literal["end", "eos", "max_new_tokens", "image_complete", "cancelled", "error"]
 IMAGE_MODE_NEW_TOKENS = CODES_PER_IMAGE + 2
 """Image mode generates ``<`` + 256 image ids + ``>`` (``<`` is skipped if the prompt ends
 with it)."""
@@ -37,11 +40,14 @@ class GenerationRequest:
         Greedy decoding; otherwise sampling with ``temperature``/``top_p``/``top_k`` and
         ``seed`` (the original LLM-CXR defaults: 1.0 / 0.92 / 0).
     on_token
-        Streaming (``"text"`` mode): called with each generated id as it is produced (stop
-        ids included); returning ``False`` ends this request at once with stop reason
-        ``"cancelled"`` and the ids so far. A request with a callback runs on its own, not
-        in a batch. Backends that cannot stream call nothing (the caller then has only the
-        result); not part of :meth:`settings`.
+        Streaming and cancellation (``"text"`` mode; ignored in ``"image"`` mode): called
+        in the generating thread with each generated id, in order, as soon as the backend
+        has it, up to and including the stop id that ends the request, and never after the
+        request has ended (the transformers backend's own CUDA loop hands them over at its
+        stop checks). Returning ``False`` ends this request only, as soon as possible
+        (other requests of its batch go on unchanged), with stop reason ``"cancelled"`` and
+        the ids handed over so far, the last one included. A callback that raises ends
+        its request with stop reason ``"error"``. Not part of :meth:`settings`.
     """
 
     prompt_ids: list[int]
@@ -143,3 +149,56 @@ def error_result(request: GenerationRequest, message: str) -> GenerationResult:
         stop_reason="error",
         error=message,
     )
+
+
+class TokenFeed:
+    """Hands one request's generated ids to its ``on_token`` and records how that ended.
+
+    Both backends drive one per request (see :attr:`GenerationRequest.on_token`): call it
+    with each generated id in order, the stop id included; it calls the callback while the
+    request runs (never past ``max_new_tokens`` ids, never after a stop id, a cancel or a
+    failure) and answers whether the request goes on. A request without a callback, or in
+    ``"image"`` mode, is never stopped by it.
+
+    Attributes
+    ----------
+    fed
+        Ids handed to the callback so far.
+    cancelled
+        The callback returned ``False`` for an id that was not a stop id.
+    error
+        Why the request failed (the callback raised), else ``None``.
+    """
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.callback = request.on_token if request.mode == "text" else None
+        self.limit = request.max_new_tokens
+        self.fed = 0
+        self.ended = self.callback is None
+        self.cancelled = False
+        self.error: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the request was cancelled or failed (rather than ending by itself)."""
+        return self.cancelled or self.error is not None
+
+    def __call__(self, token_id: int) -> bool:
+        """Hand over the next generated id; ``False`` when the request is to stop now."""
+        if self.ended or self.callback is None:
+            return not self.stopped
+        self.fed += 1
+        stop_id = token_id in (END_ID, EOS_ID)
+        try:
+            keep = bool(self.callback(int(token_id)))
+        except Exception as exc:  # the caller's code: its request fails, not the batch
+            log.warning("a token callback raised %s: its request ends", type(exc).__name__)
+            self.error = f"the token callback raised {type(exc).__name__}"
+            self.ended = True
+            return False
+        if stop_id or self.fed >= self.limit:
+            self.ended = True
+        if not keep and not stop_id:
+            self.cancelled = self.ended = True
+            return False
+        return True

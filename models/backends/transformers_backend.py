@@ -13,6 +13,11 @@ steps ahead of the GPU (``generate`` does per-step host work: 4-D mask building,
 processors, a stop check that waits for the GPU; docs/performance.md compares the two).
 Each option runs on CPU too (tests), and the loop gives the same tokens as ``generate``.
 
+A request's ``on_token`` (streaming, cancellation) is honoured on both paths: in
+``generate`` as a stopping criterion that stops only its row, in the own loop at checks
+every :data:`~models.backends.transformers_decode.STREAM_CHECK_EVERY` step(s) while a
+request of the batch streams.
+
 The option values, dtype resolution and cache sizing are
 :mod:`models.backends.transformers_support`; the decoding pieces (the own loop, left
 padding, results) :mod:`models.backends.transformers_decode`.
@@ -24,7 +29,6 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +38,19 @@ from models.backends.base import (
     GenerationError,
     GenerationRequest,
     GenerationResult,
+    TokenFeed,
     error_result,
 )
 from models.backends.constraints import FirstStepTimer, ImageCodeConstraint, TextOnlyConstraint
 from models.backends.transformers_decode import (
     GraphBatch,
+    StreamStopping,
     SyncedTimer,
-    TokenStream,
     greedy_step,
     left_pad,
     run_generate,
     run_graph_loop,
-    to_result,
+    streamed_result,
 )
 from models.backends.transformers_support import (
     CACHES,
@@ -295,7 +300,9 @@ class TransformersBackend:
         """Run requests; invalid ones get a ``stop_reason="error"`` result, others run.
 
         Greedy requests of the same mode are batched (left padding); sampling requests run
-        one by one so that a seed gives the same output whatever else is queued.
+        one by one so that a seed gives the same output whatever else is queued. A request's
+        ``on_token`` gets its ids as they are generated; one that cancels ends only its own
+        row (see :class:`~models.backends.base.GenerationRequest`).
         """
         results: list[GenerationResult | None] = [None] * len(requests)
         groups: dict[tuple[str, bool], list[int]] = {}
@@ -306,16 +313,18 @@ class TransformersBackend:
                 if err is not None:
                     self._counters["errors"] += 1
                     results[i] = error_result(req, err)
-                elif req.greedy and req.on_token is None:
+                elif req.greedy:
                     groups.setdefault((req.mode, True), []).append(i)
                 else:
                     groups.setdefault((f"sample-{i}", False), []).append(i)
             for idxs in groups.values():
                 for k in range(0, len(idxs), self.max_batch):
                     chunk = idxs[k : k + self.max_batch]
+                    failed = False
                     try:
                         outs = self._run([requests[j] for j in chunk])
                     except (RuntimeError, ValueError) as exc:  # one failing batch, not all
+                        failed = True
                         log.exception("generation failed")
                         outs = [
                             error_result(requests[j], f"generation failed: {exc}") for j in chunk
@@ -324,6 +333,8 @@ class TransformersBackend:
                     for j, res in zip(chunk, outs, strict=True):
                         results[j] = res
                         self._counters["new_tokens"] += res.new_tokens
+                        if res.error is not None and not failed:
+                            self._counters["errors"] += 1  # its token callback raised
         return [r for r in results if r is not None]
 
     def _run(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
@@ -334,7 +345,7 @@ class TransformersBackend:
         prompts = [list(map(int, r.prompt_ids)) for r in batch]
         if batch[0].mode == "image":
             prompts = [p if p[-1] == open_id else [*p, open_id] for p in prompts]
-        if batch[0].greedy and batch[0].on_token is None and self.decode_loop == "graph":
+        if batch[0].greedy and self.decode_loop == "graph":
             return self._run_graph(batch, prompts)
         return self._run_generate(batch, prompts)
 
@@ -359,7 +370,8 @@ class TransformersBackend:
             processors.append(TextOnlyConstraint())
             max_new = max(r.max_new_tokens for r in batch)
         processors.append(timer)
-        stream = TokenStream(first.on_token) if first.on_token is not None else None
+        feeds = [TokenFeed(r) for r in batch]
+        streaming = any(not f.ended for f in feeds)
         generated, prefill, decode = run_generate(
             self.model,
             input_ids,
@@ -369,16 +381,15 @@ class TransformersBackend:
             timer=timer,
             seed=None if first.greedy else first.seed,
             device=self.device,
-            stopping=stream,
+            stopping=StreamStopping(feeds) if streaming else None,
         )
         tok = self.tokenizer
-        results = [
-            to_result(req, generated[row], len(prompts[row]), prefill, decode, tokenizer=tok)
-            for row, req in enumerate(batch)
+        return [
+            streamed_result(
+                req, feed, generated[row], len(prompts[row]), prefill, decode, tokenizer=tok
+            )
+            for row, (req, feed) in enumerate(zip(batch, feeds, strict=True))
         ]
-        if stream is not None and stream.cancelled:
-            results = [replace(r, stop_reason="cancelled") for r in results]
-        return results
 
     def _generation_config(self, first: GenerationRequest, *, width: int, max_new: int) -> Any:
         """The ``GenerationConfig`` of a batch led by ``first``: its sampling settings, stop
@@ -469,6 +480,7 @@ class TransformersBackend:
             input_ids, attention, max_new=max_new, max_pos=max_pos, device=self.device
         )
         step = self._decode_step()
+        feeds = [TokenFeed(r) for r in batch]
         generated, times = run_graph_loop(
             model,
             step,
@@ -477,6 +489,7 @@ class TransformersBackend:
             image=image,
             close_id=self.tokenizer.image_close_id,
             compile=self.compile,
+            feeds=feeds if any(not f.ended for f in feeds) else None,
         )
         # where the decode time goes: a host that mostly waits means the GPU is the limit
         log.debug(
@@ -489,6 +502,8 @@ class TransformersBackend:
         tok = self.tokenizer
         prefill, decode = times.prefill_s, times.decode_s
         return [
-            to_result(req, generated[row], len(prompts[row]), prefill, decode, tokenizer=tok)
-            for row, req in enumerate(batch)
+            streamed_result(
+                req, feed, generated[row], len(prompts[row]), prefill, decode, tokenizer=tok
+            )
+            for row, (req, feed) in enumerate(zip(batch, feeds, strict=True))
         ]

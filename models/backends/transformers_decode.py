@@ -11,14 +11,14 @@ turns the generated ids of either path into a :class:`GenerationResult`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from models.backends.base import GenerationRequest, GenerationResult
+from models.backends.base import GenerationRequest, GenerationResult, TokenFeed, error_result
 from models.backends.constraints import FirstStepTimer
 from models.backends.transformers_support import (
     STOP_CHECK_EVERY,
@@ -29,8 +29,10 @@ from models.layout import CODES_PER_IMAGE, END_ID, EOS_ID, IMAGE_TOKEN_OFFSET, V
 from models.text import LLMCXRTokenizer
 
 __all__ = [
+    "STREAM_CHECK_EVERY",
     "GraphBatch",
     "GraphTimes",
+    "StreamStopping",
     "SyncedTimer",
     "constraint_biases",
     "greedy_step",
@@ -38,6 +40,7 @@ __all__ = [
     "run_generate",
     "run_graph_loop",
     "seeded_rng",
+    "streamed_result",
     "to_result",
 ]
 
@@ -83,25 +86,27 @@ def seeded_rng(seed: int | None) -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
-class TokenStream:
-    """A ``StoppingCriteria`` for ``generate`` that streams one request's new ids.
+STREAM_CHECK_EVERY = 1
+"""Steps between hand-overs of new ids to the requests' ``on_token`` in the own loop when a
+request of the batch streams (each hand-over waits for the GPU)."""
 
-    Called after each step with the sequence so far (batch of one): hands the newest id to
-    ``on_token`` and stops the generation when it returns ``False`` (then
-    :attr:`cancelled`). Must be used with a batch of one.
+
+class StreamStopping:
+    """A ``StoppingCriteria`` for ``generate`` that streams every row's new id.
+
+    Called after each step with the sequences so far: hands each row's newest id to its
+    :class:`~models.backends.base.TokenFeed` and stops the rows whose request was cancelled
+    or failed (``generate`` pads them from then on; the other rows go on unchanged).
     """
 
-    def __init__(self, on_token: Callable[[int], bool]) -> None:
-        self.on_token = on_token
-        self.cancelled = False
+    def __init__(self, feeds: Sequence[TokenFeed]) -> None:
+        self.feeds = list(feeds)
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        """``[batch]`` booleans: whether to stop."""
-        keep = bool(self.on_token(int(input_ids[0, -1])))
-        self.cancelled = self.cancelled or not keep
-        return torch.full(
-            (input_ids.shape[0],), not keep, dtype=torch.bool, device=input_ids.device
-        )
+        """``[batch]`` booleans: whether each row stops now."""
+        last = input_ids[:, -1].tolist()
+        stop = [not feed(int(t)) for feed, t in zip(self.feeds, last, strict=True)]
+        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
 
 def run_generate(
@@ -114,7 +119,7 @@ def run_generate(
     timer: FirstStepTimer,
     seed: int | None,
     device: str,
-    stopping: TokenStream | None = None,
+    stopping: StreamStopping | None = None,
 ) -> tuple[list[list[int]], float, float]:
     """Decode a left-padded batch with transformers' ``generate``.
 
@@ -135,7 +140,7 @@ def run_generate(
     device
         Where the model runs (the inputs are moved there; CUDA is waited for).
     stopping
-        Streams a single request's ids and may stop it (:class:`TokenStream`).
+        Streams the rows' ids and stops cancelled rows (:class:`StreamStopping`).
 
     Returns
     -------
@@ -280,6 +285,7 @@ def run_graph_loop(
     image: bool,
     close_id: int,
     compile: bool,
+    feeds: Sequence[TokenFeed] | None = None,
 ) -> tuple[list[list[int]], GraphTimes]:
     """Greedy decoding of ``batch`` with the own loop.
 
@@ -299,6 +305,10 @@ def run_graph_loop(
         The ``>`` token ending an image.
     compile
         ``step`` is compiled with CUDA graphs (marks each step's start).
+    feeds
+        One per real row (text mode): their new ids are handed over every
+        :data:`STREAM_CHECK_EVERY` steps and at the end; a cancelled or failed row counts as
+        ended (it keeps decoding until the batch ends, its ids unused).
 
     Returns
     -------
@@ -314,9 +324,12 @@ def run_graph_loop(
         if batch.device.startswith("cuda"):
             torch.cuda.synchronize(batch.device)
         t1 = time.perf_counter()
-        done, waited = _decode(model, step, cache, batch, biases, stop_ids, image, compile)
+        streams = _Streams(feeds, batch.real) if feeds and not image else None
+        done, waited = _decode(model, step, cache, batch, biases, stop_ids, image, compile, streams)
         tw = time.perf_counter()
         generated = batch.out[:, :done].tolist()  # waits for the GPU
+        if streams is not None:
+            streams.hand_over(generated, done)
     t2 = time.perf_counter()
     times = GraphTimes(
         prefill_s=t1 - t0, decode_s=t2 - t1, steps=done - 1, waited_s=waited + t2 - tw
@@ -353,9 +366,12 @@ def _decode(
     stop_ids: torch.Tensor,
     image: bool,
     compile: bool,
+    streams: _Streams | None = None,
 ) -> tuple[int, float]:
     """The steps after the prefill: ``(tokens written per row, seconds waited at stop
-    checks)``. Text stops at the first check at which every real row holds a stop id."""
+    checks)``. Text stops at the first check at which every real row holds a stop id or
+    was cancelled; with ``streams`` the checks come every :data:`STREAM_CHECK_EVERY` steps
+    and hand the new ids over."""
     bsz, dev, out = batch.size, batch.device, batch.out
     # fresh contiguous (B, 1) tensors: a slice's strides would differ with the prompt
     # width or max_new_tokens, and torch.compile would recompile for each
@@ -364,6 +380,7 @@ def _decode(
     pos = torch.empty((bsz, 1), dtype=torch.long, device=dev)
     pos.copy_(batch.positions[:, -1:] + 1)
     done, waited = 1, 0.0
+    every = STOP_CHECK_EVERY if streams is None else STREAM_CHECK_EVERY
     for i in range(1, batch.max_new):
         if compile:
             torch.compiler.cudagraph_mark_step_begin()
@@ -373,13 +390,39 @@ def _decode(
         tok.copy_(nxt[:, None])
         pos += 1
         done = i + 1
-        if not image and done % STOP_CHECK_EVERY == 0:
+        if not image and done % every == 0:
             tw = time.perf_counter()
-            ended = bool(torch.isin(out[: batch.real, :done], stop_ids).any(dim=-1).all())
+            stopped = torch.isin(out[: batch.real, :done], stop_ids).any(dim=-1)
+            if streams is not None:
+                streams.hand_over(out[: batch.real, streams.sent : done].tolist(), done)
+                stopped |= streams.stopped(dev)
+            ended = bool(stopped.all())
             waited += time.perf_counter() - tw
             if ended:
                 break
     return done, waited
+
+
+class _Streams:
+    """The own loop's hand-over of new ids to the real rows' feeds."""
+
+    def __init__(self, feeds: Sequence[TokenFeed], real: int) -> None:
+        self.feeds = list(feeds)[:real]
+        self.sent = 0
+        """Steps whose ids every feed has had."""
+
+    def hand_over(self, rows: list[list[int]], done: int) -> None:
+        """Give each feed its row's ids from step :attr:`sent` up to ``done``; ``rows`` are
+        the real rows' ids from :attr:`sent` (or from step 0, the whole rows)."""
+        for feed, ids in zip(self.feeds, rows, strict=False):
+            for t in ids[len(ids) - (done - self.sent) :]:
+                if not feed(int(t)) or feed.ended:
+                    break
+        self.sent = done
+
+    def stopped(self, device: str) -> torch.Tensor:
+        """``[real]`` booleans: the rows cancelled or failed."""
+        return torch.tensor([f.stopped for f in self.feeds], dtype=torch.bool, device=device)
 
 
 def to_result(
@@ -433,3 +476,23 @@ def to_result(
         decode_s=decode,
         stop_reason=stop,
     )
+
+
+def streamed_result(
+    req: GenerationRequest,
+    feed: TokenFeed,
+    gen: list[int],
+    prompt_tokens: int,
+    prefill: float,
+    decode: float,
+    *,
+    tokenizer: LLMCXRTokenizer,
+) -> GenerationResult:
+    """:func:`to_result`, or for a request its ``on_token`` cancelled the ids handed over
+    (stop reason ``"cancelled"``), or for one whose callback raised an error result."""
+    if feed.error is not None:
+        return error_result(req, feed.error)
+    if feed.cancelled:
+        res = to_result(req, gen[: feed.fed], prompt_tokens, prefill, decode, tokenizer=tokenizer)
+        return replace(res, stop_reason="cancelled")
+    return to_result(req, gen, prompt_tokens, prefill, decode, tokenizer=tokenizer)

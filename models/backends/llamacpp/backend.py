@@ -38,7 +38,8 @@ class LlamaCppBackend:
     all of them; the next token is chosen in numpy under the transformers backend's rules
     (:mod:`models.backends.llamacpp.sampling`). A request's greedy tokens do not depend on
     the other requests of its batch, up to the floating-point summation order of a
-    several-row matrix product.
+    several-row matrix product. A request's ``on_token`` gets each id as it is chosen; one
+    that cancels leaves the batch at once while the others decode on.
 
     Parameters
     ----------
@@ -377,6 +378,10 @@ class LlamaCppBackend:
             "prefill_s": prefill,
             "decode_s": decode,
         }
+        if q.stop == "error":  # its on_token raised
+            self._counters["errors"] += 1
+            why = q.feed.error if q.feed is not None else None
+            return error_result(q.req, why or "the token callback failed")
         if q.req.mode == "image":
             codes = q.out[:CODES_PER_IMAGE]
             if len(codes) != CODES_PER_IMAGE or not all(

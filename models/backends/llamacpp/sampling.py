@@ -1,9 +1,11 @@
 """Choosing the next token from a sequence's logits, under LLM-CXR's decoding rules.
 
 The rules are the transformers backend's: in text mode image ids are masked and ``### End``
-or the end-of-text id stops the sequence; in image mode only image ids (50281..51304) are
-allowed for 256 steps and ``>`` follows them, so the result always holds 256 codes. The
-choice is the argmax (greedy) or a seeded sample with temperature, top-k and top-p.
+or the end-of-text id stops the sequence, and each chosen id goes to the request's
+``on_token`` at once (returning ``False`` stops the sequence there); in image mode only
+image ids (50281..51304) are allowed for 256 steps and ``>`` follows them, so the result
+always holds 256 codes. The choice is the argmax (greedy) or a seeded sample with
+temperature, top-k and top-p.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.backends.base import GenerationRequest
+from models.backends.base import GenerationRequest, TokenFeed
 from models.layout import CODES_PER_IMAGE, END_ID, EOS_ID, IMAGE_TOKEN_OFFSET, VOCAB
 
 __all__ = ["STOP_IDS", "SequenceState", "constrain", "sample_next"]
@@ -99,6 +101,8 @@ class SequenceState:
     out: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None
     stop: str | None = None
+    feed: TokenFeed | None = None
+    """Streams the chosen ids to the request's ``on_token`` (set by :meth:`start`)."""
 
     @classmethod
     def start(cls, req: GenerationRequest, *, open_id: int, close_id: int) -> SequenceState:
@@ -113,6 +117,7 @@ class SequenceState:
             max_new=CODES_PER_IMAGE + 1 if req.mode == "image" else req.max_new_tokens,
             close_id=close_id,
             rng=None if req.greedy else np.random.default_rng(req.seed),
+            feed=TokenFeed(req),
         )
 
     @property
@@ -129,8 +134,9 @@ class SequenceState:
         -------
         int or None
             The token to feed to the model next, or ``None`` when the sequence has ended
-            (``stop`` says why: ``"end"``, ``"eos"``, ``"max_new_tokens"`` or
-            ``"image_complete"``).
+            (``stop`` says why: ``"end"``, ``"eos"``, ``"max_new_tokens"``,
+            ``"image_complete"``, ``"cancelled"`` (``on_token`` returned ``False``; the id
+            is kept) or ``"error"`` (``on_token`` raised; ``feed.error`` says so)).
         """
         assert self.logits is not None
         r = self.req
@@ -142,10 +148,16 @@ class SequenceState:
             top_p=r.top_p,
             top_k=r.top_k,
         )
+        feed = self.feed
         if r.mode == "text" and tok in STOP_IDS:
+            if feed is not None:
+                feed(tok)
             self.stop = "end" if tok == END_ID else "eos"
             return None
         self.out.append(tok)
+        if feed is not None and not feed(tok):
+            self.stop = "error" if feed.error is not None else "cancelled"
+            return None
         if r.mode == "image" and len(self.out) == CODES_PER_IMAGE:
             self.out.append(self.close_id)
         if len(self.out) >= self.max_new:
