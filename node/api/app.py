@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from node.api import (
     routes_admin,
+    routes_chat,
     routes_deliveries,
     routes_health,
     routes_jobs,
@@ -84,11 +85,13 @@ def create_app(ctx_like: Any, *, include_web: bool = True) -> FastAPI:
         routes_system,
         routes_models,
         routes_quality,
+        routes_chat,
     )
     for module in routers:
         app.include_router(module.router, max_body_size=JSON_BODY_LIMIT)
     app.include_router(routes_models.upload_router, max_body_size=settings.api_max_upload_mb * MIB)
     app.include_router(routes_rules.router, max_body_size=settings.api_max_upload_mb * MIB)
+    app.include_router(routes_chat.upload_router, max_body_size=settings.api_max_upload_mb * MIB)
     if include_web:
         try:
             from node.web import router as web_router

@@ -9,6 +9,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
+from node.db.conversations import delete_conversations
 from node.db.jobs import ACTIVE_JOB_STATES
 from node.db.models import (
     Association,
@@ -40,7 +41,9 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
     is unique, so no surviving study shares these SR files. Delivery rows without a job (a
     synthetic Secondary Capture sent on request) created before ``older_than`` and no
     longer pending go too, with their files, as do the purged jobs' final reports and final
-    reports received before ``older_than`` that never found their draft.
+    reports received before ``older_than`` that never found their draft. Conversations
+    (:mod:`node.db.conversations`) not updated since ``older_than``, and those about a
+    purged study, go with their turns.
     """
 
     def jobless() -> list[str]:
@@ -62,6 +65,17 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
             )
         )
 
+    def conversations(study_uids: list[str]) -> None:
+        n = delete_conversations(session, older_than=older_than, study_uids=study_uids)
+        if n:
+            add_audit(
+                session,
+                actor="system",
+                action="retention.conversations",
+                target=None,
+                detail={"conversations": n, "older_than": older_than.astimezone(UTC).isoformat()},
+            )
+
     def work() -> list[str]:
         sc_paths = jobless()
         finals()
@@ -80,7 +94,11 @@ def purge_expired_studies(session: Session, *, older_than: datetime, limit: int 
             )
         )
         if not ids:
+            conversations([])
             return sc_paths
+        conversations(
+            list(session.scalars(select(Study.study_instance_uid).where(Study.id.in_(ids))))
+        )
         paths = list(session.scalars(select(Instance.spool_path).where(Instance.study_id.in_(ids))))
         job_ids = select(Job.id).where(Job.study_id.in_(ids))
         srs = {

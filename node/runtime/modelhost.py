@@ -99,7 +99,8 @@ class ModelHost:
     Parameters
     ----------
     settings
-        ``model_dir``, ``backend`` and ``backend_*``, ``generation_max_new_tokens``.
+        ``model_dir``, ``backend`` and ``backend_*``, ``generation_max_new_tokens``,
+        ``model_interactive_burst`` (interactive grants in a row before a waiting batch).
     warmup
         Run one tiny report after loading (default ``True``).
     """
@@ -111,7 +112,7 @@ class ModelHost:
         self._error: str | None = None
         self._ready = threading.Event()
         self._done = threading.Event()  # loading finished, with or without success
-        self._lock = FairModelLock()
+        self._lock = FairModelLock(settings.model_interactive_burst)
         self._thread: threading.Thread | None = None
         self._loaded_at: datetime | None = None
         self._load_s: float | None = None
@@ -244,6 +245,11 @@ class ModelHost:
             yield runtime
         finally:
             self._lock.release()
+
+    @property
+    def model_lock(self) -> FairModelLock:
+        """The lock :meth:`use` takes (its ``grants`` and ``waiting()`` for diagnostics)."""
+        return self._lock
 
     def info(self) -> dict[str, Any]:
         """Model identity and state for ``/ready`` and the web console (no patient data)."""

@@ -147,6 +147,8 @@ class Settings(BoundsSettings, ReportIntakeSettings, BaseSettings):
     generation_greedy: bool = True
     generation_seed: int | None = None
     generation_max_new_tokens: int = 128
+    # interactive model requests granted in a row before a waiting worker batch goes first
+    model_interactive_burst: int = 3
     # delivery
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     # MSH-3 / MSH-4 of HL7 messages (HD namespace IDs, as agreed with the RIS interface team)
@@ -291,6 +293,7 @@ class Settings(BoundsSettings, ReportIntakeSettings, BaseSettings):
         "worker_batch_size",
         "job_max_attempts",
         "generation_max_new_tokens",
+        "model_interactive_burst",
     )
     @classmethod
     def _at_least_one(cls, v: int, info: Any) -> int:

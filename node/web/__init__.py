@@ -7,6 +7,7 @@ see :mod:`node.web.routes` for the shared page machinery.
 from fastapi import APIRouter
 
 from node.web import (
+    chat_pages,
     delivery_pages,
     job_pages,
     receive_pages,
@@ -18,5 +19,13 @@ from node.web import (
 __all__ = ["router"]
 
 router = APIRouter(include_in_schema=False)
-for _pages in (routes, job_pages, delivery_pages, receive_pages, rules_pages, system_pages):
+for _pages in (
+    routes,
+    job_pages,
+    delivery_pages,
+    receive_pages,
+    rules_pages,
+    system_pages,
+    chat_pages,
+):
     router.include_router(_pages.router)

@@ -1,0 +1,46 @@
+"""The console's Conversation page (``/chat``, #27): talk with the model about a stored
+study's image or an uploaded one.
+
+The page lists the recent studies (as the Try page does) and an upload form; ``static/
+chat.js`` (no inline script: the CSP allows only the node's own scripts) starts the
+conversation through ``POST /api/conversations``, posts each question to
+``POST /api/conversations/{id}/turns`` and reads the Server-Sent Events of the answer with
+``fetch`` and a ``ReadableStream`` reader, so the text appears as it is generated; Stop
+posts ``/cancel``. "Summarize for the patient / clinician" streams a summary of the study's
+draft (or pasted report text); a question starting "show me a CXR with ..." asks for a
+synthetic image, shown inline and labelled SYNTHETIC. Every answer is labelled AI-generated
+(and DEMO for the demo model). Operators and admins may talk; the API enforces it.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+
+from node.services import jobs as job_service
+from node.web.routes import PageUser, login_redirect, page_context, render
+
+__all__ = ["CONVERSATIONS_API", "router"]
+
+router = APIRouter(include_in_schema=False)
+
+CONVERSATIONS_API = "/api/conversations"
+
+
+@router.get("/chat", name="web_chat", response_class=HTMLResponse)
+def chat_page(request: Request, user: PageUser) -> Response:
+    """Pick a study or upload an image, then talk about it (answers streamed)."""
+    if user is None:
+        return login_redirect(request)
+    ctx = page_context(request)
+    return render(
+        request,
+        "chat.html",
+        page="chat",
+        title="Talk about an image",
+        user=user,
+        studies=job_service.recent_studies(ctx),
+        can_operate=user.has("operator"),
+        api=CONVERSATIONS_API,
+        max_upload_mb=ctx.settings.api_max_upload_mb,
+    )
