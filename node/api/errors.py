@@ -37,6 +37,7 @@ STATUS_BY_TYPE: dict[type[BaseException], int] = {
     InvalidDicomError: 422,
     service_errors.NotFound: 404,
     service_errors.Gone: 410,
+    service_errors.Forbidden: 403,
     service_errors.Conflict: 409,
     service_errors.InvalidInput: 422,
     service_errors.InputTooLarge: 413,

@@ -26,20 +26,20 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from node.api.deps import AUTH_ERRORS, Ctx, Operator
+from node.api.deps import AUTH_ERRORS, Ctx, Limit, Offset, Operator
 from node.api.errors import ApiError, status_for
 from node.api.schemas import ErrorOut
-from node.db.conversations import ConversationRecord, TurnRecord
+from node.db.conversations import ConversationRecord, ConversationSummary, TurnRecord
 from node.services import chat
 from node.services.images import MIB
 
-__all__ = ["ConversationOut", "TurnOut", "router", "upload_router"]
+__all__ = ["ConversationList", "ConversationOut", "TurnOut", "router", "upload_router"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,29 @@ class ConversationOut(BaseModel):
     turns: list[TurnOut]
 
 
+class ConversationItem(BaseModel):
+    """A conversation in a list (no turn text)."""
+
+    id: int
+    created_at: datetime
+    updated_at: datetime
+    actor: str
+    source: Literal["study", "upload"]
+    study_uid: str | None
+    model_name: str
+    model_version: str
+    demo: bool
+    turn_count: int
+    url: str = Field(description="the console page that reopens it")
+
+
+class ConversationList(BaseModel):
+    """One page of conversations, the most recently updated first."""
+
+    total: int
+    items: list[ConversationItem]
+
+
 class CancelOut(BaseModel):
     """Whether a running turn was told to stop."""
 
@@ -179,6 +202,22 @@ def _conversation_out(c: ConversationRecord) -> ConversationOut:
         model_version=c.model_version,
         demo=c.demo,
         turns=[_turn_out(c.id, t, c.demo) for t in c.turns],
+    )
+
+
+def _item(c: ConversationSummary) -> ConversationItem:
+    return ConversationItem(
+        id=c.id,
+        created_at=c.created_at,
+        updated_at=c.updated_at,
+        actor=c.actor,
+        source=c.source,  # type: ignore[arg-type]
+        study_uid=c.study_uid,
+        model_name=c.model_name,
+        model_version=c.model_version,
+        demo=c.demo,
+        turn_count=c.turn_count,
+        url=f"/chat?conversation={c.id}",
     )
 
 
@@ -338,6 +377,26 @@ async def start(request: Request, ctx: Ctx, p: Operator) -> ConversationOut:
     else:
         raise ApiError(415, "send application/json {study_uid} or multipart/form-data file")
     return _conversation_out(conv)
+
+
+@router.get(
+    "",
+    response_model=ConversationList,
+    summary="Your conversations, most recent first (operator; everyone's for an admin)",
+)
+def list_conversations(
+    ctx: Ctx,
+    p: Operator,
+    everyone: Annotated[bool, Query(alias="all", description="everyone's (admin)")] = False,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> ConversationList:
+    """Ids, times, study, model and turn count; the turns' text only by
+    ``GET /api/conversations/{id}``."""
+    items, total = chat.recent(
+        ctx, actor=p.actor, everyone=everyone, admin=p.has("admin"), limit=limit, offset=offset
+    )
+    return ConversationList(total=total, items=[_item(c) for c in items])
 
 
 @router.get(

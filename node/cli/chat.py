@@ -3,7 +3,8 @@
 Reads one question a line from standard input and streams each answer to standard output
 as it is generated (:mod:`models.chat`): earlier turns are the context, the oldest left
 out when the 2,048-token window would overflow (said on standard error). ``/summary
-patient|clinician REPORT`` rewrites a report in plain language; ``/quit`` or end of input
+patient|clinician [REPORT]`` rewrites a report in plain language (without REPORT: the
+latest draft of the ``--study``); ``/quit`` or end of input
 ends; Ctrl-C stops the answer being written (the turn is not kept). Like ``cxr-node ask``,
 the model runs in this process; every answer is labelled AI generated and unverified
 (DEMO for the demo bundle). Nothing of the conversation is logged.
@@ -51,6 +52,34 @@ def _image(file: Path | None, study: str | None) -> tuple[npt.NDArray[np.float32
     return to_model_input(gray8), label
 
 
+def _summary_args(text: str, study: str | None) -> tuple[str, str]:
+    """``(audience, report)`` of a ``/summary AUDIENCE [REPORT]`` line; without REPORT, the
+    study's latest draft.
+
+    Raises
+    ------
+    ValueError
+        An unknown audience, or no report and no draft.
+    """
+    from node.services.chat import AUDIENCES, study_draft
+
+    _cmd, _sep, rest = text.partition(" ")
+    audience, _sep, report = rest.strip().partition(" ")
+    if audience not in AUDIENCES:
+        raise ValueError(
+            "audience must be clinician or patient: /summary patient|clinician [REPORT]"
+        )
+    if report.strip():
+        return audience, report
+    if study is None:
+        raise ValueError("give the report after the audience: an uploaded file has no draft")
+    with cli_services() as ctx:
+        draft = study_draft(ctx, study)
+    if not draft:
+        raise ValueError(f"study {study} has no report draft yet: give the report text")
+    return audience, draft
+
+
 def _write(delta: str) -> bool:
     sys.stdout.write(delta)
     sys.stdout.flush()
@@ -72,7 +101,6 @@ def chat(
     """Talk about a chest X-ray: questions from stdin, answers streamed (AI generated)."""
     from models.chat import ChatTurn, summarize
     from models.chat import chat as ask_model
-    from models.runtime import ModelInputError
 
     settings = _settings()
     image, label = _image(file, study)
@@ -93,8 +121,7 @@ def chat(
             break
         try:
             if text.startswith("/summary"):
-                _cmd, _sep, rest = text.partition(" ")
-                audience, _sep, report = rest.strip().partition(" ")
+                audience, report = _summary_args(text, study)
                 answer = summarize(
                     runtime,
                     report,
@@ -113,7 +140,7 @@ def chat(
                     max_new_tokens=max_new_tokens,
                 )
                 history.append(ChatTurn(text, answer.text))
-        except ModelInputError as exc:
+        except ValueError as exc:  # ModelInputError too
             typer.echo(f"not asked: {exc}", err=True)
             continue
         except KeyboardInterrupt:

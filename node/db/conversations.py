@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
@@ -25,12 +25,14 @@ __all__ = [
     "HISTORY_STOP_REASONS",
     "ConversationNotFound",
     "ConversationRecord",
+    "ConversationSummary",
     "TurnRecord",
     "add_turn",
     "create_conversation",
     "delete_conversations",
     "draft_text",
     "get_conversation",
+    "list_conversations",
     "question_history",
     "turn_image",
 ]
@@ -80,6 +82,22 @@ class ConversationRecord:
     model_version: str
     demo: bool
     turns: list[TurnRecord]
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    """A conversation in a list: who, when, about what, how many turns (no text)."""
+
+    id: int
+    created_at: datetime
+    updated_at: datetime
+    actor: str
+    study_uid: str | None
+    source: str
+    model_name: str
+    model_version: str
+    demo: bool
+    turn_count: int
 
 
 def _turn(t: ConversationTurn) -> TurnRecord:
@@ -169,6 +187,44 @@ def get_conversation(session: Session, conversation_id: int) -> ConversationReco
         demo=conv.demo,
         turns=[_turn(t) for t in conv.turns],
     )
+
+
+def list_conversations(
+    session: Session, *, actor: str | None, limit: int = 50, offset: int = 0
+) -> tuple[list[ConversationSummary], int]:
+    """Conversations, the most recently updated first: ``actor``'s, or everyone's when
+    ``actor`` is ``None``; one page and the total count."""
+    where = [] if actor is None else [Conversation.actor == actor]
+    total = int(session.scalar(select(func.count(Conversation.id)).where(*where)) or 0)
+    turns = (
+        select(func.count(ConversationTurn.id))
+        .where(ConversationTurn.conversation_id == Conversation.id)
+        .correlate(Conversation)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Conversation, turns)
+        .where(*where)
+        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    out = [
+        ConversationSummary(
+            id=c.id,
+            created_at=c.created_at,
+            updated_at=c.updated_at,
+            actor=c.actor,
+            study_uid=c.study_uid,
+            source=c.source,
+            model_name=c.model_name,
+            model_version=c.model_version,
+            demo=c.demo,
+            turn_count=int(n or 0),
+        )
+        for c, n in rows
+    ]
+    return out, total
 
 
 def question_history(session: Session, conversation_id: int) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "Conflict",
+    "Forbidden",
     "Gone",
     "InputTooLarge",
     "InvalidInput",
@@ -24,6 +25,10 @@ class ServiceError(Exception):
 
 class NotFound(ServiceError, LookupError):
     """What was asked for does not exist (HTTP 404)."""
+
+
+class Forbidden(ServiceError, PermissionError):
+    """The caller's role does not allow this form of the request (HTTP 403)."""
 
 
 class Gone(ServiceError, LookupError):

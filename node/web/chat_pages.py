@@ -8,15 +8,21 @@ conversation through ``POST /api/conversations``, posts each question to
 ``fetch`` and a ``ReadableStream`` reader, so the text appears as it is generated; Stop
 posts ``/cancel``. "Summarize for the patient / clinician" streams a summary of the study's
 draft (or pasted report text); a question starting "show me a CXR with ..." asks for a
-synthetic image, shown inline and labelled SYNTHETIC. Every answer is labelled AI-generated
+synthetic image, shown inline and labelled SYNTHETIC. The user's recent conversations are
+listed; ``/chat?conversation=ID`` reopens one (its transcript from
+``GET /api/conversations/{id}``) to go on with it. Every answer is labelled AI-generated
 (and DEMO for the demo model). Operators and admins may talk; the API enforces it.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
+from node.db.conversations import ConversationSummary
+from node.services import chat as chat_service
 from node.services import jobs as job_service
 from node.web.routes import PageUser, login_redirect, page_context, render
 
@@ -25,14 +31,24 @@ __all__ = ["CONVERSATIONS_API", "router"]
 router = APIRouter(include_in_schema=False)
 
 CONVERSATIONS_API = "/api/conversations"
+#: how many of the user's conversations the page lists
+RECENT = 20
 
 
 @router.get("/chat", name="web_chat", response_class=HTMLResponse)
-def chat_page(request: Request, user: PageUser) -> Response:
-    """Pick a study or upload an image, then talk about it (answers streamed)."""
+def chat_page(
+    request: Request,
+    user: PageUser,
+    conversation: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+) -> Response:
+    """Pick a study or upload an image, then talk about it (answers streamed); or reopen
+    one of the user's recent conversations (``?conversation=ID``)."""
     if user is None:
         return login_redirect(request)
     ctx = page_context(request)
+    recent: list[ConversationSummary] = []
+    if user.has("operator"):
+        recent, _total = chat_service.recent(ctx, actor=user.actor, limit=RECENT)
     return render(
         request,
         "chat.html",
@@ -43,4 +59,6 @@ def chat_page(request: Request, user: PageUser) -> Response:
         can_operate=user.has("operator"),
         api=CONVERSATIONS_API,
         max_upload_mb=ctx.settings.api_max_upload_mb,
+        recent=recent,
+        reopen=conversation,
     )

@@ -379,3 +379,61 @@ def test_retention_purges_old_conversations_and_those_of_purged_studies(env: Api
     assert not turns(env, old_cid) and not turns(env, purged_cid)
     rows = env.audit("retention.conversations")
     assert [r.detail["conversations"] for r in rows if r.detail] == [2]
+
+
+def test_conversations_are_listed_to_their_owner(env: ApiEnv) -> None:
+    seeded = env.seed("queued")
+    mine = [start(env, seeded.study_uid)["id"] for _ in range(3)]
+    theirs = start(env, seeded.study_uid, role="admin")["id"]
+    with env.client("operator") as c:
+        events, _ = ask(c, mine[0], "Is there an effusion?", max_new_tokens=4)
+        assert events[-1].name == "done"
+        listed = c.get("/api/conversations").json()
+        assert listed["total"] == 3
+        # most recently updated first: the one just asked comes first
+        assert [i["id"] for i in listed["items"]] == [mine[0], mine[2], mine[1]]
+        first = listed["items"][0]
+        assert first["turn_count"] == 1 and first["source"] == "study"
+        assert first["study_uid"] == seeded.study_uid and first["demo"] is True
+        assert first["url"] == f"/chat?conversation={mine[0]}"
+        assert first["actor"] == env.actor("operator")
+        assert "question" not in json.dumps(listed)  # no turn text in a list
+        page = c.get("/api/conversations", params={"limit": 1, "offset": 1}).json()
+        assert [i["id"] for i in page["items"]] == [mine[2]] and page["total"] == 3
+        assert c.get("/api/conversations", params={"all": "true"}).status_code == 403
+    with env.client("admin") as c:
+        own = c.get("/api/conversations").json()
+        assert [i["id"] for i in own["items"]] == [theirs]
+        everyone = c.get("/api/conversations", params={"all": "true"}).json()
+        assert everyone["total"] == 4 and theirs in [i["id"] for i in everyone["items"]]
+    with env.client("viewer") as c:
+        assert c.get("/api/conversations").status_code == 403
+
+
+def test_cli_summary_of_the_study_draft(env: ApiEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from tests.models.llm_fixtures import demo_bundle_dir
+
+    with_draft = env.seed("done", draft="FINDINGS: Small left effusion. IMPRESSION: Effusion.")
+    without = env.seed("queued")
+    monkeypatch.delenv("CXR_NODE_CONFIG", raising=False)
+    monkeypatch.setenv("CXR_NODE_DATABASE_URL", env.settings.database_url)
+    monkeypatch.setenv("CXR_NODE_SPOOL_DIR", str(env.settings.spool_dir))
+    monkeypatch.setenv("CXR_NODE_MODEL_DIR", str(demo_bundle_dir()))
+    monkeypatch.setenv("CXR_NODE_BACKEND_DTYPE", "float32")
+    runner = CliRunner()
+    args = ["chat", "--study", with_draft.study_uid, "--max-new-tokens", "5"]
+    r = runner.invoke(app, args, input="/summary clinician\n/summary patient\n")
+    assert r.exit_code == 0, r.output
+    assert len([a for a in r.stdout.split("\n") if a.strip()]) == 2  # both from the draft
+    assert "not asked" not in r.stderr
+    r = runner.invoke(
+        app,
+        ["chat", "--study", without.study_uid, "--max-new-tokens", "5"],
+        input="/summary patient\n/summary patient FINDINGS: Clear lungs.\n",
+    )
+    assert r.exit_code == 0, r.output
+    assert f"study {without.study_uid} has no report draft yet" in r.stderr
+    assert len([a for a in r.stdout.split("\n") if a.strip()]) == 1  # the pasted report's

@@ -140,3 +140,53 @@ def test_viewer_cannot_start_a_conversation(console_node: ConsoleNode, browser: 
         page.goto(f"{console_node.base_url}/chat")
         assert page.locator("#viewer-note").is_visible()
         assert not page.is_enabled("#chat-study-form button[type=submit]")
+
+
+def test_recent_conversations_are_listed_and_reopen(
+    console_node: ConsoleNode, browser: Any, done_study: tuple[str, int]
+) -> None:
+    node = console_node
+    uid, _job_id = done_study
+    with browser_context(browser) as ctx:
+        page = login(ctx, node, "operator")
+        page.goto(f"{node.base_url}/chat")
+        page.select_option("#chat-study", uid)
+        page.click("#chat-study-form button[type=submit]")
+        page.locator("#chat-session").wait_for(state="visible", timeout=60_000)
+        conv_id = int(page.get_attribute("#chat-session", "data-conversation-id") or 0)
+        page.fill("#chat-question", "Is there a pneumothorax?")
+        page.click("#chat-send")
+        first = _wait_finished(page)
+        page.fill("#chat-question", "show me a CXR with cardiomegaly")
+        page.click("#chat-send")
+        _wait_finished(page)
+
+        # a new visit lists the conversation; its link reopens the transcript to go on
+        page.goto(f"{node.base_url}/chat")
+        row = page.locator(f"#chat-recent tr[data-conversation-id='{conv_id}']")
+        assert "2" in row.locator("td").nth(2).inner_text()  # two turns
+        row.locator("a").click()
+        page.wait_for_url(f"{node.base_url}/chat?conversation={conv_id}")
+        page.locator("#chat-session").wait_for(state="visible", timeout=30_000)
+        page.wait_for_function(
+            "() => document.querySelectorAll('#chat-transcript .turn').length === 2"
+        )
+        assert page.get_attribute("#chat-session", "data-conversation-id") == str(conv_id)
+        turns = page.locator("#chat-transcript .turn")
+        assert turns.nth(0).locator(".answer").inner_text() == first
+        assert "SYNTHETIC" in turns.nth(1).inner_text()
+        page.wait_for_function(
+            "() => { const i = document.querySelector('#chat-transcript .turn:last-child img');"
+            " return i && i.complete && i.naturalWidth === 256; }",
+            timeout=30_000,
+        )
+        page.fill("#chat-question", "And the heart?")
+        page.click("#chat-send")
+        _wait_finished(page)
+        assert turns.count() == 3
+
+    # another person's list does not show it (an admin sees it through the API's ?all=true)
+    with browser_context(browser) as ctx:
+        other = login(ctx, node, "admin")
+        other.goto(f"{node.base_url}/chat")
+        assert other.locator(f"#chat-recent tr[data-conversation-id='{conv_id}']").count() == 0
