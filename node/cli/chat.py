@@ -4,21 +4,25 @@ Reads one question a line from standard input and streams each answer to standar
 as it is generated (:mod:`models.chat`): earlier turns are the context, the oldest left
 out when the 2,048-token window would overflow (said on standard error). ``/summary
 patient|clinician [REPORT]`` rewrites a report in plain language (without REPORT: the
-latest draft of the ``--study``); ``/quit`` or end of input
-ends; Ctrl-C stops the answer being written (the turn is not kept). Like ``cxr-node ask``,
-the model runs in this process; every answer is labelled AI generated and unverified
-(DEMO for the demo bundle). Nothing of the conversation is logged.
+latest draft of the ``--study``); ``/image REPORT`` writes a synthetic CXR made from the
+report text (labelled SYNTHETIC) as ``synthetic-N.png`` in ``--image-dir``; ``/quit`` or
+end of input ends; Ctrl-C stops the answer being written (the turn is not kept). Like
+``cxr-node ask``, the model runs in this process; every answer is labelled AI generated and
+unverified (DEMO for the demo bundle). Nothing of the conversation is logged.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import numpy.typing as npt
 import typer
+
+if TYPE_CHECKING:
+    from models.runtime import LLMCXR
 
 from node.cli.admin import _runtime, _settings, cli_services, fail
 
@@ -80,6 +84,27 @@ def _summary_args(text: str, study: str | None) -> tuple[str, str]:
     return audience, draft
 
 
+def _synthetic_image(runtime: LLMCXR, text: str, image_dir: Path) -> Path:
+    """``/image REPORT``: report -> synthetic CXR (exactly 256 codes), written as the next
+    free ``synthetic-N.png`` in ``image_dir``."""
+    from models.layout import CODES_PER_IMAGE
+    from node.services.images import png_bytes
+
+    report = text.partition(" ")[2].strip()
+    if not report:
+        raise ValueError("say /image REPORT: the findings the synthetic image is to show")
+    generated = runtime.generate_image(report)
+    if int(generated.codes.size) != CODES_PER_IMAGE:
+        raise ValueError(f"the model made {generated.codes.size} codes, not {CODES_PER_IMAGE}")
+    n = 1
+    while (image_dir / f"synthetic-{n}.png").exists():
+        n += 1
+    out = image_dir / f"synthetic-{n}.png"
+    with out.open("xb") as fh:
+        fh.write(png_bytes(generated.image))
+    return out
+
+
 def _write(delta: str) -> bool:
     sys.stdout.write(delta)
     sys.stdout.flush()
@@ -97,6 +122,12 @@ def chat(
     max_new_tokens: Annotated[
         int, typer.Option(min=1, max=1024, help="At most this many tokens an answer.")
     ] = 128,
+    image_dir: Annotated[
+        Path,
+        typer.Option(
+            "--image-dir", help="Where /image writes its PNGs.", file_okay=False, exists=True
+        ),
+    ] = Path("."),
 ) -> None:
     """Talk about a chest X-ray: questions from stdin, answers streamed (AI generated)."""
     from models.chat import ChatTurn, summarize
@@ -109,7 +140,8 @@ def chat(
     note = "DEMO model, answers" if runtime.bundle.demo else "answers"
     typer.echo(
         f"talking about {label} with {runtime.model_name} {runtime.model_version}"
-        f" ({note} are AI generated and unverified); /quit ends",
+        f" ({note} are AI generated and unverified); /summary patient|clinician [REPORT],"
+        " /image REPORT, /quit",
         err=True,
     )
     history: list[ChatTurn] = []
@@ -120,6 +152,10 @@ def chat(
         if text == "/quit":
             break
         try:
+            if text.startswith("/image"):
+                out = _synthetic_image(runtime, text, image_dir)
+                typer.echo(f"SYNTHETIC image, AI generated from the report, not a patient: {out}")
+                continue
             if text.startswith("/summary"):
                 audience, report = _summary_args(text, study)
                 answer = summarize(

@@ -3,7 +3,11 @@ summaries, and the AI label; on the demo bundle, in process (like ``cxr-node ask
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from node.cli import app
@@ -51,3 +55,21 @@ def test_chat_window_notice_and_arguments(runner: CliRunner) -> None:
     assert r.exit_code == 0, r.output
     assert "turn(s) were left out to fit the model's 2,048-token window" in r.stderr
     assert runner.invoke(app, ["chat"]).exit_code == 2  # neither FILE nor --study
+
+
+def test_chat_draws_a_synthetic_image(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "synthetic-1.png").write_bytes(b"kept")  # an earlier file is not overwritten
+    r = runner.invoke(
+        app,
+        ["chat", str(rg1_file()), "--image-dir", str(tmp_path), "--max-new-tokens", "4"],
+        input="/image Large right pleural effusion.\n/image\nIs it large?\n",
+    )
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "synthetic-2.png"
+    assert f"SYNTHETIC image, AI generated from the report, not a patient: {out}" in r.stdout
+    assert (tmp_path / "synthetic-1.png").read_bytes() == b"kept"
+    with Image.open(out) as im:
+        pixels = np.asarray(im.convert("L"))
+    assert pixels.shape == (256, 256) and pixels.std() > 0
+    assert "not asked: say /image REPORT" in r.stderr
+    assert not (tmp_path / "synthetic-3.png").exists()
