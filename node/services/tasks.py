@@ -9,8 +9,6 @@ that the delivery worker sends, with its retries and TLS settings.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +20,9 @@ from node import metrics
 from node.db import audit as audit_db
 from node.db import study_views
 from node.services.context import ServiceContext
-from node.services.errors import Gone, InvalidInput, NotConfigured, NotFound, Unavailable
+from node.services.errors import Gone, InvalidInput, NotConfigured, NotFound
 from node.services.images import MAX_UPLOAD_BYTES, gray8_from_bytes, gray8_from_file, png_bytes
+from node.services.model_use import interactive_model
 from node.settings import DicomDestination, Settings, StowDestination
 
 if TYPE_CHECKING:
@@ -43,17 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-MODEL_WAIT_SECONDS = 120.0
-
-
-@contextmanager
-def _model(ctx: ServiceContext) -> Iterator[LLMCXR]:
-    host = ctx.host()
-    if host is None:
-        raise Unavailable("no model in this process: set model_dir and run the model host")
-    with host.use(timeout=MODEL_WAIT_SECONDS, interactive=True) as runtime:
-        yield runtime
 
 
 def _observe(task: str, timings: dict[str, float]) -> None:
@@ -150,7 +138,7 @@ def vqa_for_study(
         gray8, _ds = gray8_from_file(img.path)
     except FileNotFoundError:
         raise Gone(f"instance {img.sop_instance_uid} is no longer in the spool") from None
-    with _model(ctx) as runtime:
+    with interactive_model(ctx) as runtime:
         answer = answer_question(runtime, gray8, question)
     _audit(ctx, actor, "model.vqa", f"study:{study_uid}", {"sop": img.sop_instance_uid})
     return answer, img
@@ -165,7 +153,7 @@ def report_for_upload(
     ``data`` is larger than ``max_bytes``.
     """
     gray8, ds = gray8_from_bytes(data, max_bytes=max_bytes)
-    with _model(ctx) as runtime:
+    with interactive_model(ctx) as runtime:
         draft = draft_report(runtime, gray8)
     sop = str(ds.get("SOPInstanceUID", "")) if ds is not None else None
     _audit(ctx, actor, "model.report", f"sop:{sop}" if sop else None, {"upload": True})
@@ -231,7 +219,7 @@ def make_image(
             raise InvalidInput("send=true needs a destination")
         dest = _destination(ctx.settings, destination)
     reference = _reference(ctx, study_uid) if study_uid else None
-    with _model(ctx) as runtime:
+    with interactive_model(ctx) as runtime:
         generated = runtime.generate_image(report, seed=seed, greedy=greedy)
     _observe("image", generated.timings)
     sc = None
