@@ -11,7 +11,8 @@ The file is written with the ``gguf`` package for llama.cpp's ``gptneox`` archit
 - a vocabulary of exactly 51,305 entries: the 50,281 text entries of the bundle's
   ``tokenizer.json`` (GPT-2 style byte-level BPE: ``tokenizer.ggml.model = "gpt2"``, tokens,
   types, merges) followed by 1,024 placeholders ``<img_0000>`` .. ``<img_1023>`` of type
-  CONTROL, so image code ``c`` keeps id ``50281 + c`` and no text ever tokenizes to an image id.
+  USER_DEFINED, so image code ``c`` keeps id ``50281 + c`` and a llama.cpp server reads and
+  writes it as that text (the node itself passes ids; see :mod:`models.backends.remote`).
 
 Quantisations: ``f32``, ``f16`` and ``bf16`` are written directly; ``q8_0`` is quantised with
 ``gguf.quants`` from the fp32 weights (bit-exact with ggml's reference quantiser); ``q4_k_m``

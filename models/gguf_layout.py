@@ -3,9 +3,10 @@
 A converted file describes llama.cpp's ``gptneox`` architecture: the hyper-parameters of
 the bundle's ``config.json`` (:class:`NeoXShape`), a vocabulary of exactly 51,305 entries
 (:class:`GGUFVocab`: the 50,281 text entries of ``tokenizer.json`` followed by 1,024
-CONTROL placeholders ``<img_0000>`` .. ``<img_1023>``, so image code ``c`` keeps id
-``50281 + c``), and ``llmcxr.*`` keys that mark the token layout (:data:`LAYOUT_KEYS`,
-checked by :func:`check_layout_metadata`). Writing is :mod:`models.gguf_writer`;
+USER_DEFINED placeholders ``<img_0000>`` .. ``<img_1023>``, so image code ``c`` keeps id
+``50281 + c`` and an OpenAI-compatible llama.cpp server reads and writes it as that
+text), and ``llmcxr.*`` keys that mark the token layout (:data:`LAYOUT_KEYS`, checked by
+:func:`check_layout_metadata`). Writing is :mod:`models.gguf_writer`;
 the conversion entry points are :mod:`models.gguf_convert`.
 """
 
@@ -160,7 +161,9 @@ def build_gguf_vocab(tokenizer_json: Path) -> GGUFVocab:
 
     Text ids 0..50280 come from the tokenizer (byte-level BPE strings as stored, added
     special tokens as CONTROL, other added tokens as USER_DEFINED raw text); ids
-    50281..51304 are the image placeholders (CONTROL).
+    50281..51304 are the image placeholders (USER_DEFINED: llama.cpp's tokenizer maps the
+    text ``<img_0042>`` to its id and renders the id as that text, which is how
+    :mod:`models.backends.remote` passes image ids to a llama.cpp server).
 
     Raises
     ------
@@ -190,7 +193,7 @@ def build_gguf_vocab(tokenizer_json: Path) -> GGUFVocab:
     tokens = [by_id[i] for i in range(TEXT_VOCAB)]
     token_types = [types[i] for i in range(TEXT_VOCAB)]
     tokens += [image_token_text(c) for c in range(N_IMAGE_CODES)]
-    token_types += [int(gguf.TokenType.CONTROL)] * N_IMAGE_CODES
+    token_types += [int(gguf.TokenType.USER_DEFINED)] * N_IMAGE_CODES
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return GGUFVocab(tokens=tokens, token_types=token_types, merges=merges)
 

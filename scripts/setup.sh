@@ -2,7 +2,8 @@
 # Set up everything the node needs on a fresh machine (idempotent, safe to re-run).
 #   scripts/setup.sh            Python venv (.venv) with the node and its runtime extras
 #   scripts/setup.sh --peers    also the Debian DICOM peers the tests use
-#                               (dcmtk, orthanc, dicom3tools, gdcm, poppler-utils), the dev tools
+#                               (dcmtk, orthanc, dicom3tools, gdcm, poppler-utils), a Java runtime
+#                               and pycocoevalcap (METEOR in cxr-node evaluate), the dev tools
 #                               and the llama.cpp engine (stock llama-cpp-python; with
 #                               CXR_NODE_LLAMACPP_FLAVOUR=patched, the node's patched build)
 set -euo pipefail
@@ -19,6 +20,7 @@ if [ "$want_peers" = 1 ]; then
   command -v gdcminfo >/dev/null || need+=(libgdcm-tools)
   command -v pdftoppm >/dev/null || need+=(poppler-utils)  # renders the report PDF in tests
   command -v chromium >/dev/null || need+=(chromium)   # web console tests (headless)
+  command -v java >/dev/null || need+=(default-jre-headless)  # METEOR in cxr-node evaluate
   if [ "${CXR_NODE_LLAMACPP_FLAVOUR:-stock}" = patched ]; then
     command -v patch >/dev/null || need+=(patch)       # scripts/build-llama-cpp.sh
   fi
@@ -41,12 +43,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-extras="postgres,api"
+extras="postgres,api,train"
 # The test suite also covers the llama.cpp engine; llama-cpp-python builds from its
 # hash-checked source, with every x86 CPU variant (scripts/build-llama-cpp.sh: about 7 min
 # on 2 cores the first time, then from its wheel cache). Stock by default;
 # CXR_NODE_LLAMACPP_FLAVOUR=patched builds the node's patched flavour instead.
-[ "$want_peers" = 1 ] && extras="$extras,dev,llamacpp"
+[ "$want_peers" = 1 ] && extras="$extras,dev,llamacpp,eval"
 stamp=".venv/.setup-$( (cat pyproject.toml scripts/build-llama-cpp.sh scripts/patches/*.patch; echo "${CMAKE_ARGS:-} ${CXR_NODE_LLAMACPP_FLAVOUR:-stock}") | sha256sum | cut -c1-16)-$extras"
 if [ ! -e "$stamp" ]; then
   python -m pip install -q --upgrade pip

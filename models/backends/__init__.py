@@ -27,7 +27,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("transformers", "llamacpp")
+BACKENDS = ("transformers", "llamacpp", "remote")
 
 OPTION_ALIASES: dict[str, str] = {
     "backend_dtype": "dtype",
@@ -44,6 +44,7 @@ _NOT_USED: dict[str, frozenset[str]] = {
     # precision is ``dtype``; the GGUF files are llama.cpp's
     "transformers": frozenset({"quant", "prefill_quant"}),
     "llamacpp": frozenset({"dtype"}),  # precision is the GGUF file's (``quant``)
+    "remote": frozenset({"quant", "prefill_quant"}),  # the servers' own
 }
 
 
@@ -79,7 +80,8 @@ def backend_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_backend(name: str, model_dir: Path, **options: Any) -> GenerationBackend:
-    """Build a backend by name: ``"transformers"`` or ``"llamacpp"``.
+    """Build a backend by name: ``"transformers"``, ``"llamacpp"`` or ``"remote"``
+    (OpenAI-compatible inference servers, :mod:`models.backends.remote`).
 
     Parameters
     ----------
@@ -106,6 +108,10 @@ def make_backend(name: str, model_dir: Path, **options: Any) -> GenerationBacken
         from models.backends.transformers_backend import TransformersBackend
 
         cls = TransformersBackend
+    elif name == "remote":
+        from models.backends.remote import RemoteBackend
+
+        cls = RemoteBackend
     else:
         try:
             from models.backends.llamacpp import LlamaCppBackend

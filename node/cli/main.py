@@ -277,6 +277,10 @@ from node.cli.chat import chat as _chat_command  # noqa: E402
 
 app.command("chat")(_chat_command)
 
+from node.cli.engine import engine as _engine_command  # noqa: E402
+
+app.command("engine")(_engine_command)
+
 
 def main() -> None:
     """Console-script entry point (``cxr-node``)."""

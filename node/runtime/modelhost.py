@@ -72,7 +72,7 @@ def backend_options(settings: Settings) -> dict[str, Any]:
 
     transformers: ``dtype``, ``device``, ``threads``, ``max_batch``, ``warmup_batch`` (the
     worker batch size); llama.cpp: ``quant``, ``prefill_quant``, ``device``, ``threads``,
-    ``max_batch``.
+    ``max_batch``; remote: the ``remote_*`` settings and ``max_batch``.
     ``max_batch`` is at least the worker's batch size so that one worker batch is one
     backend batch.
     """
@@ -85,6 +85,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
         opts["dtype"] = settings.backend_dtype
         # what warmup compiles on a GPU (one compiled shape per power-of-two batch bucket)
         opts["warmup_batch"] = settings.worker_batch_size
+    elif name == "remote":
+        opts.update(settings.remote_options())
     elif name == "llamacpp":
         if settings.backend_quant is not None:
             opts["quant"] = settings.backend_quant

@@ -49,6 +49,7 @@ from integration.destinations import (
 from integration.priority import PriorityRule
 from integration.routing import RuleSet
 from node.settings.bounds import BoundsSettings
+from node.settings.engine import RemoteEngineSettings
 from node.settings.reports import ReportIntakeSettings
 from node.settings.routing import load_rule_set
 from node.settings.values import (
@@ -95,7 +96,7 @@ _FROM_ENV = Path("\0from-env")  # sentinel: Settings() built directly reads $CXR
 _config_file: ContextVar[Path | None] = ContextVar("cxr_node_config_file", default=_FROM_ENV)
 
 
-class Settings(BoundsSettings, ReportIntakeSettings, BaseSettings):
+class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseSettings):
     """Every setting of the node; see ``docs/configuration.md`` for the reference."""
 
     model_config = SettingsConfigDict(
@@ -363,8 +364,12 @@ class Settings(BoundsSettings, ReportIntakeSettings, BaseSettings):
             raise ValueError(
                 "tls_ca_file: tls_destinations is on but no CA file is set to verify the PACS"
             )
-        if self.backend not in ("transformers", "llamacpp"):
-            raise ValueError(f"backend: {self.backend!r} is not 'transformers' or 'llamacpp'")
+        if self.backend not in ("transformers", "llamacpp", "remote"):
+            raise ValueError(
+                f"backend: {self.backend!r} is not 'transformers', 'llamacpp' or 'remote'"
+            )
+        if self.backend == "remote" and not self.remote_urls:
+            raise ValueError("remote_urls: backend 'remote' needs at least one server URL")
         if self.backend_threads is not None and self.backend_threads < 1:
             raise ValueError(f"backend_threads: must be at least 1, got {self.backend_threads}")
         return self

@@ -56,11 +56,11 @@ def test_vocabulary_keeps_text_and_image_ids(
     assert engine.vocab_entry(0) == ("<|endoftext|>", "control")
     assert engine.vocab_entry(50276)[1] == "user_defined"  # a whitespace run of GPT-NeoX
     assert engine.vocab_entry(1000)[1] == "normal"
-    # image ids: CONTROL placeholders that never match text
-    assert engine.vocab_entry(IMAGE_TOKEN_OFFSET) == (image_token_text(0), "control")
+    # image ids: USER_DEFINED placeholders, read and written as their text by a server
+    assert engine.vocab_entry(IMAGE_TOKEN_OFFSET) == (image_token_text(0), "user_defined")
     assert image_token_text(0) == "<img_0000>"
-    assert engine.vocab_entry(VOCAB - 1) == ("<img_1023>", "control")
-    assert {engine.vocab_entry(i)[1] for i in range(TEXT_VOCAB, VOCAB, 37)} == {"control"}
+    assert engine.vocab_entry(VOCAB - 1) == ("<img_1023>", "user_defined")
+    assert {engine.vocab_entry(i)[1] for i in range(TEXT_VOCAB, VOCAB, 37)} == {"user_defined"}
 
 
 def test_gguf_metadata(ggufs: dict[str, ConversionResult]) -> None:
@@ -86,9 +86,9 @@ def test_llama_cpp_tokenizes_text_like_the_bundle_tokenizer(
         report_to_image_prompt("Small left pleural effusion.  No pneumothorax."),
     ]:
         assert engine.tokenize(text) == tok.encode(text)
-    # image placeholders are CONTROL: plain text never yields an image id
+    # an image placeholder's text is its id (the remote backend's wire form); <image> is text
     ids = engine.tokenize("<img_0005> and <image>", parse_special=False)
-    assert all(i < IMAGE_TOKEN_OFFSET for i in ids)
+    assert ids[0] == IMAGE_TOKEN_OFFSET + 5 and all(i < IMAGE_TOKEN_OFFSET for i in ids[1:])
     assert engine.detokenize(tok.encode("No acute cardiopulmonary process.")) == (
         "No acute cardiopulmonary process."
     )
