@@ -1,0 +1,1 @@
+"""Deployment topologies (deploy/compose, deploy/kubernetes), checked offline."""
