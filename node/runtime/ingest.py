@@ -42,7 +42,7 @@ from node import metrics
 from node.runtime.dataset_error import DataSetError
 from node.runtime.dataset_source import InflateLimits
 from node.runtime.header import HeaderInfo, header_priority, read_header
-from node.runtime.spool import Spool, SpooledFile, SpoolError
+from node.runtime.spool import Spool, SpooledFile, SpoolError, incoming_grace
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -192,7 +192,17 @@ class IngestSink:
         if folder is not None:
             self.watch_also["database"] = folder
         self._locks = _KeyedLocks()
-        removed = self.spool.clean_incoming()
+        # alone on the spool, whatever is staged is a crash's; shared, another receiver may
+        # be writing into a staged file now
+        grace = (
+            incoming_grace(
+                float(getattr(settings, "network_timeout", 60.0)),
+                float(getattr(settings, "pdu_receive_timeout", 30.0)),
+            )
+            if getattr(settings, "spool_shared", False)
+            else 0.0
+        )
+        removed = self.spool.clean_incoming(grace)
         if removed:
             LOG.info("removed %d unacknowledged staged files from the spool", removed)
 

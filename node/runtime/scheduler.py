@@ -29,7 +29,7 @@ from node.db import retention as retention_db
 from node.db import studies as studies_db
 from node.db.models import utcnow
 from node.runtime.routing import facts_reader
-from node.runtime.spool import OUTPUTS_DIR
+from node.runtime.spool import OUTPUTS_DIR, Spool, incoming_grace
 from node.settings import Settings
 
 __all__ = ["STALE_PART_SECONDS", "Chores", "NodeScheduler"]
@@ -112,13 +112,18 @@ class Chores:
         The files are the instances and the SRs written for the studies' jobs. Whatever
         ``retention_days`` says, unfinished SR files (``outputs/.*.part``) older than
         :data:`STALE_PART_SECONDS` are deleted too: a worker that died while writing left them
-        (an SR takes milliseconds to write).
+        (an SR takes milliseconds to write); so are staged received files no transfer has
+        touched for :func:`node.runtime.spool.incoming_grace` (a receiver died).
 
         Returns the number of spool files removed (unfinished ones not counted).
         """
         root = self.settings.spool_dir.resolve()
         outputs = root / OUTPUTS_DIR
         self._remove_stale_parts(outputs)
+        grace = incoming_grace(self.settings.network_timeout, self.settings.pdu_receive_timeout)
+        staged = Spool(root, fsync=False).clean_incoming(grace)
+        if staged:
+            log.info("retention: removed %d unacknowledged staged files", staged)
         try:
             self.purge_receive_log()
         except Exception as exc:  # the studies' retention runs all the same

@@ -19,7 +19,9 @@ Received data sets arrive in ``.incoming`` as well: ``cxr-node serve`` points Py
 ``tempfile`` there (:func:`node.runtime.service.stage_tempfiles_in_spool`), where pynetdicom writes
 each incoming C-STORE data set, so patient data is never written outside the spool; what an
 aborted transfer leaves is removed when its connection closes (:mod:`integration.scp`) and
-what a crash leaves at the next start (:meth:`Spool.clean_incoming`).
+what a crash leaves at the next start and by the hourly chore, once it has been left alone
+for :data:`STALE_INCOMING_SECONDS` (:meth:`Spool.clean_incoming`: receivers on other hosts
+may share the spool and be writing there now).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,18 +46,31 @@ __all__ = [
     "INCOMING",
     "OUTPUTS_DIR",
     "RECEIVED_GLOB",
+    "STALE_INCOMING_SECONDS",
     "Spool",
     "SpoolError",
     "SpoolFullError",
     "SpoolIOError",
     "SpooledFile",
     "fsync_dir",
+    "incoming_grace",
     "spool_relative_path",
 ]
 
 LOG = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+#: the least time a staged file is left alone before it is taken for a crash's leftover
+STALE_INCOMING_SECONDS = 900.0
+
+
+def incoming_grace(network_timeout: float, pdu_receive_timeout: float) -> float:
+    """Seconds a staged file must be unchanged before :meth:`Spool.clean_incoming` deletes
+    it: :data:`STALE_INCOMING_SECONDS`, or twice the longest a living association may go
+    without a byte (``network_timeout``) or spend on one PDU (``pdu_receive_timeout``)."""
+    return max(STALE_INCOMING_SECONDS, 2.0 * max(network_timeout, pdu_receive_timeout))
+
+
 #: Received data sets in the staging folder: pynetdicom's ``NamedTemporaryFile(suffix=".dcm")``
 #: (default prefix ``tmp``) while a C-STORE arrives (``node.runtime.service`` points
 #: ``tempfile`` there).
@@ -371,19 +387,25 @@ class Spool:
         except OSError:
             LOG.warning("could not delete spool file %s", relative, exc_info=True)
 
-    def clean_incoming(self) -> int:
+    def clean_incoming(self, older_than_seconds: float = STALE_INCOMING_SECONDS) -> int:
         """Delete staged files left by a crash (never acknowledged); return how many.
 
-        Call it at start, before receiving: the node's own staged files (``*.part``) and the
-        data sets pynetdicom was receiving into the staging folder (``tmp*.dcm``,
-        :data:`RECEIVED_GLOB`) when the process died.
+        The node's own staged files (``*.part``) and the data sets pynetdicom was receiving
+        into the staging folder (``tmp*.dcm``, :data:`RECEIVED_GLOB`) when a process died,
+        once unchanged for ``older_than_seconds``: several receivers may share the spool,
+        and a file another one is receiving into right now is written to at least every
+        ``network_timeout`` (or its association is aborted and the file removed), so a
+        file left alone that long belongs to no living transfer (:func:`incoming_grace`).
+        Called at start and by the hourly retention chore.
         """
+        cutoff = time.time() - older_than_seconds
         n = 0
         for pattern in ("*.part", RECEIVED_GLOB):
             for p in self.incoming.glob(pattern):
                 with contextlib.suppress(OSError):
-                    p.unlink()
-                    n += 1
+                    if p.stat().st_mtime <= cutoff:
+                        p.unlink()
+                        n += 1
         return n
 
     def used_bytes(self) -> int:

@@ -117,6 +117,8 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
     network_timeout: float = 60.0
     # storage
     spool_dir: Path = Path("var/spool")
+    # several receivers (other processes or hosts) share spool_dir: see Spool.clean_incoming
+    spool_shared: bool = False
     database_url: str = "sqlite:///var/cxr-node.sqlite3"
     min_free_disk_mb: int = 512
     retention_days: int = 30
