@@ -87,6 +87,13 @@ class RemoteError(GenerationError):
         self.retry = retry
 
 
+class _NoServer(RemoteError):
+    """No server answered the layout check."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry=True)
+
+
 @dataclass
 class _Answer:
     """What one completion produced."""
@@ -163,18 +170,23 @@ class RemoteBackend:
         self._client: httpx.Client | None = None
         self._counters = {"requests": 0, "errors": 0, "retries": 0, "new_tokens": 0}
         self._lt_id = -1
+        self._checked = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the tokenizer and check that a server answers and holds the layout.
+        """Read the tokenizer and check the servers' layout (``"llamacpp"``).
+
+        When no server answers yet, the check is left to the first request (each request
+        before it gets an error result): a worker started before its engine needs no
+        restart.
 
         Raises
         ------
         GenerationError
-            No server answers, or (``"llamacpp"``) a server's vocabulary does not map
-            ``<img_0000>`` to id 50281 and back (a GGUF converted before the placeholders
-            were USER_DEFINED: convert the bundle again).
+            The tokenizer cannot be read, or (``"llamacpp"``) an answering server's
+            vocabulary does not map ``<img_0000>`` to id 50281 and back (a GGUF converted
+            before the placeholders were USER_DEFINED: convert the bundle again).
         """
         if self._client is not None:
             return
@@ -189,10 +201,15 @@ class RemoteBackend:
         self._client = httpx.Client(
             timeout=httpx.Timeout(self.timeout), headers=self._headers, follow_redirects=False
         )
-        if self.dialect == "llamacpp":
+        try:
             self._check_layout()
+        except _NoServer as exc:
+            log.warning("%s: the layout is checked at the first request", exc)
 
     def _check_layout(self) -> None:
+        if self._checked or self.dialect != "llamacpp":
+            self._checked = True
+            return
         probe = image_token_text(0)
         for url in self.urls:
             try:
@@ -207,8 +224,9 @@ class RemoteBackend:
                     f"placeholders as text ({probe} -> {ids}); convert the bundle again "
                     "(cxr-node models convert) and restart the server"
                 )
+            self._checked = True
             return
-        raise GenerationError(f"no inference server answers: {', '.join(self.urls)}")
+        raise _NoServer(f"no inference server answers: {', '.join(self.urls)}")
 
     def warmup(self) -> None:
         """One tiny greedy completion on the next server."""
@@ -283,6 +301,13 @@ class RemoteBackend:
         self.load()
         if not requests:
             return []
+        try:
+            self._check_layout()
+        except _NoServer as exc:
+            with self._lock:
+                self._counters["requests"] += len(requests)
+                self._counters["errors"] += len(requests)
+            return [error_result(r, str(exc)) for r in requests]
         with ThreadPoolExecutor(max_workers=min(self.max_batch, len(requests))) as pool:
             return list(pool.map(self._one, requests))
 
