@@ -71,7 +71,16 @@ def _settings() -> Settings:
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    worker: Annotated[
+        bool,
+        typer.Option(
+            "--worker/--no-worker",
+            help="Draft jobs in this process too (with model_dir); --no-worker for a receiver"
+            " or API process beside separate `cxr-node worker` processes.",
+        ),
+    ] = True,
+) -> None:
     """Run the node in the foreground (SCP, chores) until SIGTERM/SIGINT."""
     settings = _settings()
     apply_private_umask()  # patient data: files 0600, folders 0700 (node.filemodes)
@@ -80,7 +89,7 @@ def serve() -> None:
     from node.runtime.service import run_node
 
     try:
-        code = run_node(settings, extra_components=default_components(settings))
+        code = run_node(settings, extra_components=default_components(settings, worker=worker))
     except ConfigError as exc:
         err.print(f"configuration refused: {exc}", highlight=False, markup=False)
         raise typer.Exit(2) from None

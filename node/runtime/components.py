@@ -36,7 +36,8 @@ def default_components(
         then only receives and queues); ``hl7_listen`` adds the MLLP listener for final
         reports; ``api_enabled`` turns the admin API on.
     worker
-        Run the job worker in this process (``serve --no-worker`` for an ingest-only node).
+        Run the job worker in this process (``serve --no-worker``: a receiver or API
+        process beside separate ``cxr-node worker`` processes).
     api
         Override ``settings.api_enabled``.
     """
