@@ -290,6 +290,10 @@ from node.cli.engine import engine as _engine_command  # noqa: E402
 
 app.command("engine")(_engine_command)
 
+from node.cli.evaluate import evaluate as _evaluate_command  # noqa: E402
+
+app.command("evaluate")(_evaluate_command)
+
 
 def main() -> None:
     """Console-script entry point (``cxr-node``)."""

@@ -1,0 +1,1 @@
+"""Tests of ``cxr-node evaluate`` and ``models.evaluation`` (issue #28)."""
