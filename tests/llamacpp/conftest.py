@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -123,3 +128,37 @@ def task_prompts(hf: TransformersBackend, n: int, *, seed: int = 1234) -> list[l
         else:
             prompts.append(rng.integers(2, 50281, int(rng.integers(8, 200))).tolist())
     return prompts
+
+
+def start_engine(gguf: Path, port: int) -> subprocess.Popen[bytes]:
+    """``cxr-node engine`` (llama_cpp.server's app) on ``gguf`` (a file or a converted
+    bundle): F32 KV cache, one thread; returns once it answers ``GET /v1/models``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "node.cli",
+        "engine",
+        str(gguf),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--kv-type",
+        "f32",  # as the in-process reference
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"cxr-node engine exited {proc.returncode}: {err[-2000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=1.0).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("cxr-node engine did not answer within 90 s")

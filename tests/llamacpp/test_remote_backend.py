@@ -5,14 +5,10 @@ codes, streaming and cancel, failover to a second server, and refusals."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -25,7 +21,7 @@ from models.gguf_convert import ConversionResult
 from models.layout import CODES_PER_IMAGE
 from models.prompts import report_to_image_prompt
 from tests.helpers import free_port
-from tests.llamacpp.conftest import require_engine, task_prompts
+from tests.llamacpp.conftest import require_engine, start_engine, task_prompts
 
 require_engine()
 pytest.importorskip("sse_starlette", reason="llama_cpp.server needs sse-starlette")
@@ -33,43 +29,10 @@ pytest.importorskip("sse_starlette", reason="llama_cpp.server needs sse-starlett
 pytestmark = pytest.mark.integration
 
 
-def start_server(gguf: Path, port: int) -> subprocess.Popen[bytes]:
-    """``cxr-node engine`` (llama_cpp.server's app) on ``gguf``: F32 KV cache, one thread."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "node.cli",
-        "engine",
-        str(gguf),
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-        "--kv-type",
-        "f32",  # as the in-process reference
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"cxr-node engine exited {proc.returncode}: {err[-2000:]}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=1.0).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("cxr-node engine did not answer within 90 s")
-
-
 @pytest.fixture(scope="module")
 def server(ggufs: dict[str, ConversionResult]) -> Iterator[str]:
     port = free_port()
-    proc = start_server(ggufs["f32"].path, port)
+    proc = start_engine(ggufs["f32"].path, port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -200,7 +163,7 @@ def test_node_settings_drive_a_runtime_on_the_remote_engine(tmp_path: Path) -> N
         load_settings(model_dir=bundle, backend="remote", remote_urls="ftp://engine")
 
     port = free_port()
-    proc = start_server(bundle, port)
+    proc = start_engine(bundle, port)
     try:
         settings = load_settings(
             model_dir=bundle,
