@@ -83,18 +83,33 @@ _Row = TypeVar("_Row", Study, Series)
 
 def _locked(
     session: Session, model: type[_Row], column: InstrumentedAttribute[str], value: str
-) -> _Row:
-    """The row of ``model`` whose unique ``column`` is ``value``, locked and reloaded."""
+) -> _Row | None:
+    """The row of ``model`` whose unique ``column`` is ``value``, locked and reloaded;
+    ``None`` when there is none."""
     return session.scalars(
         select(model)
         .where(column == value)
         .with_for_update()
         .execution_options(populate_existing=True)
-    ).one()
+    ).first()
+
+
+def _must(row: _Row | None) -> _Row:
+    if row is None:  # inserted (or found) just before, in this transaction
+        raise RuntimeError("a row inserted in this transaction is not there")
+    return row
 
 
 def _lock_study(session: Session, rec: InstanceRecord) -> Study:
-    """Insert the study if it is new (``receiving``); return its row, locked."""
+    """Insert the study if it is new (``receiving``); return its row, locked.
+
+    The row is looked up first: most instances belong to a study already recorded, and the
+    insert is then one statement fewer (a concurrent insert of the same study is settled by
+    the unique index: ``ON CONFLICT DO NOTHING``, then the lookup again).
+    """
+    found = _locked(session, Study, Study.study_instance_uid, rec.study_uid)
+    if found is not None:
+        return found
     now = rec.received_at
     stmt = (
         insert_for(session)(Study)
@@ -118,11 +133,15 @@ def _lock_study(session: Session, rec: InstanceRecord) -> Study:
         .on_conflict_do_nothing(index_elements=["study_instance_uid"])
     )
     session.execute(stmt)
-    return _locked(session, Study, Study.study_instance_uid, rec.study_uid)
+    return _must(_locked(session, Study, Study.study_instance_uid, rec.study_uid))
 
 
 def _lock_series(session: Session, rec: InstanceRecord, study: Study) -> tuple[Series, bool]:
-    """Insert the series if it is new; return its row, locked, and whether it was new."""
+    """Insert the series if it is new; return its row, locked, and whether it was new
+    (looked up first, as :func:`_lock_study`)."""
+    found = _locked(session, Series, Series.series_instance_uid, rec.series_uid)
+    if found is not None:
+        return found, False
     now = rec.received_at
     res = session.execute(
         insert_for(session)(Series)
@@ -140,7 +159,7 @@ def _lock_series(session: Session, rec: InstanceRecord, study: Study) -> tuple[S
         .returning(Series.id)
     )
     created = res.first() is not None
-    return _locked(session, Series, Series.series_instance_uid, rec.series_uid), created
+    return _must(_locked(session, Series, Series.series_instance_uid, rec.series_uid)), created
 
 
 def _active_job(session: Session, study_id: int) -> Job | None:
@@ -214,14 +233,13 @@ def _record(session: Session, rec: InstanceRecord, job_max_attempts: int) -> Rec
 
     if existing is None:
         replaced = outcome is RecordOutcome.duplicate_replaced
-        _add_instance(session, rec, study, series, late=late, replaced=replaced)
+        row = _add_instance(session, rec, study, series, late=late, replaced=replaced)
     else:
         _replace_instance(session, rec, existing, series, late=late)
+        row = existing
     _update_study_and_series(rec, study, series, series_created=series_created)
     session.flush()
-    instance_id = session.scalars(
-        select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-    ).one()
+    instance_id = int(row.id)
     if outcome is not RecordOutcome.new or late:
         log.info(
             "SOP instance %s of study %s: %s%s (job %s)",
@@ -279,30 +297,30 @@ def _add_instance(
     *,
     late: bool,
     replaced: bool,
-) -> None:
-    """Add the instance's row and count it in its study and series."""
-    session.add(
-        Instance(
-            study_id=study.id,
-            series_id=series.id,
-            sop_instance_uid=rec.sop_instance_uid,
-            sop_class_uid=rec.sop_class_uid,
-            transfer_syntax_uid=rec.transfer_syntax_uid,
-            spool_path=rec.spool_path,
-            size_bytes=rec.size_bytes,
-            sha256=rec.sha256,
-            modality=rec.modality,
-            body_part_examined=rec.body_part_examined,
-            view_position=rec.view_position,
-            received_at=rec.received_at,
-            calling_ae=rec.calling_ae,
-            association_id=rec.association_id,
-            late=late,
-            replaced_count=1 if replaced else 0,
-        )
+) -> Instance:
+    """Add the instance's row and count it in its study and series; return the row."""
+    row = Instance(
+        study_id=study.id,
+        series_id=series.id,
+        sop_instance_uid=rec.sop_instance_uid,
+        sop_class_uid=rec.sop_class_uid,
+        transfer_syntax_uid=rec.transfer_syntax_uid,
+        spool_path=rec.spool_path,
+        size_bytes=rec.size_bytes,
+        sha256=rec.sha256,
+        modality=rec.modality,
+        body_part_examined=rec.body_part_examined,
+        view_position=rec.view_position,
+        received_at=rec.received_at,
+        calling_ae=rec.calling_ae,
+        association_id=rec.association_id,
+        late=late,
+        replaced_count=1 if replaced else 0,
     )
+    session.add(row)
     study.instance_count += 1
     series.instance_count += 1
+    return row
 
 
 def _replace_instance(
