@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.jsonl import json_lines
+
 __all__ = [
     "FRONTAL_VIEWS",
     "SPLITS",
@@ -220,14 +222,7 @@ def read_manifest(path: Path | str) -> Manifest:
     base = path.parent.resolve()
     records: list[ManifestRecord] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{where}: not JSON ({exc.msg})") from None
+    for where, number, obj in json_lines(data, path, ManifestError):
         record = _record(obj, base, where)
         if record.id in seen:
             raise ManifestError(f"{where}: id {record.id!r} repeats line {seen[record.id]}")

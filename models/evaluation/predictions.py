@@ -13,13 +13,13 @@ question's exact text. Blank lines are skipped; other keys are ignored.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from models.evaluation.common import EvaluationError
+from models.jsonl import json_lines
 
 __all__ = ["Prediction", "Predictions", "read_predictions"]
 
@@ -84,19 +84,8 @@ def read_predictions(path: Path | str) -> Predictions:
     """
     path = Path(path)
     data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise EvaluationError(f"{path}: not UTF-8 text") from None
     by_id: dict[str, Prediction] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvaluationError(f"{where}: not JSON ({exc.msg})") from None
+    for where, number, obj in json_lines(data, path, EvaluationError):
         pred = _prediction(obj, where, number)
         if pred.id in by_id:
             raise EvaluationError(f"{where}: the id of line {by_id[pred.id].line} repeats")
