@@ -18,11 +18,8 @@ JSON or multipart), which :func:`node.api.app.create_app` includes with the
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -33,8 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from node.api.deps import AUTH_ERRORS, Ctx, Limit, Offset, Operator
-from node.api.errors import ApiError, status_for
+from node.api.errors import ApiError
 from node.api.schemas import ErrorOut
+from node.api.sse import stream_turn
 from node.db.conversations import ConversationRecord, ConversationSummary, TurnRecord
 from node.services import chat
 from node.services.images import MIB
@@ -55,7 +53,6 @@ upload_router = APIRouter(prefix="/api/conversations", tags=["conversations"], r
 ConvId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 TurnId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 _UID = r"^[0-9]+(\.[0-9]+)*$"
-_SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -221,87 +218,6 @@ def _item(c: ConversationSummary) -> ConversationItem:
     )
 
 
-# --- streaming --------------------------------------------------------------------------------
-
-
-def sse(event: str, data: dict[str, Any]) -> bytes:
-    """One Server-Sent Event: ``event: <name>`` and one ``data:`` line of JSON."""
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-Run = Callable[[Callable[[str], object], Callable[[int], object]], chat.TurnOutcome]
-
-
-def _error_event(exc: BaseException) -> dict[str, Any]:
-    status = status_for(exc)
-    if status is None:
-        log.error("conversation turn failed: %s", type(exc).__name__, exc_info=exc)
-        return {"status": 500, "detail": "internal error"}
-    message = getattr(exc, "message", None)
-    return {"status": status, "detail": str(message if isinstance(message, str) else exc)}
-
-
-def _stream(run: Run, handle: chat.TurnHandle) -> StreamingResponse:
-    """Run ``run`` in a thread and stream its deltas, notice and outcome as SSE; a client
-    that goes away sets the handle's cancel event."""
-
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
-
-    def put(item: tuple[str, dict[str, Any]] | None) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: nobody listens any more
-            handle.cancel.set()
-
-    def notice(n: int) -> None:
-        message = f"the oldest {n} turn(s) were left out to fit the model's 2,048-token window"
-        put(("notice", {"dropped_turns": n, "message": message}))
-
-    def work() -> None:
-        try:
-            out = run(lambda d: put(("delta", {"text": d})), notice)
-            t = out.turn
-            done = {
-                "stop_reason": t.stop_reason,
-                "turn_id": t.id,
-                "kind": t.kind,
-                "dropped_turns": t.dropped_turns,
-                "prompt_tokens": t.prompt_tokens,
-                "new_tokens": t.new_tokens,
-                "ai_generated": True,
-                "demo": out.demo,
-                "model_name": out.model_name,
-                "model_version": out.model_version,
-            }
-            put(("done", done))
-        except Exception as exc:
-            put(("error", _error_event(exc)))
-        finally:
-            handle.release()
-            put(None)
-
-    # started here, not in the body: the reservation is released even if the body is
-    # never sent (a client gone before the answer starts)
-    thread = threading.Thread(target=work, name=f"conversation-{handle.conversation_id}")
-    thread.daemon = True
-    thread.start()
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            yield b": stream open\n\n"
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                yield sse(*item)
-        finally:
-            if thread.is_alive():  # the client went away (or the server stops): stop it
-                handle.cancel.set()
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
-
-
 async def _prepare(ctx: Any, conv_id: int, actor: str, admin: bool) -> ConversationRecord:
     conv = await run_in_threadpool(chat.conversation, ctx, conv_id, actor=actor, admin=admin)
     chat.require_model(ctx)
@@ -437,7 +353,7 @@ async def ask(conversation_id: ConvId, body: QuestionIn, ctx: Ctx, p: Operator) 
             max_new_tokens=body.max_new_tokens,
         )
 
-    return _stream(run, handle)
+    return stream_turn(run, handle)
 
 
 @router.post(
@@ -469,7 +385,7 @@ async def summary(conversation_id: ConvId, body: SummaryIn, ctx: Ctx, p: Operato
             max_new_tokens=body.max_new_tokens,
         )
 
-    return _stream(run, handle)
+    return stream_turn(run, handle)
 
 
 @router.post(
