@@ -286,6 +286,10 @@ from node.cli.chat import chat as _chat_command  # noqa: E402
 
 app.command("chat")(_chat_command)
 
+from node.cli.train import app as _train_app  # noqa: E402
+
+app.add_typer(_train_app, name="train")
+
 from node.cli.engine import engine as _engine_command  # noqa: E402
 
 app.command("engine")(_engine_command)
