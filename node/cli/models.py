@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from models.bundle import ModelBundle
 
 app = typer.Typer(
-    help="Model bundles: create-demo, import-llmcxr, convert, verify, info, generate.",
+    help="Model bundles: create-demo, import-llmcxr, import-base, convert, verify, info, generate.",
     no_args_is_help=True,
 )
 
@@ -95,6 +95,50 @@ def import_cmd(
         _fail(str(exc))
         return
     typer.echo(f"bundle written to {bundle.root} ({bundle.model_name}, {bundle.model_version})")
+
+
+@app.command("import-base")
+def import_base(
+    llm: Annotated[
+        Path, typer.Option("--llm", help="Base GPT-NeoX folder, e.g. dolly-v2-3b (HF layout).")
+    ],
+    vqgan_ckpt: Annotated[Path, typer.Option("--vqgan-ckpt", help="VQ-GAN .ckpt (taming).")],
+    vqgan_config: Annotated[Path, typer.Option("--vqgan-config", help="VQ-GAN YAML config.")],
+    out: Annotated[Path, typer.Option("--out", help="Destination bundle directory.")],
+    model_name: Annotated[str, typer.Option(help="Model name for the manifest.")] = (
+        "LLM-CXR-base"
+    ),
+    model_version: Annotated[str | None, typer.Option(help="Model version.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+) -> None:
+    """A base model (dolly-v2) in the LLM-CXR layout as a bundle: the start of training
+    from scratch (tokenizer + "### Response:\\n", embeddings resized to 51,305 rows)."""
+    import tempfile
+
+    from models.base_llm import prepare_base_llm
+    from models.bundle import BundleError
+    from models.importer import import_llmcxr
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".base-llm-", dir=out.parent) as tmp:
+            prepared = prepare_base_llm(llm, Path(tmp) / "llm")
+            bundle = import_llmcxr(
+                prepared,
+                vqgan_ckpt,
+                vqgan_config,
+                out,
+                model_name=model_name,
+                model_version=model_version,
+                overwrite=overwrite,
+            )
+    except (BundleError, FileExistsError, ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(
+        f"bundle written to {bundle.root} ({bundle.model_name}, {bundle.model_version}):"
+        " untrained image tokens, for cxr-node train"
+    )
 
 
 @app.command("convert")
