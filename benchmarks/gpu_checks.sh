@@ -46,3 +46,9 @@ if grep -q "^GPU:" "$out/bench.log"; then
 else
     tail -40 "$out/bench.log"
 fi
+
+# #28: training tokens/s and MFU at the dolly-v2-3b shape (random weights), one GPU
+timeout "${GPU_TRAIN_S:-300}" python3 benchmarks/bench_training.py --dolly --steps 20 \
+    --batch 2 >"$out/train.log" 2>&1
+echo "train bench rc=$? after $(($(date +%s) - t0)) s"
+grep -E "^(shape|\||MFU)" "$out/train.log" || tail -20 "$out/train.log"
