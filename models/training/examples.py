@@ -14,12 +14,12 @@ optional ``context`` and ``response``) is read by :func:`read_general`.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.jsonl import json_lines
 from models.layout import IMAGE_PLACEHOLDER, is_image_id
 from models.prompts import format_prompt, training_text, vqa_prompt
 from models.text import LLMCXRTokenizer
@@ -228,16 +228,10 @@ def read_general(path: Path | str) -> list[GeneralItem]:
         The file cannot be read.
     """
     path = Path(path)
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ExampleError(f"{where}: not JSON ({exc.msg})") from None
-        items.append(_general_item(obj, where))
+    items = [
+        _general_item(obj, where)
+        for where, _number, obj in json_lines(path.read_bytes(), path, ExampleError)
+    ]
     if not items:
         raise ExampleError(f"{path}: no general examples")
     return items
