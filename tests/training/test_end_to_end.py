@@ -1,5 +1,6 @@
 """Issue #28's acceptance test on CPU: a tiny model in the real layout learns its
-training reports, and the result is a bundle the node serves.
+training reports, and the result is a bundle the node serves: train -> bundle -> serve ->
+SR, the node's worker drafting a DICOM study of a training image with the memorised report.
 
 Memorisation settings (200 steps of one example, lr 5e-3 with 10 warm-up steps and linear
 decay) were checked to reproduce all four reports with 1 and 2 threads and seeds 1-3 and
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +85,53 @@ def test_tiny_model_memorises_its_reports(tmp_path: Path, base_bundle: ModelBund
     codes, image = runtime.report_to_image(REPORTS[1])
     assert codes.shape == (256,) and codes.min() >= 0 and codes.max() < 1024
     assert image.shape == (256, 256) and image.dtype == np.uint8
+    _serve_to_sr(tmp_path, out, bundle, load_gray8_pil(manifest.records[2].image))
+
+
+def _texts(item: Any) -> list[str]:
+    """Every TextValue (0040,A160) of an SR content tree."""
+    out = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        out += _texts(child)
+    return out
+
+
+def _serve_to_sr(tmp: Path, trained: Path, bundle: ModelBundle, pixels: np.ndarray) -> None:
+    """train -> bundle -> serve -> SR: the node's worker drafts a DICOM study of a training
+    image with the trained bundle and writes its SR."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from node.db.models import JobState
+    from node.runtime.modelhost import ModelHost
+    from node.runtime.worker import Worker
+    from tests.helpers import wait_for
+    from tests.worker.conftest import make_env
+
+    (tmp / "node").mkdir()
+    env = make_env(f"sqlite:///{tmp / 'node.sqlite3'}", tmp / "node", trained)
+    try:
+        host = ModelHost(env.settings)
+        host.start()
+        env.add_study(view="PA", pixels=pixels, study_uid=generate_uid())
+        [job_id] = env.queue_all()
+        worker = Worker(env.context(), host, poll_interval=0.1)
+        worker.start()
+        try:
+            wait_for(lambda: env.job(job_id).state is JobState.done, timeout=120, interval=0.2)
+        finally:
+            worker.stop()
+            host.stop()
+        [draft] = env.drafts(job_id)
+        assert draft.model_version == bundle.model_version and draft.demo
+        assert draft.full_text == REPORTS[2]  # the memorised report, through DICOM ingest
+        sr = dcmread(
+            env.settings.spool_dir / "outputs" / f"{env.job(job_id).sr_sop_instance_uid}.dcm"
+        )
+        assert sr.Modality == "SR" and sr.CompletionFlag == "PARTIAL"
+        assert REPORTS[2] in _texts(sr)
+    finally:
+        env.engine.dispose()
 
 
 def test_full_recipe_with_vqa_and_general_data(tmp_path: Path, base_bundle: ModelBundle) -> None:
