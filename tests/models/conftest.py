@@ -5,7 +5,6 @@ inputs. Fixtures are session-scoped; tests must not modify what they return.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +54,12 @@ def tiny_vqgan_config() -> VQGANConfig:
 
 
 @pytest.fixture(scope="session")
-def tiny_vqmodel(tiny_vqgan_config: VQGANConfig) -> Iterator[VQModel]:
-    """Randomly initialised tiny VQModel (seed :data:`VQGAN_SEED`)."""
-    with torch.no_grad():
-        yield make_vqmodel(tiny_vqgan_config)
+def tiny_vqmodel(tiny_vqgan_config: VQGANConfig) -> VQModel:
+    """Randomly initialised tiny VQModel (seed :data:`VQGAN_SEED`), its parameters frozen so
+    that its outputs carry no autograd graph. (Not a ``yield`` inside ``torch.no_grad()``:
+    grad mode is per thread, so that switched autograd off for every later test of the
+    session, the training tests included.)"""
+    return make_vqmodel(tiny_vqgan_config).requires_grad_(False)
 
 
 @dataclass(frozen=True)
