@@ -456,9 +456,8 @@ class RemoteBackend:
             with self._client.stream("POST", url + "/v1/completions", json=body) as r:
                 if r.status_code != 200:
                     r.read()
-                    raise RemoteError(
-                        f"HTTP {r.status_code}: {_detail(r)}", retry=r.status_code >= 500
-                    )
+                    # the status only: a server's error text may quote the prompt (report text)
+                    raise RemoteError(f"HTTP {r.status_code}", retry=r.status_code >= 500)
                 for chunk in _events(r.iter_lines()):
                     if not self._take(chunk, answer, feed):
                         answer.cancelled = True
@@ -503,17 +502,6 @@ def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             if "error" in obj:
                 raise RemoteError("the server reported an error mid-answer", retry=False)
             yield obj
-
-
-def _detail(r: httpx.Response) -> str:
-    try:
-        data = r.json()
-    except ValueError:
-        return r.reason_phrase
-    err = data.get("error") if isinstance(data, dict) else None
-    if isinstance(err, dict):
-        return str(err.get("message", ""))[:200]
-    return str(data.get("detail", r.reason_phrase) if isinstance(data, dict) else "")[:200]
 
 
 def _ms(t0: float) -> float:
