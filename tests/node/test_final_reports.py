@@ -201,7 +201,7 @@ def test_verified_sr_over_dicom_is_a_final_report(
             return subprocess.run(
                 [
                     storescu,
-                    "-v",
+                    "-d",  # the response's Status in hex (-v names it only)
                     "-aec",
                     "CXRNODE",
                     "-aet",
