@@ -7,6 +7,12 @@ and keeps the deadlines: a PDU must arrive whole within ``pdu_timeout`` of its f
 the A-ASSOCIATE-RQ within ``request_timeout`` of the connection. A PDU over its limit, or a
 deadline passed, makes the socket send A-ABORT (source service-provider, PS3.8 9.3.8) and
 read as closed from then on. Sends time out after ``send_timeout``.
+
+pynetdicom reads a PDU's body 4 KiB at a time; inside a PDU body the socket reads ahead up to
+:data:`READ_AHEAD` bytes **of that PDU only** and serves the following reads from them, so
+a large P-DATA-TF PDU costs a few system calls instead of one per 4 KiB. Nothing past the
+PDU's end is read ahead: when pynetdicom has the whole PDU the buffer is empty, and its
+``select`` on the socket (is the next PDU there?) still sees every byte not yet read.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from integration.pdu_framer import PduFramer
 from integration.peers import PEER_WARNINGS
 from integration.transport_limits import TransportLimits
 
-__all__ = ["GuardedSocket"]
+__all__ = ["READ_AHEAD", "GuardedSocket"]
+
+READ_AHEAD = 256 << 10
+"""Most bytes of the current PDU's body read by one system call (see the module doc)."""
 
 # A-ABORT source / reason (PS3.8 Table 9-26).
 _ABORT_SOURCE_PROVIDER = 0x02
@@ -33,7 +42,17 @@ _ABORT_INVALID_PARAMETER_VALUE = 0x06
 class _Guard:
     """Per-connection state of a :class:`GuardedSocket`: framer, deadlines, peer."""
 
-    __slots__ = ("closed_reason", "connected_at", "deadline", "framer", "limits", "peer", "source")
+    __slots__ = (
+        "ahead",
+        "ahead_at",
+        "closed_reason",
+        "connected_at",
+        "deadline",
+        "framer",
+        "limits",
+        "peer",
+        "source",
+    )
 
     def __init__(self, limits: TransportLimits, peer: str, source: str) -> None:
         self.limits = limits
@@ -43,6 +62,22 @@ class _Guard:
         self.connected_at = time.monotonic()
         self.deadline: float | None = None
         self.closed_reason: str | None = None
+        self.ahead = b""
+        """Bytes of the current PDU already received and checked, not yet returned."""
+        self.ahead_at = 0
+        """How many of :attr:`ahead` were returned."""
+
+    def take_ahead(self, bufsize: int) -> bytes:
+        """Up to ``bufsize`` bytes read ahead, or ``b""`` when none are left."""
+        start = self.ahead_at
+        if start >= len(self.ahead):
+            return b""
+        end = start + bufsize
+        self.ahead_at = end
+        data = self.ahead[start:end]
+        if end >= len(self.ahead):
+            self.ahead, self.ahead_at = b"", 0
+        return data
 
     @property
     def on_first_pdu(self) -> bool:
@@ -121,14 +156,18 @@ class GuardedSocket(socket.socket):
             return super().recv(bufsize, flags)
         if guard.closed_reason is not None:
             return b""
+        if guard.ahead:
+            return guard.take_ahead(bufsize)
         now = time.monotonic()
         remaining = guard.next_deadline(now) - now
         if remaining <= 0:
             self._refuse(guard, guard.timeout_reason(), _ABORT_REASON_NOT_SPECIFIED)
             return b""
         self.settimeout(remaining)
+        # inside a PDU body: read ahead, but never past the PDU's end (see the module doc)
+        want = max(bufsize, min(guard.framer.body_left, READ_AHEAD)) if not flags else bufsize
         try:
-            data = super().recv(bufsize, flags)
+            data = super().recv(want, flags)
         except TimeoutError:
             self._refuse(guard, guard.timeout_reason(), _ABORT_REASON_NOT_SPECIFIED)
             return b""
@@ -136,6 +175,9 @@ class GuardedSocket(socket.socket):
         if reason is not None:
             self._refuse(guard, reason, _ABORT_INVALID_PARAMETER_VALUE)
             return b""
+        if len(data) > bufsize:
+            guard.ahead, guard.ahead_at = data, bufsize
+            return data[:bufsize]
         return data
 
     def send(self, data: Any, flags: int = 0) -> int:

@@ -102,6 +102,12 @@ class PduFramer:
         """PDUs whose first byte has arrived."""
 
     @property
+    def body_left(self) -> int:
+        """Bytes of the current PDU's body still to come (0 at a PDU boundary or inside a
+        PDU header)."""
+        return self._body_left
+
+    @property
     def in_pdu(self) -> bool:
         """Whether the stream is inside a PDU (its header or body is incomplete)."""
         return bool(self._header) or self._body_left > 0

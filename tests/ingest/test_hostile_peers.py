@@ -15,6 +15,7 @@ sockets (or 6 under TLS) blocked every other caller for 30 s (60 s).
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import struct
@@ -563,6 +564,51 @@ def test_a_peer_that_stops_reading_cannot_block_a_send() -> None:
             while time.monotonic() - t0 < 30:
                 sock.send(chunk)
         assert time.monotonic() - t0 < 15
+    finally:
+        sock.close()
+        peer.close()
+
+
+def test_reads_ahead_inside_a_pdu_but_never_past_its_end() -> None:
+    """pynetdicom reads a PDU 4 KiB at a time; the guarded socket reads ahead inside the PDU
+    (one system call for many of pynetdicom's reads) and returns exactly the stream, but
+    leaves the next PDU in the kernel, so ``select`` still sees it."""
+    rq = struct.pack(">BBL", 1, 0, 4) + b"rq!!"  # the first PDU has its own small limit
+    pdu1 = _p_data((0x02, bytes(range(256)) * 1024))  # 256 KiB of data set, one PDU
+    pdu2 = _p_data((0x02, b"next" * 100))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname()[:2])
+        accepted, _ = listener.accept()
+    sock = GuardedSocket(fileno=accepted.detach())
+    sock.install(TransportLimits(max_pdu_size=1 << 20), "127.0.0.1:test")
+    calls = 0
+    real_recv = socket.socket.recv
+
+    def counting(self: socket.socket, n: int, flags: int = 0) -> bytes:
+        nonlocal calls
+        calls += 1
+        return real_recv(self, n, flags)
+
+    try:
+        peer.sendall(rq + pdu1 + pdu2)
+        time.sleep(0.2)  # every PDU is in the kernel's buffer
+        assert sock.recv(6) + sock.recv(4) == rq
+        got = bytearray(sock.recv(1))  # the PDU header as pynetdicom reads it: 1, then 5
+        got += sock.recv(5)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(socket.socket, "recv", counting)
+            while len(got) < len(pdu1):
+                chunk = sock.recv(min(4096, len(pdu1) - len(got)))
+                assert chunk, "the stream ended early"
+                got += chunk
+        assert bytes(got) == pdu1
+        assert calls <= 8, f"{calls} system reads for a 256 KiB PDU read 4 KiB at a time"
+        ready, _, _ = select.select([sock], [], [], 1.0)
+        assert ready, "the next PDU must still be in the kernel, visible to select"
+        rest = bytearray()
+        while len(rest) < len(pdu2):
+            rest += sock.recv(len(pdu2) - len(rest))
+        assert bytes(rest) == pdu2
     finally:
         sock.close()
         peer.close()
