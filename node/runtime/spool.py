@@ -12,7 +12,9 @@ either the old state or the new state plus, at worst, an unreferenced file.
 
 Write protocol (POSIX): stage in ``<spool>/.incoming/`` (same filesystem), ``fsync`` the
 file, ``os.replace`` it into place (atomic), ``fsync`` the directory (and any directory
-created on the way), so the name survives power loss. Files are 0600 and folders 0700 (patient
+created on the way), so the name survives power loss. A received file renamed into
+``.incoming`` is fsync'd in a helper thread while this thread reads it for its SHA-256; both
+end before the file is placed. Files are 0600 and folders 0700 (patient
 data, :mod:`node.filemodes`).
 
 Received data sets arrive in ``.incoming`` as well: ``cxr-node serve`` points Python's
@@ -35,6 +37,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -160,6 +163,11 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+# fsyncs that overlap the hashing of the same file (Spool._stage); a thread that waits on the
+# disk takes no CPU, so a few serve every association of the process
+_FSYNC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-fsync")
+
+
 def _wrap(exc: OSError, what: str) -> SpoolError:
     if exc.errno in _FULL_ERRNOS:
         return SpoolFullError(f"spool disk full while {what} ({errno.errorcode[exc.errno]})")
@@ -270,12 +278,16 @@ class Spool:
             moved = False
         try:
             if moved:
-                with open(stage, "rb") as fh:
-                    while chunk := fh.read(_CHUNK):
-                        digest.update(chunk)
-                    size = fh.tell()
-                if self.fsync:
-                    _fsync_file(stage)
+                # the data is in the page cache: write it out while reading it for the hash
+                synced = _FSYNC_POOL.submit(_fsync_file, stage) if self.fsync else None
+                try:
+                    with open(stage, "rb") as fh:
+                        while chunk := fh.read(_CHUNK):
+                            digest.update(chunk)
+                        size = fh.tell()
+                finally:
+                    if synced is not None:
+                        synced.result()  # its OSError is this write's error
             else:
                 size = 0
                 with open(src, "rb") as fin, open(stage, "wb") as fout:
