@@ -216,7 +216,9 @@ class NodeAE(AE):
     caller passes, so every server this AE starts refuses unknown callers; every server is a
     :class:`~integration.transport.BoundedAssociationServer` (:meth:`make_server`). With an
     ``association_recorder``, every server feeds the receive log too; the C-STORE handler
-    finds the recorder here (:func:`integration.scp.handle_store`).
+    finds the recorder here (:func:`integration.scp.handle_store`). With ``reuse_port``,
+    every server's listening socket has ``SO_REUSEPORT``, so several processes may listen on
+    one port and the kernel spreads the connections among them.
     """
 
     def __init__(
@@ -227,8 +229,10 @@ class NodeAE(AE):
         ssl_context: ssl.SSLContext | None = None,
         limits: TransportLimits | None = None,
         association_recorder: AssociationRecorder | None = None,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(ae_title=ae_title)
+        self.reuse_port = reuse_port
         self.policy = policy
         self.association_recorder = association_recorder
         self.ssl_context = ssl_context
@@ -266,6 +270,7 @@ class NodeAE(AE):
         if server_class is None or not issubclass(server_class, BoundedAssociationServer):
             server_class = BoundedAssociationServer
         kwargs.setdefault("limits", self.server_limits())
+        kwargs.setdefault("reuse_port", self.reuse_port)
         server = super().make_server(
             address,
             ae_title=ae_title,
@@ -332,6 +337,7 @@ def build_storage_ae(
     tls_handshake_timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
     association_log: AssociationLog | None = None,
+    reuse_port: bool = False,
 ) -> NodeAE:
     """Build the node's Verification + Storage SCP Application Entity.
 
@@ -367,6 +373,9 @@ def build_storage_ae(
     association_log
         The receive log (:class:`~integration.association_log.AssociationLog`): every
         association and C-STORE answer of every server the AE starts is recorded there.
+    reuse_port
+        Listen with ``SO_REUSEPORT`` (Linux), so that several receiver processes share one
+        port; each process keeps its own ``max_associations``.
 
     Returns
     -------
@@ -421,6 +430,7 @@ def build_storage_ae(
         ssl_context=ssl_context,
         limits=limits,
         association_recorder=recorder,
+        reuse_port=reuse_port,
     )
     ae.require_called_aet = True
     ae.require_calling_aet = []  # checked by the policy, which also knows addresses

@@ -120,6 +120,10 @@ class BoundedAssociationServer(ThreadedAssociationServer):
         As for :class:`~pynetdicom.transport.AssociationServer`.
     limits
         The bounds to keep.
+    reuse_port
+        Set ``SO_REUSEPORT`` on the listening socket before binding it (Linux): several
+        processes may then listen on the same address and port, and the kernel spreads new
+        connections among them.
     """
 
     daemon_threads = True  # a connection's thread lives as long as its association
@@ -136,7 +140,9 @@ class BoundedAssociationServer(ThreadedAssociationServer):
         request_handler: Any = None,
         *,
         limits: TransportLimits | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        self.reuse_port = reuse_port
         self.limits = limits if limits is not None else TransportLimits()
         self.slots = ConnectionSlots(
             self.limits.max_connections, self.limits.max_connections_per_address
@@ -153,6 +159,13 @@ class BoundedAssociationServer(ThreadedAssociationServer):
             evt_handlers=evt_handlers,
             request_handler=request_handler or GuardedRequestHandler,
         )
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind (``SO_REUSEADDR``), with ``SO_REUSEPORT`` first if asked."""
+        if self.reuse_port:
+            sock = cast(socket.socket, self.socket)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     # -- the accept loop: accept, count, refuse; nothing that can block ---------------------
 

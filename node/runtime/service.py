@@ -104,6 +104,7 @@ def _build_scp(settings: Settings, session_factory: sessionmaker[Session]) -> tu
         tls_handshake_timeout=settings.tls_handshake_timeout,
         ssl_context=server_context(settings),
         association_log=ReceiveLog(session_factory),
+        reuse_port=settings.reuse_port,
     )
     return ae, scp_handlers(sink)
 

@@ -110,6 +110,8 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
     ae_title: str = "LLMCXR"
     host: str = "127.0.0.1"
     port: int = 11112
+    # several receiver processes on one host listen on `port` (SO_REUSEPORT)
+    reuse_port: bool = False
     allowed_aes: Annotated[list[AllowedAE], NoDecode] = Field(default_factory=list)
     max_associations: int = 10
     acse_timeout: float = 30.0
@@ -358,6 +360,12 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
             )
         if self.host == self.api_host and self.port == self.api_port:
             raise ValueError(f"api_port: {self.api_port} is the DICOM port as well")
+        if self.reuse_port and not self.spool_shared:
+            raise ValueError(
+                "reuse_port: several receivers on one port record into one spool; set "
+                "spool_shared = true so that a starting receiver leaves the others' staged "
+                "files alone"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 "tls_cert_file: DICOM TLS needs both tls_cert_file and tls_key_file (or neither)"
