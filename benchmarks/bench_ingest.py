@@ -1,8 +1,16 @@
 """Ingest throughput of the node's storage SCP against DCMTK ``storescp -B``, same run.
 
 Not a test. The node runs as ``python -m node.cli serve`` (a subprocess, with fsync, SQLite
-in the temp dir); DCMTK ``storescp -B`` (bit-preserving, no fsync) is the reference. The
-sender for both is DCMTK ``storescu``, one association per batch, so the sender is the same.
+in the temp dir); DCMTK ``storescp -B`` (bit-preserving, no fsync) is the reference. Two
+bare pynetdicom SCPs (this file with ``--bare-scp``: a plain pynetdicom AE with the node's
+maximum PDU size and chunked receive, its C-STORE handler doing nothing, or only moving the
+file into a folder with the node's fsyncs) show the ceiling the DICOM library sets before
+the node does any work of its own. The sender for all is DCMTK ``storescu``:
+``--associations`` of them at once, each with its share of the instances over one
+association (``storescp --fork`` then). ``--receivers`` runs that many node processes on
+the one port (``reuse_port``, a shared spool and SQLite file).
+Every target gets fresh SOP Instance UIDs (a warm-up set first, then the measured sets), so
+the node records new instances, not duplicates.
 
 Measured:
 
@@ -16,6 +24,8 @@ Usage::
 
     python benchmarks/bench_ingest.py                 # full run (needs ~3 x N x 12.5 MB disk)
     python benchmarks/bench_ingest.py --smoke         # 10 large, 50 small, burst 10
+    python benchmarks/bench_ingest.py --associations 4
+    python benchmarks/bench_ingest.py --associations 4 --receivers 2   # reuse_port
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,47 +131,53 @@ def dx_dataset(
     return ds
 
 
-def make_files(out: Path, n: int, rows: int, cols: int, *, seed: int = 0) -> int:
-    """Write ``n`` DX instances (16-bit, one study); return the bytes of one file."""
-    out.mkdir(parents=True, exist_ok=True)
+def make_files(out: Path, n: int, rows: int, cols: int, *, seed: int = 0, parts: int = 1) -> int:
+    """Write ``n`` DX instances (16-bit, one study, fresh UIDs); return the bytes of one.
+
+    With ``parts`` > 1 they go round-robin into ``out/0`` ... ``out/<parts - 1>``, one
+    folder per association of :func:`send`.
+    """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:rows, 0:cols]
     img = ((yy * 7 + xx * 3) % 4096 + rng.integers(0, 64, (rows, cols))).astype(np.uint16)
     pixels = img.tobytes()
     study, series = generate_uid(), generate_uid()
+    folders = [out / str(k) for k in range(parts)] if parts > 1 else [out]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
     size = 0
     for i in range(n):
         ds = dx_dataset(study, series, i + 1, rows, cols, pixels)
         ds.ViewPosition = "PA"
-        path = out / f"{i:05d}.dcm"
+        path = folders[i % parts] / f"{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         size = path.stat().st_size
     return size
 
 
-def send(port: int, files: Path) -> float:
-    """storescu every file of ``files`` over one association; return seconds."""
+def _storescu(port: int, files: Path) -> subprocess.CompletedProcess[str]:
     names = sorted(str(p) for p in files.iterdir())
-    t0 = time.perf_counter()
-    r = subprocess.run(
-        [
-            dcmtk("storescu"),
-            "-xe",
-            "-aet",
-            CALLING,
-            "-aec",
-            NODE_AET,
-            "127.0.0.1",
-            str(port),
-            *names,
-        ],
+    cmd = [dcmtk("storescu"), "-xe", "-aet", CALLING, "-aec", NODE_AET, "127.0.0.1", str(port)]
+    return subprocess.run(
+        [*cmd, *names],
         capture_output=True,
         text=True,
         env=DCMTK_ENV,
     )
+
+
+def send(port: int, files: Path) -> float:
+    """storescu the files of ``files`` over one association, or, when ``files`` holds
+    folders (:func:`make_files` with ``parts``), each folder over its own association, all
+    at once; return seconds."""
+    folders = sorted(p for p in files.iterdir() if p.is_dir()) or [files]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(folders)) as pool:
+        results = list(pool.map(lambda f: _storescu(port, f), folders))
     dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"storescu failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    for r in results:
+        if r.returncode != 0:
+            raise RuntimeError(f"storescu failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
     return dt
 
 
@@ -189,10 +206,12 @@ class Target:
     name: str
     port: int
     proc: subprocess.Popen[bytes]
+    others: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def stop(self) -> None:
-        """SIGTERM, then wait."""
-        stop(self.proc)
+        """SIGTERM, then wait (every process)."""
+        for proc in (self.proc, *self.others):
+            stop(proc)
 
 
 def spawn_node(
@@ -226,7 +245,7 @@ def spawn_node(
         "CXR_NODE_STUDY_QUIET_SECONDS": "3600",
         "CXR_NODE_STUDY_MAX_WAIT_SECONDS": "7200",
         "CXR_NODE_MIN_FREE_DISK_MB": "0",
-        "CXR_NODE_LOG_LEVEL": "WARNING",
+        "CXR_NODE_LOG_LEVEL": os.environ.get("CXR_NODE_LOG_LEVEL", "WARNING"),
         **settings,
     }
     env.pop("CXR_NODE_CONFIG", None)
@@ -240,23 +259,46 @@ def spawn_node(
         )
 
 
-def start_node(work: Path) -> Target:
-    """``python -m node.cli serve`` on a free port with its own spool and SQLite file."""
+def wait_listeners(port: int, count: int, timeout: float = 60.0) -> None:
+    """Block until ``count`` sockets listen on ``port`` (``/proc/net/tcp``: with
+    ``SO_REUSEPORT`` each receiver process has its own; connecting cannot tell them apart)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        listening = sum(
+            1
+            for line in lines
+            if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"  # LISTEN
+        )
+        if listening >= count:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"fewer than {count} sockets listen on port {port}")
+
+
+def start_node(work: Path, receivers: int = 1) -> Target:
+    """``python -m node.cli serve`` on a free port with its own spool and SQLite file; with
+    several ``receivers``, that many processes on the port (``reuse_port``, one spool,
+    ``spool_shared``), the API in the first only."""
     port = free_port()
-    proc = spawn_node(
-        work,
-        port,
-        work / "node-spool",
-        work / "node.sqlite3",
-        {"CXR_NODE_API_PORT": str(free_port())},
+    shared = (
+        {"CXR_NODE_REUSE_PORT": "true", "CXR_NODE_SPOOL_SHARED": "true"} if receivers > 1 else {}
     )
-    try:
-        wait_port(port, timeout=60)
-    except TimeoutError:
-        proc.kill()
-        tail = (work / "node.log").read_text()[-3000:]
-        raise SystemExit(f"node did not start:\n{tail}") from None
-    return Target("node (fsync)", port, proc)
+    procs = []
+    for k in range(receivers):
+        api = {"CXR_NODE_API_PORT": str(free_port())} if k == 0 else {"CXR_NODE_API_ENABLED": "0"}
+        procs.append(
+            spawn_node(work, port, work / "node-spool", work / "node.sqlite3", {**shared, **api})
+        )
+        try:
+            wait_listeners(port, k + 1)
+        except TimeoutError:
+            for proc in procs:
+                proc.kill()
+            tail = (work / "node.log").read_text()[-3000:]
+            raise SystemExit(f"node did not start:\n{tail}") from None
+    name = "node (fsync)" if receivers == 1 else f"node (fsync) x{receivers}"
+    return Target(name, port, procs[0], procs[1:])
 
 
 def spawn_storescp(out: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
@@ -285,12 +327,101 @@ def spawn_storescp(out: Path, port: int, *options: str) -> subprocess.Popen[byte
     )
 
 
-def start_storescp(work: Path) -> Target:
-    """DCMTK ``storescp -B`` (bit-preserving) writing into ``work/storescp``."""
+def start_storescp(work: Path, associations: int = 1) -> Target:
+    """DCMTK ``storescp -B`` (bit-preserving) writing into ``work/storescp``; with several
+    associations at once, ``--fork`` (one process per association)."""
     port = free_port()
-    proc = spawn_storescp(work / "storescp", port, "-B", "+xa")
+    fork = ["--fork"] if associations > 1 else []
+    proc = spawn_storescp(work / "storescp", port, *fork, "-B", "+xa")
     wait_port(port)
     return Target("storescp -B", port, proc)
+
+
+def bare_scp(port: int, mode: str, out: Path) -> None:
+    """Run a bare pynetdicom storage SCP until killed (``--bare-scp``).
+
+    Parameters
+    ----------
+    port
+        Its port on 127.0.0.1.
+    mode
+        ``none``: the handler answers success at once; ``fsync``: it first moves the received
+        file into ``out`` and makes it durable as the node's spool does (fsync of the file,
+        of the folder).
+    out
+        The folder for ``fsync``.
+    """
+    import uuid
+
+    from pynetdicom import AE, _config, evt
+
+    from integration.transport_limits import DEFAULT_MAX_PDU_SIZE
+
+    _config.STORE_RECV_CHUNKED_DATASET = True  # as the node (integration.ae)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def fsync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def handle(event: object) -> int:
+        if mode == "fsync":
+            dst = out / f"{uuid.uuid4().hex}.dcm"
+            os.replace(event.dataset_path, dst)  # type: ignore[attr-defined]
+            fsync(dst)
+            fsync(out)
+        return 0
+
+    ae = AE(ae_title=NODE_AET)
+    ae.maximum_pdu_size = DEFAULT_MAX_PDU_SIZE
+    ae.add_supported_context(DigitalXRayImageStorageForPresentation, [ExplicitVRLittleEndian])
+    ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, handle)])
+
+
+def start_bare(work: Path, mode: str) -> Target:
+    """:func:`bare_scp` in a subprocess."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--bare-scp", str(port), mode, str(work / f"bare-{mode}")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    wait_port(port)
+    label = "pynetdicom, no-op handler" if mode == "none" else "pynetdicom + fsync"
+    return Target(label, port, proc)
+
+
+def _measure(target: Target, work: Path, args: argparse.Namespace, large_size: int) -> dict:
+    """Warm up, then time the small and the CXR-size sets (and the node's memory burst)."""
+    send(target.port, work / "warm")
+    t_small = send(target.port, work / "small")
+    t_large = send(target.port, work / "large")
+    res = {
+        "large_mb_s": large_size * args.n / t_large / 1e6,
+        "large_inst_s": args.n / t_large,
+        "small_inst_s": args.small_n / t_small,
+    }
+    if target.name.startswith("node"):
+        before = vm_hwm_kib(target.proc.pid)
+        send(target.port, work / "burst")
+        res["hwm_before_mib"] = before / 1024
+        res["hwm_after_burst_mib"] = vm_hwm_kib(target.proc.pid) / 1024
+    return res
+
+
+def _fresh_sets(work: Path, args: argparse.Namespace) -> int:
+    """(Re)write the warm-up, small, CXR-size and burst sets with fresh UIDs; return the
+    size of one CXR-size file."""
+    for name in ("warm", "small", "large", "burst"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    k = args.associations
+    make_files(work / "warm", 10 * k, 512, 512, seed=3, parts=k)
+    make_files(work / "small", args.small_n, 512, 512, seed=1, parts=k)
+    size = make_files(work / "large", args.n, args.rows, args.cols, parts=k)
+    return size
 
 
 def main() -> None:
@@ -301,64 +432,72 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=2500)
     ap.add_argument("--small-n", type=int, default=300, help="small instances per run")
     ap.add_argument("--burst", type=int, default=200, help="CXR-size burst for peak memory")
+    ap.add_argument("--associations", type=int, default=1, help="senders at once")
+    ap.add_argument("--receivers", type=int, default=1, help="node processes on the port")
     ap.add_argument("--smoke", action="store_true", help="10 large, 50 small, burst 10")
     ap.add_argument("--workdir", type=Path, default=None, help="where files go (default: tmp)")
+    ap.add_argument("--bare-scp", nargs=3, metavar=("PORT", "MODE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare_scp:
+        bare_scp(int(args.bare_scp[0]), args.bare_scp[1], Path(args.bare_scp[2]))
+        return
     if args.smoke:
         args.n, args.small_n, args.burst = 10, 50, 10
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
     try:
-        large_size = make_files(work / "large", args.n, args.rows, args.cols)
-        make_files(work / "small", args.small_n, 512, 512, seed=1)
-        need = large_size * (2 * args.n + args.burst) * 1.1
+        large_size = _fresh_sets(work, args)
+        need = large_size * (3 * args.n + args.burst) * 1.1
         if shutil.disk_usage(work).free < need:
             raise SystemExit(f"need ~{need / 1e9:.1f} GB free in {work}")
         results: dict[str, dict[str, float]] = {}
-        for starter in (start_storescp, start_node):
-            target = starter(work)
+        starters = (
+            lambda: start_storescp(work, args.associations),
+            lambda: start_bare(work, "none"),
+            lambda: start_bare(work, "fsync"),
+            lambda: start_node(work, args.receivers),
+        )
+        for starter in starters:
+            target = starter()
             try:
-                send(target.port, work / "small")  # warm-up + small-instance rate
-                t_small = send(target.port, work / "small")
-                t_large = send(target.port, work / "large")
-                res = {
-                    "large_mb_s": large_size * args.n / t_large / 1e6,
-                    "large_inst_s": args.n / t_large,
-                    "small_inst_s": args.small_n / t_small,
-                }
                 if target.name.startswith("node"):
-                    burst = work / "burst"
-                    make_files(burst, args.burst, args.rows, args.cols, seed=2)
-                    before = vm_hwm_kib(target.proc.pid)
-                    send(target.port, burst)
-                    res["hwm_before_mib"] = before / 1024
-                    res["hwm_after_burst_mib"] = vm_hwm_kib(target.proc.pid) / 1024
-                results[target.name] = res
+                    make_files(work / "burst", args.burst, args.rows, args.cols, seed=2)
+                results[target.name] = _measure(target, work, args, large_size)
             finally:
                 target.stop()
-                shutil.rmtree(work / "storescp", ignore_errors=True)
-                shutil.rmtree(work / "node-spool", ignore_errors=True)
-
-        node, ref = results["node (fsync)"], results["storescp -B"]
-        print(
-            f"\nIngest benchmark: {args.n} x {large_size / 1e6:.1f} MB DX "
-            f"({args.rows}x{args.cols} 16-bit), {args.small_n} x 0.5 MB, one association each, "
-            f"sender DCMTK storescu, {os.cpu_count()} CPUs\n"
-        )
-        print(f"{'metric':<34}{'node (fsync)':>14}{'storescp -B':>14}{'node/ref':>10}")
-        for key, label in (
-            ("large_mb_s", "CXR-size MB/s"),
-            ("large_inst_s", "CXR-size instances/s"),
-            ("small_inst_s", "small (0.5 MB) instances/s"),
-        ):
-            print(f"{label:<34}{node[key]:>14.1f}{ref[key]:>14.1f}{node[key] / ref[key]:>10.2f}")
-        print(
-            f"{'node peak RSS (VmHWM) MiB':<34}{node['hwm_after_burst_mib']:>14.0f}"
-            f"{'':>14}{'':>10}  (before the {args.burst}-instance burst: "
-            f"{node['hwm_before_mib']:.0f})"
-        )
+                for name in ("storescp", "node-spool", "bare-none", "bare-fsync"):
+                    shutil.rmtree(work / name, ignore_errors=True)
+            _fresh_sets(work, args)
+        _report(results, args, large_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(results: dict[str, dict[str, float]], args: argparse.Namespace, size: int) -> None:
+    ref = results["storescp -B"]
+    names = list(results)
+    print(
+        f"\nIngest benchmark: {args.n} x {size / 1e6:.1f} MB DX "
+        f"({args.rows}x{args.cols} 16-bit), {args.small_n} x 0.5 MB, "
+        f"{args.associations} association(s) at once, sender DCMTK storescu, "
+        f"{args.receivers} node receiver process(es), "
+        f"{os.cpu_count()} CPUs; each cell: value (ratio to storescp -B)\n"
+    )
+    print(f"{'metric':<30}" + "".join(f"{n:>28}" for n in names))
+    for key, label in (
+        ("large_mb_s", "CXR-size MB/s"),
+        ("large_inst_s", "CXR-size instances/s"),
+        ("small_inst_s", "small (0.5 MB) instances/s"),
+    ):
+        cells = "".join(
+            f"{results[n][key]:>20.1f} ({results[n][key] / ref[key]:.2f}x)" for n in names
+        )
+        print(f"{label:<30}{cells}")
+    node = results[names[-1]]
+    print(
+        f"node peak RSS (VmHWM): {node['hwm_after_burst_mib']:.0f} MiB after the "
+        f"{args.burst}-instance burst (before: {node['hwm_before_mib']:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":
