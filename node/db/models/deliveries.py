@@ -1,0 +1,65 @@
+"""Deliveries: one outbound object to one destination, with its attempts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from node.db.models.base import UID_LEN, Base, enum_column
+from node.db.models.states import DeliveryKind, DeliveryObject, DeliveryState
+
+if TYPE_CHECKING:
+    from node.db.models.jobs import Job
+
+__all__ = ["Delivery"]
+
+
+class Delivery(Base):
+    """Delivery of one object of a job (SR, PDF, HL7/FHIR report, withdrawal) to one
+    destination, with retries; ``job_id`` is NULL only for a synthetic Secondary Capture."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    destination: Mapped[str] = mapped_column(String(512))
+    kind: Mapped[DeliveryKind] = mapped_column(enum_column(DeliveryKind, "delivery_kind"))
+    object: Mapped[DeliveryObject] = mapped_column(
+        enum_column(DeliveryObject, "delivery_object"),
+        default=DeliveryObject.sr,
+        server_default=DeliveryObject.sr.value,
+    )
+    # the object's own identifier: SOP Instance UID (DICOM), MSH-10 (HL7), report
+    # identifier (FHIR); shown by the console and logs, never patient data
+    object_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    state: Mapped[DeliveryState] = mapped_column(
+        enum_column(DeliveryState, "delivery_state"), default=DeliveryState.pending
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    # when the latest attempt started (its claim); kept through retries and re-sends
+    last_attempt_at: Mapped[datetime | None]
+    # start of the current round of attempts (enqueue, re-send, re-queue after an outage):
+    # transient failures are retried until delivery_retry_hours after it; NULL: created_at
+    queued_at: Mapped[datetime | None]
+    # a failed delivery that retrying cannot fix (0xA9xx/0xCxxx, HTTP 4xx, SR file missing);
+    # only the others are re-queued when the destination answers again
+    permanent_failure: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+    # the file sent (any object, not only an SR): relative to the spool, or absolute
+    sr_path: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime]
+
+    job: Mapped[Job | None] = relationship(back_populates="deliveries")
+
+    __table_args__ = (
+        Index(None, "state", "next_attempt_at"),
+        # one delivery per (job, destination, object): enqueueing is idempotent
+        UniqueConstraint("job_id", "destination", "object"),
+    )
