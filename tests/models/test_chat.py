@@ -269,13 +269,13 @@ def test_chat_uses_the_backends_window(model: LLMCXR) -> None:
 def test_streamer_holds_back_the_end_marker_and_half_characters(model: LLMCXR) -> None:
     """Ids that spell ``### End`` as plain text, and a character split over byte tokens:
     no delta shows a part of the marker or a replacement character."""
-    from models.chat import _Streamer
+    from models.text_stream import TextStream
 
     tok = model.tokenizer
     ids = [*tok.encode("Lungs 🫁 clear #1."), *tok.encode(" ###"), *tok.encode(" End more")]
     assert len(tok.encode("🫁")) > 1  # split over byte tokens
     deltas: list[str] = []
-    streamer = _Streamer(tok, _collect(deltas))
+    streamer = TextStream(tok, _collect(deltas))
     for t in ids:
         assert streamer(t)
     assert "".join(deltas) == "Lungs 🫁 clear #1."
