@@ -88,6 +88,69 @@ class SendResult:
     warning: bool = False
 
 
+def _source(dataset_or_path: Dataset | str | Path) -> tuple[Dataset | Path, Dataset]:
+    """What to send (the dataset, or the file's path) and its header.
+
+    Raises
+    ------
+    integration.errors.DeliveryError
+        The file cannot be read as DICOM.
+    """
+    if isinstance(dataset_or_path, Dataset):
+        return dataset_or_path, dataset_or_path
+    path = Path(dataset_or_path)
+    try:
+        return path, dcmread(path, stop_before_pixels=True)
+    except Exception as exc:
+        raise DeliveryError(f"cannot read {path.name}: {exc}") from exc
+
+
+def _store_result(
+    status: Dataset | None,
+    log: _Capture,
+    dest: DicomDestination,
+    sop_instance: str,
+    dimse_timeout: float,
+) -> SendResult:
+    """The C-STORE response as a :class:`SendResult`, or the error it means (see
+    :func:`send_dataset`)."""
+    if status is None or "Status" not in status:
+        if log.abort is not None:
+            raise AssociationAbortedError(
+                f"{dest} aborted the association during C-STORE ({log.abort})"
+            )
+        raise DeliveryTimeoutError(
+            f"no C-STORE response from {dest} within dimse_timeout={dimse_timeout} s "
+            "(or the connection dropped)"
+        )
+    code = int(status.Status)
+    comment = str(status.get("ErrorComment", "") or "")
+    if code == 0x0000 or code in _WARNINGS:
+        warning = code != 0x0000
+        message = "stored" if not warning else f"stored with warning 0x{code:04X}"
+        LOGGER.info(
+            "C-STORE %s to %s: status 0x%04X",
+            sop_instance,
+            dest,
+            code,
+            extra={"dest": str(dest)},
+        )
+        return SendResult(
+            status=code,
+            ok=True,
+            message=message + (f": {comment}" if comment else ""),
+            sop_instance_uid=sop_instance,
+            destination=str(dest),
+            warning=warning,
+        )
+    LOGGER.warning("C-STORE %s to %s failed: status 0x%04X", sop_instance, dest, code)
+    raise StoreFailedError(
+        f"{dest} refused the C-STORE of {sop_instance}: status 0x{code:04X} "
+        f"({_status_meaning(code)}){': ' + comment if comment else ''}",
+        status=code,
+    )
+
+
 def send_dataset(
     dataset_or_path: Dataset | str | Path,
     dest: DicomDestination,
@@ -137,16 +200,7 @@ def send_dataset(
         C-STORE failure status; ``dicom_status`` set, transient only for 0xA7xx / 0x0213.
     """
     _check_ae_title(calling_ae, "Calling AE Title")
-    source: Dataset | Path
-    if isinstance(dataset_or_path, Dataset):
-        header = dataset_or_path
-        source = dataset_or_path
-    else:
-        source = Path(dataset_or_path)
-        try:
-            header = dcmread(source, stop_before_pixels=True)
-        except Exception as exc:
-            raise DeliveryError(f"cannot read {source.name}: {exc}") from exc
+    source, header = _source(dataset_or_path)
     sop_class = UID(str(header.get("SOPClassUID", "")))
     sop_instance = str(header.get("SOPInstanceUID", ""))
     if not sop_class or not sop_instance:
@@ -170,41 +224,7 @@ def send_dataset(
             ) from exc
         except (OSError, RuntimeError) as exc:
             raise AssociationAbortedError(f"C-STORE to {dest} failed: {exc}") from exc
-        if status is None or "Status" not in status:
-            if log.abort is not None:
-                raise AssociationAbortedError(
-                    f"{dest} aborted the association during C-STORE ({log.abort})"
-                )
-            raise DeliveryTimeoutError(
-                f"no C-STORE response from {dest} within dimse_timeout={dimse_timeout} s "
-                "(or the connection dropped)"
-            )
-        code = int(status.Status)
-        comment = str(status.get("ErrorComment", "") or "")
-        if code == 0x0000 or code in _WARNINGS:
-            warning = code != 0x0000
-            message = "stored" if not warning else f"stored with warning 0x{code:04X}"
-            LOGGER.info(
-                "C-STORE %s to %s: status 0x%04X",
-                sop_instance,
-                dest,
-                code,
-                extra={"dest": str(dest)},
-            )
-            return SendResult(
-                status=code,
-                ok=True,
-                message=message + (f": {comment}" if comment else ""),
-                sop_instance_uid=sop_instance,
-                destination=str(dest),
-                warning=warning,
-            )
-        LOGGER.warning("C-STORE %s to %s failed: status 0x%04X", sop_instance, dest, code)
-        raise StoreFailedError(
-            f"{dest} refused the C-STORE of {sop_instance}: status 0x{code:04X} "
-            f"({_status_meaning(code)}){': ' + comment if comment else ''}",
-            status=code,
-        )
+        return _store_result(status, log, dest, sop_instance, dimse_timeout)
     finally:
         if assoc.is_established:
             assoc.release()

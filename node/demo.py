@@ -229,6 +229,36 @@ def _draft_row(settings: Settings, sr_uid: str) -> dict[str, Any] | None:
         engine.dispose()
 
 
+def _demo_bundle(workdir: Path, con: Console) -> Path:
+    """The DEMO bundle in ``workdir/model-bundle``, built on the first run; say which."""
+    from models.bundle import ModelBundle
+    from models.demo import create_demo_bundle
+
+    bundle_dir = workdir / "model-bundle"
+    if not (bundle_dir / "manifest.json").exists():
+        con.print(f"building the demo model bundle in {bundle_dir} ...")
+        create_demo_bundle(bundle_dir, overwrite=True)
+    bundle = ModelBundle.open(bundle_dir)
+    con.print(
+        f"model: {bundle.model_name} {bundle.model_version}"
+        + (" [bold red](DEMO)[/bold red]" if bundle.demo else "")
+    )
+    return bundle_dir
+
+
+def _fresh_state(workdir: Path) -> None:
+    """Empty the database, spool and inbox (the bundle is kept).
+
+    The same RG1 study sent again to a node that already finished it would be an identical
+    duplicate (docs/policies.md) and produce no new job, so a second run would wait for
+    nothing.
+    """
+    for name in ("node.sqlite3", "node.sqlite3-wal", "node.sqlite3-shm"):
+        (workdir / name).unlink(missing_ok=True)
+    for sub in ("spool", "pacs-inbox"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+
+
 def run_demo(
     *,
     workdir: Path,
@@ -249,31 +279,13 @@ def run_demo(
     console
         Where to print (rich).
     """
-    from models.bundle import ModelBundle
-    from models.demo import create_demo_bundle
-
     con = console or Console()
     workdir = workdir.resolve()
     make_private_dir(workdir)  # database, spool and SRs inside: 0700 when created here
     con.print(Panel(DEMO_BANNER, style="bold red", title="llm-cxr-node demo"))
 
-    bundle_dir = workdir / "model-bundle"
-    if not (bundle_dir / "manifest.json").exists():
-        con.print(f"building the demo model bundle in {bundle_dir} ...")
-        create_demo_bundle(bundle_dir, overwrite=True)
-    bundle = ModelBundle.open(bundle_dir)
-    con.print(
-        f"model: {bundle.model_name} {bundle.model_version}"
-        + (" [bold red](DEMO)[/bold red]" if bundle.demo else "")
-    )
-
-    # Each run starts from an empty database, spool and inbox (the bundle is kept): the same
-    # RG1 study sent again to a node that already finished it would be an identical duplicate
-    # (docs/policies.md) and produce no new job, so a second run would wait for nothing.
-    for name in ("node.sqlite3", "node.sqlite3-wal", "node.sqlite3-shm"):
-        (workdir / name).unlink(missing_ok=True)
-    for sub in ("spool", "pacs-inbox"):
-        shutil.rmtree(workdir / sub, ignore_errors=True)
+    bundle_dir = _demo_bundle(workdir, con)
+    _fresh_state(workdir)
     pacs = DemoPacs(workdir / "pacs-inbox")
     pacs.start()
     settings = load_settings(

@@ -55,6 +55,23 @@ def _study_date(value: str | None) -> str | None:
         return None
 
 
+def _api_query(flt: views_db.JobFilter, order: str) -> dict[str, str | int]:
+    """The jobs API's query for the page's search (the page's script refreshes from it)."""
+    values: dict[str, str | int | None] = {
+        "q": flt.text,
+        "delivery": flt.delivery,
+        "modality": flt.modality,
+        "calling_ae": flt.calling_ae,
+        "study_date_from": flt.study_date_from,
+        "study_date_to": flt.study_date_to,
+        "sort": flt.sort,
+        "order": order,
+        "limit": flt.limit,
+        "offset": flt.offset,
+    }
+    return {k: v for k, v in values.items() if v not in ("", None)}
+
+
 @router.get("/", name="web_queue", response_class=HTMLResponse)
 def queue_page(
     request: Request,
@@ -94,18 +111,6 @@ def queue_page(
         limit=per,
         offset=(page - 1) * per,
     )
-    search: dict[str, str | int | None] = {
-        "q": text,
-        "delivery": delivery,
-        "modality": mod,
-        "calling_ae": ae,
-        "study_date_from": date_lo,
-        "study_date_to": date_hi,
-        "sort": sort,
-        "order": order,
-        "limit": per,
-        "offset": (page - 1) * per,
-    }
     jobs, total = job_service.list_jobs(ctx, flt)
     counts = job_service.counts(ctx).jobs
     params = {
@@ -122,8 +127,6 @@ def queue_page(
     }
 
     queue_url = page_url(request, "web_queue", {**params, "page": page})
-
-    api_query = {k: v for k, v in search.items() if v not in ("", None)}
     return render(
         request,
         "queue.html",
@@ -142,7 +145,7 @@ def queue_page(
         pages=page_count(total, per),
         queue_url=queue_url,
         state=params["state"],
-        jobs_api=f"{auth.JOBS_API}?{urlencode(api_query)}",
+        jobs_api=f"{auth.JOBS_API}?{urlencode(_api_query(flt, order))}",
         bulk_api=f"{auth.JOBS_API}/bulk",
         can_operate=user.has("operator"),
     )
