@@ -187,14 +187,7 @@ def evaluate(
         "generation": {**runtime.defaults, "greedy": True},
         "fid": fid_note,
     }
-    opts = ScoreOptions(
-        labeler or default_labeler(),
-        uncertain,
-        with_meteor=with_meteor,
-        chexbert_dir=chexbert_dir,
-        radgraph_dir=radgraph_dir,
-        device=device,
-    )
+    opts = _score_options(labeler, uncertain, with_meteor, chexbert_dir, radgraph_dir, device)
     result = score(
         run.outputs,
         opts,
@@ -205,6 +198,26 @@ def evaluate(
     )
     write_results(result, out_dir)
     return result
+
+
+def _score_options(
+    labeler: ReportLabeler | None,
+    uncertain: UncertainPolicy,
+    with_meteor: bool,
+    chexbert_dir: Path | None,
+    radgraph_dir: Path | None,
+    device: str,
+) -> ScoreOptions:
+    """The scoring options of :func:`evaluate` and :func:`evaluate_predictions` (the
+    default labeler when none is given)."""
+    return ScoreOptions(
+        labeler or default_labeler(),
+        uncertain,
+        with_meteor=with_meteor,
+        chexbert_dir=chexbert_dir,
+        radgraph_dir=radgraph_dir,
+        device=device,
+    )
 
 
 def _prediction_outputs(
@@ -281,14 +294,7 @@ def evaluate_predictions(
         "predictions_unused": sum(1 for i in preds.by_id if i not in selected),
         "demo": None,
     }
-    opts = ScoreOptions(
-        labeler or default_labeler(),
-        uncertain,
-        with_meteor=with_meteor,
-        chexbert_dir=chexbert_dir,
-        radgraph_dir=radgraph_dir,
-        device=device,
-    )
+    opts = _score_options(labeler, uncertain, with_meteor, chexbert_dir, radgraph_dir, device)
     has_answers = any(p.answers for p in preds.by_id.values())
     result = score(
         outputs,
