@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6's checks on a lent GPU machine, in one call: the CUDA tests, then the GPU table of
-# benchmarks/bench_generation.py. Logs and JSON go to $OUT (the device tool's folder) or
-# ./gpu-out. Nothing here runs in CI (no GPU there).
+# benchmarks/bench_generation.py, the VQ-GAN encoder on the GPU (#29) and training (#28).
+# Logs and JSON go to $OUT (the device tool's folder) or ./gpu-out. Nothing here runs in CI
+# (no GPU there).
 #
 # Optional carried input (ignored by git, named in the device call's `carry`): .whl/*.whl,
 # Python packages put first on the path (the transformers version this project is tested
@@ -31,6 +32,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 } 2>&1 | tee "$out/env.txt"
 
 timeout "${GPU_TESTS_S:-200}" python3 -m pytest -m gpu tests/engine/test_transformers_paths.py \
+    tests/models/test_torch_tokenizer.py \
     -p no:cacheprovider -q -rA --timeout "${GPU_TESTS_S:-200}" >"$out/pytest.log" 2>&1
 echo "pytest rc=$? after $(($(date +%s) - t0)) s"
 grep -E "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed" "$out/pytest.log" | tail -12
@@ -46,6 +48,13 @@ if grep -q "^GPU:" "$out/bench.log"; then
 else
     tail -40 "$out/bench.log"
 fi
+
+# #29 part 4: the VQ-GAN encoder on the GPU (PyTorch) against ONNX on the host CPU, and the
+# agreement of their codes, at the published size
+timeout "${GPU_VQ_S:-120}" python3 benchmarks/bench_image_tokenizer.py --device cuda \
+    --threads "$(nproc)" >"$out/vqgan.log" 2>&1
+echo "vqgan bench rc=$? after $(($(date +%s) - t0)) s"
+grep -E "^ +[0-9]|agreement|batch" "$out/vqgan.log" || tail -20 "$out/vqgan.log"
 
 # #28: training tokens/s and MFU at the dolly-v2-3b shape (random weights), one GPU
 timeout "${GPU_TRAIN_S:-300}" python3 benchmarks/bench_training.py --dolly --steps 20 \

@@ -5,7 +5,8 @@ Layout::
     manifest.json
     vqgan/encoder.onnx    image float32 [B,3,256,256] in [-1,1] -> codes int64 [B,256]
     vqgan/decoder.onnx    codes int64 [B,256] -> image float32 [B,3,256,256]
-    vqgan/*.ckpt, *.yaml  (optional: the source checkpoint and its config)
+    vqgan/*.ckpt, *.yaml  (optional: the source checkpoint and its config; the PyTorch
+                          tokenizer on a GPU needs them, models.torch_image_tokenizer)
     llm/                  Hugging Face layout: config.json, weights, tokenizer files
 
 The manifest records the format version, model name and version, the demo flag, the token
@@ -269,6 +270,18 @@ class ModelBundle:
     def decoder_path(self) -> Path:
         """``vqgan/decoder.onnx``."""
         return self.root / DECODER_FILE
+
+    @property
+    def vqgan_checkpoint(self) -> tuple[Path, Path] | None:
+        """The VQ-GAN's source checkpoint and YAML in ``vqgan/`` (the importer's
+        ``keep_source``, the demo's), or ``None`` unless there is exactly one of each; the
+        PyTorch tokenizer (:mod:`models.torch_image_tokenizer`) needs them."""
+        folder = self.root / "vqgan"
+        ckpts = sorted(folder.glob("*.ckpt"))
+        yamls = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+        if len(ckpts) != 1 or len(yamls) != 1:
+            return None
+        return ckpts[0], yamls[0]
 
     def summary(self) -> dict[str, Any]:
         """Name, version, demo flag, layout, LLM shape and total size (for ``info``)."""

@@ -142,6 +142,8 @@ def create_demo_bundle(
         (staging / "vqgan" / "config.yaml").write_text(
             yaml.safe_dump(vq_cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8"
         )
+        # the source checkpoint, as an imported bundle keeps it: the PyTorch tokenizer on a GPU
+        torch.save({"state_dict": vq.state_dict()}, staging / "vqgan" / "model.ckpt")
         write_manifest(
             staging,
             model_name=DEMO_MODEL_NAME,

@@ -20,7 +20,13 @@ import onnxruntime as ort
 
 from models.onnx_export import DECODER_INPUT, ENCODER_INPUT
 
-__all__ = ["ImageTokenizerError", "OnnxImageTokenizer", "default_providers"]
+__all__ = [
+    "ImageTokenizerError",
+    "OnnxImageTokenizer",
+    "check_codes",
+    "check_images",
+    "default_providers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,70 @@ def default_providers() -> list[str]:
     """onnxruntime execution providers to use: CUDA first when available, then CPU."""
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def check_images(
+    x: npt.NDArray[np.float32], *, channels: int, resolution: int
+) -> npt.NDArray[np.float32]:
+    """Validate encoder input ``float32[B, channels, resolution, resolution]`` in [-1, 1];
+    return it contiguous and clipped to [-1, 1].
+
+    Raises
+    ------
+    ImageTokenizerError
+        Wrong type, dtype, shape, empty batch, non-finite values or values outside
+        [-1, 1] (beyond a 1e-3 slack).
+    """
+    r, c = resolution, channels
+    if not isinstance(x, np.ndarray):
+        raise ImageTokenizerError(f"images must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise ImageTokenizerError(f"images must be float32, got {x.dtype}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != (c, r, r):
+        hint = " (add a batch axis: x[None])" if x.ndim == 3 else ""
+        raise ImageTokenizerError(
+            f"images must be [batch, {c}, {r}, {r}], got {list(x.shape)}{hint}"
+        )
+    if x.shape[0] == 0:
+        raise ImageTokenizerError("images batch is empty")
+    if not np.all(np.isfinite(x)):
+        raise ImageTokenizerError("images contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1.0 - RANGE_SLACK or hi > 1.0 + RANGE_SLACK:
+        raise ImageTokenizerError(
+            f"images must be scaled to [-1, 1] (models.preprocess.to_model_input), "
+            f"got [{lo:.4g}, {hi:.4g}]"
+        )
+    return np.ascontiguousarray(np.clip(x, -1.0, 1.0))
+
+
+def check_codes(
+    codes: npt.NDArray[np.integer], *, codes_per_image: int, n_embed: int
+) -> npt.NDArray[np.int64]:
+    """Validate decoder input ``[B, codes_per_image]`` integers in ``[0, n_embed)``; return
+    them as contiguous int64.
+
+    Raises
+    ------
+    ImageTokenizerError
+        Not an integer array, wrong shape, empty batch, or codes out of range.
+    """
+    n = codes_per_image
+    if not isinstance(codes, np.ndarray):
+        raise ImageTokenizerError(f"codes must be a numpy array, got {type(codes).__name__}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ImageTokenizerError(f"codes must be integers (int64), got {codes.dtype}")
+    if codes.ndim != 2 or codes.shape[1] != n:
+        hint = " (add a batch axis: codes[None])" if codes.ndim == 1 else ""
+        raise ImageTokenizerError(f"codes must be [batch, {n}], got {list(codes.shape)}{hint}")
+    if codes.shape[0] == 0:
+        raise ImageTokenizerError("codes batch is empty")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= n_embed:
+        raise ImageTokenizerError(
+            f"codes must be in [0, {n_embed}) (image token id minus 50281), got [{lo}, {hi}]"
+        )
+    return np.ascontiguousarray(codes, dtype=np.int64)
 
 
 def _meta(session: ort.InferenceSession) -> dict[str, str]:
@@ -142,27 +212,7 @@ class OnnxImageTokenizer:
             Wrong type, dtype, shape, empty batch, non-finite values or values outside
             [-1, 1] (beyond a 1e-3 slack).
         """
-        r, c = self.resolution, self.channels
-        if not isinstance(x, np.ndarray):
-            raise ImageTokenizerError(f"images must be a numpy array, got {type(x).__name__}")
-        if x.dtype != np.float32:
-            raise ImageTokenizerError(f"images must be float32, got {x.dtype}")
-        if x.ndim != 4 or tuple(x.shape[1:]) != (c, r, r):
-            hint = " (add a batch axis: x[None])" if x.ndim == 3 else ""
-            raise ImageTokenizerError(
-                f"images must be [batch, {c}, {r}, {r}], got {list(x.shape)}{hint}"
-            )
-        if x.shape[0] == 0:
-            raise ImageTokenizerError("images batch is empty")
-        if not np.all(np.isfinite(x)):
-            raise ImageTokenizerError("images contain NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1.0 - RANGE_SLACK or hi > 1.0 + RANGE_SLACK:
-            raise ImageTokenizerError(
-                f"images must be scaled to [-1, 1] (models.preprocess.to_model_input), "
-                f"got [{lo:.4g}, {hi:.4g}]"
-            )
-        x = np.ascontiguousarray(np.clip(x, -1.0, 1.0))
+        x = check_images(x, channels=self.channels, resolution=self.resolution)
         parts = [self._enc.run(None, {ENCODER_INPUT: x[s]})[0] for s in self._chunks(len(x))]
         return np.concatenate(parts, axis=0).astype(np.int64, copy=False)
 
@@ -177,22 +227,6 @@ class OnnxImageTokenizer:
         ImageTokenizerError
             Not an integer array, wrong shape, empty batch, or codes out of range.
         """
-        n = self.codes_per_image
-        if not isinstance(codes, np.ndarray):
-            raise ImageTokenizerError(f"codes must be a numpy array, got {type(codes).__name__}")
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise ImageTokenizerError(f"codes must be integers (int64), got {codes.dtype}")
-        if codes.ndim != 2 or codes.shape[1] != n:
-            hint = " (add a batch axis: codes[None])" if codes.ndim == 1 else ""
-            raise ImageTokenizerError(f"codes must be [batch, {n}], got {list(codes.shape)}{hint}")
-        if codes.shape[0] == 0:
-            raise ImageTokenizerError("codes batch is empty")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.n_embed:
-            raise ImageTokenizerError(
-                f"codes must be in [0, {self.n_embed}) (image token id minus 50281), "
-                f"got [{lo}, {hi}]"
-            )
-        c64 = np.ascontiguousarray(codes, dtype=np.int64)
+        c64 = check_codes(codes, codes_per_image=self.codes_per_image, n_embed=self.n_embed)
         parts = [self._dec.run(None, {DECODER_INPUT: c64[s]})[0] for s in self._chunks(len(c64))]
         return np.concatenate(parts, axis=0).astype(np.float32, copy=False)

@@ -8,6 +8,7 @@ returned with provenance (model name and version, demo flag, prompt, settings, t
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from models.prompts import (
     vqa_prompt,
 )
 from models.text import LLMCXRTokenizer
+
+log = logging.getLogger(__name__)
 
 _SECTION = re.compile(r"\b(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
 
@@ -149,8 +152,29 @@ def check_model_input(image_in: npt.NDArray[np.float32]) -> npt.NDArray[np.float
     return image_in
 
 
+def _image_tokenizer(
+    bundle: ModelBundle, device: str | None, providers: Sequence[str] | None
+) -> ImageTokenizer:
+    """The PyTorch VQ-GAN on ``device`` when one is asked for and the bundle keeps its
+    checkpoint, else the ONNX graphs (see :meth:`LLMCXR.from_bundle`)."""
+    from models.image_tokenizer import OnnxImageTokenizer
+
+    if device is not None:
+        source = bundle.vqgan_checkpoint
+        if source is not None:
+            from models.torch_image_tokenizer import TorchImageTokenizer
+
+            return TorchImageTokenizer.from_checkpoint(*source, device=device)
+        log.warning(
+            "the VQ-GAN stays on onnxruntime, not on %s: the bundle keeps no vqgan/*.ckpt "
+            "and YAML (import it with the source kept)",
+            device,
+        )
+    return OnnxImageTokenizer(bundle.encoder_path, bundle.decoder_path, providers=providers)
+
+
 class LLMCXR:
-    """The LLM-CXR model: VQ-GAN encoder (ONNX) + LLM backend + prompts.
+    """The LLM-CXR model: VQ-GAN (ONNX, or PyTorch on the LLM's GPU) + LLM backend + prompts.
 
     Parameters
     ----------
@@ -187,17 +211,26 @@ class LLMCXR:
         backend_options: dict[str, Any] | None = None,
         providers: Sequence[str] | None = None,
         load: bool = True,
+        image_device: str | None = None,
     ) -> LLMCXR:
-        """Open a bundle, build its backend and ONNX tokenizer, optionally load the LLM."""
+        """Open a bundle, build its backend and image tokenizer, optionally load the LLM.
+
+        The image tokenizer is the bundle's ONNX graphs on onnxruntime (``providers``),
+        unless ``image_device`` names a PyTorch device (by default the backend's
+        ``device`` option when it is CUDA) and the bundle keeps the VQ-GAN's checkpoint
+        (:attr:`ModelBundle.vqgan_checkpoint`): then the PyTorch VQ-GAN on that device
+        (:mod:`models.torch_image_tokenizer`), beside the LLM rather than on the host's CPU.
+        """
         from models.backends import make_backend
-        from models.image_tokenizer import OnnxImageTokenizer
 
         b = bundle if isinstance(bundle, ModelBundle) else ModelBundle.open(Path(bundle))
         be = make_backend(backend, b.llm_dir, **(backend_options or {}))
         if load:
             be.load()
-        itok = OnnxImageTokenizer(b.encoder_path, b.decoder_path, providers=providers)
-        return cls(b, be, itok)
+        if image_device is None:
+            device = str((backend_options or {}).get("device") or "cpu")
+            image_device = device if device.startswith("cuda") else None
+        return cls(b, be, _image_tokenizer(b, image_device, providers))
 
     @property
     def model_name(self) -> str:
