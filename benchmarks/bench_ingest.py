@@ -356,23 +356,18 @@ def bare_scp(port: int, mode: str, out: Path) -> None:
     from pynetdicom import AE, _config, evt
 
     from integration.transport_limits import DEFAULT_MAX_PDU_SIZE
+    from node.runtime.spool import fsync_dir
 
     _config.STORE_RECV_CHUNKED_DATASET = True  # as the node (integration.ae)
     out.mkdir(parents=True, exist_ok=True)
 
-    def fsync(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def handle(event: object) -> int:
-        if mode == "fsync":
+        if mode == "fsync":  # the spool's durability: the file, then its folder
             dst = out / f"{uuid.uuid4().hex}.dcm"
             os.replace(event.dataset_path, dst)  # type: ignore[attr-defined]
-            fsync(dst)
-            fsync(out)
+            with open(dst, "rb") as fh:
+                os.fsync(fh.fileno())
+            fsync_dir(out)
         return 0
 
     ae = AE(ae_title=NODE_AET)

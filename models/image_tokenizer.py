@@ -23,6 +23,7 @@ from models.onnx_export import DECODER_INPUT, ENCODER_INPUT
 __all__ = [
     "ImageTokenizerError",
     "OnnxImageTokenizer",
+    "batch_slices",
     "check_codes",
     "check_images",
     "default_providers",
@@ -106,6 +107,11 @@ def check_codes(
             f"codes must be in [0, {n_embed}) (image token id minus 50281), got [{lo}, {hi}]"
         )
     return np.ascontiguousarray(codes, dtype=np.int64)
+
+
+def batch_slices(n: int, max_batch: int) -> list[slice]:
+    """Slices of ``range(n)`` of at most ``max_batch`` items, in order."""
+    return [slice(i, min(n, i + max_batch)) for i in range(0, n, max_batch)]
 
 
 def _meta(session: ort.InferenceSession) -> dict[str, str]:
@@ -200,9 +206,6 @@ class OnnxImageTokenizer:
         """Execution providers the encoder session actually uses."""
         return list(self._enc.get_providers())
 
-    def _chunks(self, n: int) -> list[slice]:
-        return [slice(i, min(n, i + self.max_batch)) for i in range(0, n, self.max_batch)]
-
     def encode(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
         """Images ``float32[B, 3, 256, 256]`` in [-1, 1] -> codes ``int64[B, 256]``.
 
@@ -213,7 +216,8 @@ class OnnxImageTokenizer:
             [-1, 1] (beyond a 1e-3 slack).
         """
         x = check_images(x, channels=self.channels, resolution=self.resolution)
-        parts = [self._enc.run(None, {ENCODER_INPUT: x[s]})[0] for s in self._chunks(len(x))]
+        batches = batch_slices(len(x), self.max_batch)
+        parts = [self._enc.run(None, {ENCODER_INPUT: x[s]})[0] for s in batches]
         return np.concatenate(parts, axis=0).astype(np.int64, copy=False)
 
     def decode(self, codes: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
@@ -228,5 +232,6 @@ class OnnxImageTokenizer:
             Not an integer array, wrong shape, empty batch, or codes out of range.
         """
         c64 = check_codes(codes, codes_per_image=self.codes_per_image, n_embed=self.n_embed)
-        parts = [self._dec.run(None, {DECODER_INPUT: c64[s]})[0] for s in self._chunks(len(c64))]
+        batches = batch_slices(len(c64), self.max_batch)
+        parts = [self._dec.run(None, {DECODER_INPUT: c64[s]})[0] for s in batches]
         return np.concatenate(parts, axis=0).astype(np.float32, copy=False)

@@ -21,7 +21,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from models.image_tokenizer import ImageTokenizerError, check_codes, check_images
+from models.image_tokenizer import (
+    ImageTokenizerError,
+    batch_slices,
+    check_codes,
+    check_images,
+)
 from models.vqgan import VQModel, load_taming_checkpoint
 
 __all__ = ["TorchImageTokenizer"]
@@ -81,9 +86,6 @@ class TorchImageTokenizer:
         """Where it runs, in the form of onnxruntime's provider list (``torch:cuda:0``)."""
         return [f"torch:{self.device}"]
 
-    def _chunks(self, n: int) -> list[slice]:
-        return [slice(i, min(n, i + self.max_batch)) for i in range(0, n, self.max_batch)]
-
     def encode(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
         """Images ``float32[B, 3, 256, 256]`` in [-1, 1] -> codes ``int64[B, 256]``.
 
@@ -95,7 +97,7 @@ class TorchImageTokenizer:
         x = check_images(x, channels=self.channels, resolution=self.resolution)
         parts = []
         with torch.inference_mode():
-            for s in self._chunks(len(x)):
+            for s in batch_slices(len(x), self.max_batch):
                 batch = torch.from_numpy(x[s]).to(self.device, non_blocking=True)
                 parts.append(self.model.encode_to_codes(batch).cpu().numpy())
         return np.concatenate(parts, axis=0).astype(np.int64, copy=False)
@@ -112,7 +114,7 @@ class TorchImageTokenizer:
         c64 = check_codes(codes, codes_per_image=self.codes_per_image, n_embed=self.n_embed)
         parts = []
         with torch.inference_mode():
-            for s in self._chunks(len(c64)):
+            for s in batch_slices(len(c64), self.max_batch):
                 batch = torch.from_numpy(c64[s]).to(self.device)
                 parts.append(self.model.decode_codes(batch).float().cpu().numpy())
         return np.concatenate(parts, axis=0).astype(np.float32, copy=False)

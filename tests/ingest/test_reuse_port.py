@@ -4,20 +4,20 @@ spreads the associations of a sender between them, and every instance is recorde
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from sqlalchemy import create_engine, text
 
 from node.settings import Settings
-from tests.helpers import free_port, node_env, port_open, spawn_node, wait_for
+from tests.helpers import free_port, node_env, port_open, spawn_node, terminate, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -33,17 +33,11 @@ def _listeners(port: int) -> int:
 
 
 def _instance(study: str, series: str) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = generate_uid()
+    """pydicom's small real CT with fresh UIDs in one study and series."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
-    ds.Rows = ds.Columns = 64
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.arange(64 * 64, dtype=np.uint16).tobytes()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
 
 
@@ -69,12 +63,7 @@ def receivers(tmp_path: Path) -> Iterator[tuple[int, list[Path]]]:
         yield port, logs
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate(proc, timeout=30)
 
 
 def test_two_receivers_share_one_port_and_record_every_instance(
@@ -82,7 +71,7 @@ def test_two_receivers_share_one_port_and_record_every_instance(
 ) -> None:
     port, logs = receivers
     ae = AE("PACS")
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     study, series = generate_uid(), generate_uid()
     sent = []
     for _ in range(ASSOCIATIONS):  # each association from a new source port
