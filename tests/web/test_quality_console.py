@@ -9,6 +9,7 @@ banner; the export downloads CSV. Runs after ``test_console.py`` (the banner is 
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,12 @@ DISCORDANT = (
 
 def _seed_history(node: ConsoleNode, n: int) -> None:
     intake = FinalIntake(node.settings, node.sessions)
+    # drafted now: the shared node's hourly retention chore (60 s after its start) purges
+    # studies older than retention_days, and with them their drafts and final reports
+    now = datetime.now(UTC)
     for k in range(n):
         study = uid()
-        seed_draft(node.sessions, study, DRAFT, version="demo-a" if k % 2 else "demo-b")
+        seed_draft(node.sessions, study, DRAFT, version="demo-a" if k % 2 else "demo-b", at=now)
         report = final_report_from_oru(oru(control=f"HIST-{k}", zds=False, accession=f"H{k}"))
         intake.receive(replace(report, study_uid=study, text=DISCORDANT), sender="ris")
 
