@@ -11,7 +11,6 @@ image ids are not far out of distribution; training (``cxr-node train``) teaches
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from models.bundle import BundleError
@@ -27,17 +26,11 @@ _DOLLY_SIZE = BASE_TEXT_VOCAB + 3
 def _check_base(base_dir: Path) -> dict[str, object]:
     from tokenizers import Tokenizer
 
+    from models.importer import read_neox_config
     from models.text import NEOX_VOCAB_SHA256
 
     cfg_path = base_dir / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{cfg_path}: not a readable config.json ({exc})") from None
-    if cfg.get("model_type") != "gpt_neox":
-        raise BundleError(f"{cfg_path}: model_type {cfg.get('model_type')!r}, expected gpt_neox")
-    if cfg.get("tie_word_embeddings", False):
-        raise BundleError(f"{cfg_path}: tied embeddings; LLM-CXR's are untied")
+    cfg = read_neox_config(base_dir)
     tok_path = base_dir / "tokenizer.json"
     try:
         tok = Tokenizer.from_file(str(tok_path))

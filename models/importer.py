@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from models.bundle import (
     DECODER_FILE,
@@ -25,6 +26,30 @@ from models.text import LLMCXRTokenizer
 DEFAULT_MODEL_NAME = "LLM-CXR"
 
 
+def read_neox_config(llm_dir: Path) -> dict[str, Any]:
+    """The ``config.json`` of a GPT-NeoX folder with untied embeddings, as LLM-CXR's (the
+    published model and its base, dolly-v2).
+
+    Raises
+    ------
+    BundleError
+        No readable ``config.json``, another ``model_type``, or tied embeddings.
+    """
+    cfg_path = llm_dir / "config.json"
+    if not cfg_path.is_file():
+        raise BundleError(f"LLM folder {llm_dir} has no config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt_neox":
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise BundleError(f"{cfg_path}: model_type {kind!r}, expected 'gpt_neox'")
+    if cfg.get("tie_word_embeddings", False):
+        raise BundleError(f"{cfg_path}: tie_word_embeddings is true; LLM-CXR's are untied")
+    return cfg
+
+
 def check_llm_dir(llm_dir: Path) -> dict[str, object]:
     """Check a published LLM folder before import; return a description for the manifest.
 
@@ -38,22 +63,13 @@ def check_llm_dir(llm_dir: Path) -> dict[str, object]:
         Naming the file or field at fault.
     """
     llm_dir = Path(llm_dir)
+    cfg = read_neox_config(llm_dir)
     cfg_path = llm_dir / "config.json"
-    if not cfg_path.is_file():
-        raise BundleError(f"LLM folder {llm_dir} has no config.json")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    if cfg.get("model_type") != "gpt_neox":
-        raise BundleError(f"{cfg_path}: model_type {cfg.get('model_type')!r}, expected 'gpt_neox'")
     if cfg.get("vocab_size") != VOCAB:
         raise BundleError(
             f"{cfg_path}: vocab_size {cfg.get('vocab_size')}, the LLM-CXR layout needs {VOCAB} "
             "(50281 text + 1024 image tokens)"
         )
-    if cfg.get("tie_word_embeddings", False):
-        raise BundleError(f"{cfg_path}: tie_word_embeddings is true; LLM-CXR's are untied")
     try:
         LLMCXRTokenizer.from_dir(llm_dir)
     except TokenLayoutError as exc:
