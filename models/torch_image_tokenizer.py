@@ -83,7 +83,7 @@ class TorchImageTokenizer:
 
     @property
     def providers(self) -> list[str]:
-        """Where it runs, in the form of onnxruntime's provider list (``torch:cuda:0``)."""
+        """Where it runs, in the form of onnxruntime's provider list (``["torch:cuda"]``)."""
         return [f"torch:{self.device}"]
 
     def encode(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
@@ -98,7 +98,7 @@ class TorchImageTokenizer:
         parts = []
         with torch.inference_mode():
             for s in batch_slices(len(x), self.max_batch):
-                batch = torch.from_numpy(x[s]).to(self.device, non_blocking=True)
+                batch = torch.from_numpy(x[s]).to(self.device)
                 parts.append(self.model.encode_to_codes(batch).cpu().numpy())
         return np.concatenate(parts, axis=0).astype(np.int64, copy=False)
 
