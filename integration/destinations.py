@@ -51,6 +51,8 @@ __all__ = [
     "FhirDestination",
     "Hl7Destination",
     "StowDestination",
+    "check_ae_title",
+    "check_host",
     "parse_destination",
 ]
 
@@ -62,8 +64,10 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0
 _HL7_ID = re.compile(r"^[^|^~\\&\r\n]{0,180}$")  # an HD component: no HL7 delimiters
 
 
-def _check_host(value: str) -> str:
-    host = value.strip()
+def check_host(value: str, *, label: str = "destination host") -> str:
+    """Return ``value`` as an IP address (brackets of an IPv6 literal removed) or an RFC 1123
+    host name, or raise ``ValueError`` naming it ``label``."""
+    host = str(value).strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
@@ -72,8 +76,20 @@ def _check_host(value: str) -> str:
     except ValueError:
         pass
     if not host or not _HOSTNAME.match(host):
-        raise ValueError(f"destination host {value!r} is neither an IP address nor a host name")
+        raise ValueError(f"{label} {value!r} is neither an IP address nor a host name")
     return host
+
+
+def check_ae_title(value: str, *, label: str = "Called AE Title") -> str:
+    """Return an AE title (PS3.5 6.2, VR AE: 1-16 printable ASCII characters, no backslash,
+    not all spaces) without its surrounding spaces, or raise ``ValueError`` naming it
+    ``label``."""
+    if not isinstance(value, str) or not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(
+            f"{label} {value!r} is not a valid AE title (1-16 printable ASCII characters, "
+            "no backslash, not all spaces)"
+        )
+    return value.strip()
 
 
 def _check_port(value: object) -> int:
@@ -109,7 +125,7 @@ def _check_timeout(value: float) -> float:
 
 
 _STRICT = ConfigDict(extra="forbid")  # a misspelt option is an error, not ignored
-Host = Annotated[str, AfterValidator(_check_host)]
+Host = Annotated[str, AfterValidator(check_host)]
 Port = Annotated[int, BeforeValidator(_check_port)]
 Timeout = Annotated[float, AfterValidator(_check_timeout)]
 Objects = Annotated[tuple[DicomObject, ...], AfterValidator(_check_objects)]
@@ -140,12 +156,7 @@ class DicomDestination:
     @field_validator("ae_title")
     @classmethod
     def _title(cls, v: str) -> str:
-        if not _AE_TITLE.match(v) or not v.strip():
-            raise ValueError(
-                f"Called AE Title {v!r} is not a valid AE title (1-16 printable ASCII "
-                "characters, no backslash, not all spaces)"
-            )
-        return v.strip()
+        return check_ae_title(v)
 
     @classmethod
     def parse(cls, text: str) -> DicomDestination:

@@ -12,7 +12,6 @@ UIDs are logged.
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
 from integration.conformance import STORAGE_SCU
-from integration.destinations import DicomDestination
+from integration.destinations import DicomDestination, check_ae_title
 from integration.errors import (
     AssociationAbortedError,
     AssociationRejectedError,
@@ -56,7 +55,6 @@ _UNCOMPRESSED: tuple[UID, ...] = tuple(UID(u) for u in STORAGE_SCU.transfer_synt
 VERIFICATION = UID("1.2.840.10008.1.1")  # Verification SOP Class (PS3.4 A.4)
 # PS3.7 Annex C / PS3.4 B.2.3 warning statuses for C-STORE
 _WARNINGS = frozenset({0xB000, 0xB006, 0xB007, 0x0001, 0x0107, 0x0116})
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,8 +382,4 @@ def _status_meaning(code: int) -> str:
 
 
 def _check_ae_title(value: str, label: str) -> None:
-    if not isinstance(value, str) or not _AE_TITLE.match(value) or not value.strip():
-        raise ValueError(
-            f"{label} {value!r} is not a valid AE title (1-16 printable ASCII characters, "
-            "no backslash, not all spaces)"
-        )
+    check_ae_title(value, label=label)

@@ -11,12 +11,9 @@ filesystem (spool directory writable, free disk) run in :meth:`Settings.prepare_
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import tempfile
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -36,7 +33,6 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from integration.destinations import (
     Destination,
@@ -50,8 +46,10 @@ from integration.priority import PriorityRule
 from integration.routing import RuleSet
 from node.settings.bounds import BoundsSettings
 from node.settings.engine import RemoteEngineSettings
+from node.settings.receiving import ReceiverSettings
 from node.settings.reports import ReportIntakeSettings
 from node.settings.routing import load_rule_set
+from node.settings.storage import StorageSettings
 from node.settings.values import (
     AllowedAE,
     ChestRule,
@@ -61,11 +59,14 @@ from node.settings.values import (
     _split_commas,
     _validate_host,
     _validate_port,
+    at_least,
     check_viewer_template,
     is_loopback,
     parse_ae_address,
+    positive_seconds,
     validate_ae_title,
 )
+from node.settings.worker import WorkerSettings
 
 __all__ = [
     "AllowedAE",
@@ -96,7 +97,15 @@ _FROM_ENV = Path("\0from-env")  # sentinel: Settings() built directly reads $CXR
 _config_file: ContextVar[Path | None] = ContextVar("cxr_node_config_file", default=_FROM_ENV)
 
 
-class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseSettings):
+class Settings(
+    ReceiverSettings,
+    StorageSettings,
+    WorkerSettings,
+    BoundsSettings,
+    ReportIntakeSettings,
+    RemoteEngineSettings,
+    BaseSettings,
+):
     """Every setting of the node; see ``docs/configuration.md`` for the reference."""
 
     model_config = SettingsConfigDict(
@@ -106,25 +115,6 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
         case_sensitive=False,
     )
 
-    # DICOM receiving
-    ae_title: str = "LLMCXR"
-    host: str = "127.0.0.1"
-    port: int = 11112
-    # several receiver processes on one host listen on `port` (SO_REUSEPORT)
-    reuse_port: bool = False
-    allowed_aes: Annotated[list[AllowedAE], NoDecode] = Field(default_factory=list)
-    max_associations: int = 10
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 30.0
-    network_timeout: float = 60.0
-    # storage
-    spool_dir: Path = Path("var/spool")
-    # several receivers (other processes or hosts) share spool_dir: see Spool.clean_incoming
-    spool_shared: bool = False
-    database_url: str = "sqlite:///var/cxr-node.sqlite3"
-    min_free_disk_mb: int = 512
-    retention_days: int = 30
-    receive_log_days: int = 90
     # study assembly
     study_quiet_seconds: float = 10.0
     study_max_wait_seconds: float = 600.0
@@ -136,24 +126,6 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
     priority_rules: Annotated[list[InstanceOf[PriorityRule]], NoDecode] = Field(
         default_factory=list
     )
-    # model and worker
-    model_dir: Path | None = None
-    backend: str = "transformers"
-    backend_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    backend_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
-    backend_prefill_quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] | None = None
-    backend_threads: int | None = None
-    backend_device: str = "cpu"
-    worker_concurrency: int = 1
-    worker_batch_size: int = 1
-    worker_batch_memory_mb: int = 0
-    lease_seconds: float = 60.0
-    job_max_attempts: int = 3
-    generation_greedy: bool = True
-    generation_seed: int | None = None
-    generation_max_new_tokens: int = 128
-    # interactive model requests granted in a row before a waiting worker batch goes first
-    model_interactive_burst: int = 3
     # delivery
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     # MSH-3 / MSH-4 of HL7 messages (HD namespace IDs, as agreed with the RIS interface team)
@@ -213,28 +185,15 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
                 )
         return data
 
-    @field_validator("ae_title")
+    @field_validator("api_host")
     @classmethod
-    def _ae_title(cls, v: str) -> str:
-        return validate_ae_title(v, setting="ae_title")
+    def _api_host(cls, v: str) -> str:
+        return _validate_host(v, setting="api_host")
 
-    @field_validator("host", "api_host")
+    @field_validator("api_port")
     @classmethod
-    def _hosts(cls, v: str, info: Any) -> str:
-        return _validate_host(v, setting=info.field_name)
-
-    @field_validator("port", "api_port")
-    @classmethod
-    def _ports(cls, v: int, info: Any) -> int:
-        return _validate_port(v, setting=info.field_name)
-
-    @field_validator("allowed_aes", mode="before")
-    @classmethod
-    def _allowed_aes(cls, v: Any) -> Any:
-        items = _split_commas(v)
-        if isinstance(items, list):
-            return [AllowedAE.parse(i) if isinstance(i, str) else i for i in items]
-        return items
+    def _api_port(cls, v: int) -> int:
+        return _validate_port(v, setting="api_port")
 
     @field_validator("priority_rules", mode="before")
     @classmethod
@@ -270,72 +229,15 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
             seen.add(str(dest))
         return v
 
-    @field_validator("max_associations")
-    @classmethod
-    def _max_assoc(cls, v: int) -> int:
-        if not 1 <= v <= 1000:
-            raise ValueError(f"max_associations: {v} is outside 1..1000")
-        return v
-
     @field_validator(
-        "acse_timeout",
-        "dimse_timeout",
-        "network_timeout",
         "study_quiet_seconds",
         "study_max_wait_seconds",
-        "lease_seconds",
         "delivery_backoff_seconds",
         "delivery_max_backoff_seconds",
     )
     @classmethod
-    def _positive(cls, v: float, info: Any) -> float:
-        if not v > 0:
-            raise ValueError(f"{info.field_name}: must be greater than 0 seconds, got {v}")
-        return v
-
-    @field_validator(
-        "worker_concurrency",
-        "worker_batch_size",
-        "job_max_attempts",
-        "generation_max_new_tokens",
-        "model_interactive_burst",
-    )
-    @classmethod
-    def _at_least_one(cls, v: int, info: Any) -> int:
-        if v < 1:
-            raise ValueError(f"{info.field_name}: must be at least 1, got {v}")
-        return v
-
-    @field_validator(
-        "retention_days", "receive_log_days", "min_free_disk_mb", "worker_batch_memory_mb"
-    )
-    @classmethod
-    def _non_negative(cls, v: int, info: Any) -> int:
-        if v < 0:
-            raise ValueError(f"{info.field_name}: must not be negative, got {v}")
-        return v
-
-    @field_validator("database_url")
-    @classmethod
-    def _db_url(cls, v: str) -> str:
-        try:
-            url = make_url(v)
-        except ArgumentError as exc:
-            raise ValueError(f"database_url: not an SQLAlchemy URL ({exc})") from None
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
-            raise ValueError(
-                f"database_url: backend {url.get_backend_name()!r} is not supported "
-                "(sqlite or postgresql)"
-            )
-        return v
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v: str) -> str:
-        name = v.strip().lower()
-        if not re.fullmatch(r"[a-z0-9_.-]+", name):
-            raise ValueError(f"backend: {v!r} is not a backend name")
-        return name
+    def _positive(cls, v: float, info: ValidationInfo) -> float:
+        return positive_seconds(v, setting=str(info.field_name))
 
     @field_validator("log_level")
     @classmethod
@@ -380,8 +282,6 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
             )
         if self.backend == "remote" and not self.remote_urls:
             raise ValueError("remote_urls: backend 'remote' needs at least one server URL")
-        if self.backend_threads is not None and self.backend_threads < 1:
-            raise ValueError(f"backend_threads: must be at least 1, got {self.backend_threads}")
         return self
 
     # --- admin API bounds ---------------------------------------------------------------
@@ -410,9 +310,7 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
     @field_validator("delivery_max_attempts")
     @classmethod
     def _delivery_attempts(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"delivery_max_attempts: must be at least 1 (or unset), got {v}")
-        return v
+        return None if v is None else at_least(v, 1, setting="delivery_max_attempts")
 
     @model_validator(mode="after")
     def _routing_rules(self) -> Settings:
@@ -440,11 +338,6 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
             return self.api_tls
         return self.tls_cert_file is not None and self.tls_key_file is not None
 
-    @property
-    def database_backend(self) -> str:
-        """``sqlite`` or ``postgresql``."""
-        return make_url(self.database_url).get_backend_name()
-
     def public_summary(self) -> dict[str, Any]:
         """The effective configuration without secrets (the database password is masked)."""
         data = self.model_dump(mode="json")
@@ -452,38 +345,6 @@ class Settings(BoundsSettings, ReportIntakeSettings, RemoteEngineSettings, BaseS
         data["allowed_aes"] = [str(a) for a in self.allowed_aes]
         data["destinations"] = [_public_destination(d) for d in self.destinations]
         return data
-
-    def prepare_runtime(self) -> None:
-        """Create and check the spool directory (writable, enough free disk) before serving.
-
-        The spool holds patient data: it is created with mode 0700, and an existing one this
-        user owns is tightened to 0700 (:mod:`node.filemodes`).
-
-        Raises
-        ------
-        ConfigError
-            Naming ``spool_dir`` or ``min_free_disk_mb``.
-        """
-        from node.filemodes import make_private_dir
-
-        spool = self.spool_dir
-        try:
-            make_private_dir(spool, tighten_existing=True)
-        except OSError as exc:
-            raise ConfigError(f"spool_dir: cannot create {spool}: {exc.strerror}") from None
-        try:
-            with tempfile.NamedTemporaryFile(dir=spool, prefix=".probe-") as fh:
-                fh.write(b"x")
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            raise ConfigError(f"spool_dir: {spool} is not writable: {exc.strerror}") from None
-        free_mb = shutil.disk_usage(spool).free // (1024 * 1024)
-        if free_mb < self.min_free_disk_mb:
-            raise ConfigError(
-                f"min_free_disk_mb: only {free_mb} MB free under spool_dir {spool}, "
-                f"below {self.min_free_disk_mb} MB"
-            )
 
 
 def _public_destination(d: AnyDestination) -> str:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from integration.destinations import DicomDestination, parse_destination
+from integration.destinations import DicomDestination, check_host, parse_destination
 from integration.priority import RULE_FIELDS, PriorityRule
 
 __all__ = [
@@ -30,10 +30,6 @@ __all__ = [
 # PS3.5 §6.2 (VR AE): at most 16 characters of the default repertoire, no backslash, no
 # control characters; leading and trailing spaces are not significant.
 _AE_ALLOWED = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
-)
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -70,17 +66,23 @@ def validate_ae_title(value: str, *, setting: str = "ae_title") -> str:
 
 
 def _validate_host(value: str, *, setting: str) -> str:
-    host = str(value).strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
-    if not _HOSTNAME.match(host):
-        raise ValueError(f"{setting}: {value!r} is neither an IP address nor a host name")
-    return host
+    return check_host(value, label=f"{setting}:")
+
+
+def positive_seconds(value: float, *, setting: str) -> float:
+    """``value`` when it is greater than 0, else ``ValueError`` naming ``setting``."""
+    if not value > 0:
+        raise ValueError(f"{setting}: must be greater than 0 seconds, got {value}")
+    return value
+
+
+def at_least(value: int, minimum: int, *, setting: str) -> int:
+    """``value`` when it is at least ``minimum`` (0 or 1), else ``ValueError`` naming
+    ``setting``."""
+    if value < minimum:
+        why = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+        raise ValueError(f"{setting}: {why}, got {value}")
+    return value
 
 
 def _validate_port(value: int, *, setting: str) -> int:
