@@ -88,8 +88,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ComprehensiveSRStorage
 
-from integration.errors import SRBuildError
-from integration.sr import (
+from integration.draft_header import (
     algorithm_equipment,
     check_text_fields,
     device_observer,
@@ -99,6 +98,7 @@ from integration.sr import (
     requested_procedures_from,
     sr_build_errors,
 )
+from integration.errors import SRBuildError
 from integration.uids import (
     DRAFT_KINDS,
     deterministic_uid,

@@ -37,8 +37,8 @@ import warnings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
+from integration.draft_header import algorithm_equipment
 from integration.errors import EncapsulatedPdfError
-from integration.sr import algorithm_equipment
 
 __all__ = [
     "DOCUMENT_CONCEPT",

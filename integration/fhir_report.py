@@ -138,31 +138,6 @@ class ReportContext:
 
     Parameters
     ----------
-    patient_id_system, accession_system, local_timezone
-        As for :func:`build_draft_bundle`.
-    """
-
-    patient_id_system: str | None = None
-    accession_system: str | None = None
-    local_timezone: dt.tzinfo | None = None
-
-
-def build_draft_bundle(
-    source: Dataset,
-    draft: FhirDraft,
-    *,
-    patient_id_system: str | None = None,
-    accession_system: str | None = None,
-    local_timezone: dt.tzinfo | None = None,
-) -> dict[str, Any]:
-    """Build the transaction Bundle (Device + DiagnosticReport + Provenance) of a draft.
-
-    Parameters
-    ----------
-    source
-        The image the model read (header is enough).
-    draft
-        Text, identifiers and author.
     patient_id_system
         Identifier.system of the patient ID (the site's MRN system URI); default from the
         Issuer of Patient ID Qualifiers Sequence (``urn:oid:``) or none.
@@ -173,6 +148,33 @@ def build_draft_bundle(
         Time zone of Study Date/Time when the image has no Timezone Offset From UTC
         (0008,0201); ``None`` then gives a date-only effectiveDateTime (FHIR requires a
         zone when a time is given).
+    """
+
+    patient_id_system: str | None = None
+    accession_system: str | None = None
+    local_timezone: dt.tzinfo | None = None
+
+
+_NO_CONTEXT = ReportContext()
+
+
+def build_draft_bundle(
+    source: Dataset,
+    draft: FhirDraft,
+    *,
+    context: ReportContext = _NO_CONTEXT,
+) -> dict[str, Any]:
+    """Build the transaction Bundle (Device + DiagnosticReport + Provenance) of a draft.
+
+    Parameters
+    ----------
+    source
+        The image the model read (header is enough).
+    draft
+        Text, identifiers and author.
+    context
+        The identifier systems and local time zone (:class:`ReportContext`); by default
+        all from the image.
 
     Returns
     -------
@@ -190,7 +192,6 @@ def build_draft_bundle(
     issued = draft.issued.isoformat(timespec="seconds")
     device_url = entry_urn("device", device_uid)
     device = _device(draft, device_uid)
-    context = ReportContext(patient_id_system, accession_system, local_timezone)
     report = report_resource(
         source, draft, DRAFT_STATUS, narrative(draft, _sections(draft)), context
     )

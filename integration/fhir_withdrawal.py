@@ -11,7 +11,6 @@ Provenance, and the withdrawal has no new author.
 
 from __future__ import annotations
 
-import datetime as dt
 import html
 from typing import Any
 
@@ -39,15 +38,13 @@ def build_withdrawal_bundle(
     draft: FhirDraft,
     *,
     reason: str,
-    patient_id_system: str | None = None,
-    accession_system: str | None = None,
-    local_timezone: dt.tzinfo | None = None,
+    context: ReportContext = ReportContext(),
 ) -> dict[str, Any]:
     """Build the transaction Bundle that marks a sent draft ``entered-in-error``.
 
     Parameters
     ----------
-    source, patient_id_system, accession_system, local_timezone
+    source, context
         As for :func:`integration.fhir_report.build_draft_bundle` (same values as the
         draft's, so the conditional update finds the same report).
     draft
@@ -70,7 +67,6 @@ def build_withdrawal_bundle(
         raise FhirBuildError("a withdrawal needs a reason")
     check_draft(source, draft)  # as for the draft (which also derives the device UID)
     div = narrative(draft, lead=[_notice(reason.strip())])
-    context = ReportContext(patient_id_system, accession_system, local_timezone)
     report = report_resource(source, draft, WITHDRAWN_STATUS, div, context)
     return transaction_bundle([report_entry(report, draft)])
 

@@ -25,9 +25,10 @@ from typing import Literal, TypedDict
 from pydicom.dataset import Dataset
 
 from integration.destinations import Hl7Destination
+from integration.draft_header import requested_procedures_from
 from integration.fhir_report import FhirDraft
 from integration.hl7_oru import DraftResult, Hl7Parties
-from integration.sr import build_draft_sr, requested_procedures_from
+from integration.sr import build_draft_sr
 from integration.uids import draft_instance_uid, draft_series_number, draft_series_uid
 from node import __version__ as node_version
 from node.settings import Settings
@@ -186,7 +187,8 @@ def draft_sr(
     labeler's positive observations are coded in its Findings (TID 2002 CODE items).
 
     ``kind``: Comprehensive SR (TID 2000) or Basic Text SR (PS3.3 A.35.1). The Requested
-    Procedures come from ``image_read`` (:func:`integration.sr.requested_procedures_from`);
+    Procedures come from ``image_read``
+    (:func:`integration.draft_header.requested_procedures_from`);
     ``created_at`` ``None`` dates the SR now; ``previous_versions`` fills the Predecessor
     Documents Sequence (PS3.3 C.17.2).
 

@@ -12,14 +12,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from integration.draft_header import requested_procedures_from
 from integration.errors import SRBuildError
-from integration.sr import (
-    AI_DRAFT_NOTE,
-    BASIC_TEXT_SR_STORAGE,
-    DEMO_NOTE,
-    build_draft_sr,
-    requested_procedures_from,
-)
+from integration.sr import AI_DRAFT_NOTE, BASIC_TEXT_SR_STORAGE, DEMO_NOTE, build_draft_sr
 from integration.uids import device_uid, draft_series_number, sr_instance_uid, sr_series_uid
 from tests.dicom.conftest import dcmtk_binary, which_or_skip
 

@@ -22,7 +22,7 @@ from integration.destinations import FhirDestination
 from integration.errors import FhirBuildError, FhirDeliveryError
 from integration.fhir_check import check_bundle
 from integration.fhir_coding import DICOM_UID_SYSTEM
-from integration.fhir_report import DRAFT_STATUS, FhirDraft, build_draft_bundle
+from integration.fhir_report import DRAFT_STATUS, FhirDraft, ReportContext, build_draft_bundle
 from integration.fhir_send import send_transaction, update_conditional
 from integration.fhir_withdrawal import WITHDRAWN_STATUS, build_withdrawal_bundle
 from integration.uids import device_uid
@@ -127,7 +127,9 @@ def test_effective_time_needs_a_zone(source: Dataset) -> None:
     del no_zone.TimezoneOffsetFromUTC
     report = resources(build_draft_bundle(no_zone, DRAFT))["DiagnosticReport"]["resource"]
     assert report["effectiveDateTime"] == "2004-08-26"  # date only: a time needs a zone
-    zoned = build_draft_bundle(no_zone, DRAFT, local_timezone=dt.timezone(dt.timedelta(hours=2)))
+    zoned = build_draft_bundle(
+        no_zone, DRAFT, context=ReportContext(local_timezone=dt.timezone(dt.timedelta(hours=2)))
+    )
     report = resources(zoned)["DiagnosticReport"]["resource"]
     assert report["effectiveDateTime"] == "2004-08-26T18:50:59+02:00"
 

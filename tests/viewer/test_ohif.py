@@ -28,6 +28,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pypdf import PdfReader
 
+from integration.draft_header import SERIES_WARNING, draft_series_description
 from integration.encapsulated_pdf import (
     extract_pdf,
     pdf_series_description,
@@ -37,12 +38,7 @@ from integration.report_pdf import (
     BANNER_TITLE,
     render_report_pdf,
 )
-from integration.sr import (
-    AI_DRAFT_NOTE,
-    DEMO_NOTE,
-    SERIES_WARNING,
-    draft_series_description,
-)
+from integration.sr import AI_DRAFT_NOTE, DEMO_NOTE
 from integration.uids import (
     draft_instance_uid,
     draft_series_number,
