@@ -305,8 +305,26 @@ class BinaryCounts:
         return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
 
+class CountScores:
+    """Precision, recall and F1 of a result's ``counts`` (:class:`BinaryCounts`)."""
+
+    counts: BinaryCounts
+
+    @property
+    def precision(self) -> float | None:
+        return self.counts.precision
+
+    @property
+    def recall(self) -> float | None:
+        return self.counts.recall
+
+    @property
+    def f1(self) -> float | None:
+        return self.counts.f1
+
+
 @dataclass(frozen=True)
-class ObservationSummary:
+class ObservationSummary(CountScores):
     """One observation over many pairs."""
 
     observation: Observation
@@ -324,18 +342,6 @@ class ObservationSummary:
     """Pairs with a significant discrepancy on this observation, final raises it."""
     overcalled: int
     """Pairs with a significant discrepancy on this observation, draft raises it."""
-
-    @property
-    def precision(self) -> float | None:
-        return self.counts.precision
-
-    @property
-    def recall(self) -> float | None:
-        return self.counts.recall
-
-    @property
-    def f1(self) -> float | None:
-        return self.counts.f1
 
 
 @dataclass(frozen=True)

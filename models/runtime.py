@@ -64,7 +64,19 @@ class InferenceError(RuntimeError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReportDraft:
+class Provenance:
+    """What produced a result: the model, whether it is the DEMO model, the prompt and
+    the generation settings."""
+
+    model_name: str
+    model_version: str
+    demo: bool
+    prompt: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportDraft(Provenance):
     """A generated report with its provenance.
 
     ``findings`` is ``None`` when the text has no ``FINDINGS:`` section; without any
@@ -75,41 +87,26 @@ class ReportDraft:
     text: str
     findings: str | None
     impression: str
-    model_name: str
-    model_version: str
-    demo: bool
-    prompt: str
-    settings: dict[str, Any]
     timings: dict[str, float]
     stop_reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
-class Answer:
+class Answer(Provenance):
     """A CXR-VQA answer with its provenance."""
 
     question: str
     text: str
-    model_name: str
-    model_version: str
-    demo: bool
-    prompt: str
-    settings: dict[str, Any]
     timings: dict[str, float]
     stop_reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
-class GeneratedImage:
+class GeneratedImage(Provenance):
     """A report -> CXR result: 256 codes, the 8-bit 256x256 grey image, provenance."""
 
     codes: npt.NDArray[np.int64]
     image: npt.NDArray[np.uint8]
-    model_name: str
-    model_version: str
-    demo: bool
-    prompt: str
-    settings: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -278,6 +275,16 @@ class LLMCXR:
             raise InferenceError(f"generation failed: {res.error}")
         return res
 
+    def _provenance(self, prompt: str, req: GenerationRequest) -> dict[str, Any]:
+        """The :class:`Provenance` fields of a result of ``req``."""
+        return {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "demo": self.bundle.demo,
+            "prompt": prompt,
+            "settings": self._settings(req),
+        }
+
     def _settings(self, req: GenerationRequest) -> dict[str, Any]:
         """The request's settings and what computed it: the backend and its precision
         (transformers ``dtype``; llama.cpp ``quant`` and, when set, ``prefill_quant``),
@@ -389,11 +396,7 @@ class LLMCXR:
                     text=text,
                     findings=findings,
                     impression=impression,
-                    model_name=self.model_name,
-                    model_version=self.model_version,
-                    demo=self.bundle.demo,
-                    prompt=prompt,
-                    settings=self._settings(req),
+                    **self._provenance(prompt, req),
                     timings=self._timings(encode_s, res),
                     stop_reason=res.stop_reason,
                 )
@@ -431,11 +434,7 @@ class LLMCXR:
         return Answer(
             question=question,
             text=self._text(res),
-            model_name=self.model_name,
-            model_version=self.model_version,
-            demo=self.bundle.demo,
-            prompt=prompt,
-            settings=self._settings(req),
+            **self._provenance(prompt, req),
             timings=self._timings(encode_s, res),
             stop_reason=res.stop_reason,
         )
@@ -471,11 +470,7 @@ class LLMCXR:
         return GeneratedImage(
             codes=codes,
             image=to_uint8_image(decoded),
-            model_name=self.model_name,
-            model_version=self.model_version,
-            demo=self.bundle.demo,
-            prompt=prompt,
-            settings=self._settings(req),
+            **self._provenance(prompt, req),
             timings=timings,
         )
 

@@ -452,24 +452,19 @@ def to_result(
             stop = "end" if t == END_ID else "eos"
             gen = gen[:j]
             break
+    text: str | None = None
+    image_codes: list[int] | None = None
     if req.mode == "image":
         codes_ids = gen[:CODES_PER_IMAGE]
         if len(codes_ids) != CODES_PER_IMAGE or any(t < IMAGE_TOKEN_OFFSET for t in codes_ids):
             raise RuntimeError(f"constrained decoding produced {len(codes_ids)} image ids")
-        return GenerationResult(
-            token_ids=gen,
-            text=None,
-            image_codes=[id_to_code(t) for t in codes_ids],
-            prompt_tokens=prompt_tokens,
-            new_tokens=len(gen),
-            prefill_s=prefill,
-            decode_s=decode,
-            stop_reason="image_complete",
-        )
+        image_codes, stop = [id_to_code(t) for t in codes_ids], "image_complete"
+    else:
+        text = tokenizer.decode(gen, skip_special_tokens=True).strip()
     return GenerationResult(
         token_ids=gen,
-        text=tokenizer.decode(gen, skip_special_tokens=True).strip(),
-        image_codes=None,
+        text=text,
+        image_codes=image_codes,
         prompt_tokens=prompt_tokens,
         new_tokens=len(gen),
         prefill_s=prefill,

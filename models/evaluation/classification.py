@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.concordance import BinaryCounts, UncertainPolicy
+from models.concordance import BinaryCounts, CountScores, UncertainPolicy
 from models.labeler import Label, Labels, Observation
 
 __all__ = [
@@ -143,7 +143,7 @@ def auroc(y_true: Sequence[int], y_score: Sequence[float]) -> float | None:
 
 
 @dataclass(frozen=True)
-class ClassResult:
+class ClassResult(CountScores):
     """One class over the evaluated studies.
 
     ``n`` is the number of studies scored (those the policy left out are counted in
@@ -164,18 +164,6 @@ class ClassResult:
     @property
     def predicted(self) -> int:
         return self.counts.tp + self.counts.fp
-
-    @property
-    def precision(self) -> float | None:
-        return self.counts.precision
-
-    @property
-    def recall(self) -> float | None:
-        return self.counts.recall
-
-    @property
-    def f1(self) -> float | None:
-        return self.counts.f1
 
     def to_json(self) -> dict[str, Any]:
         c = self.counts

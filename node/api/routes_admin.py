@@ -23,6 +23,7 @@ from node.api.schemas import (
     TokenCreatedOut,
     TokenCreateIn,
 )
+from node.db.audit import AuditFilter
 from node.db.tokens import TokenRow
 from node.services import destinations as destination_service
 from node.services import jobs as job_service
@@ -92,8 +93,7 @@ def audit(
 ) -> AuditPage:
     """Every admin action (who, what, when, target), newest first; ``actor``, ``action``
     and ``target`` match exactly, ``since`` is inclusive and ``until`` exclusive."""
-    rows, total = job_service.audit_entries(
-        ctx,
+    flt = AuditFilter(
         actor=actor,
         action=action,
         target=target,
@@ -102,6 +102,7 @@ def audit(
         limit=limit,
         offset=offset,
     )
+    rows, total = job_service.audit_entries(ctx, flt)
     return AuditPage(
         total=total,
         limit=limit,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -169,53 +170,19 @@ class CancelOut(BaseModel):
 
 
 def _turn_out(conv_id: int, t: TurnRecord, demo: bool) -> TurnOut:
-    return TurnOut(
-        id=t.id,
-        at=t.at,
-        kind=t.kind,  # type: ignore[arg-type]
-        question=t.question,
-        answer=t.answer,
-        audience=t.audience,
-        stop_reason=t.stop_reason,
-        dropped_turns=t.dropped_turns,
-        prompt_tokens=t.prompt_tokens,
-        new_tokens=t.new_tokens,
-        timings=t.timings,
-        image_url=f"/api/conversations/{conv_id}/turns/{t.id}/image.png" if t.has_image else None,
-        synthetic=t.kind == "image",
-        demo=demo,
+    url = f"/api/conversations/{conv_id}/turns/{t.id}/image.png" if t.has_image else None
+    return TurnOut.model_validate(
+        {**asdict(t), "image_url": url, "synthetic": t.kind == "image", "demo": demo}
     )
 
 
 def _conversation_out(c: ConversationRecord) -> ConversationOut:
-    return ConversationOut(
-        id=c.id,
-        created_at=c.created_at,
-        updated_at=c.updated_at,
-        source=c.source,  # type: ignore[arg-type]
-        study_uid=c.study_uid,
-        sop_instance_uid=c.sop_instance_uid,
-        model_name=c.model_name,
-        model_version=c.model_version,
-        demo=c.demo,
-        turns=[_turn_out(c.id, t, c.demo) for t in c.turns],
-    )
+    turns = [_turn_out(c.id, t, c.demo) for t in c.turns]
+    return ConversationOut.model_validate({**asdict(c), "turns": turns})
 
 
 def _item(c: ConversationSummary) -> ConversationItem:
-    return ConversationItem(
-        id=c.id,
-        created_at=c.created_at,
-        updated_at=c.updated_at,
-        actor=c.actor,
-        source=c.source,  # type: ignore[arg-type]
-        study_uid=c.study_uid,
-        model_name=c.model_name,
-        model_version=c.model_version,
-        demo=c.demo,
-        turn_count=c.turn_count,
-        url=f"/chat?conversation={c.id}",
-    )
+    return ConversationItem.model_validate({**asdict(c), "url": f"/chat?conversation={c.id}"})
 
 
 async def _prepare(ctx: Any, conv_id: int, actor: str, admin: bool) -> ConversationRecord:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -58,6 +58,9 @@ def actor() -> str:
     return f"cli:{user}"[:128]
 
 
+T = TypeVar("T")
+
+
 def cli_services() -> AbstractContextManager[ServiceContext]:
     """The services' context on the configured database (as ``api_tokens`` is reachable)."""
     return services(_settings(), table="api_tokens")
@@ -67,6 +70,17 @@ def fail(exc: BaseException) -> typer.Exit:
     """Print ``exc`` (its type and message: no patient data) to stderr; exit status 1."""
     err.print(f"{type(exc).__name__}: {exc}", markup=False, highlight=False)
     return typer.Exit(1)
+
+
+def service_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(ctx, *args, **kwargs)`` on the services' context (:func:`cli_services`); a
+    ``LookupError`` or ``ValueError`` (no such job, a refused change) exits with status 1
+    (:func:`fail`)."""
+    with cli_services() as ctx:
+        try:
+            return fn(ctx, *args, **kwargs)
+        except (LookupError, ValueError) as exc:
+            raise fail(exc) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -140,12 +154,7 @@ def jobs_show(
 
 def jobs_retry(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Queue a failed or cancelled job again (audited)."""
-
-    with cli_services() as ctx:
-        try:
-            job = job_service.requeue(ctx, job_id, actor=actor())
-        except (LookupError, ValueError) as exc:
-            raise fail(exc) from None
+    job = service_call(job_service.requeue, job_id, actor=actor())
     typer.echo(f"job {job.id}: {job.state}")
 
 
@@ -154,22 +163,13 @@ def jobs_cancel(
     reason: Annotated[str | None, typer.Option(help="Why (no patient data).")] = None,
 ) -> None:
     """Cancel a job that has not finished (audited)."""
-
-    with cli_services() as ctx:
-        try:
-            job = job_service.cancel(ctx, job_id, actor=actor(), reason=reason)
-        except (LookupError, ValueError) as exc:
-            raise fail(exc) from None
+    job = service_call(job_service.cancel, job_id, actor=actor(), reason=reason)
     typer.echo(f"job {job.id}: {job.state}")
 
 
 def jobs_resend(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Send the job's objects again to their destinations (audited)."""
-    with cli_services() as ctx:
-        try:
-            ids = job_service.resend(ctx, job_id, actor=actor())
-        except (LookupError, ValueError) as exc:
-            raise fail(exc) from None
+    ids = service_call(job_service.resend, job_id, actor=actor())
     typer.echo(f"job {job_id}: {len(ids)} deliveries queued again")
 
 
@@ -181,11 +181,7 @@ def jobs_withdraw(
 
     The withdrawals are queued; a running ``cxr-node serve`` sends them.
     """
-    with cli_services() as ctx:
-        try:
-            result = job_service.withdraw(ctx, job_id, actor=actor(), reason=reason)
-        except (LookupError, ValueError) as exc:
-            raise fail(exc) from None
+    result = service_call(job_service.withdraw, job_id, actor=actor(), reason=reason)
     typer.echo(
         f"job {job_id}: draft withdrawn; {len(result.cancelled)} unsent object(s) cancelled, "
         f"{len(result.queued)} withdrawal(s) queued"
@@ -199,12 +195,7 @@ def jobs_priority(
     priority: Annotated[int, typer.Argument(help="New priority (higher first).")],
 ) -> None:
     """Re-prioritise a job (audited)."""
-
-    with cli_services() as ctx:
-        try:
-            row = job_service.set_priority(ctx, job_id, priority, actor=actor())
-        except (LookupError, ValueError) as exc:
-            raise fail(exc) from None
+    row = service_call(job_service.set_priority, job_id, priority, actor=actor())
     typer.echo(f"job {row.id}: priority {row.priority}")
 
 

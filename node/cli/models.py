@@ -366,6 +366,12 @@ def generate(
         _fail(str(exc))
         return
     result["backend"] = model.backend.health()
+    _print_result(result, as_json=as_json)
+
+
+def _print_result(result: dict[str, Any], *, as_json: bool) -> None:
+    """Print a ``generate`` result: JSON, or its text, sections, image path and timings
+    (with a DEMO warning on stderr)."""
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:

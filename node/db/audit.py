@@ -15,7 +15,15 @@ from sqlalchemy.orm import Session
 from node.db.models import AuditLog, utcnow
 from node.db.tx import in_transaction
 
-__all__ = ["AuditEntry", "add_audit", "audit", "audit_actions", "audit_entries", "audit_row"]
+__all__ = [
+    "AuditEntry",
+    "AuditFilter",
+    "add_audit",
+    "audit",
+    "audit_actions",
+    "audit_entries",
+    "audit_row",
+]
 
 
 def add_audit(
@@ -63,34 +71,50 @@ def audit_row(a: AuditLog) -> AuditEntry:
     return AuditEntry(a.id, a.at, a.actor, a.action, a.target, a.detail)
 
 
-def audit_entries(
-    session: Session,
-    *,
-    actor: str | None = None,
-    action: str | None = None,
-    target: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int = 100,
-    offset: int = 0,
-) -> tuple[list[AuditEntry], int]:
-    """Audit rows, newest first, with the total number of matches.
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which audit rows to list, newest first.
 
-    ``actor``, ``action`` and ``target`` match exactly; ``since`` is inclusive and
-    ``until`` exclusive (both on ``at``).
+    Parameters
+    ----------
+    actor, action, target
+        Match exactly; ``None`` or empty: no filter.
+    since, until
+        ``at`` on or after / before (UTC).
+    limit, offset
+        The page.
     """
-    conds: list[Any] = []
-    if actor:
-        conds.append(AuditLog.actor == actor)
-    if action:
-        conds.append(AuditLog.action == action)
-    if target:
-        conds.append(AuditLog.target == target)
-    if since is not None:
-        conds.append(AuditLog.at >= since)
-    if until is not None:
-        conds.append(AuditLog.at < until)
-    stmt = select(AuditLog).order_by(AuditLog.id.desc()).limit(limit).offset(offset)
+
+    actor: str | None = None
+    action: str | None = None
+    target: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 100
+    offset: int = 0
+
+    def conditions(self) -> list[Any]:
+        """The SQL conditions of the filter (all must hold)."""
+        conds: list[Any] = [
+            column == value
+            for column, value in (
+                (AuditLog.actor, self.actor),
+                (AuditLog.action, self.action),
+                (AuditLog.target, self.target),
+            )
+            if value
+        ]
+        if self.since is not None:
+            conds.append(AuditLog.at >= self.since)
+        if self.until is not None:
+            conds.append(AuditLog.at < self.until)
+        return conds
+
+
+def audit_entries(session: Session, flt: AuditFilter) -> tuple[list[AuditEntry], int]:
+    """Audit rows matching ``flt``, newest first, with the total number of matches."""
+    conds = flt.conditions()
+    stmt = select(AuditLog).order_by(AuditLog.id.desc()).limit(flt.limit).offset(flt.offset)
     count_stmt = select(func.count(AuditLog.id))
     if conds:
         stmt = stmt.where(*conds)

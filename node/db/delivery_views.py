@@ -10,9 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Delivery, DeliveryState, Job, Study
+from node.db.views import DeliveryRow, delivery_row
 
 __all__ = [
-    "DeliverySummary",
     "DestinationFailures",
     "DestinationHealth",
     "FailedDelivery",
@@ -24,62 +24,20 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class DeliverySummary:
-    """One delivery as shown by the API and the CLI."""
-
-    id: int
-    job_id: int | None
-    destination: str
-    kind: str
-    object: str
-    object_uid: str | None
-    state: str
-    attempts: int
-    next_attempt_at: str | None
-    last_attempt_at: str | None
-    sent_at: str | None
-    last_error: str | None
-    sr_path: str | None
-    created_at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return asdict(self)
-
-
 def list_deliveries(
     session: Session,
     *,
     job_id: int | None = None,
     state: DeliveryState | str | None = None,
     limit: int = 100,
-) -> list[DeliverySummary]:
+) -> list[DeliveryRow]:
     """Deliveries, newest first, optionally of one job and/or in one state."""
     stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
     if job_id is not None:
         stmt = stmt.where(Delivery.job_id == job_id)
     if state is not None:
         stmt = stmt.where(Delivery.state == DeliveryState(state))
-    return [
-        DeliverySummary(
-            id=d.id,
-            job_id=d.job_id,
-            destination=d.destination,
-            kind=d.kind.value,
-            object=d.object.value,
-            object_uid=d.object_uid,
-            state=d.state.value,
-            attempts=d.attempts,
-            next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None,
-            last_attempt_at=d.last_attempt_at.isoformat() if d.last_attempt_at else None,
-            sent_at=d.sent_at.isoformat() if d.sent_at else None,
-            last_error=d.last_error,
-            sr_path=d.sr_path,
-            created_at=d.created_at.isoformat(),
-        )
-        for d in session.scalars(stmt)
-    ]
+    return [delivery_row(d) for d in session.scalars(stmt)]
 
 
 def delivery_counts(session: Session) -> dict[str, int]:

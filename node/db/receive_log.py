@@ -72,6 +72,41 @@ class Counts:
     statuses: Mapping[str, int] = field(default_factory=dict)
 
 
+def _insert_association(
+    session: Session,
+    *,
+    started_at: datetime,
+    ended_at: datetime | None,
+    calling_ae: str | None,
+    called_ae: str | None,
+    address: str | None,
+    port: int | None,
+    tls: bool,
+    outcome: str,
+    reason: str | None,
+) -> int:
+    def work() -> int:
+        row = Association(
+            started_at=started_at,
+            ended_at=ended_at,
+            calling_ae=clip(calling_ae, _AE_LEN),
+            called_ae=clip(called_ae, _AE_LEN),
+            address=clip(address, _ADDRESS_LEN),
+            port=port,
+            tls=tls,
+            outcome=outcome,
+            reason=clip(reason, _REASON_LEN),
+            accepted=0,
+            refused=0,
+            statuses={},
+        )
+        session.add(row)
+        session.flush()
+        return int(row.id)
+
+    return in_transaction(session, work)
+
+
 def open_association(
     session: Session,
     *,
@@ -83,25 +118,18 @@ def open_association(
     tls: bool,
 ) -> int:
     """Record an accepted association (outcome ``open``); commits; returns its id."""
-
-    def work() -> int:
-        row = Association(
-            started_at=started_at,
-            calling_ae=clip(calling_ae, _AE_LEN),
-            called_ae=clip(called_ae, _AE_LEN),
-            address=clip(address, _ADDRESS_LEN),
-            port=port,
-            tls=tls,
-            outcome="open",
-            accepted=0,
-            refused=0,
-            statuses={},
-        )
-        session.add(row)
-        session.flush()
-        return int(row.id)
-
-    return in_transaction(session, work)
+    return _insert_association(
+        session,
+        started_at=started_at,
+        ended_at=None,
+        calling_ae=calling_ae,
+        called_ae=called_ae,
+        address=address,
+        port=port,
+        tls=tls,
+        outcome="open",
+        reason=None,
+    )
 
 
 def record_rejected(
@@ -116,27 +144,18 @@ def record_rejected(
     reason: str | None,
 ) -> int:
     """Record an association the node rejected (A-ASSOCIATE-RJ, PS3.8 9.3.4); commits."""
-
-    def work() -> int:
-        row = Association(
-            started_at=at,
-            ended_at=at,
-            calling_ae=clip(calling_ae, _AE_LEN),
-            called_ae=clip(called_ae, _AE_LEN),
-            address=clip(address, _ADDRESS_LEN),
-            port=port,
-            tls=tls,
-            outcome="rejected",
-            reason=clip(reason, _REASON_LEN),
-            accepted=0,
-            refused=0,
-            statuses={},
-        )
-        session.add(row)
-        session.flush()
-        return int(row.id)
-
-    return in_transaction(session, work)
+    return _insert_association(
+        session,
+        started_at=at,
+        ended_at=at,
+        calling_ae=calling_ae,
+        called_ae=called_ae,
+        address=address,
+        port=port,
+        tls=tls,
+        outcome="rejected",
+        reason=reason,
+    )
 
 
 def _count_values(counts: Counts) -> dict[str, Any]:
@@ -147,17 +166,16 @@ def _count_values(counts: Counts) -> dict[str, Any]:
     }
 
 
+def _write_counts(session: Session, association_id: int, counts: Counts) -> None:
+    session.execute(
+        update(Association).where(Association.id == association_id).values(**_count_values(counts))
+    )
+
+
 def update_counts(session: Session, association_id: int, counts: Counts) -> None:
     """Write an open association's C-STORE totals; commits."""
 
-    def work() -> None:
-        session.execute(
-            update(Association)
-            .where(Association.id == association_id)
-            .values(**_count_values(counts))
-        )
-
-    in_transaction(session, work)
+    in_transaction(session, lambda: _write_counts(session, association_id, counts))
 
 
 def add_refused(
@@ -187,11 +205,7 @@ def add_refused(
         )
         session.add(row)
         if counts is not None and association_id is not None:
-            session.execute(
-                update(Association)
-                .where(Association.id == association_id)
-                .values(**_count_values(counts))
-            )
+            _write_counts(session, association_id, counts)
         session.flush()
         return int(row.id)
 

@@ -1,7 +1,7 @@
 """Read models for the API, the CLI and the console: job detail, counts; the job list
 (:mod:`node.db.job_list`) is re-exported here.
 
-One shape per thing shown (:class:`JobRow`, :class:`JobDetail`, :class:`DeliverySummary`),
+One shape per thing shown (:class:`JobRow`, :class:`JobDetail`, :class:`DeliveryRow`),
 built from the ORM rows here and serialised by the API and the CLI as they are.
 """
 
@@ -52,6 +52,7 @@ __all__ = [
     "SrVersion",
     "StatusCounts",
     "counts",
+    "delivery_row",
     "delivery_state",
     "filter_jobs",
     "job_detail",
@@ -84,6 +85,7 @@ class DeliveryRow:
     """Delivery of one of a job's objects to one destination."""
 
     id: int
+    job_id: int | None
     destination: str
     kind: str
     object: str
@@ -95,6 +97,25 @@ class DeliveryRow:
     sent_at: datetime | None
     last_error: str | None
     created_at: datetime
+
+
+def delivery_row(d: Delivery) -> DeliveryRow:
+    """The read model of a delivery row."""
+    return DeliveryRow(
+        id=d.id,
+        job_id=d.job_id,
+        destination=d.destination,
+        kind=d.kind.value,
+        object=d.object.value,
+        object_uid=d.object_uid,
+        state=d.state.value,
+        attempts=d.attempts,
+        next_attempt_at=d.next_attempt_at,
+        last_attempt_at=d.last_attempt_at,
+        sent_at=d.sent_at,
+        last_error=d.last_error,
+        created_at=d.created_at,
+    )
 
 
 @dataclass(frozen=True)
@@ -177,23 +198,7 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
     delivery_rows = list(
         session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id))
     )
-    deliveries = [
-        DeliveryRow(
-            d.id,
-            d.destination,
-            d.kind.value,
-            d.object.value,
-            d.object_uid,
-            d.state.value,
-            d.attempts,
-            d.next_attempt_at,
-            d.last_attempt_at,
-            d.sent_at,
-            d.last_error,
-            d.created_at,
-        )
-        for d in delivery_rows
-    ]
+    deliveries = [delivery_row(d) for d in delivery_rows]
     audit = [
         audit_row(a)
         for a in session.scalars(

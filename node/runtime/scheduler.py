@@ -215,41 +215,24 @@ class NodeScheduler:
         sweep_every = _clamp(s.study_quiet_seconds / 4, 0.2, 5.0)
         lease_every = _clamp(s.lease_seconds / 4, 1.0, 15.0)
         now = utcnow()
-        self.scheduler.add_job(
-            _guarded("study sweep", chores.sweep_studies),
-            "interval",
-            seconds=sweep_every,
-            id="study-sweep",
-            next_run_time=now,
-        )
-        self.scheduler.add_job(
-            _guarded("lease expiry", chores.expire_leases),
-            "interval",
-            seconds=lease_every,
-            id="lease-expiry",
-            next_run_time=now,
-        )
-        self.scheduler.add_job(
-            _guarded("final report matching", chores.match_finals),
-            "interval",
-            seconds=30,
-            id="final-match",
-            next_run_time=now + timedelta(seconds=5),
-        )
-        self.scheduler.add_job(
-            _guarded("retention", chores.apply_retention),
-            "interval",
-            hours=1,
-            id="retention",
-            next_run_time=now + timedelta(seconds=60),
-        )
-        if s.delivery_recheck_minutes > 0:
+        recheck = s.delivery_recheck_minutes * 60.0
+        chore_jobs: list[tuple[str, Callable[[], object], str, float, float]] = [
+            # (what, chore, job id, every (s), first run after (s))
+            ("study sweep", chores.sweep_studies, "study-sweep", sweep_every, 0.0),
+            ("lease expiry", chores.expire_leases, "lease-expiry", lease_every, 0.0),
+            ("final report matching", chores.match_finals, "final-match", 30.0, 5.0),
+            ("retention", chores.apply_retention, "retention", 3600.0, 60.0),
+        ]
+        if recheck > 0:
+            recheck_job = ("delivery recheck", chores.recheck_deliveries, "delivery-recheck")
+            chore_jobs.append((*recheck_job, recheck, recheck))
+        for what, chore, job_id, every, first in chore_jobs:
             self.scheduler.add_job(
-                _guarded("delivery recheck", chores.recheck_deliveries),
+                _guarded(what, chore),
                 "interval",
-                minutes=s.delivery_recheck_minutes,
-                id="delivery-recheck",
-                next_run_time=now + timedelta(minutes=s.delivery_recheck_minutes),
+                seconds=every,
+                id=job_id,
+                next_run_time=now + timedelta(seconds=first),
             )
 
     def start(self) -> None:

@@ -139,32 +139,12 @@ def counts(ctx: ServiceContext) -> views_db.StatusCounts:
 
 
 def audit_entries(
-    ctx: ServiceContext,
-    *,
-    actor: str | None = None,
-    action: str | None = None,
-    target: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int = 100,
-    offset: int = 0,
+    ctx: ServiceContext, flt: audit_db.AuditFilter
 ) -> tuple[list[audit_db.AuditEntry], int]:
-    """Audit rows matching every given filter, newest first, and the number of matches.
-
-    ``actor``, ``action`` and ``target`` match exactly (empty: no filter); ``since`` is
-    inclusive, ``until`` exclusive.
-    """
+    """Audit rows matching every filter of ``flt``, newest first, and the number of
+    matches (:func:`node.db.audit.audit_entries`)."""
     with ctx.read_sessions() as session:
-        return audit_db.audit_entries(
-            session,
-            actor=actor or None,
-            action=action or None,
-            target=target or None,
-            since=since,
-            until=until,
-            limit=limit,
-            offset=offset,
-        )
+        return audit_db.audit_entries(session, flt)
 
 
 def recent_studies(ctx: ServiceContext, limit: int = 50) -> list[study_views.StudyChoice]:

@@ -1,7 +1,7 @@
 """The node's web console: server-rendered pages over the admin API (``node.api``).
 
 ``router`` (every page module's routes) is included by :func:`node.api.app.create_app`;
-see :mod:`node.web.routes` for the shared page machinery.
+see :mod:`node.web.frame` for the shared page machinery.
 """
 
 from fastapi import APIRouter

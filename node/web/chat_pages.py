@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, Response
 from node.db.conversations import ConversationSummary
 from node.services import chat as chat_service
 from node.services import jobs as job_service
-from node.web.routes import PageUser, login_redirect, page_context, render
+from node.web import frame
 
 __all__ = ["CONVERSATIONS_API", "router"]
 
@@ -38,18 +38,18 @@ RECENT = 20
 @router.get("/chat", name="web_chat", response_class=HTMLResponse)
 def chat_page(
     request: Request,
-    user: PageUser,
+    user: frame.PageUser,
     conversation: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> Response:
     """Pick a study or upload an image, then talk about it (answers streamed); or reopen
     one of the user's recent conversations (``?conversation=ID``)."""
     if user is None:
-        return login_redirect(request)
-    ctx = page_context(request)
+        return frame.login_redirect(request)
+    ctx = frame.page_context(request)
     recent: list[ConversationSummary] = []
     if user.has("operator"):
         recent, _total = chat_service.recent(ctx, actor=user.actor, limit=RECENT)
-    return render(
+    return frame.render(
         request,
         "chat.html",
         page="chat",

@@ -14,15 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from node.services import deliveries as delivery_service
-from node.web.routes import (
-    PageNo,
-    PageUser,
-    login_redirect,
-    page_context,
-    page_count,
-    page_url,
-    render,
-)
+from node.web import frame
 
 __all__ = ["router"]
 
@@ -34,18 +26,18 @@ PAGE_SIZE = 50
 @router.get("/failures", name="web_failures", response_class=HTMLResponse)
 def failures_page(
     request: Request,
-    user: PageUser,
+    user: frame.PageUser,
     destination: Annotated[str, Query(max_length=512)] = "",
-    page: PageNo = 1,
+    page: frame.PageNo = 1,
 ) -> Response:
     """Failed deliveries, newest attempt first, of all destinations or of one."""
     if user is None:
-        return login_redirect(request)
-    ctx = page_context(request)
+        return frame.login_redirect(request)
+    ctx = frame.page_context(request)
     rows, total = delivery_service.failures(
         ctx, destination=destination or None, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE
     )
-    return render(
+    return frame.render(
         request,
         "failures.html",
         page="failures",
@@ -56,8 +48,10 @@ def failures_page(
         summary=delivery_service.failures_by_destination(ctx),
         destination=destination,
         page_no=page,
-        pages=page_count(total, PAGE_SIZE),
-        page_url=page_url(request, "web_failures", {"destination": destination, "page": page}),
+        pages=frame.page_count(total, PAGE_SIZE),
+        page_url=frame.page_url(
+            request, "web_failures", {"destination": destination, "page": page}
+        ),
         can_operate=user.has("operator"),
         resend_api="/api/deliveries/resend",
     )

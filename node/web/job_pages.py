@@ -25,18 +25,7 @@ from node.services import jobs as job_service
 from node.services import objects as job_objects
 from node.services import quality
 from node.services.errors import Gone, InvalidInput, NotFound
-from node.web import auth
-from node.web.routes import (
-    PAGE_SIZES,
-    PageNo,
-    PageUser,
-    PerPage,
-    login_redirect,
-    page_context,
-    page_count,
-    page_url,
-    render,
-)
+from node.web import auth, frame
 
 __all__ = ["router"]
 
@@ -75,7 +64,7 @@ def _api_query(flt: views_db.JobFilter, order: str) -> dict[str, str | int]:
 @router.get("/", name="web_queue", response_class=HTMLResponse)
 def queue_page(
     request: Request,
-    user: PageUser,
+    user: frame.PageUser,
     state_name: Annotated[
         str, Query(alias="state", pattern="^(|" + "|".join(s.value for s in JobState) + ")$")
     ] = "",
@@ -87,14 +76,14 @@ def queue_page(
     date_to: Annotated[str, Query(max_length=10)] = "",
     sort: Annotated[str, Query(pattern="^(" + "|".join(QUEUE_SORTS) + ")$")] = "id",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
-    page: PageNo = 1,
-    per: PerPage = 50,
+    page: frame.PageNo = 1,
+    per: frame.PerPage = 50,
 ) -> Response:
     """The queue: jobs with their study's identity, searched, sorted and paged on the
     server (the script refreshes the current page every 2 s), counts by state."""
     if user is None:
-        return login_redirect(request)
-    ctx = page_context(request)
+        return frame.login_redirect(request)
+    ctx = frame.page_context(request)
     state = JobState(state_name) if state_name else None
     text, ae, mod = q.strip(), calling_ae.strip(), modality.upper()
     date_lo, date_hi = _study_date(date_from), _study_date(date_to)
@@ -126,8 +115,8 @@ def queue_page(
         "per": per,
     }
 
-    queue_url = page_url(request, "web_queue", {**params, "page": page})
-    return render(
+    queue_url = frame.page_url(request, "web_queue", {**params, "page": page})
+    return frame.render(
         request,
         "queue.html",
         page="queue",
@@ -141,8 +130,8 @@ def queue_page(
         params=params,
         page_no=page,
         per=per,
-        page_sizes=PAGE_SIZES,
-        pages=page_count(total, per),
+        page_sizes=frame.PAGE_SIZES,
+        pages=frame.page_count(total, per),
         queue_url=queue_url,
         state=params["state"],
         jobs_api=f"{auth.JOBS_API}?{urlencode(_api_query(flt, order))}",
@@ -152,15 +141,17 @@ def queue_page(
 
 
 @router.get("/jobs/{job_id}", name="web_job", response_class=HTMLResponse)
-def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(ge=1)]) -> Response:
+def job_page(
+    request: Request, user: frame.PageUser, job_id: Annotated[int, PathParam(ge=1)]
+) -> Response:
     """One job: stages and timings, the AI draft (labelled), SR UID, deliveries, actions."""
     if user is None:
-        return login_redirect(request)
-    ctx = page_context(request)
+        return frame.login_redirect(request)
+    ctx = frame.page_context(request)
     try:
         detail = job_service.detail(ctx, job_id)
     except JobNotFound:
-        return render(
+        return frame.render(
             request,
             "error.html",
             page="error",
@@ -171,7 +162,7 @@ def job_page(request: Request, user: PageUser, job_id: Annotated[int, PathParam(
         )
     job = detail.job
     reports = [d for d in detail.drafts if d.task == "report"]
-    return render(
+    return frame.render(
         request,
         "job.html",
         page="job",
@@ -208,19 +199,19 @@ def _history(detail: views_db.JobDetail) -> list[dict[str, Any]]:
 @router.get("/jobs/{job_id}/sr/{key}", name="web_sr", response_class=HTMLResponse)
 def sr_page(
     request: Request,
-    user: PageUser,
+    user: frame.PageUser,
     job_id: Annotated[int, PathParam(ge=1)],
     key: Annotated[str, PathParam(pattern=r"^(sr|[0-9]{1,10})$")],
 ) -> Response:
     """An SR object of the job as a document: its flags and its content tree (TID 2000)."""
     if user is None:
-        return login_redirect(request)
-    ctx = page_context(request)
+        return frame.login_redirect(request)
+    ctx = frame.page_context(request)
     try:
         doc = job_objects.sr_document(ctx, job_id, key)
     except (NotFound, Gone, InvalidInput) as exc:
         status = 404 if isinstance(exc, NotFound) else 410 if isinstance(exc, Gone) else 422
-        return render(
+        return frame.render(
             request,
             "error.html",
             page="error",
@@ -229,7 +220,7 @@ def sr_page(
             status_code=status,
             detail=str(exc),
         )
-    return render(
+    return frame.render(
         request,
         "sr.html",
         page="job",

@@ -19,17 +19,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from node.db.receive_log import OUTCOMES, ReceiveLogFilter
 from node.services import receive_log as receive_service
-from node.web.routes import (
-    PAGE_SIZES,
-    PageNo,
-    PageUser,
-    PerPage,
-    login_redirect,
-    page_context,
-    page_count,
-    page_url,
-    render,
-)
+from node.web import frame
 
 __all__ = ["router"]
 
@@ -49,19 +39,19 @@ def _day(value: str) -> datetime | None:
 @router.get("/receive-log", name="web_receive_log", response_class=HTMLResponse)
 def receive_log_page(
     request: Request,
-    user: PageUser,
+    user: frame.PageUser,
     calling_ae: Annotated[str, Query(max_length=16)] = "",
     study: Annotated[str, Query(max_length=64, pattern=_UID_PATTERN)] = "",
     outcome: Annotated[str, Query(pattern="^(|" + "|".join(OUTCOMES) + ")$")] = "",
     date_from: Annotated[str, Query(max_length=10)] = "",
     date_to: Annotated[str, Query(max_length=10)] = "",
-    page: PageNo = 1,
-    per: PerPage = 50,
+    page: frame.PageNo = 1,
+    per: frame.PerPage = 50,
 ) -> Response:
     """The receive log, filtered and paged; ``study`` gives one study's associations."""
     if user is None:
-        return login_redirect(request)
-    ctx = page_context(request)
+        return frame.login_redirect(request)
+    ctx = frame.page_context(request)
     since = _day(date_from)
     to_day = _day(date_to)
     until = to_day + timedelta(days=1) if to_day is not None else None  # the whole day
@@ -85,7 +75,7 @@ def receive_log_page(
         "per": per,
     }
 
-    return render(
+    return frame.render(
         request,
         "receive_log.html",
         page="receive-log",
@@ -98,7 +88,7 @@ def receive_log_page(
         params=params,
         page_no=page,
         per=per,
-        page_sizes=PAGE_SIZES,
-        pages=page_count(total, per),
-        page_url=page_url(request, "web_receive_log", {**params, "page": page}),
+        page_sizes=frame.PAGE_SIZES,
+        pages=frame.page_count(total, per),
+        page_url=frame.page_url(request, "web_receive_log", {**params, "page": page}),
     )

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from node.services import routing as routing_service
-from node.web.routes import PageUser, login_redirect, page_context, render
+from node.web import frame
 
 __all__ = ["DRY_RUN_API", "router"]
 
@@ -23,12 +23,12 @@ DRY_RUN_API = "/api/rules/dry-run"
 
 
 @router.get("/rules", name="web_rules", response_class=HTMLResponse)
-def rules_page(request: Request, user: PageUser) -> Response:
+def rules_page(request: Request, user: frame.PageUser) -> Response:
     """The routing rules and the dry-run form."""
     if user is None:
-        return login_redirect(request)
-    ctx = page_context(request)
-    return render(
+        return frame.login_redirect(request)
+    ctx = frame.page_context(request)
+    return frame.render(
         request,
         "rules.html",
         page="rules",

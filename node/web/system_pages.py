@@ -16,20 +16,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup, escape
 
+from node.db.audit import AuditFilter
 from node.services import jobs as job_service
 from node.services import system as system_service
-from node.web import charts
-from node.web.routes import (
-    PAGE_SIZES,
-    PageNo,
-    PageUser,
-    PerPage,
-    login_redirect,
-    page_context,
-    page_count,
-    page_url,
-    render,
-)
+from node.web import charts, frame
 
 __all__ = ["disk_bar", "fmt_bytes", "parse_time", "router"]
 
@@ -67,7 +57,7 @@ def parse_time(value: str) -> datetime | None:
 
 def disk_bar(disk: system_service.DiskUse) -> Markup:
     """An SVG bar of a file system's use with the refuse threshold marked (no style
-    attributes: the console's CSP forbids inline styles; colours are presentation
+    attributes: the console's frame.CSP forbids inline styles; colours are presentation
     attributes)."""
     label = f"{disk.label} file system: space not available to the node"
     used = disk.full_fraction
@@ -123,20 +113,20 @@ def _activity_chart(report: system_service.SystemReport) -> Markup:
 @router.get("/system", name="web_system", response_class=HTMLResponse)
 def system_page(
     request: Request,
-    user: PageUser,
+    user: frame.PageUser,
     actor: Annotated[str, Query(max_length=128)] = "",
     action: Annotated[str, Query(max_length=64)] = "",
     target: Annotated[str, Query(max_length=256)] = "",
     since: Annotated[str, Query(max_length=32)] = "",
     until: Annotated[str, Query(max_length=32)] = "",
-    page: PageNo = 1,
-    per: PerPage = 50,
+    page: frame.PageNo = 1,
+    per: frame.PerPage = 50,
 ) -> Response:
     """Disks, database, retention, activity, model, health, and the audit log (admin)."""
     if user is None:
-        return login_redirect(request)
+        return frame.login_redirect(request)
     if not user.has("admin"):
-        return render(
+        return frame.render(
             request,
             "error.html",
             page="error",
@@ -145,7 +135,7 @@ def system_page(
             status_code=403,
             detail=f"The System page needs the admin role (yours: {user.role.value}).",
         )
-    ctx = page_context(request)
+    ctx = frame.page_context(request)
     report = system_service.system_report(ctx)
     since_at, until_at = parse_time(since), parse_time(until)
     bad = [
@@ -153,8 +143,7 @@ def system_page(
         for name, raw, at in (("since", since, since_at), ("until", until, until_at))
         if raw.strip() and at is None
     ]
-    entries, total = job_service.audit_entries(
-        ctx,
+    flt = AuditFilter(
         actor=actor.strip(),
         action=action.strip(),
         target=target.strip(),
@@ -163,9 +152,10 @@ def system_page(
         limit=per,
         offset=(page - 1) * per,
     )
+    entries, total = job_service.audit_entries(ctx, flt)
     filters = {"actor": actor, "action": action, "target": target, "since": since, "until": until}
 
-    return render(
+    return frame.render(
         request,
         "system.html",
         page="system",
@@ -182,8 +172,8 @@ def system_page(
         bad_times=bad,
         actions=system_service.audit_actions(ctx),
         audit_page=page,
-        pages=page_count(total, per),
+        pages=frame.page_count(total, per),
         per=per,
-        page_sizes=PAGE_SIZES,
-        audit_url=page_url(request, "web_system", {**filters, "per": per, "page": page}),
+        page_sizes=frame.PAGE_SIZES,
+        audit_url=frame.page_url(request, "web_system", {**filters, "per": per, "page": page}),
     )

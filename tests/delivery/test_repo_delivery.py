@@ -14,7 +14,7 @@ from node.db import delivery_views
 from node.db import withdrawals as withdrawals_db
 from node.db.jobs import JobConflict, JobNotFound
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
-from node.db.views import counts
+from node.db.views import DeliveryRow, counts
 from node.runtime.delivery import backoff_seconds
 from node.settings import DicomDestination, StowDestination
 from tests.delivery.conftest import NodeDB, make_job
@@ -30,7 +30,7 @@ def _rows(db: NodeDB, job_id: int) -> list[Delivery]:
         return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by("id")))
 
 
-def _listed(db: NodeDB, job_id: int) -> delivery_views.DeliverySummary:
+def _listed(db: NodeDB, job_id: int) -> DeliveryRow:
     """The job's first delivery as listed, read through a new session: the fenced updates
     (mark_*, release_claim) bypass an open session's objects."""
     with db.factory() as s:
@@ -126,14 +126,14 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
         )
         # the retry keeps when its attempt started (the second claim)
         listed = _listed(node_db, job)
-        assert listed.last_attempt_at == (t0 + timedelta(seconds=61)).isoformat()
+        assert listed.last_attempt_at == t0 + timedelta(seconds=61)
         assert deliveries_db.claim_due_deliveries(s, now=t0 + timedelta(seconds=99)) == []
         third = deliveries_db.claim_due_deliveries(
             s, now=t0 + timedelta(seconds=100), lease_seconds=5
         )
         assert [d.attempts for d in third] == [3]
         listed = _listed(node_db, job)
-        assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
+        assert listed.last_attempt_at == t0 + timedelta(seconds=100)
         # shutdown: the claim is given back, the attempt not counted; after earlier attempts
         # the row keeps the released claim's start
         assert deliveries_db.release_claim(
@@ -141,7 +141,7 @@ def test_claim_lease_fencing_and_retry(node_db: NodeDB) -> None:
         )
         listed = _listed(node_db, job)
         assert listed.attempts == 2
-        assert listed.last_attempt_at == (t0 + timedelta(seconds=100)).isoformat()
+        assert listed.last_attempt_at == t0 + timedelta(seconds=100)
         fourth = deliveries_db.claim_due_deliveries(s, now=t0 + timedelta(seconds=101))
         assert [d.attempts for d in fourth] == [3]
         assert deliveries_db.mark_sent(
@@ -158,7 +158,7 @@ def test_released_first_claim_leaves_no_attempt(node_db: NodeDB) -> None:
     job, did, t0 = _one_pending(node_db)
     with node_db.factory() as s:
         (claim,) = deliveries_db.claim_due_deliveries(s, now=t0, lease_seconds=60)
-        assert _listed(node_db, job).last_attempt_at == t0.isoformat()
+        assert _listed(node_db, job).last_attempt_at == t0
         # shut down before sending: nothing was attempted, and the row says so
         assert deliveries_db.release_claim(
             s, did, claimed_until=claim.next_attempt_at, now=t0 + timedelta(seconds=1)

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.dicom.orthanc import OrthancServer
-from tests.web.conftest import CHROMIUM_ARGS, chromium_path
+from tests.web.conftest import launch_chromium
 
 OHIF_VERSION = "3.11.1"
 OHIF_MARKER = ".llm-cxr-node-ohif"  # written by scripts/fetch-ohif.sh once dist/ is complete
@@ -255,12 +255,5 @@ def ohif(ohif_dist: Path, viewer_orthanc: OrthancServer) -> Iterator[OhifServer]
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """A headless Chromium (Playwright driving Debian's binary)."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    path = chromium_path()
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
+    """A headless Chromium for this module's viewer."""
+    yield from launch_chromium()

@@ -48,9 +48,8 @@ def chromium_path() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """A headless Chromium (Playwright, Debian binary), shared by the session."""
+def launch_chromium() -> Iterator[Any]:
+    """A headless Chromium (Playwright driving Debian's binary) until the generator ends."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     path = chromium_path()
     with sync_api.sync_playwright() as p:
@@ -59,6 +58,12 @@ def browser() -> Iterator[Any]:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """A headless Chromium, shared by the session."""
+    yield from launch_chromium()
 
 
 @dataclass
