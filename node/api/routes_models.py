@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Path, Query, UploadFile
@@ -42,16 +43,14 @@ def vqa(study_uid: UID, body: VqaIn, ctx: Ctx, p: Operator) -> VqaOut:
     answer, img = tasks.vqa_for_study(
         ctx, study_uid, body.question, sop_instance_uid=body.sop_instance_uid, actor=p.actor
     )
-    return VqaOut(
-        study_uid=study_uid,
-        sop_instance_uid=img.sop_instance_uid,
-        image_choice=img.how,
-        question=body.question,
-        answer=answer.text,
-        model_name=answer.model_name,
-        model_version=answer.model_version,
-        demo=answer.demo,
-        timings=answer.timings,
+    return VqaOut.model_validate(
+        {
+            **asdict(answer),
+            "study_uid": study_uid,
+            "sop_instance_uid": img.sop_instance_uid,
+            "image_choice": img.how,
+            "answer": answer.text,
+        }
     )
 
 
@@ -71,16 +70,7 @@ def report(file: Annotated[UploadFile, File()], ctx: Ctx, p: Operator) -> Report
     limit = ctx.settings.api_max_upload_mb * MIB
     data = file.file.read(limit + 1)
     draft, sop = tasks.report_for_upload(ctx, data, actor=p.actor, max_bytes=limit)
-    return ReportOut(
-        text=draft.text,
-        findings=draft.findings,
-        impression=draft.impression,
-        model_name=draft.model_name,
-        model_version=draft.model_version,
-        demo=draft.demo,
-        timings=draft.timings,
-        sop_instance_uid=sop,
-    )
+    return ReportOut.model_validate({**asdict(draft), "sop_instance_uid": sop})
 
 
 @router.post(

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
 from node.db.models import Conversation, ConversationTurn, Draft, Job, Study, utcnow
+from node.db.read_models import read_model
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -101,20 +102,7 @@ class ConversationSummary:
 
 
 def _turn(t: ConversationTurn) -> TurnRecord:
-    return TurnRecord(
-        id=t.id,
-        at=t.at,
-        kind=t.kind,
-        question=t.question,
-        answer=t.answer,
-        audience=t.audience,
-        stop_reason=t.stop_reason,
-        dropped_turns=t.dropped_turns,
-        prompt_tokens=t.prompt_tokens,
-        new_tokens=t.new_tokens,
-        timings=t.timings,
-        has_image=t.image_png is not None,
-    )
+    return read_model(TurnRecord, t, has_image=t.image_png is not None)
 
 
 def create_conversation(
@@ -173,18 +161,10 @@ def get_conversation(session: Session, conversation_id: int) -> ConversationReco
     conv = session.get(Conversation, conversation_id)
     if conv is None:
         raise ConversationNotFound(f"conversation {conversation_id} not found")
-    return ConversationRecord(
-        id=conv.id,
-        created_at=conv.created_at,
-        updated_at=conv.updated_at,
-        actor=conv.actor,
-        study_uid=conv.study_uid,
-        sop_instance_uid=conv.sop_instance_uid,
-        source=conv.source,
+    return read_model(
+        ConversationRecord,
+        conv,
         image_codes=[int(c) for c in conv.image_codes],
-        model_name=conv.model_name,
-        model_version=conv.model_version,
-        demo=conv.demo,
         turns=[_turn(t) for t in conv.turns],
     )
 
@@ -209,21 +189,7 @@ def list_conversations(
         .limit(limit)
         .offset(offset)
     )
-    out = [
-        ConversationSummary(
-            id=c.id,
-            created_at=c.created_at,
-            updated_at=c.updated_at,
-            actor=c.actor,
-            study_uid=c.study_uid,
-            source=c.source,
-            model_name=c.model_name,
-            model_version=c.model_version,
-            demo=c.demo,
-            turn_count=int(n or 0),
-        )
-        for c, n in rows
-    ]
+    out = [read_model(ConversationSummary, c, turn_count=int(n or 0)) for c, n in rows]
     return out, total
 
 

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Delivery, DeliveryState, Job, Study
+from node.db.read_models import read_model
 from node.db.views import DeliveryRow, delivery_row
 
 __all__ = [
@@ -106,6 +107,9 @@ def destination_health(session: Session, destinations: list[str]) -> dict[str, D
     return out
 
 
+_STUDY_IDENTITY = ("patient_name", "patient_id", "accession_number")
+
+
 @dataclass(frozen=True)
 class FailedDelivery:
     """A delivery that failed for good, with its job's study identity (patient data: pages
@@ -149,20 +153,12 @@ def failed_deliveries(
         .offset(offset)
     ).all()
     return [
-        FailedDelivery(
-            id=d.id,
-            job_id=d.job_id,
-            destination=d.destination,
-            object=d.object.value,
-            object_uid=d.object_uid,
-            attempts=d.attempts,
-            last_attempt_at=d.last_attempt_at,
-            last_error=d.last_error,
+        read_model(
+            FailedDelivery,
+            d,
             permanent=bool(d.permanent_failure),
             study_uid=None if st is None else st.study_instance_uid,
-            patient_name=None if st is None else st.patient_name,
-            patient_id=None if st is None else st.patient_id,
-            accession_number=None if st is None else st.accession_number,
+            **{name: None if st is None else getattr(st, name) for name in _STUDY_IDENTITY},
         )
         for d, st in rows
     ], total

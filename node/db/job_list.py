@@ -15,6 +15,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Delivery, DeliveryState, Job, JobState, Study
+from node.db.read_models import read_model
 
 __all__ = [
     "DELIVERY_STATES",
@@ -149,35 +150,29 @@ def delivery_state(states: Sequence[DeliveryState]) -> str:
     return "sent"
 
 
+#: the fields of :class:`JobRow` that are the study's (the others are the job's)
+_STUDY_FIELDS = (
+    "patient_name",
+    "patient_id",
+    "accession_number",
+    "study_date",
+    "study_description",
+    "modalities",
+    "calling_ae",
+)
+
+
 def job_row(job: Job, study: Study, deliveries: Sequence[DeliveryState] = ()) -> JobRow:
-    return JobRow(
-        id=job.id,
+    """The list row of ``job``: its own columns, its study's identity, its deliveries'
+    summary state."""
+    return read_model(
+        JobRow,
+        job,
         study_uid=study.study_instance_uid,
-        state=job.state.value,
-        priority=job.priority,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        queued_at=job.queued_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
         sr_uid=job.sr_sop_instance_uid,
-        lease_owner=job.lease_owner,
-        last_error=job.last_error,
-        withdrawn_at=job.withdrawn_at,
-        withdrawn_by=job.withdrawn_by,
-        withdrawn_reason=job.withdrawn_reason,
-        patient_name=study.patient_name,
-        patient_id=study.patient_id,
-        accession_number=study.accession_number,
-        study_date=study.study_date,
-        study_description=study.study_description,
-        modalities=study.modalities,
-        calling_ae=study.calling_ae,
         delivery_state=delivery_state(deliveries),
         deliveries_failed=sum(1 for s in deliveries if s is DeliveryState.failed),
-        rule=job.rule,
+        **{name: getattr(study, name) for name in _STUDY_FIELDS},
     )
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from node.db.instance_record import clip
 from node.db.models import UID_LEN, Association, Instance, RefusedInstance, Study
+from node.db.read_models import read_model
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -330,35 +331,12 @@ class ReceiveLogFilter:
 
 
 def _row(a: Association) -> AssociationRow:
-    return AssociationRow(
-        id=a.id,
-        started_at=a.started_at,
-        ended_at=a.ended_at,
-        calling_ae=a.calling_ae,
-        called_ae=a.called_ae,
-        address=a.address,
-        port=a.port,
-        tls=bool(a.tls),
-        outcome=a.outcome,
-        reason=a.reason,
-        accepted=a.accepted,
-        refused=a.refused,
-        statuses={str(k): int(v) for k, v in (a.statuses or {}).items()},
-    )
+    statuses = {str(k): int(v) for k, v in (a.statuses or {}).items()}
+    return read_model(AssociationRow, a, tls=bool(a.tls), statuses=statuses)
 
 
 def _refused_row(r: RefusedInstance) -> RefusedRow:
-    return RefusedRow(
-        id=r.id,
-        association_id=r.association_id,
-        at=r.at,
-        study_uid=r.study_uid,
-        sop_instance_uid=r.sop_instance_uid,
-        sop_class_uid=r.sop_class_uid,
-        status=r.status,
-        status_hex=f"0x{r.status:04X}",
-        reason=r.reason,
-    )
+    return read_model(RefusedRow, r, status_hex=f"0x{r.status:04X}")
 
 
 def _contains(column: Any, text: str) -> Any:

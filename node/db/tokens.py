@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
 from node.db.models import ApiRole, ApiSession, ApiToken, utcnow
+from node.db.read_models import read_model
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -50,7 +51,7 @@ class TokenRow:
     @classmethod
     def of(cls, t: ApiToken) -> TokenRow:
         """Build from the ORM row."""
-        return cls(t.id, t.name, t.role.value, t.created_at, t.revoked_at, t.last_used_at)
+        return read_model(cls, t)
 
 
 def create_token(

@@ -39,6 +39,7 @@ from node.db.models import (
     StudyState,
     utcnow,
 )
+from node.db.read_models import read_model
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -101,21 +102,7 @@ class DeliveryRow:
 
 def delivery_row(d: Delivery) -> DeliveryRow:
     """The read model of a delivery row."""
-    return DeliveryRow(
-        id=d.id,
-        job_id=d.job_id,
-        destination=d.destination,
-        kind=d.kind.value,
-        object=d.object.value,
-        object_uid=d.object_uid,
-        state=d.state.value,
-        attempts=d.attempts,
-        next_attempt_at=d.next_attempt_at,
-        last_attempt_at=d.last_attempt_at,
-        sent_at=d.sent_at,
-        last_error=d.last_error,
-        created_at=d.created_at,
-    )
+    return read_model(DeliveryRow, d)
 
 
 @dataclass(frozen=True)
@@ -178,19 +165,7 @@ def job_detail(session: Session, job_id: int) -> JobDetail:
     job, study = found
     uid = study.study_instance_uid
     drafts = [
-        DraftRow(
-            d.id,
-            d.task,
-            d.full_text,
-            d.findings,
-            d.impression,
-            d.model_name,
-            d.model_version,
-            d.demo,
-            d.timings,
-            d.generation_settings,
-            d.created_at,
-        )
+        read_model(DraftRow, d, text=d.full_text)
         for d in session.scalars(
             select(Draft).where(Draft.job_id == job_id).order_by(Draft.id.desc())
         )
