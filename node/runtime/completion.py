@@ -53,6 +53,7 @@ __all__ = [
     "JobOutcome",
     "build_sr",
     "complete_job",
+    "draft_record",
     "previous_srs",
     "write_sr",
 ]
@@ -148,7 +149,8 @@ def write_sr(
     return write_output(sr, outputs_dir, f"{sr.SOPInstanceUID}.dcm", before_rename=before_rename)
 
 
-def _draft_record(draft: ReportDraft, timings: dict[str, float]) -> drafts_db.DraftRecord:
+def draft_record(draft: ReportDraft, timings: dict[str, float]) -> drafts_db.DraftRecord:
+    """The row of a generated report draft (task ``report``) with the job's stage timings."""
     return drafts_db.DraftRecord(
         task="report",
         full_text=draft.text,
@@ -279,7 +281,7 @@ def complete_job(
     check()
     with deps.session_factory() as session:
         draft_id = drafts_db.save_draft(
-            session, job_id, owner=owner, draft=_draft_record(draft, timings)
+            session, job_id, owner=owner, draft=draft_record(draft, timings)
         )
     stage_delay("sr")
     with StageTimer(timings, "sr_s"):

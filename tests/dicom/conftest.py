@@ -23,6 +23,7 @@ from tests.helpers import (
     require_binary,
     require_nih_pngs,
     rg1_file,
+    terminate,
     wait_for,
 )
 
@@ -139,12 +140,7 @@ def dcmtk_storescp(tmp_path: Path) -> Iterator[StoreSCP]:
             pytest.fail(f"storescp exited: {(tmp_path / 'storescp.log').read_text()}")
         yield StoreSCP(aet="DCMTKSCP", port=port, out_dir=out_dir, proc=proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout=10)
 
 
 @pytest.fixture(scope="module")

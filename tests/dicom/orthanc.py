@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, terminate
 
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 DICOMWEB_PLUGIN = PLUGIN_DIR / "libOrthancDicomWeb.so"
@@ -147,13 +147,7 @@ class OrthancServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        terminate(proc, timeout=15)
 
     def close(self) -> None:
         """Stop Orthanc and close the HTTP client."""

@@ -5,7 +5,6 @@ codes, streaming and cancel, failover to a second server, and refusals."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from models.backends.transformers_backend import TransformersBackend
 from models.gguf_convert import ConversionResult
 from models.layout import CODES_PER_IMAGE
 from models.prompts import report_to_image_prompt
-from tests.helpers import free_port
+from tests.helpers import free_port, terminate
 from tests.llamacpp.conftest import require_engine, start_engine, task_prompts
 
 require_engine()
@@ -36,11 +35,7 @@ def server(ggufs: dict[str, ConversionResult]) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc, timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from node.db import drafts as drafts_db
 from node.db import jobs as jobs_db
 from node.db.deliveries import enqueue_deliveries
 from node.db.models import JobState, utcnow
-from node.runtime.completion import build_sr, write_sr
+from node.runtime.completion import build_sr, draft_record, write_sr
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import generate_reports, run_batch
 from node.runtime.prepare import prepare_job
@@ -177,18 +177,7 @@ def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
                 s,
                 job_id,
                 owner=dead,
-                draft=drafts_db.DraftRecord(
-                    task="report",
-                    full_text=draft.text,
-                    findings=draft.findings,
-                    impression=draft.impression,
-                    model_name=draft.model_name,
-                    model_version=draft.model_version,
-                    demo=draft.demo,
-                    prompt=draft.prompt,
-                    generation_settings=draft.settings,
-                    timings={},
-                ),
+                draft=draft_record(draft, {}),
             )
         with env.session_factory() as s:
             first_ids = enqueue_deliveries(
