@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -159,6 +159,14 @@ def note_agreement(rolling: float | None, pairs: int, threshold: float, min_pair
     return alert
 
 
+def _by_state(name: str, documentation: str, counts: Mapping[str, int]) -> GaugeMetricFamily:
+    """A gauge family with one sample per ``state`` label."""
+    gauge = GaugeMetricFamily(name, documentation, labels=["state"])
+    for state, n in counts.items():
+        gauge.add_metric([state], n)
+    return gauge
+
+
 @dataclass(frozen=True)
 class QualitySettings:
     """What the quality gauges need: the rolling window and the alert threshold."""
@@ -185,15 +193,9 @@ class DatabaseCollector(Collector):
         except Exception as exc:
             log.warning("metrics: cannot read the database: %s", type(exc).__name__)
             return
-        g = GaugeMetricFamily("cxr_jobs", "Jobs by state.", labels=["state"])
-        for state, n in jobs.items():
-            g.add_metric([state], n)
-        yield g
+        yield _by_state("cxr_jobs", "Jobs by state.", jobs)
         yield GaugeMetricFamily("cxr_queue_depth", "Jobs queued.", value=jobs.get("queued", 0))
-        d = GaugeMetricFamily("cxr_deliveries", "SR deliveries by state.", labels=["state"])
-        for state, n in deliveries.items():
-            d.add_metric([state], n)
-        yield d
+        yield _by_state("cxr_deliveries", "SR deliveries by state.", deliveries)
         yield GaugeMetricFamily(
             "cxr_delivery_queue_depth", "Deliveries pending.", value=deliveries.get("pending", 0)
         )
@@ -210,10 +212,7 @@ class DatabaseCollector(Collector):
         except Exception as exc:
             log.warning("metrics: cannot read final reports: %s", type(exc).__name__)
             return
-        f = GaugeMetricFamily("cxr_final_reports", "Final reports by state.", labels=["state"])
-        for state, n in counts.items():
-            f.add_metric([state], n)
-        yield f
+        yield _by_state("cxr_final_reports", "Final reports by state.", counts)
         if rolling is not None:
             yield GaugeMetricFamily(
                 "cxr_rolling_agreement", "Mean draft/final agreement, last pairs.", value=rolling

@@ -289,6 +289,23 @@ def _forget_moved_instance(session: Session, existing: Instance) -> None:
     session.flush()
 
 
+#: the columns of an instance's row that describe its received file (written when it is
+#: added and again when a newer copy replaces it)
+_RECEIVED_FILE = (
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "spool_path",
+    "size_bytes",
+    "sha256",
+    "modality",
+    "body_part_examined",
+    "view_position",
+    "received_at",
+    "calling_ae",
+    "association_id",
+)
+
+
 def _add_instance(
     session: Session,
     rec: InstanceRecord,
@@ -303,19 +320,9 @@ def _add_instance(
         study_id=study.id,
         series_id=series.id,
         sop_instance_uid=rec.sop_instance_uid,
-        sop_class_uid=rec.sop_class_uid,
-        transfer_syntax_uid=rec.transfer_syntax_uid,
-        spool_path=rec.spool_path,
-        size_bytes=rec.size_bytes,
-        sha256=rec.sha256,
-        modality=rec.modality,
-        body_part_examined=rec.body_part_examined,
-        view_position=rec.view_position,
-        received_at=rec.received_at,
-        calling_ae=rec.calling_ae,
-        association_id=rec.association_id,
         late=late,
         replaced_count=1 if replaced else 0,
+        **{name: getattr(rec, name) for name in _RECEIVED_FILE},
     )
     session.add(row)
     study.instance_count += 1
@@ -332,17 +339,8 @@ def _replace_instance(
         _uncount(session, Series, existing.series_id)
         series.instance_count += 1
         existing.series_id = series.id
-    existing.sop_class_uid = rec.sop_class_uid
-    existing.transfer_syntax_uid = rec.transfer_syntax_uid
-    existing.spool_path = rec.spool_path
-    existing.size_bytes = rec.size_bytes
-    existing.sha256 = rec.sha256
-    existing.modality = rec.modality
-    existing.body_part_examined = rec.body_part_examined
-    existing.view_position = rec.view_position
-    existing.received_at = rec.received_at
-    existing.calling_ae = rec.calling_ae
-    existing.association_id = rec.association_id
+    for name in _RECEIVED_FILE:
+        setattr(existing, name, getattr(rec, name))
     existing.late = existing.late or late
     existing.replaced_count += 1
 
