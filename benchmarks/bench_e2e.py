@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     from integration.scp import ReceivedMeta
     from integration.scu import DicomDestination, send_dataset
     from node.db import jobs as jobs_db
-    from node.db import studies as studies_db
+    from node.db import study_completion as completion_db
     from node.db.engine import make_engine, make_session_factory
     from node.db.migrate import upgrade
     from node.db.models import utcnow
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             assert sink.accept(src, meta).status == 0
             with sf() as s:
-                studies_db.complete_quiet_studies(
+                completion_db.complete_quiet_studies(
                     s,
                     quiet_seconds=0.001,
                     max_wait_seconds=600,

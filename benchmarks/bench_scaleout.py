@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from integration.scp import ReceivedMeta  # noqa: E402
-from node.db import studies as studies_db  # noqa: E402
+from node.db import study_completion as completion_db  # noqa: E402
 from node.db.engine import make_engine, make_session_factory  # noqa: E402
 from node.db.migrate import upgrade  # noqa: E402
 from node.db.models import Draft, Job, JobState, utcnow  # noqa: E402
@@ -183,7 +183,7 @@ def run(n_workers: int, args: argparse.Namespace, bundle: Path, engine_url: str)
         procs = start_workers(n_workers, env, work)
         t0 = time.perf_counter()
         with sf() as s:
-            done = studies_db.complete_quiet_studies(
+            done = completion_db.complete_quiet_studies(
                 s,
                 quiet_seconds=1.0,
                 max_wait_seconds=600.0,

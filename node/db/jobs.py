@@ -29,6 +29,7 @@ __all__ = [
     "JobConflict",
     "JobNotFound",
     "LeaseLost",
+    "active_job",
     "cancel_job",
     "claim_next_job",
     "expire_leases",
@@ -98,6 +99,17 @@ _EVENT_OF_STATE = {
     JobState.failed: "failed",
     JobState.cancelled: "cancelled",
 }
+
+
+def active_job(session: Session, study_id: int) -> Job | None:
+    """The study's newest job still ``received`` or ``queued`` (or running), locked."""
+    return session.scalars(
+        select(Job)
+        .where(Job.study_id == study_id, Job.state.in_(ACTIVE_JOB_STATES))
+        .order_by(Job.id.desc())
+        .limit(1)
+        .with_for_update()
+    ).first()
 
 
 def transition(

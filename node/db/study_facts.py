@@ -4,7 +4,7 @@ Per series Modality (0008,0060), Body Part Examined (0018,0015), Series Descript
 (0008,103E) (PS3.3 C.7.3.1) and the View Positions (0018,5101) of its instances; per study
 the Study Description (0008,1030) and the calling AE title of the association. Attributes
 the database does not record are read from the spool by :mod:`node.runtime.routing`, which
-passes its own ``facts_of`` to :func:`node.db.studies.complete_quiet_studies`. The facts
+passes its own ``facts_of`` to :func:`node.db.study_completion.complete_quiet_studies`. The facts
 hold patient data: they are evaluated, never logged or stored.
 """
 

@@ -2,7 +2,7 @@
 
 DICOM has no end-of-study signal, so a study is taken as complete after a quiet period
 without new instances, or forcibly after a maximum wait (see ``docs/policies.md``); the
-sweep itself lives in :func:`node.db.studies.complete_quiet_studies` and runs from
+sweep itself lives in :func:`node.db.study_completion.complete_quiet_studies` and runs from
 :mod:`node.runtime.scheduler`. This module holds the pure decision, so it can be tested and reused
 without a database.
 """

@@ -112,7 +112,7 @@ def study_facts(
 
 def facts_reader(rules: RuleSet, spool_dir: Path | None) -> FactsOf:
     """:func:`study_facts` with ``rules`` and ``spool_dir`` bound: the ``facts_of`` that
-    :func:`node.db.studies.complete_quiet_studies` takes."""
+    :func:`node.db.study_completion.complete_quiet_studies` takes."""
     return lambda session, study: study_facts(session, study, rules=rules, spool_dir=spool_dir)
 
 

@@ -1,7 +1,7 @@
 """Periodic chores of a node process (APScheduler 3 ``BackgroundScheduler``, in memory).
 
 - study completion sweep (every quarter of the quiet period, 0.2-5 s): completes quiet
-  studies and queues their jobs (:func:`node.db.studies.complete_quiet_studies`);
+  studies and queues their jobs (:func:`node.db.study_completion.complete_quiet_studies`);
 - lease expiry (every quarter of the lease, 1-15 s): requeues jobs of dead workers;
 - retention (hourly): deletes studies older than ``retention_days`` and their spool files
   (instances and SRs), SR files a crashed worker left half-written, and the receive log's
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import jobs as jobs_db
 from node.db import retention as retention_db
-from node.db import studies as studies_db
+from node.db import study_completion as completion_db
 from node.db.models import utcnow
 from node.runtime.routing import facts_reader
 from node.runtime.spool import OUTPUTS_DIR, Spool, incoming_grace
@@ -68,11 +68,11 @@ class Chores:
         self.session_factory = session_factory
         self.clock = clock
 
-    def sweep_studies(self) -> list[studies_db.CompletionResult]:
+    def sweep_studies(self) -> list[completion_db.CompletionResult]:
         """Complete quiet (or overdue) studies; queue jobs for chest studies."""
         s = self.settings
         with self.session_factory() as session:
-            return studies_db.complete_quiet_studies(
+            return completion_db.complete_quiet_studies(
                 session,
                 quiet_seconds=s.study_quiet_seconds,
                 max_wait_seconds=s.study_max_wait_seconds,

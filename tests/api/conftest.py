@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.api.server import ApiServer, make_api_server
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
+from node.db import study_completion as completion_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.jobs import transition
 from node.db.migrate import upgrade
@@ -176,7 +177,7 @@ class ApiEnv:
         if state == "received":
             return Seeded(study, sop, job_id)
         with self.sessions() as s:
-            studies_db.complete_quiet_studies(
+            completion_db.complete_quiet_studies(
                 s,
                 quiet_seconds=1,
                 max_wait_seconds=2,

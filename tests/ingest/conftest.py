@@ -29,7 +29,7 @@ from integration.scp import handlers
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Instance, Job, Study
-from node.db.studies import CompletionResult, complete_quiet_studies
+from node.db.study_completion import CompletionResult, complete_quiet_studies
 from node.runtime.ingest import IngestSink
 from node.runtime.spool import Spool
 from node.settings import Settings, load_settings

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
+from node.db import study_completion as completion_db
 from node.db.instance_record import RecordOutcome
 from node.db.models import Instance, Job, JobState, Study, StudyState
 from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
@@ -22,9 +23,9 @@ RULE = ChestRule()
 
 def sweep(
     factory: sessionmaker[Session], seconds: float, *, quiet: float = 10, max_wait: float = 600
-) -> list[studies_db.CompletionResult]:
+) -> list[completion_db.CompletionResult]:
     with factory() as s:
-        return studies_db.complete_quiet_studies(
+        return completion_db.complete_quiet_studies(
             s,
             quiet_seconds=quiet,
             max_wait_seconds=max_wait,
@@ -145,7 +146,7 @@ def test_concurrent_sweeps_queue_one_job_per_study(session_factory: sessionmaker
     for st in studies:
         with session_factory() as s:
             studies_db.record_instance(s, record(study=st))
-    results: list[list[studies_db.CompletionResult]] = []
+    results: list[list[completion_db.CompletionResult]] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from node.cli import app
 from node.db import studies as studies_db
+from node.db import study_completion as completion_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import head_revision
 from node.settings import ChestRule
@@ -42,7 +43,7 @@ def _populate(url: str) -> tuple[str, str]:
         studies_db.record_instance(
             s, record(study=hand, modality="DX", body_part="HAND", content=b"z" * 10)
         )
-        studies_db.complete_quiet_studies(
+        completion_db.complete_quiet_studies(
             s,
             quiet_seconds=5,
             max_wait_seconds=60,

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
+from node.db import study_completion as completion_db
 from node.db.models import Job, JobState, Study, StudyState
 from node.settings import ChestRule
 from tests.node.factories import T0, record, uid
@@ -24,7 +25,7 @@ def _queued_jobs(
         with factory() as s:
             studies_db.record_instance(s, record(study=uid(), at=T0 + timedelta(milliseconds=i)))
     with factory() as s:
-        done = studies_db.complete_quiet_studies(
+        done = completion_db.complete_quiet_studies(
             s, quiet_seconds=1, max_wait_seconds=60, now=T0 + timedelta(seconds=5), rule=ChestRule()
         )
     ids = [c.job_id for c in done if c.job_id is not None]

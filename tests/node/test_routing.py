@@ -19,8 +19,9 @@ from integration.routing import Condition, RoutingRule, RuleSet, patient_age_yea
 from integration.routing_file import RuleError, parse_rule_set
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
+from node.db import study_completion as completion_db
 from node.db.instance_record import InstanceRecord
-from node.db.models import Job, JobState, Study, StudyState
+from node.db.models import Job, JobState, Study, StudyState, utcnow
 from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import run_batch
@@ -261,9 +262,9 @@ def from_ae(rec: InstanceRecord, calling_ae: str) -> InstanceRecord:
 
 def _sweep(
     factory: sessionmaker[Session], rules: RuleSet, spool: Path | None = None
-) -> list[studies_db.CompletionResult]:
+) -> list[completion_db.CompletionResult]:
     with factory() as s:
-        return studies_db.complete_quiet_studies(
+        return completion_db.complete_quiet_studies(
             s,
             quiet_seconds=10,
             max_wait_seconds=600,
@@ -427,11 +428,11 @@ def test_a_routed_study_is_delivered_only_to_its_destinations(
     try:
         env.add_study()
         with env.session_factory() as s:
-            (res,) = studies_db.complete_quiet_studies(
+            (res,) = completion_db.complete_quiet_studies(
                 s,
                 quiet_seconds=1.0,
                 max_wait_seconds=600.0,
-                now=studies_db.utcnow() + timedelta(seconds=5),
+                now=utcnow() + timedelta(seconds=5),
                 rule=env.settings.chest_rule,
                 rules=env.settings.routing_rules,
                 facts_of=facts_reader(env.settings.routing_rules, env.settings.spool_dir),

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from node.cli import app
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
+from node.db import study_completion as completion_db
 from node.db import views as views_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.models import Job, JobState
@@ -207,7 +208,7 @@ def test_run_node_components_and_lease_release(tmp_path: Path, db_url: str) -> N
         # a component that claims a job with the node's owner id, as the worker will
         with ctx.session_factory() as s:
             studies_db.record_instance(s, record(study=uid(), at=T0))
-            studies_db.complete_quiet_studies(
+            completion_db.complete_quiet_studies(
                 s,
                 quiet_seconds=1,
                 max_wait_seconds=10,

@@ -29,7 +29,7 @@ from integration.scp import ReceivedMeta
 from integration.status import StoreStatus
 from integration.uids import sr_instance_uid
 from node.db import drafts as drafts_db
-from node.db import studies as studies_db
+from node.db import study_completion as completion_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Delivery, Draft, Job, utcnow
@@ -196,7 +196,7 @@ class NodeEnv:
     def queue_all(self) -> list[int]:
         """Complete every receiving study now (real chest rule); return the queued job ids."""
         with self.session_factory() as s:
-            done = studies_db.complete_quiet_studies(
+            done = completion_db.complete_quiet_studies(
                 s,
                 quiet_seconds=1.0,
                 max_wait_seconds=600.0,
