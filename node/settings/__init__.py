@@ -54,16 +54,17 @@ from node.settings.values import (
     AllowedAE,
     ChestRule,
     ConfigError,
+    Host,
+    Port,
+    PositiveCount,
+    PositiveSeconds,
     _destinations_from_json,
     _priority_rules,
-    _split_commas,
-    _validate_host,
-    _validate_port,
-    at_least,
     check_viewer_template,
     is_loopback,
+    not_shorter,
     parse_ae_address,
-    positive_seconds,
+    split_each,
     validate_ae_title,
 )
 from node.settings.worker import WorkerSettings
@@ -116,8 +117,8 @@ class Settings(
     )
 
     # study assembly
-    study_quiet_seconds: float = 10.0
-    study_max_wait_seconds: float = 600.0
+    study_quiet_seconds: PositiveSeconds = 10.0
+    study_max_wait_seconds: PositiveSeconds = 600.0
     chest_rule: ChestRule = Field(default_factory=ChestRule)
     # routing rules (TOML, docs/configuration.md "Routing rules"); None: the chest rule alone
     routing_rules_file: Path | None = None
@@ -131,9 +132,9 @@ class Settings(
     # MSH-3 / MSH-4 of HL7 messages (HD namespace IDs, as agreed with the RIS interface team)
     hl7_sending_application: str = "LLMCXR"
     hl7_sending_facility: str = "LLMCXR"
-    delivery_max_attempts: int | None = None  # optional cap; delivery_retry_hours decides
-    delivery_backoff_seconds: float = 5.0
-    delivery_max_backoff_seconds: float = 600.0
+    delivery_max_attempts: PositiveCount | None = None  # optional cap; delivery_retry_hours decides
+    delivery_backoff_seconds: PositiveSeconds = 5.0
+    delivery_max_backoff_seconds: PositiveSeconds = 600.0
     # DICOM TLS (PS3.15 Annex B.1, TLS secure transport) for the SCP and the SCU
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -142,8 +143,8 @@ class Settings(
     tls_destinations: bool = False
     # admin API and logging
     api_enabled: bool = True
-    api_host: str = "127.0.0.1"
-    api_port: int = 8080
+    api_host: Host = "127.0.0.1"
+    api_port: Port = 8080
     log_level: str = "INFO"
     # the console's "open in viewer" link: {study_uid} and {accession} are filled in
     viewer_url_template: str | None = None
@@ -185,16 +186,6 @@ class Settings(
                 )
         return data
 
-    @field_validator("api_host")
-    @classmethod
-    def _api_host(cls, v: str) -> str:
-        return _validate_host(v, setting="api_host")
-
-    @field_validator("api_port")
-    @classmethod
-    def _api_port(cls, v: int) -> int:
-        return _validate_port(v, setting="api_port")
-
     @field_validator("priority_rules", mode="before")
     @classmethod
     def _priority_rules(cls, v: Any) -> Any:
@@ -205,10 +196,7 @@ class Settings(
     def _destinations(cls, v: Any) -> Any:
         if isinstance(v, str) and v.strip().startswith(("[", "{")):
             return _destinations_from_json(v.strip())
-        items = _split_commas(v)
-        if isinstance(items, list):
-            return [parse_destination(i) if isinstance(i, str) else i for i in items]
-        return items
+        return split_each(v, lambda i: parse_destination(i) if isinstance(i, str) else i)
 
     @field_validator("hl7_sending_application", "hl7_sending_facility")
     @classmethod
@@ -229,16 +217,6 @@ class Settings(
             seen.add(str(dest))
         return v
 
-    @field_validator(
-        "study_quiet_seconds",
-        "study_max_wait_seconds",
-        "delivery_backoff_seconds",
-        "delivery_max_backoff_seconds",
-    )
-    @classmethod
-    def _positive(cls, v: float, info: ValidationInfo) -> float:
-        return positive_seconds(v, setting=str(info.field_name))
-
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, v: str) -> str:
@@ -249,11 +227,7 @@ class Settings(
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.study_max_wait_seconds < self.study_quiet_seconds:
-            raise ValueError(
-                f"study_max_wait_seconds ({self.study_max_wait_seconds}) must not be shorter "
-                f"than study_quiet_seconds ({self.study_quiet_seconds})"
-            )
+        not_shorter(self, "study_max_wait_seconds", "study_quiet_seconds")
         if not is_loopback(self.host) and not self.allowed_aes:
             raise ValueError(
                 f"allowed_aes: empty while host={self.host!r} is not loopback; the storage SCP "
@@ -306,11 +280,6 @@ class Settings(
                 "(e.g. behind a TLS-terminating proxy)"
             )
         return self
-
-    @field_validator("delivery_max_attempts")
-    @classmethod
-    def _delivery_attempts(cls, v: int | None) -> int | None:
-        return None if v is None else at_least(v, 1, setting="delivery_max_attempts")
 
     @model_validator(mode="after")
     def _routing_rules(self) -> Settings:

@@ -14,9 +14,17 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from node.settings.values import _split_commas
+from node.settings.values import split_each
 
 __all__ = ["RemoteEngineSettings"]
+
+
+def _http_url(url: Any) -> Any:
+    """One entry of ``remote_urls``, unchanged when it is an http(s) URL with a host."""
+    parts = urlsplit(str(url))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"remote_urls: {url!r} is not an http(s) URL")
+    return url
 
 
 class RemoteEngineSettings(BaseModel):
@@ -34,13 +42,7 @@ class RemoteEngineSettings(BaseModel):
     @field_validator("remote_urls", mode="before")
     @classmethod
     def _remote_urls(cls, v: Any) -> Any:
-        items = _split_commas(v)
-        if isinstance(items, list):
-            for url in items:
-                parts = urlsplit(str(url))
-                if parts.scheme not in ("http", "https") or not parts.netloc:
-                    raise ValueError(f"remote_urls: {url!r} is not an http(s) URL")
-        return items
+        return split_each(v, _http_url)
 
     def remote_options(self) -> dict[str, Any]:
         """The :class:`~models.backends.remote.RemoteBackend` keyword options."""

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import NoDecode
 
 from node.settings.values import (
+    AETitle,
     AllowedAE,
-    _split_commas,
-    _validate_host,
-    _validate_port,
-    positive_seconds,
-    validate_ae_title,
+    Host,
+    Port,
+    PositiveSeconds,
+    split_each,
+    within,
 )
 
 __all__ = ["ReceiverSettings"]
@@ -29,48 +30,18 @@ class ReceiverSettings(BaseModel):
     """The storage SCP (PS3.4 Annex B) and its associations; every refusal names its
     setting."""
 
-    ae_title: str = "LLMCXR"
-    host: str = "127.0.0.1"
-    port: int = 11112
+    ae_title: AETitle = "LLMCXR"
+    host: Host = "127.0.0.1"
+    port: Port = 11112
     # several receiver processes on one host listen on `port` (SO_REUSEPORT)
     reuse_port: bool = False
     allowed_aes: Annotated[list[AllowedAE], NoDecode] = Field(default_factory=list)
-    max_associations: int = 10
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 30.0
-    network_timeout: float = 60.0
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae_title(cls, v: str) -> str:
-        return validate_ae_title(v, setting="ae_title")
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        return _validate_host(v, setting="host")
-
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        return _validate_port(v, setting="port")
+    max_associations: Annotated[int, within(1, 1000)] = 10
+    acse_timeout: PositiveSeconds = 30.0
+    dimse_timeout: PositiveSeconds = 30.0
+    network_timeout: PositiveSeconds = 60.0
 
     @field_validator("allowed_aes", mode="before")
     @classmethod
     def _allowed_aes(cls, v: Any) -> Any:
-        items = _split_commas(v)
-        if isinstance(items, list):
-            return [AllowedAE.parse(i) if isinstance(i, str) else i for i in items]
-        return items
-
-    @field_validator("max_associations")
-    @classmethod
-    def _max_assoc(cls, v: int) -> int:
-        if not 1 <= v <= 1000:
-            raise ValueError(f"max_associations: {v} is outside 1..1000")
-        return v
-
-    @field_validator("acse_timeout", "dimse_timeout", "network_timeout")
-    @classmethod
-    def _timeouts(cls, v: float, info: ValidationInfo) -> float:
-        return positive_seconds(v, setting=str(info.field_name))
+        return split_each(v, lambda i: AllowedAE.parse(i) if isinstance(i, str) else i)

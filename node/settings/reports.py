@@ -12,11 +12,12 @@ from pydantic_settings import NoDecode
 from models.concordance import DEFAULT_CRITICAL
 from models.labeler.observations import OBSERVATIONS
 from node.settings.values import (
-    _split_commas,
     _validate_host,
     _validate_port,
     is_loopback,
+    split_each,
     validate_ae_title,
+    within,
 )
 
 __all__ = ["DEFAULT_CRITICAL_FINDINGS", "OBSERVATION_NAMES", "ReportIntakeSettings"]
@@ -27,6 +28,26 @@ OBSERVATION_NAMES = tuple(o.value for o in OBSERVATIONS)
 DEFAULT_CRITICAL_FINDINGS = [o.value for o in OBSERVATIONS if o in DEFAULT_CRITICAL]
 
 
+def _ip_address(item: Any) -> str:
+    """One entry of ``hl7_allowed_hosts``: an IP address, in its normal form."""
+    try:
+        return str(ipaddress.ip_address(str(item).strip()))
+    except ValueError:
+        raise ValueError(f"hl7_allowed_hosts: {item!r} is not an IP address") from None
+
+
+def _observation_name(item: Any) -> str:
+    """One entry of ``critical_findings``: a CheXpert observation's name, any case, spaces
+    or hyphens for underscores."""
+    name = str(item).strip().lower().replace(" ", "_").replace("-", "_")
+    if name not in OBSERVATION_NAMES:
+        raise ValueError(
+            f"critical_findings: {item!r} is not a CheXpert observation "
+            f"({', '.join(OBSERVATION_NAMES)})"
+        )
+    return name
+
+
 class ReportIntakeSettings(BaseModel):
     """Final report intake (DICOM and HL7 MLLP) and the agreement alert; a base of
     :class:`node.settings.Settings`, so each field is ``CXR_NODE_<FIELD>`` as usual."""
@@ -34,52 +55,28 @@ class ReportIntakeSettings(BaseModel):
     report_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
     hl7_listen: str | None = None
     hl7_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    hl7_max_message_kb: int = 1024
+    hl7_max_message_kb: Annotated[int, within(1, 65536)] = 1024
     critical_findings: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_CRITICAL_FINDINGS)
     )
-    agreement_alert_threshold: float = 0.8
-    agreement_window: int = 50
-    agreement_min_pairs: int = 10
+    agreement_alert_threshold: Annotated[float, within(0.0, 1.0)] = 0.8
+    agreement_window: Annotated[int, within(1, 100_000)] = 50
+    agreement_min_pairs: Annotated[int, within(1, 100_000)] = 10
 
     @field_validator("report_sources", mode="before")
     @classmethod
     def _report_sources(cls, v: Any) -> Any:
-        items = _split_commas(v)
-        if isinstance(items, list):
-            return [validate_ae_title(str(i), setting="report_sources") for i in items]
-        return items
+        return split_each(v, lambda i: validate_ae_title(str(i), setting="report_sources"))
 
     @field_validator("hl7_allowed_hosts", mode="before")
     @classmethod
     def _hl7_hosts(cls, v: Any) -> Any:
-        items = _split_commas(v)
-        if not isinstance(items, list):
-            return items
-        out = []
-        for i in items:
-            try:
-                out.append(str(ipaddress.ip_address(str(i).strip())))
-            except ValueError:
-                raise ValueError(f"hl7_allowed_hosts: {i!r} is not an IP address") from None
-        return out
+        return split_each(v, _ip_address)
 
     @field_validator("critical_findings", mode="before")
     @classmethod
     def _critical(cls, v: Any) -> Any:
-        items = _split_commas(v)
-        if not isinstance(items, list):
-            return items
-        out = []
-        for i in items:
-            name = str(i).strip().lower().replace(" ", "_").replace("-", "_")
-            if name not in OBSERVATION_NAMES:
-                raise ValueError(
-                    f"critical_findings: {i!r} is not a CheXpert observation "
-                    f"({', '.join(OBSERVATION_NAMES)})"
-                )
-            out.append(name)
-        return out
+        return split_each(v, _observation_name)
 
     @field_validator("hl7_listen")
     @classmethod
@@ -92,27 +89,6 @@ class ReportIntakeSettings(BaseModel):
         _validate_host(host or "0.0.0.0", setting="hl7_listen")
         _validate_port(int(port), setting="hl7_listen")
         return f"{host or '0.0.0.0'}:{int(port)}"
-
-    @field_validator("hl7_max_message_kb")
-    @classmethod
-    def _max_kb(cls, v: int) -> int:
-        if not 1 <= v <= 65536:
-            raise ValueError("hl7_max_message_kb: must be 1..65536")
-        return v
-
-    @field_validator("agreement_alert_threshold")
-    @classmethod
-    def _threshold(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError("agreement_alert_threshold: must be 0..1")
-        return v
-
-    @field_validator("agreement_window", "agreement_min_pairs")
-    @classmethod
-    def _window(cls, v: int, info: Any) -> int:
-        if not 1 <= v <= 100_000:
-            raise ValueError(f"{info.field_name}: must be 1..100000")
-        return v
 
     @model_validator(mode="after")
     def _hl7_allow_list(self) -> ReportIntakeSettings:

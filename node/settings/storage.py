@@ -12,11 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic import BaseModel, field_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from node.settings.values import ConfigError, at_least
+from node.settings.values import ConfigError, NonNegative
 
 __all__ = ["StorageSettings"]
 
@@ -28,14 +28,9 @@ class StorageSettings(BaseModel):
     # several receivers (other processes or hosts) share spool_dir: see Spool.clean_incoming
     spool_shared: bool = False
     database_url: str = "sqlite:///var/cxr-node.sqlite3"
-    min_free_disk_mb: int = 512
-    retention_days: int = 30
-    receive_log_days: int = 90
-
-    @field_validator("retention_days", "receive_log_days", "min_free_disk_mb")
-    @classmethod
-    def _non_negative(cls, v: int, info: ValidationInfo) -> int:
-        return at_least(v, 0, setting=str(info.field_name))
+    min_free_disk_mb: NonNegative = 512
+    retention_days: NonNegative = 30
+    receive_log_days: NonNegative = 90
 
     @field_validator("database_url")
     @classmethod

@@ -8,23 +8,42 @@ import ipaddress
 import json
 import re
 import string
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from integration.destinations import DicomDestination, check_host, parse_destination
 from integration.priority import RULE_FIELDS, PriorityRule
 
 __all__ = [
+    "AETitle",
     "AllowedAE",
     "ChestRule",
     "ConfigError",
+    "Host",
+    "NonNegative",
+    "Port",
+    "PositiveCount",
+    "PositiveSeconds",
     "check_viewer_template",
     "is_loopback",
+    "not_shorter",
     "parse_ae_address",
+    "split_each",
     "validate_ae_title",
     "viewer_url",
+    "within",
 ]
 
 # PS3.5 §6.2 (VR AE): at most 16 characters of the default repertoire, no backslash, no
@@ -89,6 +108,57 @@ def _validate_port(value: int, *, setting: str) -> int:
     if not 1 <= int(value) <= 65535:
         raise ValueError(f"{setting}: port {value} is outside 1..65535")
     return int(value)
+
+
+_V = TypeVar("_V")
+
+
+def _named(check: Callable[..., _V]) -> AfterValidator:
+    """A pydantic field validator that calls ``check(value, setting=<field name>)``, so that
+    one check serves every field it annotates and its refusal names the field."""
+
+    def run(value: Any, info: ValidationInfo) -> _V:
+        return check(value, setting=str(info.field_name))
+
+    return AfterValidator(run)
+
+
+def within(low: float, high: float, *, open_low: bool = False, note: str = "") -> AfterValidator:
+    """A field validator for a bounded number: ``low <= value <= high`` (``low < value``
+    with ``open_low``), else ``ValueError`` "<field>: <value> is outside <range> <note>".
+    """
+    span = f"({low}, {high}]" if open_low else f"{low}..{high}"
+    suffix = f" {note}" if note else ""
+
+    def check(value: float, *, setting: str) -> float:
+        above_low = value > low if open_low else value >= low
+        if not (above_low and value <= high):
+            raise ValueError(f"{setting}: {value} is outside {span}{suffix}")
+        return value
+
+    return _named(check)
+
+
+def not_shorter(settings: BaseModel, longer: str, shorter: str) -> None:
+    """Refuse ``settings`` when its field ``longer`` (a limit) is less than its field
+    ``shorter`` (the period the limit bounds), naming both."""
+    high, low = getattr(settings, longer), getattr(settings, shorter)
+    if high < low:
+        raise ValueError(f"{longer} ({high}) must not be shorter than {shorter} ({low})")
+
+
+AETitle = Annotated[str, _named(validate_ae_title)]
+"""An Application Entity title (PS3.5 §6.2, VR AE), surrounding spaces removed."""
+Host = Annotated[str, _named(_validate_host)]
+"""A host name or IP address to bind to or reach (:func:`integration.destinations.check_host`)."""
+Port = Annotated[int, _named(_validate_port)]
+"""A TCP port, 1..65535."""
+PositiveSeconds = Annotated[float, _named(positive_seconds)]
+"""A duration in seconds, greater than 0."""
+NonNegative = Annotated[int, _named(partial(at_least, minimum=0))]
+"""A whole number, 0 or more."""
+PositiveCount = Annotated[int, _named(partial(at_least, minimum=1))]
+"""A whole number, 1 or more."""
 
 
 def is_loopback(host: str) -> bool:
@@ -165,6 +235,15 @@ def _split_commas(value: Any) -> Any:
     if isinstance(value, str):
         return [p.strip() for p in value.split(",") if p.strip()]
     return value
+
+
+def split_each(value: Any, convert: Callable[[Any], Any]) -> Any:
+    """A list setting before validation: a comma-separated string (the environment's form)
+    becomes its non-empty stripped items, and each item of a list is ``convert(item)``;
+    anything else is returned for pydantic to refuse. ``convert`` raises ``ValueError``
+    naming the setting for a bad item."""
+    items = _split_commas(value)
+    return [convert(i) for i in items] if isinstance(items, list) else items
 
 
 class ChestRule(BaseModel):

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic import BaseModel, field_validator
 
-from node.settings.values import at_least, positive_seconds
+from node.settings.values import NonNegative, PositiveCount, PositiveSeconds
 
 __all__ = ["WorkerSettings"]
 
@@ -29,18 +29,18 @@ class WorkerSettings(BaseModel):
     backend_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend_quant: Quant | None = None
     backend_prefill_quant: Quant | None = None
-    backend_threads: int | None = None
+    backend_threads: PositiveCount | None = None
     backend_device: str = "cpu"
-    worker_concurrency: int = 1
-    worker_batch_size: int = 1
-    worker_batch_memory_mb: int = 0
-    lease_seconds: float = 60.0
-    job_max_attempts: int = 3
+    worker_concurrency: PositiveCount = 1
+    worker_batch_size: PositiveCount = 1
+    worker_batch_memory_mb: NonNegative = 0
+    lease_seconds: PositiveSeconds = 60.0
+    job_max_attempts: PositiveCount = 3
     generation_greedy: bool = True
     generation_seed: int | None = None
-    generation_max_new_tokens: int = 128
+    generation_max_new_tokens: PositiveCount = 128
     # interactive model requests granted in a row before a waiting worker batch goes first
-    model_interactive_burst: int = 3
+    model_interactive_burst: PositiveCount = 3
 
     @field_validator("backend")
     @classmethod
@@ -49,29 +49,3 @@ class WorkerSettings(BaseModel):
         if not re.fullmatch(r"[a-z0-9_.-]+", name):
             raise ValueError(f"backend: {v!r} is not a backend name")
         return name
-
-    @field_validator("backend_threads")
-    @classmethod
-    def _threads(cls, v: int | None) -> int | None:
-        return None if v is None else at_least(v, 1, setting="backend_threads")
-
-    @field_validator(
-        "worker_concurrency",
-        "worker_batch_size",
-        "job_max_attempts",
-        "generation_max_new_tokens",
-        "model_interactive_burst",
-    )
-    @classmethod
-    def _at_least_one(cls, v: int, info: ValidationInfo) -> int:
-        return at_least(v, 1, setting=str(info.field_name))
-
-    @field_validator("worker_batch_memory_mb")
-    @classmethod
-    def _memory(cls, v: int) -> int:
-        return at_least(v, 0, setting="worker_batch_memory_mb")
-
-    @field_validator("lease_seconds")
-    @classmethod
-    def _lease(cls, v: float) -> float:
-        return positive_seconds(v, setting="lease_seconds")
