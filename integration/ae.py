@@ -43,12 +43,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from integration.association_log import AssociationLog, AssociationRecorder
 from integration.conformance import STORAGE_SCP, VERIFICATION_SCP
 from integration.transport import BoundedAssociationServer
-from integration.transport_limits import (
-    DEFAULT_MAX_PDU_SIZE,
-    MAX_PDU_SIZE,
-    MIN_PDU_SIZE,
-    TransportLimits,
-)
+from integration.transport_limits import DEFAULT_MAX_PDU_SIZE, TransportLimits
 
 __all__ = [
     "AccessPolicy",
@@ -408,11 +403,7 @@ def build_storage_ae(
     ):
         if not value > 0:
             raise ValueError(f"{name} must be greater than 0 seconds, got {value}")
-    if not MIN_PDU_SIZE <= maximum_pdu_size <= MAX_PDU_SIZE:
-        raise ValueError(
-            f"maximum PDU size must be {MIN_PDU_SIZE}..{MAX_PDU_SIZE} bytes, got {maximum_pdu_size}"
-        )
-    limits = TransportLimits(
+    limits = TransportLimits(  # checks maximum_pdu_size
         max_pdu_size=maximum_pdu_size,
         request_timeout=association_request_timeout,
         pdu_timeout=pdu_receive_timeout,

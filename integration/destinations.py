@@ -80,6 +80,11 @@ def check_host(value: str, *, label: str = "destination host") -> str:
     return host
 
 
+def _bracketed(host: str) -> str:
+    """``host`` as written before ``:port``: an IPv6 literal in brackets (RFC 3986 3.2.2)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def check_ae_title(value: str, *, label: str = "Called AE Title") -> str:
     """Return an AE title (PS3.5 6.2, VR AE: 1-16 printable ASCII characters, no backslash,
     not all spaces) without its surrounding spaces, or raise ``ValueError`` naming it
@@ -168,8 +173,7 @@ class DicomDestination:
         return cls(ae_title=match.group(1).strip(), host=host, port=int(match.group(3)))
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.ae_title}@{host}:{self.port}"
+        return f"{self.ae_title}@{_bracketed(self.host)}:{self.port}"
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -248,8 +252,7 @@ class Hl7Destination:
         return v
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mllps' if self.tls else 'mllp'}://{host}:{self.port}"
+        return f"{'mllps' if self.tls else 'mllp'}://{_bracketed(self.host)}:{self.port}"
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -27,7 +27,6 @@ series whose description begins with ``AI DRAFT WITHDRAWN``.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -36,6 +35,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
 from integration.errors import KosBuildError
+from integration.privacy import quiet_person_name_warnings
 
 __all__ = [
     "KEY_OBJECT_SELECTION_STORAGE",
@@ -135,11 +135,7 @@ def build_rejection_note(
         description=f"AI draft withdrawn: {reason.strip()}"[:1024],
     )
     try:
-        with warnings.catch_warnings():
-            # highdicom's person-name check warns quoting the patient's name
-            warnings.filterwarnings(
-                "ignore", message="The string .* is unlikely to represent", category=UserWarning
-            )
+        with quiet_person_name_warnings():  # the warning quotes the patient's name
             note = hd.ko.KeyObjectSelectionDocument(
                 evidence=list(withdrawn),
                 content=content,

@@ -40,7 +40,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any
 
@@ -349,13 +349,8 @@ class RuleResult:
     series: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return {
-            "rule": self.rule,
-            "matched": self.matched,
-            "explanation": self.explanation,
-            "series": self.series,
-        }
+        """JSON-ready dictionary: the fields by name."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)

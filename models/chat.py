@@ -309,13 +309,7 @@ def _answer(
         model_name=runtime.model_name,
         model_version=runtime.model_version,
         demo=runtime.bundle.demo,
-        timings={
-            "encode_s": encode_s,
-            "prefill_s": res.prefill_s,
-            "decode_s": res.decode_s,
-            "prompt_tokens": float(res.prompt_tokens),
-            "tokens": float(res.new_tokens),
-        },
+        timings=runtime._timings(encode_s, res),
         settings=runtime._settings(req),
     )
 

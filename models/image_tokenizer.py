@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "check_codes",
     "check_images",
     "default_providers",
+    "run_in_batches",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,31 @@ def check_codes(
 def batch_slices(n: int, max_batch: int) -> list[slice]:
     """Slices of ``range(n)`` of at most ``max_batch`` items, in order."""
     return [slice(i, min(n, i + max_batch)) for i in range(0, n, max_batch)]
+
+
+def run_in_batches(
+    x: npt.NDArray[Any],
+    max_batch: int,
+    step: Callable[[npt.NDArray[Any]], npt.NDArray[Any]],
+) -> npt.NDArray[Any]:
+    """``step`` on the rows of ``x`` in chunks of at most ``max_batch`` (:func:`batch_slices`),
+    in order.
+
+    Parameters
+    ----------
+    x
+        A non-empty batch (axis 0).
+    max_batch
+        The most rows one ``step`` call gets.
+    step
+        Maps a chunk of rows to one output row each.
+
+    Returns
+    -------
+    numpy.ndarray
+        The outputs of every chunk, joined along axis 0.
+    """
+    return np.concatenate([step(x[s]) for s in batch_slices(len(x), max_batch)], axis=0)
 
 
 def _meta(session: ort.InferenceSession) -> dict[str, str]:
@@ -216,9 +242,10 @@ class OnnxImageTokenizer:
             [-1, 1] (beyond a 1e-3 slack).
         """
         x = check_images(x, channels=self.channels, resolution=self.resolution)
-        batches = batch_slices(len(x), self.max_batch)
-        parts = [self._enc.run(None, {ENCODER_INPUT: x[s]})[0] for s in batches]
-        return np.concatenate(parts, axis=0).astype(np.int64, copy=False)
+        codes = run_in_batches(
+            x, self.max_batch, lambda b: self._enc.run(None, {ENCODER_INPUT: b})[0]
+        )
+        return codes.astype(np.int64, copy=False)
 
     def decode(self, codes: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
         """Codes ``int64[B, 256]`` in ``[0, n_embed)`` -> images ``float32[B, 3, 256, 256]``.
@@ -232,6 +259,7 @@ class OnnxImageTokenizer:
             Not an integer array, wrong shape, empty batch, or codes out of range.
         """
         c64 = check_codes(codes, codes_per_image=self.codes_per_image, n_embed=self.n_embed)
-        batches = batch_slices(len(c64), self.max_batch)
-        parts = [self._dec.run(None, {DECODER_INPUT: c64[s]})[0] for s in batches]
-        return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+        images = run_in_batches(
+            c64, self.max_batch, lambda b: self._dec.run(None, {DECODER_INPUT: b})[0]
+        )
+        return images.astype(np.float32, copy=False)

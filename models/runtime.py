@@ -270,10 +270,63 @@ class LLMCXR:
         return codes
 
     def _generate_one(self, req: GenerationRequest) -> GenerationResult:
-        res = self.backend.generate([req])[0]
-        if res.error is not None or res.stop_reason == "error":
-            raise InferenceError(f"generation failed: {res.error}")
-        return res
+        return self._generate([req])[0]
+
+    def _generate(self, reqs: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """The backend's results for ``reqs`` in one batch.
+
+        Raises
+        ------
+        InferenceError
+            A request failed (the first failed one is named).
+        """
+        results = self.backend.generate(reqs)
+        for res in results:
+            if res.error is not None or res.stop_reason == "error":
+                raise InferenceError(f"generation failed: {res.error}")
+        return results
+
+    def _read_images(
+        self,
+        prompt: str,
+        images: Sequence[npt.NDArray[np.float32]],
+        *,
+        default_key: str,
+        max_new_tokens: int | None,
+        greedy: bool | None,
+        seed: int | None,
+    ) -> tuple[list[tuple[GenerationRequest, GenerationResult]], float]:
+        """Encode ``images`` and answer ``prompt`` with each one's codes at ``<image>``, in
+        one backend batch (``"text"`` mode; ``default_key`` names the default
+        ``max_new_tokens``).
+
+        Returns
+        -------
+        list of (GenerationRequest, GenerationResult), float
+            Each image's request and result, in order, and the encode time per image (s).
+
+        Raises
+        ------
+        ModelInputError
+            An input is not a valid model input.
+        InferenceError
+            The image tokenizer or a generation failed.
+        """
+        t0 = time.perf_counter()
+        codes = self.encode_images(images)
+        encode_s = (time.perf_counter() - t0) / max(1, len(images))
+        reqs = [
+            self._request(
+                self.tokenizer.encode_with_image(prompt, [int(c) for c in row]),
+                mode="text",
+                max_new_tokens=max_new_tokens,
+                default_key=default_key,
+                greedy=greedy,
+                seed=seed,
+            )
+            for row in codes
+        ]
+        return list(zip(reqs, self._generate(reqs), strict=True)), encode_s
 
     def _provenance(self, prompt: str, req: GenerationRequest) -> dict[str, Any]:
         """The :class:`Provenance` fields of a result of ``req``."""
@@ -369,26 +422,17 @@ class LLMCXR:
         max_new_tokens: int | None = None,
     ) -> list[ReportDraft]:
         """Draft reports for several inputs in one backend batch (all inputs validated first)."""
-        t0 = time.perf_counter()
-        codes = self.encode_images(images)
-        encode_s = (time.perf_counter() - t0) / max(1, len(images))
         prompt = report_prompt()
-        reqs = [
-            self._request(
-                self.tokenizer.encode_with_image(prompt, [int(c) for c in row]),
-                mode="text",
-                max_new_tokens=max_new_tokens,
-                default_key="report_max_new_tokens",
-                greedy=greedy,
-                seed=seed,
-            )
-            for row in codes
-        ]
-        results = self.backend.generate(reqs)
+        done, encode_s = self._read_images(
+            prompt,
+            images,
+            default_key="report_max_new_tokens",
+            max_new_tokens=max_new_tokens,
+            greedy=greedy,
+            seed=seed,
+        )
         drafts = []
-        for req, res in zip(reqs, results, strict=True):
-            if res.error is not None or res.stop_reason == "error":
-                raise InferenceError(f"generation failed: {res.error}")
+        for req, res in done:
             text = self._text(res)
             findings, impression = split_sections(text)
             drafts.append(
@@ -419,18 +463,14 @@ class LLMCXR:
             prompt = vqa_prompt(question)
         except ValueError as exc:
             raise ModelInputError(str(exc)) from exc
-        t0 = time.perf_counter()
-        codes = self.encode_images([image_in])[0]
-        encode_s = time.perf_counter() - t0
-        req = self._request(
-            self.tokenizer.encode_with_image(prompt, [int(c) for c in codes]),
-            mode="text",
-            max_new_tokens=max_new_tokens,
+        [(req, res)], encode_s = self._read_images(
+            prompt,
+            [image_in],
             default_key="vqa_max_new_tokens",
+            max_new_tokens=max_new_tokens,
             greedy=greedy,
             seed=seed,
         )
-        res = self._generate_one(req)
         return Answer(
             question=question,
             text=self._text(res),

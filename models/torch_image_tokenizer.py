@@ -14,6 +14,7 @@ way in another kernel); ``benchmarks/bench_image_tokenizer.py`` measures the agr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ import torch
 
 from models.image_tokenizer import (
     ImageTokenizerError,
-    batch_slices,
     check_codes,
     check_images,
+    run_in_batches,
 )
 from models.vqgan import VQModel, load_taming_checkpoint
 
@@ -95,12 +96,7 @@ class TorchImageTokenizer:
             As :func:`models.image_tokenizer.check_images`.
         """
         x = check_images(x, channels=self.channels, resolution=self.resolution)
-        parts = []
-        with torch.inference_mode():
-            for s in batch_slices(len(x), self.max_batch):
-                batch = torch.from_numpy(x[s]).to(self.device)
-                parts.append(self.model.encode_to_codes(batch).cpu().numpy())
-        return np.concatenate(parts, axis=0).astype(np.int64, copy=False)
+        return self._run(x, self.model.encode_to_codes).astype(np.int64, copy=False)
 
     def decode(self, codes: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
         """Codes ``int64[B, 256]`` in ``[0, n_embed)`` -> images ``float32[B, 3, 256, 256]``
@@ -112,9 +108,16 @@ class TorchImageTokenizer:
             As :func:`models.image_tokenizer.check_codes`.
         """
         c64 = check_codes(codes, codes_per_image=self.codes_per_image, n_embed=self.n_embed)
-        parts = []
+        images = self._run(c64, lambda b: self.model.decode_codes(b).float())
+        return images.astype(np.float32, copy=False)
+
+    def _run(
+        self, x: npt.NDArray[Any], step: Callable[[torch.Tensor], torch.Tensor]
+    ) -> npt.NDArray[Any]:
+        """``step`` on ``x`` on the device without autograd, in chunks of at most
+        :attr:`max_batch` rows (:func:`models.image_tokenizer.run_in_batches`), back on the
+        host as one array."""
         with torch.inference_mode():
-            for s in batch_slices(len(c64), self.max_batch):
-                batch = torch.from_numpy(c64[s]).to(self.device)
-                parts.append(self.model.decode_codes(batch).float().cpu().numpy())
-        return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+            return run_in_batches(
+                x, self.max_batch, lambda b: step(torch.from_numpy(b).to(self.device)).cpu().numpy()
+            )
