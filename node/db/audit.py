@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.models import AuditLog, utcnow
+from node.db.queries import page
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -113,14 +114,14 @@ class AuditFilter:
 
 def audit_entries(session: Session, flt: AuditFilter) -> tuple[list[AuditEntry], int]:
     """Audit rows matching ``flt``, newest first, with the total number of matches."""
-    conds = flt.conditions()
-    stmt = select(AuditLog).order_by(AuditLog.id.desc()).limit(flt.limit).offset(flt.offset)
-    count_stmt = select(func.count(AuditLog.id))
-    if conds:
-        stmt = stmt.where(*conds)
-        count_stmt = count_stmt.where(*conds)
-    total = int(session.scalar(count_stmt) or 0)
-    return [audit_row(a) for a in session.scalars(stmt)], total
+    rows, total = page(
+        session,
+        select(AuditLog).where(*flt.conditions()),
+        order_by=(AuditLog.id.desc(),),
+        limit=flt.limit,
+        offset=flt.offset,
+    )
+    return [audit_row(a) for a in rows.scalars()], total
 
 
 def audit_actions(session: Session) -> list[str]:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
 from node.db.models import Conversation, ConversationTurn, Draft, Job, Study, utcnow
+from node.db.queries import page
 from node.db.read_models import read_model
 from node.db.tx import in_transaction
 
@@ -175,19 +176,18 @@ def list_conversations(
     """Conversations, the most recently updated first: ``actor``'s, or everyone's when
     ``actor`` is ``None``; one page and the total count."""
     where = [] if actor is None else [Conversation.actor == actor]
-    total = int(session.scalar(select(func.count(Conversation.id)).where(*where)) or 0)
     turns = (
         select(func.count(ConversationTurn.id))
         .where(ConversationTurn.conversation_id == Conversation.id)
         .correlate(Conversation)
         .scalar_subquery()
     )
-    rows = session.execute(
-        select(Conversation, turns)
-        .where(*where)
-        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-        .limit(limit)
-        .offset(offset)
+    rows, total = page(
+        session,
+        select(Conversation, turns).where(*where),
+        order_by=(Conversation.updated_at.desc(), Conversation.id.desc()),
+        limit=limit,
+        offset=offset,
     )
     out = [read_model(ConversationSummary, c, turn_count=int(n or 0)) for c, n in rows]
     return out, total

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Delivery, DeliveryState, Job, Study
+from node.db.queries import count_by_state, page
 from node.db.read_models import read_model
 from node.db.views import DeliveryRow, delivery_row
 
@@ -43,10 +44,7 @@ def list_deliveries(
 
 def delivery_counts(session: Session) -> dict[str, int]:
     """Deliveries by state, every state present (zero included)."""
-    out = {s.value: 0 for s in DeliveryState}
-    for state, n in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
-        out[DeliveryState(state).value] = int(n)
-    return out
+    return count_by_state(session, Delivery.state, DeliveryState)
 
 
 @dataclass(frozen=True)
@@ -88,13 +86,9 @@ def destination_health(session: Session, destinations: list[str]) -> dict[str, D
             .order_by(Delivery.id.desc())
             .limit(1)
         ).first()
-        counts = {s.value: 0 for s in DeliveryState}
-        for state, n in session.execute(
-            select(Delivery.state, func.count())
-            .where(Delivery.destination == dest)
-            .group_by(Delivery.state)
-        ):
-            counts[DeliveryState(state).value] = int(n)
+        counts = count_by_state(
+            session, Delivery.state, DeliveryState, Delivery.destination == dest
+        )
         out[dest] = DestinationHealth(
             destination=dest,
             last_success_at=last_ok,
@@ -142,16 +136,16 @@ def failed_deliveries(
     where: list[Any] = [Delivery.state == DeliveryState.failed]
     if destination is not None:
         where.append(Delivery.destination == destination)
-    total = int(session.scalar(select(func.count(Delivery.id)).where(*where)) or 0)
-    rows = session.execute(
+    rows, total = page(
+        session,
         select(Delivery, Study)
         .outerjoin(Job, Job.id == Delivery.job_id)
         .outerjoin(Study, Study.id == Job.study_id)
-        .where(*where)
-        .order_by(Delivery.last_attempt_at.desc(), Delivery.id.desc())
-        .limit(limit)
-        .offset(offset)
-    ).all()
+        .where(*where),
+        order_by=(Delivery.last_attempt_at.desc(), Delivery.id.desc()),
+        limit=limit,
+        offset=offset,
+    )
     return [
         read_model(
             FailedDelivery,

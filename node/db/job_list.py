@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Delivery, DeliveryState, Job, JobState, Study
+from node.db.queries import check_page, contains, page
 from node.db.read_models import read_model
 
 __all__ = [
@@ -77,10 +78,7 @@ class JobFilter:
     offset: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.limit <= 1000:
-            raise ValueError(f"limit must be within 1..1000, got {self.limit}")
-        if self.offset < 0:
-            raise ValueError(f"offset must not be negative, got {self.offset}")
+        check_page(self.limit, self.offset)
         for name in ("since", "until"):
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
@@ -176,16 +174,6 @@ def job_row(job: Job, study: Study, deliveries: Sequence[DeliveryState] = ()) ->
     )
 
 
-def _like(text: str) -> str:
-    """A case-insensitive LIKE pattern matching ``text`` anywhere (``\\`` escapes)."""
-    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
-def _contains(column: Any, text: str) -> Any:
-    return func.lower(column).like(_like(text), escape="\\")
-
-
 def _conditions(flt: JobFilter) -> list[Any]:
     conds: list[Any] = []
     if flt.states:
@@ -203,21 +191,21 @@ def _conditions(flt: JobFilter) -> list[Any]:
     for word in (flt.text or "").replace("^", " ").split():
         conds.append(
             or_(
-                _contains(Study.patient_name, word),
-                _contains(Study.patient_id, word),
-                _contains(Study.accession_number, word),
-                _contains(Study.study_description, word),
-                _contains(Study.study_instance_uid, word),
+                contains(Study.patient_name, word),
+                contains(Study.patient_id, word),
+                contains(Study.accession_number, word),
+                contains(Study.study_description, word),
+                contains(Study.study_instance_uid, word),
             )
         )
     for word in (flt.patient or "").replace("^", " ").split():
-        conds.append(or_(_contains(Study.patient_name, word), _contains(Study.patient_id, word)))
+        conds.append(or_(contains(Study.patient_name, word), contains(Study.patient_id, word)))
     if flt.accession:
-        conds.append(_contains(Study.accession_number, flt.accession))
+        conds.append(contains(Study.accession_number, flt.accession))
     if flt.calling_ae:
-        conds.append(_contains(Study.calling_ae, flt.calling_ae))
+        conds.append(contains(Study.calling_ae, flt.calling_ae))
     if flt.modality:
-        conds.append(_contains(Study.modalities, flt.modality))
+        conds.append(contains(Study.modalities, flt.modality))
     if flt.study_date_from:
         conds.append(Study.study_date >= flt.study_date_from)
     if flt.study_date_to:
@@ -242,16 +230,11 @@ def _delivery_condition(state: str) -> Any:
 
 def filter_jobs(session: Session, flt: JobFilter) -> tuple[list[JobRow], int]:
     """Jobs matching ``flt`` in its order (default newest first), and the number of matches."""
-    conds = _conditions(flt)
-    base = select(Job, Study).join(Study, Study.id == Job.study_id)
-    count_stmt = select(func.count(Job.id)).join(Study, Study.id == Job.study_id)
-    if conds:
-        base = base.where(*conds)
-        count_stmt = count_stmt.where(*conds)
-    total = int(session.scalar(count_stmt) or 0)
+    stmt = select(Job, Study).join(Study, Study.id == Job.study_id).where(*_conditions(flt))
     column = SORT_COLUMNS[flt.sort]
     order = [column.desc(), Job.id.desc()] if flt.descending else [column.asc(), Job.id.asc()]
-    rows = session.execute(base.order_by(*order).limit(flt.limit).offset(flt.offset)).all()
+    result, total = page(session, stmt, order_by=order, limit=flt.limit, offset=flt.offset)
+    rows = result.all()
     states: dict[int, list[DeliveryState]] = {}
     ids = [job.id for job, _study in rows]
     if ids:

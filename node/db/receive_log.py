@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from node.db.instance_record import clip
 from node.db.models import UID_LEN, Association, Instance, RefusedInstance, Study
+from node.db.queries import check_page, contains, page
 from node.db.read_models import read_model
 from node.db.tx import in_transaction
 
@@ -326,8 +327,7 @@ class ReceiveLogFilter:
     def __post_init__(self) -> None:
         if self.outcome is not None and self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {self.outcome!r}")
-        if not 1 <= self.limit <= 1000 or self.offset < 0:
-            raise ValueError("limit must be 1..1000 and offset at least 0")
+        check_page(self.limit, self.offset)
 
 
 def _row(a: Association) -> AssociationRow:
@@ -339,15 +339,10 @@ def _refused_row(r: RefusedInstance) -> RefusedRow:
     return read_model(RefusedRow, r, status_hex=f"0x{r.status:04X}")
 
 
-def _contains(column: Any, text: str) -> Any:
-    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return func.lower(column).like(f"%{escaped}%", escape="\\")
-
-
 def _filtered(flt: ReceiveLogFilter) -> Select[Any]:
     stmt = select(Association)
     if flt.calling_ae:
-        stmt = stmt.where(_contains(Association.calling_ae, flt.calling_ae.strip()))
+        stmt = stmt.where(contains(Association.calling_ae, flt.calling_ae.strip()))
     if flt.outcome:
         stmt = stmt.where(Association.outcome == flt.outcome)
     if flt.since is not None:
@@ -370,14 +365,14 @@ def _filtered(flt: ReceiveLogFilter) -> Select[Any]:
 
 def list_associations(session: Session, flt: ReceiveLogFilter) -> tuple[list[AssociationRow], int]:
     """Associations matching ``flt``, newest first, and the number of matches."""
-    stmt = _filtered(flt)
-    total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
-    rows = session.scalars(
-        stmt.order_by(Association.started_at.desc(), Association.id.desc())
-        .limit(flt.limit)
-        .offset(flt.offset)
+    rows, total = page(
+        session,
+        _filtered(flt),
+        order_by=(Association.started_at.desc(), Association.id.desc()),
+        limit=flt.limit,
+        offset=flt.offset,
     )
-    return [_row(a) for a in rows], total
+    return [_row(a) for a in rows.scalars()], total
 
 
 def association_detail(session: Session, association_id: int) -> AssociationDetail | None:

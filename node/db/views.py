@@ -39,6 +39,7 @@ from node.db.models import (
     StudyState,
     utcnow,
 )
+from node.db.queries import count_by_state
 from node.db.read_models import read_model
 from node.db.tx import in_transaction
 
@@ -230,15 +231,10 @@ def set_priority(session: Session, job_id: int, priority: int, *, actor: str) ->
 
 def metric_counts(session: Session) -> tuple[dict[str, int], dict[str, int]]:
     """Jobs by state and deliveries by state (every state present, zeros included)."""
-    jobs = {s.value: 0 for s in JobState}
-    for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
-        jobs[JobState(state).value] = int(n)
-    deliveries = {s.value: 0 for s in DeliveryState}
-    for d_state, n in session.execute(
-        select(Delivery.state, func.count()).group_by(Delivery.state)
-    ):
-        deliveries[DeliveryState(d_state).value] = int(n)
-    return jobs, deliveries
+    return (
+        count_by_state(session, Job.state, JobState),
+        count_by_state(session, Delivery.state, DeliveryState),
+    )
 
 
 @dataclass
@@ -270,16 +266,7 @@ def counts(session: Session) -> StatusCounts:
     out.instances = int(n_inst)
     out.spool_bytes = int(size)
     out.series = int(session.scalar(select(func.count(Series.id))) or 0)
-    out.studies_by_state = {s.value: 0 for s in StudyState}
-    for study_state, n in session.execute(select(Study.state, func.count()).group_by(Study.state)):
-        out.studies_by_state[StudyState(study_state).value] = int(n)
+    out.studies_by_state = count_by_state(session, Study.state, StudyState)
     out.studies = sum(out.studies_by_state.values())
-    out.jobs = {s.value: 0 for s in JobState}
-    for job_state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
-        out.jobs[JobState(job_state).value] = int(n)
-    out.deliveries = {s.value: 0 for s in DeliveryState}
-    for d_state, n in session.execute(
-        select(Delivery.state, func.count()).group_by(Delivery.state)
-    ):
-        out.deliveries[DeliveryState(d_state).value] = int(n)
+    out.jobs, out.deliveries = metric_counts(session)
     return out

@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db.jobs import JobConflict, JobNotFound
-from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, Job, JobState, utcnow
+from node.db.jobs import JobConflict, lock_job
+from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, JobState, utcnow
 from node.db.tx import in_transaction
 
 __all__ = ["Withdrawal", "withdraw_job"]
@@ -57,9 +57,7 @@ def withdraw_job(
     now = now or utcnow()
 
     def work() -> Withdrawal:
-        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
-        if job is None:
-            raise JobNotFound(f"job {job_id} does not exist")
+        job = lock_job(session, job_id)
         if job.withdrawn_at is not None:
             raise JobConflict(f"job {job_id}: the draft was withdrawn already")
         if job.state is not JobState.done or not job.sr_sop_instance_uid:

@@ -47,7 +47,7 @@ from node.services.chat_turns import (
 )
 from node.services.context import ServiceContext
 from node.services.errors import Forbidden, Gone, InvalidInput, NotFound
-from node.services.images import MAX_UPLOAD_BYTES, gray8_from_bytes, gray8_from_file, png_bytes
+from node.services.images import MAX_UPLOAD_BYTES, gray8_from_bytes, png_bytes
 from node.services.model_use import interactive_model, require_model
 
 if TYPE_CHECKING:
@@ -149,14 +149,10 @@ def start_for_study(
     node.services.errors.Gone
         When the instance's file is no longer in the spool (410).
     """
-    from node.services.tasks import study_image
+    from node.services.tasks import study_pixels
 
     require_model(ctx)
-    img = study_image(ctx, study_uid, sop_instance_uid)
-    try:
-        gray8, _ds = gray8_from_file(img.path)
-    except FileNotFoundError:
-        raise Gone(f"instance {img.sop_instance_uid} is no longer in the spool") from None
+    img, gray8 = study_pixels(ctx, study_uid, sop_instance_uid)
     return _start(
         ctx,
         gray8,

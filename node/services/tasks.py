@@ -38,6 +38,7 @@ __all__ = [
     "make_image",
     "report_for_upload",
     "study_image",
+    "study_pixels",
     "vqa_for_study",
 ]
 
@@ -124,6 +125,27 @@ def study_image(ctx: ServiceContext, study_uid: str, sop_instance_uid: str | Non
     return StudyImage(study_uid, uid, root / paths[uid], "selected now")
 
 
+def study_pixels(
+    ctx: ServiceContext, study_uid: str, sop_instance_uid: str | None
+) -> tuple[StudyImage, npt.NDArray[np.uint8]]:
+    """The image of a stored study that a task runs on (:func:`study_image`) and its
+    8-bit grey pixels.
+
+    Raises
+    ------
+    node.services.errors.Gone
+        When the instance's file is no longer in the spool (410).
+    node.db.study_views.StudyNotFound, node.services.errors.NotFound
+        As for :func:`study_image`.
+    """
+    img = study_image(ctx, study_uid, sop_instance_uid)
+    try:
+        gray8, _ds = gray8_from_file(img.path)
+    except FileNotFoundError:
+        raise Gone(f"instance {img.sop_instance_uid} is no longer in the spool") from None
+    return img, gray8
+
+
 def vqa_for_study(
     ctx: ServiceContext,
     study_uid: str,
@@ -133,11 +155,7 @@ def vqa_for_study(
     actor: str,
 ) -> tuple[Answer, StudyImage]:
     """Answer a question about a stored study's image (audited as ``model.vqa``)."""
-    img = study_image(ctx, study_uid, sop_instance_uid)
-    try:
-        gray8, _ds = gray8_from_file(img.path)
-    except FileNotFoundError:
-        raise Gone(f"instance {img.sop_instance_uid} is no longer in the spool") from None
+    img, gray8 = study_pixels(ctx, study_uid, sop_instance_uid)
     with interactive_model(ctx) as runtime:
         answer = answer_question(runtime, gray8, question)
     _audit(ctx, actor, "model.vqa", f"study:{study_uid}", {"sop": img.sop_instance_uid})
