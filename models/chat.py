@@ -337,6 +337,7 @@ def chat(
     greedy: bool | None = None,
     seed: int | None = None,
     context_tokens: int | None = None,
+    on_dropped: Callable[[int], object] | None = None,
 ) -> ChatAnswer:
     """Answer ``question`` about the image after ``history`` (see the module text).
 
@@ -360,6 +361,10 @@ def chat(
         As for :meth:`models.runtime.LLMCXR.vqa` (defaults from the bundle).
     context_tokens
         The window; default :func:`context_window`.
+    on_dropped
+        Called with the number of oldest turns left out to fit the window, before the
+        answer is generated, when there are any (:attr:`ChatAnswer.dropped_turns` says it
+        again after).
 
     Returns
     -------
@@ -396,6 +401,8 @@ def chat(
         )
     except PromptError as exc:
         raise ModelInputError(str(exc)) from exc
+    if prompt.dropped_turns and on_dropped is not None:
+        on_dropped(prompt.dropped_turns)
     return _answer(
         runtime,
         prompt.ids,

@@ -286,8 +286,7 @@ def ask(
     node.services.errors.Conflict
         Another turn of this conversation is running (409).
     """
-    from models.chat import ChatTurn, build_chat_prompt, chat, context_window
-    from models.prompts import PromptError
+    from models.chat import ChatTurn, chat, context_window
     from models.runtime import ModelInputError
 
     budget = _budget(max_new_tokens)
@@ -300,21 +299,6 @@ def ask(
         stream = streamer(on_text, h)
         with interactive_model(ctx) as runtime:
             room = int(budget or runtime.defaults.get("vqa_max_new_tokens", 128))
-            window = context_window(runtime)
-            try:
-                # the same prompt chat() builds: the notice goes out before the answer
-                prompt = build_chat_prompt(
-                    runtime.tokenizer,
-                    conv.image_codes,
-                    history,
-                    question,
-                    max_new_tokens=room,
-                    context_tokens=window,
-                )
-            except PromptError as exc:
-                raise InvalidInput(str(exc)) from None
-            if prompt.dropped_turns and on_notice is not None:
-                on_notice(prompt.dropped_turns)
             try:
                 answer = chat(
                     runtime,
@@ -324,7 +308,8 @@ def ask(
                     image_codes=conv.image_codes,
                     on_text=stream,
                     max_new_tokens=room,
-                    context_tokens=window,
+                    context_tokens=context_window(runtime),
+                    on_dropped=on_notice,
                 )
             except ModelInputError as exc:
                 raise InvalidInput(str(exc)) from None
