@@ -1,5 +1,6 @@
 """What every route module shares: the role dependencies, the context, the error answers
-of authentication, and the time-zone rule for query times."""
+of authentication (and of the routes that run the model), and the time-zone rule for query
+times."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from node.services.context import ServiceContext
 
 __all__ = [
     "AUTH_ERRORS",
+    "MODEL_ERRORS",
     "Admin",
     "Ctx",
     "Limit",
@@ -30,6 +32,11 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no or invalid token"},
     403: {"model": ErrorOut, "description": "role too weak, or CSRF check failed"},
     429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
+}
+#: the error answers of a route that runs the model (OpenAPI ``responses``)
+MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorOut, "description": "input the model cannot take"},
+    503: {"model": ErrorOut, "description": "model not loaded (yet) or busy"},
 }
 Viewer = Annotated[Principal, Depends(require_role("viewer"))]
 Reviewer = Annotated[Principal, Depends(require_role("reviewer"))]

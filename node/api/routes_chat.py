@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from node.api.deps import AUTH_ERRORS, Ctx, Limit, Offset, Operator
+from node.api.deps import AUTH_ERRORS, MODEL_ERRORS, Ctx, Limit, Offset, Operator
 from node.api.errors import ApiError
-from node.api.schemas import ErrorOut
+from node.api.schemas import UID_PATTERN, ErrorOut, json_or_multipart_body
 from node.api.sse import stream_turn
 from node.db.conversations import ConversationRecord, ConversationSummary, TurnRecord
 from node.services import chat
@@ -46,14 +46,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     **AUTH_ERRORS,
     404: {"model": ErrorOut, "description": "no such conversation (or not yours)"},
     409: {"model": ErrorOut, "description": "a turn of this conversation is running"},
-    422: {"model": ErrorOut, "description": "input the model cannot take"},
-    503: {"model": ErrorOut, "description": "model not loaded (yet) or busy"},
+    **MODEL_ERRORS,
 }
 router = APIRouter(prefix="/api/conversations", tags=["conversations"], responses=_ERRORS)
 upload_router = APIRouter(prefix="/api/conversations", tags=["conversations"], responses=_ERRORS)
 ConvId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 TurnId = Annotated[int, Path(ge=1, le=2**31 - 1)]
-_UID = r"^[0-9]+(\.[0-9]+)*$"
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -70,8 +68,8 @@ class ConversationStudyIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    study_uid: str = Field(min_length=1, max_length=64, pattern=_UID)
-    sop_instance_uid: str | None = Field(default=None, max_length=64, pattern=_UID)
+    study_uid: str = Field(min_length=1, max_length=64, pattern=UID_PATTERN)
+    sop_instance_uid: str | None = Field(default=None, max_length=64, pattern=UID_PATTERN)
 
 
 class QuestionIn(BaseModel):
@@ -199,35 +197,22 @@ async def _prepare(ctx: Any, conv_id: int, actor: str, admin: bool) -> Conversat
     response_model=ConversationOut,
     status_code=201,
     responses={413: {"model": ErrorOut, "description": "upload over api_max_upload_mb"}},
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "study_uid": {"type": "string", "maxLength": 64, "pattern": _UID},
-                            "sop_instance_uid": {
-                                "type": "string",
-                                "maxLength": 64,
-                                "pattern": _UID,
-                            },
-                        },
-                        "required": ["study_uid"],
-                        "additionalProperties": False,
-                    }
-                },
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                        "required": ["file"],
-                    }
-                },
+    openapi_extra=json_or_multipart_body(
+        {
+            "type": "object",
+            "properties": {
+                "study_uid": {"type": "string", "maxLength": 64, "pattern": UID_PATTERN},
+                "sop_instance_uid": {"type": "string", "maxLength": 64, "pattern": UID_PATTERN},
             },
-        }
-    },
+            "required": ["study_uid"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {"file": {"type": "string", "format": "binary"}},
+            "required": ["file"],
+        },
+    ),
     summary="Start a conversation about a stored study or an uploaded image (operator)",
 )
 async def start(request: Request, ctx: Ctx, p: Operator) -> ConversationOut:

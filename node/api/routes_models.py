@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Path, Query, UploadFile
 from fastapi.responses import Response
 
-from node.api.deps import AUTH_ERRORS, Ctx, Operator
-from node.api.schemas import ErrorOut, GenerateImageIn, ReportOut, VqaIn, VqaOut
+from node.api.deps import AUTH_ERRORS, MODEL_ERRORS, Ctx, Operator
+from node.api.schemas import UID_PATTERN, ErrorOut, GenerateImageIn, ReportOut, VqaIn, VqaOut
 from node.services import tasks
 from node.services.images import MIB
 
@@ -22,13 +22,11 @@ __all__ = ["router", "upload_router"]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     **AUTH_ERRORS,
     413: {"model": ErrorOut, "description": "request body over the route's limit"},
-    422: {"model": ErrorOut, "description": "input the model cannot take"},
-    429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
-    503: {"model": ErrorOut, "description": "model not loaded (yet) or busy"},
+    **MODEL_ERRORS,
 }
 router = APIRouter(prefix="/api", tags=["model"], responses=_ERRORS)
 upload_router = APIRouter(prefix="/api", tags=["model"], responses=_ERRORS)
-UID = Annotated[str, Path(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
+UID = Annotated[str, Path(max_length=64, pattern=UID_PATTERN)]
 
 
 @router.post(

@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 
 from node.api.deps import AUTH_ERRORS, Ctx, Operator, Viewer
 from node.api.limits import JSON_BODY_LIMIT
-from node.api.schemas import ErrorOut
+from node.api.schemas import UID_PATTERN, ErrorOut, json_or_multipart_body
 from node.services import routing
 from node.services.errors import InputTooLarge, InvalidInput
 from node.services.images import MIB
@@ -28,49 +28,40 @@ __all__ = ["router"]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {**AUTH_ERRORS}
 router = APIRouter(prefix="/api/rules", tags=["rules"], responses=_ERRORS)
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(UID_PATTERN)
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{0,16}$")
 
-_DRY_RUN_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["study_uid"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "study_uid": {
-                            "type": "string",
-                            "maxLength": 64,
-                            "pattern": r"^[0-9]+(\.[0-9]+)*$",
-                            "description": "Study Instance UID (0020,000D) of a stored study",
-                        }
-                    },
-                }
+_DRY_RUN_BODY = json_or_multipart_body(
+    {
+        "type": "object",
+        "required": ["study_uid"],
+        "additionalProperties": False,
+        "properties": {
+            "study_uid": {
+                "type": "string",
+                "maxLength": 64,
+                "pattern": UID_PATTERN,
+                "description": "Study Instance UID (0020,000D) of a stored study",
+            }
+        },
+    },
+    {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {
+                "type": "string",
+                "format": "binary",
+                "description": "DICOM Part 10 file (header read, never stored)",
             },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "DICOM Part 10 file (header read, never stored)",
-                        },
-                        "calling_ae": {
-                            "type": "string",
-                            "maxLength": 16,
-                            "description": "calling AE title to assume",
-                        },
-                    },
-                }
+            "calling_ae": {
+                "type": "string",
+                "maxLength": 16,
+                "description": "calling AE title to assume",
             },
         },
-    }
-}
+    },
+)
 
 
 @router.get("", summary="The routing rules, first match wins (viewer)")

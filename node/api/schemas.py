@@ -20,6 +20,7 @@ from node.db.tokens import TokenRow
 from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion
 
 __all__ = [
+    "UID_PATTERN",
     "AuditPage",
     "CancelIn",
     "ErrorOut",
@@ -36,9 +37,42 @@ __all__ = [
     "VqaIn",
     "VqaOut",
     "WithdrawIn",
+    "json_or_multipart_body",
 ]
 
 Role = Literal["viewer", "operator", "admin", "reviewer"]
+#: a DICOM UID (PS3.5 9.1): digits in components separated by dots (the 64-character bound
+#: is each field's own ``max_length``)
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+
+
+def json_or_multipart_body(
+    json_schema: dict[str, Any], form_schema: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route that reads its body itself, which is either JSON or
+    ``multipart/form-data`` (an upload).
+
+    Parameters
+    ----------
+    json_schema
+        The JSON Schema of the ``application/json`` body.
+    form_schema
+        The JSON Schema of the ``multipart/form-data`` fields.
+
+    Returns
+    -------
+    dict
+        ``{"requestBody": ...}``: a required body of either content type.
+    """
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": json_schema},
+                "multipart/form-data": {"schema": form_schema},
+            },
+        }
+    }
 
 
 class ErrorOut(BaseModel):
@@ -209,9 +243,7 @@ class VqaIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(min_length=1, max_length=1000)
-    sop_instance_uid: str | None = Field(
-        default=None, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$"
-    )
+    sop_instance_uid: str | None = Field(default=None, max_length=64, pattern=UID_PATTERN)
 
 
 class ModelOut(BaseModel):
@@ -251,6 +283,6 @@ class GenerateImageIn(BaseModel):
     report: str = Field(min_length=1, max_length=4000)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     greedy: bool | None = None
-    study_uid: str | None = Field(default=None, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
+    study_uid: str | None = Field(default=None, max_length=64, pattern=UID_PATTERN)
     send: bool = False
     destination: str | None = Field(default=None, max_length=512)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -25,14 +27,33 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+@contextmanager
+def _exit_on(*errors: type[Exception]) -> Iterator[None]:
+    """Run the ``with`` block; one of ``errors`` raised in it exits 1 with its message.
+
+    Parameters
+    ----------
+    *errors
+        The exception types that are the command's expected failures (a bad bundle, a file
+        in the way, ...); any other exception propagates.
+
+    Raises
+    ------
+    typer.Exit
+        Code 1, after ``error: <message>`` on stderr, when the block raised one of ``errors``.
+    """
+    try:
+        yield
+    except errors as exc:
+        _fail(str(exc))
+
+
 def _open_bundle(bundle_dir: Path) -> ModelBundle:
     """The bundle at ``bundle_dir``, or exit 1 saying why it cannot be opened."""
     from models.bundle import BundleError, ModelBundle
 
-    try:
+    with _exit_on(BundleError):
         return ModelBundle.open(bundle_dir)
-    except BundleError as exc:
-        _fail(str(exc))
 
 
 @app.command("create-demo")
@@ -47,7 +68,7 @@ def create_demo(
     from models.bundle import BundleError
     from models.demo import create_demo_bundle
 
-    try:
+    with _exit_on(BundleError, FileExistsError, ValueError):
         bundle = create_demo_bundle(
             out,
             seed=seed,
@@ -55,9 +76,6 @@ def create_demo(
             layers=layers,
             overwrite=overwrite,
         )
-    except (BundleError, FileExistsError, ValueError) as exc:
-        _fail(str(exc))
-        return
     typer.echo(
         f"DEMO bundle written to {bundle.root} ({bundle.model_name}, {bundle.model_version})"
     )
@@ -80,7 +98,7 @@ def import_cmd(
     from models.bundle import BundleError
     from models.importer import import_llmcxr
 
-    try:
+    with _exit_on(BundleError, FileExistsError, ValueError):
         bundle = import_llmcxr(
             llm,
             vqgan_ckpt,
@@ -91,9 +109,6 @@ def import_cmd(
             link=link,
             overwrite=overwrite,
         )
-    except (BundleError, FileExistsError, ValueError) as exc:
-        _fail(str(exc))
-        return
     typer.echo(f"bundle written to {bundle.root} ({bundle.model_name}, {bundle.model_version})")
 
 
@@ -120,21 +135,20 @@ def import_base(
     from models.importer import import_llmcxr
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix=".base-llm-", dir=out.parent) as tmp:
-            prepared = prepare_base_llm(llm, Path(tmp) / "llm")
-            bundle = import_llmcxr(
-                prepared,
-                vqgan_ckpt,
-                vqgan_config,
-                out,
-                model_name=model_name,
-                model_version=model_version,
-                overwrite=overwrite,
-            )
-    except (BundleError, FileExistsError, ValueError, OSError) as exc:
-        _fail(str(exc))
-        return
+    with (
+        _exit_on(BundleError, FileExistsError, ValueError, OSError),
+        tempfile.TemporaryDirectory(prefix=".base-llm-", dir=out.parent) as tmp,
+    ):
+        prepared = prepare_base_llm(llm, Path(tmp) / "llm")
+        bundle = import_llmcxr(
+            prepared,
+            vqgan_ckpt,
+            vqgan_config,
+            out,
+            model_name=model_name,
+            model_version=model_version,
+            overwrite=overwrite,
+        )
     typer.echo(
         f"bundle written to {bundle.root} ({bundle.model_name}, {bundle.model_version}):"
         " untrained image tokens, for cxr-node train"
@@ -162,12 +176,9 @@ def convert(
         _fail(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}", 2)
     if threads is not None and threads < 1:
         _fail(f"--threads must be >= 1, got {threads}", 2)
-    try:
+    with _exit_on(BundleError, ConversionError, TokenLayoutError, OSError):
         ModelBundle.open(bundle_dir)  # a structurally valid bundle before writing into it
         result = convert_bundle(bundle_dir, quant=quant, threads=threads)  # type: ignore[arg-type]
-    except (BundleError, ConversionError, TokenLayoutError, OSError) as exc:
-        _fail(str(exc))
-        return
     rel = result.path.relative_to(Path(bundle_dir)).as_posix()
     out = {
         "engine": engine,
@@ -346,12 +357,9 @@ def generate(
         "device": device,
         "threads": threads,
     }
-    try:
+    with _exit_on(BundleError, GenerationError, TokenLayoutError, ValueError):
         model = LLMCXR.from_bundle(bundle_dir, backend=backend, backend_options=options)
-    except (BundleError, GenerationError, TokenLayoutError, ValueError) as exc:
-        _fail(str(exc))
-        return
-    try:
+    with _exit_on(InferenceError, ModelInputError, TokenLayoutError):
         result = _run_generate(
             model,
             x,
@@ -362,9 +370,6 @@ def generate(
             seed=seed,
             max_new_tokens=max_new_tokens,
         )
-    except (InferenceError, ModelInputError, TokenLayoutError) as exc:
-        _fail(str(exc))
-        return
     result["backend"] = model.backend.health()
     _print_result(result, as_json=as_json)
 

@@ -44,13 +44,15 @@ def failures_page(
         title="Failed deliveries",
         user=user,
         rows=rows,
-        total=total,
         summary=delivery_service.failures_by_destination(ctx),
         destination=destination,
-        page_no=page,
-        pages=frame.page_count(total, PAGE_SIZE),
-        page_url=frame.page_url(
-            request, "web_failures", {"destination": destination, "page": page}
+        **frame.paging(
+            request,
+            "web_failures",
+            {"destination": destination},
+            page=page,
+            per=PAGE_SIZE,
+            total=total,
         ),
         can_operate=user.has("operator"),
         resend_api="/api/deliveries/resend",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,6 +45,7 @@ __all__ = [
     "page_context",
     "page_count",
     "page_url",
+    "paging",
     "render",
 ]
 
@@ -143,14 +144,8 @@ class ModelStatus:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return {
-            "state": self.state,
-            "demo": self.demo,
-            "name": self.name,
-            "version": self.version,
-            "error": self.error,
-        }
+        """JSON-ready dictionary of the fields."""
+        return asdict(self)
 
 
 def model_status(ctx: ServiceContext) -> ModelStatus:
@@ -247,3 +242,41 @@ def page_url(request: Request, route: str, params: dict[str, Any]) -> Callable[.
 def page_count(total: int, per: int) -> int:
     """How many pages of ``per`` rows ``total`` rows fill (at least one)."""
     return max(1, math.ceil(total / per))
+
+
+def paging(
+    request: Request, route: str, params: dict[str, Any], *, page: int, per: int, total: int
+) -> dict[str, Any]:
+    """The render context of a paged, filtered list, which ``templates/paging.html`` reads.
+
+    Parameters
+    ----------
+    request
+        The page's request (its application resolves ``route``).
+    route
+        The name of the list's page route.
+    params
+        The list's query (its filters), kept in the links to the other pages.
+    page
+        The 1-based page shown.
+    per
+        Rows per page.
+    total
+        Rows matching the filters, on all pages.
+
+    Returns
+    -------
+    dict
+        ``params``, ``total``, ``page_no``, ``per``, ``page_sizes`` (:data:`PAGE_SIZES`),
+        ``pages`` (:func:`page_count`) and ``page_url`` (:func:`page_url` of ``params``
+        and the page shown).
+    """
+    return {
+        "params": params,
+        "total": total,
+        "page_no": page,
+        "per": per,
+        "page_sizes": PAGE_SIZES,
+        "pages": page_count(total, per),
+        "page_url": page_url(request, route, {**params, "page": page}),
+    }

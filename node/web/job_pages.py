@@ -115,7 +115,6 @@ def queue_page(
         "per": per,
     }
 
-    queue_url = frame.page_url(request, "web_queue", {**params, "page": page})
     return frame.render(
         request,
         "queue.html",
@@ -123,16 +122,10 @@ def queue_page(
         title="Queue",
         user=user,
         jobs=jobs,
-        total=total,
         counts=counts,
         states=[s.value for s in JobState],
         delivery_states=list(views_db.DELIVERY_STATES),
-        params=params,
-        page_no=page,
-        per=per,
-        page_sizes=frame.PAGE_SIZES,
-        pages=frame.page_count(total, per),
-        queue_url=queue_url,
+        **frame.paging(request, "web_queue", params, page=page, per=per, total=total),
         state=params["state"],
         jobs_api=f"{auth.JOBS_API}?{urlencode(_api_query(flt, order))}",
         bulk_api=f"{auth.JOBS_API}/bulk",

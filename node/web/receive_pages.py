@@ -83,12 +83,6 @@ def receive_log_page(
         user=user,
         rows=rows,
         refused=refused,
-        total=total,
         outcomes=list(OUTCOMES),
-        params=params,
-        page_no=page,
-        per=per,
-        page_sizes=frame.PAGE_SIZES,
-        pages=frame.page_count(total, per),
-        page_url=frame.page_url(request, "web_receive_log", {**params, "page": page}),
+        **frame.paging(request, "web_receive_log", params, page=page, per=per, total=total),
     )

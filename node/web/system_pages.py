@@ -153,7 +153,14 @@ def system_page(
         offset=(page - 1) * per,
     )
     entries, total = job_service.audit_entries(ctx, flt)
-    filters = {"actor": actor, "action": action, "target": target, "since": since, "until": until}
+    params = {
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "since": since,
+        "until": until,
+        "per": per,
+    }
 
     return frame.render(
         request,
@@ -167,13 +174,7 @@ def system_page(
         totals=report.activity_totals,
         fmt_bytes=fmt_bytes,
         entries=entries,
-        total=total,
-        filters=filters,
         bad_times=bad,
         actions=system_service.audit_actions(ctx),
-        audit_page=page,
-        pages=frame.page_count(total, per),
-        per=per,
-        page_sizes=frame.PAGE_SIZES,
-        audit_url=frame.page_url(request, "web_system", {**filters, "per": per, "page": page}),
+        **frame.paging(request, "web_system", params, page=page, per=per, total=total),
     )

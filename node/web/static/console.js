@@ -260,6 +260,21 @@
     if (m.demo && !document.getElementById("demo-banner")) window.location.reload();
   }
 
+  // POST body to url for button b, saying in out what happens: "what…", then "what: done"
+  // and a reload of the page, or "what refused (error)" with the button enabled again
+  function postThenReload(b, out, url, body, what, done) {
+    b.disabled = true;
+    out.textContent = what + "…";
+    api("POST", url, body).then(function (resp) {
+      if (resp.ok) {
+        out.textContent = what + ": " + done;
+        window.setTimeout(function () { window.location.reload(); }, 300);
+      } else {
+        errorText(resp).then(function (t) { out.textContent = what + " refused (" + t + ")"; b.disabled = false; });
+      }
+    });
+  }
+
   // --- job detail: retry / cancel / re-send / withdraw ---------------------------------------------
   function setupJob() {
     var box = document.getElementById("actions");
@@ -275,16 +290,7 @@
           if (!reason || !reason.trim()) return;
           body = { reason: reason.trim() };
         }
-        b.disabled = true;
-        out.textContent = name + "…";
-        api("POST", b.getAttribute("data-url"), body).then(function (resp) {
-          if (resp.ok) {
-            out.textContent = name + ": done";
-            window.setTimeout(function () { window.location.reload(); }, 300);
-          } else {
-            errorText(resp).then(function (t) { out.textContent = name + " refused (" + t + ")"; b.disabled = false; });
-          }
-        });
+        postThenReload(b, out, b.getAttribute("data-url"), body, name, "done");
       });
     });
   }
@@ -304,16 +310,7 @@
           if (!reason || !reason.trim()) return;
           body.reason = reason.trim();
         }
-        b.disabled = true;
-        out.textContent = decision + "…";
-        api("POST", box.getAttribute("data-url"), body).then(function (resp) {
-          if (resp.ok) {
-            out.textContent = decision + ": recorded";
-            window.setTimeout(function () { window.location.reload(); }, 300);
-          } else {
-            errorText(resp).then(function (t) { out.textContent = decision + " refused (" + t + ")"; b.disabled = false; });
-          }
-        });
+        postThenReload(b, out, box.getAttribute("data-url"), body, decision, "recorded");
       });
     });
   }
