@@ -14,17 +14,14 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from node import metrics
-from node.api.deps import Ctx, Viewer
-from node.api.schemas import ErrorOut
+from node.api.deps import AUTH_ERRORS, Ctx, Viewer
 from node.services.health import readiness
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["health"])
-_AUTH: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "no or invalid token"},
-    429: {"model": ErrorOut, "description": "too many failed authentications (Retry-After)"},
-}
+# viewer is the weakest role: no 403
+_AUTH: dict[int | str, dict[str, Any]] = {code: AUTH_ERRORS[code] for code in (401, 429)}
 
 
 @router.get("/health", summary="Liveness (no authentication)")
