@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from integration.association_log import AssociationInfo
 from node.db.instance_record import clip
 from node.db.models import UID_LEN, Association, Instance, RefusedInstance, Study
 from node.db.queries import check_page, contains, page
@@ -76,14 +77,10 @@ class Counts:
 
 def _insert_association(
     session: Session,
+    peer: AssociationInfo,
     *,
     started_at: datetime,
     ended_at: datetime | None,
-    calling_ae: str | None,
-    called_ae: str | None,
-    address: str | None,
-    port: int | None,
-    tls: bool,
     outcome: str,
     reason: str | None,
 ) -> int:
@@ -91,11 +88,11 @@ def _insert_association(
         row = Association(
             started_at=started_at,
             ended_at=ended_at,
-            calling_ae=clip(calling_ae, _AE_LEN),
-            called_ae=clip(called_ae, _AE_LEN),
-            address=clip(address, _ADDRESS_LEN),
-            port=port,
-            tls=tls,
+            calling_ae=clip(peer.calling_ae, _AE_LEN),
+            called_ae=clip(peer.called_ae, _AE_LEN),
+            address=clip(peer.address, _ADDRESS_LEN),
+            port=peer.port,
+            tls=peer.tls,
             outcome=outcome,
             reason=clip(reason, _REASON_LEN),
             accepted=0,
@@ -109,54 +106,20 @@ def _insert_association(
     return in_transaction(session, work)
 
 
-def open_association(
-    session: Session,
-    *,
-    started_at: datetime,
-    calling_ae: str | None,
-    called_ae: str | None,
-    address: str | None,
-    port: int | None,
-    tls: bool,
-) -> int:
-    """Record an accepted association (outcome ``open``); commits; returns its id."""
+def open_association(session: Session, peer: AssociationInfo, *, started_at: datetime) -> int:
+    """Record an association the node accepted from ``peer`` (A-ASSOCIATE-AC, outcome
+    ``open``); commits; returns its id."""
     return _insert_association(
-        session,
-        started_at=started_at,
-        ended_at=None,
-        calling_ae=calling_ae,
-        called_ae=called_ae,
-        address=address,
-        port=port,
-        tls=tls,
-        outcome="open",
-        reason=None,
+        session, peer, started_at=started_at, ended_at=None, outcome="open", reason=None
     )
 
 
 def record_rejected(
-    session: Session,
-    *,
-    at: datetime,
-    calling_ae: str | None,
-    called_ae: str | None,
-    address: str | None,
-    port: int | None,
-    tls: bool,
-    reason: str | None,
+    session: Session, peer: AssociationInfo, *, at: datetime, reason: str | None
 ) -> int:
     """Record an association the node rejected (A-ASSOCIATE-RJ, PS3.8 9.3.4); commits."""
     return _insert_association(
-        session,
-        started_at=at,
-        ended_at=at,
-        calling_ae=calling_ae,
-        called_ae=called_ae,
-        address=address,
-        port=port,
-        tls=tls,
-        outcome="rejected",
-        reason=reason,
+        session, peer, started_at=at, ended_at=at, outcome="rejected", reason=reason
     )
 
 

@@ -97,15 +97,7 @@ class ReceiveLog:
         """Record an accepted association; return its id (``None`` if the write failed)."""
         try:
             with self.sessions() as session:
-                association_id = receive_db.open_association(
-                    session,
-                    started_at=self.clock(),
-                    calling_ae=info.calling_ae,
-                    called_ae=info.called_ae,
-                    address=info.address,
-                    port=info.port,
-                    tls=info.tls,
-                )
+                association_id = receive_db.open_association(session, info, started_at=self.clock())
         except Exception as exc:
             self._failed("association", exc)
             return None
@@ -117,16 +109,7 @@ class ReceiveLog:
         """Record a rejected association (A-ASSOCIATE-RJ) with ``reason``."""
         try:
             with self.sessions() as session:
-                receive_db.record_rejected(
-                    session,
-                    at=self.clock(),
-                    calling_ae=info.calling_ae,
-                    called_ae=info.called_ae,
-                    address=info.address,
-                    port=info.port,
-                    tls=info.tls,
-                    reason=reason,
-                )
+                receive_db.record_rejected(session, info, at=self.clock(), reason=reason)
         except Exception as exc:
             self._failed("rejected association", exc)
 
