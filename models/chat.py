@@ -131,7 +131,7 @@ class ChatAnswer:
     demo: bool
     timings: dict[str, float]
     settings: dict[str, Any] = field(default_factory=dict)
-    """The generation settings and backend (as :attr:`models.runtime.Answer.settings`)."""
+    """The generation settings and backend (as :attr:`models.results.Answer.settings`)."""
 
 
 def _turn(question: str, answer: str | None, *, image: bool) -> str:
@@ -316,7 +316,7 @@ def _answer(
 
 def _budget(runtime: LLMCXR, max_new_tokens: int | None) -> int:
     """``max_new_tokens``, or the bundle's default for VQA answers."""
-    from models.runtime import ModelInputError
+    from models.results import ModelInputError
 
     if max_new_tokens is None:
         return int(runtime.defaults.get("vqa_max_new_tokens", 128))
@@ -373,15 +373,15 @@ def chat(
 
     Raises
     ------
-    models.runtime.ModelInputError
+    models.results.ModelInputError
         An empty question or one holding ``<image>``, an invalid image or codes, a bad
         ``max_new_tokens``, or a turn that does not fit the window with the image.
-    models.runtime.InferenceError
+    models.results.InferenceError
         The backend failed.
     Exception
         Whatever ``on_text`` raised (the generation is stopped first).
     """
-    from models.runtime import ModelInputError
+    from models.results import ModelInputError
 
     budget = _budget(runtime, max_new_tokens)
     window = context_window(runtime) if context_tokens is None else context_tokens
@@ -458,12 +458,12 @@ def summarize(
 
     Raises
     ------
-    models.runtime.ModelInputError
+    models.results.ModelInputError
         An empty report, an unknown audience, or a report too long for the window.
-    models.runtime.InferenceError
+    models.results.InferenceError
         The backend failed.
     """
-    from models.runtime import ModelInputError
+    from models.results import ModelInputError
 
     budget = _budget(runtime, max_new_tokens)
     window = context_window(runtime) if context_tokens is None else context_tokens

@@ -21,7 +21,7 @@ from models.dataset import ManifestRecord
 from models.evaluation.common import EvaluationError, Skipped
 from models.evaluation.fid import FeatureExtractor, fid, image_features
 from models.evaluation.scoring import StudyOutput, VQAItem
-from models.runtime import InferenceError
+from models.results import InferenceError
 
 if TYPE_CHECKING:
     from models.runtime import LLMCXR

@@ -337,7 +337,8 @@ def generate(
     from models.backends.base import GenerationError
     from models.bundle import BundleError
     from models.layout import TokenLayoutError
-    from models.runtime import LLMCXR, InferenceError, ModelInputError
+    from models.results import InferenceError, ModelInputError
+    from models.runtime import LLMCXR
 
     if (image is None) == (report_text is None):
         _fail("give either --image (report / VQA) or --report-text (report -> CXR)", 2)

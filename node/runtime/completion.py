@@ -45,7 +45,7 @@ from node.runtime.prepare import PreparedJob, SelectedImage
 from node.runtime.stages import JobFailure, PipelineDeps, StageTimer, stage_delay
 
 if TYPE_CHECKING:
-    from models.runtime import ReportDraft
+    from models.results import ReportDraft
     from node.settings import Settings
 
 __all__ = [

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from models.runtime import LLMCXR, ReportDraft
+    from models.results import ReportDraft
+    from models.runtime import LLMCXR
     from node.runtime.modelhost import ModelHost
 
 __all__ = [
@@ -82,7 +83,7 @@ def is_permanent(exc: BaseException) -> bool:
     Permanent: a :class:`~node.runtime.stages.JobFailure` marked so; an
     :class:`integration.errors.IntegrationError` that is not ``transient`` (no frontal image,
     PS3.3 C.8.11.5; undecodable pixel data, PS3.3 C.7.6.3; SR not buildable);
-    :data:`PERMANENT_ERRORS`; and :class:`models.runtime.ModelInputError`. Everything else is
+    :data:`PERMANENT_ERRORS`; and :class:`models.results.ModelInputError`. Everything else is
     transient and retried with back-off while attempts remain: ``OSError`` (``ENOSPC``,
     ``EIO``, timeouts), :class:`sqlalchemy.exc.SQLAlchemyError` (database away),
     :class:`node.runtime.modelhost.ModelNotReady` (model busy or loading), the backends'
@@ -92,7 +93,7 @@ def is_permanent(exc: BaseException) -> bool:
         return exc.permanent
     if isinstance(exc, IntegrationError):
         return not exc.transient
-    from models.runtime import ModelInputError
+    from models.results import ModelInputError
 
     return isinstance(exc, (*PERMANENT_ERRORS, ModelInputError))
 

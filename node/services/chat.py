@@ -287,7 +287,7 @@ def ask(
         Another turn of this conversation is running (409).
     """
     from models.chat import ChatTurn, chat, context_window
-    from models.runtime import ModelInputError
+    from models.results import ModelInputError
 
     budget = _budget(max_new_tokens)
     if not question.strip():
@@ -369,7 +369,7 @@ def summarize(
         An unknown audience, no report, or a report too long for the window (422).
     """
     from models.chat import summarize as summarize_model
-    from models.runtime import ModelInputError
+    from models.results import ModelInputError
 
     budget = _budget(max_new_tokens)
     if audience not in AUDIENCES:
@@ -450,7 +450,7 @@ def show_image(
         An empty report, or one the model cannot take (422).
     """
     from models.layout import CODES_PER_IMAGE
-    from models.runtime import ModelInputError
+    from models.results import ModelInputError
 
     if not report.strip():
         raise InvalidInput("the report is empty")

@@ -28,7 +28,8 @@ from node.settings import DicomDestination, Settings, StowDestination
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from models.runtime import LLMCXR, Answer, GeneratedImage, ReportDraft
+    from models.results import Answer, GeneratedImage, ReportDraft
+    from models.runtime import LLMCXR
 
 __all__ = [
     "ImageResult",

@@ -24,7 +24,8 @@ from models.chat import (
 )
 from models.layout import CODES_PER_IMAGE, IMAGE_TOKEN_OFFSET
 from models.prompts import PromptError
-from models.runtime import LLMCXR, ModelInputError
+from models.results import ModelInputError
+from models.runtime import LLMCXR
 from models.text import LLMCXRTokenizer
 from tests.models.llm_fixtures import demo_bundle_dir
 from tests.models.test_runtime import _cxr

@@ -14,7 +14,8 @@ from models.backends.base import GenerationRequest, GenerationResult
 from models.bundle import ModelBundle
 from models.layout import IMAGE_TOKEN_OFFSET
 from models.preprocess import to_model_input
-from models.runtime import LLMCXR, ModelInputError, split_sections
+from models.results import ModelInputError, split_sections
+from models.runtime import LLMCXR
 from tests.helpers import require_nih_pngs
 from tests.models.llm_fixtures import demo_bundle_dir
 

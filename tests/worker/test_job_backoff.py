@@ -28,7 +28,7 @@ from sqlalchemy.exc import OperationalError
 
 from integration.errors import ConnectionFailedError, NoFrontalImageError, PixelDataError
 from models.layout import TokenLayoutError
-from models.runtime import InferenceError, ModelInputError
+from models.results import InferenceError, ModelInputError
 from node.db import jobs as jobs_db
 from node.db.models import JobState, utcnow
 from node.runtime.modelhost import ModelHost, ModelNotReady
