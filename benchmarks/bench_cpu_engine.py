@@ -61,21 +61,12 @@ CHUNK_ROWS = 2048
 
 
 def dolly_shape(layers: int) -> NeoXShape:
-    """dolly-v2-3b's shape with LLM-CXR's vocabulary (``layers`` may be reduced)."""
-    return NeoXShape(
-        hidden=2560,
-        layers=layers,
-        heads=32,
-        intermediate=10240,
-        vocab=VOCAB,
-        max_positions=2048,
-        rotary_dims=20,
-        rope_theta=10000.0,
-        layer_norm_eps=1e-5,
-        parallel_residual=True,
-        hidden_act="gelu",
-        tied=False,
-    )
+    """dolly-v2-3b's shape with LLM-CXR's vocabulary (``layers`` may be reduced).
+
+    It is ``bench_llm.dolly_config`` (the transformers rows' model) read as the converter
+    reads a ``config.json``, so that the engine and transformers rows measure one shape.
+    """
+    return NeoXShape.from_config(bench_llm_module().dolly_config(layers).to_dict())
 
 
 def bench_llm_module() -> Any:

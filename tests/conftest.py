@@ -8,6 +8,9 @@ port (8080) would otherwise be shared by every node the suite starts.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("CXR_NODE_API_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,3 +18,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # fixtures of real HL7 and FHIR receivers (hl7_listener, fhir_server), for every test package
 pytest_plugins = ["tests.receivers"]
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model bundle (tiny random GPT-NeoX + VQ-GAN, real LLM-CXR layout), built once
+    per session; read-only: a test that changes a bundle copies it first."""
+    from models.demo import create_demo_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "demo"
+    create_demo_bundle(out)
+    return out

@@ -50,16 +50,6 @@ def new_uid() -> str:
 
 
 @pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo model bundle (random weights, real LLM-CXR layout), built once."""
-    from models.demo import create_demo_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "demo"
-    create_demo_bundle(out)
-    return out
-
-
-@pytest.fixture(scope="session")
 def model_host(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelHost:
     """The real model host (WORKER's) with the demo bundle, loaded and warmed up."""
     tmp = tmp_path_factory.mktemp("host")

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Delivery, utcnow
-from node.runtime.delivery import DeliveryComponent
+from node.runtime.delivery import DeliveryComponent, make_delivery
 from node.runtime.service import NodeContext
 from node.settings import Settings, load_settings
 from tests.helpers import free_port, node_draft_sr, rg1_file
@@ -261,6 +261,32 @@ def node_context(db: NodeDB, settings: Settings, owner: str = "test-sender") -> 
         owner=f"{owner}:{uuid.uuid4().hex[:6]}",
         stop_event=threading.Event(),
     )
+
+
+def start_sender(
+    senders: list[DeliveryComponent], ctx: NodeContext, *, poll_seconds: float
+) -> DeliveryComponent:
+    """Start the node's delivery component on ``ctx``, as ``cxr-node serve`` builds it.
+
+    Parameters
+    ----------
+    senders
+        The :func:`senders` fixture's list: the component is stopped at teardown.
+    ctx
+        Its node context (:func:`node_context`).
+    poll_seconds
+        How often it looks for due deliveries.
+
+    Returns
+    -------
+    DeliveryComponent
+        The running component (:func:`node.runtime.delivery.make_delivery`).
+    """
+    component = make_delivery(ctx)
+    component.poll_seconds = poll_seconds
+    component.start()
+    senders.append(component)
+    return component
 
 
 # --- test PKI -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from node.db import delivery_views
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import Delivery, DeliveryState
-from node.runtime.delivery import DeliveryComponent, enqueue_deliveries, make_delivery
+from node.runtime.delivery import DeliveryComponent, enqueue_deliveries
 from tests.delivery.conftest import (
     NodeDB,
     PacsSCP,
@@ -26,6 +26,7 @@ from tests.delivery.conftest import (
     delivery_settings,
     make_job,
     node_context,
+    start_sender,
 )
 from tests.dicom.orthanc import OrthancServer
 from tests.helpers import free_port, wait_for
@@ -36,11 +37,8 @@ def _start(
 ) -> DeliveryComponent:
     settings = delivery_settings(db, tmp_path, **overrides)
     ctx = node_context(db, settings)
-    component = make_delivery(ctx)
+    component = start_sender(senders, ctx, poll_seconds=0.1)
     assert ctx.extras["delivery"] is component
-    component.poll_seconds = 0.1
-    component.start()
-    senders.append(component)
     return component
 
 

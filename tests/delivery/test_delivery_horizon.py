@@ -20,7 +20,7 @@ from sqlalchemy import select, text
 
 from node.db.migrate import upgrade
 from node.db.models import AuditLog, DeliveryState
-from node.runtime.delivery import DeliveryComponent, enqueue_deliveries, make_delivery
+from node.runtime.delivery import DeliveryComponent, enqueue_deliveries
 from node.runtime.scheduler import Chores, NodeScheduler
 from node.settings import Settings
 from tests.delivery.conftest import (
@@ -30,6 +30,7 @@ from tests.delivery.conftest import (
     delivery_settings,
     make_job,
     node_context,
+    start_sender,
 )
 from tests.helpers import free_port, wait_for
 
@@ -61,10 +62,7 @@ def test_pacs_down_is_retried_for_the_horizon_then_requeued_when_it_echoes(
     port = free_port()
     dest = f"PACS@127.0.0.1:{port}"
     settings = _settings(node_db, tmp_path, dest)
-    component = make_delivery(node_context(node_db, settings))
-    component.poll_seconds = 0.05
-    component.start()
-    senders.append(component)
+    component = start_sender(senders, node_context(node_db, settings), poll_seconds=0.05)
     sr_path, sr_uid = make_sr("horizon")
     with node_db.factory() as s:
         (did,) = enqueue_deliveries(

@@ -4,6 +4,7 @@ environment, probes, mounts), so that the tests can hold them against the node's
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -30,6 +31,21 @@ KUBERNETES_VERSION = "1.32.0"
 NODE_IMAGE = "llm-cxr-node"
 ENGINE_IMAGE = "llm-cxr-node-engine"
 ENV_PREFIX = "CXR_NODE_"
+
+
+def load_probe() -> Any:
+    """``deploy/compose/probe.py`` (``cxr-node-probe``) loaded as a module, as the image runs it.
+
+    Returns
+    -------
+    module
+        A fresh module object named ``cxr_node_probe``.
+    """
+    spec = importlib.util.spec_from_file_location("cxr_node_probe", COMPOSE_DIR / "probe.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_yaml(path: Path) -> Any:

@@ -7,7 +7,6 @@ files (secrets, volumes, services, the engine's URL and GGUF) resolve."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from collections.abc import Iterator
@@ -193,16 +192,8 @@ def _check_cxr_node(argv: list[str], where: str) -> None:
             assert word.split("=")[0] in options, f"{where}: {command.name} has no {word}"
 
 
-def _probe_module() -> Any:
-    spec = importlib.util.spec_from_file_location("cxr_node_probe", m.COMPOSE_DIR / "probe.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_command_exists() -> None:
-    probe_parser = _probe_module().build_parser()
+    probe_parser = m.load_probe().build_parser()
     kinds = set()
     for where, argv in _commands():
         kinds.add(argv[0])
@@ -240,7 +231,7 @@ def _probe_args(argv: list[str]) -> Any | None:
     """The parsed command line of a ``cxr-node-probe`` probe, else ``None``."""
     if argv[:1] != ["cxr-node-probe"]:
         return None
-    return _probe_module().build_parser().parse_args(argv[1:])
+    return m.load_probe().build_parser().parse_args(argv[1:])
 
 
 def _http_probe_urls() -> Iterator[tuple[str, str, int, str]]:
@@ -261,7 +252,7 @@ def _http_probe_urls() -> Iterator[tuple[str, str, int, str]]:
 def test_probe_paths_are_routes_of_the_api_on_its_port() -> None:
     paths = _api_paths()
     assert {"/health", "/ready"} <= paths
-    assert _probe_module().HEALTH_PATH in paths  # the probe's fallback without a token
+    assert m.load_probe().HEALTH_PATH in paths  # the probe's fallback without a token
     seen = 0
     for where, path, port, scheme in _http_probe_urls():
         seen += 1

@@ -5,7 +5,6 @@ one, which answers 503 here: the process has no model host, as in a receiver).""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import threading
 import time
@@ -18,21 +17,12 @@ import pytest
 import uvicorn
 
 from tests.deploy import manifests as m
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="module")
 def probe() -> Any:
-    spec = importlib.util.spec_from_file_location("cxr_node_probe", m.COMPOSE_DIR / "probe.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return m.load_probe()
 
 
 def test_tcp_probe_accepts_a_listener_and_refuses_a_closed_port(probe: Any) -> None:
@@ -42,7 +32,7 @@ def test_tcp_probe_accepts_a_listener_and_refuses_a_closed_port(probe: Any) -> N
         port = server.getsockname()[1]
         ok, message = probe.probe_tcp(f"127.0.0.1:{port}", 2.0)
         assert ok, message
-    ok, message = probe.probe_tcp(f"127.0.0.1:{_free_port()}", 2.0)
+    ok, message = probe.probe_tcp(f"127.0.0.1:{free_port()}", 2.0)
     assert not ok and message.startswith("tcp 127.0.0.1:")
     assert probe.probe_tcp("no-port", 1.0)[0] is False
 
@@ -77,7 +67,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     _, token = token_service.create_token(
         ctx, name="probe", role=ApiRole.viewer, actor="test:probe"
     )
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         create_app(ctx, include_web=False),
         host="127.0.0.1",
@@ -127,7 +117,7 @@ def test_http_probe_with_a_token_asks_ready(probe: Any, api: Api, tmp_path: Path
 
 
 def test_wait_passes_once_the_server_listens(probe: Any) -> None:
-    port = _free_port()
+    port = free_port()
     server = socket.socket()
 
     def listen_later() -> None:
@@ -145,16 +135,16 @@ def test_wait_passes_once_the_server_listens(probe: Any) -> None:
 
 
 def test_http_probe_of_nothing_fails(probe: Any) -> None:
-    ok, message = probe.probe_http(f"http://127.0.0.1:{_free_port()}/health", 2.0)
+    ok, message = probe.probe_http(f"http://127.0.0.1:{free_port()}/health", 2.0)
     assert not ok and message.startswith("GET ")
     assert probe.probe_http("ftp://127.0.0.1/", 1.0)[0] is False
 
 
 def test_main_exit_status(probe: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    assert probe.main(["--timeout", "1", "tcp", f"127.0.0.1:{_free_port()}"]) == 1
+    assert probe.main(["--timeout", "1", "tcp", f"127.0.0.1:{free_port()}"]) == 1
     assert capsys.readouterr().out.startswith("tcp 127.0.0.1:")
     t0 = time.monotonic()
-    assert probe.main(["--timeout", "1", "--wait", "3", "tcp", f"127.0.0.1:{_free_port()}"]) == 1
+    assert probe.main(["--timeout", "1", "--wait", "3", "tcp", f"127.0.0.1:{free_port()}"]) == 1
     assert 2.0 <= time.monotonic() - t0 < 10.0, "retried for about --wait seconds"
     capsys.readouterr()
     with pytest.raises(SystemExit):

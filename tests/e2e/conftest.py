@@ -1,5 +1,5 @@
-"""Fixtures for end-to-end tests: a demo model bundle (built once per session) and the real
-node started as ``python -m node.cli serve`` in a subprocess."""
+"""Fixtures for end-to-end tests: the real node started as ``python -m node.cli serve`` in a
+subprocess (the demo model bundle is ``demo_bundle`` of ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,6 @@ from typing import Any
 import pytest
 
 from tests.helpers import REPO, free_port, node_env, port_open, spawn_node, terminate, wait_for
-
-
-@pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A demo bundle (random weights, LLM-CXR layout) in a session temp dir."""
-    from models.demo import create_demo_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "demo"
-    create_demo_bundle(out)
-    return out
 
 
 @dataclass

@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import re
-import signal
 import sqlite3
 import stat
 import subprocess
@@ -40,7 +39,15 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.helpers import REPO, free_port, port_open, require_binary, rg1_file, wait_for
+from tests.helpers import (
+    REPO,
+    free_port,
+    port_open,
+    require_binary,
+    rg1_file,
+    terminate,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -268,13 +275,7 @@ def test_no_patient_data_in_any_log_and_private_files(tmp_path: Path, demo_bundl
         assert {p.name for p in db.parent.iterdir()} >= {db.name, f"{db.name}-wal"}
         running_bad = _not_private(spool, db.parent)
     finally:
-        if node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
+        terminate(node, timeout=120)
         scp.terminate()
         scp.wait(timeout=30)
     assert node.returncode == 0, node_log.read_text(errors="replace")[-3000:]

@@ -103,6 +103,51 @@ class RunningSCP:
         self.engine.dispose()
 
 
+def scp_settings(
+    tmp_path: Path,
+    database_url: str,
+    port: int,
+    *,
+    allowed_aes: str = PACS_AET,
+    min_free_disk_mb: int = 0,
+    **overrides: Any,
+) -> Settings:
+    """Settings of an ingest test's SCP: AE :data:`NODE_AET` on ``port``, 10 s timeouts.
+
+    Parameters
+    ----------
+    tmp_path
+        The spool is ``tmp_path / "spool"``.
+    database_url
+        The node database.
+    port
+        The SCP's loopback port.
+    allowed_aes
+        Calling AE titles admitted (default :data:`PACS_AET`).
+    min_free_disk_mb
+        Free-disk floor of the spool (default none).
+    **overrides
+        Further ``load_settings`` keywords.
+
+    Returns
+    -------
+    Settings
+        The validated settings.
+    """
+    return load_settings(
+        ae_title=NODE_AET,
+        port=port,
+        allowed_aes=allowed_aes,
+        spool_dir=tmp_path / "spool",
+        database_url=database_url,
+        min_free_disk_mb=min_free_disk_mb,
+        acse_timeout=10,
+        dimse_timeout=10,
+        network_timeout=10,
+        **overrides,
+    )
+
+
 def start_scp(
     tmp_path: Path,
     database_url: str,
@@ -118,17 +163,13 @@ def start_scp(
     ``overrides`` are further settings (``load_settings`` keywords), e.g. ``priority_rules``.
     """
     port = free_port()
-    settings = load_settings(
-        ae_title=NODE_AET,
-        port=port,
+    settings = scp_settings(
+        tmp_path,
+        database_url,
+        port,
         allowed_aes=allowed_aes,
-        spool_dir=tmp_path / "spool",
-        database_url=database_url,
         min_free_disk_mb=min_free_disk_mb,
         study_quiet_seconds=1.0,
-        acse_timeout=10,
-        dimse_timeout=10,
-        network_timeout=10,
         **overrides,
     )
     engine = make_engine(database_url)

@@ -32,9 +32,9 @@ from node.runtime.scheduler import Chores
 from node.runtime.service import NodeContext, _build_scp
 from node.services.context import ServiceContext
 from node.services.tokens import create_token
-from node.settings import Settings, load_settings
+from node.settings import Settings
 from tests.helpers import free_port, wait_for
-from tests.ingest.conftest import NODE_AET, PACS_AET, cxr_dataset, scu
+from tests.ingest.conftest import NODE_AET, PACS_AET, cxr_dataset, scp_settings, scu
 from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.integration]
@@ -88,18 +88,7 @@ class LoggedNode:
 def start_logged_node(tmp_path: Path, url: str, **overrides: Any) -> LoggedNode:
     """Migrate ``url`` and start the SCP of :func:`node.runtime.service._build_scp`."""
     port = free_port()
-    settings = load_settings(
-        ae_title=NODE_AET,
-        port=port,
-        allowed_aes=PACS_AET,
-        spool_dir=tmp_path / "spool",
-        database_url=url,
-        min_free_disk_mb=0,
-        acse_timeout=10,
-        dimse_timeout=10,
-        network_timeout=10,
-        **overrides,
-    )
+    settings = scp_settings(tmp_path, url, port, **overrides)
     engine = make_engine(url)
     upgrade(engine)
     sessions = make_session_factory(engine)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +33,32 @@ def _tmpdir(prefix: str) -> Path:
 def llmcxr_tokenizer() -> Any:
     """The LLM-CXR tokenizer (GPT-NeoX-20B as packaged, with the published specials)."""
     return build_llmcxr_tokenizer()
+
+
+def with_placeholders(tokenizer_json: str, ids: range) -> str:
+    """A ``tokenizer.json`` whose entries ``ids`` are renamed ``<|unused_ID|>`` (ids kept), and
+    with no merges: the right length, but not the vocabulary it claims to be.
+
+    Parameters
+    ----------
+    tokenizer_json
+        The tokenizer as ``tokenizer.json`` text.
+    ids
+        The ids to replace.
+
+    Returns
+    -------
+    str
+        The changed ``tokenizer.json`` text.
+    """
+    data = json.loads(tokenizer_json)
+    vocab = data["model"]["vocab"]
+    for token, i in list(vocab.items()):
+        if i in ids:
+            del vocab[token]
+            vocab[f"<|unused_{i}|>"] = i
+    data["model"]["merges"] = []
+    return json.dumps(data)
 
 
 @functools.cache

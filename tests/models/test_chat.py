@@ -17,6 +17,7 @@ from models.backends.transformers_backend import TransformersBackend
 from models.chat import (
     CONTEXT_TOKENS,
     SUMMARY_INSTRUCTIONS,
+    ChatAnswer,
     ChatTurn,
     build_chat_prompt,
     chat,
@@ -49,6 +50,33 @@ def _collect(into: list[str]) -> Callable[[str], bool]:
         return True
 
     return on_text
+
+
+def _cancel_after_two(runtime: LLMCXR, question: str) -> tuple[ChatAnswer, list[str]]:
+    """Ask ``question`` about :func:`_codes` (up to 24 new tokens), cancelling from the
+    ``on_text`` callback at the second delta.
+
+    Returns
+    -------
+    tuple[ChatAnswer, list[str]]
+        The answer and the deltas seen before the cancel.
+    """
+    seen: list[str] = []
+
+    def stop_after_two(delta: str) -> bool:
+        seen.append(delta)
+        return len(seen) < 2
+
+    cut = chat(
+        runtime,
+        None,
+        [],
+        question,
+        image_codes=_codes(),
+        max_new_tokens=24,
+        on_text=stop_after_two,
+    )
+    return cut, seen
 
 
 @functools.cache
@@ -120,21 +148,7 @@ def test_first_turn_equals_vqa_and_streams_the_same_text(model: LLMCXR) -> None:
 
 def test_cancel_stops_with_a_prefix_of_the_answer(model: LLMCXR) -> None:
     full = chat(model, None, [], "Describe the image.", image_codes=_codes(), max_new_tokens=24)
-    seen: list[str] = []
-
-    def stop_after_two(delta: str) -> bool:
-        seen.append(delta)
-        return len(seen) < 2
-
-    cut = chat(
-        model,
-        None,
-        [],
-        "Describe the image.",
-        image_codes=_codes(),
-        max_new_tokens=24,
-        on_text=stop_after_two,
-    )
+    cut, seen = _cancel_after_two(model, "Describe the image.")
     assert cut.stop_reason == "cancelled"
     assert cut.new_tokens < full.new_tokens
     assert cut.text == "".join(seen) and len(seen) == 2
@@ -483,21 +497,7 @@ def test_llamacpp_streams_the_answer_and_cancels(llama_model: LLMCXR, model: LLM
     assert (
         full.text == chat(model, None, [], question, image_codes=_codes(), max_new_tokens=24).text
     )
-    seen: list[str] = []
-
-    def stop_after_two(delta: str) -> bool:
-        seen.append(delta)
-        return len(seen) < 2
-
-    cut = chat(
-        llama_model,
-        None,
-        [],
-        question,
-        image_codes=_codes(),
-        max_new_tokens=24,
-        on_text=stop_after_two,
-    )
+    cut, seen = _cancel_after_two(llama_model, question)
     assert cut.stop_reason == "cancelled" and cut.text == "".join(seen) and len(seen) == 2
     assert full.text.startswith(cut.text) and cut.new_tokens < full.new_tokens
 

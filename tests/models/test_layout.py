@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -38,7 +37,7 @@ from models.text import (
     neox_tokenizer_json,
     save_tokenizer_dir,
 )
-from tests.models.llm_fixtures import llmcxr_tokenizer
+from tests.models.llm_fixtures import llmcxr_tokenizer, with_placeholders
 
 CODES = [(7 * i + 3) % 1024 for i in range(CODES_PER_IMAGE)]
 
@@ -137,14 +136,7 @@ def test_injection_errors(real_tok: LLMCXRTokenizer) -> None:
 
 def _padded_tokenizer(real: LLMCXRTokenizer) -> Tokenizer:
     """The right length and special ids, but entries 50000.. replaced by placeholders."""
-    data = json.loads(real.raw.to_str())
-    vocab = data["model"]["vocab"]
-    for token, i in list(vocab.items()):
-        if 50000 <= i < 50254:
-            del vocab[token]
-            vocab[f"<|unused_{i}|>"] = i
-    data["model"]["merges"] = []
-    return Tokenizer.from_str(json.dumps(data))
+    return Tokenizer.from_str(with_placeholders(real.raw.to_str(), range(50000, 50254)))
 
 
 def test_wrong_tokenizers_are_refused_with_the_file_and_the_layout(

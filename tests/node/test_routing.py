@@ -29,7 +29,7 @@ from node.runtime.routing import facts_reader
 from node.settings import ChestRule, ConfigError, load_settings
 from node.settings.routing import default_rule_set, load_rule_set
 from tests.node.factories import T0, record, uid
-from tests.worker.conftest import demo_bundle, make_cxr, make_env, model_host  # noqa: F401
+from tests.worker.conftest import make_cxr, make_env, model_host  # noqa: F401
 
 PACS_A = "PACS_A@127.0.0.1:11001"
 PACS_B = "PACS_B@127.0.0.1:11002"
@@ -411,7 +411,7 @@ def test_a_job_for_another_model_is_not_claimed(session_factory: sessionmaker[Se
 def test_a_routed_study_is_delivered_only_to_its_destinations(
     tmp_path: Path,
     model_host: ModelHost,  # noqa: F811
-    demo_bundle: Path,  # noqa: F811
+    demo_bundle: Path,
 ) -> None:
     rules_file = tmp_path / "rules.toml"
     rules_file.write_text(

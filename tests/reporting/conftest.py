@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from integration.hl7_oru import DraftResult, Hl7Parties
 from integration.pixels import to_gray8
 from integration.report_pdf import DraftReportContent
 from tests.helpers import node_draft_content, require_binary, rg1_file
@@ -35,6 +36,17 @@ PATIENT_NAME = "Müller^Jürgen"
 ACCESSION = "ACC-2024-0042"
 PLACER, FILLER = "PLC-77812", "FIL-55190"
 PATIENT_OID, ACCESSION_OID = "1.2.276.0.7230010.3.1.4.1", "1.2.276.0.7230010.3.1.4.2"
+#: the ORU^R01 tests' sending and receiving applications and facilities
+PARTIES = Hl7Parties("LLMCXR", "CXRNODE", "RIS", "RADIOLOGY")
+#: the draft above (DEMO model) as an HL7 v2 result, as the ORU^R01 builders take it
+RESULT = DraftResult(
+    impression=IMPRESSION,
+    findings=FINDINGS,
+    model_name=MODEL,
+    model_version=VERSION,
+    demo=True,
+    report_time=GENERATED,
+)
 
 # dciodvfy warnings that come from RG1_UNCR's own header, not from the builders
 # the test image's own header; the node's private coding scheme for the CheXpert observations

@@ -24,8 +24,6 @@ from integration.hl7_oru import (
     DRAFT_RESULT_STATUS,
     WITHDRAWN_OBSERVATION_STATUS,
     WITHDRAWN_RESULT_STATUS,
-    DraftResult,
-    Hl7Parties,
     build_draft_oru,
     build_withdrawal_oru,
     message_control_id,
@@ -35,23 +33,15 @@ from tests.reporting.conftest import (
     ACCESSION,
     FILLER,
     FINDINGS,
-    GENERATED,
     IMPRESSION,
     MODEL,
+    PARTIES,
     PATIENT_OID,
     PLACER,
+    RESULT,
     VERSION,
 )
 
-PARTIES = Hl7Parties("LLMCXR", "CXRNODE", "RIS", "RADIOLOGY")
-RESULT = DraftResult(
-    impression=IMPRESSION,
-    findings=FINDINGS,
-    model_name=MODEL,
-    model_version=VERSION,
-    demo=True,
-    report_time=GENERATED,
-)
 SENT = dt.datetime(2024, 5, 6, 7, 9, 0, tzinfo=dt.UTC)
 
 

@@ -9,6 +9,7 @@ use plain socket servers, since they are about the byte stream, not HL7.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import socket
 import ssl
@@ -32,8 +33,6 @@ from integration.errors import (
 )
 from integration.hl7_ack import check_ack
 from integration.hl7_oru import (
-    DraftResult,
-    Hl7Parties,
     build_draft_oru,
     build_withdrawal_oru,
     message_control_id,
@@ -41,21 +40,13 @@ from integration.hl7_oru import (
 from integration.mllp import END_BLOCK, START_BLOCK, send_mllp
 from tests.helpers import free_port
 from tests.receivers import Receiver
-from tests.reporting.conftest import GENERATED, IMPRESSION, MODEL, VERSION
+from tests.reporting.conftest import PARTIES, RESULT
 
-PARTIES = Hl7Parties("LLMCXR", "CXRNODE", "RIS", "RADIOLOGY")
 LONG_FINDINGS = "\n".join(f"Line {i}: lungs are clear, no effusion." for i in range(120))
 
 
 def _draft(source: Dataset, control: str, findings: str | None = None) -> str:
-    result = DraftResult(
-        impression=IMPRESSION,
-        findings=findings,
-        model_name=MODEL,
-        model_version=VERSION,
-        demo=True,
-        report_time=GENERATED,
-    )
+    result = dataclasses.replace(RESULT, findings=findings)
     return build_draft_oru(source, result, PARTIES, control_id=control)
 
 
@@ -79,7 +70,7 @@ def test_oru_delivered_and_acknowledged(
 
 def test_withdrawal_delivered(source: Dataset, hl7_listener: tuple[int, Receiver]) -> None:
     port, receiver = hl7_listener
-    result = DraftResult(IMPRESSION, None, MODEL, VERSION, True, GENERATED)
+    result = dataclasses.replace(RESULT, findings=None)
     message = build_withdrawal_oru(source, result, PARTIES, control_id="W-1", reason="wrong study")
     check_ack(send_mllp(message, "127.0.0.1", port), control_id="W-1")
     order = receiver.received[0].oru_r01_patient_result.oru_r01_order_observation

@@ -119,16 +119,6 @@ def start_pacs(inbox: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A demo model bundle, built once per session (seconds)."""
-    from models.demo import create_demo_bundle
-
-    out = tmp_path_factory.mktemp("web-bundle") / "demo"
-    create_demo_bundle(out)
-    return out
-
-
-@pytest.fixture(scope="session")
 def console_node(
     tmp_path_factory: pytest.TempPathFactory, demo_bundle: Path
 ) -> Iterator[ConsoleNode]:

@@ -1,4 +1,5 @@
-"""Fixtures for the worker tests: a demo bundle (built once), real CXR files, a node env.
+"""Fixtures for the worker tests: the model host on the demo bundle (``demo_bundle`` of
+``tests/conftest.py``, built once), real CXR files, a node env.
 
 Studies are real chest images put through the node's own ingest (``node.runtime.ingest.IngestSink``:
 spool + SQL) and queued by the real study-completion query; the database is a SQLite file or
@@ -42,16 +43,6 @@ from tests.helpers import require_nih_pngs, rg1_file
 from tests.node.conftest import db_url, pg_schema_url  # noqa: F401  (fixtures)
 
 MAX_NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo bundle (tiny random GPT-NeoX + VQ-GAN), built once per session."""
-    from models.demo import create_demo_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "demo"
-    create_demo_bundle(out)
-    return out
 
 
 def worker_settings(*, db: str, spool: Path, model_dir: Path | None, **overrides: Any) -> Settings:
