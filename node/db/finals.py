@@ -33,6 +33,7 @@ __all__ = [
     "finals_for_job",
     "pair_rows",
     "record_final",
+    "record_review",
     "rolling_agreement",
     "save_scores",
     "unmatched_finals",
@@ -120,27 +121,57 @@ def record_final(session: Session, final: FinalIn, *, actor: str) -> tuple[int, 
         source and object UID were stored before; nothing changed).
     """
 
-    def work() -> tuple[int, bool]:
-        found = session.scalars(
-            select(FinalReport.id).where(
-                FinalReport.source == final.source, FinalReport.object_uid == final.object_uid
-            )
-        ).first()
-        if found is not None:
-            return int(found), False
-        row = FinalReport(**vars(final), received_at=utcnow(), significant=False)
-        session.add(row)
-        session.flush()
+    return in_transaction(session, lambda: _add_final(session, final, actor=actor))
+
+
+def record_review(session: Session, final: FinalIn, *, actor: str) -> int:
+    """Store a reviewer's decision on job ``final.job_id``'s draft as a final report
+    (source ``review``), audited ``final.receive`` and ``draft.review`` in the same
+    transaction. Commits; returns the row's id.
+
+    Raises
+    ------
+    ValueError
+        ``final`` is not a review of a job (its source is not ``review`` or it names no job).
+    """
+    if final.source is not FinalSource.review or final.job_id is None:
+        raise ValueError("record_review takes a review of a job (source review, job_id set)")
+
+    def work() -> int:
+        final_id, _new = _add_final(session, final, actor=actor)
         add_audit(
             session,
             actor=actor,
-            action="final.receive",
-            target=f"study:{final.study_uid}" if final.study_uid else None,
-            detail={"final": row.id, "source": final.source.value, "verified": final.verified},
+            action="draft.review",
+            target=f"job:{final.job_id}",
+            detail={"decision": final.review_decision, "final": final_id},
         )
-        return int(row.id), True
+        return final_id
 
     return in_transaction(session, work)
+
+
+def _add_final(session: Session, final: FinalIn, *, actor: str) -> tuple[int, bool]:
+    """Add ``final`` with its ``final.receive`` audit row unless its source and object UID
+    are stored already (no commit); ``(id, new)`` as :func:`record_final`."""
+    found = session.scalars(
+        select(FinalReport.id).where(
+            FinalReport.source == final.source, FinalReport.object_uid == final.object_uid
+        )
+    ).first()
+    if found is not None:
+        return int(found), False
+    row = FinalReport(**vars(final), received_at=utcnow(), significant=False)
+    session.add(row)
+    session.flush()
+    add_audit(
+        session,
+        actor=actor,
+        action="final.receive",
+        target=f"study:{final.study_uid}" if final.study_uid else None,
+        detail={"final": row.id, "source": final.source.value, "verified": final.verified},
+    )
+    return int(row.id), True
 
 
 def draft_for(session: Session, study_uid: str | None, accession: str | None) -> DraftMatch | None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from node.db import finals as finals_db
-from node.db.audit import audit
 from node.db.models import FinalSource, utcnow
 from node.services.context import ServiceContext
 from node.services.errors import Conflict, InvalidInput
@@ -86,14 +85,7 @@ def review(
         job_id=job_id,
     )
     with ctx.write_sessions() as session:
-        final_id, _new = finals_db.record_final(session, final, actor=actor)
-        audit(
-            session,
-            actor=actor,
-            action="draft.review",
-            target=f"job:{job_id}",
-            detail={"decision": decision.value, "final": final_id},
-        )
+        final_id = finals_db.record_review(session, final, actor=actor)
     if decision is Decision.reject:
         return ReviewResult(final_id, decision, None, False)
     outcome = FinalIntake(ctx.settings, ctx.write_sessions).score(final_id, final, match)

@@ -282,6 +282,52 @@ def test_review_at_the_node(
         review.review(ctx, other, review.Decision.accept, actor="token:1:rad")
 
 
+def test_a_review_and_its_audit_rows_are_one_transaction(
+    session_factory: sessionmaker[Session],
+) -> None:
+    from node.db import finals as finals_db
+    from node.db.models import FinalSource
+
+    job = seed_draft(session_factory, STUDY_UID, DRAFT_NO_PTX)
+    now = datetime.now(UTC)
+    final = finals_db.FinalIn(
+        source=FinalSource.review,
+        object_uid=f"review:{job}:{now.isoformat()}",
+        sender="token:1:rad",
+        study_uid=STUDY_UID,
+        accession_number=None,
+        verified=True,
+        full_text=DRAFT_NO_PTX,
+        findings=None,
+        impression=None,
+        signed_at=now,
+        review_decision="accept",
+        job_id=job,
+    )
+    with session_factory() as s:
+        for wrong in (
+            replace(final, source=FinalSource.hl7),  # a received report is not a review
+            replace(final, job_id=None),  # a review is of a job's draft
+        ):
+            with pytest.raises(ValueError, match="review of a job"):
+                finals_db.record_review(s, wrong, actor="token:1:rad")
+        final_id = finals_db.record_review(s, final, actor="token:1:rad")
+    assert [r.id for r in _finals(session_factory)] == [final_id]
+    with session_factory() as s:
+        rows = list(s.scalars(select(AuditLog).order_by(AuditLog.id)))
+    reviewed = [
+        (a.action, a.target, a.detail) for a in rows if a.action.startswith(("final", "draft"))
+    ]
+    assert reviewed == [
+        (
+            "final.receive",
+            f"study:{STUDY_UID}",
+            {"final": final_id, "source": "review", "verified": True},
+        ),
+        ("draft.review", f"job:{job}", {"decision": "accept", "final": final_id}),
+    ]
+
+
 def test_serve_runs_the_listener_only_when_configured(tmp_path: Path, db_url: str) -> None:
     from node.runtime.components import default_components
 
