@@ -21,6 +21,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from integration.final_report import final_report_from_oru
@@ -282,8 +283,23 @@ def test_review_at_the_node(
         review.review(ctx, other, review.Decision.accept, actor="token:1:rad")
 
 
+_REFUSE_REVIEW_AUDIT = {
+    # the database itself refuses the draft.review audit row (no mock: the real INSERT fails)
+    "sqlite": [
+        "CREATE TRIGGER refuse_review BEFORE INSERT ON audit_log "
+        "WHEN NEW.action = 'draft.review' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_review() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+        "CREATE TRIGGER refuse_review BEFORE INSERT ON audit_log FOR EACH ROW "
+        "WHEN (NEW.action = 'draft.review') EXECUTE FUNCTION refuse_review()",
+    ],
+}
+
+
 def test_a_review_and_its_audit_rows_are_one_transaction(
-    session_factory: sessionmaker[Session],
+    session_factory: sessionmaker[Session], engine: Engine
 ) -> None:
     from node.db import finals as finals_db
     from node.db.models import FinalSource
@@ -326,6 +342,15 @@ def test_a_review_and_its_audit_rows_are_one_transaction(
         ),
         ("draft.review", f"job:{job}", {"decision": "accept", "final": final_id}),
     ]
+    # when the draft.review row cannot be written, the review is not stored either
+    with engine.begin() as conn:
+        for statement in _REFUSE_REVIEW_AUDIT[engine.dialect.name]:
+            conn.exec_driver_sql(statement)
+    with session_factory() as s, pytest.raises(DBAPIError, match="refused"):
+        finals_db.record_review(
+            s, replace(final, object_uid=f"{final.object_uid}:again"), actor="token:1:rad"
+        )
+    assert [r.id for r in _finals(session_factory)] == [final_id]
 
 
 def test_serve_runs_the_listener_only_when_configured(tmp_path: Path, db_url: str) -> None:
