@@ -58,6 +58,7 @@ from models.layout import (
     codes_to_ids,
 )
 from models.prompts import PromptError, format_prompt
+from models.results import ModelInputError, timings_of
 from models.text_stream import TextStream
 
 if TYPE_CHECKING:
@@ -309,15 +310,13 @@ def _answer(
         model_name=runtime.model_name,
         model_version=runtime.model_version,
         demo=runtime.bundle.demo,
-        timings=runtime._timings(encode_s, res),
+        timings=timings_of(encode_s, res),
         settings=runtime._settings(req),
     )
 
 
 def _budget(runtime: LLMCXR, max_new_tokens: int | None) -> int:
     """``max_new_tokens``, or the bundle's default for VQA answers."""
-    from models.results import ModelInputError
-
     if max_new_tokens is None:
         return int(runtime.defaults.get("vqa_max_new_tokens", 128))
     if max_new_tokens < 1:
@@ -381,8 +380,6 @@ def chat(
     Exception
         Whatever ``on_text`` raised (the generation is stopped first).
     """
-    from models.results import ModelInputError
-
     budget = _budget(runtime, max_new_tokens)
     window = context_window(runtime) if context_tokens is None else context_tokens
     t0 = time.perf_counter()
@@ -463,8 +460,6 @@ def summarize(
     models.results.InferenceError
         The backend failed.
     """
-    from models.results import ModelInputError
-
     budget = _budget(runtime, max_new_tokens)
     window = context_window(runtime) if context_tokens is None else context_tokens
     try:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from models.backends.base import GenerationResult
 from models.layout import IMAGE_SIZE
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ReportDraft",
     "check_model_input",
     "split_sections",
+    "timings_of",
 ]
 
 _SECTION = re.compile(r"\b(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
@@ -125,3 +127,16 @@ def check_model_input(image_in: npt.NDArray[np.float32]) -> npt.NDArray[np.float
     if not np.all(np.isfinite(image_in)) or image_in.min() < -1.001 or image_in.max() > 1.001:
         raise ModelInputError("model input must be finite and scaled to [-1, 1]")
     return image_in
+
+
+def timings_of(encode_s: float, res: GenerationResult) -> dict[str, float]:
+    """The ``timings`` of a result: ``encode_s`` (the image's share of the VQ-GAN encode, 0
+    without an image), the backend's ``prefill_s`` and ``decode_s``, ``prompt_tokens`` and
+    ``tokens`` (generated)."""
+    return {
+        "encode_s": encode_s,
+        "prefill_s": res.prefill_s,
+        "decode_s": res.decode_s,
+        "prompt_tokens": float(res.prompt_tokens),
+        "tokens": float(res.new_tokens),
+    }

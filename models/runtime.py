@@ -39,6 +39,7 @@ from models.results import (
     ReportDraft,
     check_model_input,
     split_sections,
+    timings_of,
 )
 from models.text import LLMCXRTokenizer
 
@@ -260,16 +261,6 @@ class LLMCXR:
                 out[key] = str(value).removeprefix("torch.")
         return out
 
-    @staticmethod
-    def _timings(encode_s: float, res: GenerationResult) -> dict[str, float]:
-        return {
-            "encode_s": encode_s,
-            "prefill_s": res.prefill_s,
-            "decode_s": res.decode_s,
-            "prompt_tokens": float(res.prompt_tokens),
-            "tokens": float(res.new_tokens),
-        }
-
     def generate_text(
         self,
         prompt_ids: list[int],
@@ -349,7 +340,7 @@ class LLMCXR:
                     findings=findings,
                     impression=impression,
                     **self._provenance(prompt, req),
-                    timings=self._timings(encode_s, res),
+                    timings=timings_of(encode_s, res),
                     stop_reason=res.stop_reason,
                 )
             )
@@ -383,7 +374,7 @@ class LLMCXR:
             question=question,
             text=self._text(res),
             **self._provenance(prompt, req),
-            timings=self._timings(encode_s, res),
+            timings=timings_of(encode_s, res),
             stop_reason=res.stop_reason,
         )
 
@@ -413,7 +404,7 @@ class LLMCXR:
         t0 = time.perf_counter()
         decoded = self.image_tokenizer.decode(codes[None])[0]
         decode_img_s = time.perf_counter() - t0
-        timings = self._timings(0.0, res)
+        timings = timings_of(0.0, res)
         timings["image_decode_s"] = decode_img_s
         return GeneratedImage(
             codes=codes,
