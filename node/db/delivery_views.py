@@ -66,37 +66,49 @@ class DestinationHealth:
 
 
 def destination_health(session: Session, destinations: list[str]) -> dict[str, DestinationHealth]:
-    """Health of each destination, keyed by its text as the delivery rows store it."""
+    """Health of each destination, keyed by its text as the delivery rows store it.
+
+    Three grouped queries whatever the number of destinations: the counts by state, the newest
+    ``sent_at`` and the newest unsent delivery with an error, each per destination.
+    """
+    if not destinations:
+        return {}
+    ours = Delivery.destination.in_(destinations)
+    counts = {d: {s.value: 0 for s in DeliveryState} for d in destinations}
+    for dest, state, n in session.execute(
+        select(Delivery.destination, Delivery.state, func.count())
+        .where(ours)
+        .group_by(Delivery.destination, Delivery.state)
+    ):
+        counts[dest][DeliveryState(state).value] = int(n)
+    last_ok = {
+        dest: at
+        for dest, at in session.execute(
+            select(Delivery.destination, func.max(Delivery.sent_at))
+            .where(ours, Delivery.state == DeliveryState.sent)
+            .group_by(Delivery.destination)
+        )
+    }
+    newest_failure = (
+        select(func.max(Delivery.id))
+        .where(ours, Delivery.last_error.is_not(None), Delivery.state != DeliveryState.sent)
+        .group_by(Delivery.destination)
+    )
+    failed = {
+        d.destination: d
+        for d in session.scalars(select(Delivery).where(Delivery.id.in_(newest_failure)))
+    }
     out: dict[str, DestinationHealth] = {}
     for dest in destinations:
-        last_ok = session.scalar(
-            select(func.max(Delivery.sent_at)).where(
-                Delivery.destination == dest, Delivery.state == DeliveryState.sent
-            )
-        )
-        failed = session.execute(
-            select(
-                Delivery.state, Delivery.last_error, Delivery.next_attempt_at, Delivery.created_at
-            )
-            .where(
-                Delivery.destination == dest,
-                Delivery.last_error.is_not(None),
-                Delivery.state != DeliveryState.sent,
-            )
-            .order_by(Delivery.id.desc())
-            .limit(1)
-        ).first()
-        counts = count_by_state(
-            session, Delivery.state, DeliveryState, Delivery.destination == dest
-        )
+        f = failed.get(dest)
         out[dest] = DestinationHealth(
             destination=dest,
-            last_success_at=last_ok,
-            failure_state=None if failed is None else DeliveryState(failed[0]).value,
-            failure_queued_at=None if failed is None else failed[3],
-            retry_at=None if failed is None or failed[0] != DeliveryState.pending else failed[2],
-            last_error=None if failed is None else failed[1],
-            counts=counts,
+            last_success_at=last_ok.get(dest),
+            failure_state=None if f is None else f.state.value,
+            failure_queued_at=None if f is None else f.created_at,
+            retry_at=None if f is None or f.state != DeliveryState.pending else f.next_attempt_at,
+            last_error=None if f is None else f.last_error,
+            counts=counts[dest],
         )
     return out
 

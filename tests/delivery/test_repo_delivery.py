@@ -241,3 +241,57 @@ def test_withdraw_cancels_unsent_rows_so_no_requeue_sends_them(node_db: NodeDB) 
         assert deliveries_db.resend(s, job, actor="admin") == []  # cancelled drafts stay cancelled
         with pytest.raises(JobConflict, match="withdrawn already"):
             withdrawals_db.withdraw_job(s, job, actor="admin", reason="again")
+
+
+def test_destination_health_per_destination(node_db: NodeDB) -> None:
+    """Each destination's counts, newest success and newest unsent failure, from rows of
+    several jobs; a destination with no rows reads as empty, and one's rows never leak into
+    another's."""
+    pacs, stow, idle = "PACS@127.0.0.1:104", "http://127.0.0.1:8042/dicom-web", "IDLE@h:11112"
+    t0 = utcnow().replace(microsecond=0)
+
+    def row(dest: str, state: DeliveryState, **kw: object) -> Delivery:
+        kind = DeliveryKind.stow if dest.startswith("http") else DeliveryKind.dimse
+        job_id = make_job(node_db.factory)
+        return Delivery(
+            job_id=job_id, destination=dest, kind=kind, state=state, created_at=t0, **kw
+        )
+
+    with node_db.factory() as s:
+        s.add_all(
+            [
+                row(pacs, DeliveryState.sent, sent_at=t0 - timedelta(hours=2)),
+                row(pacs, DeliveryState.sent, sent_at=t0 - timedelta(hours=1)),
+                row(pacs, DeliveryState.failed, last_error="old refusal"),
+                # the newest failure is still retrying
+                row(
+                    pacs,
+                    DeliveryState.pending,
+                    last_error="cannot connect",
+                    next_attempt_at=t0 + timedelta(minutes=5),
+                ),
+                # a sent row keeps the error of an earlier attempt: not a failure
+                row(
+                    pacs, DeliveryState.sent, last_error="was down", sent_at=t0 - timedelta(days=1)
+                ),
+                row(stow, DeliveryState.failed, last_error="HTTP 400"),
+                row(stow, DeliveryState.pending),
+            ]
+        )
+        s.commit()
+    with node_db.factory() as s:
+        health = delivery_views.destination_health(s, [pacs, stow, idle])
+        assert delivery_views.destination_health(s, []) == {}
+    assert list(health) == [pacs, stow, idle]
+    p, st, i = health[pacs], health[stow], health[idle]
+    assert p.counts == {"pending": 1, "sent": 3, "failed": 1, "cancelled": 0}
+    assert p.last_success_at is not None and p.last_success_at.replace(tzinfo=None) == (
+        t0 - timedelta(hours=1)
+    ).replace(tzinfo=None)
+    assert (p.failure_state, p.last_error) == ("pending", "cannot connect")
+    assert p.retry_at is not None
+    assert st.counts == {"pending": 1, "sent": 0, "failed": 1, "cancelled": 0}
+    assert st.last_success_at is None
+    assert (st.failure_state, st.last_error, st.retry_at) == ("failed", "HTTP 400", None)
+    assert i.counts == {"pending": 0, "sent": 0, "failed": 0, "cancelled": 0}
+    assert (i.last_success_at, i.failure_state, i.last_error) == (None, None, None)
