@@ -21,7 +21,6 @@ import getpass
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -30,6 +29,7 @@ from rich.console import Console
 
 from node.cli.common import services
 from node.db.models import ApiRole
+from node.jsonable import to_jsonable
 from node.services import jobs as job_service
 from node.services import tokens as token_service
 from node.services.context import ServiceContext
@@ -83,10 +83,6 @@ def service_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             raise fail(exc) from None
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 # --- jobs -------------------------------------------------------------------------------------
 
 
@@ -100,7 +96,7 @@ def jobs_show(
             d = job_service.detail(ctx, job_id)
         except LookupError as exc:
             raise fail(exc) from None
-    data = _jsonable(asdict(d))
+    data = to_jsonable(d)
     if as_json:
         typer.echo(json.dumps(data, sort_keys=True))
         return
@@ -239,7 +235,7 @@ def tokens_list(
     with cli_services() as ctx:
         rows = token_service.list_tokens(ctx)
     if as_json:
-        typer.echo(json.dumps(_jsonable([asdict(r) for r in rows])))
+        typer.echo(json.dumps(to_jsonable(rows)))
         return
     for r in rows:
         state = f"revoked {r.revoked_at.isoformat()}" if r.revoked_at else "active"

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from node.jsonable import to_jsonable
+
 if TYPE_CHECKING:
     from models.bundle import ModelBundle
 
@@ -379,7 +381,7 @@ def _print_result(result: dict[str, Any], *, as_json: bool) -> None:
     """Print a ``generate`` result: JSON, or its text, sections, image path and timings
     (with a DEMO warning on stderr)."""
     if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
+        typer.echo(json.dumps(to_jsonable(result), indent=2))
     else:
         if result.get("demo"):
             typer.echo("DEMO model (random weights): output is not a report.", err=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +13,7 @@ from node.db.models import Delivery, DeliveryState, Job, Study
 from node.db.queries import count_by_state, page
 from node.db.read_models import read_model
 from node.db.views import DeliveryRow, delivery_row
+from node.jsonable import to_jsonable
 
 __all__ = [
     "DestinationFailures",
@@ -138,7 +139,7 @@ class FailedDelivery:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (datetimes as ISO 8601)."""
-        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
+        return dict(to_jsonable(self))
 
 
 def failed_deliveries(

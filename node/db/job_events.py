@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.models import JobEvent, utcnow
+from node.jsonable import to_jsonable
 
 __all__ = ["JobEventRow", "add_event", "job_events"]
 
@@ -50,13 +51,7 @@ class JobEventRow:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (``at`` as ISO 8601)."""
-        return {
-            "id": self.id,
-            "at": self.at.isoformat(),
-            "kind": self.kind,
-            "actor": self.actor,
-            "detail": self.detail,
-        }
+        return dict(to_jsonable(self))
 
 
 def job_events(session: Session, job_id: int) -> list[JobEventRow]:

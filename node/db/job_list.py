@@ -7,7 +7,7 @@ Patient data (name, ID) in the rows is for the console and the API only, never l
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from node.db.models import Delivery, DeliveryState, Job, JobState, Study
 from node.db.queries import check_page, contains, page
 from node.db.read_models import read_model
+from node.jsonable import to_jsonable
 
 __all__ = [
     "DELIVERY_STATES",
@@ -130,7 +131,7 @@ class JobRow:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (datetimes as ISO 8601); ``cxr-node jobs list --json``."""
-        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
+        return dict(to_jsonable(self))
 
 
 def delivery_state(states: Sequence[DeliveryState]) -> str:

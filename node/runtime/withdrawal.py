@@ -24,7 +24,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +80,7 @@ class WithdrawResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
-        return {
-            "job_id": self.job_id,
-            "cancelled": self.cancelled,
-            "queued": self.queued,
-            "skipped": self.skipped,
-        }
+        return asdict(self)
 
 
 class _Skip(Exception):

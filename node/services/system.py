@@ -10,7 +10,7 @@ carries patient data.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -24,6 +24,7 @@ import node
 from node.db import audit as audit_db
 from node.db import system_views
 from node.db import views as views_db
+from node.jsonable import to_jsonable
 from node.runtime.spool import INCOMING, OUTPUTS_DIR
 from node.services.context import ServiceContext
 from node.services.health import readiness
@@ -48,16 +49,6 @@ RETENTION_SCHEDULE = (
     "hourly in cxr-node serve (first run 60 s after start), up to 500 studies a run"
 )
 _IMPORTED = datetime.now(UTC)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -249,7 +240,7 @@ class SystemReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (datetimes as ISO 8601), with the activity's totals."""
-        data: dict[str, Any] = _jsonable(asdict(self))
+        data: dict[str, Any] = to_jsonable(self)
         for disk, out in zip(self.disks, data["disks"], strict=True):
             out["full_fraction"] = disk.full_fraction
             out["floor_fraction"] = disk.floor_fraction

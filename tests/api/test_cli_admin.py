@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -45,6 +46,7 @@ def test_tokens_and_jobs(
         assert c.get("/api/session").json()["name"] == "cli-op"
     listed = json.loads(runner.invoke(app, ["tokens", "list", "--json"]).stdout)
     tid = next(t["id"] for t in listed if t["name"] == "cli-op")
+    assert all("T" in t["created_at"] for t in listed)
     assert runner.invoke(app, ["tokens", "create", "--role", "root"]).exit_code == 2
     r = runner.invoke(app, ["tokens", "revoke", str(tid)])
     assert r.exit_code == 0 and "revoked" in r.stdout
@@ -58,6 +60,9 @@ def test_tokens_and_jobs(
     assert r.exit_code == 0, r.output
     shown = json.loads(r.stdout)
     assert shown["job"]["state"] == "done" and shown["drafts"][0]["text"] == "Normal heart size."
+    # times in ISO 8601 as in `jobs list --json` and the API (not Python's str())
+    created = shown["job"]["created_at"]
+    assert "T" in created and datetime.fromisoformat(created).tzinfo is not None
     r = runner.invoke(app, ["jobs", "show", str(done.job_id)])
     assert "Normal heart size." in r.stdout and "PACS@h:104" in r.stdout
     assert runner.invoke(app, ["jobs", "show", "99999"]).exit_code == 1
