@@ -19,7 +19,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.models import JobEvent, utcnow
-from node.jsonable import to_jsonable
 
 __all__ = ["JobEventRow", "add_event", "job_events"]
 
@@ -48,10 +47,6 @@ class JobEventRow:
     kind: str
     actor: str | None
     detail: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary (``at`` as ISO 8601)."""
-        return dict(to_jsonable(self))
 
 
 def job_events(session: Session, job_id: int) -> list[JobEventRow]:

@@ -289,7 +289,9 @@ def test_destination_health_per_destination(node_db: NodeDB) -> None:
         t0 - timedelta(hours=1)
     ).replace(tzinfo=None)
     assert (p.failure_state, p.last_error) == ("pending", "cannot connect")
-    assert p.retry_at is not None
+    assert p.retry_at is not None and p.failure_queued_at is not None
+    assert p.retry_at.replace(tzinfo=None) == (t0 + timedelta(minutes=5)).replace(tzinfo=None)
+    assert p.failure_queued_at.replace(tzinfo=None) == t0.replace(tzinfo=None)
     assert st.counts == {"pending": 1, "sent": 0, "failed": 1, "cancelled": 0}
     assert st.last_success_at is None
     assert (st.failure_state, st.last_error, st.retry_at) == ("failed", "HTTP 400", None)
