@@ -21,10 +21,6 @@ from sqlalchemy.orm import sessionmaker
 from node.settings import Settings, load_settings
 from tests.deploy import manifests as m
 
-#: settings the manifests use that land with another part of issue #29 (the remote backend,
-#: part 1); accepted only while Settings does not have them yet
-PENDING_SETTINGS = {"remote_urls": "#29 part 1 (remote backend)"}
-PENDING_BACKENDS = {"remote": "#29 part 1 (remote backend)"}
 #: variables the node reads beside its settings: the configuration file's path
 NON_SETTING_VARIABLES = {"CONFIG"}
 
@@ -62,9 +58,9 @@ def test_every_cxr_node_variable_is_a_setting() -> None:
         seen += 1
         assert name == name.upper(), f"{where}: {name} (the node's variables are upper case)"
         setting = name[len(m.ENV_PREFIX) :].lower()
-        if setting in fields or setting.upper() in NON_SETTING_VARIABLES:
-            continue
-        assert setting in PENDING_SETTINGS, f"{where}: {name} names no setting of the node"
+        assert setting in fields or setting.upper() in NON_SETTING_VARIABLES, (
+            f"{where}: {name} names no setting of the node"
+        )
     assert seen > 20
 
 
@@ -78,22 +74,13 @@ def test_interpolation_variables_are_not_node_settings() -> None:
 
 def _settings_for(
     container: m.Container, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> tuple[Settings, list[str]]:
+) -> Settings:
     """The settings the container's process would build: the ConfigMap's file (Kubernetes)
-    and the container's environment; settings still pending in #29 are left out (named)."""
+    and the container's environment."""
     for name in list(os.environ):
         if name.upper().startswith(m.ENV_PREFIX):
             monkeypatch.delenv(name)
     env = dict(container.env)
-    left_out: list[str] = []
-    fields = set(Settings.model_fields)
-    for setting in PENDING_SETTINGS:
-        var = f"{m.ENV_PREFIX}{setting.upper()}"
-        if setting not in fields and var in env:
-            left_out.append(f"{var}={env.pop(var)}")
-            backend = env.get(f"{m.ENV_PREFIX}BACKEND")
-            if backend in PENDING_BACKENDS:
-                left_out.append(f"{m.ENV_PREFIX}BACKEND={env.pop(f'{m.ENV_PREFIX}BACKEND')}")
     config: Path | None = None
     if "CXR_NODE_CONFIG" in env:
         config = tmp_path / "cxr-node.toml"
@@ -101,17 +88,15 @@ def _settings_for(
         env.pop("CXR_NODE_CONFIG")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return load_settings(config), left_out
+    return load_settings(config)
 
 
 @pytest.mark.parametrize("container", _node_containers(), ids=_ids(_node_containers()))
 def test_each_role_configuration_loads_and_fits_the_role(
     container: m.Container, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    settings, left_out = _settings_for(container, monkeypatch, tmp_path)
+    settings = _settings_for(container, monkeypatch, tmp_path)
     backend = container.env.get("CXR_NODE_BACKEND")
-    if left_out:  # only the remote backend's variables, and only while #29 part 1 is pending
-        assert backend in PENDING_BACKENDS and container.env.get("CXR_NODE_REMOTE_URLS")
     assert settings.database_backend == "postgresql"
     assert str(settings.spool_dir) == SPOOL_MOUNT
     role = container.role
@@ -147,7 +132,7 @@ def test_roles_share_database_and_destinations(
         for c in containers:
             if c.argv[:1] != ["cxr-node"]:
                 continue
-            s, _ = _settings_for(c, monkeypatch, tmp_path)
+            s = _settings_for(c, monkeypatch, tmp_path)
             seen.add((s.database_url, tuple(str(d) for d in s.destinations), s.ae_title))
         assert len(seen) == 1, seen
 
