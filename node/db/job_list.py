@@ -138,15 +138,17 @@ def delivery_state(states: Sequence[DeliveryState]) -> str:
     """A job's delivery state from its deliveries' states.
 
     ``failed`` when any delivery failed for good, else ``pending`` when any is still to be
-    sent, else ``sent`` when there are deliveries, else ``none``.
+    sent, else ``sent`` when any was sent, else ``none``. A delivery ``cancelled`` by a
+    withdrawal was not sent and will not be: it does not count. :func:`filter_jobs`'s
+    ``delivery`` filter applies the same rule in SQL.
     """
-    if not states:
-        return "none"
     if DeliveryState.failed in states:
         return "failed"
-    if any(s is not DeliveryState.sent for s in states):
+    if DeliveryState.pending in states:
         return "pending"
-    return "sent"
+    if DeliveryState.sent in states:
+        return "sent"
+    return "none"
 
 
 #: the fields of :class:`JobRow` that are the study's (the others are the job's)
@@ -217,7 +219,10 @@ def _conditions(flt: JobFilter) -> list[Any]:
 
 
 def _delivery_condition(state: str) -> Any:
-    has = select(Delivery.job_id).where(Delivery.job_id == Job.id)
+    """SQL of :func:`delivery_state` = ``state``: ``cancelled`` rows do not count."""
+    has = select(Delivery.job_id).where(
+        Delivery.job_id == Job.id, Delivery.state != DeliveryState.cancelled
+    )
     failed = has.where(Delivery.state == DeliveryState.failed)
     open_ = has.where(Delivery.state == DeliveryState.pending)
     if state == "none":

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from node.db import deliveries as deliveries_db
-from node.db import delivery_views
+from node.db import delivery_views, job_list
 from node.db import withdrawals as withdrawals_db
 from node.db.jobs import JobConflict, JobNotFound
 from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
@@ -297,3 +297,61 @@ def test_destination_health_per_destination(node_db: NodeDB) -> None:
     assert (st.failure_state, st.last_error, st.retry_at) == ("failed", "HTTP 400", None)
     assert i.counts == {"pending": 0, "sent": 0, "failed": 0, "cancelled": 0}
     assert (i.last_success_at, i.failure_state, i.last_error) == (None, None, None)
+
+
+def test_job_delivery_state_shown_is_the_one_filtered(node_db: NodeDB) -> None:
+    """A job's delivery state in the list is the ``delivery=`` filter that lists it, for
+    each mix of its rows' states. A row ``cancelled`` by a withdrawal was never sent and
+    never will be: it does not make the job look still to be delivered."""
+    mixes: dict[str, tuple[DeliveryState, ...]] = {
+        "nothing queued": (),
+        "sent": (DeliveryState.sent,),
+        "one to go": (DeliveryState.sent, DeliveryState.pending),
+        "one failed": (DeliveryState.sent, DeliveryState.failed, DeliveryState.pending),
+        # withdrawn after the SR was sent: the PDF's row cancelled, the withdrawal sent
+        "withdrawn, sent": (DeliveryState.sent, DeliveryState.cancelled, DeliveryState.sent),
+        # withdrawn with the withdrawal still queued
+        "withdrawal to go": (DeliveryState.sent, DeliveryState.cancelled, DeliveryState.pending),
+        # withdrawn before anything was sent
+        "withdrawn, unsent": (DeliveryState.cancelled, DeliveryState.cancelled),
+    }
+    expected = {
+        "nothing queued": "none",
+        "sent": "sent",
+        "one to go": "pending",
+        "one failed": "failed",
+        "withdrawn, sent": "sent",
+        "withdrawal to go": "pending",
+        "withdrawn, unsent": "none",
+    }
+    jobs = {name: make_job(node_db.factory) for name in mixes}
+    with node_db.factory() as s:
+        for name, states in mixes.items():
+            for n, state in enumerate(states):
+                s.add(
+                    Delivery(
+                        job_id=jobs[name],
+                        destination=f"PACS{n}@127.0.0.1:104",
+                        kind=DeliveryKind.dimse,
+                        state=state,
+                        created_at=utcnow(),
+                    )
+                )
+        s.commit()
+    names = {job_id: name for name, job_id in jobs.items()}
+    with node_db.factory() as s:
+        rows, _ = job_list.filter_jobs(s, job_list.JobFilter(limit=1000))
+        shown = {names[r.id]: r.delivery_state for r in rows if r.id in names}
+        listed = {
+            state: {
+                names[r.id]
+                for r in job_list.filter_jobs(s, job_list.JobFilter(delivery=state, limit=1000))[0]
+                if r.id in names
+            }
+            for state in job_list.DELIVERY_STATES
+        }
+    assert shown == expected
+    assert listed == {
+        state: {name for name, want in expected.items() if want == state}
+        for state in job_list.DELIVERY_STATES
+    }
