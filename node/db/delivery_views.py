@@ -53,8 +53,9 @@ class DestinationHealth:
     """Delivery history of one destination.
 
     ``last_success_at`` is the newest ``sent_at``. The schema keeps no failure time, so the
-    newest delivery that has an error is described by its state (``pending``: still retrying,
-    due again at ``retry_at``; ``failed``: given up), its error and when it was queued.
+    newest unsent delivery that has an error is described by its state (``pending``: still
+    retrying, due again at ``retry_at``; ``failed``: given up), its error and when it was
+    queued. A delivery ``cancelled`` by a withdrawal is not the destination's failure.
     """
 
     destination: str
@@ -70,7 +71,8 @@ def destination_health(session: Session, destinations: list[str]) -> dict[str, D
     """Health of each destination, keyed by its text as the delivery rows store it.
 
     Three grouped queries whatever the number of destinations: the counts by state, the newest
-    ``sent_at`` and the newest unsent delivery with an error, each per destination.
+    ``sent_at`` and the newest ``pending`` or ``failed`` delivery with an error, each per
+    destination.
     """
     if not destinations:
         return {}
@@ -90,9 +92,10 @@ def destination_health(session: Session, destinations: list[str]) -> dict[str, D
             .group_by(Delivery.destination)
         )
     }
+    unsent = Delivery.state.in_([DeliveryState.pending, DeliveryState.failed])
     newest_failure = (
         select(func.max(Delivery.id))
-        .where(ours, Delivery.last_error.is_not(None), Delivery.state != DeliveryState.sent)
+        .where(ours, Delivery.last_error.is_not(None), unsent)
         .group_by(Delivery.destination)
     )
     failed = {

@@ -274,6 +274,13 @@ def test_destination_health_per_destination(node_db: NodeDB) -> None:
                 row(
                     pacs, DeliveryState.sent, last_error="was down", sent_at=t0 - timedelta(days=1)
                 ),
+                # cancelled by a withdrawal after the retrying row: not the destination's
+                # failure, and it does not hide the retrying one
+                row(
+                    pacs,
+                    DeliveryState.cancelled,
+                    last_error="cancelled: the draft was withdrawn before it was sent",
+                ),
                 row(stow, DeliveryState.failed, last_error="HTTP 400"),
                 row(stow, DeliveryState.pending),
             ]
@@ -284,7 +291,7 @@ def test_destination_health_per_destination(node_db: NodeDB) -> None:
         assert delivery_views.destination_health(s, []) == {}
     assert list(health) == [pacs, stow, idle]
     p, st, i = health[pacs], health[stow], health[idle]
-    assert p.counts == {"pending": 1, "sent": 3, "failed": 1, "cancelled": 0}
+    assert p.counts == {"pending": 1, "sent": 3, "failed": 1, "cancelled": 1}
     assert p.last_success_at is not None and p.last_success_at.replace(tzinfo=None) == (
         t0 - timedelta(hours=1)
     ).replace(tzinfo=None)
