@@ -4,8 +4,8 @@ Registered by :func:`register` on the main typer app (``node.cli``):
 
 - ``jobs show ID [--json]``, ``jobs retry ID``, ``jobs cancel ID [--reason]``,
   ``jobs resend ID``, ``jobs priority ID N``, ``jobs withdraw ID --reason TEXT``;
-- ``tokens create --role admin|operator|viewer [--name]`` (the token alone on the last line),
-  ``tokens revoke ID``, ``tokens list [--json]``;
+- ``tokens create --role admin|operator|viewer|reviewer [--name]`` (the token alone on the
+  last line), ``tokens revoke ID``, ``tokens list [--json]``;
 - ``ask FILE --question TEXT`` (CXR-VQA on a DICOM or PNG file with the in-process model of
   ``model_dir`` / ``CXR_NODE_MODEL_DIR``);
 - ``generate-image --report TEXT --out FILE.png [--dicom FILE.dcm]`` (report -> CXR; the
@@ -200,7 +200,7 @@ def jobs_priority(
 
 @tokens_app.command("create")
 def tokens_create(
-    role: Annotated[ApiRole, typer.Option("--role", help="viewer, operator or admin.")],
+    role: Annotated[ApiRole, typer.Option("--role", help="viewer, operator, admin or reviewer.")],
     name: Annotated[str | None, typer.Option("--name", help="A label for the token.")] = None,
 ) -> None:
     """Create an API token; the token is printed alone on the last line (shown once)."""

@@ -1,10 +1,11 @@
-"""The configuration reference and the example file say what the settings are.
+"""The configuration reference and the example file say what the settings and commands are.
 
 ``docs/configuration.md`` is the reference: one table row per setting, with its environment
-variable and its default. ``deploy/cxr-node.example.toml`` calls itself "an example with every
-setting": each setting is set there or shown commented out, and every commented-out line,
-once uncommented, loads with the node's own loader (``load_settings``), so a commented value
-an admin copies is one the node takes.
+variable and its default, and a "Commands" section that names every ``cxr-node`` command with
+its options. ``deploy/cxr-node.example.toml`` calls itself "an example with every setting":
+each setting is set there or shown commented out, and every commented-out line, once
+uncommented, loads with the node's own loader (``load_settings``), so a commented value an
+admin copies is one the node takes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer.main
 
+from node.cli.main import app
 from node.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,3 +143,61 @@ def test_example_loads_with_its_commented_lines(tmp_path: Path) -> None:
     assert {"remote_urls", "hl7_listen", "tls_cert_file", "priority_rules"} <= uncommented
     assert settings.remote_urls and settings.hl7_listen and settings.priority_rules
     assert len(settings.destinations) == 5, "the text form and the four commented tables"
+
+
+#: command groups whose options the reference leaves to ``--help`` and to the guide it names
+_OPTIONS_ELSEWHERE = {
+    "models": "cxr-node models COMMAND --help, docs/cpu-engine.md",
+    "train": "docs/training.md",
+    "evaluate": "docs/evaluation.md",
+}
+#: options every command has, described once at the top of the section
+_COMMON_OPTIONS = {"--config", "--help"}
+
+
+def _commands() -> dict[str, set[str]]:
+    """Every ``cxr-node`` command path (``"jobs list"``) and its option names (typer may
+    vendor its click: groups are told by their ``commands``)."""
+    found: dict[str, set[str]] = {}
+
+    def walk(command: Any, path: list[str]) -> None:
+        subcommands = getattr(command, "commands", None)
+        if isinstance(subcommands, dict):
+            for name, sub in subcommands.items():
+                walk(sub, [*path, name])
+            return
+        names: set[str] = set()
+        for param in command.params:
+            names.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("--"))
+        found[" ".join(path)] = names - _COMMON_OPTIONS
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def _command_spans() -> list[str]:
+    text = REFERENCE.read_text(encoding="utf-8")
+    section = text.split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"`(cxr-node [^`]+)`", section.replace("\n  ", " "))
+
+
+def test_every_command_is_in_the_reference_with_its_options() -> None:
+    spans = _command_spans()
+    for path, options in _commands().items():
+        own = [s for s in spans if re.match(rf"cxr-node {re.escape(path)}(\s|$)", s)]
+        group, _, leaf = path.rpartition(" ")
+        listed = [  # "cxr-node models create-demo | import-llmcxr | ..."
+            s
+            for s in spans
+            if group
+            and s.startswith(f"cxr-node {group} ")
+            and leaf in re.split(r"\s*\|\s*", s[len(f"cxr-node {group} ") :])
+        ]
+        assert own or listed, f"cxr-node {path}: not in docs/configuration.md, Commands"
+        if path.split()[0] in _OPTIONS_ELSEWHERE or not own:
+            continue
+        named = set(re.findall(r"--[a-z][a-z0-9-]*", " ".join(own)))
+        # a flag pair (--worker/--no-worker) is named by either of its forms
+        missing = {o for o in options if o not in named and f"--no-{o[2:]}" not in named}
+        missing -= {o for o in options if o.startswith("--no-") and f"--{o[5:]}" in named}
+        assert not missing, f"cxr-node {path}: options not in the reference: {sorted(missing)}"
