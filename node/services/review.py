@@ -17,7 +17,7 @@ from node.db.models import FinalSource, utcnow
 from node.services.context import ServiceContext
 from node.services.errors import Conflict, InvalidInput
 
-__all__ = ["Decision", "ReviewResult", "review"]
+__all__ = ["Decision", "ReviewResult", "review", "reviewable"]
 
 MAX_TEXT = 20_000
 
@@ -90,6 +90,21 @@ def review(
         return ReviewResult(final_id, decision, None, False)
     outcome = FinalIntake(ctx.settings, ctx.write_sessions).score(final_id, final, match)
     return ReviewResult(final_id, decision, outcome.agreement, outcome.significant)
+
+
+def reviewable(ctx: ServiceContext, job_id: int) -> bool:
+    """Whether :func:`review` takes a review of job ``job_id``'s draft: the job is done, not
+    withdrawn, and its report draft is the study's current one (no later job superseded
+    it). The console offers the review form on this, so it never offers a review that
+    would be refused.
+
+    Raises
+    ------
+    node.db.jobs.JobNotFound
+        When no job has that id.
+    """
+    with ctx.read_sessions() as session:
+        return finals_db.draft_of_job(session, job_id) is not None
 
 
 def _text(decision: Decision, draft: str, text: str | None, reason: str | None) -> str:

@@ -23,7 +23,7 @@ from node.db.jobs import JobNotFound
 from node.db.models import JobState
 from node.services import jobs as job_service
 from node.services import objects as job_objects
-from node.services import quality
+from node.services import quality, review
 from node.services.errors import Gone, InvalidInput, NotFound
 from node.web import auth, frame
 
@@ -168,7 +168,7 @@ def job_page(
         finals=quality.job_finals(ctx, job.id),
         observations=[o.value for o in OBSERVATIONS],
         can_operate=user.has("operator"),
-        can_review=user.has("reviewer"),
+        can_review=user.has("reviewer") and review.reviewable(ctx, job.id),
         api=auth.job_action_urls(job.id),
         history=_history(detail),
         objects=job_objects.job_objects(ctx, job.id),

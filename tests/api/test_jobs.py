@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from node.db.models import Job, JobState, utcnow
+from node.db.models import Draft, Job, JobState, utcnow
+from node.services.tokens import create_token
 from tests.api.conftest import LAST_ATTEMPT, ApiEnv
 
 pytestmark = pytest.mark.integration
@@ -187,6 +188,50 @@ def test_job_shows_the_studys_sr_chain(env: ApiEnv) -> None:
                 (first.job_id, first_sr, True),
                 (later_id, "2.25.42", False),
             ]
+
+
+def test_review_form_only_where_the_review_is_taken(make_env) -> None:  # type: ignore[no-untyped-def]
+    """The job page offers the reviewer the review form only for a draft the review API
+    takes: a draft superseded by a later job's draft of the same study is answered 409,
+    so its page shows no form (and the current draft's page does)."""
+    env = make_env(model=False)
+    _row, env.tokens["reviewer"] = create_token(
+        env.api_ctx, name="rad-test", role="reviewer", actor="test-setup"
+    )
+    first = env.seed("done", draft="Clear lungs.")
+    with env.sessions() as s:  # a late instance re-drafted the study: a newer job and draft
+        old = s.get_one(Job, first.job_id)
+        later = Job(
+            study_id=old.study_id,
+            state=JobState.done,
+            created_at=utcnow(),
+            updated_at=utcnow(),
+            finished_at=utcnow(),
+            sr_sop_instance_uid="2.25.43",
+        )
+        s.add(later)
+        s.flush()
+        s.add(
+            Draft(
+                job_id=later.id,
+                task="report",
+                full_text="Right pneumothorax.",
+                impression="Right pneumothorax.",
+                model_name="llm-cxr-demo",
+                model_version="0",
+                created_at=utcnow() + timedelta(seconds=1),
+            )
+        )
+        s.commit()
+        later_id = later.id
+    with env.client("reviewer") as c:
+        shown = {j: 'id="review"' in c.get(f"/jobs/{j}").text for j in (first.job_id, later_id)}
+        taken = {
+            j: c.post(f"/api/jobs/{j}/review", json={"decision": "accept"}).status_code
+            for j in (first.job_id, later_id)
+        }
+    assert taken == {first.job_id: 409, later_id: 200}
+    assert shown == {first.job_id: False, later_id: True}
 
 
 def test_config_summary_has_no_secrets(make_env) -> None:  # type: ignore[no-untyped-def]
