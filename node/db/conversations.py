@@ -327,12 +327,18 @@ def draft_text(
     session: Session, *, job_id: int | None = None, study_uid: str | None = None
 ) -> str | None:
     """The latest report draft's text of job ``job_id``, or of the latest job of study
-    ``study_uid`` that has one; ``None`` when there is none."""
-    stmt = select(Draft.full_text).where(Draft.task == "report")
+    ``study_uid`` that has one; ``None`` when there is none. A withdrawn draft must not be
+    used: a withdrawn job's draft is none, and the study's is the newest not withdrawn
+    (as :func:`node.db.finals.draft_for` takes it)."""
+    stmt = (
+        select(Draft.full_text)
+        .join(Job, Job.id == Draft.job_id)
+        .where(Draft.task == "report", Job.withdrawn_at.is_(None))
+    )
     if job_id is not None:
         stmt = stmt.where(Draft.job_id == job_id)
     elif study_uid is not None:
-        stmt = stmt.join(Job, Job.id == Draft.job_id).join(Study, Study.id == Job.study_id)
+        stmt = stmt.join(Study, Study.id == Job.study_id)
         stmt = stmt.where(Study.study_instance_uid == study_uid)
     else:
         return None

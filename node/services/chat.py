@@ -317,7 +317,8 @@ def ask(
 
 
 def study_draft(ctx: ServiceContext, study_uid: str) -> str | None:
-    """The text of the latest report draft of the study ``study_uid`` (``None``: none)."""
+    """The text of the latest report draft of the study ``study_uid`` that was not withdrawn
+    (``None``: none)."""
     with ctx.read_sessions() as session:
         return conv_db.draft_text(session, study_uid=study_uid)
 
@@ -326,7 +327,7 @@ def resolve_report(
     ctx: ServiceContext, conv: ConversationRecord, *, job_id: int | None, report: str | None
 ) -> str:
     """The report a summary rewrites: ``report`` as given, job ``job_id``'s draft, or the
-    draft of the conversation's study.
+    draft of the conversation's study (never a withdrawn draft).
 
     Raises
     ------
@@ -339,7 +340,7 @@ def resolve_report(
         with ctx.read_sessions() as session:
             text = conv_db.draft_text(session, job_id=job_id)
         if text is None:
-            raise InvalidInput(f"job {job_id} has no report draft")
+            raise InvalidInput(f"job {job_id} has no report draft (none, or it was withdrawn)")
         return text
     text = study_draft(ctx, conv.study_uid) if conv.study_uid else None
     if not text:

@@ -15,6 +15,7 @@ import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from integration.final_report import final_report_from_oru
 from integration.mllp import send_mllp
-from node.db.models import AuditLog, FinalReport, Instance, Job
+from node.db.models import AuditLog, Draft, FinalReport, Instance, Job
 from node.db.retention import purge_expired_studies
 from node.metrics import QualitySettings, render
 from node.runtime.finals import FinalIntake, make_hl7_listener
@@ -362,3 +363,61 @@ def test_serve_runs_the_listener_only_when_configured(tmp_path: Path, db_url: st
     assert make_hl7_listener in default_components(on, worker=False, api=False)
     with pytest.raises(ValueError, match="hl7_allowed_hosts"):
         _settings(tmp_path, db_url, hl7_listen="0.0.0.0:2575")
+
+
+def test_a_withdrawn_draft_is_not_the_study_draft_a_summary_uses(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str
+) -> None:
+    """A summary without a report uses the study's draft (``/summary``, ``POST
+    .../summary``): never a withdrawn one (it must not be used), but the newest draft not
+    withdrawn, the one a final report is matched to; a withdrawn job's draft is refused by
+    job id too."""
+    from node.db import finals as finals_db
+    from node.services import chat
+    from node.services.errors import InvalidInput
+
+    ctx = ServiceContext(_settings(tmp_path, db_url), session_factory, session_factory)
+    first = seed_draft(session_factory, STUDY_UID, DRAFT_NO_PTX)
+    with session_factory() as s:  # a late instance: the study drafted again, later
+        older = s.get_one(Job, first)
+        later = Job(
+            study_id=older.study_id,
+            state=older.state,
+            created_at=older.created_at + timedelta(hours=1),
+            updated_at=older.created_at + timedelta(hours=1),
+            finished_at=older.created_at + timedelta(hours=1),
+            sr_sop_instance_uid=f"{STUDY_UID}.10",
+        )
+        s.add(later)
+        s.flush()
+        s.add(
+            Draft(
+                job_id=later.id,
+                task="report",
+                full_text=FINAL_PTX,
+                impression=FINAL_PTX,
+                model_name="LLM-CXR-DEMO",
+                model_version="v1",
+                created_at=older.created_at + timedelta(hours=1),
+            )
+        )
+        s.commit()
+        second = later.id
+    assert chat.study_draft(ctx, STUDY_UID) == FINAL_PTX
+    with session_factory() as s:  # the later draft is withdrawn (wrong side)
+        s.get_one(Job, second).withdrawn_at = datetime.now(UTC)
+        s.commit()
+    with session_factory() as s:
+        match = finals_db.draft_for(s, STUDY_UID, None)
+    assert match is not None and match.job_id == first
+    assert chat.study_draft(ctx, STUDY_UID) == DRAFT_NO_PTX == match.text
+    conv = SimpleNamespace(study_uid=STUDY_UID)
+    assert chat.resolve_report(ctx, conv, job_id=None, report=None) == DRAFT_NO_PTX  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="withdrawn"):
+        chat.resolve_report(ctx, conv, job_id=second, report=None)  # type: ignore[arg-type]
+    with session_factory() as s:  # both withdrawn: the study has no draft to summarize
+        s.get_one(Job, first).withdrawn_at = datetime.now(UTC)
+        s.commit()
+    assert chat.study_draft(ctx, STUDY_UID) is None
+    with pytest.raises(InvalidInput, match="no draft"):
+        chat.resolve_report(ctx, conv, job_id=None, report=None)  # type: ignore[arg-type]
