@@ -6,9 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from node.db.models import Draft, Job, JobState, utcnow
+from node.db.models import Job, JobState, utcnow
 from node.services.tokens import create_token
 from tests.api.conftest import LAST_ATTEMPT, ApiEnv
+from tests.node.factories import add_redraft
 
 pytestmark = pytest.mark.integration
 
@@ -200,27 +201,12 @@ def test_review_form_only_where_the_review_is_taken(make_env) -> None:  # type: 
     )
     first = env.seed("done", draft="Clear lungs.")
     with env.sessions() as s:  # a late instance re-drafted the study: a newer job and draft
-        old = s.get_one(Job, first.job_id)
-        later = Job(
-            study_id=old.study_id,
-            state=JobState.done,
-            created_at=utcnow(),
-            updated_at=utcnow(),
-            finished_at=utcnow(),
+        later = add_redraft(
+            s,
+            first.job_id,
+            "Right pneumothorax.",
+            at=utcnow() + timedelta(seconds=1),
             sr_sop_instance_uid="2.25.43",
-        )
-        s.add(later)
-        s.flush()
-        s.add(
-            Draft(
-                job_id=later.id,
-                task="report",
-                full_text="Right pneumothorax.",
-                impression="Right pneumothorax.",
-                model_name="llm-cxr-demo",
-                model_version="0",
-                created_at=utcnow() + timedelta(seconds=1),
-            )
         )
         s.commit()
         later_id = later.id

@@ -107,8 +107,12 @@ def add_done_job(
     )
     session.add(study)
     session.flush()
+    return _done_job(session, study.id, at=at, **job_fields)
+
+
+def _done_job(session: Session, study_id: int, *, at: datetime, **job_fields: Any) -> Job:
     job = Job(
-        study_id=study.id,
+        study_id=study_id,
         state=JobState.done,
         created_at=at,
         updated_at=at,
@@ -116,6 +120,36 @@ def add_done_job(
         **job_fields,
     )
     session.add(job)
+    session.flush()
+    return job
+
+
+def _report_draft(job_id: int, text: str, *, at: datetime, version: str = "v1") -> Draft:
+    return Draft(
+        job_id=job_id,
+        task="report",
+        full_text=text,
+        impression=text,
+        model_name="LLM-CXR-DEMO",
+        model_version=version,
+        created_at=at,
+    )
+
+
+def add_redraft(
+    session: Session, job_id: int, text: str, *, at: datetime, sr_sop_instance_uid: str
+) -> Job:
+    """A later ``done`` job of job ``job_id``'s study with the report draft ``text``, as when
+    a late instance has the study drafted again; added and flushed (not committed).
+
+    Returns
+    -------
+    Job
+        The new job, with its id.
+    """
+    study_id = session.get_one(Job, job_id).study_id
+    job = _done_job(session, study_id, at=at, sr_sop_instance_uid=sr_sop_instance_uid)
+    session.add(_report_draft(job.id, text, at=at))
     session.flush()
     return job
 
@@ -134,16 +168,6 @@ def seed_draft(
         job = add_done_job(
             s, study_uid, at=at, accession=accession, sr_sop_instance_uid=f"{study_uid}.9"
         )
-        s.add(
-            Draft(
-                job_id=job.id,
-                task="report",
-                full_text=text,
-                impression=text,
-                model_name="LLM-CXR-DEMO",
-                model_version=version,
-                created_at=at,
-            )
-        )
+        s.add(_report_draft(job.id, text, at=at, version=version))
         s.commit()
         return int(job.id)

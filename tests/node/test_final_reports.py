@@ -15,7 +15,6 @@ import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -27,16 +26,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from integration.final_report import final_report_from_oru
 from integration.mllp import send_mllp
-from node.db.models import AuditLog, Draft, FinalReport, Instance, Job
+from node.db import finals as finals_db
+from node.db.conversations import ConversationRecord
+from node.db.models import AuditLog, FinalReport, Instance, Job
 from node.db.retention import purge_expired_studies
 from node.metrics import QualitySettings, render
 from node.runtime.finals import FinalIntake, make_hl7_listener
 from node.runtime.service import NodeContext, _build_scp
-from node.services import quality
+from node.services import chat, quality
 from node.services.context import ServiceContext
+from node.services.errors import InvalidInput
 from node.settings import Settings, load_settings
 from tests.helpers import free_port, require_binary, rg1_file
-from tests.node.factories import seed_draft
+from tests.node.factories import T0, add_redraft, seed_draft
 from tests.reporting.final_builders import STUDY_UID, final_sr, oru
 
 DRAFT_NO_PTX = "FINDINGS: No pneumothorax. Heart size normal.\nIMPRESSION: No acute disease."
@@ -372,34 +374,11 @@ def test_a_withdrawn_draft_is_not_the_study_draft_a_summary_uses(
     .../summary``): never a withdrawn one (it must not be used), but the newest draft not
     withdrawn, the one a final report is matched to; a withdrawn job's draft is refused by
     job id too."""
-    from node.db import finals as finals_db
-    from node.services import chat
-    from node.services.errors import InvalidInput
-
     ctx = ServiceContext(_settings(tmp_path, db_url), session_factory, session_factory)
     first = seed_draft(session_factory, STUDY_UID, DRAFT_NO_PTX)
     with session_factory() as s:  # a late instance: the study drafted again, later
-        older = s.get_one(Job, first)
-        later = Job(
-            study_id=older.study_id,
-            state=older.state,
-            created_at=older.created_at + timedelta(hours=1),
-            updated_at=older.created_at + timedelta(hours=1),
-            finished_at=older.created_at + timedelta(hours=1),
-            sr_sop_instance_uid=f"{STUDY_UID}.10",
-        )
-        s.add(later)
-        s.flush()
-        s.add(
-            Draft(
-                job_id=later.id,
-                task="report",
-                full_text=FINAL_PTX,
-                impression=FINAL_PTX,
-                model_name="LLM-CXR-DEMO",
-                model_version="v1",
-                created_at=older.created_at + timedelta(hours=1),
-            )
+        later = add_redraft(
+            s, first, FINAL_PTX, at=T0 + timedelta(hours=1), sr_sop_instance_uid=f"{STUDY_UID}.10"
         )
         s.commit()
         second = later.id
@@ -411,13 +390,27 @@ def test_a_withdrawn_draft_is_not_the_study_draft_a_summary_uses(
         match = finals_db.draft_for(s, STUDY_UID, None)
     assert match is not None and match.job_id == first
     assert chat.study_draft(ctx, STUDY_UID) == DRAFT_NO_PTX == match.text
-    conv = SimpleNamespace(study_uid=STUDY_UID)
-    assert chat.resolve_report(ctx, conv, job_id=None, report=None) == DRAFT_NO_PTX  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    conv = ConversationRecord(
+        id=1,
+        created_at=now,
+        updated_at=now,
+        actor="test",
+        study_uid=STUDY_UID,
+        sop_instance_uid=None,
+        source="study",
+        image_codes=[],
+        model_name="LLM-CXR-DEMO",
+        model_version="v1",
+        demo=True,
+        turns=[],
+    )
+    assert chat.resolve_report(ctx, conv, job_id=None, report=None) == DRAFT_NO_PTX
     with pytest.raises(InvalidInput, match="withdrawn"):
-        chat.resolve_report(ctx, conv, job_id=second, report=None)  # type: ignore[arg-type]
+        chat.resolve_report(ctx, conv, job_id=second, report=None)
     with session_factory() as s:  # both withdrawn: the study has no draft to summarize
         s.get_one(Job, first).withdrawn_at = datetime.now(UTC)
         s.commit()
     assert chat.study_draft(ctx, STUDY_UID) is None
     with pytest.raises(InvalidInput, match="no draft"):
-        chat.resolve_report(ctx, conv, job_id=None, report=None)  # type: ignore[arg-type]
+        chat.resolve_report(ctx, conv, job_id=None, report=None)
