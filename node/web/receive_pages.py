@@ -5,7 +5,9 @@ B.2-1), each refused instance with its status and reason.
 
 Filters: calling AE, study (``/receive-log?study=<Study Instance UID>``: the associations
 that delivered instances of the study or had refusals for it; the job page links there),
-outcome and a date range (UTC); paged on the server. Viewer role and above; the same
+outcome and a date range (UTC); paged on the server. The study is matched as the log stores
+it, as ``GET /api/receive-log?study_uid=`` does: an instance refused for an invalid Study
+Instance UID (0xA901) links to its study's view too. Viewer role and above; the same
 figures as ``GET /api/receive-log``. No patient data is shown or logged.
 """
 
@@ -25,8 +27,6 @@ __all__ = ["router"]
 
 router = APIRouter(include_in_schema=False)
 
-_UID_PATTERN = r"^[0-9.]*$"
-
 
 def _day(value: str) -> datetime | None:
     """An ``<input type=date>`` value (``YYYY-MM-DD``) as midnight UTC, else ``None``."""
@@ -41,7 +41,7 @@ def receive_log_page(
     request: Request,
     user: frame.PageUser,
     calling_ae: Annotated[str, Query(max_length=16)] = "",
-    study: Annotated[str, Query(max_length=64, pattern=_UID_PATTERN)] = "",
+    study: Annotated[str, Query(max_length=64)] = "",
     outcome: Annotated[str, Query(pattern="^(|" + "|".join(OUTCOMES) + ")$")] = "",
     date_from: Annotated[str, Query(max_length=10)] = "",
     date_to: Annotated[str, Query(max_length=10)] = "",

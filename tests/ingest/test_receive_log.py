@@ -294,3 +294,52 @@ def test_log_failure_never_fails_a_store(tmp_path: Path, caplog: pytest.LogCaptu
     finally:
         node.server.shutdown()
         node.engine.dispose()
+
+
+def test_receive_log_page_opens_the_study_of_a_refused_uid(tmp_path: Path) -> None:
+    """An instance refused for its invalid Study Instance UID (0xA901) is listed with a link
+    to that study's receive log; the link opens it (not a 422) and the study's view lists the
+    association that sent it, as ``GET /api/receive-log?study_uid=`` does."""
+    node = start_logged_node(
+        tmp_path, f"sqlite:///{tmp_path / 'node.sqlite3'}", api_port=free_port()
+    )
+    server = None
+    try:
+        bad = cxr_dataset()
+        bad.StudyInstanceUID = "1.2.826.0.1.3680043.10.4242.X1"  # letters: not a UID
+        assoc = scu().associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(bad).Status) == StoreStatus.MISSING_STUDY_INSTANCE_UID
+        finally:
+            assoc.release()
+        [sent] = node.wait_ended(1)
+        [refused] = node.refused()
+        assert refused.study_uid == "1.2.826.0.1.3680043.10.4242.X1"
+        node.settings.prepare_runtime()
+        ctx = NodeContext(node.settings, node.engine, node.sessions, "test", threading.Event())
+        server = make_api_server(ctx)
+        server.start()
+        api = ServiceContext(
+            settings=node.settings,
+            read_sessions=make_session_factory(node.engine, read_only=True),
+            write_sessions=node.sessions,
+        )
+        _, secret = create_token(api, name="rl-viewer", role="viewer", actor="test")
+        base = f"http://{node.settings.api_host}:{node.settings.api_port}"
+        auth = {"Authorization": f"Bearer {secret}"}
+        with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
+            listed = c.get("/receive-log")
+            assert listed.status_code == 200
+            link = "/receive-log?study=1.2.826.0.1.3680043.10.4242.X1&amp;per=50&amp;page=1"
+            assert link in listed.text  # the refused row links to its study's view
+            study_page = c.get(link.replace("&amp;", "&"))
+            assert study_page.status_code == 200, study_page.text
+            assert f'data-association-id="{sent.id}"' in study_page.text
+            api_page = c.get("/api/receive-log", params={"study_uid": refused.study_uid})
+            assert [a["id"] for a in api_page.json()["items"]] == [sent.id]
+    finally:
+        if server is not None:
+            server.stop()
+        node.server.shutdown()
+        node.engine.dispose()
