@@ -18,6 +18,7 @@ from node.db.finals import FinalRow
 from node.db.job_events import JobEventRow
 from node.db.tokens import TokenRow
 from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion
+from node.services.jobs import MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = [
     "UID_PATTERN",
@@ -199,7 +200,7 @@ class PriorityIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    priority: int = Field(ge=-1000, le=1000)
+    priority: int = Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
 
 class TokenCreateIn(BaseModel):

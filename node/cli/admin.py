@@ -188,7 +188,14 @@ def jobs_withdraw(
 
 def jobs_priority(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
-    priority: Annotated[int, typer.Argument(help="New priority (higher first).")],
+    priority: Annotated[
+        int,
+        typer.Argument(
+            min=job_service.MIN_PRIORITY,
+            max=job_service.MAX_PRIORITY,
+            help="New priority, -1000..1000 (higher first).",
+        ),
+    ],
 ) -> None:
     """Re-prioritise a job (audited)."""
     row = service_call(job_service.set_priority, job_id, priority, actor=actor())

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from node.runtime.withdrawal import WithdrawResult
 
 __all__ = [
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "BulkResult",
     "audit_entries",
     "bulk",
@@ -48,6 +50,8 @@ __all__ = [
 ]
 
 BULK_ACTIONS = ("retry", "cancel", "resend")
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+"""The priorities an operator may set (the range of the routing and priority rules too)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,19 @@ def cancel(
 
 
 def set_priority(ctx: ServiceContext, job_id: int, priority: int, *, actor: str) -> views_db.JobRow:
-    """Set a job's priority (higher is claimed first among queued jobs)."""
+    """Set a job's priority (higher is claimed first among queued jobs).
+
+    Raises
+    ------
+    InvalidInput
+        ``priority`` outside :data:`MIN_PRIORITY`..:data:`MAX_PRIORITY`.
+    """
+    from node.services.errors import InvalidInput
+
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidInput(
+            f"priority must be within {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority}"
+        )
     with ctx.write_sessions() as session:
         return views_db.set_priority(session, job_id, priority, actor=actor)
 

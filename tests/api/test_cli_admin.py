@@ -83,6 +83,30 @@ def test_tokens_and_jobs(
         assert rows and rows[-1].actor.startswith("cli:"), action
 
 
+def test_jobs_priority_takes_what_the_api_takes(
+    make_env: EnvFactory, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``jobs priority`` and ``POST /api/jobs/{id}/priority`` set a priority within
+    -1000..1000 (the range of the routing and priority rules); both refuse one outside it
+    and leave the job (and the audit log) as it was."""
+    env = make_env(model=False)
+    _env(monkeypatch, env.settings)
+    queued = env.seed("queued")
+    with env.client("operator") as c:
+        for priority in (1001, -1001, 10**6):
+            r = c.post(f"/api/jobs/{queued.job_id}/priority", json={"priority": priority})
+            assert r.status_code == 422, priority
+    for priority in ("1001", "-1001", "1000000", "3000000000"):
+        r = runner.invoke(app, ["jobs", "priority", str(queued.job_id), "--", priority])
+        assert r.exit_code != 0, (priority, r.output)
+        assert env.job(queued.job_id).priority == 0, priority
+    assert env.audit("job.priority") == []
+    for priority in ("1000", "-1000"):
+        r = runner.invoke(app, ["jobs", "priority", str(queued.job_id), "--", priority])
+        assert r.exit_code == 0, r.output
+        assert env.job(queued.job_id).priority == int(priority)
+
+
 @pytest.mark.slow
 def test_ask_and_generate_image(
     demo_bundle: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
