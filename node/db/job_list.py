@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import String, and_, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Delivery, DeliveryState, Job, JobState, Study
@@ -208,7 +208,7 @@ def _conditions(flt: JobFilter) -> list[Any]:
     if flt.calling_ae:
         conds.append(contains(Study.calling_ae, flt.calling_ae))
     if flt.modality:
-        conds.append(contains(Study.modalities, flt.modality))
+        conds.append(_has_modality(flt.modality))
     if flt.study_date_from:
         conds.append(Study.study_date >= flt.study_date_from)
     if flt.study_date_to:
@@ -216,6 +216,15 @@ def _conditions(flt: JobFilter) -> list[Any]:
     if flt.delivery is not None:
         conds.append(_delivery_condition(flt.delivery))
     return conds
+
+
+def _has_modality(modality: str) -> Any:
+    """The study's modalities (values joined by ``\\``, as Modalities in Study) hold
+    ``modality`` as one of them, in any case: ``CT`` is not found in ``OCT``."""
+    code = modality.strip().lower().replace("\\", "\\\\").replace("%", "\\%")
+    code = code.replace("_", "\\_")
+    sep = literal("\\", String)
+    return func.lower(sep + Study.modalities + sep).like(f"%\\\\{code}\\\\%", escape="\\")
 
 
 def _delivery_condition(state: str) -> Any:

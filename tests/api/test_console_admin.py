@@ -141,6 +141,41 @@ def test_search_sort_and_page(env: ApiEnv) -> None:
         assert cl.get("/api/jobs", params={"sort": "patient_id"}).status_code == 422
 
 
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_modality_filter_is_one_of_the_studys_modalities(
+    make_env: Any, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """``modality`` matches one of the study's modalities (``JobFilter``), not a part of
+    one: CT finds the CT study, not the ophthalmic tomography (OCT) one; the queue page's
+    Modality filter lists the same jobs."""
+    url = request.getfixturevalue("pg_schema_url") if backend == "postgresql" else None
+    env = make_env(url=url, model=False)
+    ct, oct_, both = env.seed("queued"), env.seed("queued"), env.seed("queued")
+    _identify(env, ct, modalities="CT")
+    _identify(env, oct_, modalities="OCT")
+    _identify(env, both, modalities="CR\\CT")
+    with env.client("viewer") as cl:
+
+        def listed(modality: str) -> set[int]:
+            r = cl.get("/api/jobs", params={"modality": modality})
+            assert r.status_code == 200, r.text
+            return set(_ids(r.json()))
+
+        def shown(modality: str) -> set[int]:
+            r = cl.get("/", params={"modality": modality})
+            assert r.status_code == 200, r.text
+            ids = (ct.job_id, oct_.job_id, both.job_id)
+            return {i for i in ids if f'<tr data-job-id="{i}"' in r.text}
+
+        assert listed("CT") == shown("CT") == {ct.job_id, both.job_id}
+        assert listed("ct") == {ct.job_id, both.job_id}
+        assert listed("OCT") == shown("OCT") == {oct_.job_id}
+        assert listed("C") == shown("C") == set()
+        assert listed("CR") == {both.job_id}
+
+
 def test_failed_deliveries_and_resend(env: ApiEnv) -> None:
     one = env.seed("done", destination="PACS@10.0.0.9:104")
     two = env.seed("done", destination="PACS@10.0.0.9:104")
