@@ -22,12 +22,18 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 __all__ = [
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "ORDER_PRIORITIES",
     "RULE_FIELDS",
     "PriorityRule",
     "order_priority",
     "study_priority",
 ]
+
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+"""The range of a job's priority: what a rule (a priority rule or a routing rule) may give
+and what an operator may set."""
 
 # PS3.3 C.4.11 Requested Procedure Priority (0040,1003) defined terms -> queue priority
 ORDER_PRIORITIES: Mapping[str, int] = {
@@ -101,8 +107,10 @@ class PriorityRule:
             )
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise ValueError(f"priority rule: priority must be an integer, got {self.priority!r}")
-        if not -1000 <= self.priority <= 1000:
-            raise ValueError(f"priority rule: priority {self.priority} is outside -1000..1000")
+        if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise ValueError(
+                f"priority rule: priority {self.priority} is outside {MIN_PRIORITY}..{MAX_PRIORITY}"
+            )
 
     def matches(self, ds: Dataset, calling_ae: str | None) -> bool:
         """Whether every field of :attr:`when` matches ``ds`` (and the calling AE)."""

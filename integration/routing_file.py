@@ -13,13 +13,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from integration.routing import ATTRIBUTES, Condition, RoutingRule, RuleSet
 
 __all__ = ["RuleError", "parse_rule_set"]
 
 _OPERATORS = ("equals", "one_of", "glob", "regex", "contains", "present", "age")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a rule's name
-_PRIORITY_RANGE = (-1000, 1000)  # as a job's priority
 
 
 class RuleError(ValueError):
@@ -134,9 +134,9 @@ def _rule(raw: Any, where: str, presets: Mapping[str, tuple[Condition, ...]]) ->
     if priority is not None and (
         isinstance(priority, bool)
         or not isinstance(priority, int)
-        or not _PRIORITY_RANGE[0] <= priority <= _PRIORITY_RANGE[1]
+        or not MIN_PRIORITY <= priority <= MAX_PRIORITY
     ):
-        raise RuleError(f"{where}: priority must be an integer in -1000..1000")
+        raise RuleError(f"{where}: priority must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}")
     dests = data.pop("destinations", None)
     destinations: tuple[str, ...] | None = None
     if dests is not None:

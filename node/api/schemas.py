@@ -13,12 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.db.audit import AuditEntry
 from node.db.finals import FinalRow
 from node.db.job_events import JobEventRow
 from node.db.tokens import TokenRow
 from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion
-from node.services.jobs import MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = [
     "UID_PATTERN",

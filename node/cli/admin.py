@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.cli.common import services
 from node.db.models import ApiRole
 from node.jsonable import to_jsonable
@@ -191,8 +192,8 @@ def jobs_priority(
     priority: Annotated[
         int,
         typer.Argument(
-            min=job_service.MIN_PRIORITY,
-            max=job_service.MAX_PRIORITY,
+            min=MIN_PRIORITY,
+            max=MAX_PRIORITY,
             help="New priority, -1000..1000 (higher first).",
         ),
     ],

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, and_, func, literal, or_, select
+from sqlalchemy import String, and_, literal, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Delivery, DeliveryState, Job, JobState, Study
@@ -221,10 +221,8 @@ def _conditions(flt: JobFilter) -> list[Any]:
 def _has_modality(modality: str) -> Any:
     """The study's modalities (values joined by ``\\``, as Modalities in Study) hold
     ``modality`` as one of them, in any case: ``CT`` is not found in ``OCT``."""
-    code = modality.strip().lower().replace("\\", "\\\\").replace("%", "\\%")
-    code = code.replace("_", "\\_")
     sep = literal("\\", String)
-    return func.lower(sep + Study.modalities + sep).like(f"%\\\\{code}\\\\%", escape="\\")
+    return contains(sep + Study.modalities + sep, f"\\{modality.strip()}\\")
 
 
 def _delivery_condition(state: str) -> Any:

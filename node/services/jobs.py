@@ -19,19 +19,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.db import audit as audit_db
 from node.db import deliveries as deliveries_db
 from node.db import delivery_views, study_views
 from node.db import jobs as jobs_db
 from node.db import views as views_db
 from node.services.context import ServiceContext
+from node.services.errors import InvalidInput
 
 if TYPE_CHECKING:
     from node.runtime.withdrawal import WithdrawResult
 
 __all__ = [
-    "MAX_PRIORITY",
-    "MIN_PRIORITY",
     "BulkResult",
     "audit_entries",
     "bulk",
@@ -50,8 +50,6 @@ __all__ = [
 ]
 
 BULK_ACTIONS = ("retry", "cancel", "resend")
-MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
-"""The priorities an operator may set (the range of the routing and priority rules too)."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +112,9 @@ def set_priority(ctx: ServiceContext, job_id: int, priority: int, *, actor: str)
     Raises
     ------
     InvalidInput
-        ``priority`` outside :data:`MIN_PRIORITY`..:data:`MAX_PRIORITY`.
+        ``priority`` outside :data:`integration.priority.MIN_PRIORITY` ..
+    :data:`~integration.priority.MAX_PRIORITY`, the range the rules give too.
     """
-    from node.services.errors import InvalidInput
-
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise InvalidInput(
             f"priority must be within {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority}"
@@ -189,7 +186,6 @@ def bulk(
         An unknown action.
     """
     from node.db.jobs import JobConflict, JobNotFound
-    from node.services.errors import InvalidInput
 
     if action not in BULK_ACTIONS:
         raise InvalidInput(f"action must be one of {', '.join(BULK_ACTIONS)}")
