@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -200,19 +201,14 @@ def test_every_association_is_logged(node: LoggedNode) -> None:
         assert receive_db.association_detail(s, 10**6) is None
 
 
-def test_receive_log_api(tmp_path: Path) -> None:
-    node = start_logged_node(
-        tmp_path, f"sqlite:///{tmp_path / 'node.sqlite3'}", api_port=free_port()
-    )
-    server = None
+@contextmanager
+def _viewer_api(node: LoggedNode) -> Iterator[httpx.Client]:
+    """The node's API and console, served for the test: a client with a viewer's token."""
+    node.settings.prepare_runtime()
+    ctx = NodeContext(node.settings, node.engine, node.sessions, "test", threading.Event())
+    server = make_api_server(ctx)
+    server.start()
     try:
-        study, _, refused_uid = _send_session(node)
-        _send_rejected(node)
-        ok, policy = node.wait_ended(2)
-        node.settings.prepare_runtime()
-        ctx = NodeContext(node.settings, node.engine, node.sessions, "test", threading.Event())
-        server = make_api_server(ctx)
-        server.start()
         api = ServiceContext(
             settings=node.settings,
             read_sessions=make_session_factory(node.engine, read_only=True),
@@ -220,10 +216,24 @@ def test_receive_log_api(tmp_path: Path) -> None:
         )
         _, secret = create_token(api, name="rl-viewer", role="viewer", actor="test")
         base = f"http://{node.settings.api_host}:{node.settings.api_port}"
-        with httpx.Client(base_url=base, timeout=30) as anon:
-            assert anon.get("/api/receive-log").status_code == 401
         auth = {"Authorization": f"Bearer {secret}"}
-        with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
+        with httpx.Client(base_url=base, headers=auth, timeout=30) as client:
+            yield client
+    finally:
+        server.stop()
+
+
+def test_receive_log_api(tmp_path: Path) -> None:
+    node = start_logged_node(
+        tmp_path, f"sqlite:///{tmp_path / 'node.sqlite3'}", api_port=free_port()
+    )
+    try:
+        study, _, refused_uid = _send_session(node)
+        _send_rejected(node)
+        ok, policy = node.wait_ended(2)
+        with _viewer_api(node) as c:
+            with httpx.Client(base_url=c.base_url, timeout=30) as anon:
+                assert anon.get("/api/receive-log").status_code == 401
             page = c.get("/api/receive-log").json()
             assert page["total"] == 2 and [a["id"] for a in page["items"]] == [policy.id, ok.id]
             page = c.get("/api/receive-log", params={"limit": 1, "offset": 1}).json()
@@ -250,8 +260,6 @@ def test_receive_log_api(tmp_path: Path) -> None:
             )
             assert c.get("/api/receive-log/999999").status_code == 404
     finally:
-        if server is not None:
-            server.stop()
         node.server.shutdown()
         node.engine.dispose()
 
@@ -296,6 +304,7 @@ def test_log_failure_never_fails_a_store(tmp_path: Path, caplog: pytest.LogCaptu
         node.engine.dispose()
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")  # the SCU's data set
 def test_receive_log_page_opens_the_study_of_a_refused_uid(tmp_path: Path) -> None:
     """An instance refused for its invalid Study Instance UID (0xA901) is listed with a link
     to that study's receive log; the link opens it (not a 422) and the study's view lists the
@@ -303,7 +312,6 @@ def test_receive_log_page_opens_the_study_of_a_refused_uid(tmp_path: Path) -> No
     node = start_logged_node(
         tmp_path, f"sqlite:///{tmp_path / 'node.sqlite3'}", api_port=free_port()
     )
-    server = None
     try:
         bad = cxr_dataset()
         bad.StudyInstanceUID = "1.2.826.0.1.3680043.10.4242.X1"  # letters: not a UID
@@ -316,19 +324,7 @@ def test_receive_log_page_opens_the_study_of_a_refused_uid(tmp_path: Path) -> No
         [sent] = node.wait_ended(1)
         [refused] = node.refused()
         assert refused.study_uid == "1.2.826.0.1.3680043.10.4242.X1"
-        node.settings.prepare_runtime()
-        ctx = NodeContext(node.settings, node.engine, node.sessions, "test", threading.Event())
-        server = make_api_server(ctx)
-        server.start()
-        api = ServiceContext(
-            settings=node.settings,
-            read_sessions=make_session_factory(node.engine, read_only=True),
-            write_sessions=node.sessions,
-        )
-        _, secret = create_token(api, name="rl-viewer", role="viewer", actor="test")
-        base = f"http://{node.settings.api_host}:{node.settings.api_port}"
-        auth = {"Authorization": f"Bearer {secret}"}
-        with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
+        with _viewer_api(node) as c:
             listed = c.get("/receive-log")
             assert listed.status_code == 200
             link = "/receive-log?study=1.2.826.0.1.3680043.10.4242.X1&amp;per=50&amp;page=1"
@@ -339,7 +335,5 @@ def test_receive_log_page_opens_the_study_of_a_refused_uid(tmp_path: Path) -> No
             api_page = c.get("/api/receive-log", params={"study_uid": refused.study_uid})
             assert [a["id"] for a in api_page.json()["items"]] == [sent.id]
     finally:
-        if server is not None:
-            server.stop()
         node.server.shutdown()
         node.engine.dispose()
