@@ -112,6 +112,14 @@ def _check_url(value: str, what: str) -> str:
         raise ValueError(f"{what} URL {value!r} must be an absolute http(s) URL")
     if parts.password or parts.username:
         raise ValueError(f"{what} URL: put no credentials in the URL")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        # the senders append paths (/studies, /DiagnosticReport) to it, which a query would
+        # swallow; a token belongs in authorization / bearer_token, not in the URL (or logs)
+        option = "authorization" if what == "STOW-RS" else "bearer_token"
+        raise ValueError(
+            f"{what} URL: put no query or fragment in the URL (a token goes in the "
+            f"destination's {option} option)"
+        )
     return url
 
 

@@ -51,6 +51,12 @@ def test_json_form_with_objects_and_options() -> None:
         ("mllp://ris:2575/path", "mllp://host:port"),
         ("ftp://pacs/x", "AET@host:port"),
         ("https://user:pw@pacs/dicom-web", "no credentials"),
+        ("https://pacs/dicom-web?key=s3cret", "no query or fragment"),
+        ("https://pacs/dicom-web#x", "no query or fragment"),
+        ("https://pacs/dicom-web?", "no query or fragment"),
+        ("fhir+https://fhir/r4?key=s3cret", "no query or fragment"),
+        ({"kind": "stow", "url": "https://pacs/dicom-web?key=s3cret"}, "no query or fragment"),
+        ({"kind": "fhir", "base_url": "https://fhir/r4?key=s3cret"}, "no query or fragment"),
         ("fhir+https://", "absolute"),
         ({"kind": "dimse", "ae_title": "P", "host": "h", "port": 1, "objects": []}, "at least"),
         (

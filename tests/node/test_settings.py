@@ -178,3 +178,21 @@ def test_example_config_loads() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "cxr-node.example.toml"
     s = load_settings(example)
     assert s.allowed_aes and s.destinations
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        "https://pacs/dicom-web?key=s3cret",
+        "fhir+https://fhir/r4?key=s3cret",
+        {"kind": "stow", "url": "https://pacs/dicom-web?key=s3cret"},
+        {"kind": "fhir", "base_url": "https://fhir/r4#s3cret"},
+    ],
+)
+def test_a_url_with_a_query_is_refused_without_echoing_it(destination: object) -> None:
+    """A STOW-RS or FHIR URL with a query or fragment is refused (the senders append paths
+    to it; a token goes in ``authorization``/``bearer_token``), and the refusal, which
+    ``cxr-node`` prints, does not repeat what may be a token."""
+    with pytest.raises(ConfigError, match="no query or fragment") as refused:
+        load_settings(destinations=[destination])
+    assert "s3cret" not in str(refused.value)
