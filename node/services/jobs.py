@@ -113,7 +113,7 @@ def set_priority(ctx: ServiceContext, job_id: int, priority: int, *, actor: str)
     ------
     InvalidInput
         ``priority`` outside :data:`integration.priority.MIN_PRIORITY` ..
-    :data:`~integration.priority.MAX_PRIORITY`, the range the rules give too.
+        :data:`~integration.priority.MAX_PRIORITY`, the range the rules give too.
     """
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise InvalidInput(
