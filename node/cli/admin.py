@@ -61,6 +61,11 @@ def actor() -> str:
 
 T = TypeVar("T")
 
+#: a job or token id: an integer the database can hold, as the API's path parameters
+#: (``ge=1, le=2**31 - 1``); another is refused as bad usage (exit status 2)
+ID_MIN, ID_MAX = 1, 2**31 - 1
+JobId = Annotated[int, typer.Argument(help="Job id.", min=ID_MIN, max=ID_MAX)]
+
 
 def cli_services() -> AbstractContextManager[ServiceContext]:
     """The services' context on the configured database (as ``api_tokens`` is reachable)."""
@@ -88,7 +93,7 @@ def service_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def jobs_show(
-    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    job_id: JobId,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Show one job: state, timings, draft text, SR UID, deliveries, its history."""
@@ -149,14 +154,14 @@ def jobs_show(
         )
 
 
-def jobs_retry(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+def jobs_retry(job_id: JobId) -> None:
     """Queue a failed or cancelled job again (audited)."""
     job = service_call(job_service.requeue, job_id, actor=actor())
     typer.echo(f"job {job.id}: {job.state}")
 
 
 def jobs_cancel(
-    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    job_id: JobId,
     reason: Annotated[str | None, typer.Option(help="Why (no patient data).")] = None,
 ) -> None:
     """Cancel a job that has not finished (audited)."""
@@ -164,14 +169,14 @@ def jobs_cancel(
     typer.echo(f"job {job.id}: {job.state}")
 
 
-def jobs_resend(job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+def jobs_resend(job_id: JobId) -> None:
     """Send the job's objects again to their destinations (audited)."""
     ids = service_call(job_service.resend, job_id, actor=actor())
     typer.echo(f"job {job_id}: {len(ids)} deliveries queued again")
 
 
 def jobs_withdraw(
-    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    job_id: JobId,
     reason: Annotated[str, typer.Option(help="Why, sent to every receiver (no patient data).")],
 ) -> None:
     """Withdraw the job's sent draft: KOS rejection note, HL7 and FHIR withdrawals (audited).
@@ -188,7 +193,7 @@ def jobs_withdraw(
 
 
 def jobs_priority(
-    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    job_id: JobId,
     priority: Annotated[
         int,
         typer.Argument(
@@ -223,7 +228,9 @@ def tokens_create(
 
 
 @tokens_app.command("revoke")
-def tokens_revoke(token_id: Annotated[int, typer.Argument(help="Token id.")]) -> None:
+def tokens_revoke(
+    token_id: Annotated[int, typer.Argument(help="Token id.", min=ID_MIN, max=ID_MAX)],
+) -> None:
     """Revoke a token (its web sessions end too)."""
 
     with cli_services() as ctx:

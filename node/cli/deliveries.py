@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from node.cli.admin import actor, cli_services, fail
+from node.cli.admin import ID_MAX, ID_MIN, actor, cli_services, fail
 from node.services import deliveries as delivery_service
 from node.services.errors import ServiceError
 
@@ -66,7 +66,9 @@ def failed(
 
 @app.command("resend")
 def resend(
-    ids: Annotated[list[int] | None, typer.Argument(help="Delivery ids.")] = None,
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Delivery ids.", min=ID_MIN, max=ID_MAX)
+    ] = None,
     destination: Annotated[
         str | None,
         typer.Option("--destination", help="Every failed delivery of this destination."),

@@ -132,3 +132,36 @@ def test_ask_and_generate_image(
     assert dcmread(dcm).ConversionType == "SYN"
     monkeypatch.delenv("CXR_NODE_MODEL_DIR")
     assert runner.invoke(app, ["generate-image", "--report", "x", "--out", str(png)]).exit_code == 2
+
+
+@pytest.fixture
+def db_env(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A migrated SQLite database of the CLI's own (``cxr-node db upgrade``)."""
+    db = tmp_path / "node.sqlite3"
+    monkeypatch.setenv("CXR_NODE_DATABASE_URL", f"sqlite:///{db}")
+    monkeypatch.setenv("CXR_NODE_SPOOL_DIR", str(tmp_path / "spool"))
+    r = runner.invoke(app, ["db", "upgrade"])
+    assert r.exit_code == 0, r.output
+    return db
+
+
+def test_ids_beyond_the_database_are_bad_usage(db_env: Path, runner: CliRunner) -> None:
+    """A job, token or delivery id the database cannot hold (as the API's ``le=2**31 - 1``)
+    is refused as bad usage (exit 2, one message), not an ``OverflowError`` traceback."""
+    huge = "99999999999999999999"
+    for args in (
+        ["jobs", "show", huge],
+        ["jobs", "retry", huge],
+        ["jobs", "cancel", huge],
+        ["jobs", "resend", huge],
+        ["jobs", "priority", huge, "1"],
+        ["jobs", "withdraw", huge, "--reason", "wrong study"],
+        ["tokens", "revoke", huge],
+        ["deliveries", "resend", huge],
+        ["jobs", "show", str(2**31)],
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (args, r.output)
+        assert "Traceback" not in r.output and "OverflowError" not in r.output, args
+    r = runner.invoke(app, ["jobs", "show", str(2**31 - 1)])
+    assert r.exit_code == 1 and "does not exist" in r.stderr, r.output
