@@ -20,8 +20,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from node.cli.common import err, load, options, services
+from node.cli.common import db_unreachable, err, load, options, services
 from node.cli.models import app as models_app
 from node.cli.worker import command as worker_command
 from node.db import views as views_db
@@ -93,6 +94,8 @@ def serve(
     except ConfigError as exc:
         err.print(f"configuration refused: {exc}", highlight=False, markup=False)
         raise typer.Exit(2) from None
+    except (InterfaceError, OperationalError) as exc:
+        raise db_unreachable(settings, exc) from None
     except OSError as exc:
         logging.getLogger("node").error("cannot serve: %s", exc)
         raise typer.Exit(1) from None
@@ -104,7 +107,10 @@ def db_upgrade() -> None:
     """Create or migrate the database to the newest schema, then exit."""
     settings = _settings()
     configure_logging(settings.log_level)
-    revision = upgrade(settings.database_url)
+    try:
+        revision = upgrade(settings.database_url)
+    except (InterfaceError, OperationalError) as exc:
+        raise db_unreachable(settings, exc) from None
     typer.echo(f"database at revision {revision} (head {head_revision()})")
 
 

@@ -165,3 +165,28 @@ def test_ids_beyond_the_database_are_bad_usage(db_env: Path, runner: CliRunner) 
         assert "Traceback" not in r.output and "OverflowError" not in r.output, args
     r = runner.invoke(app, ["jobs", "show", str(2**31 - 1)])
     assert r.exit_code == 1 and "does not exist" in r.stderr, r.output
+
+
+def test_a_database_that_does_not_answer_is_one_line(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A database URL nothing answers at: every command on the database exits 1 with one
+    line naming the URL without its password, not a SQLAlchemy traceback; ``--json`` writes
+    nothing on stdout."""
+    monkeypatch.setenv(
+        "CXR_NODE_DATABASE_URL", "postgresql+psycopg://nobody:s3cret-pw@127.0.0.1:1/x"
+    )
+    monkeypatch.setenv("CXR_NODE_SPOOL_DIR", str(tmp_path / "spool"))
+    for args in (
+        ["db", "upgrade"],
+        ["status", "--json"],
+        ["jobs", "list", "--json"],
+        ["jobs", "show", "1"],
+        ["tokens", "list", "--json"],
+        ["deliveries", "failed", "--json"],
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (args, r.output)
+        assert r.stdout == "", args
+        assert r.stderr.count("\n") == 1 and "does not answer" in r.stderr, (args, r.stderr)
+        assert "nobody:***@127.0.0.1:1/x" in r.stderr and "s3cret-pw" not in r.stderr, args
