@@ -171,6 +171,7 @@ def echo(
     timeout: Annotated[float, typer.Option(help="Connection and ACSE timeout, seconds.")] = 10.0,
 ) -> None:
     """C-ECHO a DICOM peer (Verification SOP Class, PS3.4 Annex A); exit 1 on failure."""
+    from integration.destinations import check_ae_title
     from integration.scu import DicomDestination
     from integration.scu import echo as c_echo
 
@@ -181,6 +182,11 @@ def echo(
         raise typer.Exit(2) from None
     if calling_ae is None:
         calling_ae = _settings().ae_title
+    try:
+        check_ae_title(calling_ae, label="--calling-ae")
+    except ValueError as exc:
+        err.print(f"echo: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
     configure_logging("WARNING")
     dest = DicomDestination(ae_title=parsed.ae_title, host=parsed.host, port=parsed.port)
     ok = c_echo(

@@ -190,3 +190,14 @@ def test_a_database_that_does_not_answer_is_one_line(
         assert r.stdout == "", args
         assert r.stderr.count("\n") == 1 and "does not answer" in r.stderr, (args, r.stderr)
         assert "nobody:***@127.0.0.1:1/x" in r.stderr and "s3cret-pw" not in r.stderr, args
+
+
+def test_echo_refuses_a_bad_calling_ae_as_bad_usage(runner: CliRunner) -> None:
+    """``echo --calling-ae`` not an AE title (too long, empty, a backslash) is bad usage:
+    exit 2 and one message naming the option, not a ``ValueError`` traceback."""
+    for calling in ("TOOLONGAETITLE12345", "", "A\\B"):
+        r = runner.invoke(
+            app, ["echo", "PACS@127.0.0.1:1", "--calling-ae", calling, "--timeout", "1"]
+        )
+        assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (calling, r.output)
+        assert "--calling-ae" in r.stderr and "not a valid AE title" in r.stderr, r.stderr
