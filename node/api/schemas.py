@@ -17,7 +17,7 @@ from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.db.audit import AuditEntry
 from node.db.finals import FinalRow
 from node.db.job_events import JobEventRow
-from node.db.tokens import TokenRow
+from node.db.tokens import NAME_MAX_LENGTH, NAME_PATTERN, TokenRow
 from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion
 
 __all__ = [
@@ -208,7 +208,7 @@ class TokenCreateIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9 ._@:-]+$")
+    name: str = Field(min_length=1, max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)
     role: Role
 
 

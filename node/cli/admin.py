@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -29,6 +30,7 @@ from rich.console import Console
 
 from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.cli.common import services
+from node.db import tokens as tokens_db
 from node.db.models import ApiRole
 from node.jsonable import to_jsonable
 from node.services import jobs as job_service
@@ -217,6 +219,16 @@ def tokens_create(
     name: Annotated[str | None, typer.Option("--name", help="A label for the token.")] = None,
 ) -> None:
     """Create an API token; the token is printed alone on the last line (shown once)."""
+    if name is not None and (
+        len(name) > tokens_db.NAME_MAX_LENGTH or not re.fullmatch(tokens_db.NAME_PATTERN, name)
+    ):
+        err.print(
+            f"--name: 1 to {tokens_db.NAME_MAX_LENGTH} letters, digits, spaces and ._@:- "
+            "(as the API takes)",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(2)
     label = name or f"{role.value}-token"
     with cli_services() as ctx:
         try:

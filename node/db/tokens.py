@@ -18,6 +18,8 @@ from node.db.read_models import read_model
 from node.db.tx import in_transaction
 
 __all__ = [
+    "NAME_MAX_LENGTH",
+    "NAME_PATTERN",
     "TokenNotFound",
     "TokenRow",
     "active_session",
@@ -29,6 +31,11 @@ __all__ = [
     "token_by_hash",
     "touch_token",
 ]
+
+#: what a token's name may hold (``POST /api/tokens`` and ``cxr-node tokens create``): one
+#: line of letters, digits, spaces and ``._@:-``, 1 to 128 characters
+NAME_PATTERN = r"^[A-Za-z0-9 ._@:-]+$"
+NAME_MAX_LENGTH = 128
 
 
 class TokenNotFound(LookupError):

@@ -201,3 +201,21 @@ def test_echo_refuses_a_bad_calling_ae_as_bad_usage(runner: CliRunner) -> None:
         )
         assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (calling, r.output)
         assert "--calling-ae" in r.stderr and "not a valid AE title" in r.stderr, r.stderr
+
+
+def test_tokens_create_refuses_the_names_the_api_refuses(db_env: Path, runner: CliRunner) -> None:
+    """``tokens create --name`` takes what ``POST /api/tokens`` takes: a name with a line
+    break or a control character (which would forge a line of ``tokens list``), an empty one
+    or one over 128 characters (cut short before) is bad usage, exit 2, and no token is made
+    and nothing audited."""
+    for name in ("ops\n2\tadmin\tforged\tactive", "ops\x1b[2J", "", "a" * 129, "ops\n"):
+        r = runner.invoke(app, ["tokens", "create", "--role", "viewer", "--name", name])
+        assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (name, r.output)
+        assert "--name" in r.stderr and "cxr_" not in r.stdout, name
+    assert json.loads(runner.invoke(app, ["tokens", "list", "--json"]).stdout) == []
+    r = runner.invoke(app, ["tokens", "create", "--role", "viewer", "--name", "a" * 128])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["tokens", "create", "--role", "viewer", "--name", "ops-1 x@y:z"])
+    assert r.exit_code == 0, r.output
+    names = [t["name"] for t in json.loads(runner.invoke(app, ["tokens", "list", "--json"]).stdout)]
+    assert names == ["a" * 128, "ops-1 x@y:z"]
