@@ -278,6 +278,20 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the SR.")] = 900.0,
 ) -> None:
     """Main job on embedded defaults: receive a real CXR over DICOM, return a draft SR."""
+    if image is not None:  # before the demo builds anything: a file it could not send
+        from pydicom import dcmread
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            dcmread(image, stop_before_pixels=True)
+        except (InvalidDicomError, OSError) as exc:
+            err.print(
+                f"--image: {image.name} is not a DICOM file the demo can send "
+                f"({type(exc).__name__})",
+                markup=False,
+                highlight=False,
+            )
+            raise typer.Exit(2) from None
     apply_private_umask()  # the demo's database, spool and SR: 0600 files, 0700 folders
     configure_logging("WARNING")
     from node.demo import run_demo

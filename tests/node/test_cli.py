@@ -112,3 +112,18 @@ def test_echo_fails_on_closed_port(env: dict[str, str]) -> None:
     assert res.exit_code == 1
     res = runner.invoke(app, ["echo", "not-an-address"], env=env)
     assert res.exit_code == 2
+
+
+def test_demo_refuses_an_image_that_is_not_dicom_before_building_anything(
+    tmp_path: Path,
+) -> None:
+    """``demo --image`` with a file that is not DICOM is bad usage (exit 2, one message naming
+    the file, not its content), found before the demo builds its bundle or starts anything."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n", encoding="utf-8")
+    work = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--image", str(text), "--workdir", str(work)])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert "--image: notes.txt is not a DICOM file" in r.stderr
+    assert "not an image" not in r.output
+    assert not work.exists(), "nothing is built for a file the demo could not send"
