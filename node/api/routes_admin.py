@@ -69,7 +69,8 @@ def revoke_token(token_id: TokenId, ctx: Ctx, p: Admin) -> TokenRow:
 
 @router.get("/config", tags=["node"], summary="Effective configuration, no secrets (admin)")
 def config(ctx: Ctx, _p: Admin) -> dict[str, Any]:
-    """``Settings.public_summary()``: the database password and STOW query strings masked."""
+    """``Settings.public_summary()``: the database password masked, destinations by their
+    text form (which holds no token)."""
     return ctx.settings.public_summary()
 
 

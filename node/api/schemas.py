@@ -17,8 +17,10 @@ from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.db.audit import AuditEntry
 from node.db.finals import FinalRow
 from node.db.job_events import JobEventRow
+from node.db.jobs import CANCEL_REASON_MAX_LENGTH
 from node.db.tokens import NAME_MAX_LENGTH, NAME_PATTERN, TokenRow
 from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion
+from node.db.withdrawals import REASON_MAX_LENGTH as WITHDRAW_REASON_MAX_LENGTH
 
 __all__ = [
     "UID_PATTERN",
@@ -150,7 +152,7 @@ class CancelIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str | None = Field(default=None, max_length=500)
+    reason: str | None = Field(default=None, max_length=CANCEL_REASON_MAX_LENGTH)
 
 
 class BulkIn(BaseModel):
@@ -181,7 +183,7 @@ class WithdrawIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=256)
+    reason: str = Field(min_length=1, max_length=WITHDRAW_REASON_MAX_LENGTH)
 
 
 class ReviewIn(BaseModel):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -219,16 +218,12 @@ def tokens_create(
     name: Annotated[str | None, typer.Option("--name", help="A label for the token.")] = None,
 ) -> None:
     """Create an API token; the token is printed alone on the last line (shown once)."""
-    if name is not None and (
-        len(name) > tokens_db.NAME_MAX_LENGTH or not re.fullmatch(tokens_db.NAME_PATTERN, name)
-    ):
-        err.print(
-            f"--name: 1 to {tokens_db.NAME_MAX_LENGTH} letters, digits, spaces and ._@:- "
-            "(as the API takes)",
-            markup=False,
-            highlight=False,
-        )
-        raise typer.Exit(2)
+    if name is not None:
+        try:
+            tokens_db.check_name(name)  # what POST /api/tokens takes
+        except ValueError as exc:
+            err.print(f"--name: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
     label = name or f"{role.value}-token"
     with cli_services() as ctx:
         try:

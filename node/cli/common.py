@@ -36,7 +36,7 @@ def load(config: Path | None = None, **overrides: Any) -> Settings:
 def db_unreachable(settings: Settings, exc: Exception) -> typer.Exit:
     """Print that the database does not answer (its URL without the password, the driver's
     first line); exit status 1."""
-    url = settings.public_summary()["database_url"]
+    url = settings.public_database_url
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     err.print(
         f"database {url} does not answer: {reason[0] if reason else type(exc).__name__}",

@@ -75,6 +75,10 @@ def resend(
     ] = None,
 ) -> None:
     """Queue deliveries again: the given ids, or all failed ones of a destination."""
+    if bool(ids) == (destination is not None):  # as POST /api/deliveries/resend: one of them
+        raise typer.BadParameter(
+            "give the delivery ids or --destination (one of them)", param_hint="IDS / --destination"
+        )
     with cli_services() as ctx:
         try:
             queued = delivery_service.resend(

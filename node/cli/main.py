@@ -131,7 +131,7 @@ def status(
         {
             "spool_dir": str(settings.spool_dir),
             "spool_free_bytes": free,
-            "database": settings.public_summary()["database_url"],
+            "database": settings.public_database_url,
             "schema_revision": revision,
             "ae_title": settings.ae_title,
         }

@@ -24,6 +24,7 @@ from node.db.tx import in_transaction
 __all__ = [
     "ACTIVE_JOB_STATES",
     "ALLOWED_TRANSITIONS",
+    "CANCEL_REASON_MAX_LENGTH",
     "TERMINAL_JOB_STATES",
     "IllegalTransition",
     "JobConflict",
@@ -48,6 +49,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ACTIVE_JOB_STATES = (JobState.received, JobState.queued)
+#: the longest reason a cancellation takes (``POST /api/jobs/{id}/cancel``, ``cxr-node jobs
+#: cancel --reason``)
+CANCEL_REASON_MAX_LENGTH = 500
 TERMINAL_JOB_STATES = (JobState.done, JobState.failed, JobState.cancelled)
 
 
@@ -461,7 +465,17 @@ def _admin_move(
 
 
 def cancel_job(session: Session, job_id: int, *, actor: str, reason: str | None = None) -> Job:
-    """Cancel a job (admin action, audited). Commits."""
+    """Cancel a job (admin action, audited). Commits.
+
+    Raises
+    ------
+    ValueError
+        A ``reason`` over :data:`CANCEL_REASON_MAX_LENGTH` characters (nothing changes).
+    """
+    if reason is not None and len(reason) > CANCEL_REASON_MAX_LENGTH:
+        raise ValueError(
+            f"reason: at most {CANCEL_REASON_MAX_LENGTH} characters, got {len(reason)}"
+        )
     return _admin_move(
         session, job_id, JobState.cancelled, actor=actor, action="job.cancel", reason=reason
     )

@@ -6,6 +6,7 @@ Actions write their audit row in their own transaction and commit.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -23,6 +24,7 @@ __all__ = [
     "TokenNotFound",
     "TokenRow",
     "active_session",
+    "check_name",
     "create_session",
     "create_token",
     "end_session",
@@ -36,6 +38,23 @@ __all__ = [
 #: line of letters, digits, spaces and ``._@:-``, 1 to 128 characters
 NAME_PATTERN = r"^[A-Za-z0-9 ._@:-]+$"
 NAME_MAX_LENGTH = 128
+
+
+def check_name(name: str) -> str:
+    """A token's name as stored: ``name`` without its surrounding spaces.
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is not 1 to :data:`NAME_MAX_LENGTH` characters of
+        :data:`NAME_PATTERN`, or is only spaces (a name is refused, never cut short).
+    """
+    if len(name) > NAME_MAX_LENGTH or not re.fullmatch(NAME_PATTERN, name) or not name.strip():
+        raise ValueError(
+            f"a token name is 1 to {NAME_MAX_LENGTH} letters, digits, spaces and ._@:-, "
+            "not only spaces"
+        )
+    return name.strip()
 
 
 class TokenNotFound(LookupError):
@@ -64,13 +83,18 @@ class TokenRow:
 def create_token(
     session: Session, *, name: str, role: ApiRole | str, token_hash: str, actor: str
 ) -> TokenRow:
-    """Store a new token (its SHA-256 only) and audit ``token.create``. Commits."""
+    """Store a new token (its SHA-256 only) and audit ``token.create``. Commits.
+
+    Raises
+    ------
+    ValueError
+        For an unknown role, a ``token_hash`` that is not a SHA-256 hex digest, or a name
+        :func:`check_name` refuses.
+    """
     role = ApiRole(role)
     if len(token_hash) != 64:
         raise ValueError("token_hash must be a SHA-256 hex digest")
-    name = name.strip()[:128]
-    if not name:
-        raise ValueError("token name must not be empty")
+    name = check_name(name)
 
     def work() -> TokenRow:
         now = utcnow()

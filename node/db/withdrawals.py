@@ -16,7 +16,11 @@ from node.db.jobs import JobConflict, lock_job
 from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, JobState, utcnow
 from node.db.tx import in_transaction
 
-__all__ = ["Withdrawal", "withdraw_job"]
+__all__ = ["REASON_MAX_LENGTH", "Withdrawal", "withdraw_job"]
+
+#: the longest reason a withdrawal takes (``POST /api/jobs/{id}/withdraw``, ``cxr-node jobs
+#: withdraw``); it is sent to every receiver
+REASON_MAX_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,13 @@ def withdraw_job(
     JobConflict
         The job has no draft (not ``done``) or was withdrawn already.
     ValueError
-        An empty reason, or one over 256 characters.
+        An empty reason, or one over :data:`REASON_MAX_LENGTH` characters.
     """
     reason = reason.strip()
     if not reason:
         raise ValueError("reason: say why the draft is withdrawn")
-    if len(reason) > 256:
-        raise ValueError(f"reason: at most 256 characters, got {len(reason)}")
+    if len(reason) > REASON_MAX_LENGTH:
+        raise ValueError(f"reason: at most {REASON_MAX_LENGTH} characters, got {len(reason)}")
     now = now or utcnow()
 
     def work() -> Withdrawal:
@@ -64,7 +68,7 @@ def withdraw_job(
             raise JobConflict(f"job {job_id} is {job.state.value}: it has no draft to withdraw")
         job.withdrawn_at = now
         job.withdrawn_by = actor[:128]
-        job.withdrawn_reason = reason[:256]
+        job.withdrawn_reason = reason
         cancelled: list[int] = []
         reached: dict[str, list[tuple[DeliveryObject, str, str | None]]] = {}
         rows = session.scalars(
@@ -91,7 +95,7 @@ def withdraw_job(
                 actor=actor,
                 action="job.withdraw",
                 target=f"job:{job_id}",
-                detail={"reason": reason[:256], "cancelled": cancelled, "reached": sorted(reached)},
+                detail={"reason": reason, "cancelled": cancelled, "reached": sorted(reached)},
             )
         )
         return Withdrawal(job_id, cancelled, reached)

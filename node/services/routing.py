@@ -21,18 +21,10 @@ from node.db.models import Study
 from node.runtime.routing import facts_from_dataset, read_header, study_facts
 from node.services.context import ServiceContext
 from node.services.errors import InputTooLarge, InvalidInput, NotFound
-from node.settings.routing import public_destination
 
 __all__ = ["dry_run_study", "dry_run_upload", "rule_set"]
 
 log = logging.getLogger(__name__)
-
-
-def _public(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with destinations in their public text form (no URL query)."""
-    if data.get("destinations") is not None:
-        data["destinations"] = [public_destination(d) for d in data["destinations"]]
-    return data
 
 
 def rule_set(ctx: ServiceContext) -> dict[str, Any]:
@@ -42,17 +34,13 @@ def rule_set(ctx: ServiceContext) -> dict[str, Any]:
     is the default chest rule set)."""
     rules: RuleSet = ctx.settings.routing_rules
     out = rules.to_dict()
-    for r in out["rules"]:
-        for d in r["destinations"] or ():
-            r["action"] = r["action"].replace(d, public_destination(d))
-        _public(r)
     out["attributes"] = {name: tag for name, (tag, _) in ATTRIBUTES.items()}
     out["default"] = ctx.settings.routing_rules_file is None
     return out
 
 
 def _decision(decision: RoutingDecision, **extra: Any) -> dict[str, Any]:
-    out = _public(decision.to_dict())
+    out = decision.to_dict()
     out.update(extra)
     return out
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 import node
@@ -399,7 +398,7 @@ def system_report(ctx: ServiceContext, *, now: datetime | None = None) -> System
         instances=counts.instances,
         database=DatabaseInfo(
             backend=settings.database_backend,
-            url=make_url(settings.database_url).render_as_string(hide_password=True),
+            url=settings.public_database_url,
             file=None if sqlite is None else str(sqlite),
             size_bytes=size,
             schema_revision=revision,

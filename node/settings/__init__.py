@@ -14,7 +14,6 @@ import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -307,20 +306,20 @@ class Settings(
             return self.api_tls
         return self.tls_cert_file is not None and self.tls_key_file is not None
 
+    @property
+    def public_database_url(self) -> str:
+        """``database_url`` with its password masked (``***``), for messages and logs."""
+        return make_url(self.database_url).render_as_string(hide_password=True)
+
     def public_summary(self) -> dict[str, Any]:
         """The effective configuration without secrets (the database password is masked)."""
         data = self.model_dump(mode="json")
-        data["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        data["database_url"] = self.public_database_url
         data["allowed_aes"] = [str(a) for a in self.allowed_aes]
-        data["destinations"] = [_public_destination(d) for d in self.destinations]
+        # a destination's text form holds no secret: URLs take no credentials, query or
+        # fragment (integration.destinations), tokens live in options str() leaves out
+        data["destinations"] = [str(d) for d in self.destinations]
         return data
-
-
-def _public_destination(d: AnyDestination) -> str:
-    if isinstance(d, StowDestination | FhirDestination):
-        parts = urlsplit(str(d))
-        return parts._replace(query="", fragment="").geturl()
-    return str(d)
 
 
 def _format_validation_error(exc: ValidationError) -> str:

@@ -14,36 +14,25 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from integration.destinations import FhirDestination, StowDestination
 from integration.routing import CHEST_RULE_NAME, RuleSet, chest_conditions, chest_rule_set
 from integration.routing_file import RuleError, parse_rule_set
 from node.settings.values import ChestRule
 
-__all__ = ["default_rule_set", "destination_names", "load_rule_set", "public_destination"]
+__all__ = ["default_rule_set", "destination_names", "load_rule_set"]
 
 MAX_RULES_FILE_BYTES = 1024 * 1024
 
 
-def public_destination(text: str) -> str:
-    """A destination's text form without a URL's query or fragment (may hold a token)."""
-    if "://" not in text:
-        return text
-    return urlsplit(text)._replace(query="", fragment="").geturl()
-
-
 def destination_names(destinations: Sequence[object]) -> dict[str, str]:
     """The names a rule may give a configured destination -> its text form (the name the
-    delivery queue uses): the text form, the form without a URL query, and for a DICOM
-    destination ``AET@host:port`` its AE title when no other destination has it."""
+    delivery queue uses): the text form, and for a DICOM destination ``AET@host:port`` its
+    AE title when no other destination has it."""
     names: dict[str, str] = {}
     titles: dict[str, list[str]] = {}
     for dest in destinations:
         text = str(dest)
         names[text] = text
-        if isinstance(dest, StowDestination | FhirDestination):
-            names.setdefault(public_destination(text), text)
         title = getattr(dest, "ae_title", None)
         if isinstance(title, str) and title:
             titles.setdefault(title, []).append(text)

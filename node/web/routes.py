@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -16,7 +15,6 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 
 from node.services import jobs as job_service
 from node.services import quality
-from node.settings import DicomDestination, FhirDestination, Hl7Destination, StowDestination
 from node.web import auth, charts, frame
 
 __all__ = ["router"]
@@ -55,16 +53,6 @@ def login_page(request: Request, user: frame.PageUser) -> Response:
 # --- pages ------------------------------------------------------------------------------------
 
 
-def _destination_label(
-    d: DicomDestination | StowDestination | Hl7Destination | FhirDestination,
-) -> str:
-    """How a destination is shown: ``AET@host:port``, ``mllp://host:port``, or the STOW-RS /
-    FHIR URL without its query."""
-    if isinstance(d, StowDestination | FhirDestination):
-        return urlsplit(str(d))._replace(query="", fragment="").geturl()
-    return str(d)
-
-
 @router.get("/destinations", name="web_destinations", response_class=HTMLResponse)
 def destinations_page(request: Request, user: frame.PageUser) -> Response:
     """Configured destinations with their delivery history (last success / failure)."""
@@ -76,7 +64,7 @@ def destinations_page(request: Request, user: frame.PageUser) -> Response:
     keys = [str(d) for d in settings.destinations]
     health = job_service.destination_health(ctx, keys)
     rows = [
-        {"text": _destination_label(d), "kind": d.kind, "health": health[k]}
+        {"text": k, "kind": d.kind, "health": health[k]}
         for k, d in zip(keys, settings.destinations, strict=True)
     ]
     return frame.render(

@@ -117,6 +117,24 @@ def test_tokens_are_stored_hashed_and_managed_by_admin(env: ApiEnv) -> None:
     assert revoke[-1].target == f"token:{created['id']}" and revoke[-1].actor == env.actor("admin")
 
 
+def test_a_token_name_is_refused_not_cut_short(env: ApiEnv) -> None:
+    """A name of spaces only passes the API's pattern but is refused (422), as the repository
+    refuses one over 128 characters instead of storing its first 128 (as it did)."""
+    with env.client("admin") as c:
+        before = c.get("/api/tokens").json()
+        for name in ("   ", "a" * 129):
+            r = c.post("/api/tokens", json={"name": name, "role": "viewer"})
+            assert r.status_code == 422, (name, r.text)
+        assert c.get("/api/tokens").json() == before
+    with env.sessions() as s:
+        with pytest.raises(ValueError, match="1 to 128"):
+            tokens_db.create_token(
+                s, name="a" * 129, role="viewer", token_hash="0" * 64, actor="test"
+            )
+        assert tokens_db.check_name("  ops 1  ") == "ops 1"
+    assert [a for a in env.audit("token.create") if a.actor == "test"] == []
+
+
 def httpx_client(env: ApiEnv, token: str):  # type: ignore[no-untyped-def]
     import httpx
 

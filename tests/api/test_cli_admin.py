@@ -107,6 +107,27 @@ def test_jobs_priority_takes_what_the_api_takes(
         assert env.job(queued.job_id).priority == int(priority)
 
 
+def test_jobs_cancel_reason_takes_what_the_api_takes(
+    make_env: EnvFactory, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation's reason is at most 500 characters through ``POST
+    /api/jobs/{id}/cancel`` (422) and ``jobs cancel --reason`` (exit 1) alike: a longer one
+    leaves the job and the audit log as they were (the CLI took any length before)."""
+    env = make_env(model=False)
+    _env(monkeypatch, env.settings)
+    queued = env.seed("queued")
+    with env.client("operator") as c:
+        r = c.post(f"/api/jobs/{queued.job_id}/cancel", json={"reason": "r" * 501})
+        assert r.status_code == 422, r.text
+    r = runner.invoke(app, ["jobs", "cancel", str(queued.job_id), "--reason", "r" * 501])
+    assert r.exit_code == 1 and "at most 500 characters" in r.stderr, r.output
+    assert env.job(queued.job_id).state is JobState.queued and env.audit("job.cancel") == []
+    r = runner.invoke(app, ["jobs", "cancel", str(queued.job_id), "--reason", "r" * 500])
+    assert r.exit_code == 0, r.output
+    assert env.job(queued.job_id).state is JobState.cancelled
+    assert env.audit("job.cancel")[0].detail["reason"] == "r" * 500
+
+
 @pytest.mark.slow
 def test_ask_and_generate_image(
     demo_bundle: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -206,9 +227,9 @@ def test_echo_refuses_a_bad_calling_ae_as_bad_usage(runner: CliRunner) -> None:
 def test_tokens_create_refuses_the_names_the_api_refuses(db_env: Path, runner: CliRunner) -> None:
     """``tokens create --name`` takes what ``POST /api/tokens`` takes: a name with a line
     break or a control character (which would forge a line of ``tokens list``), an empty one
-    or one over 128 characters (cut short before) is bad usage, exit 2, and no token is made
-    and nothing audited."""
-    for name in ("ops\n2\tadmin\tforged\tactive", "ops\x1b[2J", "", "a" * 129, "ops\n"):
+    one of spaces only, or one over 128 characters (cut short before) is bad usage, exit 2,
+    and no token is made and nothing audited."""
+    for name in ("ops\n2\tadmin\tforged\tactive", "ops\x1b[2J", "", "a" * 129, "ops\n", "  "):
         r = runner.invoke(app, ["tokens", "create", "--role", "viewer", "--name", name])
         assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (name, r.output)
         assert "--name" in r.stderr and "cxr_" not in r.stdout, name

@@ -447,8 +447,9 @@ def test_cli_search_history_and_failed_deliveries(
     assert failed["total"] == 1 and failed["destinations"] == {"PACS@10.0.0.9:104": 1}
     r = runner.invoke(app, ["deliveries", "resend", "--destination", "PACS@10.0.0.9:104"])
     assert r.exit_code == 0 and "1 deliveries queued again" in r.stdout
-    assert (
-        runner.invoke(app, ["deliveries", "resend"]).exit_code == 1
-    )  # neither ids nor --destination
+    # neither ids nor --destination, or both (the API's 422): bad usage, nothing re-sent
+    for args in ([], ["1", "--destination", "PACS@10.0.0.9:104"]):
+        r = runner.invoke(app, ["deliveries", "resend", *args])
+        assert r.exit_code == 2 and "one of them" in r.output, (args, r.output)
     audit = env.audit("delivery.resend")
     assert len(audit) == 1 and audit[0].actor.startswith("cli:")
