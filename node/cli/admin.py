@@ -29,7 +29,9 @@ from rich.console import Console
 
 from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.cli.common import services
+from node.db import jobs as jobs_db
 from node.db import tokens as tokens_db
+from node.db import withdrawals as withdrawals_db
 from node.db.models import ApiRole
 from node.jsonable import to_jsonable
 from node.services import jobs as job_service
@@ -66,6 +68,21 @@ T = TypeVar("T")
 #: (``ge=1, le=2**31 - 1``); another is refused as bad usage (exit status 2)
 ID_MIN, ID_MAX = 1, 2**31 - 1
 JobId = Annotated[int, typer.Argument(help="Job id.", min=ID_MIN, max=ID_MAX)]
+
+
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An option callback: ``value`` when ``check`` takes it, else bad usage (exit status 2)
+    with ``check``'s reason (the repository's own check, so the CLI and the API agree)."""
+
+    def callback(value: Any) -> Any:
+        if value is not None:  # an optional option not given
+            try:
+                check(value)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return callback
 
 
 def cli_services() -> AbstractContextManager[ServiceContext]:
@@ -163,7 +180,13 @@ def jobs_retry(job_id: JobId) -> None:
 
 def jobs_cancel(
     job_id: JobId,
-    reason: Annotated[str | None, typer.Option(help="Why (no patient data).")] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option(
+            help="Why (no patient data), at most 500 characters.",
+            callback=_checked(jobs_db.check_cancel_reason),
+        ),
+    ] = None,
 ) -> None:
     """Cancel a job that has not finished (audited)."""
     job = service_call(job_service.cancel, job_id, actor=actor(), reason=reason)
@@ -178,7 +201,13 @@ def jobs_resend(job_id: JobId) -> None:
 
 def jobs_withdraw(
     job_id: JobId,
-    reason: Annotated[str, typer.Option(help="Why, sent to every receiver (no patient data).")],
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="Why, sent to every receiver (no patient data), 1 to 256 characters.",
+            callback=_checked(withdrawals_db.check_reason),
+        ),
+    ],
 ) -> None:
     """Withdraw the job's sent draft: KOS rejection note, HL7 and FHIR withdrawals (audited).
 
@@ -215,15 +244,16 @@ def jobs_priority(
 @tokens_app.command("create")
 def tokens_create(
     role: Annotated[ApiRole, typer.Option("--role", help="viewer, operator, admin or reviewer.")],
-    name: Annotated[str | None, typer.Option("--name", help="A label for the token.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="A label for the token: 1 to 128 letters, digits, spaces and ._@:-.",
+            callback=_checked(tokens_db.check_name),
+        ),
+    ] = None,
 ) -> None:
     """Create an API token; the token is printed alone on the last line (shown once)."""
-    if name is not None:
-        try:
-            tokens_db.check_name(name)  # what POST /api/tokens takes
-        except ValueError as exc:
-            err.print(f"--name: {exc}", markup=False, highlight=False)
-            raise typer.Exit(2) from None
     label = name or f"{role.value}-token"
     with cli_services() as ctx:
         try:

@@ -32,6 +32,7 @@ __all__ = [
     "LeaseLost",
     "active_job",
     "cancel_job",
+    "check_cancel_reason",
     "claim_next_job",
     "expire_leases",
     "fail_job",
@@ -464,18 +465,31 @@ def _admin_move(
     return in_transaction(session, work)
 
 
+def check_cancel_reason(reason: str | None) -> str | None:
+    """``reason`` when a cancellation takes it (optional, no patient data).
+
+    Raises
+    ------
+    ValueError
+        A reason over :data:`CANCEL_REASON_MAX_LENGTH` characters.
+    """
+    if reason is not None and len(reason) > CANCEL_REASON_MAX_LENGTH:
+        raise ValueError(f"at most {CANCEL_REASON_MAX_LENGTH} characters, got {len(reason)}")
+    return reason
+
+
 def cancel_job(session: Session, job_id: int, *, actor: str, reason: str | None = None) -> Job:
     """Cancel a job (admin action, audited). Commits.
 
     Raises
     ------
     ValueError
-        A ``reason`` over :data:`CANCEL_REASON_MAX_LENGTH` characters (nothing changes).
+        A ``reason`` :func:`check_cancel_reason` refuses (nothing changes).
     """
-    if reason is not None and len(reason) > CANCEL_REASON_MAX_LENGTH:
-        raise ValueError(
-            f"reason: at most {CANCEL_REASON_MAX_LENGTH} characters, got {len(reason)}"
-        )
+    try:
+        check_cancel_reason(reason)
+    except ValueError as exc:
+        raise ValueError(f"reason: {exc}") from None
     return _admin_move(
         session, job_id, JobState.cancelled, actor=actor, action="job.cancel", reason=reason
     )

@@ -16,11 +16,27 @@ from node.db.jobs import JobConflict, lock_job
 from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, JobState, utcnow
 from node.db.tx import in_transaction
 
-__all__ = ["REASON_MAX_LENGTH", "Withdrawal", "withdraw_job"]
+__all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "withdraw_job"]
 
 #: the longest reason a withdrawal takes (``POST /api/jobs/{id}/withdraw``, ``cxr-node jobs
 #: withdraw``); it is sent to every receiver
 REASON_MAX_LENGTH = 256
+
+
+def check_reason(reason: str) -> str:
+    """A withdrawal's reason as stored and sent: ``reason`` without surrounding spaces.
+
+    Raises
+    ------
+    ValueError
+        An empty reason, or one over :data:`REASON_MAX_LENGTH` characters.
+    """
+    reason = reason.strip()
+    if not reason:
+        raise ValueError("say why the draft is withdrawn")
+    if len(reason) > REASON_MAX_LENGTH:
+        raise ValueError(f"at most {REASON_MAX_LENGTH} characters, got {len(reason)}")
+    return reason
 
 
 @dataclass(frozen=True)
@@ -51,13 +67,12 @@ def withdraw_job(
     JobConflict
         The job has no draft (not ``done``) or was withdrawn already.
     ValueError
-        An empty reason, or one over :data:`REASON_MAX_LENGTH` characters.
+        A reason :func:`check_reason` refuses.
     """
-    reason = reason.strip()
-    if not reason:
-        raise ValueError("reason: say why the draft is withdrawn")
-    if len(reason) > REASON_MAX_LENGTH:
-        raise ValueError(f"reason: at most {REASON_MAX_LENGTH} characters, got {len(reason)}")
+    try:
+        reason = check_reason(reason)
+    except ValueError as exc:
+        raise ValueError(f"reason: {exc}") from None
     now = now or utcnow()
 
     def work() -> Withdrawal:

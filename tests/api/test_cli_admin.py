@@ -107,12 +107,14 @@ def test_jobs_priority_takes_what_the_api_takes(
         assert env.job(queued.job_id).priority == int(priority)
 
 
-def test_jobs_cancel_reason_takes_what_the_api_takes(
+def test_cancel_and_withdraw_reasons_take_what_the_api_takes(
     make_env: EnvFactory, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A cancellation's reason is at most 500 characters through ``POST
-    /api/jobs/{id}/cancel`` (422) and ``jobs cancel --reason`` (exit 1) alike: a longer one
-    leaves the job and the audit log as they were (the CLI took any length before)."""
+    /api/jobs/{id}/cancel`` (422) and ``jobs cancel --reason`` (bad usage, exit 2) alike: a
+    longer one leaves the job and the audit log as they were (the CLI took any length
+    before). A withdrawal's reason likewise: empty or over 256 characters is bad usage, as
+    the API answers 422 (it was exit 1, after the database was opened)."""
     env = make_env(model=False)
     _env(monkeypatch, env.settings)
     queued = env.seed("queued")
@@ -120,12 +122,21 @@ def test_jobs_cancel_reason_takes_what_the_api_takes(
         r = c.post(f"/api/jobs/{queued.job_id}/cancel", json={"reason": "r" * 501})
         assert r.status_code == 422, r.text
     r = runner.invoke(app, ["jobs", "cancel", str(queued.job_id), "--reason", "r" * 501])
-    assert r.exit_code == 1 and "at most 500 characters" in r.stderr, r.output
+    assert r.exit_code == 2 and "at most 500 characters" in r.stderr, r.output
     assert env.job(queued.job_id).state is JobState.queued and env.audit("job.cancel") == []
     r = runner.invoke(app, ["jobs", "cancel", str(queued.job_id), "--reason", "r" * 500])
     assert r.exit_code == 0, r.output
     assert env.job(queued.job_id).state is JobState.cancelled
     assert env.audit("job.cancel")[0].detail["reason"] == "r" * 500
+
+    done = env.seed("done", draft="Normal heart size.", destination="PACS@h:104")
+    for reason, why in (("   ", "say why"), ("w" * 257, "at most 256 characters")):
+        with env.client("operator") as c:
+            r = c.post(f"/api/jobs/{done.job_id}/withdraw", json={"reason": reason})
+            assert r.status_code == 422, r.text
+        r = runner.invoke(app, ["jobs", "withdraw", str(done.job_id), "--reason", reason])
+        assert r.exit_code == 2 and why in r.stderr, r.output
+    assert env.job(done.job_id).withdrawn_at is None and env.audit("job.withdraw") == []
 
 
 @pytest.mark.slow
