@@ -21,6 +21,7 @@ from integration.header_values import header_text, study_time_digits, utc_offset
 __all__ = [
     "digits",
     "escape",
+    "order_number",
     "patient_identifier",
     "patient_names",
     "service",
@@ -75,6 +76,25 @@ def study_ts(ds: Dataset) -> str:
     time = study_time_digits(ds)
     time = time if len(time) in (2, 4, 6) else ""
     return date + time + (utc_offset(ds) if time else "")
+
+
+def order_number(ds: Dataset, keyword: str) -> str:
+    """Placer or Filler Order Number (ORC-2/OBR-2, ORC-3/OBR-3) of the order ``ds`` is for.
+
+    ``keyword`` is ``PlacerOrderNumberImagingServiceRequest`` (0040,2016) or
+    ``FillerOrderNumberImagingServiceRequest`` (0040,2017): the image's own value, else that
+    of the first Referenced Request Sequence (0040,A370) item that has one. The node's draft
+    SR keeps the order numbers only there (PS3.3 C.17.2.2), so a message built from the SR
+    (a withdrawal once the image is gone) names the same order as the draft's did.
+    """
+    value = header_text(ds, keyword)
+    if value:
+        return value
+    for request in ds.get("ReferencedRequestSequence") or []:
+        value = header_text(request, keyword)
+        if value:
+            return value
+    return ""
 
 
 def patient_identifier(ds: Dataset) -> str:
@@ -134,10 +154,13 @@ def service(ds: Dataset) -> str:
 
 
 def _code_items(ds: Dataset) -> Sequence[Dataset]:
-    """Code items in order: Requested Procedure Code of each request, then of the image,
-    then Procedure Code Sequence (PS3.3 C.4.10, C.7.2.1 / C.4.11)."""
+    """Code items in order: Requested Procedure Code of each request (Request Attributes
+    Sequence of an image, or Referenced Request Sequence of an SR), then of the image, then
+    Procedure Code Sequence (PS3.3 C.4.10, C.17.2.2, C.7.2.1 / C.4.11)."""
     items: list[Dataset] = []
-    for request in ds.get("RequestAttributesSequence") or []:
+    requests = [*(ds.get("RequestAttributesSequence") or [])]
+    requests += ds.get("ReferencedRequestSequence") or []
+    for request in requests:
         items.extend(request.get("RequestedProcedureCodeSequence") or [])
     items.extend(ds.get("RequestedProcedureCodeSequence") or [])
     items.extend(ds.get("ProcedureCodeSequence") or [])

@@ -18,6 +18,7 @@ from integration.header_values import header_text
 from integration.hl7_values import (
     digits,
     escape,
+    order_number,
     patient_identifier,
     patient_names,
     service,
@@ -85,12 +86,14 @@ def add_order(order: Group, source: Dataset, *, report_ts: str, status: str) -> 
     """Add ORC (v2.5.1 section 4.5.1) and OBR (section 7.4.1) to the order group.
 
     ORC-1 ``RE``; ORC-2/OBR-2 and ORC-3/OBR-3 the Placer/Filler Order Number (0040,2016)/
-    (0040,2017) when present; OBR-4 :func:`~integration.hl7_values.service`; OBR-7 the
-    study date/time; OBR-18 Accession Number (0008,0050) when present; OBR-22
-    ``report_ts``; OBR-24 ``RAD``; OBR-25 ``status`` (table 0123).
+    (0040,2017) when present, also from an SR's Referenced Request Sequence
+    (:func:`~integration.hl7_values.order_number`); OBR-4
+    :func:`~integration.hl7_values.service`; OBR-7 the study date/time; OBR-18 Accession
+    Number (0008,0050) when present; OBR-22 ``report_ts``; OBR-24 ``RAD``; OBR-25
+    ``status`` (table 0123).
     """
-    placer = text_field(header_text(source, "PlacerOrderNumberImagingServiceRequest"))
-    filler = text_field(header_text(source, "FillerOrderNumberImagingServiceRequest"))
+    placer = text_field(order_number(source, "PlacerOrderNumberImagingServiceRequest"))
+    filler = text_field(order_number(source, "FillerOrderNumberImagingServiceRequest"))
     set_fields(order.add_segment("ORC"), {"orc_1": "RE", "orc_2": placer, "orc_3": filler})
     obr: Segment = order.add_segment("OBR")
     obr_fields = {

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -25,18 +26,20 @@ from pydicom.uid import (
     ComprehensiveSRStorage,
     EncapsulatedPDFStorage,
     KeyObjectSelectionDocumentStorage,
+    generate_uid,
 )
 from pynetdicom import AE, evt
+from sqlalchemy import select
 
 from node.db.jobs import JobConflict
-from node.db.models import AuditLog, DeliveryObject, DeliveryState
+from node.db.models import AuditLog, DeliveryObject, DeliveryState, Instance
 from node.runtime.delivery import DeliveryComponent
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import run_batch
 from node.runtime.withdrawal import withdraw
 from tests.helpers import free_port, require_binary
 from tests.receivers import TOKEN, FhirReceiver, Receiver
-from tests.worker.conftest import NodeEnv, make_env
+from tests.worker.conftest import NodeEnv, make_cxr, make_env
 from tests.worker.test_pipeline import OWNER, claim
 
 CLASSES = (
@@ -267,3 +270,52 @@ def test_withdraw_needs_a_drafted_job(out_env: NodeEnv) -> None:
         withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="x")
     with pytest.raises(ValueError, match="reason"):
         withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="  ")
+
+
+def _ordered_cxr(env: NodeEnv, study_uid: str) -> Path:
+    """A chest CR of ``study_uid`` with the RIS order's numbers and requested procedure."""
+    path = make_cxr(env.tmp / f"src-{study_uid}.dcm", study_uid=study_uid)
+    ds = pydicom.dcmread(path)
+    ds.PlacerOrderNumberImagingServiceRequest = "PLC-4711"
+    ds.FillerOrderNumberImagingServiceRequest = "FIL-0815"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "36643-5", "LN"
+    code.CodeMeaning = "XR Chest 2 Views"
+    request = Dataset()
+    request.RequestedProcedureID = "RP-1"
+    request.RequestedProcedureCodeSequence = [code]
+    ds.RequestAttributesSequence = [request]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_withdrawal_built_from_the_sr_names_the_drafts_order(
+    out_env: NodeEnv, model_host: ModelHost, hl7_listener: tuple[int, Receiver]
+) -> None:
+    """Once the image read has left the spool the HL7 withdrawal is built from the draft SR;
+    it must still name the order the draft's ORU named (ORC-2/OBR-2 placer, ORC-3/OBR-3
+    filler, OBR-4 service), or the RIS cannot find the results it is to mark wrong (HL7
+    v2.5.1 section 4.5.1, 7.4.1)."""
+    env = out_env
+    env.ingest(_ordered_cxr(env, generate_uid()))
+    [job_id] = env.queue_all()
+    assert claim(env) == job_id
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+    assert outcome.status == "done", outcome.error
+    _send_all(env)
+    with env.session_factory() as s:
+        [instance] = s.scalars(select(Instance))
+    (env.settings.spool_dir / instance.spool_path).unlink()  # the image read is gone
+
+    result = withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="wrong")
+    assert result.skipped == {}
+    _send_all(env)
+    draft, withdrawal = hl7_listener[1].received
+    orders = [m.oru_r01_patient_result.oru_r01_order_observation for m in (draft, withdrawal)]
+    assert orders[0].orc.orc_2.to_er7() == "PLC-4711"
+    assert orders[0].obr.obr_4.to_er7().startswith("36643-5^")
+    for field in ("orc_2", "orc_3"):
+        assert getattr(orders[1].orc, field).to_er7() == getattr(orders[0].orc, field).to_er7()
+    for field in ("obr_2", "obr_3", "obr_4", "obr_18"):
+        assert getattr(orders[1].obr, field).to_er7() == getattr(orders[0].obr, field).to_er7()
+    assert orders[1].obr.obr_25.to_er7() == "C"
