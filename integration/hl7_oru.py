@@ -26,7 +26,9 @@ Message (HL7 v2.5.1 chapter 7, ORU^R01^ORU_R01; segments end with CR; fields abr
   and ``C`` (0085) only replaces a *final* result. OBR-25 = :data:`WITHDRAWN_RESULT_STATUS`
   ``C`` "Correction to results": the order's results are being corrected; ``X`` "No
   results available; Order canceled" would cancel an order a radiologist still has to
-  report. The NTE says "WITHDRAWN" and gives the reason.
+  report. The NTE says "WITHDRAWN" and gives the reason. OBR-22, the "Results Rpt/Status
+  Chng - Date/Time" (section 7.4.1.22), is when it was withdrawn (MSH-7), since the status
+  changed then; the OBX lines keep the draft's OBX-14/OBX-19.
 - **Accession number** in OBR-18 (placer field 1), as IHE does for ORU (ORU has no IPC
   segment); Placer/Filler Order Number (0040,2016)/(0040,2017) of the image go to
   ORC-2/OBR-2 and ORC-3/OBR-3 when present.
@@ -241,7 +243,8 @@ def build_withdrawal_oru(
     source, parties, message_time
         As for :func:`build_draft_oru` (same order numbers as the draft's message).
     result
-        The draft as it was sent (its OBX lines are sent again, marked wrong).
+        The draft as it was sent (its OBX lines are sent again, marked wrong, with the
+        draft's OBX-14/OBX-19; OBR-22 is ``message_time``, the status change).
     control_id
         A new MSH-10, different from the draft message's.
     reason
@@ -279,7 +282,7 @@ def _build(
         As for :func:`build_draft_oru`.
     withdrawal_reason
         ``None`` for the draft (OBR-25/OBX-11 ``R``); else the reason of the withdrawal
-        (OBR-25 ``C``, OBX-11 ``W``, a "WITHDRAWN" NTE).
+        (OBR-25 ``C``, OBX-11 ``W``, a "WITHDRAWN" NTE, OBR-22 the message time).
 
     Returns
     -------
@@ -298,6 +301,8 @@ def _build(
     obr_status = WITHDRAWN_RESULT_STATUS if withdraw else DRAFT_RESULT_STATUS
     obx_status = WITHDRAWN_OBSERVATION_STATUS if withdraw else DRAFT_OBSERVATION_STATUS
     report_ts = ts(result.report_time)
+    # OBR-22 "Results Rpt/Status Chng": a withdrawal changes the status now (v2.5.1 7.4.1.22)
+    status_ts = ts(sent) if withdraw else report_ts
     device = result.device_uid or default_device_uid(result.model_name, result.model_version)
 
     msg = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
@@ -306,7 +311,7 @@ def _build(
         patient_result: Group = msg.add_group("ORU_R01_PATIENT_RESULT")
         add_patient(patient_result, source)
         order: Group = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
-        add_order(order, source, report_ts=report_ts, status=obr_status)
+        add_order(order, source, report_ts=status_ts, status=obr_status)
         notes = _notices(result)
         add_note(order, _note_text(result, notes, withdrawal_reason))
         equipment = _equipment(result, device)

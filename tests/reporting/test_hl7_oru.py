@@ -297,3 +297,22 @@ def test_older_ack_forms_are_read() -> None:
     with pytest.raises(Hl7AckError) as caught:
         check_ack(v23, control_id="CTRL1")
     assert not caught.value.transient  # 203: the same message fails again
+
+
+def test_withdrawal_dates_the_status_change(source: Dataset) -> None:
+    """OBR-22 is "Results Rpt/Status Chng - Date/Time" (HL7 v2.5.1 section 7.4.1.22): the
+    withdrawal changes the result status, so its OBR-22 is when it was withdrawn (as the FHIR
+    withdrawal's ``issued`` is), later than the draft's; the lines keep their observation
+    time (OBX-14)."""
+    withdrawn_at = SENT + dt.timedelta(days=1, minutes=5)
+    draft = parsed(build_draft_oru(source, RESULT, PARTIES, control_id="D3", message_time=SENT))
+    withdrawal = parsed(
+        build_withdrawal_oru(
+            source, RESULT, PARTIES, control_id="W3", reason="wrong", message_time=withdrawn_at
+        )
+    )
+    before = draft.oru_r01_patient_result.oru_r01_order_observation.obr.obr_22.to_er7()
+    after = withdrawal.oru_r01_patient_result.oru_r01_order_observation.obr.obr_22.to_er7()
+    assert before == "20240506070809+0000"  # the draft's report time
+    assert after == "20240507071400+0000" == withdrawal.msh.msh_7.to_er7()
+    assert [r["time"] for r in observations(withdrawal)] == [r["time"] for r in observations(draft)]
