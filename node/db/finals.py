@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from node.db.audit import add_audit
 from node.db.jobs import JobNotFound
@@ -291,6 +291,20 @@ def finals_for_job(session: Session, job_id: int) -> list[FinalRow]:
     return [FinalRow.of(f) for f in rows]
 
 
+def _newest_of_its_draft() -> Any:
+    """A condition on :class:`FinalReport`: no later final (higher id) is scored against the
+    same draft. A draft is one pair in the statistics, scored against its newest final: a
+    corrected final (HL7 OBR-25 ``C``, table 0123: it replaces the final result), the same
+    report sent again over DICOM and HL7, a later review at the node."""
+    newer = aliased(FinalReport)
+    return ~exists().where(
+        newer.job_id == FinalReport.job_id,
+        newer.draft_id == FinalReport.draft_id,
+        newer.agreement.is_not(None),
+        newer.id > FinalReport.id,
+    )
+
+
 def pair_rows(
     session: Session,
     *,
@@ -300,8 +314,9 @@ def pair_rows(
     significant_only: bool = False,
     limit: int | None = None,
 ) -> list[FinalRow]:
-    """Scored pairs by time received, oldest first, filtered as given."""
-    conds: list[Any] = [FinalReport.agreement.is_not(None)]
+    """Scored pairs by time received, oldest first, filtered as given: one per draft, its
+    newest final (an earlier final of the same draft is replaced, not counted)."""
+    conds: list[Any] = [FinalReport.agreement.is_not(None), _newest_of_its_draft()]
     if since is not None:
         conds.append(FinalReport.received_at >= since)
     if until is not None:
@@ -329,11 +344,11 @@ def final_counts(session: Session) -> dict[str, int]:
 
 
 def rolling_agreement(session: Session, window: int) -> tuple[float | None, int]:
-    """Mean agreement of the last ``window`` scored pairs (by time received) and how many
-    pairs that is; ``(None, 0)`` when none is scored."""
+    """Mean agreement of the last ``window`` scored pairs (by time received; one per draft,
+    as :func:`pair_rows`) and how many pairs that is; ``(None, 0)`` when none is scored."""
     last = (
         select(FinalReport.agreement)
-        .where(FinalReport.agreement.is_not(None))
+        .where(FinalReport.agreement.is_not(None), _newest_of_its_draft())
         .order_by(FinalReport.received_at.desc(), FinalReport.id.desc())
         .limit(window)
         .subquery()

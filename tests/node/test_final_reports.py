@@ -271,8 +271,10 @@ def test_review_at_the_node(
     assert [r.review_decision for r in rows] == ["accept", "edit", "reject"]
     assert rows[2].full_text == "" and rows[2].review_reason == "wrong side"
     assert all(r.job_id == job for r in rows)
-    # the rejection is not a scored pair; the summary counts the two others
-    assert quality.summary(ctx)["overall"]["pairs"] == 2
+    # the rejection is not a scored pair; of the accept and the edit of the one draft the
+    # latest counts: one pair, the edit's
+    assert quality.summary(ctx)["overall"]["pairs"] == 1
+    assert [r["final_id"] for r in quality.export_rows(ctx)] == [rows[1].id]
     with session_factory() as s:
         actions = [a.action for a in s.scalars(select(AuditLog).order_by(AuditLog.id))]
     assert actions.count("draft.review") == 3
@@ -414,3 +416,31 @@ def test_a_withdrawn_draft_is_not_the_study_draft_a_summary_uses(
     assert chat.study_draft(ctx, STUDY_UID) is None
     with pytest.raises(InvalidInput, match="no draft"):
         chat.resolve_report(ctx, conv, job_id=None, report=None)
+
+
+def test_a_corrected_final_replaces_the_earlier_one_in_the_statistics(
+    hl7_node: tuple[int, sessionmaker[Session]], tmp_path: Path, db_url: str
+) -> None:
+    """HL7 table 0123: OBR-25 ``C`` is a correction that replaces the final result. The
+    study's draft is one pair in the summary, the export and the rolling agreement, scored
+    against the newest final; the job page still shows both reports."""
+    port, factory = hl7_node
+    ctx = ServiceContext(_settings(tmp_path, db_url), factory, factory)
+    job = seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    final = oru(observations=[("TX", "59776-5^Findings^LN", "Large right pneumothorax.")])
+    assert "MSA|AA|RIS-0001" in send_mllp(final, "127.0.0.1", port).decode()
+    corrected = oru(
+        status="C",
+        control="RIS-0002",
+        observations=[("TX", "59776-5^Findings^LN", "No pneumothorax. Heart size normal.")],
+    )
+    assert "MSA|AA|RIS-0002" in send_mllp(corrected, "127.0.0.1", port).decode()
+    first, second = quality.job_finals(ctx, job)
+    assert first.significant and not second.significant
+    data = quality.summary(ctx)
+    assert data["overall"]["pairs"] == 1
+    assert data["overall"]["significant_discrepancies"] == 0 and data["discrepancies"] == []
+    assert data["overall"]["observations"]["pneumothorax"]["agreement"] == 1.0
+    assert [r["final_id"] for r in quality.export_rows(ctx)] == [second.id]
+    assert quality.alert_state(ctx).pairs == 1
+    assert quality.alert_state(ctx).rolling_agreement == second.agreement
