@@ -122,7 +122,8 @@ def _store_result(
             "(or the connection dropped)"
         )
     code = int(status.Status)
-    comment = str(status.get("ErrorComment", "") or "")
+    # The peer's Error Comment (0000,0902) is free text that may quote the data set's patient
+    # attributes: like HL7 MSA-3/ERR-8 and FHIR diagnostics it is neither kept nor logged.
     if code == 0x0000 or code in _WARNINGS:
         warning = code != 0x0000
         message = "stored" if not warning else f"stored with warning 0x{code:04X}"
@@ -136,7 +137,7 @@ def _store_result(
         return SendResult(
             status=code,
             ok=True,
-            message=message + (f": {comment}" if comment else ""),
+            message=message,
             sop_instance_uid=sop_instance,
             destination=str(dest),
             warning=warning,
@@ -144,7 +145,7 @@ def _store_result(
     LOGGER.warning("C-STORE %s to %s failed: status 0x%04X", sop_instance, dest, code)
     raise StoreFailedError(
         f"{dest} refused the C-STORE of {sop_instance}: status 0x{code:04X} "
-        f"({_status_meaning(code)}){': ' + comment if comment else ''}",
+        f"({_status_meaning(code)})",
         status=code,
     )
 

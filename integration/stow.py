@@ -5,7 +5,9 @@ holding the Part 10 file, ``Accept: application/dicom+json``. The response (PS3.
 is 200 (all stored), 202 (some warnings or failures), 409 (all failed) or another error; its
 JSON body lists Referenced SOP Sequence (0008,1199) with optional Warning Reason
 (0008,1196) and Failed SOP Sequence (0008,1198) with Failure Reason (0008,1197). The
-Authorization header value is never logged nor shown in ``repr``.
+Authorization header value is never logged nor shown in ``repr``; nor is the response's
+free text, which may quote the data set's patient attributes (errors name the HTTP status and
+the Failure Reason).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def stow(
     if code not in (200, 202):
         detail = f", Failure Reason 0x{failed:04X}" if failed is not None else ""
         raise StowError(
-            f"STOW-RS to {dest} answered HTTP {code}{detail}: {_short(response.text)}",
+            # not the body: the server's free text may quote the data set's patient attributes
+            f"STOW-RS to {dest} answered HTTP {code}{detail}",
             http_status=code,
             dicom_status=failed,
         )
@@ -202,8 +205,3 @@ def _referenced(doc: Any, sop_instance: str) -> tuple[bool, int | None]:
             reason = _first_value(item, _WARNING_REASON)
             return True, int(reason) if reason is not None else None
     return False, None
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."

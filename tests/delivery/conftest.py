@@ -103,6 +103,8 @@ class PacsSCP:
         DIMSE status every C-STORE is answered with.
     delay
         Seconds each C-STORE handler sleeps (to overlap concurrent senders).
+    comment
+        Error Comment (0000,0902) sent with the status when not empty.
     ssl_context
         Serve DICOM TLS with this server context.
     """
@@ -114,12 +116,14 @@ class PacsSCP:
         aet: str = "PACS",
         status: int = 0x0000,
         delay: float = 0.0,
+        comment: str = "",
         ssl_context: Any = None,
     ) -> None:
         self.port = port
         self.aet = aet
         self.status = status
         self.delay = delay
+        self.comment = comment
         self.ssl_context = ssl_context
         self.received: list[str] = []  # SOP Instance UIDs, one per C-STORE
         self.calling: list[str] = []
@@ -132,14 +136,19 @@ class PacsSCP:
         """``AET@127.0.0.1:port`` (the destination text)."""
         return f"{self.aet}@127.0.0.1:{self.port}"
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         if self.delay:
             time.sleep(self.delay)
         ds = event.dataset  # type: ignore[attr-defined]
         with self._lock:
             self.received.append(str(ds.SOPInstanceUID))
             self.calling.append(str(event.assoc.requestor.ae_title).strip())
-        return self.status
+        if not self.comment:
+            return self.status
+        rsp = Dataset()
+        rsp.Status = self.status
+        rsp.ErrorComment = self.comment
+        return rsp
 
     def start(self) -> PacsSCP:
         """Start listening (non-blocking)."""

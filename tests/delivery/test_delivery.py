@@ -1,14 +1,20 @@
 """The SR sender (node.runtime.delivery) against real peers: a pynetdicom storage SCP that is down
 and comes back, one that never comes back, one that rejects the data set, Orthanc over
-STOW-RS, and two senders sharing one PostgreSQL database."""
+STOW-RS, a PACS and a STOW-RS server whose refusal quotes the patient, and two senders sharing
+one PostgreSQL database."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -174,6 +180,77 @@ def test_stow_rs_to_orthanc(
         assert tags["SOPInstanceUID"] == sr_uid
         assert tags["VerificationFlag"] == "UNVERIFIED"
         assert len(orthanc.instances()) == 1
+
+
+@contextmanager
+def _quoting_stow_server(quote: str) -> Iterator[str]:
+    """A STOW-RS stand-in on loopback answering every store 409 with a body quoting ``quote``
+    (as a PACS that names the patient whose data it refused); yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep the test output quiet
+            return
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            body = json.dumps({"00000902": {"vr": "LO", "Value": [quote]}}).encode()
+            self.send_response(409)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_refusal_quoting_the_patient_is_not_logged_nor_stored(
+    node_db: NodeDB,
+    tmp_path: Path,
+    make_sr: SRFactory,
+    pacs_factory: Callable[..., PacsSCP],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A PACS's Error Comment (0000,0902), with a failure or a warning status, and a STOW-RS
+    server's error answer are the receiver's free text, which may quote the data set (a
+    patient mismatch, say): like HL7 MSA-3/ERR-8 and FHIR diagnostics, they stay out of the
+    log and of the delivery's ``last_error``, which name the status (before: the name and ID
+    were in two log lines and three stored errors)."""
+    sr_path, sr_uid = make_sr("refusal-quoting-the-patient")
+    sr = pydicom.dcmread(sr_path, stop_before_pixels=True)
+    name, patient_id = str(sr.PatientName), str(sr.PatientID)
+    quote = f"Patient {name} ({patient_id}) differs from the stored study"
+    pacs = pacs_factory(status=0xA900, comment=quote[:64])
+    coerced = pacs_factory(status=0xB000, comment=quote[:64])  # stored, with a warning
+    with _quoting_stow_server(quote) as stow_url:
+        destinations = [pacs.address, stow_url, coerced.address]
+        settings = delivery_settings(node_db, tmp_path, destinations=destinations)
+        component = DeliveryComponent(node_context(node_db, settings))
+        job = make_job(node_db.factory)
+        with node_db.factory() as s:
+            ids = enqueue_deliveries(s, job_id=job, sr_path=sr_path, destinations=destinations)
+        caplog.set_level(logging.DEBUG)
+        try:
+            outcomes = component.run_once()
+        finally:
+            component.stop()
+    assert sorted(o.state for o in outcomes) == ["failed", "failed", "sent"], outcomes
+    assert pacs.received == coerced.received == [sr_uid]
+    errors = [node_db.delivery(i).last_error or "" for i in ids]
+    assert "0xA900" in errors[0] and "HTTP 409" in errors[1] and "0xB000" in errors[2], errors
+    said = [*errors, *(o.message for o in outcomes), caplog.text]
+    for value in (name, patient_id, "CompressedSamples", "RG1"):
+        assert not [text for text in said if value in text], value
 
 
 @pytest.mark.integration
