@@ -38,7 +38,7 @@ from node import metrics
 from node.db import drafts as drafts_db
 from node.db import jobs as jobs_db
 from node.db.jobs import LeaseLost
-from node.runtime.draft_objects import DraftText, draft_ids, draft_sr
+from node.runtime.draft_objects import DraftText, draft_ids, draft_sr, impression_text
 from node.runtime.output_files import write_output
 from node.runtime.outputs import build_outputs
 from node.runtime.prepare import PreparedJob, SelectedImage
@@ -78,11 +78,11 @@ class JobOutcome:
 
 
 def _draft_text(draft: ReportDraft) -> DraftText:
-    """The draft as the outputs carry it, dated now; an empty impression falls back to the
-    full text, then to a placeholder (an SR's impression must not be empty)."""
+    """The draft as the outputs carry it, dated now (its impression by
+    :func:`~node.runtime.draft_objects.impression_text`)."""
     return DraftText(
         findings=draft.findings,
-        impression=draft.impression.strip() or draft.text.strip() or "(no text generated)",
+        impression=impression_text(draft.impression, draft.text),
         model_name=draft.model_name,
         model_version=draft.model_version,
         demo=draft.demo,

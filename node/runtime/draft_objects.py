@@ -35,6 +35,7 @@ from node.settings import Settings
 
 __all__ = [
     "MANUFACTURER",
+    "NO_TEXT",
     "SOFTWARE",
     "DicomAuthor",
     "DraftFields",
@@ -45,10 +46,20 @@ __all__ = [
     "fhir_draft",
     "hl7_parties",
     "hl7_result",
+    "impression_text",
 ]
 
 MANUFACTURER = "llm-cxr-node"
 SOFTWARE = f"llm-cxr-node {node_version}"
+#: what the outputs say where the model wrote nothing (an SR's impression must not be empty)
+NO_TEXT = "(no text generated)"
+
+
+def impression_text(impression: str | None, text: str | None) -> str:
+    """The impression every output carries: the draft's impression, else its whole text,
+    else :data:`NO_TEXT`, without surrounding spaces. The draft's objects and a withdrawal
+    built later from the stored row say the same (HL7 OBX lines sent again marked ``W``)."""
+    return (impression or "").strip() or (text or "").strip() or NO_TEXT
 
 
 class DraftFields(TypedDict):

@@ -54,6 +54,7 @@ from node.runtime.draft_objects import (
     fhir_draft,
     hl7_parties,
     hl7_result,
+    impression_text,
 )
 from node.runtime.output_files import short_digest, spool_relative, write_output
 from node.runtime.sending import configured_destination
@@ -107,7 +108,7 @@ def _stored_text(session: Session, job: Job) -> DraftText | None:
         return None
     return DraftText(
         findings=draft.findings,
-        impression=(draft.impression or draft.full_text or "").strip() or "(no text)",
+        impression=impression_text(draft.impression, draft.full_text),
         model_name=draft.model_name,
         model_version=draft.model_version,
         demo=draft.demo,

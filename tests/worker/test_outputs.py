@@ -31,13 +31,16 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from sqlalchemy import select
 
+from models.results import ReportDraft
 from node.db.jobs import JobConflict
-from node.db.models import AuditLog, DeliveryObject, DeliveryState, Instance
+from node.db.models import AuditLog, DeliveryObject, DeliveryState, Draft, Instance
+from node.runtime.completion import _draft_text
 from node.runtime.delivery import DeliveryComponent
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import run_batch
-from node.runtime.withdrawal import withdraw
+from node.runtime.withdrawal import _stored_text, withdraw
 from tests.helpers import free_port, require_binary
+from tests.node.factories import T0, add_done_job
 from tests.receivers import TOKEN, FhirReceiver, Receiver
 from tests.worker.conftest import NodeEnv, make_cxr, make_env
 from tests.worker.test_pipeline import OWNER, claim
@@ -319,3 +322,45 @@ def test_withdrawal_built_from_the_sr_names_the_drafts_order(
     for field in ("obr_2", "obr_3", "obr_4", "obr_18"):
         assert getattr(orders[1].obr, field).to_er7() == getattr(orders[0].obr, field).to_er7()
     assert orders[1].obr.obr_25.to_er7() == "C"
+
+
+@pytest.mark.parametrize(
+    ("impression", "text"),
+    [("", ""), ("  ", "No acute disease."), ("  Clear lungs. ", "FINDINGS: x IMPRESSION: y")],
+)
+def test_withdrawal_carries_the_impression_the_draft_sent(
+    out_env: NodeEnv, impression: str, text: str
+) -> None:
+    """A withdrawal sends the draft's lines again, marked wrong (HL7 OBX-11 ``W``): built from
+    the stored row, its impression is what the draft's objects said, also for a draft
+    without text (it said "(no text)" where the draft said "(no text generated)") or with
+    an impression of spaces only (it said "(no text)" where the draft sent its whole text)."""
+    sent = _draft_text(
+        ReportDraft(
+            model_name="LLM-CXR-DEMO",
+            model_version="v1",
+            demo=True,
+            prompt="",
+            settings={},
+            text=text,
+            findings=None,
+            impression=impression,
+            timings={},
+        )
+    )
+    with out_env.session_factory() as s:
+        job = add_done_job(s, generate_uid(), at=T0)
+        s.add(
+            Draft(
+                job_id=job.id,
+                task="report",
+                full_text=text,
+                impression=impression,
+                model_name="LLM-CXR-DEMO",
+                model_version="v1",
+                created_at=T0,
+            )
+        )
+        s.flush()
+        stored = _stored_text(s, job)
+    assert stored is not None and stored.impression == sent.impression != ""
