@@ -24,6 +24,7 @@ from node.api.schemas import (
     TokenCreateIn,
 )
 from node.db.audit import AuditFilter
+from node.db.models import ID_MAX
 from node.db.tokens import TokenRow
 from node.services import destinations as destination_service
 from node.services import jobs as job_service
@@ -33,7 +34,7 @@ from node.services.tokens import SESSION_LIFETIME
 __all__ = ["router"]
 
 router = APIRouter(prefix="/api", responses=AUTH_ERRORS)
-TokenId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Token id.")]
+TokenId = Annotated[int, Path(ge=1, le=ID_MAX, description="Token id.")]
 
 
 @router.get("/tokens", response_model=list[TokenRow], tags=["tokens"], summary="List tokens")

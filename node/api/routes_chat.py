@@ -35,6 +35,7 @@ from node.api.errors import ApiError
 from node.api.schemas import UID_PATTERN, ErrorOut, json_or_multipart_body
 from node.api.sse import stream_turn
 from node.db.conversations import ConversationRecord, ConversationSummary, TurnRecord
+from node.db.models import ID_MAX
 from node.services import chat
 from node.services.images import MIB
 
@@ -50,8 +51,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(prefix="/api/conversations", tags=["conversations"], responses=_ERRORS)
 upload_router = APIRouter(prefix="/api/conversations", tags=["conversations"], responses=_ERRORS)
-ConvId = Annotated[int, Path(ge=1, le=2**31 - 1)]
-TurnId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+ConvId = Annotated[int, Path(ge=1, le=ID_MAX)]
+TurnId = Annotated[int, Path(ge=1, le=ID_MAX)]
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -89,7 +90,7 @@ class SummaryIn(BaseModel):
 
     audience: Literal["clinician", "patient"]
     report: str | None = Field(default=None, max_length=20000)
-    job_id: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    job_id: int | None = Field(default=None, ge=1, le=ID_MAX)
     max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
 
 

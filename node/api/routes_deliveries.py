@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from node.api.deps import AUTH_ERRORS, Ctx, Limit, Offset, Operator, Viewer
 from node.db.delivery_views import DestinationFailures, FailedDelivery
+from node.db.models import ID_MAX
 from node.services import deliveries as delivery_service
 
 __all__ = ["router"]
@@ -30,9 +31,7 @@ class FailedPage(BaseModel):
 class ResendIn(BaseModel):
     """What to re-send: the deliveries ``ids``, or every failed delivery of ``destination``."""
 
-    ids: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(
-        default_factory=list, max_length=1000
-    )
+    ids: list[Annotated[int, Field(ge=1, le=ID_MAX)]] = Field(default_factory=list, max_length=1000)
     destination: str | None = Field(default=None, max_length=512)
 
     @model_validator(mode="after")

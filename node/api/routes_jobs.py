@@ -24,7 +24,7 @@ from node.api.schemas import (
     WithdrawIn,
 )
 from node.db import views as views_db
-from node.db.models import JobState
+from node.db.models import ID_MAX, JobState
 from node.db.views import JobRow
 from node.services import jobs as job_service
 from node.services import objects, quality, review
@@ -37,7 +37,7 @@ _JOB_ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "the job's state does not allow this"},
 }
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=AUTH_ERRORS)
-JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Job id.")]
+JobId = Annotated[int, Path(ge=1, le=ID_MAX, description="Job id.")]
 
 
 @router.get("", response_model=JobPage, summary="List and filter jobs, newest first")

@@ -16,13 +16,14 @@ from pydantic import BaseModel
 
 from node.api.deps import AUTH_ERRORS, Ctx, Limit, Offset, Viewer, utc
 from node.api.schemas import ErrorOut
+from node.db.models import ID_MAX
 from node.db.receive_log import AssociationDetail, AssociationRow, ReceiveLogFilter
 from node.services import receive_log as receive_service
 
 __all__ = ["ReceiveLogPage", "router"]
 
 router = APIRouter(prefix="/api/receive-log", tags=["receive log"], responses=AUTH_ERRORS)
-AssociationId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Association id.")]
+AssociationId = Annotated[int, Path(ge=1, le=ID_MAX, description="Association id.")]
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     **AUTH_ERRORS,
     404: {"model": ErrorOut, "description": "no such association in the receive log"},

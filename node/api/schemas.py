@@ -18,6 +18,7 @@ from node.db.audit import AuditEntry
 from node.db.finals import FinalRow
 from node.db.job_events import JobEventRow
 from node.db.jobs import CANCEL_REASON_MAX_LENGTH
+from node.db.models import ID_MAX
 from node.db.tokens import NAME_MAX_LENGTH, NAME_PATTERN, TokenRow
 from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion
 from node.db.withdrawals import REASON_MAX_LENGTH as WITHDRAW_REASON_MAX_LENGTH
@@ -161,7 +162,7 @@ class BulkIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     action: Literal["retry", "cancel", "resend"]
-    ids: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(min_length=1, max_length=500)
+    ids: list[Annotated[int, Field(ge=1, le=ID_MAX)]] = Field(min_length=1, max_length=500)
 
 
 class BulkItemOut(BaseModel):

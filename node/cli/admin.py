@@ -32,7 +32,7 @@ from node.cli.common import services
 from node.db import jobs as jobs_db
 from node.db import tokens as tokens_db
 from node.db import withdrawals as withdrawals_db
-from node.db.models import ApiRole
+from node.db.models import ID_MAX, ApiRole
 from node.jsonable import to_jsonable
 from node.services import jobs as job_service
 from node.services import tokens as token_service
@@ -64,9 +64,9 @@ def actor() -> str:
 
 T = TypeVar("T")
 
-#: a job or token id: an integer the database can hold, as the API's path parameters
-#: (``ge=1, le=2**31 - 1``); another is refused as bad usage (exit status 2)
-ID_MIN, ID_MAX = 1, 2**31 - 1
+#: a job, token or delivery id: 1..ID_MAX, what the database holds and the API's paths take;
+#: another is refused as bad usage (exit status 2)
+ID_MIN = 1
 JobId = Annotated[int, typer.Argument(help="Job id.", min=ID_MIN, max=ID_MAX)]
 
 

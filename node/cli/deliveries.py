@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from node.cli.admin import ID_MAX, ID_MIN, actor, cli_services, fail
+from node.cli.admin import ID_MIN, actor, cli_services, fail
+from node.db.models import ID_MAX
 from node.services import deliveries as delivery_service
 from node.services.errors import ServiceError
 

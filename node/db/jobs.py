@@ -474,7 +474,9 @@ def check_cancel_reason(reason: str | None) -> str | None:
         A reason over :data:`CANCEL_REASON_MAX_LENGTH` characters.
     """
     if reason is not None and len(reason) > CANCEL_REASON_MAX_LENGTH:
-        raise ValueError(f"at most {CANCEL_REASON_MAX_LENGTH} characters, got {len(reason)}")
+        raise ValueError(
+            f"a reason is at most {CANCEL_REASON_MAX_LENGTH} characters, got {len(reason)}"
+        )
     return reason
 
 
@@ -486,10 +488,7 @@ def cancel_job(session: Session, job_id: int, *, actor: str, reason: str | None 
     ValueError
         A ``reason`` :func:`check_cancel_reason` refuses (nothing changes).
     """
-    try:
-        check_cancel_reason(reason)
-    except ValueError as exc:
-        raise ValueError(f"reason: {exc}") from None
+    check_cancel_reason(reason)
     return _admin_move(
         session, job_id, JobState.cancelled, actor=actor, action="job.cancel", reason=reason
     )

@@ -33,9 +33,9 @@ def check_reason(reason: str) -> str:
     """
     reason = reason.strip()
     if not reason:
-        raise ValueError("say why the draft is withdrawn")
+        raise ValueError("a reason is required: say why the draft is withdrawn")
     if len(reason) > REASON_MAX_LENGTH:
-        raise ValueError(f"at most {REASON_MAX_LENGTH} characters, got {len(reason)}")
+        raise ValueError(f"a reason is at most {REASON_MAX_LENGTH} characters, got {len(reason)}")
     return reason
 
 
@@ -69,10 +69,7 @@ def withdraw_job(
     ValueError
         A reason :func:`check_reason` refuses.
     """
-    try:
-        reason = check_reason(reason)
-    except ValueError as exc:
-        raise ValueError(f"reason: {exc}") from None
+    reason = check_reason(reason)
     now = now or utcnow()
 
     def work() -> Withdrawal:

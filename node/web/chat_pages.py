@@ -22,6 +22,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from node.db.conversations import ConversationSummary
+from node.db.models import ID_MAX
 from node.services import chat as chat_service
 from node.services import jobs as job_service
 from node.web import frame
@@ -39,7 +40,7 @@ RECENT = 20
 def chat_page(
     request: Request,
     user: frame.PageUser,
-    conversation: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    conversation: Annotated[int | None, Query(ge=1, le=ID_MAX)] = None,
 ) -> Response:
     """Pick a study or upload an image, then talk about it (answers streamed); or reopen
     one of the user's recent conversations (``?conversation=ID``)."""

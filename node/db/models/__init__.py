@@ -10,7 +10,7 @@ that the migrations produce exactly this metadata.
 from __future__ import annotations
 
 from node.db.models.access import ApiSession, ApiToken, AuditLog
-from node.db.models.base import AE_LEN, UID_LEN, Base, UTCDateTime, utcnow
+from node.db.models.base import AE_LEN, ID_MAX, UID_LEN, Base, UTCDateTime, utcnow
 from node.db.models.conversations import Conversation, ConversationTurn
 from node.db.models.deliveries import Delivery
 from node.db.models.finals import FinalReport
@@ -29,6 +29,7 @@ from node.db.models.studies import Instance, Series, Study
 
 __all__ = [
     "AE_LEN",
+    "ID_MAX",
     "UID_LEN",
     "ApiRole",
     "ApiSession",

@@ -9,11 +9,23 @@ from typing import Any, ClassVar
 from sqlalchemy import JSON, DateTime, Dialect, Enum, MetaData, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase
 
-__all__ = ["AE_LEN", "NAMING", "UID_LEN", "Base", "UTCDateTime", "enum_column", "utcnow"]
+__all__ = [
+    "AE_LEN",
+    "ID_MAX",
+    "NAMING",
+    "UID_LEN",
+    "Base",
+    "UTCDateTime",
+    "enum_column",
+    "utcnow",
+]
 
 
 UID_LEN = 64  # PS3.5 §9.1: a UID is at most 64 characters
 AE_LEN = 16  # PS3.5 §6.2 VR AE
+#: the largest id a row can have: the tables' Integer keys (PostgreSQL INTEGER, 32-bit); the
+#: API's paths and bodies and the CLI's arguments take ids in 1..ID_MAX
+ID_MAX = 2**31 - 1
 
 
 def utcnow() -> datetime:
