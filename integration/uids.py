@@ -9,7 +9,10 @@ text give the same UID, so a re-send stays idempotent; a changed draft (a late i
 new model version, other text) gets a new UID and supersedes the earlier one through the
 Predecessor Documents Sequence (PS3.3 C.17.2; IHE SINR: every content change is a new SOP
 Instance), because a PACS keeps the first copy of a UID it already holds (Orthanc's default
-``OverwriteInstances=false``). Series are one per study, model version and kind of object.
+``OverwriteInstances=false``). A UID that was withdrawn is never issued again: the same
+draft made again after its withdrawal is a new issue (``reissue``) with new UIDs, because a
+PACS keeps hiding an instance an IOCM rejection note rejected. Series are one per study,
+model version and kind of object.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def draft_instance_uid(
     *,
     inputs: Sequence[str],
     text: str,
+    reissue: int = 0,
 ) -> str:
     """SOP Instance UID of a draft object from what it says and what it was made from.
 
@@ -98,11 +102,23 @@ def draft_instance_uid(
         SOP Instance UIDs of the instances the draft was made from (order does not matter).
     text
         The draft's text (findings and impression as sent).
+    reissue
+        0 for a draft's first issue; ``n`` when issues ``0 .. n-1`` of the same draft were
+        withdrawn (IHE IOCM rejection, HL7 OBX-11 ``W``, FHIR ``entered-in-error``). The
+        first issue's UID is the one this function has always given.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is unknown or ``reissue`` is negative.
     """
+    if reissue < 0:
+        raise ValueError(f"reissue must be >= 0, got {reissue}")
     sources = ",".join(sorted({str(u) for u in inputs})) or "-"
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    issue = (f"reissue-{reissue}",) if reissue else ()
     return deterministic_uid(
-        f"{_kind(kind)}-instance", study_uid, model_name, model_version, sources, digest
+        f"{_kind(kind)}-instance", study_uid, model_name, model_version, sources, digest, *issue
     )
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "save_draft",
     "study_sr_uids",
     "update_draft_timings",
+    "withdrawn_sr_uids",
 ]
 
 
@@ -236,3 +237,18 @@ def study_sr_uids(session: Session, study_uid: str) -> list[str]:
         .order_by(Job.id)
     )
     return [str(uid) for uid in rows if uid]
+
+
+def withdrawn_sr_uids(session: Session, study_uid: str) -> set[str]:
+    """SOP Instance UIDs of the study's draft SRs that were withdrawn (never issued again:
+    :func:`node.runtime.draft_objects.draft_reissue`)."""
+    rows = session.scalars(
+        select(Job.sr_sop_instance_uid)
+        .join(Study, Study.id == Job.study_id)
+        .where(
+            Study.study_instance_uid == study_uid,
+            Job.sr_sop_instance_uid.is_not(None),
+            Job.withdrawn_at.is_not(None),
+        )
+    )
+    return {str(uid) for uid in rows if uid}

@@ -16,9 +16,11 @@ Once the model has drafted a job's report (:mod:`node.runtime.pipeline`),
 
 A re-run of a job that drafts the same text from the same instances produces the same SR UID
 and replaces the file; a changed draft gets a new UID and supersedes the earlier SR
-(Predecessor Documents Sequence, PS3.3 C.17.2). Delivery rows are not duplicated. The lease
-is checked before each file is renamed into place and before the enqueue: when it is lost
-on the way the job's outputs are abandoned (the new holder writes them).
+(Predecessor Documents Sequence, PS3.3 C.17.2), and so does the same draft made again after
+the study's SR with its UID was withdrawn (a withdrawn UID is never issued again). Delivery
+rows are not duplicated. The lease is checked before each file is renamed into place and
+before the enqueue: when it is lost on the way the job's outputs are abandoned (the new
+holder writes them).
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ from node import metrics
 from node.db import drafts as drafts_db
 from node.db import jobs as jobs_db
 from node.db.jobs import LeaseLost
-from node.runtime.draft_objects import DraftText, draft_ids, draft_sr, impression_text
+from node.runtime.draft_objects import (
+    DraftText,
+    draft_ids,
+    draft_reissue,
+    draft_sr,
+    impression_text,
+)
 from node.runtime.output_files import write_output
 from node.runtime.outputs import build_outputs
 from node.runtime.prepare import PreparedJob, SelectedImage
@@ -96,6 +104,7 @@ def build_sr(
     *,
     evidence: Sequence[Dataset] = (),
     previous: Sequence[Dataset] = (),
+    reissue: int = 0,
 ) -> Dataset:
     """The draft report SR (Comprehensive SR, TID 2000; see :mod:`integration.sr`).
 
@@ -103,14 +112,21 @@ def build_sr(
     instances and the draft text (:func:`integration.uids.draft_instance_uid`): a re-run
     that drafts the same text from the same instances gives the same SR, a changed draft a
     new one that supersedes ``previous`` (Predecessor Documents Sequence). ``evidence`` is
-    every instance of the study (default: the image read alone).
+    every instance of the study (default: the image read alone). ``reissue`` is the issue of
+    the same draft after withdrawals (:func:`_reissue`; 0: the first).
     """
     study_uid = str(image.header.StudyInstanceUID)
     text = _draft_text(draft)
     evidence = list(evidence) or [image.header]
-    inputs = [str(ds.SOPInstanceUID) for ds in evidence]
+    inputs = _inputs(evidence)
     ids = draft_ids(
-        "sr", study_uid, text.model_name, text.model_version, inputs=inputs, text=text.as_sent
+        "sr",
+        study_uid,
+        text.model_name,
+        text.model_version,
+        inputs=inputs,
+        text=text.as_sent,
+        reissue=reissue,
     )
     supersedes = [p for p in previous if str(p.SOPInstanceUID) != ids["sop_instance_uid"]]
     return draft_sr(
@@ -121,6 +137,22 @@ def build_sr(
         instance_number=SR_INSTANCE_NUMBER,
         previous_versions=supersedes or None,
     )
+
+
+def _inputs(evidence: Sequence[Dataset]) -> list[str]:
+    """The SOP Instance UIDs a draft was made from (what its object UIDs derive from)."""
+    return [str(ds.SOPInstanceUID) for ds in evidence]
+
+
+def _reissue(deps: PipelineDeps, prepared: PreparedJob, draft: ReportDraft) -> int:
+    """The issue of this draft (:func:`~node.runtime.draft_objects.draft_reissue`): past
+    the UIDs of the study's withdrawn draft SRs, never issued again."""
+    with deps.session_factory() as session:
+        withdrawn = drafts_db.withdrawn_sr_uids(session, prepared.study_uid)
+    if not withdrawn:
+        return 0
+    inputs = _inputs(prepared.evidence or [prepared.image.header])
+    return draft_reissue(prepared.study_uid, _draft_text(draft), inputs=inputs, withdrawn=withdrawn)
 
 
 def previous_srs(deps: PipelineDeps, study_uid: str) -> list[Dataset]:
@@ -182,7 +214,11 @@ def _lease_check(
 
 
 def _write_draft_sr(
-    deps: PipelineDeps, prepared: PreparedJob, draft: ReportDraft, check: Callable[[], None]
+    deps: PipelineDeps,
+    prepared: PreparedJob,
+    draft: ReportDraft,
+    check: Callable[[], None],
+    reissue: int,
 ) -> tuple[Dataset, Path]:
     """Build the SR (superseding the study's earlier ones) and write it; stage ``sr``."""
     try:
@@ -191,6 +227,7 @@ def _write_draft_sr(
             draft,
             evidence=prepared.evidence,
             previous=previous_srs(deps, prepared.study_uid),
+            reissue=reissue,
         )
     except IntegrationError as exc:
         raise JobFailure(f"SR not built: {exc}", permanent=True, stage="sr") from exc
@@ -217,6 +254,7 @@ def _queue_outputs(
     sr: Dataset,
     sr_path: Path,
     check: Callable[[], None],
+    reissue: int,
 ) -> list[int]:
     """Build and write each destination's objects, then queue them (timed: ``outputs_s``,
     ``enqueue_s``); returns the delivery ids."""
@@ -231,6 +269,7 @@ def _queue_outputs(
                 image_read=prepared.image.header,
                 evidence=prepared.evidence,
                 text=_draft_text(draft),
+                reissue=reissue,
                 before_rename=check,
             )
         except IntegrationError as exc:
@@ -285,12 +324,13 @@ def complete_job(
         )
     stage_delay("sr")
     with StageTimer(timings, "sr_s"):
-        sr, path = _write_draft_sr(deps, prepared, draft, check)
+        reissue = _reissue(deps, prepared, draft)
+        sr, path = _write_draft_sr(deps, prepared, draft, check, reissue)
     sr_uid = str(sr.SOPInstanceUID)
     delivery_ids: list[int] = []
     settings = _routed_settings(deps, job_id)
     if settings.destinations:
-        delivery_ids = _queue_outputs(deps, settings, prepared, draft, sr, path, check)
+        delivery_ids = _queue_outputs(deps, settings, prepared, draft, sr, path, check, reissue)
     with deps.session_factory() as session:
         drafts_db.update_draft_timings(session, draft_id, timings)
         jobs_db.finish_job(

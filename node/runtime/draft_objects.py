@@ -6,7 +6,8 @@ every object the node sends about a draft:
 - DICOM: the Comprehensive SR (TID 2000) and the Basic Text SR (PS3.3 A.35.1) through
   :func:`draft_sr`, with UIDs and Series Number from :func:`draft_ids`
   (:mod:`integration.uids`: derived from the study, the model, the evidence and the text, so
-  a re-run with the same text rebuilds the same objects);
+  a re-run with the same text rebuilds the same objects; :func:`draft_reissue` gives the same
+  draft made again after its withdrawal new ones);
 - HL7 v2.5.1 ORU^R01: :func:`hl7_result` and :func:`hl7_parties` (MSH-3 to MSH-6);
 - FHIR R4 DiagnosticReport: :func:`fhir_draft`.
 
@@ -17,7 +18,7 @@ The node is the objects' manufacturer (:data:`MANUFACTURER`, :data:`SOFTWARE`: M
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, TypedDict
@@ -42,6 +43,7 @@ __all__ = [
     "DraftIds",
     "DraftText",
     "draft_ids",
+    "draft_reissue",
     "draft_sr",
     "fhir_draft",
     "hl7_parties",
@@ -160,6 +162,7 @@ def draft_ids(
     *,
     inputs: Sequence[str],
     text: str,
+    reissue: int = 0,
 ) -> DraftIds:
     """UIDs and Series Number of a draft object (:mod:`integration.uids`).
 
@@ -173,14 +176,60 @@ def draft_ids(
         SOP Instance UIDs of the instances the object is made from.
     text
         What the object says (:attr:`DraftText.as_sent`, or a withdrawal's reason).
+    reissue
+        Which issue of the same draft (:func:`draft_reissue`; 0: the first).
     """
     return DraftIds(
         sop_instance_uid=draft_instance_uid(
-            kind, study_uid, model_name, model_version, inputs=inputs, text=text
+            kind, study_uid, model_name, model_version, inputs=inputs, text=text, reissue=reissue
         ),
         series_instance_uid=draft_series_uid(kind, study_uid, model_name, model_version),
         series_number=draft_series_number(kind, model_name, model_version),
     )
+
+
+def draft_reissue(
+    study_uid: str, text: DraftText, *, inputs: Sequence[str], withdrawn: Collection[str]
+) -> int:
+    """The issue of a draft whose objects get new UIDs: the first whose SR UID was not withdrawn.
+
+    A draft made again with the same text from the same instances gets the same UIDs, so a
+    re-run or a duplicate stays one object. Once that SR was withdrawn, its UID is never
+    issued again: the IOCM rejection note keeps the instance hidden in the PACS, an HL7
+    receiver has seen the MSH-10 derived from it, and a FHIR conditional update on it would
+    turn the ``entered-in-error`` report back into a draft. :mod:`integration.uids`.
+
+    Parameters
+    ----------
+    study_uid
+        The study.
+    text
+        The draft (its model and :attr:`DraftText.as_sent`).
+    inputs
+        SOP Instance UIDs of the instances it was made from.
+    withdrawn
+        SOP Instance UIDs of the study's withdrawn draft SRs.
+
+    Returns
+    -------
+    int
+        0 unless issue 0's SR UID is in ``withdrawn``; else the first issue whose UID is not.
+    """
+    reissue = 0
+    while (
+        draft_instance_uid(
+            "sr",
+            study_uid,
+            text.model_name,
+            text.model_version,
+            inputs=inputs,
+            text=text.as_sent,
+            reissue=reissue,
+        )
+        in withdrawn
+    ):
+        reissue += 1
+    return reissue
 
 
 def draft_sr(

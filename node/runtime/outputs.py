@@ -86,6 +86,7 @@ class _Draft:
     image_read: Dataset
     evidence: list[Dataset]
     text: DraftText
+    reissue: int
 
     @property
     def sr_uid(self) -> str:
@@ -169,7 +170,13 @@ class _Builder:
             t = d.text
             inputs = [str(ds.SOPInstanceUID) for ds in d.evidence]
             ids = draft_ids(
-                kind, d.study_uid, t.model_name, t.model_version, inputs=inputs, text=t.as_sent
+                kind,
+                d.study_uid,
+                t.model_name,
+                t.model_version,
+                inputs=inputs,
+                text=t.as_sent,
+                reissue=d.reissue,
             )
             uid = ids["sop_instance_uid"]
             return build(self, ids), f"{uid}.dcm", uid
@@ -258,6 +265,7 @@ def build_outputs(
     image_read: Dataset,
     evidence: Sequence[Dataset],
     text: DraftText,
+    reissue: int = 0,
     before_rename: Callable[[], None] | None = None,
 ) -> list[Outbound]:
     """Build and write what each configured destination gets (see the module text).
@@ -276,6 +284,9 @@ def build_outputs(
         Headers of every instance of the study.
     text
         The draft.
+    reissue
+        Which issue of the draft its objects' UIDs are
+        (:func:`~node.runtime.draft_objects.draft_reissue`; the SR's).
     before_rename
         Called before each file is renamed into place (a lease check that raises).
 
@@ -289,7 +300,7 @@ def build_outputs(
     integration.errors.IntegrationError
         An object cannot be built from this draft (a permanent failure of the job).
     """
-    draft = _Draft(sr, sr_path, image_read, list(evidence) or [image_read], text)
+    draft = _Draft(sr, sr_path, image_read, list(evidence) or [image_read], text, reissue)
     builder = _Builder(settings, outputs_dir, draft, before_rename)
     return [
         Outbound(dest, obj, spool_relative(path), uid)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from pydicom.uid import UID
 
@@ -72,3 +74,24 @@ def test_many_are_valid() -> None:
 def test_rejects_empty(parts: tuple[str, ...]) -> None:
     with pytest.raises(ValueError):
         deterministic_uid(*parts)
+
+
+def test_a_reissue_gets_new_uids_and_the_first_issue_keeps_its_own() -> None:
+    """A draft made again after its withdrawal is a new issue with a UID of its own; issue 0
+    is the UID drafts have always had (the parts without a reissue part)."""
+
+    def uid(reissue: int = 0) -> str:
+        return draft_instance_uid(
+            "sr", STUDY, "m", "1", inputs=["1.2.3"], text="F\x1fI", reissue=reissue
+        )
+
+    first = deterministic_uid("sr-instance", STUDY, "m", "1", "1.2.3", _sha256("F\x1fI"))
+    assert uid() == uid(0) == first
+    assert len({uid(0), uid(1), uid(2)}) == 3 and uid(1) == uid(1)
+    assert all(UID(uid(n)).is_valid for n in range(3))
+    with pytest.raises(ValueError, match="reissue"):
+        uid(-1)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

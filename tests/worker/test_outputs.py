@@ -17,6 +17,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -36,6 +37,7 @@ from node.db.jobs import JobConflict
 from node.db.models import AuditLog, DeliveryObject, DeliveryState, Draft, Instance
 from node.runtime.completion import _draft_text
 from node.runtime.delivery import DeliveryComponent
+from node.runtime.draft_objects import draft_ids, draft_reissue
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import run_batch
 from node.runtime.withdrawal import _stored_text, withdraw
@@ -364,3 +366,116 @@ def test_withdrawal_carries_the_impression_the_draft_sent(
         s.flush()
         stored = _stored_text(s, job)
     assert stored is not None and stored.impression == sent.impression != ""
+
+
+def _draft_report(bundle: dict[str, Any]) -> str | None:
+    """The DiagnosticReport identifier of a FHIR transaction Bundle that sends a draft
+    (``partial``), else ``None`` (a withdrawal)."""
+    [report] = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+    ]
+    return str(report["identifier"][0]["value"]) if report["status"] == "partial" else None
+
+
+@pytest.mark.parametrize("withdrawn", [True, False])
+def test_the_same_draft_after_a_withdrawal_is_a_new_issue(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    scp: Scp,
+    hl7_listener: tuple[int, Receiver],
+    fhir_server: tuple[str, FhirReceiver],
+    withdrawn: bool,
+) -> None:
+    """A draft sent for the wrong patient is withdrawn, the image is sent again corrected (a
+    replaced duplicate reopens the study) and drafted again: the same instances, the same
+    text. Its objects must not take the withdrawn UIDs again: the PACS keeps hiding what the
+    IOCM rejection note rejected, the RIS has seen the MSH-10, and the FHIR conditional
+    update would turn the ``entered-in-error`` report back into a draft. Without the
+    withdrawal the same draft stays one object (the control)."""
+    env = out_env
+    study = generate_uid()
+    source = _ordered_cxr(env, study)
+    env.ingest(source)
+    [first] = env.queue_all()
+    assert claim(env) == first
+    [one] = run_batch(env.deps, [first], model_host, owner=OWNER)
+    assert one.status == "done", one.error
+    _send_all(env)
+    if withdrawn:
+        withdraw(env.settings, env.session_factory, first, actor="test:op", reason="wrong")
+        _send_all(env)
+    corrected = pydicom.dcmread(source)
+    corrected.PatientName = "Corrected^Name"
+    corrected.save_as(source, enforce_file_format=True)
+    env.ingest(source)  # same SOP Instance UID, other content: reopens the study
+    [second] = env.queue_all()
+    assert claim(env) == second
+    [two] = run_batch(env.deps, [second], model_host, owner=OWNER)
+    assert two.status == "done", two.error
+    _send_all(env)
+    assert {r.state for r in env.deliveries(second)} == {DeliveryState.sent}
+
+    oru_ids = [
+        m.msh.msh_10.to_er7()
+        for m in hl7_listener[1].received
+        if m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7() == "R"
+    ]
+    reports = [r for _m, _p, b in fhir_server[1].received if (r := _draft_report(b))]
+    srs = [ds.SOPInstanceUID for ds in scp.by_class(ComprehensiveSRStorage)]
+    assert len(oru_ids) == len(reports) == len(srs) == 2
+    if withdrawn:
+        assert two.sr_uid != one.sr_uid
+        assert srs == [one.sr_uid, two.sr_uid] and oru_ids[0] != oru_ids[1]
+        assert reports == [f"urn:oid:{one.sr_uid}", f"urn:oid:{two.sr_uid}"]
+        [sr] = [
+            ds for ds in scp.by_class(ComprehensiveSRStorage) if ds.SOPInstanceUID == two.sr_uid
+        ]
+        [predecessor] = sr.PredecessorDocumentsSequence
+        referenced = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence
+        assert [r.ReferencedSOPInstanceUID for r in referenced] == [one.sr_uid]
+        basic = {ds.SOPInstanceUID for ds in scp.by_class(BasicTextSRStorage)}
+        pdfs = {ds.SOPInstanceUID for ds in scp.by_class(EncapsulatedPDFStorage)}
+        assert len(basic) == len(pdfs) == 2  # every object of the draft is a new issue
+    else:
+        assert two.sr_uid == one.sr_uid and srs == [one.sr_uid] * 2
+        assert oru_ids[0] == oru_ids[1] and reports == [f"urn:oid:{one.sr_uid}"] * 2
+
+
+def test_each_withdrawal_moves_the_same_draft_to_its_next_issue() -> None:
+    """Issue ``n`` is the first whose SR UID was not withdrawn: a draft withdrawn twice is
+    issued a third time; other studies' or drafts' withdrawals do not move it."""
+    text = _draft_text(
+        ReportDraft(
+            model_name="LLM-CXR-DEMO",
+            model_version="v1",
+            demo=True,
+            prompt="",
+            settings={},
+            text="No acute disease.",
+            findings=None,
+            impression="No acute disease.",
+            timings={},
+        )
+    )
+    study, inputs = generate_uid(), [generate_uid()]
+
+    def uid(reissue: int) -> str:
+        ids = draft_ids(
+            "sr",
+            study,
+            text.model_name,
+            text.model_version,
+            inputs=inputs,
+            text=text.as_sent,
+            reissue=reissue,
+        )
+        return ids["sop_instance_uid"]
+
+    def issue(*withdrawn: str) -> int:
+        return draft_reissue(study, text, inputs=inputs, withdrawn=set(withdrawn))
+
+    assert issue() == 0 and issue(generate_uid()) == 0
+    assert issue(uid(0)) == 1 and issue(uid(0), uid(1)) == 2
+    assert issue(uid(1)) == 0  # issue 0 was never withdrawn
