@@ -13,7 +13,8 @@ may have reached:
   :func:`integration.fhir_withdrawal.build_withdrawal_bundle`).
 
 The HL7 and FHIR withdrawals are built from the stored draft and the image read (or the SR
-when the image was purged). Files are written like every output
+when the image was purged, or replaced with another patient or accession: the withdrawal
+names the record the draft went to). Files are written like every output
 (:func:`node.runtime.output_files.write_output`). Logs name jobs, destinations and exception
 classes, never text or patient data.
 """
@@ -41,6 +42,7 @@ from integration.destinations import (
     StowDestination,
 )
 from integration.fhir_withdrawal import build_withdrawal_bundle
+from integration.header_values import header_text
 from integration.hl7_oru import build_withdrawal_oru, message_control_id
 from integration.kos import build_rejection_note
 from node import __version__ as node_version
@@ -116,20 +118,41 @@ def _stored_text(session: Session, job: Job) -> DraftText | None:
     )
 
 
+#: what names the patient and the order in the draft's objects (PS3.3 C.7.1.1, C.7.2.1)
+_IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyInstanceUID",
+)
+
+
+def _same_identity(image: Dataset, sr: Dataset) -> bool:
+    """Whether the image read still names the patient and the order the draft SR names."""
+    return all(header_text(image, k) == header_text(sr, k) for k in _IDENTITY)
+
+
 def _source(session: Session, settings: Settings, job: Job) -> Dataset | None:
-    """The header of the image read, else of the draft SR (the image was purged)."""
-    source = None
+    """What the HL7 and FHIR withdrawals are built from: the header of the image read while
+    it names the patient and order the draft SR names, else the SR's (the image was purged,
+    or replaced with other demographics: the withdrawal goes to the record the draft went
+    to, not to the corrected one); ``None`` when neither is left."""
+    image = None
     if job.selected_sop_instance_uid:
         instance = session.scalars(
             select(Instance).where(Instance.sop_instance_uid == job.selected_sop_instance_uid)
         ).first()
         if instance is not None:
-            source = _read_header(Path(settings.spool_dir) / instance.spool_path)
-    if source is None and job.sr_sop_instance_uid:  # the image was purged: the SR has it all
-        source = _read_header(
-            Path(settings.spool_dir) / OUTPUTS_DIR / f"{job.sr_sop_instance_uid}.dcm"
-        )
-    return source
+            image = _read_header(Path(settings.spool_dir) / instance.spool_path)
+    sr = None
+    if job.sr_sop_instance_uid:
+        sr = _read_header(Path(settings.spool_dir) / OUTPUTS_DIR / f"{job.sr_sop_instance_uid}.dcm")
+    if image is not None and (sr is None or _same_identity(image, sr)):
+        return image
+    return sr
 
 
 @dataclass

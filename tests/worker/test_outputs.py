@@ -34,13 +34,13 @@ from sqlalchemy import select
 
 from models.results import ReportDraft
 from node.db.jobs import JobConflict
-from node.db.models import AuditLog, DeliveryObject, DeliveryState, Draft, Instance
+from node.db.models import AuditLog, DeliveryObject, DeliveryState, Draft, Instance, Job
 from node.runtime.completion import _draft_text
 from node.runtime.delivery import DeliveryComponent
 from node.runtime.draft_objects import draft_ids, draft_reissue
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import run_batch
-from node.runtime.withdrawal import _stored_text, withdraw
+from node.runtime.withdrawal import _source, _stored_text, withdraw
 from tests.helpers import free_port, require_binary
 from tests.node.factories import T0, add_done_job
 from tests.receivers import TOKEN, FhirReceiver, Receiver
@@ -479,3 +479,58 @@ def test_each_withdrawal_moves_the_same_draft_to_its_next_issue() -> None:
     assert issue() == 0 and issue(generate_uid()) == 0
     assert issue(uid(0)) == 1 and issue(uid(0), uid(1)) == 2
     assert issue(uid(1)) == 0  # issue 0 was never withdrawn
+
+
+def _report_subject(bundle: dict[str, Any]) -> object:
+    """The DiagnosticReport ``subject`` of a FHIR transaction Bundle the node sent."""
+    [report] = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+    ]
+    return report["subject"]
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_a_withdrawal_names_the_patient_the_draft_went_to(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    hl7_listener: tuple[int, Receiver],
+    fhir_server: tuple[str, FhirReceiver],
+    corrected: bool,
+) -> None:
+    """The image read is sent again with corrected demographics (a replaced duplicate) after
+    its draft went out; the draft is then withdrawn. The withdrawal must name the patient
+    and order the draft named (PID-3, PID-5, the DiagnosticReport's subject), or the RIS
+    and the EHR cannot find the results it marks wrong, and the corrected patient's record
+    gets a withdrawal of results it never had. The image, unchanged, is what it is built
+    from otherwise (the control)."""
+    env = out_env
+    source = _ordered_cxr(env, generate_uid())
+    env.ingest(source)
+    [job_id] = env.queue_all()
+    assert claim(env) == job_id
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+    assert outcome.status == "done", outcome.error
+    _send_all(env)
+    if corrected:
+        ds = pydicom.dcmread(source)
+        ds.PatientName, ds.PatientID = "Corrected^Name", "NEW-0815"
+        ds.save_as(source, enforce_file_format=True)
+        env.ingest(source)  # same SOP Instance UID, other content: replaces the image read
+    with env.session_factory() as s:
+        built_from = _source(s, env.settings, s.get_one(Job, job_id))
+    assert built_from is not None
+    assert built_from.Modality == ("SR" if corrected else "CR")
+
+    result = withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="wrong")
+    assert result.skipped == {}
+    _send_all(env)
+    draft, withdrawal = hl7_listener[1].received
+    for field in ("pid_3", "pid_5", "pid_7"):
+        sent = getattr(draft.oru_r01_patient_result.oru_r01_patient.pid, field).to_er7()
+        withdrawn = getattr(withdrawal.oru_r01_patient_result.oru_r01_patient.pid, field)
+        assert withdrawn.to_er7() == sent, field
+    assert "NEW-0815" not in withdrawal.to_er7() and "Corrected" not in withdrawal.to_er7()
+    [first, second] = [_report_subject(b) for _m, _p, b in fhir_server[1].received]
+    assert second == first
