@@ -3,7 +3,9 @@
 Life of a row: ``pending`` -> ``sent`` | ``failed``; an admin re-send (:func:`resend`), a
 re-run of the job (:func:`enqueue_deliveries`) or a destination that answers again
 (:func:`requeue_failed`) brings it back to ``pending``; withdrawing the draft moves the rows
-not yet sent to ``cancelled`` (:func:`node.db.withdrawals.withdraw_job`). Senders claim due
+not yet sent to ``cancelled`` (:func:`node.db.withdrawals.withdraw_job`), and so does a
+later job of the study that queues its draft to the same destination (``supersede`` of
+:func:`enqueue_deliveries`). Senders claim due
 rows under a lease that is also a fencing token, and record each send's outcome
 (:mod:`node.db.delivery_claims`: :func:`claim_due_deliveries`, :func:`mark_sent`,
 :func:`mark_retry`, :func:`mark_failed`, :func:`release_claim`, re-exported here).
@@ -15,7 +17,7 @@ Every function that changes state commits its own transaction
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -122,6 +124,7 @@ def enqueue_deliveries(
     sr_path: str | None = None,
     destinations: Sequence[DestinationLike] = (),
     items: Sequence[Outbound] = (),
+    supersede: bool = False,
     now: datetime | None = None,
 ) -> list[int]:
     """Queue objects for destinations: one ``pending`` row per (job, destination, object).
@@ -130,7 +133,8 @@ def enqueue_deliveries(
     existing row to ``pending`` (fresh attempts and retry horizon from ``queued_at = now``,
     due now, new file) instead of adding one, so a re-built object replaces rather than
     duplicates. The job row is locked first, so concurrent calls for one job never add two
-    rows for one destination and object. Commits.
+    rows for one destination and object. With ``supersede``, the same transaction cancels
+    what the job's draft replaces (:func:`_cancel_superseded`). Commits.
 
     Parameters
     ----------
@@ -143,13 +147,18 @@ def enqueue_deliveries(
         Shorthand: the SR file for each of ``destinations`` (object ``sr``).
     items
         The objects and their destinations (:class:`Outbound`).
+    supersede
+        The objects are a new draft of the job's study: the draft rows of the study's
+        earlier jobs not yet sent to these destinations are cancelled (audited
+        ``delivery.supersede``), so an older draft never reaches a destination after the
+        newer one. Ignored without ``job_id``.
     now
         The current time (tests).
 
     Returns
     -------
     list[int]
-        The delivery ids, in the order given (duplicates collapsed).
+        The delivery ids, in the order given (duplicates collapsed); not the cancelled ones.
 
     Raises
     ------
@@ -160,6 +169,8 @@ def enqueue_deliveries(
     """
     wanted = _wanted(items, sr_path, destinations)
     now = now or utcnow()
+
+    superseded: dict[int, list[int]] = {}
 
     def work() -> list[int]:
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
@@ -179,6 +190,8 @@ def enqueue_deliveries(
             row.object_uid = item.object_uid
             session.flush()
             ids.append(row.id)
+        if supersede and job_id is not None:
+            superseded.update(_cancel_superseded(session, job_id, {t for t, _o in wanted}, now))
         return ids
 
     ids = in_transaction(session, work)
@@ -188,7 +201,72 @@ def enqueue_deliveries(
         len(ids),
         ", ".join(f"{obj.value} to {text}" for text, obj in wanted),
     )
+    if superseded:
+        log.info(
+            "job %s supersedes job(s) %s: %d unsent delivery(ies) cancelled",
+            job_id,
+            ", ".join(map(str, superseded)),
+            sum(map(len, superseded.values())),
+        )
     return ids
+
+
+def _cancel_superseded(
+    session: Session, job_id: int, destinations: Collection[str], now: datetime
+) -> dict[int, list[int]]:
+    """Cancel the unsent draft rows of the study's earlier jobs to ``destinations``.
+
+    In the caller's transaction (no commit). The rows of jobs of the same study with a lower
+    id, to one of ``destinations`` (text form as stored), ``pending`` (queued, waiting for a
+    retry, or being sent) or ``failed``, and not a ``withdrawal``, become ``cancelled``
+    ("cancelled: superseded by job N before it was sent"), as a withdrawal cancels them: a
+    send in flight loses its claim and its result is not recorded. Rows to other
+    destinations, sent rows and withdrawals are left alone. One audit entry
+    (``delivery.supersede``, actor ``system``, target ``job:<job_id>``) names the cancelled
+    rows and their jobs; nothing is written when no row qualifies.
+
+    Parameters
+    ----------
+    session
+        A write session inside a transaction that holds the job's lock.
+    job_id
+        The job whose new draft replaces the earlier ones.
+    destinations
+        The destinations the new draft is queued to.
+    now
+        The time of the audit entry.
+
+    Returns
+    -------
+    dict[int, list[int]]
+        The cancelled delivery ids by earlier job id (empty: none cancelled).
+    """
+    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+    earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
+    rows = _locked_rows(
+        session,
+        Delivery.job_id.in_(earlier),
+        Delivery.destination.in_(list(destinations)),
+        Delivery.object != DeliveryObject.withdrawal,
+        Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
+    )
+    cancelled: dict[int, list[int]] = {}
+    for row in rows:
+        row.state = DeliveryState.cancelled
+        row.next_attempt_at = None
+        row.last_error = f"cancelled: superseded by job {job_id} before it was sent"
+        cancelled.setdefault(row.job_id or 0, []).append(row.id)  # job_id: never empty here
+    if cancelled:
+        session.add(
+            AuditLog(
+                at=now,
+                actor="system",
+                action="delivery.supersede",
+                target=f"job:{job_id}",
+                detail={"cancelled": [r.id for r in rows], "jobs": sorted(cancelled)},
+            )
+        )
+    return cancelled
 
 
 def _wanted(
@@ -240,8 +318,8 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
 
     Every delivery row of the job goes back to ``pending``, due now, with fresh attempts
     and a fresh retry horizon; the file recorded for each row is sent again (same SOP
-    Instance UID: the PACS replaces it). Rows ``cancelled`` by a withdrawal stay so; of a
-    withdrawn job only the withdrawals are re-sent.
+    Instance UID: the PACS replaces it). Rows ``cancelled`` (the draft withdrawn, or
+    superseded by a later job's) stay so; of a withdrawn job only the withdrawals are re-sent.
 
     Returns
     -------
@@ -295,7 +373,8 @@ def resend_deliveries(
     (permanent failures included: the operator has fixed the cause), go back to
     ``pending``, due now, with fresh attempts and retry horizon; the recorded file is sent
     again (same SOP Instance UID: the receiver replaces it). Rows still pending (queued or
-    being sent), cancelled by a withdrawal, or of a withdrawn job's draft are left alone.
+    being sent), cancelled (withdrawn or superseded draft), or of a withdrawn job's draft
+    are left alone.
     One audit entry per affected job (target ``job:<id>``) lists its re-queued ids and
     states before.
 

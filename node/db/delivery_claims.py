@@ -7,8 +7,9 @@ being sent (PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite: the ``BEG
 IMMEDIATE`` transaction serializes claims). The lease end is also the claim's fencing token:
 :func:`mark_sent`, :func:`mark_retry`, :func:`mark_failed` and :func:`release_claim` given
 ``claimed_until`` change the row only while it still carries that value, so the result of a
-send that outlived its lease, or of a row re-queued meanwhile, is ignored instead of
-overwriting newer state. If a sender dies, the lease passes and the row is sent again.
+send that outlived its lease, or of a row re-queued or cancelled meanwhile (its draft
+withdrawn or superseded), is ignored instead of overwriting newer state. If a sender dies,
+the lease passes and the row is sent again.
 
 The rows themselves are queued by :mod:`node.db.deliveries`, which re-exports these
 functions. Every function that changes state commits its own transaction
@@ -163,7 +164,8 @@ def _fenced_update(
     changed = in_transaction(session, work)
     if not changed:
         log.warning(
-            "delivery %s: claim no longer held (re-queued or lease passed); result not recorded",
+            "delivery %s: claim no longer held (re-queued, cancelled or lease passed); "
+            "result not recorded",
             delivery_id,
         )
     return changed

@@ -11,16 +11,20 @@ Once the model has drafted a job's report (:mod:`node.runtime.pipeline`),
 7. **builds the outputs** each destination gets (:func:`node.runtime.outputs.build_outputs`:
    Basic Text SR, Encapsulated PDF, HL7 ORU, FHIR Bundle, as configured) and **enqueues**
    one delivery per (destination, object) (:func:`node.runtime.delivery.enqueue_deliveries`,
-   idempotent per job, destination and object);
+   idempotent per job, destination and object), cancelling in the same transaction the
+   study's earlier drafts not yet sent to those destinations (superseded);
 8. **finishes** the job (:func:`node.db.jobs.finish_job`).
 
 A re-run of a job that drafts the same text from the same instances produces the same SR UID
 and replaces the file; a changed draft gets a new UID and supersedes the earlier SR
 (Predecessor Documents Sequence, PS3.3 C.17.2), and so does the same draft made again after
-the study's SR with its UID was withdrawn (a withdrawn UID is never issued again). Delivery
-rows are not duplicated. The lease is checked before each file is renamed into place and
-before the enqueue: when it is lost on the way the job's outputs are abandoned (the new
-holder writes them).
+the study's SR with its UID was withdrawn (a withdrawn UID is never issued again). The
+earlier jobs' rows still waiting to go to a destination this job sends to are cancelled, so
+the older draft never arrives after the newer one (an older ORU^R01 would overwrite the
+newer result in a RIS); a destination this job does not send to keeps them. Delivery rows
+are not duplicated. The lease is checked before each file is renamed into place and before
+the enqueue: when it is lost on the way the job's outputs are abandoned (the new holder
+writes them).
 """
 
 from __future__ import annotations
@@ -256,8 +260,9 @@ def _queue_outputs(
     check: Callable[[], None],
     reissue: int,
 ) -> list[int]:
-    """Build and write each destination's objects, then queue them (timed: ``outputs_s``,
-    ``enqueue_s``); returns the delivery ids."""
+    """Build and write each destination's objects, then queue them, superseding the study's
+    earlier drafts not yet sent there (timed: ``outputs_s``, ``enqueue_s``); returns the
+    delivery ids."""
     timings = prepared.timings
     with StageTimer(timings, "outputs_s"):
         try:
@@ -281,7 +286,7 @@ def _queue_outputs(
 
     check()
     with StageTimer(timings, "enqueue_s"), deps.session_factory() as session:
-        return enqueue_deliveries(session, job_id=prepared.job_id, items=items)
+        return enqueue_deliveries(session, job_id=prepared.job_id, items=items, supersede=True)
 
 
 def _observe(timings: dict[str, float]) -> None:

@@ -109,6 +109,7 @@ def enqueue_deliveries(
     sr_path: str | Path | None = None,
     destinations: Sequence[DestinationLike] = (),
     items: Sequence[Outbound] = (),
+    supersede: bool = False,
 ) -> list[int]:
     """Queue objects for destinations and wake the senders of this process.
 
@@ -126,6 +127,9 @@ def enqueue_deliveries(
         destination.
     items
         The objects and their destinations.
+    supersede
+        The objects are the job's new draft: in the same transaction, the study's earlier
+        jobs' draft rows not yet sent to these destinations are cancelled (audited).
 
     Returns
     -------
@@ -138,6 +142,7 @@ def enqueue_deliveries(
         sr_path=str(sr_path) if sr_path is not None else None,
         destinations=destinations,
         items=items,
+        supersede=supersede,
     )
     wake_senders()
     return ids

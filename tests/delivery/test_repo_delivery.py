@@ -12,12 +12,22 @@ from sqlalchemy import func, select
 from node.db import deliveries as deliveries_db
 from node.db import delivery_views, job_list
 from node.db import withdrawals as withdrawals_db
+from node.db.deliveries import Outbound
 from node.db.jobs import JobConflict, JobNotFound
-from node.db.models import AuditLog, Delivery, DeliveryKind, DeliveryState, Job, utcnow
+from node.db.models import (
+    AuditLog,
+    Delivery,
+    DeliveryKind,
+    DeliveryObject,
+    DeliveryState,
+    Job,
+    utcnow,
+)
 from node.db.views import DeliveryRow, counts
 from node.runtime.delivery import backoff_seconds
 from node.settings import DicomDestination, StowDestination
 from tests.delivery.conftest import NodeDB, make_job
+from tests.node.factories import add_redraft
 
 DESTS: list[DicomDestination | StowDestination] = [
     DicomDestination(ae_title="PACS", host="127.0.0.1", port=104),
@@ -241,6 +251,109 @@ def test_withdraw_cancels_unsent_rows_so_no_requeue_sends_them(node_db: NodeDB) 
         assert deliveries_db.resend(s, job, actor="admin") == []  # cancelled drafts stay cancelled
         with pytest.raises(JobConflict, match="withdrawn already"):
             withdrawals_db.withdraw_job(s, job, actor="admin", reason="again")
+
+
+def _redraft(db: NodeDB, job_id: int) -> int:
+    """A later ``done`` job of job ``job_id``'s study (a late instance drafted again)."""
+    with db.factory() as s:
+        job = add_redraft(
+            s, job_id, "IMPRESSION: later.", at=utcnow(), sr_sop_instance_uid="2.25.2"
+        )
+        s.commit()
+        return job.id
+
+
+def test_a_later_draft_cancels_the_earlier_jobs_unsent_rows_to_its_destinations(
+    node_db: NodeDB,
+) -> None:
+    pacs = str(DESTS[0])
+    job1, other = make_job(node_db.factory), make_job(node_db.factory)
+    job2 = _redraft(node_db, job1)
+    with node_db.factory() as s:
+        objects = [DeliveryObject.sr, DeliveryObject.basic_sr, DeliveryObject.pdf]
+        ids = deliveries_db.enqueue_deliveries(
+            s,
+            job_id=job1,
+            items=[Outbound(d, o, f"/{o.value}.dcm") for d in DESTS for o in objects],
+        )
+        [other_row] = deliveries_db.enqueue_deliveries(
+            s, job_id=other, sr_path="/o.dcm", destinations=[pacs]
+        )
+        claims = {c.id: c.next_attempt_at for c in deliveries_db.claim_due_deliveries(s, limit=10)}
+        p_sr, p_basic, p_pdf, s_sr, s_basic, s_pdf = ids
+        assert deliveries_db.mark_sent(s, p_sr, claimed_until=claims[p_sr])
+        for failed in (p_basic, s_basic):
+            assert deliveries_db.mark_failed(
+                s, failed, error="gave up", claimed_until=claims[failed]
+            )
+        for due in (s_sr, s_pdf, other_row):
+            assert deliveries_db.release_claim(s, due, claimed_until=claims[due])
+        # p_pdf stays claimed: a sender is sending it
+        [withdrawal] = deliveries_db.enqueue_deliveries(
+            s, job_id=job1, items=[Outbound(pacs, DeliveryObject.withdrawal, "/kos.dcm")]
+        )
+        # job 2's draft goes to the PACS only (its routing rule)
+        new = deliveries_db.enqueue_deliveries(
+            s,
+            job_id=job2,
+            items=[Outbound(pacs, o, f"/2-{o.value}.dcm") for o in objects],
+            supersede=True,
+        )
+    rows = {r.id: r for r in _rows(node_db, job1) + _rows(node_db, job2) + _rows(node_db, other)}
+    reason = f"cancelled: superseded by job {job2} before it was sent"
+    for cancelled in (p_basic, p_pdf):
+        row = rows[cancelled]
+        assert (row.state, row.next_attempt_at, row.last_error) == (
+            DeliveryState.cancelled,
+            None,
+            reason,
+        )
+    assert rows[p_sr].state is DeliveryState.sent
+    assert rows[withdrawal].state is DeliveryState.pending
+    assert [rows[i].state for i in (s_sr, s_basic, s_pdf)] == [
+        DeliveryState.pending,
+        DeliveryState.failed,
+        DeliveryState.pending,
+    ]
+    assert rows[other_row].state is DeliveryState.pending  # another study
+    assert {rows[i].state for i in new} == {DeliveryState.pending}
+    with node_db.factory() as s:
+        [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "delivery.supersede"))
+        assert (entry.actor, entry.target) == ("system", f"job:{job2}")
+        assert entry.detail == {"cancelled": [p_basic, p_pdf], "jobs": [job1]}
+        # the send in flight finishes: its result is not recorded, the row stays cancelled
+        assert not deliveries_db.mark_sent(s, p_pdf, claimed_until=claims[p_pdf])
+        assert deliveries_db.requeue_failed(s, pacs, reason="C-ECHO answered") == []
+        # job 2 queued again (a re-run): nothing more to cancel, no second entry
+        deliveries_db.enqueue_deliveries(
+            s,
+            job_id=job2,
+            items=[Outbound(pacs, o, f"/2-{o.value}.dcm") for o in objects],
+            supersede=True,
+        )
+        assert s.scalar(select(func.count()).where(AuditLog.action == "delivery.supersede")) == 1
+        assert p_basic not in deliveries_db.resend(s, job1, actor="admin")
+    assert [node_db.delivery(i).state for i in (p_basic, p_pdf)] == [DeliveryState.cancelled] * 2
+
+
+def test_a_draft_cancels_nothing_of_its_own_later_or_other_jobs(node_db: NodeDB) -> None:
+    job1, other = make_job(node_db.factory), make_job(node_db.factory)
+    job2 = _redraft(node_db, job1)
+    with node_db.factory() as s:
+        later = deliveries_db.enqueue_deliveries(
+            s, job_id=job2, sr_path="/2.dcm", destinations=DESTS
+        )
+        elsewhere = deliveries_db.enqueue_deliveries(
+            s, job_id=other, sr_path="/o.dcm", destinations=DESTS
+        )
+        # the lone job of its study, and the earlier job queued (again) after the later one
+        for job in (other, job1, job1):
+            deliveries_db.enqueue_deliveries(
+                s, job_id=job, sr_path=f"/{job}.dcm", destinations=DESTS, supersede=True
+            )
+        assert s.scalar(select(func.count()).where(AuditLog.action == "delivery.supersede")) == 0
+    assert {node_db.delivery(i).state for i in later + elsewhere} == {DeliveryState.pending}
+    assert {r.state for r in _rows(node_db, job1)} == {DeliveryState.pending}
 
 
 def test_destination_health_per_destination(node_db: NodeDB) -> None:

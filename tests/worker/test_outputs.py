@@ -6,7 +6,8 @@ Comprehensive SR, the Basic Text SR and the Encapsulated PDF; an hl7apy MLLP lis
 the transaction Bundle with fhir.resources. Then the draft is withdrawn: the SCP gets an
 IOCM Key Object Selection rejection note naming the three instances, the listener an ORU
 with OBR-25 ``C``, the FHIR server the report ``entered-in-error``. dciodvfy checks every
-DICOM object the node wrote.
+DICOM object the node wrote. A study drafted again supersedes the earlier draft's objects
+not yet sent to the destinations the new draft goes to.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from pynetdicom import AE, evt
 from sqlalchemy import select
 
 from models.results import ReportDraft
+from node.db import deliveries as deliveries_db
+from node.db.deliveries import Outbound
 from node.db.jobs import JobConflict
 from node.db.models import AuditLog, DeliveryObject, DeliveryState, Draft, Instance, Job
 from node.runtime.completion import _draft_text
@@ -534,3 +537,105 @@ def test_a_withdrawal_names_the_patient_the_draft_went_to(
     assert "NEW-0815" not in withdrawal.to_er7() and "Corrected" not in withdrawal.to_er7()
     [first, second] = [_report_subject(b) for _m, _p, b in fhir_server[1].received]
     assert second == first
+
+
+def test_a_redraft_cancels_the_earlier_drafts_unsent_objects_to_its_destinations(
+    db_url: str,
+    tmp_path: Path,
+    demo_bundle: Path,
+    model_host: ModelHost,
+    scp: Scp,
+    hl7_listener: tuple[int, Receiver],
+) -> None:
+    """A late instance has the study drafted again, and the new job's routing rule sends to
+    the PACS only: job 1's objects not yet sent there are cancelled (the one being sent loses
+    its claim), so the PACS never gets the older draft after the newer; the RIS, which job 2
+    does not send to, still gets job 1's ORU. SQLite and PostgreSQL."""
+    dimse = {
+        "kind": "dimse",
+        "ae_title": "PACS",
+        "host": "127.0.0.1",
+        "port": scp.port,
+        "objects": ["sr", "basic-sr", "pdf"],
+    }
+    hl7 = {
+        "kind": "hl7",
+        "host": "127.0.0.1",
+        "port": hl7_listener[0],
+        "receiving_application": "RIS",
+    }
+    env = make_env(
+        db_url,
+        tmp_path,
+        demo_bundle,
+        destinations=json.dumps([dimse, hl7]),
+    )
+    try:
+        pacs, ris = (str(d) for d in env.settings.destinations)
+        study = env.add_study(view="PA")
+        [job1] = env.queue_all()
+        claim(env)
+        [first] = run_batch(env.deps, [job1], model_host, owner=OWNER)
+        assert first.status == "done", first.error
+        # the PACS took the SR, then went down; the RIS was down; a withdrawal had failed
+        with env.session_factory() as s:
+            deliveries_db.enqueue_deliveries(
+                s, job_id=job1, items=[Outbound(pacs, DeliveryObject.withdrawal, "gone.dcm")]
+            )
+            claimed = {(c.destination, c.object): c for c in deliveries_db.claim_due_deliveries(s)}
+            sr, basic, pdf, withdrawal, report = (
+                claimed[pacs, DeliveryObject.sr],
+                claimed[pacs, DeliveryObject.basic_sr],
+                claimed[pacs, DeliveryObject.pdf],
+                claimed[pacs, DeliveryObject.withdrawal],
+                claimed[ris, DeliveryObject.report],
+            )
+            assert deliveries_db.mark_sent(s, sr.id, claimed_until=sr.next_attempt_at)
+            assert deliveries_db.mark_failed(
+                s, withdrawal.id, error="x", claimed_until=withdrawal.next_attempt_at
+            )
+            for due in (basic, report):
+                assert deliveries_db.release_claim(s, due.id, claimed_until=due.next_attempt_at)
+            # pdf stays claimed: a sender is sending it when job 2 completes
+        env.add_study(study_uid=study, view="AP")
+        [job2] = env.queue_all()
+        with env.session_factory() as s:
+            s.get_one(Job, job2).destinations = [pacs]  # its routing rule's choice
+            s.commit()
+        assert claim(env) == job2
+        [again] = run_batch(env.deps, [job2], model_host, owner=OWNER)
+        assert again.status == "done", again.error
+
+        rows = {r.id: r for r in env.deliveries(job1)}
+        for cancelled in (basic, pdf):
+            row = rows[cancelled.id]
+            assert row.state is DeliveryState.cancelled and row.next_attempt_at is None
+            assert row.last_error == f"cancelled: superseded by job {job2} before it was sent"
+        assert rows[sr.id].state is DeliveryState.sent
+        assert rows[withdrawal.id].state is DeliveryState.failed
+        assert rows[report.id].state is DeliveryState.pending  # job 2 does not go to the RIS
+        newer = env.deliveries(job2)
+        assert sorted(r.object.value for r in newer) == ["basic-sr", "pdf", "sr"]
+        assert {(r.destination, r.state) for r in newer} == {(pacs, DeliveryState.pending)}
+        with env.session_factory() as s:
+            [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "delivery.supersede"))
+        assert (entry.actor, entry.target) == ("system", f"job:{job2}")
+        assert entry.detail == {"cancelled": [basic.id, pdf.id], "jobs": [job1]}
+
+        # the send in flight ends: the sender records nothing and goes on
+        in_flight = DeliveryComponent(env.context()).deliver(pdf)
+        assert in_flight.state == "lost"
+        assert {r.id: r.state for r in env.deliveries(job1)}[pdf.id] is DeliveryState.cancelled
+        _send_all(env)
+        assert {r.state for r in env.deliveries(job2)} == {DeliveryState.sent}
+        # the PACS got job 2's objects and job 1's PDF that was on its way; never job 1's
+        # Basic Text SR, which was waiting
+        [basic_ds] = scp.by_class(BasicTextSRStorage)
+        assert basic_ds.SOPInstanceUID == next(
+            r.object_uid for r in newer if r.object is DeliveryObject.basic_sr
+        )
+        assert [ds.SOPInstanceUID for ds in scp.by_class(ComprehensiveSRStorage)] == [again.sr_uid]
+        assert len(scp.by_class(EncapsulatedPDFStorage)) == 2
+        assert len(hl7_listener[1].received) == 1  # the RIS keeps job 1's draft
+    finally:
+        env.engine.dispose()
