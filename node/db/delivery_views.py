@@ -55,7 +55,8 @@ class DestinationHealth:
     ``last_success_at`` is the newest ``sent_at``. The schema keeps no failure time, so the
     newest unsent delivery that has an error is described by its state (``pending``: still
     retrying, due again at ``retry_at``; ``failed``: given up), its error and when it was
-    queued. A delivery ``cancelled`` by a withdrawal is not the destination's failure.
+    queued. A delivery ``cancelled`` (its draft withdrawn or superseded) is not the
+    destination's failure.
     """
 
     destination: str

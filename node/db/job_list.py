@@ -138,9 +138,9 @@ def delivery_state(states: Sequence[DeliveryState]) -> str:
     """A job's delivery state from its deliveries' states.
 
     ``failed`` when any delivery failed for good, else ``pending`` when any is still to be
-    sent, else ``sent`` when any was sent, else ``none``. A delivery ``cancelled`` by a
-    withdrawal was not sent and will not be: it does not count. :func:`filter_jobs`'s
-    ``delivery`` filter applies the same rule in SQL.
+    sent, else ``sent`` when any was sent, else ``none``. A delivery ``cancelled`` (the
+    draft withdrawn or superseded first) was not sent and will not be: it does not count.
+    :func:`filter_jobs`'s ``delivery`` filter applies the same rule in SQL.
     """
     if DeliveryState.failed in states:
         return "failed"

@@ -70,7 +70,8 @@ class DeliveryObject(enum.StrEnum):
 class DeliveryState(enum.StrEnum):
     """Delivery of one object to one destination.
 
-    ``cancelled``: not sent because the draft was withdrawn first.
+    ``cancelled``: not sent because the draft was withdrawn first, or superseded first by a
+    later job of the study that queued its draft to the same destination.
     """
 
     pending = "pending"
