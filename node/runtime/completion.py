@@ -46,7 +46,6 @@ from node.db import jobs as jobs_db
 from node.db.jobs import LeaseLost
 from node.runtime.draft_objects import (
     DraftText,
-    draft_ids,
     draft_reissue,
     draft_sr,
     impression_text,
@@ -123,15 +122,7 @@ def build_sr(
     text = _draft_text(draft)
     evidence = list(evidence) or [image.header]
     inputs = _inputs(evidence)
-    ids = draft_ids(
-        "sr",
-        study_uid,
-        text.model_name,
-        text.model_version,
-        inputs=inputs,
-        text=text.as_sent,
-        reissue=reissue,
-    )
+    ids = text.ids("sr", study_uid, inputs=inputs, reissue=reissue)
     supersedes = [p for p in previous if str(p.SOPInstanceUID) != ids["sop_instance_uid"]]
     return draft_sr(
         text,

@@ -92,6 +92,21 @@ class DraftText:
         """Findings and impression as one text (what the object UIDs are derived from)."""
         return f"{(self.findings or '').strip()}\x1f{self.impression.strip()}"
 
+    def ids(
+        self, kind: str, study_uid: str, *, inputs: Sequence[str], reissue: int = 0
+    ) -> DraftIds:
+        """The UIDs and Series Number of this draft's object of ``kind`` in ``study_uid``,
+        made from ``inputs`` (:func:`draft_ids` of its model and :attr:`as_sent`)."""
+        return draft_ids(
+            kind,
+            study_uid,
+            self.model_name,
+            self.model_version,
+            inputs=inputs,
+            text=self.as_sent,
+            reissue=reissue,
+        )
+
     def fields(self) -> DraftFields:
         """Impression, findings, model name and version, DEMO flag (keyword arguments)."""
         return DraftFields(
@@ -217,16 +232,7 @@ def draft_reissue(
     """
     reissue = 0
     while (
-        draft_instance_uid(
-            "sr",
-            study_uid,
-            text.model_name,
-            text.model_version,
-            inputs=inputs,
-            text=text.as_sent,
-            reissue=reissue,
-        )
-        in withdrawn
+        text.ids("sr", study_uid, inputs=inputs, reissue=reissue)["sop_instance_uid"] in withdrawn
     ):
         reissue += 1
     return reissue

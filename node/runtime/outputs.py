@@ -50,7 +50,6 @@ from node.db.models import DeliveryObject
 from node.runtime.draft_objects import (
     DraftIds,
     DraftText,
-    draft_ids,
     draft_sr,
     fhir_draft,
     hl7_parties,
@@ -169,15 +168,7 @@ class _Builder:
         def make() -> tuple[Dataset, str, str]:
             t = d.text
             inputs = [str(ds.SOPInstanceUID) for ds in d.evidence]
-            ids = draft_ids(
-                kind,
-                d.study_uid,
-                t.model_name,
-                t.model_version,
-                inputs=inputs,
-                text=t.as_sent,
-                reissue=d.reissue,
-            )
+            ids = t.ids(kind, d.study_uid, inputs=inputs, reissue=d.reissue)
             uid = ids["sop_instance_uid"]
             return build(self, ids), f"{uid}.dcm", uid
 

@@ -38,9 +38,9 @@ from node.db import deliveries as deliveries_db
 from node.db.deliveries import Outbound
 from node.db.jobs import JobConflict
 from node.db.models import AuditLog, DeliveryObject, DeliveryState, Draft, Instance, Job
-from node.runtime.completion import _draft_text
+from node.runtime.completion import JobOutcome, _draft_text
 from node.runtime.delivery import DeliveryComponent
-from node.runtime.draft_objects import draft_ids, draft_reissue
+from node.runtime.draft_objects import draft_reissue
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import run_batch
 from node.runtime.withdrawal import _source, _stored_text, withdraw
@@ -297,6 +297,27 @@ def _ordered_cxr(env: NodeEnv, study_uid: str) -> Path:
     return path
 
 
+def _draft_and_send(env: NodeEnv, model_host: ModelHost, source: Path) -> JobOutcome:
+    """Ingest ``source``, draft its study (one job) and send every object; the outcome."""
+    env.ingest(source)
+    [job_id] = env.queue_all()
+    assert claim(env) == job_id
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+    assert outcome.status == "done", outcome.error
+    _send_all(env)
+    return outcome
+
+
+def _send_corrected(env: NodeEnv, source: Path, **values: str) -> None:
+    """Send ``source`` again with other ``values`` (a replaced duplicate: same SOP Instance
+    UID, other content, which reopens a finished study)."""
+    ds = pydicom.dcmread(source)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.save_as(source, enforce_file_format=True)
+    env.ingest(source)
+
+
 def test_withdrawal_built_from_the_sr_names_the_drafts_order(
     out_env: NodeEnv, model_host: ModelHost, hl7_listener: tuple[int, Receiver]
 ) -> None:
@@ -305,12 +326,7 @@ def test_withdrawal_built_from_the_sr_names_the_drafts_order(
     filler, OBR-4 service), or the RIS cannot find the results it is to mark wrong (HL7
     v2.5.1 section 4.5.1, 7.4.1)."""
     env = out_env
-    env.ingest(_ordered_cxr(env, generate_uid()))
-    [job_id] = env.queue_all()
-    assert claim(env) == job_id
-    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
-    assert outcome.status == "done", outcome.error
-    _send_all(env)
+    job_id = _draft_and_send(env, model_host, _ordered_cxr(env, generate_uid())).job_id
     with env.session_factory() as s:
         [instance] = s.scalars(select(Instance))
     (env.settings.spool_dir / instance.spool_path).unlink()  # the image read is gone
@@ -398,21 +414,12 @@ def test_the_same_draft_after_a_withdrawal_is_a_new_issue(
     update would turn the ``entered-in-error`` report back into a draft. Without the
     withdrawal the same draft stays one object (the control)."""
     env = out_env
-    study = generate_uid()
-    source = _ordered_cxr(env, study)
-    env.ingest(source)
-    [first] = env.queue_all()
-    assert claim(env) == first
-    [one] = run_batch(env.deps, [first], model_host, owner=OWNER)
-    assert one.status == "done", one.error
-    _send_all(env)
+    source = _ordered_cxr(env, generate_uid())
+    one = _draft_and_send(env, model_host, source)
     if withdrawn:
-        withdraw(env.settings, env.session_factory, first, actor="test:op", reason="wrong")
+        withdraw(env.settings, env.session_factory, one.job_id, actor="test:op", reason="wrong")
         _send_all(env)
-    corrected = pydicom.dcmread(source)
-    corrected.PatientName = "Corrected^Name"
-    corrected.save_as(source, enforce_file_format=True)
-    env.ingest(source)  # same SOP Instance UID, other content: reopens the study
+    _send_corrected(env, source, PatientName="Corrected^Name")
     [second] = env.queue_all()
     assert claim(env) == second
     [two] = run_batch(env.deps, [second], model_host, owner=OWNER)
@@ -465,16 +472,7 @@ def test_each_withdrawal_moves_the_same_draft_to_its_next_issue() -> None:
     study, inputs = generate_uid(), [generate_uid()]
 
     def uid(reissue: int) -> str:
-        ids = draft_ids(
-            "sr",
-            study,
-            text.model_name,
-            text.model_version,
-            inputs=inputs,
-            text=text.as_sent,
-            reissue=reissue,
-        )
-        return ids["sop_instance_uid"]
+        return text.ids("sr", study, inputs=inputs, reissue=reissue)["sop_instance_uid"]
 
     def issue(*withdrawn: str) -> int:
         return draft_reissue(study, text, inputs=inputs, withdrawn=set(withdrawn))
@@ -510,17 +508,9 @@ def test_a_withdrawal_names_the_patient_the_draft_went_to(
     from otherwise (the control)."""
     env = out_env
     source = _ordered_cxr(env, generate_uid())
-    env.ingest(source)
-    [job_id] = env.queue_all()
-    assert claim(env) == job_id
-    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
-    assert outcome.status == "done", outcome.error
-    _send_all(env)
+    job_id = _draft_and_send(env, model_host, source).job_id
     if corrected:
-        ds = pydicom.dcmread(source)
-        ds.PatientName, ds.PatientID = "Corrected^Name", "NEW-0815"
-        ds.save_as(source, enforce_file_format=True)
-        env.ingest(source)  # same SOP Instance UID, other content: replaces the image read
+        _send_corrected(env, source, PatientName="Corrected^Name", PatientID="NEW-0815")
     with env.session_factory() as s:
         built_from = _source(s, env.settings, s.get_one(Job, job_id))
     assert built_from is not None
