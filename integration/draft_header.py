@@ -16,6 +16,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
 from integration.errors import SRBuildError
+from integration.header_values import utc_offset
 from integration.privacy import quiet_person_name_warnings, redact_patient_values
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "algorithm_equipment",
     "check_text_fields",
     "device_observer",
+    "draft_local_time",
     "draft_series_description",
     "draft_timestamp",
     "finish_draft_header",
@@ -110,17 +112,44 @@ def sr_build_errors(evidence: Sequence[Dataset]) -> Iterator[None]:
         raise SRBuildError(f"highdicom refused the SR: {reason}") from None
 
 
+def draft_local_time(when: dt.datetime, source: Dataset) -> dt.datetime:
+    """``when`` as a draft object of ``source`` states its dates and times.
+
+    Timezone Offset From UTC (0008,0201) applies to every DA and TM of an instance (PS3.3
+    C.12.1.1.8), the Study Date and Time the object copies from ``source`` included. So the
+    object takes ``source``'s offset, and ``when`` in that zone; where ``source`` has none,
+    its times are local and of an unknown zone, and the object states none either: ``when``
+    in this host's local time.
+
+    Parameters
+    ----------
+    when
+        An aware time (the draft's creation).
+    source
+        The header of the image the object is about.
+
+    Returns
+    -------
+    datetime.datetime
+        ``when`` in the zone of ``source``'s Timezone Offset From UTC, else in local time.
+    """
+    offset = utc_offset(source)
+    if offset:
+        return when.astimezone(dt.datetime.strptime(offset, "%z").tzinfo)
+    return when.astimezone()
+
+
 def finish_draft_header(sr: Dataset, source: Dataset, when: dt.datetime) -> None:
-    """Set Content and Series Date/Time (PS3.3 C.17.2, C.7.3.1) of ``sr`` to ``when`` and
-    copy Issuer of Accession Number Sequence (C.7.2.1) and Timezone Offset From UTC (C.12.1)
-    from ``source`` (the offset of ``when`` where ``source`` has none)."""
-    sr.ContentDate = sr.SeriesDate = DA(when.strftime("%Y%m%d"))
-    sr.ContentTime = sr.SeriesTime = TM(when.strftime("%H%M%S"))
+    """Set Content and Series Date/Time (PS3.3 C.17.2, C.7.3.1) of ``sr`` to ``when`` in the
+    zone of ``source`` (:func:`draft_local_time`) and copy Issuer of Accession Number
+    Sequence (C.7.2.1) and Timezone Offset From UTC (C.12.1) from ``source`` (none where
+    ``source`` has none)."""
+    local = draft_local_time(when, source)
+    sr.ContentDate = sr.SeriesDate = DA(local.strftime("%Y%m%d"))
+    sr.ContentTime = sr.SeriesTime = TM(local.strftime("%H%M%S"))
     for keyword in _COPIED:
         if keyword in source:
             sr[keyword] = source[keyword]
-    if "TimezoneOffsetFromUTC" not in sr:
-        sr.TimezoneOffsetFromUTC = when.strftime("%z")
 
 
 def device_observer(

@@ -37,7 +37,7 @@ import warnings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from integration.draft_header import algorithm_equipment
+from integration.draft_header import algorithm_equipment, draft_local_time
 from integration.errors import EncapsulatedPdfError
 
 __all__ = [
@@ -171,7 +171,7 @@ def build_encapsulated_pdf(
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     _copy_patient_study(source, ds)
-    local = _study_local_time(created_at, str(ds.get("TimezoneOffsetFromUTC", "") or ""))
+    local = draft_local_time(created_at, source)
     day, clock = local.strftime("%Y%m%d"), local.strftime("%H%M%S")
     attributes: dict[str, object] = {
         # SOP Common (C.12.1)
@@ -375,15 +375,6 @@ def _copy_patient_study(source: Dataset, target: Dataset) -> None:
             target[keyword] = decoded[keyword]
         elif keyword in _TYPE2:
             setattr(target, keyword, "")
-
-
-def _study_local_time(when: dt.datetime, offset: str) -> dt.datetime:
-    """``when`` in the time zone of Timezone Offset From UTC (``+HHMM``), else unchanged."""
-    if len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
-        sign = 1 if offset[0] == "+" else -1
-        delta = dt.timedelta(hours=int(offset[1:3]), minutes=int(offset[3:]))
-        return when.astimezone(dt.timezone(sign * delta))
-    return when
 
 
 def _is_uid(value: str) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -328,3 +330,39 @@ def test_basic_text_sr(rg1_header: Dataset, tmp_path: Path) -> None:
     assert back.SOPClassUID == BASIC_TEXT_SR_STORAGE
     assert back.file_meta.MediaStorageSOPClassUID == BASIC_TEXT_SR_STORAGE
     assert texts(back)["Impression"] == [IMPRESSION_JA]
+
+
+@pytest.fixture
+def host_at_plus_0530(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's local time zone is UTC+05:30 (a POSIX TZ: no zone database needed)."""
+    monkeypatch.setenv("TZ", "IST-5:30")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("offset", "content"),
+    [("-0400", ("20240506", "030809")), ("+0100", ("20240506", "080809")), (None, None)],
+)
+@pytest.mark.usefixtures("host_at_plus_0530")
+def test_the_srs_times_are_in_the_studys_zone(
+    rg1_header: Dataset, offset: str | None, content: tuple[str, str] | None
+) -> None:
+    """Timezone Offset From UTC applies to every date and time of the SR (PS3.3 C.12.1.1.8),
+    the Study Date/Time it copies included: the SR takes the study's offset and states its
+    Content Date/Time in that zone; for a study without an offset it states none (the
+    study's times are local, of an unknown zone) and its own in the node's local time (here
+    +05:30). Before, the SR stated its UTC clock at the study's offset (four hours off at
+    -0400), and "+0000" for a study without one, which declared the study's times UTC."""
+    source = copy.deepcopy(rg1_header)
+    if offset is None:
+        del source.TimezoneOffsetFromUTC
+    else:
+        source.TimezoneOffsetFromUTC = offset
+    sr = build(source, created_at=dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC))
+    assert sr.get("TimezoneOffsetFromUTC") == offset
+    expected = content or ("20240506", "123809")
+    content_at = (str(sr.ContentDate), str(sr.ContentTime))
+    assert content_at == (str(sr.SeriesDate), str(sr.SeriesTime)) == expected

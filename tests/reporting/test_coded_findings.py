@@ -269,9 +269,10 @@ def test_coded_findings_sr_is_valid_and_round_trips(source: Dataset, tmp_path: P
     assert back.AccessionNumber == ACCESSION
     assert back.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID == "RIS-A"
     assert back.ReferencedRequestSequence[0].AccessionNumber == ACCESSION
-    assert (back.ContentDate, back.ContentTime) == ("20240506", "070809")
+    # made at 07:08:09 UTC; the object's times are in the study's zone, -0400 (C.12.1.1.8)
+    assert back.TimezoneOffsetFromUTC == source.TimezoneOffsetFromUTC == "-0400"
+    assert (back.ContentDate, back.ContentTime) == ("20240506", "030809")
     assert back.SeriesDate == back.ContentDate
-    assert back.TimezoneOffsetFromUTC == source.TimezoneOffsetFromUTC
     assert back.SeriesNumber == coded_findings_series_number(MODEL, VERSION)
     assert back.SeriesInstanceUID == coded_findings_series_uid(
         source.StudyInstanceUID, MODEL, VERSION

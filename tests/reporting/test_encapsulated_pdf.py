@@ -145,7 +145,11 @@ def test_japanese_name_and_real_model(
     assert str(back.PatientName) == "山田^太郎=やまだ^たろう"
     assert back.SeriesDescription == "AI DRAFT UNVERIFIED - report PDF"
     assert "TimezoneOffsetFromUTC" not in back
-    assert (back.ContentDate, back.ContentTime) == ("20240506", "070809")  # as given (UTC)
+    local = GENERATED.astimezone()  # no offset: the host's local time, as the draft SR's
+    assert (back.ContentDate, back.ContentTime) == (
+        local.strftime("%Y%m%d"),
+        local.strftime("%H%M%S"),
+    )
     text = PdfReader(io.BytesIO(extract_pdf(back))).pages[0].extract_text()
     assert "cannot be shown with this PDF's font" in text  # CJK: documented fallback
 

@@ -629,3 +629,51 @@ def test_a_redraft_cancels_the_earlier_drafts_unsent_objects_to_its_destinations
         assert len(hl7_listener[1].received) == 1  # the RIS keeps job 1's draft
     finally:
         env.engine.dispose()
+
+
+def _report_effective(bundle: dict[str, Any]) -> object:
+    """The DiagnosticReport ``effectiveDateTime`` of a FHIR Bundle the node sent, or ``None``."""
+    [report] = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+    ]
+    return report.get("effectiveDateTime")
+
+
+@pytest.mark.parametrize("offset", ["-0400", None])
+def test_a_withdrawal_built_from_the_sr_dates_the_study_as_the_draft_did(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    hl7_listener: tuple[int, Receiver],
+    fhir_server: tuple[str, FhirReceiver],
+    offset: str | None,
+) -> None:
+    """With the image read gone, the withdrawal is built from the draft SR, and must date the
+    study as the draft did (OBR-7, effectiveDateTime). For an image without Timezone Offset
+    From UTC the SR stated "+0000", declaring the study's local times UTC, and the withdrawal
+    carried that offset where the draft had none."""
+    env = out_env
+    source = _ordered_cxr(env, generate_uid())
+    ds = pydicom.dcmread(source)
+    if offset is None:
+        del ds.TimezoneOffsetFromUTC
+    else:
+        ds.TimezoneOffsetFromUTC = offset
+    ds.save_as(source, enforce_file_format=True)
+    job_id = _draft_and_send(env, model_host, source).job_id
+    with env.session_factory() as s:
+        [instance] = s.scalars(select(Instance))
+    (env.settings.spool_dir / instance.spool_path).unlink()  # the image read is gone
+
+    result = withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="wrong")
+    assert result.skipped == {}
+    _send_all(env)
+    draft, withdrawal = hl7_listener[1].received
+    dates = [
+        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_7.to_er7()
+        for m in (draft, withdrawal)
+    ]
+    assert dates[0] == f"20040826185059{offset or ''}" == dates[1]
+    [sent, withdrawn] = [_report_effective(b) for _m, _p, b in fhir_server[1].received]
+    assert withdrawn == sent
