@@ -342,5 +342,5 @@ def draft_text(
         stmt = stmt.where(Study.study_instance_uid == study_uid)
     else:
         return None
-    text = session.scalar(stmt.order_by(Draft.id.desc()).limit(1))
+    text = session.scalar(stmt.order_by(Job.id.desc(), Draft.id.desc()).limit(1))
     return None if text is None else str(text)

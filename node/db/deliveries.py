@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from integration.destinations import (
@@ -134,7 +134,7 @@ def enqueue_deliveries(
     due now, new file) instead of adding one, so a re-built object replaces rather than
     duplicates. The job row is locked first, so concurrent calls for one job never add two
     rows for one destination and object. With ``supersede``, the same transaction cancels
-    what the job's draft replaces (:func:`_cancel_superseded`). Commits.
+    the unsent rows of the study's older drafts (:func:`_cancel_superseded`). Commits.
 
     Parameters
     ----------
@@ -148,10 +148,11 @@ def enqueue_deliveries(
     items
         The objects and their destinations (:class:`Outbound`).
     supersede
-        The objects are a new draft of the job's study: the draft rows of the study's
-        earlier jobs not yet sent to these destinations are cancelled (audited
-        ``delivery.supersede``), so an older draft never reaches a destination after the
-        newer one. Ignored without ``job_id``.
+        The objects are the job's draft of its study: the draft rows of the study's earlier
+        jobs not yet sent to these destinations are cancelled, and so are the job's own to a
+        destination a later job has queued its draft to (audited ``delivery.supersede``), so
+        an older draft never reaches a destination after the newer one. Ignored without
+        ``job_id``.
     now
         The current time (tests).
 
@@ -203,10 +204,10 @@ def enqueue_deliveries(
     )
     if superseded:
         log.info(
-            "job %s supersedes job(s) %s: %d unsent delivery(ies) cancelled",
+            "job %s queued: %d unsent draft delivery(ies) of job(s) %s cancelled, superseded",
             job_id,
-            ", ".join(map(str, superseded)),
             sum(map(len, superseded.values())),
+            ", ".join(map(str, superseded)),
         )
     return ids
 
@@ -214,47 +215,75 @@ def enqueue_deliveries(
 def _cancel_superseded(
     session: Session, job_id: int, destinations: Collection[str], now: datetime
 ) -> dict[int, list[int]]:
-    """Cancel the unsent draft rows of the study's earlier jobs to ``destinations``.
+    """Cancel the unsent draft rows of a study's older drafts to ``destinations``.
 
-    In the caller's transaction (no commit). The rows of jobs of the same study with a lower
-    id, to one of ``destinations`` (text form as stored), ``pending`` (queued, waiting for a
-    retry, or being sent) or ``failed``, and not a ``withdrawal``, become ``cancelled``
-    ("cancelled: superseded by job N before it was sent"), as a withdrawal cancels them: a
-    send in flight loses its claim and its result is not recorded. Rows to other
-    destinations, sent rows and withdrawals are left alone. One audit entry
-    (``delivery.supersede``, actor ``system``, target ``job:<job_id>``) names the cancelled
-    rows and their jobs; nothing is written when no row qualifies.
+    In the caller's transaction (no commit). A later job of the study drafts it from more
+    instances, so its draft is the newer one, whichever finishes first:
+
+    - the rows of the study's earlier jobs (lower id) to one of ``destinations`` (text form
+      as stored) are cancelled ("cancelled: superseded by job <job_id> before it was sent");
+    - this job's own rows to a destination a later job has already queued its draft to are
+      cancelled too ("cancelled: superseded by job <later> before it was sent"): this job
+      finished after a later one (a re-run after its lease passed, a retry).
+
+    Only rows ``pending`` (queued, waiting for a retry, or being sent) or ``failed``, and not
+    a ``withdrawal``, are cancelled, as a withdrawal cancels them: a send in flight loses its
+    claim and its result is not recorded. Rows to other destinations, sent rows and
+    withdrawals are left alone. One audit entry (``delivery.supersede``, actor ``system``,
+    target ``job:<job_id>``) names the cancelled rows and their jobs; nothing is written
+    when no row qualifies.
 
     Parameters
     ----------
     session
         A write session inside a transaction that holds the job's lock.
     job_id
-        The job whose new draft replaces the earlier ones.
+        The job whose draft was just queued.
     destinations
-        The destinations the new draft is queued to.
+        The destinations it was queued to.
     now
         The time of the audit entry.
 
     Returns
     -------
     dict[int, list[int]]
-        The cancelled delivery ids by earlier job id (empty: none cancelled).
+        The cancelled delivery ids by job id (empty: none cancelled).
     """
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
-    earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
-    rows = _locked_rows(
-        session,
-        Delivery.job_id.in_(earlier),
-        Delivery.destination.in_(list(destinations)),
+    unsent = (
         Delivery.object != DeliveryObject.withdrawal,
         Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
     )
+    newer: dict[str, int] = {}  # destination -> the newest job that queued its draft there
+    later_drafts = session.execute(
+        select(Delivery.destination, func.max(Delivery.job_id))
+        .join(Job, Job.id == Delivery.job_id)
+        .where(
+            Job.study_id == study,
+            Job.id > job_id,
+            Delivery.destination.in_(list(destinations)),
+            Delivery.object != DeliveryObject.withdrawal,
+        )
+        .group_by(Delivery.destination)
+    )
+    for destination, newest in later_drafts:
+        if newest is not None:
+            newer[destination] = newest
+    earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
+    rows = _locked_rows(
+        session,
+        or_(
+            and_(Delivery.job_id.in_(earlier), Delivery.destination.in_(list(destinations))),
+            and_(Delivery.job_id == job_id, Delivery.destination.in_(list(newer))),
+        ),
+        *unsent,
+    )
     cancelled: dict[int, list[int]] = {}
     for row in rows:
+        by = newer[row.destination] if row.job_id == job_id else job_id
         row.state = DeliveryState.cancelled
         row.next_attempt_at = None
-        row.last_error = f"cancelled: superseded by job {job_id} before it was sent"
+        row.last_error = f"cancelled: superseded by job {by} before it was sent"
         cancelled.setdefault(row.job_id or 0, []).append(row.id)  # job_id: never empty here
     if cancelled:
         session.add(

@@ -225,15 +225,22 @@ def greedy_report_texts(
     return out[::-1]
 
 
-def study_sr_uids(session: Session, study_uid: str) -> list[str]:
-    """SOP Instance UIDs of the draft SRs this node made for the study (its jobs' latest).
+def study_sr_uids(session: Session, study_uid: str, *, before_job: int) -> list[str]:
+    """SOP Instance UIDs of the draft SRs this node made for the study by jobs earlier than
+    ``before_job`` (their latest), oldest first.
 
-    What a new SR of the study supersedes (Predecessor Documents Sequence, PS3.3 C.17.2).
+    What job ``before_job``'s SR supersedes (Predecessor Documents Sequence, PS3.3 C.17.2):
+    a later job's draft is made from more instances, so it is newer even when it finished
+    first.
     """
     rows = session.scalars(
         select(Job.sr_sop_instance_uid)
         .join(Study, Study.id == Job.study_id)
-        .where(Study.study_instance_uid == study_uid, Job.sr_sop_instance_uid.is_not(None))
+        .where(
+            Study.study_instance_uid == study_uid,
+            Job.sr_sop_instance_uid.is_not(None),
+            Job.id < before_job,
+        )
         .order_by(Job.id)
     )
     return [str(uid) for uid in rows if uid]

@@ -175,8 +175,9 @@ def _add_final(session: Session, final: FinalIn, *, actor: str) -> tuple[int, bo
 
 
 def draft_for(session: Session, study_uid: str | None, accession: str | None) -> DraftMatch | None:
-    """The newest report draft of the study named by UID (preferred) or accession number,
-    of a job that is done and not withdrawn; ``None`` when there is none yet."""
+    """The newest report draft of the study named by UID (preferred) or accession number:
+    that of its latest job (made from the most instances, whichever finished first) that
+    is done and not withdrawn; ``None`` when there is none yet."""
     if study_uid:
         return _newest_draft(session, Study.study_instance_uid == study_uid)
     if accession:
@@ -213,7 +214,7 @@ def _newest_draft(session: Session, which: Any) -> DraftMatch | None:
             Job.state == JobState.done,
             Job.withdrawn_at.is_(None),
         )
-        .order_by(Draft.created_at.desc(), Draft.id.desc())
+        .order_by(Job.id.desc(), Draft.id.desc())  # the latest job's: the newest draft
         .limit(1)
     ).first()
     if row is None:

@@ -150,11 +150,11 @@ def _reissue(deps: PipelineDeps, prepared: PreparedJob, draft: ReportDraft) -> i
     return draft_reissue(prepared.study_uid, _draft_text(draft), inputs=inputs, withdrawn=withdrawn)
 
 
-def previous_srs(deps: PipelineDeps, study_uid: str) -> list[Dataset]:
-    """Headers of the study's earlier draft SRs still in ``outputs/`` (what a new one
-    supersedes); an SR whose file is gone (purged) is left out."""
+def previous_srs(deps: PipelineDeps, study_uid: str, job_id: int) -> list[Dataset]:
+    """Headers of the draft SRs of the study's jobs before ``job_id`` still in ``outputs/``
+    (what its SR supersedes); an SR whose file is gone (purged) is left out."""
     with deps.session_factory() as session:
-        uids = drafts_db.study_sr_uids(session, study_uid)
+        uids = drafts_db.study_sr_uids(session, study_uid, before_job=job_id)
     found: list[Dataset] = []
     for uid in dict.fromkeys(uids):
         path = deps.outputs_dir / f"{uid}.dcm"
@@ -221,7 +221,7 @@ def _write_draft_sr(
             prepared.image,
             draft,
             evidence=prepared.evidence,
-            previous=previous_srs(deps, prepared.study_uid),
+            previous=previous_srs(deps, prepared.study_uid, prepared.job_id),
             reissue=reissue,
         )
     except IntegrationError as exc:

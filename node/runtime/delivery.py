@@ -128,8 +128,9 @@ def enqueue_deliveries(
     items
         The objects and their destinations.
     supersede
-        The objects are the job's new draft: in the same transaction, the study's earlier
-        jobs' draft rows not yet sent to these destinations are cancelled (audited).
+        The objects are the job's draft: in the same transaction, the study's older drafts'
+        rows not yet sent to these destinations are cancelled (audited; see
+        :func:`node.db.deliveries.enqueue_deliveries`).
 
     Returns
     -------

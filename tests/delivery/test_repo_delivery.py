@@ -336,24 +336,38 @@ def test_a_later_draft_cancels_the_earlier_jobs_unsent_rows_to_its_destinations(
     assert [node_db.delivery(i).state for i in (p_basic, p_pdf)] == [DeliveryState.cancelled] * 2
 
 
-def test_a_draft_cancels_nothing_of_its_own_later_or_other_jobs(node_db: NodeDB) -> None:
+def test_a_draft_cancels_nothing_of_a_later_or_another_studys_job(node_db: NodeDB) -> None:
+    """The lone job of its study cancels nothing; an earlier job that finishes after a later
+    one (a re-run after its lease passed, a retry) leaves the later, newer draft alone and
+    cancels its own rows to the destinations the later one was queued to, not to another."""
+    pacs, stow = (str(d) for d in DESTS)
     job1, other = make_job(node_db.factory), make_job(node_db.factory)
     job2 = _redraft(node_db, job1)
     with node_db.factory() as s:
         later = deliveries_db.enqueue_deliveries(
-            s, job_id=job2, sr_path="/2.dcm", destinations=DESTS
+            s, job_id=job2, sr_path="/2.dcm", destinations=[pacs]
         )
         elsewhere = deliveries_db.enqueue_deliveries(
             s, job_id=other, sr_path="/o.dcm", destinations=DESTS
         )
-        # the lone job of its study, and the earlier job queued (again) after the later one
-        for job in (other, job1, job1):
-            deliveries_db.enqueue_deliveries(
-                s, job_id=job, sr_path=f"/{job}.dcm", destinations=DESTS, supersede=True
-            )
+        deliveries_db.enqueue_deliveries(
+            s, job_id=other, sr_path="/o.dcm", destinations=DESTS, supersede=True
+        )
         assert s.scalar(select(func.count()).where(AuditLog.action == "delivery.supersede")) == 0
+        for _again in range(2):  # a second run of job 1 cancels it again
+            deliveries_db.enqueue_deliveries(
+                s, job_id=job1, sr_path="/1.dcm", destinations=DESTS, supersede=True
+            )
     assert {node_db.delivery(i).state for i in later + elsewhere} == {DeliveryState.pending}
-    assert {r.state for r in _rows(node_db, job1)} == {DeliveryState.pending}
+    rows = {r.destination: r for r in _rows(node_db, job1)}
+    assert rows[pacs].state is DeliveryState.cancelled
+    assert rows[pacs].last_error == f"cancelled: superseded by job {job2} before it was sent"
+    assert rows[stow].state is DeliveryState.pending  # job 2 does not send there
+    with node_db.factory() as s:
+        entries = list(s.scalars(select(AuditLog).where(AuditLog.action == "delivery.supersede")))
+    assert [(e.target, e.detail) for e in entries] == [
+        (f"job:{job1}", {"cancelled": [rows[pacs].id], "jobs": [job1]})
+    ] * 2
 
 
 def test_destination_health_per_destination(node_db: NodeDB) -> None:

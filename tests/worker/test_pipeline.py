@@ -13,10 +13,12 @@ import pytest
 from integration.sr import DEMO_NOTE
 from integration.uids import sr_series_uid
 from node.db import drafts as drafts_db
+from node.db import finals as finals_db
 from node.db import jobs as jobs_db
+from node.db.conversations import draft_text
 from node.db.deliveries import enqueue_deliveries
 from node.db.models import JobState, utcnow
-from node.runtime.completion import build_sr, draft_record, write_sr
+from node.runtime.completion import build_sr, complete_job, draft_record, write_sr
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import generate_reports, run_batch
 from node.runtime.prepare import prepare_job
@@ -245,3 +247,45 @@ def test_lost_lease_abandons_outputs(sqlite_env: NodeEnv, model_host: ModelHost)
     assert env.drafts(job_id) == []
     job = env.job(job_id)
     assert job.state is JobState.running and job.lease_owner == "other-host:2:beef/w0"
+
+
+def test_an_earlier_job_finishing_after_a_later_one_neither_supersedes_it_nor_goes_out(
+    db_url: str, tmp_path: Path, demo_bundle: Path, model_host: ModelHost
+) -> None:
+    """Job 1 has read the study's one image when a late instance comes; job 2, drafted from
+    both images, finishes first; then job 1 finishes. Job 1's draft is the older one: its SR
+    must not name job 2's as a predecessor (PS3.3 C.17.2), and its objects must not reach a
+    destination after job 2's. SQLite and PostgreSQL."""
+    dests = "PACS@127.0.0.1:11113"
+    env = make_env(db_url, tmp_path, demo_bundle, destinations=dests)
+    try:
+        study = env.add_study(view="PA")
+        [job1] = env.queue_all()
+        slow = "slow-host:7:slow/w0"
+        claim(env, slow)
+        prepared = prepare_job(env.deps, job1)  # job 1 reads the PA ...
+        with model_host.use() as runtime:
+            [draft] = generate_reports(runtime, [prepared.model_input], env.settings)
+        env.add_study(study_uid=study, view="AP")  # ... when the late instance comes
+        [job2] = env.queue_all()
+        assert claim(env) == job2
+        [newer] = run_batch(env.deps, [job2], model_host, owner=OWNER)
+        assert newer.status == "done", newer.error
+        older = complete_job(env.deps, prepared, draft, owner=slow)  # job 1 finishes last
+
+        assert older.sr_path is not None and older.sr_uid != newer.sr_uid
+        assert "PredecessorDocumentsSequence" not in pydicom.dcmread(older.sr_path)
+        [row] = env.deliveries(job1)
+        assert row.state.value == "cancelled"
+        assert row.last_error == f"cancelled: superseded by job {job2} before it was sent"
+        assert {r.state.value for r in env.deliveries(job2)} == {"pending"}
+        # the study's current draft, which finals are scored against and summaries rewrite,
+        # is job 2's too, and job 1's is not offered for review
+        [job2_draft] = env.drafts(job2)
+        with env.session_factory() as s:
+            current = finals_db.draft_for(s, study, None)
+            assert current is not None and current.job_id == job2
+            assert finals_db.draft_of_job(s, job1) is None
+            assert draft_text(s, study_uid=study) == job2_draft.full_text
+    finally:
+        env.engine.dispose()
