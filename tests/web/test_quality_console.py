@@ -76,8 +76,17 @@ def test_final_report_on_job_page_quality_page_and_alert(
         assert any(r.startswith("demo-a") for r in rows) and any(
             r.startswith("demo-b") for r in rows
         )
+        heading = page.locator("#by-observation-heading")
+        assert heading.inner_text() == "Per observation (all model versions)"
         page.screenshot(path=str(tmp_path / "quality.png"), full_page=True)
         check_png(tmp_path / "quality.png")
+        # filtered by a model version, the observation table says whose it is (it said
+        # "all versions shown" whatever the filter)
+        page.goto(f"{console_node.base_url}/quality?model_version=demo-a")
+        rows = page.locator("#by-version tbody tr").all_inner_texts()
+        assert rows and all(r.startswith("demo-a") for r in rows)
+        assert heading.inner_text() == "Per observation (model version demo-a)"
+        page.goto(f"{console_node.base_url}/quality")
         with page.expect_download() as download:
             page.click("#export-csv")
         csv_text = Path(download.value.path()).read_text()
