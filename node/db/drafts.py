@@ -233,29 +233,21 @@ def study_sr_uids(session: Session, study_uid: str, *, before_job: int) -> list[
     a later job's draft is made from more instances, so it is newer even when it finished
     first.
     """
-    rows = session.scalars(
-        select(Job.sr_sop_instance_uid)
-        .join(Study, Study.id == Job.study_id)
-        .where(
-            Study.study_instance_uid == study_uid,
-            Job.sr_sop_instance_uid.is_not(None),
-            Job.id < before_job,
-        )
-        .order_by(Job.id)
-    )
-    return [str(uid) for uid in rows if uid]
+    return _sr_uids(session, study_uid, Job.id < before_job)
 
 
 def withdrawn_sr_uids(session: Session, study_uid: str) -> set[str]:
     """SOP Instance UIDs of the study's draft SRs that were withdrawn (never issued again:
     :func:`node.runtime.draft_objects.draft_reissue`)."""
+    return set(_sr_uids(session, study_uid, Job.withdrawn_at.is_not(None)))
+
+
+def _sr_uids(session: Session, study_uid: str, *where: Any) -> list[str]:
+    """The SR UIDs of the study's jobs that match ``where``, by job."""
     rows = session.scalars(
         select(Job.sr_sop_instance_uid)
         .join(Study, Study.id == Job.study_id)
-        .where(
-            Study.study_instance_uid == study_uid,
-            Job.sr_sop_instance_uid.is_not(None),
-            Job.withdrawn_at.is_not(None),
-        )
+        .where(Study.study_instance_uid == study_uid, Job.sr_sop_instance_uid.is_not(None), *where)
+        .order_by(Job.id)
     )
-    return {str(uid) for uid in rows if uid}
+    return [str(uid) for uid in rows if uid]
