@@ -29,13 +29,13 @@ __all__ = [
     "draft_timestamp",
     "finish_draft_header",
     "requested_procedures_from",
+    "set_utc_offset",
     "sr_build_errors",
 ]
 
 SERIES_WARNING = "AI DRAFT UNVERIFIED"
 """The start of every draft series description (a cut-short description still warns)."""
 _MAX_LO = 64  # VR LO maximum length (PS3.5 6.2)
-_COPIED = ("IssuerOfAccessionNumberSequence", "TimezoneOffsetFromUTC")
 
 
 def draft_series_description(*, demo: bool, kind: str = "report") -> str:
@@ -140,16 +140,27 @@ def draft_local_time(when: dt.datetime, source: Dataset) -> dt.datetime:
 
 
 def finish_draft_header(sr: Dataset, source: Dataset, when: dt.datetime) -> None:
-    """Set Content and Series Date/Time (PS3.3 C.17.2, C.7.3.1) of ``sr`` to ``when`` in the
-    zone of ``source`` (:func:`draft_local_time`) and copy Issuer of Accession Number
-    Sequence (C.7.2.1) and Timezone Offset From UTC (C.12.1) from ``source`` (none where
-    ``source`` has none)."""
+    """Set Content, Series and Instance Creation Date/Time (PS3.3 C.17.2, C.7.3.1, C.12.1)
+    of ``sr`` to ``when`` in the zone of ``source`` (:func:`draft_local_time`), copy Issuer
+    of Accession Number Sequence (C.7.2.1) from ``source``, and state ``source``'s Timezone
+    Offset From UTC (C.12.1; none where ``source`` has no valid one)."""
     local = draft_local_time(when, source)
-    sr.ContentDate = sr.SeriesDate = DA(local.strftime("%Y%m%d"))
-    sr.ContentTime = sr.SeriesTime = TM(local.strftime("%H%M%S"))
-    for keyword in _COPIED:
-        if keyword in source:
-            sr[keyword] = source[keyword]
+    sr.ContentDate = sr.SeriesDate = sr.InstanceCreationDate = DA(local.strftime("%Y%m%d"))
+    sr.ContentTime = sr.SeriesTime = sr.InstanceCreationTime = TM(local.strftime("%H%M%S"))
+    if "IssuerOfAccessionNumberSequence" in source:
+        sr.IssuerOfAccessionNumberSequence = source.IssuerOfAccessionNumberSequence
+    set_utc_offset(sr, source)
+
+
+def set_utc_offset(target: Dataset, source: Dataset) -> None:
+    """State ``source``'s Timezone Offset From UTC (0008,0201) in ``target``, the zone
+    :func:`draft_local_time` puts ``target``'s times in; remove it where ``source`` has no
+    valid one (its times are then the host's local time, of no stated zone)."""
+    offset = utc_offset(source)
+    if offset:
+        target.TimezoneOffsetFromUTC = offset
+    elif "TimezoneOffsetFromUTC" in target:
+        del target.TimezoneOffsetFromUTC
 
 
 def device_observer(

@@ -37,7 +37,7 @@ import warnings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from integration.draft_header import algorithm_equipment, draft_local_time
+from integration.draft_header import algorithm_equipment, draft_local_time, set_utc_offset
 from integration.errors import EncapsulatedPdfError
 
 __all__ = [
@@ -130,7 +130,8 @@ def build_encapsulated_pdf(
     created_at
         When the draft was generated (timezone-aware): Content Date/Time, Acquisition
         DateTime, Series Date/Time and Instance Creation Date/Time, in the study's time zone
-        when the source has Timezone Offset From UTC, else as given.
+        when the source has a valid Timezone Offset From UTC, else in the host's local time
+        (:func:`integration.draft_header.draft_local_time`).
     algorithm_name, algorithm_version
         The model, named in the Contributing Equipment Sequence (0018,A001).
     demo
@@ -171,6 +172,7 @@ def build_encapsulated_pdf(
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     _copy_patient_study(source, ds)
+    set_utc_offset(ds, source)  # an offset no zone can be made of is not copied
     local = draft_local_time(created_at, source)
     day, clock = local.strftime("%Y%m%d"), local.strftime("%H%M%S")
     attributes: dict[str, object] = {

@@ -46,7 +46,9 @@ def study_time_digits(ds: Dataset) -> str:
 def utc_offset(ds: Dataset) -> str:
     """Timezone Offset From UTC (0008,0201) if it is ``+HHMM``/``-HHMM``, else ``""``.
 
-    The form ``&ZZXX`` of PS3.3 C.12.1.1.8; any other value reads as absent.
+    The form ``&ZZXX`` of PS3.3 C.12.1.1.8, hours 00 to 14 and minutes 00 to 59 (the
+    offsets in use run from -1200 to +1400); any other value (``+2400``, ``+0060``) reads as
+    absent: no time zone can be made of it.
     """
     offset = header_text(ds, "TimezoneOffsetFromUTC")
-    return offset if re.fullmatch(r"[+-]\d{4}", offset) else ""
+    return offset if re.fullmatch(r"[+-](0\d|1[0-4])[0-5]\d", offset) else ""

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from integration.draft_header import requested_procedures_from
 from integration.errors import SRBuildError
+from integration.header_values import utc_offset
 from integration.sr import AI_DRAFT_NOTE, BASIC_TEXT_SR_STORAGE, DEMO_NOTE, build_draft_sr
 from integration.uids import device_uid, draft_series_number, sr_instance_uid, sr_series_uid
 from tests.dicom.conftest import dcmtk_binary, which_or_skip
@@ -366,3 +367,42 @@ def test_the_srs_times_are_in_the_studys_zone(
     expected = content or ("20240506", "123809")
     content_at = (str(sr.ContentDate), str(sr.ContentTime))
     assert content_at == (str(sr.SeriesDate), str(sr.SeriesTime)) == expected
+
+
+@pytest.mark.parametrize(
+    ("offset", "created"),
+    [("-0400", ("20240506", "030809")), ("+0100", ("20240506", "080809")), (None, None)],
+)
+@pytest.mark.usefixtures("host_at_plus_0530")
+def test_the_srs_instance_creation_time_is_in_its_stated_zone(
+    rg1_header: Dataset, offset: str | None, created: tuple[str, str] | None
+) -> None:
+    """Instance Creation Date/Time (0008,0012/13) is a date and time of the SR too (PS3.3
+    C.12.1.1.8): it is stated in the zone of the SR's Timezone Offset From UTC, as its
+    Content Date/Time and as the Encapsulated PDF's are. Before, highdicom's host clock
+    (here +05:30) stood under the study's offset: nine and a half hours late at -0400."""
+    source = copy.deepcopy(rg1_header)
+    if offset is None:
+        del source.TimezoneOffsetFromUTC
+    else:
+        source.TimezoneOffsetFromUTC = offset
+    sr = build(source, created_at=dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC))
+    expected = created or ("20240506", "123809")
+    assert (str(sr.InstanceCreationDate), str(sr.InstanceCreationTime)) == expected
+    assert (str(sr.ContentDate), str(sr.ContentTime)) == expected
+
+
+@pytest.mark.parametrize("offset", ["+2400", "+0060", "-9999", "0400", "+04:00"])
+@pytest.mark.usefixtures("host_at_plus_0530")
+def test_an_offset_no_zone_can_be_made_of_reads_as_absent(rg1_header: Dataset, offset: str) -> None:
+    """An image whose Timezone Offset From UTC has the form ``&ZZXX`` but no real zone
+    (hours over 14, minutes over 59) still gets its draft SR: the offset reads as absent,
+    as one of another form does, so the SR states none and the node's local time. Before,
+    the SR build raised ValueError (the job failed instead of drafting), and an offset of
+    another form was copied into an SR whose times were not in it."""
+    source = copy.deepcopy(rg1_header)
+    source.TimezoneOffsetFromUTC = offset
+    assert utc_offset(source) == ""
+    sr = build(source, created_at=dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC))
+    assert "TimezoneOffsetFromUTC" not in sr
+    assert (str(sr.ContentDate), str(sr.ContentTime)) == ("20240506", "123809")

@@ -198,3 +198,19 @@ def test_source_without_study_uid_is_refused(source: Dataset, pdf: bytes) -> Non
 def test_extract_refuses_other_objects(source: Dataset) -> None:
     with pytest.raises(EncapsulatedPdfError, match="not an Encapsulated PDF"):
         extract_pdf(source)
+
+
+@pytest.mark.parametrize("offset", ["+2400", "+0060", "-0400x"])
+def test_an_offset_no_zone_can_be_made_of_is_not_copied(
+    source: Dataset, pdf: bytes, offset: str
+) -> None:
+    """The PDF of an image whose Timezone Offset From UTC makes no zone is built, dated in
+    the host's local time and without the offset (it would declare that zone for its own
+    times and the copied Study Date/Time). Before, ``+2400`` raised ValueError and the
+    others were copied over times not in them."""
+    odd = copy.deepcopy(source)
+    odd.TimezoneOffsetFromUTC = offset
+    ds = build(odd, pdf)
+    assert "TimezoneOffsetFromUTC" not in ds
+    local = GENERATED.astimezone()
+    assert (ds.ContentDate, ds.ContentTime) == (local.strftime("%Y%m%d"), local.strftime("%H%M%S"))
