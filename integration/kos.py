@@ -26,6 +26,7 @@ series whose description begins with ``AI DRAFT WITHDRAWN``.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Sequence
 
@@ -33,7 +34,9 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 
+from integration.draft_header import draft_local_time, draft_timestamp, set_utc_offset
 from integration.errors import KosBuildError
 from integration.privacy import quiet_person_name_warnings
 
@@ -72,6 +75,7 @@ def build_rejection_note(
     demo: bool = False,
     instance_number: int = 1,
     institution_name: str | None = None,
+    created_at: dt.datetime | None = None,
 ) -> hd.ko.KeyObjectSelectionDocument:
     """Build the IOCM rejection note for withdrawn AI drafts of one study.
 
@@ -95,6 +99,11 @@ def build_rejection_note(
         DEMO model drafts: said in the Series Description.
     institution_name
         Institution Name (0008,0080), or ``None``.
+    created_at
+        When the note is made (aware; ``None``: now): its Content and Instance Creation
+        Date/Time, in the zone of the drafts' Timezone Offset From UTC, which the note
+        states too; where they have none, the host's local time and no offset
+        (:func:`integration.draft_header.draft_local_time`).
 
     Returns
     -------
@@ -152,6 +161,12 @@ def build_rejection_note(
             f"highdicom refused the rejection note ({type(exc).__name__})"
         ) from None
     note.SeriesDescription = rejection_series_description(demo=demo)[:_MAX_LO]
+    # the note copies the drafts' Study Date/Time: it states their offset and its own times
+    # in that zone (PS3.3 C.12.1.1.8), as the drafts do (highdicom: the host's clock, no zone)
+    local = draft_local_time(draft_timestamp(created_at), withdrawn[0])
+    note.ContentDate = note.InstanceCreationDate = DA(local.strftime("%Y%m%d"))
+    note.ContentTime = note.InstanceCreationTime = TM(local.strftime("%H%M%S"))
+    set_utc_offset(note, withdrawn[0])
     return note
 
 

@@ -188,7 +188,9 @@ class _Withdrawals:
             raise _Skip("the objects sent are no longer in outputs/")
         key = frozenset(str(h.SOPInstanceUID) for h in headers)
         if key not in self._notes:
-            self._notes[key] = _write_kos(self.outputs_dir, headers, self.reason, self.text)
+            self._notes[key] = _write_kos(
+                self.outputs_dir, headers, self.reason, self.text, self.now
+            )
         return self._notes[key]
 
     def oru(self, dest: Hl7Destination, source: Dataset, text: DraftText) -> tuple[Path, str]:
@@ -296,7 +298,11 @@ def _enqueue(
 
 
 def _write_kos(
-    outputs_dir: Path, headers: Sequence[Dataset], reason: str, text: DraftText | None
+    outputs_dir: Path,
+    headers: Sequence[Dataset],
+    reason: str,
+    text: DraftText | None,
+    now: dt.datetime,
 ) -> tuple[Path, str]:
     """The IOCM rejection note of ``headers`` (one study), written to ``outputs_dir``."""
     study_uid = str(headers[0].StudyInstanceUID)
@@ -310,6 +316,7 @@ def _write_kos(
         manufacturer=MANUFACTURER,
         reason=reason,
         demo=text.demo if text is not None else False,
+        created_at=now,
     )
     uid = ids["sop_instance_uid"]
     return write_output(note, outputs_dir, f"{uid}.dcm"), uid

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -144,3 +147,38 @@ def test_nothing_to_reject() -> None:
 def test_note_uid_must_differ_from_the_drafts(withdrawn: list[Dataset]) -> None:
     with pytest.raises(KosBuildError, match="equals a withdrawn"):
         build(withdrawn, sop_instance_uid=str(withdrawn[0].SOPInstanceUID))
+
+
+@pytest.fixture
+def host_at_plus_0530(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's local time zone is UTC+05:30 (a POSIX TZ: no zone database needed)."""
+    monkeypatch.setenv("TZ", "IST-5:30")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("offset", "stated"), [("-0400", ("20240506", "030809")), (None, ("20240506", "123809"))]
+)
+@pytest.mark.usefixtures("host_at_plus_0530")
+def test_the_notes_times_are_in_the_drafts_zone(
+    withdrawn: list[Dataset], offset: str | None, stated: tuple[str, str]
+) -> None:
+    """The note copies the drafts' Study Date/Time, so it states their Timezone Offset From
+    UTC and its own Content and Instance Creation Date/Time in that zone (PS3.3
+    C.12.1.1.8), as the draft SR and PDF do; for drafts without an offset, none and the
+    node's local time (here +05:30). Before, it stated no offset and the host's clock, so
+    a study at -0400 was declared of no zone and the note dated in another one."""
+    drafts = [copy.deepcopy(ds) for ds in withdrawn]
+    for ds in drafts:
+        if offset is None:
+            del ds.TimezoneOffsetFromUTC
+        else:
+            assert ds.TimezoneOffsetFromUTC == offset
+    note = build(drafts, created_at=dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC))
+    assert note.get("TimezoneOffsetFromUTC") == offset
+    assert (str(note.ContentDate), str(note.ContentTime)) == stated
+    assert (str(note.InstanceCreationDate), str(note.InstanceCreationTime)) == stated
+    assert (str(note.StudyDate), str(note.StudyTime)) == (drafts[0].StudyDate, drafts[0].StudyTime)
