@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from integration.destinations import (
     Destination,
@@ -342,13 +342,33 @@ def _reset_pending(row: Delivery, now: datetime) -> None:
     row.sent_at = None
 
 
+def _not_superseded() -> Any:
+    """A condition on :class:`Delivery`: not a draft row of a job whose draft a later job of
+    the study has queued to the same destination (what :func:`_cancel_superseded` cancels
+    while unsent). A re-send leaves such a row, sent or not: the older draft must not reach
+    that destination after the newer one."""
+    mine, later = aliased(Job), aliased(Job)
+    newer = aliased(Delivery)
+    superseded = exists().where(
+        mine.id == Delivery.job_id,
+        later.study_id == mine.study_id,
+        later.id > mine.id,
+        newer.job_id == later.id,
+        newer.destination == Delivery.destination,
+        newer.object != DeliveryObject.withdrawal,
+    )
+    return or_(Delivery.object == DeliveryObject.withdrawal, ~superseded)
+
+
 def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:
     """Re-send a job's objects to all their destinations (admin action, audited). Commits.
 
     Every delivery row of the job goes back to ``pending``, due now, with fresh attempts
     and a fresh retry horizon; the file recorded for each row is sent again (same SOP
     Instance UID: the PACS replaces it). Rows ``cancelled`` (the draft withdrawn, or
-    superseded by a later job's) stay so; of a withdrawn job only the withdrawals are re-sent.
+    superseded by a later job's) stay so; of a withdrawn job only the withdrawals are re-sent;
+    a draft row to a destination a later job of the study has queued its draft to is left as
+    it is, sent or not (the older draft must not arrive after the newer one there).
 
     Returns
     -------
@@ -367,7 +387,10 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
         rows = [
             r
             for r in _locked_rows(
-                session, Delivery.job_id == job_id, Delivery.state != DeliveryState.cancelled
+                session,
+                Delivery.job_id == job_id,
+                Delivery.state != DeliveryState.cancelled,
+                _not_superseded(),
             )
             if job.withdrawn_at is None or r.object is DeliveryObject.withdrawal
         ]
@@ -402,8 +425,9 @@ def resend_deliveries(
     (permanent failures included: the operator has fixed the cause), go back to
     ``pending``, due now, with fresh attempts and retry horizon; the recorded file is sent
     again (same SOP Instance UID: the receiver replaces it). Rows still pending (queued or
-    being sent), cancelled (withdrawn or superseded draft), or of a withdrawn job's draft
-    are left alone.
+    being sent), cancelled (withdrawn or superseded draft), of a withdrawn job's draft, or
+    of a draft a later job of the study has queued its own to the same destination are left
+    alone.
     One audit entry per affected job (target ``job:<id>``) lists its re-queued ids and
     states before.
 
@@ -413,7 +437,10 @@ def resend_deliveries(
         The delivery ids re-queued.
     """
     now = now or utcnow()
-    where: list[Any] = [Delivery.state.in_([DeliveryState.failed, DeliveryState.sent])]
+    where: list[Any] = [
+        Delivery.state.in_([DeliveryState.failed, DeliveryState.sent]),
+        _not_superseded(),
+    ]
     if failed_to is not None:
         where += [Delivery.destination == failed_to, Delivery.state == DeliveryState.failed]
     else:

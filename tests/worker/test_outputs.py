@@ -631,6 +631,58 @@ def test_a_redraft_cancels_the_earlier_drafts_unsent_objects_to_its_destinations
         env.engine.dispose()
 
 
+def test_a_resend_of_a_superseded_draft_leaves_the_destinations_the_newer_one_went_to(
+    db_url: str,
+    tmp_path: Path,
+    demo_bundle: Path,
+    model_host: ModelHost,
+    hl7_listener: tuple[int, Receiver],
+) -> None:
+    """Job 1's ORU^R01 went to the RIS, then a late instance had the study drafted again and
+    job 2's ORU went there too. An admin re-send of job 1 (the job, or its row) must not send
+    the older draft after the newer one: an ORU^R01 for the same order overwrites the newer
+    preliminary result in the RIS, what superseding prevents for rows not yet sent. Job 2's
+    own re-send still goes. SQLite and PostgreSQL."""
+    hl7 = {
+        "kind": "hl7",
+        "host": "127.0.0.1",
+        "port": hl7_listener[0],
+        "receiving_application": "RIS",
+    }
+    env = make_env(db_url, tmp_path, demo_bundle, destinations=json.dumps([hl7]))
+    received = hl7_listener[1].received
+    try:
+        study = env.add_study(view="PA")
+        [job1] = env.queue_all()
+        claim(env)
+        [first] = run_batch(env.deps, [job1], model_host, owner=OWNER)
+        assert first.status == "done", first.error
+        _send_all(env)
+        env.add_study(study_uid=study, view="AP")
+        [job2] = env.queue_all()
+        assert claim(env) == job2
+        [again] = run_batch(env.deps, [job2], model_host, owner=OWNER)
+        assert again.status == "done", again.error
+        _send_all(env)
+        [old], [new] = env.deliveries(job1), env.deliveries(job2)
+        assert (old.state, new.state) == (DeliveryState.sent, DeliveryState.sent)
+        assert [m.msh.msh_10.to_er7() for m in received] == [old.object_uid, new.object_uid]
+
+        with env.session_factory() as s:
+            assert deliveries_db.resend(s, job1, actor="admin") == []
+            assert deliveries_db.resend_deliveries(s, actor="admin", ids=[old.id]) == []
+        assert env.deliveries(job1)[0].state is DeliveryState.sent
+        _send_all(env)
+        assert [m.msh.msh_10.to_er7() for m in received] == [old.object_uid, new.object_uid]
+
+        with env.session_factory() as s:
+            assert deliveries_db.resend(s, job2, actor="admin") == [new.id]
+        _send_all(env)
+        assert received[-1].msh.msh_10.to_er7() == new.object_uid and len(received) == 3
+    finally:
+        env.engine.dispose()
+
+
 def _report_effective(bundle: dict[str, Any]) -> object:
     """The DiagnosticReport ``effectiveDateTime`` of a FHIR Bundle the node sent, or ``None``."""
     [report] = [
