@@ -48,6 +48,7 @@ from node.db.models import (
     DeliveryObject,
     DeliveryState,
     Job,
+    Study,
     utcnow,
 )
 from node.db.tx import in_transaction
@@ -134,7 +135,9 @@ def enqueue_deliveries(
     due now, new file) instead of adding one, so a re-built object replaces rather than
     duplicates. The job row is locked first, so concurrent calls for one job never add two
     rows for one destination and object. With ``supersede``, the same transaction cancels
-    the unsent rows of the study's older drafts (:func:`_cancel_superseded`). Commits.
+    the unsent rows of the study's older drafts (:func:`_cancel_superseded`), under the
+    study's lock, taken first, so that two jobs of the study queue one after the other.
+    Commits.
 
     Parameters
     ----------
@@ -176,6 +179,8 @@ def enqueue_deliveries(
     def work() -> list[int]:
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
         if job_id is not None:
+            if supersede:  # one study's drafts queue one after the other (_cancel_superseded)
+                _lock_study_of(session, job_id)
             lock_job(session, job_id)
             rows = _locked_rows(session, Delivery.job_id == job_id)
             existing = {(d.destination, d.object): d for d in rows}
@@ -210,6 +215,17 @@ def enqueue_deliveries(
             ", ".join(map(str, superseded)),
         )
     return ids
+
+
+def _lock_study_of(session: Session, job_id: int) -> None:
+    """Lock the row of job ``job_id``'s study (before the job's: the order ingest takes).
+
+    Two jobs of one study queuing their drafts at once would otherwise each miss the
+    other's rows, not yet committed (PostgreSQL, READ COMMITTED): the later job would find
+    no row of the earlier one to cancel, and the earlier one no later draft.
+    """
+    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+    session.execute(select(Study.id).where(Study.id == study).with_for_update())
 
 
 def _cancel_superseded(

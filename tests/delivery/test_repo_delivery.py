@@ -3,8 +3,11 @@ claim leases and fencing, retry / failed / sent records, admin re-send with audi
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -368,6 +371,50 @@ def test_a_draft_cancels_nothing_of_a_later_or_another_studys_job(node_db: NodeD
     assert [(e.target, e.detail) for e in entries] == [
         (f"job:{job1}", {"cancelled": [rows[pacs].id], "jobs": [job1]})
     ] * 2
+
+
+def test_two_jobs_of_a_study_queued_at_once_still_supersede(
+    node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job 1 (read before a late instance) and job 2 (drafted from every image) queue their
+    drafts to the PACS at the same moment, in two transactions. Whichever commits first, job
+    1's row must end cancelled. On PostgreSQL (READ COMMITTED) neither transaction saw the
+    other's uncommitted rows: job 2 found no row of job 1 to cancel and job 1 no later draft,
+    and both went out, the older after the newer. The enqueue now takes the study's lock
+    first, so the second waits for the first. (SQLite's BEGIN IMMEDIATE serializes them.)"""
+    pacs = str(DESTS[0])
+    job1 = make_job(node_db.factory)
+    job2 = _redraft(node_db, job1)
+    both = threading.Barrier(2)
+    original = deliveries_db._cancel_superseded
+
+    def meet(session: Any, job_id: int, *args: Any) -> Any:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both.wait(timeout=2)  # both transactions have queued their rows, uncommitted
+        return original(session, job_id, *args)
+
+    monkeypatch.setattr(deliveries_db, "_cancel_superseded", meet)
+    errors: list[BaseException] = []
+
+    def queue(job_id: int) -> None:
+        try:
+            with node_db.factory() as s:
+                deliveries_db.enqueue_deliveries(
+                    s, job_id=job_id, sr_path=f"/{job_id}.dcm", destinations=[pacs], supersede=True
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=queue, args=(j,)) for j in (job1, job2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    [old], [new] = _rows(node_db, job1), _rows(node_db, job2)
+    assert new.state is DeliveryState.pending
+    assert old.state is DeliveryState.cancelled
+    assert old.last_error == f"cancelled: superseded by job {job2} before it was sent"
 
 
 def test_destination_health_per_destination(node_db: NodeDB) -> None:
