@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
-from node.db.models import Conversation, ConversationTurn, Draft, Job, Study, utcnow
+from node.db.models import Conversation, ConversationTurn, Draft, Job, JobState, Study, utcnow
 from node.db.queries import page
 from node.db.read_models import read_model
 from node.db.tx import in_transaction
@@ -327,9 +327,10 @@ def draft_text(
     session: Session, *, job_id: int | None = None, study_uid: str | None = None
 ) -> str | None:
     """The latest report draft's text of job ``job_id``, or of the latest job of study
-    ``study_uid`` that has one; ``None`` when there is none. A withdrawn draft must not be
-    used: a withdrawn job's draft is none, and the study's is the newest not withdrawn
-    (as :func:`node.db.finals.draft_for` takes it)."""
+    ``study_uid`` that is done and has one; ``None`` when there is none. A withdrawn draft
+    must not be used: a withdrawn job's draft is none, and the study's is that of its latest
+    job done and not withdrawn (as :func:`node.db.finals.draft_for` takes it: a later job
+    that stored its draft and then failed, or is still running, sent none)."""
     stmt = (
         select(Draft.full_text)
         .join(Job, Job.id == Draft.job_id)
@@ -337,9 +338,9 @@ def draft_text(
     )
     if job_id is not None:
         stmt = stmt.where(Draft.job_id == job_id)
-    elif study_uid is not None:
+    elif study_uid is not None:  # the current draft: a job's that is done (its objects out)
         stmt = stmt.join(Study, Study.id == Job.study_id)
-        stmt = stmt.where(Study.study_instance_uid == study_uid)
+        stmt = stmt.where(Study.study_instance_uid == study_uid, Job.state == JobState.done)
     else:
         return None
     text = session.scalar(stmt.order_by(Job.id.desc(), Draft.id.desc()).limit(1))

@@ -28,7 +28,7 @@ from integration.final_report import final_report_from_oru
 from integration.mllp import send_mllp
 from node.db import finals as finals_db
 from node.db.conversations import ConversationRecord
-from node.db.models import AuditLog, FinalReport, Instance, Job
+from node.db.models import AuditLog, FinalReport, Instance, Job, JobState
 from node.db.retention import purge_expired_studies
 from node.metrics import QualitySettings, render
 from node.runtime.finals import FinalIntake, make_hl7_listener
@@ -416,6 +416,29 @@ def test_a_withdrawn_draft_is_not_the_study_draft_a_summary_uses(
     assert chat.study_draft(ctx, STUDY_UID) is None
     with pytest.raises(InvalidInput, match="no draft"):
         chat.resolve_report(ctx, conv, job_id=None, report=None)
+
+
+@pytest.mark.parametrize("state", [JobState.failed, JobState.running])
+def test_a_draft_of_a_job_not_done_is_not_the_study_draft_a_summary_uses(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str, state: JobState
+) -> None:
+    """A job stores its draft before it writes the SR and queues the objects; one that then
+    failed (its objects could not be built) or is still on the way drafted nothing that went
+    out. The study's draft a summary rewrites is the current one, the latest job's that is
+    done and not withdrawn, as finals take it (docs/policies.md, "Superseded drafts"), not
+    that job's."""
+    ctx = ServiceContext(_settings(tmp_path, db_url), session_factory, session_factory)
+    first = seed_draft(session_factory, STUDY_UID, DRAFT_NO_PTX)
+    with session_factory() as s:  # a late instance: the later job stored its draft, then...
+        later = add_redraft(
+            s, first, FINAL_PTX, at=T0 + timedelta(hours=1), sr_sop_instance_uid=f"{STUDY_UID}.10"
+        )
+        later.state, later.sr_sop_instance_uid = state, None
+        s.commit()
+    with session_factory() as s:
+        match = finals_db.draft_for(s, STUDY_UID, None)
+    assert match is not None and match.job_id == first
+    assert chat.study_draft(ctx, STUDY_UID) == DRAFT_NO_PTX == match.text
 
 
 def test_a_corrected_final_replaces_the_earlier_one_in_the_statistics(
