@@ -184,9 +184,16 @@ def enqueue_deliveries(
             lock_job(session, job_id)
             rows = _locked_rows(session, Delivery.job_id == job_id)
             existing = {(d.destination, d.object): d for d in rows}
+        newer: Collection[str] = ()
+        if supersede and job_id is not None:
+            newer = _later_drafts(session, job_id, {t for t, _o in wanted})
         ids: list[int] = []
         for (text, obj), (kind, item) in wanted.items():
             row = existing.get((text, obj))
+            if row is not None and text in newer and (row.attempts or row.sent_at is not None):
+                # a re-run after a later job's draft: the row may have reached the receiver
+                # (a withdrawal needs to know); it is not reset, only cancelled if unsent
+                continue
             if row is None:
                 row = Delivery(job_id=job_id, destination=text, object=obj, created_at=now)
                 session.add(row)
@@ -226,6 +233,28 @@ def _lock_study_of(session: Session, job_id: int) -> None:
     """
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
     session.execute(select(Study.id).where(Study.id == study).with_for_update())
+
+
+def _later_drafts(session: Session, job_id: int, destinations: Collection[str]) -> dict[str, int]:
+    """Of ``destinations``, those a later job of job ``job_id``'s study has queued its draft
+    to, with the newest such job."""
+    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+    newer: dict[str, int] = {}
+    later_drafts = session.execute(
+        select(Delivery.destination, func.max(Delivery.job_id))
+        .join(Job, Job.id == Delivery.job_id)
+        .where(
+            Job.study_id == study,
+            Job.id > job_id,
+            Delivery.destination.in_(list(destinations)),
+            Delivery.object != DeliveryObject.withdrawal,
+        )
+        .group_by(Delivery.destination)
+    )
+    for destination, newest in later_drafts:
+        if newest is not None:
+            newer[destination] = newest
+    return newer
 
 
 def _cancel_superseded(
@@ -270,21 +299,7 @@ def _cancel_superseded(
         Delivery.object != DeliveryObject.withdrawal,
         Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
     )
-    newer: dict[str, int] = {}  # destination -> the newest job that queued its draft there
-    later_drafts = session.execute(
-        select(Delivery.destination, func.max(Delivery.job_id))
-        .join(Job, Job.id == Delivery.job_id)
-        .where(
-            Job.study_id == study,
-            Job.id > job_id,
-            Delivery.destination.in_(list(destinations)),
-            Delivery.object != DeliveryObject.withdrawal,
-        )
-        .group_by(Delivery.destination)
-    )
-    for destination, newest in later_drafts:
-        if newest is not None:
-            newer[destination] = newest
+    newer = _later_drafts(session, job_id, destinations)
     earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
     rows = _locked_rows(
         session,

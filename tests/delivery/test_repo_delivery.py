@@ -373,6 +373,36 @@ def test_a_draft_cancels_nothing_of_a_later_or_another_studys_job(node_db: NodeD
     ] * 2
 
 
+def test_a_rerun_after_a_later_draft_keeps_what_the_earlier_run_sent(node_db: NodeDB) -> None:
+    """Job 1's SR was sent to the PACS; job 1 then ran again (its lease had passed before it
+    finished) after job 2 queued its draft there. The re-run must not turn the sent row into
+    one "superseded before it was sent": withdrawing job 1 must still reach the PACS, which
+    holds its SR. Before, the re-run reset the row to pending (no attempts, not sent) and
+    cancelled it, and the withdrawal went nowhere."""
+    pacs = str(DESTS[0])
+    job1 = make_job(node_db.factory)
+    job2 = _redraft(node_db, job1)
+    with node_db.factory() as s:
+        s.get_one(Job, job1).sr_sop_instance_uid = "2.25.1"
+        s.commit()
+        [row_id] = deliveries_db.enqueue_deliveries(
+            s, job_id=job1, sr_path="/1.dcm", destinations=[pacs], supersede=True
+        )
+        [claimed] = deliveries_db.claim_due_deliveries(s, limit=10)
+        assert deliveries_db.mark_sent(s, row_id, claimed_until=claimed.next_attempt_at)
+        deliveries_db.enqueue_deliveries(
+            s, job_id=job2, sr_path="/2.dcm", destinations=[pacs], supersede=True
+        )
+        deliveries_db.enqueue_deliveries(  # job 1's re-run
+            s, job_id=job1, sr_path="/1.dcm", destinations=[pacs], supersede=True
+        )
+    row = node_db.delivery(row_id)
+    assert (row.state, row.attempts) == (DeliveryState.sent, 1)
+    with node_db.factory() as s:
+        done = withdrawals_db.withdraw_job(s, job1, actor="admin", reason="wrong side")
+    assert list(done.reached) == [pacs]
+
+
 def test_two_jobs_of_a_study_queued_at_once_still_supersede(
     node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
 ) -> None:
