@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -147,16 +145,6 @@ def test_nothing_to_reject() -> None:
 def test_note_uid_must_differ_from_the_drafts(withdrawn: list[Dataset]) -> None:
     with pytest.raises(KosBuildError, match="equals a withdrawn"):
         build(withdrawn, sop_instance_uid=str(withdrawn[0].SOPInstanceUID))
-
-
-@pytest.fixture
-def host_at_plus_0530(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This process's local time zone is UTC+05:30 (a POSIX TZ: no zone database needed)."""
-    monkeypatch.setenv("TZ", "IST-5:30")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 @pytest.mark.parametrize(

@@ -318,6 +318,17 @@ def _send_corrected(env: NodeEnv, source: Path, **values: str) -> None:
     env.ingest(source)
 
 
+def _withdraw_without_the_image(env: NodeEnv, job_id: int) -> None:
+    """Delete the study's one image from the spool, withdraw job ``job_id``'s draft (built
+    from the draft SR then) and send the withdrawals."""
+    with env.session_factory() as s:
+        [instance] = s.scalars(select(Instance))
+    (env.settings.spool_dir / instance.spool_path).unlink()  # the image read is gone
+    result = withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="wrong")
+    assert result.skipped == {}
+    _send_all(env)
+
+
 def test_withdrawal_built_from_the_sr_names_the_drafts_order(
     out_env: NodeEnv, model_host: ModelHost, hl7_listener: tuple[int, Receiver]
 ) -> None:
@@ -327,13 +338,7 @@ def test_withdrawal_built_from_the_sr_names_the_drafts_order(
     v2.5.1 section 4.5.1, 7.4.1)."""
     env = out_env
     job_id = _draft_and_send(env, model_host, _ordered_cxr(env, generate_uid())).job_id
-    with env.session_factory() as s:
-        [instance] = s.scalars(select(Instance))
-    (env.settings.spool_dir / instance.spool_path).unlink()  # the image read is gone
-
-    result = withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="wrong")
-    assert result.skipped == {}
-    _send_all(env)
+    _withdraw_without_the_image(env, job_id)
     draft, withdrawal = hl7_listener[1].received
     orders = [m.oru_r01_patient_result.oru_r01_order_observation for m in (draft, withdrawal)]
     assert orders[0].orc.orc_2.to_er7() == "PLC-4711"
@@ -714,13 +719,7 @@ def test_a_withdrawal_built_from_the_sr_dates_the_study_as_the_draft_did(
         ds.TimezoneOffsetFromUTC = offset
     ds.save_as(source, enforce_file_format=True)
     job_id = _draft_and_send(env, model_host, source).job_id
-    with env.session_factory() as s:
-        [instance] = s.scalars(select(Instance))
-    (env.settings.spool_dir / instance.spool_path).unlink()  # the image read is gone
-
-    result = withdraw(env.settings, env.session_factory, job_id, actor="test:op", reason="wrong")
-    assert result.skipped == {}
-    _send_all(env)
+    _withdraw_without_the_image(env, job_id)
     draft, withdrawal = hl7_listener[1].received
     dates = [
         m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_7.to_er7()
