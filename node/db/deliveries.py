@@ -60,6 +60,7 @@ __all__ = [
     "destination_kind",
     "enqueue_deliveries",
     "failed_destinations",
+    "later_drafts",
     "mark_failed",
     "mark_retry",
     "mark_sent",
@@ -186,7 +187,7 @@ def enqueue_deliveries(
             existing = {(d.destination, d.object): d for d in rows}
         newer: Collection[str] = ()
         if supersede and job_id is not None:
-            newer = _later_drafts(session, job_id, {t for t, _o in wanted})
+            newer = later_drafts(session, job_id, {t for t, _o in wanted})
         ids: list[int] = []
         for (text, obj), (kind, item) in wanted.items():
             row = existing.get((text, obj))
@@ -235,9 +236,24 @@ def _lock_study_of(session: Session, job_id: int) -> None:
     session.execute(select(Study.id).where(Study.id == study).with_for_update())
 
 
-def _later_drafts(session: Session, job_id: int, destinations: Collection[str]) -> dict[str, int]:
+def later_drafts(session: Session, job_id: int, destinations: Collection[str]) -> dict[str, int]:
     """Of ``destinations``, those a later job of job ``job_id``'s study has queued its draft
-    to, with the newest such job."""
+    to (in any state), with the newest such job: where job ``job_id``'s draft is superseded.
+
+    Parameters
+    ----------
+    session
+        A session.
+    job_id
+        The job.
+    destinations
+        Destinations in their stored text form.
+
+    Returns
+    -------
+    dict[str, int]
+        ``{destination: newest later job id}``; empty when no later job queued there.
+    """
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
     newer: dict[str, int] = {}
     later_drafts = session.execute(
@@ -299,7 +315,7 @@ def _cancel_superseded(
         Delivery.object != DeliveryObject.withdrawal,
         Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
     )
-    newer = _later_drafts(session, job_id, destinations)
+    newer = later_drafts(session, job_id, destinations)
     earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
     rows = _locked_rows(
         session,

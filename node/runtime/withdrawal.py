@@ -8,7 +8,9 @@ may have reached:
   :func:`integration.kos.build_rejection_note`) of the objects sent there, one per set of
   objects;
 - HL7: the ORU^R01 again with OBR-25 ``C`` and OBX-11 ``W`` (HL7 v2.5.1 §7.4.1,
-  :func:`integration.hl7_oru.build_withdrawal_oru`);
+  :func:`integration.hl7_oru.build_withdrawal_oru`), except where a later job of the study
+  has queued its draft: its ORU^R01 replaced this one's result for the order, which ``W``
+  would mark wrong;
 - FHIR: the DiagnosticReport updated to ``entered-in-error`` (FHIR R4 DiagnosticReport.status,
   :func:`integration.fhir_withdrawal.build_withdrawal_bundle`).
 
@@ -47,7 +49,7 @@ from integration.hl7_oru import build_withdrawal_oru, message_control_id
 from integration.kos import build_rejection_note
 from node import __version__ as node_version
 from node.db import withdrawals as withdrawals_db
-from node.db.deliveries import Outbound
+from node.db.deliveries import Outbound, later_drafts
 from node.db.models import DeliveryObject, Draft, Instance, Job
 from node.runtime.draft_objects import (
     MANUFACTURER,
@@ -241,7 +243,9 @@ def withdraw(
     Returns
     -------
     WithdrawResult
-        ``skipped`` names destinations no withdrawal could be built for, with the reason.
+        ``skipped`` names destinations no withdrawal could be built for, or, over HL7, whose
+        order a later job's draft went to since (its result replaced this one's there), with
+        the reason.
 
     Raises
     ------
@@ -251,6 +255,7 @@ def withdraw(
     now = dt.datetime.now(dt.UTC)
     with session_factory() as session:
         done = withdrawals_db.withdraw_job(session, job_id, actor=actor, reason=reason)
+        replaced = later_drafts(session, job_id, list(done.reached))
         job = session.get(Job, job_id)
         assert job is not None
         text = _stored_text(session, job)
@@ -262,6 +267,14 @@ def withdraw(
     skipped: dict[str, str] = {}
     for text_dest, rows in done.reached.items():
         dest = configured_destination(settings, text_dest)
+        if isinstance(dest, Hl7Destination) and text_dest in replaced:
+            # HL7 v2 results are the order's: the later draft's ORU^R01 replaced this one's,
+            # and OBX-11 "W" for the order would mark the newer result wrong (section 7.4.1)
+            skipped[text_dest] = (
+                f"job {replaced[text_dest]}'s later draft replaced this one for the order "
+                "there: a withdrawal would mark the newer result wrong"
+            )
+            continue
         try:
             path, uid = builder.build(dest, rows)
         except _Skip as skip:

@@ -33,6 +33,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from sqlalchemy import select
 
+from integration.destinations import Hl7Destination
 from models.results import ReportDraft
 from node.db import deliveries as deliveries_db
 from node.db.deliveries import Outbound
@@ -728,3 +729,53 @@ def test_a_withdrawal_built_from_the_sr_dates_the_study_as_the_draft_did(
     assert dates[0] == f"20040826185059{offset or ''}" == dates[1]
     [sent, withdrawn] = [_report_effective(b) for _m, _p, b in fhir_server[1].received]
     assert withdrawn == sent
+
+
+def test_withdrawing_a_superseded_draft_leaves_the_newer_result_for_the_order(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    scp: Scp,
+    hl7_listener: tuple[int, Receiver],
+    fhir_server: tuple[str, FhirReceiver],
+) -> None:
+    """Job 2, drafted after a late instance, went everywhere job 1 went; then job 1's draft
+    is withdrawn. Its own objects are withdrawn in the PACS (rejection note) and the FHIR
+    server (its DiagnosticReport), but no ORU goes to the RIS: HL7 v2 results are the
+    order's, job 2's ORU^R01 replaced job 1's, and OBX-11 "W" for the order would mark job
+    2's newer result wrong (HL7 v2.5.1 section 7.4.1)."""
+    env = out_env
+    study = env.add_study(view="PA")
+    outcomes = []
+    for view in ("PA", "AP"):
+        if view == "AP":
+            env.add_study(study_uid=study, view="AP")  # the late instance
+        [job_id] = env.queue_all()
+        assert claim(env) == job_id
+        [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+        assert outcome.status == "done", outcome.error
+        _send_all(env)
+        outcomes.append(outcome)
+    one, two = outcomes
+    assert one.sr_uid != two.sr_uid
+
+    result = withdraw(
+        env.settings, env.session_factory, one.job_id, actor="test:op", reason="superseded"
+    )
+    [hl7] = [d for d in env.settings.destinations if isinstance(d, Hl7Destination)]
+    assert list(result.skipped) == [str(hl7)]
+    assert f"job {two.job_id}'s later draft" in result.skipped[str(hl7)]
+    _send_all(env)
+    assert [
+        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
+        for m in hl7_listener[1].received
+    ] == ["R", "R"]
+    [kos] = scp.by_class(KeyObjectSelectionDocumentStorage)
+    rejected = {
+        item.ReferencedSOPInstanceUID
+        for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert one.sr_uid in rejected and two.sr_uid not in rejected
+    withdrawn = [b for _m, _p, b in fhir_server[1].received if _draft_report(b) is None]
+    assert len(withdrawn) == 1 and two.sr_uid not in json.dumps(withdrawn[0])
+    assert one.sr_uid in json.dumps(withdrawn[0])
