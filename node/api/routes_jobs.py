@@ -261,8 +261,9 @@ def resend_job(job_id: JobId, ctx: Ctx, p: Operator) -> dict[str, Any]:
 def withdraw_job(job_id: JobId, body: WithdrawIn, ctx: Ctx, p: Operator) -> dict[str, Any]:
     """Withdraw the draft: objects not yet sent are cancelled; each destination that may
     hold it gets a withdrawal (DICOM: IHE IOCM Key Object Selection rejection note; HL7:
-    ORU with OBR-25 ``C``; FHIR: the DiagnosticReport ``entered-in-error``). 409 when the job
-    has no draft or was withdrawn already. Audited ``job.withdraw``."""
+    ORU with OBR-25 ``C``; FHIR: the DiagnosticReport ``entered-in-error``). The study's
+    other jobs whose draft is the same SR are withdrawn with it (``same_draft``). 409 when
+    the job has no draft or was withdrawn already. Audited ``job.withdraw``."""
     return job_service.withdraw(ctx, job_id, actor=p.actor, reason=body.reason).to_dict()
 
 

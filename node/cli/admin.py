@@ -218,6 +218,9 @@ def jobs_withdraw(
         f"job {job_id}: draft withdrawn; {len(result.cancelled)} unsent object(s) cancelled, "
         f"{len(result.queued)} withdrawal(s) queued"
     )
+    if result.same_draft:
+        same = ", ".join(map(str, result.same_draft))
+        typer.echo(f"withdrawn with it, the same draft: job(s) {same}")
     for dest, why in result.skipped.items():
         err.print(f"no withdrawal for {dest}: {why}", markup=False, highlight=False)
 

@@ -236,7 +236,9 @@ def _lock_study_of(session: Session, job_id: int) -> None:
     session.execute(select(Study.id).where(Study.id == study).with_for_update())
 
 
-def later_drafts(session: Session, job_id: int, destinations: Collection[str]) -> dict[str, int]:
+def later_drafts(
+    session: Session, job_id: int, destinations: Collection[str], *, besides: Collection[int] = ()
+) -> dict[str, int]:
     """Of ``destinations``, those a later job of job ``job_id``'s study has queued its draft
     to (in any state), with the newest such job: where job ``job_id``'s draft is superseded.
 
@@ -248,6 +250,8 @@ def later_drafts(session: Session, job_id: int, destinations: Collection[str]) -
         The job.
     destinations
         Destinations in their stored text form.
+    besides
+        Later jobs not to count (their draft is job ``job_id``'s own, withdrawn with it).
 
     Returns
     -------
@@ -262,6 +266,7 @@ def later_drafts(session: Session, job_id: int, destinations: Collection[str]) -
         .where(
             Job.study_id == study,
             Job.id > job_id,
+            Job.id.not_in(list(besides)),
             Delivery.destination.in_(list(destinations)),
             Delivery.object != DeliveryObject.withdrawal,
         )

@@ -13,7 +13,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.jobs import JobConflict, lock_job
-from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, JobState, utcnow
+from node.db.models import (
+    AuditLog,
+    Delivery,
+    DeliveryObject,
+    DeliveryState,
+    Job,
+    JobState,
+    utcnow,
+)
 from node.db.tx import in_transaction
 
 __all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "withdraw_job"]
@@ -47,6 +55,8 @@ class Withdrawal:
     cancelled: list[int]
     #: destination text -> the draft rows (object, file, object UID) it may hold
     reached: dict[str, list[tuple[DeliveryObject, str, str | None]]]
+    #: the study's other jobs whose draft is the same SR (withdrawn with it)
+    same_draft: list[int]
 
 
 def withdraw_job(
@@ -58,7 +68,10 @@ def withdraw_job(
     sent (``pending`` or ``failed``) become ``cancelled``, so no retry or re-queue sends them
     later (a send in flight loses its claim: its result is not recorded). Each destination
     that may hold a draft object (a row sent, or attempted at least once) is returned, so
-    that the caller queues a withdrawal to it. Commits.
+    that the caller queues a withdrawal to it. The study's other done jobs whose SR is the
+    same (the same draft made again from the same instances: one SOP Instance UID) are
+    withdrawn with it, as one: what is withdrawn is the draft object, which the receivers
+    hold once, and none of them may stay the study's current draft. Commits.
 
     Raises
     ------
@@ -78,38 +91,69 @@ def withdraw_job(
             raise JobConflict(f"job {job_id}: the draft was withdrawn already")
         if job.state is not JobState.done or not job.sr_sop_instance_uid:
             raise JobConflict(f"job {job_id} is {job.state.value}: it has no draft to withdraw")
-        job.withdrawn_at = now
-        job.withdrawn_by = actor[:128]
-        job.withdrawn_reason = reason
-        cancelled: list[int] = []
-        reached: dict[str, list[tuple[DeliveryObject, str, str | None]]] = {}
-        rows = session.scalars(
-            select(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.object != DeliveryObject.withdrawal)
-            .order_by(Delivery.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        for row in rows:
-            if row.state is DeliveryState.sent or row.attempts > 0:
-                reached.setdefault(row.destination, []).append(
-                    (row.object, row.sr_path or "", row.object_uid)
+        twins = list(
+            session.scalars(
+                select(Job)
+                .where(
+                    Job.study_id == job.study_id,
+                    Job.id != job_id,
+                    Job.sr_sop_instance_uid == job.sr_sop_instance_uid,
+                    Job.state == JobState.done,
+                    Job.withdrawn_at.is_(None),
                 )
-            if row.state in (DeliveryState.pending, DeliveryState.failed):
-                # a failed row would otherwise be re-queued when its destination answers
-                row.state = DeliveryState.cancelled
-                row.next_attempt_at = None
-                row.last_error = "cancelled: the draft was withdrawn before it was sent"
-                cancelled.append(row.id)
+                .order_by(Job.id)
+                .with_for_update()
+            )
+        )
+        for each in (job, *twins):
+            each.withdrawn_at = now
+            each.withdrawn_by = actor[:128]
+            each.withdrawn_reason = reason
+        cancelled, reached = _cancel_and_reach(session, [job_id, *(t.id for t in twins)])
+        same = [t.id for t in twins]
         session.add(
             AuditLog(
                 at=now,
                 actor=actor,
                 action="job.withdraw",
                 target=f"job:{job_id}",
-                detail={"reason": reason, "cancelled": cancelled, "reached": sorted(reached)},
+                detail={
+                    "reason": reason,
+                    "cancelled": cancelled,
+                    "reached": sorted(reached),
+                    "same_draft": same,
+                },
             )
         )
-        return Withdrawal(job_id, cancelled, reached)
+        return Withdrawal(job_id, cancelled, reached, same)
 
     return in_transaction(session, work)
+
+
+def _cancel_and_reach(
+    session: Session, job_ids: list[int]
+) -> tuple[list[int], dict[str, list[tuple[DeliveryObject, str, str | None]]]]:
+    """Cancel the unsent draft rows of ``job_ids``; the destinations their draft may have
+    reached (a row sent or attempted), each with its rows (object, file, object UID) once."""
+    cancelled: list[int] = []
+    reached: dict[str, list[tuple[DeliveryObject, str, str | None]]] = {}
+    rows = session.scalars(
+        select(Delivery)
+        .where(Delivery.job_id.in_(job_ids), Delivery.object != DeliveryObject.withdrawal)
+        .order_by(Delivery.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    for row in rows:
+        held = (row.object, row.sr_path or "", row.object_uid)
+        if (row.state is DeliveryState.sent or row.attempts > 0) and held not in reached.get(
+            row.destination, []
+        ):
+            reached.setdefault(row.destination, []).append(held)
+        if row.state in (DeliveryState.pending, DeliveryState.failed):
+            # a failed row would otherwise be re-queued when its destination answers
+            row.state = DeliveryState.cancelled
+            row.next_attempt_at = None
+            row.last_error = "cancelled: the draft was withdrawn before it was sent"
+            cancelled.append(row.id)
+    return cancelled, reached

@@ -82,6 +82,8 @@ class WithdrawResult:
     cancelled: list[int]
     queued: list[int]
     skipped: dict[str, str]
+    #: the study's other jobs whose draft was the same SR, withdrawn with it
+    same_draft: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -255,7 +257,7 @@ def withdraw(
     now = dt.datetime.now(dt.UTC)
     with session_factory() as session:
         done = withdrawals_db.withdraw_job(session, job_id, actor=actor, reason=reason)
-        replaced = later_drafts(session, job_id, list(done.reached))
+        replaced = later_drafts(session, job_id, list(done.reached), besides=done.same_draft)
         job = session.get(Job, job_id)
         assert job is not None
         text = _stored_text(session, job)
@@ -289,13 +291,15 @@ def withdraw(
         items.append(Outbound(dest, DeliveryObject.withdrawal, spool_relative(path), uid))
     queued = _enqueue(session_factory, job_id, items)
     log.info(
-        "job %s: draft withdrawn by %s: %d unsent object(s) cancelled, %d withdrawal(s) queued",
+        "job %s: draft withdrawn by %s (with job(s) %s, the same draft): %d unsent object(s) "
+        "cancelled, %d withdrawal(s) queued",
         job_id,
         actor,
+        ", ".join(map(str, done.same_draft)) or "none",
         len(done.cancelled),
         len(queued),
     )
-    return WithdrawResult(job_id, done.cancelled, queued, skipped)
+    return WithdrawResult(job_id, done.cancelled, queued, skipped, done.same_draft)
 
 
 def _enqueue(

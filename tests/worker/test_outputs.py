@@ -37,6 +37,7 @@ from integration.destinations import Hl7Destination
 from models.results import ReportDraft
 from node.db import deliveries as deliveries_db
 from node.db.deliveries import Outbound
+from node.db.finals import draft_for
 from node.db.jobs import JobConflict
 from node.db.models import AuditLog, DeliveryObject, DeliveryState, Draft, Instance, Job
 from node.runtime.completion import JobOutcome, _draft_text
@@ -779,3 +780,45 @@ def test_withdrawing_a_superseded_draft_leaves_the_newer_result_for_the_order(
     withdrawn = [b for _m, _p, b in fhir_server[1].received if _draft_report(b) is None]
     assert len(withdrawn) == 1 and two.sr_uid not in json.dumps(withdrawn[0])
     assert one.sr_uid in json.dumps(withdrawn[0])
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_jobs_that_share_one_draft_are_withdrawn_together(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    scp: Scp,
+    hl7_listener: tuple[int, Receiver],
+    which: int,
+) -> None:
+    """The image is sent again corrected before any withdrawal: job 2 drafts the same text
+    from the same instances, so its draft is job 1's SR, held once by each receiver.
+    Withdrawing either job withdraws that object, and with it both jobs: neither may stay
+    the study's current draft (reviewable, scored against finals) while its object is
+    withdrawn everywhere. Each receiver gets one withdrawal; the RIS's is not skipped as if
+    the other job were a later, different draft."""
+    env = out_env
+    study = generate_uid()
+    source = _ordered_cxr(env, study)
+    one = _draft_and_send(env, model_host, source)
+    _send_corrected(env, source, PatientName="Corrected^Name")
+    [second] = env.queue_all()
+    assert claim(env) == second
+    [two] = run_batch(env.deps, [second], model_host, owner=OWNER)
+    assert two.status == "done" and two.sr_uid == one.sr_uid
+    _send_all(env)
+    jobs = [one.job_id, two.job_id]
+
+    result = withdraw(env.settings, env.session_factory, jobs[which], actor="test:op", reason="x")
+    assert result.same_draft == [jobs[1 - which]] and result.skipped == {}
+    assert all(env.job(j).withdrawn_at is not None for j in jobs)
+    _send_all(env)
+    assert len(scp.by_class(KeyObjectSelectionDocumentStorage)) == 1
+    statuses = [
+        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
+        for m in hl7_listener[1].received
+    ]
+    assert statuses.count("C") == 1
+    with env.session_factory() as s:
+        assert draft_for(s, study, None) is None
+        [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "job.withdraw"))
+        assert entry.detail["same_draft"] == [jobs[1 - which]]
