@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from integration.destinations import (
     Destination,
@@ -48,9 +48,10 @@ from node.db.models import (
     DeliveryObject,
     DeliveryState,
     Job,
-    Study,
     utcnow,
 )
+from node.db.queries import locked_deliveries
+from node.db.superseded import cancel_superseded, later_drafts, lock_study_of, not_superseded
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -60,7 +61,6 @@ __all__ = [
     "destination_kind",
     "enqueue_deliveries",
     "failed_destinations",
-    "later_drafts",
     "mark_failed",
     "mark_retry",
     "mark_sent",
@@ -136,9 +136,9 @@ def enqueue_deliveries(
     due now, new file) instead of adding one, so a re-built object replaces rather than
     duplicates. The job row is locked first, so concurrent calls for one job never add two
     rows for one destination and object. With ``supersede``, the same transaction cancels
-    the unsent rows of the study's older drafts (:func:`_cancel_superseded`), under the
-    study's lock, taken first, so that two jobs of the study queue one after the other.
-    Commits.
+    the unsent rows of the study's older drafts
+    (:func:`node.db.superseded.cancel_superseded`), under the study's lock, taken first, so
+    that two jobs of the study queue one after the other. Commits.
 
     Parameters
     ----------
@@ -180,10 +180,10 @@ def enqueue_deliveries(
     def work() -> list[int]:
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
         if job_id is not None:
-            if supersede:  # one study's drafts queue one after the other (_cancel_superseded)
-                _lock_study_of(session, job_id)
+            if supersede:  # one study's drafts queue one after the other (cancel_superseded)
+                lock_study_of(session, job_id)
             lock_job(session, job_id)
-            rows = _locked_rows(session, Delivery.job_id == job_id)
+            rows = locked_deliveries(session, Delivery.job_id == job_id)
             existing = {(d.destination, d.object): d for d in rows}
         newer: Collection[str] = ()
         if supersede and job_id is not None:
@@ -205,7 +205,7 @@ def enqueue_deliveries(
             session.flush()
             ids.append(row.id)
         if supersede and job_id is not None:
-            superseded.update(_cancel_superseded(session, job_id, {t for t, _o in wanted}, now))
+            superseded.update(cancel_superseded(session, job_id, {t for t, _o in wanted}, now))
         return ids
 
     ids = in_transaction(session, work)
@@ -223,131 +223,6 @@ def enqueue_deliveries(
             ", ".join(map(str, superseded)),
         )
     return ids
-
-
-def _lock_study_of(session: Session, job_id: int) -> None:
-    """Lock the row of job ``job_id``'s study (before the job's: the order ingest takes).
-
-    Two jobs of one study queuing their drafts at once would otherwise each miss the
-    other's rows, not yet committed (PostgreSQL, READ COMMITTED): the later job would find
-    no row of the earlier one to cancel, and the earlier one no later draft.
-    """
-    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
-    session.execute(select(Study.id).where(Study.id == study).with_for_update())
-
-
-def later_drafts(
-    session: Session, job_id: int, destinations: Collection[str], *, besides: Collection[int] = ()
-) -> dict[str, int]:
-    """Of ``destinations``, those a later job of job ``job_id``'s study has queued its draft
-    to (in any state), with the newest such job: where job ``job_id``'s draft is superseded.
-
-    Parameters
-    ----------
-    session
-        A session.
-    job_id
-        The job.
-    destinations
-        Destinations in their stored text form.
-    besides
-        Later jobs not to count (their draft is job ``job_id``'s own, withdrawn with it).
-
-    Returns
-    -------
-    dict[str, int]
-        ``{destination: newest later job id}``; empty when no later job queued there.
-    """
-    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
-    newer: dict[str, int] = {}
-    later_drafts = session.execute(
-        select(Delivery.destination, func.max(Delivery.job_id))
-        .join(Job, Job.id == Delivery.job_id)
-        .where(
-            Job.study_id == study,
-            Job.id > job_id,
-            Job.id.not_in(list(besides)),
-            Delivery.destination.in_(list(destinations)),
-            Delivery.object != DeliveryObject.withdrawal,
-        )
-        .group_by(Delivery.destination)
-    )
-    for destination, newest in later_drafts:
-        if newest is not None:
-            newer[destination] = newest
-    return newer
-
-
-def _cancel_superseded(
-    session: Session, job_id: int, destinations: Collection[str], now: datetime
-) -> dict[int, list[int]]:
-    """Cancel the unsent draft rows of a study's older drafts to ``destinations``.
-
-    In the caller's transaction (no commit). A later job of the study drafts it from more
-    instances, so its draft is the newer one, whichever finishes first:
-
-    - the rows of the study's earlier jobs (lower id) to one of ``destinations`` (text form
-      as stored) are cancelled ("cancelled: superseded by job <job_id> before it was sent");
-    - this job's own rows to a destination a later job has already queued its draft to are
-      cancelled too ("cancelled: superseded by job <later> before it was sent"): this job
-      finished after a later one (a re-run after its lease passed, a retry).
-
-    Only rows ``pending`` (queued, waiting for a retry, or being sent) or ``failed``, and not
-    a ``withdrawal``, are cancelled, as a withdrawal cancels them: a send in flight loses its
-    claim and its result is not recorded. Rows to other destinations, sent rows and
-    withdrawals are left alone. One audit entry (``delivery.supersede``, actor ``system``,
-    target ``job:<job_id>``) names the cancelled rows and their jobs; nothing is written
-    when no row qualifies.
-
-    Parameters
-    ----------
-    session
-        A write session inside a transaction that holds the job's lock.
-    job_id
-        The job whose draft was just queued.
-    destinations
-        The destinations it was queued to.
-    now
-        The time of the audit entry.
-
-    Returns
-    -------
-    dict[int, list[int]]
-        The cancelled delivery ids by job id (empty: none cancelled).
-    """
-    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
-    unsent = (
-        Delivery.object != DeliveryObject.withdrawal,
-        Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
-    )
-    newer = later_drafts(session, job_id, destinations)
-    earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
-    rows = _locked_rows(
-        session,
-        or_(
-            and_(Delivery.job_id.in_(earlier), Delivery.destination.in_(list(destinations))),
-            and_(Delivery.job_id == job_id, Delivery.destination.in_(list(newer))),
-        ),
-        *unsent,
-    )
-    cancelled: dict[int, list[int]] = {}
-    for row in rows:
-        by = newer[row.destination] if row.job_id == job_id else job_id
-        row.state = DeliveryState.cancelled
-        row.next_attempt_at = None
-        row.last_error = f"cancelled: superseded by job {by} before it was sent"
-        cancelled.setdefault(row.job_id or 0, []).append(row.id)  # job_id: never empty here
-    if cancelled:
-        session.add(
-            AuditLog(
-                at=now,
-                actor="system",
-                action="delivery.supersede",
-                target=f"job:{job_id}",
-                detail={"cancelled": [r.id for r in rows], "jobs": sorted(cancelled)},
-            )
-        )
-    return cancelled
 
 
 def _wanted(
@@ -369,19 +244,6 @@ def _wanted(
     return wanted
 
 
-def _locked_rows(session: Session, *where: Any, skip_locked: bool = False) -> list[Delivery]:
-    """Delivery rows matching ``where``, by id, locked for update and freshly loaded."""
-    return list(
-        session.scalars(
-            select(Delivery)
-            .where(*where)
-            .order_by(Delivery.id)
-            .with_for_update(skip_locked=skip_locked)
-            .execution_options(populate_existing=True)
-        )
-    )
-
-
 def _reset_pending(row: Delivery, now: datetime) -> None:
     """Back to ``pending``, due ``now``: fresh attempts and retry horizon (``queued_at``),
     no error, no permanent failure, not sent."""
@@ -392,24 +254,6 @@ def _reset_pending(row: Delivery, now: datetime) -> None:
     row.permanent_failure = False
     row.last_error = None
     row.sent_at = None
-
-
-def _not_superseded() -> Any:
-    """A condition on :class:`Delivery`: not a draft row of a job whose draft a later job of
-    the study has queued to the same destination (what :func:`_cancel_superseded` cancels
-    while unsent). A re-send leaves such a row, sent or not: the older draft must not reach
-    that destination after the newer one."""
-    mine, later = aliased(Job), aliased(Job)
-    newer = aliased(Delivery)
-    superseded = exists().where(
-        mine.id == Delivery.job_id,
-        later.study_id == mine.study_id,
-        later.id > mine.id,
-        newer.job_id == later.id,
-        newer.destination == Delivery.destination,
-        newer.object != DeliveryObject.withdrawal,
-    )
-    return or_(Delivery.object == DeliveryObject.withdrawal, ~superseded)
 
 
 def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:
@@ -438,11 +282,11 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
         job = lock_job(session, job_id)
         rows = [
             r
-            for r in _locked_rows(
+            for r in locked_deliveries(
                 session,
                 Delivery.job_id == job_id,
                 Delivery.state != DeliveryState.cancelled,
-                _not_superseded(),
+                not_superseded(),
             )
             if job.withdrawn_at is None or r.object is DeliveryObject.withdrawal
         ]
@@ -491,7 +335,7 @@ def resend_deliveries(
     now = now or utcnow()
     where: list[Any] = [
         Delivery.state.in_([DeliveryState.failed, DeliveryState.sent]),
-        _not_superseded(),
+        not_superseded(),
     ]
     if failed_to is not None:
         where += [Delivery.destination == failed_to, Delivery.state == DeliveryState.failed]
@@ -499,7 +343,7 @@ def resend_deliveries(
         where.append(Delivery.id.in_(list(ids)))
 
     def work() -> list[int]:
-        rows = _locked_rows(session, *where, skip_locked=True)
+        rows = locked_deliveries(session, *where, skip_locked=True)
         withdrawn = set(
             session.scalars(
                 select(Job.id).where(
@@ -583,7 +427,7 @@ def requeue_failed(
     now = now or utcnow()
 
     def work() -> list[int]:
-        rows = _locked_rows(
+        rows = locked_deliveries(
             session,
             Delivery.destination == destination,
             Delivery.state == DeliveryState.failed,

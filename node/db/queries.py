@@ -1,8 +1,9 @@
-"""Query shapes the repository's read views share: a page of rows with the number of all
-matches, the page bounds every listing accepts, counts by state with every state present,
-and the case-insensitive "contains" match of the search fields.
+"""Query shapes the repository shares: a page of rows with the number of all matches, the
+page bounds every listing accepts, counts by state with every state present, the
+case-insensitive "contains" match of the search fields, and delivery rows locked for an
+update.
 
-Each helper runs in the caller's session and transaction (reads only, no commit).
+Each helper runs in the caller's session and transaction (no commit).
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from typing import Any, TypeVarTuple
 from sqlalchemy import ColumnElement, Result, Select, func, select
 from sqlalchemy.orm import Session
 
-__all__ = ["MAX_PAGE", "check_page", "contains", "count_by_state", "page"]
+from node.db.models import Delivery
+
+__all__ = [
+    "MAX_PAGE",
+    "check_page",
+    "contains",
+    "count_by_state",
+    "locked_deliveries",
+    "page",
+]
 
 _Ts = TypeVarTuple("_Ts")
 
@@ -103,3 +113,16 @@ def contains(column: Any, text: str) -> ColumnElement[bool]:
     ``text`` match themselves)."""
     escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return func.lower(column).like(f"%{escaped}%", escape="\\")
+
+
+def locked_deliveries(session: Session, *where: Any, skip_locked: bool = False) -> list[Delivery]:
+    """Delivery rows matching ``where``, by id, locked for update and freshly loaded."""
+    return list(
+        session.scalars(
+            select(Delivery)
+            .where(*where)
+            .order_by(Delivery.id)
+            .with_for_update(skip_locked=skip_locked)
+            .execution_options(populate_existing=True)
+        )
+    )

@@ -22,6 +22,7 @@ from node.db.models import (
     JobState,
     utcnow,
 )
+from node.db.queries import locked_deliveries
 from node.db.tx import in_transaction
 
 __all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "withdraw_job"]
@@ -137,12 +138,8 @@ def _cancel_and_reach(
     reached (a row sent or attempted), each with its rows (object, file, object UID) once."""
     cancelled: list[int] = []
     reached: dict[str, list[tuple[DeliveryObject, str, str | None]]] = {}
-    rows = session.scalars(
-        select(Delivery)
-        .where(Delivery.job_id.in_(job_ids), Delivery.object != DeliveryObject.withdrawal)
-        .order_by(Delivery.id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
+    rows = locked_deliveries(
+        session, Delivery.job_id.in_(job_ids), Delivery.object != DeliveryObject.withdrawal
     )
     for row in rows:
         held = (row.object, row.sr_path or "", row.object_uid)

@@ -49,8 +49,9 @@ from integration.hl7_oru import build_withdrawal_oru, message_control_id
 from integration.kos import build_rejection_note
 from node import __version__ as node_version
 from node.db import withdrawals as withdrawals_db
-from node.db.deliveries import Outbound, later_drafts
+from node.db.deliveries import Outbound
 from node.db.models import DeliveryObject, Draft, Instance, Job
+from node.db.superseded import later_drafts
 from node.runtime.draft_objects import (
     MANUFACTURER,
     DraftText,

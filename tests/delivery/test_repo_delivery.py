@@ -416,14 +416,14 @@ def test_two_jobs_of_a_study_queued_at_once_still_supersede(
     job1 = make_job(node_db.factory)
     job2 = _redraft(node_db, job1)
     both = threading.Barrier(2)
-    original = deliveries_db._cancel_superseded
+    original = deliveries_db.cancel_superseded
 
     def meet(session: Any, job_id: int, *args: Any) -> Any:
         with contextlib.suppress(threading.BrokenBarrierError):
             both.wait(timeout=2)  # both transactions have queued their rows, uncommitted
         return original(session, job_id, *args)
 
-    monkeypatch.setattr(deliveries_db, "_cancel_superseded", meet)
+    monkeypatch.setattr(deliveries_db, "cancel_superseded", meet)
     errors: list[BaseException] = []
 
     def queue(job_id: int) -> None:

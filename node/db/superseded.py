@@ -1,0 +1,166 @@
+"""Superseded drafts: a later job of a study drafts it from more instances, so its draft is
+the newer one, whichever job finishes first.
+
+Where a later job has queued its draft, an earlier job's draft must not arrive after it:
+:func:`cancel_superseded` cancels the older drafts' rows not yet sent (in the enqueue's
+transaction, under :func:`lock_study_of`), :func:`not_superseded` keeps a re-send from
+sending one again, and :func:`later_drafts` tells a withdrawal where a later draft replaced
+this one (docs/policies.md, "Superseded drafts").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, Job, Study
+from node.db.queries import locked_deliveries
+
+__all__ = ["cancel_superseded", "later_drafts", "lock_study_of", "not_superseded"]
+
+
+def lock_study_of(session: Session, job_id: int) -> None:
+    """Lock the row of job ``job_id``'s study (before the job's: the order ingest takes).
+
+    Two jobs of one study queuing their drafts at once would otherwise each miss the
+    other's rows, not yet committed (PostgreSQL, READ COMMITTED): the later job would find
+    no row of the earlier one to cancel, and the earlier one no later draft.
+    """
+    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+    session.execute(select(Study.id).where(Study.id == study).with_for_update())
+
+
+def later_drafts(
+    session: Session, job_id: int, destinations: Collection[str], *, besides: Collection[int] = ()
+) -> dict[str, int]:
+    """Of ``destinations``, those a later job of job ``job_id``'s study has queued its draft
+    to (in any state), with the newest such job: where job ``job_id``'s draft is superseded.
+
+    Parameters
+    ----------
+    session
+        A session.
+    job_id
+        The job.
+    destinations
+        Destinations in their stored text form.
+    besides
+        Later jobs not to count (their draft is job ``job_id``'s own, withdrawn with it).
+
+    Returns
+    -------
+    dict[str, int]
+        ``{destination: newest later job id}``; empty when no later job queued there.
+    """
+    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+    newer: dict[str, int] = {}
+    later_drafts = session.execute(
+        select(Delivery.destination, func.max(Delivery.job_id))
+        .join(Job, Job.id == Delivery.job_id)
+        .where(
+            Job.study_id == study,
+            Job.id > job_id,
+            Job.id.not_in(list(besides)),
+            Delivery.destination.in_(list(destinations)),
+            Delivery.object != DeliveryObject.withdrawal,
+        )
+        .group_by(Delivery.destination)
+    )
+    for destination, newest in later_drafts:
+        if newest is not None:
+            newer[destination] = newest
+    return newer
+
+
+def cancel_superseded(
+    session: Session, job_id: int, destinations: Collection[str], now: datetime
+) -> dict[int, list[int]]:
+    """Cancel the unsent draft rows of a study's older drafts to ``destinations``.
+
+    In the caller's transaction (no commit). A later job of the study drafts it from more
+    instances, so its draft is the newer one, whichever finishes first:
+
+    - the rows of the study's earlier jobs (lower id) to one of ``destinations`` (text form
+      as stored) are cancelled ("cancelled: superseded by job <job_id> before it was sent");
+    - this job's own rows to a destination a later job has already queued its draft to are
+      cancelled too ("cancelled: superseded by job <later> before it was sent"): this job
+      finished after a later one (a re-run after its lease passed, a retry).
+
+    Only rows ``pending`` (queued, waiting for a retry, or being sent) or ``failed``, and not
+    a ``withdrawal``, are cancelled, as a withdrawal cancels them: a send in flight loses its
+    claim and its result is not recorded. Rows to other destinations, sent rows and
+    withdrawals are left alone. One audit entry (``delivery.supersede``, actor ``system``,
+    target ``job:<job_id>``) names the cancelled rows and their jobs; nothing is written
+    when no row qualifies.
+
+    Parameters
+    ----------
+    session
+        A write session inside a transaction that holds the job's lock.
+    job_id
+        The job whose draft was just queued.
+    destinations
+        The destinations it was queued to.
+    now
+        The time of the audit entry.
+
+    Returns
+    -------
+    dict[int, list[int]]
+        The cancelled delivery ids by job id (empty: none cancelled).
+    """
+    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+    unsent = (
+        Delivery.object != DeliveryObject.withdrawal,
+        Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
+    )
+    newer = later_drafts(session, job_id, destinations)
+    earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
+    rows = locked_deliveries(
+        session,
+        or_(
+            and_(Delivery.job_id.in_(earlier), Delivery.destination.in_(list(destinations))),
+            and_(Delivery.job_id == job_id, Delivery.destination.in_(list(newer))),
+        ),
+        *unsent,
+    )
+    cancelled: dict[int, list[int]] = {}
+    for row in rows:
+        by = newer[row.destination] if row.job_id == job_id else job_id
+        row.state = DeliveryState.cancelled
+        row.next_attempt_at = None
+        row.last_error = f"cancelled: superseded by job {by} before it was sent"
+        cancelled.setdefault(row.job_id or 0, []).append(row.id)  # job_id: never empty here
+    if cancelled:
+        session.add(
+            AuditLog(
+                at=now,
+                actor="system",
+                action="delivery.supersede",
+                target=f"job:{job_id}",
+                detail={"cancelled": [r.id for r in rows], "jobs": sorted(cancelled)},
+            )
+        )
+    return cancelled
+
+
+def not_superseded() -> Any:
+    """A condition on :class:`Delivery`: not a draft row of a job whose draft a later job of
+    the study has queued to the same destination (what :func:`cancel_superseded` cancels
+    while unsent). A re-send leaves such a row, sent or not: the older draft must not reach
+    that destination after the newer one."""
+    mine, later = aliased(Job), aliased(Job)
+    newer = aliased(Delivery)
+    superseded = exists().where(
+        mine.id == Delivery.job_id,
+        later.study_id == mine.study_id,
+        later.id > mine.id,
+        newer.job_id == later.id,
+        newer.destination == Delivery.destination,
+        newer.object != DeliveryObject.withdrawal,
+    )
+    return or_(Delivery.object == DeliveryObject.withdrawal, ~superseded)
