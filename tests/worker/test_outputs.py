@@ -205,11 +205,7 @@ def test_every_object_delivered_then_withdrawn(
     assert fhir.problems == []
     [(method, _path, bundle)] = fhir.received
     assert method == "POST"
-    [report] = [
-        e["resource"]
-        for e in bundle["entry"]
-        if e["resource"]["resourceType"] == "DiagnosticReport"
-    ]
+    report = _report(bundle)
     assert report["status"] == "partial"  # R4: "may be unverified"; preliminary is verified
     assert report["presentedForm"][0]["contentType"] == "application/pdf"
 
@@ -394,14 +390,20 @@ def test_withdrawal_carries_the_impression_the_draft_sent(
     assert stored is not None and stored.impression == sent.impression != ""
 
 
-def _draft_report(bundle: dict[str, Any]) -> str | None:
-    """The DiagnosticReport identifier of a FHIR transaction Bundle that sends a draft
-    (``partial``), else ``None`` (a withdrawal)."""
+def _report(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The DiagnosticReport of a FHIR transaction Bundle the node sent."""
     [report] = [
         e["resource"]
         for e in bundle["entry"]
         if e["resource"]["resourceType"] == "DiagnosticReport"
     ]
+    return dict(report)
+
+
+def _draft_report(bundle: dict[str, Any]) -> str | None:
+    """The DiagnosticReport identifier of a FHIR transaction Bundle that sends a draft
+    (``partial``), else ``None`` (a withdrawal)."""
+    report = _report(bundle)
     return str(report["identifier"][0]["value"]) if report["status"] == "partial" else None
 
 
@@ -489,16 +491,6 @@ def test_each_withdrawal_moves_the_same_draft_to_its_next_issue() -> None:
     assert issue(uid(1)) == 0  # issue 0 was never withdrawn
 
 
-def _report_subject(bundle: dict[str, Any]) -> object:
-    """The DiagnosticReport ``subject`` of a FHIR transaction Bundle the node sent."""
-    [report] = [
-        e["resource"]
-        for e in bundle["entry"]
-        if e["resource"]["resourceType"] == "DiagnosticReport"
-    ]
-    return report["subject"]
-
-
 @pytest.mark.parametrize("corrected", [True, False])
 def test_a_withdrawal_names_the_patient_the_draft_went_to(
     out_env: NodeEnv,
@@ -532,7 +524,7 @@ def test_a_withdrawal_names_the_patient_the_draft_went_to(
         withdrawn = getattr(withdrawal.oru_r01_patient_result.oru_r01_patient.pid, field)
         assert withdrawn.to_er7() == sent, field
     assert "NEW-0815" not in withdrawal.to_er7() and "Corrected" not in withdrawal.to_er7()
-    [first, second] = [_report_subject(b) for _m, _p, b in fhir_server[1].received]
+    [first, second] = [_report(b)["subject"] for _m, _p, b in fhir_server[1].received]
     assert second == first
 
 
@@ -690,16 +682,6 @@ def test_a_resend_of_a_superseded_draft_leaves_the_destinations_the_newer_one_we
         env.engine.dispose()
 
 
-def _report_effective(bundle: dict[str, Any]) -> object:
-    """The DiagnosticReport ``effectiveDateTime`` of a FHIR Bundle the node sent, or ``None``."""
-    [report] = [
-        e["resource"]
-        for e in bundle["entry"]
-        if e["resource"]["resourceType"] == "DiagnosticReport"
-    ]
-    return report.get("effectiveDateTime")
-
-
 @pytest.mark.parametrize("offset", ["-0400", None])
 def test_a_withdrawal_built_from_the_sr_dates_the_study_as_the_draft_did(
     out_env: NodeEnv,
@@ -728,7 +710,9 @@ def test_a_withdrawal_built_from_the_sr_dates_the_study_as_the_draft_did(
         for m in (draft, withdrawal)
     ]
     assert dates[0] == f"20040826185059{offset or ''}" == dates[1]
-    [sent, withdrawn] = [_report_effective(b) for _m, _p, b in fhir_server[1].received]
+    [sent, withdrawn] = [
+        _report(b).get("effectiveDateTime") for _m, _p, b in fhir_server[1].received
+    ]
     assert withdrawn == sent
 
 
