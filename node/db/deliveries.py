@@ -163,7 +163,9 @@ def enqueue_deliveries(
     Returns
     -------
     list[int]
-        The delivery ids, in the order given (duplicates collapsed); not the cancelled ones.
+        The job's rows queued, in the order given (duplicates collapsed), including one then
+        cancelled as superseded by a later job's draft; a row left as it was (sent or
+        attempted before a later draft) and other jobs' cancelled rows are not in it.
 
     Raises
     ------
