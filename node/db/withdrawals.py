@@ -23,6 +23,7 @@ from node.db.models import (
     utcnow,
 )
 from node.db.queries import locked_deliveries
+from node.db.superseded import lock_study_of
 from node.db.tx import in_transaction
 
 __all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "withdraw_job"]
@@ -87,6 +88,7 @@ def withdraw_job(
     now = now or utcnow()
 
     def work() -> Withdrawal:
+        lock_study_of(session, job_id)  # as the enqueue: withdrawals of a study take turns
         job = lock_job(session, job_id)
         if job.withdrawn_at is not None:
             raise JobConflict(f"job {job_id}: the draft was withdrawn already")
