@@ -17,7 +17,7 @@ Every function that changes state commits its own transaction
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -187,7 +187,7 @@ def enqueue_deliveries(
             lock_job(session, job_id)
             rows = locked_deliveries(session, Delivery.job_id == job_id)
             existing = {(d.destination, d.object): d for d in rows}
-        newer: Collection[str] = ()
+        newer: dict[str, int] = {}
         if supersede and job_id is not None:
             newer = later_drafts(session, job_id, {t for t, _o in wanted})
         ids: list[int] = []
@@ -207,7 +207,8 @@ def enqueue_deliveries(
             session.flush()
             ids.append(row.id)
         if supersede and job_id is not None:
-            superseded.update(cancel_superseded(session, job_id, {t for t, _o in wanted}, now))
+            dests = {t for t, _o in wanted}
+            superseded.update(cancel_superseded(session, job_id, dests, newer, now))
         return ids
 
     ids = in_transaction(session, work)

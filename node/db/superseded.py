@@ -10,7 +10,7 @@ this one (docs/policies.md, "Superseded drafts").
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -77,7 +77,11 @@ def later_drafts(
 
 
 def cancel_superseded(
-    session: Session, job_id: int, destinations: Collection[str], now: datetime
+    session: Session,
+    job_id: int,
+    destinations: Collection[str],
+    newer: Mapping[str, int],
+    now: datetime,
 ) -> dict[int, list[int]]:
     """Cancel the unsent draft rows of a study's older drafts to ``destinations``.
 
@@ -105,6 +109,9 @@ def cancel_superseded(
         The job whose draft was just queued.
     destinations
         The destinations it was queued to.
+    newer
+        Of those, the ones a later job has queued its draft to, with that job
+        (:func:`later_drafts`, in the same transaction).
     now
         The time of the audit entry.
 
@@ -118,7 +125,6 @@ def cancel_superseded(
         Delivery.object != DeliveryObject.withdrawal,
         Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
     )
-    newer = later_drafts(session, job_id, destinations)
     earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
     rows = locked_deliveries(
         session,
