@@ -16,7 +16,9 @@ Instance UID>`` (the draft's DICOM SR), ``basedOn`` a logical ServiceRequest ref
 accession number (identifier type ``v2-0203#ACSN``), ``imagingStudy`` a logical reference
 by Study Instance UID (``urn:dicom:uid`` / ``urn:oid:<Study UID>``, as IHE IDR does),
 ``conclusion`` = impression, ``presentedForm`` = the PDF, a narrative with the warning,
-findings and impression, and ``meta.security`` ``v3-ObservationValue#AIAST`` "Artificial
+findings and impression, for a draft that supersedes an earlier one of the study the core
+extension ``diagnosticReport-replaces`` naming that one's report by its identifier, and
+``meta.security`` ``v3-ObservationValue#AIAST`` "Artificial
 Intelligence asserted" (the label HL7's AI Transparency on FHIR IG, a ballot, uses).
 
 Choices where the request and the standard differ:
@@ -75,6 +77,7 @@ __all__ = [
     "DEMO_WARNING",
     "DRAFT_STATUS",
     "DRAFT_WARNING",
+    "REPLACES_EXTENSION",
     "FhirDraft",
     "ReportContext",
     "build_draft_bundle",
@@ -92,6 +95,9 @@ DEMO_WARNING = (
     "DEMO MODEL: randomly initialised weights. This text is meaningless and must not be "
     "used for any clinical purpose."
 )
+REPLACES_EXTENSION = "http://hl7.org/fhir/StructureDefinition/diagnosticReport-replaces"
+"""The core R4 extension (0..1 Reference(DiagnosticReport)): "The report replaces the target
+resource", as a later report replaces a preliminary one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,9 @@ class FhirDraft:
         Device.manufacturer.
     device_uid
         Device identifier (``urn:oid:``); default :func:`integration.uids.device_uid`.
+    replaces_sr_uid
+        SOP Instance UID of the SR of the study's draft this one supersedes, whose
+        DiagnosticReport it replaces (:data:`REPLACES_EXTENSION`), or ``None``.
     """
 
     sr_sop_instance_uid: str
@@ -130,6 +139,7 @@ class FhirDraft:
     pdf: bytes | None = field(default=None, repr=False)
     manufacturer: str = "llm-cxr-node"
     device_uid: str | None = None
+    replaces_sr_uid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +166,15 @@ class ReportContext:
 
 
 _NO_CONTEXT = ReportContext()
+
+
+def _replaces(sr_uid: str) -> dict[str, Any]:
+    """The :data:`REPLACES_EXTENSION` naming the draft report of SR ``sr_uid`` by its
+    identifier (a logical reference: the server holds it under that identifier)."""
+    return {
+        "url": REPLACES_EXTENSION,
+        "valueReference": {"type": "DiagnosticReport", "identifier": dicom_uid_identifier(sr_uid)},
+    }
 
 
 def build_draft_bundle(
@@ -198,6 +217,8 @@ def build_draft_bundle(
     report["conclusion"] = draft.impression.strip()
     if draft.pdf is not None:
         report["presentedForm"] = [_presented_form(draft.pdf, issued)]
+    if draft.replaces_sr_uid is not None:
+        report["extension"] = [_replaces(draft.replaces_sr_uid)]
     entry = report_entry(report, draft)
     provenance = _provenance(entry["fullUrl"], device_url, issued)
     provenance_url = entry_urn("provenance", draft.sr_sop_instance_uid, issued)
@@ -229,7 +250,8 @@ def check_draft(source: Dataset, draft: FhirDraft) -> str:
     ------
     integration.errors.FhirBuildError
         In this order: an empty impression, a naive ``issued`` (an R4 instant has a zone),
-        an SR SOP Instance UID that is not a UID, a source without Study Instance UID.
+        an SR SOP Instance UID (or the replaced one) that is not a UID, a source without
+        Study Instance UID.
     ValueError
         No ``device_uid`` and an empty model name or version.
     """
@@ -239,6 +261,8 @@ def check_draft(source: Dataset, draft: FhirDraft) -> str:
         raise FhirBuildError("issued must be timezone-aware (FHIR instant)")
     if not is_dicom_uid(draft.sr_sop_instance_uid):
         raise FhirBuildError("sr_sop_instance_uid is not a DICOM UID")
+    if draft.replaces_sr_uid is not None and not is_dicom_uid(draft.replaces_sr_uid):
+        raise FhirBuildError("replaces_sr_uid is not a DICOM UID")
     if not header_text(source, "StudyInstanceUID"):
         raise FhirBuildError("source has no Study Instance UID")
     return draft.device_uid or default_device_uid(draft.model_name, draft.model_version)

@@ -251,11 +251,17 @@ def _queue_outputs(
     check: Callable[[], None],
     reissue: int,
 ) -> list[int]:
-    """Build and write each destination's objects, then queue them, superseding the study's
+    """Build and write each destination's objects (the FHIR report naming the study's newest
+    earlier draft's as the one it replaces), then queue them, superseding the study's
     earlier drafts not yet sent there (timed: ``outputs_s``, ``enqueue_s``); returns the
     delivery ids."""
     timings = prepared.timings
     with StageTimer(timings, "outputs_s"):
+        with deps.session_factory() as session:  # the newest earlier draft: what sr replaces
+            earlier = drafts_db.study_sr_uids(
+                session, prepared.study_uid, before_job=prepared.job_id
+            )
+        replaced = [uid for uid in earlier if uid != str(sr.SOPInstanceUID)]
         try:
             items = build_outputs(
                 settings,
@@ -266,6 +272,7 @@ def _queue_outputs(
                 evidence=prepared.evidence,
                 text=_draft_text(draft),
                 reissue=reissue,
+                replaces=replaced[-1] if replaced else None,
                 before_rename=check,
             )
         except IntegrationError as exc:

@@ -294,13 +294,22 @@ def hl7_result(text: DraftText) -> DraftResult:
     return DraftResult(**text.fields(), report_time=text.created_at, manufacturer=MANUFACTURER)
 
 
-def fhir_draft(text: DraftText, sr_uid: str, pdf: bytes | None, issued: dt.datetime) -> FhirDraft:
+def fhir_draft(
+    text: DraftText,
+    sr_uid: str,
+    pdf: bytes | None,
+    issued: dt.datetime,
+    *,
+    replaces: str | None = None,
+) -> FhirDraft:
     """The draft as the FHIR R4 resources carry it (identifier: the SR's SOP Instance UID;
-    DiagnosticReport.issued ``issued``; ``pdf`` as ``presentedForm``, ``None`` for none)."""
+    DiagnosticReport.issued ``issued``; ``pdf`` as ``presentedForm``, ``None`` for none;
+    ``replaces`` the SR UID of the earlier draft whose report it replaces, or ``None``)."""
     return FhirDraft(
         sr_sop_instance_uid=sr_uid,
         **text.fields(),
         issued=issued,
         pdf=pdf,
         manufacturer=MANUFACTURER,
+        replaces_sr_uid=replaces,
     )

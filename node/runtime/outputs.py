@@ -12,8 +12,8 @@ configured destination gets (:mod:`integration.destinations`) and returns one
 - HL7 destinations: an ORU^R01 (v2.5.1, OBR-25/OBX-11 ``R``: results stored, not yet
   verified) per destination (its MSH-5/6 and MSH-10 differ), ``report``;
 - FHIR destinations: one transaction Bundle (Device, DiagnosticReport ``partial``, R4's
-  status for a report that may be unverified, with the PDF as ``presentedForm``,
-  Provenance), ``report``.
+  status for a report that may be unverified, with the PDF as ``presentedForm`` and, for a
+  redraft, the earlier draft's report as the one it replaces, Provenance), ``report``.
 
 A sent draft is withdrawn by :func:`node.runtime.withdrawal.withdraw`.
 
@@ -86,6 +86,7 @@ class _Draft:
     evidence: list[Dataset]
     text: DraftText
     reissue: int
+    replaces: str | None
 
     @property
     def sr_uid(self) -> str:
@@ -195,7 +196,7 @@ class _Builder:
 
         def make() -> tuple[bytes, str, str]:
             d = self.draft
-            draft = fhir_draft(d.text, d.sr_uid, self.pdf(), d.text.created_at)
+            draft = fhir_draft(d.text, d.sr_uid, self.pdf(), d.text.created_at, replaces=d.replaces)
             bundle = build_draft_bundle(d.image_read, draft)
             data = json.dumps(bundle, ensure_ascii=False).encode("utf-8")
             return data, f"{d.sr_uid}.fhir.json", d.sr_uid
@@ -257,6 +258,7 @@ def build_outputs(
     evidence: Sequence[Dataset],
     text: DraftText,
     reissue: int = 0,
+    replaces: str | None = None,
     before_rename: Callable[[], None] | None = None,
 ) -> list[Outbound]:
     """Build and write what each configured destination gets (see the module text).
@@ -278,6 +280,9 @@ def build_outputs(
     reissue
         Which issue of the draft its objects' UIDs are
         (:func:`~node.runtime.draft_objects.draft_reissue`; the SR's).
+    replaces
+        The SR UID of the study's earlier draft this one supersedes: its FHIR report is
+        named as the one the new report replaces (``diagnosticReport-replaces``).
     before_rename
         Called before each file is renamed into place (a lease check that raises).
 
@@ -291,7 +296,7 @@ def build_outputs(
     integration.errors.IntegrationError
         An object cannot be built from this draft (a permanent failure of the job).
     """
-    draft = _Draft(sr, sr_path, image_read, list(evidence) or [image_read], text, reissue)
+    draft = _Draft(sr, sr_path, image_read, list(evidence) or [image_read], text, reissue, replaces)
     builder = _Builder(settings, outputs_dir, draft, before_rename)
     return [
         Outbound(dest, obj, spool_relative(path), uid)

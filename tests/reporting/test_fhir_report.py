@@ -202,6 +202,30 @@ def test_invalid_inputs_are_refused(source: Dataset) -> None:
         build_draft_bundle(no_id, DRAFT)
 
 
+def test_a_draft_that_supersedes_another_names_the_report_it_replaces(source: Dataset) -> None:
+    """A study drafted again (a late instance) gets a new report; it names the earlier
+    draft's by its identifier in the core R4 extension ``diagnosticReport-replaces``
+    (0..1 Reference(DiagnosticReport)), so the EHR can show the newer one as the current
+    AI draft. A first draft names none; a replaced UID that is not a UID is refused."""
+    earlier = "2.25.2718281828459045"
+    bundle = build_draft_bundle(source, dataclasses.replace(DRAFT, replaces_sr_uid=earlier))
+    Bundle.model_validate(bundle)
+    report = resources(bundle)["DiagnosticReport"]["resource"]
+    assert report["extension"] == [
+        {
+            "url": "http://hl7.org/fhir/StructureDefinition/diagnosticReport-replaces",
+            "valueReference": {
+                "type": "DiagnosticReport",
+                "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{earlier}"},
+            },
+        }
+    ]
+    first = resources(build_draft_bundle(source, DRAFT))["DiagnosticReport"]["resource"]
+    assert "extension" not in first
+    with pytest.raises(FhirBuildError, match="replaces_sr_uid"):
+        build_draft_bundle(source, dataclasses.replace(DRAFT, replaces_sr_uid="not-a-uid"))
+
+
 # --- sending ------------------------------------------------------------------------------
 
 

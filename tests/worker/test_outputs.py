@@ -806,3 +806,31 @@ def test_jobs_that_share_one_draft_are_withdrawn_together(
         assert draft_for(s, study, None) is None
         [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "job.withdraw"))
         assert entry.detail["same_draft"] == [jobs[1 - which]]
+
+
+def test_a_redrafts_fhir_report_names_the_report_it_replaces(
+    out_env: NodeEnv, model_host: ModelHost, fhir_server: tuple[str, FhirReceiver]
+) -> None:
+    """A late instance has the study drafted again: the FHIR server gets a second partial
+    DiagnosticReport, which names the first as the one it replaces (the core R4 extension
+    ``diagnosticReport-replaces``, by identifier), so that the EHR can tell the current AI
+    draft from the superseded one. The first draft names none."""
+    env = out_env
+    study = env.add_study(view="PA")
+    outcomes = []
+    for late in (False, True):
+        if late:
+            env.add_study(study_uid=study, view="AP")
+        [job_id] = env.queue_all()
+        assert claim(env) == job_id
+        [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+        assert outcome.status == "done", outcome.error
+        outcomes.append(outcome)
+        _send_all(env)  # the first draft went out before the second was made
+    assert fhir_server[1].problems == []
+    first, second = [_report(b) for _m, _p, b in fhir_server[1].received]
+    assert "extension" not in first
+    [replaces] = second["extension"]
+    assert replaces["url"] == "http://hl7.org/fhir/StructureDefinition/diagnosticReport-replaces"
+    assert replaces["valueReference"]["identifier"] == first["identifier"][0]
+    assert first["identifier"][0]["value"] == f"urn:oid:{outcomes[0].sr_uid}"
