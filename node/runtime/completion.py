@@ -214,19 +214,23 @@ def _write_draft_sr(
     draft: ReportDraft,
     check: Callable[[], None],
     reissue: int,
-) -> tuple[Dataset, Path]:
-    """Build the SR (superseding the study's earlier ones) and write it; stage ``sr``."""
+) -> tuple[Dataset, Path, str | None]:
+    """Build the SR (superseding the study's earlier ones) and write it; stage ``sr``. Also
+    the UID of the newest earlier SR it supersedes (whose FHIR report the new one replaces),
+    or ``None``."""
+    previous = previous_srs(deps, prepared.study_uid, prepared.job_id)
     try:
         sr = build_sr(
-            prepared.image,
-            draft,
-            evidence=prepared.evidence,
-            previous=previous_srs(deps, prepared.study_uid, prepared.job_id),
-            reissue=reissue,
+            prepared.image, draft, evidence=prepared.evidence, previous=previous, reissue=reissue
         )
     except IntegrationError as exc:
         raise JobFailure(f"SR not built: {exc}", permanent=True, stage="sr") from exc
-    return sr, write_sr(sr, deps.outputs_dir, before_rename=check)
+    replaced = [str(p.SOPInstanceUID) for p in previous if p.SOPInstanceUID != sr.SOPInstanceUID]
+    return (
+        sr,
+        write_sr(sr, deps.outputs_dir, before_rename=check),
+        replaced[-1] if replaced else None,
+    )
 
 
 def _routed_settings(deps: PipelineDeps, job_id: int) -> Settings:
@@ -250,18 +254,13 @@ def _queue_outputs(
     sr_path: Path,
     check: Callable[[], None],
     reissue: int,
+    replaces: str | None,
 ) -> list[int]:
-    """Build and write each destination's objects (the FHIR report naming the study's newest
-    earlier draft's as the one it replaces), then queue them, superseding the study's
-    earlier drafts not yet sent there (timed: ``outputs_s``, ``enqueue_s``); returns the
-    delivery ids."""
+    """Build and write each destination's objects (the FHIR report naming ``replaces``'s as
+    the one it replaces), then queue them, superseding the study's earlier drafts not yet
+    sent there (timed: ``outputs_s``, ``enqueue_s``); returns the delivery ids."""
     timings = prepared.timings
     with StageTimer(timings, "outputs_s"):
-        with deps.session_factory() as session:  # the newest earlier draft: what sr replaces
-            earlier = drafts_db.study_sr_uids(
-                session, prepared.study_uid, before_job=prepared.job_id
-            )
-        replaced = [uid for uid in earlier if uid != str(sr.SOPInstanceUID)]
         try:
             items = build_outputs(
                 settings,
@@ -272,7 +271,7 @@ def _queue_outputs(
                 evidence=prepared.evidence,
                 text=_draft_text(draft),
                 reissue=reissue,
-                replaces=replaced[-1] if replaced else None,
+                replaces=replaces,
                 before_rename=check,
             )
         except IntegrationError as exc:
@@ -328,12 +327,14 @@ def complete_job(
     stage_delay("sr")
     with StageTimer(timings, "sr_s"):
         reissue = _reissue(deps, prepared, draft)
-        sr, path = _write_draft_sr(deps, prepared, draft, check, reissue)
+        sr, path, replaces = _write_draft_sr(deps, prepared, draft, check, reissue)
     sr_uid = str(sr.SOPInstanceUID)
     delivery_ids: list[int] = []
     settings = _routed_settings(deps, job_id)
     if settings.destinations:
-        delivery_ids = _queue_outputs(deps, settings, prepared, draft, sr, path, check, reissue)
+        delivery_ids = _queue_outputs(
+            deps, settings, prepared, draft, sr, path, check, reissue, replaces
+        )
     with deps.session_factory() as session:
         drafts_db.update_draft_timings(session, draft_id, timings)
         jobs_db.finish_job(
