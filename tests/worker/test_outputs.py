@@ -298,6 +298,11 @@ def _ordered_cxr(env: NodeEnv, study_uid: str) -> Path:
 def _draft_and_send(env: NodeEnv, model_host: ModelHost, source: Path) -> JobOutcome:
     """Ingest ``source``, draft its study (one job) and send every object; the outcome."""
     env.ingest(source)
+    return _draft_received(env, model_host)
+
+
+def _draft_received(env: NodeEnv, model_host: ModelHost) -> JobOutcome:
+    """Queue the one study received, draft it (one job) and send every object; the outcome."""
     [job_id] = env.queue_all()
     assert claim(env) == job_id
     [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
@@ -429,12 +434,8 @@ def test_the_same_draft_after_a_withdrawal_is_a_new_issue(
         withdraw(env.settings, env.session_factory, one.job_id, actor="test:op", reason="wrong")
         _send_all(env)
     _send_corrected(env, source, PatientName="Corrected^Name")
-    [second] = env.queue_all()
-    assert claim(env) == second
-    [two] = run_batch(env.deps, [second], model_host, owner=OWNER)
-    assert two.status == "done", two.error
-    _send_all(env)
-    assert {r.state for r in env.deliveries(second)} == {DeliveryState.sent}
+    two = _draft_received(env, model_host)
+    assert {r.state for r in env.deliveries(two.job_id)} == {DeliveryState.sent}
 
     oru_ids = [
         m.msh.msh_10.to_er7()
@@ -651,18 +652,8 @@ def test_a_resend_of_a_superseded_draft_leaves_the_destinations_the_newer_one_we
     env = make_env(db_url, tmp_path, demo_bundle, destinations=json.dumps([hl7]))
     received = hl7_listener[1].received
     try:
-        study = env.add_study(view="PA")
-        [job1] = env.queue_all()
-        claim(env)
-        [first] = run_batch(env.deps, [job1], model_host, owner=OWNER)
-        assert first.status == "done", first.error
-        _send_all(env)
-        env.add_study(study_uid=study, view="AP")
-        [job2] = env.queue_all()
-        assert claim(env) == job2
-        [again] = run_batch(env.deps, [job2], model_host, owner=OWNER)
-        assert again.status == "done", again.error
-        _send_all(env)
+        first, again = _draft_twice(env, model_host)
+        job1, job2 = first.job_id, again.job_id
         [old], [new] = env.deliveries(job1), env.deliveries(job2)
         assert (old.state, new.state) == (DeliveryState.sent, DeliveryState.sent)
         assert [m.msh.msh_10.to_er7() for m in received] == [old.object_uid, new.object_uid]
@@ -716,6 +707,17 @@ def test_a_withdrawal_built_from_the_sr_dates_the_study_as_the_draft_did(
     assert withdrawn == sent
 
 
+def _draft_twice(env: NodeEnv, model_host: ModelHost) -> tuple[JobOutcome, JobOutcome]:
+    """A PA study drafted and sent, then a late AP instance and the study drafted again from
+    both (a new SR) and sent; both outcomes."""
+    study = env.add_study(view="PA")
+    one = _draft_received(env, model_host)
+    env.add_study(study_uid=study, view="AP")  # the late instance
+    two = _draft_received(env, model_host)
+    assert one.sr_uid != two.sr_uid
+    return one, two
+
+
 def test_withdrawing_a_superseded_draft_leaves_the_newer_result_for_the_order(
     out_env: NodeEnv,
     model_host: ModelHost,
@@ -729,19 +731,7 @@ def test_withdrawing_a_superseded_draft_leaves_the_newer_result_for_the_order(
     order's, job 2's ORU^R01 replaced job 1's, and OBX-11 "W" for the order would mark job
     2's newer result wrong (HL7 v2.5.1 section 7.4.1)."""
     env = out_env
-    study = env.add_study(view="PA")
-    outcomes = []
-    for view in ("PA", "AP"):
-        if view == "AP":
-            env.add_study(study_uid=study, view="AP")  # the late instance
-        [job_id] = env.queue_all()
-        assert claim(env) == job_id
-        [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
-        assert outcome.status == "done", outcome.error
-        _send_all(env)
-        outcomes.append(outcome)
-    one, two = outcomes
-    assert one.sr_uid != two.sr_uid
+    one, two = _draft_twice(env, model_host)
 
     result = withdraw(
         env.settings, env.session_factory, one.job_id, actor="test:op", reason="superseded"
@@ -785,11 +775,8 @@ def test_jobs_that_share_one_draft_are_withdrawn_together(
     source = _ordered_cxr(env, study)
     one = _draft_and_send(env, model_host, source)
     _send_corrected(env, source, PatientName="Corrected^Name")
-    [second] = env.queue_all()
-    assert claim(env) == second
-    [two] = run_batch(env.deps, [second], model_host, owner=OWNER)
-    assert two.status == "done" and two.sr_uid == one.sr_uid
-    _send_all(env)
+    two = _draft_received(env, model_host)
+    assert two.sr_uid == one.sr_uid
     jobs = [one.job_id, two.job_id]
 
     result = withdraw(env.settings, env.session_factory, jobs[which], actor="test:op", reason="x")
@@ -816,21 +803,11 @@ def test_a_redrafts_fhir_report_names_the_report_it_replaces(
     ``diagnosticReport-replaces``, by identifier), so that the EHR can tell the current AI
     draft from the superseded one. The first draft names none."""
     env = out_env
-    study = env.add_study(view="PA")
-    outcomes = []
-    for late in (False, True):
-        if late:
-            env.add_study(study_uid=study, view="AP")
-        [job_id] = env.queue_all()
-        assert claim(env) == job_id
-        [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
-        assert outcome.status == "done", outcome.error
-        outcomes.append(outcome)
-        _send_all(env)  # the first draft went out before the second was made
+    one, _two = _draft_twice(env, model_host)
     assert fhir_server[1].problems == []
     first, second = [_report(b) for _m, _p, b in fhir_server[1].received]
     assert "extension" not in first
     [replaces] = second["extension"]
     assert replaces["url"] == "http://hl7.org/fhir/StructureDefinition/diagnosticReport-replaces"
     assert replaces["valueReference"]["identifier"] == first["identifier"][0]
-    assert first["identifier"][0]["value"] == f"urn:oid:{outcomes[0].sr_uid}"
+    assert first["identifier"][0]["value"] == f"urn:oid:{one.sr_uid}"
