@@ -38,7 +38,10 @@ def later_drafts(
     session: Session, job_id: int, destinations: Collection[str], *, besides: Collection[int] = ()
 ) -> dict[str, int]:
     """Of ``destinations``, those a later job of job ``job_id``'s study has queued its draft
-    to (in any state), with the newest such job: where job ``job_id``'s draft is superseded.
+    to, with the newest such job: where job ``job_id``'s draft is superseded. A row of the
+    later draft counts in any state (it was sent, or will be, or may have arrived) but
+    ``cancelled`` before any attempt (withdrawn before it was sent: it never got there, and
+    replaced nothing).
 
     Parameters
     ----------
@@ -67,6 +70,7 @@ def later_drafts(
             Job.id.not_in(list(besides)),
             Delivery.destination.in_(list(destinations)),
             Delivery.object != DeliveryObject.withdrawal,
+            _may_get_there(Delivery),
         )
         .group_by(Delivery.destination)
     )
@@ -154,11 +158,17 @@ def cancel_superseded(
     return cancelled
 
 
+def _may_get_there(row: Any) -> Any:
+    """A condition on a :class:`Delivery` (or an alias of it): the row was sent, will be,
+    or may have arrived; not one cancelled before any attempt."""
+    return or_(row.state != DeliveryState.cancelled, row.attempts > 0)
+
+
 def not_superseded() -> Any:
     """A condition on :class:`Delivery`: not a draft row of a job whose draft a later job of
-    the study has queued to the same destination (what :func:`cancel_superseded` cancels
-    while unsent). A re-send leaves such a row, sent or not: the older draft must not reach
-    that destination after the newer one."""
+    the study has queued to the same destination (as :func:`later_drafts` counts them: what
+    :func:`cancel_superseded` cancels while unsent). A re-send leaves such a row, sent or
+    not: the older draft must not reach that destination after the newer one."""
     mine, later = aliased(Job), aliased(Job)
     newer = aliased(Delivery)
     superseded = exists().where(
@@ -168,5 +178,6 @@ def not_superseded() -> Any:
         newer.job_id == later.id,
         newer.destination == Delivery.destination,
         newer.object != DeliveryObject.withdrawal,
+        _may_get_there(newer),
     )
     return or_(Delivery.object == DeliveryObject.withdrawal, ~superseded)

@@ -24,6 +24,7 @@ from node.db.models import (
     DeliveryObject,
     DeliveryState,
     Job,
+    JobState,
     utcnow,
 )
 from node.db.views import DeliveryRow, counts
@@ -401,6 +402,39 @@ def test_a_rerun_after_a_later_draft_keeps_what_the_earlier_run_sent(node_db: No
     with node_db.factory() as s:
         done = withdrawals_db.withdraw_job(s, job1, actor="admin", reason="wrong side")
     assert list(done.reached) == [pacs]
+
+
+def test_a_later_draft_withdrawn_before_it_was_sent_supersedes_nothing(
+    node_db: NodeDB,
+) -> None:
+    """Job 2 queued its draft to the PACS and was withdrawn before it was sent (its row
+    cancelled, never attempted); job 1, which had read the study before the late instance,
+    finishes only then, and is the study's current draft. Job 2's row never reached the
+    PACS and replaced nothing there: job 1's draft goes out, and a re-send sends it again.
+    Before, job 1 cancelled its own row as "superseded by job 2" and the re-send left it."""
+    pacs = str(DESTS[0])
+    job1 = make_job(node_db.factory)
+    job2 = _redraft(node_db, job1)
+    with node_db.factory() as s:
+        s.get_one(Job, job1).state = JobState.running  # still drafting
+        s.commit()
+        deliveries_db.enqueue_deliveries(
+            s, job_id=job2, sr_path="/2.dcm", destinations=[pacs], supersede=True
+        )
+        done = withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong side")
+        assert done.reached == {}
+        job = s.get_one(Job, job1)
+        job.state, job.sr_sop_instance_uid = JobState.done, "2.25.1"
+        s.commit()
+        [row_id] = deliveries_db.enqueue_deliveries(
+            s, job_id=job1, sr_path="/1.dcm", destinations=[pacs], supersede=True
+        )
+    row = node_db.delivery(row_id)
+    assert (row.state, row.last_error) == (DeliveryState.pending, None)
+    with node_db.factory() as s:
+        [claimed] = deliveries_db.claim_due_deliveries(s, limit=10)
+        assert deliveries_db.mark_sent(s, row_id, claimed_until=claimed.next_attempt_at)
+        assert deliveries_db.resend(s, job1, actor="admin") == [row_id]
 
 
 def test_two_jobs_of_a_study_queued_at_once_still_supersede(
