@@ -223,6 +223,19 @@ def jobs_withdraw(
         typer.echo(f"withdrawn with it, the same draft: job(s) {same}")
     for dest, why in result.skipped.items():
         err.print(f"no withdrawal for {dest}: {why}", markup=False, highlight=False)
+    for earlier in result.superseded:
+        same = "".join(f", {j}" for j in earlier.same_draft)
+        typer.echo(
+            f"withdrawn with it, the earlier draft it superseded: job(s) {earlier.job_id}{same}; "
+            f"{len(earlier.cancelled)} unsent object(s) cancelled, "
+            f"{len(earlier.queued)} withdrawal(s) queued"
+        )
+        for dest, why in earlier.skipped.items():
+            err.print(
+                f"no withdrawal of job {earlier.job_id}'s draft for {dest}: {why}",
+                markup=False,
+                highlight=False,
+            )
 
 
 def jobs_priority(

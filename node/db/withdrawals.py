@@ -6,7 +6,7 @@ The withdrawal objects themselves are built and queued by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import select
@@ -51,7 +51,8 @@ def check_reason(reason: str) -> str:
 
 @dataclass(frozen=True)
 class Withdrawal:
-    """What :func:`withdraw_job` did: rows cancelled, destinations that need a withdrawal."""
+    """What :func:`withdraw_job` did to one draft: rows cancelled, destinations that need a
+    withdrawal."""
 
     job_id: int
     cancelled: list[int]
@@ -59,6 +60,9 @@ class Withdrawal:
     reached: dict[str, list[tuple[DeliveryObject, str, str | None]]]
     #: the study's other jobs whose draft is the same SR (withdrawn with it)
     same_draft: list[int]
+    #: the study's earlier drafts this one superseded, withdrawn with it (newest first;
+    #: only when this one was the study's current draft)
+    superseded: list[Withdrawal] = field(default_factory=list)
 
 
 def withdraw_job(
@@ -70,10 +74,21 @@ def withdraw_job(
     sent (``pending`` or ``failed``) become ``cancelled``, so no retry or re-queue sends them
     later (a send in flight loses its claim: its result is not recorded). Each destination
     that may hold a draft object (a row sent, or attempted at least once) is returned, so
-    that the caller queues a withdrawal to it. The study's other done jobs whose SR is the
-    same (the same draft made again from the same instances: one SOP Instance UID) are
-    withdrawn with it, as one: what is withdrawn is the draft object, which the receivers
-    hold once, and none of them may stay the study's current draft. Commits.
+    that the caller queues a withdrawal to it.
+
+    Withdrawn with it, in the same way and the same transaction:
+
+    - the study's other done jobs whose SR is the same (the same draft made again from the
+      same instances: one SOP Instance UID): what is withdrawn is the draft object, which the
+      receivers hold once, and none of them may stay the study's current draft;
+    - when the job's draft is the study's current one (no later job's draft is done and not
+      withdrawn), the earlier drafts of the study it superseded, each with its own
+      destinations (:attr:`Withdrawal.superseded`; one ``job.withdraw`` entry each, naming
+      this job in ``with_job``): else the draft of fewer instances it replaced would become
+      the current one again, at the node (review, finals, summaries) and in the PACS, the
+      FHIR server and the RIS that still hold it.
+
+    Commits.
 
     Raises
     ------
@@ -94,43 +109,77 @@ def withdraw_job(
             raise JobConflict(f"job {job_id}: the draft was withdrawn already")
         if job.state is not JobState.done or not job.sr_sop_instance_uid:
             raise JobConflict(f"job {job_id} is {job.state.value}: it has no draft to withdraw")
-        twins = list(
-            session.scalars(
-                select(Job)
-                .where(
-                    Job.study_id == job.study_id,
-                    Job.id != job_id,
-                    Job.sr_sop_instance_uid == job.sr_sop_instance_uid,
-                    Job.state == JobState.done,
-                    Job.withdrawn_at.is_(None),
-                )
-                .order_by(Job.id)
-                .with_for_update()
-            )
-        )
-        for each in (job, *twins):
+        drafts = _drafts_by_sr(session, job)
+        mine = drafts.pop(job.sr_sop_instance_uid or "")
+        current = not any(twins[0].id > job_id for twins in drafts.values())
+        earlier = list(drafts.values()) if current else []
+        for each in (*mine, *(j for twins in earlier for j in twins)):
             each.withdrawn_at = now
             each.withdrawn_by = actor[:128]
             each.withdrawn_reason = reason
-        cancelled, reached = _cancel_and_reach(session, [job_id, *(t.id for t in twins)])
-        same = [t.id for t in twins]
-        session.add(
-            AuditLog(
-                at=now,
-                actor=actor,
-                action="job.withdraw",
-                target=f"job:{job_id}",
-                detail={
-                    "reason": reason,
-                    "cancelled": cancelled,
-                    "reached": sorted(reached),
-                    "same_draft": same,
-                },
-            )
+        superseded = [
+            _withdraw_draft(session, twins, actor, reason, now, with_job=job_id)
+            for twins in earlier
+        ]
+        main = _withdraw_draft(
+            session,
+            [job, *(j for j in mine if j.id != job_id)],
+            actor,
+            reason,
+            now,
+            superseded=[w.job_id for w in superseded],
         )
-        return Withdrawal(job_id, cancelled, reached, same)
+        return Withdrawal(main.job_id, main.cancelled, main.reached, main.same_draft, superseded)
 
     return in_transaction(session, work)
+
+
+def _drafts_by_sr(session: Session, job: Job) -> dict[str, list[Job]]:
+    """The done jobs of ``job``'s study whose draft is not withdrawn, ``job`` included,
+    locked, by SR SOP Instance UID, the newest draft first and each one's newest job
+    first."""
+    rows = session.scalars(
+        select(Job)
+        .where(
+            Job.study_id == job.study_id,
+            Job.state == JobState.done,
+            Job.withdrawn_at.is_(None),
+            Job.sr_sop_instance_uid.is_not(None),
+        )
+        .order_by(Job.id.desc())
+        .with_for_update()
+    )
+    drafts: dict[str, list[Job]] = {}
+    for row in rows:
+        drafts.setdefault(row.sr_sop_instance_uid or "", []).append(row)
+    return drafts
+
+
+def _withdraw_draft(
+    session: Session,
+    jobs: list[Job],
+    actor: str,
+    reason: str,
+    now: datetime,
+    **about: object,
+) -> Withdrawal:
+    """Cancel the unsent rows of one draft's ``jobs`` (already marked; the first is the one
+    named), find the destinations it reached, and audit ``job.withdraw`` with ``about``
+    (``superseded``: the earlier drafts' jobs withdrawn with this one; ``with_job``: the job
+    whose withdrawal took this superseded draft with it)."""
+    job_id, same = jobs[0].id, sorted(j.id for j in jobs[1:])
+    cancelled, reached = _cancel_and_reach(session, [job_id, *same])
+    detail = {
+        "reason": reason,
+        "cancelled": cancelled,
+        "reached": sorted(reached),
+        "same_draft": same,
+        **about,
+    }
+    session.add(
+        AuditLog(at=now, actor=actor, action="job.withdraw", target=f"job:{job_id}", detail=detail)
+    )
+    return Withdrawal(job_id, cancelled, reached, same)
 
 
 def _cancel_and_reach(

@@ -26,8 +26,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ class WithdrawResult:
     skipped: dict[str, str]
     #: the study's other jobs whose draft was the same SR, withdrawn with it
     same_draft: list[int] = field(default_factory=list)
+    #: the study's earlier drafts this one superseded, withdrawn with it (newest first)
+    superseded: list[WithdrawResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -258,14 +260,65 @@ def withdraw(
     now = dt.datetime.now(dt.UTC)
     with session_factory() as session:
         done = withdrawals_db.withdraw_job(session, job_id, actor=actor, reason=reason)
-        replaced = later_drafts(session, job_id, list(done.reached), besides=done.same_draft)
-        job = session.get(Job, job_id)
-        assert job is not None
-        text = _stored_text(session, job)
-        source = _source(session, settings, job)
-        sr_uid = job.sr_sop_instance_uid or ""
-    outputs_dir = Path(settings.spool_dir) / OUTPUTS_DIR
-    builder = _Withdrawals(settings, outputs_dir, reason.strip(), sr_uid, source, text, now)
+        drafts = [
+            (each, *_plan(session, settings, each, reason.strip(), now))
+            for each in (done, *done.superseded)
+        ]
+    withdrawing = {j for each in (done, *done.superseded) for j in (each.job_id, *each.same_draft)}
+    results = [
+        _queue_withdrawals(settings, session_factory, each, builder, replaced, withdrawing)
+        for each, builder, replaced in drafts
+    ]
+    result = replace(results[0], superseded=results[1:])
+    log.info(
+        "job %s: draft withdrawn by %s (with job(s) %s, the same draft; and job(s) %s, the "
+        "earlier drafts it superseded): %d unsent object(s) cancelled, %d withdrawal(s) queued",
+        job_id,
+        actor,
+        ", ".join(map(str, done.same_draft)) or "none",
+        ", ".join(str(r.job_id) for r in result.superseded) or "none",
+        sum(len(r.cancelled) for r in results),
+        sum(len(r.queued) for r in results),
+    )
+    return result
+
+
+def _plan(
+    session: Session,
+    settings: Settings,
+    done: withdrawals_db.Withdrawal,
+    reason: str,
+    now: dt.datetime,
+) -> tuple[_Withdrawals, dict[str, int]]:
+    """The builder of one draft's withdrawals (its SR UID, the header naming the patient
+    and order, :func:`_source`, and its stored text), and the destinations a later draft
+    of the study replaced it at (:func:`node.db.superseded.later_drafts`)."""
+    job = session.get(Job, done.job_id)
+    assert job is not None
+    builder = _Withdrawals(
+        settings,
+        Path(settings.spool_dir) / OUTPUTS_DIR,
+        reason,
+        job.sr_sop_instance_uid or "",
+        _source(session, settings, job),
+        _stored_text(session, job),
+        now,
+    )
+    return builder, later_drafts(session, done.job_id, list(done.reached), besides=done.same_draft)
+
+
+def _queue_withdrawals(
+    settings: Settings,
+    session_factory: Callable[[], Session],
+    done: withdrawals_db.Withdrawal,
+    builder: _Withdrawals,
+    replaced: dict[str, int],
+    withdrawing: Collection[int],
+) -> WithdrawResult:
+    """Build and queue one draft's withdrawal to each destination it reached; skip an HL7
+    destination in ``replaced`` (by a later job: when it is one of ``withdrawing``, the
+    jobs this withdrawal takes, that job's own withdrawal goes there), and one no
+    withdrawal can be built for."""
     items: list[Outbound] = []
     skipped: dict[str, str] = {}
     for text_dest, rows in done.reached.items():
@@ -273,9 +326,11 @@ def withdraw(
         if isinstance(dest, Hl7Destination) and text_dest in replaced:
             # HL7 v2 results are the order's: the later draft's ORU^R01 replaced this one's,
             # and OBX-11 "W" for the order would mark the newer result wrong (section 7.4.1)
-            skipped[text_dest] = (
-                f"job {replaced[text_dest]}'s later draft replaced this one for the order "
-                "there: a withdrawal would mark the newer result wrong"
+            later = replaced[text_dest]
+            skipped[text_dest] = f"job {later}'s later draft replaced this one for the order " + (
+                f"there, and job {later}'s withdrawal goes there"
+                if later in withdrawing
+                else "there: a withdrawal would mark the newer result wrong"
             )
             continue
         try:
@@ -285,22 +340,16 @@ def withdraw(
             continue
         except Exception as exc:  # built from stored data: name the class, not the content
             log.error(
-                "job %s: withdrawal for %s not built: %s", job_id, text_dest, type(exc).__name__
+                "job %s: withdrawal for %s not built: %s",
+                done.job_id,
+                text_dest,
+                type(exc).__name__,
             )
             skipped[text_dest] = f"not built: {type(exc).__name__}: {exc}"
             continue
         items.append(Outbound(dest, DeliveryObject.withdrawal, spool_relative(path), uid))
-    queued = _enqueue(session_factory, job_id, items)
-    log.info(
-        "job %s: draft withdrawn by %s (with job(s) %s, the same draft): %d unsent object(s) "
-        "cancelled, %d withdrawal(s) queued",
-        job_id,
-        actor,
-        ", ".join(map(str, done.same_draft)) or "none",
-        len(done.cancelled),
-        len(queued),
-    )
-    return WithdrawResult(job_id, done.cancelled, queued, skipped, done.same_draft)
+    queued = _enqueue(session_factory, done.job_id, items)
+    return WithdrawResult(done.job_id, done.cancelled, queued, skipped, done.same_draft)
 
 
 def _enqueue(

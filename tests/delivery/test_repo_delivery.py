@@ -422,7 +422,7 @@ def test_a_later_draft_withdrawn_before_it_was_sent_supersedes_nothing(
             s, job_id=job2, sr_path="/2.dcm", destinations=[pacs], supersede=True
         )
         done = withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong side")
-        assert done.reached == {}
+        assert done.reached == {} and done.superseded == []
         job = s.get_one(Job, job1)
         job.state, job.sr_sop_instance_uid = JobState.done, "2.25.1"
         s.commit()

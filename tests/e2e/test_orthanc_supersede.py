@@ -4,9 +4,9 @@ Orthanc forwards the RG1 chest CR to ``cxr-node serve`` (demo bundle), which sen
 Comprehensive SR and the AI DRAFT Encapsulated PDF into the same study. A late lateral
 image of the study follows: the node drafts again and sends a second SR with a new SOP
 Instance UID whose Predecessor Documents Sequence references the first; Orthanc keeps
-both. ``cxr-node jobs withdraw`` then sends the IHE IOCM rejection note (Key Object
-Selection) naming the second SR and PDF. dciodvfy finds no error in the SR, PDF and KOS as
-Orthanc stored them.
+both. ``cxr-node jobs withdraw`` of the second then sends the IHE IOCM rejection notes (Key
+Object Selection) naming the second SR and PDF, and the first's, which it superseded.
+dciodvfy finds no error in the SR, PDF and KOS as Orthanc stored them.
 """
 
 from __future__ import annotations
@@ -167,23 +167,35 @@ def test_late_instance_supersedes_and_withdrawal_reaches_orthanc(
             str(d.SOPInstanceUID) for d in pdf2 if d.SOPInstanceUID != pdf1.SOPInstanceUID
         )
 
-        # withdraw the second draft: the rejection note reaches Orthanc
+        # withdraw the second, current draft: a rejection note of its SR and PDF reaches
+        # Orthanc, and one of the first draft's, which it superseded and which would
+        # otherwise be the study's visible AI draft again
         out = node.cli("jobs", "withdraw", str(jobs[1]["id"]), "--reason", "wrong laterality")
         assert "1 withdrawal(s) queued" in out, out
+        assert f"the earlier draft it superseded: job(s) {jobs[0]['id']};" in out, out
         final = _wait(
-            orthanc, study_uid, node, lambda f: bool(f.get(KeyObjectSelectionDocumentStorage))
+            orthanc,
+            study_uid,
+            node,
+            lambda f: len(f.get(KeyObjectSelectionDocumentStorage, [])) == 2,
         )
-        [kos] = final[KeyObjectSelectionDocumentStorage]
-        assert _referenced(kos, "CurrentRequestedProcedureEvidenceSequence") == {
-            str(sr2.SOPInstanceUID),
-            pdf2_uid,
-        }
+        rejected = sorted(
+            (
+                _referenced(kos, "CurrentRequestedProcedureEvidenceSequence")
+                for kos in final[KeyObjectSelectionDocumentStorage]
+            ),
+            key=lambda uids: str(sr1.SOPInstanceUID) in uids,
+        )
+        assert rejected == [
+            {str(sr2.SOPInstanceUID), pdf2_uid},
+            {str(sr1.SOPInstanceUID), str(pdf1.SOPInstanceUID)},
+        ]
         shown = json.loads(node.cli("jobs", "show", str(jobs[1]["id"]), "--json"))
         assert shown["job"]["withdrawn_reason"] == "wrong laterality"
-        # the study's chain: the first SR superseded by the second (now withdrawn)
+        # the study's chain: the first SR superseded by the second, both withdrawn
         chain = [(v["sr_uid"], v["superseded"], bool(v["withdrawn_at"])) for v in shown["sr_chain"]]
-        assert chain == [(sr1.SOPInstanceUID, True, False), (sr2.SOPInstanceUID, False, True)]
+        assert chain == [(sr1.SOPInstanceUID, True, True), (sr2.SOPInstanceUID, False, True)]
 
-        for ds in (sr1, sr2, pdf1, kos):
+        for ds in (sr1, sr2, pdf1, *final[KeyObjectSelectionDocumentStorage]):
             assert _dciodvfy_errors(ds, tmp_path) == [], ds.SOPClassUID
         assert node.stop() == 0

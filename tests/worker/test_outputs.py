@@ -739,6 +739,7 @@ def test_withdrawing_a_superseded_draft_leaves_the_newer_result_for_the_order(
     [hl7] = [d for d in env.settings.destinations if isinstance(d, Hl7Destination)]
     assert list(result.skipped) == [str(hl7)]
     assert f"job {two.job_id}'s later draft" in result.skipped[str(hl7)]
+    assert result.superseded == [] and env.job(two.job_id).withdrawn_at is None
     _send_all(env)
     assert [
         m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
@@ -754,6 +755,98 @@ def test_withdrawing_a_superseded_draft_leaves_the_newer_result_for_the_order(
     withdrawn = [b for _m, _p, b in fhir_server[1].received if _draft_report(b) is None]
     assert len(withdrawn) == 1 and two.sr_uid not in json.dumps(withdrawn[0])
     assert one.sr_uid in json.dumps(withdrawn[0])
+
+
+def _rejected(kos: Dataset) -> set[str]:
+    """The SOP Instance UIDs a rejection note names."""
+    return {
+        item.ReferencedSOPInstanceUID
+        for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+
+
+def test_withdrawing_the_current_draft_withdraws_the_drafts_it_superseded(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    scp: Scp,
+    hl7_listener: tuple[int, Receiver],
+    fhir_server: tuple[str, FhirReceiver],
+) -> None:
+    """Job 2, drafted after a late instance, superseded job 1 everywhere; then job 2's draft
+    is withdrawn. Job 1's goes with it: else the draft of fewer instances would be the
+    study's current one again, reviewed and scored at the node and the visible AI draft in
+    the PACS (its SR no longer behind a newer one) and the EHR (its DiagnosticReport no
+    longer replaced). Each draft's objects get their own rejection note and their own
+    DiagnosticReport ``entered-in-error``; the RIS gets one ORU, job 2's, since HL7 v2
+    results are the order's and job 2's replaced job 1's there."""
+    env = out_env
+    one, two = _draft_twice(env, model_host)
+
+    result = withdraw(env.settings, env.session_factory, two.job_id, actor="test:op", reason="x")
+    [hl7] = [d for d in env.settings.destinations if isinstance(d, Hl7Destination)]
+    assert result.skipped == {} and len(result.queued) == 3
+    [earlier] = result.superseded
+    assert earlier.job_id == one.job_id and len(earlier.queued) == 2
+    assert list(earlier.skipped) == [str(hl7)]
+    assert f"job {two.job_id}'s withdrawal goes there" in earlier.skipped[str(hl7)]
+    assert env.job(one.job_id).withdrawn_at is not None
+    assert env.job(one.job_id).withdrawn_reason == "x"
+    _send_all(env)
+    notes = [_rejected(kos) for kos in scp.by_class(KeyObjectSelectionDocumentStorage)]
+    assert sorted(one.sr_uid in n for n in notes) == [False, True]
+    assert all((one.sr_uid in n) != (two.sr_uid in n) for n in notes)
+    assert [
+        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
+        for m in hl7_listener[1].received
+    ] == ["R", "R", "C"]
+    withdrawn = [_report(b) for _m, _p, b in fhir_server[1].received if _draft_report(b) is None]
+    assert sorted(r["identifier"][0]["value"] for r in withdrawn) == sorted(
+        f"urn:oid:{uid}" for uid in (one.sr_uid, two.sr_uid)
+    )
+    assert {r["status"] for r in withdrawn} == {"entered-in-error"}
+    with env.session_factory() as s:
+        study = s.get_one(Job, one.job_id).study.study_instance_uid
+        assert draft_for(s, study, None) is None
+        entries = {
+            e.target: e.detail
+            for e in s.scalars(select(AuditLog).where(AuditLog.action == "job.withdraw"))
+        }
+    assert entries[f"job:{two.job_id}"]["superseded"] == [one.job_id]
+    assert entries[f"job:{one.job_id}"]["with_job"] == two.job_id
+
+
+def test_an_earlier_draft_withdrawn_with_one_never_sent_withdraws_its_own_result(
+    out_env: NodeEnv, model_host: ModelHost, hl7_listener: tuple[int, Receiver]
+) -> None:
+    """Three drafts of a study, each after a late instance; job 3's is withdrawn before
+    anything of it was sent, and jobs 2 and 1 go with it, newest first. Job 3's ORU^R01
+    never reached the RIS and replaced nothing there, so job 2's result is still the
+    order's: job 2's withdrawal, not skipped for job 3's cancelled row, marks it wrong, and
+    job 1's is skipped, job 2's having replaced it there."""
+    env = out_env
+    one, two = _draft_twice(env, model_host)
+    with env.session_factory() as s:
+        study = s.get_one(Job, one.job_id).study.study_instance_uid
+    env.add_study(study_uid=study, view="PA")  # a third instance, later still
+    [job3] = env.queue_all()
+    assert claim(env) == job3
+    [three] = run_batch(env.deps, [job3], model_host, owner=OWNER)
+    assert three.status == "done", three.error
+
+    result = withdraw(env.settings, env.session_factory, job3, actor="test:op", reason="x")
+    assert result.queued == [] and len(result.cancelled) == 5
+    assert [w.job_id for w in result.superseded] == [two.job_id, one.job_id]
+    middle, earliest = result.superseded
+    assert middle.skipped == {} and len(middle.queued) == 3
+    [hl7] = [d for d in env.settings.destinations if isinstance(d, Hl7Destination)]
+    assert list(earliest.skipped) == [str(hl7)] and len(earliest.queued) == 2
+    assert f"job {two.job_id}'s withdrawal goes there" in earliest.skipped[str(hl7)]
+    _send_all(env)
+    assert [
+        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
+        for m in hl7_listener[1].received
+    ] == ["R", "R", "C"]
 
 
 @pytest.mark.parametrize("which", [0, 1])

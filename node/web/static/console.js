@@ -286,7 +286,7 @@
         var body = {};
         if (name === "cancel" && !window.confirm("Cancel this job?")) return;
         if (name === "withdraw") {
-          var reason = window.prompt("Withdraw the sent draft from every destination. Reason (sent to the receivers; no patient data):");
+          var reason = window.prompt("Withdraw the sent draft from every destination (and, if it is the study's current draft, the earlier drafts it superseded). Reason (sent to the receivers; no patient data):");
           if (!reason || !reason.trim()) return;
           body = { reason: reason.trim() };
         }
