@@ -26,7 +26,7 @@ from node.db.queries import locked_deliveries
 from node.db.superseded import lock_study_of
 from node.db.tx import in_transaction
 
-__all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "withdraw_job"]
+__all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "withdraw_job", "withdrawn_later"]
 
 #: the longest reason a withdrawal takes (``POST /api/jobs/{id}/withdraw``, ``cxr-node jobs
 #: withdraw``); it is sent to every receiver
@@ -66,9 +66,17 @@ class Withdrawal:
 
 
 def withdraw_job(
-    session: Session, job_id: int, *, actor: str, reason: str, now: datetime | None = None
+    session: Session,
+    job_id: int,
+    *,
+    actor: str,
+    reason: str,
+    now: datetime | None = None,
+    with_job: int | None = None,
 ) -> Withdrawal:
-    """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``).
+    """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``;
+    ``with_job``, in the entry: the later job whose withdrawal this one follows, see
+    :func:`withdrawn_later`).
 
     The job gets ``withdrawn_at``/``withdrawn_by``/``withdrawn_reason``; its draft rows not
     sent (``pending`` or ``failed``) become ``cancelled``, so no retry or re-queue sends them
@@ -128,8 +136,44 @@ def withdraw_job(
             reason,
             now,
             superseded=[w.job_id for w in superseded],
+            **({} if with_job is None else {"with_job": with_job}),
         )
         return Withdrawal(main.job_id, main.cancelled, main.reached, main.same_draft, superseded)
+
+    return in_transaction(session, work)
+
+
+def withdrawn_later(session: Session, job_id: int) -> tuple[int, str] | None:
+    """The later draft of job ``job_id``'s study that took this job's draft with it when
+    it was withdrawn, as ``(its job id, its reason)``: the newest later job of the study
+    that is done with a draft, when that draft is withdrawn. This job had read the study
+    before a late instance came and finished only after that withdrawal: its draft, made
+    from fewer instances, is one the withdrawn draft superseded, which
+    :func:`withdraw_job` withdraws with the study's current draft. ``None`` when no later
+    job is done, or the newest later draft stands (it supersedes this one).
+
+    Takes the study's lock, as :func:`withdraw_job` does, so that a withdrawal of the study
+    in progress is seen once it is committed: a withdrawal and this job's completion cannot
+    miss each other. Ends its transaction.
+    """
+
+    def work() -> tuple[int, str] | None:
+        lock_study_of(session, job_id)
+        study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+        newest = session.execute(
+            select(Job.id, Job.withdrawn_at, Job.withdrawn_reason)
+            .where(
+                Job.study_id == study,
+                Job.id > job_id,
+                Job.state == JobState.done,
+                Job.sr_sop_instance_uid.is_not(None),
+            )
+            .order_by(Job.id.desc())
+            .limit(1)
+        ).first()
+        if newest is None or newest.withdrawn_at is None:
+            return None
+        return newest.id, newest.withdrawn_reason or f"withdrawn with job {newest.id}"
 
     return in_transaction(session, work)
 

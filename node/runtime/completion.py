@@ -15,6 +15,11 @@ Once the model has drafted a job's report (:mod:`node.runtime.pipeline`),
    study's earlier drafts not yet sent to those destinations (superseded);
 8. **finishes** the job (:func:`node.db.jobs.finish_job`).
 
+A job that finishes only after a later draft of its study, which supersedes it, was
+withdrawn as the study's current draft (it had read the study before a late instance came)
+queues nothing, and its draft is withdrawn as it finishes, as the withdrawal would have
+taken it had it been done then (:func:`node.runtime.withdrawal.withdraw_with_later`).
+
 A re-run of a job that drafts the same text from the same instances produces the same SR UID
 and replaces the file; a changed draft gets a new UID and supersedes the earlier SR
 (Predecessor Documents Sequence, PS3.3 C.17.2), and so does the same draft made again after
@@ -30,6 +35,7 @@ writes them).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +49,7 @@ from integration.errors import IntegrationError
 from node import metrics
 from node.db import drafts as drafts_db
 from node.db import jobs as jobs_db
+from node.db import withdrawals as withdrawals_db
 from node.db.jobs import LeaseLost
 from node.runtime.draft_objects import (
     DraftText,
@@ -54,6 +61,7 @@ from node.runtime.output_files import write_output
 from node.runtime.outputs import build_outputs
 from node.runtime.prepare import PreparedJob, SelectedImage
 from node.runtime.stages import JobFailure, PipelineDeps, StageTimer, stage_delay
+from node.runtime.withdrawal import withdraw_with_later
 
 if TYPE_CHECKING:
     from models.results import ReportDraft
@@ -72,6 +80,8 @@ __all__ = [
 SR_INSTANCE_NUMBER = 1
 #: the model's timings kept with the job's (seconds, or token counts)
 _GENERATION_TIMINGS = ("encode_s", "prefill_s", "decode_s", "prompt_tokens", "tokens")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -295,6 +305,22 @@ def _observe(timings: dict[str, float]) -> None:
         metrics.observe_generation("report", timings.get("tokens", 0.0), timings["decode_s"])
 
 
+def _follow_later_withdrawal(deps: PipelineDeps, job_id: int) -> None:
+    """Withdraw the job's draft, just done, when a later draft of the study that supersedes
+    it was withdrawn first (:func:`node.runtime.withdrawal.withdraw_with_later`). The job is
+    done whatever happens here: a failure is logged with the command that mends it."""
+    try:
+        withdraw_with_later(deps.settings, deps.session_factory, job_id)
+    except Exception as exc:  # the job stays done; name the class, not the content
+        log.error(
+            "job %s: a later draft of the study, withdrawn, supersedes this one, which was "
+            "not withdrawn with it (%s): run cxr-node jobs withdraw %s",
+            job_id,
+            type(exc).__name__,
+            job_id,
+        )
+
+
 def complete_job(
     deps: PipelineDeps,
     prepared: PreparedJob,
@@ -331,7 +357,9 @@ def complete_job(
     sr_uid = str(sr.SOPInstanceUID)
     delivery_ids: list[int] = []
     settings = _routed_settings(deps, job_id)
-    if settings.destinations:
+    with deps.session_factory() as session:  # then this draft is withdrawn with it (below)
+        followed = withdrawals_db.withdrawn_later(session, job_id)
+    if settings.destinations and followed is None:
         delivery_ids = _queue_outputs(
             deps, settings, prepared, draft, sr, path, check, reissue, replaces
         )
@@ -346,6 +374,7 @@ def complete_job(
             stages=timings,
         )
     _observe(timings)
+    _follow_later_withdrawal(deps, job_id)
     return JobOutcome(
         job_id=job_id,
         status="done",

@@ -50,6 +50,7 @@ from integration.kos import build_rejection_note
 from node import __version__ as node_version
 from node.db import withdrawals as withdrawals_db
 from node.db.deliveries import Outbound
+from node.db.jobs import JobConflict
 from node.db.models import DeliveryObject, Draft, Instance, Job
 from node.db.superseded import later_drafts
 from node.runtime.draft_objects import (
@@ -66,7 +67,7 @@ from node.runtime.sending import configured_destination
 from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
 
-__all__ = ["WithdrawResult", "withdraw"]
+__all__ = ["WithdrawResult", "withdraw", "withdraw_with_later"]
 
 # withdrawals are output objects: they log under the outputs' name
 log = logging.getLogger("node.runtime.outputs")
@@ -229,6 +230,7 @@ def withdraw(
     *,
     actor: str,
     reason: str,
+    with_job: int | None = None,
 ) -> WithdrawResult:
     """Withdraw a job's draft: mark it, cancel unsent objects, queue the withdrawals.
 
@@ -244,6 +246,9 @@ def withdraw(
         Who withdraws (audited).
     reason
         Why (sent to the receivers; no patient data), 1-256 characters.
+    with_job
+        The later job whose withdrawal this one follows (:func:`withdraw_with_later`),
+        audited.
 
     Returns
     -------
@@ -259,7 +264,9 @@ def withdraw(
     """
     now = dt.datetime.now(dt.UTC)
     with session_factory() as session:
-        done = withdrawals_db.withdraw_job(session, job_id, actor=actor, reason=reason)
+        done = withdrawals_db.withdraw_job(
+            session, job_id, actor=actor, reason=reason, with_job=with_job
+        )
         drafts = [
             (each, *_plan(session, settings, each, reason.strip(), now))
             for each in (done, *done.superseded)
@@ -281,6 +288,28 @@ def withdraw(
         sum(len(r.queued) for r in results),
     )
     return result
+
+
+def withdraw_with_later(
+    settings: Settings, session_factory: Callable[[], Session], job_id: int
+) -> WithdrawResult | None:
+    """Withdraw job ``job_id``'s draft, just done, when a later draft of its study that
+    supersedes it was withdrawn first (:func:`node.db.withdrawals.withdrawn_later`: the job
+    had read the study before a late instance came, and finished only after that
+    withdrawal), as :func:`withdraw` would have had it been done then: by ``system``, with
+    that withdrawal's reason, ``with_job`` naming the later job. ``None`` when there is no
+    such withdrawal, or the draft was withdrawn meanwhile (with it, or by an operator)."""
+    with session_factory() as session:
+        later = withdrawals_db.withdrawn_later(session, job_id)
+    if later is None:
+        return None
+    later_id, reason = later
+    try:
+        return withdraw(
+            settings, session_factory, job_id, actor="system", reason=reason, with_job=later_id
+        )
+    except JobConflict:  # withdrawn meanwhile: what this would have done is done
+        return None
 
 
 def _plan(

@@ -5,24 +5,28 @@ from __future__ import annotations
 import subprocess
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from integration.sr import DEMO_NOTE
 from integration.uids import sr_series_uid
+from models.results import ReportDraft
 from node.db import drafts as drafts_db
 from node.db import finals as finals_db
 from node.db import jobs as jobs_db
 from node.db.conversations import draft_text
 from node.db.deliveries import enqueue_deliveries
-from node.db.models import JobState, utcnow
-from node.runtime.completion import build_sr, complete_job, draft_record, write_sr
+from node.db.models import AuditLog, JobState, utcnow
+from node.runtime.completion import JobOutcome, build_sr, complete_job, draft_record, write_sr
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import generate_reports, run_batch
-from node.runtime.prepare import prepare_job
+from node.runtime.prepare import PreparedJob, prepare_job
 from node.runtime.spool import OUTPUTS_DIR
+from node.runtime.withdrawal import withdraw
 from tests.helpers import require_binary
 from tests.worker.conftest import MAX_NEW_TOKENS, NodeEnv, make_env
 
@@ -249,6 +253,29 @@ def test_lost_lease_abandons_outputs(sqlite_env: NodeEnv, model_host: ModelHost)
     assert job.state is JobState.running and job.lease_owner == "other-host:2:beef/w0"
 
 
+SLOW = "slow-host:7:slow/w0"
+
+
+def _overtaken(
+    env: NodeEnv, model_host: ModelHost
+) -> tuple[str, PreparedJob, ReportDraft, JobOutcome]:
+    """Job 1, claimed by :data:`SLOW`, reads a new study's one image (PA) and drafts it; a
+    late AP instance comes, and job 2, drafted from both, finishes first. The study, job
+    1's prepared job and draft (not completed yet), and job 2's outcome."""
+    study = env.add_study(view="PA")
+    [job1] = env.queue_all()
+    claim(env, SLOW)
+    prepared = prepare_job(env.deps, job1)  # job 1 reads the PA ...
+    with model_host.use() as runtime:
+        [draft] = generate_reports(runtime, [prepared.model_input], env.settings)
+    env.add_study(study_uid=study, view="AP")  # ... when the late instance comes
+    [job2] = env.queue_all()
+    assert claim(env) == job2
+    [newer] = run_batch(env.deps, [job2], model_host, owner=OWNER)
+    assert newer.status == "done", newer.error
+    return study, prepared, draft, newer
+
+
 def test_an_earlier_job_finishing_after_a_later_one_neither_supersedes_it_nor_goes_out(
     db_url: str, tmp_path: Path, demo_bundle: Path, model_host: ModelHost
 ) -> None:
@@ -259,19 +286,9 @@ def test_an_earlier_job_finishing_after_a_later_one_neither_supersedes_it_nor_go
     dests = "PACS@127.0.0.1:11113"
     env = make_env(db_url, tmp_path, demo_bundle, destinations=dests)
     try:
-        study = env.add_study(view="PA")
-        [job1] = env.queue_all()
-        slow = "slow-host:7:slow/w0"
-        claim(env, slow)
-        prepared = prepare_job(env.deps, job1)  # job 1 reads the PA ...
-        with model_host.use() as runtime:
-            [draft] = generate_reports(runtime, [prepared.model_input], env.settings)
-        env.add_study(study_uid=study, view="AP")  # ... when the late instance comes
-        [job2] = env.queue_all()
-        assert claim(env) == job2
-        [newer] = run_batch(env.deps, [job2], model_host, owner=OWNER)
-        assert newer.status == "done", newer.error
-        older = complete_job(env.deps, prepared, draft, owner=slow)  # job 1 finishes last
+        study, prepared, draft, newer = _overtaken(env, model_host)
+        job1, job2 = prepared.job_id, newer.job_id
+        older = complete_job(env.deps, prepared, draft, owner=SLOW)  # job 1 finishes last
 
         assert older.sr_path is not None and older.sr_uid != newer.sr_uid
         assert "PredecessorDocumentsSequence" not in pydicom.dcmread(older.sr_path)
@@ -287,5 +304,60 @@ def test_an_earlier_job_finishing_after_a_later_one_neither_supersedes_it_nor_go
             assert current is not None and current.job_id == job2
             assert finals_db.draft_of_job(s, job1) is None
             assert draft_text(s, study_uid=study) == job2_draft.full_text
+    finally:
+        env.engine.dispose()
+
+
+@pytest.mark.parametrize("when", ["before", "while"])
+def test_an_earlier_job_finishing_after_the_later_draft_was_withdrawn_is_withdrawn_with_it(
+    db_url: str,
+    tmp_path: Path,
+    demo_bundle: Path,
+    model_host: ModelHost,
+    monkeypatch: pytest.MonkeyPatch,
+    when: str,
+) -> None:
+    """Job 1 has read the study's one image when a late instance comes; job 2, drafted from
+    both, finishes first and is withdrawn, as the study's current draft, ``before`` job 1
+    completes or ``while`` it does (after its enqueue, before it is marked done). Had job
+    1 been done, the withdrawal would have taken its draft, which job 2's superseded; it
+    is withdrawn as it finishes instead (by ``system``, job 2's reason, ``with_job``), and
+    none of it goes out: else the draft of fewer instances would be the study's current
+    one, at the node and at the destinations. SQLite and PostgreSQL."""
+    dests = "PACS@127.0.0.1:11113"
+    env = make_env(db_url, tmp_path, demo_bundle, destinations=dests)
+    try:
+        study, prepared, draft, newer = _overtaken(env, model_host)
+        job1, job2 = prepared.job_id, newer.job_id
+
+        def withdraw_job2() -> None:
+            withdraw(env.settings, env.session_factory, job2, actor="admin", reason="wrong side")
+
+        if when == "before":
+            withdraw_job2()
+        else:
+            finish = jobs_db.finish_job
+
+            def withdrawn_first(*args: Any, **kwargs: Any) -> Any:
+                withdraw_job2()
+                return finish(*args, **kwargs)
+
+            monkeypatch.setattr(jobs_db, "finish_job", withdrawn_first)
+        older = complete_job(env.deps, prepared, draft, owner=SLOW)  # job 1 finishes last
+
+        assert older.status == "done"
+        job = env.job(job1)
+        assert job.state is JobState.done and job.withdrawn_at is not None
+        assert (job.withdrawn_by, job.withdrawn_reason) == ("system", "wrong side")
+        assert {r.state.value for r in env.deliveries(job1)} <= {"cancelled"}
+        assert len(env.deliveries(job1)) == (0 if when == "before" else 1)
+        with env.session_factory() as s:
+            assert finals_db.draft_for(s, study, None) is None
+            [entry] = s.scalars(
+                select(AuditLog).where(
+                    AuditLog.action == "job.withdraw", AuditLog.target == f"job:{job1}"
+                )
+            )
+        assert (entry.actor, entry.detail["with_job"]) == ("system", job2)
     finally:
         env.engine.dispose()
