@@ -66,13 +66,7 @@ class Withdrawal:
 
 
 def withdraw_job(
-    session: Session,
-    job_id: int,
-    *,
-    actor: str,
-    reason: str,
-    now: datetime | None = None,
-    with_job: int | None = None,
+    session: Session, job_id: int, *, actor: str, reason: str, with_job: int | None = None
 ) -> Withdrawal:
     """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``;
     ``with_job``, in the entry: the later job whose withdrawal this one follows, see
@@ -108,7 +102,7 @@ def withdraw_job(
         A reason :func:`check_reason` refuses.
     """
     reason = check_reason(reason)
-    now = now or utcnow()
+    now = utcnow()
 
     def work() -> Withdrawal:
         lock_study_of(session, job_id)  # as the enqueue: withdrawals of a study take turns
