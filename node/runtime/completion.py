@@ -313,8 +313,8 @@ def _follow_later_withdrawal(deps: PipelineDeps, job_id: int) -> None:
         withdraw_with_later(deps.settings, deps.session_factory, job_id)
     except Exception as exc:  # the job stays done; name the class, not the content
         log.error(
-            "job %s: a later draft of the study, withdrawn, supersedes this one, which was "
-            "not withdrawn with it (%s): run cxr-node jobs withdraw %s",
+            "job %s: done, but not settled whether a withdrawn later draft of the study takes "
+            "this one with it (%s): see cxr-node jobs show %s, and withdraw it if so",
             job_id,
             type(exc).__name__,
             job_id,
