@@ -211,6 +211,7 @@ def jobs_withdraw(
 ) -> None:
     """Withdraw the job's sent draft: KOS rejection note, HL7 and FHIR withdrawals (audited).
 
+    When it is the study's current draft, the earlier drafts it superseded go with it.
     The withdrawals are queued; a running ``cxr-node serve`` sends them.
     """
     result = service_call(job_service.withdraw, job_id, actor=actor(), reason=reason)
