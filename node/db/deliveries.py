@@ -51,7 +51,13 @@ from node.db.models import (
     utcnow,
 )
 from node.db.queries import locked_deliveries
-from node.db.superseded import cancel_superseded, later_drafts, lock_study_of, not_superseded
+from node.db.superseded import (
+    cancel_superseded,
+    later_drafts,
+    later_withdrawn,
+    lock_study_of,
+    not_superseded,
+)
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -155,8 +161,10 @@ def enqueue_deliveries(
         The objects are the job's draft of its study: the draft rows of the study's earlier
         jobs not yet sent to these destinations are cancelled, and so are the job's own to a
         destination a later job has queued its draft to (audited ``delivery.supersede``), so
-        an older draft never reaches a destination after the newer one. Ignored without
-        ``job_id``.
+        an older draft never reaches a destination after the newer one. Nothing is queued
+        when the study's newest later draft is withdrawn
+        (:func:`node.db.superseded.later_withdrawn`): this draft goes with it as the job
+        finishes (:func:`node.db.withdrawals.finish_job`). Ignored without ``job_id``.
     now
         The current time (tests).
 
@@ -178,12 +186,17 @@ def enqueue_deliveries(
     now = now or utcnow()
 
     superseded: dict[int, list[int]] = {}
+    withdrawn_with: list[int] = []
 
     def work() -> list[int]:
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
         if job_id is not None:
             if supersede:  # one study's drafts queue one after the other (cancel_superseded)
                 lock_study_of(session, job_id)
+                later = later_withdrawn(session, job_id)
+                if later is not None:  # this draft is withdrawn with it as the job finishes
+                    withdrawn_with.append(later[0])
+                    return []
             lock_job(session, job_id)
             rows = locked_deliveries(session, Delivery.job_id == job_id)
             existing = {(d.destination, d.object): d for d in rows}
@@ -212,6 +225,14 @@ def enqueue_deliveries(
         return ids
 
     ids = in_transaction(session, work)
+    if withdrawn_with:
+        log.info(
+            "job %s: nothing queued: the study's later draft, job %s's, was withdrawn and "
+            "takes this one with it",
+            job_id,
+            withdrawn_with[0],
+        )
+        return ids
     log.info(
         "job %s: %d object(s) queued: %s",
         job_id,

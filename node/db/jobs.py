@@ -40,6 +40,7 @@ __all__ = [
     "heartbeat",
     "job_destinations",
     "lock_job",
+    "mark_finished",
     "new_job",
     "owned_running",
     "release_leases",
@@ -312,6 +313,10 @@ def release_leases(session: Session, owner: str, *, now: datetime | None = None)
 def lock_job(session: Session, job_id: int) -> Job:
     """The job row, locked for update and freshly loaded.
 
+    ``FOR NO KEY UPDATE`` on PostgreSQL, which a row referring to the job (a job event, a
+    delivery) does not wait for: ``FOR UPDATE`` would deadlock a transaction that holds
+    that row's lock first (a send recorded while its job is withdrawn).
+
     Raises
     ------
     JobNotFound
@@ -320,7 +325,7 @@ def lock_job(session: Session, job_id: int) -> Job:
     job = session.scalars(
         select(Job)
         .where(Job.id == job_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     ).first()
     if job is None:
@@ -336,7 +341,13 @@ def owned_running(session: Session, job_id: int, owner: str) -> Job:
     return job
 
 
-def finish_job(
+def finish_job(session: Session, job_id: int, *, owner: str, **details: Any) -> Job:
+    """Mark a running job held by ``owner`` as ``done`` (:func:`mark_finished`, with
+    ``details``). Commits."""
+    return in_transaction(session, lambda: mark_finished(session, job_id, owner=owner, **details))
+
+
+def mark_finished(
     session: Session,
     job_id: int,
     *,
@@ -346,7 +357,7 @@ def finish_job(
     stages: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> Job:
-    """Mark a running job held by ``owner`` as ``done``. Commits.
+    """Mark a running job held by ``owner`` as ``done``, in the caller's transaction.
 
     ``stages``: the attempt's timings; each ``<stage>_s`` entry becomes a ``stage`` event
     of the job's history (``detail``: ``name``, ``seconds``), before ``done``.
@@ -356,28 +367,24 @@ def finish_job(
     LeaseLost
         When ``owner`` no longer holds the job.
     """
-
-    def work() -> Job:
-        job = owned_running(session, job_id, owner)
-        if sr_sop_instance_uid is not None:
-            job.sr_sop_instance_uid = sr_sop_instance_uid
-        if selected_sop_instance_uid is not None:
-            job.selected_sop_instance_uid = selected_sop_instance_uid
-        for key, value in (stages or {}).items():
-            if key.endswith("_s") and isinstance(value, int | float):
-                add_event(
-                    session,
-                    job_id,
-                    "stage",
-                    actor=owner,
-                    detail={"name": key[:-2], "seconds": round(float(value), 4)},
-                    now=now,
-                )
-        transition(job, JobState.done, now=now, actor=owner)
-        job.last_error = None
-        return job
-
-    return in_transaction(session, work)
+    job = owned_running(session, job_id, owner)
+    if sr_sop_instance_uid is not None:
+        job.sr_sop_instance_uid = sr_sop_instance_uid
+    if selected_sop_instance_uid is not None:
+        job.selected_sop_instance_uid = selected_sop_instance_uid
+    for key, value in (stages or {}).items():
+        if key.endswith("_s") and isinstance(value, int | float):
+            add_event(
+                session,
+                job_id,
+                "stage",
+                actor=owner,
+                detail={"name": key[:-2], "seconds": round(float(value), 4)},
+                now=now,
+            )
+    transition(job, JobState.done, now=now, actor=owner)
+    job.last_error = None
+    return job
 
 
 def fail_job(

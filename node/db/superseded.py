@@ -17,10 +17,16 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, Job, Study
+from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, Job, JobState, Study
 from node.db.queries import locked_deliveries
 
-__all__ = ["cancel_superseded", "later_drafts", "lock_study_of", "not_superseded"]
+__all__ = [
+    "cancel_superseded",
+    "later_drafts",
+    "later_withdrawn",
+    "lock_study_of",
+    "not_superseded",
+]
 
 
 def lock_study_of(session: Session, job_id: int) -> None:
@@ -32,6 +38,34 @@ def lock_study_of(session: Session, job_id: int) -> None:
     """
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
     session.execute(select(Study.id).where(Study.id == study).with_for_update())
+
+
+def later_withdrawn(session: Session, job_id: int) -> tuple[int, str] | None:
+    """The newest later draft of job ``job_id``'s study, as ``(its job id, its withdrawal's
+    reason)``, when it is withdrawn; ``None`` when no later job of the study is done with a
+    draft, or the newest one stands (it supersedes this one).
+
+    Withdrawn, the newest draft took the drafts it superseded with it
+    (:func:`node.db.withdrawals.withdraw_job`), and job ``job_id``'s is one of them: the job
+    finishes only after that withdrawal (it had read the study before a late instance came).
+    Call under :func:`lock_study_of`, which the withdrawal takes too, so that one in
+    progress is seen once it is committed.
+    """
+    study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+    newest = session.execute(
+        select(Job.id, Job.withdrawn_at, Job.withdrawn_reason)
+        .where(
+            Job.study_id == study,
+            Job.id > job_id,
+            Job.state == JobState.done,
+            Job.sr_sop_instance_uid.is_not(None),
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    ).first()
+    if newest is None or newest.withdrawn_at is None:
+        return None
+    return newest.id, newest.withdrawn_reason or f"withdrawn with job {newest.id}"
 
 
 def later_drafts(

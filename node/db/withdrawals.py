@@ -6,13 +6,14 @@ The withdrawal objects themselves are built and queued by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db.jobs import JobConflict, lock_job
+from node.db.jobs import JobConflict, lock_job, mark_finished
 from node.db.models import (
     AuditLog,
     Delivery,
@@ -23,10 +24,10 @@ from node.db.models import (
     utcnow,
 )
 from node.db.queries import locked_deliveries
-from node.db.superseded import lock_study_of
+from node.db.superseded import later_withdrawn, lock_study_of
 from node.db.tx import in_transaction
 
-__all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "withdraw_job", "withdrawn_later"]
+__all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "finish_job", "withdraw_job"]
 
 #: the longest reason a withdrawal takes (``POST /api/jobs/{id}/withdraw``, ``cxr-node jobs
 #: withdraw``); it is sent to every receiver
@@ -60,17 +61,15 @@ class Withdrawal:
     reached: dict[str, list[tuple[DeliveryObject, str, str | None]]]
     #: the study's other jobs whose draft is the same SR (withdrawn with it)
     same_draft: list[int]
+    #: why (sent to the receivers)
+    reason: str
     #: the study's earlier drafts this one superseded, withdrawn with it (newest first;
     #: only when this one was the study's current draft)
     superseded: list[Withdrawal] = field(default_factory=list)
 
 
-def withdraw_job(
-    session: Session, job_id: int, *, actor: str, reason: str, with_job: int | None = None
-) -> Withdrawal:
-    """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``;
-    ``with_job``, in the entry: the later job whose withdrawal this one follows, see
-    :func:`withdrawn_later`).
+def withdraw_job(session: Session, job_id: int, *, actor: str, reason: str) -> Withdrawal:
+    """Mark a drafted job's draft withdrawn (operator action, audited ``job.withdraw``).
 
     The job gets ``withdrawn_at``/``withdrawn_by``/``withdrawn_reason``; its draft rows not
     sent (``pending`` or ``failed``) become ``cancelled``, so no retry or re-queue sends them
@@ -88,7 +87,8 @@ def withdraw_job(
       destinations (:attr:`Withdrawal.superseded`; one ``job.withdraw`` entry each, naming
       this job in ``with_job``): else the draft of fewer instances it replaced would become
       the current one again, at the node (review, finals, summaries) and in the PACS, the
-      FHIR server and the RIS that still hold it.
+      FHIR server and the RIS that still hold it. An earlier job still drafting goes with
+      it as it finishes (:func:`finish_job`).
 
     Commits.
 
@@ -102,7 +102,6 @@ def withdraw_job(
         A reason :func:`check_reason` refuses.
     """
     reason = check_reason(reason)
-    now = utcnow()
 
     def work() -> Withdrawal:
         lock_study_of(session, job_id)  # as the enqueue: withdrawals of a study take turns
@@ -111,65 +110,71 @@ def withdraw_job(
             raise JobConflict(f"job {job_id}: the draft was withdrawn already")
         if job.state is not JobState.done or not job.sr_sop_instance_uid:
             raise JobConflict(f"job {job_id} is {job.state.value}: it has no draft to withdraw")
-        drafts = _drafts_by_sr(session, job)
-        mine = drafts.pop(job.sr_sop_instance_uid or "")
-        current = not any(twins[0].id > job_id for twins in drafts.values())
-        earlier = list(drafts.values()) if current else []
-        for each in (*mine, *(j for twins in earlier for j in twins)):
-            each.withdrawn_at = now
-            each.withdrawn_by = actor[:128]
-            each.withdrawn_reason = reason
-        superseded = [
-            _withdraw_draft(session, twins, actor, reason, now, with_job=job_id)
-            for twins in earlier
-        ]
-        main = _withdraw_draft(
-            session,
-            [job, *(j for j in mine if j.id != job_id)],
-            actor,
-            reason,
-            now,
-            superseded=[w.job_id for w in superseded],
-            **({} if with_job is None else {"with_job": with_job}),
-        )
-        return Withdrawal(main.job_id, main.cancelled, main.reached, main.same_draft, superseded)
+        return _withdraw(session, job, actor, reason)
 
     return in_transaction(session, work)
 
 
-def withdrawn_later(session: Session, job_id: int) -> tuple[int, str] | None:
-    """The later draft of job ``job_id``'s study that took this job's draft with it when
-    it was withdrawn, as ``(its job id, its reason)``: the newest later job of the study
-    that is done with a draft, when that draft is withdrawn. This job had read the study
-    before a late instance came and finished only after that withdrawal: its draft, made
-    from fewer instances, is one the withdrawn draft superseded, which
-    :func:`withdraw_job` withdraws with the study's current draft. ``None`` when no later
-    job is done, or the newest later draft stands (it supersedes this one).
+def finish_job(session: Session, job_id: int, *, owner: str, **details: Any) -> Withdrawal | None:
+    """Finish job ``job_id`` (:func:`node.db.jobs.mark_finished`, with ``details``) and, in
+    the same transaction, withdraw its draft when the study's newest later draft is
+    withdrawn (:func:`node.db.superseded.later_withdrawn`): the job had read the study
+    before a late instance came and finished only after that withdrawal, which would have
+    taken its draft had it been done then. The withdrawal is as :func:`withdraw_job`'s, by
+    ``system`` with the later one's reason, ``with_job`` naming it in the audit entry, so
+    the job is never the study's current draft. Both take the study's lock first, so the
+    two cannot miss each other. Commits.
 
-    Takes the study's lock, as :func:`withdraw_job` does, so that a withdrawal of the study
-    in progress is seen once it is committed: a withdrawal and this job's completion cannot
-    miss each other. Ends its transaction.
+    Returns
+    -------
+    Withdrawal or None
+        What was withdrawn, for the caller to queue the withdrawals; ``None`` when the job
+        just finished.
+
+    Raises
+    ------
+    node.db.jobs.LeaseLost
+        When ``owner`` no longer holds the job.
     """
 
-    def work() -> tuple[int, str] | None:
+    def work() -> Withdrawal | None:
         lock_study_of(session, job_id)
-        study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
-        newest = session.execute(
-            select(Job.id, Job.withdrawn_at, Job.withdrawn_reason)
-            .where(
-                Job.study_id == study,
-                Job.id > job_id,
-                Job.state == JobState.done,
-                Job.sr_sop_instance_uid.is_not(None),
-            )
-            .order_by(Job.id.desc())
-            .limit(1)
-        ).first()
-        if newest is None or newest.withdrawn_at is None:
+        job = mark_finished(session, job_id, owner=owner, **details)
+        later = later_withdrawn(session, job_id)
+        if later is None or not job.sr_sop_instance_uid:
             return None
-        return newest.id, newest.withdrawn_reason or f"withdrawn with job {newest.id}"
+        later_id, reason = later
+        return _withdraw(session, job, "system", reason, with_job=later_id)
 
     return in_transaction(session, work)
+
+
+def _withdraw(session: Session, job: Job, actor: str, reason: str, **about: object) -> Withdrawal:
+    """Withdraw done job ``job``'s draft (locked), its twins and, when it is the study's
+    current draft, the drafts it superseded (:func:`withdraw_job`); ``about`` goes to its
+    audit entry."""
+    now = utcnow()
+    drafts = _drafts_by_sr(session, job)
+    mine = drafts.pop(job.sr_sop_instance_uid or "")
+    current = not any(twins[0].id > job.id for twins in drafts.values())
+    earlier = list(drafts.values()) if current else []
+    for each in (*mine, *(j for twins in earlier for j in twins)):
+        each.withdrawn_at = now
+        each.withdrawn_by = actor[:128]
+        each.withdrawn_reason = reason
+    superseded = [
+        _withdraw_draft(session, twins, actor, reason, now, with_job=job.id) for twins in earlier
+    ]
+    main = _withdraw_draft(
+        session,
+        [job, *(j for j in mine if j.id != job.id)],
+        actor,
+        reason,
+        now,
+        superseded=[w.job_id for w in superseded],
+        **about,
+    )
+    return replace(main, superseded=superseded)
 
 
 def _drafts_by_sr(session: Session, job: Job) -> dict[str, list[Job]]:
@@ -185,7 +190,7 @@ def _drafts_by_sr(session: Session, job: Job) -> dict[str, list[Job]]:
             Job.sr_sop_instance_uid.is_not(None),
         )
         .order_by(Job.id.desc())
-        .with_for_update()
+        .with_for_update(key_share=True)  # as lock_job
     )
     drafts: dict[str, list[Job]] = {}
     for row in rows:
@@ -217,7 +222,7 @@ def _withdraw_draft(
     session.add(
         AuditLog(at=now, actor=actor, action="job.withdraw", target=f"job:{job_id}", detail=detail)
     )
-    return Withdrawal(job_id, cancelled, reached, same)
+    return Withdrawal(job_id, cancelled, reached, same, reason)
 
 
 def _cancel_and_reach(

@@ -13,12 +13,13 @@ Once the model has drafted a job's report (:mod:`node.runtime.pipeline`),
    one delivery per (destination, object) (:func:`node.runtime.delivery.enqueue_deliveries`,
    idempotent per job, destination and object), cancelling in the same transaction the
    study's earlier drafts not yet sent to those destinations (superseded);
-8. **finishes** the job (:func:`node.db.jobs.finish_job`).
+8. **finishes** the job (:func:`node.db.withdrawals.finish_job`).
 
 A job that finishes only after a later draft of its study, which supersedes it, was
 withdrawn as the study's current draft (it had read the study before a late instance came)
-queues nothing, and its draft is withdrawn as it finishes, as the withdrawal would have
-taken it had it been done then (:func:`node.runtime.withdrawal.withdraw_with_later`).
+queues nothing, and its draft is withdrawn in the transaction that finishes it, as the
+withdrawal would have taken it had it been done then (:func:`node.db.withdrawals.finish_job`;
+its withdrawals, where it reached a destination, are queued next).
 
 A re-run of a job that drafts the same text from the same instances produces the same SR UID
 and replaces the file; a changed draft gets a new UID and supersedes the earlier SR
@@ -61,7 +62,7 @@ from node.runtime.output_files import write_output
 from node.runtime.outputs import build_outputs
 from node.runtime.prepare import PreparedJob, SelectedImage
 from node.runtime.stages import JobFailure, PipelineDeps, StageTimer, stage_delay
-from node.runtime.withdrawal import withdraw_with_later
+from node.runtime.withdrawal import queue_withdrawals
 
 if TYPE_CHECKING:
     from models.results import ReportDraft
@@ -305,19 +306,19 @@ def _observe(timings: dict[str, float]) -> None:
         metrics.observe_generation("report", timings.get("tokens", 0.0), timings["decode_s"])
 
 
-def _follow_later_withdrawal(deps: PipelineDeps, job_id: int) -> None:
-    """Withdraw the job's draft, just done, when a later draft of the study that supersedes
-    it was withdrawn first (:func:`node.runtime.withdrawal.withdraw_with_later`). The job is
-    done whatever happens here: a failure is logged with the command that mends it."""
+def _queue_withdrawals(deps: PipelineDeps, withdrawn: withdrawals_db.Withdrawal) -> None:
+    """Queue the withdrawals of the job's draft, withdrawn as it finished because the
+    study's later draft was withdrawn first (:func:`node.db.withdrawals.finish_job`). The
+    job is done and withdrawn whatever happens here: a failure is logged."""
     try:
-        withdraw_with_later(deps.settings, deps.session_factory, job_id)
-    except Exception as exc:  # the job stays done; name the class, not the content
+        queue_withdrawals(deps.settings, deps.session_factory, withdrawn, actor="system")
+    except Exception as exc:  # name the class, not the content
         log.error(
-            "job %s: done, but not settled whether a withdrawn later draft of the study takes "
-            "this one with it (%s): see cxr-node jobs show %s, and withdraw it if so",
-            job_id,
+            "job %s: withdrawn as it finished, but its withdrawals were not queued (%s): "
+            "see cxr-node jobs show %s for the destinations it reached",
+            withdrawn.job_id,
             type(exc).__name__,
-            job_id,
+            withdrawn.job_id,
         )
 
 
@@ -357,15 +358,13 @@ def complete_job(
     sr_uid = str(sr.SOPInstanceUID)
     delivery_ids: list[int] = []
     settings = _routed_settings(deps, job_id)
-    with deps.session_factory() as session:  # then this draft is withdrawn with it (below)
-        followed = withdrawals_db.withdrawn_later(session, job_id)
-    if settings.destinations and followed is None:
+    if settings.destinations:
         delivery_ids = _queue_outputs(
             deps, settings, prepared, draft, sr, path, check, reissue, replaces
         )
     with deps.session_factory() as session:
         drafts_db.update_draft_timings(session, draft_id, timings)
-        jobs_db.finish_job(
+        withdrawn = withdrawals_db.finish_job(
             session,
             job_id,
             owner=owner,
@@ -374,7 +373,8 @@ def complete_job(
             stages=timings,
         )
     _observe(timings)
-    _follow_later_withdrawal(deps, job_id)
+    if withdrawn is not None:
+        _queue_withdrawals(deps, withdrawn)
     return JobOutcome(
         job_id=job_id,
         status="done",

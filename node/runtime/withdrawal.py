@@ -50,7 +50,6 @@ from integration.kos import build_rejection_note
 from node import __version__ as node_version
 from node.db import withdrawals as withdrawals_db
 from node.db.deliveries import Outbound
-from node.db.jobs import JobConflict
 from node.db.models import DeliveryObject, Draft, Instance, Job
 from node.db.superseded import later_drafts
 from node.runtime.draft_objects import (
@@ -67,7 +66,7 @@ from node.runtime.sending import configured_destination
 from node.runtime.spool import OUTPUTS_DIR
 from node.settings import Settings
 
-__all__ = ["WithdrawResult", "withdraw", "withdraw_with_later"]
+__all__ = ["WithdrawResult", "queue_withdrawals", "withdraw"]
 
 # withdrawals are output objects: they log under the outputs' name
 log = logging.getLogger("node.runtime.outputs")
@@ -230,7 +229,6 @@ def withdraw(
     *,
     actor: str,
     reason: str,
-    with_job: int | None = None,
 ) -> WithdrawResult:
     """Withdraw a job's draft: mark it, cancel unsent objects, queue the withdrawals.
 
@@ -246,9 +244,6 @@ def withdraw(
         Who withdraws (audited).
     reason
         Why (sent to the receivers; no patient data), 1-256 characters.
-    with_job
-        The later job whose withdrawal this one follows (:func:`withdraw_with_later`),
-        audited.
 
     Returns
     -------
@@ -262,15 +257,24 @@ def withdraw(
     node.db.jobs.JobNotFound, node.db.jobs.JobConflict, ValueError
         From :func:`node.db.withdrawals.withdraw_job`.
     """
+    with session_factory() as session:
+        done = withdrawals_db.withdraw_job(session, job_id, actor=actor, reason=reason)
+    return queue_withdrawals(settings, session_factory, done, actor=actor)
+
+
+def queue_withdrawals(
+    settings: Settings,
+    session_factory: Callable[[], Session],
+    done: withdrawals_db.Withdrawal,
+    *,
+    actor: str,
+) -> WithdrawResult:
+    """Build and queue the withdrawals of what :func:`node.db.withdrawals.withdraw_job` (or
+    :func:`node.db.withdrawals.finish_job`) withdrew: each draft's, to each destination it
+    reached, with ``done.reason``; logged as withdrawn by ``actor``. See :func:`withdraw`."""
     now = dt.datetime.now(dt.UTC)
     with session_factory() as session:
-        done = withdrawals_db.withdraw_job(
-            session, job_id, actor=actor, reason=reason, with_job=with_job
-        )
-        drafts = [
-            (each, *_plan(session, settings, each, reason.strip(), now))
-            for each in (done, *done.superseded)
-        ]
+        drafts = [(each, *_plan(session, settings, each, now)) for each in (done, *done.superseded)]
     withdrawing = {j for each in (done, *done.superseded) for j in (each.job_id, *each.same_draft)}
     results = [
         _queue_withdrawals(settings, session_factory, each, builder, replaced, withdrawing)
@@ -280,7 +284,7 @@ def withdraw(
     log.info(
         "job %s: draft withdrawn by %s (with job(s) %s, the same draft; and job(s) %s, the "
         "earlier drafts it superseded): %d unsent object(s) cancelled, %d withdrawal(s) queued",
-        job_id,
+        done.job_id,
         actor,
         ", ".join(map(str, done.same_draft)) or "none",
         ", ".join(str(r.job_id) for r in result.superseded) or "none",
@@ -290,34 +294,8 @@ def withdraw(
     return result
 
 
-def withdraw_with_later(
-    settings: Settings, session_factory: Callable[[], Session], job_id: int
-) -> WithdrawResult | None:
-    """Withdraw job ``job_id``'s draft, just done, when a later draft of its study that
-    supersedes it was withdrawn first (:func:`node.db.withdrawals.withdrawn_later`: the job
-    had read the study before a late instance came, and finished only after that
-    withdrawal), as :func:`withdraw` would have had it been done then: by ``system``, with
-    that withdrawal's reason, ``with_job`` naming the later job. ``None`` when there is no
-    such withdrawal, or the draft was withdrawn meanwhile (with it, or by an operator)."""
-    with session_factory() as session:
-        later = withdrawals_db.withdrawn_later(session, job_id)
-    if later is None:
-        return None
-    later_id, reason = later
-    try:
-        return withdraw(
-            settings, session_factory, job_id, actor="system", reason=reason, with_job=later_id
-        )
-    except JobConflict:  # withdrawn meanwhile: what this would have done is done
-        return None
-
-
 def _plan(
-    session: Session,
-    settings: Settings,
-    done: withdrawals_db.Withdrawal,
-    reason: str,
-    now: dt.datetime,
+    session: Session, settings: Settings, done: withdrawals_db.Withdrawal, now: dt.datetime
 ) -> tuple[_Withdrawals, dict[str, int]]:
     """The builder of one draft's withdrawals (its SR UID, the header naming the patient
     and order, :func:`_source`, and its stored text), and the destinations a later draft
@@ -327,7 +305,7 @@ def _plan(
     builder = _Withdrawals(
         settings,
         Path(settings.spool_dir) / OUTPUTS_DIR,
-        reason,
+        done.reason,
         job.sr_sop_instance_uid or "",
         _source(session, settings, job),
         _stored_text(session, job),

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from node.db import deliveries as deliveries_db
-from node.db import delivery_views, job_list
+from node.db import delivery_claims, delivery_views, job_list
 from node.db import withdrawals as withdrawals_db
 from node.db.deliveries import Outbound
 from node.db.jobs import JobConflict, JobNotFound
@@ -267,6 +267,16 @@ def _redraft(db: NodeDB, job_id: int) -> int:
         return job.id
 
 
+def _drafted_twice(db: NodeDB) -> tuple[int, int]:
+    """A ``done`` job with an SR and a later ``done`` job of its study (:func:`_redraft`)."""
+    job1 = make_job(db.factory)
+    job2 = _redraft(db, job1)
+    with db.factory() as s:
+        s.get_one(Job, job1).sr_sop_instance_uid = "2.25.1"
+        s.commit()
+    return job1, job2
+
+
 def test_a_later_draft_cancels_the_earlier_jobs_unsent_rows_to_its_destinations(
     node_db: NodeDB,
 ) -> None:
@@ -381,11 +391,8 @@ def test_a_rerun_after_a_later_draft_keeps_what_the_earlier_run_sent(node_db: No
     holds its SR. Before, the re-run reset the row to pending (no attempts, not sent) and
     cancelled it, and the withdrawal went nowhere."""
     pacs = str(DESTS[0])
-    job1 = make_job(node_db.factory)
-    job2 = _redraft(node_db, job1)
+    job1, job2 = _drafted_twice(node_db)
     with node_db.factory() as s:
-        s.get_one(Job, job1).sr_sop_instance_uid = "2.25.1"
-        s.commit()
         [row_id] = deliveries_db.enqueue_deliveries(
             s, job_id=job1, sr_path="/1.dcm", destinations=[pacs], supersede=True
         )
@@ -408,14 +415,17 @@ def test_a_later_draft_withdrawn_before_it_was_sent_supersedes_nothing(
     node_db: NodeDB,
 ) -> None:
     """Job 2 queued its draft to the PACS and was withdrawn before it was sent (its row
-    cancelled, never attempted); job 1, which had read the study before the late instance,
-    finishes only then, and is the study's current draft. Job 2's row never reached the
-    PACS and replaced nothing there: job 1's draft goes out, and a re-send sends it again.
-    Before, job 1 cancelled its own row as "superseded by job 2" and the re-send left it."""
+    cancelled, never attempted), alone: job 3's draft, later still, is the study's current
+    one and does not go to the PACS (its routing rule). Job 1, which had read the study
+    before the late instances, finishes only then. Job 2's row never reached the PACS and
+    replaced nothing there, and no later draft went there: job 1's draft goes out, and a
+    re-send sends it again. Before, job 1 cancelled its own row as "superseded by job 2"
+    and the re-send left it."""
     pacs = str(DESTS[0])
     job1 = make_job(node_db.factory)
     job2 = _redraft(node_db, job1)
     with node_db.factory() as s:
+        add_redraft(s, job1, "IMPRESSION: latest.", at=utcnow(), sr_sop_instance_uid="2.25.3")
         s.get_one(Job, job1).state = JobState.running  # still drafting
         s.commit()
         deliveries_db.enqueue_deliveries(
@@ -435,6 +445,52 @@ def test_a_later_draft_withdrawn_before_it_was_sent_supersedes_nothing(
         [claimed] = deliveries_db.claim_due_deliveries(s, limit=10)
         assert deliveries_db.mark_sent(s, row_id, claimed_until=claimed.next_attempt_at)
         assert deliveries_db.resend(s, job1, actor="admin") == [row_id]
+
+
+def test_a_send_recorded_while_its_job_is_withdrawn_does_not_deadlock(
+    node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job 1's SR is being recorded as sent to the STOW-RS server (job 2 does not go
+    there) when job 2, the current draft, is withdrawn and takes job 1 with it. Recording
+    the send updates the delivery row, then adds a job event (its key refers to job 1:
+    ``FOR KEY SHARE``); the withdrawal locks job 1, then its deliveries. With the job
+    locked ``FOR UPDATE``, PostgreSQL found a deadlock and aborted one side."""
+    pacs, stow = str(DESTS[0]), str(DESTS[1])
+    job1, job2 = _drafted_twice(node_db)
+    with node_db.factory() as s:
+        [row1] = deliveries_db.enqueue_deliveries(
+            s, job_id=job1, sr_path="/1.dcm", destinations=[stow], supersede=True
+        )
+        deliveries_db.enqueue_deliveries(
+            s, job_id=job2, sr_path="/2.dcm", destinations=[pacs], supersede=True
+        )
+        claimed = {c.id: c for c in deliveries_db.claim_due_deliveries(s, limit=10)}
+    errors: list[BaseException] = []
+    done: list[withdrawals_db.Withdrawal] = []
+
+    def withdraw() -> None:
+        try:
+            with node_db.factory() as s:
+                done.append(withdrawals_db.withdraw_job(s, job2, actor="admin", reason="x"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=withdraw)
+    add_event = delivery_claims.add_event
+
+    def withdrawn_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        thread.start()  # the withdrawal runs while the sent row is locked, uncommitted
+        thread.join(timeout=1.5)
+        return add_event(*args, **kwargs)
+
+    monkeypatch.setattr(delivery_claims, "add_event", withdrawn_meanwhile)
+    with node_db.factory() as s:
+        recorded = deliveries_db.mark_sent(s, row1, claimed_until=claimed[row1].next_attempt_at)
+    thread.join(timeout=30)
+    assert errors == [] and not thread.is_alive()
+    # the send is recorded, then the withdrawal finds the SR reached the STOW-RS server
+    [earlier] = done[0].superseded
+    assert recorded and (earlier.job_id, list(earlier.reached)) == (job1, [stow])
 
 
 def test_two_jobs_of_a_study_queued_at_once_still_supersede(

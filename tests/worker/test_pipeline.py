@@ -18,9 +18,12 @@ from models.results import ReportDraft
 from node.db import drafts as drafts_db
 from node.db import finals as finals_db
 from node.db import jobs as jobs_db
+from node.db import withdrawals as withdrawals_db
 from node.db.conversations import draft_text
-from node.db.deliveries import enqueue_deliveries
+from node.db.deliveries import claim_due_deliveries, enqueue_deliveries, mark_sent
+from node.db.finals import DraftMatch
 from node.db.models import AuditLog, JobState, utcnow
+from node.runtime import completion
 from node.runtime.completion import JobOutcome, build_sr, complete_job, draft_record, write_sr
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import generate_reports, run_batch
@@ -308,7 +311,7 @@ def test_an_earlier_job_finishing_after_a_later_one_neither_supersedes_it_nor_go
         env.engine.dispose()
 
 
-@pytest.mark.parametrize("when", ["before", "while"])
+@pytest.mark.parametrize("when", ["before", "building", "enqueued"])
 def test_an_earlier_job_finishing_after_the_later_draft_was_withdrawn_is_withdrawn_with_it(
     db_url: str,
     tmp_path: Path,
@@ -319,11 +322,12 @@ def test_an_earlier_job_finishing_after_the_later_draft_was_withdrawn_is_withdra
 ) -> None:
     """Job 1 has read the study's one image when a late instance comes; job 2, drafted from
     both, finishes first and is withdrawn, as the study's current draft, ``before`` job 1
-    completes or ``while`` it does (after its enqueue, before it is marked done). Had job
-    1 been done, the withdrawal would have taken its draft, which job 2's superseded; it
-    is withdrawn as it finishes instead (by ``system``, job 2's reason, ``with_job``), and
-    none of it goes out: else the draft of fewer instances would be the study's current
-    one, at the node and at the destinations. SQLite and PostgreSQL."""
+    completes, while job 1's objects are ``building``, or once they are ``enqueued``
+    (before job 1 is marked done); a sender runs just before job 1 is marked done. Had job
+    1 been done, the withdrawal would have taken its draft, which job 2's superseded: it is
+    withdrawn in the transaction that finishes it (by ``system``, job 2's reason,
+    ``with_job``), so that it is never the study's current draft, and none of it goes out.
+    SQLite and PostgreSQL."""
     dests = "PACS@127.0.0.1:11113"
     env = make_env(db_url, tmp_path, demo_bundle, destinations=dests)
     try:
@@ -333,24 +337,45 @@ def test_an_earlier_job_finishing_after_the_later_draft_was_withdrawn_is_withdra
         def withdraw_job2() -> None:
             withdraw(env.settings, env.session_factory, job2, actor="admin", reason="wrong side")
 
+        build, finish, follow = (
+            completion.build_outputs,
+            withdrawals_db.finish_job,
+            completion.queue_withdrawals,
+        )
+
+        def building(*args: Any, **kwargs: Any) -> Any:
+            if when == "building":
+                withdraw_job2()
+            return build(*args, **kwargs)
+
+        def finishing(*args: Any, **kwargs: Any) -> Any:
+            if when == "enqueued":
+                withdraw_job2()
+            with env.session_factory() as s:  # a sender, just before
+                for row in claim_due_deliveries(s, limit=10):
+                    mark_sent(s, row.id, claimed_until=row.next_attempt_at)
+            return finish(*args, **kwargs)
+
+        seen: list[DraftMatch | None] = []
+
+        def following(*args: Any, **kwargs: Any) -> Any:
+            with env.session_factory() as s:
+                seen.append(finals_db.draft_for(s, study, None))
+            return follow(*args, **kwargs)
+
+        monkeypatch.setattr(completion, "build_outputs", building)
+        monkeypatch.setattr(withdrawals_db, "finish_job", finishing)
+        monkeypatch.setattr(completion, "queue_withdrawals", following)
         if when == "before":
             withdraw_job2()
-        else:
-            finish = jobs_db.finish_job
-
-            def withdrawn_first(*args: Any, **kwargs: Any) -> Any:
-                withdraw_job2()
-                return finish(*args, **kwargs)
-
-            monkeypatch.setattr(jobs_db, "finish_job", withdrawn_first)
         older = complete_job(env.deps, prepared, draft, owner=SLOW)  # job 1 finishes last
 
-        assert older.status == "done"
+        assert older.status == "done" and seen == [None]
         job = env.job(job1)
         assert job.state is JobState.done and job.withdrawn_at is not None
         assert (job.withdrawn_by, job.withdrawn_reason) == ("system", "wrong side")
         assert {r.state.value for r in env.deliveries(job1)} <= {"cancelled"}
-        assert len(env.deliveries(job1)) == (0 if when == "before" else 1)
+        assert len(env.deliveries(job1)) == (1 if when == "enqueued" else 0)
         with env.session_factory() as s:
             assert finals_db.draft_for(s, study, None) is None
             [entry] = s.scalars(
