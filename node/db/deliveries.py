@@ -270,14 +270,14 @@ def _wanted(
 
 def _reset_pending(row: Delivery, now: datetime) -> None:
     """Back to ``pending``, due ``now``: fresh attempts and retry horizon (``queued_at``),
-    no error, no permanent failure, not sent."""
+    no error, no permanent failure. ``sent_at`` stays: the receiver holds what was stored
+    then, and a withdrawal before the next send must still reach it."""
     row.state = DeliveryState.pending
     row.attempts = 0
     row.next_attempt_at = now
     row.queued_at = now
     row.permanent_failure = False
     row.last_error = None
-    row.sent_at = None
 
 
 def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:

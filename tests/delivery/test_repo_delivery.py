@@ -98,7 +98,9 @@ def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
     assert len(rows) == 2
     for r in rows:
         assert r.state is DeliveryState.pending and r.attempts == 0
-        assert r.sr_path == "/sr/b.dcm" and r.sent_at is None and r.last_error is None
+        assert r.sr_path == "/sr/b.dcm" and r.last_error is None
+    # the receiver holds what it stored: the sent row keeps the time (a withdrawal needs it)
+    assert [r.sent_at is not None for r in rows] == [True, False]
     with node_db.factory() as s:
         assert delivery_views.delivery_counts(s) == {
             "pending": 2,
@@ -445,6 +447,29 @@ def test_a_later_draft_withdrawn_before_it_was_sent_supersedes_nothing(
         [claimed] = deliveries_db.claim_due_deliveries(s, limit=10)
         assert deliveries_db.mark_sent(s, row_id, claimed_until=claimed.next_attempt_at)
         assert deliveries_db.resend(s, job1, actor="admin") == [row_id]
+
+
+def test_a_resent_draft_withdrawn_before_the_resend_still_reaches_the_pacs(
+    node_db: NodeDB,
+) -> None:
+    """Job 2's SR was sent to the PACS, which holds it; the operator re-sends it and then
+    withdraws it before the sender picks the row up. The re-send made the row pending with
+    no attempt, and the withdrawal took it for one never sent: no rejection note for the
+    PACS, which kept job 2's SR as its AI draft. The row keeps its ``sent_at`` now."""
+    pacs = str(DESTS[0])
+    job1, job2 = _drafted_twice(node_db)
+    with node_db.factory() as s:
+        for job in (job1, job2):
+            [row] = deliveries_db.enqueue_deliveries(
+                s, job_id=job, sr_path=f"/{job}.dcm", destinations=[pacs], supersede=True
+            )
+            [claimed] = deliveries_db.claim_due_deliveries(s, limit=10)
+            assert deliveries_db.mark_sent(s, row, claimed_until=claimed.next_attempt_at)
+        assert deliveries_db.resend(s, job2, actor="admin") == [row]
+        done = withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong side")
+    assert done.cancelled == [row] and list(done.reached) == [pacs]
+    [earlier] = done.superseded
+    assert (earlier.job_id, list(earlier.reached)) == (job1, [pacs])
 
 
 def test_a_send_recorded_while_its_job_is_withdrawn_does_not_deadlock(
