@@ -562,6 +562,68 @@ def test_two_jobs_of_a_study_queued_at_once_still_supersede(
     assert old.last_error == f"cancelled: superseded by job {job2} before it was sent"
 
 
+def test_a_job_finishing_while_the_current_draft_is_withdrawn_goes_with_it(
+    node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job 1 (read before a late instance) finishes at the moment job 2, the study's current
+    draft, is withdrawn, in two transactions. Whichever commits first, job 1's draft must
+    end withdrawn: taken by job 2's withdrawal, or by its own finish. Without the study's
+    lock in the finish (PostgreSQL, READ COMMITTED) neither saw the other: the withdrawal
+    found job 1 still running, the finish found job 2 not withdrawn, and job 1 became the
+    study's current draft. (SQLite's BEGIN IMMEDIATE serializes them.)"""
+    job1, job2 = _drafted_twice(node_db)
+    with node_db.factory() as s:
+        job = s.get_one(Job, job1)
+        job.state, job.lease_owner = JobState.running, "w"  # still drafting
+        s.commit()
+    both = threading.Barrier(2)
+
+    def meet() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both.wait(timeout=2)  # both transactions under way, uncommitted
+
+    drafts_by_sr, later_withdrawn = withdrawals_db._drafts_by_sr, withdrawals_db.later_withdrawn
+
+    def drafts_read(*args: Any) -> Any:  # the withdrawal has read the study's drafts
+        drafts = drafts_by_sr(*args)
+        meet()
+        return drafts
+
+    def later_read(*args: Any) -> Any:  # the finish has read the newest later draft
+        later = later_withdrawn(*args)
+        meet()
+        return later
+
+    monkeypatch.setattr(withdrawals_db, "_drafts_by_sr", drafts_read)
+    monkeypatch.setattr(withdrawals_db, "later_withdrawn", later_read)
+    errors: list[BaseException] = []
+
+    def run(work: Any) -> None:
+        try:
+            with node_db.factory() as s:
+                work(s)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(
+            target=run,
+            args=(lambda s: withdrawals_db.withdraw_job(s, job2, actor="admin", reason="x"),),
+        ),
+        threading.Thread(
+            target=run, args=(lambda s: withdrawals_db.finish_job(s, job1, owner="w"),)
+        ),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    with node_db.factory() as s:
+        job = s.get_one(Job, job1)
+        assert job.state is JobState.done and job.withdrawn_reason == "x"
+
+
 def test_destination_health_per_destination(node_db: NodeDB) -> None:
     """Each destination's counts, newest success and newest unsent failure, from rows of
     several jobs; a destination with no rows reads as empty, and one's rows never leak into
