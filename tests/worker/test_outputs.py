@@ -143,6 +143,23 @@ def _send_all(env: NodeEnv) -> None:
         sender.stop()
 
 
+def _rejected(kos: Dataset) -> set[str]:
+    """The SOP Instance UIDs a rejection note names."""
+    return {
+        item.ReferencedSOPInstanceUID
+        for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+
+
+def _result_statuses(receiver: Receiver) -> list[str]:
+    """OBR-25 (result status) of each ORU^R01 the MLLP listener received, in order."""
+    return [
+        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
+        for m in receiver.received
+    ]
+
+
 def _dciodvfy_errors(path: Path) -> list[str]:
     tool = require_binary("dciodvfy")
     proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
@@ -226,12 +243,7 @@ def test_every_object_delivered_then_withdrawn(
     [kos] = scp.by_class(KeyObjectSelectionDocumentStorage)
     assert kos.StudyInstanceUID == study
     assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"  # Rejected for Quality Reasons
-    referenced = {
-        item.ReferencedSOPInstanceUID
-        for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
-        for item in series.ReferencedSOPSequence
-    }
-    assert referenced == {sr.SOPInstanceUID, basic.SOPInstanceUID, pdf.SOPInstanceUID}
+    assert _rejected(kos) == {sr.SOPInstanceUID, basic.SOPInstanceUID, pdf.SOPInstanceUID}
     [kos_row] = [r for r in withdrawals if r.kind.value == "dimse"]
     assert _dciodvfy_errors(spool / str(kos_row.sr_path)) == []
     assert len(receiver.received) == 2
@@ -741,29 +753,12 @@ def test_withdrawing_a_superseded_draft_leaves_the_newer_result_for_the_order(
     assert f"job {two.job_id}'s later draft" in result.skipped[str(hl7)]
     assert result.superseded == [] and env.job(two.job_id).withdrawn_at is None
     _send_all(env)
-    assert [
-        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
-        for m in hl7_listener[1].received
-    ] == ["R", "R"]
+    assert _result_statuses(hl7_listener[1]) == ["R", "R"]
     [kos] = scp.by_class(KeyObjectSelectionDocumentStorage)
-    rejected = {
-        item.ReferencedSOPInstanceUID
-        for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
-        for item in series.ReferencedSOPSequence
-    }
-    assert one.sr_uid in rejected and two.sr_uid not in rejected
+    assert one.sr_uid in _rejected(kos) and two.sr_uid not in _rejected(kos)
     withdrawn = [b for _m, _p, b in fhir_server[1].received if _draft_report(b) is None]
     assert len(withdrawn) == 1 and two.sr_uid not in json.dumps(withdrawn[0])
     assert one.sr_uid in json.dumps(withdrawn[0])
-
-
-def _rejected(kos: Dataset) -> set[str]:
-    """The SOP Instance UIDs a rejection note names."""
-    return {
-        item.ReferencedSOPInstanceUID
-        for series in kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
-        for item in series.ReferencedSOPSequence
-    }
 
 
 def test_withdrawing_the_current_draft_withdraws_the_drafts_it_superseded(
@@ -796,10 +791,7 @@ def test_withdrawing_the_current_draft_withdraws_the_drafts_it_superseded(
     notes = [_rejected(kos) for kos in scp.by_class(KeyObjectSelectionDocumentStorage)]
     assert sorted(one.sr_uid in n for n in notes) == [False, True]
     assert all((one.sr_uid in n) != (two.sr_uid in n) for n in notes)
-    assert [
-        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
-        for m in hl7_listener[1].received
-    ] == ["R", "R", "C"]
+    assert _result_statuses(hl7_listener[1]) == ["R", "R", "C"]
     withdrawn = [_report(b) for _m, _p, b in fhir_server[1].received if _draft_report(b) is None]
     assert sorted(r["identifier"][0]["value"] for r in withdrawn) == sorted(
         f"urn:oid:{uid}" for uid in (one.sr_uid, two.sr_uid)
@@ -843,10 +835,7 @@ def test_an_earlier_draft_withdrawn_with_one_never_sent_withdraws_its_own_result
     assert list(earliest.skipped) == [str(hl7)] and len(earliest.queued) == 2
     assert f"job {two.job_id}'s withdrawal goes there" in earliest.skipped[str(hl7)]
     _send_all(env)
-    assert [
-        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
-        for m in hl7_listener[1].received
-    ] == ["R", "R", "C"]
+    assert _result_statuses(hl7_listener[1]) == ["R", "R", "C"]
 
 
 @pytest.mark.parametrize("which", [0, 1])
@@ -877,11 +866,7 @@ def test_jobs_that_share_one_draft_are_withdrawn_together(
     assert all(env.job(j).withdrawn_at is not None for j in jobs)
     _send_all(env)
     assert len(scp.by_class(KeyObjectSelectionDocumentStorage)) == 1
-    statuses = [
-        m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7()
-        for m in hl7_listener[1].received
-    ]
-    assert statuses.count("C") == 1
+    assert _result_statuses(hl7_listener[1]).count("C") == 1
     with env.session_factory() as s:
         assert draft_for(s, study, None) is None
         [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "job.withdraw"))
