@@ -206,7 +206,7 @@ def enqueue_deliveries(
         ids: list[int] = []
         for (text, obj), (kind, item) in wanted.items():
             row = existing.get((text, obj))
-            if row is not None and text in newer and (row.attempts or row.sent_at is not None):
+            if row is not None and text in newer and row.may_have_reached:
                 # a re-run after a later job's draft: the row may have reached the receiver
                 # (a withdrawal needs to know); it is not reset, only cancelled if unsent
                 continue
@@ -270,14 +270,15 @@ def _wanted(
 
 def _reset_pending(row: Delivery, now: datetime) -> None:
     """Back to ``pending``, due ``now``: fresh attempts and retry horizon (``queued_at``),
-    no error, no permanent failure. ``sent_at`` stays: the receiver holds what was stored
-    then, and a withdrawal before the next send must still reach it."""
+    no error, no permanent failure, not sent (``last_attempt_at`` stays: the object may be
+    at the receiver, :attr:`Delivery.may_have_reached`)."""
     row.state = DeliveryState.pending
     row.attempts = 0
     row.next_attempt_at = now
     row.queued_at = now
     row.permanent_failure = False
     row.last_error = None
+    row.sent_at = None
 
 
 def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:

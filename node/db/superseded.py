@@ -193,9 +193,10 @@ def cancel_superseded(
 
 
 def _may_get_there(row: Any) -> Any:
-    """A condition on a :class:`Delivery` (or an alias of it): the row was sent, will be,
-    or may have arrived; not one cancelled before any attempt since it was last stored."""
-    return or_(row.state != DeliveryState.cancelled, row.attempts > 0, row.sent_at.is_not(None))
+    """A condition on a :class:`Delivery` (or an alias of it): the row will be sent, or may
+    have arrived (:attr:`Delivery.may_have_reached`); not one cancelled before any
+    attempt."""
+    return or_(row.state != DeliveryState.cancelled, row.may_have_reached)
 
 
 def not_superseded() -> Any:

@@ -225,17 +225,12 @@ def _withdraw_draft(
     return Withdrawal(job_id, cancelled, reached, same, reason)
 
 
-def _may_have_reached(row: Delivery) -> bool:
-    """Whether the receiver may hold the row's object: it was stored (``sent_at``, kept when
-    the row is queued again) or attempted since (a failed send may still have arrived)."""
-    return row.state is DeliveryState.sent or row.attempts > 0 or row.sent_at is not None
-
-
 def _cancel_and_reach(
     session: Session, job_ids: list[int]
 ) -> tuple[list[int], dict[str, list[tuple[DeliveryObject, str, str | None]]]]:
     """Cancel the unsent draft rows of ``job_ids``; the destinations their draft may have
-    reached (:func:`_may_have_reached`), each with its rows (object, file, object UID) once."""
+    reached (:attr:`Delivery.may_have_reached`), each with its rows (object, file, object
+    UID) once."""
     cancelled: list[int] = []
     reached: dict[str, list[tuple[DeliveryObject, str, str | None]]] = {}
     rows = locked_deliveries(
@@ -243,7 +238,7 @@ def _cancel_and_reach(
     )
     for row in rows:
         held = (row.object, row.sr_path or "", row.object_uid)
-        if _may_have_reached(row) and held not in reached.get(row.destination, []):
+        if row.may_have_reached and held not in reached.get(row.destination, []):
             reached.setdefault(row.destination, []).append(held)
         if row.state in (DeliveryState.pending, DeliveryState.failed):
             # a failed row would otherwise be re-queued when its destination answers

@@ -98,9 +98,7 @@ def test_enqueue_is_idempotent_per_job_and_destination(node_db: NodeDB) -> None:
     assert len(rows) == 2
     for r in rows:
         assert r.state is DeliveryState.pending and r.attempts == 0
-        assert r.sr_path == "/sr/b.dcm" and r.last_error is None
-    # the receiver holds what it stored: the sent row keeps the time (a withdrawal needs it)
-    assert [r.sent_at is not None for r in rows] == [True, False]
+        assert r.sr_path == "/sr/b.dcm" and r.sent_at is None and r.last_error is None
     with node_db.factory() as s:
         assert delivery_views.delivery_counts(s) == {
             "pending": 2,
@@ -455,7 +453,8 @@ def test_a_resent_draft_withdrawn_before_the_resend_still_reaches_the_pacs(
     """Job 2's SR was sent to the PACS, which holds it; the operator re-sends it and then
     withdraws it before the sender picks the row up. The re-send made the row pending with
     no attempt, and the withdrawal took it for one never sent: no rejection note for the
-    PACS, which kept job 2's SR as its AI draft. The row keeps its ``sent_at`` now."""
+    PACS, which kept job 2's SR as its AI draft. Its ``last_attempt_at`` says it may be
+    there (``Delivery.may_have_reached``)."""
     pacs = str(DESTS[0])
     job1, job2 = _drafted_twice(node_db)
     with node_db.factory() as s:

@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    or_,
+)
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from node.db.models.base import UID_LEN, Base, enum_column
@@ -57,6 +69,24 @@ class Delivery(Base):
     created_at: Mapped[datetime]
 
     job: Mapped[Job | None] = relationship(back_populates="deliveries")
+
+    @hybrid_property
+    def may_have_reached(self) -> bool:
+        """Whether the receiver may hold the object: it was sent, or an attempt started
+        (a failed send may still have arrived). ``last_attempt_at`` outlives a re-send or
+        re-queue, so a row queued again still counts (a withdrawal must reach it)."""
+        return (
+            self.state is DeliveryState.sent
+            or self.attempts > 0
+            or self.last_attempt_at is not None
+        )
+
+    @may_have_reached.inplace.expression
+    @classmethod
+    def _may_have_reached_expression(cls) -> ColumnElement[bool]:
+        return or_(
+            cls.state == DeliveryState.sent, cls.attempts > 0, cls.last_attempt_at.is_not(None)
+        )
 
     __table_args__ = (
         Index(None, "state", "next_attempt_at"),
