@@ -41,6 +41,7 @@ from node.settings import Settings
 
 if TYPE_CHECKING:
     from models.runtime import LLMCXR
+    from node.runtime.withdrawal import WithdrawResult
 
 __all__ = ["actor", "cli_services", "fail", "register", "tokens_app"]
 
@@ -215,10 +216,13 @@ def jobs_withdraw(
     The withdrawals are queued; a running ``cxr-node serve`` sends them.
     """
     result = service_call(job_service.withdraw, job_id, actor=actor(), reason=reason)
-    typer.echo(
-        f"job {job_id}: draft withdrawn; {len(result.cancelled)} unsent object(s) cancelled, "
-        f"{len(result.queued)} withdrawal(s) queued"
-    )
+
+    def counts(r: WithdrawResult) -> str:
+        return (
+            f"{len(r.cancelled)} unsent object(s) cancelled, {len(r.queued)} withdrawal(s) queued"
+        )
+
+    typer.echo(f"job {job_id}: draft withdrawn; {counts(result)}")
     if result.same_draft:
         same = ", ".join(map(str, result.same_draft))
         typer.echo(f"withdrawn with it, the same draft: job(s) {same}")
@@ -228,8 +232,7 @@ def jobs_withdraw(
         same = "".join(f", {j}" for j in earlier.same_draft)
         typer.echo(
             f"withdrawn with it, the earlier draft it superseded: job(s) {earlier.job_id}{same}; "
-            f"{len(earlier.cancelled)} unsent object(s) cancelled, "
-            f"{len(earlier.queued)} withdrawal(s) queued"
+            f"{counts(earlier)}"
         )
         for dest, why in earlier.skipped.items():
             err.print(
