@@ -222,7 +222,8 @@ def bulk_jobs(body: BulkIn, ctx: Ctx, p: Operator) -> BulkOut:
     summary="Cancel a job (operator)",
 )
 def cancel_job(job_id: JobId, ctx: Ctx, p: Operator, body: CancelIn | None = None) -> JobRow:
-    """Cancel a received, queued or running job; 409 when it is finished. Audited."""
+    """Cancel a received, queued or running job, and its objects not yet sent; 409 when it
+    is finished. Audited."""
     reason = body.reason if body is not None else None
     return job_service.cancel(ctx, job_id, actor=p.actor, reason=reason)
 

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.db.audit import AuditEntry
 from node.db.finals import FinalRow
+from node.db.job_admin import CANCEL_REASON_MAX_LENGTH
 from node.db.job_events import JobEventRow
-from node.db.jobs import CANCEL_REASON_MAX_LENGTH
 from node.db.models import ID_MAX
 from node.db.tokens import NAME_MAX_LENGTH, NAME_PATTERN, TokenRow
 from node.db.views import DeliveryRow, DraftRow, JobRow, SrVersion

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.cli.common import services
-from node.db import jobs as jobs_db
+from node.db import job_admin
 from node.db import tokens as tokens_db
 from node.db import withdrawals as withdrawals_db
 from node.db.models import ID_MAX, ApiRole
@@ -185,11 +185,11 @@ def jobs_cancel(
         str | None,
         typer.Option(
             help="Why (no patient data), at most 500 characters.",
-            callback=_checked(jobs_db.check_cancel_reason),
+            callback=_checked(job_admin.check_cancel_reason),
         ),
     ] = None,
 ) -> None:
-    """Cancel a job that has not finished (audited)."""
+    """Cancel a job that has not finished, and its objects not yet sent (audited)."""
     job = service_call(job_service.cancel, job_id, actor=actor(), reason=reason)
     typer.echo(f"job {job.id}: {job.state}")
 

@@ -1,9 +1,10 @@
-"""The job queue: the state machine, claims and leases, retries, and admin moves.
+"""The job queue: the state machine, claims and leases, retries.
 
 One job per study drafting; a job moves only through :func:`transition`
 (:data:`ALLOWED_TRANSITIONS`). Workers claim the highest priority, oldest queued job
 (:func:`claim_next_job`) under a lease they renew (:func:`heartbeat`); expired leases are
-requeued (:func:`expire_leases`). Commits per :mod:`node.db.tx`.
+requeued (:func:`expire_leases`). An admin's cancel and re-queue are
+:mod:`node.db.job_admin`. Commits per :mod:`node.db.tx`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, object_session
 
-from node.db.audit import add_audit
 from node.db.job_events import add_event
 from node.db.models import Job, JobState, utcnow
 from node.db.tx import in_transaction
@@ -24,15 +24,12 @@ from node.db.tx import in_transaction
 __all__ = [
     "ACTIVE_JOB_STATES",
     "ALLOWED_TRANSITIONS",
-    "CANCEL_REASON_MAX_LENGTH",
     "TERMINAL_JOB_STATES",
     "IllegalTransition",
     "JobConflict",
     "JobNotFound",
     "LeaseLost",
     "active_job",
-    "cancel_job",
-    "check_cancel_reason",
     "claim_next_job",
     "expire_leases",
     "fail_job",
@@ -44,16 +41,12 @@ __all__ = [
     "new_job",
     "owned_running",
     "release_leases",
-    "requeue_job",
     "transition",
 ]
 
 log = logging.getLogger(__name__)
 
 ACTIVE_JOB_STATES = (JobState.received, JobState.queued)
-#: the longest reason a cancellation takes (``POST /api/jobs/{id}/cancel``, ``cxr-node jobs
-#: cancel --reason``)
-CANCEL_REASON_MAX_LENGTH = 500
 TERMINAL_JOB_STATES = (JobState.done, JobState.failed, JobState.cancelled)
 
 
@@ -447,62 +440,3 @@ def fail_job(
         return job
 
     return in_transaction(session, work)
-
-
-def _admin_move(
-    session: Session, job_id: int, to: JobState, *, actor: str, action: str, reason: str | None
-) -> Job:
-    def work() -> Job:
-        job = lock_job(session, job_id)
-        before = job.state.value
-        transition(job, to, actor=actor, detail={"action": action, "reason": reason})
-        if to is JobState.queued:
-            job.attempts = 0
-        if reason:
-            job.last_error = reason
-        add_audit(
-            session,
-            actor=actor,
-            action=action,
-            target=f"job:{job_id}",
-            detail={"from": before, "to": to.value, "reason": reason},
-        )
-        return job
-
-    return in_transaction(session, work)
-
-
-def check_cancel_reason(reason: str | None) -> str | None:
-    """``reason`` when a cancellation takes it (optional, no patient data).
-
-    Raises
-    ------
-    ValueError
-        A reason over :data:`CANCEL_REASON_MAX_LENGTH` characters.
-    """
-    if reason is not None and len(reason) > CANCEL_REASON_MAX_LENGTH:
-        raise ValueError(
-            f"a reason is at most {CANCEL_REASON_MAX_LENGTH} characters, got {len(reason)}"
-        )
-    return reason
-
-
-def cancel_job(session: Session, job_id: int, *, actor: str, reason: str | None = None) -> Job:
-    """Cancel a job (admin action, audited). Commits.
-
-    Raises
-    ------
-    ValueError
-        A ``reason`` :func:`check_cancel_reason` refuses (nothing changes).
-    """
-    check_cancel_reason(reason)
-    return _admin_move(
-        session, job_id, JobState.cancelled, actor=actor, action="job.cancel", reason=reason
-    )
-
-
-def requeue_job(session: Session, job_id: int, *, actor: str) -> Job:
-    """Queue a failed or cancelled job again with fresh attempts (admin action, audited)."""
-    return _admin_move(
-        session, job_id, JobState.queued, actor=actor, action="job.requeue", reason=None
-    )

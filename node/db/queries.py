@@ -1,7 +1,7 @@
 """Query shapes the repository shares: a page of rows with the number of all matches, the
 page bounds every listing accepts, counts by state with every state present, the
 case-insensitive "contains" match of the search fields, and delivery rows locked for an
-update.
+update or cancelled.
 
 Each helper runs in the caller's session and transaction (no commit).
 """
@@ -15,10 +15,11 @@ from typing import Any, TypeVarTuple
 from sqlalchemy import ColumnElement, Result, Select, func, select
 from sqlalchemy.orm import Session
 
-from node.db.models import Delivery
+from node.db.models import Delivery, DeliveryObject, DeliveryState
 
 __all__ = [
     "MAX_PAGE",
+    "cancel_unsent",
     "check_page",
     "contains",
     "count_by_state",
@@ -126,3 +127,18 @@ def locked_deliveries(session: Session, *where: Any, skip_locked: bool = False) 
             .execution_options(populate_existing=True)
         )
     )
+
+
+def cancel_unsent(session: Session, *where: Any, why: str) -> list[Delivery]:
+    """Cancel the object rows matching ``where`` not sent yet (``pending``, one being sent
+    included, or ``failed``; never a ``withdrawal``), locked, with ``why`` as their error
+    (:meth:`Delivery.cancel`): no retry, re-queue or re-send sends them. The rows, by id."""
+    rows = locked_deliveries(
+        session,
+        *where,
+        Delivery.object != DeliveryObject.withdrawal,
+        Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
+    )
+    for row in rows:
+        row.cancel(why)
+    return rows

@@ -175,9 +175,7 @@ def cancel_superseded(
     cancelled: dict[int, list[int]] = {}
     for row in rows:
         by = newer[row.destination] if row.job_id == job_id else job_id
-        row.state = DeliveryState.cancelled
-        row.next_attempt_at = None
-        row.last_error = f"cancelled: superseded by job {by} before it was sent"
+        row.cancel(f"cancelled: superseded by job {by} before it was sent")
         cancelled.setdefault(row.job_id or 0, []).append(row.id)  # job_id: never empty here
     if cancelled:
         session.add(

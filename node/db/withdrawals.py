@@ -23,7 +23,7 @@ from node.db.models import (
     JobState,
     utcnow,
 )
-from node.db.queries import locked_deliveries
+from node.db.queries import cancel_unsent, locked_deliveries
 from node.db.superseded import later_withdrawn, lock_study_of
 from node.db.tx import in_transaction
 
@@ -88,7 +88,9 @@ def withdraw_job(session: Session, job_id: int, *, actor: str, reason: str) -> W
       this job in ``with_job``): else the draft of fewer instances it replaced would become
       the current one again, at the node (review, finals, summaries) and in the PACS, the
       FHIR server and the RIS that still hold it. An earlier job still drafting goes with
-      it as it finishes (:func:`finish_job`).
+      it as it finishes (:func:`finish_job`); its draft rows already queued and not sent
+      are cancelled now (named in the audit entry's ``unfinished``), so that none reaches
+      a destination only its routing chose before then.
 
     Commits.
 
@@ -165,6 +167,10 @@ def _withdraw(session: Session, job: Job, actor: str, reason: str, **about: obje
     superseded = [
         _withdraw_draft(session, twins, actor, reason, now, with_job=job.id) for twins in earlier
     ]
+    if current:
+        unfinished = _cancel_unfinished(session, job)
+        if unfinished:
+            about = {**about, "unfinished": unfinished}
     main = _withdraw_draft(
         session,
         [job, *(j for j in mine if j.id != job.id)],
@@ -196,6 +202,25 @@ def _drafts_by_sr(session: Session, job: Job) -> dict[str, list[Job]]:
     for row in rows:
         drafts.setdefault(row.sr_sop_instance_uid or "", []).append(row)
     return drafts
+
+
+def _cancel_unfinished(session: Session, job: Job) -> dict[str, list[int]]:
+    """Cancel the unsent draft rows of the study's earlier jobs not done: their drafts go
+    with ``job``'s as they finish (:func:`finish_job`), and must not reach a destination
+    before (one that only their routing chose, where ``job``'s did not supersede them).
+    Returns the cancelled row ids by job id (as text: the audit entry's JSON)."""
+    unfinished = select(Job.id).where(
+        Job.study_id == job.study_id, Job.id < job.id, Job.state != JobState.done
+    )
+    rows = cancel_unsent(
+        session,
+        Delivery.job_id.in_(unfinished),
+        why=f"cancelled: withdrawn with job {job.id}'s draft before it was sent",
+    )
+    cancelled: dict[str, list[int]] = {}
+    for row in rows:
+        cancelled.setdefault(str(row.job_id), []).append(row.id)
+    return cancelled
 
 
 def _withdraw_draft(
@@ -242,8 +267,6 @@ def _cancel_and_reach(
             reached.setdefault(row.destination, []).append(held)
         if row.state in (DeliveryState.pending, DeliveryState.failed):
             # a failed row would otherwise be re-queued when its destination answers
-            row.state = DeliveryState.cancelled
-            row.next_attempt_at = None
-            row.last_error = "cancelled: the draft was withdrawn before it was sent"
+            row.cancel("cancelled: the draft was withdrawn before it was sent")
             cancelled.append(row.id)
     return cancelled, reached

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 from integration.priority import MAX_PRIORITY, MIN_PRIORITY
 from node.db import audit as audit_db
 from node.db import deliveries as deliveries_db
-from node.db import delivery_views, study_views
-from node.db import jobs as jobs_db
+from node.db import delivery_views, job_admin, study_views
 from node.db import views as views_db
 from node.services.context import ServiceContext
 from node.services.errors import InvalidInput
@@ -93,16 +92,17 @@ def lifecycle(job: views_db.JobRow) -> list[tuple[str, datetime | None, float | 
 def requeue(ctx: ServiceContext, job_id: int, *, actor: str) -> views_db.JobRow:
     """Queue a failed or cancelled job again with fresh attempts."""
     with ctx.write_sessions() as session:
-        jobs_db.requeue_job(session, job_id, actor=actor)
+        job_admin.requeue_job(session, job_id, actor=actor)
     return detail(ctx, job_id).job
 
 
 def cancel(
     ctx: ServiceContext, job_id: int, *, actor: str, reason: str | None = None
 ) -> views_db.JobRow:
-    """Cancel a received, queued or running job (``reason``: no patient data)."""
+    """Cancel a received, queued or running job and its objects not yet sent
+    (:func:`node.db.job_admin.cancel_job`; ``reason``: no patient data)."""
     with ctx.write_sessions() as session:
-        jobs_db.cancel_job(session, job_id, actor=actor, reason=reason)
+        job_admin.cancel_job(session, job_id, actor=actor, reason=reason)
     return detail(ctx, job_id).job
 
 

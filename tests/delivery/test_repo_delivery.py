@@ -623,6 +623,74 @@ def test_a_job_finishing_while_the_current_draft_is_withdrawn_goes_with_it(
         assert job.state is JobState.done and job.withdrawn_reason == "x"
 
 
+def test_withdrawing_the_current_draft_cancels_an_unfinished_earlier_jobs_queued_rows(
+    node_db: NodeDB,
+) -> None:
+    """Job 1 (read before a late instance) has queued its draft to destinations job 2's
+    routing did not choose, and is not done yet, when job 2, the study's current draft, is
+    withdrawn: a sender could send job 1's rows before its finish withdraws it. The
+    withdrawal cancels them (the one being sent loses its claim, a failed one is not
+    re-queued), names them in its entry's ``unfinished``, and leaves a later job's and
+    another study's rows alone; job 1's finish then withdraws its draft where a send had
+    started."""
+    pacs, stow = (str(d) for d in DESTS)
+    job1, job2 = _drafted_twice(node_db)
+    job3 = _redraft(node_db, job1)
+    other = make_job(node_db.factory)
+    with node_db.factory() as s:
+        for running in (job1, job3, other):  # still drafting, their rows queued
+            job = s.get_one(Job, running)
+            job.state, job.lease_owner = JobState.running, "w"
+        job = s.get_one(Job, job3)
+        job.sr_sop_instance_uid = None
+        s.commit()
+        sent, flight, failed, waiting = deliveries_db.enqueue_deliveries(
+            s,
+            job_id=job1,
+            items=[
+                Outbound(pacs, DeliveryObject.sr, "/1.dcm"),
+                Outbound(pacs, DeliveryObject.pdf, "/1.pdf"),
+                Outbound(stow, DeliveryObject.sr, "/1.dcm"),
+                Outbound(stow, DeliveryObject.pdf, "/1.pdf"),
+            ],
+        )
+        spared = [
+            deliveries_db.enqueue_deliveries(s, job_id=j, sr_path="/x.dcm", destinations=[pacs])[0]
+            for j in (job3, other)
+        ]
+        claims = {c.id: c.next_attempt_at for c in deliveries_db.claim_due_deliveries(s, limit=10)}
+        assert deliveries_db.mark_sent(s, sent, claimed_until=claims[sent])
+        assert deliveries_db.mark_failed(s, failed, error="gave up", claimed_until=claims[failed])
+        for due in (waiting, *spared):
+            assert deliveries_db.release_claim(s, due, claimed_until=claims[due])
+        # flight stays claimed: a sender is sending it
+        done = withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong side")
+        assert done.job_id == job2 and done.superseded == []
+        [entry] = s.scalars(
+            select(AuditLog).where(
+                AuditLog.action == "job.withdraw", AuditLog.target == f"job:{job2}"
+            )
+        )
+        assert entry.detail["unfinished"] == {str(job1): [flight, failed, waiting]}
+    rows = {r.id: r for r in _rows(node_db, job1)}
+    assert rows[sent].state is DeliveryState.sent
+    for cancelled in (flight, failed, waiting):
+        assert rows[cancelled].state is DeliveryState.cancelled
+        assert rows[cancelled].next_attempt_at is None
+        assert rows[cancelled].last_error == (
+            f"cancelled: withdrawn with job {job2}'s draft before it was sent"
+        )
+    assert [node_db.delivery(i).state for i in spared] == [DeliveryState.pending] * 2
+    with node_db.factory() as s:
+        assert not deliveries_db.mark_sent(s, flight, claimed_until=claims[flight])
+        finished = withdrawals_db.finish_job(s, job1, owner="w", sr_sop_instance_uid="2.25.1")
+    assert finished is not None and finished.cancelled == []
+    assert finished.reached == {
+        pacs: [(DeliveryObject.sr, "/1.dcm", None), (DeliveryObject.pdf, "/1.pdf", None)],
+        stow: [(DeliveryObject.sr, "/1.dcm", None)],
+    }
+
+
 def test_destination_health_per_destination(node_db: NodeDB) -> None:
     """Each destination's counts, newest success and newest unsent failure, from rows of
     several jobs; a destination with no rows reads as empty, and one's rows never leak into

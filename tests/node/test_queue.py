@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.db import job_admin
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
 from node.db import study_completion as completion_db
@@ -170,7 +171,7 @@ def test_finish_and_fail(session_factory: sessionmaker[Session]) -> None:
         assert j2 is not None
         failed = jobs_db.fail_job(s, j2.id, owner="w", error="bad image", retry=False)
         assert failed.state is JobState.failed
-        requeued = jobs_db.requeue_job(s, failed.id, actor="admin")
+        requeued = job_admin.requeue_job(s, failed.id, actor="admin")
         assert requeued.state is JobState.queued and requeued.attempts == 0
     assert {a, b} == {j1.id, j2.id}
 
@@ -269,12 +270,12 @@ def test_admin_cancel_is_audited(session_factory: sessionmaker[Session]) -> None
 
     (job_id,) = _queued_jobs(session_factory, 1)
     with session_factory() as s:
-        job = jobs_db.cancel_job(s, job_id, actor="admin:alice", reason="wrong patient routing")
+        job = job_admin.cancel_job(s, job_id, actor="admin:alice", reason="wrong patient routing")
         assert job.state is JobState.cancelled and job.finished_at is not None
         with pytest.raises(jobs_db.IllegalTransition, match="cancelled -> cancelled"):
-            jobs_db.cancel_job(s, job_id, actor="admin:alice")
+            job_admin.cancel_job(s, job_id, actor="admin:alice")
         with pytest.raises(jobs_db.JobNotFound):
-            jobs_db.cancel_job(s, 10**6, actor="admin:alice")
+            job_admin.cancel_job(s, 10**6, actor="admin:alice")
     with session_factory() as s:
         (entry,) = s.scalars(select(AuditLog)).all()
         assert (entry.actor, entry.action, entry.target) == (

@@ -17,12 +17,13 @@ from integration.uids import sr_series_uid
 from models.results import ReportDraft
 from node.db import drafts as drafts_db
 from node.db import finals as finals_db
+from node.db import job_admin
 from node.db import jobs as jobs_db
 from node.db import withdrawals as withdrawals_db
 from node.db.conversations import draft_text
 from node.db.deliveries import claim_due_deliveries, enqueue_deliveries, mark_sent
 from node.db.finals import DraftMatch
-from node.db.models import AuditLog, JobState, utcnow
+from node.db.models import AuditLog, DeliveryState, Job, JobState, utcnow
 from node.runtime import completion
 from node.runtime.completion import JobOutcome, build_sr, complete_job, draft_record, write_sr
 from node.runtime.modelhost import ModelHost
@@ -260,11 +261,12 @@ SLOW = "slow-host:7:slow/w0"
 
 
 def _overtaken(
-    env: NodeEnv, model_host: ModelHost
+    env: NodeEnv, model_host: ModelHost, *, later_to: list[str] | None = None
 ) -> tuple[str, PreparedJob, ReportDraft, JobOutcome]:
     """Job 1, claimed by :data:`SLOW`, reads a new study's one image (PA) and drafts it; a
-    late AP instance comes, and job 2, drafted from both, finishes first. The study, job
-    1's prepared job and draft (not completed yet), and job 2's outcome."""
+    late AP instance comes, and job 2, drafted from both (to ``later_to`` where given: its
+    routing rule's choice), finishes first. The study, job 1's prepared job and draft (not
+    completed yet), and job 2's outcome."""
     study = env.add_study(view="PA")
     [job1] = env.queue_all()
     claim(env, SLOW)
@@ -273,6 +275,10 @@ def _overtaken(
         [draft] = generate_reports(runtime, [prepared.model_input], env.settings)
     env.add_study(study_uid=study, view="AP")  # ... when the late instance comes
     [job2] = env.queue_all()
+    if later_to is not None:
+        with env.session_factory() as s:
+            s.get_one(Job, job2).destinations = later_to
+            s.commit()
     assert claim(env) == job2
     [newer] = run_batch(env.deps, [job2], model_host, owner=OWNER)
     assert newer.status == "done", newer.error
@@ -326,12 +332,14 @@ def test_an_earlier_job_finishing_after_the_later_draft_was_withdrawn_is_withdra
     (before job 1 is marked done); a sender runs just before job 1 is marked done. Had job
     1 been done, the withdrawal would have taken its draft, which job 2's superseded: it is
     withdrawn in the transaction that finishes it (by ``system``, job 2's reason,
-    ``with_job``), so that it is never the study's current draft, and none of it goes out.
-    SQLite and PostgreSQL."""
-    dests = "PACS@127.0.0.1:11113"
+    ``with_job``), so that it is never the study's current draft, and none of it goes out,
+    neither to the PACS, where job 2's draft superseded it, nor to the archive, which only
+    job 1's routing chose. SQLite and PostgreSQL."""
+    dests = "PACS@127.0.0.1:11113,ARCHIVE@127.0.0.1:11114"
     env = make_env(db_url, tmp_path, demo_bundle, destinations=dests)
     try:
-        study, prepared, draft, newer = _overtaken(env, model_host)
+        pacs = str(env.settings.destinations[0])
+        study, prepared, draft, newer = _overtaken(env, model_host, later_to=[pacs])
         job1, job2 = prepared.job_id, newer.job_id
 
         def withdraw_job2() -> None:
@@ -374,15 +382,66 @@ def test_an_earlier_job_finishing_after_the_later_draft_was_withdrawn_is_withdra
         job = env.job(job1)
         assert job.state is JobState.done and job.withdrawn_at is not None
         assert (job.withdrawn_by, job.withdrawn_reason) == ("system", "wrong side")
-        assert {r.state.value for r in env.deliveries(job1)} <= {"cancelled"}
-        assert len(env.deliveries(job1)) == (1 if when == "enqueued" else 0)
+        rows = {r.destination: r for r in env.deliveries(job1)}
+        assert {r.state.value for r in rows.values()} <= {"cancelled"}
+        assert len(rows) == (2 if when == "enqueued" else 0)
         with env.session_factory() as s:
             assert finals_db.draft_for(s, study, None) is None
-            [entry] = s.scalars(
-                select(AuditLog).where(
-                    AuditLog.action == "job.withdraw", AuditLog.target == f"job:{job1}"
-                )
-            )
+            entries = {
+                e.target: e
+                for e in s.scalars(select(AuditLog).where(AuditLog.action == "job.withdraw"))
+            }
+        entry = entries[f"job:{job1}"]
         assert (entry.actor, entry.detail["with_job"]) == ("system", job2)
+        if when == "enqueued":  # the withdrawal cancelled the row job 2's did not supersede
+            archive = rows.pop(str(env.settings.destinations[1]))
+            assert archive.last_error == (
+                f"cancelled: withdrawn with job {job2}'s draft before it was sent"
+            )
+            assert entries[f"job:{job2}"].detail["unfinished"] == {str(job1): [archive.id]}
+            [superseded] = rows.values()
+            assert superseded.last_error == (
+                f"cancelled: superseded by job {job2} before it was sent"
+            )
+        assert "unfinished" not in entry.detail
+    finally:
+        env.engine.dispose()
+
+
+def test_a_job_cancelled_after_it_queued_its_objects_sends_none(
+    db_url: str,
+    tmp_path: Path,
+    demo_bundle: Path,
+    model_host: ModelHost,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An admin cancels a running job after it queued its objects and before it is marked
+    done (the job re-queued after a lost lease keeps its rows in the same way). The worker
+    has lost the job and abandons it; its objects are cancelled with it, so no sender sends
+    a cancelled job's draft. SQLite and PostgreSQL."""
+    env = make_env(db_url, tmp_path, demo_bundle, destinations="PACS@127.0.0.1:11113")
+    try:
+        env.add_study(view="PA")
+        [job_id] = env.queue_all()
+        assert claim(env) == job_id
+        finish = withdrawals_db.finish_job
+
+        def cancelled_first(*args: Any, **kwargs: Any) -> Any:
+            with env.session_factory() as s:
+                job_admin.cancel_job(s, job_id, actor="admin", reason="wrong patient")
+            return finish(*args, **kwargs)
+
+        monkeypatch.setattr(withdrawals_db, "finish_job", cancelled_first)
+        [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+
+        assert outcome.status == "abandoned"
+        assert env.job(job_id).state is JobState.cancelled
+        [row] = env.deliveries(job_id)
+        assert row.state is DeliveryState.cancelled
+        assert row.last_error == "cancelled: the job was cancelled before it was sent"
+        with env.session_factory() as s:
+            assert claim_due_deliveries(s, limit=10) == []
+            [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "job.cancel"))
+        assert entry.detail["deliveries"] == [row.id]
     finally:
         env.engine.dispose()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from node.db import job_admin
 from node.db import jobs as jobs_db
 from node.db.models import JobState
 from node.runtime.modelhost import ModelHost, ModelNotReady, make_model_host
@@ -69,7 +70,7 @@ def test_heartbeat_extends_and_detects_lost_lease(sqlite_env: NodeEnv) -> None:
         wait_for(lambda: env.job(job_id).lease_expires_at != first_expiry, timeout=10)
         assert not hb.lost(job_id)
         with env.session_factory() as s:  # an admin cancels the running job
-            jobs_db.cancel_job(s, job_id, actor="admin")
+            job_admin.cancel_job(s, job_id, actor="admin")
         wait_for(lambda: hb.lost(job_id), timeout=10)
     finally:
         hb.stop()

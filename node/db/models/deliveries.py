@@ -88,6 +88,14 @@ class Delivery(Base):
             cls.state == DeliveryState.sent, cls.attempts > 0, cls.last_attempt_at.is_not(None)
         )
 
+    def cancel(self, why: str) -> None:
+        """Cancel this unsent row (``pending`` or ``failed``), with ``why`` as its error: no
+        retry, re-queue or re-send sends it; a send in flight loses its claim (its lease
+        no longer matches), so its result is not recorded."""
+        self.state = DeliveryState.cancelled
+        self.next_attempt_at = None
+        self.last_error = why
+
     __table_args__ = (
         Index(None, "state", "next_attempt_at"),
         # one delivery per (job, destination, object): enqueueing is idempotent
