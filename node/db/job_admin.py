@@ -13,8 +13,7 @@ from sqlalchemy.orm import Session
 
 from node.db.audit import add_audit
 from node.db.jobs import lock_job, transition
-from node.db.models import Delivery, Job, JobState
-from node.db.queries import cancel_unsent
+from node.db.models import Job, JobState
 from node.db.tx import in_transaction
 
 __all__ = ["CANCEL_REASON_MAX_LENGTH", "cancel_job", "check_cancel_reason", "requeue_job"]
@@ -42,12 +41,9 @@ def check_cancel_reason(reason: str | None) -> str | None:
 def cancel_job(session: Session, job_id: int, *, actor: str, reason: str | None = None) -> Job:
     """Cancel a job that has not finished (admin action, audited ``job.cancel``). Commits.
 
-    The job's objects already queued and not sent (``pending``, one being sent included,
-    or ``failed``: a running job queues its objects just before it is marked done, and a
-    job re-queued after a lost lease keeps its earlier run's) are cancelled with it
-    ("cancelled: the job was cancelled before it was sent", named in the audit entry's
-    ``deliveries``): a cancelled job's draft must not reach a receiver. A send in flight
-    loses its claim.
+    The job's objects already queued and not sent are cancelled with it
+    (:func:`node.db.jobs.transition`; named in the audit entry's ``deliveries``): a
+    cancelled job's draft must not reach a receiver.
 
     Raises
     ------
@@ -78,20 +74,14 @@ def _admin_move(
     def work() -> Job:
         job = lock_job(session, job_id)
         before = job.state.value
-        transition(job, to, actor=actor, detail={"action": action, "reason": reason})
+        cancelled = transition(job, to, actor=actor, detail={"action": action, "reason": reason})
         if to is JobState.queued:
             job.attempts = 0
         if reason:
             job.last_error = reason
         detail: dict[str, Any] = {"from": before, "to": to.value, "reason": reason}
-        if to is JobState.cancelled:
-            rows = cancel_unsent(
-                session,
-                Delivery.job_id == job_id,
-                why="cancelled: the job was cancelled before it was sent",
-            )
-            if rows:
-                detail["deliveries"] = [r.id for r in rows]
+        if cancelled:
+            detail["deliveries"] = cancelled
         add_audit(session, actor=actor, action=action, target=f"job:{job_id}", detail=detail)
         return job
 

@@ -18,7 +18,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, object_session
 
 from node.db.job_events import add_event
-from node.db.models import Job, JobState, utcnow
+from node.db.models import Delivery, Job, JobState, utcnow
+from node.db.queries import cancel_unsent
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -99,6 +100,12 @@ _EVENT_OF_STATE = {
     JobState.cancelled: "cancelled",
 }
 
+#: why a job's unsent objects are cancelled as it ends without a draft
+_UNSENT_OF_STATE = {
+    JobState.failed: "cancelled: the job failed before it was sent",
+    JobState.cancelled: "cancelled: the job was cancelled before it was sent",
+}
+
 
 def active_job(session: Session, study_id: int) -> Job | None:
     """The study's newest job still ``received`` or ``queued`` (or running), locked."""
@@ -107,7 +114,7 @@ def active_job(session: Session, study_id: int) -> Job | None:
         .where(Job.study_id == study_id, Job.state.in_(ACTIVE_JOB_STATES))
         .order_by(Job.id.desc())
         .limit(1)
-        .with_for_update()
+        .with_for_update(key_share=True)  # as lock_job: a cancel cancels its rows
     ).first()
 
 
@@ -118,7 +125,7 @@ def transition(
     now: datetime | None = None,
     actor: str | None = None,
     detail: dict[str, Any] | None = None,
-) -> None:
+) -> list[int]:
     """Move ``job`` to state ``to``: the one place where job states change.
 
     Sets the matching timestamp (``queued_at``, ``started_at``, ``finished_at``) and
@@ -127,6 +134,17 @@ def transition(
     database gets the move in its history (:mod:`node.db.job_events`: ``queued``,
     ``claimed`` by ``actor``, ``done``, ``failed``, ``cancelled``, with ``detail``) in the
     caller's transaction.
+
+    A job that ends ``failed`` or ``cancelled`` has no draft, so its objects not sent yet
+    are cancelled in the same transaction (:func:`node.db.queries.cancel_unsent`; their ids
+    in the event's ``deliveries``): a job queues its objects just before it is marked done,
+    and one re-queued after a lost lease keeps its earlier run's, so a failure or a cancel
+    can come after its rows are queued, and a sender must not deliver them then.
+
+    Returns
+    -------
+    list[int]
+        The delivery ids cancelled with the job (empty for any other move).
 
     Raises
     ------
@@ -152,8 +170,20 @@ def transition(
         job.lease_owner = None
         job.lease_expires_at = None
     session = object_session(job)
-    if session is not None and job.id is not None:
-        add_event(session, job.id, _EVENT_OF_STATE[target], actor=actor, detail=detail, now=now)
+    if session is None or job.id is None:
+        return []
+    cancelled: list[int] = []
+    if target in (JobState.failed, JobState.cancelled):
+        cancelled = [
+            row.id
+            for row in cancel_unsent(
+                session, Delivery.job_id == job.id, why=_UNSENT_OF_STATE[target]
+            )
+        ]
+        if cancelled:
+            detail = {**(detail or {}), "deliveries": cancelled}
+    add_event(session, job.id, _EVENT_OF_STATE[target], actor=actor, detail=detail, now=now)
+    return cancelled
 
 
 def new_job(study_id: int, now: datetime, *, max_attempts: int, priority: int = 0) -> Job:
@@ -256,7 +286,7 @@ def expire_leases(session: Session, now: datetime | None = None) -> int:
         jobs = session.scalars(
             select(Job)
             .where(Job.state == JobState.running, Job.lease_expires_at < now)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=True, key_share=True)  # as lock_job: it cancels rows
             .execution_options(populate_existing=True)
         ).all()
         for job in jobs:

@@ -6,14 +6,17 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from node.db import deliveries as deliveries_db
-from node.db import delivery_claims, delivery_views, job_list
+from node.db import delivery_claims, delivery_views, job_admin, job_list
+from node.db import jobs as jobs_db
 from node.db import withdrawals as withdrawals_db
 from node.db.deliveries import Outbound
 from node.db.jobs import JobConflict, JobNotFound
@@ -24,6 +27,7 @@ from node.db.models import (
     DeliveryObject,
     DeliveryState,
     Job,
+    JobEvent,
     JobState,
     utcnow,
 )
@@ -471,6 +475,41 @@ def test_a_resent_draft_withdrawn_before_the_resend_still_reaches_the_pacs(
     assert (earlier.job_id, list(earlier.reached)) == (job1, [pacs])
 
 
+def _recorded_while(
+    db: NodeDB,
+    monkeypatch: pytest.MonkeyPatch,
+    row: int,
+    claimed_until: datetime | None,
+    work: Callable[[Session], object],
+) -> bool:
+    """Record row ``row`` as sent while ``work`` runs in a transaction of its own, started
+    once the sent row is locked (uncommitted) and before the job event is added; whether
+    the send was recorded. ``work`` must end without an error (a deadlock is one)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with db.factory() as s:
+                work(s)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    add_event = delivery_claims.add_event
+
+    def meanwhile(*args: Any, **kwargs: Any) -> Any:
+        thread.start()
+        thread.join(timeout=1.5)
+        return add_event(*args, **kwargs)
+
+    monkeypatch.setattr(delivery_claims, "add_event", meanwhile)
+    with db.factory() as s:
+        recorded = deliveries_db.mark_sent(s, row, claimed_until=claimed_until)
+    thread.join(timeout=30)
+    assert errors == [] and not thread.is_alive()
+    return recorded
+
+
 def test_a_send_recorded_while_its_job_is_withdrawn_does_not_deadlock(
     node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -489,32 +528,43 @@ def test_a_send_recorded_while_its_job_is_withdrawn_does_not_deadlock(
             s, job_id=job2, sr_path="/2.dcm", destinations=[pacs], supersede=True
         )
         claimed = {c.id: c for c in deliveries_db.claim_due_deliveries(s, limit=10)}
-    errors: list[BaseException] = []
     done: list[withdrawals_db.Withdrawal] = []
-
-    def withdraw() -> None:
-        try:
-            with node_db.factory() as s:
-                done.append(withdrawals_db.withdraw_job(s, job2, actor="admin", reason="x"))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=withdraw)
-    add_event = delivery_claims.add_event
-
-    def withdrawn_meanwhile(*args: Any, **kwargs: Any) -> Any:
-        thread.start()  # the withdrawal runs while the sent row is locked, uncommitted
-        thread.join(timeout=1.5)
-        return add_event(*args, **kwargs)
-
-    monkeypatch.setattr(delivery_claims, "add_event", withdrawn_meanwhile)
-    with node_db.factory() as s:
-        recorded = deliveries_db.mark_sent(s, row1, claimed_until=claimed[row1].next_attempt_at)
-    thread.join(timeout=30)
-    assert errors == [] and not thread.is_alive()
+    recorded = _recorded_while(
+        node_db,
+        monkeypatch,
+        row1,
+        claimed[row1].next_attempt_at,
+        lambda s: done.append(withdrawals_db.withdraw_job(s, job2, actor="admin", reason="x")),
+    )
     # the send is recorded, then the withdrawal finds the SR reached the STOW-RS server
     [earlier] = done[0].superseded
     assert recorded and (earlier.job_id, list(earlier.reached)) == (job1, [stow])
+
+
+def test_a_send_recorded_while_its_jobs_last_lease_expires_does_not_deadlock(
+    node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's SR is being recorded as sent when the job's last lease expires: the
+    expiry fails the job, which cancels its unsent rows, after locking the job; recording
+    the send locks the row, then adds a job event (``FOR KEY SHARE`` on the job). With the
+    job locked ``FOR UPDATE`` (PostgreSQL) each waited for the other."""
+    job_id = make_job(node_db.factory)
+    with node_db.factory() as s:
+        job = s.get_one(Job, job_id)
+        job.state, job.lease_owner = JobState.running, "w"
+        job.attempts, job.lease_expires_at = job.max_attempts, utcnow() - timedelta(minutes=5)
+        s.commit()
+        [row] = deliveries_db.enqueue_deliveries(
+            s, job_id=job_id, sr_path="/1.dcm", destinations=DESTS[:1]
+        )
+        [claimed] = deliveries_db.claim_due_deliveries(s, limit=10)
+    recorded = _recorded_while(
+        node_db, monkeypatch, row, claimed.next_attempt_at, jobs_db.expire_leases
+    )
+    assert recorded
+    assert node_db.delivery(row).state is DeliveryState.sent  # not cancelled after it went
+    with node_db.factory() as s:
+        assert s.get_one(Job, job_id).state is JobState.failed
 
 
 def test_two_jobs_of_a_study_queued_at_once_still_supersede(
@@ -689,6 +739,67 @@ def test_withdrawing_the_current_draft_cancels_an_unfinished_earlier_jobs_queued
         pacs: [(DeliveryObject.sr, "/1.dcm", None), (DeliveryObject.pdf, "/1.pdf", None)],
         stow: [(DeliveryObject.sr, "/1.dcm", None)],
     }
+
+
+def test_a_job_ending_without_a_draft_cancels_its_queued_rows(node_db: NodeDB) -> None:
+    """A job queues its objects just before it is marked done. One that ends without a
+    draft instead has its rows not sent cancelled, so that no sender delivers them: its
+    last lease expired (the worker died after the enqueue), a permanent error, an admin's
+    cancel. A job re-queued with attempts left keeps them (its next run queues the same
+    rows again), and a sent row stays sent."""
+    pacs = str(DESTS[0])
+    jobs = [make_job(node_db.factory) for _ in range(4)]
+    lapsed, retried, broken, cancelled = jobs
+    past = utcnow() - timedelta(minutes=5)
+    with node_db.factory() as s:
+        for job_id in jobs:
+            job = s.get_one(Job, job_id)
+            job.state, job.lease_owner, job.lease_expires_at = JobState.running, "w", past
+            job.attempts = job.max_attempts if job_id == lapsed else 1
+        s.get_one(Job, broken).lease_expires_at = utcnow() + timedelta(minutes=5)
+        s.get_one(Job, cancelled).lease_expires_at = utcnow() + timedelta(minutes=5)
+        s.commit()
+        rows = {
+            j: deliveries_db.enqueue_deliveries(
+                s,
+                job_id=j,
+                items=[
+                    Outbound(pacs, DeliveryObject.sr, f"/{j}.dcm"),
+                    Outbound(pacs, DeliveryObject.pdf, f"/{j}.pdf"),
+                ],
+            )
+            for j in jobs
+        }
+        claims = {c.id: c.next_attempt_at for c in deliveries_db.claim_due_deliveries(s, limit=10)}
+        for sent, waiting in rows.values():
+            assert deliveries_db.mark_sent(s, sent, claimed_until=claims[sent])
+            assert deliveries_db.release_claim(s, waiting, claimed_until=claims[waiting])
+        assert jobs_db.expire_leases(s) == 2
+        jobs_db.fail_job(s, broken, owner="w", error="SR could not be built", retry=False)
+        job_admin.cancel_job(s, cancelled, actor="admin", reason="wrong patient")
+
+    why = {
+        lapsed: "cancelled: the job failed before it was sent",
+        broken: "cancelled: the job failed before it was sent",
+        cancelled: "cancelled: the job was cancelled before it was sent",
+    }
+    for job_id, (sent, waiting) in rows.items():
+        assert node_db.delivery(sent).state is DeliveryState.sent
+        row = node_db.delivery(waiting)
+        if job_id == retried:
+            assert (row.state, row.last_error) == (DeliveryState.pending, None)
+        else:
+            assert (row.state, row.last_error) == (DeliveryState.cancelled, why[job_id])
+    with node_db.factory() as s:
+        ended = {
+            e.job_id: e.detail
+            for e in s.scalars(select(JobEvent).where(JobEvent.kind.in_(["failed", "cancelled"])))
+        }
+        [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "job.cancel"))
+    assert {j: d["deliveries"] for j, d in ended.items()} == {
+        j: [rows[j][1]] for j in (lapsed, broken, cancelled)
+    }
+    assert entry.detail["deliveries"] == [rows[cancelled][1]]
 
 
 def test_destination_health_per_destination(node_db: NodeDB) -> None:
