@@ -3,10 +3,11 @@
 Life of a row: ``pending`` -> ``sent`` | ``failed``; an admin re-send (:func:`resend`), a
 re-run of the job (:func:`enqueue_deliveries`) or a destination that answers again
 (:func:`requeue_failed`) brings it back to ``pending``; withdrawing the draft moves the rows
-not yet sent to ``cancelled`` (:func:`node.db.withdrawals.withdraw_job`), and so does a
-later job of the study that queues its draft to the same destination (``supersede`` of
-:func:`enqueue_deliveries`). Senders claim due
-rows under a lease that is also a fencing token, and record each send's outcome
+not yet sent to ``cancelled`` (:func:`node.db.withdrawals.withdraw_job`), and so do a
+later job of the study that queued its draft to the same destination, once it is done
+(:func:`node.db.superseded.supersede`), and the job's own end as ``failed`` or
+``cancelled`` (:func:`node.db.jobs.transition`). Senders claim due rows of done jobs
+under a lease that is also a fencing token, and record each send's outcome
 (:mod:`node.db.delivery_claims`: :func:`claim_due_deliveries`, :func:`mark_sent`,
 :func:`mark_retry`, :func:`mark_failed`, :func:`release_claim`, re-exported here).
 
@@ -40,7 +41,7 @@ from node.db.delivery_claims import (
     mark_sent,
     release_claim,
 )
-from node.db.jobs import lock_job
+from node.db.jobs import lock_job, owned_running
 from node.db.models import (
     AuditLog,
     Delivery,
@@ -48,16 +49,18 @@ from node.db.models import (
     DeliveryObject,
     DeliveryState,
     Job,
+    JobState,
     utcnow,
 )
 from node.db.queries import locked_deliveries
 from node.db.superseded import (
-    cancel_superseded,
     later_drafts,
     later_withdrawn,
     lock_study_of,
+    log_superseded,
     not_superseded,
 )
+from node.db.superseded import supersede as supersede_older
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -133,6 +136,7 @@ def enqueue_deliveries(
     destinations: Sequence[DestinationLike] = (),
     items: Sequence[Outbound] = (),
     supersede: bool = False,
+    owner: str | None = None,
     now: datetime | None = None,
 ) -> list[int]:
     """Queue objects for destinations: one ``pending`` row per (job, destination, object).
@@ -141,10 +145,12 @@ def enqueue_deliveries(
     existing row to ``pending`` (fresh attempts and retry horizon from ``queued_at = now``,
     due now, new file) instead of adding one, so a re-built object replaces rather than
     duplicates. The job row is locked first, so concurrent calls for one job never add two
-    rows for one destination and object. With ``supersede``, the same transaction cancels
-    the unsent rows of the study's older drafts
-    (:func:`node.db.superseded.cancel_superseded`), under the study's lock, taken first, so
-    that two jobs of the study queue one after the other. Commits.
+    rows for one destination and object. A job's rows are sent only once the job is done
+    (:func:`node.db.delivery_claims.claim_due_deliveries`). With ``supersede``, the study's
+    lock is taken first, so that two jobs of the study queue one after the other, and the
+    unsent rows of the study's older drafts are cancelled
+    (:func:`node.db.superseded.supersede`) here when the job is done already, else in the
+    transaction that marks it done (:func:`node.db.withdrawals.finish_job`). Commits.
 
     Parameters
     ----------
@@ -165,6 +171,9 @@ def enqueue_deliveries(
         when the study's newest later draft is withdrawn
         (:func:`node.db.superseded.later_withdrawn`): this draft goes with it as the job
         finishes (:func:`node.db.withdrawals.finish_job`). Ignored without ``job_id``.
+    owner
+        The worker that holds the running job (its draft's objects): nothing is queued
+        unless it still does, so that a job cancelled or failed meanwhile queues nothing.
     now
         The current time (tests).
 
@@ -179,6 +188,8 @@ def enqueue_deliveries(
     ------
     JobNotFound
         No job with that id.
+    LeaseLost
+        With ``owner``: the job is no longer running under it.
     ValueError
         An empty file path, or a destination text of no known form.
     """
@@ -190,14 +201,16 @@ def enqueue_deliveries(
 
     def work() -> list[int]:
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
+        done = False
         if job_id is not None:
-            if supersede:  # one study's drafts queue one after the other (cancel_superseded)
+            if supersede:  # one study's drafts queue one after the other
                 lock_study_of(session, job_id)
                 later = later_withdrawn(session, job_id)
                 if later is not None:  # this draft is withdrawn with it as the job finishes
                     withdrawn_with.append(later[0])
                     return []
-            lock_job(session, job_id)
+            job = owned_running(session, job_id, owner) if owner else lock_job(session, job_id)
+            done = job.state is JobState.done
             rows = locked_deliveries(session, Delivery.job_id == job_id)
             existing = {(d.destination, d.object): d for d in rows}
         newer: dict[str, int] = {}
@@ -219,9 +232,8 @@ def enqueue_deliveries(
             row.object_uid = item.object_uid
             session.flush()
             ids.append(row.id)
-        if supersede and job_id is not None:
-            dests = {t for t, _o in wanted}
-            superseded.update(cancel_superseded(session, job_id, dests, newer, now))
+        if supersede and job_id is not None and done:
+            superseded.update(supersede_older(session, job_id, now))
         return ids
 
     ids = in_transaction(session, work)
@@ -239,13 +251,8 @@ def enqueue_deliveries(
         len(ids),
         ", ".join(f"{obj.value} to {text}" for text, obj in wanted),
     )
-    if superseded:
-        log.info(
-            "job %s queued: %d unsent draft delivery(ies) of job(s) %s cancelled, superseded",
-            job_id,
-            sum(map(len, superseded.values())),
-            ", ".join(map(str, superseded)),
-        )
+    if job_id is not None:
+        log_superseded(job_id, superseded)
     return ids
 
 

@@ -22,11 +22,11 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import case, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db.job_events import add_event
-from node.db.models import Delivery, DeliveryObject, DeliveryState, utcnow
+from node.db.models import Delivery, DeliveryObject, DeliveryState, Job, JobState, utcnow
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -55,7 +55,13 @@ def claim_due_deliveries(
     lease_seconds: float = 120.0,
     owner: str | None = None,
 ) -> list[Delivery]:
-    """Claim up to ``limit`` pending deliveries that are due, oldest first.
+    """Claim up to ``limit`` pending deliveries that are due, oldest first, of jobs that are
+    done (or of no job: a synthetic Secondary Capture sent on request).
+
+    A job queues its draft's objects just before it is marked done; until then they wait,
+    so that nothing of a job that fails or is cancelled meanwhile goes out (its rows are
+    cancelled then, :func:`node.db.jobs.transition`), and nothing of one whose draft is
+    withdrawn as it finishes (:func:`node.db.withdrawals.finish_job`).
 
     Each claimed row gets ``attempts + 1``, ``last_attempt_at = now`` and
     ``next_attempt_at = now + lease_seconds``
@@ -96,6 +102,10 @@ def claim_due_deliveries(
                 .where(
                     Delivery.state == DeliveryState.pending,
                     or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                    or_(
+                        Delivery.job_id.is_(None),
+                        exists().where(Job.id == Delivery.job_id, Job.state == JobState.done),
+                    ),
                 )
                 .order_by(Delivery.id)
                 .limit(limit)

@@ -114,7 +114,7 @@ def active_job(session: Session, study_id: int) -> Job | None:
         .where(Job.study_id == study_id, Job.state.in_(ACTIVE_JOB_STATES))
         .order_by(Job.id.desc())
         .limit(1)
-        .with_for_update(key_share=True)  # as lock_job: a cancel cancels its rows
+        .with_for_update()
     ).first()
 
 
@@ -139,7 +139,8 @@ def transition(
     are cancelled in the same transaction (:func:`node.db.queries.cancel_unsent`; their ids
     in the event's ``deliveries``): a job queues its objects just before it is marked done,
     and one re-queued after a lost lease keeps its earlier run's, so a failure or a cancel
-    can come after its rows are queued, and a sender must not deliver them then.
+    can come after its rows are queued. No sender claims them (only a done job's,
+    :func:`node.db.delivery_claims.claim_due_deliveries`); cancelled, none waits for ever.
 
     Returns
     -------
@@ -286,7 +287,7 @@ def expire_leases(session: Session, now: datetime | None = None) -> int:
         jobs = session.scalars(
             select(Job)
             .where(Job.state == JobState.running, Job.lease_expires_at < now)
-            .with_for_update(skip_locked=True, key_share=True)  # as lock_job: it cancels rows
+            .with_for_update(skip_locked=True)
             .execution_options(populate_existing=True)
         ).all()
         for job in jobs:

@@ -1,15 +1,18 @@
 """Superseded drafts: a later job of a study drafts it from more instances, so its draft is
 the newer one, whichever job finishes first.
 
-Where a later job has queued its draft, an earlier job's draft must not arrive after it:
-:func:`cancel_superseded` cancels the older drafts' rows not yet sent (in the enqueue's
-transaction, under :func:`lock_study_of`), :func:`not_superseded` keeps a re-send from
-sending one again, and :func:`later_drafts` tells a withdrawal where a later draft replaced
-this one (docs/policies.md, "Superseded drafts").
+Where a later job that is done has queued its draft, an earlier job's draft must not
+arrive after it: :func:`supersede` cancels the older drafts' rows not yet sent as the
+later job is done (in that transaction, under :func:`lock_study_of`; a job's objects are
+sent only once it is done, :func:`node.db.delivery_claims.claim_due_deliveries`),
+:func:`not_superseded` keeps a re-send from sending one again, and :func:`later_drafts`
+tells a withdrawal where a later draft replaced this one (docs/policies.md, "Superseded
+drafts"). A later job that fails or is cancelled supersedes nothing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
@@ -25,8 +28,13 @@ __all__ = [
     "later_drafts",
     "later_withdrawn",
     "lock_study_of",
+    "log_superseded",
     "not_superseded",
+    "supersede",
 ]
+
+# the delivery queue's changes log under one name, whichever module they live in
+log = logging.getLogger("node.db.deliveries")
 
 
 def lock_study_of(session: Session, job_id: int) -> None:
@@ -71,8 +79,9 @@ def later_withdrawn(session: Session, job_id: int) -> tuple[int, str] | None:
 def later_drafts(
     session: Session, job_id: int, destinations: Collection[str], *, besides: Collection[int] = ()
 ) -> dict[str, int]:
-    """Of ``destinations``, those a later job of job ``job_id``'s study has queued its draft
-    to, with the newest such job: where job ``job_id``'s draft is superseded. A row of the
+    """Of ``destinations``, those a later job of job ``job_id``'s study that is done has
+    queued its draft to, with the newest such job: where job ``job_id``'s draft is
+    superseded. A later job not done yet supersedes nothing (it may fail). A row of the
     later draft counts in any state (it was sent, or will be, or may have arrived) but
     ``cancelled`` before any attempt (withdrawn before it was sent: it never got there, and
     replaced nothing).
@@ -101,6 +110,7 @@ def later_drafts(
         .where(
             Job.study_id == study,
             Job.id > job_id,
+            Job.state == JobState.done,
             Job.id.not_in(list(besides)),
             Delivery.destination.in_(list(destinations)),
             Delivery.object != DeliveryObject.withdrawal,
@@ -112,6 +122,36 @@ def later_drafts(
         if newest is not None:
             newer[destination] = newest
     return newer
+
+
+def supersede(session: Session, job_id: int, now: datetime) -> dict[int, list[int]]:
+    """Job ``job_id``'s draft supersedes the study's older ones: the job is done (in the
+    transaction that marks it so, or it was already), under :func:`lock_study_of`.
+    :func:`cancel_superseded` for the destinations of the job's draft rows, with those a
+    later job that is done has queued its draft to (:func:`later_drafts`)."""
+    destinations = set(
+        session.scalars(
+            select(Delivery.destination).where(
+                Delivery.job_id == job_id, Delivery.object != DeliveryObject.withdrawal
+            )
+        )
+    )
+    if not destinations:
+        return {}
+    newer = later_drafts(session, job_id, destinations)
+    return cancel_superseded(session, job_id, destinations, newer, now)
+
+
+def log_superseded(job_id: int, cancelled: Mapping[int, list[int]]) -> None:
+    """Log, once committed, what :func:`supersede` cancelled for job ``job_id``'s draft
+    (job ids and a count only)."""
+    if cancelled:
+        log.info(
+            "job %s done: %d unsent draft delivery(ies) of job(s) %s cancelled, superseded",
+            job_id,
+            sum(map(len, cancelled.values())),
+            ", ".join(map(str, cancelled)),
+        )
 
 
 def cancel_superseded(
@@ -128,7 +168,7 @@ def cancel_superseded(
 
     - the rows of the study's earlier jobs (lower id) to one of ``destinations`` (text form
       as stored) are cancelled ("cancelled: superseded by job <job_id> before it was sent");
-    - this job's own rows to a destination a later job has already queued its draft to are
+    - this job's own rows to a destination a later job, done, has queued its draft to are
       cancelled too ("cancelled: superseded by job <later> before it was sent"): this job
       finished after a later one (a re-run after its lease passed, a retry).
 
@@ -144,7 +184,7 @@ def cancel_superseded(
     session
         A write session inside a transaction that holds the job's lock.
     job_id
-        The job whose draft was just queued.
+        The job, done, whose draft was queued.
     destinations
         The destinations it was queued to.
     newer
@@ -208,6 +248,7 @@ def not_superseded() -> Any:
         mine.id == Delivery.job_id,
         later.study_id == mine.study_id,
         later.id > mine.id,
+        later.state == JobState.done,
         newer.job_id == later.id,
         newer.destination == Delivery.destination,
         newer.object != DeliveryObject.withdrawal,

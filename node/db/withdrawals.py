@@ -23,8 +23,8 @@ from node.db.models import (
     JobState,
     utcnow,
 )
-from node.db.queries import cancel_unsent, locked_deliveries
-from node.db.superseded import later_withdrawn, lock_study_of
+from node.db.queries import locked_deliveries
+from node.db.superseded import later_withdrawn, lock_study_of, log_superseded, supersede
 from node.db.tx import in_transaction
 
 __all__ = ["REASON_MAX_LENGTH", "Withdrawal", "check_reason", "finish_job", "withdraw_job"]
@@ -88,9 +88,7 @@ def withdraw_job(session: Session, job_id: int, *, actor: str, reason: str) -> W
       this job in ``with_job``): else the draft of fewer instances it replaced would become
       the current one again, at the node (review, finals, summaries) and in the PACS, the
       FHIR server and the RIS that still hold it. An earlier job still drafting goes with
-      it as it finishes (:func:`finish_job`); its draft rows already queued and not sent
-      are cancelled now (named in the audit entry's ``unfinished``), so that none reaches
-      a destination only its routing chose before then.
+      it as it finishes (:func:`finish_job`); none of its objects is sent before then.
 
     Commits.
 
@@ -118,14 +116,21 @@ def withdraw_job(session: Session, job_id: int, *, actor: str, reason: str) -> W
 
 
 def finish_job(session: Session, job_id: int, *, owner: str, **details: Any) -> Withdrawal | None:
-    """Finish job ``job_id`` (:func:`node.db.jobs.mark_finished`, with ``details``) and, in
-    the same transaction, withdraw its draft when the study's newest later draft is
-    withdrawn (:func:`node.db.superseded.later_withdrawn`): the job had read the study
-    before a late instance came and finished only after that withdrawal, which would have
-    taken its draft had it been done then. The withdrawal is as :func:`withdraw_job`'s, by
-    ``system`` with the later one's reason, ``with_job`` naming it in the audit entry, so
-    the job is never the study's current draft. Both take the study's lock first, so the
-    two cannot miss each other. Commits.
+    """Finish job ``job_id`` (:func:`node.db.jobs.mark_finished`, with ``details``): from
+    this commit on, its objects are sent (:func:`node.db.delivery_claims.claim_due_deliveries`).
+    In the same transaction, under the study's lock:
+
+    - when the study's newest later draft is withdrawn
+      (:func:`node.db.superseded.later_withdrawn`), the job's draft is withdrawn: the job
+      had read the study before a late instance came and finished only after that
+      withdrawal, which would have taken its draft had it been done then. The withdrawal is
+      as :func:`withdraw_job`'s, by ``system`` with the later one's reason, ``with_job``
+      naming it in the audit entry, so the job is never the study's current draft, and none
+      of its objects goes out. Both take the study's lock first, so the two cannot miss
+      each other;
+    - else its draft supersedes the study's older ones (:func:`node.db.superseded.supersede`:
+      their rows not sent to its destinations are cancelled, and its own where a later done
+      draft went). Commits.
 
     Returns
     -------
@@ -139,16 +144,21 @@ def finish_job(session: Session, job_id: int, *, owner: str, **details: Any) -> 
         When ``owner`` no longer holds the job.
     """
 
+    superseded: dict[int, list[int]] = {}
+
     def work() -> Withdrawal | None:
         lock_study_of(session, job_id)
         job = mark_finished(session, job_id, owner=owner, **details)
         later = later_withdrawn(session, job_id)
         if later is None or not job.sr_sop_instance_uid:
+            superseded.update(supersede(session, job_id, utcnow()))
             return None
         later_id, reason = later
         return _withdraw(session, job, "system", reason, with_job=later_id)
 
-    return in_transaction(session, work)
+    withdrawn = in_transaction(session, work)
+    log_superseded(job_id, superseded)
+    return withdrawn
 
 
 def _withdraw(session: Session, job: Job, actor: str, reason: str, **about: object) -> Withdrawal:
@@ -167,10 +177,6 @@ def _withdraw(session: Session, job: Job, actor: str, reason: str, **about: obje
     superseded = [
         _withdraw_draft(session, twins, actor, reason, now, with_job=job.id) for twins in earlier
     ]
-    if current:
-        unfinished = _cancel_unfinished(session, job)
-        if unfinished:
-            about = {**about, "unfinished": unfinished}
     main = _withdraw_draft(
         session,
         [job, *(j for j in mine if j.id != job.id)],
@@ -202,25 +208,6 @@ def _drafts_by_sr(session: Session, job: Job) -> dict[str, list[Job]]:
     for row in rows:
         drafts.setdefault(row.sr_sop_instance_uid or "", []).append(row)
     return drafts
-
-
-def _cancel_unfinished(session: Session, job: Job) -> dict[str, list[int]]:
-    """Cancel the unsent draft rows of the study's earlier jobs not done: their drafts go
-    with ``job``'s as they finish (:func:`finish_job`), and must not reach a destination
-    before (one that only their routing chose, where ``job``'s did not supersede them).
-    Returns the cancelled row ids by job id (as text: the audit entry's JSON)."""
-    unfinished = select(Job.id).where(
-        Job.study_id == job.study_id, Job.id < job.id, Job.state != JobState.done
-    )
-    rows = cancel_unsent(
-        session,
-        Delivery.job_id.in_(unfinished),
-        why=f"cancelled: withdrawn with job {job.id}'s draft before it was sent",
-    )
-    cancelled: dict[str, list[int]] = {}
-    for row in rows:
-        cancelled.setdefault(str(row.job_id), []).append(row.id)
-    return cancelled
 
 
 def _withdraw_draft(

@@ -266,10 +266,12 @@ def _queue_outputs(
     check: Callable[[], None],
     reissue: int,
     replaces: str | None,
+    owner: str,
 ) -> list[int]:
     """Build and write each destination's objects (the FHIR report naming ``replaces``'s as
-    the one it replaces), then queue them, superseding the study's earlier drafts not yet
-    sent there (timed: ``outputs_s``, ``enqueue_s``); returns the delivery ids."""
+    the one it replaces), then queue them while ``owner`` holds the job; they are sent, and
+    supersede the study's earlier drafts not yet sent there, once the job is done (timed:
+    ``outputs_s``, ``enqueue_s``); returns the delivery ids."""
     timings = prepared.timings
     with StageTimer(timings, "outputs_s"):
         try:
@@ -290,11 +292,13 @@ def _queue_outputs(
                 f"output objects not built: {exc}", permanent=True, stage="outputs"
             ) from exc
     stage_delay("enqueue")
-    from node.runtime.delivery import enqueue_deliveries  # also wakes this process's senders
+    from node.runtime.delivery import enqueue_deliveries
 
     check()
     with StageTimer(timings, "enqueue_s"), deps.session_factory() as session:
-        return enqueue_deliveries(session, job_id=prepared.job_id, items=items, supersede=True)
+        return enqueue_deliveries(
+            session, job_id=prepared.job_id, items=items, supersede=True, owner=owner
+        )
 
 
 def _observe(timings: dict[str, float]) -> None:
@@ -360,7 +364,7 @@ def complete_job(
     settings = _routed_settings(deps, job_id)
     if settings.destinations:
         delivery_ids = _queue_outputs(
-            deps, settings, prepared, draft, sr, path, check, reissue, replaces
+            deps, settings, prepared, draft, sr, path, check, reissue, replaces, owner
         )
     with deps.session_factory() as session:
         drafts_db.update_draft_timings(session, draft_id, timings)
@@ -375,6 +379,10 @@ def complete_job(
     _observe(timings)
     if withdrawn is not None:
         _queue_withdrawals(deps, withdrawn)
+    elif delivery_ids:
+        from node.runtime.delivery import wake_senders
+
+        wake_senders()  # the job is done: its objects may go now
     return JobOutcome(
         job_id=job_id,
         status="done",

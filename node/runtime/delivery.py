@@ -110,6 +110,7 @@ def enqueue_deliveries(
     destinations: Sequence[DestinationLike] = (),
     items: Sequence[Outbound] = (),
     supersede: bool = False,
+    owner: str | None = None,
 ) -> list[int]:
     """Queue objects for destinations and wake the senders of this process.
 
@@ -128,9 +129,12 @@ def enqueue_deliveries(
     items
         The objects and their destinations.
     supersede
-        The objects are the job's draft: in the same transaction, the study's older drafts'
-        rows not yet sent to these destinations are cancelled (audited; see
+        The objects are the job's draft: the study's older drafts' rows not yet sent to
+        these destinations are cancelled as the job is done (audited; see
         :func:`node.db.deliveries.enqueue_deliveries`).
+    owner
+        The worker holding the running job: nothing is queued unless it still does
+        (raises :class:`~node.db.jobs.LeaseLost`).
 
     Returns
     -------
@@ -144,6 +148,7 @@ def enqueue_deliveries(
         destinations=destinations,
         items=items,
         supersede=supersede,
+        owner=owner,
     )
     wake_senders()
     return ids

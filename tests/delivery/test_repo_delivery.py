@@ -6,20 +6,18 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from node.db import deliveries as deliveries_db
 from node.db import delivery_claims, delivery_views, job_admin, job_list
 from node.db import jobs as jobs_db
 from node.db import withdrawals as withdrawals_db
 from node.db.deliveries import Outbound
-from node.db.jobs import JobConflict, JobNotFound
+from node.db.jobs import JobConflict, JobNotFound, LeaseLost
 from node.db.models import (
     AuditLog,
     Delivery,
@@ -475,41 +473,6 @@ def test_a_resent_draft_withdrawn_before_the_resend_still_reaches_the_pacs(
     assert (earlier.job_id, list(earlier.reached)) == (job1, [pacs])
 
 
-def _recorded_while(
-    db: NodeDB,
-    monkeypatch: pytest.MonkeyPatch,
-    row: int,
-    claimed_until: datetime | None,
-    work: Callable[[Session], object],
-) -> bool:
-    """Record row ``row`` as sent while ``work`` runs in a transaction of its own, started
-    once the sent row is locked (uncommitted) and before the job event is added; whether
-    the send was recorded. ``work`` must end without an error (a deadlock is one)."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with db.factory() as s:
-                work(s)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    add_event = delivery_claims.add_event
-
-    def meanwhile(*args: Any, **kwargs: Any) -> Any:
-        thread.start()
-        thread.join(timeout=1.5)
-        return add_event(*args, **kwargs)
-
-    monkeypatch.setattr(delivery_claims, "add_event", meanwhile)
-    with db.factory() as s:
-        recorded = deliveries_db.mark_sent(s, row, claimed_until=claimed_until)
-    thread.join(timeout=30)
-    assert errors == [] and not thread.is_alive()
-    return recorded
-
-
 def test_a_send_recorded_while_its_job_is_withdrawn_does_not_deadlock(
     node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -528,43 +491,32 @@ def test_a_send_recorded_while_its_job_is_withdrawn_does_not_deadlock(
             s, job_id=job2, sr_path="/2.dcm", destinations=[pacs], supersede=True
         )
         claimed = {c.id: c for c in deliveries_db.claim_due_deliveries(s, limit=10)}
+    errors: list[BaseException] = []
     done: list[withdrawals_db.Withdrawal] = []
-    recorded = _recorded_while(
-        node_db,
-        monkeypatch,
-        row1,
-        claimed[row1].next_attempt_at,
-        lambda s: done.append(withdrawals_db.withdraw_job(s, job2, actor="admin", reason="x")),
-    )
+
+    def withdraw() -> None:
+        try:
+            with node_db.factory() as s:
+                done.append(withdrawals_db.withdraw_job(s, job2, actor="admin", reason="x"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=withdraw)
+    add_event = delivery_claims.add_event
+
+    def withdrawn_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        thread.start()  # the withdrawal runs while the sent row is locked, uncommitted
+        thread.join(timeout=1.5)
+        return add_event(*args, **kwargs)
+
+    monkeypatch.setattr(delivery_claims, "add_event", withdrawn_meanwhile)
+    with node_db.factory() as s:
+        recorded = deliveries_db.mark_sent(s, row1, claimed_until=claimed[row1].next_attempt_at)
+    thread.join(timeout=30)
+    assert errors == [] and not thread.is_alive()
     # the send is recorded, then the withdrawal finds the SR reached the STOW-RS server
     [earlier] = done[0].superseded
     assert recorded and (earlier.job_id, list(earlier.reached)) == (job1, [stow])
-
-
-def test_a_send_recorded_while_its_jobs_last_lease_expires_does_not_deadlock(
-    node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The job's SR is being recorded as sent when the job's last lease expires: the
-    expiry fails the job, which cancels its unsent rows, after locking the job; recording
-    the send locks the row, then adds a job event (``FOR KEY SHARE`` on the job). With the
-    job locked ``FOR UPDATE`` (PostgreSQL) each waited for the other."""
-    job_id = make_job(node_db.factory)
-    with node_db.factory() as s:
-        job = s.get_one(Job, job_id)
-        job.state, job.lease_owner = JobState.running, "w"
-        job.attempts, job.lease_expires_at = job.max_attempts, utcnow() - timedelta(minutes=5)
-        s.commit()
-        [row] = deliveries_db.enqueue_deliveries(
-            s, job_id=job_id, sr_path="/1.dcm", destinations=DESTS[:1]
-        )
-        [claimed] = deliveries_db.claim_due_deliveries(s, limit=10)
-    recorded = _recorded_while(
-        node_db, monkeypatch, row, claimed.next_attempt_at, jobs_db.expire_leases
-    )
-    assert recorded
-    assert node_db.delivery(row).state is DeliveryState.sent  # not cancelled after it went
-    with node_db.factory() as s:
-        assert s.get_one(Job, job_id).state is JobState.failed
 
 
 def test_two_jobs_of_a_study_queued_at_once_still_supersede(
@@ -580,14 +532,14 @@ def test_two_jobs_of_a_study_queued_at_once_still_supersede(
     job1 = make_job(node_db.factory)
     job2 = _redraft(node_db, job1)
     both = threading.Barrier(2)
-    original = deliveries_db.cancel_superseded
+    original = deliveries_db.supersede_older
 
     def meet(session: Any, job_id: int, *args: Any) -> Any:
         with contextlib.suppress(threading.BrokenBarrierError):
             both.wait(timeout=2)  # both transactions have queued their rows, uncommitted
         return original(session, job_id, *args)
 
-    monkeypatch.setattr(deliveries_db, "cancel_superseded", meet)
+    monkeypatch.setattr(deliveries_db, "supersede_older", meet)
     errors: list[BaseException] = []
 
     def queue(job_id: int) -> None:
@@ -673,133 +625,180 @@ def test_a_job_finishing_while_the_current_draft_is_withdrawn_goes_with_it(
         assert job.state is JobState.done and job.withdrawn_reason == "x"
 
 
-def test_withdrawing_the_current_draft_cancels_an_unfinished_earlier_jobs_queued_rows(
-    node_db: NodeDB,
-) -> None:
-    """Job 1 (read before a late instance) has queued its draft to destinations job 2's
-    routing did not choose, and is not done yet, when job 2, the study's current draft, is
-    withdrawn: a sender could send job 1's rows before its finish withdraws it. The
-    withdrawal cancels them (the one being sent loses its claim, a failed one is not
-    re-queued), names them in its entry's ``unfinished``, and leaves a later job's and
-    another study's rows alone; job 1's finish then withdraws its draft where a send had
-    started."""
-    pacs, stow = (str(d) for d in DESTS)
-    job1, job2 = _drafted_twice(node_db)
-    job3 = _redraft(node_db, job1)
-    other = make_job(node_db.factory)
-    with node_db.factory() as s:
-        for running in (job1, job3, other):  # still drafting, their rows queued
-            job = s.get_one(Job, running)
-            job.state, job.lease_owner = JobState.running, "w"
-        job = s.get_one(Job, job3)
-        job.sr_sop_instance_uid = None
+def _drafting(db: NodeDB, job_id: int, *, attempts: int = 1, expired: bool = False) -> None:
+    """Job ``job_id`` running under worker ``w`` (its lease passed when ``expired``)."""
+    with db.factory() as s:
+        job = s.get_one(Job, job_id)
+        job.state, job.lease_owner, job.attempts = JobState.running, "w", attempts
+        job.lease_expires_at = utcnow() + timedelta(minutes=-5 if expired else 5)
         s.commit()
-        sent, flight, failed, waiting = deliveries_db.enqueue_deliveries(
-            s,
-            job_id=job1,
-            items=[
-                Outbound(pacs, DeliveryObject.sr, "/1.dcm"),
-                Outbound(pacs, DeliveryObject.pdf, "/1.pdf"),
-                Outbound(stow, DeliveryObject.sr, "/1.dcm"),
-                Outbound(stow, DeliveryObject.pdf, "/1.pdf"),
-            ],
-        )
-        spared = [
-            deliveries_db.enqueue_deliveries(s, job_id=j, sr_path="/x.dcm", destinations=[pacs])[0]
-            for j in (job3, other)
-        ]
-        claims = {c.id: c.next_attempt_at for c in deliveries_db.claim_due_deliveries(s, limit=10)}
-        assert deliveries_db.mark_sent(s, sent, claimed_until=claims[sent])
-        assert deliveries_db.mark_failed(s, failed, error="gave up", claimed_until=claims[failed])
-        for due in (waiting, *spared):
-            assert deliveries_db.release_claim(s, due, claimed_until=claims[due])
-        # flight stays claimed: a sender is sending it
-        done = withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong side")
-        assert done.job_id == job2 and done.superseded == []
-        [entry] = s.scalars(
-            select(AuditLog).where(
-                AuditLog.action == "job.withdraw", AuditLog.target == f"job:{job2}"
-            )
-        )
-        assert entry.detail["unfinished"] == {str(job1): [flight, failed, waiting]}
-    rows = {r.id: r for r in _rows(node_db, job1)}
-    assert rows[sent].state is DeliveryState.sent
-    for cancelled in (flight, failed, waiting):
-        assert rows[cancelled].state is DeliveryState.cancelled
-        assert rows[cancelled].next_attempt_at is None
-        assert rows[cancelled].last_error == (
-            f"cancelled: withdrawn with job {job2}'s draft before it was sent"
-        )
-    assert [node_db.delivery(i).state for i in spared] == [DeliveryState.pending] * 2
+
+
+def _claimed(db: NodeDB) -> list[int]:
+    with db.factory() as s:
+        return [c.id for c in deliveries_db.claim_due_deliveries(s, limit=20)]
+
+
+def test_a_jobs_objects_wait_until_it_is_done(node_db: NodeDB) -> None:
+    """A job queues its draft's objects just before it is marked done: a sender claims none
+    of them before then (a job that fails or is cancelled meanwhile must send nothing, and
+    one re-queued after a lost lease waits for its next run), and each of them after. A
+    synthetic Secondary Capture, of no job, goes at once."""
+    pacs = str(DESTS[0])
+    job_id = make_job(node_db.factory)
+    _drafting(node_db, job_id)
     with node_db.factory() as s:
-        assert not deliveries_db.mark_sent(s, flight, claimed_until=claims[flight])
-        finished = withdrawals_db.finish_job(s, job1, owner="w", sr_sop_instance_uid="2.25.1")
-    assert finished is not None and finished.cancelled == []
-    assert finished.reached == {
-        pacs: [(DeliveryObject.sr, "/1.dcm", None), (DeliveryObject.pdf, "/1.pdf", None)],
-        stow: [(DeliveryObject.sr, "/1.dcm", None)],
-    }
+        objects = [DeliveryObject.sr, DeliveryObject.pdf]
+        ids = deliveries_db.enqueue_deliveries(
+            s,
+            job_id=job_id,
+            items=[Outbound(pacs, o, f"/{o.value}") for o in objects],
+            supersede=True,
+            owner="w",
+        )
+        [sc] = deliveries_db.enqueue_deliveries(
+            s, job_id=None, items=[Outbound(pacs, DeliveryObject.sc, "/sc.dcm")]
+        )
+    assert _claimed(node_db) == [sc]
+    with node_db.factory() as s:
+        withdrawals_db.finish_job(s, job_id, owner="w")
+    assert _claimed(node_db) == ids
+
+
+def test_a_job_cancelled_before_its_enqueue_queues_nothing(node_db: NodeDB) -> None:
+    """The worker checked its lease, then an admin cancelled the job (or its last lease
+    expired) before the worker queued the draft's objects: the enqueue, given the worker,
+    refuses (``LeaseLost``), so no row of a cancelled job waits for ever."""
+    job_id = make_job(node_db.factory)
+    _drafting(node_db, job_id)
+    with node_db.factory() as s:
+        job_admin.cancel_job(s, job_id, actor="admin", reason="wrong patient")
+        with pytest.raises(LeaseLost, match="does not hold its lease"):
+            deliveries_db.enqueue_deliveries(
+                s, job_id=job_id, sr_path="/1.dcm", destinations=DESTS, supersede=True, owner="w"
+            )
+    assert _rows(node_db, job_id) == []
 
 
 def test_a_job_ending_without_a_draft_cancels_its_queued_rows(node_db: NodeDB) -> None:
-    """A job queues its objects just before it is marked done. One that ends without a
-    draft instead has its rows not sent cancelled, so that no sender delivers them: its
-    last lease expired (the worker died after the enqueue), a permanent error, an admin's
-    cancel. A job re-queued with attempts left keeps them (its next run queues the same
-    rows again), and a sent row stays sent."""
+    """A job that ends without a draft after it queued its objects has them cancelled, so
+    that none waits for ever: its last lease expired (the worker died after the enqueue), a
+    permanent error, an admin's cancel. A job re-queued with attempts left keeps them, and
+    its next run queues the same rows again; they go once it is done."""
     pacs = str(DESTS[0])
     jobs = [make_job(node_db.factory) for _ in range(4)]
     lapsed, retried, broken, cancelled = jobs
-    past = utcnow() - timedelta(minutes=5)
+    for job_id in jobs:
+        _drafting(
+            node_db,
+            job_id,
+            attempts=3 if job_id == lapsed else 1,
+            expired=job_id in (lapsed, retried),
+        )
     with node_db.factory() as s:
-        for job_id in jobs:
-            job = s.get_one(Job, job_id)
-            job.state, job.lease_owner, job.lease_expires_at = JobState.running, "w", past
-            job.attempts = job.max_attempts if job_id == lapsed else 1
-        s.get_one(Job, broken).lease_expires_at = utcnow() + timedelta(minutes=5)
-        s.get_one(Job, cancelled).lease_expires_at = utcnow() + timedelta(minutes=5)
-        s.commit()
         rows = {
             j: deliveries_db.enqueue_deliveries(
-                s,
-                job_id=j,
-                items=[
-                    Outbound(pacs, DeliveryObject.sr, f"/{j}.dcm"),
-                    Outbound(pacs, DeliveryObject.pdf, f"/{j}.pdf"),
-                ],
-            )
+                s, job_id=j, sr_path=f"/{j}.dcm", destinations=[pacs], supersede=True, owner="w"
+            )[0]
             for j in jobs
         }
-        claims = {c.id: c.next_attempt_at for c in deliveries_db.claim_due_deliveries(s, limit=10)}
-        for sent, waiting in rows.values():
-            assert deliveries_db.mark_sent(s, sent, claimed_until=claims[sent])
-            assert deliveries_db.release_claim(s, waiting, claimed_until=claims[waiting])
+        assert s.get_one(Job, lapsed).max_attempts == 3
         assert jobs_db.expire_leases(s) == 2
         jobs_db.fail_job(s, broken, owner="w", error="SR could not be built", retry=False)
         job_admin.cancel_job(s, cancelled, actor="admin", reason="wrong patient")
-
     why = {
         lapsed: "cancelled: the job failed before it was sent",
         broken: "cancelled: the job failed before it was sent",
         cancelled: "cancelled: the job was cancelled before it was sent",
     }
-    for job_id, (sent, waiting) in rows.items():
-        assert node_db.delivery(sent).state is DeliveryState.sent
-        row = node_db.delivery(waiting)
-        if job_id == retried:
-            assert (row.state, row.last_error) == (DeliveryState.pending, None)
-        else:
-            assert (row.state, row.last_error) == (DeliveryState.cancelled, why[job_id])
+    for job_id, ended in why.items():
+        row = node_db.delivery(rows[job_id])
+        assert (row.state, row.last_error) == (DeliveryState.cancelled, ended)
+    assert node_db.delivery(rows[retried]).state is DeliveryState.pending
     with node_db.factory() as s:
-        ended = {
+        ended_events = {
             e.job_id: e.detail
             for e in s.scalars(select(JobEvent).where(JobEvent.kind.in_(["failed", "cancelled"])))
         }
         [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "job.cancel"))
-    assert {j: d["deliveries"] for j, d in ended.items()} == {
-        j: [rows[j][1]] for j in (lapsed, broken, cancelled)
-    }
-    assert entry.detail["deliveries"] == [rows[cancelled][1]]
+    assert {j: d["deliveries"] for j, d in ended_events.items()} == {j: [rows[j]] for j in why}
+    assert entry.detail["deliveries"] == [rows[cancelled]]
+    assert _claimed(node_db) == []  # the re-queued job's row waits for its next run
+    with node_db.factory() as s:
+        assert jobs_db.claim_next_job(s, owner="w2", lease_seconds=60) is not None
+        assert deliveries_db.enqueue_deliveries(
+            s, job_id=retried, sr_path="/again.dcm", destinations=[pacs], owner="w2"
+        ) == [rows[retried]]
+        withdrawals_db.finish_job(s, retried, owner="w2")
+    assert _claimed(node_db) == [rows[retried]]
+
+
+def test_a_later_draft_supersedes_the_earlier_only_once_it_is_done(node_db: NodeDB) -> None:
+    """Job 1's draft (done) is still queued for the PACS when job 2, drafted again after a
+    late instance, queues its own. Had job 2 cancelled job 1's row then, and then failed
+    (its last lease expired after the enqueue), the PACS would get neither draft, though job
+    1's is the study's current one, and a re-send skips a cancelled row. Job 1's row stays
+    due until job 2 is done; job 2's finish cancels it (superseded), in its transaction."""
+    pacs = str(DESTS[0])
+    job1, job2 = _drafted_twice(node_db)
+    job3 = _redraft(node_db, job1)
+    for later in (job2, job3):
+        _drafting(node_db, later, attempts=3, expired=later == job2)
+    with node_db.factory() as s:
+        assert s.get_one(Job, job2).max_attempts == 3
+        [row1] = deliveries_db.enqueue_deliveries(
+            s, job_id=job1, sr_path="/1.dcm", destinations=[pacs], supersede=True
+        )
+        for later in (job2, job3):
+            deliveries_db.enqueue_deliveries(
+                s,
+                job_id=later,
+                sr_path=f"/{later}.dcm",
+                destinations=[pacs],
+                supersede=True,
+                owner="w",
+            )
+        assert jobs_db.expire_leases(s) == 1  # job 2 fails
+    row = node_db.delivery(row1)
+    assert (row.state, row.last_error) == (DeliveryState.pending, None)
+    with node_db.factory() as s:
+        assert deliveries_db.resend(s, job1, actor="admin") == [row1]
+        withdrawals_db.finish_job(s, job3, owner="w")
+    row = node_db.delivery(row1)
+    assert (row.state, row.last_error) == (
+        DeliveryState.cancelled,
+        f"cancelled: superseded by job {job3} before it was sent",
+    )
+
+
+def test_an_earlier_job_finishing_after_a_withdrawal_keeps_what_a_standing_draft_left(
+    node_db: NodeDB,
+) -> None:
+    """Job 1 (read before the late instances) has queued its draft to the PACS and the
+    STOW-RS server when job 2, the study's current draft, is withdrawn; job 3, later still,
+    is done and goes to the PACS only. Job 1 then finishes: job 3's draft stands, so job 1's
+    is not withdrawn; it is superseded at the PACS, and still goes to the STOW-RS server,
+    which no later draft reached (as for any earlier draft)."""
+    pacs, stow = (str(d) for d in DESTS)
+    job1, job2 = _drafted_twice(node_db)
+    _drafting(node_db, job1)
+    with node_db.factory() as s:
+        ids = deliveries_db.enqueue_deliveries(
+            s, job_id=job1, sr_path="/1.dcm", destinations=[pacs, stow], supersede=True, owner="w"
+        )
+        withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong side")
+        job3 = add_redraft(
+            s, job1, "IMPRESSION: latest.", at=utcnow(), sr_sop_instance_uid="2.25.3"
+        )
+        s.commit()
+        deliveries_db.enqueue_deliveries(
+            s, job_id=job3.id, sr_path="/3.dcm", destinations=[pacs], supersede=True
+        )
+        assert withdrawals_db.finish_job(s, job1, owner="w") is None
+    states = {node_db.delivery(i).destination: node_db.delivery(i) for i in ids}
+    assert states[pacs].last_error == f"cancelled: superseded by job {job3.id} before it was sent"
+    assert (states[stow].state, states[stow].last_error) == (DeliveryState.pending, None)
+    assert _claimed(node_db) == [states[stow].id, *(r.id for r in _rows(node_db, job3.id))]
 
 
 def test_destination_health_per_destination(node_db: NodeDB) -> None:

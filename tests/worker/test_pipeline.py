@@ -24,7 +24,7 @@ from node.db.conversations import draft_text
 from node.db.deliveries import claim_due_deliveries, enqueue_deliveries, mark_sent
 from node.db.finals import DraftMatch
 from node.db.models import AuditLog, DeliveryState, Job, JobState, utcnow
-from node.runtime import completion
+from node.runtime import completion, delivery
 from node.runtime.completion import JobOutcome, build_sr, complete_job, draft_record, write_sr
 from node.runtime.modelhost import ModelHost
 from node.runtime.pipeline import generate_reports, run_batch
@@ -334,7 +334,8 @@ def test_an_earlier_job_finishing_after_the_later_draft_was_withdrawn_is_withdra
     withdrawn in the transaction that finishes it (by ``system``, job 2's reason,
     ``with_job``), so that it is never the study's current draft, and none of it goes out,
     neither to the PACS, where job 2's draft superseded it, nor to the archive, which only
-    job 1's routing chose. SQLite and PostgreSQL."""
+    job 1's routing chose: the sender claims nothing of a job not done. SQLite and
+    PostgreSQL."""
     dests = "PACS@127.0.0.1:11113,ARCHIVE@127.0.0.1:11114"
     env = make_env(db_url, tmp_path, demo_bundle, destinations=dests)
     try:
@@ -387,61 +388,65 @@ def test_an_earlier_job_finishing_after_the_later_draft_was_withdrawn_is_withdra
         assert len(rows) == (2 if when == "enqueued" else 0)
         with env.session_factory() as s:
             assert finals_db.draft_for(s, study, None) is None
-            entries = {
-                e.target: e
-                for e in s.scalars(select(AuditLog).where(AuditLog.action == "job.withdraw"))
-            }
-        entry = entries[f"job:{job1}"]
+            [entry] = s.scalars(
+                select(AuditLog).where(
+                    AuditLog.action == "job.withdraw", AuditLog.target == f"job:{job1}"
+                )
+            )
         assert (entry.actor, entry.detail["with_job"]) == ("system", job2)
-        if when == "enqueued":  # the withdrawal cancelled the row job 2's did not supersede
-            archive = rows.pop(str(env.settings.destinations[1]))
-            assert archive.last_error == (
-                f"cancelled: withdrawn with job {job2}'s draft before it was sent"
-            )
-            assert entries[f"job:{job2}"].detail["unfinished"] == {str(job1): [archive.id]}
-            [superseded] = rows.values()
-            assert superseded.last_error == (
-                f"cancelled: superseded by job {job2} before it was sent"
-            )
-        assert "unfinished" not in entry.detail
+        # none of job 1's objects was claimed before it was done; then it was withdrawn
+        assert {r.last_error for r in rows.values()} <= {
+            "cancelled: the draft was withdrawn before it was sent"
+        }
+        assert entry.detail["reached"] == []
     finally:
         env.engine.dispose()
 
 
-def test_a_job_cancelled_after_it_queued_its_objects_sends_none(
+@pytest.mark.parametrize("before", ["enqueue", "finish"])
+def test_a_job_cancelled_as_it_completes_sends_nothing(
     db_url: str,
     tmp_path: Path,
     demo_bundle: Path,
     model_host: ModelHost,
     monkeypatch: pytest.MonkeyPatch,
+    before: str,
 ) -> None:
-    """An admin cancels a running job after it queued its objects and before it is marked
-    done (the job re-queued after a lost lease keeps its rows in the same way). The worker
-    has lost the job and abandons it; its objects are cancelled with it, so no sender sends
-    a cancelled job's draft. SQLite and PostgreSQL."""
+    """An admin cancels a running job after its worker last checked its lease: before it
+    queues its objects, or after, before it is marked done (a job re-queued after a lost
+    lease keeps its rows in the same way). The worker has lost the job and abandons it; it
+    queues nothing, or its objects are cancelled with it, so no sender sends a cancelled
+    job's draft. SQLite and PostgreSQL."""
     env = make_env(db_url, tmp_path, demo_bundle, destinations="PACS@127.0.0.1:11113")
     try:
         env.add_study(view="PA")
         [job_id] = env.queue_all()
         assert claim(env) == job_id
-        finish = withdrawals_db.finish_job
+        module, name = (
+            (delivery, "enqueue_deliveries")
+            if before == "enqueue"
+            else (withdrawals_db, "finish_job")
+        )
+        step = getattr(module, name)
 
         def cancelled_first(*args: Any, **kwargs: Any) -> Any:
             with env.session_factory() as s:
                 job_admin.cancel_job(s, job_id, actor="admin", reason="wrong patient")
-            return finish(*args, **kwargs)
+            return step(*args, **kwargs)
 
-        monkeypatch.setattr(withdrawals_db, "finish_job", cancelled_first)
+        monkeypatch.setattr(module, name, cancelled_first)
         [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
 
         assert outcome.status == "abandoned"
         assert env.job(job_id).state is JobState.cancelled
-        [row] = env.deliveries(job_id)
-        assert row.state is DeliveryState.cancelled
-        assert row.last_error == "cancelled: the job was cancelled before it was sent"
+        rows = env.deliveries(job_id)
+        assert len(rows) == (1 if before == "finish" else 0)
+        for row in rows:
+            assert row.state is DeliveryState.cancelled
+            assert row.last_error == "cancelled: the job was cancelled before it was sent"
         with env.session_factory() as s:
             assert claim_due_deliveries(s, limit=10) == []
             [entry] = s.scalars(select(AuditLog).where(AuditLog.action == "job.cancel"))
-        assert entry.detail["deliveries"] == [row.id]
+        assert entry.detail.get("deliveries", []) == [r.id for r in rows]
     finally:
         env.engine.dispose()
