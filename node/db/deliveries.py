@@ -164,16 +164,20 @@ def enqueue_deliveries(
     items
         The objects and their destinations (:class:`Outbound`).
     supersede
-        The objects are the job's draft of its study: the draft rows of the study's earlier
-        jobs not yet sent to these destinations are cancelled, and so are the job's own to a
-        destination a later job has queued its draft to (audited ``delivery.supersede``), so
-        an older draft never reaches a destination after the newer one. Nothing is queued
+        The objects are the job's draft of its study: once the job is done, the draft rows
+        of the study's earlier jobs not yet sent to these destinations are cancelled, and so
+        are the job's own to a destination a later done job has queued its draft to
+        (audited ``delivery.supersede``), so an older draft never reaches a destination
+        after the newer one. Nothing is queued
         when the study's newest later draft is withdrawn
         (:func:`node.db.superseded.later_withdrawn`): this draft goes with it as the job
         finishes (:func:`node.db.withdrawals.finish_job`). Ignored without ``job_id``.
     owner
-        The worker that holds the running job (its draft's objects): nothing is queued
-        unless it still does, so that a job cancelled or failed meanwhile queues nothing.
+        The worker that holds the running job, whose run queues its draft's objects:
+        nothing is queued unless it still does, so that a job cancelled or failed meanwhile
+        queues nothing; and the job's draft rows of an earlier run not queued again (its
+        routing chose other destinations, or none) are cancelled, not sent with an older
+        file once the job is done ("cancelled: not queued again by the job's last run").
     now
         The current time (tests).
 
@@ -232,6 +236,11 @@ def enqueue_deliveries(
             row.object_uid = item.object_uid
             session.flush()
             ids.append(row.id)
+        if owner:  # an earlier run's rows this run did not queue again
+            for row in existing.values():
+                stale = (row.destination, row.object) not in wanted
+                if stale and row.object is not DeliveryObject.withdrawal and row.unsent:
+                    row.cancel("cancelled: not queued again by the job's last run")
         if supersede and job_id is not None and done:
             superseded.update(supersede_older(session, job_id, now))
         return ids
@@ -244,6 +253,8 @@ def enqueue_deliveries(
             job_id,
             withdrawn_with[0],
         )
+        return ids
+    if not wanted:
         return ids
     log.info(
         "job %s: %d object(s) queued: %s",

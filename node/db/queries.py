@@ -15,7 +15,7 @@ from typing import Any, TypeVarTuple
 from sqlalchemy import ColumnElement, Result, Select, func, select
 from sqlalchemy.orm import Session
 
-from node.db.models import Delivery, DeliveryObject, DeliveryState
+from node.db.models import Delivery, DeliveryObject
 
 __all__ = [
     "MAX_PAGE",
@@ -137,7 +137,7 @@ def cancel_unsent(session: Session, *where: Any, why: str) -> list[Delivery]:
         session,
         *where,
         Delivery.object != DeliveryObject.withdrawal,
-        Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
+        Delivery.unsent,
     )
     for row in rows:
         row.cancel(why)

@@ -20,7 +20,16 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, Job, JobState, Study
+from node.db.models import (
+    AuditLog,
+    Delivery,
+    DeliveryKind,
+    DeliveryObject,
+    DeliveryState,
+    Job,
+    JobState,
+    Study,
+)
 from node.db.queries import locked_deliveries
 
 __all__ = [
@@ -43,9 +52,13 @@ def lock_study_of(session: Session, job_id: int) -> None:
     Two jobs of one study queuing their drafts at once would otherwise each miss the
     other's rows, not yet committed (PostgreSQL, READ COMMITTED): the later job would find
     no row of the earlier one to cancel, and the earlier one no later draft.
+    ``FOR NO KEY UPDATE``, which the key check of a job row written twice in one
+    transaction (``FOR KEY SHARE`` on its study) does not wait for: an earlier job ending
+    ``failed`` or ``cancelled`` (its rows locked, then its error written) would otherwise
+    deadlock with a later job's finish (the study locked, then those rows).
     """
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
-    session.execute(select(Study.id).where(Study.id == study).with_for_update())
+    session.execute(select(Study.id).where(Study.id == study).with_for_update(key_share=True))
 
 
 def later_withdrawn(session: Session, job_id: int) -> tuple[int, str] | None:
@@ -127,12 +140,16 @@ def later_drafts(
 def supersede(session: Session, job_id: int, now: datetime) -> dict[int, list[int]]:
     """Job ``job_id``'s draft supersedes the study's older ones: the job is done (in the
     transaction that marks it so, or it was already), under :func:`lock_study_of`.
-    :func:`cancel_superseded` for the destinations of the job's draft rows, with those a
-    later job that is done has queued its draft to (:func:`later_drafts`)."""
+    :func:`cancel_superseded` for the destinations of the job's draft rows that will be
+    sent or may have arrived (not one cancelled before any attempt: an earlier run's that
+    this run did not queue again), with those a later job that is done has queued its
+    draft to (:func:`later_drafts`)."""
     destinations = set(
         session.scalars(
             select(Delivery.destination).where(
-                Delivery.job_id == job_id, Delivery.object != DeliveryObject.withdrawal
+                Delivery.job_id == job_id,
+                Delivery.object != DeliveryObject.withdrawal,
+                _may_get_there(Delivery),
             )
         )
     )
@@ -174,10 +191,14 @@ def cancel_superseded(
 
     Only rows ``pending`` (queued, waiting for a retry, or being sent) or ``failed``, and not
     a ``withdrawal``, are cancelled, as a withdrawal cancels them: a send in flight loses its
-    claim and its result is not recorded. Rows to other destinations, sent rows and
-    withdrawals are left alone. One audit entry (``delivery.supersede``, actor ``system``,
-    target ``job:<job_id>``) names the cancelled rows and their jobs; nothing is written
-    when no row qualifies.
+    claim and its result is not recorded. One withdrawal is cancelled too: an earlier
+    draft's HL7 withdrawal to one of ``destinations`` never attempted ("cancelled: job
+    <job_id>'s result replaces the order's before it was sent"), since HL7 v2 results are
+    the order's: sent after this draft's ORU^R01 it would mark the newer result wrong (as a
+    withdrawal skips an HL7 destination a later draft went to). Rows to other destinations,
+    sent rows and other withdrawals are left alone. One audit entry
+    (``delivery.supersede``, actor ``system``, target ``job:<job_id>``) names the cancelled
+    rows and their jobs; nothing is written when no row qualifies.
 
     Parameters
     ----------
@@ -199,23 +220,32 @@ def cancel_superseded(
         The cancelled delivery ids by job id (empty: none cancelled).
     """
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
-    unsent = (
-        Delivery.object != DeliveryObject.withdrawal,
-        Delivery.state.in_([DeliveryState.pending, DeliveryState.failed]),
+    draft = Delivery.object != DeliveryObject.withdrawal
+    hl7_withdrawal = and_(
+        Delivery.object == DeliveryObject.withdrawal,
+        Delivery.kind == DeliveryKind.hl7,
+        ~Delivery.may_have_reached,
     )
     earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
     rows = locked_deliveries(
         session,
         or_(
-            and_(Delivery.job_id.in_(earlier), Delivery.destination.in_(list(destinations))),
-            and_(Delivery.job_id == job_id, Delivery.destination.in_(list(newer))),
+            and_(
+                Delivery.job_id.in_(earlier),
+                Delivery.destination.in_(list(destinations)),
+                or_(draft, hl7_withdrawal),
+            ),
+            and_(Delivery.job_id == job_id, Delivery.destination.in_(list(newer)), draft),
         ),
-        *unsent,
+        Delivery.unsent,
     )
     cancelled: dict[int, list[int]] = {}
     for row in rows:
         by = newer[row.destination] if row.job_id == job_id else job_id
-        row.cancel(f"cancelled: superseded by job {by} before it was sent")
+        if row.object is DeliveryObject.withdrawal:
+            row.cancel(f"cancelled: job {by}'s result replaces the order's before it was sent")
+        else:
+            row.cancel(f"cancelled: superseded by job {by} before it was sent")
         cancelled.setdefault(row.job_id or 0, []).append(row.id)  # job_id: never empty here
     if cancelled:
         session.add(

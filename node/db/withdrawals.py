@@ -18,7 +18,6 @@ from node.db.models import (
     AuditLog,
     Delivery,
     DeliveryObject,
-    DeliveryState,
     Job,
     JobState,
     utcnow,
@@ -252,7 +251,7 @@ def _cancel_and_reach(
         held = (row.object, row.sr_path or "", row.object_uid)
         if row.may_have_reached and held not in reached.get(row.destination, []):
             reached.setdefault(row.destination, []).append(held)
-        if row.state in (DeliveryState.pending, DeliveryState.failed):
+        if row.unsent:
             # a failed row would otherwise be re-queued when its destination answers
             row.cancel("cancelled: the draft was withdrawn before it was sent")
             cancelled.append(row.id)

@@ -11,9 +11,11 @@ Once the model has drafted a job's report (:mod:`node.runtime.pipeline`),
 7. **builds the outputs** each destination gets (:func:`node.runtime.outputs.build_outputs`:
    Basic Text SR, Encapsulated PDF, HL7 ORU, FHIR Bundle, as configured) and **enqueues**
    one delivery per (destination, object) (:func:`node.runtime.delivery.enqueue_deliveries`,
-   idempotent per job, destination and object), cancelling in the same transaction the
-   study's earlier drafts not yet sent to those destinations (superseded);
-8. **finishes** the job (:func:`node.db.withdrawals.finish_job`).
+   idempotent per job, destination and object, while the worker holds the job; an earlier
+   run's rows not queued again are cancelled);
+8. **finishes** the job (:func:`node.db.withdrawals.finish_job`), cancelling in the same
+   transaction the study's earlier drafts not yet sent to those destinations
+   (superseded); from then on its objects are sent.
 
 A job that finishes only after a later draft of its study, which supersedes it, was
 withdrawn as the study's current draft (it had read the study before a late instance came)
@@ -24,13 +26,13 @@ its withdrawals, where it reached a destination, are queued next).
 A re-run of a job that drafts the same text from the same instances produces the same SR UID
 and replaces the file; a changed draft gets a new UID and supersedes the earlier SR
 (Predecessor Documents Sequence, PS3.3 C.17.2), and so does the same draft made again after
-the study's SR with its UID was withdrawn (a withdrawn UID is never issued again). The
-earlier jobs' rows still waiting to go to a destination this job sends to are cancelled, so
-the older draft never arrives after the newer one (an older ORU^R01 would overwrite the
-newer result in a RIS); a destination this job does not send to keeps them. Delivery rows
-are not duplicated. The lease is checked before each file is renamed into place and before
-the enqueue: when it is lost on the way the job's outputs are abandoned (the new holder
-writes them).
+the study's SR with its UID was withdrawn (a withdrawn UID is never issued again). As the
+job is done, the earlier jobs' rows still waiting to go to a destination this job sends to
+are cancelled, so the older draft never arrives after the newer one (an older ORU^R01
+would overwrite the newer result in a RIS); a destination this job does not send to keeps
+them. Delivery rows are not duplicated. The lease is checked before each file is renamed
+into place and in the enqueue: when it is lost on the way the job's outputs are abandoned
+(the new holder writes them).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pydicom.errors import InvalidDicomError
 
 from integration.errors import IntegrationError
 from node import metrics
+from node.db import deliveries as deliveries_db
 from node.db import drafts as drafts_db
 from node.db import jobs as jobs_db
 from node.db import withdrawals as withdrawals_db
@@ -366,6 +369,9 @@ def complete_job(
         delivery_ids = _queue_outputs(
             deps, settings, prepared, draft, sr, path, check, reissue, replaces, owner
         )
+    else:  # none this run: an earlier run's rows, if any, must not go out with its files
+        with deps.session_factory() as session:
+            deliveries_db.enqueue_deliveries(session, job_id=job_id, supersede=True, owner=owner)
     with deps.session_factory() as session:
         drafts_db.update_draft_timings(session, draft_id, timings)
         withdrawn = withdrawals_db.finish_job(

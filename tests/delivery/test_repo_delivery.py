@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,7 +32,7 @@ from node.db.models import (
 )
 from node.db.views import DeliveryRow, counts
 from node.runtime.delivery import backoff_seconds
-from node.settings import DicomDestination, StowDestination
+from node.settings import DicomDestination, Hl7Destination, StowDestination
 from tests.delivery.conftest import NodeDB, make_job
 from tests.node.factories import add_redraft
 
@@ -522,7 +523,8 @@ def test_a_send_recorded_while_its_job_is_withdrawn_does_not_deadlock(
 def test_two_jobs_of_a_study_queued_at_once_still_supersede(
     node_db: NodeDB, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Job 1 (read before a late instance) and job 2 (drafted from every image) queue their
+    """Job 1 (read before a late instance) and job 2 (drafted from every image), both done
+    (so each enqueue supersedes in its own transaction, as a finish does), queue their
     drafts to the PACS at the same moment, in two transactions. Whichever commits first, job
     1's row must end cancelled. On PostgreSQL (READ COMMITTED) neither transaction saw the
     other's uncommitted rows: job 2 found no row of job 1 to cancel and job 1 no later draft,
@@ -799,6 +801,149 @@ def test_an_earlier_job_finishing_after_a_withdrawal_keeps_what_a_standing_draft
     assert states[pacs].last_error == f"cancelled: superseded by job {job3.id} before it was sent"
     assert (states[stow].state, states[stow].last_error) == (DeliveryState.pending, None)
     assert _claimed(node_db) == [states[stow].id, *(r.id for r in _rows(node_db, job3.id))]
+
+
+def test_a_rerun_cancels_its_earlier_runs_rows_it_does_not_queue_again(node_db: NodeDB) -> None:
+    """Job 2's first run queued its draft to the PACS and the STOW-RS server, then lost its
+    lease; its next run is routed to the PACS only (the rules changed). The STOW-RS row,
+    with the first run's file, must not go out once the job is done, and job 2's draft did
+    not replace job 1's there: the run's enqueue cancels it, and job 2's finish supersedes
+    job 1 at the PACS only."""
+    pacs, stow = (str(d) for d in DESTS)
+    job1, job2 = _drafted_twice(node_db)
+    _drafting(node_db, job2)
+    with node_db.factory() as s:
+        older = deliveries_db.enqueue_deliveries(
+            s, job_id=job1, sr_path="/1.dcm", destinations=[pacs, stow], supersede=True
+        )
+        _, first_stow = deliveries_db.enqueue_deliveries(
+            s, job_id=job2, sr_path="/run1.dcm", destinations=[pacs, stow], owner="w"
+        )
+        s.get_one(Job, job2).lease_owner = "w2"  # the lease passed to another worker
+        s.commit()
+        [again] = deliveries_db.enqueue_deliveries(
+            s, job_id=job2, sr_path="/run2.dcm", destinations=[pacs], supersede=True, owner="w2"
+        )
+        withdrawals_db.finish_job(s, job2, owner="w2")
+    row = node_db.delivery(first_stow)
+    assert (row.state, row.last_error) == (
+        DeliveryState.cancelled,
+        "cancelled: not queued again by the job's last run",
+    )
+    to_pacs, to_stow = (node_db.delivery(i) for i in older)
+    assert to_pacs.last_error == f"cancelled: superseded by job {job2} before it was sent"
+    assert (to_stow.state, to_stow.last_error) == (DeliveryState.pending, None)
+    assert _claimed(node_db) == sorted([to_stow.id, again])
+
+
+def test_a_later_result_cancels_an_earlier_drafts_hl7_withdrawal_not_yet_sent(
+    node_db: NodeDB,
+) -> None:
+    """Job 1's ORU^R01 and SR reached the RIS and the PACS; job 2, drafted again after a
+    late instance, has queued its own and is not done when job 1 is withdrawn, so job 1's
+    withdrawals are queued (OBR-25 ``C`` for the order, a rejection note). Sent after job
+    2's result, the HL7 one would mark the order's newer result wrong: job 2's finish
+    cancels it, never attempted. The PACS keeps each draft apart: its note stays."""
+    ris, pacs = str(Hl7Destination(host="127.0.0.1", port=2575)), str(DESTS[0])
+    job1, job2 = _drafted_twice(node_db)
+    _drafting(node_db, job2)
+    with node_db.factory() as s:
+        drafts = deliveries_db.enqueue_deliveries(
+            s,
+            job_id=job1,
+            items=[
+                Outbound(ris, DeliveryObject.report, "/1.hl7"),
+                Outbound(pacs, DeliveryObject.sr, "/1.dcm"),
+            ],
+            supersede=True,
+        )
+        for claimed in deliveries_db.claim_due_deliveries(s, limit=10):
+            assert deliveries_db.mark_sent(s, claimed.id, claimed_until=claimed.next_attempt_at)
+        deliveries_db.enqueue_deliveries(
+            s,
+            job_id=job2,
+            items=[
+                Outbound(ris, DeliveryObject.report, "/2.hl7"),
+                Outbound(pacs, DeliveryObject.sr, "/2.dcm"),
+            ],
+            supersede=True,
+            owner="w",
+        )
+        done = withdrawals_db.withdraw_job(s, job1, actor="admin", reason="wrong side")
+        assert sorted(done.reached) == sorted([ris, pacs])  # job 2 is not done: not skipped
+        to_ris, to_pacs = deliveries_db.enqueue_deliveries(
+            s,
+            job_id=job1,
+            items=[
+                Outbound(ris, DeliveryObject.withdrawal, "/w1.hl7"),
+                Outbound(pacs, DeliveryObject.withdrawal, "/w1.dcm"),
+            ],
+        )
+        withdrawals_db.finish_job(s, job2, owner="w")
+    row = node_db.delivery(to_ris)
+    assert (row.state, row.last_error) == (
+        DeliveryState.cancelled,
+        f"cancelled: job {job2}'s result replaces the order's before it was sent",
+    )
+    assert node_db.delivery(to_pacs).state is DeliveryState.pending
+    assert {node_db.delivery(i).state for i in drafts} == {DeliveryState.sent}
+
+
+@pytest.mark.parametrize("end", ["expire", "fail", "cancel"])
+def test_an_earlier_job_ending_while_a_later_one_finishes_does_not_deadlock(
+    node_db: NodeDB, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """Job 1 ends without a draft (its last lease expires, a permanent error, an admin's
+    cancel) while job 2, later, of the same study, is marked done. The ending locks job 1's
+    rows (to cancel them), then writes job 1 again (its error): in one transaction the key
+    of a row written twice is checked again, ``FOR KEY SHARE`` on the study. The finish
+    locks the study, then job 1's rows (to supersede them). With the study locked ``FOR
+    UPDATE`` (PostgreSQL) each waited for the other."""
+    pacs = str(DESTS[0])
+    job1, job2 = _drafted_twice(node_db)
+    for job_id in (job1, job2):
+        _drafting(node_db, job_id, attempts=3, expired=job_id == job1 and end == "expire")
+    with node_db.factory() as s:
+        assert s.get_one(Job, job1).max_attempts == 3
+        for job_id in (job1, job2):
+            deliveries_db.enqueue_deliveries(
+                s, job_id=job_id, sr_path=f"/{job_id}.dcm", destinations=[pacs], owner="w"
+            )
+    cancel_unsent, locked = jobs_db.cancel_unsent, threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> Any:  # job 1's rows locked, its error not written
+        rows = cancel_unsent(*args, **kwargs)
+        locked.set()
+        time.sleep(1.0)
+        return rows
+
+    monkeypatch.setattr(jobs_db, "cancel_unsent", held)
+    errors: list[BaseException] = []
+
+    def ending() -> None:
+        try:
+            with node_db.factory() as s:
+                if end == "expire":
+                    jobs_db.expire_leases(s)
+                elif end == "fail":
+                    jobs_db.fail_job(s, job1, owner="w", error="SR could not be built", retry=False)
+                else:
+                    job_admin.cancel_job(s, job1, actor="admin", reason="wrong patient")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=ending)
+    thread.start()
+    assert locked.wait(10)
+    with node_db.factory() as s:
+        withdrawals_db.finish_job(s, job2, owner="w")
+    thread.join(timeout=30)
+    assert errors == [] and not thread.is_alive()
+    [row1] = _rows(node_db, job1)
+    assert row1.state is DeliveryState.cancelled  # by the ending, which came first
+    with node_db.factory() as s:
+        ended = s.get_one(Job, job1).state
+    assert ended is (JobState.cancelled if end == "cancel" else JobState.failed)
 
 
 def test_destination_health_per_destination(node_db: NodeDB) -> None:

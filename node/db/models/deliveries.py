@@ -88,6 +88,17 @@ class Delivery(Base):
             cls.state == DeliveryState.sent, cls.attempts > 0, cls.last_attempt_at.is_not(None)
         )
 
+    @hybrid_property
+    def unsent(self) -> bool:
+        """Whether the row is still to be sent: ``pending`` (queued, waiting for a retry, or
+        being sent) or ``failed`` (a re-check or a re-send queues it again)."""
+        return self.state in (DeliveryState.pending, DeliveryState.failed)
+
+    @unsent.inplace.expression
+    @classmethod
+    def _unsent_expression(cls) -> ColumnElement[bool]:
+        return cls.state.in_([DeliveryState.pending, DeliveryState.failed])
+
     def cancel(self, why: str) -> None:
         """Cancel this unsent row (``pending`` or ``failed``), with ``why`` as its error: no
         retry, re-queue or re-send sends it; a send in flight loses its claim (its lease
