@@ -2,7 +2,8 @@
 
 Life of a row: ``pending`` -> ``sent`` | ``failed``; an admin re-send (:func:`resend`), a
 re-run of the job (:func:`enqueue_deliveries`) or a destination that answers again
-(:func:`requeue_failed`) brings it back to ``pending``; withdrawing the draft moves the rows
+(:func:`requeue_failed`) brings it back to ``pending``; a re-run cancels its earlier run's
+rows it does not queue again (:func:`enqueue_deliveries`); withdrawing the draft moves the rows
 not yet sent to ``cancelled`` (:func:`node.db.withdrawals.withdraw_job`), and so do a
 later job of the study that queued its draft to the same destination, once it is done
 (:func:`node.db.superseded.supersede`), and the job's own end as ``failed`` or
@@ -202,6 +203,7 @@ def enqueue_deliveries(
 
     superseded: dict[int, list[int]] = {}
     withdrawn_with: list[int] = []
+    dropped: list[int] = []
 
     def work() -> list[int]:
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
@@ -218,7 +220,7 @@ def enqueue_deliveries(
             rows = locked_deliveries(session, Delivery.job_id == job_id)
             existing = {(d.destination, d.object): d for d in rows}
         newer: dict[str, int] = {}
-        if supersede and job_id is not None:
+        if supersede and job_id is not None and wanted:
             newer = later_drafts(session, job_id, {t for t, _o in wanted})
         ids: list[int] = []
         for (text, obj), (kind, item) in wanted.items():
@@ -241,6 +243,7 @@ def enqueue_deliveries(
                 stale = (row.destination, row.object) not in wanted
                 if stale and row.object is not DeliveryObject.withdrawal and row.unsent:
                     row.cancel("cancelled: not queued again by the job's last run")
+                    dropped.append(row.id)
         if supersede and job_id is not None and done:
             superseded.update(supersede_older(session, job_id, now))
         return ids
@@ -254,6 +257,10 @@ def enqueue_deliveries(
             withdrawn_with[0],
         )
         return ids
+    if dropped:
+        log.info(
+            "job %s: %d row(s) of an earlier run not queued again cancelled", job_id, len(dropped)
+        )
     if not wanted:
         return ids
     log.info(

@@ -192,9 +192,10 @@ def cancel_superseded(
     Only rows ``pending`` (queued, waiting for a retry, or being sent) or ``failed``, and not
     a ``withdrawal``, are cancelled, as a withdrawal cancels them: a send in flight loses its
     claim and its result is not recorded. One withdrawal is cancelled too: an earlier
-    draft's HL7 withdrawal to one of ``destinations`` never attempted ("cancelled: job
-    <job_id>'s result replaces the order's before it was sent"), since HL7 v2 results are
-    the order's: sent after this draft's ORU^R01 it would mark the newer result wrong (as a
+    draft's HL7 withdrawal to one of ``destinations`` not sent ("cancelled: job <job_id>'s
+    result replaces the order's before it was sent"), attempted or not, since HL7 v2
+    results are the order's: sent, or sent again, after this draft's ORU^R01 it would mark
+    the newer result wrong, which replaces the withdrawn one there either way (as a
     withdrawal skips an HL7 destination a later draft went to). Rows to other destinations,
     sent rows and other withdrawals are left alone. One audit entry
     (``delivery.supersede``, actor ``system``, target ``job:<job_id>``) names the cancelled
@@ -222,9 +223,7 @@ def cancel_superseded(
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
     draft = Delivery.object != DeliveryObject.withdrawal
     hl7_withdrawal = and_(
-        Delivery.object == DeliveryObject.withdrawal,
-        Delivery.kind == DeliveryKind.hl7,
-        ~Delivery.may_have_reached,
+        Delivery.object == DeliveryObject.withdrawal, Delivery.kind == DeliveryKind.hl7
     )
     earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
     rows = locked_deliveries(

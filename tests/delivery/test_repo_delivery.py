@@ -841,9 +841,10 @@ def test_a_later_result_cancels_an_earlier_drafts_hl7_withdrawal_not_yet_sent(
 ) -> None:
     """Job 1's ORU^R01 and SR reached the RIS and the PACS; job 2, drafted again after a
     late instance, has queued its own and is not done when job 1 is withdrawn, so job 1's
-    withdrawals are queued (OBR-25 ``C`` for the order, a rejection note). Sent after job
-    2's result, the HL7 one would mark the order's newer result wrong: job 2's finish
-    cancels it, never attempted. The PACS keeps each draft apart: its note stays."""
+    withdrawals are queued (OBR-25 ``C`` for the order, a rejection note), and the RIS
+    answers the first attempt with an error. Sent (again) after job 2's result, the HL7 one
+    would mark the order's newer result wrong, which replaces the withdrawn one anyway: job
+    2's finish cancels it. The PACS keeps each draft apart: its note stays."""
     ris, pacs = str(Hl7Destination(host="127.0.0.1", port=2575)), str(DESTS[0])
     job1, job2 = _drafted_twice(node_db)
     _drafting(node_db, job2)
@@ -879,6 +880,15 @@ def test_a_later_result_cancels_an_earlier_drafts_hl7_withdrawal_not_yet_sent(
                 Outbound(pacs, DeliveryObject.withdrawal, "/w1.dcm"),
             ],
         )
+        for claimed in deliveries_db.claim_due_deliveries(s, limit=10):  # job 1's only
+            assert claimed.id in (to_ris, to_pacs)
+            assert deliveries_db.mark_retry(
+                s,
+                claimed.id,
+                error="AE: application error",
+                next_attempt_at=utcnow() + timedelta(minutes=1),
+                claimed_until=claimed.next_attempt_at,
+            )
         withdrawals_db.finish_job(s, job2, owner="w")
     row = node_db.delivery(to_ris)
     assert (row.state, row.last_error) == (
