@@ -78,6 +78,7 @@ __all__ = [
     "requeue_failed",
     "resend",
     "resend_deliveries",
+    "reset_pending",
 ]
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def enqueue_deliveries(
                 row = Delivery(job_id=job_id, destination=text, object=obj, created_at=now)
                 session.add(row)
             row.kind = kind
-            _reset_pending(row, now)
+            reset_pending(row, now)
             row.sr_path = item.path
             row.object_uid = item.object_uid
             session.flush()
@@ -293,7 +294,7 @@ def _wanted(
     return wanted
 
 
-def _reset_pending(row: Delivery, now: datetime) -> None:
+def reset_pending(row: Delivery, now: datetime) -> None:
     """Back to ``pending``, due ``now``: fresh attempts and retry horizon (``queued_at``),
     no error, no permanent failure, not sent (``last_attempt_at`` stays: the object may be
     at the receiver, :attr:`Delivery.may_have_reached`)."""
@@ -342,7 +343,7 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
         ]
         before = {str(r.id): r.state.value for r in rows}
         for row in rows:
-            _reset_pending(row, now)
+            reset_pending(row, now)
         session.add(
             AuditLog(
                 at=now,
@@ -408,7 +409,7 @@ def resend_deliveries(
         by_job: dict[int | None, dict[str, str]] = {}
         for row in rows:
             by_job.setdefault(row.job_id, {})[str(row.id)] = row.state.value
-            _reset_pending(row, now)
+            reset_pending(row, now)
         for job_id, before in by_job.items():
             session.add(
                 AuditLog(
@@ -485,7 +486,7 @@ def requeue_failed(
             skip_locked=True,
         )
         for row in rows:
-            _reset_pending(row, now)
+            reset_pending(row, now)
         if rows:
             session.add(
                 AuditLog(

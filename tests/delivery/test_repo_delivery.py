@@ -844,7 +844,8 @@ def test_a_later_result_cancels_an_earlier_drafts_hl7_withdrawal_not_yet_sent(
     withdrawals are queued (OBR-25 ``C`` for the order, a rejection note), and the RIS
     answers the first attempt with an error. Sent (again) after job 2's result, the HL7 one
     would mark the order's newer result wrong, which replaces the withdrawn one anyway: job
-    2's finish cancels it. The PACS keeps each draft apart: its note stays."""
+    2's finish cancels it. The PACS keeps each draft apart: its note stays. Job 2 withdrawn
+    in turn before its ORU^R01 went out, job 1's withdrawal to the RIS is queued again."""
     ris, pacs = str(Hl7Destination(host="127.0.0.1", port=2575)), str(DESTS[0])
     job1, job2 = _drafted_twice(node_db)
     _drafting(node_db, job2)
@@ -897,6 +898,21 @@ def test_a_later_result_cancels_an_earlier_drafts_hl7_withdrawal_not_yet_sent(
     )
     assert node_db.delivery(to_pacs).state is DeliveryState.pending
     assert {node_db.delivery(i).state for i in drafts} == {DeliveryState.sent}
+
+    # job 2 is withdrawn too before its ORU^R01 went out: job 1's result is still the
+    # order's at the RIS, and its withdrawal is queued again
+    with node_db.factory() as s:
+        done = withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong side")
+        [entry] = s.scalars(
+            select(AuditLog).where(
+                AuditLog.action == "job.withdraw", AuditLog.target == f"job:{job2}"
+            )
+        )
+    assert done.reached == {} and entry.detail["restored"] == [to_ris]
+    row = node_db.delivery(to_ris)
+    assert (row.state, row.last_error, row.attempts) == (DeliveryState.pending, None, 0)
+    assert row.may_have_reached  # its first attempt may have arrived
+    assert to_ris in _claimed(node_db)
 
 
 @pytest.mark.parametrize("end", ["expire", "fail", "cancel"])
