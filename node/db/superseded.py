@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session, aliased
 from node.db.models import (
     AuditLog,
     Delivery,
-    DeliveryKind,
     DeliveryObject,
     DeliveryState,
     Job,
@@ -222,9 +221,6 @@ def cancel_superseded(
     """
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
     draft = Delivery.object != DeliveryObject.withdrawal
-    hl7_withdrawal = and_(
-        Delivery.object == DeliveryObject.withdrawal, Delivery.kind == DeliveryKind.hl7
-    )
     earlier = select(Job.id).where(Job.study_id == study, Job.id < job_id)
     rows = locked_deliveries(
         session,
@@ -232,7 +228,7 @@ def cancel_superseded(
             and_(
                 Delivery.job_id.in_(earlier),
                 Delivery.destination.in_(list(destinations)),
-                or_(draft, hl7_withdrawal),
+                or_(draft, Delivery.order_withdrawal),
             ),
             and_(Delivery.job_id == job_id, Delivery.destination.in_(list(newer)), draft),
         ),

@@ -19,7 +19,6 @@ from node.db.jobs import JobConflict, lock_job, mark_finished
 from node.db.models import (
     AuditLog,
     Delivery,
-    DeliveryKind,
     DeliveryObject,
     DeliveryState,
     Job,
@@ -267,8 +266,7 @@ def _restore_order_withdrawals(
     rows = locked_deliveries(
         session,
         Delivery.id.in_(ids),
-        Delivery.object == DeliveryObject.withdrawal,
-        Delivery.kind == DeliveryKind.hl7,
+        Delivery.order_withdrawal,
         Delivery.state == DeliveryState.cancelled,
         Delivery.destination.not_in(list(reached)),
     )

@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     false,
     or_,
 )
@@ -98,6 +99,17 @@ class Delivery(Base):
     @classmethod
     def _unsent_expression(cls) -> ColumnElement[bool]:
         return cls.state.in_([DeliveryState.pending, DeliveryState.failed])
+
+    @hybrid_property
+    def order_withdrawal(self) -> bool:
+        """Whether the row is an HL7 withdrawal: its ORU^R01 (OBR-25 ``C``, OBX-11 ``W``)
+        marks the result of the order, which a later draft's ORU^R01 replaces there."""
+        return self.object is DeliveryObject.withdrawal and self.kind is DeliveryKind.hl7
+
+    @order_withdrawal.inplace.expression
+    @classmethod
+    def _order_withdrawal_expression(cls) -> ColumnElement[bool]:
+        return and_(cls.object == DeliveryObject.withdrawal, cls.kind == DeliveryKind.hl7)
 
     def cancel(self, why: str) -> None:
         """Cancel this unsent row (``pending`` or ``failed``), with ``why`` as its error: no
