@@ -262,7 +262,8 @@ def resend_job(job_id: JobId, ctx: Ctx, p: Operator) -> dict[str, Any]:
 def withdraw_job(job_id: JobId, body: WithdrawIn, ctx: Ctx, p: Operator) -> dict[str, Any]:
     """Withdraw the draft: objects not yet sent are cancelled; each destination that may
     hold it gets a withdrawal (DICOM: IHE IOCM Key Object Selection rejection note; HL7:
-    ORU with OBR-25 ``C``; FHIR: the DiagnosticReport ``entered-in-error``). The study's
+    ORU with OBR-25 ``C``, held back while a later draft's result for the order is still to
+    be sent there, ``held``; FHIR: the DiagnosticReport ``entered-in-error``). The study's
     other jobs whose draft is the same SR are withdrawn with it (``same_draft``), and, when
     it is the study's current draft, the earlier drafts it superseded (``superseded``: one
     such answer each). 409 when the job has no draft or was withdrawn already. Audited

@@ -228,6 +228,7 @@ def jobs_withdraw(
         typer.echo(f"withdrawn with it, the same draft: job(s) {same}")
     for dest, why in result.skipped.items():
         err.print(f"no withdrawal for {dest}: {why}", markup=False, highlight=False)
+    _held(result)
     for earlier in result.superseded:
         same = "".join(f", {j}" for j in earlier.same_draft)
         typer.echo(
@@ -240,6 +241,17 @@ def jobs_withdraw(
                 markup=False,
                 highlight=False,
             )
+        _held(earlier)
+
+
+def _held(result: WithdrawResult) -> None:
+    """Print the HL7 withdrawals of ``result``'s draft held back by a later result."""
+    for dest, later in result.held.items():
+        typer.echo(
+            f"withdrawal of job {result.job_id}'s draft for {dest} held back: job {later}'s "
+            "result replaces the order's there; it goes out if that result is withdrawn "
+            "before it is sent, or refused"
+        )
 
 
 def jobs_priority(

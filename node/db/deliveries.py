@@ -2,7 +2,8 @@
 
 Life of a row: ``pending`` -> ``sent`` | ``failed``; an admin re-send (:func:`resend`), a
 re-run of the job (:func:`enqueue_deliveries`) or a destination that answers again
-(:func:`requeue_failed`) brings it back to ``pending``; a re-run cancels its earlier run's
+(:func:`requeue_failed`; :mod:`node.db.delivery_resends`, re-exported here) brings it back
+to ``pending``; a re-run cancels its earlier run's
 rows it does not queue again (:func:`enqueue_deliveries`); withdrawing the draft moves the rows
 not yet sent to ``cancelled`` (:func:`node.db.withdrawals.withdraw_job`), and so do a
 later job of the study that queued its draft to the same destination, once it is done
@@ -22,9 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from integration.destinations import (
@@ -42,24 +41,27 @@ from node.db.delivery_claims import (
     mark_sent,
     release_claim,
 )
+from node.db.delivery_resends import (
+    failed_destinations,
+    requeue_failed,
+    resend,
+    resend_deliveries,
+)
 from node.db.jobs import lock_job, owned_running
 from node.db.models import (
-    AuditLog,
     Delivery,
     DeliveryKind,
     DeliveryObject,
-    DeliveryState,
-    Job,
     JobState,
     utcnow,
 )
 from node.db.queries import locked_deliveries
 from node.db.superseded import (
+    hold_order_withdrawals,
     later_drafts,
     later_withdrawn,
     lock_study_of,
     log_superseded,
-    not_superseded,
 )
 from node.db.superseded import supersede as supersede_older
 from node.db.tx import in_transaction
@@ -78,7 +80,6 @@ __all__ = [
     "requeue_failed",
     "resend",
     "resend_deliveries",
-    "reset_pending",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,10 @@ def enqueue_deliveries(
     lock is taken first, so that two jobs of the study queue one after the other, and the
     unsent rows of the study's older drafts are cancelled
     (:func:`node.db.superseded.supersede`) here when the job is done already, else in the
-    transaction that marks it done (:func:`node.db.withdrawals.finish_job`). Commits.
+    transaction that marks it done (:func:`node.db.withdrawals.finish_job`). An HL7
+    withdrawal to a destination where a later done draft of the study replaces the order's
+    result, or will, is held back, ``cancelled``, under the study's lock
+    (:func:`node.db.superseded.hold_order_withdrawals`). Commits.
 
     Parameters
     ----------
@@ -187,8 +191,8 @@ def enqueue_deliveries(
     -------
     list[int]
         The job's rows queued, in the order given (duplicates collapsed), including one then
-        cancelled as superseded by a later job's draft; a row left as it was (sent or
-        attempted before a later draft) and other jobs' cancelled rows are not in it.
+        cancelled as superseded by a later job's draft, or held back; a row left as it was
+        (sent or attempted before a later draft) and other jobs' cancelled rows are not in it.
 
     Raises
     ------
@@ -203,6 +207,11 @@ def enqueue_deliveries(
     now = now or utcnow()
 
     superseded: dict[int, list[int]] = {}
+    held: dict[int, list[int]] = {}
+    orders = any(
+        obj is DeliveryObject.withdrawal and kind is DeliveryKind.hl7
+        for (_text, obj), (kind, _item) in wanted.items()
+    )
     withdrawn_with: list[int] = []
     dropped: list[int] = []
 
@@ -210,8 +219,9 @@ def enqueue_deliveries(
         existing: dict[tuple[str, DeliveryObject], Delivery] = {}
         done = False
         if job_id is not None:
-            if supersede:  # one study's drafts queue one after the other
+            if supersede or orders:  # one study's drafts and withdrawals take turns
                 lock_study_of(session, job_id)
+            if supersede:
                 later = later_withdrawn(session, job_id)
                 if later is not None:  # this draft is withdrawn with it as the job finishes
                     withdrawn_with.append(later[0])
@@ -223,7 +233,7 @@ def enqueue_deliveries(
         newer: dict[str, int] = {}
         if supersede and job_id is not None and wanted:
             newer = later_drafts(session, job_id, {t for t, _o in wanted})
-        ids: list[int] = []
+        queued: list[Delivery] = []
         for (text, obj), (kind, item) in wanted.items():
             row = existing.get((text, obj))
             if row is not None and text in newer and row.may_have_reached:
@@ -234,11 +244,13 @@ def enqueue_deliveries(
                 row = Delivery(job_id=job_id, destination=text, object=obj, created_at=now)
                 session.add(row)
             row.kind = kind
-            reset_pending(row, now)
+            row.requeue(now)
             row.sr_path = item.path
             row.object_uid = item.object_uid
             session.flush()
-            ids.append(row.id)
+            queued.append(row)
+        if orders and job_id is not None:
+            held.update(hold_order_withdrawals(session, job_id, queued, now))
         if owner:  # an earlier run's rows this run did not queue again
             for row in existing.values():
                 stale = (row.destination, row.object) not in wanted
@@ -247,7 +259,7 @@ def enqueue_deliveries(
                     dropped.append(row.id)
         if supersede and job_id is not None and done:
             superseded.update(supersede_older(session, job_id, now))
-        return ids
+        return [row.id for row in queued]
 
     ids = in_transaction(session, work)
     if withdrawn_with:
@@ -272,6 +284,13 @@ def enqueue_deliveries(
     )
     if job_id is not None:
         log_superseded(job_id, superseded)
+    for later, rows in held.items():
+        log.info(
+            "job %s: %d HL7 withdrawal(s) held back: job %s's result replaces the order's",
+            job_id,
+            len(rows),
+            later,
+        )
     return ids
 
 
@@ -292,218 +311,3 @@ def _wanted(
         text, kind = _normalise(item.destination)
         wanted.setdefault((text, item.object), (kind, item))
     return wanted
-
-
-def reset_pending(row: Delivery, now: datetime) -> None:
-    """Back to ``pending``, due ``now``: fresh attempts and retry horizon (``queued_at``),
-    no error, no permanent failure, not sent (``last_attempt_at`` stays: the object may be
-    at the receiver, :attr:`Delivery.may_have_reached`)."""
-    row.state = DeliveryState.pending
-    row.attempts = 0
-    row.next_attempt_at = now
-    row.queued_at = now
-    row.permanent_failure = False
-    row.last_error = None
-    row.sent_at = None
-
-
-def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:
-    """Re-send a job's objects to all their destinations (admin action, audited). Commits.
-
-    Every delivery row of the job goes back to ``pending``, due now, with fresh attempts
-    and a fresh retry horizon; the file recorded for each row is sent again (same SOP
-    Instance UID: the PACS replaces it). Rows ``cancelled`` (the draft withdrawn, or
-    superseded by a later job's) stay so; of a withdrawn job only the withdrawals are re-sent;
-    a draft row to a destination a later job of the study has queued its draft to is left as
-    it is, sent or not (the older draft must not arrive after the newer one there).
-
-    Returns
-    -------
-    list[int]
-        The delivery ids re-queued (empty when the job never had anything queued).
-
-    Raises
-    ------
-    JobNotFound
-        No job with that id.
-    """
-    now = now or utcnow()
-
-    def work() -> list[int]:
-        job = lock_job(session, job_id)
-        rows = [
-            r
-            for r in locked_deliveries(
-                session,
-                Delivery.job_id == job_id,
-                Delivery.state != DeliveryState.cancelled,
-                not_superseded(),
-            )
-            if job.withdrawn_at is None or r.object is DeliveryObject.withdrawal
-        ]
-        before = {str(r.id): r.state.value for r in rows}
-        for row in rows:
-            reset_pending(row, now)
-        session.add(
-            AuditLog(
-                at=now,
-                actor=actor,
-                action="job.resend",
-                target=f"job:{job_id}",
-                detail={"deliveries": before},
-            )
-        )
-        return [r.id for r in rows]
-
-    return in_transaction(session, work)
-
-
-def resend_deliveries(
-    session: Session,
-    *,
-    actor: str,
-    ids: Sequence[int] = (),
-    failed_to: str | None = None,
-    now: datetime | None = None,
-) -> list[int]:
-    """Re-send chosen deliveries (operator action, audited ``delivery.resend``). Commits.
-
-    The rows named by ``ids``, or every ``failed`` row of destination ``failed_to``
-    (permanent failures included: the operator has fixed the cause), go back to
-    ``pending``, due now, with fresh attempts and retry horizon; the recorded file is sent
-    again (same SOP Instance UID: the receiver replaces it). Rows still pending (queued or
-    being sent), cancelled (withdrawn or superseded draft), of a withdrawn job's draft, or
-    of a draft a later job of the study has queued its own to the same destination are left
-    alone.
-    One audit entry per affected job (target ``job:<id>``) lists its re-queued ids and
-    states before.
-
-    Returns
-    -------
-    list[int]
-        The delivery ids re-queued.
-    """
-    now = now or utcnow()
-    where: list[Any] = [
-        Delivery.state.in_([DeliveryState.failed, DeliveryState.sent]),
-        not_superseded(),
-    ]
-    if failed_to is not None:
-        where += [Delivery.destination == failed_to, Delivery.state == DeliveryState.failed]
-    else:
-        where.append(Delivery.id.in_(list(ids)))
-
-    def work() -> list[int]:
-        rows = locked_deliveries(session, *where, skip_locked=True)
-        withdrawn = set(
-            session.scalars(
-                select(Job.id).where(
-                    Job.id.in_({r.job_id for r in rows if r.job_id is not None}),
-                    Job.withdrawn_at.is_not(None),
-                )
-            )
-        )
-        rows = [
-            r for r in rows if r.job_id not in withdrawn or r.object is DeliveryObject.withdrawal
-        ]
-        by_job: dict[int | None, dict[str, str]] = {}
-        for row in rows:
-            by_job.setdefault(row.job_id, {})[str(row.id)] = row.state.value
-            reset_pending(row, now)
-        for job_id, before in by_job.items():
-            session.add(
-                AuditLog(
-                    at=now,
-                    actor=actor,
-                    action="delivery.resend",
-                    target=f"job:{job_id}" if job_id is not None else None,
-                    detail={"deliveries": before},
-                )
-            )
-        return [r.id for r in rows]
-
-    return in_transaction(session, work)
-
-
-def failed_destinations(session: Session) -> list[str]:
-    """Destinations with ``failed`` deliveries that a retry could fix (not permanent)."""
-    return list(
-        session.scalars(
-            select(Delivery.destination)
-            .where(Delivery.state == DeliveryState.failed, Delivery.permanent_failure.is_(False))
-            .distinct()
-            .order_by(Delivery.destination)
-        )
-    )
-
-
-def _clip_target(text: str) -> str:
-    return text if len(text) <= 256 else text[:253] + "..."
-
-
-def requeue_failed(
-    session: Session,
-    destination: str,
-    *,
-    reason: str,
-    actor: str = "system",
-    now: datetime | None = None,
-) -> list[int]:
-    """Re-queue a destination's failed, not permanent deliveries (it answers again). Commits.
-
-    Each row goes back to ``pending``, due now, with fresh attempts and a fresh retry
-    horizon (``queued_at = now``); ``last_error`` is cleared. Rows failed permanently
-    (``permanent_failure``: 0xA9xx/0xCxxx, HTTP 4xx, SR file missing) stay ``failed``. One
-    audit entry (``delivery.requeue``, target ``destination:<destination>``) records the
-    count, the first 100 ids and ``reason``; nothing is written when no row qualifies.
-
-    Parameters
-    ----------
-    session
-        A write session.
-    destination
-        The destination text as stored (``AET@host:port`` or the STOW-RS URL).
-    reason
-        Why (e.g. "C-ECHO answered"); no patient data.
-    actor
-        Who re-queues (``system`` for the node's own check).
-    now
-        The current time.
-
-    Returns
-    -------
-    list[int]
-        The re-queued delivery ids.
-    """
-    now = now or utcnow()
-
-    def work() -> list[int]:
-        rows = locked_deliveries(
-            session,
-            Delivery.destination == destination,
-            Delivery.state == DeliveryState.failed,
-            Delivery.permanent_failure.is_(False),
-            skip_locked=True,
-        )
-        for row in rows:
-            reset_pending(row, now)
-        if rows:
-            session.add(
-                AuditLog(
-                    at=now,
-                    actor=actor,
-                    action="delivery.requeue",
-                    target=_clip_target(f"destination:{destination}"),
-                    detail={
-                        "count": len(rows),
-                        "deliveries": [r.id for r in rows[:100]],
-                        "reason": reason,
-                    },
-                )
-            )
-        return [r.id for r in rows]
-
-    ids = in_transaction(session, work)
-    if ids:
-        log.info("%d failed deliveries to %s re-queued (%s)", len(ids), destination, reason)
-    return ids

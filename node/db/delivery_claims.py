@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from node.db.job_events import add_event
 from node.db.models import Delivery, DeliveryObject, DeliveryState, Job, JobState, utcnow
+from node.db.superseded import lock_study_of, result_failed
 from node.db.tx import in_transaction
 
 __all__ = [
@@ -132,16 +133,26 @@ def _fenced_update(
     values: dict[str, Any],
     *,
     outcome: str,
+    for_good: bool = False,
 ) -> bool:
     """Set ``values`` on a ``pending`` row still carrying ``claimed_until`` (when given);
     returns whether it changed. The attempt goes into the job's history (a ``delivery``
     event: destination, object, ``outcome`` sent/retry/failed, error) in the same
-    transaction. Commits."""
+    transaction. ``for_good``: a failure retrying cannot fix; under the study's lock, taken
+    first, the HL7 withdrawals the row's result held back go out
+    (:func:`node.db.superseded.result_failed`). Commits."""
     conditions = [Delivery.id == delivery_id, Delivery.state == DeliveryState.pending]
     if claimed_until is not None:
         conditions.append(Delivery.next_attempt_at == claimed_until)
+    now = utcnow()
+    restored: list[int] = []
 
     def work() -> bool:
+        job_id = None
+        if for_good:  # first, as the finish and the withdrawal take it
+            job_id = session.scalar(select(Delivery.job_id).where(Delivery.id == delivery_id))
+            if job_id is not None:
+                lock_study_of(session, job_id)
         res = session.execute(
             update(Delivery)
             .where(*conditions)
@@ -169,6 +180,8 @@ def _fenced_update(
                         "error": values.get("last_error"),
                     },
                 )
+        if changed and job_id is not None:
+            restored.extend(result_failed(session, job_id, delivery_id, now))
         return changed
 
     changed = in_transaction(session, work)
@@ -177,6 +190,13 @@ def _fenced_update(
             "delivery %s: claim no longer held (re-queued, cancelled or lease passed); "
             "result not recorded",
             delivery_id,
+        )
+    elif restored:
+        log.info(
+            "delivery %s failed for good: %d earlier draft HL7 withdrawal(s) it held back "
+            "queued again",
+            delivery_id,
+            len(restored),
         )
     return changed
 
@@ -262,6 +282,13 @@ def mark_failed(
     Otherwise the retry horizon (or attempt cap) ran out while the destination was
     unreachable.
 
+    A draft's HL7 result that failed for good (the RIS refused the ORU^R01, or its file was
+    gone), and of which no attempt may have been filed before (none sent, none failed for
+    now), replaces nothing for the order: the HL7 withdrawals of the study's earlier drafts
+    it held back there are queued again in the same transaction, under the study's lock
+    (:func:`node.db.superseded.result_failed`, audited ``delivery.restore``), unless
+    another later result replaces them.
+
     Returns whether the row changed.
     """
     return _fenced_update(
@@ -275,6 +302,7 @@ def mark_failed(
             "permanent_failure": permanent,
         },
         outcome="failed",
+        for_good=permanent,
     )
 
 

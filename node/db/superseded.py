@@ -8,6 +8,12 @@ sent only once it is done, :func:`node.db.delivery_claims.claim_due_deliveries`)
 :func:`not_superseded` keeps a re-send from sending one again, and :func:`later_drafts`
 tells a withdrawal where a later draft replaced this one (docs/policies.md, "Superseded
 drafts"). A later job that fails or is cancelled supersedes nothing.
+
+HL7 v2 results are the order's: an earlier draft's HL7 withdrawal is held back while a
+later result replaces it there or will (:func:`order_replaced`,
+:func:`hold_order_withdrawals`), and goes out once none will
+(:func:`restore_order_withdrawals`: the later draft withdrawn before it went out, or
+refused for good).
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import and_, exists, func, or_, select, true
 from sqlalchemy.orm import Session, aliased
 
 from node.db.models import (
     AuditLog,
     Delivery,
+    DeliveryKind,
     DeliveryObject,
     DeliveryState,
     Job,
+    JobEvent,
     JobState,
     Study,
 )
@@ -33,11 +41,17 @@ from node.db.queries import locked_deliveries
 
 __all__ = [
     "cancel_superseded",
+    "hold_order_withdrawals",
     "later_drafts",
     "later_withdrawn",
+    "lock_order_studies",
     "lock_study_of",
     "log_superseded",
     "not_superseded",
+    "order_replaced",
+    "order_replacing",
+    "restore_order_withdrawals",
+    "result_failed",
     "supersede",
 ]
 
@@ -58,6 +72,22 @@ def lock_study_of(session: Session, job_id: int) -> None:
     """
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
     session.execute(select(Study.id).where(Study.id == study).with_for_update(key_share=True))
+
+
+def lock_order_studies(session: Session, *where: Any) -> None:
+    """Lock the rows of the studies of the HL7 delivery rows matching ``where`` (a re-send's
+    choice), in id order, before any delivery row: a re-send of an HL7 result or withdrawal
+    holds back other jobs' rows of the study (:func:`cancel_superseded`,
+    :func:`hold_order_withdrawals`), as the finish, the withdrawal and a refusal do under
+    :func:`lock_study_of`, which take the study first."""
+    jobs = select(Delivery.job_id).where(*where, Delivery.kind == DeliveryKind.hl7)
+    studies = select(Job.study_id).where(Job.id.in_(jobs))
+    session.execute(
+        select(Study.id)
+        .where(Study.id.in_(studies))
+        .order_by(Study.id)
+        .with_for_update(key_share=True)
+    )
 
 
 def later_withdrawn(session: Session, job_id: int) -> tuple[int, str] | None:
@@ -114,9 +144,48 @@ def later_drafts(
     dict[str, int]
         ``{destination: newest later job id}``; empty when no later job queued there.
     """
+    return _newest_later(session, job_id, destinations, _may_get_there(Delivery), besides)
+
+
+def order_replaced(
+    session: Session, job_id: int, destinations: Collection[str], *, besides: Collection[int] = ()
+) -> dict[str, int]:
+    """Of ``destinations``, those where a later done draft of job ``job_id``'s study has
+    replaced its result for the order for good (HL7 v2: results are the order's), with the
+    newest such job: its row there was sent, or cancelled after an attempt (that draft was
+    withdrawn, and its own withdrawal marks the order's result there). ``besides``: later
+    jobs not to count."""
+    return _newest_later(session, job_id, destinations, _settled(Delivery), besides)
+
+
+def order_replacing(session: Session, job_id: int, destinations: Collection[str]) -> dict[str, int]:
+    """Of ``destinations``, those where a later done draft of job ``job_id``'s study replaces
+    its result for the order, or will (:func:`order_replaced`, or its row there is still to
+    be sent: ``pending``, or ``failed`` not for good), with the newest such job. A row the
+    receiver refused for good (:func:`_refused`) replaces nothing, nor does a later
+    job whose draft is job ``job_id``'s own (the same SR: withdrawn with it)."""
+    mine = session.scalar(select(Job.sr_sop_instance_uid).where(Job.id == job_id))
+    replacing = and_(
+        _may_get_there(Delivery),
+        ~_refused(Delivery),
+        Job.sr_sop_instance_uid.is_distinct_from(mine),
+    )
+    return _newest_later(session, job_id, destinations, replacing, ())
+
+
+def _newest_later(
+    session: Session,
+    job_id: int,
+    destinations: Collection[str],
+    condition: Any,
+    besides: Collection[int],
+) -> dict[str, int]:
+    """``{destination: newest later job id}`` of the draft rows (not withdrawals) of job
+    ``job_id``'s study's later done jobs, but ``besides``, to ``destinations`` that meet
+    ``condition``."""
     study = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
     newer: dict[str, int] = {}
-    later_drafts = session.execute(
+    rows = session.execute(
         select(Delivery.destination, func.max(Delivery.job_id))
         .join(Job, Job.id == Delivery.job_id)
         .where(
@@ -126,11 +195,11 @@ def later_drafts(
             Job.id.not_in(list(besides)),
             Delivery.destination.in_(list(destinations)),
             Delivery.object != DeliveryObject.withdrawal,
-            _may_get_there(Delivery),
+            condition,
         )
         .group_by(Delivery.destination)
     )
-    for destination, newest in later_drafts:
+    for destination, newest in rows:
         if newest is not None:
             newer[destination] = newest
     return newer
@@ -253,6 +322,134 @@ def cancel_superseded(
             )
         )
     return cancelled
+
+
+def hold_order_withdrawals(
+    session: Session, job_id: int, rows: Collection[Delivery], now: datetime
+) -> dict[int, list[int]]:
+    """Hold back, cancelled, those of ``rows`` (job ``job_id``'s, just queued) that are HL7
+    withdrawals to a destination where a later done draft of the study replaces its result
+    for the order, or will (its ORU^R01 sent, or still to be sent): sent after that result,
+    OBX-11 ``W`` for the order would mark the newer result wrong (HL7 v2.5.1 section 7.4.1),
+    as :func:`cancel_superseded` cancels such a withdrawal queued before the later draft was
+    done, with the same error. :func:`restore_order_withdrawals` queues one again where that
+    result never replaces it (withdrawn before it went out, or refused for good). One audit
+    entry ``delivery.supersede`` per later job (actor ``system``, target ``job:<later>``).
+
+    In the caller's transaction, under :func:`lock_study_of`. Returns the held row ids by
+    the later job named."""
+    orders = [row for row in rows if row.order_withdrawal]
+    newer = order_replacing(session, job_id, {row.destination for row in orders})
+    held: dict[int, list[int]] = {}
+    for row in orders:
+        if row.destination in newer:
+            by = newer[row.destination]
+            row.cancel(f"cancelled: job {by}'s result replaces the order's before it was sent")
+            held.setdefault(by, []).append(row.id)
+    for by, ids in held.items():
+        session.add(
+            AuditLog(
+                at=now,
+                actor="system",
+                action="delivery.supersede",
+                target=f"job:{by}",
+                detail={"cancelled": ids, "jobs": [job_id]},
+            )
+        )
+    return held
+
+
+def restore_order_withdrawals(
+    session: Session,
+    before: int,
+    now: datetime,
+    *,
+    to: Collection[str] | None = None,
+    not_to: Collection[str] = (),
+) -> list[int]:
+    """Queue again the HL7 withdrawals of the drafts of job ``before``'s study earlier than
+    it that a later draft's result held back (:func:`cancel_superseded`,
+    :func:`hold_order_withdrawals`: an HL7 withdrawal is cancelled for nothing else) to a
+    destination where no later done draft replaces the withdrawn result for the order any
+    more, nor will: the later drafts there were withdrawn before their ORU^R01 went out, or
+    the receiver refused it for good. The withdrawn result is then still the order's there,
+    and must be marked wrong. Only destinations in ``to`` (all when ``None``) and not in
+    ``not_to``.
+
+    In the caller's transaction, under :func:`lock_study_of`. Returns the row ids queued
+    again (:meth:`Delivery.requeue`)."""
+    study = select(Job.study_id).where(Job.id == before).scalar_subquery()
+    earlier = select(Job.id).where(Job.study_id == study, Job.id < before)
+    rows = locked_deliveries(
+        session,
+        Delivery.job_id.in_(earlier),
+        Delivery.order_withdrawal,
+        Delivery.state == DeliveryState.cancelled,
+        Delivery.destination.in_(list(to)) if to is not None else true(),
+        Delivery.destination.not_in(list(not_to)),
+    )
+    restored: list[int] = []
+    for row in rows:
+        if not order_replacing(session, row.job_id or 0, [row.destination]):
+            row.requeue(now)
+            restored.append(row.id)
+    return restored
+
+
+def result_failed(session: Session, job_id: int, delivery_id: int, now: datetime) -> list[int]:
+    """Row ``delivery_id`` of job ``job_id`` (done) has just failed for good
+    (:func:`node.db.delivery_claims.mark_failed`): when it is the job's HL7 result, queue
+    again the study's earlier drafts' HL7 withdrawals it held back at its destination
+    that no later result replaces now, nor will (:func:`restore_order_withdrawals`; a
+    result of which an attempt may have been filed still does, :func:`_refused`). One
+    audit entry ``delivery.restore`` (actor ``system``, target ``job:<job_id>``, the
+    refused row and those queued again) when any is. In the caller's transaction, under
+    :func:`lock_study_of`. The row ids queued again."""
+    row = session.get_one(Delivery, delivery_id)
+    if row.kind is not DeliveryKind.hl7 or row.object is DeliveryObject.withdrawal:
+        return []
+    restored = restore_order_withdrawals(session, job_id, now, to=[row.destination])
+    if restored:
+        session.add(
+            AuditLog(
+                at=now,
+                actor="system",
+                action="delivery.restore",
+                target=f"job:{job_id}",
+                detail={"refused": delivery_id, "restored": restored},
+            )
+        )
+    return restored
+
+
+def _settled(row: Any) -> Any:
+    """A condition on a :class:`Delivery` (or an alias): its object is at the receiver
+    (``sent``), or may be and was cancelled since (its draft withdrawn after an attempt not
+    refused, :func:`_refused`)."""
+    return or_(
+        row.state == DeliveryState.sent,
+        and_(row.state == DeliveryState.cancelled, row.may_have_reached, ~_refused(row)),
+    )
+
+
+def _refused(row: Any) -> Any:
+    """A condition on a :class:`Delivery` (or an alias): its object is not at the receiver
+    for certain. Its last attempt failed for good (``permanent_failure``: the receiver
+    refused it, or its file was gone), in state ``failed`` or ``cancelled`` since (a later
+    draft superseded it), and no attempt of it may have been filed before: none was sent,
+    and none failed for now (unanswered, it may have arrived), by the job's ``delivery``
+    events, which outlive a re-send. A re-send clears ``permanent_failure``."""
+    filed = exists().where(
+        JobEvent.job_id == row.job_id,
+        JobEvent.kind == "delivery",
+        JobEvent.detail["delivery"].as_integer() == row.id,
+        JobEvent.detail["outcome"].as_string().in_(["sent", "retry"]),
+    )
+    return and_(
+        row.permanent_failure.is_(True),
+        row.state.in_([DeliveryState.failed, DeliveryState.cancelled]),
+        ~filed,
+    )
 
 
 def _may_get_there(row: Any) -> Any:

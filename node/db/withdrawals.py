@@ -6,7 +6,6 @@ The withdrawal objects themselves are built and queued by
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -14,23 +13,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db.deliveries import reset_pending
 from node.db.jobs import JobConflict, lock_job, mark_finished
 from node.db.models import (
     AuditLog,
     Delivery,
     DeliveryObject,
-    DeliveryState,
     Job,
     JobState,
     utcnow,
 )
 from node.db.queries import locked_deliveries
 from node.db.superseded import (
-    later_drafts,
     later_withdrawn,
     lock_study_of,
     log_superseded,
+    restore_order_withdrawals,
     supersede,
 )
 from node.db.tx import in_transaction
@@ -232,7 +229,9 @@ def _withdraw_draft(
     whose withdrawal took this superseded draft with it)."""
     job_id, same = jobs[0].id, sorted(j.id for j in jobs[1:])
     cancelled, reached = _cancel_and_reach(session, [job_id, *same])
-    restored = _restore_order_withdrawals(session, [job_id, *same], reached, now)
+    # its ORU^R01 held back the earlier drafts' HL7 withdrawals; where it did not go out,
+    # the withdrawn result is still the order's
+    restored = restore_order_withdrawals(session, max([job_id, *same]), now, not_to=reached)
     detail = {
         "reason": reason,
         "cancelled": cancelled,
@@ -245,37 +244,6 @@ def _withdraw_draft(
         AuditLog(at=now, actor=actor, action="job.withdraw", target=f"job:{job_id}", detail=detail)
     )
     return Withdrawal(job_id, cancelled, reached, same, reason)
-
-
-def _restore_order_withdrawals(
-    session: Session, job_ids: list[int], reached: Collection[str], now: datetime
-) -> list[int]:
-    """Queue again the earlier drafts' HL7 withdrawals that ``job_ids``' draft cancelled as
-    it was done (:func:`node.db.superseded.cancel_superseded`: its ORU^R01 was to replace
-    the order's result) to a destination it never reached, and no other later draft did:
-    the withdrawn result is still the order's there, and must be marked. Their ids."""
-    entries = session.scalars(
-        select(AuditLog.detail).where(
-            AuditLog.action == "delivery.supersede",
-            AuditLog.target.in_([f"job:{j}" for j in job_ids]),
-        )
-    )
-    ids = [i for detail in entries for i in (detail or {}).get("cancelled", [])]
-    if not ids:
-        return []
-    rows = locked_deliveries(
-        session,
-        Delivery.id.in_(ids),
-        Delivery.order_withdrawal,
-        Delivery.state == DeliveryState.cancelled,
-        Delivery.destination.not_in(list(reached)),
-    )
-    restored: list[int] = []
-    for row in rows:
-        if not later_drafts(session, row.job_id or 0, [row.destination], besides=job_ids):
-            reset_pending(row, now)
-            restored.append(row.id)
-    return restored
 
 
 def _cancel_and_reach(

@@ -8,9 +8,11 @@ may have reached:
   :func:`integration.kos.build_rejection_note`) of the objects sent there, one per set of
   objects;
 - HL7: the ORU^R01 again with OBR-25 ``C`` and OBX-11 ``W`` (HL7 v2.5.1 §7.4.1,
-  :func:`integration.hl7_oru.build_withdrawal_oru`), except where a later job of the study
-  has queued its draft: its ORU^R01 replaced this one's result for the order, which ``W``
-  would mark wrong;
+  :func:`integration.hl7_oru.build_withdrawal_oru`), except where a later job's draft of
+  the study replaced this one's result for the order (its ORU^R01 was sent), which ``W``
+  would mark wrong; where that ORU^R01 is still to be sent, the withdrawal is queued held
+  back (:func:`node.db.superseded.hold_order_withdrawals`), and goes out if it never
+  replaces this result;
 - FHIR: the DiagnosticReport updated to ``entered-in-error`` (FHIR R4 DiagnosticReport.status,
   :func:`integration.fhir_withdrawal.build_withdrawal_bundle`).
 
@@ -50,8 +52,8 @@ from integration.kos import build_rejection_note
 from node import __version__ as node_version
 from node.db import withdrawals as withdrawals_db
 from node.db.deliveries import Outbound
-from node.db.models import DeliveryObject, Draft, Instance, Job
-from node.db.superseded import later_drafts
+from node.db.models import Delivery, DeliveryObject, DeliveryState, Draft, Instance, Job
+from node.db.superseded import order_replaced, order_replacing
 from node.runtime.draft_objects import (
     MANUFACTURER,
     DraftText,
@@ -77,7 +79,8 @@ _Rows = Sequence[tuple[DeliveryObject, str, str | None]]
 
 @dataclass(frozen=True)
 class WithdrawResult:
-    """What a withdrawal did: rows cancelled, withdrawals queued, destinations skipped."""
+    """What a withdrawal did: rows cancelled, withdrawals queued, destinations skipped, and
+    HL7 withdrawals held back."""
 
     job_id: int
     cancelled: list[int]
@@ -87,6 +90,10 @@ class WithdrawResult:
     same_draft: list[int] = field(default_factory=list)
     #: the study's earlier drafts this one superseded, withdrawn with it (newest first)
     superseded: list[WithdrawResult] = field(default_factory=list)
+    #: HL7 destination -> the later job whose result, still to be sent there, holds this
+    #: draft's withdrawal back (queued ``cancelled``: it goes out if that result is
+    #: withdrawn before it was sent, or refused for good)
+    held: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -250,7 +257,8 @@ def withdraw(
     WithdrawResult
         ``skipped`` names destinations no withdrawal could be built for, or, over HL7, whose
         order a later job's draft went to since (its result replaced this one's there), with
-        the reason.
+        the reason; ``held`` the HL7 destinations where a later job's result is still to be
+        sent, with that job.
 
     Raises
     ------
@@ -298,8 +306,9 @@ def _plan(
     session: Session, settings: Settings, done: withdrawals_db.Withdrawal, now: dt.datetime
 ) -> tuple[_Withdrawals, dict[str, int]]:
     """The builder of one draft's withdrawals (its SR UID, the header naming the patient
-    and order, :func:`_source`, and its stored text), and the destinations a later draft
-    of the study replaced it at (:func:`node.db.superseded.later_drafts`)."""
+    and order, :func:`_source`, and its stored text), and the destinations where a later
+    draft of the study replaced its result for the order
+    (:func:`node.db.superseded.order_replaced`)."""
     job = session.get(Job, done.job_id)
     assert job is not None
     builder = _Withdrawals(
@@ -311,7 +320,8 @@ def _plan(
         _stored_text(session, job),
         now,
     )
-    return builder, later_drafts(session, done.job_id, list(done.reached), besides=done.same_draft)
+    replaced = order_replaced(session, done.job_id, list(done.reached), besides=done.same_draft)
+    return builder, replaced
 
 
 def _queue_withdrawals(
@@ -325,7 +335,8 @@ def _queue_withdrawals(
     """Build and queue one draft's withdrawal to each destination it reached; skip an HL7
     destination in ``replaced`` (by a later job: when it is one of ``withdrawing``, the
     jobs this withdrawal takes, that job's own withdrawal goes there), and one no
-    withdrawal can be built for."""
+    withdrawal can be built for. The queue holds back an HL7 one a later result still to
+    be sent will replace (:func:`node.db.superseded.hold_order_withdrawals`)."""
     items: list[Outbound] = []
     skipped: dict[str, str] = {}
     for text_dest, rows in done.reached.items():
@@ -355,20 +366,29 @@ def _queue_withdrawals(
             skipped[text_dest] = f"not built: {type(exc).__name__}: {exc}"
             continue
         items.append(Outbound(dest, DeliveryObject.withdrawal, spool_relative(path), uid))
-    queued = _enqueue(session_factory, done.job_id, items)
-    return WithdrawResult(done.job_id, done.cancelled, queued, skipped, done.same_draft)
+    queued, held = _enqueue(session_factory, done.job_id, items)
+    return WithdrawResult(done.job_id, done.cancelled, queued, skipped, done.same_draft, held=held)
 
 
 def _enqueue(
     session_factory: Callable[[], Session], job_id: int, items: Sequence[Outbound]
-) -> list[int]:
-    """Queue ``items`` (none: nothing) and wake this process's senders."""
+) -> tuple[list[int], dict[str, int]]:
+    """Queue ``items`` (none: nothing) and wake this process's senders: the row ids queued,
+    and the destinations of those held back with the later job holding each."""
     if not items:
-        return []
+        return [], {}
     from node.runtime.delivery import enqueue_deliveries  # also wakes this process's senders
 
     with session_factory() as session:
-        return enqueue_deliveries(session, job_id=job_id, items=items)
+        ids = enqueue_deliveries(session, job_id=job_id, items=items)
+        rows = session.execute(
+            select(Delivery.id, Delivery.destination).where(
+                Delivery.id.in_(ids), Delivery.state == DeliveryState.cancelled
+            )
+        )
+        held = {row_id: destination for row_id, destination in rows}
+        by = order_replacing(session, job_id, held.values()) if held else {}
+    return [i for i in ids if i not in held], {d: by[d] for d in held.values() if d in by}
 
 
 def _write_kos(

@@ -34,6 +34,7 @@ from pynetdicom import AE, evt
 from sqlalchemy import select
 
 from integration.destinations import Hl7Destination
+from integration.hl7_oru import message_control_id
 from models.results import ReportDraft
 from node.db import deliveries as deliveries_db
 from node.db.deliveries import Outbound
@@ -759,6 +760,44 @@ def test_withdrawing_a_superseded_draft_leaves_the_newer_result_for_the_order(
     withdrawn = [b for _m, _p, b in fhir_server[1].received if _draft_report(b) is None]
     assert len(withdrawn) == 1 and two.sr_uid not in json.dumps(withdrawn[0])
     assert one.sr_uid in json.dumps(withdrawn[0])
+
+
+@pytest.mark.parametrize("refused", [True, False])
+def test_a_withdrawal_a_later_result_holds_back_goes_to_the_ris_if_it_refuses_that_result(
+    out_env: NodeEnv,
+    model_host: ModelHost,
+    hl7_listener: tuple[int, Receiver],
+    refused: bool,
+) -> None:
+    """Job 1's draft reached the RIS; job 2, drafted after a late instance, is done but
+    nothing of it is sent yet when job 1 is withdrawn. Job 1's withdrawal to the RIS is
+    built and held back: sent after job 2's ORU^R01, OBX-11 "W" for the order would mark
+    the newer result wrong (HL7 v2.5.1 section 7.4.1). The RIS accepts job 2's result, and
+    job 1's withdrawal stays back; or it refuses it for good (AE, ERR-3 100: the same
+    message fails again), so job 1's withdrawn result is still the order's there, and the
+    withdrawal goes out."""
+    env, receiver = out_env, hl7_listener[1]
+    study = env.add_study(view="PA")
+    one = _draft_received(env, model_host)
+    env.add_study(study_uid=study, view="AP")  # the late instance
+    [job2] = env.queue_all()
+    assert claim(env) == job2
+    [two] = run_batch(env.deps, [job2], model_host, owner=OWNER)
+    assert two.status == "done", two.error
+
+    result = withdraw(env.settings, env.session_factory, one.job_id, actor="test:op", reason="x")
+    [hl7] = [d for d in env.settings.destinations if isinstance(d, Hl7Destination)]
+    assert result.held == {str(hl7): job2} and result.skipped == {}
+    assert len(result.queued) == 2  # the rejection note and the FHIR withdrawal
+    if refused:
+        receiver.mode, receiver.err_code = "AE", "100"
+    DeliveryComponent(env.context(), max_parallel=8).run_once()  # job 2's, job 1's two
+    receiver.mode = "AA"
+    _send_all(env)
+    assert _result_statuses(receiver) == ["R", "R", "C"] if refused else ["R", "R"]
+    if refused:  # job 1's withdrawal
+        withdrawn = message_control_id(one.sr_uid, "withdraw", str(hl7))
+        assert receiver.received[2].msh.msh_10.to_er7() == withdrawn
 
 
 def test_withdrawing_the_current_draft_withdraws_the_drafts_it_superseded(

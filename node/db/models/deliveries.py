@@ -111,6 +111,18 @@ class Delivery(Base):
     def _order_withdrawal_expression(cls) -> ColumnElement[bool]:
         return and_(cls.object == DeliveryObject.withdrawal, cls.kind == DeliveryKind.hl7)
 
+    def requeue(self, now: datetime) -> None:
+        """Back to ``pending``, due ``now``: fresh attempts and retry horizon
+        (``queued_at``), no error, no permanent failure, not sent (``last_attempt_at``
+        stays: the object may be at the receiver, :attr:`may_have_reached`)."""
+        self.state = DeliveryState.pending
+        self.attempts = 0
+        self.next_attempt_at = now
+        self.queued_at = now
+        self.permanent_failure = False
+        self.last_error = None
+        self.sent_at = None
+
     def cancel(self, why: str) -> None:
         """Cancel this unsent row (``pending`` or ``failed``), with ``why`` as its error: no
         retry, re-queue or re-send sends it; a send in flight loses its claim (its lease
