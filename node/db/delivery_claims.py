@@ -283,8 +283,8 @@ def mark_failed(
     unreachable.
 
     A draft's HL7 result that failed for good (the RIS refused the ORU^R01, or its file was
-    gone), and of which no attempt may have been filed before (none sent, none failed for
-    now), replaces nothing for the order: the HL7 withdrawals of the study's earlier drafts
+    gone) at its only attempt, queued once (none may have been filed), replaces nothing for
+    the order: the HL7 withdrawals of the study's earlier drafts
     it held back there are queued again in the same transaction, under the study's lock
     (:func:`node.db.superseded.result_failed`, audited ``delivery.restore``), unless
     another later result replaces them.

@@ -33,7 +33,6 @@ from node.db.models import (
     DeliveryObject,
     DeliveryState,
     Job,
-    JobEvent,
     JobState,
     Study,
 )
@@ -434,21 +433,17 @@ def _settled(row: Any) -> Any:
 
 def _refused(row: Any) -> Any:
     """A condition on a :class:`Delivery` (or an alias): its object is not at the receiver
-    for certain. Its last attempt failed for good (``permanent_failure``: the receiver
-    refused it, or its file was gone), in state ``failed`` or ``cancelled`` since (a later
-    draft superseded it), and no attempt of it may have been filed before: none was sent,
-    and none failed for now (unanswered, it may have arrived), by the job's ``delivery``
-    events, which outlive a re-send. A re-send clears ``permanent_failure``."""
-    filed = exists().where(
-        JobEvent.job_id == row.job_id,
-        JobEvent.kind == "delivery",
-        JobEvent.detail["delivery"].as_integer() == row.id,
-        JobEvent.detail["outcome"].as_string().in_(["sent", "retry"]),
-    )
+    for certain. Queued once and never again (``queued_at`` is its ``created_at``: no
+    re-send, re-check or re-run queued it again), its first attempt was its only one
+    (``attempts`` 1: no claim before it lapsed unanswered) and failed for good
+    (``permanent_failure``: the receiver refused it, or its file was gone); ``failed``, or
+    ``cancelled`` since (a later draft superseded it). Any other attempted row may have
+    been filed: one sent, one unanswered, or a copy of one."""
     return and_(
         row.permanent_failure.is_(True),
+        row.attempts == 1,
+        row.queued_at == row.created_at,
         row.state.in_([DeliveryState.failed, DeliveryState.cancelled]),
-        ~filed,
     )
 
 

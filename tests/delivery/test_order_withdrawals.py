@@ -160,24 +160,39 @@ def test_a_refused_result_a_still_later_draft_superseded_replaces_nothing(
     assert _claimed(node_db) == [held]
 
 
-@pytest.mark.parametrize("before", ["sent", "retry"])
+@pytest.mark.parametrize("before", ["sent", "retry", "failed", "lapsed"])
 def test_a_refusal_of_a_result_the_ris_may_hold_queues_no_withdrawal(
     node_db: NodeDB, before: str
 ) -> None:
-    """Job 1's withdrawal is held back by job 2's result. That result was sent, then sent
-    again by an admin, and the RIS refuses the copy (a duplicate MSH-10); or its first
-    attempt got no answer (the RIS may have filed it) and the RIS refuses the retry. The
-    RIS may hold job 2's result either way: job 1's OBX-11 ``W`` would mark it wrong, and
-    the withdrawal stays back."""
+    """Job 1's withdrawal is held back by job 2's result, which the RIS may hold when it
+    refuses a later attempt of it: the result was sent, then sent again by an admin, and
+    the RIS refuses the copy (a duplicate MSH-10); its first attempt got no answer and
+    the RIS refuses the retry; its first attempt got no answer at its horizon (``failed``
+    for now) and the re-check queued it again; or the sender's claim lapsed without an
+    outcome recorded (it died after the RIS filed it) and the RIS refuses the next
+    attempt. Job 1's OBX-11 ``W`` would mark that result wrong: the withdrawal stays
+    back."""
     job1, job2 = _drafted_twice(node_db)
     _send(node_db, _queue(node_db, job1), "sent")
     result2 = _queue(node_db, job2)
     held = _withdraw_first(node_db, job1)
-    _send(node_db, result2, before)
-    if before == "sent":
+    if before == "lapsed":
         with node_db.factory() as s:
-            assert deliveries_db.resend_deliveries(s, actor="admin", ids=[result2]) == [result2]
-    _send(node_db, result2, "refused")
+            [claimed] = deliveries_db.claim_due_deliveries(s, lease_seconds=60)
+            assert claimed.id == result2  # sent and filed, its outcome never recorded
+            [again] = deliveries_db.claim_due_deliveries(s, now=utcnow() + timedelta(minutes=2))
+            assert (again.id, again.attempts) == (result2, 2)
+            assert deliveries_db.mark_failed(
+                s, result2, error="AE: 100", claimed_until=again.next_attempt_at, permanent=True
+            )
+    else:
+        _send(node_db, result2, before)
+        with node_db.factory() as s:
+            if before == "sent":
+                assert deliveries_db.resend_deliveries(s, actor="admin", ids=[result2]) == [result2]
+            elif before == "failed":
+                assert deliveries_db.requeue_failed(s, RIS, reason="it answers") == [result2]
+        _send(node_db, result2, "refused")
     assert _state(node_db, held) == (DeliveryState.cancelled, _holding(job2))
     with node_db.factory() as s:
         assert list(s.scalars(select(AuditLog).where(AuditLog.action == "delivery.restore"))) == []
