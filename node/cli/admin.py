@@ -250,7 +250,7 @@ def _held(result: WithdrawResult) -> None:
         typer.echo(
             f"withdrawal of job {result.job_id}'s draft for {dest} held back: job {later}'s "
             "result replaces the order's there; it goes out if that result is withdrawn "
-            "before it is sent, or refused"
+            "before it is sent, or refused at its first attempt"
         )
 
 

@@ -13,7 +13,7 @@ HL7 v2 results are the order's: an earlier draft's HL7 withdrawal is held back w
 later result replaces it there or will (:func:`order_replaced`,
 :func:`hold_order_withdrawals`), and goes out once none will
 (:func:`restore_order_withdrawals`: the later draft withdrawn before it went out, or
-refused for good).
+its result refused at its only attempt).
 """
 
 from __future__ import annotations
@@ -371,7 +371,8 @@ def restore_order_withdrawals(
     :func:`hold_order_withdrawals`: an HL7 withdrawal is cancelled for nothing else) to a
     destination where no later done draft replaces the withdrawn result for the order any
     more, nor will: the later drafts there were withdrawn before their ORU^R01 went out, or
-    the receiver refused it for good. The withdrawn result is then still the order's there,
+    the receiver refused it at its only attempt (:func:`_refused`). The withdrawn result is
+    then still the order's there,
     and must be marked wrong. Only destinations in ``to`` (all when ``None``) and not in
     ``not_to``.
 

@@ -92,7 +92,7 @@ class WithdrawResult:
     superseded: list[WithdrawResult] = field(default_factory=list)
     #: HL7 destination -> the later job whose result, still to be sent there, holds this
     #: draft's withdrawal back (queued ``cancelled``: it goes out if that result is
-    #: withdrawn before it was sent, or refused for good)
+    #: withdrawn before it was sent, or refused at its first attempt)
     held: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

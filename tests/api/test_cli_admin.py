@@ -10,12 +10,16 @@ import httpx
 import pytest
 from PIL import Image
 from pydicom import dcmread
+from pydicom.uid import generate_uid as new_uid
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.db.models import JobState
+from node.db.models import Delivery, DeliveryKind, DeliveryObject, DeliveryState, JobState, utcnow
+from node.settings import Hl7Destination
 from tests.api.conftest import EnvFactory
 from tests.helpers import require_nih_pngs, rg1_file
+from tests.node.factories import add_redraft
 
 pytestmark = pytest.mark.integration
 
@@ -137,6 +141,54 @@ def test_cancel_and_withdraw_reasons_take_what_the_api_takes(
         r = runner.invoke(app, ["jobs", "withdraw", str(done.job_id), "--reason", reason])
         assert r.exit_code == 2 and why in r.stderr, r.output
     assert env.job(done.job_id).withdrawn_at is None and env.audit("job.withdraw") == []
+
+
+def test_withdraw_names_an_hl7_withdrawal_a_later_result_holds_back(
+    make_env: EnvFactory, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job 1's result reached the RIS; job 2, a later draft of the study, is done and its
+    result still to be sent there. ``jobs withdraw`` builds job 1's withdrawal and queues
+    it held back, and says so (the JSON answer's ``held``), rather than "no withdrawal"."""
+    ris = Hl7Destination(host="127.0.0.1", port=2575)
+    env = make_env(model=False)
+    _env(
+        monkeypatch,
+        env.settings,
+        CXR_NODE_DESTINATIONS=json.dumps([{"kind": "hl7", "host": ris.host, "port": ris.port}]),
+    )
+    one = env.seed("done", draft="Normal heart size.")
+    with env.sessions() as s:
+        two = add_redraft(
+            s, one.job_id, "IMPRESSION: latest.", at=utcnow(), sr_sop_instance_uid=new_uid()
+        )
+        for job_id, state in ((one.job_id, DeliveryState.sent), (two.id, DeliveryState.pending)):
+            s.add(
+                Delivery(
+                    job_id=job_id,
+                    destination=str(ris),
+                    kind=DeliveryKind.hl7,
+                    object=DeliveryObject.report,
+                    state=state,
+                    attempts=1 if state is DeliveryState.sent else 0,
+                    created_at=utcnow(),
+                )
+            )
+        s.commit()
+        later = two.id
+    r = runner.invoke(app, ["jobs", "withdraw", str(one.job_id), "--reason", "wrong side"])
+    assert r.exit_code == 0, r.output
+    assert "0 withdrawal(s) queued" in r.stdout and "no withdrawal" not in r.stderr
+    assert (
+        f"withdrawal of job {one.job_id}'s draft for {ris} held back: job {later}'s result "
+        "replaces the order's there"
+    ) in r.stdout
+    with env.sessions() as s:
+        [row] = s.scalars(
+            select(Delivery).where(
+                Delivery.job_id == one.job_id, Delivery.object == DeliveryObject.withdrawal
+            )
+        )
+    assert row.state is DeliveryState.cancelled and row.sr_path
 
 
 @pytest.mark.slow
