@@ -306,20 +306,13 @@ def cancel_superseded(
     for row in rows:
         by = newer[row.destination] if row.job_id == job_id else job_id
         if row.object is DeliveryObject.withdrawal:
-            row.cancel(f"cancelled: job {by}'s result replaces the order's before it was sent")
+            _hold_back(row, by)
         else:
             row.cancel(f"cancelled: superseded by job {by} before it was sent")
         cancelled.setdefault(row.job_id or 0, []).append(row.id)  # job_id: never empty here
     if cancelled:
-        session.add(
-            AuditLog(
-                at=now,
-                actor="system",
-                action="delivery.supersede",
-                target=f"job:{job_id}",
-                detail={"cancelled": [r.id for r in rows], "jobs": sorted(cancelled)},
-            )
-        )
+        ids = [r.id for r in rows]
+        _audit(session, now, "delivery.supersede", job_id, cancelled=ids, jobs=sorted(cancelled))
     return cancelled
 
 
@@ -342,20 +335,27 @@ def hold_order_withdrawals(
     held: dict[int, list[int]] = {}
     for row in orders:
         if row.destination in newer:
-            by = newer[row.destination]
-            row.cancel(f"cancelled: job {by}'s result replaces the order's before it was sent")
-            held.setdefault(by, []).append(row.id)
+            _hold_back(row, newer[row.destination])
+            held.setdefault(newer[row.destination], []).append(row.id)
     for by, ids in held.items():
-        session.add(
-            AuditLog(
-                at=now,
-                actor="system",
-                action="delivery.supersede",
-                target=f"job:{by}",
-                detail={"cancelled": ids, "jobs": [job_id]},
-            )
-        )
+        _audit(session, now, "delivery.supersede", by, cancelled=ids, jobs=[job_id])
     return held
+
+
+def _hold_back(row: Delivery, by: int) -> None:
+    """Cancel HL7 withdrawal ``row``: job ``by``'s result replaces the order's where it goes
+    (:func:`restore_order_withdrawals` may queue it again)."""
+    row.cancel(f"cancelled: job {by}'s result replaces the order's before it was sent")
+
+
+def _audit(session: Session, now: datetime, action: str, job_id: int, **detail: Any) -> None:
+    """An audit entry of the superseding (actor ``system``, target ``job:<job_id>``, the job
+    whose draft supersedes, or whose result failed): ``delivery.supersede``, the rows
+    ``cancelled`` and their ``jobs``; ``delivery.restore``, the ``refused`` row and the rows
+    ``restored``."""
+    session.add(
+        AuditLog(at=now, actor="system", action=action, target=f"job:{job_id}", detail=detail)
+    )
 
 
 def restore_order_withdrawals(
@@ -410,15 +410,7 @@ def result_failed(session: Session, job_id: int, delivery_id: int, now: datetime
         return []
     restored = restore_order_withdrawals(session, job_id, now, to=[row.destination])
     if restored:
-        session.add(
-            AuditLog(
-                at=now,
-                actor="system",
-                action="delivery.restore",
-                target=f"job:{job_id}",
-                detail={"refused": delivery_id, "restored": restored},
-            )
-        )
+        _audit(session, now, "delivery.restore", job_id, refused=delivery_id, restored=restored)
     return restored
 
 
