@@ -9,7 +9,8 @@ IMMEDIATE`` transaction serializes claims). The lease end is also the claim's fe
 ``claimed_until`` change the row only while it still carries that value, so the result of a
 send that outlived its lease, or of a row re-queued or cancelled meanwhile (its draft
 withdrawn or superseded), is ignored instead of overwriting newer state. If a sender dies,
-the lease passes and the row is sent again.
+the lease passes and the row is sent again. A cancelled row's send may still reach its
+receiver: the study's other rows wait for it there (:func:`claim_due_deliveries`).
 
 The rows themselves are queued by :mod:`node.db.deliveries`, which re-exports these
 functions. Every function that changes state commits its own transaction
@@ -23,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, exists, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from node.db.job_events import add_event
 from node.db.models import Delivery, DeliveryObject, DeliveryState, Job, JobState, utcnow
@@ -63,6 +64,12 @@ def claim_due_deliveries(
     so that nothing of a job that fails or is cancelled meanwhile goes out (its rows are
     cancelled then, :func:`node.db.jobs.transition`), and nothing of one whose draft is
     withdrawn as it finishes (:func:`node.db.withdrawals.finish_job`).
+
+    A row also waits while a send to its destination of a row of the same study that was
+    cancelled may still be under way (:meth:`~node.db.models.Delivery.cancel`; until that
+    claim's end, or until the send ends, :func:`mark_sent` and the others): a withdrawal
+    must not reach a receiver before the draft it withdraws, nor a newer draft before the
+    older one it supersedes (which would then stand there as the current one).
 
     Each claimed row gets ``attempts + 1``, ``last_attempt_at = now`` and
     ``next_attempt_at = now + lease_seconds``
@@ -107,6 +114,7 @@ def claim_due_deliveries(
                         Delivery.job_id.is_(None),
                         exists().where(Job.id == Delivery.job_id, Job.state == JobState.done),
                     ),
+                    ~_cancelled_send_under_way(now),
                 )
                 .order_by(Delivery.id)
                 .limit(limit)
@@ -126,6 +134,22 @@ def claim_due_deliveries(
     return rows
 
 
+def _cancelled_send_under_way(now: datetime) -> Any:
+    """A condition on :class:`Delivery`: a cancelled row of the same study, to the same
+    destination, keeps the end of a claim later than ``now`` (a send of it may still be
+    under way, :meth:`~node.db.models.Delivery.cancel`)."""
+    other, mine, theirs = aliased(Delivery), aliased(Job), aliased(Job)
+    return exists().where(
+        other.state == DeliveryState.cancelled,
+        other.next_attempt_at > now,
+        other.destination == Delivery.destination,
+        other.id != Delivery.id,
+        mine.id == Delivery.job_id,
+        theirs.id == other.job_id,
+        theirs.study_id == mine.study_id,
+    )
+
+
 def _fenced_update(
     session: Session,
     delivery_id: int,
@@ -140,7 +164,10 @@ def _fenced_update(
     event: destination, object, ``outcome`` sent/retry/failed, error) in the same
     transaction. ``for_good``: a failure retrying cannot fix; under the study's lock, taken
     first, the HL7 withdrawals the row's result held back go out
-    (:func:`node.db.superseded.result_failed`). Commits."""
+    (:func:`node.db.superseded.result_failed`). A row cancelled during the claim records
+    nothing, but its send is over: the claim's end it kept, when it is ``claimed_until``,
+    is cleared, so the study's other rows for that destination need not wait for it
+    (:func:`claim_due_deliveries`). Commits."""
     conditions = [Delivery.id == delivery_id, Delivery.state == DeliveryState.pending]
     if claimed_until is not None:
         conditions.append(Delivery.next_attempt_at == claimed_until)
@@ -182,6 +209,17 @@ def _fenced_update(
                 )
         if changed and job_id is not None:
             restored.extend(result_failed(session, job_id, delivery_id, now))
+        if not changed and claimed_until is not None:
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == delivery_id,
+                    Delivery.state == DeliveryState.cancelled,
+                    Delivery.next_attempt_at == claimed_until,
+                )
+                .values(next_attempt_at=None)
+                .execution_options(synchronize_session=False)
+            )
         return changed
 
     changed = in_transaction(session, work)

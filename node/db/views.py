@@ -102,8 +102,11 @@ class DeliveryRow:
 
 
 def delivery_row(d: Delivery) -> DeliveryRow:
-    """The read model of a delivery row."""
-    return read_model(DeliveryRow, d)
+    """The read model of a delivery row; ``next_attempt_at`` only while it is ``pending``
+    (a cancelled row's is the end of a claim it may still be sent under, not an attempt
+    to come: :meth:`Delivery.cancel`)."""
+    due = d.next_attempt_at if d.state is DeliveryState.pending else None
+    return read_model(DeliveryRow, d, next_attempt_at=due)
 
 
 @dataclass(frozen=True)

@@ -318,11 +318,12 @@ def test_a_later_draft_cancels_the_earlier_jobs_unsent_rows_to_its_destinations(
         )
     rows = {r.id: r for r in _rows(node_db, job1) + _rows(node_db, job2) + _rows(node_db, other)}
     reason = f"cancelled: superseded by job {job2} before it was sent"
-    for cancelled in (p_basic, p_pdf):
+    # the PDF being sent keeps its claim's end: job 2's objects to the PACS wait for it
+    for cancelled, kept in ((p_basic, None), (p_pdf, claims[p_pdf])):
         row = rows[cancelled]
         assert (row.state, row.next_attempt_at, row.last_error) == (
             DeliveryState.cancelled,
-            None,
+            kept,
             reason,
         )
     assert rows[p_sr].state is DeliveryState.sent

@@ -610,9 +610,9 @@ def test_a_redraft_cancels_the_earlier_drafts_unsent_objects_to_its_destinations
         assert again.status == "done", again.error
 
         rows = {r.id: r for r in env.deliveries(job1)}
-        for cancelled in (basic, pdf):
+        for cancelled, kept in ((basic, None), (pdf, pdf.next_attempt_at)):
             row = rows[cancelled.id]
-            assert row.state is DeliveryState.cancelled and row.next_attempt_at is None
+            assert row.state is DeliveryState.cancelled and row.next_attempt_at == kept
             assert row.last_error == f"cancelled: superseded by job {job2} before it was sent"
         assert rows[sr.id].state is DeliveryState.sent
         assert rows[withdrawal.id].state is DeliveryState.failed
@@ -625,6 +625,10 @@ def test_a_redraft_cancels_the_earlier_drafts_unsent_objects_to_its_destinations
         assert (entry.actor, entry.target) == ("system", f"job:{job2}")
         assert entry.detail == {"cancelled": [basic.id, pdf.id], "jobs": [job1]}
 
+        # job 2's objects do not overtake job 1's PDF on its way to the PACS
+        _send_all(env)
+        assert {r.state for r in env.deliveries(job2)} == {DeliveryState.pending}
+        assert scp.by_class(ComprehensiveSRStorage) == []
         # the send in flight ends: the sender records nothing and goes on
         in_flight = DeliveryComponent(env.context()).deliver(pdf)
         assert in_flight.state == "lost"

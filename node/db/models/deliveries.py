@@ -126,9 +126,17 @@ class Delivery(Base):
     def cancel(self, why: str) -> None:
         """Cancel this unsent row (``pending`` or ``failed``), with ``why`` as its error: no
         retry, re-queue or re-send sends it; a send in flight loses its claim (its lease
-        no longer matches), so its result is not recorded."""
+        no longer matches), so its result is not recorded.
+
+        A ``pending`` row attempted keeps ``next_attempt_at``: the end of the claim of a
+        send that may still be under way, and reach the receiver until then (the row
+        cannot tell a claim from a wait for a retry, which keeps it as long). No other row of
+        the study is claimed for that destination before then, nor before that send ends
+        (:func:`node.db.delivery_claims.claim_due_deliveries`), so nothing queued after
+        the cancel (a withdrawal, a newer draft) arrives before it. Other rows get none."""
+        if not (self.state is DeliveryState.pending and self.attempts > 0):
+            self.next_attempt_at = None
         self.state = DeliveryState.cancelled
-        self.next_attempt_at = None
         self.last_error = why
 
     __table_args__ = (

@@ -1,0 +1,143 @@
+"""A cancelled row's send that may still be under way (node.db.delivery_claims), on SQLite
+and PostgreSQL.
+
+A row cancelled while a sender holds its claim loses the claim, but the send goes on and
+may reach the receiver. Nothing of the study queued for that destination after it may
+overtake it there: a withdrawal arriving before the draft it withdraws (IHE IOCM: a
+rejection note before the instance it rejects) would leave the withdrawn draft standing,
+and a newer draft arriving before the older one would leave the older one as the current
+one (an HL7 withdrawal held back by a later result, sent after that result, would mark it
+wrong). Such rows wait until the cancelled send ends or its claim would have.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from node.db import deliveries as deliveries_db
+from node.db import views
+from node.db import withdrawals as withdrawals_db
+from node.db.deliveries import Outbound
+from node.db.models import DeliveryObject, DeliveryState, Job, utcnow
+from node.settings import DicomDestination, Hl7Destination
+from tests.delivery.conftest import NodeDB, make_job
+from tests.delivery.test_repo_delivery import _claimed, _drafted_twice
+
+PACS = str(DicomDestination(ae_title="PACS", host="127.0.0.1", port=104))
+VNA = str(DicomDestination(ae_title="VNA", host="127.0.0.1", port=105))
+RIS = str(Hl7Destination(host="127.0.0.1", port=2575))
+
+
+def _queue(db: NodeDB, job_id: int | None, *items: Outbound, supersede: bool = False) -> list[int]:
+    with db.factory() as s:
+        return deliveries_db.enqueue_deliveries(
+            s, job_id=job_id, items=list(items), supersede=supersede
+        )
+
+
+def _claim(db: NodeDB, now: datetime | None = None) -> dict[int, datetime]:
+    """Claim the due rows: ``{id: the claim's end}``."""
+    with db.factory() as s:
+        return {
+            c.id: c.next_attempt_at
+            for c in deliveries_db.claim_due_deliveries(s, now=now, limit=20)
+            if c.next_attempt_at is not None
+        }
+
+
+@pytest.mark.parametrize("ends", ["reported", "lease passes"])
+def test_a_withdrawal_waits_for_the_send_of_the_draft_it_withdraws(
+    node_db: NodeDB, ends: str
+) -> None:
+    """The draft SR is being sent to the PACS when an admin withdraws it: the SR's row is
+    cancelled and keeps its claim's end, and the withdrawal's KOS to the PACS is not claimed
+    while that send may go on; the study's rows to another destination, another study's
+    and a Secondary Capture of no study go at once. The KOS goes once the send reports (its
+    result not recorded: the claim was lost) or its claim's end passes. The job's page
+    shows no next attempt for the cancelled row."""
+    job, other = make_job(node_db.factory), make_job(node_db.factory)
+    with node_db.factory() as s:
+        s.get_one(Job, job).sr_sop_instance_uid = "2.25.1"
+        s.commit()
+    [sr] = _queue(node_db, job, Outbound(PACS, DeliveryObject.sr, "/sr.dcm"))
+    [vna_sr] = _queue(node_db, job, Outbound(VNA, DeliveryObject.sr, "/sr.dcm"))
+    lease = _claim(node_db)
+    assert set(lease) == {sr, vna_sr}
+    with node_db.factory() as s:  # the VNA has it; the PACS send goes on
+        assert deliveries_db.mark_sent(s, vna_sr, claimed_until=lease[vna_sr])
+        withdrawals_db.withdraw_job(s, job, actor="admin", reason="wrong patient")
+    row = node_db.delivery(sr)
+    assert (row.state, row.next_attempt_at) == (DeliveryState.cancelled, lease[sr])
+    with node_db.factory() as s:
+        listed = {d.id: d for d in views.job_detail(s, job).deliveries}
+    assert listed[sr].state == "cancelled" and listed[sr].next_attempt_at is None
+
+    [kos] = _queue(node_db, job, Outbound(PACS, DeliveryObject.withdrawal, "/kos.dcm"))
+    [vna_kos] = _queue(node_db, job, Outbound(VNA, DeliveryObject.withdrawal, "/kos.dcm"))
+    [theirs] = _queue(node_db, other, Outbound(PACS, DeliveryObject.sr, "/o.dcm"))
+    [sc] = _queue(node_db, None, Outbound(PACS, DeliveryObject.sc, "/sc.dcm"))
+    assert _claimed(node_db) == [vna_kos, theirs, sc]
+
+    if ends == "reported":
+        with node_db.factory() as s:
+            assert not deliveries_db.mark_sent(s, sr, claimed_until=lease[sr])
+        row = node_db.delivery(sr)
+        assert (row.state, row.next_attempt_at) == (DeliveryState.cancelled, None)
+        assert list(_claim(node_db)) == [kos]
+    else:
+        assert _claim(node_db, now=lease[sr] - timedelta(seconds=1)) == {}
+        assert list(_claim(node_db, now=lease[sr])) == [kos]
+
+
+def test_a_later_result_waits_for_the_held_back_withdrawal_under_way(node_db: NodeDB) -> None:
+    """Job 1's ORU^R01 reached the RIS, job 1 is withdrawn, and its withdrawal is being sent
+    when job 2, drafted after a late instance, queues its own result: the withdrawal is held
+    back (cancelled) as it goes, and job 2's result is not claimed before that send may end.
+    Sent after it, the withdrawal would mark job 2's result, the order's now, wrong (HL7
+    v2.5.1 section 7.4.1)."""
+    job1, job2 = _drafted_twice(node_db)
+    [result1] = _queue(node_db, job1, Outbound(RIS, DeliveryObject.report, "/1.hl7"))
+    with node_db.factory() as s:
+        assert deliveries_db.mark_sent(s, result1, claimed_until=_claim(node_db)[result1])
+        withdrawals_db.withdraw_job(s, job1, actor="admin", reason="wrong side")
+    [withdrawal] = _queue(node_db, job1, Outbound(RIS, DeliveryObject.withdrawal, "/1w.hl7"))
+    lease = _claim(node_db)[withdrawal]
+
+    [result2] = _queue(
+        node_db, job2, Outbound(RIS, DeliveryObject.report, "/2.hl7"), supersede=True
+    )
+    row = node_db.delivery(withdrawal)
+    assert (row.state, row.next_attempt_at) == (DeliveryState.cancelled, lease)
+    assert _claim(node_db, now=lease - timedelta(seconds=1)) == {}
+    assert list(_claim(node_db, now=lease)) == [result2]
+
+
+def test_a_newer_draft_waits_for_a_cancelled_row_waiting_for_a_retry(node_db: NodeDB) -> None:
+    """A row cannot tell a send under way from a wait for a retry: job 1's SR, refused for
+    now and due again later, is superseded by job 2's, which waits until then (at most the
+    longest backoff). A row of job 1 never attempted keeps no time, and delays nothing."""
+    job1, job2 = _drafted_twice(node_db)
+    [sr1] = _queue(node_db, job1, Outbound(PACS, DeliveryObject.sr, "/1.dcm"))
+    [pdf1] = _queue(node_db, job1, Outbound(VNA, DeliveryObject.pdf, "/1.pdf"))
+    due = utcnow() + timedelta(seconds=60)  # before the other claims' leases end
+    with node_db.factory() as s:
+        lease = {c.id: c.next_attempt_at for c in deliveries_db.claim_due_deliveries(s, limit=1)}
+        assert deliveries_db.mark_retry(
+            s, sr1, error="association rejected", next_attempt_at=due, claimed_until=lease[sr1]
+        )
+    sr2, pdf2 = _queue(
+        node_db,
+        job2,
+        Outbound(PACS, DeliveryObject.sr, "/2.dcm"),
+        Outbound(VNA, DeliveryObject.pdf, "/2.pdf"),
+        supersede=True,
+    )
+    assert node_db.delivery(sr1).next_attempt_at == due
+    assert (node_db.delivery(pdf1).state, node_db.delivery(pdf1).next_attempt_at) == (
+        DeliveryState.cancelled,
+        None,
+    )
+    assert list(_claim(node_db)) == [pdf2]
+    assert list(_claim(node_db, now=due)) == [sr2]
