@@ -18,6 +18,8 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -96,6 +98,17 @@ def seed(url: str, n: int) -> None:
     engine.dispose()
 
 
+@contextmanager
+def seeded(database_url: str | None, jobs: int) -> Iterator[str]:
+    """The URL of ``database_url``, or of a SQLite file in a temporary folder (removed
+    after), migrated and :func:`seed`-ed with ``jobs`` studies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        url = database_url or f"sqlite:///{Path(tmp) / 'bench.sqlite3'}"
+        upgrade(url)
+        seed(url, jobs)
+        yield url
+
+
 def timed(url: str, flt: JobFilter, repeats: int) -> tuple[float, int]:
     """Median seconds of one page query, and the total it reports."""
     sessions = make_session_factory(make_engine(url), read_only=True)
@@ -115,10 +128,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.sqlite3'}"
-        upgrade(url)
-        seed(url, args.jobs)
+    with seeded(args.database_url, args.jobs) as url:
         queries = {
             "default page (reference)": JobFilter(limit=50),
             "search 'doe jane' (name words)": JobFilter(text="doe jane", limit=50),

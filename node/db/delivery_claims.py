@@ -23,7 +23,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, exists, or_, select, update
+from sqlalchemy import and_, case, exists, or_, select, tuple_, update
 from sqlalchemy.orm import Session, aliased
 
 from node.db.job_events import add_event
@@ -107,15 +107,7 @@ def claim_due_deliveries(
         rows = list(
             session.scalars(
                 select(Delivery)
-                .where(
-                    Delivery.state == DeliveryState.pending,
-                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-                    or_(
-                        Delivery.job_id.is_(None),
-                        exists().where(Job.id == Delivery.job_id, Job.state == JobState.done),
-                    ),
-                    ~_cancelled_send_under_way(now),
-                )
+                .where(*_due(now), ~_behind_a_cancelled_send(now))
                 .order_by(Delivery.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -134,20 +126,37 @@ def claim_due_deliveries(
     return rows
 
 
-def _cancelled_send_under_way(now: datetime) -> Any:
-    """A condition on :class:`Delivery`: a cancelled row of the same study, to the same
-    destination, keeps the end of a claim later than ``now`` (a send of it may still be
-    under way, :meth:`~node.db.models.Delivery.cancel`)."""
-    other, mine, theirs = aliased(Delivery), aliased(Job), aliased(Job)
-    return exists().where(
-        other.state == DeliveryState.cancelled,
-        other.next_attempt_at > now,
-        other.destination == Delivery.destination,
-        other.id != Delivery.id,
-        mine.id == Delivery.job_id,
-        theirs.id == other.job_id,
-        theirs.study_id == mine.study_id,
+def _due(now: datetime) -> list[Any]:
+    """The conditions on :class:`Delivery` of a row due at ``now``: ``pending``, its next
+    attempt come, of a job that is done (or of none)."""
+    return [
+        Delivery.state == DeliveryState.pending,
+        or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+        or_(
+            Delivery.job_id.is_(None),
+            exists().where(Job.id == Delivery.job_id, Job.state == JobState.done),
+        ),
+    ]
+
+
+# built once: a statement with new aliases is compiled anew at each claim (SQLAlchemy's
+# cache key holds the alias), which costs more than the query
+_CANCELLED, _ITS_JOB = aliased(Delivery), aliased(Job)
+
+
+def _behind_a_cancelled_send(now: datetime) -> Any:
+    """A condition on :class:`Delivery`: a row of its job's study to its destination is
+    cancelled with the end of a claim later than ``now`` kept, so a send of it may still be
+    under way (:meth:`~node.db.models.Delivery.cancel`). One select of those (destination,
+    study) pairs, not one per row, in the claim's own statement: a cancel committed before
+    it is seen together with the rows it made claimable."""
+    sends = (
+        select(_CANCELLED.destination, _ITS_JOB.study_id)
+        .join(_ITS_JOB, _ITS_JOB.id == _CANCELLED.job_id)
+        .where(_CANCELLED.state == DeliveryState.cancelled, _CANCELLED.next_attempt_at > now)
     )
+    study = select(Job.study_id).where(Job.id == Delivery.job_id).scalar_subquery()
+    return and_(Delivery.job_id.is_not(None), tuple_(Delivery.destination, study).in_(sends))
 
 
 def _fenced_update(

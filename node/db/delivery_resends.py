@@ -49,15 +49,17 @@ log = logging.getLogger("node.db.deliveries")
 def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = None) -> list[int]:
     """Re-send a job's objects to all their destinations (admin action, audited). Commits.
 
-    Every delivery row of the job goes back to ``pending``, due now, with fresh attempts
-    and a fresh retry horizon; the file recorded for each row is sent again (same SOP
-    Instance UID: the PACS replaces it). Rows ``cancelled`` (the draft withdrawn, or
-    superseded by a later job's) stay so; of a withdrawn job only the withdrawals are re-sent;
-    a draft row to a destination a later job of the study has queued its draft to is left as
-    it is, sent or not (the older draft must not arrive after the newer one there). Over
-    HL7, under the study's lock, a result sent again holds back the earlier drafts' HL7
-    withdrawals not sent yet, and an HL7 withdrawal sent again is held back where a later
-    draft's result replaces it (:func:`_hold_orders`).
+    Every delivery row of the job goes back to ``pending``, due now, with fresh attempts and
+    a fresh retry horizon; the file recorded for each row is sent again (same SOP Instance
+    UID: the PACS replaces it). A row a sender may be sending (or that waits for a retry,
+    :meth:`Delivery.may_be_claimed`) is left to that send: sent again at once, it would go
+    twice, and lose the fence of the send under way. Rows ``cancelled`` (the draft
+    withdrawn, or superseded by a later job's) stay so; of a withdrawn job only the
+    withdrawals are re-sent; a draft row to a destination a later job of the study has
+    queued its draft to is left as it is, sent or not (the older draft must not arrive after
+    the newer one there). Over HL7, under the study's lock, a result sent again holds back
+    the earlier drafts' HL7 withdrawals not sent yet, and an HL7 withdrawal sent again is
+    held back where a later draft's result replaces it (:func:`_hold_orders`).
 
     Returns
     -------
@@ -83,7 +85,8 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
                 Delivery.state != DeliveryState.cancelled,
                 not_superseded(),
             )
-            if job.withdrawn_at is None or r.object is DeliveryObject.withdrawal
+            if (job.withdrawn_at is None or r.object is DeliveryObject.withdrawal)
+            and not r.may_be_claimed(now)
         ]
         before = {r.id: r.state.value for r in rows}
         for row in rows:

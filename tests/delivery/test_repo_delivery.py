@@ -913,7 +913,13 @@ def test_a_later_result_cancels_an_earlier_drafts_hl7_withdrawal_not_yet_sent(
     row = node_db.delivery(to_ris)
     assert (row.state, row.last_error, row.attempts) == (DeliveryState.pending, None, 0)
     assert row.may_have_reached  # its first attempt may have arrived
-    assert to_ris in _claimed(node_db)
+    # due at the retry it waited for when it was held back: a row cannot tell that time
+    # from a claim's end, and a send of it may be under way until then
+    assert row.next_attempt_at is not None and row.next_attempt_at > utcnow()
+    assert to_ris not in _claimed(node_db)
+    with node_db.factory() as s:
+        due = deliveries_db.claim_due_deliveries(s, now=row.next_attempt_at, limit=10)
+    assert to_ris in [c.id for c in due]
 
 
 @pytest.mark.parametrize("end", ["expire", "fail", "cancel"])

@@ -23,7 +23,7 @@ from node.db.deliveries import Outbound
 from node.db.models import DeliveryObject, DeliveryState, Job, utcnow
 from node.settings import DicomDestination, Hl7Destination
 from tests.delivery.conftest import NodeDB, make_job
-from tests.delivery.test_repo_delivery import _claimed, _drafted_twice
+from tests.delivery.test_repo_delivery import _claimed, _drafted_twice, _redraft
 
 PACS = str(DicomDestination(ae_title="PACS", host="127.0.0.1", port=104))
 VNA = str(DicomDestination(ae_title="VNA", host="127.0.0.1", port=105))
@@ -45,6 +45,31 @@ def _claim(db: NodeDB, now: datetime | None = None) -> dict[int, datetime]:
             for c in deliveries_db.claim_due_deliveries(s, now=now, limit=20)
             if c.next_attempt_at is not None
         }
+
+
+def _held_under_way(db: NodeDB) -> tuple[int, int, int, datetime]:
+    """Job 1's ORU^R01 reached the RIS, job 1 is withdrawn, and its withdrawal is being sent
+    when job 2, drafted after a late instance, queues its own result, which holds the
+    withdrawal back as it goes: ``(job 2, the withdrawal, job 2's result, the claim's
+    end)``."""
+    job1, job2 = _drafted_twice(db)
+    [result1] = _queue(db, job1, Outbound(RIS, DeliveryObject.report, "/1.hl7"))
+    with db.factory() as s:
+        assert deliveries_db.mark_sent(s, result1, claimed_until=_claim(db)[result1])
+        withdrawals_db.withdraw_job(s, job1, actor="admin", reason="wrong side")
+    [withdrawal] = _queue(db, job1, Outbound(RIS, DeliveryObject.withdrawal, "/1w.hl7"))
+    lease = _claim(db)[withdrawal]
+    [result2] = _queue(db, job2, Outbound(RIS, DeliveryObject.report, "/2.hl7"), supersede=True)
+    return job2, withdrawal, result2, lease
+
+
+def _restored_under_way(db: NodeDB) -> tuple[int, int, datetime]:
+    """:func:`_held_under_way`, then job 2 withdrawn before its result went out: job 1's
+    withdrawal is queued again. ``(job 2, the withdrawal, its first send's claim's end)``."""
+    job2, withdrawal, _result2, lease = _held_under_way(db)
+    with db.factory() as s:
+        withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong study")
+    return job2, withdrawal, lease
 
 
 @pytest.mark.parametrize("ends", ["reported", "lease passes"])
@@ -97,17 +122,7 @@ def test_a_later_result_waits_for_the_held_back_withdrawal_under_way(node_db: No
     back (cancelled) as it goes, and job 2's result is not claimed before that send may end.
     Sent after it, the withdrawal would mark job 2's result, the order's now, wrong (HL7
     v2.5.1 section 7.4.1)."""
-    job1, job2 = _drafted_twice(node_db)
-    [result1] = _queue(node_db, job1, Outbound(RIS, DeliveryObject.report, "/1.hl7"))
-    with node_db.factory() as s:
-        assert deliveries_db.mark_sent(s, result1, claimed_until=_claim(node_db)[result1])
-        withdrawals_db.withdraw_job(s, job1, actor="admin", reason="wrong side")
-    [withdrawal] = _queue(node_db, job1, Outbound(RIS, DeliveryObject.withdrawal, "/1w.hl7"))
-    lease = _claim(node_db)[withdrawal]
-
-    [result2] = _queue(
-        node_db, job2, Outbound(RIS, DeliveryObject.report, "/2.hl7"), supersede=True
-    )
+    _job2, withdrawal, result2, lease = _held_under_way(node_db)
     row = node_db.delivery(withdrawal)
     assert (row.state, row.next_attempt_at) == (DeliveryState.cancelled, lease)
     assert _claim(node_db, now=lease - timedelta(seconds=1)) == {}
@@ -141,3 +156,59 @@ def test_a_newer_draft_waits_for_a_cancelled_row_waiting_for_a_retry(node_db: No
     )
     assert list(_claim(node_db)) == [pdf2]
     assert list(_claim(node_db, now=due)) == [sr2]
+
+
+@pytest.mark.parametrize("then", ["withdrawn", "superseded"])
+def test_a_job_resend_leaves_the_row_being_sent_to_its_send(node_db: NodeDB, then: str) -> None:
+    """An admin re-sends job 1 while its SR is being sent to a slow PACS: the SR's row is
+    left to that send (sent again at once, it would go twice, and lose its fence), so when
+    job 1 is then withdrawn, or superseded by job 2, the row keeps its claim's end, and the
+    withdrawal's KOS or job 2's SR waits for it."""
+    job1, job2 = _drafted_twice(node_db)
+    [sr1] = _queue(node_db, job1, Outbound(PACS, DeliveryObject.sr, "/1.dcm"))
+    lease = _claim(node_db)[sr1]
+    with node_db.factory() as s:
+        assert deliveries_db.resend(s, job1, actor="admin") == []
+    assert (node_db.delivery(sr1).attempts, node_db.delivery(sr1).next_attempt_at) == (1, lease)
+    if then == "withdrawn":
+        with node_db.factory() as s:
+            withdrawals_db.withdraw_job(s, job1, actor="admin", reason="wrong patient")
+        [after] = _queue(node_db, job1, Outbound(PACS, DeliveryObject.withdrawal, "/kos.dcm"))
+    else:
+        [after] = _queue(node_db, job2, Outbound(PACS, DeliveryObject.sr, "/2.dcm"), supersede=True)
+    assert node_db.delivery(sr1).next_attempt_at == lease
+    assert _claim(node_db) == {}
+    assert list(_claim(node_db, now=lease)) == [after]
+
+
+def test_a_withdrawal_restored_waits_for_its_own_send_under_way(node_db: NodeDB) -> None:
+    """Job 1's HL7 withdrawal is being sent when job 2's result holds it back; job 2 is then
+    withdrawn before its result went out, so job 1's withdrawal is queued again: due when
+    its first send's claim ends (not twice at once), and the outcome of that send counts.
+    Held back again by job 3's result meanwhile, it keeps that time, and job 3's result
+    waits for it."""
+    job2, withdrawal, lease = _restored_under_way(node_db)
+    row = node_db.delivery(withdrawal)
+    assert (row.state, row.attempts, row.next_attempt_at) == (DeliveryState.pending, 0, lease)
+    assert _claim(node_db) == {}
+
+    job3 = _redraft(node_db, job2)
+    [result3] = _queue(
+        node_db, job3, Outbound(RIS, DeliveryObject.report, "/3.hl7"), supersede=True
+    )
+    row = node_db.delivery(withdrawal)
+    assert (row.state, row.next_attempt_at) == (DeliveryState.cancelled, lease)
+    assert _claim(node_db) == {}
+    assert list(_claim(node_db, now=lease)) == [result3]
+
+
+def test_the_send_under_way_records_its_outcome_on_the_withdrawal_restored(
+    node_db: NodeDB,
+) -> None:
+    """The first send of a withdrawal restored while it went on reports: it got there, and
+    the row is ``sent``, not sent twice."""
+    _job2, withdrawal, lease = _restored_under_way(node_db)
+    with node_db.factory() as s:
+        assert deliveries_db.mark_sent(s, withdrawal, claimed_until=lease)
+    assert node_db.delivery(withdrawal).state is DeliveryState.sent
+    assert _claim(node_db, now=lease) == {}

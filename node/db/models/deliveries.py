@@ -114,27 +114,44 @@ class Delivery(Base):
     def requeue(self, now: datetime) -> None:
         """Back to ``pending``, due ``now``: fresh attempts and retry horizon
         (``queued_at``), no error, no permanent failure, not sent (``last_attempt_at``
-        stays: the object may be at the receiver, :attr:`may_have_reached`)."""
+        stays: the object may be at the receiver, :attr:`may_have_reached`).
+
+        A cancelled row that keeps the end of a claim later than ``now`` (:meth:`cancel`)
+        is due at that end instead: the object does not go twice at once, nor does anything
+        queued after it overtake the send under way, which, still fenced by that time,
+        records its outcome on the row."""
+        kept = self.next_attempt_at if self.state is DeliveryState.cancelled else None
         self.state = DeliveryState.pending
         self.attempts = 0
-        self.next_attempt_at = now
+        self.next_attempt_at = kept if kept is not None and kept > now else now
         self.queued_at = now
         self.permanent_failure = False
         self.last_error = None
         self.sent_at = None
+
+    def may_be_claimed(self, now: datetime) -> bool:
+        """Whether a sender may hold a claim on this ``pending`` row at ``now``: attempted,
+        and not due before a later time (a claim's end, or a retry's time, which the row
+        cannot tell apart)."""
+        return (
+            self.state is DeliveryState.pending
+            and self.attempts > 0
+            and self.next_attempt_at is not None
+            and self.next_attempt_at > now
+        )
 
     def cancel(self, why: str) -> None:
         """Cancel this unsent row (``pending`` or ``failed``), with ``why`` as its error: no
         retry, re-queue or re-send sends it; a send in flight loses its claim (its lease
         no longer matches), so its result is not recorded.
 
-        A ``pending`` row attempted keeps ``next_attempt_at``: the end of the claim of a
+        A ``pending`` row ever attempted keeps ``next_attempt_at``: the end of the claim of a
         send that may still be under way, and reach the receiver until then (the row
         cannot tell a claim from a wait for a retry, which keeps it as long). No other row of
         the study is claimed for that destination before then, nor before that send ends
         (:func:`node.db.delivery_claims.claim_due_deliveries`), so nothing queued after
         the cancel (a withdrawal, a newer draft) arrives before it. Other rows get none."""
-        if not (self.state is DeliveryState.pending and self.attempts > 0):
+        if not (self.state is DeliveryState.pending and self.last_attempt_at is not None):
             self.next_attempt_at = None
         self.state = DeliveryState.cancelled
         self.last_error = why
