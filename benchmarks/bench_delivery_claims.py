@@ -2,13 +2,14 @@
 
 Not a test. The studies and done jobs of ``bench_console_queries.seed`` (``--jobs``) get
 ``--per-job`` delivery rows each, one per destination: one job in 50 has them ``pending``
-and due (the backlog a sender claims from), the others ``sent``; ``--under-way`` jobs have
-their first row ``cancelled`` with a claim's end ahead (a send that may still be under way,
-:meth:`node.db.models.Delivery.cancel`). The claim's select (the oldest 8 due rows of done
-jobs, as :func:`node.db.delivery_claims.claim_due_deliveries` runs it, without the lock) is
-timed with the condition that leaves the rows behind such a send, and without it, the
-reference from the same run. Printed: both medians, their ratio, and whether both chose the
-same rows.
+and due (the backlog a sender claims from), the others ``sent``. The first ``--under-way``
+jobs of the backlog have the row to their first destination ``cancelled`` with a claim's
+end ahead (a send that may still be under way, :meth:`node.db.models.Delivery.cancel`),
+and one more row there due, which must wait. The claim's select (the oldest 8 due rows of
+done jobs, as :func:`node.db.delivery_claims.claim_due_deliveries` runs it, without the
+lock) is timed with the condition that leaves the rows behind such a send, and without it,
+the reference from the same run. Printed: both medians, their ratio, and the rows the wait
+left out.
 
 Usage::
 
@@ -40,28 +41,37 @@ from bench_console_queries import seeded
 def add_deliveries(url: str, jobs: int, per_job: int, under_way: int) -> None:
     """The delivery rows described above, after ``seed``'s one per job."""
     now = utcnow()
-    ahead = max(1, jobs // under_way) if under_way else 0
+    backlog = range(50, jobs + 1, 50)
+    held = set(backlog[:under_way])
     rows = []
     for job in range(1, jobs + 1):
         for d in range(per_job):
-            state, due = (
-                (DeliveryState.pending, now) if job % 50 == 0 else (DeliveryState.sent, None)
-            )
-            if ahead and job % ahead == 1 and d == 0:
-                state, due = DeliveryState.cancelled, now + timedelta(minutes=2)
+            due = job in backlog
             rows.append(
                 {
                     "job_id": job,
                     "destination": f"DEST{d}@10.0.0.{d}:104",
                     "kind": "dimse",
                     "object": "pdf",
-                    "state": state,
+                    "state": DeliveryState.pending if due else DeliveryState.sent,
                     "attempts": 1,
-                    "next_attempt_at": due,
+                    "next_attempt_at": now if due else None,
                     "permanent_failure": False,
                     "created_at": now,
                 }
             )
+            if job in held and d == 0:  # its PDF was cancelled as it went; its SR waits
+                rows[-1].update(
+                    state=DeliveryState.cancelled, next_attempt_at=now + timedelta(minutes=2)
+                )
+                rows.append(
+                    {
+                        **rows[-1],
+                        "object": "sr",
+                        "state": DeliveryState.pending,
+                        "next_attempt_at": now,
+                    }
+                )
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.execute(insert(Delivery), rows)
@@ -100,7 +110,8 @@ def main() -> None:
         )
         print(f"without the wait (reference) {ref * 1000:7.2f} ms")
         print(f"with the wait                {new * 1000:7.2f} ms  {new / ref:5.2f}x")
-        print(f"same rows chosen: {chosen['with'] == chosen['without']}")
+        left = sorted(set(chosen["without"]) - set(chosen["with"]))
+        print(f"rows the wait left out of the 8 oldest due: {len(left)} {left}")
 
 
 if __name__ == "__main__":

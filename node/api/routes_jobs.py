@@ -249,7 +249,8 @@ def resend_job(job_id: JobId, ctx: Ctx, p: Operator) -> dict[str, Any]:
     keeps, never duplicates; of a withdrawn job only the withdrawals). Audited.
 
     ``requeued_deliveries`` lists the delivery ids queued again (empty when the job never
-    had anything to deliver)."""
+    had anything to deliver, or each of its rows is being sent or waits for a retry: it is
+    left to that send)."""
     result = job_service.resend(ctx, job_id, actor=p.actor)
     return {"job_id": job_id, "requeued_deliveries": result}
 

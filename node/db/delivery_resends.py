@@ -65,7 +65,7 @@ def resend(session: Session, job_id: int, *, actor: str, now: datetime | None = 
     -------
     list[int]
         The delivery ids re-queued and left ``pending`` (empty when the job never had
-        anything queued); the audit entry lists those.
+        anything queued, or each row is left to a send); the audit entry lists those.
 
     Raises
     ------

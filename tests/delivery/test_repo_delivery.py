@@ -911,10 +911,10 @@ def test_a_later_result_cancels_an_earlier_drafts_hl7_withdrawal_not_yet_sent(
         )
     assert done.reached == {} and entry.detail["restored"] == [to_ris]
     row = node_db.delivery(to_ris)
-    assert (row.state, row.last_error, row.attempts) == (DeliveryState.pending, None, 0)
+    # it resumes the round it was held back in: its attempt, due at the retry it waited
+    # for (a row cannot tell that time from a claim's end: a send may be under way)
+    assert (row.state, row.last_error, row.attempts) == (DeliveryState.pending, None, 1)
     assert row.may_have_reached  # its first attempt may have arrived
-    # due at the retry it waited for when it was held back: a row cannot tell that time
-    # from a claim's end, and a send of it may be under way until then
     assert row.next_attempt_at is not None and row.next_attempt_at > utcnow()
     assert to_ris not in _claimed(node_db)
     with node_db.factory() as s:

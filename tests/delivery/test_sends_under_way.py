@@ -47,11 +47,11 @@ def _claim(db: NodeDB, now: datetime | None = None) -> dict[int, datetime]:
         }
 
 
-def _held_under_way(db: NodeDB) -> tuple[int, int, int, datetime]:
+def _held_under_way(db: NodeDB) -> tuple[int, int, int, int, datetime]:
     """Job 1's ORU^R01 reached the RIS, job 1 is withdrawn, and its withdrawal is being sent
     when job 2, drafted after a late instance, queues its own result, which holds the
-    withdrawal back as it goes: ``(job 2, the withdrawal, job 2's result, the claim's
-    end)``."""
+    withdrawal back as it goes: ``(job 1, job 2, the withdrawal, job 2's result, the
+    claim's end)``."""
     job1, job2 = _drafted_twice(db)
     [result1] = _queue(db, job1, Outbound(RIS, DeliveryObject.report, "/1.hl7"))
     with db.factory() as s:
@@ -60,16 +60,17 @@ def _held_under_way(db: NodeDB) -> tuple[int, int, int, datetime]:
     [withdrawal] = _queue(db, job1, Outbound(RIS, DeliveryObject.withdrawal, "/1w.hl7"))
     lease = _claim(db)[withdrawal]
     [result2] = _queue(db, job2, Outbound(RIS, DeliveryObject.report, "/2.hl7"), supersede=True)
-    return job2, withdrawal, result2, lease
+    return job1, job2, withdrawal, result2, lease
 
 
-def _restored_under_way(db: NodeDB) -> tuple[int, int, datetime]:
+def _restored_under_way(db: NodeDB) -> tuple[int, int, int, datetime]:
     """:func:`_held_under_way`, then job 2 withdrawn before its result went out: job 1's
-    withdrawal is queued again. ``(job 2, the withdrawal, its first send's claim's end)``."""
-    job2, withdrawal, _result2, lease = _held_under_way(db)
+    withdrawal is queued again. ``(job 1, job 2, the withdrawal, its first send's claim's
+    end)``."""
+    job1, job2, withdrawal, _result2, lease = _held_under_way(db)
     with db.factory() as s:
         withdrawals_db.withdraw_job(s, job2, actor="admin", reason="wrong study")
-    return job2, withdrawal, lease
+    return job1, job2, withdrawal, lease
 
 
 @pytest.mark.parametrize("ends", ["reported", "lease passes"])
@@ -122,7 +123,7 @@ def test_a_later_result_waits_for_the_held_back_withdrawal_under_way(node_db: No
     back (cancelled) as it goes, and job 2's result is not claimed before that send may end.
     Sent after it, the withdrawal would mark job 2's result, the order's now, wrong (HL7
     v2.5.1 section 7.4.1)."""
-    _job2, withdrawal, result2, lease = _held_under_way(node_db)
+    _job1, _job2, withdrawal, result2, lease = _held_under_way(node_db)
     row = node_db.delivery(withdrawal)
     assert (row.state, row.next_attempt_at) == (DeliveryState.cancelled, lease)
     assert _claim(node_db, now=lease - timedelta(seconds=1)) == {}
@@ -183,14 +184,18 @@ def test_a_job_resend_leaves_the_row_being_sent_to_its_send(node_db: NodeDB, the
 
 def test_a_withdrawal_restored_waits_for_its_own_send_under_way(node_db: NodeDB) -> None:
     """Job 1's HL7 withdrawal is being sent when job 2's result holds it back; job 2 is then
-    withdrawn before its result went out, so job 1's withdrawal is queued again: due when
-    its first send's claim ends (not twice at once), and the outcome of that send counts.
-    Held back again by job 3's result meanwhile, it keeps that time, and job 3's result
-    waits for it."""
-    job2, withdrawal, lease = _restored_under_way(node_db)
+    withdrawn before its result went out, so job 1's withdrawal is queued again. It resumes
+    that round (its attempt and horizon), due when its claim ends: not twice at once, nor
+    again by a re-send of job 1 meanwhile. Held back again by job 3's result, it keeps that
+    time, and job 3's result waits for it."""
+    job1, job2, withdrawal, lease = _restored_under_way(node_db)
     row = node_db.delivery(withdrawal)
-    assert (row.state, row.attempts, row.next_attempt_at) == (DeliveryState.pending, 0, lease)
+    assert (row.state, row.attempts, row.next_attempt_at) == (DeliveryState.pending, 1, lease)
+    assert row.queued_at == row.created_at
     assert _claim(node_db) == {}
+    with node_db.factory() as s:
+        assert deliveries_db.resend(s, job1, actor="admin") == []
+    assert node_db.delivery(withdrawal).next_attempt_at == lease
 
     job3 = _redraft(node_db, job2)
     [result3] = _queue(
@@ -202,13 +207,30 @@ def test_a_withdrawal_restored_waits_for_its_own_send_under_way(node_db: NodeDB)
     assert list(_claim(node_db, now=lease)) == [result3]
 
 
+@pytest.mark.parametrize("outcome", ["sent", "retry", "gave up"])
 def test_the_send_under_way_records_its_outcome_on_the_withdrawal_restored(
-    node_db: NodeDB,
+    node_db: NodeDB, outcome: str
 ) -> None:
-    """The first send of a withdrawal restored while it went on reports: it got there, and
-    the row is ``sent``, not sent twice."""
-    _job2, withdrawal, lease = _restored_under_way(node_db)
+    """The first send of a withdrawal restored while it went on reports, as its round's
+    outcome: it got there (``sent``, not sent twice); no answer, again later (``pending``,
+    its one attempt counted); or its horizon passed (``failed`` after its one attempt, for
+    the re-check to queue again when the RIS answers)."""
+    _job1, _job2, withdrawal, lease = _restored_under_way(node_db)
+    later = lease + timedelta(seconds=30)
     with node_db.factory() as s:
-        assert deliveries_db.mark_sent(s, withdrawal, claimed_until=lease)
-    assert node_db.delivery(withdrawal).state is DeliveryState.sent
+        if outcome == "sent":
+            assert deliveries_db.mark_sent(s, withdrawal, claimed_until=lease)
+        elif outcome == "retry":
+            assert deliveries_db.mark_retry(
+                s, withdrawal, error="no ACK", next_attempt_at=later, claimed_until=lease
+            )
+        else:
+            assert deliveries_db.mark_failed(s, withdrawal, error="gave up", claimed_until=lease)
+    row = node_db.delivery(withdrawal)
+    expected = {
+        "sent": (DeliveryState.sent, 1, None),
+        "retry": (DeliveryState.pending, 1, later),
+        "gave up": (DeliveryState.failed, 1, None),
+    }[outcome]
+    assert (row.state, row.attempts, row.next_attempt_at) == expected
     assert _claim(node_db, now=lease) == {}

@@ -116,26 +116,30 @@ class Delivery(Base):
         (``queued_at``), no error, no permanent failure, not sent (``last_attempt_at``
         stays: the object may be at the receiver, :attr:`may_have_reached`).
 
-        A cancelled row that keeps the end of a claim later than ``now`` (:meth:`cancel`)
-        is due at that end instead: the object does not go twice at once, nor does anything
-        queued after it overtake the send under way, which, still fenced by that time,
-        records its outcome on the row."""
+        A cancelled row that keeps the end of a claim later than ``now`` (:meth:`cancel`: a
+        send of it may be under way, or it waited for a retry) resumes that round instead:
+        due at that end, its attempts and horizon kept, so that the object does not go
+        twice at once, nothing queued after it overtakes the send under way, and that
+        send, still fenced by that time, records its outcome as the round's."""
         kept = self.next_attempt_at if self.state is DeliveryState.cancelled else None
         self.state = DeliveryState.pending
+        self.last_error = None
+        if kept is not None and kept > now:
+            self.next_attempt_at = kept
+            return
         self.attempts = 0
-        self.next_attempt_at = kept if kept is not None and kept > now else now
+        self.next_attempt_at = now
         self.queued_at = now
         self.permanent_failure = False
-        self.last_error = None
         self.sent_at = None
 
     def may_be_claimed(self, now: datetime) -> bool:
-        """Whether a sender may hold a claim on this ``pending`` row at ``now``: attempted,
-        and not due before a later time (a claim's end, or a retry's time, which the row
+        """Whether a sender may hold a claim on this ``pending`` row at ``now``: ever
+        attempted, and not due before a later time (a claim's end, or a retry's time, which the row
         cannot tell apart)."""
         return (
             self.state is DeliveryState.pending
-            and self.attempts > 0
+            and self.last_attempt_at is not None
             and self.next_attempt_at is not None
             and self.next_attempt_at > now
         )
