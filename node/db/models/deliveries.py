@@ -135,8 +135,8 @@ class Delivery(Base):
 
     def may_be_claimed(self, now: datetime) -> bool:
         """Whether a sender may hold a claim on this ``pending`` row at ``now``: ever
-        attempted, and not due before a later time (a claim's end, or a retry's time, which the row
-        cannot tell apart)."""
+        attempted, and not due before a later time (a claim's end, or a retry's time, which
+        the row cannot tell apart)."""
         return (
             self.state is DeliveryState.pending
             and self.last_attempt_at is not None
@@ -151,10 +151,10 @@ class Delivery(Base):
 
         A ``pending`` row ever attempted keeps ``next_attempt_at``: the end of the claim of a
         send that may still be under way, and reach the receiver until then (the row
-        cannot tell a claim from a wait for a retry, which keeps it as long). No other row of
-        the study is claimed for that destination before then, nor before that send ends
-        (:func:`node.db.delivery_claims.claim_due_deliveries`), so nothing queued after
-        the cancel (a withdrawal, a newer draft) arrives before it. Other rows get none."""
+        cannot tell a claim from a wait for a retry, which keeps it as long). No other row
+        of the study is claimed for that destination until then, or until that send reports
+        (:func:`node.db.delivery_claims.claim_due_deliveries`), so nothing queued after the
+        cancel (a withdrawal, a newer draft) arrives before it. Other rows keep none."""
         if not (self.state is DeliveryState.pending and self.last_attempt_at is not None):
             self.next_attempt_at = None
         self.state = DeliveryState.cancelled
