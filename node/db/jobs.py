@@ -34,7 +34,6 @@ __all__ = [
     "claim_next_job",
     "expire_leases",
     "fail_job",
-    "finish_job",
     "heartbeat",
     "job_destinations",
     "lock_job",
@@ -363,12 +362,6 @@ def owned_running(session: Session, job_id: int, owner: str) -> Job:
     if job.state is not JobState.running or job.lease_owner != owner:
         raise LeaseLost(f"job {job_id}: {owner} does not hold its lease (state {job.state.value})")
     return job
-
-
-def finish_job(session: Session, job_id: int, *, owner: str, **details: Any) -> Job:
-    """Mark a running job held by ``owner`` as ``done`` (:func:`mark_finished`, with
-    ``details``). Commits."""
-    return in_transaction(session, lambda: mark_finished(session, job_id, owner=owner, **details))
 
 
 def mark_finished(

@@ -24,6 +24,7 @@ from node.api.server import ApiServer, make_api_server
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
 from node.db import study_completion as completion_db
+from node.db import withdrawals as withdrawals_db
 from node.db.engine import make_engine, make_session_factory
 from node.db.jobs import transition
 from node.db.migrate import upgrade
@@ -190,7 +191,7 @@ class ApiEnv:
                 jobs_db.fail_job(s, job_id, owner=owner, error="pixel data unreadable", retry=False)
         elif state == "done":
             with self.sessions() as s:
-                jobs_db.finish_job(
+                withdrawals_db.finish_job(
                     s,
                     job_id,
                     owner=owner,

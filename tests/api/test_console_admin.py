@@ -291,11 +291,11 @@ def test_job_history(env: ApiEnv) -> None:
 
 
 def test_finish_records_stage_timings(env: ApiEnv) -> None:
-    from node.db import jobs as jobs_db
+    from node.db import withdrawals as withdrawals_db
 
     running = env.seed("running")
     with env.sessions() as s:
-        jobs_db.finish_job(
+        withdrawals_db.finish_job(
             s,
             running.job_id,
             owner="test-worker",

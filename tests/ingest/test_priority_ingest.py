@@ -28,6 +28,7 @@ from integration.priority import PriorityRule
 from integration.status import StoreStatus
 from node.db import jobs as jobs_db
 from node.db import views as views_db
+from node.db import withdrawals as withdrawals_db
 from node.db.models import Job, JobState
 from node.runtime.header import header_priority, read_header
 from node.settings import ConfigError, load_settings
@@ -217,7 +218,7 @@ def test_late_stat_instance_of_a_finished_study_gets_a_stat_job(node: RunningSCP
     got = claim(node)
     assert got is not None
     with node.session_factory() as s:
-        jobs_db.finish_job(s, got.id, owner="test/w0")
+        withdrawals_db.finish_job(s, got.id, owner="test/w0")
     late = ordered(priority="STAT", study_uid=first.StudyInstanceUID)
     assert store(node, [late]) == [StoreStatus.SUCCESS]
     done, fresh = study_jobs(node, first.StudyInstanceUID)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
 from node.db import study_completion as completion_db
+from node.db import withdrawals as withdrawals_db
 from node.db.instance_record import RecordOutcome
 from node.db.models import Instance, Job, JobState, Study, StudyState
 from node.runtime.assembly import SeriesFacts, evaluate_chest_rule
@@ -236,7 +237,7 @@ def test_late_instance_after_job_started_creates_fresh_job(
         job = jobs_db.claim_next_job(s, owner="w", lease_seconds=60, now=T0 + timedelta(seconds=21))
         assert job is not None and job.id == res.job_id
         if first_job_end == "done":
-            jobs_db.finish_job(s, job.id, owner="w")
+            withdrawals_db.finish_job(s, job.id, owner="w")
         elif first_job_end == "failed":
             jobs_db.fail_job(s, job.id, owner="w", error="x", retry=False)
     with session_factory() as s:
@@ -324,7 +325,7 @@ def test_replaced_duplicate_of_finished_study_reruns(
     with session_factory() as s:
         job = jobs_db.claim_next_job(s, owner="w", lease_seconds=60, now=T0 + timedelta(seconds=21))
         assert job is not None
-        jobs_db.finish_job(s, job.id, owner="w")
+        withdrawals_db.finish_job(s, job.id, owner="w")
     # the PACS sends a corrected version of the same instance: the draft must be redone
     with session_factory() as s:
         r = studies_db.record_instance_detailed(

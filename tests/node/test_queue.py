@@ -13,6 +13,7 @@ from node.db import job_admin
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
 from node.db import study_completion as completion_db
+from node.db import withdrawals as withdrawals_db
 from node.db.models import Job, JobState, Study, StudyState
 from node.settings import ChestRule
 from tests.node.factories import T0, record, uid
@@ -140,7 +141,7 @@ def test_expired_lease_requeues_then_fails(session_factory: sessionmaker[Session
         assert jobs_db.claim_next_job(s, owner="w3", lease_seconds=30, now=now) is None
         # a lost lease cannot finish the job
         with pytest.raises(jobs_db.LeaseLost):
-            jobs_db.finish_job(s, job_id, owner="w2")
+            withdrawals_db.finish_job(s, job_id, owner="w2")
 
 
 def test_release_on_shutdown_does_not_count_attempt(session_factory: sessionmaker[Session]) -> None:
@@ -163,7 +164,8 @@ def test_finish_and_fail(session_factory: sessionmaker[Session]) -> None:
         j1 = jobs_db.claim_next_job(s, owner="w", lease_seconds=30)
         j2 = jobs_db.claim_next_job(s, owner="w", lease_seconds=30)
         assert j1 is not None and j2 is not None
-        done = jobs_db.finish_job(s, j1.id, owner="w", sr_sop_instance_uid="1.2.3.4")
+        assert withdrawals_db.finish_job(s, j1.id, owner="w", sr_sop_instance_uid="1.2.3.4") is None
+        done = s.get_one(Job, j1.id)
         assert done.state is JobState.done and done.sr_sop_instance_uid == "1.2.3.4"
         retried = jobs_db.fail_job(s, j2.id, owner="w", error="backend error")
         assert retried.state is JobState.queued and retried.last_error == "backend error"

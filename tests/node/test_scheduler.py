@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import jobs as jobs_db
 from node.db import studies as studies_db
+from node.db import withdrawals as withdrawals_db
 from node.db.deliveries import enqueue_deliveries
 from node.db.models import (
     AuditLog,
@@ -78,7 +79,7 @@ def test_chores_sweep_expire_and_retention(
     with session_factory() as s:
         job = jobs_db.claim_next_job(s, owner="w", lease_seconds=10, now=clock.now)
         assert job is not None
-        jobs_db.finish_job(s, job.id, owner="w", now=clock.now)
+        withdrawals_db.finish_job(s, job.id, owner="w", now=clock.now)
     # day 10: the old study is past retention; the recent one (day 9, still receiving) is not
     clock.now = T0 + timedelta(days=10)
     assert chores.apply_retention() == 1
@@ -134,7 +135,9 @@ def test_retention_removes_the_srs_of_purged_studies(
             moved = f"{OUTPUTS_DIR}/moved-{srs[study]}.dcm"
             (spool / moved).write_bytes(b"sr")
             enqueue_deliveries(s, job_id=job.id, sr_path=moved, destinations=["PACS@h:104"])
-            jobs_db.finish_job(s, job.id, owner="w", sr_sop_instance_uid=srs[study], now=clock.now)
+            withdrawals_db.finish_job(
+                s, job.id, owner="w", sr_sop_instance_uid=srs[study], now=clock.now
+            )
     old, recent = srs
     # a half-written SR of a crashed worker, and one being written now
     stale, fresh = outputs / f".{uid()}.0badc0de.part", outputs / f".{uid()}.600dc0de.part"

@@ -218,7 +218,7 @@ def test_rerun_after_lease_expiry_same_sr_uid_no_duplicate_deliveries(
         assert sorted(d.destination for d in rows) == sorted(dests.split(","))
         # the dead worker's late finish is refused
         with env.session_factory() as s, pytest.raises(jobs_db.LeaseLost):
-            jobs_db.finish_job(s, job_id, owner=dead)
+            withdrawals_db.finish_job(s, job_id, owner=dead)
         # a late instance makes a new job for the study: the draft is made from other
         # inputs, so a new SR that supersedes the first (a PACS keeps the first copy of a
         # UID it holds: re-using it would leave the old text there), with its own deliveries
