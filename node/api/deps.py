@@ -1,6 +1,6 @@
 """What every route module shares: the role dependencies, the context, the error answers
 of authentication (and of the routes that run the model), and the time-zone rule for query
-times."""
+times (a time UTC cannot hold is a 422)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi import Depends, Query
 
 from node.api.auth import Principal, require_role
 from node.api.context import api_context
+from node.api.errors import ApiError
 from node.api.schemas import ErrorOut
 from node.services.context import ServiceContext
 
@@ -49,7 +50,21 @@ Offset = Annotated[int, Query(ge=0, le=10**9, description="Rows skipped first.")
 
 
 def utc(value: datetime | None) -> datetime | None:
-    """A query's time as UTC: a time without zone is read as UTC."""
+    """A query's time as UTC: a time without zone is read as UTC.
+
+    Raises
+    ------
+    ApiError
+        422 for a time with an offset that puts it outside the years 1 to 9999 in UTC
+        (``0001-01-01T00:00+01:00``): no column can hold it, so it is bad input, not a 500.
+    """
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ApiError(
+            422, f"{value.isoformat()} is outside the times UTC holds (years 1 to 9999)"
+        ) from None
