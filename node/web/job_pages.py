@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, Response
 from models.labeler import OBSERVATIONS
 from node.db import views as views_db
 from node.db.jobs import JobNotFound
-from node.db.models import JobState
+from node.db.models import ID_MAX, JobState
 from node.services import jobs as job_service
 from node.services import objects as job_objects
 from node.services import quality, review
@@ -32,6 +32,9 @@ __all__ = ["router"]
 router = APIRouter(include_in_schema=False)
 
 QUEUE_SORTS = tuple(views_db.SORT_COLUMNS)
+#: a job id as the API's paths take it (1..ID_MAX): another is bad input (422), never a
+#: value the database cannot bind
+JobId = Annotated[int, PathParam(ge=1, le=ID_MAX)]
 
 
 def _study_date(value: str | None) -> str | None:
@@ -134,9 +137,7 @@ def queue_page(
 
 
 @router.get("/jobs/{job_id}", name="web_job", response_class=HTMLResponse)
-def job_page(
-    request: Request, user: frame.PageUser, job_id: Annotated[int, PathParam(ge=1)]
-) -> Response:
+def job_page(request: Request, user: frame.PageUser, job_id: JobId) -> Response:
     """One job: stages and timings, the AI draft (labelled), SR UID, deliveries, actions."""
     if user is None:
         return frame.login_redirect(request)
@@ -193,7 +194,7 @@ def _history(detail: views_db.JobDetail) -> list[dict[str, Any]]:
 def sr_page(
     request: Request,
     user: frame.PageUser,
-    job_id: Annotated[int, PathParam(ge=1)],
+    job_id: JobId,
     key: Annotated[str, PathParam(pattern=r"^(sr|[0-9]{1,10})$")],
 ) -> Response:
     """An SR object of the job as a document: its flags and its content tree (TID 2000)."""

@@ -8,7 +8,7 @@ import pytest
 
 from node.db.models import Job, JobState, utcnow
 from node.services.tokens import create_token
-from tests.api.conftest import LAST_ATTEMPT, ApiEnv
+from tests.api.conftest import LAST_ATTEMPT, ApiEnv, EnvFactory
 from tests.node.factories import add_redraft
 
 pytestmark = pytest.mark.integration
@@ -227,3 +227,19 @@ def test_config_summary_has_no_secrets(make_env) -> None:  # type: ignore[no-unt
     assert cfg["api_host"] == "127.0.0.1"
     assert cfg["database_url"].startswith("sqlite:///")
     assert "token" not in str(cfg).lower() or "cxr_" not in str(cfg)
+
+
+@pytest.mark.parametrize("path", ["/jobs/{id}", "/jobs/{id}/sr/sr"])
+def test_console_job_pages_refuse_an_id_the_database_cannot_hold(
+    make_env: EnvFactory, path: str
+) -> None:
+    """A job id past what the database holds (the API's ``le=ID_MAX``) in the console's job
+    and SR pages is refused as bad input (4xx), not a 500 with a traceback in the log, as
+    ``GET /api/jobs/{id}`` refuses it."""
+    env = make_env(model=False)
+    with env.client("viewer") as c:
+        for job_id in (2**31, 10**20):
+            api = c.get(f"/api/jobs/{job_id}")
+            page = c.get(path.format(id=job_id))
+            assert api.status_code == 422, api.text
+            assert 400 <= page.status_code < 500, (job_id, page.status_code, page.text)
