@@ -13,7 +13,7 @@ figures as ``GET /api/receive-log``. No patient data is shown or logged.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -54,7 +54,8 @@ def receive_log_page(
     ctx = frame.page_context(request)
     since = _day(date_from)
     to_day = _day(date_to)
-    until = to_day + timedelta(days=1) if to_day is not None else None  # the whole day
+    # the whole day; the last day a date holds (9999-12-31) has no day after it: no bound
+    until = to_day + timedelta(days=1) if to_day is not None and to_day.date() < date.max else None
     flt = ReceiveLogFilter(
         calling_ae=calling_ae.strip() or None,
         study_uid=study.strip() or None,

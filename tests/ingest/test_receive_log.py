@@ -337,3 +337,25 @@ def test_receive_log_page_opens_the_study_of_a_refused_uid(tmp_path: Path) -> No
     finally:
         node.server.shutdown()
         node.engine.dispose()
+
+
+def test_receive_log_page_takes_the_last_day_of_the_calendar(tmp_path: Path) -> None:
+    """``date_to`` is a whole day: the last one a date input takes (9999-12-31) lists every
+    association up to its end, instead of failing with a 500 (the day after it is past
+    what a date holds)."""
+    node = start_logged_node(
+        tmp_path, f"sqlite:///{tmp_path / 'node.sqlite3'}", api_port=free_port()
+    )
+    try:
+        _send_rejected(node)
+        [rejected] = node.wait_ended(1)
+        with _viewer_api(node) as c:
+            page = c.get("/receive-log", params={"date_to": "9999-12-31"})
+            assert page.status_code == 200, page.text
+            assert f'data-association-id="{rejected.id}"' in page.text
+            none = c.get("/receive-log", params={"date_from": "9999-12-31"})
+            assert none.status_code == 200, none.text
+            assert f'data-association-id="{rejected.id}"' not in none.text
+    finally:
+        node.server.shutdown()
+        node.engine.dispose()
