@@ -11,6 +11,7 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -355,6 +356,28 @@ def test_logout_ends_the_session(console_node: ConsoleNode, browser: Any) -> Non
         page.wait_for_url(f"{node.base_url}/login", timeout=15_000)
         page.goto(f"{node.base_url}/")
         assert "/login" in page.url
+
+
+def test_login_goes_back_only_to_a_page_of_the_node(
+    console_node: ConsoleNode, browser: Any
+) -> None:
+    """After the login the page goes to ``next`` only when the browser reads it as a page of
+    the node: ``/\\host`` and ``/<tab>/host`` are ``//host`` to a browser (WHATWG URL: a
+    backslash is a slash, tabs and newlines are dropped), another origin, so the login lands
+    on the queue instead; a path of the node, with its query, is kept."""
+    node = console_node
+    elsewhere = f"localhost:{node.settings.api_port}/destinations"  # another origin
+    for target in (f"/\\{elsewhere}", f"/\t/{elsewhere}", f"//{elsewhere}", "/destinations?x=1"):
+        with browser_context(browser) as ctx:
+            page = ctx.new_page()
+            page.goto(f"{node.base_url}/login?next={quote(target, safe='')}")
+            login_url = page.url
+            page.fill("#token", node.tokens["viewer"])
+            page.click("#login-submit")
+            page.wait_for_url(lambda url, was=login_url: url != was, timeout=15_000)
+            page.wait_for_load_state()
+            expected = "/destinations?x=1" if target.startswith("/destinations") else "/"
+            assert page.url == node.base_url + expected, (target, page.url)
 
 
 def test_operator_withdraws_a_sent_draft(

@@ -73,6 +73,20 @@
   }
 
   // --- login -------------------------------------------------------------------------------
+  // where to go after the login: "next" as the browser resolves it (absolute), and only when
+  // that is this node ("/\host" and "/<tab>/host" are "//host" to a browser); else the
+  // queue. Never an open redirect.
+  function sameOriginUrl(next) {
+    if (!next || next.charAt(0) !== "/") return "/";
+    var u;
+    try {
+      u = new URL(next, window.location.origin);
+    } catch (e) {
+      return "/";
+    }
+    return u.origin === window.location.origin ? u.href : "/";
+  }
+
   function setupLogin() {
     var form = document.getElementById("login-form");
     if (!form) return;
@@ -88,10 +102,7 @@
         body: JSON.stringify({ token: token }),
       }).then(function (resp) {
         if (resp.ok) {
-          var next = new URLSearchParams(window.location.search).get("next") || "/";
-          // only same-site paths: never an open redirect
-          if (next.charAt(0) !== "/" || next.charAt(1) === "/") next = "/";
-          window.location.assign(next);
+          window.location.assign(sameOriginUrl(new URLSearchParams(window.location.search).get("next")));
           return;
         }
         errorText(resp).then(function (t) {
