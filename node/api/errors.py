@@ -3,7 +3,8 @@
 Order of precedence, by the exception's type: the types of :data:`STATUS_BY_TYPE` (the
 repository's errors and those of :mod:`node.services.errors`; a DICOM, HL7 or FHIR peer
 that refused or failed is a 502 whatever status the peer answered; data that is not DICOM
-is a 422), then an explicit ``http_status``
+is a 422; a value the database refuses to hold, such as a NUL character in a text on
+PostgreSQL, is a 422 whose reason names no SQL), then an explicit ``http_status``
 attribute (models' and integration errors carry one, as do :class:`ApiError` and the model
 host's ``ModelNotReady``), then ``ValueError`` (a value refused by a constructor: 422).
 Anything else is a 500 whose body names no internals; it is logged with its traceback (no
@@ -18,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
@@ -25,7 +27,15 @@ from integration.errors import DeliveryError, IntegrationError
 from node.db.jobs import JobConflict, JobNotFound, LeaseLost
 from node.services import errors as service_errors
 
-__all__ = ["STATUS_BY_TYPE", "ApiError", "error_body", "install_error_handlers", "status_for"]
+__all__ = [
+    "REASON_BY_TYPE",
+    "STATUS_BY_TYPE",
+    "ApiError",
+    "error_body",
+    "install_error_handlers",
+    "reason_for",
+    "status_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,11 @@ STATUS_BY_TYPE: dict[type[BaseException], int] = {
     service_errors.InvalidInput: 422,
     service_errors.InputTooLarge: 413,
     service_errors.Unavailable: 503,
+    DataError: 422,
+}
+#: the reason given for errors whose own text names internals (the SQL statement)
+REASON_BY_TYPE: dict[type[BaseException], str] = {
+    DataError: "a value the database cannot hold (e.g. a NUL character in a text)",
 }
 
 
@@ -87,7 +102,12 @@ def error_body(status: int, reason: str, error: str) -> dict[str, Any]:
     return {"detail": reason, "error": error, "status": status}
 
 
-def _reason(exc: BaseException) -> str:
+def reason_for(exc: BaseException) -> str:
+    """The reason an error answer gives for ``exc``: its ``message`` or text, or the fixed
+    reason of :data:`REASON_BY_TYPE` for its type."""
+    for cls in type(exc).__mro__:
+        if cls in REASON_BY_TYPE:
+            return REASON_BY_TYPE[cls]
     message = getattr(exc, "message", None)
     return str(message if isinstance(message, str) and message else exc) or type(exc).__name__
 
@@ -103,9 +123,9 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
             error_body(500, "internal error (see the node's log)", "InternalError"), status_code=500
         )
     if status >= 500:
-        log.warning("%s %s: %s %s", request.method, request.url.path, status, _reason(exc))
+        log.warning("%s %s: %s %s", request.method, request.url.path, status, reason_for(exc))
     return JSONResponse(
-        error_body(status, _reason(exc), type(exc).__name__), status_code=status, headers=headers
+        error_body(status, reason_for(exc), type(exc).__name__), status_code=status, headers=headers
     )
 
 
@@ -142,6 +162,7 @@ _HANDLED: tuple[type[Exception], ...] = (
     RuntimeError,
     OSError,
     TypeError,
+    DataError,
 )
 
 

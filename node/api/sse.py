@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from node.api.errors import status_for
+from node.api.errors import reason_for, status_for
 from node.services.chat import TurnOutcome
 from node.services.chat_turns import TurnHandle
 
@@ -42,8 +42,7 @@ def _error_event(exc: BaseException) -> dict[str, Any]:
     if status is None:
         log.error("conversation turn failed: %s", type(exc).__name__, exc_info=exc)
         return {"status": 500, "detail": "internal error"}
-    message = getattr(exc, "message", None)
-    return {"status": status, "detail": str(message if isinstance(message, str) else exc)}
+    return {"status": status, "detail": reason_for(exc)}
 
 
 def stream_turn(run: Run, handle: TurnHandle) -> StreamingResponse:

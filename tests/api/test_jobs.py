@@ -243,3 +243,27 @@ def test_console_job_pages_refuse_an_id_the_database_cannot_hold(
             page = c.get(path.format(id=job_id))
             assert api.status_code == 422, api.text
             assert 400 <= page.status_code < 500, (job_id, page.status_code, page.text)
+
+
+def test_a_nul_character_is_refused_not_a_500(make_env: EnvFactory, db_url: str) -> None:
+    """A NUL character in a search or a reason (PostgreSQL's text cannot hold one) is bad
+    input: 422 with a reason that names no SQL, nothing changed, never a 500 with a
+    traceback; SQLite, which stores it, serves the same requests."""
+    env = make_env(url=db_url, model=False)
+    done = env.seed("done", draft="Clear lungs.")
+    postgres = db_url.startswith("postgresql")
+    with env.client("operator") as c:
+        for path, params in (
+            ("/api/audit", {"actor": "a\x00b"}),
+            ("/api/jobs", {"q": "doe\x00"}),
+            ("/api/receive-log", {"calling_ae": "PACS\x00"}),
+            ("/", {"q": "doe\x00"}),
+            ("/failures", {"destination": "PACS\x00"}),
+        ):
+            r = c.get(path, params=params)
+            assert r.status_code == (422 if postgres else 200), (path, r.status_code, r.text)
+            if postgres:
+                assert "NUL" in r.json()["detail"] and "SELECT" not in r.text, r.text
+        r = c.post(f"/api/jobs/{done.job_id}/withdraw", json={"reason": "wrong\x00study"})
+        assert r.status_code == (422 if postgres else 200), r.text
+    assert (env.job(done.job_id).withdrawn_at is None) == postgres
