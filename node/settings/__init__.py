@@ -69,6 +69,7 @@ from node.settings.values import (
 from node.settings.worker import WorkerSettings
 
 __all__ = [
+    "SECRET_URL_PARAMETERS",
     "AllowedAE",
     "ChestRule",
     "ConfigError",
@@ -90,6 +91,9 @@ REMOVED_SETTINGS = {
     "backend_speculative": "speculative decoding is no longer part of the llama.cpp backend",
 }
 """Settings that earlier versions took, and why they are gone: setting one is an error."""
+SECRET_URL_PARAMETERS = frozenset({"password", "sslpassword"})
+"""Query parameters of ``database_url`` that carry a secret (libpq's connection parameters
+``password`` and ``sslpassword``): masked like the user part's password."""
 
 AnyDestination = DicomDestination | StowDestination | Hl7Destination | FhirDestination
 
@@ -308,8 +312,15 @@ class Settings(
 
     @property
     def public_database_url(self) -> str:
-        """``database_url`` with its password masked (``***``), for messages and logs."""
-        return make_url(self.database_url).render_as_string(hide_password=True)
+        """``database_url`` with its passwords masked (``***``), for messages and logs: the
+        user part's, and libpq's ``password`` and ``sslpassword`` query parameters
+        (:data:`SECRET_URL_PARAMETERS`)."""
+        url = make_url(self.database_url)
+        secret = {k: "***" for k in url.query if k.lower() in SECRET_URL_PARAMETERS}
+        if not secret:
+            return url.render_as_string(hide_password=True)
+        text = url.update_query_dict(secret).render_as_string(hide_password=True)
+        return text.replace("=%2A%2A%2A", "=***")  # as the user part's mask reads
 
     def public_summary(self) -> dict[str, Any]:
         """The effective configuration without secrets (the database password is masked)."""

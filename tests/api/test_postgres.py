@@ -51,3 +51,22 @@ def test_admin_flow_on_postgresql(make_env: EnvFactory, pg_schema_url: str) -> N
     with env.client("viewer") as c:
         text = c.get("/metrics").text
     assert 'cxr_jobs{state="queued"} 2.0' in text and 'cxr_jobs{state="done"} 1.0' in text
+
+
+def test_a_password_in_the_urls_query_is_masked_too(
+    make_env: EnvFactory, pg_schema_url: str
+) -> None:
+    """libpq takes the password as a URL query parameter too (``?password=``, and
+    ``sslpassword`` for the client key): masked like one in the user part wherever the URL
+    is shown (``GET /api/config``, ``GET /api/system``, the logged configuration)."""
+    url = f"{pg_schema_url}&password=hunter2-query&sslpassword=hunter3-key"
+    env = make_env(url=url, model=False)
+    with env.client("admin") as c:
+        config = c.get("/api/config")
+        system = c.get("/api/system")
+    assert config.status_code == system.status_code == 200
+    for shown in (config.text, system.text, env.settings.public_database_url):
+        assert "hunter2-query" not in shown and "hunter3-key" not in shown, shown
+    masked = config.json()["database_url"]
+    assert "password=***" in masked and "sslpassword=***" in masked, masked
+    assert "search_path" in masked  # the other parameters stay
