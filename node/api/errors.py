@@ -122,7 +122,7 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
             error_body(500, "internal error (see the node's log)", "InternalError"), status_code=500
         )
-    if status >= 500:
+    if status >= 500 or isinstance(exc, DataError):  # a refused value may be the node's bug
         log.warning("%s %s: %s %s", request.method, request.url.path, status, reason_for(exc))
     return JSONResponse(
         error_body(status, reason_for(exc), type(exc).__name__), status_code=status, headers=headers

@@ -45,11 +45,15 @@ def check_reason(reason: str) -> str:
     Raises
     ------
     ValueError
-        An empty reason, or one over :data:`REASON_MAX_LENGTH` characters.
+        An empty reason, one over :data:`REASON_MAX_LENGTH` characters, or one with a NUL
+        character (no text the node sends, HL7 ER7 or DICOM, carries one; a PostgreSQL text
+        cannot hold one).
     """
     reason = reason.strip()
     if not reason:
         raise ValueError("a reason is required: say why the draft is withdrawn")
+    if "\x00" in reason:
+        raise ValueError("a reason cannot contain a NUL character")
     if len(reason) > REASON_MAX_LENGTH:
         raise ValueError(f"a reason is at most {REASON_MAX_LENGTH} characters, got {len(reason)}")
     return reason
