@@ -49,13 +49,15 @@ def dicom_signed_at(ds: Dataset) -> dt.datetime | None:
 def dicom_datetime(value: str, offset: dt.tzinfo | None) -> dt.datetime | None:
     """A DICOM DT (DA + TM) value in UTC; without its own offset, at ``offset`` (or UTC).
 
-    Also reads HL7 DTM, which has the same syntax. ``None`` for a value that is not a DT.
+    Also reads HL7 DTM, which has the same syntax. ``None`` for a value that is not a DT,
+    and for one that falls outside the years 1 to 9999 once in UTC (``99991231235959-0500``,
+    a "no date" value some systems send, is 10000-01-01 in UTC).
     """
     if not _DATETIME.fullmatch(value):  # pydicom would read "2024-05-07" as 2024-01-01
         return None
     try:
         parsed: dt.datetime = DT(value)
-    except (ValueError, TypeError):
+        when = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=offset or dt.UTC)
+        return when.astimezone(dt.UTC)
+    except (ValueError, TypeError, OverflowError):  # Overflow: in UTC before 1 or after 9999
         return None
-    when = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=offset or dt.UTC)
-    return when.astimezone(dt.UTC)

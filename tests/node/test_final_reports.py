@@ -467,3 +467,19 @@ def test_a_corrected_final_replaces_the_earlier_one_in_the_statistics(
     assert [r["final_id"] for r in quality.export_rows(ctx)] == [second.id]
     assert quality.alert_state(ctx).pairs == 1
     assert quality.alert_state(ctx).rolling_agreement == second.agreement
+
+
+def test_a_signing_time_out_of_range_is_unknown_not_an_error(
+    hl7_node: tuple[int, sessionmaker[Session]],
+) -> None:
+    """``99991231...`` is a common "no date" value; with the sender's offset it is a time
+    after 9999-12-31 in UTC, which no datetime holds. A time that cannot be read is unknown
+    (``integration.final_report``), not an error: the report is stored and signed at the
+    next time in line (MSH-7 here), not refused with AE 207, which a sender retries."""
+    port, factory = hl7_node
+    job = seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    ack = send_mllp(oru(report_time="99991231235959-0500"), "127.0.0.1", port).decode()
+    assert "MSA|AA|RIS-0001" in ack
+    [row] = _finals(factory)
+    assert row.job_id == job and row.agreement is not None
+    assert row.signed_at == datetime(2024, 5, 7, 7, 31, tzinfo=UTC)  # MSH-7, 09:31 at +0200

@@ -347,6 +347,18 @@ def test_oru_formatted_text_and_times_without_offset() -> None:
     assert report.study_uid is None
 
 
+def test_times_out_of_range_are_unknown_not_an_error(source: Dataset, tmp_path: Path) -> None:
+    """A time UTC cannot hold (year 9999 west of Greenwich, year 1 east of it) cannot be
+    read: it gives no time, not an error, and the next time in line is used."""
+    report = final_report_from_oru(oru(report_time="99991231235959-0500"))  # OBR-22
+    assert report.signed_at == dt.datetime(2024, 5, 7, 7, 31, tzinfo=dt.UTC)  # MSH-7
+    sr = final_sr(source)  # Timezone Offset From UTC +0200
+    sr.VerifyingObserverSequence[0].VerificationDateTime = "00010101000000"
+    report = final_report_from_dataset(_stored(sr, tmp_path), trusted_source=False)
+    assert report is not None
+    assert report.signed_at == dt.datetime(2024, 5, 7, 7, 15, tzinfo=dt.UTC)  # Content Date/Time
+
+
 @pytest.mark.parametrize(
     ("message", "code", "match"),
     [
