@@ -10,8 +10,10 @@ The node scores its AI draft against the report a radiologist signed, which arri
   it, so it counts only from a source the caller trusts; a trusted PDF flagged
   ``UNVERIFIED`` is returned with ``verified=False``.
 - an **HL7 v2 ORU^R01** (v2.5.1 chapter 7): final when OBR-25 (table 0123) is ``F`` or
-  ``C`` (corrected final). Study Instance UID from IHE Radiology's ZDS-1 or an OBX coded
-  ``113014^DICOM Study^DCM``; text from the TX/FT/ST OBX, escapes (section 2.7) undone.
+  ``C`` (corrected final), of a production message (MSH-11 ``P``, table 0103: a training
+  or debugging message is no patient's report). Study Instance UID from IHE Radiology's
+  ZDS-1 or an OBX coded ``113014^DICOM Study^DCM``; text from the TX/FT/ST OBX, escapes
+  (section 2.7) undone.
 
 Sections: FINDINGS are headings/items coded (121070, DCM) "Findings", (121071, DCM)
 "Finding" or LOINC 59776-5; IMPRESSION (121072, DCM), (121073, DCM) or LOINC 19005-8
@@ -81,6 +83,7 @@ SR_STORAGE_CLASSES = frozenset(
 """SR Storage SOP Classes read as reports (PS3.4 B.5; PS3.3 A.35.1-A.35.3, A.35.13)."""
 SOURCES = frozenset({"dicom-sr", "dicom-pdf", "hl7"})
 FINAL_RESULT_STATUSES = frozenset({"F", "C"})  # HL7 table 0123: final, corrected final
+PRODUCTION = "P"  # HL7 table 0103 (MSH-11): production; T training, D debugging
 _MARKERS = ("AI DRAFT", "UNVERIFIED AI")
 _DRAFT_NOTE_START = AI_DRAFT_NOTE.split("{", 1)[0].strip()
 
@@ -95,8 +98,9 @@ class FinalReportError(IntegrationError, ValueError):
     err_code
         The HL7 table 0357 code an acknowledgment would carry (ERR-3, as in
         :class:`integration.mllp_listener.Hl7Refusal`): ``"100"`` not parseable, ``"200"``
-        not ORU^R01 (refuse with MSA-1 ``AR``), ``"103"`` OBR-25 not F/C, ``"101"`` a
-        required field or segment missing; ``"207"`` (the default) for DICOM input.
+        not ORU^R01 and ``"202"`` MSH-11 not ``P`` (refuse with MSA-1 ``AR``), ``"103"``
+        OBR-25 not F/C, ``"101"`` a required field or segment missing; ``"207"`` (the
+        default) for DICOM input.
     """
 
     def __init__(self, message: str, *, err_code: str = "207") -> None:
@@ -263,8 +267,9 @@ def final_report_from_oru(er7: str) -> FinalReport:
     ------
     FinalReportError
         With :attr:`FinalReportError.err_code`: not parseable by hl7apy (100); MSH-9
-        not ``ORU^R01`` (200); no OBR or MSH-10 (101); OBR-25 not ``F``/``C`` (103); no
-        TX/FT/ST OBX text (101); neither Study Instance UID nor accession number (101).
+        not ``ORU^R01`` (200); MSH-11 not ``P`` (202: a training or debugging message);
+        no OBR or MSH-10 (101); OBR-25 not ``F``/``C`` (103); no TX/FT/ST OBX text (101);
+        neither Study Instance UID nor accession number (101).
     """
     segments = _parse(er7)
     msh, control_id, obr = _final_order(segments)
@@ -313,11 +318,17 @@ def _parse(er7: str) -> list[Hl7Segment]:
 
 
 def _final_order(segments: list[Hl7Segment]) -> tuple[Hl7Segment, str, Hl7Segment]:
-    """(MSH, MSH-10, first OBR) of an ORU^R01 whose OBR-25 is F or C; else raises."""
+    """(MSH, MSH-10, first OBR) of a production ORU^R01 whose OBR-25 is F or C; else raises."""
     msh = segments[0]
     kind = msh.components(9)
     if kind[:2] != ["ORU", "R01"] or (len(kind) > 2 and kind[2] not in ("", "ORU_R01")):
         raise FinalReportError(f"MSH-9 is {'^'.join(kind)[:20]!r}, not ORU^R01", err_code="200")
+    processing = msh.text(11).upper()
+    if processing not in ("", PRODUCTION):  # HL7 v2.5.1 2.9.2.1 a): rejected, MSA-1 AR
+        raise FinalReportError(
+            f"MSH-11 processing ID {processing[:2]!r} is not P (production, table 0103)",
+            err_code="202",
+        )
     control_id = msh.text(10)
     if not control_id:
         raise FinalReportError("MSH-10 (message control ID) is empty", err_code="101")

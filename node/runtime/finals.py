@@ -6,9 +6,10 @@ Two ways in, one path after:
   Verification Flag VERIFIED (PS3.3 C.17.2), or any SR or Encapsulated PDF from an AE title
   in ``report_sources``, is a final report. Every other object, including the node's own
   drafts and unverified SRs from elsewhere, goes on to ingest as before.
-- **HL7 v2** (:func:`make_hl7_listener`): an ORU^R01 with result status F (or C) on the MLLP
-  listener (``hl7_listen``), from the hosts in ``hl7_allowed_hosts``; ACK AA when stored,
-  AE with the reason when not.
+- **HL7 v2** (:func:`make_hl7_listener`): a production (MSH-11 ``P``) ORU^R01 with result
+  status F (or C) on the MLLP listener (``hl7_listen``), from the hosts in
+  ``hl7_allowed_hosts``; ACK AA when stored, AE (AR: not ORU^R01, not production) with the
+  reason when not.
 
 :class:`FinalIntake` stores the report (idempotent per source and object UID), matches it
 to the study's newest report draft by Study Instance UID or Accession Number, labels both
@@ -256,9 +257,10 @@ def make_hl7_listener(ctx: NodeContext) -> MllpListener:
         try:
             report = final_report_from_oru(er7)
         except FinalReportError as exc:
-            # 200 unsupported message type: AR (rejected); anything else in it: AE
+            # 200 unsupported message type, 202 processing ID: AR (rejected, HL7 v2.5.1
+            # 2.9.2.1 a); anything else in it: AE
             code = exc.err_code
-            raise Hl7Refusal("AR" if code == "200" else "AE", code, str(exc)) from None
+            raise Hl7Refusal("AR" if code in ("200", "202") else "AE", code, str(exc)) from None
         intake.receive(report, sender=peer)
 
     return MllpListener(

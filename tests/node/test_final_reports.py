@@ -483,3 +483,28 @@ def test_a_signing_time_out_of_range_is_unknown_not_an_error(
     [row] = _finals(factory)
     assert row.job_id == job and row.agreement is not None
     assert row.signed_at == datetime(2024, 5, 7, 7, 31, tzinfo=UTC)  # MSH-7, 09:31 at +0200
+
+
+@pytest.mark.parametrize("processing", ["T", "D"])
+def test_a_training_or_debugging_message_is_refused_not_scored(
+    hl7_node: tuple[int, sessionmaker[Session]], tmp_path: Path, db_url: str, processing: str
+) -> None:
+    """MSH-11 (HL7 table 0103) ``T`` is a training message, ``D`` a debugging one: not the
+    radiologist's final for a patient. HL7 v2.5.1 section 2.9.2.1 a): a processing ID the
+    receiver does not take is rejected with MSA-1 ``AR`` (ERR-3 202, unsupported processing
+    ID); the node takes production messages only, so nothing is stored or scored."""
+    port, factory = hl7_node
+    ctx = ServiceContext(_settings(tmp_path, db_url), factory, factory)
+    seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    control = f"RIS-{processing}"
+    message = oru(
+        control=control,
+        observations=[("TX", "59776-5^Findings^LN", "Large right pneumothorax.")],
+    ).replace(f"|{control}|P|", f"|{control}|{processing}|", 1)
+    ack = send_mllp(message, "127.0.0.1", port).decode()
+    assert f"MSA|AR|{control}" in ack and "|202^" in ack
+    assert _finals(factory) == []
+    assert quality.summary(ctx)["overall"] is None
+    # the production message is taken as before
+    assert "MSA|AA|RIS-0001" in send_mllp(oru(), "127.0.0.1", port).decode()
+    assert len(_finals(factory)) == 1
