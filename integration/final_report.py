@@ -117,7 +117,8 @@ class FinalReport:
     or OBR-18, else OBR-3; ``text`` the whole text, never empty (SR: ``"FINDINGS: ...\\n
     IMPRESSION: ..."``, PDF and HL7 as written); ``findings`` / ``impression`` the sections
     when they can be told apart; ``verified`` per the module text; ``signed_at`` aware UTC
-    or ``None``; ``object_uid`` the SOP Instance UID or MSH-10.
+    or ``None``; ``object_uid`` the SOP Instance UID, or ``MSH-3|MSH-4|MSH-10`` (a control
+    ID names a message of its sending application and facility, not of every sender).
     """
 
     source: str
@@ -298,7 +299,7 @@ def final_report_from_oru(er7: str) -> FinalReport:
         impression=impression,
         verified=True,
         signed_at=oru_signed_at(msh, obr, segments),
-        object_uid=control_id,
+        object_uid=_message_key(msh, control_id),
     )
 
 
@@ -315,6 +316,14 @@ def _parse(er7: str) -> list[Hl7Segment]:
             err_code="100",
         ) from None
     return [Hl7Segment(segment, message) for segment in message.children]
+
+
+def _message_key(msh: Hl7Segment, control_id: str) -> str:
+    """``MSH-3|MSH-4|MSH-10``: what names one message (v2.5.1 2.14.9.10: the sending system
+    assigns MSH-10; two systems may both count from 1). HD values to three components; at
+    most 200 characters (the stored key)."""
+    sender = ["^".join(msh.components(n)[:3]).rstrip("^")[:40] for n in (3, 4)]
+    return "|".join([*sender, control_id])[:200]
 
 
 def _final_order(segments: list[Hl7Segment]) -> tuple[Hl7Segment, str, Hl7Segment]:

@@ -508,3 +508,24 @@ def test_a_training_or_debugging_message_is_refused_not_scored(
     # the production message is taken as before
     assert "MSA|AA|RIS-0001" in send_mllp(oru(), "127.0.0.1", port).decode()
     assert len(_finals(factory)) == 1
+
+
+def test_two_senders_may_use_the_same_control_id(
+    hl7_node: tuple[int, sessionmaker[Session]],
+) -> None:
+    """MSH-10 identifies a message of its sending application (MSH-3) and facility (MSH-4),
+    not of every system: two reporting systems counting from 1 both send control ID 1001.
+    Each one's final is stored and scored; only the same sender's message again is the same
+    row (an ``AA`` for a final that is then dropped would lose it silently)."""
+    port, factory = hl7_node
+    chest = seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    other = seed_draft(factory, "1.2.826.0.1.3680043.8.498.88", DRAFT_NO_PTX, accession="ACC-88")
+    first = oru(control="1001")
+    second = oru(control="1001", zds=False, accession="ACC-88").replace(
+        "MSH|^~\\&|RIS|RADIOLOGY|", "MSH|^~\\&|DICTATION|CLINIC-B|", 1
+    )
+    for message in (first, second, first):
+        assert "MSA|AA|1001" in send_mllp(message, "127.0.0.1", port).decode()
+    rows = _finals(factory)
+    assert [r.job_id for r in rows] == [chest, other]
+    assert all(r.agreement is not None for r in rows)

@@ -297,7 +297,7 @@ def test_oru_with_zds() -> None:
         impression=FINAL_IMPRESSION,
         verified=True,
         signed_at=SIGNED,  # OBR-22
-        object_uid="RIS-0001",
+        object_uid="RIS|RADIOLOGY|RIS-0001",  # MSH-3|MSH-4|MSH-10
     )
 
 
