@@ -13,7 +13,8 @@ The node scores its AI draft against the report a radiologist signed, which arri
   ``C`` (corrected final), of a production message (MSH-11 ``P``, table 0103: a training
   or debugging message is no patient's report). Study Instance UID from IHE Radiology's
   ZDS-1 or an OBX coded ``113014^DICOM Study^DCM``; text from the TX/FT/ST OBX, escapes
-  (section 2.7) undone.
+  (section 2.7) undone. All of it is the first order's (OBR): a later order of the message
+  (another exam, its own status) is not read.
 
 Sections: FINDINGS are headings/items coded (121070, DCM) "Findings", (121071, DCM)
 "Finding" or LOINC 59776-5; IMPRESSION (121072, DCM), (121073, DCM) or LOINC 19005-8
@@ -274,6 +275,7 @@ def final_report_from_oru(er7: str) -> FinalReport:
     """
     segments = _parse(er7)
     msh, control_id, obr = _final_order(segments)
+    segments = _first_order(segments, obr)
     lines = oru_text(segments)
     if not lines:
         raise FinalReportError(f"{control_id}: no TX/FT/ST OBX text", err_code="101")
@@ -316,6 +318,14 @@ def _parse(er7: str) -> list[Hl7Segment]:
             err_code="100",
         ) from None
     return [Hl7Segment(segment, message) for segment in message.children]
+
+
+def _first_order(segments: list[Hl7Segment], obr: Hl7Segment) -> list[Hl7Segment]:
+    """The segments before the second OBR: the first order's (ORDER_OBSERVATION group,
+    v2.5.1 7.3.1), whose OBR-25, accession, ZDS and OBX make the report; a later order of
+    the message (another exam, with its own status) is not its text."""
+    later = [i for i, s in enumerate(segments) if s.name == "OBR" and s is not obr]
+    return segments[: later[0]] if later else segments
 
 
 def _message_key(msh: Hl7Segment, control_id: str) -> str:

@@ -529,3 +529,28 @@ def test_two_senders_may_use_the_same_control_id(
     rows = _finals(factory)
     assert [r.job_id for r in rows] == [chest, other]
     assert all(r.agreement is not None for r in rows)
+
+
+def test_another_orders_results_in_the_message_are_not_this_reports_text(
+    hl7_node: tuple[int, sessionmaker[Session]],
+) -> None:
+    """An ORU^R01 may carry several orders (ORDER_OBSERVATION groups, v2.5.1 7.3.1): each
+    OBR with its own status, study and OBX. The final report read is the first order's (its
+    OBR-25, accession and study): the OBX of a later order, here another exam's preliminary
+    result, are not its text, and scoring them would flag a discrepancy the radiologist's
+    chest report does not have."""
+    port, factory = hl7_node
+    job = seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    chest = oru(observations=[("TX", "59776-5^Findings^LN", "No pneumothorax. Heart normal.")])
+    ribs = "\r".join(
+        [
+            "ORC|RE",
+            "OBR|2||FIL-2|36572-6^XR Ribs^LN||||||||||||||ACC-2||||20240507093000+0200||RAD|P",
+            "OBX|1|TX|59776-5^Findings^LN|1|Right 6th rib fracture. Small pneumothorax.||||||P",
+        ]
+    )
+    message = chest.rstrip("\r") + "\r" + ribs + "\r"
+    assert "MSA|AA|RIS-0001" in send_mllp(message, "127.0.0.1", port).decode()
+    [row] = _finals(factory)
+    assert row.job_id == job and row.full_text == "No pneumothorax. Heart normal."
+    assert not row.significant and row.final_labels["pneumothorax"] == "negative"
