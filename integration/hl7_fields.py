@@ -191,7 +191,8 @@ def oru_text(segments: list[Hl7Segment]) -> list[tuple[str | None, str]]:
     """[(section kind by OBX-3, line)] of the TX/FT/ST OBX; OBX-5 repetitions are lines.
 
     The 113014 OBX (study UID) and OBX-11 ``W`` (wrong) / ``D`` (deleted, table 0085) are
-    skipped.
+    skipped. A NUL (``\\X00\\``, or a legacy system's padding) is no text and is left out
+    (a PostgreSQL text value cannot hold one).
     """
     lines: list[tuple[str | None, str]] = []
     for obx in (s for s in segments if s.name == "OBX"):
@@ -204,7 +205,7 @@ def oru_text(segments: list[Hl7Segment]) -> list[tuple[str | None, str]]:
             code[3], code[5] if len(code) > 5 else ""
         )
         for repetition in obx.repetitions(5):
-            value = unescape(repetition, obx.escape).strip("\n")
+            value = unescape(repetition, obx.escape).replace("\x00", "").strip("\n")
             lines.extend((kind, line.rstrip()) for line in value.split("\n"))
     while lines and not lines[-1][1].strip():
         lines.pop()

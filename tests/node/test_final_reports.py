@@ -554,3 +554,19 @@ def test_another_orders_results_in_the_message_are_not_this_reports_text(
     [row] = _finals(factory)
     assert row.job_id == job and row.full_text == "No pneumothorax. Heart normal."
     assert not row.significant and row.final_labels["pneumothorax"] == "negative"
+
+
+def test_a_nul_in_the_report_text_is_not_an_internal_error(
+    hl7_node: tuple[int, sessionmaker[Session]],
+) -> None:
+    """A NUL (the hex escape ``\\X00\\`` of v2.5.1 2.7, or a legacy system's padding) is no
+    text: it is left out, and the report is stored on PostgreSQL as on SQLite (PostgreSQL
+    text cannot hold a NUL; it was AE 207, which a sender retries)."""
+    port, factory = hl7_node
+    job = seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    text = "No pneumothorax.@ Heart size normal.@@"  # hl7apy would escape the escapes
+    message = oru(observations=[("TX", "59776-5^Findings^LN", text)])
+    message = message.replace("normal.@@", "normal.\\X0000\\").replace(".@", ".\\X00\\")
+    assert "MSA|AA|RIS-0001" in send_mllp(message, "127.0.0.1", port).decode()
+    [row] = _finals(factory)
+    assert row.job_id == job and row.full_text == "No pneumothorax. Heart size normal."
