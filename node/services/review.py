@@ -55,7 +55,8 @@ def review(
     ------
     node.services.errors.InvalidInput
         ``edit`` without text (or over :data:`MAX_TEXT` characters), ``reject`` without a
-        reason.
+        reason, a text or reason with a NUL character (no report text; a PostgreSQL text
+        value cannot hold one).
     node.services.errors.Conflict
         When the job has no report draft to review (not done, or withdrawn).
     node.db.jobs.JobNotFound
@@ -63,6 +64,9 @@ def review(
     """
     from node.runtime.finals import FinalIntake
 
+    for name, value in (("text", text), ("reason", reason)):
+        if value is not None and "\x00" in value:
+            raise InvalidInput(f"the review's {name} contains a NUL character")
     with ctx.read_sessions() as session:
         match = finals_db.draft_of_job(session, job_id)
     if match is None:

@@ -269,3 +269,30 @@ def test_a_nul_character_is_refused_not_a_500(make_env: EnvFactory, db_url: str)
         r = c.post(f"/api/jobs/{done.job_id}/withdraw", json={"reason": "wrong\x00study"})
         assert r.status_code == 422 and "NUL" in r.json()["detail"], r.text
     assert env.job(done.job_id).withdrawn_at is None
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_a_review_with_a_nul_is_refused_clearly(
+    make_env,  # type: ignore[no-untyped-def]
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A NUL in an edited text or a rejection's reason is no report text: 422 naming the
+    field, on PostgreSQL (whose text cannot hold it) as on SQLite, not a 500."""
+    url = request.getfixturevalue("pg_schema_url") if backend == "postgresql" else None
+    env = make_env(url=url, model=False)
+    _row, env.tokens["reviewer"] = create_token(
+        env.api_ctx, name="rad-test", role="reviewer", actor="test-setup"
+    )
+    done = env.seed("done", draft="Clear lungs.")
+    with env.client("reviewer") as c:
+        for body in (
+            {"decision": "edit", "text": "Right pneumothorax.\u0000"},
+            {"decision": "reject", "reason": "wrong side\u0000"},
+        ):
+            r = c.post(f"/api/jobs/{done.job_id}/review", json=body)
+            assert r.status_code == 422, r.text
+        ok = c.post(f"/api/jobs/{done.job_id}/review", json={"decision": "accept"})
+        assert ok.status_code == 200
