@@ -6,7 +6,8 @@ LOINC codes HL7 result messages use): FINDINGS are headings/items coded (121070,
 (121073, DCM) or LOINC 19005-8. A plain text has ``FINDINGS:`` / ``IMPRESSION:`` line
 headings instead (:func:`split_sections`). An SR content tree (PS3.3 C.17.3) is walked in
 document order by :func:`sr_sections`: CONTAINERs open a section, observation context items
-are skipped, TEXT values (and the CODE values of a findings section) are its lines.
+are skipped, TEXT values (and the CODE values of a findings section) are its lines, any NUL
+in them left out.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def _walk(items: Iterable[Dataset], heading: Section, sections: list[Section]) -
             value = header_text(item, "TextValue")
         elif value_type == "CODE" and (kind or heading[1]) == "findings":
             value = header_text((item.get("ConceptCodeSequence") or [Dataset()])[0], "CodeMeaning")
+        value = value.replace("\x00", "")  # a NUL is no text (PostgreSQL cannot store one)
         if value:
             target = heading
             if kind and heading[1] is None:  # e.g. an Impression TEXT right under the root

@@ -570,3 +570,36 @@ def test_a_nul_in_the_report_text_is_not_an_internal_error(
     assert "MSA|AA|RIS-0001" in send_mllp(message, "127.0.0.1", port).decode()
     [row] = _finals(factory)
     assert row.job_id == job and row.full_text == "No pneumothorax. Heart size normal."
+
+
+def test_a_nul_in_a_verified_srs_text_is_not_a_database_error(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str, source: Dataset
+) -> None:
+    """A NUL inside an SR's TEXT value (pydicom strips only trailing padding) is left out,
+    as over HL7: stored (0x0000) on PostgreSQL as on SQLite, not answered 0xA7xx "database
+    error", which a PACS sends again for ever."""
+    storescu = require_binary("storescu")
+    settings = _settings(tmp_path, db_url, ae_title="CXRNODE")
+    settings.prepare_runtime()
+    job = seed_draft(session_factory, str(source.StudyInstanceUID), DRAFT_NO_PTX)
+    sr = final_sr(source)
+    findings = sr.ContentSequence[-2].ContentSequence[0]
+    findings.TextValue = "The lungs are clear.\x00 No pleural effusion."
+    sr.save_as(tmp_path / "nul.dcm", enforce_file_format=True)
+    ae, handlers = _build_scp(settings, session_factory)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        sent = subprocess.run(
+            [storescu, "-aec", "CXRNODE", "-aet", "RIS", "127.0.0.1", str(port), "nul.dcm"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+    assert sent.returncode == 0, sent.stderr
+    [row] = _finals(session_factory)
+    assert row.job_id == job and "\x00" not in row.full_text
+    assert "The lungs are clear. No pleural effusion." in row.full_text
