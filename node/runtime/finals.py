@@ -35,7 +35,7 @@ from integration.final_report import (
     final_report_from_dataset,
     final_report_from_oru,
 )
-from integration.scp import InstanceSink, ReceivedMeta, StoreResult
+from integration.scp import ReceivedMeta, StoreResult
 from integration.status import StoreStatus
 from node import metrics
 from node.db import finals as finals_db
@@ -44,6 +44,7 @@ from node.settings import Settings
 
 if TYPE_CHECKING:
     from integration.mllp_listener import MllpListener
+    from node.runtime.ingest import IngestSink
     from node.runtime.service import NodeContext
 
 __all__ = ["FinalIntake", "FinalOutcome", "ReportSink", "make_hl7_listener", "scores_for"]
@@ -213,7 +214,7 @@ class ReportSink:
     """
 
     def __init__(
-        self, ingest: InstanceSink, intake: FinalIntake, report_sources: frozenset[str]
+        self, ingest: IngestSink, intake: FinalIntake, report_sources: frozenset[str]
     ) -> None:
         self.ingest = ingest
         self.intake = intake
@@ -221,9 +222,18 @@ class ReportSink:
 
     def accept(self, path: Path, meta: ReceivedMeta) -> StoreResult:
         """Record a final report (0x0000, outcome ``final_report``), refuse an unusable one
-        (0xC210 with the reason), or hand the instance to ingest."""
+        (0xC210 with the reason), or hand the instance to ingest.
+
+        The data set is read whole only once ingest's bounded header walk has passed it
+        (:meth:`~node.runtime.ingest.IngestSink.inspect`: structure, inflation limits,
+        UIDs against the request), so an SR or PDF is refused with the status any
+        instance gets (PS3.4 Table B.2-1) and a deflate bomb is never inflated whole.
+        """
         if meta.sop_class_uid not in REPORT_SOP_CLASSES:
             return self.ingest.accept(path, meta)
+        checked = self.ingest.inspect(path, meta)
+        if isinstance(checked, StoreResult):
+            return checked
         from pydicom import dcmread
         from pydicom.errors import InvalidDicomError
 

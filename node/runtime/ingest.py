@@ -215,6 +215,27 @@ class IngestSink:
             0x0000 only once the file is durable and its row committed; otherwise the
             status of :mod:`integration.status` with the reason.
         """
+        header = self.inspect(path, meta)
+        if isinstance(header, StoreResult):
+            return header
+        with self._locks.hold(header.sop_instance_uid):
+            result = self._store(path, header, meta)
+        # the receive log keeps a refused instance's study (integration.association_log)
+        return result if result.ok else replace(result, study_uid=header.study_uid or None)
+
+    def inspect(self, path: Path, meta: ReceivedMeta) -> HeaderInfo | StoreResult:
+        """Steps 1 and 2 of :meth:`accept`: the received file's header, read within the
+        parsing and inflation bounds, with its UIDs checked; never raises.
+
+        :class:`node.runtime.finals.ReportSink` calls it before it reads an SR or PDF
+        whole, so a final report is refused as any instance is (PS3.4 Table B.2-1).
+
+        Returns
+        -------
+        HeaderInfo or StoreResult
+            The header, or the refusal: 0xC210 (:func:`node.runtime.header.read_header`)
+            or 0xA900-0xA903 (:func:`validate_uids`).
+        """
         try:
             header = read_header(path, inflate=self.inflate)
         except DataSetError as exc:
@@ -225,10 +246,7 @@ class IngestSink:
             return StoreResult(
                 status=exc.status, reason=exc.message, study_uid=header.study_uid or None
             )
-        with self._locks.hold(header.sop_instance_uid):
-            result = self._store(path, header, meta)
-        # the receive log keeps a refused instance's study (integration.association_log)
-        return result if result.ok else replace(result, study_uid=header.study_uid or None)
+        return header
 
     def _store(self, path: Path, header: HeaderInfo, meta: ReceivedMeta) -> StoreResult:
         try:

@@ -30,7 +30,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
+    ComprehensiveSRStorage,
     DeflatedExplicitVRLittleEndian,
+    EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -108,14 +110,16 @@ def _ob_header(tag: tuple[int, int], length: int) -> bytes:
     return struct.pack("<HH2sHL", tag[0], tag[1], b"OB", 0, length)
 
 
-def deflate_bomb(path: Path, inflated: int = BOMB_INFLATED) -> tuple[Path, Dataset]:
-    """A valid-looking Deflated Explicit VR Little Endian data set whose Pixel Data is
-    ``inflated`` bytes of zeros: about 1 MB on the wire for 1 GiB inflated.
+def deflate_bomb(
+    path: Path, inflated: int = BOMB_INFLATED, *, sop_class: str = SecondaryCaptureImageStorage
+) -> tuple[Path, Dataset]:
+    """A valid-looking Deflated Explicit VR Little Endian data set of SOP Class ``sop_class``
+    whose Pixel Data is ``inflated`` bytes of zeros: about 1 MB on the wire for 1 GiB inflated.
 
     Built from full-flushed deflate segments (each one MiB of zeros, byte-aligned and
     independent of what precedes it), so it takes milliseconds instead of compressing 1 GiB.
     """
-    ds = _header_dataset()
+    ds = _header_dataset(SOPClassUID=sop_class)
     head = _encode(ds) + _ob_header((0x7FE0, 0x0010), inflated)
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     first = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
@@ -277,6 +281,28 @@ def test_deflate_bomb_refused_with_bounded_memory(node: Node, tmp_path: Path) ->
     assert "inflate" in str(rsp.ErrorComment)
     assert grown < 200 * _MIB, f"peak RSS grew by {grown / _MIB:.0f} MiB"
     assert elapsed < 30, f"answered after {elapsed:.1f} s"
+    assert not [p for p in node.spooled() if p.name.startswith(ds.SOPInstanceUID + ".")]
+    assert_nothing_left(node)
+
+
+@pytest.mark.parametrize(
+    "sop_class", [ComprehensiveSRStorage, EncapsulatedPDFStorage], ids=["sr", "pdf"]
+)
+def test_deflate_bomb_of_a_report_class_refused_with_bounded_memory(
+    node: Node, tmp_path: Path, sop_class: str
+) -> None:
+    """An SR or Encapsulated PDF may be a radiologist's final report, which the node reads
+    before ingest (``node.runtime.finals.ReportSink``): the same bomb in those SOP Classes
+    is refused within the same bounds (before: pydicom inflated it whole, 0xC210 after
+    the node's peak RSS grew by 2 GiB)."""
+    bomb, ds = deflate_bomb(tmp_path / "bomb.dcm", sop_class=sop_class)
+    before = node.vm("VmHWM")
+    node.reset_peak()
+    rsp = send_file(node, bomb, DeflatedExplicitVRLittleEndian)
+    grown = node.vm("VmHWM") - min(before, node.vm("VmRSS"))
+    assert int(rsp.Status) == StoreStatus.CANNOT_UNDERSTAND
+    assert "inflate" in str(rsp.ErrorComment)
+    assert grown < 200 * _MIB, f"peak RSS grew by {grown / _MIB:.0f} MiB"
     assert not [p for p in node.spooled() if p.name.startswith(ds.SOPInstanceUID + ".")]
     assert_nothing_left(node)
 

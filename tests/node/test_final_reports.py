@@ -234,9 +234,10 @@ def test_verified_sr_over_dicom_is_a_final_report(
                 )
                 == 1
             )
-        # a verified SR without a Study Instance UID: refused (0xC210), nothing stored
+        # a verified SR without a Study Instance UID: refused as any instance (0xA901),
+        # nothing stored
         refused = send("b")
-        assert "0XC210" in (refused.stdout + refused.stderr).upper()
+        assert "0XA901" in (refused.stdout + refused.stderr).upper()
         assert len(_finals(session_factory)) == 1
     finally:
         server.shutdown()
@@ -603,3 +604,67 @@ def test_a_nul_in_a_verified_srs_text_is_not_a_database_error(
     [row] = _finals(session_factory)
     assert row.job_id == job and "\x00" not in row.full_text
     assert "The lungs are clear. No pleural effusion." in row.full_text
+
+
+def _store_as_is(port: int, path: Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
+    """C-STORE a Part 10 file's data set bytes exactly as they are (pynetdicom chunked
+    send; the request's Affected SOP Instance UID is the file meta's), as the RIS."""
+    from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
+    from pynetdicom import AE, _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="RIS")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert rsp is not None and "Status" in rsp, "no C-STORE response"
+    return rsp
+
+
+@pytest.mark.parametrize(
+    ("defect", "status"),
+    [("truncated", 0xC210), ("other-instance-uid", 0xA903), ("invalid-study-uid", 0xA901)],
+)
+def test_a_malformed_verified_sr_is_refused_as_any_instance(
+    session_factory: sessionmaker[Session],
+    tmp_path: Path,
+    db_url: str,
+    source: Dataset,
+    monkeypatch: pytest.MonkeyPatch,
+    defect: str,
+    status: int,
+) -> None:
+    """A final report is refused with the status ``CONFORMANCE.md`` gives any instance
+    (C-STORE response statuses): a truncated data set 0xC210, a data set that is not the
+    instance the request names 0xA903 (PS3.4 B.2.3), an invalid Study Instance UID 0xA901;
+    none is stored as a final report."""
+    from pydicom.uid import generate_uid
+
+    settings = _settings(tmp_path, db_url, ae_title="CXRNODE")
+    settings.prepare_runtime()
+    ae, handlers = _build_scp(settings, session_factory)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        sr = final_sr(source)
+        path = tmp_path / "final.dcm"
+        if defect == "truncated":
+            sr.save_as(path, enforce_file_format=True)
+            path.write_bytes(path.read_bytes()[:-7])  # ends inside the last value
+        elif defect == "other-instance-uid":
+            sr.save_as(path, enforce_file_format=True)
+            sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # the request's
+            sr.save_as(path, enforce_file_format=False)
+        else:
+            sr.StudyInstanceUID = "1.2.3.study-7"
+            sr.save_as(path, enforce_file_format=True)
+        rsp = _store_as_is(port, path, monkeypatch)
+        assert int(rsp.Status) == status, f"0x{int(rsp.Status):04X}"
+        assert _finals(session_factory) == []
+    finally:
+        server.shutdown()
