@@ -97,6 +97,7 @@ from integration.draft_header import (
     finish_draft_header,
     requested_procedures_from,
     sr_build_errors,
+    with_type2_patient_study,
 )
 from integration.errors import SRBuildError
 from integration.uids import (
@@ -368,7 +369,7 @@ def build_coded_findings_sr(
     uid = coded_findings_instance_uid(
         study, model_name, model_version, source=draft_sr_uid or image.SOPInstanceUID, labels=labels
     )
-    evidence = [image]
+    evidence = [with_type2_patient_study(image)]  # patient and study attributes copied
     if draft_sr_uid is not None:
         series = draft_sr_series_uid or sr_series_uid(study, model_name, model_version)
         evidence.append(_reference(study, series, draft_sr_class_uid, draft_sr_uid))

@@ -31,11 +31,24 @@ __all__ = [
     "requested_procedures_from",
     "set_utc_offset",
     "sr_build_errors",
+    "with_type2_patient_study",
 ]
 
 SERIES_WARNING = "AI DRAFT UNVERIFIED"
 """The start of every draft series description (a cut-short description still warns)."""
 _MAX_LO = 64  # VR LO maximum length (PS3.5 6.2)
+#: the Type 2 Patient and General Study attributes (PS3.3 C.7.1.1, C.7.2.1) that highdicom's
+#: SR constructors read from the first evidence dataset
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
 
 
 def draft_series_description(*, demo: bool, kind: str = "report") -> str:
@@ -89,6 +102,23 @@ def requested_procedures_from(source: Dataset) -> list[Dataset]:
         )
         items.append(item)
     return items
+
+
+def with_type2_patient_study(source: Dataset) -> Dataset:
+    """``source``, or a copy of it with the Type 2 Patient and General Study attributes it
+    lacks present and empty (PS3.3 C.7.1.1, C.7.2.1: zero length when unknown).
+
+    The SCP stores an image whatever it lacks (an anonymiser may remove Patient's Sex, an old
+    modality never write Study ID); a draft object copies these attributes from it, and
+    highdicom's SR constructors need each one present. ``source`` itself is not changed.
+    """
+    missing = [keyword for keyword in _TYPE2_PATIENT_STUDY if keyword not in source]
+    if not missing:
+        return source
+    filled = Dataset(dict(source.items()))  # a new dict of the same elements
+    for keyword in missing:
+        setattr(filled, keyword, None)
+    return filled
 
 
 def draft_timestamp(created_at: dt.datetime | None) -> dt.datetime:

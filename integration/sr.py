@@ -28,7 +28,8 @@ The AI notice is the first heading, so a viewer that renders the tree as text (O
 text viewport, Stone, Weasis) shows it first and labelled. Document flags (PS3.3 C.17.2):
 Completion PARTIAL, Verification UNVERIFIED, Preliminary PRELIMINARY. Patient and study
 attributes (with Issuer of Accession Number Sequence and Timezone Offset From UTC) are copied
-from the evidence; every instance of the study the node received is listed in the Current
+from the evidence (a Type 2 one the image lacks is empty, PS3.3 C.7.1.1, C.7.2.1); every
+instance of the study the node received is listed in the Current
 Requested Procedure Evidence Sequence (0040,A375), and the image the model read also appears
 in the tree. Series Description begins with "AI DRAFT UNVERIFIED" so that a viewer that cuts
 it short still shows the warning; Series Date/Time are the SR's creation time.
@@ -78,6 +79,7 @@ from integration.draft_header import (
     draft_timestamp,
     finish_draft_header,
     sr_build_errors,
+    with_type2_patient_study,
 )
 from integration.errors import SRBuildError
 from integration.uids import device_uid as default_device_uid
@@ -133,8 +135,8 @@ def build_draft_sr(
     evidence
         Every instance of the study the node received (full datasets or headers), all of
         one study; patient and study attributes are copied from the first (PS3.3 C.7.1.1,
-        C.7.2.1), and all are listed in the Current Requested Procedure Evidence Sequence
-        (0040,A375).
+        C.7.2.1; a Type 2 one it lacks is empty), and all are listed in the Current
+        Requested Procedure Evidence Sequence (0040,A375).
     image_read
         The image the model read (one of ``evidence``): an IMAGE content item (TID 2001)
         under each text item.
@@ -224,9 +226,11 @@ def build_draft_sr(
         description=f"AI draft report generation ({'DEMO model, ' if demo else ''}not verified)",
     )
     sr_class = hd.sr.EnhancedSR if kind == "basic" else hd.sr.ComprehensiveSR
+    # the patient and study attributes come from the first evidence dataset
+    copied = [with_type2_patient_study(evidence[0]), *evidence[1:]]
     with sr_build_errors(evidence):
         sr = sr_class(
-            evidence=list(evidence),
+            evidence=copied,
             content=content,
             series_instance_uid=series_instance_uid,
             series_number=series_number,

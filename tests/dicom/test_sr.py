@@ -332,6 +332,38 @@ def test_basic_text_sr(rg1_header: Dataset, tmp_path: Path) -> None:
     assert texts(back)["Impression"] == [IMPRESSION_JA]
 
 
+#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1)
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+
+@pytest.mark.parametrize("kind", ["comprehensive", "basic"])
+@pytest.mark.parametrize("absent", TYPE2_PATIENT_STUDY)
+def test_an_image_without_a_type2_attribute_gets_its_sr(
+    rg1_header: Dataset, tmp_path: Path, absent: str, kind: str
+) -> None:
+    """An image the SCP stored without a Type 2 Patient or Study attribute (an anonymiser
+    removed it, an old modality never wrote it) still gets its draft SR, with the attribute
+    empty as Type 2 asks (PS3.3 C.7.1.1, C.7.2.1; before: highdicom raised, no SR)."""
+    source = copy.deepcopy(rg1_header)
+    delattr(source, absent)
+    sr = build(source, kind=kind)
+    check_dciodvfy(write(sr, tmp_path / "sr.dcm"))
+    assert absent in sr and sr[absent].value in ("", None)
+    assert absent not in source
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword != absent:
+            assert sr[keyword].value == source[keyword].value
+
+
 @pytest.mark.parametrize(
     ("offset", "content"),
     [("-0400", ("20240506", "030809")), ("+0100", ("20240506", "080809")), (None, None)],

@@ -280,6 +280,32 @@ def test_coded_findings_sr_is_valid_and_round_trips(source: Dataset, tmp_path: P
     assert back.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == LOCAL_SCHEME
 
 
+@pytest.mark.parametrize(
+    "absent",
+    [
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+    ],
+)
+def test_an_image_without_a_type2_attribute_gets_its_coded_sr(
+    source: Dataset, tmp_path: Path, absent: str
+) -> None:
+    """A Type 2 Patient or Study attribute the image lacks is empty in the coded SR
+    (PS3.3 C.7.1.1, C.7.2.1; before: highdicom raised, no coded SR)."""
+    image = copy.deepcopy(source)
+    delattr(image, absent)
+    sr = build(image)
+    errors, _ = dciodvfy_errors(write(sr, tmp_path / "coded.dcm"))
+    assert errors == []
+    assert absent in sr and sr[absent].value in ("", None)
+
+
 def test_observer_is_the_ai_device(source: Dataset) -> None:
     sr = build(source)
     context = {
