@@ -14,7 +14,7 @@ acquired image:
 
 Without a reference dataset the image gets a new Study (new Study Instance UID, patient
 ``SYNTHETIC^CXR``); with one, it joins that study in a new series and copies the Patient and
-General Study attributes (PS3.3 C.7.1.1, C.7.2.1) from it.
+General Study attributes (PS3.3 C.7.1.1, C.7.2.1) from it, written in UTF-8 (ISO_IR 192).
 """
 
 from __future__ import annotations
@@ -138,9 +138,15 @@ def build_synthetic_sc(
             raise SecondaryCaptureError(
                 "reference dataset has no Study Instance UID (0020,000D) to join"
             )
-        # highdicom warns with the reference's single-component person names quoted
+        # highdicom warns with the reference's single-component person names quoted. The
+        # copied names are written in UTF-8 (ISO_IR 192), as the draft objects are:
+        # highdicom refuses the reference's own set when its first value is empty (the
+        # default repertoire with code extensions, e.g. "\ISO 2022 IR 87", PS3.3
+        # C.12.1.1.2)
         with quiet_person_name_warnings():
-            ds: Dataset = hd.sc.SCImage.from_ref_dataset(ref_dataset=reference, **common)
+            ds: Dataset = hd.sc.SCImage.from_ref_dataset(
+                ref_dataset=reference, specific_character_set="ISO_IR 192", **common
+            )
         for keyword in _PATIENT_STUDY_KEYWORDS:
             if keyword in reference and keyword not in ds:
                 setattr(ds, keyword, reference.data_element(keyword).value)  # type: ignore[union-attr]

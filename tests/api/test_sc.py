@@ -59,6 +59,26 @@ def test_joins_a_given_study(tmp_path: Path) -> None:
     assert _errors(path) == []
 
 
+def test_joins_a_study_with_iso_2022_code_extensions(tmp_path: Path) -> None:
+    """A Japanese study's Specific Character Set ``\\ISO 2022 IR 87`` (first value empty:
+    the default repertoire, PS3.3 C.12.1.1.2) is the usual one there; the SC joins the study
+    with the names intact (before: ValueError from highdicom, an HTTP 500)."""
+    ref = dcmread(rg1_file(), stop_before_pixels=True)
+    ref.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ref.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    ref.save_as(tmp_path / "ref.dcm", enforce_file_format=True)
+    ref = dcmread(tmp_path / "ref.dcm")
+    ds = build_synthetic_sc(
+        _image(), model_name="llm-cxr", model_version="1.0", demo=False, reference=ref
+    )
+    path = tmp_path / "joined.dcm"
+    path.write_bytes(to_part10_bytes(ds))
+    back = dcmread(path)
+    assert back.StudyInstanceUID == ref.StudyInstanceUID
+    assert str(back.PatientName) == str(ref.PatientName)
+    assert _errors(path) == []
+
+
 def test_refuses_bad_input() -> None:
     with pytest.raises(IntegrationError, match="Pixel Data"):
         build_synthetic_sc(
