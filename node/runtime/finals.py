@@ -229,7 +229,12 @@ class ReportSink:
         UIDs against the request), so an SR or PDF is refused with the status any
         instance gets (PS3.4 Table B.2-1) and a deflate bomb is never inflated whole.
         """
-        if meta.sop_class_uid not in REPORT_SOP_CLASSES:
+        trusted = meta.calling_ae in self.report_sources
+        if meta.sop_class_uid not in REPORT_SOP_CLASSES or (
+            meta.sop_class_uid == ENCAPSULATED_PDF_STORAGE and not trusted
+        ):
+            # a PDF counts only from a report source (final_report_from_dataset): any other
+            # is not read whole, so it costs the memory any instance does (CONFORMANCE.md)
             return self.ingest.accept(path, meta)
         checked = self.ingest.inspect(path, meta)
         if isinstance(checked, StoreResult):
@@ -239,7 +244,6 @@ class ReportSink:
 
         try:
             ds = dcmread(path)
-            trusted = meta.calling_ae in self.report_sources
             report = final_report_from_dataset(ds, trusted_source=trusted)
         except (FinalReportError, InvalidDicomError) as exc:
             log.warning("final report from %r refused: %s", meta.calling_ae, exc)

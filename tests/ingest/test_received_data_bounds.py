@@ -307,6 +307,26 @@ def test_deflate_bomb_of_a_report_class_refused_with_bounded_memory(
     assert_nothing_left(node)
 
 
+def test_a_large_encapsulated_pdf_costs_bounded_memory(node: Node, tmp_path: Path) -> None:
+    """A PACS forwards a study's scanned documents too: a 120 MB Encapsulated PDF from a
+    sender that is not a report source is stored with the memory any instance costs
+    (``CONFORMANCE.md``, "Memory per association"; before: read whole, +240 MiB)."""
+    size = 120_000_000
+    ds = _header_dataset(SOPClassUID=EncapsulatedPDFStorage, Modality="DOC")
+    document = b"%PDF-1.4\n" + bytes(size - 9)
+    body = _encode(ds) + _ob_header((0x0042, 0x0011), size) + document
+    path = _part10(ds, ExplicitVRLittleEndian, body, tmp_path / "big-pdf.dcm")
+    del body, document
+    before = node.vm("VmHWM")
+    node.reset_peak()
+    rsp = send_file(node, path, ExplicitVRLittleEndian)
+    grown = node.vm("VmHWM") - min(before, node.vm("VmRSS"))
+    assert int(rsp.Status) == 0x0000
+    assert grown < 64 * _MIB, f"peak RSS grew by {grown / _MIB:.0f} MiB"
+    assert [p for p in node.spooled() if p.name.startswith(ds.SOPInstanceUID + ".")]
+    assert_nothing_left(node)
+
+
 @pytest.mark.parametrize("source", ["nih-png", "RG1_UNCR.dcm"])
 def test_legitimate_deflated_cxr_stored(node: Node, tmp_path: Path, source: str) -> None:
     """Real chest radiographs deflate 1.1x (RG1_UNCR, 15-bit CR) to 2.9x: well inside."""
