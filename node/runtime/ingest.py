@@ -17,7 +17,8 @@ For each received instance, in this order (architecture: "durability first"):
 
 Duplicate SOP Instance UIDs (policy, also in ``CONFORMANCE.md``): identical content answers
 success and changes nothing; different content is stored as a new file, the SQL row is
-switched to it in the same commit, then the old file is deleted ("newest wins").
+switched to it in the same commit, then the old file is deleted ("newest wins"). An object
+the node made itself (in ``<spool>/outputs``) coming back answers success and is not stored.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from node.runtime.dataset_error import DataSetError
 from node.runtime.dataset_source import InflateLimits
 from node.runtime.header import HeaderInfo, header_priority, read_header
 from node.runtime.spool import Spool, SpooledFile, SpoolError, incoming_grace
+from node.spool_layout import OUTPUTS_DIR
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -218,10 +220,23 @@ class IngestSink:
         header = self.inspect(path, meta)
         if isinstance(header, StoreResult):
             return header
+        if self.is_own_object(header.sop_instance_uid):
+            # a PACS that routes a study's objects to every node sends the node's drafts
+            # back: stored, they would reopen the study and draft it again, in a loop
+            LOG.info(
+                "C-STORE of the node's own object %s: not stored again", header.sop_instance_uid
+            )
+            return StoreResult(status=StoreStatus.SUCCESS, outcome="own_object")
         with self._locks.hold(header.sop_instance_uid):
             result = self._store(path, header, meta)
         # the receive log keeps a refused instance's study (integration.association_log)
         return result if result.ok else replace(result, study_uid=header.study_uid or None)
+
+    def is_own_object(self, sop_instance_uid: str) -> bool:
+        """Whether the node made the instance itself: a draft SR, Basic Text SR, coded SR,
+        Encapsulated PDF or rejection note is written to ``<spool>/outputs/<SOP Instance
+        UID>.dcm`` before it is sent (``sop_instance_uid`` is a validated UID)."""
+        return (self.spool.root / OUTPUTS_DIR / f"{sop_instance_uid}.dcm").is_file()
 
     def inspect(self, path: Path, meta: ReceivedMeta) -> HeaderInfo | StoreResult:
         """Steps 1 and 2 of :meth:`accept`: the received file's header, read within the

@@ -17,6 +17,7 @@ from node.db.models import Study
 from node.runtime.spool import Spool
 from tests.ingest.conftest import (
     NODE_AET,
+    PACS_AET,
     RunningSCP,
     complete_studies,
     cxr_dataset,
@@ -302,3 +303,46 @@ def test_max_associations_passed_through(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         node.stop()
+
+
+def test_the_nodes_own_draft_coming_back_does_not_reopen_the_study(
+    sqlite_scp: RunningSCP,
+) -> None:
+    """A PACS that routes a study's objects to every node sends the node its own draft SR
+    back. It is the node's object (``<spool>/outputs/<SOP Instance UID>.dcm``): answered
+    0x0000 and not stored again, so the finished study is not reopened (before: a late
+    instance, a fresh job, whose draft listed the SR as evidence and so got a new UID,
+    was sent, came back, and so on)."""
+    from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    from node.db import jobs as jobs_db
+    from node.db import withdrawals as withdrawals_db
+    from node.spool_layout import OUTPUTS_DIR
+    from tests.helpers import node_draft_sr
+
+    image = cxr_dataset()
+    assert store(sqlite_scp, [image]) == [0]
+    complete_studies(sqlite_scp, after=sqlite_scp.settings.study_quiet_seconds + 1)
+    with sqlite_scp.session_factory() as s:
+        job = jobs_db.claim_next_job(s, owner="test/w0", lease_seconds=60)
+        assert job is not None
+        withdrawals_db.finish_job(s, job.id, owner="test/w0")
+    sr = node_draft_sr(
+        image, findings="No effusion.", impression="Normal.", version="1.0", series_number=7001
+    )
+    outputs = sqlite_scp.spool.root / OUTPUTS_DIR
+    outputs.mkdir(exist_ok=True)
+    sr.save_as(outputs / f"{sr.SOPInstanceUID}.dcm", enforce_file_format=True)
+
+    ae = AE(ae_title=PACS_AET)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", sqlite_scp.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(sr).Status) == 0x0000
+    finally:
+        assoc.release()
+    assert [j.state.value for j in study_jobs(sqlite_scp, image.StudyInstanceUID)] == ["done"]
+    assert sqlite_scp.row(sr.SOPInstanceUID) is None
