@@ -27,6 +27,18 @@ from tests.helpers import (
     wait_for,
 )
 
+#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1)
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
 
 @functools.cache
 def _find_dcmtk(name: str) -> str | None:

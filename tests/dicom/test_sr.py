@@ -18,7 +18,7 @@ from integration.errors import SRBuildError
 from integration.header_values import utc_offset
 from integration.sr import AI_DRAFT_NOTE, BASIC_TEXT_SR_STORAGE, DEMO_NOTE, build_draft_sr
 from integration.uids import device_uid, draft_series_number, sr_instance_uid, sr_series_uid
-from tests.dicom.conftest import dcmtk_binary, which_or_skip
+from tests.dicom.conftest import TYPE2_PATIENT_STUDY, dcmtk_binary, which_or_skip
 
 FINDINGS_DE = "Kein Pleuraerguss. Herzgröße normal – Zwerchfell glatt begrenzt."
 IMPRESSION_JA = "急性の心肺異常なし。No acute cardiopulmonary process."
@@ -330,19 +330,6 @@ def test_basic_text_sr(rg1_header: Dataset, tmp_path: Path) -> None:
     assert back.SOPClassUID == BASIC_TEXT_SR_STORAGE
     assert back.file_meta.MediaStorageSOPClassUID == BASIC_TEXT_SR_STORAGE
     assert texts(back)["Impression"] == [IMPRESSION_JA]
-
-
-#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1)
-TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-)
 
 
 @pytest.mark.parametrize("kind", ["comprehensive", "basic"])

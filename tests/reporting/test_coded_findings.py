@@ -30,7 +30,7 @@ from integration.coded_findings import (
 from integration.errors import SRBuildError
 from integration.sr import build_draft_sr
 from integration.uids import device_uid, draft_series_number, sr_instance_uid, sr_series_uid
-from tests.dicom.conftest import dcmtk_binary
+from tests.dicom.conftest import TYPE2_PATIENT_STUDY, dcmtk_binary
 from tests.reporting.conftest import (
     ACCESSION,
     FINDINGS,
@@ -280,19 +280,7 @@ def test_coded_findings_sr_is_valid_and_round_trips(source: Dataset, tmp_path: P
     assert back.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == LOCAL_SCHEME
 
 
-@pytest.mark.parametrize(
-    "absent",
-    [
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "AccessionNumber",
-        "StudyID",
-        "StudyDate",
-        "StudyTime",
-    ],
-)
+@pytest.mark.parametrize("absent", TYPE2_PATIENT_STUDY)
 def test_an_image_without_a_type2_attribute_gets_its_coded_sr(
     source: Dataset, tmp_path: Path, absent: str
 ) -> None:
