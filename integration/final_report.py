@@ -99,14 +99,24 @@ class FinalReportError(IntegrationError, ValueError):
     err_code
         The HL7 table 0357 code an acknowledgment would carry (ERR-3, as in
         :class:`integration.mllp_listener.Hl7Refusal`): ``"100"`` not parseable, ``"200"``
-        not ORU^R01 and ``"202"`` MSH-11 not ``P`` (refuse with MSA-1 ``AR``), ``"103"``
-        OBR-25 not F/C, ``"101"`` a required field or segment missing; ``"207"`` (the
-        default) for DICOM input.
+        not ORU, ``"201"`` an ORU not R01 and ``"202"`` MSH-11 not ``P`` (refused:
+        :attr:`ack_code` ``AR``), ``"103"`` OBR-25 not F/C, ``"101"`` a required field or
+        segment missing; ``"207"`` (the default) for DICOM input.
     """
+
+    #: ERR-3 codes of a message the receiver does not take at all (HL7 v2.5.1 2.9.2.1 a:
+    #: message type, event, processing ID), answered MSA-1 ``AR``
+    REJECTED = frozenset({"200", "201", "202"})
 
     def __init__(self, message: str, *, err_code: str = "207") -> None:
         super().__init__(message)
         self.err_code = err_code
+
+    @property
+    def ack_code(self) -> str:
+        """MSA-1 of the acknowledgment (table 0008): ``AR`` for :data:`REJECTED` codes,
+        else ``AE`` (the content is wrong)."""
+        return "AR" if self.err_code in self.REJECTED else "AE"
 
 
 @dataclass(frozen=True)
@@ -269,9 +279,10 @@ def final_report_from_oru(er7: str) -> FinalReport:
     ------
     FinalReportError
         With :attr:`FinalReportError.err_code`: not parseable by hl7apy (100); MSH-9
-        not ``ORU^R01`` (200); MSH-11 not ``P`` (202: a training or debugging message);
-        no OBR or MSH-10 (101); OBR-25 not ``F``/``C`` (103); no TX/FT/ST OBX text (101);
-        neither Study Instance UID nor accession number (101).
+        not ``ORU^R01`` (200, or 201 for an ORU of another event); MSH-11 not ``P`` (202:
+        a training or debugging message); no OBR or MSH-10 (101); OBR-25 not ``F``/``C``
+        (103); no TX/FT/ST OBX text (101); neither Study Instance UID nor accession number
+        (101).
     """
     segments = _parse(er7)
     msh, control_id, obr = _final_order(segments)
@@ -341,7 +352,9 @@ def _final_order(segments: list[Hl7Segment]) -> tuple[Hl7Segment, str, Hl7Segmen
     msh = segments[0]
     kind = msh.components(9)
     if kind[:2] != ["ORU", "R01"] or (len(kind) > 2 and kind[2] not in ("", "ORU_R01")):
-        raise FinalReportError(f"MSH-9 is {'^'.join(kind)[:20]!r}, not ORU^R01", err_code="200")
+        # table 0357: 201 an ORU of another event (R30, R31...), 200 another message type
+        code = "201" if kind[:1] == ["ORU"] else "200"
+        raise FinalReportError(f"MSH-9 is {'^'.join(kind)[:20]!r}, not ORU^R01", err_code=code)
     processing = msh.text(11).upper()
     if processing not in ("", PRODUCTION):  # HL7 v2.5.1 2.9.2.1 a): rejected, MSA-1 AR
         raise FinalReportError(

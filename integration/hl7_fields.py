@@ -80,6 +80,7 @@ def read_msh(er7: str) -> MshHeader:
     The first segment must start with ``MSH`` (after MLLP start block and white space);
     MSH-1 is the character after it, the component separator the first of MSH-2 (section
     2.14.9). HD values (MSH-3, MSH-4) keep three components and lose any delimiter;
+    MSH-10 is the value, its escape sequences (section 2.7, in the sender's MSH-2) undone;
     MSH-11 is ``P``, ``T`` or ``D`` (table 0103), else ``P``; MSH-18 is kept only when it
     is one of :data:`CHARSET_CODECS`. Never raises: an unreadable MSH gives
     ``MshHeader()``.
@@ -89,6 +90,13 @@ def read_msh(er7: str) -> MshHeader:
         return MshHeader()
     fields = first.split(first[3])
     component = fields[1][:1] or "^"
+    encoding = {  # MSH-1 and MSH-2, for the escape sequences of MSH-10 (section 2.7)
+        "FIELD": first[3],
+        "COMPONENT": component,
+        "REPETITION": fields[1][1:2] or "~",
+        "ESCAPE": fields[1][2:3] or "\\",
+        "SUBCOMPONENT": fields[1][3:4] or "&",
+    }
 
     def value(number: int) -> list[str]:
         raw = fields[number - 1] if number - 1 < len(fields) else ""
@@ -104,7 +112,7 @@ def read_msh(er7: str) -> MshHeader:
         sender_facility=hd(4),
         message_type=value(9)[0],
         event=re.sub(r"[^A-Za-z0-9]", "", [*value(9), ""][1])[:3].upper(),
-        control_id=value(10)[0],
+        control_id=clean_text(unescape(value(10)[0], encoding)),
         processing_id=processing if processing in ("P", "T", "D") else "P",
         charset=value(18)[0] if value(18)[0] in CHARSET_CODECS else "",
     )

@@ -271,10 +271,7 @@ def make_hl7_listener(ctx: NodeContext) -> MllpListener:
         try:
             report = final_report_from_oru(er7)
         except FinalReportError as exc:
-            # 200 unsupported message type, 202 processing ID: AR (rejected, HL7 v2.5.1
-            # 2.9.2.1 a); anything else in it: AE
-            code = exc.err_code
-            raise Hl7Refusal("AR" if code in ("200", "202") else "AE", code, str(exc)) from None
+            raise Hl7Refusal(exc.ack_code, exc.err_code, str(exc)) from None
         intake.receive(report, sender=peer)
 
     return MllpListener(

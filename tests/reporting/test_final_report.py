@@ -364,7 +364,8 @@ def test_times_out_of_range_are_unknown_not_an_error(source: Dataset, tmp_path: 
     [
         (lambda: oru(status="P"), "103", "OBR-25 result status 'P'"),
         (lambda: oru(status="R"), "103", "OBR-25 result status 'R'"),
-        (lambda: oru(message_type="ORU^R30^ORU_R30"), "200", "not ORU\\^R01"),
+        (lambda: oru(message_type="ORU^R30^ORU_R30"), "201", "not ORU\\^R01"),
+        (lambda: oru(message_type="ADT^A01^ADT_A01"), "200", "not ORU\\^R01"),
         (lambda: oru().replace("|RIS-0001|P|", "|RIS-0001|T|"), "202", "MSH-11"),
         (lambda: oru(observations=[]), "101", "no TX/FT/ST OBX text"),
         (lambda: oru(zds=False, accession="").replace(FILLER, ""), "101", "neither"),

@@ -52,8 +52,7 @@ def make_handler(inbox: Inbox) -> Hl7Handler:
         try:
             report = final_report_from_oru(text)
         except FinalReportError as exc:
-            code = exc.err_code
-            raise Hl7Refusal("AR" if code == "200" else "AE", code, exc.message) from None
+            raise Hl7Refusal(exc.ack_code, exc.err_code, exc.message) from None
         with inbox.lock:
             inbox.reports.append(report)
 
@@ -142,7 +141,9 @@ def test_latin1_message_is_decoded_by_msh18(served: tuple[MllpListener, Inbox]) 
 @pytest.mark.parametrize(
     ("message", "code", "err", "transient"),
     [
-        (lambda: oru(message_type="ORU^R30^ORU_R30"), "AR", "200", False),
+        (lambda: oru(message_type="ORU^R30^ORU_R30"), "AR", "201", False),
+        (lambda: oru(message_type="ADT^A01^ADT_A01"), "AR", "200", False),
+        (lambda: oru().replace("|RIS-0001|P|", "|RIS-0001|T|"), "AR", "202", False),
         (lambda: oru(status="P"), "AE", "103", False),
         (lambda: oru(observations=[]), "AE", "101", False),
         (lambda: oru().replace("Heart size", "BOOM"), "AE", "207", True),
@@ -273,6 +274,19 @@ def test_build_ack() -> None:
     strict(bare)
     assert parse_ack(bare).control_id == ""
     assert "ACK^^ACK" in bare
+
+
+def test_ack_echoes_the_control_id_as_sent() -> None:
+    """MSA-2 is the message's MSH-10 (v2.5.1 2.15.8.2): the value, escaped once in the
+    ACK's delimiters, whatever delimiters the sender used (MSH-1, MSH-2), so the sender
+    matches the ACK to its message; it was escaped a second time (``RIS\\E\\T\\E\\0001``)."""
+    ack = build_ack(oru(control="RIS\\T\\0001"), "AA")  # the value RIS&0001
+    assert "\rMSA|AA|RIS\\T\\0001\r" in ack + "\r"
+    assert strict(ack).msa.msa_2.to_er7() == "RIS\\T\\0001"
+    # a sender with other encoding characters: '#' components, '!' escapes
+    other = oru(control="A-1").replace("MSH|^~\\&|", "MSH|#~!&|", 1)
+    other = other.replace("|A-1|", "|A!T!1!E!2|", 1)  # the value A&1!2
+    assert "\rMSA|AA|A\\T\\1!2\r" in build_ack(other, "AA") + "\r"
 
 
 def test_bad_arguments() -> None:
