@@ -8,6 +8,7 @@ API tokens through the login page and uses the pages as an operator or a viewer 
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from node.db.models import AuditLog, Delivery, DeliveryObject, DeliveryState, JobState
+from node.db.models import ApiRole, AuditLog, Delivery, DeliveryObject, DeliveryState, JobState
 from tests.helpers import wait_for
 from tests.web.conftest import (
     ConsoleNode,
@@ -81,6 +82,9 @@ def test_pages_need_a_session_and_carry_csp(console_node: ConsoleNode) -> None:
         assert "default-src 'self'" in csp and "script-src 'self'" in csp
         assert "unsafe-inline" not in csp
         assert 'id="token"' in login_page.text
+        # the hint names every role a token may have
+        hint = re.search(r"--role ([a-z|]+)", login_page.text)
+        assert hint and set(hint.group(1).split("|")) == {role.value for role in ApiRole}
         # the demo warning is on every page, the login page included (no model details there)
         assert 'id="demo-banner"' in login_page.text and "DEMO MODEL" in login_page.text
         assert "demo-h64" not in login_page.text
