@@ -45,6 +45,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,8 +87,11 @@ __all__ = [
     "report_entry",
     "report_resource",
     "transaction_bundle",
+    "xhtml_text",
 ]
 
+_NOT_XML_CHAR = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""A character XML 1.0 does not allow (section 2.2, production [2] Char)."""
 DRAFT_STATUS = "partial"
 """DiagnosticReport.status of an unverified AI draft (see the module text)."""
 DRAFT_WARNING = "AI-generated DRAFT, not verified by a radiologist. Not for diagnosis."
@@ -380,14 +384,26 @@ def narrative(draft: FhirDraft, tail: Sequence[str] = (), *, lead: Sequence[str]
     return '<div xmlns="http://www.w3.org/1999/xhtml">' + "".join(parts) + "</div>"
 
 
+def xhtml_text(text: str) -> str:
+    """``text`` as XHTML character data: escaped, without what XML 1.0 cannot hold.
+
+    R4 Narrative.div "SHALL" be XHTML (Narrative, txt-1), an XML 1.0 element, whose
+    characters are TAB, LF, CR, U+0020-U+D7FF, U+E000-U+FFFD and U+10000-U+10FFFF (XML 1.0
+    section 2.2, production [2]). Any other character (a control character a model wrote,
+    e.g. BEL or ESC) becomes U+FFFD REPLACEMENT CHARACTER, so a server can parse the
+    narrative; the JSON strings (e.g. ``conclusion``) keep the exact text.
+    """
+    return _NOT_XML_CHAR.sub("\ufffd", html.escape(text, quote=False))
+
+
 def _paragraph(text: str) -> str:
-    """``<p>`` of escaped text, line breaks as ``<br/>``."""
-    return "<p>" + html.escape(text, quote=False).replace("\n", "<br/>") + "</p>"
+    """``<p>`` of XHTML text (:func:`xhtml_text`), line breaks as ``<br/>``."""
+    return "<p>" + xhtml_text(text).replace("\n", "<br/>") + "</p>"
 
 
 def _bold(text: str) -> str:
-    """``<p><b>`` of escaped text."""
-    return f"<p><b>{html.escape(text, quote=False)}</b></p>"
+    """``<p><b>`` of XHTML text (:func:`xhtml_text`)."""
+    return f"<p><b>{xhtml_text(text)}</b></p>"
 
 
 def _sections(draft: FhirDraft) -> list[str]:

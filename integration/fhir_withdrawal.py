@@ -11,7 +11,6 @@ Provenance, and the withdrawal has no new author.
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -25,6 +24,7 @@ from integration.fhir_report import (
     report_entry,
     report_resource,
     transaction_bundle,
+    xhtml_text,
 )
 
 __all__ = ["WITHDRAWN_STATUS", "build_withdrawal_bundle"]
@@ -75,6 +75,6 @@ def _notice(reason: str) -> str:
     """The narrative's first paragraph: withdrawn, must not be used, and why (escaped)."""
     return (
         "<p><b>WITHDRAWN: this AI-generated draft is wrong and must not be used.</b> "
-        + html.escape(f"Reason: {reason}", quote=False)
+        + xhtml_text(f"Reason: {reason}")
         + "</p>"
     )

@@ -13,6 +13,7 @@ import datetime as dt
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+from xml.etree import ElementTree
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
@@ -120,6 +121,19 @@ def test_draft_bundle_content(source: Dataset) -> None:
     assert provenance["activity"]["coding"][0]["code"] == "CREATE"
 
     assert build_draft_bundle(source, DRAFT) == bundle  # deterministic fullUrls and content
+
+
+def test_narrative_is_xhtml_when_the_model_writes_control_characters(source: Dataset) -> None:
+    # a byte-level BPE tokenizer can emit any byte, the DEMO model's random weights do:
+    # XML 1.0 has no BEL, ESC or VT, and R4 Narrative.div SHALL be XHTML (a server parses it)
+    impression = "No pneumothorax.\x07 Heart\x1b[0m size normal.\x0b Clear lungs."
+    draft = dataclasses.replace(DRAFT, impression=impression, findings="Lungs\x08 clear.")
+    report = resources(build_draft_bundle(source, draft))["DiagnosticReport"]["resource"]
+    div = ElementTree.fromstring(report["text"]["div"])  # raises ParseError on HEAD
+    text = "".join(div.itertext())
+    assert "No pneumothorax." in text and "size normal." in text and "Clear lungs." in text
+    assert "Lungs" in text and "clear." in text
+    assert report["conclusion"] == impression  # the exact text stays in the JSON string
 
 
 def test_effective_time_needs_a_zone(source: Dataset) -> None:
