@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 __all__ = ["header_text", "study_time_digits", "utc_offset"]
 
@@ -28,9 +29,14 @@ def header_text(ds: Dataset, keyword: str) -> str:
     Returns
     -------
     str
-        ``str(value).strip()``, or ``""`` when the attribute is absent or has no value.
+        ``str(value).strip()``, or ``""`` when the attribute is absent or has no value. A
+        value read as several values (a backslash in it is the value delimiter, PS3.5 6.2,
+        e.g. a Study Description ``THORAX PA\\LAT``) is its values joined by that
+        backslash, as the header holds it, not a Python list's text.
     """
     value = ds.get(keyword)
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value).strip()
     return "" if value is None else str(value).strip()
 
 

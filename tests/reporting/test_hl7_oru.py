@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import pathlib
 import re
 
+import pydicom
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
@@ -141,6 +143,22 @@ def test_delimiters_in_text_are_escaped(source: Dataset) -> None:
     assert not [r for r in rows if r["code"].startswith("59776-5")]  # no findings lines
     obr = message.oru_r01_patient_result.oru_r01_order_observation.obr
     assert unescape(obr.obr_18.to_er7()) == "A|1^2"
+
+
+def test_study_description_with_a_backslash_is_its_text(
+    source: Dataset, tmp_path: pathlib.Path
+) -> None:
+    # a backslash in an LO value is its value delimiter (PS3.5 6.2): pydicom reads
+    # "THORAX PA\LAT" as two values; OBR-4 is the description, not a Python list
+    src = copy.deepcopy(source)
+    del src.RequestAttributesSequence  # no procedure code: OBR-4 is ^<description>
+    src.StudyDescription = "THORAX PA\\LAT"
+    src.save_as(tmp_path / "desc.dcm", enforce_file_format=True)
+    src = pydicom.dcmread(tmp_path / "desc.dcm")
+    message = parsed(build_draft_oru(src, RESULT, PARTIES, control_id="C1", message_time=SENT))
+    obr = message.oru_r01_patient_result.oru_r01_order_observation.obr
+    assert obr.obr_4.to_er7() == "^THORAX PA\\E\\LAT"
+    assert unescape(obr.obr_4.obr_4_2.to_er7()) == "THORAX PA\\LAT"
 
 
 def test_ideographic_name_becomes_a_second_repetition(source: Dataset) -> None:
