@@ -39,8 +39,9 @@ Message (HL7 v2.5.1 chapter 7, ORU^R01^ORU_R01; segments end with CR; fields abr
   (``AI-DRAFT^AI-generated draft notice^L``) for receivers that drop NTE segments.
 - Original acknowledgment mode (MSH-15/16 empty), Processing ID ``P``, character set
   ``UNICODE UTF-8`` (MSH-18). Text is escaped per HL7 v2.5.1 section 2.7 (``\\F\\ \\S\\ \\T\\
-  \\R\\ \\E\\``) and the message is checked against hl7apy's 2.5.1 structure at STRICT
-  validation before it is returned.
+  \\R\\ \\E\\``), a control character becomes a space
+  (:func:`integration.hl7_values.escape`), and the message is checked against hl7apy's
+  2.5.1 structure at STRICT validation before it is returned.
 
 The segments after MSH are added by :mod:`integration.oru_segments`. The acknowledgment of
 this message is judged by :func:`integration.hl7_ack.check_ack`.

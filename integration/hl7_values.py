@@ -30,6 +30,8 @@ __all__ = [
     "ts",
 ]
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+"""C0 control characters and DEL: none may stand in an HL7 text value (see :func:`escape`)."""
 _UNIVERSAL_ID_TYPES = {  # DICOM Universal Entity ID Type -> HL7 table 0301
     "ISO": "ISO",
     "DNS": "DNS",
@@ -41,11 +43,19 @@ _UNIVERSAL_ID_TYPES = {  # DICOM Universal Entity ID Type -> HL7 table 0301
 
 
 def escape(text: str) -> str:
-    """Escape HL7 delimiters in a text value (v2.5.1 section 2.7); CR/LF become spaces."""
+    """Escape HL7 delimiters in a text value (v2.5.1 section 2.7); control characters
+    become spaces.
+
+    A run of C0 control characters or DEL (CR, LF, TAB, VT, FS, BEL, ESC ...) is one
+    space: CR ends a segment (section 2.5.1), VT (0x0B) and FS (0x1C) are the MLLP start
+    and end block, which the message must not contain (MLLP release 1 block format), and
+    ST, TX and FT carry printable, displayable text (data types, Appendix 2.A). A reason
+    pasted from a word processor (VT is its line break) thus still frames.
+    """
     out = text.replace("\\", "\\E\\")
     for char, seq in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
         out = out.replace(char, seq)
-    return re.sub(r"[\r\n]+", " ", out)
+    return _CONTROL.sub(" ", out)
 
 
 def text_field(text: str) -> str:

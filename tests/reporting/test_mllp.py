@@ -77,6 +77,23 @@ def test_withdrawal_delivered(source: Dataset, hl7_listener: tuple[int, Receiver
     assert order.obr.obr_25.to_er7() == "C"
 
 
+def test_withdrawal_reason_pasted_with_a_line_break_is_delivered(
+    source: Dataset, hl7_listener: tuple[int, Receiver]
+) -> None:
+    # a reason pasted from a word processor: VT (0x0B) is its manual line break, and is
+    # also the MLLP start block; FS (0x1C) the end block. Escaped, it must still go out.
+    port, receiver = hl7_listener
+    result = dataclasses.replace(RESULT, findings=None)
+    reason = "Sent for the wrong study.\x0bSee ticket 42.\x1c\x07"
+    message = build_withdrawal_oru(source, result, PARTIES, control_id="W-2", reason=reason)
+    check_ack(send_mllp(message, "127.0.0.1", port), control_id="W-2")  # MllpError on HEAD
+    order = receiver.received[0].oru_r01_patient_result.oru_r01_order_observation
+    assert order.obr.obr_25.to_er7() == "C"
+    note = order.nte[0].nte_3.to_er7()
+    assert "Reason: Sent for the wrong study. See ticket 42." in note
+    assert not any(ord(c) < 0x20 for c in note)
+
+
 @pytest.mark.parametrize(
     ("mode", "err_code", "transient"),
     [
