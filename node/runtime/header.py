@@ -22,6 +22,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator, read_preamble, read_sequence
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import UID
@@ -117,15 +118,17 @@ class HeaderInfo:
     rule_attributes: tuple[tuple[str, str], ...] = ()
 
 
-def _as_text(raw: RawDataElement | None, encoding: str | list[str]) -> str:
+def _as_text(raw: RawDataElement | None, encoding: str | list[str], *, first: bool = False) -> str:
+    """The element's text: several values (PS3.5 6.2: a backslash delimits them) as written,
+    joined by the backslash, or with ``first`` the first of them."""
     if raw is None or raw.value is None:
         return ""
     elem = convert_raw_data_element(raw, encoding=encoding)
     value = elem.value
     if value is None:
         return ""
-    if isinstance(value, list | tuple):  # multi-valued: keep the first value
-        value = value[0] if value else ""
+    if isinstance(value, MultiValue | list | tuple):
+        value = (value[0] if value else "") if first else "\\".join(str(v) for v in value)
     return str(value).strip().rstrip("\x00").strip()
 
 
@@ -253,9 +256,9 @@ def _header_info(ts: str, walker: Walker, encoding: str | list[str]) -> HeaderIn
     """The :class:`HeaderInfo` of a walked data set; a value that cannot be decoded is ``""``."""
     found = walker.found
 
-    def text(tag: int) -> str:
+    def text(tag: int, *, first: bool = False) -> str:
         try:
-            return _as_text(found.get(tag), encoding)
+            return _as_text(found.get(tag), encoding, first=first)
         except Exception:
             return ""
 
@@ -279,7 +282,9 @@ def _header_info(ts: str, walker: Walker, encoding: str | list[str]) -> HeaderIn
             walker.request_attributes, little=walker.little, encoding=encoding
         ),
         rule_attributes=tuple(
-            (keyword, value) for tag, keyword in _RULE_TAGS.items() if (value := text(tag))
+            (keyword, value)
+            for tag, keyword in _RULE_TAGS.items()
+            if (value := text(tag, first=True))
         ),
     )
 

@@ -33,6 +33,19 @@ def test_truncation_anywhere_in_pixel_data_refused(name: str, cut: float, tmp_pa
     assert info.value.status == StoreStatus.CANNOT_UNDERSTAND
 
 
+def test_a_value_with_a_backslash_is_its_text(tmp_path: Path) -> None:
+    """A backslash in a string value is the value delimiter (PS3.5 6.2), so ``THORAX
+    PA\\LAT`` reads as two values: the header keeps them as written, as the draft's
+    outputs do (``integration.header_values.header_text``), not a Python list's text."""
+    ds = cxr_dataset()
+    ds.StudyDescription = "THORAX PA\\LAT"
+    ds.AccessionNumber = "A1\\B2"
+    h = read_header(write(ds, tmp_path / "two-values.dcm"))
+    assert (h.study_description, h.accession_number) == ("THORAX PA\\LAT", "A1\\B2")
+    # a priority rule matches the first value (docs/configuration.md, priority_rules)
+    assert dict(h.rule_attributes)["StudyDescription"] == "THORAX PA"
+
+
 def test_trailing_garbage_and_bad_length_refused(tmp_path: Path) -> None:
     good = write(cxr_dataset(), tmp_path / "ok.dcm").read_bytes()
     for i, data in enumerate([good + b"\x01\x02\x03", good[:-3]]):
