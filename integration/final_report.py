@@ -209,7 +209,8 @@ def final_report_from_dataset(ds: Dataset, *, trusted_source: bool) -> FinalRepo
     return FinalReport(
         source="dicom-pdf" if is_pdf else "dicom-sr",
         study_uid=study_uid,
-        accession_number=header_text(ds, "AccessionNumber") or None,
+        # a NUL inside (pydicom strips trailing padding only) is no character of it
+        accession_number=header_text(ds, "AccessionNumber").replace("\x00", "") or None,
         text=text,
         findings=findings,
         impression=impression,

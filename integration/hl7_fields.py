@@ -154,9 +154,13 @@ class Hl7Segment:
         return self.fields.get(number, [])
 
     def components(self, number: int) -> list[str]:
-        """The unescaped components of the first repetition (at least one, maybe ``""``)."""
+        """The unescaped components of the first repetition (at least one, maybe ``""``);
+        a NUL (``\\X00\\``, padding) is left out, as in :func:`oru_text`."""
         first = (self.repetitions(number) or [""])[0]
-        return [unescape(c, self.escape).strip() for c in first.split(self.component)]
+        return [
+            unescape(c, self.escape).replace("\x00", "").strip()
+            for c in first.split(self.component)
+        ]
 
     def text(self, number: int) -> str:
         """The first component of field ``number``, unescaped."""

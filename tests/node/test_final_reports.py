@@ -668,3 +668,47 @@ def test_a_malformed_verified_sr_is_refused_as_any_instance(
         assert _finals(session_factory) == []
     finally:
         server.shutdown()
+
+
+def test_a_nul_in_the_accession_number_is_not_an_internal_error(
+    hl7_node: tuple[int, sessionmaker[Session]],
+) -> None:
+    """A NUL in OBR-18 (``\\X00\\``, a legacy system's padding) is no accession number
+    character: the report is stored on PostgreSQL as on SQLite (it was AE 207 for ever)."""
+    port, factory = hl7_node
+    job = seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    message = oru(accession="ACC-1@").replace("ACC-1@", "ACC-1\\X00\\")
+    assert "MSA|AA|RIS-0001" in send_mllp(message, "127.0.0.1", port).decode()
+    [row] = _finals(factory)
+    assert row.job_id == job and "\x00" not in (row.accession_number or "")
+
+
+def test_a_nul_in_a_verified_srs_accession_number_is_not_a_database_error(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str, source: Dataset
+) -> None:
+    """A NUL inside an SR's Accession Number (pydicom strips only trailing padding) is left
+    out, as in its TEXT values: stored (0x0000) on PostgreSQL as on SQLite, not answered
+    0xA7xx "database error", which a PACS sends again for ever."""
+    storescu = require_binary("storescu")
+    settings = _settings(tmp_path, db_url, ae_title="CXRNODE")
+    settings.prepare_runtime()
+    job = seed_draft(session_factory, str(source.StudyInstanceUID), DRAFT_NO_PTX)
+    sr = final_sr(source)
+    sr.AccessionNumber = "ACC\x00-1"
+    sr.save_as(tmp_path / "nul.dcm", enforce_file_format=True)
+    ae, handlers = _build_scp(settings, session_factory)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        sent = subprocess.run(
+            [storescu, "-aec", "CXRNODE", "-aet", "RIS", "127.0.0.1", str(port), "nul.dcm"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+    assert sent.returncode == 0, sent.stderr
+    [row] = _finals(session_factory)
+    assert row.job_id == job and row.accession_number == "ACC-1"
