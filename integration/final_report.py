@@ -40,6 +40,7 @@ Privacy: exception messages name UIDs, attributes, segments, fields and codes on
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 from dataclasses import dataclass, field
 
@@ -342,10 +343,14 @@ def _first_order(segments: list[Hl7Segment], obr: Hl7Segment) -> list[Hl7Segment
 
 def _message_key(msh: Hl7Segment, control_id: str) -> str:
     """``MSH-3|MSH-4|MSH-10``: what names one message (v2.5.1 2.14.9.10: the sending system
-    assigns MSH-10; two systems may both count from 1). HD values to three components; at
-    most 200 characters (the stored key)."""
-    sender = ["^".join(msh.components(n)[:3]).rstrip("^")[:40] for n in (3, 4)]
-    return "|".join([*sender, control_id])[:200]
+    assigns MSH-10; two systems may both count from 1). HD values to three components. A
+    key over 200 characters (the stored key) is ``sha256:`` and its digest instead: cut
+    short, two facilities' OIDs (HD-2) that differ only at the end would be one sender."""
+    sender = ["^".join(msh.components(n)[:3]).rstrip("^") for n in (3, 4)]
+    key = "|".join([*sender, control_id])
+    if len(key) <= 200:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def _final_order(segments: list[Hl7Segment]) -> tuple[Hl7Segment, str, Hl7Segment]:

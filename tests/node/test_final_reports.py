@@ -712,3 +712,23 @@ def test_a_nul_in_a_verified_srs_accession_number_is_not_a_database_error(
     assert sent.returncode == 0, sent.stderr
     [row] = _finals(session_factory)
     assert row.job_id == job and row.accession_number == "ACC-1"
+
+
+def test_two_facilities_named_by_long_oids_may_use_the_same_control_id(
+    hl7_node: tuple[int, sessionmaker[Session]],
+) -> None:
+    """MSH-4 as an HD with its ISO OID (``RADIOLOGY^2.16.840.1.113883.3.72.5.9.1.101^ISO``):
+    two facilities of one organisation differ only in the OID's last arc. Each one's message
+    with control ID 1001 is its own final, not the other's acknowledged and dropped."""
+    port, factory = hl7_node
+    chest = seed_draft(factory, STUDY_UID, DRAFT_NO_PTX)
+    other = seed_draft(factory, "1.2.826.0.1.3680043.8.498.88", DRAFT_NO_PTX, accession="ACC-88")
+    facility = "MSH|^~\\&|RIS|RADIOLOGY^2.16.840.1.113883.3.72.5.9.1.{}^ISO|"
+    first = oru(control="1001").replace("MSH|^~\\&|RIS|RADIOLOGY|", facility.format(101), 1)
+    second = oru(control="1001", zds=False, accession="ACC-88").replace(
+        "MSH|^~\\&|RIS|RADIOLOGY|", facility.format(102), 1
+    )
+    for message in (first, second, first):
+        assert "MSA|AA|1001" in send_mllp(message, "127.0.0.1", port).decode()
+    rows = _finals(factory)
+    assert [r.job_id for r in rows] == [chest, other]

@@ -28,7 +28,7 @@ class FinalReport(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     source: Mapped[FinalSource] = mapped_column(enum_column(FinalSource, "final_source"))
     # SOP Instance UID, or the HL7 sending application, facility and message control ID
-    # (MSH-3|MSH-4|MSH-10, at most 200 characters)
+    # (MSH-3|MSH-4|MSH-10; a longer one than 200 characters as "sha256:" and its digest)
     object_uid: Mapped[str] = mapped_column(String(200))
     sender: Mapped[str | None] = mapped_column(String(128))
     study_uid: Mapped[str | None] = mapped_column(String(UID_LEN), index=True)
