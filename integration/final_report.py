@@ -253,6 +253,8 @@ def _pdf_text(ds: Dataset, object_uid: str) -> str | None:
             f"{object_uid}: Encapsulated Document (0042,0011) is not a readable PDF "
             f"({type(exc).__name__})"
         ) from None
+    # a NUL (a string shown with \\000, a font without a Unicode map) is no text
+    pages = [page.replace("\x00", "") for page in pages]
     text = "\n".join(page.strip() for page in pages if page.strip())
     if BANNER_TITLE in " ".join(text.split()) or title == DOCUMENT_TITLE:
         return None

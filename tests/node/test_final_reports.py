@@ -19,11 +19,13 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from integration.encapsulated_pdf import build_encapsulated_pdf
 from integration.final_report import final_report_from_oru
 from integration.mllp import send_mllp
 from node.db import finals as finals_db
@@ -732,3 +734,75 @@ def test_two_facilities_named_by_long_oids_may_use_the_same_control_id(
         assert "MSA|AA|1001" in send_mllp(message, "127.0.0.1", port).decode()
     rows = _finals(factory)
     assert [r.job_id for r in rows] == [chest, other]
+
+
+def _pdf_showing(string: bytes) -> bytes:
+    """A one-page PDF whose content stream shows ``string`` (a PDF literal string) in
+    Helvetica, written as a dictation system may (no Unicode map)."""
+    stream = b"BT /F1 12 Tf 72 720 Td (" + string + b") Tj ET"
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        b" /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = io.BytesIO(b"%PDF-1.4\n")
+    out.seek(0, io.SEEK_END)
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.writelines(b"%010d 00000 n \n" % offset for offset in offsets)
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\n" % (len(objects) + 1))
+    out.write(b"startxref\n%d\n%%%%EOF\n" % xref)
+    return out.getvalue()
+
+
+def test_a_nul_in_a_trusted_pdfs_text_is_not_a_database_error(
+    session_factory: sessionmaker[Session], tmp_path: Path, db_url: str, source: Dataset
+) -> None:
+    """A PDF's text layer may hold a NUL (a string shown with ``\\000``, a font without a
+    Unicode map): it is left out, as in an SR's TEXT, and the final from a report source is
+    stored (0x0000) on PostgreSQL as on SQLite, not answered 0xA7xx for ever."""
+    storescu = require_binary("storescu")
+    settings = _settings(tmp_path, db_url, ae_title="CXRNODE", report_sources=["RIS"])
+    settings.prepare_runtime()
+    job = seed_draft(session_factory, str(source.StudyInstanceUID), DRAFT_NO_PTX)
+    pdf = build_encapsulated_pdf(
+        _pdf_showing(b"FINDINGS: The lungs are clear.\\000 No pleural effusion."),
+        source=source,
+        sop_instance_uid=generate_uid(),
+        series_instance_uid=generate_uid(),
+        series_number=3,
+        created_at=T0,
+        algorithm_name="dictation",
+        algorithm_version="1",
+        demo=False,
+        manufacturer="Reporting Vendor",
+        software_version="7.1",
+        document_title="Radiology report",
+    )
+    pdf.SeriesDescription = "Radiology reports"  # as a RIS writes it
+    del pdf.ContributingEquipmentSequence
+    pdf.save_as(tmp_path / "nul.dcm", enforce_file_format=True)
+    ae, handlers = _build_scp(settings, session_factory)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        sent = subprocess.run(
+            [storescu, "-aec", "CXRNODE", "-aet", "RIS", "127.0.0.1", str(port), "nul.dcm"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+    assert sent.returncode == 0, sent.stderr
+    [row] = _finals(session_factory)
+    assert row.job_id == job and "\x00" not in row.full_text
+    assert "The lungs are clear. No pleural effusion." in row.full_text
