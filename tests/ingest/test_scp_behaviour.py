@@ -346,3 +346,18 @@ def test_the_nodes_own_draft_coming_back_does_not_reopen_the_study(
         assoc.release()
     assert [j.state.value for j in study_jobs(sqlite_scp, image.StudyInstanceUID)] == ["done"]
     assert sqlite_scp.row(sr.SOPInstanceUID) is None
+
+
+def test_a_nul_inside_a_text_attribute_is_stored_not_a_database_error(
+    scp: RunningSCP,
+) -> None:
+    """A NUL inside a text value (pydicom strips only trailing padding; an old modality's
+    fixed-width field) is no character of it: the image is stored (0x0000) on PostgreSQL as
+    on SQLite, not answered 0xA701 "database error", which a PACS sends again for ever."""
+    ds = cxr_dataset()
+    ds.PatientName = "Test\x00^Ingest"
+    ds.StudyDescription = "CHEST\x00 X-RAY"
+    assert store(scp, [ds]) == [0]
+    with scp.session_factory() as s:
+        st = s.scalars(select(Study).where(Study.study_instance_uid == ds.StudyInstanceUID)).one()
+        assert (st.patient_name, st.study_description) == ("Test^Ingest", "CHEST X-RAY")
