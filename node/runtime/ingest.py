@@ -234,8 +234,9 @@ class IngestSink:
 
     def is_own_object(self, sop_instance_uid: str) -> bool:
         """Whether the node made the instance itself: a draft SR, Basic Text SR, coded SR,
-        Encapsulated PDF or rejection note is written to ``<spool>/outputs/<SOP Instance
-        UID>.dcm`` before it is sent (``sop_instance_uid`` is a validated UID)."""
+        Encapsulated PDF, rejection note or synthetic Secondary Capture is written to
+        ``<spool>/outputs/<SOP Instance UID>.dcm`` before it is sent (``sop_instance_uid``
+        is a validated UID)."""
         return (self.spool.root / OUTPUTS_DIR / f"{sop_instance_uid}.dcm").is_file()
 
     def inspect(self, path: Path, meta: ReceivedMeta) -> HeaderInfo | StoreResult:
