@@ -16,6 +16,7 @@ import numpy.typing as npt
 from PIL import Image
 
 __all__ = [
+    "MAX_ASPECT_RATIO",
     "MODEL_SIDE",
     "resize_and_crop",
     "to_model_batch",
@@ -26,6 +27,12 @@ __all__ = [
 
 #: Side of the square model input in pixels.
 MODEL_SIDE = 256
+
+#: Longest over shortest side accepted by :func:`resize_and_crop`. A chest radiograph is
+#: about 1.2:1 (35 x 43 cm detectors); the resize scales the long side with the short one,
+#: so a 1 x 65535 image (128 KiB of pixel data) would become 256 x 16776960 pixels, 4 GiB,
+#: before the crop.
+MAX_ASPECT_RATIO = 16
 
 
 def _check_gray8(gray8: object, what: str = "image") -> npt.NDArray[np.uint8]:
@@ -57,11 +64,22 @@ def resize_and_crop(
     Returns
     -------
     ndarray of uint8, shape (side, side)
+
+    Raises
+    ------
+    ValueError
+        ``side`` < 1, or the long side is more than :data:`MAX_ASPECT_RATIO` times the
+        short one (not a radiograph; its resize would take gigabytes).
     """
     img = _check_gray8(gray8)
     if side < 1:
         raise ValueError(f"side must be >= 1, got {side}")
     h, w = img.shape
+    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+        raise ValueError(
+            f"image is {h} x {w} pixels: its aspect ratio exceeds {MAX_ASPECT_RATIO}:1, "
+            "not a radiograph"
+        )
     if h <= w:
         new_h, new_w = side, max(side, int(side * w / h))
     else:
@@ -96,7 +114,8 @@ def to_model_input(gray8: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     TypeError
         Not a numpy array or not uint8.
     ValueError
-        Not 2-D, or empty.
+        Not 2-D, empty, or longer than :data:`MAX_ASPECT_RATIO` times its width (or the
+        other way round).
     """
     sq = resize_and_crop(gray8, side=MODEL_SIDE).astype(np.float32)
     x = sq / np.float32(127.5) - np.float32(1.0)

@@ -146,7 +146,9 @@ def convert_image(image: SelectedImage) -> npt.NDArray[np.float32]:
     Raises
     ------
     JobFailure
-        Permanent for undecodable or invalid pixel data (PS3.3 C.7.6.3), naming the attribute.
+        Permanent for undecodable or invalid pixel data (PS3.3 C.7.6.3), naming the attribute,
+        and for Rows x Columns (0028,0010/0011) no radiograph has (an aspect ratio beyond
+        :data:`models.preprocess.MAX_ASPECT_RATIO`), naming the shape.
     """
     from models.preprocess import to_model_input
 
@@ -154,7 +156,6 @@ def convert_image(image: SelectedImage) -> npt.NDArray[np.float32]:
     try:
         ds = pydicom.dcmread(image.path)
         gray = to_gray8(ds)
-        return to_model_input(gray)
     except PixelDataError as exc:
         raise JobFailure(
             f"SOP instance {image.sop_instance_uid}: {exc.message}", permanent=True, stage="convert"
@@ -165,6 +166,12 @@ def convert_image(image: SelectedImage) -> npt.NDArray[np.float32]:
             f"({type(exc).__name__})",
             permanent=True,
             stage="convert",
+        ) from exc
+    try:
+        return to_model_input(gray)
+    except ValueError as exc:  # its messages name the image's shape only, no patient data
+        raise JobFailure(
+            f"SOP instance {image.sop_instance_uid}: {exc}", permanent=True, stage="convert"
         ) from exc
 
 

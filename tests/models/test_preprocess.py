@@ -63,6 +63,19 @@ def test_small_and_square_inputs() -> None:
     np.testing.assert_array_equal(resize_and_crop(sq), sq)  # no resampling at 256x256
 
 
+@pytest.mark.parametrize("shape", [(1, 4097), (4097, 1), (3, 4096)])
+def test_degenerate_aspect_ratio_refused_before_resizing(shape: tuple[int, int]) -> None:
+    # 8 KiB of pixels would be resized to 256 x 1048832 (256 MiB) before the crop; a
+    # 1 x 65535 image, 128 KiB in a DICOM file, to 4 GiB. No radiograph is that shape.
+    with pytest.raises(ValueError, match=r"aspect ratio exceeds 16:1"):
+        resize_and_crop(np.zeros(shape, np.uint8))
+
+
+def test_wide_but_plausible_images_still_accepted() -> None:
+    assert resize_and_crop(np.zeros((100, 1600), np.uint8)).shape == (256, 256)
+    assert to_model_input(np.zeros((1600, 100), np.uint8)).shape == (3, 256, 256)
+
+
 def test_model_input_range_dtype_and_channels() -> None:
     x = to_model_input(np.zeros((512, 400), np.uint8))
     assert x.shape == (3, 256, 256) and x.dtype == np.float32

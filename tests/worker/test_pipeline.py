@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import select
@@ -129,6 +130,28 @@ def test_lateral_only_study_fails_without_retry(env: NodeEnv, model_host: ModelH
     assert not (env.settings.spool_dir / OUTPUTS_DIR).exists() or not list(
         (env.settings.spool_dir / OUTPUTS_DIR).glob("*.dcm")
     )
+
+
+def test_a_one_pixel_high_image_fails_with_its_shape_and_no_draft(
+    env: NodeEnv, model_host: ModelHost
+) -> None:
+    # Rows 1, Columns 8192: 8 KiB of pixel data the resize would have blown up to
+    # 256 x 2097152 pixels before the crop (4 GiB for 1 x 65535), then drafted a report on.
+    line = (np.arange(8192) % 251).astype(np.uint8)[None, :]
+    env.add_study(view="PA", pixels=line)
+    [job_id] = env.queue_all()
+    claim(env)
+
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+
+    assert outcome.status == "failed", outcome
+    job = env.job(job_id)
+    assert job.state is JobState.failed
+    assert job.attempts == 1 < job.max_attempts  # permanent: not retried
+    assert job.last_error is not None
+    assert job.last_error.startswith("convert: ") and "1 x 8192" in job.last_error
+    assert "aspect ratio" in job.last_error
+    assert env.drafts(job_id) == []
 
 
 def test_frontal_is_chosen_over_lateral(env: NodeEnv, model_host: ModelHost) -> None:
