@@ -65,6 +65,8 @@ NUMBER_OF_FRAMES = "Number of Frames (0028,0008)"
 WINDOW = "Window Center/Width (0028,1050/1051)"
 VOI_LUT_FUNCTION = "VOI LUT Function (0028,1056)"
 VOI_LUT_SEQUENCE = "VOI LUT Sequence (0028,3010)"
+MODALITY_LUT_SEQUENCE = "Modality LUT Sequence (0028,3000)"
+RESCALE = "Rescale Slope/Intercept (0028,1053/1052)"
 
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _COLOUR = frozenset(
@@ -177,7 +179,7 @@ def convert_to_gray8(
                 f"expected one sample per pixel for {photometric}, decoded shape {decoded.shape}",
                 attribute="Samples per Pixel (0028,0002)",
             )
-        values = np.asarray(apply_modality_lut(decoded, ds), dtype=np.float64)
+        values = _apply_modality_lut(decoded, ds)
         unit, voi_source, window = _apply_voi(values, ds, percentiles)
         inverted = photometric == "MONOCHROME1"
         if inverted:
@@ -308,6 +310,17 @@ def _decode(ds: Dataset, index: int) -> tuple[npt.NDArray[np.generic], str]:
         info.get("photometric_interpretation", ds.PhotometricInterpretation)
     ).upper()
     return arr, decoded_photometric
+
+
+def _apply_modality_lut(decoded: npt.NDArray[np.generic], ds: Dataset) -> npt.NDArray[np.float64]:
+    """Stored values -> modality values (PS3.3 C.11.1), naming the attribute at fault."""
+    try:
+        return np.asarray(apply_modality_lut(decoded, ds), dtype=np.float64)
+    except Exception as exc:  # pydicom raises KeyError, IndexError, ValueError, ...
+        attribute = MODALITY_LUT_SEQUENCE if "ModalityLUTSequence" in ds else RESCALE
+        raise PixelDataError(
+            f"cannot apply: {type(exc).__name__}: {exc}", attribute=attribute
+        ) from exc
 
 
 def _apply_voi(

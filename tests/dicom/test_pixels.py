@@ -251,6 +251,31 @@ def test_truncated_pixel_data(nih_gray: np.ndarray) -> None:
         to_gray8(ds)
 
 
+def _modality_lut_item(entries: int, data: list[int] | None) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [entries, 0, 16]
+    item.ModalityLUTType = "US"
+    if data is not None:
+        item.LUTData = data
+        item["LUTData"].VR = "US"
+    return item
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        pytest.param(_modality_lut_item(4096, None), id="no LUT Data"),
+        pytest.param(_modality_lut_item(4096, list(range(16))), id="LUT Data shorter"),
+    ],
+)
+def test_broken_modality_lut_sequence_names_it(nih_gray: np.ndarray, item: Dataset) -> None:
+    # PS3.3 C.11.1: LUT Data (0028,3006) is Type 1 and holds LUT Descriptor[0] entries
+    ds = make_grey_dataset(nih_gray, ModalityLUTSequence=[item])
+    with pytest.raises(PixelDataError, match="cannot apply") as info:
+        to_gray8(ds)
+    assert info.value.attribute == "Modality LUT Sequence (0028,3000)"
+
+
 def test_undecodable_jpeg2000(rg1_file_j2k: Dataset) -> None:
     ds = rg1_file_j2k
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])

@@ -11,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from integration.sr import DEMO_NOTE
@@ -33,7 +34,7 @@ from node.runtime.prepare import PreparedJob, prepare_job
 from node.runtime.spool import OUTPUTS_DIR
 from node.runtime.withdrawal import withdraw
 from tests.helpers import require_binary
-from tests.worker.conftest import MAX_NEW_TOKENS, NodeEnv, make_env
+from tests.worker.conftest import MAX_NEW_TOKENS, NodeEnv, make_cxr, make_env
 
 OWNER = "test-host:1:abcd/w0"
 
@@ -151,6 +152,33 @@ def test_a_one_pixel_high_image_fails_with_its_shape_and_no_draft(
     assert job.last_error is not None
     assert job.last_error.startswith("convert: ") and "1 x 8192" in job.last_error
     assert "aspect ratio" in job.last_error
+    assert env.drafts(job_id) == []
+
+
+def test_a_broken_modality_lut_fails_the_job_at_once_naming_it(
+    env: NodeEnv, model_host: ModelHost
+) -> None:
+    # LUT Data (0028,3006) is Type 1 in a Modality LUT Sequence item (PS3.3 C.11.1): an
+    # image without it is bad pixel data, a permanent failure, not a retry.
+    src = make_cxr(env.tmp / "mlut.dcm", study_uid=generate_uid(), view="PA")
+    ds = pydicom.dcmread(src)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [32768, 0, 16]
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = [item]
+    ds.save_as(src)
+    env.ingest(src)
+    [job_id] = env.queue_all()
+    claim(env)
+
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+
+    assert outcome.status == "failed", outcome
+    job = env.job(job_id)
+    assert job.state is JobState.failed
+    assert job.attempts == 1 < job.max_attempts  # permanent: not retried
+    assert job.last_error is not None and job.last_error.startswith("convert: ")
+    assert "Modality LUT Sequence (0028,3000)" in job.last_error
     assert env.drafts(job_id) == []
 
 
