@@ -297,7 +297,12 @@ def _decode(ds: Dataset, index: int) -> tuple[npt.NDArray[np.generic], str]:
         raise PixelDataError(f"Rows/Columns missing or zero: {expected}", attribute=PIXEL_DATA)
     try:
         arr, info = decoder.as_array(ds, index=index, as_rgb=True)  # type: ignore[arg-type]
-    except Exception as exc:  # decoders raise ValueError, RuntimeError, KeyError, ...
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    # Decoders raise ValueError, RuntimeError, KeyError, ...; the Rust ones (pylibjpeg-rle)
+    # panic on data that disagrees with Rows/Columns, and pyo3's PanicException derives from
+    # BaseException: uncaught, it would end the worker thread.
+    except BaseException as exc:
         raise PixelDataError(
             f"cannot decode ({tsyntax.name}): {type(exc).__name__}: {exc}", attribute=PIXEL_DATA
         ) from exc

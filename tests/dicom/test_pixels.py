@@ -72,6 +72,17 @@ def test_rle_variant_identical(rg1_uncr: Dataset, uncr_gray: np.ndarray) -> None
     np.testing.assert_array_equal(to_gray8(rle), uncr_gray)
 
 
+def test_rle_with_fewer_columns_than_encoded_is_a_pixel_data_error(rg1_uncr: Dataset) -> None:
+    # Columns (0028,0011) below the RLE segments' width (PS3.5 G.3.1): pylibjpeg-rle panics
+    # in Rust, and pyo3's PanicException is a BaseException, not an Exception
+    rle = copy.deepcopy(rg1_uncr)
+    rle.compress(RLELossless)
+    rle.Columns = int(rle.Columns) - 841
+    with pytest.raises(PixelDataError, match="cannot decode") as info:
+        to_gray8(rle)
+    assert info.value.attribute == "Pixel Data (7FE0,0010)"
+
+
 def test_jpeg_lossless_variant_identical(tmp_path: Path, uncr_gray: np.ndarray) -> None:
     gdcmconv = which_or_skip("gdcmconv")
     out = tmp_path / "rg1_jpegll.dcm"

@@ -11,7 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import RLELossless, generate_uid
 from sqlalchemy import select
 
 from integration.sr import DEMO_NOTE
@@ -179,6 +179,32 @@ def test_a_broken_modality_lut_fails_the_job_at_once_naming_it(
     assert job.attempts == 1 < job.max_attempts  # permanent: not retried
     assert job.last_error is not None and job.last_error.startswith("convert: ")
     assert "Modality LUT Sequence (0028,3000)" in job.last_error
+    assert env.drafts(job_id) == []
+
+
+def test_an_rle_image_narrower_than_its_segments_fails_the_job_not_the_worker(
+    env: NodeEnv, model_host: ModelHost
+) -> None:
+    # Columns (0028,0011) disagreeing with the RLE data: the decoder panics (a BaseException
+    # from Rust), which went past every handler and ended the worker thread, the job left
+    # running and nothing drafted after it. It is bad pixel data (PS3.3 C.7.6.3).
+    src = make_cxr(env.tmp / "rle.dcm", study_uid=generate_uid(), view="PA")
+    ds = pydicom.dcmread(src)
+    ds.compress(RLELossless)
+    ds.Columns = int(ds.Columns) - 841
+    ds.save_as(src)
+    env.ingest(src)
+    [job_id] = env.queue_all()
+    claim(env)
+
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+
+    assert outcome.status == "failed", outcome
+    job = env.job(job_id)
+    assert job.state is JobState.failed
+    assert job.attempts == 1 < job.max_attempts  # permanent: not retried
+    assert job.last_error is not None and job.last_error.startswith("convert: ")
+    assert "Pixel Data (7FE0,0010)" in job.last_error and "cannot decode" in job.last_error
     assert env.drafts(job_id) == []
 
 
