@@ -10,7 +10,8 @@ node must do the same conversion or its inputs are out of distribution. The pipe
    JPEG lossless process 14 (GDCM: ``python-gdcm``), JPEG 2000 (pylibjpeg-openjpeg),
    JPEG-LS (pyjpegls if installed). Colour images (RGB, YBR_*) are converted to RGB by
    the decoder and then to grey with the ITU-R BT.601 luma weights; PALETTE COLOR is expanded
-   through its palette first (C.7.6.3.1.5). Multi-frame images raise
+   through its palette first (C.7.6.3.1.5). Rows and Columns must agree with the frame
+   header of JPEG and JPEG-LS data (PS3.5 8.2). Multi-frame images raise
    :class:`~integration.errors.MultiFrameError` unless a frame index is given.
 2. **Modality LUT** (PS3.3 C.11.1): Rescale Slope/Intercept (0028,1053/1052) or the Modality
    LUT Sequence (0028,3000), via :func:`pydicom.pixels.apply_modality_lut`.
@@ -41,10 +42,20 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_voi
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 from integration.errors import MultiFrameError, PixelDataError, UnsupportedPhotometricError
 
@@ -73,6 +84,21 @@ _COLOUR = frozenset(
     {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420", "PALETTE COLOR"}
 )
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+# Transfer syntaxes whose frames start with a JPEG (ISO 10918-1) or JPEG-LS (ISO 14495-1)
+# frame header, and the markers of those headers: SOF0-3, 5-7, 9-11, 13-15 and SOF55.
+_JPEG_FAMILY = frozenset(
+    {
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+    }
+)
+_SOF_MARKERS = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +321,8 @@ def _decode(ds: Dataset, index: int) -> tuple[npt.NDArray[np.generic], str]:
     expected = (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0))
     if 0 in expected:
         raise PixelDataError(f"Rows/Columns missing or zero: {expected}", attribute=PIXEL_DATA)
+    if tsyntax in _JPEG_FAMILY:
+        _check_jpeg_frame_size(ds, index, expected)
     try:
         arr, info = decoder.as_array(ds, index=index, as_rgb=True)  # type: ignore[arg-type]
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -315,6 +343,55 @@ def _decode(ds: Dataset, index: int) -> tuple[npt.NDArray[np.generic], str]:
         info.get("photometric_interpretation", ds.PhotometricInterpretation)
     ).upper()
     return arr, decoded_photometric
+
+
+def _check_jpeg_frame_size(ds: Dataset, index: int, expected: tuple[int, int]) -> None:
+    """Refuse Rows/Columns that contradict the frame's JPEG or JPEG-LS frame header.
+
+    PS3.5 8.2: the Image Pixel module's attributes shall be consistent with the compressed
+    data. Some decoders (pyjpegls) return the codestream's samples whatever Rows and Columns
+    say, which then fill a wrong-shaped array: a scrambled image, where DCMTK refuses the
+    file ("Image data mismatch between DICOM header and JPEG-LS bitstream"). A frame that
+    cannot be found or has no readable header is left to the decoder.
+    """
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        frame = get_frame(ds.PixelData, index, number_of_frames=n_frames)
+    except Exception:
+        return
+    size = _jpeg_frame_size(frame)
+    if size is not None and size[0] and size != expected:
+        raise PixelDataError(
+            f"Rows x Columns {expected} but the JPEG frame header is {size[0]} x {size[1]}",
+            attribute=PIXEL_DATA,
+        )
+
+
+def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """``(lines, samples per line)`` of the frame header (ISO 10918-1 B.2.2, ISO 14495-1
+    C.2.2), or ``None`` when none comes before the first scan."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte (ISO 10918-1 B.1.1.2)
+            pos += 1
+            continue
+        if marker in _SOF_MARKERS:
+            if pos + 9 > len(frame):
+                return None
+            return (
+                int.from_bytes(frame[pos + 5 : pos + 7], "big"),
+                int.from_bytes(frame[pos + 7 : pos + 9], "big"),
+            )
+        length = int.from_bytes(frame[pos + 2 : pos + 4], "big")
+        if marker == 0xDA or length < 2:  # a scan before any frame header
+            return None
+        pos += 2 + length
+    return None
 
 
 def _apply_modality_lut(decoded: npt.NDArray[np.generic], ds: Dataset) -> npt.NDArray[np.float64]:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, RLELossless
+from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from integration.errors import (
     MultiFrameError,
@@ -81,6 +81,28 @@ def test_rle_with_fewer_columns_than_encoded_is_a_pixel_data_error(rg1_uncr: Dat
     with pytest.raises(PixelDataError, match="cannot decode") as info:
         to_gray8(rle)
     assert info.value.attribute == "Pixel Data (7FE0,0010)"
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns"), [(1955, 1000), (1000, 1841), (1841, 1955)], ids=["cols", "rows", "swap"]
+)
+def test_jpeg_ls_rows_columns_contradicting_the_frame_header_refused(
+    rg1_uncr: Dataset, rows: int, columns: int
+) -> None:
+    # RG1 is 1955 x 1841. pyjpegls returned the codestream's samples in whatever shape the
+    # header asked for (a scrambled or cropped chest); DCMTK refuses such a file.
+    jls = copy.deepcopy(rg1_uncr)
+    jls.compress(JPEGLSLossless)
+    jls.Rows, jls.Columns = rows, columns
+    with pytest.raises(PixelDataError, match=r"JPEG frame header is 1955 x 1841") as info:
+        to_gray8(jls)
+    assert info.value.attribute == "Pixel Data (7FE0,0010)"
+
+
+def test_jpeg_ls_variant_identical(rg1_uncr: Dataset, uncr_gray: np.ndarray) -> None:
+    jls = copy.deepcopy(rg1_uncr)
+    jls.compress(JPEGLSLossless)
+    np.testing.assert_array_equal(to_gray8(jls), uncr_gray)
 
 
 def test_jpeg_lossless_variant_identical(tmp_path: Path, uncr_gray: np.ndarray) -> None:

@@ -11,7 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 from sqlalchemy import select
 
 from integration.sr import DEMO_NOTE
@@ -205,6 +205,30 @@ def test_an_rle_image_narrower_than_its_segments_fails_the_job_not_the_worker(
     assert job.attempts == 1 < job.max_attempts  # permanent: not retried
     assert job.last_error is not None and job.last_error.startswith("convert: ")
     assert "Pixel Data (7FE0,0010)" in job.last_error and "cannot decode" in job.last_error
+    assert env.drafts(job_id) == []
+
+
+def test_a_jpeg_ls_image_whose_columns_contradict_its_codestream_is_not_drafted(
+    env: NodeEnv, model_host: ModelHost
+) -> None:
+    # Columns (0028,0011) 1000 against a 1841-sample JPEG-LS frame header: the node drafted
+    # a report on the scrambled picture DCMTK refuses to show (PS3.5 8.2).
+    src = make_cxr(env.tmp / "jls.dcm", study_uid=generate_uid(), view="PA")
+    ds = pydicom.dcmread(src)
+    ds.compress(JPEGLSLossless)
+    ds.Columns = 1000
+    ds.save_as(src)
+    env.ingest(src)
+    [job_id] = env.queue_all()
+    claim(env)
+
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+
+    assert outcome.status == "failed", outcome
+    job = env.job(job_id)
+    assert job.state is JobState.failed and job.attempts == 1
+    assert job.last_error is not None and job.last_error.startswith("convert: ")
+    assert "JPEG frame header is 1955 x 1841" in job.last_error
     assert env.drafts(job_id) == []
 
 
