@@ -589,23 +589,30 @@ def test_a_nul_in_a_verified_srs_text_is_not_a_database_error(
     findings = sr.ContentSequence[-2].ContentSequence[0]
     findings.TextValue = "The lungs are clear.\x00 No pleural effusion."
     sr.save_as(tmp_path / "nul.dcm", enforce_file_format=True)
-    ae, handlers = _build_scp(settings, session_factory)
+    sent = _storescu(storescu, settings, session_factory, tmp_path / "nul.dcm")
+    assert sent.returncode == 0, sent.stderr
+    [row] = _finals(session_factory)
+    assert row.job_id == job and "\x00" not in row.full_text
+    assert "The lungs are clear. No pleural effusion." in row.full_text
+
+
+def _storescu(
+    storescu: str, settings: Settings, factory: sessionmaker[Session], path: Path
+) -> subprocess.CompletedProcess[str]:
+    """Send ``path`` with DCMTK's storescu, as the RIS, to the node's SCP (started for it)."""
+    ae, handlers = _build_scp(settings, factory)
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     try:
-        sent = subprocess.run(
-            [storescu, "-aec", "CXRNODE", "-aet", "RIS", "127.0.0.1", str(port), "nul.dcm"],
-            cwd=tmp_path,
+        return subprocess.run(
+            [storescu, "-aec", "CXRNODE", "-aet", "RIS", "127.0.0.1", str(port), path.name],
+            cwd=path.parent,
             capture_output=True,
             text=True,
             timeout=60,
         )
     finally:
         server.shutdown()
-    assert sent.returncode == 0, sent.stderr
-    [row] = _finals(session_factory)
-    assert row.job_id == job and "\x00" not in row.full_text
-    assert "The lungs are clear. No pleural effusion." in row.full_text
 
 
 def _store_as_is(port: int, path: Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
@@ -698,19 +705,7 @@ def test_a_nul_in_a_verified_srs_accession_number_is_not_a_database_error(
     sr = final_sr(source)
     sr.AccessionNumber = "ACC\x00-1"
     sr.save_as(tmp_path / "nul.dcm", enforce_file_format=True)
-    ae, handlers = _build_scp(settings, session_factory)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
-    try:
-        sent = subprocess.run(
-            [storescu, "-aec", "CXRNODE", "-aet", "RIS", "127.0.0.1", str(port), "nul.dcm"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        server.shutdown()
+    sent = _storescu(storescu, settings, session_factory, tmp_path / "nul.dcm")
     assert sent.returncode == 0, sent.stderr
     [row] = _finals(session_factory)
     assert row.job_id == job and row.accession_number == "ACC-1"
@@ -789,19 +784,7 @@ def test_a_nul_in_a_trusted_pdfs_text_is_not_a_database_error(
     pdf.SeriesDescription = "Radiology reports"  # as a RIS writes it
     del pdf.ContributingEquipmentSequence
     pdf.save_as(tmp_path / "nul.dcm", enforce_file_format=True)
-    ae, handlers = _build_scp(settings, session_factory)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
-    try:
-        sent = subprocess.run(
-            [storescu, "-aec", "CXRNODE", "-aet", "RIS", "127.0.0.1", str(port), "nul.dcm"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        server.shutdown()
+    sent = _storescu(storescu, settings, session_factory, tmp_path / "nul.dcm")
     assert sent.returncode == 0, sent.stderr
     [row] = _finals(session_factory)
     assert row.job_id == job and "\x00" not in row.full_text

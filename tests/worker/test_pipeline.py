@@ -133,6 +133,21 @@ def test_lateral_only_study_fails_without_retry(env: NodeEnv, model_host: ModelH
     )
 
 
+def _fails_for_good_at_convert(env: NodeEnv, model_host: ModelHost) -> str:
+    """Run the study just received: its job fails at its first attempt, for good (bad pixel
+    data is not retried), in the convert stage, with no draft; returns its error."""
+    [job_id] = env.queue_all()
+    claim(env)
+    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
+    assert outcome.status == "failed", outcome
+    job = env.job(job_id)
+    assert job.state is JobState.failed
+    assert job.attempts == 1 < job.max_attempts  # permanent: not retried
+    assert job.last_error is not None and job.last_error.startswith("convert: ")
+    assert env.drafts(job_id) == []
+    return job.last_error
+
+
 def test_a_one_pixel_high_image_fails_with_its_shape_and_no_draft(
     env: NodeEnv, model_host: ModelHost
 ) -> None:
@@ -140,19 +155,8 @@ def test_a_one_pixel_high_image_fails_with_its_shape_and_no_draft(
     # 256 x 2097152 pixels before the crop (4 GiB for 1 x 65535), then drafted a report on.
     line = (np.arange(8192) % 251).astype(np.uint8)[None, :]
     env.add_study(view="PA", pixels=line)
-    [job_id] = env.queue_all()
-    claim(env)
-
-    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
-
-    assert outcome.status == "failed", outcome
-    job = env.job(job_id)
-    assert job.state is JobState.failed
-    assert job.attempts == 1 < job.max_attempts  # permanent: not retried
-    assert job.last_error is not None
-    assert job.last_error.startswith("convert: ") and "1 x 8192" in job.last_error
-    assert "aspect ratio" in job.last_error
-    assert env.drafts(job_id) == []
+    error = _fails_for_good_at_convert(env, model_host)
+    assert "1 x 8192" in error and "aspect ratio" in error
 
 
 def test_a_broken_modality_lut_fails_the_job_at_once_naming_it(
@@ -168,18 +172,7 @@ def test_a_broken_modality_lut_fails_the_job_at_once_naming_it(
     ds.ModalityLUTSequence = [item]
     ds.save_as(src)
     env.ingest(src)
-    [job_id] = env.queue_all()
-    claim(env)
-
-    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
-
-    assert outcome.status == "failed", outcome
-    job = env.job(job_id)
-    assert job.state is JobState.failed
-    assert job.attempts == 1 < job.max_attempts  # permanent: not retried
-    assert job.last_error is not None and job.last_error.startswith("convert: ")
-    assert "Modality LUT Sequence (0028,3000)" in job.last_error
-    assert env.drafts(job_id) == []
+    assert "Modality LUT Sequence (0028,3000)" in _fails_for_good_at_convert(env, model_host)
 
 
 def test_an_rle_image_narrower_than_its_segments_fails_the_job_not_the_worker(
@@ -194,18 +187,8 @@ def test_an_rle_image_narrower_than_its_segments_fails_the_job_not_the_worker(
     ds.Columns = int(ds.Columns) - 841
     ds.save_as(src)
     env.ingest(src)
-    [job_id] = env.queue_all()
-    claim(env)
-
-    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
-
-    assert outcome.status == "failed", outcome
-    job = env.job(job_id)
-    assert job.state is JobState.failed
-    assert job.attempts == 1 < job.max_attempts  # permanent: not retried
-    assert job.last_error is not None and job.last_error.startswith("convert: ")
-    assert "Pixel Data (7FE0,0010)" in job.last_error and "cannot decode" in job.last_error
-    assert env.drafts(job_id) == []
+    error = _fails_for_good_at_convert(env, model_host)
+    assert "Pixel Data (7FE0,0010)" in error and "cannot decode" in error
 
 
 def test_a_jpeg_ls_image_whose_columns_contradict_its_codestream_is_not_drafted(
@@ -219,17 +202,7 @@ def test_a_jpeg_ls_image_whose_columns_contradict_its_codestream_is_not_drafted(
     ds.Columns = 1000
     ds.save_as(src)
     env.ingest(src)
-    [job_id] = env.queue_all()
-    claim(env)
-
-    [outcome] = run_batch(env.deps, [job_id], model_host, owner=OWNER)
-
-    assert outcome.status == "failed", outcome
-    job = env.job(job_id)
-    assert job.state is JobState.failed and job.attempts == 1
-    assert job.last_error is not None and job.last_error.startswith("convert: ")
-    assert "JPEG frame header is 1955 x 1841" in job.last_error
-    assert env.drafts(job_id) == []
+    assert "JPEG frame header is 1955 x 1841" in _fails_for_good_at_convert(env, model_host)
 
 
 def test_frontal_is_chosen_over_lateral(env: NodeEnv, model_host: ModelHost) -> None:
