@@ -233,30 +233,11 @@ def enqueue_deliveries(
         newer: dict[str, int] = {}
         if supersede and job_id is not None and wanted:
             newer = later_drafts(session, job_id, {t for t, _o in wanted})
-        queued: list[Delivery] = []
-        for (text, obj), (kind, item) in wanted.items():
-            row = existing.get((text, obj))
-            if row is not None and text in newer and row.may_have_reached:
-                # a re-run after a later job's draft: the row may have reached the receiver
-                # (a withdrawal needs to know); it is not reset, only cancelled if unsent
-                continue
-            if row is None:
-                row = Delivery(job_id=job_id, destination=text, object=obj, created_at=now)
-                session.add(row)
-            row.kind = kind
-            row.requeue(now)
-            row.sr_path = item.path
-            row.object_uid = item.object_uid
-            session.flush()
-            queued.append(row)
+        queued = _queue_rows(session, job_id, wanted, existing, newer, now)
         if orders and job_id is not None:
             held.update(hold_order_withdrawals(session, job_id, queued, now))
         if owner:  # an earlier run's rows this run did not queue again
-            for row in existing.values():
-                stale = (row.destination, row.object) not in wanted
-                if stale and row.object is not DeliveryObject.withdrawal and row.unsent:
-                    row.cancel("cancelled: not queued again by the job's last run")
-                    dropped.append(row.id)
+            dropped.extend(_cancel_not_queued_again(existing, wanted))
         if supersede and job_id is not None and done:
             superseded.update(supersede_older(session, job_id, now))
         return [row.id for row in queued]
@@ -274,8 +255,65 @@ def enqueue_deliveries(
         log.info(
             "job %s: %d row(s) of an earlier run not queued again cancelled", job_id, len(dropped)
         )
-    if not wanted:
-        return ids
+    if wanted:
+        _log_queued(job_id, ids, wanted, superseded, held)
+    return ids
+
+
+def _queue_rows(
+    session: Session,
+    job_id: int | None,
+    wanted: dict[tuple[str, DeliveryObject], tuple[DeliveryKind, Outbound]],
+    existing: dict[tuple[str, DeliveryObject], Delivery],
+    newer: dict[str, int],
+    now: datetime,
+) -> list[Delivery]:
+    """Queue each wanted (destination, object) of the job: its existing row (locked) set
+    ``pending`` again with the new file (:meth:`Delivery.requeue`), or a new row. A row that
+    may have reached a destination a later draft of the study (``newer``) went to is left
+    as it is (a withdrawal needs to know it went); the rows queued, flushed."""
+    queued: list[Delivery] = []
+    for (text, obj), (kind, item) in wanted.items():
+        row = existing.get((text, obj))
+        if row is not None and text in newer and row.may_have_reached:
+            continue  # not reset, only cancelled if unsent (node.db.superseded)
+        if row is None:
+            row = Delivery(job_id=job_id, destination=text, object=obj, created_at=now)
+            session.add(row)
+        row.kind = kind
+        row.requeue(now)
+        row.sr_path = item.path
+        row.object_uid = item.object_uid
+        session.flush()
+        queued.append(row)
+    return queued
+
+
+def _cancel_not_queued_again(
+    existing: dict[tuple[str, DeliveryObject], Delivery],
+    wanted: dict[tuple[str, DeliveryObject], tuple[DeliveryKind, Outbound]],
+) -> list[int]:
+    """Cancel the job's unsent draft rows of an earlier run that this run did not queue
+    again (its routing chose other destinations, or none), so that none goes out with an
+    older file once the job is done; withdrawals are left. The ids cancelled."""
+    dropped: list[int] = []
+    for row in existing.values():
+        stale = (row.destination, row.object) not in wanted
+        if stale and row.object is not DeliveryObject.withdrawal and row.unsent:
+            row.cancel("cancelled: not queued again by the job's last run")
+            dropped.append(row.id)
+    return dropped
+
+
+def _log_queued(
+    job_id: int | None,
+    ids: list[int],
+    wanted: dict[tuple[str, DeliveryObject], tuple[DeliveryKind, Outbound]],
+    superseded: dict[int, list[int]],
+    held: dict[int, list[int]],
+) -> None:
+    """The log lines of an enqueue that queued ``wanted``: what, and what it superseded
+    and held back (destinations, objects and job ids only)."""
     log.info(
         "job %s: %d object(s) queued: %s",
         job_id,
@@ -291,7 +329,6 @@ def enqueue_deliveries(
             len(rows),
             later,
         )
-    return ids
 
 
 def _wanted(
