@@ -46,6 +46,7 @@ from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_voi
+from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (
     UID,
     ImplicitVRLittleEndian,
@@ -85,7 +86,7 @@ _COLOUR = frozenset(
 )
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 # Transfer syntaxes whose frames start with a JPEG (ISO 10918-1) or JPEG-LS (ISO 14495-1)
-# frame header, and the markers of those headers: SOF0-3, 5-7, 9-11, 13-15 and SOF55.
+# frame header
 _JPEG_FAMILY = frozenset(
     {
         JPEGBaseline8Bit,
@@ -95,9 +96,6 @@ _JPEG_FAMILY = frozenset(
         JPEGLSLossless,
         JPEGLSNearLossless,
     }
-)
-_SOF_MARKERS = frozenset(
-    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
 )
 
 
@@ -359,39 +357,15 @@ def _check_jpeg_frame_size(ds: Dataset, index: int, expected: tuple[int, int]) -
         frame = get_frame(ds.PixelData, index, number_of_frames=n_frames)
     except Exception:
         return
-    size = _jpeg_frame_size(frame)
-    if size is not None and size[0] and size != expected:
+    # the frame header's parameters as pydicom's own decoders read them (_get_frame_info);
+    # {} when there is no readable header, and a height of 0 is defined later (DNL)
+    header = _get_jpg_parameters(frame)
+    size = (header.get("height", 0), header.get("width", 0))
+    if size[0] and size != expected:
         raise PixelDataError(
             f"Rows x Columns {expected} but the JPEG frame header is {size[0]} x {size[1]}",
             attribute=PIXEL_DATA,
         )
-
-
-def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
-    """``(lines, samples per line)`` of the frame header (ISO 10918-1 B.2.2, ISO 14495-1
-    C.2.2), or ``None`` when none comes before the first scan."""
-    if frame[:2] != b"\xff\xd8":
-        return None
-    pos = 2
-    while pos + 4 <= len(frame):
-        if frame[pos] != 0xFF:
-            return None
-        marker = frame[pos + 1]
-        if marker == 0xFF:  # fill byte (ISO 10918-1 B.1.1.2)
-            pos += 1
-            continue
-        if marker in _SOF_MARKERS:
-            if pos + 9 > len(frame):
-                return None
-            return (
-                int.from_bytes(frame[pos + 5 : pos + 7], "big"),
-                int.from_bytes(frame[pos + 7 : pos + 9], "big"),
-            )
-        length = int.from_bytes(frame[pos + 2 : pos + 4], "big")
-        if marker == 0xDA or length < 2:  # a scan before any frame header
-            return None
-        pos += 2 + length
-    return None
 
 
 def _apply_modality_lut(decoded: npt.NDArray[np.generic], ds: Dataset) -> npt.NDArray[np.float64]:
