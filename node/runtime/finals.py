@@ -248,8 +248,8 @@ class ReportSink:
         except (FinalReportError, InvalidDicomError) as exc:
             log.warning("final report from %r refused: %s", meta.calling_ae, exc)
             return StoreResult(StoreStatus.CANNOT_UNDERSTAND, reason=str(exc))
-        if report is None:
-            return self.ingest.accept(path, meta)
+        if report is None:  # not a final report: an instance, its header already read
+            return self.ingest.store_inspected(path, checked, meta)
         try:
             self.intake.receive(report, sender=meta.calling_ae)
         except Exception as exc:

@@ -220,6 +220,12 @@ class IngestSink:
         header = self.inspect(path, meta)
         if isinstance(header, StoreResult):
             return header
+        return self.store_inspected(path, header, meta)
+
+    def store_inspected(self, path: Path, header: HeaderInfo, meta: ReceivedMeta) -> StoreResult:
+        """Steps 3 to 6 of the module text, for a file whose ``header`` :meth:`inspect` has
+        read and passed (:class:`node.runtime.finals.ReportSink` inspects an SR or PDF
+        before it reads it whole); never raises."""
         if self.is_own_object(header.sop_instance_uid):
             # a PACS that routes a study's objects to every node sends the node's drafts
             # back: stored, they would reopen the study and draft it again, in a loop
