@@ -256,38 +256,39 @@ def _header_info(ts: str, walker: Walker, encoding: str | list[str]) -> HeaderIn
     """The :class:`HeaderInfo` of a walked data set; a value that cannot be decoded is ``""``."""
     found = walker.found
 
-    def text(tag: int, *, first: bool = False) -> str:
+    def uid(tag: int, *, first: bool = False) -> str:
+        # as sent: a UID with a NUL inside is left for validate_uids to refuse
         try:
             return _as_text(found.get(tag), encoding, first=first)
         except Exception:
             return ""
 
-    def value(tag: int, *, first: bool = False) -> str:
+    def text(tag: int, *, first: bool = False) -> str:
         # a NUL inside a text (pydicom strips trailing padding only) is no character of it,
-        # and PostgreSQL cannot store one; a UID's is left for validate_uids to refuse
-        return text(tag, first=first).replace("\x00", "")
+        # and PostgreSQL cannot store one
+        return uid(tag, first=first).replace("\x00", "")
 
     return HeaderInfo(
         transfer_syntax=ts,
-        sop_class_uid=text(0x00080016),
-        sop_instance_uid=text(0x00080018),
-        study_uid=text(0x0020000D),
-        series_uid=text(0x0020000E),
-        modality=value(0x00080060),
-        body_part_examined=value(0x00180015),
-        study_description=value(0x00081030),
-        series_description=value(0x0008103E),
-        view_position=value(0x00185101),
-        accession_number=value(0x00080050),
-        patient_name=value(0x00100010),
-        patient_id=value(0x00100020),
-        study_date=value(0x00080020),
-        requested_procedure_priority=value(_PRIORITY),
+        sop_class_uid=uid(0x00080016),
+        sop_instance_uid=uid(0x00080018),
+        study_uid=uid(0x0020000D),
+        series_uid=uid(0x0020000E),
+        modality=text(0x00080060),
+        body_part_examined=text(0x00180015),
+        study_description=text(0x00081030),
+        series_description=text(0x0008103E),
+        view_position=text(0x00185101),
+        accession_number=text(0x00080050),
+        patient_name=text(0x00100010),
+        patient_id=text(0x00100020),
+        study_date=text(0x00080020),
+        requested_procedure_priority=text(_PRIORITY),
         request_priorities=_request_priorities(
             walker.request_attributes, little=walker.little, encoding=encoding
         ),
         rule_attributes=tuple(
-            (keyword, v) for tag, keyword in _RULE_TAGS.items() if (v := value(tag, first=True))
+            (keyword, v) for tag, keyword in _RULE_TAGS.items() if (v := text(tag, first=True))
         ),
     )
 
