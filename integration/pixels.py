@@ -50,12 +50,8 @@ from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (
     UID,
     ImplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
 from integration.errors import MultiFrameError, PixelDataError, UnsupportedPhotometricError
@@ -87,16 +83,7 @@ _COLOUR = frozenset(
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 # Transfer syntaxes whose frames start with a JPEG (ISO 10918-1) or JPEG-LS (ISO 14495-1)
 # frame header
-_JPEG_FAMILY = frozenset(
-    {
-        JPEGBaseline8Bit,
-        JPEGExtended12Bit,
-        JPEGLossless,
-        JPEGLosslessSV1,
-        JPEGLSLossless,
-        JPEGLSNearLossless,
-    }
-)
+_JPEG_FAMILY = frozenset([*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes])
 
 
 @dataclass(frozen=True, slots=True)
